@@ -1,0 +1,1 @@
+"""bastion.hardware — know the machine: probe, device profiles, planner, engine cache keys."""

@@ -1,0 +1,198 @@
+"""What a model *is*: the schema-versioned ``manifest.json`` of a bundle.
+
+The manifest is the single source of truth for running a model: how to feed
+it (``InputSpec``), how to read its outputs (``DecoderSpec``), what its classes
+mean, where it came from and under which license.  It holds no signature of
+its own: the bundle's ``signature`` file signs the canonical bytes of this
+whole document (see ``canonical_bytes``), so adding signing never changes
+these fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from bastion.errors import ManifestError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FileEntry(_Strict):
+    """One payload file, relative to the bundle directory."""
+
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+    role: Literal["model", "license", "source", "tokenizer", "other"] = "other"
+
+    @field_validator("path")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        parts = Path(value).parts
+        if Path(value).is_absolute() or ".." in parts or not parts:
+            raise ValueError(f"file path must be relative and inside the bundle: {value!r}")
+        return value
+
+
+class InputSpec(_Strict):
+    """How an image becomes the model's input tensor.
+
+    ``shape`` uses ``None`` for dynamic axes (batch, or H/W when ``dynamic_hw``).
+    ``size`` is the default network input (H, W) for dynamic models.
+    """
+
+    name: str
+    shape: list[int | None]
+    dtype: Literal["float32", "float16", "uint8"] = "float32"
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    color: Literal["RGB", "BGR"] = "RGB"
+    scale: float = 1.0 / 255.0
+    mean: list[float] = [0.0, 0.0, 0.0]
+    std: list[float] = [1.0, 1.0, 1.0]
+    resize: Literal["letterbox", "stretch"] = "letterbox"
+    pad_value: int = 114
+    pad_position: Literal["center", "top-left"] = "center"
+    size: tuple[int, int]
+    stride: int = 32
+    dynamic_hw: bool = False
+
+
+class DecoderSpec(_Strict):
+    """Which registered decoder reads the raw outputs, and its parameters."""
+
+    type: str
+    strides: list[int] | None = None
+    params: dict[str, Any] = {}
+
+
+class Thresholds(_Strict):
+    """Defaults the model's maker recommends; every call may override them."""
+
+    conf: float = Field(0.25, ge=0.0, le=1.0)
+    iou: float = Field(0.45, ge=0.0, le=1.0)
+    max_det: int = Field(300, ge=1)
+
+
+class DatasetRef(_Strict):
+    name: str
+    sha256: str | None = None
+    license: str | None = None
+    source: str | None = None
+
+
+class Provenance(_Strict):
+    """Where the weights came from: enough to reproduce or audit them."""
+
+    source: str
+    teachers: list[str] = []  # sha256 of teacher bundles
+    datasets: list[DatasetRef] = []
+    command: str | None = None
+    bastion_version: str | None = None
+    created: str | None = None
+    notes: str | None = None
+
+
+class LicenseInfo(_Strict):
+    weights: str
+    data: str | None = None
+    files: list[str] = []
+    notes: str | None = None
+
+
+class EvalResult(_Strict):
+    metric: str
+    value: float
+    dataset: str
+    dataset_sha256: str | None = None
+    settings: dict[str, Any] = {}
+
+
+class Manifest(_Strict):
+    """The whole manifest.  ``schema_version`` guards against future formats."""
+
+    schema_version: int = SCHEMA_VERSION
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    version: str
+    task: Literal["detect", "lm"]
+    files: list[FileEntry]
+    input: InputSpec | None = None
+    decoder: DecoderSpec | None = None
+    classes: list[str] = []
+    thresholds: Thresholds = Thresholds()
+    precision: Literal["fp32", "fp16", "int8", "mixed"] = "fp32"
+    provenance: Provenance
+    license: LicenseInfo
+    evaluation: list[EvalResult] = []
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_schema(cls, value: int) -> int:
+        if value > SCHEMA_VERSION:
+            raise ValueError(
+                f"schema_version {value} is newer than this bastion understands ({SCHEMA_VERSION});"
+                " upgrade bastion"
+            )
+        return value
+
+    def model_file(self) -> FileEntry:
+        """The file the runtime opens (the first with role 'model')."""
+        for entry in self.files:
+            if entry.role == "model":
+                return entry
+        raise ManifestError(f"manifest of {self.name} lists no file with role 'model'")
+
+    def canonical_bytes(self) -> bytes:
+        """Deterministic bytes to hash and sign: sorted keys, no whitespace, UTF-8."""
+        data = self.model_dump(mode="json")
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.canonical_bytes()).hexdigest()
+
+
+def read_manifest(path: Path) -> Manifest:
+    """Parse and validate ``manifest.json``; every failure is a one-line ManifestError."""
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(f"no manifest.json in {path.parent}", "is this a bastion model bundle?") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"cannot read {path}: {exc}") from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(
+            f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})", "the bundle is damaged; copy it again"
+        ) from None
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "manifest"
+        raise ManifestError(f"{path}: {where}: {first['msg']}", "the bundle is damaged or from another tool") from None
+
+
+def write_manifest(manifest: Manifest, path: Path) -> None:
+    """Write pretty JSON atomically (temp file, fsync, rename)."""
+    from bastion.models.atomic import atomic_write_bytes
+
+    text = json.dumps(manifest.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,202 @@
+"""``Detector``: a bundle → a backend → ``detect(image or list) -> Detections``.
+
+Pre-processing follows the manifest's ``InputSpec``, decoding its ``DecoderSpec``;
+NMS is class-aware and vectorised.  Images are BGR uint8 arrays (OpenCV's
+convention) or paths.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+
+from bastion.errors import ConfigError, ShapeError
+from bastion.models.bundle import Bundle
+from bastion.models.manifest import Manifest
+from bastion.models.zoo import DEFAULT_DETECTOR
+from bastion.runtime.backends import Backend, open_backend
+from bastion.runtime.decoders import Candidates, DecodeContext, get_decoder
+from bastion.runtime.detections import Detections, class_ids
+from bastion.runtime.media import as_bgr, read_image
+from bastion.runtime.nms import batched_nms
+from bastion.runtime.onnx_manifest import manifest_from_onnx
+from bastion.runtime.preprocess import Placement, place, rect_size, to_blob
+
+log = logging.getLogger(__name__)
+
+ImageLike = Union[np.ndarray, str, Path]
+
+
+@dataclass
+class DetectOptions:
+    """Per-detector settings; ``None`` means the manifest's recommendation."""
+
+    conf: float | None = None
+    iou: float | None = None
+    max_det: int | None = None
+    classes: Sequence[int | str] | None = None
+    imgsz: int | None = None
+    rect: bool = True  # smallest stride-multiple input for dynamic-shape models
+    multi_label: bool = False
+    scaleup: bool = True
+    max_batch: int = 8
+    extra: dict = field(default_factory=dict)
+
+
+class Detector:
+    """Run a detection bundle on images."""
+
+    def __init__(self, backend: Backend, manifest: Manifest, options: DetectOptions | None = None,
+                 bundle_sha256: str | None = None) -> None:
+        if manifest.task != "detect" or manifest.input is None or manifest.decoder is None:
+            raise ConfigError(f"model {manifest.name} is not a detection model (task {manifest.task})")
+        self.backend = backend
+        self.manifest = manifest
+        self.spec = manifest.input
+        self.names = list(manifest.classes)
+        self.bundle_sha256 = bundle_sha256 or manifest.sha256()
+        self.options = options or DetectOptions()
+        self._decode = get_decoder(manifest.decoder.type)
+        self._input_name = backend.inputs[0].name
+        self._dynamic_batch = backend.inputs[0].dynamic_batch
+        self.set_options(self.options)
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def load(cls, model: str | Path = DEFAULT_DETECTOR, device: str = "auto", threads: int | None = None,
+             warmup: bool = True, **options) -> "Detector":
+        """Open a bundle directory, a zoo name (``yolov5n``) or a bare Ultralytics/YOLOv5 ``.onnx``."""
+        opts = DetectOptions(**options)
+        path = Path(model)
+        if path.suffix.lower() == ".onnx" and path.is_file():
+            backend = open_backend(path, device=device, threads=threads)
+            manifest = manifest_from_onnx(path, backend)
+            sha = manifest.files[0].sha256
+        else:
+            bundle = Bundle.open(model)
+            backend = open_backend(bundle.model_path, device=device, threads=threads)
+            manifest, sha = bundle.manifest, bundle.sha256
+        detector = cls(backend, manifest, opts, bundle_sha256=sha)
+        if warmup:
+            detector.warmup()
+        return detector
+
+    def set_options(self, options: DetectOptions) -> None:
+        """Validate and apply thresholds/classes/size; errors name the bad value."""
+        t = self.manifest.thresholds
+        self.conf = t.conf if options.conf is None else options.conf
+        self.iou = t.iou if options.iou is None else options.iou
+        self.max_det = t.max_det if options.max_det is None else options.max_det
+        if not 0 <= self.conf <= 1 or not 0 <= self.iou <= 1:
+            raise ConfigError("conf and iou must be between 0 and 1")
+        self.class_mask = None
+        if options.classes:
+            mask = np.zeros(len(self.names), dtype=bool)
+            mask[class_ids(options.classes, self.names)] = True
+            self.class_mask = mask
+        static = self.backend.inputs[0].shape
+        if options.imgsz is not None:
+            if options.imgsz % self.spec.stride:
+                raise ConfigError(f"--imgsz {options.imgsz} must be a multiple of {self.spec.stride}")
+            if not self.spec.dynamic_hw and (options.imgsz, options.imgsz) != tuple(static[2:]):
+                raise ConfigError(
+                    f"this model has a fixed input {static[2]}x{static[3]}; --imgsz {options.imgsz} is not possible"
+                )
+            self.size = (options.imgsz, options.imgsz)
+        else:
+            self.size = tuple(self.spec.size)
+        self.options = options
+
+    def warmup(self) -> None:
+        h, w = self.size
+        self.backend.warmup(1, {self._input_name: (1, 3, h, w) if self.spec.layout == "NCHW" else (1, h, w, 3)})
+
+    # -- the three steps -----------------------------------------------------------------------
+    def input_size(self, orig_hw: tuple[int, int]) -> tuple[int, int]:
+        if self.spec.dynamic_hw and self.options.rect:
+            return rect_size(orig_hw, max(self.size), self.spec.stride)
+        return self.size
+
+    def prepare(self, image: np.ndarray) -> tuple[np.ndarray, Placement]:
+        """Geometric placement of one BGR image (thread-safe: use it from a reader thread)."""
+        image = as_bgr(image)
+        return place(image, self.spec, self.input_size(image.shape[:2]), self.options.scaleup)
+
+    def infer(self, placed: list[np.ndarray]) -> list[np.ndarray]:
+        """Run the backend on equally-sized placed images, in one batch when the model allows it."""
+        blob = to_blob(placed, self.spec)
+        if self._dynamic_batch or len(placed) == 1:
+            return self.backend.run({self._input_name: blob})
+        parts = [self.backend.run({self._input_name: blob[i : i + 1]}) for i in range(len(placed))]
+        return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
+
+    def postprocess(self, outputs: list[np.ndarray], placements: list[Placement]) -> list[Detections]:
+        ctx = DecodeContext(
+            spec=self.manifest.decoder,
+            num_classes=len(self.names),
+            input_hw=placements[0].input_hw,
+            conf=self.conf,
+            multi_label=self.options.multi_label,
+            class_mask=self.class_mask,
+        )
+        results = []
+        for cand, placement in zip(self._decode(outputs, ctx), placements):
+            results.append(self._finish(cand, placement))
+        return results
+
+    def _finish(self, cand: Candidates, placement: Placement) -> Detections:
+        if len(cand.scores) == 0:
+            return Detections.empty(self.names)
+        keep = batched_nms(cand.boxes, cand.scores, cand.classes, self.iou, self.max_det)
+        return Detections(placement.to_original(cand.boxes[keep]), cand.scores[keep], cand.classes[keep], self.names)
+
+    # -- public API ------------------------------------------------------------------------------
+    def detect(self, images: ImageLike | Iterable[ImageLike]) -> Detections | list[Detections]:
+        """Detect on one image (→ Detections) or a list of images (→ list of Detections)."""
+        single = isinstance(images, (str, Path)) or (isinstance(images, np.ndarray) and images.ndim in (2, 3))
+        batch = [images] if single else list(images)  # type: ignore[list-item]
+        arrays = [read_image(x) if isinstance(x, (str, Path)) else _check_array(x) for x in batch]
+        prepared = [self.prepare(a) for a in arrays]
+        results = self.detect_prepared(prepared)
+        return results[0] if single else results
+
+    def detect_prepared(self, prepared: list[tuple[np.ndarray, Placement]]) -> list[Detections]:
+        """Detect on already placed images; groups equal input sizes into batches."""
+        results: list[Detections | None] = [None] * len(prepared)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (_, placement) in enumerate(prepared):
+            groups.setdefault(placement.input_hw, []).append(i)
+        step = self.options.max_batch if self._dynamic_batch else 1
+        for indices in groups.values():
+            for start in range(0, len(indices), step):
+                chunk = indices[start : start + step]
+                outputs = self.infer([prepared[i][0] for i in chunk])
+                for i, det in zip(chunk, self.postprocess(outputs, [prepared[i][1] for i in chunk])):
+                    results[i] = det
+        return results  # type: ignore[return-value]
+
+    @property
+    def dynamic_batch(self) -> bool:
+        return self._dynamic_batch
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Detector":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_array(image: np.ndarray) -> np.ndarray:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim not in (2, 3):
+        raise ShapeError(
+            f"expected a uint8 BGR image array HxWx3, got {type(image).__name__}"
+            f" {getattr(image, 'shape', '')} {getattr(image, 'dtype', '')}"
+        )
+    return image

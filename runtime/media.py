@@ -1,0 +1,177 @@
+"""Reading images and videos from disk with clear errors; corrupt files are skipped, not fatal."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, TypeVar
+
+import cv2
+import numpy as np
+
+from bastion.errors import ImageReadError, InputNotFoundError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm", ".mpg", ".mpeg", ".ts"}
+
+
+@dataclass
+class Frame:
+    """One image to detect on: where it came from, its index, and the BGR pixels."""
+
+    source: str
+    index: int
+    image: np.ndarray
+    ts_ms: float | None = None
+
+
+def as_bgr(image: np.ndarray) -> np.ndarray:
+    """Grey or BGRA arrays → 3-channel BGR; anything else with 3 channels passes through."""
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if image.ndim == 3 and image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    if image.ndim == 3 and image.shape[2] == 1:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    return image
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode an image file to BGR uint8, or raise ImageReadError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"image not found: {path}")
+    data = np.fromfile(str(path), dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise ImageReadError(f"cannot decode image {path} (corrupt, truncated or not an image)")
+    return image
+
+
+def list_images(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def source_kind(source: str | Path) -> str:
+    """'image', 'video' or 'dir' for a path on disk; raises if it is none of them."""
+    path = Path(source)
+    if not path.exists():
+        raise InputNotFoundError(f"input not found: {path}", "check the path")
+    if path.is_dir():
+        return "dir"
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return "image"
+    if suffix in VIDEO_SUFFIXES:
+        return "video"
+    raise InputNotFoundError(
+        f"{path} is not an image, video or directory bastion can read",
+        f"use one of {', '.join(sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES))}",
+    )
+
+
+def iter_image_files(paths: Iterable[Path], skipped: list[str] | None = None) -> Iterator[Frame]:
+    """Decode each file; a corrupt one is logged, recorded in ``skipped`` and passed over."""
+    for i, path in enumerate(paths):
+        try:
+            image = read_image(path)
+        except ImageReadError as exc:
+            log.warning("skipping unreadable image: %s", exc, extra={"path": str(path)})
+            if skipped is not None:
+                skipped.append(str(path))
+            continue
+        yield Frame(str(path), i, image)
+
+
+def iter_video(path: str | Path, max_frames: int | None = None) -> Iterator[Frame]:
+    """Decode a video file frame by frame."""
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise ImageReadError(f"cannot open video {path} (corrupt or unsupported codec)")
+    try:
+        index = 0
+        while max_frames is None or index < max_frames:
+            ok, image = cap.read()
+            if not ok:
+                break
+            yield Frame(str(path), index, image, cap.get(cv2.CAP_PROP_POS_MSEC))
+            index += 1
+    finally:
+        cap.release()
+
+
+def video_info(path: str | Path) -> dict[str, float]:
+    cap = cv2.VideoCapture(str(path))
+    try:
+        return {
+            "fps": cap.get(cv2.CAP_PROP_FPS) or 0.0,
+            "frames": cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0.0,
+            "width": cap.get(cv2.CAP_PROP_FRAME_WIDTH),
+            "height": cap.get(cv2.CAP_PROP_FRAME_HEIGHT),
+        }
+    finally:
+        cap.release()
+
+
+def iter_source(source: str | Path, skipped: list[str] | None = None, max_frames: int | None = None) -> Iterator[Frame]:
+    """Frames from an image file, a directory of images, or a video file."""
+    kind = source_kind(source)
+    path = Path(source)
+    if kind == "video":
+        yield from iter_video(path, max_frames)
+        return
+    files = [path] if kind == "image" else list_images(path)
+    if not files:
+        raise InputNotFoundError(f"no images in {path}", f"expected files ending in {', '.join(sorted(IMAGE_SUFFIXES))}")
+    if kind == "image":
+        yield Frame(str(path), 0, read_image(path))
+        return
+    yield from iter_image_files(files[:max_frames] if max_frames else files, skipped)
+
+
+T = TypeVar("T")
+_END = object()
+
+
+def prefetch(items: Iterable[T], depth: int = 4) -> Iterator[T]:
+    """Produce ``items`` on a background thread so decoding overlaps the consumer's work.
+
+    OpenCV decoding and ONNX Runtime both release the GIL, so a reader thread
+    keeps the next frames ready while the current batch is inferred.
+    Exceptions in the producer are re-raised in the consumer.
+    """
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put(_END)
+        except BaseException as exc:  # hand it to the consumer
+            buffer.put(exc)
+
+    thread = threading.Thread(target=produce, name="bastion-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

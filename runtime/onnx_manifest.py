@@ -1,0 +1,70 @@
+"""A manifest for a bare ``.onnx`` file, read from its own metadata and output shapes.
+
+Ultralytics exports record ``names``, ``imgsz`` and ``stride`` in the ONNX
+metadata; the YOLOv5 repository's export records ``names`` and ``stride``.  With
+those and the output layout we can tell the decoder family.  Anything else is
+refused with a hint to make a bundle with a manifest.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from bastion.errors import DecoderError
+from bastion.models.manifest import DecoderSpec, FileEntry, InputSpec, LicenseInfo, Manifest, Provenance, sha256_file
+from bastion.runtime.backends.base import Backend
+
+
+def _names(meta: dict[str, str]) -> list[str]:
+    raw = meta.get("names")
+    if not raw:
+        return []
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return []
+    if isinstance(value, dict):
+        return [str(value[k]) for k in sorted(value)]
+    return [str(v) for v in value]
+
+
+def manifest_from_onnx(path: Path, backend: Backend) -> Manifest:
+    meta = getattr(backend, "metadata", {})
+    names = _names(meta)
+    inp = backend.inputs[0]
+    out = backend.outputs[0].shape
+    if len(inp.shape) != 4:
+        raise DecoderError(f"{path.name}: input {inp.name} has shape {list(inp.shape)}, not an image batch")
+    stride = int(meta.get("stride", 32))
+    h, w = inp.shape[2], inp.shape[3]
+    if h is None or w is None:
+        imgsz = ast.literal_eval(meta["imgsz"]) if "imgsz" in meta else [640, 640]
+        h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
+    decoder = None
+    if len(out) == 3 and names and out[1] == 4 + len(names):
+        decoder = "yolov8"
+    elif len(out) == 3 and names and out[2] == 5 + len(names):
+        decoder = "yolov5"
+    if decoder is None:
+        raise DecoderError(
+            f"{path.name}: outputs {[list(o.shape) for o in backend.outputs]} match no known decoder",
+            "make a bundle with a manifest naming its decoder (bastion bundle create)",
+        )
+    return Manifest(
+        name=path.stem.replace(" ", "_"),
+        version="0",
+        task="detect",
+        files=[FileEntry(path=path.name, sha256=sha256_file(path), size=path.stat().st_size, role="model")],
+        input=InputSpec(
+            name=inp.name,
+            shape=list(inp.shape),
+            size=(int(h), int(w)),
+            stride=stride,
+            dynamic_hw=inp.shape[2] is None,
+        ),
+        decoder=DecoderSpec(type=decoder),
+        classes=names,
+        provenance=Provenance(source=f"bare ONNX file {path.name} (no bundle manifest)"),
+        license=LicenseInfo(weights="unknown"),
+    )
