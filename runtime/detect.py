@@ -121,10 +121,13 @@ class Detector:
             return rect_size(orig_hw, max(self.size), self.spec.stride)
         return self.size
 
-    def prepare(self, image: np.ndarray) -> tuple[np.ndarray, Placement]:
-        """Geometric placement of one BGR image (thread-safe: use it from a reader thread)."""
+    def prepare(self, image: np.ndarray, size_hw: tuple[int, int] | None = None) -> tuple[np.ndarray, Placement]:
+        """Geometric placement of one BGR image (thread-safe: use it from a reader thread).
+
+        ``size_hw`` forces the network input size (e.g. a batch shape shared by several images).
+        """
         image = as_bgr(image)
-        return place(image, self.spec, self.input_size(image.shape[:2]), self.options.scaleup)
+        return place(image, self.spec, size_hw or self.input_size(image.shape[:2]), self.options.scaleup)
 
     def infer(self, placed: list[np.ndarray]) -> list[np.ndarray]:
         """Run the backend on equally-sized placed images, in one batch when the model allows it."""

@@ -42,10 +42,15 @@ def manifest_from_onnx(path: Path, backend: Backend) -> Manifest:
         imgsz = ast.literal_eval(meta["imgsz"]) if "imgsz" in meta else [640, 640]
         h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
     decoder = None
-    if len(out) == 3 and names and out[1] == 4 + len(names):
-        decoder = "yolov8"
-    elif len(out) == 3 and names and out[2] == 5 + len(names):
-        decoder = "yolov5"
+    if meta.get("end2end", "False") == "True":
+        raise DecoderError(f"{path.name} is an end-to-end (NMS inside) export, which bastion does not decode yet",
+                           "re-export it with end2end=False")
+    nc = len(names)
+    ultralytics = meta.get("task") == "detect"  # Ultralytics exports record their task; YOLOv5's do not
+    if len(out) == 3 and nc and (out[1] == 4 + nc or (out[1] is None and ultralytics)):
+        decoder = "yolov8"  # Ultralytics YOLOv8/YOLO11 layout [B, 4+nc, N]
+    elif len(out) == 3 and nc and (out[2] == 5 + nc or (out[2] is None and not ultralytics)):
+        decoder = "yolov5"  # YOLOv5 repository layout [B, N, 5+nc]; shapes are checked again at decode
     if decoder is None:
         raise DecoderError(
             f"{path.name}: outputs {[list(o.shape) for o in backend.outputs]} match no known decoder",

@@ -34,8 +34,8 @@ class Placement:
         out[:, [1, 3]] = (xyxy[:, [1, 3]] - self.pad_y) / self.scale_y
         if clip:
             h, w = self.orig_hw
-            np.clip(out[:, [0, 2]], 0, w, out=out[:, [0, 2]])
-            np.clip(out[:, [1, 3]], 0, h, out=out[:, [1, 3]])
+            out[:, [0, 2]] = np.clip(out[:, [0, 2]], 0, w)
+            out[:, [1, 3]] = np.clip(out[:, [1, 3]], 0, h)
         return out
 
     def to_input(self, xyxy: np.ndarray) -> np.ndarray:

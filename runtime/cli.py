@@ -1,0 +1,91 @@
+"""CLI command of the runtime: ``bastion detect``."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from bastion.console import out, print_json, progress, split_csv, warn
+from bastion.models.zoo import DEFAULT_DETECTOR
+
+MODEL_HELP = "Bundle directory, zoo name (yolov5n, yolox_nano) or a YOLOv5/Ultralytics .onnx file."
+
+
+def detect_command(
+    source: Path = typer.Argument(..., help="Image file, directory of images, or video file."),
+    model: str = typer.Option(DEFAULT_DETECTOR, "--model", "-m", help=MODEL_HELP),
+    conf: Optional[float] = typer.Option(None, help="Confidence threshold (default: the model's, 0.25)."),
+    iou: Optional[float] = typer.Option(None, help="NMS IoU threshold (default: the model's, 0.45)."),
+    classes: Optional[str] = typer.Option(None, help="Only these classes, comma-separated names or ids."),
+    imgsz: Optional[int] = typer.Option(None, help="Network input size (long side), multiple of 32."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or tensorrt."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for inference (default: all cores)."),
+    batch: int = typer.Option(1, help="Frames per inference batch for video/directories (dynamic-batch models)."),
+    max_frames: Optional[int] = typer.Option(None, help="Stop after this many frames."),
+    save: Optional[Path] = typer.Option(None, help="Write annotated images / video into this directory."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object per frame on stdout."),
+) -> None:
+    """Detect objects in an image, a directory of images or a video.
+
+    Example: bastion detect bastion/samples/car-detection.mp4 --classes car,truck --save runs/detect
+    """
+    from bastion.runtime.detect import Detector
+    from bastion.runtime.media import iter_source, source_kind, video_info
+    from bastion.runtime.outputs import AtomicVideoWriter, save_image
+    from bastion.runtime.stream import detect_stream
+
+    kind = source_kind(source)
+    detector = Detector.load(model, device=device, threads=threads, conf=conf, iou=iou,
+                             classes=split_csv(classes), imgsz=imgsz)
+    skipped: list[str] = []
+    counts: Counter[str] = Counter()
+    frames = 0
+    total = None
+    writer = None
+    if kind == "video":
+        info = video_info(source)
+        total = int(info["frames"]) or None
+        if max_frames:
+            total = min(total or max_frames, max_frames)
+        if save:
+            writer = AtomicVideoWriter(save / f"{source.stem}.detections.mp4", info["fps"],
+                                       (int(info["width"]), int(info["height"])))
+    t0 = time.perf_counter()
+    try:
+        with progress(disable=json_out) as bar:
+            task = bar.add_task(f"detect {source.name}", total=total)
+            for frame, det in detect_stream(detector, iter_source(source, skipped, max_frames), batch=batch):
+                frames += 1
+                counts.update(det.counts())
+                if json_out:
+                    print_json({"source": frame.source, "frame": frame.index, "model": detector.bundle_sha256,
+                                "detections": det.to_dict()})
+                if save and writer is not None:
+                    writer.write(det.draw(frame.image))
+                elif save:
+                    save_image(save / (Path(frame.source).stem + ".jpg"), det.draw(frame.image))
+                bar.advance(task)
+    finally:
+        if writer is not None:
+            writer.close(keep=frames > 0)
+    elapsed = time.perf_counter() - t0
+    for path in skipped:
+        warn(f"skipped unreadable image {path}")
+    if json_out:
+        return
+    out.print(f"{detector.manifest.name} on {source}", style="bold")
+    table = Table(show_edge=False)
+    table.add_column("class")
+    table.add_column("detections", justify="right")
+    for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        table.add_row(name, str(n))
+    out.print(table)
+    fps = frames / elapsed if elapsed > 0 else 0.0
+    out.print(f"{frames} frames, {sum(counts.values())} detections, {fps:.1f} frames/s"
+              + (f", {len(skipped)} unreadable skipped" if skipped else "")
+              + (f"; annotated output in {save}" if save else ""))

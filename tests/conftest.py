@@ -1,0 +1,95 @@
+"""Shared fixtures: paths to vendored and shared data, and the zero-egress guard around every test."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from egress_guard import is_local
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "bastion" / "samples"
+SAMPLE_IMAGES = SAMPLES / "images"
+PERSON_IMAGE = SAMPLE_IMAGES / "one-by-one-person-detection-0100.jpg"
+# Drawn by hand on the image above (one person standing at a table).
+PERSON_BOX = (383.0, 12.0, 514.0, 392.0)
+SHARED = Path(os.environ.get("BASTION_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture
+def shared() -> Path:
+    """``../shared`` (CI has it beside the clone); tests that need it skip cleanly without it."""
+    if not (SHARED / "data").is_dir():
+        pytest.skip("../shared is not present")
+    return SHARED
+
+
+@pytest.fixture
+def coco128(shared: Path) -> Path:
+    path = shared / "data" / "coco128" / "coco128.yaml"
+    if not path.is_file():
+        pytest.skip("coco128 is not in ../shared")
+    return path
+
+
+class EgressAttempt(AssertionError):
+    pass
+
+
+def _address_host(address: object) -> object:
+    if isinstance(address, tuple) and address:
+        return address[0]
+    return None  # AF_UNIX paths and the like are local
+
+
+@pytest.fixture(autouse=True)
+def zero_egress(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Fail the test if anything in-process tries to reach a non-loopback address."""
+    attempts: list[str] = []
+    real_connect = socket.socket.connect
+    real_connect_ex = socket.socket.connect_ex
+    real_getaddrinfo = socket.getaddrinfo
+    real_create = socket.create_connection
+
+    def guard(what: str, host: object) -> None:
+        if not is_local(host):
+            attempts.append(f"{what}({host!r})")
+            raise EgressAttempt(f"zero-egress: {what} to {host!r} attempted")
+
+    def connect(self, address):  # type: ignore[no-untyped-def]
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            guard("connect", _address_host(address))
+        return real_connect(self, address)
+
+    def connect_ex(self, address):  # type: ignore[no-untyped-def]
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            guard("connect_ex", _address_host(address))
+        return real_connect_ex(self, address)
+
+    def getaddrinfo(host, *args, **kwargs):  # type: ignore[no-untyped-def]
+        guard("getaddrinfo", host)
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    def create_connection(address, *args, **kwargs):  # type: ignore[no-untyped-def]
+        guard("create_connection", _address_host(address))
+        return real_create(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket, "create_connection", create_connection)
+    yield attempts
+    assert not attempts, f"network egress attempted: {attempts}"
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``bastion`` in a subprocess under the same zero-egress guard (tests/egress_guard.py)."""
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = str(REPO / "tests") + os.pathsep + full_env.get("PYTHONPATH", "")
+    code = "import egress_guard; egress_guard.install(); from bastion.cli import run; run()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=full_env,
+                          timeout=timeout, cwd=REPO)

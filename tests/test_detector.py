@@ -1,0 +1,105 @@
+"""The real vendored models on real images."""
+
+import numpy as np
+import pytest
+
+from bastion import Detector
+from bastion.errors import ConfigError, DecoderError, ModelLoadError
+from bastion.models.zoo import zoo_path
+from bastion.runtime.media import read_image
+from conftest import PERSON_BOX, PERSON_IMAGE, SAMPLE_IMAGES
+
+
+def iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+@pytest.fixture(scope="module")
+def yolov5n():
+    with Detector.load("yolov5n", threads=1) as det:
+        yield det
+
+
+@pytest.mark.parametrize("model", ["yolov5n", "yolox_nano"])
+def test_finds_the_hand_labelled_person(model):
+    with Detector.load(model, threads=1) as det:
+        result = det.detect(PERSON_IMAGE)
+    people = result.filter(classes=["person"], min_conf=0.5)
+    assert len(people) == 1, result.to_dict()
+    assert iou(people.xyxy[0], PERSON_BOX) > 0.85
+    assert result.xyxy.dtype == np.float32 and result.cls.dtype == np.int64
+
+
+def test_batch_equals_single_and_paths_equal_arrays(yolov5n):
+    files = sorted(SAMPLE_IMAGES.glob("*.jpg"))
+    singles = [yolov5n.detect(f) for f in files]
+    batch = yolov5n.detect([read_image(f) for f in files])
+    assert len(batch) == len(files)
+    for a, b in zip(singles, batch):
+        assert a.to_dict() == b.to_dict()
+
+
+def test_fixed_square_input_gives_the_same_person(yolov5n):
+    with Detector.load("yolov5n", threads=1, rect=False) as square:
+        assert square.input_size((432, 768)) == (640, 640)
+        people = square.detect(PERSON_IMAGE).filter(classes=["person"], min_conf=0.5)
+    assert iou(people.xyxy[0], PERSON_BOX) > 0.85
+
+
+def test_classes_option_restricts_output(yolov5n):
+    with Detector.load("yolov5n", threads=1, classes=["skateboard"]) as det:
+        result = det.detect(SAMPLE_IMAGES / "one-by-one-person-detection-0300.jpg")
+    assert set(result.counts()) <= {"skateboard"}
+    with pytest.raises(ConfigError, match="unknown class name 'tank'"):
+        Detector.load("yolov5n", classes=["tank"], warmup=False)
+
+
+def test_detections_to_dict_filter_and_draw(yolov5n):
+    image = read_image(PERSON_IMAGE)
+    det = yolov5n.detect(image)
+    d = det.to_dict()[0]
+    assert set(d) == {"cls", "name", "conf", "box"} and d["name"] == "person"
+    assert len(det.filter(min_conf=1.01)) == 0
+    drawn = det.draw(image)
+    assert drawn.shape == image.shape and not np.array_equal(drawn, image)
+    assert np.array_equal(image, read_image(PERSON_IMAGE))  # draw does not touch the input
+
+
+def test_bare_yolov5_onnx_is_understood_from_its_metadata():
+    path = zoo_path("yolov5n") / "yolov5n-dynamic.onnx"
+    with Detector.load(path, threads=1) as det:
+        assert det.manifest.decoder.type == "yolov5" and det.names[0] == "person"
+        people = det.detect(PERSON_IMAGE).filter(classes=["person"])
+    assert iou(people.xyxy[0], PERSON_BOX) > 0.85
+
+
+def test_bare_onnx_without_metadata_matches_no_decoder():
+    with pytest.raises(DecoderError, match="match no known decoder"):
+        Detector.load(zoo_path("yolox_nano") / "yolox_nano.onnx")
+
+
+def test_truncated_and_non_onnx_files_are_refused(tmp_path):
+    good = zoo_path("yolox_nano") / "yolox_nano.onnx"
+    truncated = tmp_path / "cut.onnx"
+    truncated.write_bytes(good.read_bytes()[:50000])
+    with pytest.raises(ModelLoadError, match="not a loadable ONNX model"):
+        Detector.load(truncated)
+    text = tmp_path / "notes.onnx"
+    text.write_text("hello")
+    with pytest.raises(ModelLoadError):
+        Detector.load(text)
+
+
+def test_wrong_array_type_is_a_shape_error(yolov5n):
+    from bastion.errors import ShapeError
+
+    with pytest.raises(ShapeError):
+        yolov5n.detect(np.zeros((10, 10, 3), np.float32))
+
+
+def test_static_model_refuses_another_imgsz():
+    with pytest.raises(ConfigError, match="fixed input 416x416"):
+        Detector.load("yolox_nano", imgsz=640, warmup=False)
