@@ -33,10 +33,11 @@ def demo_command(
     from bastion.runtime.detect import Detector
     from bastion.runtime.media import iter_video, video_info
     from bastion.runtime.outputs import AtomicVideoWriter, contact_sheet, save_image
-    from bastion.runtime.stream import detect_stream
+    from bastion.runtime.stream import default_workers, detect_stream
 
     run_dir = out_dir / datetime.now().strftime("%Y%m%d-%H%M%S")
-    detector = Detector.load(model, threads=threads)
+    workers = default_workers()
+    detector = Detector.load(model, threads=threads or (1 if workers > 1 else None))
     info = video_info(video)
     limit = max_frames or None
     total = min(int(info["frames"]) or 0, limit) if limit else int(info["frames"])
@@ -44,16 +45,11 @@ def demo_command(
     frames_with = 0
     keyframes = []
     sample_every = max(1, total // 8)
-    latencies = []
     t0 = time.perf_counter()
     with AtomicVideoWriter(run_dir / "annotated.mp4", info["fps"], (int(info["width"]), int(info["height"]))) as vw, \
             progress(disable=json_out) as bar:
         task = bar.add_task(f"{detector.manifest.name} on {video.name}", total=total or None)
-        last = time.perf_counter()
-        for frame, det in detect_stream(detector, iter_video(video, limit), batch=1):
-            now = time.perf_counter()
-            latencies.append(now - last)
-            last = now
+        for frame, det in detect_stream(detector, iter_video(video, limit), workers=workers):
             counts.update(det.counts())
             frames_with += bool(len(det))
             annotated = det.draw(frame.image)

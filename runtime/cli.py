@@ -26,6 +26,7 @@ def detect_command(
     device: str = typer.Option("auto", help="auto, cpu, cuda or tensorrt."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for inference (default: all cores)."),
     batch: int = typer.Option(1, help="Frames per inference batch for video/directories (dynamic-batch models)."),
+    workers: int = typer.Option(0, help="Concurrent inferences for video/directories (0: one per core, max 4)."),
     max_frames: Optional[int] = typer.Option(None, help="Stop after this many frames."),
     save: Optional[Path] = typer.Option(None, help="Write annotated images / video into this directory."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object per frame on stdout."),
@@ -37,9 +38,13 @@ def detect_command(
     from bastion.runtime.detect import Detector
     from bastion.runtime.media import iter_source, source_kind, video_info
     from bastion.runtime.outputs import AtomicVideoWriter, save_image
-    from bastion.runtime.stream import detect_stream
+    from bastion.runtime.stream import default_workers, detect_stream
 
     kind = source_kind(source)
+    if kind != "image" and workers == 0:
+        workers = default_workers()
+        # Several single-threaded inferences in flight beat one spread over all cores (docs/benchmarks.md).
+        threads = threads or (1 if workers > 1 else None)
     detector = Detector.load(model, device=device, threads=threads, conf=conf, iou=iou,
                              classes=split_csv(classes), imgsz=imgsz)
     skipped: list[str] = []
@@ -59,7 +64,8 @@ def detect_command(
     try:
         with progress(disable=json_out) as bar:
             task = bar.add_task(f"detect {source.name}", total=total)
-            for frame, det in detect_stream(detector, iter_source(source, skipped, max_frames), batch=batch):
+            for frame, det in detect_stream(detector, iter_source(source, skipped, max_frames), batch=batch,
+                                              workers=max(workers, 1)):
                 frames += 1
                 counts.update(det.counts())
                 if json_out:

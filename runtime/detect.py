@@ -24,7 +24,7 @@ from bastion.runtime.detections import Detections, class_ids
 from bastion.runtime.media import as_bgr, read_image
 from bastion.runtime.nms import batched_nms
 from bastion.runtime.onnx_manifest import manifest_from_onnx
-from bastion.runtime.preprocess import Placement, place, rect_size, to_blob
+from bastion.runtime.preprocess import Placement, batch_inputs, make_input, rect_size
 
 log = logging.getLogger(__name__)
 
@@ -122,19 +122,18 @@ class Detector:
         return self.size
 
     def prepare(self, image: np.ndarray, size_hw: tuple[int, int] | None = None) -> tuple[np.ndarray, Placement]:
-        """Geometric placement of one BGR image (thread-safe: use it from a reader thread).
+        """One BGR image → (input tensor without batch axis, Placement). Thread-safe: run it on a reader thread.
 
         ``size_hw`` forces the network input size (e.g. a batch shape shared by several images).
         """
         image = as_bgr(image)
-        return place(image, self.spec, size_hw or self.input_size(image.shape[:2]), self.options.scaleup)
+        return make_input(image, self.spec, size_hw or self.input_size(image.shape[:2]), self.options.scaleup)
 
-    def infer(self, placed: list[np.ndarray]) -> list[np.ndarray]:
-        """Run the backend on equally-sized placed images, in one batch when the model allows it."""
-        blob = to_blob(placed, self.spec)
-        if self._dynamic_batch or len(placed) == 1:
-            return self.backend.run({self._input_name: blob})
-        parts = [self.backend.run({self._input_name: blob[i : i + 1]}) for i in range(len(placed))]
+    def infer(self, tensors: list[np.ndarray]) -> list[np.ndarray]:
+        """Run the backend on equally-sized prepared tensors, in one batch when the model allows it."""
+        if self._dynamic_batch or len(tensors) == 1:
+            return self.backend.run({self._input_name: batch_inputs(tensors)})
+        parts = [self.backend.run({self._input_name: t[None]}) for t in tensors]
         return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
 
     def postprocess(self, outputs: list[np.ndarray], placements: list[Placement]) -> list[Detections]:
@@ -168,7 +167,7 @@ class Detector:
         return results[0] if single else results
 
     def detect_prepared(self, prepared: list[tuple[np.ndarray, Placement]]) -> list[Detections]:
-        """Detect on already placed images; groups equal input sizes into batches."""
+        """Detect on already prepared tensors; groups equal input sizes into batches."""
         results: list[Detections | None] = [None] * len(prepared)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, (_, placement) in enumerate(prepared):

@@ -55,6 +55,22 @@ def rect_size(orig_hw: tuple[int, int], imgsz: int, stride: int) -> tuple[int, i
     )
 
 
+def _geometry(orig_hw: tuple[int, int], size_hw: tuple[int, int], keep_ratio: bool, center: bool,
+              scaleup: bool) -> tuple[int, int, int, int]:
+    """(new_w, new_h, left, top) of the resized image inside the network input."""
+    h, w = orig_hw
+    th, tw = size_hw
+    if not keep_ratio:
+        return tw, th, 0, 0
+    r = min(th / h, tw / w)
+    if not scaleup:
+        r = min(r, 1.0)
+    nw, nh = int(round(w * r)), int(round(h * r))
+    if center:
+        return nw, nh, int(round((tw - nw) / 2 - 0.1)), int(round((th - nh) / 2 - 0.1))
+    return nw, nh, 0, 0
+
+
 def letterbox(
     image: np.ndarray,
     size_hw: tuple[int, int],
@@ -62,24 +78,62 @@ def letterbox(
     center: bool = True,
     scaleup: bool = True,
 ) -> tuple[np.ndarray, Placement]:
-    """Resize keeping aspect ratio, then pad to ``size_hw`` (centred or top-left)."""
+    """Resize keeping aspect ratio, then pad to ``size_hw`` (centred or top-left); uint8 in, uint8 out."""
     h, w = image.shape[:2]
     th, tw = size_hw
-    r = min(th / h, tw / w)
-    if not scaleup:
-        r = min(r, 1.0)
-    nw, nh = int(round(w * r)), int(round(h * r))
+    nw, nh, left, top = _geometry((h, w), size_hw, True, center, scaleup)
     if (nw, nh) != (w, h):
         image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
-    dw, dh = tw - nw, th - nh
-    if center:
-        left, top = int(round(dw / 2 - 0.1)), int(round(dh / 2 - 0.1))
-    else:
-        left, top = 0, 0
-    right, bottom = dw - left, dh - top
-    if dw or dh:
+    right, bottom = tw - nw - left, th - nh - top
+    if left or top or right or bottom:
         image = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(pad_value,) * 3)
     return image, Placement(nw / w, nh / h, left, top, (h, w), (th, tw))
+
+
+def make_input(image: np.ndarray, spec: InputSpec, size_hw: tuple[int, int],
+               scaleup: bool = True) -> tuple[np.ndarray, Placement]:
+    """One BGR uint8 image → the model's input tensor for it (no batch axis) and its Placement.
+
+    Resizing, padding, channel order, layout and normalisation happen in one
+    pass per channel straight into the output buffer: no padded uint8 copy, no
+    separate float conversion (this is most of the pre-processing budget).
+    """
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ShapeError(f"expected a colour image HxWx3, got shape {image.shape}")
+    h, w = image.shape[:2]
+    th, tw = size_hw
+    nw, nh, left, top = _geometry((h, w), size_hw, spec.resize == "letterbox", spec.pad_position == "center",
+                                  scaleup)
+    if (nw, nh) != (w, h):
+        image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    placement = Placement(nw / w, nh / h, left, top, (h, w), (th, tw))
+    dtype = np.dtype(spec.dtype)
+    channels = cv2.split(image)
+    order = (2, 1, 0) if spec.color == "RGB" else (0, 1, 2)
+    if spec.layout == "NCHW":
+        out = np.empty((3, th, tw), dtype=dtype)
+        planes = [out[c] for c in range(3)]
+    else:
+        out = np.empty((th, tw, 3), dtype=dtype)
+        planes = [out[..., c] for c in range(3)]
+    for c, src in enumerate(order):
+        gain = spec.scale / spec.std[c]
+        offset = spec.mean[c] / spec.std[c]
+        plane = planes[c]
+        pad = spec.pad_value * gain - offset
+        if top:
+            plane[:top] = pad
+        if top + nh < th:
+            plane[top + nh :] = pad
+        if left:
+            plane[top : top + nh, :left] = pad
+        if left + nw < tw:
+            plane[top : top + nh, left + nw :] = pad
+        region = plane[top : top + nh, left : left + nw]
+        np.multiply(channels[src], np.float32(gain), out=region, casting="unsafe")
+        if offset:
+            region -= np.float32(offset)
+    return out, placement
 
 
 def stretch(image: np.ndarray, size_hw: tuple[int, int]) -> tuple[np.ndarray, Placement]:
@@ -90,34 +144,6 @@ def stretch(image: np.ndarray, size_hw: tuple[int, int]) -> tuple[np.ndarray, Pl
     return resized, Placement(tw / w, th / h, 0.0, 0.0, (h, w), (th, tw))
 
 
-def place(image: np.ndarray, spec: InputSpec, size_hw: tuple[int, int], scaleup: bool = True) -> tuple[np.ndarray, Placement]:
-    """Geometric step only: the image resized/padded to the network input size (still HWC BGR uint8)."""
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ShapeError(f"expected a colour image HxWx3, got shape {image.shape}")
-    if spec.resize == "stretch":
-        return stretch(image, size_hw)
-    return letterbox(image, size_hw, spec.pad_value, spec.pad_position == "center", scaleup)
-
-
-def to_blob(images: list[np.ndarray], spec: InputSpec) -> np.ndarray:
-    """Placed BGR uint8 images (all one size) → the NCHW/NHWC float tensor the model expects."""
-    swap = spec.color == "RGB"
-    std = np.asarray(spec.std, dtype=np.float32)
-    mean = np.asarray(spec.mean, dtype=np.float32)
-    if spec.layout == "NCHW" and np.all(std == std[0]) and spec.dtype == "float32" and spec.scale > 0:
-        # OpenCV's C++ path: (pixel - mean/scale) * scale/std, channel swap and HWC→CHW in one pass.
-        return cv2.dnn.blobFromImages(
-            images,
-            scalefactor=spec.scale / float(std[0]),
-            # mean is in the model's channel order, which is what OpenCV expects after swapRB
-            mean=tuple(float(m) / spec.scale for m in mean),
-            swapRB=swap,
-            crop=False,
-        )
-    batch = np.stack(images).astype(np.float32)
-    if swap:
-        batch = batch[..., ::-1]
-    batch = (batch * spec.scale - mean) / std
-    if spec.layout == "NCHW":
-        batch = batch.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(batch, dtype=np.dtype(spec.dtype))
+def batch_inputs(tensors: list[np.ndarray]) -> np.ndarray:
+    """Stack per-image tensors into a batch (no copy for a single image)."""
+    return tensors[0][None] if len(tensors) == 1 else np.stack(tensors)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from bastion.models.manifest import InputSpec
-from bastion.runtime.preprocess import letterbox, place, rect_size, to_blob
+from bastion.runtime.preprocess import letterbox, make_input, rect_size
 
 
 def spec(**kw) -> InputSpec:
@@ -41,30 +41,42 @@ def test_rect_size_is_minimal_stride_multiple():
     assert rect_size((1080, 810), 640, 32) == (640, 480)
 
 
-def test_blob_rgb_scaled_matches_numpy_reference():
-    rng = np.random.default_rng(1)
-    img = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    blob = to_blob([img], spec(color="RGB", scale=1 / 255))
-    ref = img[..., ::-1].astype(np.float32).transpose(2, 0, 1)[None] / 255
-    np.testing.assert_allclose(blob, ref, atol=1e-6)
+def reference(img, sp, size, center=True):
+    """Slow, obvious reference: uint8 letterbox, then float maths in numpy."""
+    placed, placement = letterbox(img, size, sp.pad_value, center)
+    x = placed.astype(np.float32)
+    if sp.color == "RGB":
+        x = x[..., ::-1]
+    x = (x * sp.scale - np.asarray(sp.mean, np.float32)) / np.asarray(sp.std, np.float32)
+    return (x.transpose(2, 0, 1) if sp.layout == "NCHW" else x), placement
 
 
-def test_blob_bgr_raw_and_per_channel_mean_std():
-    rng = np.random.default_rng(2)
-    img = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    raw = to_blob([img], spec(color="BGR", scale=1.0))
-    np.testing.assert_array_equal(raw[0], img.transpose(2, 0, 1).astype(np.float32))
-    mean, std = [103.53, 116.28, 123.675], [57.375, 57.12, 58.395]
-    norm = to_blob([img], spec(color="BGR", scale=1.0, mean=mean, std=std))
-    ref = ((img.astype(np.float32) - mean) / std).transpose(2, 0, 1)
-    np.testing.assert_allclose(norm[0], ref, atol=1e-4)
-    same_std = to_blob([img], spec(color="RGB", scale=1 / 255, mean=[0.485, 0.456, 0.406], std=[0.5] * 3))
-    ref2 = ((img[..., ::-1].astype(np.float32) / 255 - [0.485, 0.456, 0.406]) / 0.5).transpose(2, 0, 1)
-    np.testing.assert_allclose(same_std[0], ref2, atol=1e-5)
+@pytest.mark.parametrize("kw", [
+    dict(color="RGB", scale=1 / 255),
+    dict(color="BGR", scale=1.0, pad_position="top-left"),
+    dict(color="BGR", scale=1.0, mean=[103.53, 116.28, 123.675], std=[57.375, 57.12, 58.395]),
+    dict(color="RGB", scale=1 / 255, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], layout="NHWC"),
+])
+@pytest.mark.parametrize("hw,size", [((48, 80), (64, 64)), ((64, 64), (64, 64)), ((100, 30), (64, 96))])
+def test_make_input_matches_letterbox_plus_numpy(kw, hw, size):
+    sp = spec(**kw)
+    img = np.random.default_rng(3).integers(0, 256, (*hw, 3), dtype=np.uint8)
+    tensor, placement = make_input(img, sp, size)
+    ref, ref_placement = reference(img, sp, size, center=sp.pad_position == "center")
+    assert tensor.dtype == np.float32 and tensor.shape == ref.shape
+    np.testing.assert_allclose(tensor, ref, atol=1e-4)
+    assert placement == ref_placement
 
 
-def test_place_refuses_non_colour_arrays():
+def test_stretch_fills_the_whole_input():
+    sp = spec(resize="stretch", color="BGR", scale=1.0)
+    img = np.full((30, 90, 3), 200, np.uint8)
+    tensor, placement = make_input(img, sp, (64, 64))
+    assert (tensor == 200).all() and placement.pad_x == 0 and placement.scale_x == pytest.approx(64 / 90)
+
+
+def test_make_input_refuses_non_colour_arrays():
     from bastion.errors import ShapeError
 
     with pytest.raises(ShapeError):
-        place(np.zeros((10, 10, 2), np.uint8), spec(), (64, 64))
+        make_input(np.zeros((10, 10, 2), np.uint8), spec(), (64, 64))

@@ -1,0 +1,108 @@
+"""The CLI in a subprocess, under the zero-egress guard: results, JSON, and one-line errors."""
+
+import json
+import shutil
+
+import pytest
+
+from conftest import PERSON_IMAGE, SAMPLE_IMAGES, SAMPLES, run_cli
+from bastion.models.zoo import zoo_path
+
+
+def assert_user_error(proc, *fragments):
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    text = " ".join(proc.stderr.split())
+    for fragment in fragments:
+        assert fragment in text, text
+
+
+def test_help_lists_commands_and_examples():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for command in ("detect", "eval", "bench", "demo"):
+        assert command in proc.stdout
+    for sub in (["detect", "--help"], ["eval", "detect", "--help"], ["bench", "detect", "--help"], ["demo", "--help"]):
+        proc = run_cli(*sub)
+        assert proc.returncode == 0 and "Example:" in proc.stdout, sub
+
+
+def test_detect_image_summary_and_json():
+    proc = run_cli("detect", str(PERSON_IMAGE), "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "person" in proc.stdout and "1 frames" in proc.stdout
+    proc = run_cli("detect", str(SAMPLE_IMAGES), "--json", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(lines) == 3 and all({"source", "frame", "model", "detections"} <= set(d) for d in lines)
+    person = [d for d in lines if d["source"].endswith("0100.jpg")][0]
+    assert [x["name"] for x in person["detections"]] == ["person"]
+
+
+def test_detect_video_saves_annotated_video(tmp_path):
+    proc = run_cli("detect", str(SAMPLES / "one-by-one-person-detection.mp4"), "--max-frames", "12",
+                   "--classes", "person", "--save", str(tmp_path), "--batch", "4", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "12 frames" in proc.stdout
+    out = tmp_path / "one-by-one-person-detection.detections.mp4"
+    assert out.is_file() and out.stat().st_size > 10_000
+    assert not list(tmp_path.glob(".*tmp*"))  # no temp file left behind
+
+
+def test_detect_directory_with_a_corrupt_image_keeps_going(tmp_path):
+    shutil.copy(PERSON_IMAGE, tmp_path / "good.jpg")
+    (tmp_path / "broken.jpg").write_bytes(PERSON_IMAGE.read_bytes()[:300])
+    proc = run_cli("detect", str(tmp_path), "--save", str(tmp_path / "out"), "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "1 unreadable skipped" in proc.stdout and "broken.jpg" in proc.stderr
+    assert (tmp_path / "out" / "good.jpg").is_file()
+
+
+def test_bad_inputs_fail_with_one_clear_line(tmp_path):
+    assert_user_error(run_cli("detect", str(tmp_path / "missing.jpg")), "input not found")
+    assert_user_error(run_cli("detect", str(tmp_path)), "no images in")
+    assert_user_error(run_cli("detect", str(PERSON_IMAGE), "--classes", "person,tank"), "unknown class name 'tank'")
+    truncated = tmp_path / "model.onnx"
+    truncated.write_bytes((zoo_path("yolox_nano") / "yolox_nano.onnx").read_bytes()[:4096])
+    assert_user_error(run_cli("detect", str(PERSON_IMAGE), "--model", str(truncated)), "not a loadable ONNX")
+    text = tmp_path / "text.onnx"
+    text.write_text("not a model")
+    assert_user_error(run_cli("detect", str(PERSON_IMAGE), "--model", str(text)), "not a loadable ONNX")
+    bare = zoo_path("yolox_nano") / "yolox_nano.onnx"
+    assert_user_error(run_cli("detect", str(PERSON_IMAGE), "--model", str(bare)), "match no known decoder")
+    assert_user_error(run_cli("detect", str(PERSON_IMAGE), "--model", "nonexistent"), "model not found")
+    assert_user_error(run_cli("detect", str(PERSON_IMAGE), "--bogus-flag"), "No such option")
+    assert_user_error(run_cli("bench", "detect", "--json"), "exactly one of --images")
+
+
+def test_bench_images_json_has_floor_and_ratios():
+    proc = run_cli("bench", "detect", "--images", str(SAMPLE_IMAGES), "--limit", "3", "--threads", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert set(result["contestants"]) >= {"floor", "bastion"}
+    summary = result["summary"]
+    assert summary["pre_post_overhead_pct_of_floor"] > 0 and 0 < summary["bastion_vs_floor"] < 1.5
+    assert result["contestants"]["floor"]["count"] == 3
+
+
+@pytest.mark.slow
+def test_bench_video_json():
+    proc = run_cli("bench", "detect", "--video", str(SAMPLES / "car-detection.mp4"), "--limit", "8",
+                   "--threads", "1", "--json", "--batch", "4")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["summary"]["batch"] == 4
+    agreement = result["summary"]["pipeline_agreement"]
+    assert agreement["same_count_images"] == agreement["images"] == 8  # the pipeline changes no detection
+
+
+@pytest.mark.slow
+def test_demo_writes_video_and_contact_sheet(tmp_path):
+    proc = run_cli("demo", "--max-frames", "90", "--out", str(tmp_path), "--json", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["frames"] == 90 and summary["detections"].get("person", 0) > 0
+    from pathlib import Path
+
+    assert Path(summary["annotated_video"]).stat().st_size > 10_000
+    assert Path(summary["contact_sheet"]).stat().st_size > 10_000
