@@ -22,7 +22,7 @@ def demo_command(
     video: Path = typer.Option(DEFAULT_VIDEO, help="Video to run on (default: a vendored CC BY 4.0 sample)."),
     model: str = typer.Option(DEFAULT_DETECTOR, "--model", "-m", help="Bundle directory or zoo name."),
     out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Artefacts land in OUT/<timestamp>/."),
-    max_frames: Optional[int] = typer.Option(300, help="Frames to process (the whole clip with 0)."),
+    max_frames: int = typer.Option(0, help="Stop after this many frames (0: the whole clip)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for inference."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ) -> None:
@@ -44,7 +44,7 @@ def demo_command(
     counts: Counter[str] = Counter()
     frames_with = 0
     keyframes = []
-    sample_every = max(1, total // 8)
+    sample_every = max(1, total // 24)  # candidates for the contact sheet: frames with detections
     t0 = time.perf_counter()
     with AtomicVideoWriter(run_dir / "annotated.mp4", info["fps"], (int(info["width"]), int(info["height"]))) as vw, \
             progress(disable=json_out) as bar:
@@ -54,14 +54,14 @@ def demo_command(
             frames_with += bool(len(det))
             annotated = det.draw(frame.image)
             vw.write(annotated)
-            if frame.index % sample_every == 0 and len(keyframes) < 8:
+            if frame.index % sample_every == 0 and len(det) and len(keyframes) < 8:
                 keyframes.append(annotated)
             bar.advance(task)
         frames = vw.frames
     elapsed = time.perf_counter() - t0
-    sheet = run_dir / "contact_sheet.png"
+    sheet = run_dir / "contact_sheet.jpg"
     if keyframes:
-        save_image(sheet, contact_sheet(keyframes), quality=0)
+        save_image(sheet, contact_sheet(keyframes))
     summary = {
         "model": detector.manifest.name, "model_sha256": detector.bundle_sha256, "video": str(video),
         "frames": frames, "frames_with_detections": frames_with, "detections": dict(counts),
