@@ -24,6 +24,7 @@ from rich.table import Table
 
 from bastion import __version__
 from bastion.console import err, out, print_json, progress
+from bastion.models.cli import ALLOW_UNSIGNED_HELP
 from bastion.models.zoo import DEFAULT_DETECTOR
 from bastion.errors import InputNotFoundError
 from bastion.runtime.detect import Detector
@@ -115,14 +116,15 @@ def _ultralytics_for(detector: Detector, model: str, enabled: bool, notes: list[
 
 
 def bench_images(images: Path, model: str, limit: int, repeat: int, imgsz: int | None, conf: float, iou: float,
-                 threads: int | None, with_ultralytics: bool, progress: Any = None) -> dict[str, Any]:
+                 threads: int | None, with_ultralytics: bool, progress: Any = None,
+                 allow_unsigned: bool = False) -> dict[str, Any]:
     """Single-image latency/throughput of the three contestants on the same files."""
     if not Path(images).is_dir():
         raise InputNotFoundError(f"not a directory: {images}")
     files = list_images(Path(images))[:limit]
     if not files:
         raise InputNotFoundError(f"no images in {images}")
-    detector = Detector.load(model, threads=threads, conf=conf, iou=iou, imgsz=imgsz)
+    detector = Detector.load(model, threads=threads, conf=conf, iou=iou, imgsz=imgsz, allow_unsigned=allow_unsigned)
     notes: list[str] = []
     arrays = [read_image(f) for f in files]
     prepared = [detector.prepare(a) for a in arrays]
@@ -207,12 +209,12 @@ def bench_images(images: Path, model: str, limit: int, repeat: int, imgsz: int |
 
 def bench_video(video: Path, model: str, limit: int, imgsz: int | None, conf: float, iou: float,
                 threads: int | None, batch: int, with_ultralytics: bool, workers: int | None = None,
-                progress: Any = None) -> dict[str, Any]:
+                progress: Any = None, allow_unsigned: bool = False) -> dict[str, Any]:
     """Frames/s over a video file: floor vs bastion's overlapped pipeline vs Ultralytics' stream."""
     if not Path(video).is_file():
         raise InputNotFoundError(f"video not found: {video}")
     workers = workers or default_workers()
-    detector = Detector.load(model, threads=threads, conf=conf, iou=iou, imgsz=imgsz)
+    detector = Detector.load(model, threads=threads, conf=conf, iou=iou, imgsz=imgsz, allow_unsigned=allow_unsigned)
     notes: list[str] = []
     frames = [f.image for f in iter_video(video, limit)]
     if not frames:
@@ -241,7 +243,7 @@ def bench_video(video: Path, model: str, limit: int, imgsz: int | None, conf: fl
     effective = batch if detector.dynamic_batch else 1
     contestants["bastion_serial"], dets_serial = run_stream(detector, 1, 1)
     detector.close()
-    streamer = Detector.load(model, threads=1, conf=conf, iou=iou, imgsz=imgsz)
+    streamer = Detector.load(model, threads=1, conf=conf, iou=iou, imgsz=imgsz, allow_unsigned=allow_unsigned)
     contestants["bastion"], dets = run_stream(streamer, effective, workers)
     summary: dict[str, Any] = {
         "batch": effective,
@@ -296,6 +298,7 @@ def bench_detect_command(
     workers: Optional[int] = typer.Option(None, help="Concurrent inferences in bastion's video pipeline (default: cores, max 4)."),
     ultralytics: bool = typer.Option(True, help="Also time Ultralytics predict when it is installed."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
 ) -> None:
     """Time raw session.run (the floor), bastion's Detector and (optionally) Ultralytics, in one run.
 
@@ -306,7 +309,7 @@ def bench_detect_command(
 
         raise ConfigError("give exactly one of --images DIR or --video FILE")
     kwargs = dict(model=model, limit=limit, imgsz=imgsz, conf=conf, iou=iou, threads=threads,
-                  with_ultralytics=ultralytics)
+                  with_ultralytics=ultralytics, allow_unsigned=allow_unsigned)
     with progress(disable=json_out) as bar:
         if images is not None:
             result = bench_images(images, repeat=repeat, progress=bar, **kwargs)

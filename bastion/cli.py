@@ -45,15 +45,23 @@ def _root(
 
 
 def _mount() -> None:
+    from bastion.bench import bench_app
     from bastion.demo import demo_command
     from bastion.distill.cli import eval_app
-    from bastion.bench import bench_app
+    from bastion.doctor import doctor_command
+    from bastion.models.cli import bundle_app, keys_app, models_app
+    from bastion.runtime.bundle_create import bundle_create_command
     from bastion.runtime.cli import detect_command
 
+    app.command("demo")(demo_command)
     app.command("detect")(detect_command)
     app.add_typer(eval_app, name="eval")
     app.add_typer(bench_app, name="bench")
-    app.command("demo")(demo_command)
+    bundle_app.command("create")(bundle_create_command)
+    app.add_typer(bundle_app, name="bundle")
+    app.add_typer(keys_app, name="keys")
+    app.add_typer(models_app, name="models")
+    app.command("doctor")(doctor_command)
 
 
 _mount()

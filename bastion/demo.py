@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from bastion.console import out, print_json, progress
+from bastion.models.cli import ALLOW_UNSIGNED_HELP
 from bastion.models.zoo import DEFAULT_DETECTOR
 
 SAMPLES = Path(__file__).resolve().parent / "samples"
@@ -25,6 +26,7 @@ def demo_command(
     max_frames: int = typer.Option(0, help="Stop after this many frames (0: the whole clip)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for inference."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
 ) -> None:
     """Run the default detector over a sample video: summary table, annotated video, contact sheet.
 
@@ -37,7 +39,7 @@ def demo_command(
 
     run_dir = out_dir / datetime.now().strftime("%Y%m%d-%H%M%S")
     workers = default_workers()
-    detector = Detector.load(model, threads=threads or (1 if workers > 1 else None))
+    detector = Detector.load(model, threads=threads or (1 if workers > 1 else None), allow_unsigned=allow_unsigned)
     info = video_info(video)
     limit = max_frames or None
     total = min(int(info["frames"]) or 0, limit) if limit else int(info["frames"])

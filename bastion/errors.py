@@ -36,6 +36,22 @@ class ManifestError(ModelLoadError):
     """A bundle's manifest.json is missing, malformed or of an unknown schema."""
 
 
+class SignatureError(ModelLoadError):
+    """A bundle's signature is missing, malformed, untrusted, revoked or does not match."""
+
+
+class KeyFileError(BastionError):
+    """A key file is missing, unreadable, too open, or its passphrase is wrong."""
+
+
+class RegistryError(BastionError):
+    """The local model registry cannot complete an operation (it is left unchanged)."""
+
+
+class ArchiveError(ModelLoadError):
+    """A ``.bastion`` archive is malformed or tries to write outside its directory."""
+
+
 class DecoderError(ModelLoadError):
     """The model's outputs match no registered output decoder."""
 

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from bastion.console import out, print_json, progress, warn
+from bastion.models.cli import ALLOW_UNSIGNED_HELP
 from bastion.models.zoo import DEFAULT_DETECTOR
 
 eval_app = typer.Typer(help="Measure model accuracy on a labelled dataset.", no_args_is_help=True)
@@ -28,6 +29,7 @@ def eval_detect_command(
     threads: Optional[int] = typer.Option(None, help="CPU threads for inference."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or tensorrt."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
 ) -> None:
     """COCO mAP50-95, mAP50 and per-class AP of a detector on YOLO-format labels.
 
@@ -40,7 +42,7 @@ def eval_detect_command(
     dataset = load_data_yaml(data, split, limit)
     settings = EvalSettings(imgsz=imgsz, conf=conf, iou=iou, max_det=max_det, rect=rect)
     detector = Detector.load(model, device=device, threads=threads, conf=conf, iou=iou, max_det=max_det,
-                             imgsz=imgsz, multi_label=True, scaleup=False)
+                             imgsz=imgsz, multi_label=True, scaleup=False, allow_unsigned=allow_unsigned)
     with progress(disable=json_out) as bar:
         task = bar.add_task(f"eval {detector.manifest.name}", total=len(dataset.images))
         report = evaluate_detector(detector, dataset, settings, tick=lambda: bar.advance(task))

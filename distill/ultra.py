@@ -16,6 +16,7 @@ from pathlib import Path
 from types import ModuleType
 
 from bastion.errors import MissingExtraError
+from bastion.models.home import bastion_home
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,7 @@ def ultralytics_available() -> bool:
 
 
 def config_dir() -> Path:
-    home = Path(os.environ.get("BASTION_HOME", Path.home() / ".local" / "share" / "bastion"))
-    return home / "ultralytics"
+    return bastion_home() / "ultralytics"
 
 
 def _find_font() -> Path | None:

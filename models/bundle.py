@@ -1,19 +1,25 @@
-"""A bundle on disk: a directory with ``manifest.json`` and the payload it lists.
+"""A bundle on disk: ``manifest.json``, the payload it lists, and ``signature``.
 
-Opening a bundle checks that every payload file exists and matches the size and
-sha256 the manifest records, so a truncated copy or a swapped model is refused
-before anything runs it.  (Signature checking against the trust store builds on
-this; see docs/bundle.md.)
+Loading is verification: ``Bundle.open`` checks every payload file's size and
+sha256 against the manifest, then the signature over the manifest against the
+trust store.  An unsigned or untrusted bundle is refused unless the caller
+passes ``allow_unsigned=True`` (development only; warned about every time).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from bastion.errors import InputNotFoundError, ModelLoadError
+from bastion.errors import InputNotFoundError, ModelLoadError, SignatureError
+from bastion.models.archive import ARCHIVE_SUFFIX, unpack
+from bastion.models.home import bastion_home
 from bastion.models.manifest import MANIFEST_NAME, Manifest, read_manifest, sha256_file
+from bastion.models.registry import Registry
+from bastion.models.signing import Verification, read_signature, verify_manifest
+from bastion.models.trust import TrustStore
 from bastion.models.zoo import zoo_path
 
 log = logging.getLogger(__name__)
@@ -21,10 +27,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Bundle:
-    """A verified bundle directory and its manifest."""
+    """A verified bundle directory, its manifest and how it was verified."""
 
     root: Path
     manifest: Manifest
+    verification: Verification
 
     @property
     def model_path(self) -> Path:
@@ -36,49 +43,96 @@ class Bundle:
         return self.manifest.sha256()
 
     @classmethod
-    def open(cls, path: str | Path, verify_files: bool = True) -> "Bundle":
+    def open(cls, path: str | Path, trust: TrustStore | None = None, allow_unsigned: bool = False) -> "Bundle":
+        """Resolve, then verify payload and signature; raise a ModelLoadError subclass naming the problem."""
         root = resolve_bundle_dir(path)
         manifest = read_manifest(root / MANIFEST_NAME)
-        bundle = cls(root=root, manifest=manifest)
-        if verify_files:
-            bundle.verify_files()
-        return bundle
+        verify_files(root, manifest)
+        try:
+            verification = verify_manifest(root, manifest, trust or TrustStore())
+        except SignatureError as exc:
+            if not allow_unsigned:
+                raise
+            warn_unsigned(f"{manifest.name}:{manifest.version}", exc.message)
+            verification = Verification(False, note=exc.message)
+        return cls(root=root, manifest=manifest, verification=verification)
 
-    def verify_files(self) -> None:
-        """Every payload file present, right size, right sha256 — or a ModelLoadError naming it."""
-        for entry in self.manifest.files:
-            path = self.root / entry.path
-            if not path.is_file():
-                raise ModelLoadError(
-                    f"bundle {self.manifest.name}: payload file {entry.path} is missing",
-                    "copy the whole bundle directory again",
-                )
-            size = path.stat().st_size
-            if size != entry.size:
-                raise ModelLoadError(
-                    f"bundle {self.manifest.name}: {entry.path} is {size} bytes, manifest says {entry.size}"
-                    " (truncated or replaced)",
-                    "copy the bundle again from a trusted source",
-                )
-            if sha256_file(path) != entry.sha256:
-                raise ModelLoadError(
-                    f"bundle {self.manifest.name}: {entry.path} does not match its sha256 (modified)",
-                    "refusing to run it; copy the bundle again from a trusted source",
-                )
-        log.debug("bundle files verified", extra={"bundle": self.manifest.name, "files": len(self.manifest.files)})
+    @classmethod
+    def inspect(cls, path: str | Path, trust: TrustStore | None = None) -> "Inspection":
+        """Read a bundle for display: signature or payload problems become the status, not an exception."""
+        root = resolve_bundle_dir(path)
+        manifest = read_manifest(root / MANIFEST_NAME)
+        try:
+            record = read_signature(root, manifest.name)
+            signer = record.key_id if record else None
+        except SignatureError:
+            signer = None
+        try:
+            status, verified = cls.open(root, trust).verification.summary, True
+        except ModelLoadError as exc:
+            status, verified = f"REFUSED: {exc}", False
+        return Inspection(root, manifest, verified, status, signer)
+
+
+@dataclass(frozen=True)
+class Inspection:
+    root: Path
+    manifest: Manifest
+    verified: bool
+    status: str
+    signer_key_id: str | None
+
+
+def warn_unsigned(name: str, why: str) -> None:
+    """The development override is loud every single time."""
+    log.warning("running a bundle that failed verification because --allow-unsigned was given",
+                extra={"bundle": name, "reason": why})
+    import sys
+
+    sys.stderr.write(f"WARNING: --allow-unsigned: running {name} although {why}. Development use only.\n")
+
+
+def verify_files(root: Path, manifest: Manifest) -> None:
+    """Every payload file present, right size, right sha256 — or a ModelLoadError naming it."""
+    for entry in manifest.files:
+        path = root / entry.path
+        if not path.is_file():
+            raise ModelLoadError(f"bundle {manifest.name}: payload file {entry.path} is missing",
+                                 "copy the whole bundle directory again")
+        size = path.stat().st_size
+        if size != entry.size:
+            raise ModelLoadError(f"bundle {manifest.name}: {entry.path} is {size} bytes, manifest says "
+                                 f"{entry.size} (truncated or replaced)", "copy the bundle again from a trusted source")
+        if sha256_file(path) != entry.sha256:
+            raise ModelLoadError(f"bundle {manifest.name}: {entry.path} does not match its sha256 (modified)",
+                                 "refusing to run it; copy the bundle again from a trusted source")
 
 
 def resolve_bundle_dir(path: str | Path) -> Path:
-    """Accept a bundle directory, its manifest.json, or the name of a vendored zoo model."""
+    """A bundle directory, its manifest.json, a ``.bastion`` archive, a registry ``name[:version]``, or a zoo name."""
     candidate = Path(path)
     if candidate.name == MANIFEST_NAME and candidate.is_file():
         return candidate.parent
     if candidate.is_dir():
         return candidate
+    if candidate.is_file() and candidate.suffix == ARCHIVE_SUFFIX:
+        return _unpacked_archive(candidate)
+    entry = Registry().resolve(str(path))
+    if entry is not None:
+        return entry.path
     zoo = zoo_path(str(path))
     if zoo is not None:
         return zoo
     raise InputNotFoundError(
         f"model not found: {path}",
-        "give a bundle directory, an .onnx file, or a zoo name (see `bastion models list`)",
+        "give a bundle directory, a .bastion file, a registry name (bastion models list) or a zoo name",
     )
+
+
+def _unpacked_archive(archive: Path) -> Path:
+    """Archives are unpacked once into a cache keyed by their own sha256."""
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    target = bastion_home() / "cache" / "archives" / digest
+    if not (target / MANIFEST_NAME).is_file():
+        unpack(archive, target)
+    return target

@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from bastion.console import out, print_json, progress, split_csv, warn
+from bastion.models.cli import ALLOW_UNSIGNED_HELP
 from bastion.models.zoo import DEFAULT_DETECTOR
 
 MODEL_HELP = "Bundle directory, zoo name (yolov5n, yolox_nano) or a YOLOv5/Ultralytics .onnx file."
@@ -30,6 +31,7 @@ def detect_command(
     max_frames: Optional[int] = typer.Option(None, help="Stop after this many frames."),
     save: Optional[Path] = typer.Option(None, help="Write annotated images / video into this directory."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object per frame on stdout."),
+    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
 ) -> None:
     """Detect objects in an image, a directory of images or a video.
 
@@ -46,7 +48,7 @@ def detect_command(
         # Several single-threaded inferences in flight beat one spread over all cores (docs/benchmarks.md).
         threads = threads or (1 if workers > 1 else None)
     detector = Detector.load(model, device=device, threads=threads, conf=conf, iou=iou,
-                             classes=split_csv(classes), imgsz=imgsz)
+                             classes=split_csv(classes), imgsz=imgsz, allow_unsigned=allow_unsigned)
     skipped: list[str] = []
     counts: Counter[str] = Counter()
     frames = 0

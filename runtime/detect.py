@@ -14,9 +14,10 @@ from typing import Iterable, Sequence, Union
 
 import numpy as np
 
-from bastion.errors import ConfigError, ShapeError
-from bastion.models.bundle import Bundle
+from bastion.errors import ConfigError, ShapeError, SignatureError
+from bastion.models.bundle import Bundle, warn_unsigned
 from bastion.models.manifest import Manifest
+from bastion.models.trust import TrustStore
 from bastion.models.zoo import DEFAULT_DETECTOR
 from bastion.runtime.backends import Backend, open_backend
 from bastion.runtime.decoders import Candidates, DecodeContext, get_decoder
@@ -68,16 +69,26 @@ class Detector:
     # -- construction -----------------------------------------------------------------------
     @classmethod
     def load(cls, model: str | Path = DEFAULT_DETECTOR, device: str = "auto", threads: int | None = None,
-             warmup: bool = True, **options) -> "Detector":
-        """Open a bundle directory, a zoo name (``yolov5n``) or a bare Ultralytics/YOLOv5 ``.onnx``."""
+             warmup: bool = True, allow_unsigned: bool = False, trust: TrustStore | None = None,
+             **options) -> "Detector":
+        """Open and verify a bundle (directory, ``.bastion``, registry or zoo name) and its backend.
+
+        A bare YOLOv5/Ultralytics ``.onnx`` carries no signature, so it needs ``allow_unsigned=True``
+        (development only).
+        """
         opts = DetectOptions(**options)
         path = Path(model)
         if path.suffix.lower() == ".onnx" and path.is_file():
+            if not allow_unsigned:
+                raise SignatureError(f"{path.name} is a bare ONNX file: it has no manifest and no signature",
+                                     "make a signed bundle (bastion bundle create --sign KEY), or for "
+                                     "development only pass --allow-unsigned")
+            warn_unsigned(path.name, "it is a bare ONNX file with no signature")
             backend = open_backend(path, device=device, threads=threads)
             manifest = manifest_from_onnx(path, backend)
             sha = manifest.files[0].sha256
         else:
-            bundle = Bundle.open(model)
+            bundle = Bundle.open(model, trust=trust, allow_unsigned=allow_unsigned)
             backend = open_backend(bundle.model_path, device=device, threads=threads)
             manifest, sha = bundle.manifest, bundle.sha256
         detector = cls(backend, manifest, opts, bundle_sha256=sha)

@@ -36,6 +36,15 @@ def coco128(shared: Path) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def bastion_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own empty BASTION_HOME (trust store, registry, caches), CLI subprocesses too."""
+    home = tmp_path_factory.mktemp("bastion-home")
+    monkeypatch.setenv("BASTION_HOME", str(home))
+    monkeypatch.delenv("BASTION_KEY_PASSPHRASE", raising=False)
+    return home
+
+
 class EgressAttempt(AssertionError):
     pass
 

@@ -64,12 +64,17 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path):
     assert_user_error(run_cli("detect", str(PERSON_IMAGE), "--classes", "person,tank"), "unknown class name 'tank'")
     truncated = tmp_path / "model.onnx"
     truncated.write_bytes((zoo_path("yolox_nano") / "yolox_nano.onnx").read_bytes()[:4096])
-    assert_user_error(run_cli("detect", str(PERSON_IMAGE), "--model", str(truncated)), "not a loadable ONNX")
+    assert_user_error(run_cli("detect", str(PERSON_IMAGE), "--model", str(truncated)), "bare ONNX file",
+                      "--allow-unsigned")
+    assert_user_error(run_cli("detect", str(PERSON_IMAGE), "--model", str(truncated), "--allow-unsigned"),
+                      "not a loadable ONNX")
     text = tmp_path / "text.onnx"
     text.write_text("not a model")
-    assert_user_error(run_cli("detect", str(PERSON_IMAGE), "--model", str(text)), "not a loadable ONNX")
+    assert_user_error(run_cli("detect", str(PERSON_IMAGE), "--model", str(text), "--allow-unsigned"),
+                      "not a loadable ONNX")
     bare = zoo_path("yolox_nano") / "yolox_nano.onnx"
-    assert_user_error(run_cli("detect", str(PERSON_IMAGE), "--model", str(bare)), "match no known decoder")
+    assert_user_error(run_cli("detect", str(PERSON_IMAGE), "--model", str(bare), "--allow-unsigned"),
+                      "match no known decoder")
     assert_user_error(run_cli("detect", str(PERSON_IMAGE), "--model", "nonexistent"), "model not found")
     assert_user_error(run_cli("detect", str(PERSON_IMAGE), "--bogus-flag"), "No such option")
     assert_user_error(run_cli("bench", "detect", "--json"), "exactly one of --images")

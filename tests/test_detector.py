@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from bastion import Detector
-from bastion.errors import ConfigError, DecoderError, ModelLoadError
+from bastion.errors import ConfigError, DecoderError, ModelLoadError, SignatureError
 from bastion.models.zoo import zoo_path
 from bastion.runtime.media import read_image
 from conftest import PERSON_BOX, PERSON_IMAGE, SAMPLE_IMAGES
@@ -70,7 +70,9 @@ def test_detections_to_dict_filter_and_draw(yolov5n):
 
 def test_bare_yolov5_onnx_is_understood_from_its_metadata():
     path = zoo_path("yolov5n") / "yolov5n-dynamic.onnx"
-    with Detector.load(path, threads=1) as det:
+    with pytest.raises(SignatureError, match="bare ONNX file"):
+        Detector.load(path)
+    with Detector.load(path, threads=1, allow_unsigned=True) as det:
         assert det.manifest.decoder.type == "yolov5" and det.names[0] == "person"
         people = det.detect(PERSON_IMAGE).filter(classes=["person"])
     assert iou(people.xyxy[0], PERSON_BOX) > 0.85
@@ -78,7 +80,7 @@ def test_bare_yolov5_onnx_is_understood_from_its_metadata():
 
 def test_bare_onnx_without_metadata_matches_no_decoder():
     with pytest.raises(DecoderError, match="match no known decoder"):
-        Detector.load(zoo_path("yolox_nano") / "yolox_nano.onnx")
+        Detector.load(zoo_path("yolox_nano") / "yolox_nano.onnx", allow_unsigned=True)
 
 
 def test_truncated_and_non_onnx_files_are_refused(tmp_path):
@@ -86,11 +88,11 @@ def test_truncated_and_non_onnx_files_are_refused(tmp_path):
     truncated = tmp_path / "cut.onnx"
     truncated.write_bytes(good.read_bytes()[:50000])
     with pytest.raises(ModelLoadError, match="not a loadable ONNX model"):
-        Detector.load(truncated)
+        Detector.load(truncated, allow_unsigned=True)
     text = tmp_path / "notes.onnx"
     text.write_text("hello")
     with pytest.raises(ModelLoadError):
-        Detector.load(text)
+        Detector.load(text, allow_unsigned=True)
 
 
 def test_wrong_array_type_is_a_shape_error(yolov5n):

@@ -1,0 +1,142 @@
+"""``bastion doctor``: is this unit ready to run offline? Each check says ok / warn / fail and why."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import typer
+from rich.table import Table
+
+from bastion.console import out, print_json
+
+# Settings that would make a library reach out, or that reveal an attempt to route traffic.
+_EGRESS_ENV = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY")
+_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "YOLO_OFFLINE": "1"}
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok | warn | fail
+    detail: str
+
+
+def run_checks() -> list[Check]:
+    checks = [_home(), _trust(), _registry(), _zoo(), _providers(), _egress_env(), _ultralytics_settings()]
+    return [c for c in checks if c is not None]
+
+
+def _home() -> Check:
+    from bastion.models.home import bastion_home
+
+    home = bastion_home()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        probe = home / ".doctor-write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        return Check("state directory", "ok", f"{home} is writable")
+    except OSError as exc:
+        return Check("state directory", "fail", f"{home} is not writable: {exc.strerror}")
+
+
+def _trust() -> Check:
+    from bastion.models.trust import TrustStore
+
+    try:
+        store = TrustStore()
+        keys = store.keys()
+    except Exception as exc:  # a damaged store is exactly what doctor must report
+        return Check("trust store", "fail", str(exc))
+    active = [k for k in keys.values() if not k.revoked]
+    builtin = [k for k in active if k.source == "built-in"]
+    detail = (f"{len(active)} trusted key(s) ({len(builtin)} built-in: {', '.join(k.key_id for k in builtin) or '-'}),"
+              f" {len(store.revoked())} revoked")
+    if not active:
+        return Check("trust store", "fail", detail + "; no bundle can be verified — bastion keys trust KEY.pub")
+    return Check("trust store", "ok", detail)
+
+
+def _registry() -> Check:
+    from bastion.models.registry import Registry
+
+    try:
+        entries = Registry().entries()
+    except Exception as exc:
+        return Check("model registry", "fail", str(exc))
+    missing = [e for e in entries if not e.path.is_dir()]
+    if missing:
+        return Check("model registry", "fail", f"{len(missing)} indexed bundle(s) missing on disk")
+    return Check("model registry", "ok", f"{len(entries)} bundle(s)")
+
+
+def _zoo() -> Check:
+    from bastion.models.bundle import Bundle
+    from bastion.models.zoo import zoo_names
+
+    bad = []
+    for name in zoo_names():
+        try:
+            Bundle.open(name)
+        except Exception as exc:
+            bad.append(f"{name}: {exc}")
+    if bad:
+        return Check("vendored models", "warn", "; ".join(bad))
+    return Check("vendored models", "ok", f"{', '.join(zoo_names())} verified")
+
+
+def _providers() -> Check:
+    import onnxruntime as ort
+
+    providers = ort.get_available_providers()
+    return Check("ONNX Runtime", "ok", f"{ort.__version__}: {', '.join(providers)}")
+
+
+def _egress_env() -> Check:
+    proxies = [k for k in _EGRESS_ENV if os.environ.get(k)]
+    not_offline = [k for k, v in _OFFLINE_ENV.items() if os.environ.get(k) != v]
+    if proxies:
+        return Check("egress settings", "warn", f"proxy variables set ({', '.join(proxies)}): something here expects "
+                                                "a network; bastion itself never uses one")
+    return Check("egress settings", "ok", "no proxy configured; bastion sets offline modes itself"
+                 + (f" (not exported here: {', '.join(not_offline)})" if not_offline else ""))
+
+
+def _ultralytics_settings() -> Check | None:
+    from bastion.distill.ultra import config_dir
+
+    settings = config_dir() / "settings.json"
+    if not settings.is_file():
+        return None
+    try:
+        data = json.loads(settings.read_text())
+    except json.JSONDecodeError:
+        return Check("ultralytics settings", "warn", f"{settings} is unreadable; it is rewritten on next use")
+    on = [k for k in ("sync", "hub", "wandb", "mlflow", "comet", "clearml", "neptune", "dvc") if data.get(k)]
+    if on:
+        return Check("ultralytics settings", "warn", f"{', '.join(on)} enabled in {settings}; bastion turns them off "
+                                                      "before every use")
+    return Check("ultralytics settings", "ok", "integrations and sync off")
+
+
+def doctor_command(json_out: bool = typer.Option(False, "--json", help="Print the checks as JSON.")) -> None:
+    """Check offline readiness: state directory, trust store, registry, vendored models, providers, egress.
+
+    Example: bastion doctor --json
+    """
+    checks = run_checks()
+    failed = any(c.status == "fail" for c in checks)
+    if json_out:
+        print_json({"ok": not failed, "checks": [asdict(c) for c in checks]})
+    else:
+        table = Table(show_edge=False)
+        for col in ("check", "status", "detail"):
+            table.add_column(col)
+        colour = {"ok": "green", "warn": "yellow", "fail": "red"}
+        for c in checks:
+            table.add_row(c.name, f"[{colour[c.status]}]{c.status}[/]", c.detail)
+        out.print(table)
+    if failed:
+        raise typer.Exit(1)

@@ -1,0 +1,133 @@
+"""Ed25519 keys: generate, store, load, identify.
+
+Private keys are PKCS#8 PEM files (encrypted when a passphrase is given) that
+must not be readable by group or others — a key anyone on the box can read is
+refused, like OpenSSH does.  Public keys are SubjectPublicKeyInfo PEM files.
+A key's id is the first 16 hex digits of the sha256 of its 32 raw bytes.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from bastion.errors import KeyFileError
+from bastion.models.atomic import atomic_write_bytes
+
+PRIVATE_SUFFIX = ".key"
+PUBLIC_SUFFIX = ".pub"
+SIGNATURE_BYTES = 64
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def public_pem(public: Ed25519PublicKey) -> bytes:
+    return public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    private_path: Path
+    public_path: Path
+    key_id: str
+
+
+def generate_keypair(stem: Path, passphrase: bytes | None = None) -> KeyPair:
+    """Write ``STEM.key`` (mode 0600) and ``STEM.pub``; never overwrite existing files."""
+    stem = Path(stem)
+    private_path = stem.with_name(stem.name + PRIVATE_SUFFIX)
+    public_path = stem.with_name(stem.name + PUBLIC_SUFFIX)
+    for path in (private_path, public_path):
+        if path.exists():
+            raise KeyFileError(f"{path} already exists", "choose another name; bastion never overwrites a key")
+    key = Ed25519PrivateKey.generate()
+    encryption = (serialization.BestAvailableEncryption(passphrase) if passphrase
+                  else serialization.NoEncryption())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+    atomic_write_bytes(private_path, pem, mode=0o600)
+    atomic_write_bytes(public_path, public_pem(key.public_key()))
+    return KeyPair(private_path, public_path, key_id(key.public_key()))
+
+
+def load_private_key(path: Path, passphrase: bytes | None = None) -> Ed25519PrivateKey:
+    """Read a private key; refuse it if group/others can read it or the passphrase is wrong."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise KeyFileError(f"private key not found: {path}") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot read private key {path}: {exc.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(
+            f"private key {path} is accessible by other users (mode {stat.S_IMODE(mode):04o})",
+            f"run: chmod 600 {path}",
+        )
+    try:
+        key = serialization.load_pem_private_key(data, password=passphrase or None)
+    except TypeError:
+        if passphrase:
+            raise KeyFileError(f"private key {path} is not encrypted, but a passphrase was given") from None
+        raise KeyFileError(f"private key {path} is encrypted", "give its passphrase (--passphrase or "
+                                                              "BASTION_KEY_PASSPHRASE)") from None
+    except ValueError:
+        if passphrase:
+            raise KeyFileError(f"wrong passphrase for private key {path}") from None
+        raise KeyFileError(f"{path} is not a PEM private key") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise KeyFileError(f"{path} is not an Ed25519 key", "generate one with: bastion keys generate")
+    return key
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise KeyFileError(f"public key not found: {path}") from None
+    return parse_public_key(data, str(path))
+
+
+def parse_public_key(data: bytes, where: str) -> Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError:
+        raise KeyFileError(f"{where} is not a PEM public key") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise KeyFileError(f"{where} is not an Ed25519 public key")
+    return key
+
+
+def verify_signature(public: Ed25519PublicKey, signature: bytes, message: bytes) -> bool:
+    try:
+        public.verify(signature, message)
+        return True
+    except InvalidSignature:
+        return False
+
+
+def passphrase_from_env() -> bytes | None:
+    value = os.environ.get("BASTION_KEY_PASSPHRASE")
+    return value.encode() if value else None
+
+
+def read_passphrase(ask: bool, confirm: bool = False) -> bytes | None:
+    """From ``BASTION_KEY_PASSPHRASE``, else a hidden prompt when ``ask`` (the CLI's --passphrase)."""
+    env = passphrase_from_env()
+    if env or not ask:
+        return env
+    first = getpass.getpass("passphrase: ")
+    if confirm and getpass.getpass("again: ") != first:
+        raise KeyFileError("the two passphrases differ")
+    return first.encode() or None

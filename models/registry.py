@@ -1,0 +1,141 @@
+"""The local model registry: verified bundles stored by content under ``BASTION_HOME/registry``.
+
+``bundles/<sha256>/`` holds a bundle whose sha256 (of its canonical manifest,
+which hashes every payload file) names it; ``index.json`` maps names and
+versions to those hashes.  Adding copies into a private staging directory,
+verifies the copy, then renames it into place and rewrites the index under an
+exclusive lock — so two writers at once, a killed process or a full disk leave
+the registry exactly as it was.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bastion.errors import RegistryError
+from bastion.models.archive import ARCHIVE_SUFFIX, unpack
+from bastion.models.atomic import atomic_write_bytes, file_lock
+from bastion.models.home import bastion_home
+from bastion.models.manifest import MANIFEST_NAME
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Entry:
+    sha256: str
+    name: str
+    version: str
+    task: str
+    added: str
+    path: Path
+
+
+def split_ref(ref: str) -> tuple[str, str | None]:
+    """'name' or 'name:version'."""
+    name, _, version = ref.partition(":")
+    return name, (version or None)
+
+
+class Registry:
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root else bastion_home() / "registry"
+        self.bundles = self.root / "bundles"
+        self.index_path = self.root / "index.json"
+        self.lock_path = self.root / ".lock"
+
+    # -- reading -----------------------------------------------------------------------------------
+    def _index(self) -> dict[str, dict]:
+        if not self.index_path.is_file():
+            return {}
+        try:
+            return json.loads(self.index_path.read_text())["bundles"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise RegistryError(f"registry index {self.index_path} is damaged",
+                                "restore it from backup or re-add the bundles") from None
+
+    def entries(self) -> list[Entry]:
+        return sorted((Entry(sha, e["name"], e["version"], e.get("task", "?"), e["added"], self.bundles / sha)
+                       for sha, e in self._index().items()), key=lambda e: (e.name, e.added))
+
+    def resolve(self, ref: str) -> Entry | None:
+        """The newest-added entry with this name (and version, if given), or None."""
+        name, version = split_ref(ref)
+        matches = [e for e in self.entries() if e.name == name and (version is None or e.version == version)]
+        return max(matches, key=lambda e: e.added) if matches else None
+
+    # -- writing -----------------------------------------------------------------------------------
+    def add(self, source: Path, open_bundle) -> Entry:  # noqa: ANN001 - Bundle.open, injected to avoid a cycle
+        """Verify ``source`` (bundle dir or .bastion), copy it in, and index it. Returns the entry."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix="add-", dir=self.root))
+        try:
+            source = Path(source)
+            if source.is_file() and source.suffix == ARCHIVE_SUFFIX:
+                src_dir = unpack(source, staging / "unpacked")
+            else:
+                src_dir = source
+            bundle = open_bundle(src_dir)  # verifies payload and signature (or the explicit override)
+            copy = staging / "bundle"
+            copy.mkdir()
+            names = [MANIFEST_NAME, *(f.path for f in bundle.manifest.files)]
+            if (src_dir / "signature").is_file():
+                names.append("signature")
+            for name in names:
+                _copy_synced(src_dir / name, copy / name)
+            open_bundle(copy)  # what landed on our disk is what was verified
+            sha = bundle.sha256
+            with file_lock(self.lock_path):
+                index = self._index()
+                target = self.bundles / sha
+                if sha not in index:
+                    self.bundles.mkdir(parents=True, exist_ok=True)
+                    if target.exists():  # left over from an interrupted add: replace it
+                        shutil.rmtree(target)
+                    os.replace(copy, target)
+                    index[sha] = {"name": bundle.manifest.name, "version": bundle.manifest.version,
+                                  "task": bundle.manifest.task,
+                                  "added": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{time.time_ns() % 10**9:09d}Z"}
+                    self._write_index(index)
+                    log.info("bundle added to registry", extra={"bundle": bundle.manifest.name, "sha256": sha})
+            e = index[sha]
+            return Entry(sha, e["name"], e["version"], e.get("task", "?"), e["added"], target)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise RegistryError(f"disk full while adding {source} to the registry",
+                                    "free some space and retry; the registry is unchanged") from None
+            raise RegistryError(f"cannot add {source}: {exc.strerror or exc}", "the registry is unchanged") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def remove(self, ref: str) -> Entry:
+        with file_lock(self.lock_path):
+            entry = self.resolve(ref)
+            if entry is None:
+                raise RegistryError(f"no bundle {ref!r} in the registry", "see: bastion models list")
+            index = self._index()
+            del index[entry.sha256]
+            self._write_index(index)
+            trash = Path(tempfile.mkdtemp(prefix="rm-", dir=self.root))
+            os.replace(entry.path, trash / "bundle")
+        shutil.rmtree(trash, ignore_errors=True)
+        return entry
+
+    def _write_index(self, index: dict[str, dict]) -> None:
+        atomic_write_bytes(self.index_path, json.dumps({"bundles": index}, indent=2, sort_keys=True).encode())
+
+
+def _copy_synced(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+        fout.flush()
+        os.fsync(fout.fileno())

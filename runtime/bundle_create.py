@@ -1,0 +1,184 @@
+"""``bastion bundle create``: an ONNX file + metadata (or a distillation run) → a bundle directory.
+
+It lives in ``runtime`` rather than ``models`` because it opens the model to
+infer what it can (inputs, Ultralytics/YOLOv5 metadata) and to prove the
+decoder fits before the bundle ever reaches a field unit.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import typer
+import yaml
+from pydantic import ValidationError
+
+from bastion import __version__
+from bastion.console import out, print_json
+from bastion.errors import ConfigError, DecoderError, InputNotFoundError
+from bastion.models.bundle import verify_files
+from bastion.models.manifest import FileEntry, Manifest, sha256_file, write_manifest
+
+RUN_MODEL = "model.onnx"
+RUN_META = "bundle.yaml"
+
+
+def _read_meta(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise InputNotFoundError(f"metadata file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML/JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of manifest fields")
+    return data
+
+
+def _inferred(onnx: Path) -> dict[str, Any]:
+    """What the ONNX file says about itself (empty where it says nothing we understand)."""
+    from bastion.runtime.backends import open_backend
+    from bastion.runtime.onnx_manifest import manifest_from_onnx
+
+    backend = open_backend(onnx, device="cpu", threads=1)
+    try:
+        m = manifest_from_onnx(onnx, backend).model_dump(mode="json")
+        return {k: m[k] for k in ("input", "decoder", "classes")}
+    except DecoderError:
+        return {}
+    finally:
+        backend.close()
+
+
+def create_bundle(onnx: Path, out_dir: Path, fields: dict[str, Any], license_files: list[Path],
+                  sign_key=None) -> Manifest:  # noqa: ANN001 - an Ed25519PrivateKey
+    """Assemble, check and (optionally) sign a bundle in a staging directory, then move it to ``out_dir``."""
+    if out_dir.exists():
+        raise ConfigError(f"{out_dir} already exists", "choose a new --out directory; bundles are never overwritten")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        shutil.copy2(onnx, staging / onnx.name)
+        files = [FileEntry(path=onnx.name, sha256=sha256_file(onnx), size=onnx.stat().st_size, role="model")]
+        for lic in license_files:
+            if not lic.is_file():
+                raise InputNotFoundError(f"license file not found: {lic}")
+            shutil.copy2(lic, staging / lic.name)
+            files.append(FileEntry(path=lic.name, sha256=sha256_file(lic), size=lic.stat().st_size, role="license"))
+        fields = {**fields, "files": [f.model_dump() for f in files]}
+        fields.setdefault("license", {}).setdefault("files", [lic.name for lic in license_files])
+        try:
+            manifest = Manifest.model_validate(fields)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ConfigError(f"bundle metadata: {where}: {first['msg']}",
+                              "give it with a flag or in the --meta file") from None
+        if manifest.task == "detect":
+            _smoke_test(staging / onnx.name, manifest)
+        write_manifest(manifest, staging / "manifest.json")
+        verify_files(staging, manifest)
+        if sign_key is not None:
+            from bastion.models.signing import sign_manifest
+
+            sign_manifest(staging, manifest, sign_key)
+        staging.rename(out_dir)
+        return manifest
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _smoke_test(model: Path, manifest: Manifest) -> None:
+    """Run one grey frame through backend + decoder so a mismatch fails here, not in the field."""
+    from bastion.runtime.backends import open_backend
+    from bastion.runtime.detect import Detector
+
+    if manifest.input is None or manifest.decoder is None:
+        raise ConfigError("a detection bundle needs input and decoder metadata",
+                          "give --decoder and --imgsz, or an input:/decoder: section in --meta")
+    detector = Detector(open_backend(model, device="cpu", threads=1), manifest)
+    try:
+        h, w = manifest.input.size
+        detector.detect(np.full((h, w, 3), 114, np.uint8))
+    finally:
+        detector.close()
+
+
+def bundle_create_command(
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="The model file."),
+    from_run: Optional[Path] = typer.Option(None, "--from-run", help=f"A distillation run: RUN/{RUN_MODEL} + "
+                                            f"RUN/{RUN_META}."),
+    meta: Optional[Path] = typer.Option(None, "--meta", help="YAML/JSON with manifest fields (input, decoder, "
+                                        "classes, thresholds, provenance, license, evaluation, precision)."),
+    out_dir: Path = typer.Option(..., "--out", help="New bundle directory."),
+    name: Optional[str] = typer.Option(None, help="Bundle name (default: the ONNX file's stem)."),
+    version: Optional[str] = typer.Option(None, help="Bundle version (default: 1.0)."),
+    task: Optional[str] = typer.Option(None, help="detect or lm (default: detect)."),
+    decoder: Optional[str] = typer.Option(None, help="Output decoder: yolov5, yolov8 or yolox."),
+    classes: Optional[str] = typer.Option(None, help="Class names in output order, comma-separated."),
+    weights_license: Optional[str] = typer.Option(None, help="License of the weights (required)."),
+    data_license: Optional[str] = typer.Option(None, help="License of the training data."),
+    source: Optional[str] = typer.Option(None, help="Where the weights came from."),
+    license_file: list[Path] = typer.Option([], help="License text to ship inside the bundle (repeatable)."),
+    sign: Optional[Path] = typer.Option(None, "--sign", help="Sign with this private key."),
+    passphrase: bool = typer.Option(False, "--passphrase", help="Prompt for the key's passphrase."),
+    json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Make a bundle from an ONNX file and its metadata, checked by running it once.
+
+    Example: bastion bundle create --onnx best.onnx --classes person,vehicle --decoder yolov8
+    --weights-license AGPL-3.0 --source "distilled from yolov5n" --out bundles/pv-1.0 --sign team.key
+    """
+    if from_run is not None:
+        onnx = onnx or from_run / RUN_MODEL
+        meta = meta or (from_run / RUN_META if (from_run / RUN_META).is_file() else None)
+    if onnx is None:
+        raise ConfigError("give --onnx FILE or --from-run DIR")
+    if not onnx.is_file():
+        raise InputNotFoundError(f"model file not found: {onnx}")
+    fields: dict[str, Any] = {**_inferred(onnx), **_read_meta(meta)}
+    fields.setdefault("name", name or onnx.stem)
+    fields.setdefault("version", "1.0")
+    fields.setdefault("task", "detect")
+    overrides = {"name": name, "version": version, "task": task}
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    if decoder:
+        fields["decoder"] = {**fields.get("decoder", {}), "type": decoder}
+    if classes:
+        fields["classes"] = [c.strip() for c in classes.split(",") if c.strip()]
+    lic = dict(fields.get("license", {}))
+    if weights_license:
+        lic["weights"] = weights_license
+    if data_license:
+        lic["data"] = data_license
+    if "weights" not in lic:
+        raise ConfigError("the license of the weights is required", "give --weights-license (e.g. Apache-2.0)")
+    fields["license"] = lic
+    prov = dict(fields.get("provenance", {}))
+    prov.setdefault("source", source or f"ONNX file {onnx.name}")
+    if source:
+        prov["source"] = source
+    prov.update(command=shlex.join(["bastion", *sys.argv[1:]]), bastion_version=__version__,
+                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    fields["provenance"] = prov
+    key = None
+    if sign is not None:
+        from bastion.models.keys import load_private_key, read_passphrase
+
+        key = load_private_key(sign, read_passphrase(passphrase))
+    manifest = create_bundle(onnx, out_dir, fields, list(license_file), key)
+    if json_out:
+        print_json({"path": str(out_dir), "sha256": manifest.sha256(), "signed": key is not None,
+                    "manifest": manifest.model_dump(mode="json")})
+        return
+    out.print(f"created {manifest.name}:{manifest.version} in {out_dir} ({'signed' if key else 'UNSIGNED'}, "
+              f"sha256 {manifest.sha256()[:16]})")
