@@ -1,5 +1,7 @@
 """Maintainers' script: (re)write models/zoo/*/manifest.json from the vendored files.
 
+Afterwards the zoo must be re-signed (scripts/sign_zoo.py) or every load refuses it.
+
 Run from the repository root after replacing a vendored file:
     .venv/bin/python scripts/zoo_manifests.py
 The facts (interface, licenses, provenance) come from each folder's SOURCE.md.
@@ -26,6 +28,8 @@ COCO80 = [
     "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
     "hair drier", "toothbrush",
 ]
+COCO128_SHA = "824456f57415f7720bfa75cc0dbd0de6144d94d538a01387b6622443da5b997a"  # DatasetRef/YoloDataset.sha256
+EVAL_SETTINGS = {"conf": 0.001, "iou": 0.6, "max_det": 300, "rect": True, "tool": "bastion eval detect 0.1.0"}
 COCO_DATA = DatasetRef(name="COCO train2017", license="annotations CC BY 4.0; images per Flickr terms",
                        source="https://cocodataset.org")
 
@@ -54,11 +58,18 @@ def yolov5n() -> Manifest:
             datasets=[COCO_DATA],
             command="python export.py --weights yolov5n.pt --include onnx --imgsz 640 --opset 17 --dynamic",
             notes="Vendored from ../shared/weights/yolov5n (yolov5n-dynamic.onnx).",
+            bastion_version="0.1.0", created="2026-11-23T00:00:00Z",
         ),
         license=LicenseInfo(weights="GPL-3.0", data="COCO: annotations CC BY 4.0, images Flickr terms",
                             files=["LICENSE"],
                             notes="GPL-3.0 at the source commit; upstream later relicensed to AGPL-3.0."),
-        evaluation=[EvalResult(metric="mAP50-95", value=0.280, dataset="COCO val2017 (upstream README, 640 px)")],
+        evaluation=[
+            EvalResult(metric="mAP50-95", value=0.280, dataset="COCO val2017 (upstream README, 640 px)"),
+            EvalResult(metric="mAP50-95", value=0.3493, dataset="COCO128", dataset_sha256=COCO128_SHA,
+                       settings={**EVAL_SETTINGS, "imgsz": 640}),
+            EvalResult(metric="mAP50", value=0.546, dataset="COCO128", dataset_sha256=COCO128_SHA,
+                       settings={**EVAL_SETTINGS, "imgsz": 640}),
+        ],
     )
 
 
@@ -79,11 +90,18 @@ def yolox_nano() -> Manifest:
                    "official YOLOX-Nano COCO weights; bit-identical outputs to an independent export); see SOURCE.md",
             datasets=[COCO_DATA],
             notes="Vendored from ../shared/weights/yolox_nano.",
+            bastion_version="0.1.0", created="2026-11-23T00:00:00Z",
         ),
         license=LicenseInfo(weights="Apache-2.0", data="COCO: annotations CC BY 4.0, images Flickr terms",
                             files=["LICENSE-YOLOX-upstream"],
                             notes="Source repo has no LICENSE; YOLOX upstream is Apache-2.0."),
-        evaluation=[EvalResult(metric="mAP50-95", value=0.258, dataset="COCO val2017 (upstream README, 416 px)")],
+        evaluation=[
+            EvalResult(metric="mAP50-95", value=0.258, dataset="COCO val2017 (upstream README, 416 px)"),
+            EvalResult(metric="mAP50-95", value=0.3323, dataset="COCO128", dataset_sha256=COCO128_SHA,
+                       settings={**EVAL_SETTINGS, "imgsz": 416}),
+            EvalResult(metric="mAP50", value=0.5088, dataset="COCO128", dataset_sha256=COCO128_SHA,
+                       settings={**EVAL_SETTINGS, "imgsz": 416}),
+        ],
     )
 
 
