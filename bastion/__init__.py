@@ -1,6 +1,6 @@
 """bastion — sovereign edge-AI deployment kit.
 
-The SDK names integrators use: ``from bastion import Detector, Detections``.
+The SDK names integrators use: ``from bastion import Detector, Detections, Bundle``.
 Importing ``bastion`` never imports torch, ultralytics or transformers.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from bastion.errors import BastionError
+from bastion.models.bundle import Bundle
 from bastion.runtime import DetectOptions, Detections, Detector
 
-__all__ = ["__version__", "BastionError", "Detector", "DetectOptions", "Detections"]
+__all__ = ["__version__", "BastionError", "Bundle", "Detector", "DetectOptions", "Detections"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Iterable
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -57,6 +57,14 @@ def warn(message: str) -> None:
     err.print(f"[yellow]warning:[/] {message}")
 
 
-def counts_table_rows(counts: dict[str, int]) -> Iterable[tuple[str, str]]:
+def print_counts(title: str, counts: dict[str, int]) -> None:
+    """A titled table of detections per class, most frequent first."""
+    from rich.table import Table
+
+    out.print(title, style="bold")
+    table = Table(show_edge=False)
+    table.add_column("class")
+    table.add_column("detections", justify="right")
     for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
-        yield name, str(n)
+        table.add_row(name, str(n))
+    out.print(table)

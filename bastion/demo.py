@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
-from bastion.console import out, print_json, progress
+from bastion.console import out, print_counts, print_json, progress
 from bastion.models.cli import ALLOW_UNSIGNED_HELP
 from bastion.models.zoo import DEFAULT_DETECTOR
 
@@ -73,12 +72,6 @@ def demo_command(
     if json_out:
         print_json(summary)
         return
-    out.print(f"bastion demo — {detector.manifest.name} on {video.name}", style="bold")
-    table = Table(show_edge=False)
-    table.add_column("class")
-    table.add_column("detections", justify="right")
-    for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
-        table.add_row(name, str(n))
-    out.print(table)
+    print_counts(f"bastion demo — {detector.manifest.name} on {video.name}", counts)
     out.print(f"{frames} frames ({frames_with} with detections) at {summary['fps']} frames/s")
     out.print(f"annotated video: {summary['annotated_video']}\ncontact sheet:   {summary['contact_sheet']}")

@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
-from bastion.console import out, print_json, progress, split_csv, warn
+from bastion.console import out, print_counts, print_json, progress, split_csv, warn
 from bastion.models.cli import ALLOW_UNSIGNED_HELP
 from bastion.models.zoo import DEFAULT_DETECTOR
 
@@ -86,13 +85,7 @@ def detect_command(
         warn(f"skipped unreadable image {path}")
     if json_out:
         return
-    out.print(f"{detector.manifest.name} on {source}", style="bold")
-    table = Table(show_edge=False)
-    table.add_column("class")
-    table.add_column("detections", justify="right")
-    for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
-        table.add_row(name, str(n))
-    out.print(table)
+    print_counts(f"{detector.manifest.name} on {source}", counts)
     fps = frames / elapsed if elapsed > 0 else 0.0
     out.print(f"{frames} frames, {sum(counts.values())} detections, {fps:.1f} frames/s"
               + (f", {len(skipped)} unreadable skipped" if skipped else "")
