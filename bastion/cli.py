@@ -49,6 +49,7 @@ def _mount() -> None:
     from bastion.demo import demo_command
     from bastion.distill.cli import eval_app
     from bastion.doctor import doctor_command
+    from bastion.edge.cli import audit_app, node_app
     from bastion.models.cli import bundle_app, keys_app, models_app
     from bastion.runtime.bundle_create import bundle_create_command
     from bastion.runtime.cli import detect_command
@@ -61,6 +62,8 @@ def _mount() -> None:
     app.add_typer(bundle_app, name="bundle")
     app.add_typer(keys_app, name="keys")
     app.add_typer(models_app, name="models")
+    app.add_typer(node_app, name="node")
+    app.add_typer(audit_app, name="audit")
     app.command("doctor")(doctor_command)
 
 

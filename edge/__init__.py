@@ -1,4 +1,4 @@
-"""bastion.edge — the field node: sources, pipeline, event store, audit log, protocol, server, client.
+"""bastion.edge — the field node: sources, pipeline, event store, audit log, protocol, server (daemon), client (SDK).
 
-(The daemon lands with the field-node issue; the package exists so the layout is fixed.)
+Imports only numpy, OpenCV, onnxruntime (through bastion.runtime), pyzmq, pydantic and the standard library.
 """

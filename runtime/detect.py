@@ -60,6 +60,7 @@ class Detector:
         self.spec = manifest.input
         self.names = list(manifest.classes)
         self.bundle_sha256 = bundle_sha256 or manifest.sha256()
+        self.verified_by: str | None = None  # signer key id when loaded from a verified bundle
         self.options = options or DetectOptions()
         self._decode = get_decoder(manifest.decoder.type)
         self._input_name = backend.inputs[0].name
@@ -92,6 +93,7 @@ class Detector:
             backend = open_backend(bundle.model_path, device=device, threads=threads)
             manifest, sha = bundle.manifest, bundle.sha256
         detector = cls(backend, manifest, opts, bundle_sha256=sha)
+        detector.verified_by = None if path.suffix.lower() == ".onnx" else bundle.verification.key_id
         if warmup:
             detector.warmup()
         return detector

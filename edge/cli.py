@@ -1,0 +1,177 @@
+"""CLI of the field node: ``bastion node init|run|status|keygen`` and ``bastion audit verify``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from bastion.console import err, out, print_json
+
+node_app = typer.Typer(help="The field node daemon: sources → detector → SQLite → ZeroMQ.", no_args_is_help=True)
+audit_app = typer.Typer(help="The node's hash-chained audit log.", no_args_is_help=True)
+
+EXAMPLE_CONFIG = """\
+# bastion field node — every key is optional except sources. Env overrides: BASTION_NODE_<FIELD>.
+id: node-1
+model: yolov5n            # bundle dir, .bastion file, registry name[:version] or zoo name (always verified)
+# imgsz: 320              # network input long side (smaller = faster)
+conf: 0.25
+iou: 0.45
+# threads: 2              # inference threads (default: all cores)
+queue_size: 4             # frames buffered per source; the oldest is dropped when inference lags
+max_batch: 4              # frames batched across sources when the model takes a batch
+sources:
+  - name: cam1
+    uri: {video}          # a video file, a directory of images, rtsp://…, http://…, or a USB index (0)
+    loop: true            # files: start again at the end
+    realtime: true        # files: read at the file's own fps, like a camera
+    # fps: 10             # pace/limit to this rate
+    # classes: [person, car]
+    # conf: 0.4
+    # roi: [0.0, 0.0, 1.0, 1.0]   # keep boxes centred in this normalised region
+endpoints:
+  events: tcp://127.0.0.1:7700    # PUB
+  control: tcp://127.0.0.1:7701   # ROUTER (status, replay, reload, ask)
+security:
+  # CurveZMQ is switched on automatically for any endpoint beyond loopback.
+  # curve: true
+  # server_secret_key: keys/node.key_secret      # bastion node keygen --out keys --name node
+  # allowed_clients: [keys/clients/]             # public .key files of allowed clients
+  allow_unsigned: false           # DEVELOPMENT ONLY (audited)
+storage:
+  dir: node-data                  # events.db (SQLite, WAL), audit.log, node.json
+  retention_days: 30
+  # max_mb: 1024
+heartbeat_s: 1.0
+health_log_s: 30
+"""
+
+
+@node_app.command("init")
+def node_init(out_path: Path = typer.Option(Path("node.yaml"), "--out", help="Where to write the example.")) -> None:
+    """Write a commented example node config.
+
+    Example: bastion node init --out /etc/bastion/node.yaml
+    """
+    from bastion.demo import DEFAULT_VIDEO
+    from bastion.errors import ConfigError
+    from bastion.models.atomic import atomic_write_bytes
+
+    if out_path.exists():
+        raise ConfigError(f"{out_path} already exists", "choose another --out")
+    atomic_write_bytes(out_path, EXAMPLE_CONFIG.format(video=DEFAULT_VIDEO).encode())
+    out.print(f"wrote {out_path}; start it with: bastion node run --config {out_path}")
+
+
+@node_app.command("run")
+def node_run(
+    config: Path = typer.Option(..., "--config", "-c", help="Node YAML (bastion node init writes one)."),
+    log_level: str = typer.Option("INFO", help="Log level for the daemon."),
+) -> None:
+    """Run the field node until SIGTERM/SIGINT (systemd-ready: sd_notify READY/WATCHDOG).
+
+    Example: bastion node run --config node.yaml
+    """
+    import logging
+
+    from bastion.edge.config import load_config
+    from bastion.edge.node import Node
+
+    logging.getLogger("bastion").setLevel(log_level.upper())
+    node = Node(load_config(config))
+    err.print(f"node {node.config.id} serving events on {node.server.events_endpoint}, control on "
+              f"{node.server.control_endpoint}")
+    node.run()
+
+
+def _client_for(control: Optional[str], storage: Optional[Path], server_key: Optional[str],
+                client_key: Optional[Path], timeout: float):  # noqa: ANN202
+    from bastion.edge.client import Client
+    from bastion.edge.node import RUNTIME_FILE
+
+    if control is None and storage is not None and (storage / RUNTIME_FILE).is_file():
+        info = json.loads((storage / RUNTIME_FILE).read_text())
+        control = info["control"]
+        server_key = server_key or info.get("server_public_key")
+    return Client(control or "tcp://127.0.0.1:7701", server_key=server_key, client_key=client_key,
+                  timeout_s=timeout, retries=0)
+
+
+@node_app.command("status")
+def node_status(
+    control: Optional[str] = typer.Option(None, help="Control endpoint (default tcp://127.0.0.1:7701)."),
+    storage: Optional[Path] = typer.Option(None, help="Or: the node's storage dir (reads node.json)."),
+    server_key: Optional[str] = typer.Option(None, help="Node public key (z85 or .key file) for CurveZMQ."),
+    client_key: Optional[Path] = typer.Option(None, help="Your .key_secret certificate for CurveZMQ."),
+    timeout: float = typer.Option(3.0, help="Seconds to wait for the node."),
+    json_out: bool = typer.Option(False, "--json", help="Print the status as JSON."),
+) -> None:
+    """Ask a running node how it is doing.
+
+    Example: bastion node status --storage node-data --json
+    """
+    client = _client_for(control, storage, server_key, client_key, timeout)
+    try:
+        status = client.status()
+    finally:
+        client.close()
+    if json_out:
+        print_json(status)
+        return
+    from rich.table import Table
+
+    m = status["model"]
+    out.print(f"node {status['node']} up {status['uptime_s']:.0f} s — model {m['name']} {m['sha256'][:12]} "
+              f"(signer {m['signer'] or 'UNVERIFIED'}) — last seq {status['last_seq']}"
+              + (f" — STORAGE ERROR: {status['storage_error']}" if status["storage_error"] else ""))
+    table = Table(show_edge=False)
+    for col in ("source", "state", "fps", "read", "inferred", "dropped", "errors", "queue"):
+        table.add_column(col)
+    for name, s in status["sources"].items():
+        table.add_row(name, s["state"], f"{s['fps']:.1f}", *(str(s[k]) for k in ("read", "inferred", "dropped",
+                                                                                  "errors", "queue")))
+    out.print(table)
+
+
+@node_app.command("keygen")
+def node_keygen(
+    out_dir: Path = typer.Option(..., "--out", help="Directory for the certificate pair."),
+    name: str = typer.Option("node", help="File stem: NAME.key (public) and NAME.key_secret."),
+) -> None:
+    """Make a CurveZMQ certificate pair for a node or a client.
+
+    Example: bastion node keygen --out keys --name node
+    """
+    from bastion.edge.curve import generate_certificate
+
+    public, secret = generate_certificate(out_dir, name)
+    out.print(f"public {public}, secret {secret} (mode 0600)")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    path: Path = typer.Argument(..., help="audit.log (in the node's storage dir)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Prove the audit log's hash chain, or name the first broken record (exit 1).
+
+    Example: bastion audit verify node-data/audit.log
+    """
+    from dataclasses import asdict
+
+    from bastion.edge.audit import verify_audit_log
+    from bastion.errors import BastionError
+
+    result = verify_audit_log(path)
+    if json_out:
+        print_json(asdict(result))
+        if not result.ok:
+            raise typer.Exit(1)
+        return
+    if not result.ok:
+        raise BastionError(f"audit log {path} is NOT intact: {result.reason}",
+                           f"records before #{result.first_bad} are intact")
+    out.print(f"audit log {path}: {result.records} records, hash chain intact")

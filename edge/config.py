@@ -1,0 +1,142 @@
+"""``NodeConfig``: everything a field node needs, from one YAML file plus environment overrides.
+
+Overrides: ``BASTION_NODE_<FIELD>`` for top-level scalar fields (``BASTION_NODE_MODEL``,
+``BASTION_NODE_STORAGE_DIR``, ``BASTION_NODE_ID`` …), so a systemd unit can change a
+setting without editing the file.  A bad file fails at start naming the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bastion.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceConfig(_Strict):
+    """One camera/stream/file. ``uri``: a file, a directory, rtsp://…/http://…, or a USB index (0, 1 …)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    uri: str | int
+    loop: bool = False  # files: start again at the end
+    realtime: bool = True  # files: pace at the file's native fps (like a camera)
+    fps: float | None = Field(None, gt=0)  # pace/limit to this rate instead
+    classes: list[str] | None = None
+    conf: float | None = Field(None, ge=0, le=1)
+    roi: tuple[float, float, float, float] | None = None  # normalised x1, y1, x2, y2: keep boxes centred inside
+
+    @field_validator("roi")
+    @classmethod
+    def _roi(cls, v):  # noqa: ANN001, ANN206
+        if v is not None and not (0 <= v[0] < v[2] <= 1 and 0 <= v[1] < v[3] <= 1):
+            raise ValueError("roi must be normalised x1 < x2, y1 < y2 within [0, 1]")
+        return v
+
+
+class Endpoints(_Strict):
+    events: str = "tcp://127.0.0.1:7700"
+    control: str = "tcp://127.0.0.1:7701"
+
+    def beyond_loopback(self) -> list[str]:
+        return [e for e in (self.events, self.control) if not _is_loopback_endpoint(e)]
+
+
+class Security(_Strict):
+    """CurveZMQ: the node's secret certificate and the public certificates of allowed clients."""
+
+    curve: bool | None = None  # None: on whenever an endpoint is beyond loopback
+    server_secret_key: Path | None = None  # zmq certificate with secret key (bastion node keygen)
+    allowed_clients: list[Path] = []  # public certificate files or directories of them
+    allow_unsigned: bool = False  # DEVELOPMENT ONLY: run an unverified bundle (audited)
+
+
+class Storage(_Strict):
+    dir: Path = Path("node-data")
+    retention_days: float | None = Field(30, gt=0)
+    max_mb: float | None = Field(None, gt=0)
+
+
+class NodeConfig(_Strict):
+    id: str = Field("node-1", pattern=r"^[A-Za-z0-9_.-]+$")
+    model: str = "yolov5n"
+    imgsz: int | None = Field(None, ge=32)
+    conf: float = Field(0.25, ge=0, le=1)
+    iou: float = Field(0.45, ge=0, le=1)
+    threads: int | None = Field(None, ge=1)
+    queue_size: int = Field(4, ge=1, le=256)
+    max_batch: int = Field(4, ge=1, le=64)
+    sources: list[SourceConfig] = Field(min_length=1)
+    endpoints: Endpoints = Endpoints()
+    security: Security = Security()
+    storage: Storage = Storage()
+    heartbeat_s: float = Field(1.0, gt=0)
+    health_log_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _checks(self) -> "NodeConfig":
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique: {names}")
+        if self.curve_enabled and self.security.server_secret_key is None:
+            raise ValueError("security.server_secret_key is required with CurveZMQ (bastion node keygen)")
+        if self.endpoints.beyond_loopback() and self.security.curve is False:
+            raise ValueError(f"endpoints {self.endpoints.beyond_loopback()} are beyond loopback: CurveZMQ "
+                             "cannot be turned off for them")
+        return self
+
+    @property
+    def curve_enabled(self) -> bool:
+        return bool(self.security.curve) or (self.security.curve is None and bool(self.endpoints.beyond_loopback()))
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+
+def _is_loopback_endpoint(endpoint: str) -> bool:
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    host = endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # '*', an interface name or a hostname: beyond loopback
+
+
+def load_config(path: Path | None, overrides: dict | None = None) -> NodeConfig:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"node config not found: {path}", "write an example with: bastion node init")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must be a YAML mapping")
+    for key in NodeConfig.model_fields:
+        env = os.environ.get(f"BASTION_NODE_{key.upper()}")
+        if env is not None:
+            data[key] = env
+    data.update(overrides or {})
+    try:
+        config = NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        raise ConfigError(f"node config {path or ''}: {where}: {first['msg']}") from None
+    if path is not None and not config.storage.dir.is_absolute():  # relative to the config file
+        config.storage.dir = (path.parent / config.storage.dir).resolve()
+    return config

@@ -1,0 +1,69 @@
+"""CurveZMQ keys for the node and its clients (``zmq.auth`` certificate files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import zmq
+import zmq.auth
+
+from bastion.errors import KeyFileError
+
+
+def generate_certificate(directory: Path, name: str) -> tuple[Path, Path]:
+    """Write NAME.key (public) and NAME.key_secret (mode 0600) in ``directory``; never overwrite."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
+    if public.exists() or secret.exists():
+        raise KeyFileError(f"{public} already exists", "choose another name")
+    pub, sec = zmq.auth.create_certificates(str(directory), name)
+    Path(sec).chmod(0o600)
+    return Path(pub), Path(sec)
+
+
+def load_public(path_or_key: str | Path) -> bytes:
+    """A z85 public key given directly (40 chars) or as a certificate file."""
+    text = str(path_or_key)
+    if len(text) == 40 and not Path(text).exists():
+        return text.encode()
+    try:
+        public, _ = zmq.auth.load_certificate(str(path_or_key))
+    except (OSError, ValueError) as exc:
+        raise KeyFileError(f"cannot read CurveZMQ certificate {path_or_key}: {exc}") from None
+    return public
+
+
+def load_secret(path: Path) -> tuple[bytes, bytes]:
+    try:
+        public, secret = zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as exc:
+        raise KeyFileError(f"cannot read CurveZMQ certificate {path}: {exc}") from None
+    if secret is None:
+        raise KeyFileError(f"{path} holds no secret key", "give the .key_secret file")
+    return public, secret
+
+
+def allowed_client_keys(paths: list[Path]) -> set[bytes]:
+    keys: set[bytes] = set()
+    for path in paths:
+        path = Path(path)
+        files = sorted(path.glob("*.key")) if path.is_dir() else [path]
+        for f in files:
+            keys.add(load_public(f))
+    return keys
+
+
+def key_id(z85_public: bytes) -> str:
+    return z85_public.decode(errors="replace")[:12]
+
+
+def apply_client(socket: zmq.Socket, server_public: bytes, client_cert: Path | None) -> None:
+    """Make ``socket`` a CurveZMQ client of ``server_public`` (an ephemeral key pair if no certificate)."""
+    if client_cert is not None:
+        public, secret = load_secret(client_cert)
+    else:
+        public, secret = zmq.curve_keypair()
+    socket.curve_publickey = public
+    socket.curve_secretkey = secret
+    socket.curve_serverkey = server_public

@@ -1,0 +1,247 @@
+"""The field node: sources → one inference worker → event store → ZeroMQ, with an audit trail.
+
+Order of every event's life: frame read → detect → filter → **stored and
+committed** (seq assigned) → published.  If storing fails the event is not
+published and the node reports a storage error until the disk recovers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bastion import __version__
+from bastion.edge.audit import AuditLog
+from bastion.edge.config import NodeConfig, SourceConfig
+from bastion.edge.protocol import ControlRequest, DetectionEvent, DetectionItem
+from bastion.edge.server import NodeServer
+from bastion.edge.sources import NodeFrame, SourceReader
+from bastion.edge.store import EventStore, StorageError
+from bastion.edge.systemd_notify import sd_notify, watchdog_interval_s
+from bastion.errors import BastionError
+from bastion.models.atomic import atomic_write_bytes
+from bastion.runtime.detect import Detector
+from bastion.runtime.detections import Detections, class_ids
+
+log = logging.getLogger(__name__)
+RUNTIME_FILE = "node.json"
+
+
+class Node:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.storage = Path(config.storage.dir)
+        self.storage.mkdir(parents=True, exist_ok=True)
+        self.audit = AuditLog(self.storage / "audit.log")
+        self.stop_event = threading.Event()
+        self.wake = threading.Event()
+        self.started = time.time()
+        self.storage_error: str | None = None
+        self.published = 0
+        self._detector_lock = threading.Lock()
+        self.audit.append("node_start", node=config.id, config_sha256=config.sha256(), bastion=__version__,
+                          pid=os.getpid())
+        self.detector = self._load_detector(config.model)
+        self.store = EventStore(self.storage / "events.db")
+        self.readers = [SourceReader(s, config.queue_size, self.wake, self.stop_event) for s in config.sources]
+        self.source_filters = {s.name: self._source_filter(s) for s in config.sources}
+        self.server = NodeServer(config, self.handle, self.audit, self.store.last_seq)
+        self._worker = threading.Thread(target=self._infer_loop, name="node-infer", daemon=True)
+        self._maintenance = threading.Thread(target=self._maintain, name="node-maintenance", daemon=True)
+
+    # -- model ---------------------------------------------------------------------------------------
+    def _load_detector(self, model: str) -> Detector:
+        c = self.config
+        try:
+            detector = Detector.load(model, threads=c.threads, conf=c.conf, iou=c.iou, imgsz=c.imgsz,
+                                     max_batch=c.max_batch, allow_unsigned=c.security.allow_unsigned)
+        except BastionError as exc:
+            self.audit.append("bundle_refused", model=str(model), reason=str(exc))
+            raise
+        self.audit.append("bundle_loaded", model=str(model), name=detector.manifest.name,
+                          sha256=detector.bundle_sha256, signer=detector.verified_by)
+        if detector.verified_by is None:
+            self.audit.append("allow_unsigned_used", model=str(model), sha256=detector.bundle_sha256)
+        return detector
+
+    def _source_filter(self, cfg: SourceConfig):  # noqa: ANN202
+        ids = class_ids(cfg.classes, self.detector.names) if cfg.classes else None  # unknown names fail at start
+
+        def apply(det: Detections, shape: tuple[int, ...]) -> Detections:
+            det = det.filter(classes=ids, min_conf=cfg.conf)
+            if cfg.roi is not None and len(det):
+                h, w = shape[:2]
+                cx = (det.xyxy[:, 0] + det.xyxy[:, 2]) / 2 / w
+                cy = (det.xyxy[:, 1] + det.xyxy[:, 3]) / 2 / h
+                x1, y1, x2, y2 = cfg.roi
+                keep = (cx >= x1) & (cx <= x2) & (cy >= y1) & (cy <= y2)
+                det = Detections(det.xyxy[keep], det.conf[keep], det.cls[keep], det.names)
+            return det
+
+        return apply
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.server.start()
+        for reader in self.readers:
+            reader.start()
+        self._worker.start()
+        self._maintenance.start()
+        self._write_runtime_file()
+        sd_notify("READY=1")
+        log.info("node ready", extra={"node": self.config.id, "events": self.server.events_endpoint,
+                                      "control": self.server.control_endpoint})
+
+    def run(self) -> None:
+        """Start, then block until SIGTERM/SIGINT (or ``stop()``), then shut down cleanly."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop_event.set())
+        self.start()
+        try:
+            while not self.stop_event.wait(0.5):
+                pass
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def close(self) -> None:
+        sd_notify("STOPPING=1")
+        self.stop_event.set()
+        self.wake.set()
+        for reader in self.readers:
+            reader.join(timeout=5)
+        if self._worker.is_alive():
+            self._worker.join(timeout=30)  # drains what the readers queued
+        self.server.close()
+        self.store.close()
+        self.detector.close()
+        self.audit.append("node_stop", node=self.config.id, published=self.published)
+        (self.storage / RUNTIME_FILE).unlink(missing_ok=True)
+
+    def _write_runtime_file(self) -> None:
+        info = {"pid": os.getpid(), "node": self.config.id, "events": self.server.events_endpoint,
+                "control": self.server.control_endpoint, "started": self.started,
+                "server_public_key": self.server.server_public.decode() if self.server.server_public else None}
+        atomic_write_bytes(self.storage / RUNTIME_FILE, json.dumps(info, indent=2).encode())
+
+    # -- the pipeline ----------------------------------------------------------------------------------
+    def _next_frames(self) -> list[NodeFrame]:
+        """Up to max_batch frames, one per source in turn, so no source starves the others."""
+        frames: list[NodeFrame] = []
+        progress = True
+        while progress and len(frames) < self.config.max_batch:
+            progress = False
+            for reader in self.readers:
+                item = reader.queue.get_nowait()
+                if item is not None:
+                    frames.append(item)  # type: ignore[arg-type]
+                    progress = True
+                    if len(frames) >= self.config.max_batch:
+                        break
+        return frames
+
+    def _infer_loop(self) -> None:
+        while True:
+            frames = self._next_frames()
+            if not frames:
+                if self.stop_event.is_set():
+                    return
+                self.wake.wait(0.05)
+                self.wake.clear()
+                continue
+            with self._detector_lock:
+                detector = self.detector
+                prepared = [detector.prepare(f.image) for f in frames]
+                results = detector.detect_prepared(prepared)
+            now = time.time()
+            for frame, det in zip(frames, results):
+                self._reader(frame.source).stats.mark_inferred(now)
+                det = self.source_filters[frame.source](det, frame.image.shape)
+                if len(det):
+                    self._emit(frame, det, detector.bundle_sha256)
+
+    def _reader(self, name: str) -> SourceReader:
+        return next(r for r in self.readers if r.cfg.name == name)
+
+    def _emit(self, frame: NodeFrame, det: Detections, model_sha: str) -> None:
+        event = DetectionEvent(seq=0, node=self.config.id, source=frame.source, ts=frame.ts, frame=frame.index,
+                               model=model_sha, detections=[DetectionItem(**d) for d in det.to_dict()])
+        try:
+            stored = self.store.append(event)
+        except StorageError as exc:
+            if self.storage_error is None:
+                log.error("event store failed; publishing paused until it recovers: %s", exc)
+                self.audit.append("storage_error", reason=str(exc))
+            self.storage_error = str(exc)
+            return
+        if self.storage_error is not None:
+            log.warning("event store recovered; publishing resumed")
+            self.storage_error = None
+        self.server.publish(stored)
+        self.published += 1
+
+    def _maintain(self) -> None:
+        """Retention, the periodic health line, and the systemd watchdog."""
+        watchdog = watchdog_interval_s()
+        step = min(x for x in (watchdog, self.config.health_log_s, 60.0) if x)
+        last_health = last_retention = time.monotonic()
+        while not self.stop_event.wait(step):
+            now = time.monotonic()
+            if watchdog:
+                sd_notify("WATCHDOG=1")
+            if now - last_health >= self.config.health_log_s:
+                last_health = now
+                log.info("health %s", json.dumps(self.status_dict()["sources"]), extra={"node": self.config.id})
+            if now - last_retention >= 60:
+                last_retention = now
+                try:
+                    self.store.enforce_retention(self.config.storage.retention_days, self.config.storage.max_mb)
+                except Exception as exc:  # retention must never stop the node
+                    log.warning("retention failed: %s", exc)
+
+    # -- control ---------------------------------------------------------------------------------------
+    def status_dict(self) -> dict[str, Any]:
+        det = self.detector
+        return {
+            "node": self.config.id, "uptime_s": round(time.time() - self.started, 1), "bastion": __version__,
+            "model": {"name": det.manifest.name, "version": det.manifest.version, "sha256": det.bundle_sha256,
+                      "signer": det.verified_by},
+            "sources": {r.cfg.name: r.stats.as_dict(len(r.queue)) for r in self.readers},
+            "last_seq": self.store.last_seq(), "published": self.published, "storage_error": self.storage_error,
+            "endpoints": {"events": self.server.events_endpoint, "control": self.server.control_endpoint},
+        }
+
+    def handle(self, request: ControlRequest) -> dict[str, Any]:
+        if request.op == "ping":
+            return {"pong": time.time()}
+        if request.op == "status":
+            return {"status": self.status_dict()}
+        if request.op == "replay":
+            events = self.store.since(request.since, request.limit)
+            return {"events": [e.model_dump(mode="json") for e in events], "last_seq": self.store.last_seq(),
+                    "more": len(events) == request.limit}
+        if request.op == "reload":
+            if not request.bundle:
+                return {"ok": False, "error": "reload needs 'bundle'"}
+            try:
+                new = self._load_detector(request.bundle)
+            except BastionError as exc:
+                return {"ok": False, "error": f"reload refused: {exc}"}
+            with self._detector_lock:
+                old, self.detector = self.detector, new
+            old.close()
+            self.audit.append("reload", sha256=new.bundle_sha256)
+            return {"model": {"name": new.manifest.name, "sha256": new.bundle_sha256}}
+        if request.op == "ask":
+            return {"ok": False, "error": "no language model loaded on this node"}
+        return {"ok": False, "error": f"unknown op {request.op}"}

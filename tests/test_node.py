@@ -1,0 +1,323 @@
+"""The field node with real ZeroMQ sockets on 127.0.0.1, a real SQLite file and the real model."""
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+import zmq
+
+from bastion.edge.audit import verify_audit_log
+from bastion.edge.client import Client, NodeRequestError, NodeUnavailable
+from bastion.edge.config import load_config
+from bastion.edge.node import RUNTIME_FILE, Node
+from bastion.edge.store import EventStore, StorageError
+from bastion.errors import ConfigError
+from conftest import PERSON_IMAGE, REPO, SAMPLES, run_cli
+
+VIDEO = SAMPLES / "one-by-one-person-detection.mp4"
+
+
+def base_config(tmp_path, **over):
+    cfg = {
+        "id": "test-node", "model": "yolov5n", "imgsz": 320, "threads": 1,
+        "sources": [{"name": "cam1", "uri": str(VIDEO), "loop": True, "realtime": True, "fps": 40}],
+        "endpoints": {"events": "tcp://127.0.0.1:*", "control": "tcp://127.0.0.1:*"},
+        "storage": {"dir": str(tmp_path / "data")}, "heartbeat_s": 0.2,
+    }
+    cfg.update(over)
+    return cfg
+
+
+def write_config(tmp_path, **over):
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump(base_config(tmp_path, **over)))
+    return path
+
+
+@contextlib.contextmanager
+def running_node(tmp_path, **over):
+    node = Node(load_config(write_config(tmp_path, **over)))
+    node.start()
+    try:
+        yield node
+    finally:
+        node.close()
+
+
+def client_for(node, **kw):
+    return Client(node.server.control_endpoint, timeout_s=3, **kw)
+
+
+def take(iterator, n, timeout_s=30):
+    out, deadline = [], time.monotonic() + timeout_s
+    for item in iterator:
+        out.append(item)
+        if len(out) >= n or time.monotonic() > deadline:
+            break
+    return out
+
+
+def test_events_are_stored_then_published_in_seq_order(tmp_path):
+    with running_node(tmp_path) as node, client_for(node) as client:
+        events = take(client.events(since=0), 25)
+        assert [e.seq for e in events] == list(range(1, 26))
+        stored = EventStore(tmp_path / "data" / "events.db").since(0, 25)
+        assert [e.model_dump() for e in stored] == [e.model_dump() for e in events]
+        assert all(d.name == "person" or d.cls >= 0 for e in events for d in e.detections)
+        status = client.status()
+        assert status["model"]["signer"] and status["sources"]["cam1"]["inferred"] > 0
+        assert status["last_seq"] >= 25
+        with pytest.raises(NodeRequestError, match="no language model loaded"):
+            client.ask("status report?")
+
+
+def test_control_survives_10000_malformed_messages(tmp_path):
+    rng = random.Random(7)
+    samples = [b"", b"{", b"[]", b"null", b'"op"', b'{"op": 5}', b'{"op": "nope"}', b'{"op": "replay", "since": -1}',
+               b'{"op": "replay", "limit": "x"}', b'{"op": "status", "extra": 1}', b"\xff\xfe", b"x" * 70000]
+    with running_node(tmp_path) as node:
+        ctx = zmq.Context()
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.linger = 0
+        dealer.connect(node.server.control_endpoint)
+        sent = replies = 0
+        deadline = time.monotonic() + 60
+        while sent < 10_000 and time.monotonic() < deadline:
+            kind = rng.random()
+            if kind < 0.4:
+                msg = rng.choice(samples)
+            elif kind < 0.7:
+                msg = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 64)))
+            else:
+                msg = json.dumps({"op": rng.choice(["status", "replay", "x", 1, None]),
+                                  rng.choice(["since", "limit", "id", "bundle"]): rng.choice([-5, "a", 1e9, [], {}])}
+                                 ).encode()
+            dealer.send_multipart([msg] if rng.random() < 0.9 else [msg, msg])
+            sent += 1
+            while dealer.poll(0):
+                dealer.recv()
+                replies += 1
+        while dealer.poll(500):
+            dealer.recv()
+            replies += 1
+        dealer.close()
+        ctx.term()
+        assert sent == 10_000 and replies >= 9_000  # every well-framed message got an (error) reply
+        assert node.server.bad_requests > 5_000
+        with client_for(node) as client:
+            assert client.status()["node"] == "test-node"
+
+
+def test_node_survives_kill_9_without_gaps_or_duplicates(tmp_path):
+    config = write_config(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+    cmd = [sys.executable, "-c", "import egress_guard; egress_guard.install(); from bastion.cli import run; run()",
+           "node", "run", "--config", str(config)]
+
+    def start():
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        runtime = tmp_path / "data" / RUNTIME_FILE
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if runtime.is_file() and json.loads(runtime.read_text())["pid"] == proc.pid:
+                return proc, json.loads(runtime.read_text())
+            time.sleep(0.1)
+        proc.kill()
+        raise AssertionError(proc.stderr.read().decode())
+
+    proc, info = start()
+    client = Client(info["control"], timeout_s=2, retries=0, dead_after_s=1.5)
+    seen = []
+    stream = client.events(since=0, idle_timeout_s=60)
+    try:
+        for event in stream:
+            seen.append(event.seq)
+            if len(seen) == 15:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                proc, info2 = start()  # same storage; ephemeral ports change, so point the client again
+                client.control_endpoint, client._events_endpoint = info2["control"], None
+                if client._dealer is not None:
+                    client._dealer.close(linger=0)
+                    client._dealer = None
+            if len(seen) >= 40:
+                break
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        stream.close()
+        client.close()
+    assert seen == list(range(1, len(seen) + 1))  # no gap, no duplicate across the kill
+    stored = EventStore(tmp_path / "data" / "events.db")
+    assert [e.seq for e in stored.since(0, 1000)][: len(seen)] == seen
+    assert verify_audit_log(tmp_path / "data" / "audit.log").ok  # kill -9 leaves the chain intact
+
+
+def test_100_subscribers_each_receive_every_event(tmp_path):
+    with running_node(tmp_path) as node:
+        ctx = zmq.Context()
+        subs = []
+        for _ in range(100):
+            s = ctx.socket(zmq.SUB)
+            s.linger = 0
+            s.setsockopt(zmq.SUBSCRIBE, b"det.")
+            s.connect(node.server.events_endpoint)
+            subs.append(s)
+        time.sleep(1.0)  # subscriptions propagate
+        start = node.store.last_seq() + 1
+        time.sleep(3.0)
+        end = node.store.last_seq()
+        assert end - start >= 10
+        for s in subs:
+            got = set()
+            while s.poll(0):
+                got.add(json.loads(s.recv_multipart()[1])["seq"])
+            assert set(range(start, end + 1)) <= got
+            s.close()
+        ctx.term()
+
+
+def test_curve_allows_listed_clients_and_refuses_and_audits_others(tmp_path):
+    from bastion.edge.curve import generate_certificate
+
+    keys = tmp_path / "keys"
+    generate_certificate(keys, "node")
+    _, good_secret = generate_certificate(keys / "clients", "good")
+    _, bad_secret = generate_certificate(tmp_path / "other", "bad")
+    with running_node(tmp_path, security={"curve": True, "server_secret_key": str(keys / "node.key_secret"),
+                                          "allowed_clients": [str(keys / "clients")]}) as node:
+        server_key = str(keys / "node.key")
+        with Client(node.server.control_endpoint, server_key=server_key, client_key=good_secret, timeout_s=3) as c:
+            assert c.status()["node"] == "test-node"
+            assert len(take(c.events(since=0), 3)) == 3
+        with Client(node.server.control_endpoint, server_key=server_key, client_key=bad_secret, timeout_s=1,
+                    retries=0) as c, pytest.raises(NodeUnavailable):
+            c.status()
+        with Client(node.server.control_endpoint, timeout_s=1, retries=0) as plain, pytest.raises(NodeUnavailable):
+            plain.status()
+    kinds = [json.loads(line)["kind"] for line in (tmp_path / "data" / "audit.log").read_text().splitlines()]
+    assert "client_accepted" in kinds and "client_refused" in kinds
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="sources"):
+        load_config(write_config(tmp_path, sources=[]))
+    with pytest.raises(ConfigError, match="beyond loopback"):
+        load_config(write_config(tmp_path, endpoints={"events": "tcp://0.0.0.0:*", "control": "tcp://127.0.0.1:*"},
+                                 security={"curve": False}))
+    with pytest.raises(ConfigError, match="server_secret_key"):
+        load_config(write_config(tmp_path, endpoints={"events": "tcp://0.0.0.0:*", "control": "tcp://127.0.0.1:*"}))
+    with pytest.raises(ConfigError, match="roi"):
+        load_config(write_config(tmp_path, sources=[{"name": "a", "uri": "x", "roi": [0.5, 0, 0.2, 1]}]))
+    with pytest.raises(ConfigError, match="colour"):
+        load_config(write_config(tmp_path, colour="red"))
+    proc = run_cli("node", "run", "--config", str(write_config(tmp_path, conf=3)))
+    assert proc.returncode == 1 and "conf" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_env_overrides(tmp_path, monkeypatch):
+    monkeypatch.setenv("BASTION_NODE_ID", "from-env")
+    assert load_config(write_config(tmp_path)).id == "from-env"
+
+
+def test_missing_source_backs_off_while_others_run_and_corrupt_frames_are_counted(tmp_path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    shutil.copy(PERSON_IMAGE, images / "a.jpg")
+    (images / "b.jpg").write_bytes(b"not a jpeg")
+    sources = [{"name": "gone", "uri": str(tmp_path / "missing.mp4")},
+               {"name": "dir", "uri": str(images), "loop": False, "realtime": False},
+               {"name": "cam1", "uri": str(VIDEO), "loop": True, "fps": 40}]
+    with running_node(tmp_path, sources=sources) as node, client_for(node) as client:
+        events = take(client.events(since=0), 10)
+        assert {e.source for e in events} >= {"cam1"}
+        time.sleep(1.0)
+        status = client.status()["sources"]
+        assert status["gone"]["state"] == "reconnecting" and status["gone"]["errors"] >= 2
+        assert "file not found" in status["gone"]["last_error"]
+        assert status["dir"]["errors"] == 1 and status["dir"]["inferred"] == 1
+        assert status["cam1"]["inferred"] > 0
+
+
+def test_storage_failure_pauses_publishing(tmp_path, monkeypatch):
+    with running_node(tmp_path) as node, client_for(node) as client:
+        take(client.events(since=0), 3)
+
+        def full(event):
+            raise StorageError("database or disk is full")
+
+        real = node.store.append
+        monkeypatch.setattr(node.store, "append", full)
+        time.sleep(0.5)
+        published = node.published
+        time.sleep(1.0)
+        assert node.published == published  # nothing published that was not stored
+        assert "disk is full" in client.status()["storage_error"]
+        monkeypatch.setattr(node.store, "append", real)
+        time.sleep(1.0)
+        assert node.published > published and client.status()["storage_error"] is None
+    kinds = [json.loads(x)["kind"] for x in (tmp_path / "data" / "audit.log").read_text().splitlines()]
+    assert "storage_error" in kinds
+
+
+def test_read_only_storage_dir_fails_clearly(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "events.db").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StorageError, match="event store"):
+        Node(load_config(write_config(tmp_path)))
+
+
+def test_reload_swaps_model_and_refusals_keep_serving(tmp_path):
+    with running_node(tmp_path, imgsz=None) as node, client_for(node) as client:
+        first = client.status()["model"]["sha256"]
+        answer = client.reload("yolox_nano")
+        assert answer["model"]["name"] == "yolox_nano" and client.status()["model"]["sha256"] != first
+        with pytest.raises(NodeRequestError, match="reload refused"):
+            client.reload("no-such-bundle")
+        assert take(client.events(), 2)  # still detecting
+    kinds = [json.loads(x)["kind"] for x in (tmp_path / "data" / "audit.log").read_text().splitlines()]
+    assert kinds.count("bundle_loaded") == 2 and "reload" in kinds and "bundle_refused" in kinds
+
+
+def test_tampered_audit_log_is_detected(tmp_path):
+    with running_node(tmp_path):
+        time.sleep(0.3)
+    log = tmp_path / "data" / "audit.log"
+    assert run_cli("audit", "verify", str(log)).returncode == 0
+    lines = log.read_text().splitlines()
+    record = json.loads(lines[1])
+    record["fields"]["sha256"] = "0" * 64
+    lines[1] = json.dumps(record, sort_keys=True)
+    log.write_text("\n".join(lines) + "\n")
+    proc = run_cli("audit", "verify", str(log), "--json")
+    result = json.loads(proc.stdout)
+    assert proc.returncode == 1 and result["first_bad"] == 1 and "modified" in result["reason"]
+    del lines[1]
+    log.write_text("\n".join(lines) + "\n")
+    assert "removed or reordered" in verify_audit_log(log).reason
+
+
+def test_node_status_cli_and_unsigned_override_is_audited(tmp_path):
+    onnx = REPO / "models" / "zoo" / "yolox_nano"
+    bundle = tmp_path / "unsigned"
+    shutil.copytree(onnx, bundle)
+    (bundle / "signature").unlink()
+    with pytest.raises(Exception, match="is not signed"):
+        Node(load_config(write_config(tmp_path, model=str(bundle), imgsz=None)))
+    with running_node(tmp_path, model=str(bundle), imgsz=None, security={"allow_unsigned": True}):
+        proc = run_cli("node", "status", "--storage", str(tmp_path / "data"), "--json")
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["model"]["signer"] is None
+    kinds = [json.loads(x)["kind"] for x in (tmp_path / "data" / "audit.log").read_text().splitlines()]
+    assert "bundle_refused" in kinds and "allow_unsigned_used" in kinds
+    proc = run_cli("node", "status", "--storage", str(tmp_path / "data"), "--timeout", "0.5")
+    assert proc.returncode == 1 and "no answer" in proc.stderr
