@@ -331,3 +331,30 @@ def bench_detect_command(
     if result.get("notes"):
         for note in result["notes"]:
             err.print(f"note: {note}")
+
+
+@bench_app.command("node")
+def bench_node_command(
+    model: str = typer.Option(DEFAULT_DETECTOR, "--model", "-m", help=MODEL_HELP),
+    video: Path = typer.Option(Path(__file__).resolve().parent / "samples" / "one-by-one-person-detection.mp4",
+                               help="File source, read in real time and looped."),
+    fps: float = typer.Option(30.0, help="Pace the file source at this rate (a camera)."),
+    seconds: float = typer.Option(20.0, help="Measurement window after a 2 s warm-up."),
+    imgsz: Optional[int] = typer.Option(320, help="Network input size."),
+    threads: Optional[int] = typer.Option(None, help="Inference threads (default: all cores)."),
+    subscribers: int = typer.Option(1, help="ZeroMQ subscribers on loopback (each must get every event)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+) -> None:
+    """A real node on a paced file: fps, drops and event latency (read → subscriber) vs the model's latency.
+
+    Example: bastion bench node --fps 30 --imgsz 320 --subscribers 100 --json
+    """
+    from bastion.bench_node import bench_node
+
+    err.print(f"measuring a node for {seconds:.0f} s …")
+    result = bench_node(model, video, fps, seconds, imgsz, threads, subscribers)
+    if json_out:
+        print_json(result)
+        return
+    for key, value in result.items():
+        out.print(f"{key}: {value}")

@@ -45,17 +45,18 @@ class EventStore:
             raise StorageError(f"cannot open the event store {self.path}: {exc}",
                                "check that the storage directory exists, is writable and has free space") from None
         self._lock = threading.Lock()
+        self._next = self.last_seq() + 1  # this process is the only writer (one node per store)
 
     def append(self, event: DetectionEvent) -> DetectionEvent:
         """Assign the next ``seq``, commit, and return the stored event (seq filled in)."""
         with self._lock:
             try:
+                stored = event.model_copy(update={"seq": self._next})
                 self._db.execute("BEGIN IMMEDIATE")
-                cur = self._db.execute("INSERT INTO events (ts, source, payload) VALUES (?, ?, '')",
-                                       (event.ts, event.source))
-                stored = event.model_copy(update={"seq": int(cur.lastrowid)})
-                self._db.execute("UPDATE events SET payload = ? WHERE seq = ?", (stored.model_dump_json(), stored.seq))
+                self._db.execute("INSERT INTO events (seq, ts, source, payload) VALUES (?, ?, ?, ?)",
+                                 (stored.seq, stored.ts, stored.source, stored.model_dump_json()))
                 self._db.execute("COMMIT")
+                self._next += 1
                 return stored
             except sqlite3.Error as exc:
                 try:
@@ -72,6 +73,7 @@ class EventStore:
         return [DetectionEvent.model_validate_json(r[0]) for r in rows]
 
     def last_seq(self) -> int:
+        """The highest seq ever assigned (AUTOINCREMENT keeps it even after retention deletes rows)."""
         with self._lock:
             row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
         return int(row[0]) if row else 0

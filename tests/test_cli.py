@@ -103,10 +103,14 @@ def test_bench_video_json():
 
 @pytest.mark.slow
 def test_demo_writes_video_and_contact_sheet(tmp_path):
-    proc = run_cli("demo", "--max-frames", "90", "--out", str(tmp_path), "--json", "--threads", "1")
+    proc = run_cli("demo", "--max-frames", "90", "--out", str(tmp_path), "--json", "--threads", "1",
+                   "--node-seconds", "4")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["frames"] == 90 and summary["detections"].get("person", 0) > 0
+    node = summary["node"]
+    assert node["events_received"] > 5 and node["gap_free"] and node["audit_intact"]
+    assert node["detections"].get("person", 0) > 0
     from pathlib import Path
 
     assert Path(summary["annotated_video"]).stat().st_size > 10_000
