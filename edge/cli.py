@@ -45,6 +45,8 @@ storage:
   dir: node-data                  # events.db (SQLite, WAL), audit.log, node.json
   retention_days: 30
   # max_mb: 1024
+  # snapshots: true                 # encrypted JPEG of each frame that produced an event
+  # snapshot_key: keys/snapshot.key # bastion node snapshot-key --out keys/snapshot.key
 heartbeat_s: 1.0
 health_log_s: 30
 """
@@ -149,6 +151,17 @@ def node_keygen(
 
     public, secret = generate_certificate(out_dir, name)
     out.print(f"public {public}, secret {secret} (mode 0600)")
+
+
+@node_app.command("snapshot-key")
+def node_snapshot_key(out_path: Path = typer.Option(..., "--out", help="Key file to create (mode 0600).")) -> None:
+    """Make the 256-bit key that encrypts a node's snapshots at rest.
+
+    Example: bastion node snapshot-key --out /etc/bastion/snapshot.key
+    """
+    from bastion.edge.snapshots import generate_key_file
+
+    out.print(f"wrote {generate_key_file(out_path)} (keep a copy: without it the snapshots are unreadable)")
 
 
 @audit_app.command("verify")

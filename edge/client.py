@@ -94,6 +94,12 @@ class Client:
     def ask(self, prompt: str, max_new_tokens: int = 128) -> str:
         return self.request("ask", prompt=prompt, max_new_tokens=max_new_tokens).get("text", "")
 
+    def snapshot(self, seq: int) -> bytes:
+        """The JPEG the node kept for event ``seq`` (decrypted by the node; CurveZMQ protects it in transit)."""
+        import base64
+
+        return base64.b64decode(self.request("snapshot", seq=seq)["jpeg_b64"])
+
     def reload(self, bundle: str) -> dict[str, Any]:
         return self.request("reload", bundle=bundle)
 

@@ -64,6 +64,15 @@ class Storage(_Strict):
     dir: Path = Path("node-data")
     retention_days: float | None = Field(30, gt=0)
     max_mb: float | None = Field(None, gt=0)
+    snapshots: bool = False  # keep an encrypted JPEG of every frame that produced an event
+    snapshot_key: Path | None = None  # 256-bit hex key file (bastion node snapshot-key)
+
+    @model_validator(mode="after")
+    def _encrypted(self) -> "Storage":
+        if self.snapshots and self.snapshot_key is None:
+            raise ValueError("snapshots are stored encrypted: set storage.snapshot_key "
+                             "(bastion node snapshot-key --out FILE)")
+        return self
 
 
 class NodeConfig(_Strict):

@@ -51,6 +51,11 @@ class Node:
                           pid=os.getpid())
         self.detector = self._load_detector(config.model)
         self.store = EventStore(self.storage / "events.db")
+        self.vault = None
+        if config.storage.snapshots:
+            from bastion.edge.snapshots import SnapshotVault, load_key
+
+            self.vault = SnapshotVault(self.storage / "snapshots", load_key(config.storage.snapshot_key), config.id)
         self.readers = [SourceReader(s, config.queue_size, self.wake, self.stop_event) for s in config.sources]
         self.source_filters = {s.name: self._source_filter(s) for s in config.sources}
         self.server = NodeServer(config, self.handle, self.audit, self.store.last_seq)
@@ -187,6 +192,11 @@ class Node:
         if self.storage_error is not None:
             log.warning("event store recovered; publishing resumed")
             self.storage_error = None
+        if self.vault is not None:
+            try:
+                self.vault.save(stored.seq, frame.image)
+            except Exception as exc:  # the event is stored; a missing snapshot is logged, not fatal
+                log.warning("snapshot of event %d not saved: %s", stored.seq, exc)
         self.server.publish(stored)
         self.published += 1
 
@@ -204,10 +214,19 @@ class Node:
                 log.info("health %s", json.dumps(self.status_dict()["sources"]), extra={"node": self.config.id})
             if now - last_retention >= 60:
                 last_retention = now
-                try:
-                    self.store.enforce_retention(self.config.storage.retention_days, self.config.storage.max_mb)
-                except Exception as exc:  # retention must never stop the node
-                    log.warning("retention failed: %s", exc)
+                self.enforce_retention()
+
+    def enforce_retention(self) -> int:
+        """Drop events (and their snapshots) beyond the configured age / size. Never raises."""
+        try:
+            deleted = self.store.enforce_retention(self.config.storage.retention_days, self.config.storage.max_mb)
+            if self.vault is not None:
+                first = self.store.first_seq()
+                self.vault.delete_before(first if first is not None else self.store.last_seq() + 1)
+            return deleted
+        except Exception as exc:  # retention must never stop the node
+            log.warning("retention failed: %s", exc)
+            return 0
 
     # -- control ---------------------------------------------------------------------------------------
     def status_dict(self) -> dict[str, Any]:
@@ -242,6 +261,15 @@ class Node:
             old.close()
             self.audit.append("reload", sha256=new.bundle_sha256)
             return {"model": {"name": new.manifest.name, "sha256": new.bundle_sha256}}
+        if request.op == "snapshot":
+            if self.vault is None:
+                return {"ok": False, "error": "this node keeps no snapshots (storage.snapshots is off)"}
+            import base64
+
+            try:
+                return {"seq": request.seq, "jpeg_b64": base64.b64encode(self.vault.load(request.seq)).decode()}
+            except BastionError as exc:
+                return {"ok": False, "error": str(exc)}
         if request.op == "ask":
             return {"ok": False, "error": "no language model loaded on this node"}
         return {"ok": False, "error": f"unknown op {request.op}"}

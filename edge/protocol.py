@@ -58,9 +58,10 @@ class Heartbeat(BaseModel):
 class ControlRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    op: Literal["status", "replay", "reload", "ask", "ping"]
+    op: Literal["status", "replay", "reload", "ask", "ping", "snapshot"]
     id: str | int | None = None
     since: int = Field(0, ge=0)
+    seq: int = Field(0, ge=0)
     limit: int = Field(500, ge=1, le=5000)
     bundle: str | None = None
     prompt: str | None = Field(None, max_length=8192)

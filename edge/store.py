@@ -78,6 +78,11 @@ class EventStore:
             row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
         return int(row[0]) if row else 0
 
+    def first_seq(self) -> int | None:
+        with self._lock:
+            row = self._db.execute("SELECT MIN(seq) FROM events").fetchone()
+        return int(row[0]) if row and row[0] is not None else None
+
     def count(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0])

@@ -321,3 +321,33 @@ def test_node_status_cli_and_unsigned_override_is_audited(tmp_path):
     assert "bundle_refused" in kinds and "allow_unsigned_used" in kinds
     proc = run_cli("node", "status", "--storage", str(tmp_path / "data"), "--timeout", "0.5")
     assert proc.returncode == 1 and "no answer" in proc.stderr
+
+
+def test_encrypted_snapshots_and_retention(tmp_path):
+    from bastion.edge.snapshots import SnapshotVault, generate_key_file, load_key
+
+    key = generate_key_file(tmp_path / "snap.key")
+    with pytest.raises(ConfigError, match="snapshot_key"):
+        load_config(write_config(tmp_path, storage={"dir": str(tmp_path / "data"), "snapshots": True}))
+    storage = {"dir": str(tmp_path / "data"), "snapshots": True, "snapshot_key": str(key)}
+    with running_node(tmp_path, storage=storage) as node, client_for(node) as client:
+        events = take(client.events(since=0), 5)
+        jpeg = client.snapshot(events[-1].seq)
+        import cv2
+        import numpy as np
+
+        image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+        assert image.shape == (432, 768, 3)
+        raw = node.vault.path(events[-1].seq).read_bytes()
+        assert b"JFIF" not in raw[:64] and jpeg[:2] == b"\xff\xd8"  # encrypted at rest, JPEG in the reply
+        other = SnapshotVault(tmp_path / "data" / "snapshots", bytes(32), "test-node")
+        with pytest.raises(Exception, match="does not decrypt"):
+            other.load(events[-1].seq)
+        assert len(load_key(key)) == 32
+        # retention: everything is older than a microsecond's worth of days
+        node.config.storage.retention_days = 1e-9
+        assert node.enforce_retention() > 0
+        first = node.store.first_seq()
+        remaining = sorted(int(p.name[:12]) for p in node.vault.dir.glob("*.jpg.enc"))
+        assert all(s >= (first or node.store.last_seq() + 1) for s in remaining)
+        assert node.store.last_seq() >= events[-1].seq  # seq keeps counting up after deletions
