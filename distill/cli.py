@@ -59,3 +59,58 @@ def eval_detect_command(
     for name, row in report.per_class.items():
         table.add_row(name, str(row["instances"]), f"{row['ap50']:.3f}", f"{row['ap50_95']:.3f}")
     out.print(table)
+
+
+def quantize_command(
+    model: str = typer.Option(..., "--model", "-m", help="FP32 detection bundle (directory, registry or zoo name)."),
+    calib: Path = typer.Option(..., "--calib", help="Directory of typical images for calibration."),
+    calib_count: int = typer.Option(32, help="Use at most this many calibration images."),
+    data: Path = typer.Option(..., "--data", help="Labelled data.yaml the gate measures mAP on."),
+    split: str = typer.Option("val", help="Split of data.yaml."),
+    imgsz: int = typer.Option(640, help="Fixed input size of the INT8 model."),
+    max_drop: float = typer.Option(1.0, help="Largest mAP50 drop (points) the INT8 model may cost."),
+    min_speedup: float = typer.Option(1.1, help="Smallest end-to-end speed-up over FP32 worth that cost."),
+    limit: Optional[int] = typer.Option(None, help="Gate on the first N images only."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Write the INT8 bundle here if accepted."),
+    sign: Optional[Path] = typer.Option(None, "--sign", help="Sign the INT8 bundle with this private key."),
+    passphrase: bool = typer.Option(False, "--passphrase", help="Prompt for the key's passphrase."),
+    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print the gate result as JSON."),
+) -> None:
+    """INT8 (ONNX Runtime static QDQ) of a detection bundle, kept only if its measured mAP50 drop is small.
+
+    Example: bastion quantize --model yolov5n --calib images/ --data data.yaml --imgsz 320 --out yolov5n-int8
+    """
+    from bastion.distill.datasets import load_data_yaml
+    from bastion.distill.int8_gate import quantize_and_gate
+    from bastion.errors import ConfigError, InputNotFoundError
+    from bastion.models.bundle import Bundle
+    from bastion.runtime.media import list_images
+
+    bundle = Bundle.open(model, allow_unsigned=allow_unsigned)
+    if bundle.manifest.task != "detect":
+        raise ConfigError(f"{model} is not a detection bundle")
+    if not calib.is_dir():
+        raise InputNotFoundError(f"calibration directory not found: {calib}")
+    images = list_images(calib)[:calib_count]
+    if not images:
+        raise InputNotFoundError(f"no images in {calib}")
+    if out_dir is not None and out_dir.exists():
+        raise ConfigError(f"{out_dir} already exists", "choose a new --out directory")
+    key = None
+    if sign is not None:
+        from bastion.models.keys import load_private_key, read_passphrase
+
+        key = load_private_key(sign, read_passphrase(passphrase))
+    dataset = load_data_yaml(data, split, limit)
+    with progress(disable=json_out) as bar:
+        task = bar.add_task("quantize + gate", total=2)
+        result = quantize_and_gate(bundle, images, dataset, imgsz, max_drop, out_dir, key,
+                                   tick=lambda: bar.advance(task), min_speedup=min_speedup)
+    if json_out:
+        print_json(result.to_dict())
+        return
+    out.print(f"FP32 mAP50 {result.fp32['map50']:.3f} ({result.fp32['latency_ms']:.1f} ms) → INT8 mAP50 "
+              f"{result.int8['map50']:.3f} ({result.int8['latency_ms']:.1f} ms) at {imgsz}: {result.reason}")
+    if result.bundle:
+        out.print(f"INT8 bundle: {result.bundle}" + ("" if key else " (UNSIGNED: bastion bundle sign it)"))

@@ -1,0 +1,51 @@
+"""INT8: the post-processing stays FP32, a sane calibration passes the gate, a broken one is refused."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from bastion.models import Bundle, zoo_path
+from conftest import run_cli
+
+pytest.importorskip("onnx")
+
+
+def test_post_processing_nodes_are_after_the_last_convolutions():
+    import onnx
+
+    from bastion.distill.quantize import post_processing_nodes
+
+    path = zoo_path("yolov5n") / "yolov5n-dynamic.onnx"
+    excluded = set(post_processing_nodes(path))
+    graph = onnx.load(str(path)).graph
+    ops = {n.name: n.op_type for n in graph.node}
+    assert "Conv" not in {ops[n] for n in excluded}
+    final = [n.name for n in graph.node if graph.output[0].name in n.output][0]
+    assert final in excluded  # the Concat of pixel boxes and 0-1 scores
+    assert all(n.startswith("/model.24/") or ops[n] == "Constant" for n in excluded)  # only the Detect head
+
+
+@pytest.mark.slow
+def test_gate_accepts_a_real_calibration_and_refuses_a_broken_one(coco128, tmp_path):
+    images = coco128.parent / "images" / "train2017"
+    proc = run_cli("quantize", "--model", "yolov5n", "--calib", str(images), "--calib-count", "32",
+                   "--data", str(coco128), "--limit", "32", "--imgsz", "320", "--max-drop", "3",
+                   "--min-speedup", "0", "--out", str(tmp_path / "int8"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    good = json.loads(proc.stdout)
+    assert good["accepted"] and good["map50_drop_points"] <= 3, good
+    bundle = Bundle.open(tmp_path / "int8", allow_unsigned=True)
+    assert bundle.manifest.precision == "int8" and bundle.manifest.input.size == (320, 320)
+    assert bundle.manifest.provenance.teachers == [Bundle.open("yolov5n").sha256]
+    assert {e.settings["precision"] for e in bundle.manifest.evaluation} == {"fp32", "int8"}
+    black = tmp_path / "black"
+    black.mkdir()
+    for i in range(4):  # calibrating on black frames sets every activation range to nothing useful
+        cv2.imwrite(str(black / f"{i}.png"), np.zeros((320, 320, 3), np.uint8))
+    proc = run_cli("quantize", "--model", "yolov5n", "--calib", str(black), "--data", str(coco128),
+                   "--limit", "32", "--imgsz", "320", "--min-speedup", "0", "--out", str(tmp_path / "bad"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    bad = json.loads(proc.stdout)
+    assert not bad["accepted"] and "refused: mAP50 drops" in bad["reason"] and not (tmp_path / "bad").exists()
