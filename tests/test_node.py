@@ -351,3 +351,17 @@ def test_encrypted_snapshots_and_retention(tmp_path):
         remaining = sorted(int(p.name[:12]) for p in node.vault.dir.glob("*.jpg.enc"))
         assert all(s >= (first or node.store.last_seq() + 1) for s in remaining)
         assert node.store.last_seq() >= events[-1].seq  # seq keeps counting up after deletions
+
+
+def test_sd_notify_ready_and_stopping(tmp_path, monkeypatch):
+    import socket as pysocket
+
+    address = str(tmp_path / "notify.sock")
+    listener = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_DGRAM)
+    listener.bind(address)
+    listener.settimeout(10)
+    monkeypatch.setenv("NOTIFY_SOCKET", address)
+    with running_node(tmp_path):
+        assert listener.recv(64) == b"READY=1"
+    assert listener.recv(64) == b"STOPPING=1"
+    listener.close()
