@@ -47,7 +47,7 @@ def _root(
 def _mount() -> None:
     from bastion.bench import bench_app
     from bastion.demo import demo_command
-    from bastion.distill.cli import eval_app, quantize_command
+    from bastion.distill.cli import distill_app, eval_app, quantize_command
     from bastion.doctor import doctor_command
     from bastion.edge.cli import audit_app, node_app
     from bastion.models.cli import bundle_app, keys_app, models_app
@@ -58,6 +58,7 @@ def _mount() -> None:
     app.command("detect")(detect_command)
     app.add_typer(eval_app, name="eval")
     app.command("quantize")(quantize_command)
+    app.add_typer(distill_app, name="distill")
     app.add_typer(bench_app, name="bench")
     bundle_app.command("create")(bundle_create_command)
     app.add_typer(bundle_app, name="bundle")

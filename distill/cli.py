@@ -114,3 +114,68 @@ def quantize_command(
               f"{result.int8['map50']:.3f} ({result.int8['latency_ms']:.1f} ms) at {imgsz}: {result.reason}")
     if result.bundle:
         out.print(f"INT8 bundle: {result.bundle}" + ("" if key else " (UNSIGNED: bastion bundle sign it)"))
+
+
+distill_app = typer.Typer(help="Make a smaller model for a narrower mission.", no_args_is_help=True)
+
+
+@distill_app.command("detect")
+def distill_detect_command(
+    teacher: list[str] = typer.Option(..., "--teacher", help="Teacher bundle (repeat for an ensemble)."),
+    images: Path = typer.Option(..., "--images", help="Directory of images to learn from."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="YOLO labels (teacher class ids) for some images;"
+                                          " they win over pseudo-labels and provide the held-out validation."),
+    classes: str = typer.Option(..., "--classes", help="The student's classes, e.g. person,vehicle."),
+    class_map: Optional[str] = typer.Option(None, "--class-map", help="Teacher→student names, e.g. "
+                                            "car=vehicle,truck=vehicle,bus=vehicle."),
+    conf: str = typer.Option("0.25", "--conf", help="Pseudo-label threshold: one value or per class "
+                             "(person=0.3,vehicle=0.2)."),
+    imgsz: int = typer.Option(320, help="Target input size."),
+    min_map50: float = typer.Option(0.0, help="Ship only a candidate at least this accurate."),
+    max_latency: Optional[float] = typer.Option(None, help="Ship only a candidate at most this slow (ms, 1 thread)."),
+    int8: bool = typer.Option(True, help="Try INT8 of the sliced teacher through the gate."),
+    out_dir: Path = typer.Option(..., "--out", help="Run directory (stages are cached; re-run resumes)."),
+    force: list[str] = typer.Option([], "--force", help="Redo this stage and the ones after it."),
+    sign: Optional[Path] = typer.Option(None, "--sign", help="Sign the shipped bundle with this private key."),
+    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Distill a narrow detector: pseudo-label with the teachers, measure every candidate, ship the best.
+
+    Example: bastion distill detect --teacher yolov5n --images imgs/ --labels labels/ --classes person,vehicle
+    --class-map car=vehicle,truck=vehicle,bus=vehicle --imgsz 320 --out runs/distill/pv
+    """
+    from bastion.distill.classmap import parse_class_map
+    from bastion.distill.detect_pipeline import STAGES, DistillSpec, run_distill
+    from bastion.errors import ConfigError
+
+    bad = [f for f in force if f not in STAGES]
+    if bad:
+        raise ConfigError(f"--force {bad[0]}: unknown stage", f"stages: {', '.join(STAGES)}")
+    names = [c.strip() for c in classes.split(",") if c.strip()]
+    thresholds: dict[str, float] = {}
+    try:
+        for item in conf.split(","):
+            key, sep, value = item.partition("=")
+            thresholds[key.strip() if sep else "*"] = float(value if sep else key)
+    except ValueError:
+        raise ConfigError(f"--conf {conf!r}: give a number or name=number pairs") from None
+    key = None
+    if sign is not None:
+        from bastion.models.keys import load_private_key, read_passphrase
+
+        key = load_private_key(sign, read_passphrase(False))
+    spec = DistillSpec(teachers=list(teacher), images=images, labels=labels, classes=names,
+                       class_map=parse_class_map(class_map), conf=thresholds, imgsz=imgsz, out=out_dir,
+                       min_map50=min_map50, max_latency_ms=max_latency, int8=int8, allow_unsigned=allow_unsigned,
+                       force=set(force))
+    with progress(disable=json_out) as bar:
+        def tick(label: str, total: int):  # noqa: ANN202
+            task = bar.add_task(label, total=total)
+            return lambda: bar.advance(task)
+
+        report = run_distill(spec, key, tick)
+    if json_out:
+        print_json(report)
+        return
+    out.print((out_dir / "report" / "report.md").read_text())

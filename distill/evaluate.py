@@ -97,8 +97,9 @@ def _to_original(placement: Placement, resized_hw: tuple[int, int], orig_hw: tup
 
 
 def evaluate_detector(detector: Detector, dataset: YoloDataset, settings: EvalSettings,
-                      tick: Callable[[], None] | None = None) -> EvalReport:
-    model_to_data = _class_map(detector.names, dataset.names)
+                      tick: Callable[[], None] | None = None, class_map: dict[int, int] | None = None) -> EvalReport:
+    """Score ``detector`` on ``dataset``; model classes match dataset names, or go through ``class_map``."""
+    model_to_data = class_map if class_map is not None else _class_map(detector.names, dataset.names)
     hw = np.asarray([_image_hw(p) for p in dataset.images], dtype=np.float64)
     if settings.rect and detector.spec.dynamic_hw:
         order, shapes = batch_shapes(hw, settings.imgsz, detector.spec.stride, settings.batch, settings.pad)

@@ -60,6 +60,7 @@ def post_processing_nodes(model_path: Path) -> list[str]:
     sys.setrecursionlimit(max(limit, 10 * len(graph.node) + 1000))
     try:
         return [n.name for n in graph.node if n.op_type not in COMPUTE_OPS and not reaches_compute(n) and n.name]
+        # (unnamed nodes cannot be excluded by ONNX Runtime's quantizer: graphs we edit name theirs)
     finally:
         sys.setrecursionlimit(limit)
 

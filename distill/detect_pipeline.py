@@ -1,0 +1,239 @@
+"""``bastion distill detect``: teachers → pseudo-labels → candidates measured in one run → report → bundle.
+
+This version builds the labelled dataset and measures every candidate a user
+can get *without training* (the teacher at full and at the target size, the
+teacher with its head sliced to the mission's classes, and that model's INT8
+if it passes the gate), ships the best one that meets the constraints, and says
+so plainly.  Student training (Ultralytics) is the next stage to land; the
+dataset this writes (``labels/data.yaml`` + ``labels/soft/``) is its input.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from bastion.distill.classmap import ClassMap
+from bastion.distill.datasets import load_data_yaml
+from bastion.distill.evaluate import EvalSettings, evaluate_detector
+from bastion.distill.pseudo import build_dataset
+from bastion.distill.run import RunDir
+from bastion.errors import ConfigError, InputNotFoundError
+from bastion.models.bundle import Bundle
+from bastion.runtime.backends import open_backend
+from bastion.runtime.detect import DetectOptions, Detector
+from bastion.runtime.media import list_images, read_image
+
+log = logging.getLogger(__name__)
+STAGES = ["teachers", "labels", "baselines", "report"]
+EVAL_OPTS = dict(conf=0.001, iou=0.6, multi_label=True, scaleup=False)
+
+
+@dataclass
+class DistillSpec:
+    teachers: list[str]
+    images: Path
+    labels: Path | None
+    classes: list[str]
+    class_map: dict[str, str]
+    conf: dict[str, float]
+    imgsz: int
+    out: Path
+    val_fraction: float = 0.25
+    min_map50: float = 0.0
+    max_latency_ms: float | None = None
+    int8: bool = True
+    allow_unsigned: bool = False
+    force: set[str] = field(default_factory=set)
+
+
+def _latency_ms(detector: Detector, images: list[np.ndarray]) -> float:
+    detector.detect(images[0])
+    times = []
+    for _ in range(2):
+        for image in images:
+            t = time.perf_counter()
+            detector.detect(image)
+            times.append(time.perf_counter() - t)
+    return round(float(np.median(times)) * 1000, 2)
+
+
+def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int], Callable[[], None]] | None = None
+                ) -> dict[str, Any]:  # noqa: ANN001
+    run = RunDir(spec.out, STAGES, spec.force)
+    run.record("spec", {k: (sorted(v) if isinstance(v, set) else v) for k, v in spec.__dict__.items()})
+    tick = progress or (lambda label, total: (lambda: None))
+
+    # 1. teachers: verified bundles whose classes cover the mission's
+    bundles = [Bundle.open(t, allow_unsigned=spec.allow_unsigned) for t in spec.teachers]
+    maps = []
+    for b in bundles:
+        known = {k: v for k, v in spec.class_map.items() if k in b.manifest.classes}
+        usable = [c for c in spec.classes if c in b.manifest.classes or c in known.values()]
+        if not usable:
+            raise ConfigError(f"teacher {b.manifest.name} knows none of {spec.classes}",
+                              f"its classes: {', '.join(b.manifest.classes[:20])}")
+        maps.append(ClassMap.build(b.manifest.classes, spec.classes, known))
+    if not run.done("teachers"):
+        with run.stage("teachers") as (stage, result):
+            result["teachers"] = [{"name": b.manifest.name, "version": b.manifest.version, "sha256": b.sha256,
+                                   "decoder": b.manifest.decoder.type, "signer": b.verification.key_id,
+                                   "license": b.manifest.license.weights} for b in bundles]
+            (stage / "teachers.json").write_text(json.dumps(result["teachers"], indent=2))
+
+    # 2. labels
+    if not run.done("labels"):
+        images = list_images(spec.images) if spec.images.is_dir() else []
+        if not images:
+            raise InputNotFoundError(f"no images in {spec.images}")
+        thresholds = [spec.conf.get(c, spec.conf.get("*", 0.25)) for c in spec.classes]
+        teachers = [Detector.load(b.root, conf=0.05, allow_unsigned=spec.allow_unsigned) for b in bundles]
+        with run.stage("labels") as (stage, result):
+            stats = build_dataset(images, spec.labels, teachers, maps, spec.classes, thresholds, stage,
+                                  spec.val_fraction, tick=tick("pseudo-labels", len(images)))
+            result.update(stats.__dict__, thresholds=dict(zip(spec.classes, thresholds)),
+                          val_is_ground_truth=spec.labels is not None)
+        for t in teachers:
+            t.close()
+    dataset = load_data_yaml(run.dir("labels") / "data.yaml", "val")
+
+    # 3. candidates that need no training
+    if not run.done("baselines"):
+        teacher = bundles[0]
+        sample = [read_image(p) for p in dataset.images[:12]]
+        settings_for = lambda size: EvalSettings(imgsz=size, rect=False)  # noqa: E731
+        candidates = []
+        with run.stage("baselines") as (stage, result):
+            step = tick("baselines", 4)
+            for size in sorted({int(teacher.manifest.input.size[0]), spec.imgsz}, reverse=True):
+                det = Detector(open_backend(teacher.model_path, threads=1), teacher.manifest,
+                               DetectOptions(**EVAL_OPTS, imgsz=size, rect=False))
+                report = evaluate_detector(det, dataset, settings_for(size), class_map=maps[0].to_student)
+                candidates.append(_candidate(f"teacher@{size}", "teacher", size, report,
+                                             _latency_ms(det, sample), spec.teachers[0]))
+                det.close()
+                step()
+            sliced = _sliced_bundle(teacher, maps[0], spec, stage / f"sliced-{spec.imgsz}")
+            det = Detector(open_backend(sliced.model_path, threads=1), sliced.manifest,
+                           DetectOptions(**EVAL_OPTS, imgsz=spec.imgsz, rect=False))
+            report = evaluate_detector(det, dataset, settings_for(spec.imgsz))
+            candidates.append(_candidate(f"sliced@{spec.imgsz}", "sliced teacher (no training)", spec.imgsz,
+                                         report, _latency_ms(det, sample), f"baselines/{sliced.root.name}"))
+            det.close()
+            step()
+            if spec.int8:
+                from bastion.distill.int8_gate import quantize_and_gate
+
+                calib = sorted((run.dir("labels") / "images" / "train").iterdir())[:32]
+                gate = quantize_and_gate(sliced, calib, dataset, spec.imgsz, 1.0, stage / f"sliced-int8-{spec.imgsz}")
+                result["int8_gate"] = gate.to_dict()
+                if gate.accepted:
+                    candidates.append({"name": f"sliced-int8@{spec.imgsz}", "kind": "sliced teacher, INT8",
+                                       "imgsz": spec.imgsz, "map50": gate.int8["map50"],
+                                       "map50_95": gate.int8["map50_95"], "latency_ms": gate.int8["latency_ms"],
+                                       "per_class": {}, "bundle": f"baselines/sliced-int8-{spec.imgsz}"})
+            step()
+            result["candidates"] = candidates
+
+    # 4. report: pick what ships
+    with run.stage("report") as (stage, result):
+        candidates = run.result("baselines")["candidates"]
+        ok = [c for c in candidates if c["map50"] >= spec.min_map50
+              and (spec.max_latency_ms is None or c["latency_ms"] <= spec.max_latency_ms)]
+        chosen = max(ok, key=lambda c: (round(c["map50"], 3), -c["latency_ms"])) if ok else None
+        result.update(candidates=candidates, chosen=chosen["name"] if chosen else None,
+                      labels=run.result("labels"), int8_gate=run.result("baselines").get("int8_gate"),
+                      student="not trained: student training is not in this build yet")
+        (stage / "report.md").write_text(_report_md(spec, result))
+        (stage / "report.json").write_text(json.dumps(result, indent=2, default=str))
+    if chosen and chosen["kind"] != "teacher":
+        _ship(run.root / chosen["bundle"], run.root / "bundle", sign_key)
+        run.state["stages"]["report"]["result"]["shipped_bundle"] = str(run.root / "bundle")
+        run.record("stages", run.state["stages"])
+    return run.result("report")
+
+
+def _ship(src: Path, dst: Path, sign_key) -> None:  # noqa: ANN001
+    """Copy the chosen candidate's bundle to RUN/bundle (atomically), signed when a key is given."""
+    import shutil
+
+    from bastion.models.manifest import MANIFEST_NAME, read_manifest
+    from bastion.models.signing import sign_manifest
+
+    staging = dst.with_name(".bundle.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(src, staging)
+    if sign_key is not None:
+        sign_manifest(staging, read_manifest(staging / MANIFEST_NAME), sign_key)
+    shutil.rmtree(dst, ignore_errors=True)
+    staging.rename(dst)
+
+
+def _candidate(name, kind, size, report, latency, bundle_root) -> dict[str, Any]:  # noqa: ANN001
+    return {"name": name, "kind": kind, "imgsz": size, "map50": report.map50, "map50_95": report.map50_95,
+            "latency_ms": latency, "per_class": report.per_class, "bundle": str(bundle_root)}
+
+
+def _sliced_bundle(teacher: Bundle, class_map: ClassMap, spec: DistillSpec, out: Path) -> Bundle:
+    """The teacher with its head sliced to the student classes, as an (unsigned) bundle at ``spec.imgsz``."""
+    import shlex
+    import sys
+    import tempfile
+
+    from bastion import __version__
+    from bastion.distill.slice import slice_head
+    from bastion.runtime.bundle_create import create_bundle
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx = slice_head(teacher.model_path, Path(tmp) / f"{teacher.manifest.name}-{len(spec.classes)}cls.onnx",
+                          teacher.manifest.decoder.type, class_map)
+        fields = teacher.manifest.model_dump(mode="json", exclude={"files", "evaluation"})
+        spec_input = dict(fields["input"])
+        if spec_input.get("dynamic_hw"):
+            spec_input["size"] = [spec.imgsz, spec.imgsz]
+        fields.update(name=f"{teacher.manifest.name}-{'-'.join(spec.classes)}", version=f"sliced-{spec.imgsz}",
+                      classes=spec.classes, input=spec_input,
+                      provenance={**fields["provenance"], "teachers": [teacher.sha256],
+                                  "source": f"{teacher.manifest.name} with its class head sliced to "
+                                            f"{spec.classes} (ONNX surgery, no training)",
+                                  "command": shlex.join(["bastion", *sys.argv[1:]]),
+                                  "bastion_version": __version__,
+                                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        licenses = [teacher.root / f.path for f in teacher.manifest.files if f.role == "license"]
+        fields["license"] = {**fields["license"], "files": [p.name for p in licenses]}
+        create_bundle(onnx, out, fields, licenses)
+    from bastion.models.bundle import verify_files
+    from bastion.models.manifest import MANIFEST_NAME, read_manifest
+    from bastion.models.signing import Verification
+
+    manifest = read_manifest(out / MANIFEST_NAME)
+    verify_files(out, manifest)  # made by this run a moment ago: payload checked, signature comes with --sign
+    return Bundle(out, manifest, Verification(False, note="made by this run; unsigned until signed"))
+
+
+def _report_md(spec: DistillSpec, result: dict[str, Any]) -> str:
+    labels = result["labels"]
+    lines = [
+        f"# Distillation report: {', '.join(spec.classes)}", "",
+        f"Teachers: {', '.join(spec.teachers)}. Images: {labels['images']} ({labels['ground_truth']} with ground "
+        f"truth, {labels['pseudo']} pseudo-labelled, {len(labels['corrupt'])} unreadable skipped). "
+        f"Validation: {labels['val']} held-out images "
+        + ("with ground truth." if labels["val_is_ground_truth"] else
+           "**pseudo-labelled** (no ground truth given: scores measure agreement with the teachers)."), "",
+        "| candidate | input | mAP50 | mAP50-95 | latency ms (1 thread) |", "|---|---|---|---|---|",
+    ]
+    for c in sorted(result["candidates"], key=lambda c: c["latency_ms"]):
+        mark = " **← ships**" if c["name"] == result["chosen"] else ""
+        lines.append(f"| {c['name']}{mark} | {c['imgsz']} | {c['map50']:.3f} | {c['map50_95']:.3f} | "
+                     f"{c['latency_ms']:.1f} |")
+    gate = result.get("int8_gate")
+    lines += ["", f"INT8 gate: {gate['reason'] if gate else 'not run'}", "",
+              f"Student: {result['student']}.",
+              f"Chosen: {result['chosen'] or 'none meets the constraints'}."]
+    return "\n".join(lines) + "\n"

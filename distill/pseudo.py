@@ -1,0 +1,136 @@
+"""Pseudo-labels: the teachers' fused, narrowed detections as a YOLO training set (ground truth wins).
+
+For every image: each teacher detects (low threshold, to keep soft scores),
+its classes are narrowed/merged through the ClassMap, the teachers are fused
+with weighted boxes fusion, and boxes above the per-class threshold become hard
+YOLO labels.  All fused boxes above a small floor are kept with their scores in
+``soft/<stem>.json`` for a soft-target loss.  Images with ground-truth labels
+use those instead; a deterministic share of them is held out as the validation
+split that every candidate is scored on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import yaml
+
+from bastion.distill.classmap import ClassMap
+from bastion.distill.wbf import weighted_boxes_fusion
+from bastion.errors import ConfigError
+from bastion.runtime.detect import Detector
+from bastion.runtime.media import read_image
+
+log = logging.getLogger(__name__)
+SOFT_FLOOR = 0.05
+
+
+@dataclass
+class LabelStats:
+    images: int = 0
+    train: int = 0
+    val: int = 0
+    ground_truth: int = 0
+    pseudo: int = 0
+    corrupt: list[str] = field(default_factory=list)
+    boxes_per_class: dict[str, int] = field(default_factory=dict)
+
+
+def _held_out(name: str, fraction: float) -> bool:
+    """Deterministic split: the same image is always on the same side."""
+    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def read_gt(label_file: Path, class_map: ClassMap) -> np.ndarray:
+    """YOLO labels in the teacher's class space → [N,5] (student class, cx, cy, w, h); errors name the line."""
+    rows = []
+    for lineno, line in enumerate(label_file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        try:
+            cls, *xywh = int(parts[0]), *map(float, parts[1:5])
+        except (ValueError, IndexError):
+            raise ConfigError(f"{label_file}:{lineno}: expected 'class cx cy w h'") from None
+        if len(xywh) != 4 or not all(0.0 <= v <= 1.0 for v in xywh):
+            raise ConfigError(f"{label_file}:{lineno}: coordinates must be 4 numbers in [0, 1]")
+        if cls in class_map.to_student:
+            rows.append([class_map.to_student[cls], *xywh])
+    return np.asarray(rows, np.float32).reshape(-1, 5)
+
+
+def teacher_boxes(teacher: Detector, class_map: ClassMap, image: np.ndarray) -> tuple[np.ndarray, ...]:
+    """One teacher's detections, narrowed to student classes, in normalised xyxy."""
+    det = teacher.detect(image)
+    h, w = image.shape[:2]
+    keep = np.array([int(c) in class_map.to_student for c in det.cls], dtype=bool)
+    boxes = det.xyxy[keep] / np.array([w, h, w, h], np.float32)
+    labels = np.array([class_map.to_student[int(c)] for c in det.cls[keep]], np.int64)
+    return boxes, det.conf[keep], labels
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.symlink(src.resolve(), dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def build_dataset(images: list[Path], labels_dir: Path | None, teachers: list[Detector], maps: list[ClassMap],
+                  student: list[str], thresholds: list[float], out: Path, val_fraction: float = 0.25,
+                  weights: list[float] | None = None, tick: Callable[[], None] | None = None) -> LabelStats:
+    stats = LabelStats(boxes_per_class={c: 0 for c in student})
+    for split in ("train", "val"):
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        (out / "labels" / split).mkdir(parents=True, exist_ok=True)
+    (out / "soft").mkdir(exist_ok=True)
+    for path in images:
+        if tick:
+            tick()
+        try:
+            image = read_image(path)
+        except Exception as exc:  # corrupt: skipped, counted, reported
+            stats.corrupt.append(f"{path.name}: {exc}")
+            continue
+        stats.images += 1
+        gt_file = labels_dir / f"{path.stem}.txt" if labels_dir else None
+        has_gt = gt_file is not None and gt_file.is_file()
+        # held out: ground-truth images when there are labels; otherwise pseudo-labelled ones (then scores
+        # measure agreement with the teachers, and the report says so)
+        split = "val" if (has_gt or labels_dir is None) and _held_out(path.name, val_fraction) else "train"
+        if has_gt:
+            rows = read_gt(gt_file, maps[0])
+            stats.ground_truth += 1
+        else:
+            fused = weighted_boxes_fusion(*zip(*(teacher_boxes(t, m, image) for t, m in zip(teachers, maps))),
+                                          weights=weights)
+            boxes, scores, labels = fused
+            soft = [{"cls": int(c), "score": round(float(s), 4), "box": [round(float(v), 5) for v in b]}
+                    for b, s, c in zip(boxes, scores, labels) if s >= SOFT_FLOOR]
+            (out / "soft" / f"{path.stem}.json").write_text(json.dumps(soft))
+            keep = scores >= np.asarray([thresholds[c] for c in labels], np.float32)
+            b = np.clip(boxes[keep], 0, 1)
+            rows = np.concatenate([labels[keep, None].astype(np.float32), (b[:, :2] + b[:, 2:]) / 2,
+                                   b[:, 2:] - b[:, :2]], axis=1) if keep.any() else np.zeros((0, 5), np.float32)
+            stats.pseudo += 1
+        for row in rows:
+            stats.boxes_per_class[student[int(row[0])]] += 1
+        _link(path, out / "images" / split / path.name)
+        (out / "labels" / split / f"{path.stem}.txt").write_text(
+            "".join(f"{int(r[0])} {r[1]:.6f} {r[2]:.6f} {r[3]:.6f} {r[4]:.6f}\n" for r in rows))
+        setattr(stats, split, getattr(stats, split) + 1)
+    if stats.images == 0:
+        raise ConfigError("no readable images to label", "check --images")
+    (out / "data.yaml").write_text(yaml.safe_dump({
+        "train": "images/train", "val": "images/val",  # relative: the run directory can move
+        "names": dict(enumerate(student)),
+    }, sort_keys=False))
+    return stats

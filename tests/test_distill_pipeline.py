@@ -1,0 +1,89 @@
+"""A tiny end-to-end distillation on real COCO128 images: every stage's artefact, resume, bad input."""
+
+import json
+import shutil
+
+import pytest
+
+from bastion.distill.detect_pipeline import DistillSpec, run_distill
+from bastion.errors import ConfigError
+from bastion.models import Bundle
+from conftest import run_cli
+
+pytest.importorskip("onnx")
+
+
+@pytest.fixture
+def small_set(coco128, tmp_path):
+    src = coco128.parent
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    names = sorted(p.name for p in (src / "images" / "train2017").glob("*.jpg"))[:16]
+    for i, name in enumerate(names):
+        shutil.copy(src / "images" / "train2017" / name, images / name)
+        label = src / "labels" / "train2017" / name.replace(".jpg", ".txt")
+        if i % 4 and label.is_file():  # a quarter of the images have no ground truth: pseudo-labelled
+            shutil.copy(label, labels / label.name)
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    return images, labels
+
+
+def spec(images, labels, out, **kw):
+    base = dict(teachers=["yolov5n"], images=images, labels=labels, classes=["person", "vehicle"],
+                class_map={"car": "vehicle", "truck": "vehicle", "bus": "vehicle"}, conf={"*": 0.25}, imgsz=160,
+                out=out, int8=False)
+    base.update(kw)
+    return DistillSpec(**base)
+
+
+def test_tiny_distillation_artefacts_and_resume(small_set, tmp_path, monkeypatch):
+    images, labels = small_set
+    out = tmp_path / "run"
+    import bastion.distill.detect_pipeline as pipeline
+
+    real = pipeline.evaluate_detector
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "evaluate_detector", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(spec(images, labels, out))
+    state = json.loads((out / "run.json").read_text())["stages"]
+    assert state["labels"]["status"] == "done" and state["baselines"]["status"] == "failed"
+    assert not (out / "baselines").exists() and not (out / ".baselines.partial").exists()
+    labels_mtime = (out / "labels" / "data.yaml").stat().st_mtime_ns
+
+    monkeypatch.setattr(pipeline, "evaluate_detector", real)
+    report = run_distill(spec(images, labels, out, max_latency_ms=1e6))
+    assert (out / "labels" / "data.yaml").stat().st_mtime_ns == labels_mtime  # resumed, not redone
+    stats = report["labels"]
+    assert stats["corrupt"] and stats["images"] == 16 and stats["pseudo"] >= 3 and stats["val"] >= 1
+    for txt in (out / "labels" / "labels").rglob("*.txt"):
+        assert all(line.split()[0] in ("0", "1") for line in txt.read_text().splitlines())  # narrowed
+    assert list((out / "labels" / "soft").glob("*.json"))  # soft scores of the pseudo-labelled images
+    names = {c["name"] for c in report["candidates"]}
+    assert {"teacher@640", "teacher@160", "sliced@160"} <= names
+    sliced = next(c for c in report["candidates"] if c["name"] == "sliced@160")
+    teacher = next(c for c in report["candidates"] if c["name"] == "teacher@160")
+    assert abs(sliced["map50"] - teacher["map50"]) < 0.05  # same network, same classes after merging
+    assert report["chosen"] and "report.md" in {p.name for p in (out / "report").iterdir()}
+    if report["chosen"].startswith("sliced"):
+        b = Bundle.open(out / "bundle", allow_unsigned=True)
+        assert b.manifest.classes == ["person", "vehicle"] and b.manifest.provenance.teachers
+
+
+def test_distill_bad_input(small_set, tmp_path):
+    images, labels = small_set
+    with pytest.raises(ConfigError, match="no teacher knows 'tank'"):
+        run_distill(spec(images, labels, tmp_path / "a", classes=["person", "vehicle", "tank"]))
+    bad = tmp_path / "badlabels"
+    bad.mkdir()
+    first = sorted(images.glob("*.jpg"))[0]
+    (bad / first.name.replace(".jpg", ".txt")).write_text("0 0.5 0.5 1.7 0.2\n")
+    with pytest.raises(ConfigError, match="coordinates must be 4 numbers in \\[0, 1\\]"):
+        run_distill(spec(images, bad, tmp_path / "b"))
+    proc = run_cli("distill", "detect", "--teacher", "yolov5n", "--images", str(tmp_path / "none"), "--classes",
+                   "person", "--out", str(tmp_path / "c"))
+    assert proc.returncode == 1 and "no images in" in proc.stderr and "Traceback" not in proc.stderr
