@@ -16,7 +16,7 @@ $(VENV)/.core-installed: pyproject.toml | $(PY)
 	@touch $@
 
 $(VENV)/.dev-installed: pyproject.toml | $(PY)
-	$(PIP) install -e ".[dev]"
+	$(PIP) install -e ".[dev,distill]"
 	@touch $@ $(VENV)/.core-installed
 
 install: $(VENV)/.core-installed
@@ -29,7 +29,7 @@ demo: install
 test: install-dev
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
-# Optional: the model-team extra (Ultralytics + torch, several GB) for distillation and the Ultralytics bench.
+# The model-team extra alone (make test already installs it with the dev tools).
 distill-deps: $(VENV)/.dev-installed
 	$(PIP) install -e ".[distill,dev]"
 

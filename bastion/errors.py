@@ -67,8 +67,8 @@ class ConfigError(BastionError):
 class MissingExtraError(BastionError):
     """A feature needs an optional dependency group that is not installed."""
 
-    def __init__(self, feature: str, extra: str, package: str) -> None:
+    def __init__(self, feature: str, extra: str, package: str, alternative: str = "") -> None:
         super().__init__(
             f"{feature} needs the '{package}' package, which is not installed",
-            f"install it with: pip install 'bastion[{extra}]'",
+            f"install it with: pip install 'bastion[{extra}]'" + (f" {alternative}" if alternative else ""),
         )

@@ -133,7 +133,15 @@ def distill_detect_command(
     imgsz: int = typer.Option(320, help="Target input size."),
     min_map50: float = typer.Option(0.0, help="Ship only a candidate at least this accurate."),
     max_latency: Optional[float] = typer.Option(None, help="Ship only a candidate at most this slow (ms, 1 thread)."),
-    int8: bool = typer.Option(True, help="Try INT8 of the sliced teacher through the gate."),
+    int8: bool = typer.Option(True, help="Try INT8 of the sliced teacher and the student through the gate."),
+    no_train: bool = typer.Option(False, "--no-train", help="Measure only the candidates that need no training."),
+    student: str = typer.Option("yolov5n.yaml", help="Ultralytics model YAML of the student."),
+    warm_start: Optional[Path] = typer.Option(None, help="Copy matching tensors from this .pt/.safetensors."),
+    epochs: int = typer.Option(10, help="Training epochs."),
+    batch: int = typer.Option(16, help="Training batch size."),
+    freeze: int = typer.Option(0, help="Freeze the first N layers (10: yolov5n backbone, 24: backbone+neck)."),
+    width: Optional[float] = typer.Option(None, help="Width multiple override (a narrower, cheaper student)."),
+    depth: Optional[float] = typer.Option(None, help="Depth multiple override."),
     out_dir: Path = typer.Option(..., "--out", help="Run directory (stages are cached; re-run resumes)."),
     force: list[str] = typer.Option([], "--force", help="Redo this stage and the ones after it."),
     sign: Optional[Path] = typer.Option(None, "--sign", help="Sign the shipped bundle with this private key."),
@@ -143,7 +151,8 @@ def distill_detect_command(
     """Distill a narrow detector: pseudo-label with the teachers, measure every candidate, ship the best.
 
     Example: bastion distill detect --teacher yolov5n --images imgs/ --labels labels/ --classes person,vehicle
-    --class-map car=vehicle,truck=vehicle,bus=vehicle --imgsz 320 --out runs/distill/pv
+    --class-map car=vehicle,truck=vehicle,bus=vehicle --imgsz 320 --warm-start yolov5n.safetensors --freeze 24
+    --out runs/distill/pv
     """
     from bastion.distill.classmap import parse_class_map
     from bastion.distill.detect_pipeline import STAGES, DistillSpec, run_distill
@@ -165,7 +174,18 @@ def distill_detect_command(
         from bastion.models.keys import load_private_key, read_passphrase
 
         key = load_private_key(sign, read_passphrase(False))
-    spec = DistillSpec(teachers=list(teacher), images=images, labels=labels, classes=names,
+    from bastion.distill.train import TrainSpec
+    from bastion.distill.ultra import ultralytics_available
+    from bastion.errors import MissingExtraError
+
+    train = None
+    if not no_train:
+        if not ultralytics_available():
+            raise MissingExtraError("student training", "distill", "ultralytics-opencv-headless",
+                                    "(or pass --no-train to measure only the no-training candidates)")
+        train = TrainSpec(student=student, warm_start=warm_start, epochs=epochs, batch=batch, freeze=freeze,
+                          width=width, depth=depth)
+    spec = DistillSpec(teachers=list(teacher), images=images, labels=labels, classes=names, train=train,
                        class_map=parse_class_map(class_map), conf=thresholds, imgsz=imgsz, out=out_dir,
                        min_map50=min_map50, max_latency_ms=max_latency, int8=int8, allow_unsigned=allow_unsigned,
                        force=set(force))

@@ -24,6 +24,7 @@ from bastion.distill.datasets import load_data_yaml
 from bastion.distill.evaluate import EvalSettings, evaluate_detector
 from bastion.distill.pseudo import build_dataset
 from bastion.distill.run import RunDir
+from bastion.distill.train import TrainSpec
 from bastion.errors import ConfigError, InputNotFoundError
 from bastion.models.bundle import Bundle
 from bastion.runtime.backends import open_backend
@@ -31,7 +32,7 @@ from bastion.runtime.detect import DetectOptions, Detector
 from bastion.runtime.media import list_images, read_image
 
 log = logging.getLogger(__name__)
-STAGES = ["teachers", "labels", "baselines", "report"]
+STAGES = ["teachers", "labels", "student", "baselines", "report"]
 EVAL_OPTS = dict(conf=0.001, iou=0.6, multi_label=True, scaleup=False)
 
 
@@ -51,6 +52,7 @@ class DistillSpec:
     int8: bool = True
     allow_unsigned: bool = False
     force: set[str] = field(default_factory=set)
+    train: "TrainSpec | None" = None  # None: no student is trained (only the no-training candidates)
 
 
 def _latency_ms(detector: Detector, images: list[np.ndarray]) -> float:
@@ -103,7 +105,18 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
             t.close()
     dataset = load_data_yaml(run.dir("labels") / "data.yaml", "val")
 
-    # 3. candidates that need no training
+    # 3. the student (Ultralytics, [distill] extra)
+    if spec.train is not None and not run.done("student"):
+        from bastion.distill.train import train_student
+
+        with run.stage("student") as (stage, result):
+            step = tick("train student", 1)
+            result.update(train_student(run.dir("labels") / "data.yaml", spec.train, spec.imgsz, stage),
+                          student=spec.train.student, epochs=spec.train.epochs, freeze=spec.train.freeze,
+                          warm_start=str(spec.train.warm_start) if spec.train.warm_start else None)
+            step()
+
+    # 4. every candidate, measured in the same run
     if not run.done("baselines"):
         teacher = bundles[0]
         sample = [read_image(p) for p in dataset.images[:12]]
@@ -127,17 +140,32 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
                                          report, _latency_ms(det, sample), f"baselines/{sliced.root.name}"))
             det.close()
             step()
+            int8_from = [("sliced", sliced)]
+            if run.done("student"):
+                student = _student_bundle(run.dir("student") / run.result("student")["onnx"], spec, teacher,
+                                          stage / f"student-{spec.imgsz}", run.result("student"))
+                det = Detector(open_backend(student.model_path, threads=1), student.manifest,
+                               DetectOptions(**EVAL_OPTS, imgsz=spec.imgsz, rect=False))
+                report = evaluate_detector(det, dataset, settings_for(spec.imgsz))
+                candidates.append(_candidate(f"student@{spec.imgsz}", f"trained student ({spec.train.student})"
+                                             if spec.train else "trained student", spec.imgsz, report,
+                                             _latency_ms(det, sample), f"baselines/{student.root.name}"))
+                det.close()
+                int8_from.append(("student", student))
             if spec.int8:
                 from bastion.distill.int8_gate import quantize_and_gate
 
                 calib = sorted((run.dir("labels") / "images" / "train").iterdir())[:32]
-                gate = quantize_and_gate(sliced, calib, dataset, spec.imgsz, 1.0, stage / f"sliced-int8-{spec.imgsz}")
-                result["int8_gate"] = gate.to_dict()
-                if gate.accepted:
-                    candidates.append({"name": f"sliced-int8@{spec.imgsz}", "kind": "sliced teacher, INT8",
-                                       "imgsz": spec.imgsz, "map50": gate.int8["map50"],
-                                       "map50_95": gate.int8["map50_95"], "latency_ms": gate.int8["latency_ms"],
-                                       "per_class": {}, "bundle": f"baselines/sliced-int8-{spec.imgsz}"})
+                result["int8_gate"] = {}
+                for label, source in int8_from:
+                    name = f"{label}-int8-{spec.imgsz}"
+                    gate = quantize_and_gate(source, calib, dataset, spec.imgsz, 1.0, stage / name)
+                    result["int8_gate"][label] = gate.to_dict()
+                    if gate.accepted:
+                        candidates.append({"name": f"{label}-int8@{spec.imgsz}", "kind": f"{label}, INT8",
+                                           "imgsz": spec.imgsz, "map50": gate.int8["map50"],
+                                           "map50_95": gate.int8["map50_95"], "latency_ms": gate.int8["latency_ms"],
+                                           "per_class": {}, "bundle": f"baselines/{name}"})
             step()
             result["candidates"] = candidates
 
@@ -147,9 +175,20 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
         ok = [c for c in candidates if c["map50"] >= spec.min_map50
               and (spec.max_latency_ms is None or c["latency_ms"] <= spec.max_latency_ms)]
         chosen = max(ok, key=lambda c: (round(c["map50"], 3), -c["latency_ms"])) if ok else None
+        trained = run.result("student") if run.done("student") else None
+        student_line = (f"{trained['student']}, {trained['epochs']} epochs, warm start "
+                        f"{trained.get('warm_start_copied', 0)}/{trained.get('student_tensors', '?')} tensors"
+                        if trained else "not trained (--no-train)")
+        beaten = [c["name"] for c in candidates if c["kind"] != "teacher" and not c["name"].startswith("student")]
+        student_c = next((c for c in candidates if c["name"] == f"student@{spec.imgsz}"), None)
+        if student_c is not None:
+            better = [c["name"] for c in candidates if c["name"] in beaten and c["map50"] >= student_c["map50"]
+                      and c["latency_ms"] <= student_c["latency_ms"]]
+            if better:
+                student_line += f". A no-training baseline beats the trained student: {', '.join(better)}"
         result.update(candidates=candidates, chosen=chosen["name"] if chosen else None,
                       labels=run.result("labels"), int8_gate=run.result("baselines").get("int8_gate"),
-                      student="not trained: student training is not in this build yet")
+                      student=student_line, training=trained)
         (stage / "report.md").write_text(_report_md(spec, result))
         (stage / "report.json").write_text(json.dumps(result, indent=2, default=str))
     if chosen and chosen["kind"] != "teacher":
@@ -178,6 +217,37 @@ def _ship(src: Path, dst: Path, sign_key) -> None:  # noqa: ANN001
 def _candidate(name, kind, size, report, latency, bundle_root) -> dict[str, Any]:  # noqa: ANN001
     return {"name": name, "kind": kind, "imgsz": size, "map50": report.map50, "map50_95": report.map50_95,
             "latency_ms": latency, "per_class": report.per_class, "bundle": str(bundle_root)}
+
+
+def _student_bundle(onnx: Path, spec: DistillSpec, teacher: Bundle, out: Path, training: dict) -> Bundle:
+    """The exported student as an (unsigned, for now) bundle whose provenance names the teacher and the data."""
+    import shlex
+    import sys
+
+    from bastion import __version__
+    from bastion.models.bundle import verify_files
+    from bastion.models.manifest import MANIFEST_NAME, read_manifest
+    from bastion.models.signing import Verification
+    from bastion.runtime.bundle_create import create_bundle, infer_fields
+
+    fields = infer_fields(onnx)
+    if not fields:
+        raise ConfigError(f"the exported student {onnx.name} has no Ultralytics metadata bastion understands")
+    fields.update(
+        name=f"student-{'-'.join(spec.classes)}", version=f"{spec.imgsz}", task="detect", classes=spec.classes,
+        provenance={"source": f"distilled from {teacher.manifest.name} by bastion ({training.get('student')}, "
+                              f"{training.get('epochs')} epochs, pseudo-labels)",
+                    "teachers": [teacher.sha256], "command": shlex.join(["bastion", *sys.argv[1:]]),
+                    "bastion_version": __version__,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        license={"weights": f"derived from {teacher.manifest.name} ({teacher.manifest.license.weights}) via "
+                            "Ultralytics (AGPL-3.0)", "data": teacher.manifest.license.data,
+                 "notes": "a distilled student inherits the terms of its teacher and training code; check them"},
+    )
+    create_bundle(onnx, out, fields, [])
+    manifest = read_manifest(out / MANIFEST_NAME)
+    verify_files(out, manifest)
+    return Bundle(out, manifest, Verification(False, note="made by this run; unsigned until signed"))
 
 
 def _sliced_bundle(teacher: Bundle, class_map: ClassMap, spec: DistillSpec, out: Path) -> Bundle:
@@ -232,8 +302,8 @@ def _report_md(spec: DistillSpec, result: dict[str, Any]) -> str:
         mark = " **← ships**" if c["name"] == result["chosen"] else ""
         lines.append(f"| {c['name']}{mark} | {c['imgsz']} | {c['map50']:.3f} | {c['map50_95']:.3f} | "
                      f"{c['latency_ms']:.1f} |")
-    gate = result.get("int8_gate")
-    lines += ["", f"INT8 gate: {gate['reason'] if gate else 'not run'}", "",
+    gates = result.get("int8_gate") or {}
+    lines += [""] + [f"INT8 gate ({k}): {g['reason']}" for k, g in gates.items()] + ["",
               f"Student: {result['student']}.",
               f"Chosen: {result['chosen'] or 'none meets the constraints'}."]
     return "\n".join(lines) + "\n"

@@ -44,7 +44,7 @@ def _read_meta(path: Path | None) -> dict[str, Any]:
     return data
 
 
-def _inferred(onnx: Path) -> dict[str, Any]:
+def infer_fields(onnx: Path) -> dict[str, Any]:
     """What the ONNX file says about itself (empty where it says nothing we understand)."""
     from bastion.runtime.backends import open_backend
     from bastion.runtime.onnx_manifest import manifest_from_onnx
@@ -145,7 +145,7 @@ def bundle_create_command(
         raise ConfigError("give --onnx FILE or --from-run DIR")
     if not onnx.is_file():
         raise InputNotFoundError(f"model file not found: {onnx}")
-    fields: dict[str, Any] = {**_inferred(onnx), **_read_meta(meta)}
+    fields: dict[str, Any] = {**infer_fields(onnx), **_read_meta(meta)}
     fields.setdefault("name", name or onnx.stem)
     fields.setdefault("version", "1.0")
     fields.setdefault("task", "detect")

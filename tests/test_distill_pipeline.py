@@ -87,3 +87,30 @@ def test_distill_bad_input(small_set, tmp_path):
     proc = run_cli("distill", "detect", "--teacher", "yolov5n", "--images", str(tmp_path / "none"), "--classes",
                    "person", "--out", str(tmp_path / "c"))
     assert proc.returncode == 1 and "no images in" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_tiny_student_training_end_to_end(small_set, tmp_path, shared):
+    """1 epoch at 160 px: warm start logged, checkpoint and ONNX exist, the student is a measured candidate."""
+    from bastion.distill.train import TrainSpec
+    from bastion.distill.ultra import ultralytics_available
+
+    if not ultralytics_available():  # not importorskip: importing it before bastion configures it goes online
+        pytest.skip("the [distill] extra is not installed")
+
+    images, labels = small_set
+    warm = shared / "weights" / "yolov5n" / "yolov5n.state_dict.safetensors"
+    out = tmp_path / "run"
+    train = TrainSpec(student="yolov5n.yaml", warm_start=warm if warm.is_file() else None, epochs=1, batch=8,
+                      freeze=24)
+    report = run_distill(spec(images, labels, out, train=train, int8=True))
+    trained = report["training"]
+    assert (out / "student" / trained["weights"]).is_file() and (out / "student" / trained["onnx"]).is_file()
+    if warm.is_file():
+        assert trained["warm_start_copied"] == 342  # every tensor of layers 0-23; only the head is new
+    student = next(c for c in report["candidates"] if c["name"] == "student@160")
+    assert 0.0 <= student["map50"] <= 1.0 and student["latency_ms"] > 0
+    bundle = Bundle.open(out / "baselines" / "student-160", allow_unsigned=True)
+    assert bundle.manifest.classes == ["person", "vehicle"] and bundle.manifest.decoder.type == "yolov8"
+    assert bundle.manifest.provenance.teachers == [Bundle.open("yolov5n").sha256]
+    assert "student" in report["int8_gate"]
