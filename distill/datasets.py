@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from bastion.errors import ConfigError, InputNotFoundError
+from bastion.models.textfiles import read_yaml_mapping
 from bastion.runtime.media import list_images
 
 
@@ -50,13 +50,8 @@ class YoloDataset:
 
 
 def load_data_yaml(path: Path, split: str = "val", limit: int | None = None) -> YoloDataset:
-    if not Path(path).is_file():
-        raise InputNotFoundError(f"dataset file not found: {path}")
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict) or split not in data or "names" not in data:
+    data = read_yaml_mapping(path, "dataset file")
+    if split not in data or "names" not in data:
         raise ConfigError(f"{path} needs '{split}:' and 'names:' keys (Ultralytics data.yaml format)")
     root = Path(path).resolve().parent
     if data.get("path"):

@@ -11,12 +11,12 @@ import hashlib
 import ipaddress
 import os
 from pathlib import Path
-from typing import Literal
 
-import yaml
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bastion.errors import ConfigError
+from bastion.models.textfiles import first_error, read_yaml_mapping
 
 
 class _Strict(BaseModel):
@@ -127,14 +127,7 @@ def load_config(path: Path | None, overrides: dict | None = None) -> NodeConfig:
     data: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"node config not found: {path}", "write an example with: bastion node init")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must be a YAML mapping")
+        data = read_yaml_mapping(path, "node config", "write an example with: bastion node init")
     for key in NodeConfig.model_fields:
         env = os.environ.get(f"BASTION_NODE_{key.upper()}")
         if env is not None:
@@ -143,9 +136,7 @@ def load_config(path: Path | None, overrides: dict | None = None) -> NodeConfig:
     try:
         config = NodeConfig.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "config"
-        raise ConfigError(f"node config {path or ''}: {where}: {first['msg']}") from None
+        raise ConfigError(f"node config {path or ''}: {first_error(exc, 'config')}") from None
     if path is not None and not config.storage.dir.is_absolute():  # relative to the config file
         config.storage.dir = (path.parent / config.storage.dir).resolve()
     return config

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from bastion import __version__
 from bastion.edge.audit import AuditLog

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from bastion.models.textfiles import first_error
+
 PROTOCOL_VERSION = 1
 MAX_REQUEST_BYTES = 64 * 1024
 EVENT_TOPIC_PREFIX = b"det."
@@ -84,9 +86,7 @@ def parse_request(raw: bytes) -> ControlRequest:
     try:
         return ControlRequest.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "request"
-        raise ProtocolError(f"{where}: {first['msg']}") from None
+        raise ProtocolError(first_error(exc, "request")) from None
 
 
 def reply(request_id: Any, ok: bool = True, **fields: Any) -> bytes:

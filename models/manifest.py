@@ -177,9 +177,10 @@ def read_manifest(path: Path) -> Manifest:
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "manifest"
-        raise ManifestError(f"{path}: {where}: {first['msg']}", "the bundle is damaged or from another tool") from None
+        from bastion.models.textfiles import first_error
+
+        raise ManifestError(f"{path}: {first_error(exc, 'manifest')}", "the bundle is damaged or from another tool"
+                            ) from None
 
 
 def write_manifest(manifest: Manifest, path: Path) -> None:

@@ -17,7 +17,6 @@ from typing import Any, Optional
 
 import numpy as np
 import typer
-import yaml
 from pydantic import ValidationError
 
 from bastion import __version__
@@ -25,23 +24,14 @@ from bastion.console import out, print_json
 from bastion.errors import ConfigError, DecoderError, InputNotFoundError
 from bastion.models.bundle import verify_files
 from bastion.models.manifest import FileEntry, Manifest, sha256_file, write_manifest
+from bastion.models.textfiles import first_error, read_yaml_mapping
 
 RUN_MODEL = "model.onnx"
 RUN_META = "bundle.yaml"
 
 
 def _read_meta(path: Path | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    if not path.is_file():
-        raise InputNotFoundError(f"metadata file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML/JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of manifest fields")
-    return data
+    return {} if path is None else read_yaml_mapping(path, "bundle metadata file")
 
 
 def infer_fields(onnx: Path) -> dict[str, Any]:
@@ -79,10 +69,8 @@ def create_bundle(onnx: Path, out_dir: Path, fields: dict[str, Any], license_fil
         try:
             manifest = Manifest.model_validate(fields)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ConfigError(f"bundle metadata: {where}: {first['msg']}",
-                              "give it with a flag or in the --meta file") from None
+            raise ConfigError(f"bundle metadata: {first_error(exc)}", "give it with a flag or in the --meta file"
+                              ) from None
         if manifest.task == "detect":
             _smoke_test(staging / onnx.name, manifest)
         write_manifest(manifest, staging / "manifest.json")
