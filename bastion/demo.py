@@ -1,12 +1,24 @@
-"""``bastion demo``: the default detector over a vendored sample video, with a summary and artefacts."""
+"""``bastion demo``: the whole loop on the vendored samples — distill → sign → serve → subscribe → verify.
+
+1. distill: frames sampled from the vendored clips are pseudo-labelled by the vendored teacher, narrowed to
+   person/vehicle; every no-training candidate (and a quick student with ``--train``) is measured, the fastest
+   within a few mAP50 points of the best ships, signed with a demo key that this run's own ``BASTION_HOME``
+   trusts;
+2. detect: that bundle over a sample clip → annotated video + contact sheet;
+3. serve: a field node on the clip, a ``Client`` following it, a node restart, a gap-free resume, and the
+   audit log verified.
+Everything lands in ``runs/demo/<timestamp>/``; ``--skip-distill`` serves the vendored default right away.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -16,32 +28,104 @@ from bastion.models.zoo import DEFAULT_DETECTOR
 
 SAMPLES = Path(__file__).resolve().parent / "samples"
 DEFAULT_VIDEO = SAMPLES / "one-by-one-person-detection.mp4"
+CLASSES = ["person", "vehicle"]
+CLASS_MAP = {"car": "vehicle", "truck": "vehicle", "bus": "vehicle", "motorcycle": "vehicle"}
 
 
 def demo_command(
     video: Path = typer.Option(DEFAULT_VIDEO, help="Video to run on (default: a vendored CC BY 4.0 sample)."),
-    model: str = typer.Option(DEFAULT_DETECTOR, "--model", "-m", help="Bundle directory or zoo name."),
+    model: str = typer.Option(DEFAULT_DETECTOR, "--model", "-m", help="Teacher bundle (or, with --skip-distill, "
+                              "the bundle to serve)."),
     out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Artefacts land in OUT/<timestamp>/."),
-    max_frames: int = typer.Option(0, help="Stop after this many frames (0: the whole clip)."),
+    skip_distill: bool = typer.Option(False, "--skip-distill", help="Serve --model right away (under a minute)."),
+    train: bool = typer.Option(False, "--train", help="Also train a quick student (needs the [distill] extra)."),
+    max_frames: int = typer.Option(0, help="Detection part: stop after this many frames (0: the whole clip)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for inference."),
     node_seconds: float = typer.Option(10.0, help="How long the field-node part runs (0 skips it)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
 ) -> None:
-    """Detect on a sample video, then serve it from a field node to a subscribing Client.
+    """The whole loop on the vendored samples: distill → sign → detect → serve → subscribe → verify.
 
-    Part 1 writes an annotated video and a contact sheet; part 2 starts a node on the same
-    video (events stored in SQLite, published over ZeroMQ on loopback), follows it with the
-    SDK Client, shuts it down cleanly and verifies the audit log.
-
-    Example: bastion demo --max-frames 100 --node-seconds 5
+    Example: bastion demo --skip-distill --max-frames 100 --node-seconds 5
     """
+    run_dir = (out_dir / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["BASTION_HOME"] = str(run_dir / "home")  # a fresh trust store and registry for this run
+    summary: dict[str, Any] = {"run_dir": str(run_dir)}
+    serve = model
+    if not skip_distill:
+        summary["distill"] = run_distill_demo(model, run_dir / "distill", train, quiet=json_out)
+        serve = summary["distill"]["served"]
+    summary["detect"] = run_detect_demo(serve, video, run_dir, max_frames, threads, allow_unsigned, json_out)
+    if node_seconds > 0:
+        summary["node"] = run_node_demo(serve, video, run_dir / "node", node_seconds, allow_unsigned, quiet=json_out)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (run_dir / "report.md").write_text(_report_md(summary))
+    if json_out:
+        print_json(summary)
+    else:
+        out.print(f"\nreport: {run_dir / 'report.md'}")
+
+
+def sample_frames(videos: list[Path], out: Path, every: int = 8) -> list[Path]:
+    """Every ``every``-th frame of the vendored clips as JPEGs: the demo's unlabelled training images."""
+    from bastion.runtime.media import iter_video
+    from bastion.runtime.outputs import save_image
+
+    written = []
+    for video in videos:
+        for frame in iter_video(video):
+            if frame.index % every == 0:
+                path = out / f"{video.stem}-{frame.index:05d}.jpg"
+                save_image(path, frame.image)
+                written.append(path)
+    return written
+
+
+def run_distill_demo(teacher: str, run: Path, train: bool, quiet: bool = False) -> dict[str, Any]:
+    from bastion.distill.detect_pipeline import DistillSpec, run_distill
+    from bastion.models.keys import generate_keypair, load_private_key
+    from bastion.models.trust import TrustStore
+
+    frames = run / "frames"
+    images = sorted(frames.glob("*.jpg")) or sample_frames(sorted(SAMPLES.glob("*.mp4")), frames)
+    pair = generate_keypair(run.parent / "keys" / "demo")
+    TrustStore().trust(pair.public_path)
+    train_spec = None
+    if train:
+        from bastion.distill.train import TrainSpec
+        from bastion.distill.ultra import ultralytics_available
+        from bastion.errors import MissingExtraError
+
+        if not ultralytics_available():
+            raise MissingExtraError("bastion demo --train", "distill", "ultralytics-opencv-headless")
+        train_spec = TrainSpec(student="yolov5n.yaml", epochs=3, batch=16, freeze=0)
+    if not quiet:
+        out.print(f"[bold]distill[/] {teacher} → {', '.join(CLASSES)} on {len(images)} frames of the sample clips "
+                  f"(demo key {pair.key_id}, trusted in this run's BASTION_HOME)")
+    spec = DistillSpec(teachers=[teacher], images=frames, labels=None, classes=CLASSES, class_map=CLASS_MAP,
+                       conf={"*": 0.3}, imgsz=320, out=run, max_map50_drop=10.0, train=train_spec)
+    with progress(disable=quiet) as bar:
+        def tick(label: str, total: int):  # noqa: ANN202
+            task = bar.add_task(label, total=total)
+            return lambda: bar.advance(task)
+
+        report = run_distill(spec, load_private_key(pair.private_path), tick)
+    if not quiet:
+        out.print((run / "report" / "report.md").read_text())
+    served = report.get("shipped_bundle") or teacher
+    return {"report": report, "served": served, "key_id": pair.key_id, "frames": len(images)}
+
+
+def run_detect_demo(model: str, video: Path, run_dir: Path, max_frames: int, threads: int | None,
+                    allow_unsigned: bool, quiet: bool) -> dict[str, Any]:
+    """The served model over ``video``: annotated video, contact sheet, counts, fps."""
     from bastion.runtime.detect import Detector
     from bastion.runtime.media import iter_video, video_info
     from bastion.runtime.outputs import AtomicVideoWriter, contact_sheet, save_image
     from bastion.runtime.stream import default_workers, detect_stream
 
-    run_dir = out_dir / datetime.now().strftime("%Y%m%d-%H%M%S")
     workers = default_workers()
     detector = Detector.load(model, threads=threads or (1 if workers > 1 else None), allow_unsigned=allow_unsigned)
     info = video_info(video)
@@ -53,7 +137,7 @@ def demo_command(
     sample_every = max(1, total // 24)  # candidates for the contact sheet: frames with detections
     t0 = time.perf_counter()
     with AtomicVideoWriter(run_dir / "annotated.mp4", info["fps"], (int(info["width"]), int(info["height"]))) as vw, \
-            progress(disable=json_out) as bar:
+            progress(disable=quiet) as bar:
         task = bar.add_task(f"{detector.manifest.name} on {video.name}", total=total or None)
         for frame, det in detect_stream(detector, iter_video(video, limit), workers=workers):
             counts.update(det.counts())
@@ -69,27 +153,23 @@ def demo_command(
     if keyframes:
         save_image(sheet, contact_sheet(keyframes))
     summary = {
-        "model": detector.manifest.name, "model_sha256": detector.bundle_sha256, "video": str(video),
-        "frames": frames, "frames_with_detections": frames_with, "detections": dict(counts),
-        "fps": round(frames / elapsed, 2) if elapsed else 0.0, "run_dir": str(run_dir),
+        "model": detector.manifest.name, "model_sha256": detector.bundle_sha256, "signer": detector.verified_by,
+        "video": str(video), "frames": frames, "frames_with_detections": frames_with, "detections": dict(counts),
+        "fps": round(frames / elapsed, 2) if elapsed else 0.0,
         "annotated_video": str(run_dir / "annotated.mp4"), "contact_sheet": str(sheet),
     }
-    if not json_out:
-        print_counts(f"bastion demo — {detector.manifest.name} on {video.name}", counts)
+    if not quiet:
+        print_counts(f"detect — {detector.manifest.name} on {video.name}", counts)
         out.print(f"{frames} frames ({frames_with} with detections) at {summary['fps']} frames/s")
         out.print(f"annotated video: {summary['annotated_video']}\ncontact sheet:   {summary['contact_sheet']}")
     detector.close()
-    if node_seconds > 0:
-        summary["node"] = run_node_demo(model, video, run_dir / "node", node_seconds, allow_unsigned, quiet=json_out)
-    if json_out:
-        print_json(summary)
+    return summary
 
 
 def run_node_demo(model: str, video: Path, storage: Path, seconds: float, allow_unsigned: bool,
                   quiet: bool = False) -> dict:
-    """A node on ``video`` in this process, a Client following it, then a clean shutdown and audit check."""
+    """A node on ``video`` in this process, a Client following it, a node restart, a gap-free resume."""
     from bastion.edge.audit import verify_audit_log
-    from bastion.edge.client import Client
     from bastion.edge.config import NodeConfig
     from bastion.edge.node import Node
 
@@ -99,35 +179,64 @@ def run_node_demo(model: str, video: Path, storage: Path, seconds: float, allow_
         "endpoints": {"events": "tcp://127.0.0.1:*", "control": "tcp://127.0.0.1:*"},
         "storage": {"dir": str(storage)}, "security": {"allow_unsigned": allow_unsigned},
     })
-    node = Node(config)
-    node.start()
-    if not quiet:
-        out.print(f"\n[bold]field node[/] {config.id}: events on {node.server.events_endpoint}, "
-                  f"control on {node.server.control_endpoint}")
     counts: Counter[str] = Counter()
     seqs: list[int] = []
+    stats = {}
+    for run in (1, 2):  # the second run is a restart on the same store: the client resumes after its last seq
+        node = Node(config)
+        node.start()
+        if not quiet:
+            out.print(f"\n[bold]field node[/] {config.id} ({'restarted' if run == 2 else 'started'}): events on "
+                      f"{node.server.events_endpoint}, control on {node.server.control_endpoint}")
+        stats[f"run{run}"] = _follow(node, seqs, counts, seconds / 2, quiet)
+        node.close()
+    audit = verify_audit_log(storage / "audit.log")
+    result = {
+        "events_received": len(seqs), "gap_free": seqs == list(range(1, len(seqs) + 1)),
+        "detections": dict(counts), "source_stats": stats, "storage": str(storage),
+        "audit_records": audit.records, "audit_intact": audit.ok,
+    }
+    if not quiet:
+        print_counts(f"client received {len(seqs)} events across a node restart (seq 1..{seqs[-1] if seqs else 0}, "
+                     f"{'no gaps, no duplicates' if result['gap_free'] else 'GAPS'})", dict(counts))
+        out.print(f"audit log {'intact' if audit.ok else 'BROKEN'} ({audit.records} records): "
+                  f"bastion audit verify {storage / 'audit.log'}")
+    return result
+
+
+def _follow(node, seqs: list[int], counts: Counter, seconds: float, quiet: bool) -> dict:  # noqa: ANN001
+    from bastion.edge.client import Client
+
     deadline = time.monotonic() + seconds
     with Client(node.server.control_endpoint, timeout_s=5) as client:
-        for event in client.events(since=0):
+        for event in client.events(since=seqs[-1] if seqs else 0):
             seqs.append(event.seq)
             counts.update(d.name for d in event.detections)
-            if not quiet and (len(seqs) <= 8 or len(seqs) % 25 == 0):
+            if not quiet and (len(seqs) <= 5 or len(seqs) % 50 == 0):
                 what = ", ".join(f"{d.name} {d.conf:.2f}" for d in event.detections)
                 out.print(f"  event seq {event.seq:>4}  {event.source} frame {event.frame:>5}: {what}")
             if time.monotonic() > deadline:
                 break
-        status = client.status()
-    node.close()
-    audit = verify_audit_log(storage / "audit.log")
-    result = {
-        "events_received": len(seqs), "gap_free": seqs == list(range(1, len(seqs) + 1)),
-        "detections": dict(counts), "source_stats": status["sources"], "storage": str(storage),
-        "audit_records": audit.records, "audit_intact": audit.ok,
-    }
-    if not quiet:
-        print_counts(f"client received {len(seqs)} events (seq 1..{seqs[-1] if seqs else 0}, "
-                     f"{'no gaps' if result['gap_free'] else 'GAPS'})", dict(counts))
-        cam = status["sources"]["cam1"]
-        out.print(f"node: {cam['inferred']} frames inferred, {cam['dropped']} dropped; shut down cleanly; "
-                  f"audit log {'intact' if audit.ok else 'BROKEN'} ({audit.records} records)")
-    return result
+        return client.status()["sources"]["cam1"]
+
+
+def _report_md(summary: dict) -> str:
+    lines = ["# bastion demo", "", f"Run directory: `{summary['run_dir']}`", ""]
+    if "distill" in summary:
+        d = summary["distill"]
+        lines += ["## 1. Distill", "", f"{d['frames']} frames of the vendored clips, pseudo-labelled by the teacher; "
+                  f"shipped: `{d['served']}`, signed with demo key {d['key_id']}.", "",
+                  Path(d["served"]).parent.joinpath("report", "report.md").read_text()
+                  if Path(d["served"]).is_dir() else "", ""]
+    det = summary["detect"]
+    lines += ["## 2. Detect", "", f"{det['model']} ({det['model_sha256'][:16]}, signer {det['signer']}) on "
+              f"{Path(det['video']).name}: {det['frames']} frames, {det['frames_with_detections']} with detections, "
+              f"{det['fps']} frames/s.", "", "| class | detections |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in sorted(det["detections"].items(), key=lambda kv: -kv[1])]
+    lines += ["", "![contact sheet](contact_sheet.jpg)", ""]
+    if "node" in summary:
+        n = summary["node"]
+        lines += ["## 3. Serve", "", f"A Client received {n['events_received']} events across a node restart: "
+                  f"{'no gaps, no duplicates' if n['gap_free'] else 'GAPS'}. Audit log "
+                  f"{'intact' if n['audit_intact'] else 'BROKEN'} ({n['audit_records']} records).", ""]
+    return "\n".join(lines) + "\n"

@@ -133,6 +133,8 @@ def distill_detect_command(
     imgsz: int = typer.Option(320, help="Target input size."),
     min_map50: float = typer.Option(0.0, help="Ship only a candidate at least this accurate."),
     max_latency: Optional[float] = typer.Option(None, help="Ship only a candidate at most this slow (ms, 1 thread)."),
+    max_map50_drop: Optional[float] = typer.Option(None, help="Ship the fastest candidate within this many mAP50 "
+                                                   "points of the most accurate one."),
     int8: bool = typer.Option(True, help="Try INT8 of the sliced teacher and the student through the gate."),
     no_train: bool = typer.Option(False, "--no-train", help="Measure only the candidates that need no training."),
     student: str = typer.Option("yolov5n.yaml", help="Ultralytics model YAML of the student."),
@@ -187,7 +189,8 @@ def distill_detect_command(
                           width=width, depth=depth)
     spec = DistillSpec(teachers=list(teacher), images=images, labels=labels, classes=names, train=train,
                        class_map=parse_class_map(class_map), conf=thresholds, imgsz=imgsz, out=out_dir,
-                       min_map50=min_map50, max_latency_ms=max_latency, int8=int8, allow_unsigned=allow_unsigned,
+                       min_map50=min_map50, max_latency_ms=max_latency, max_map50_drop=max_map50_drop, int8=int8,
+                       allow_unsigned=allow_unsigned,
                        force=set(force))
     with progress(disable=json_out) as bar:
         def tick(label: str, total: int):  # noqa: ANN202

@@ -49,6 +49,7 @@ class DistillSpec:
     val_fraction: float = 0.25
     min_map50: float = 0.0
     max_latency_ms: float | None = None
+    max_map50_drop: float | None = None  # points below the best candidate: then ship the fastest within it
     int8: bool = True
     allow_unsigned: bool = False
     force: set[str] = field(default_factory=set)
@@ -172,9 +173,7 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
     # 4. report: pick what ships
     with run.stage("report") as (stage, result):
         candidates = run.result("baselines")["candidates"]
-        ok = [c for c in candidates if c["map50"] >= spec.min_map50
-              and (spec.max_latency_ms is None or c["latency_ms"] <= spec.max_latency_ms)]
-        chosen = max(ok, key=lambda c: (round(c["map50"], 3), -c["latency_ms"])) if ok else None
+        chosen = choose(candidates, spec.min_map50, spec.max_latency_ms, spec.max_map50_drop)
         trained = run.result("student") if run.done("student") else None
         student_line = (f"{trained['student']}, {trained['epochs']} epochs, warm start "
                         f"{trained.get('warm_start_copied', 0)}/{trained.get('student_tensors', '?')} tensors"
@@ -196,6 +195,21 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
         run.state["stages"]["report"]["result"]["shipped_bundle"] = str(run.root / "bundle")
         run.record("stages", run.state["stages"])
     return run.result("report")
+
+
+def choose(candidates: list[dict], min_map50: float, max_latency_ms: float | None,
+           max_map50_drop: float | None) -> dict | None:
+    """Among candidates meeting the constraints: the most accurate (ties: fastest), or with
+    ``max_map50_drop`` the fastest within that many points of the most accurate."""
+    ok = [c for c in candidates if c["map50"] >= min_map50
+          and (max_latency_ms is None or c["latency_ms"] <= max_latency_ms)]
+    if not ok:
+        return None
+    best = max(ok, key=lambda c: (round(c["map50"], 3), -c["latency_ms"]))
+    if max_map50_drop is None:
+        return best
+    near = [c for c in ok if c["map50"] >= best["map50"] - max_map50_drop / 100]
+    return min(near, key=lambda c: (c["latency_ms"], -c["map50"]))
 
 
 def _ship(src: Path, dst: Path, sign_key) -> None:  # noqa: ANN001

@@ -102,16 +102,32 @@ def test_bench_video_json():
 
 
 @pytest.mark.slow
-def test_demo_writes_video_and_contact_sheet(tmp_path):
-    proc = run_cli("demo", "--max-frames", "90", "--out", str(tmp_path), "--json", "--threads", "1",
-                   "--node-seconds", "4")
+def test_demo_skip_distill_end_to_end(tmp_path):
+    proc = run_cli("demo", "--skip-distill", "--max-frames", "90", "--out", str(tmp_path), "--json", "--threads",
+                   "1", "--node-seconds", "10")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
-    assert summary["frames"] == 90 and summary["detections"].get("person", 0) > 0
-    node = summary["node"]
-    assert node["events_received"] > 5 and node["gap_free"] and node["audit_intact"]
-    assert node["detections"].get("person", 0) > 0
+    det = summary["detect"]
+    assert det["frames"] == 90 and det["detections"].get("person", 0) > 0 and det["signer"]
     from pathlib import Path
 
-    assert Path(summary["annotated_video"]).stat().st_size > 10_000
-    assert Path(summary["contact_sheet"]).stat().st_size > 10_000
+    assert Path(det["annotated_video"]).stat().st_size > 10_000
+    assert Path(det["contact_sheet"]).stat().st_size > 10_000
+    node = summary["node"]
+    assert node["events_received"] > 5 and node["gap_free"] and node["audit_intact"]
+    assert (Path(summary["run_dir"]) / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_demo_distills_signs_and_serves(tmp_path):
+    proc = run_cli("demo", "--max-frames", "60", "--out", str(tmp_path), "--json", "--node-seconds", "10")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    distill = summary["distill"]
+    from pathlib import Path
+
+    served = Path(distill["served"])
+    assert served.is_dir() and str(served).startswith(summary["run_dir"])  # the run's own bundle is served
+    assert summary["detect"]["signer"] == distill["key_id"]  # signed by the run's demo key, verified on load
+    assert summary["detect"]["model"].endswith(("person-vehicle", "person-vehicle-int8"))
+    assert summary["node"]["gap_free"] and summary["node"]["events_received"] > 0

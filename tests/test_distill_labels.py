@@ -77,3 +77,15 @@ def test_sliced_teacher_head_keeps_exactly_the_teachers_scores(tmp_path):
         if len(merged):
             assert vehicles.conf.max() >= merged.conf.max() - 1e-6
     assert sliced.backend.outputs[0].shape[-1] == 7
+
+
+def test_choose_ships_the_best_or_the_fastest_near_it():
+    from bastion.distill.detect_pipeline import choose
+
+    c = [{"name": "big", "map50": 0.55, "latency_ms": 30}, {"name": "mid", "map50": 0.50, "latency_ms": 12},
+         {"name": "small", "map50": 0.47, "latency_ms": 7}, {"name": "bad", "map50": 0.2, "latency_ms": 5}]
+    assert choose(c, 0.0, None, None)["name"] == "big"
+    assert choose(c, 0.0, 10, None)["name"] == "small"
+    assert choose(c, 0.0, None, 6)["name"] == "mid"  # fastest within 6 points of 0.55
+    assert choose(c, 0.0, None, 10)["name"] == "small"
+    assert choose(c, 0.6, None, None) is None
