@@ -11,8 +11,9 @@ PYTEST_ARGS ?=
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# The demo distills (ONNX surgery, INT8, COCO metrics): the small [quantize] extra, no torch.
 $(VENV)/.core-installed: pyproject.toml | $(PY)
-	$(PIP) install -e .
+	$(PIP) install -e ".[quantize]"
 	@touch $@
 
 $(VENV)/.dev-installed: pyproject.toml | $(PY)
