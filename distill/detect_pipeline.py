@@ -188,6 +188,7 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
         result.update(candidates=candidates, chosen=chosen["name"] if chosen else None,
                       labels=run.result("labels"), int8_gate=run.result("baselines").get("int8_gate"),
                       student=student_line, training=trained)
+        result["figures"] = _figures(stage, spec, candidates, dataset, chosen, run, sorted(maps[0].to_student))
         (stage / "report.md").write_text(_report_md(spec, result))
         (stage / "report.json").write_text(json.dumps(result, indent=2, default=str))
     if chosen and chosen["kind"] != "teacher":
@@ -226,6 +227,48 @@ def _ship(src: Path, dst: Path, sign_key) -> None:  # noqa: ANN001
         sign_manifest(staging, read_manifest(staging / MANIFEST_NAME), sign_key)
     shutil.rmtree(dst, ignore_errors=True)
     staging.rename(dst)
+
+
+def _figures(stage: Path, spec: DistillSpec, candidates: list[dict], dataset, chosen: dict | None,
+             run: RunDir, teacher_ids: list[int]) -> dict[str, str]:  # noqa: ANN001
+    """scatter.png, per_class.png, training.png (if a student trained), detections.jpg (the chosen model)."""
+    import csv
+
+    from bastion.distill import charts
+    from bastion.runtime.outputs import contact_sheet, save_image
+
+    figures = {"scatter": charts.scatter(candidates, stage / "scatter.png", "speed vs accuracy (held-out)").name}
+    series = {c["name"]: [c["per_class"].get(k, {}).get("ap50", 0.0) for k in spec.classes]
+              for c in candidates if c["per_class"]}
+    if series:
+        figures["per_class"] = charts.bars(spec.classes, series, stage / "per_class.png", "AP50 per class").name
+    results = run.dir("student") / "train" / "results.csv" if run.done("student") else None
+    if results is not None and results.is_file():
+        rows = [{k.strip(): v for k, v in r.items()} for r in csv.DictReader(results.open())]
+        epochs = [float(r["epoch"]) for r in rows]
+        curves = {k: [float(r[k]) for r in rows] for k in ("train/box_loss", "train/cls_loss", "val/box_loss")
+                  if rows and k in rows[0]}
+        if curves:
+            figures["training"] = charts.lines(epochs, curves, stage / "training.png", "student training",
+                                               "epoch", "loss").name
+    if chosen is not None:
+        bundle = chosen["bundle"]
+        model = str(run.root / bundle) if bundle.startswith("baselines/") else bundle
+        try:
+            det = Detector.load(model, allow_unsigned=True, warmup=False)
+        except Exception as exc:  # a figure must never fail the run
+            log.warning("no detection grid: %s", exc)
+            return figures
+        keep = teacher_ids if chosen["kind"] == "teacher" else None  # a full teacher: show the mission's classes
+        tiles = []
+        for p in dataset.images[:8]:
+            image = read_image(p)
+            tiles.append(det.detect(image).filter(classes=keep).draw(image))
+        det.close()
+        if tiles:
+            save_image(stage / "detections.jpg", contact_sheet(tiles, columns=4, tile_width=320))
+            figures["detections"] = "detections.jpg"
+    return figures
 
 
 def _candidate(name, kind, size, report, latency, bundle_root) -> dict[str, Any]:  # noqa: ANN001
@@ -319,5 +362,9 @@ def _report_md(spec: DistillSpec, result: dict[str, Any]) -> str:
     gates = result.get("int8_gate") or {}
     lines += [""] + [f"INT8 gate ({k}): {g['reason']}" for k, g in gates.items()] + ["",
               f"Student: {result['student']}.",
-              f"Chosen: {result['chosen'] or 'none meets the constraints'}."]
+              f"Chosen: {result['chosen'] or 'none meets the constraints'}.", ""]
+    titles = {"scatter": "Speed vs accuracy", "per_class": "AP50 per class", "training": "Training curves",
+              "detections": "The chosen model on held-out images"}
+    for key, name in result.get("figures", {}).items():
+        lines += [f"![{titles.get(key, key)}]({name})", ""]
     return "\n".join(lines) + "\n"
