@@ -62,10 +62,13 @@ def demo_command(
         summary["node"] = run_node_demo(serve, video, run_dir / "node", node_seconds, allow_unsigned, quiet=json_out)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     (run_dir / "report.md").write_text(_report_md(summary))
+    from bastion.demo_report import render
+
+    (run_dir / "report.html").write_text(render(summary))
     if json_out:
         print_json(summary)
     else:
-        out.print(f"\nreport: {run_dir / 'report.md'}")
+        out.print(f"\nreport: {run_dir / 'report.html'} (and report.md)")
 
 
 def sample_frames(videos: list[Path], out: Path, every: int = 8) -> list[Path]:

@@ -59,7 +59,7 @@ def scatter(points: list[dict], path: Path, title: str = "speed vs accuracy") ->
     img = _canvas(title, "latency per image, ms (1 CPU thread)", "mAP50")
     xs = [p["latency_ms"] for p in points]
     ys = [p["map50"] for p in points]
-    px = _axes(img, (0, max(xs) * 1.15 if xs else 1), (0, min(1.0, max(ys) * 1.15 + 0.05) if ys else 1))
+    px = _axes(img, (0, max(xs) * 1.15 if xs else 1), (0, min(1.1, max(ys) * 1.15 + 0.05) if ys else 1))
     frontier = []
     for p in sorted(points, key=lambda p: (p["latency_ms"], -p["map50"])):
         if not frontier or p["map50"] > frontier[-1]["map50"]:

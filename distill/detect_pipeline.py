@@ -177,7 +177,7 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
         trained = run.result("student") if run.done("student") else None
         student_line = (f"{trained['student']}, {trained['epochs']} epochs, warm start "
                         f"{trained.get('warm_start_copied', 0)}/{trained.get('student_tensors', '?')} tensors"
-                        if trained else "not trained (--no-train)")
+                        if trained else "not trained (training was not requested)")
         beaten = [c["name"] for c in candidates if c["kind"] != "teacher" and not c["name"].startswith("student")]
         student_c = next((c for c in candidates if c["name"] == f"student@{spec.imgsz}"), None)
         if student_c is not None:
@@ -260,10 +260,14 @@ def _figures(stage: Path, spec: DistillSpec, candidates: list[dict], dataset, ch
             log.warning("no detection grid: %s", exc)
             return figures
         keep = teacher_ids if chosen["kind"] == "teacher" else None  # a full teacher: show the mission's classes
-        tiles = []
-        for p in dataset.images[:8]:
+        tiles, empty = [], []
+        for p in dataset.images[:32]:  # prefer held-out images where the model finds something
             image = read_image(p)
-            tiles.append(det.detect(image).filter(classes=keep).draw(image))
+            found = det.detect(image).filter(classes=keep)
+            (tiles if len(found) else empty).append(found.draw(image))
+            if len(tiles) == 8:
+                break
+        tiles = (tiles + empty)[:8]
         det.close()
         if tiles:
             save_image(stage / "detections.jpg", contact_sheet(tiles, columns=4, tile_width=320))

@@ -131,3 +131,6 @@ def test_demo_distills_signs_and_serves(tmp_path):
     assert summary["detect"]["signer"] == distill["key_id"]  # signed by the run's demo key, verified on load
     assert summary["detect"]["model"].endswith(("person-vehicle", "person-vehicle-int8"))
     assert summary["node"]["gap_free"] and summary["node"]["events_received"] > 0
+    page = (Path(summary["run_dir"]) / "report.html").read_text()
+    assert "data:image/png;base64," in page and "data:image/jpeg;base64," in page  # images inline
+    assert "http://" not in page and "https://" not in page  # self-contained: nothing to fetch
