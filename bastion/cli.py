@@ -50,6 +50,7 @@ def _mount() -> None:
     from bastion.distill.cli import distill_app, eval_app, quantize_command
     from bastion.doctor import doctor_command
     from bastion.edge.cli import audit_app, node_app
+    from bastion.hardware.cli import hw_app
     from bastion.models.cli import bundle_app, keys_app, models_app
     from bastion.runtime.bundle_create import bundle_create_command
     from bastion.runtime.cli import detect_command
@@ -66,6 +67,7 @@ def _mount() -> None:
     app.add_typer(models_app, name="models")
     app.add_typer(node_app, name="node")
     app.add_typer(audit_app, name="audit")
+    app.add_typer(hw_app, name="hw")
     app.command("doctor")(doctor_command)
 
 

@@ -90,8 +90,14 @@ def _zoo() -> Check:
 def _providers() -> Check:
     import onnxruntime as ort
 
+    from bastion.runtime.backends.onnxrt import choose_providers
+
     providers = ort.get_available_providers()
-    return Check("ONNX Runtime", "ok", f"{ort.__version__}: {', '.join(providers)}")
+    chosen = choose_providers("auto")
+    why = ("GPU execution providers available" if chosen[0] != "CPUExecutionProvider" else
+           "no CUDA/TensorRT execution provider in this onnxruntime build (install onnxruntime-gpu on a GPU box)")
+    return Check("inference backend", "ok", f"onnxruntime {ort.__version__}; device=auto uses {chosen[0]} — {why}; "
+                                             f"available: {', '.join(providers)}")
 
 
 def _egress_env() -> Check:
