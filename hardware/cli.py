@@ -39,3 +39,59 @@ def hw_probe(json_out: bool = typer.Option(False, "--json", help="Print the repo
     table.add_row("software", ", ".join(f"{k} {v}" for k, v in report.software.items() if v))
     table.add_row("ORT providers", ", ".join(report.ort_providers))
     out.print(table)
+
+
+@hw_app.command("plan")
+def hw_plan(
+    bundle: str = typer.Argument(..., help="Bundle directory, registry or zoo name."),
+    profile: str = typer.Option("x86-cpu", "--profile", help="Device profile name or YAML file (see --list)."),
+    batch: int = typer.Option(0, help="Batch to plan for (0: the profile's maximum)."),
+    imgsz: int = typer.Option(0, help="Input size to plan for (0: the bundle's, capped by the profile)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Does a bundle fit a device, with which backend/precision/batch/size, and how fast.
+
+    Example: bastion hw plan yolov5n --profile jetson-orin-nano-8gb
+    """
+    from bastion.hardware.profiles import load_profile
+    from bastion.models.bundle import Bundle
+    from bastion.planner import plan
+
+    result = plan(Bundle.open(bundle), load_profile(profile), batch or None, imgsz or None)
+    if json_out:
+        print_json(result.to_dict())
+        return
+    table = Table(show_header=False, show_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("fits", ("[green]yes[/]" if result.fits else "[red]no[/]")
+                  + f" — {result.total_mb:.0f} of {result.budget_mb} MB (weights {result.weights_mb:.0f}, "
+                    f"activations {result.activations_mb:.0f}, workspace {result.workspace_mb:.0f})")
+    table.add_row("run with", f"{result.backend}, {result.precision}, batch {result.batch}, imgsz {result.imgsz}")
+    table.add_row("expected fps", f"{result.expected_fps if result.expected_fps is not None else '?'} "
+                                  f"({result.fps_source})")
+    for note in result.notes:
+        table.add_row("note", note)
+    out.print(f"{result.bundle} on {result.profile}", style="bold")
+    out.print(table)
+
+
+@hw_app.command("profiles")
+def hw_profiles(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """List the device profiles the planner knows.
+
+    Example: bastion hw profiles
+    """
+    from bastion.hardware.profiles import load_profile, profile_names
+
+    profiles = [load_profile(n) for n in profile_names()]
+    if json_out:
+        print_json([p.model_dump() for p in profiles])
+        return
+    table = Table(show_edge=False)
+    for col in ("name", "kind", "memory MB", "backend", "precision", "max batch", "max imgsz", "reference"):
+        table.add_column(col)
+    for p in profiles:
+        table.add_row(p.name, p.kind, str(p.memory_mb), p.preferred_backend, p.precision, str(p.max_batch),
+                      str(p.max_imgsz), f"{p.reference.latency_ms} ms" if p.reference else "-")
+    out.print(table)
