@@ -60,6 +60,7 @@ def demo_command(
     summary["detect"] = run_detect_demo(serve, video, run_dir, max_frames, threads, allow_unsigned, json_out)
     if node_seconds > 0:
         summary["node"] = run_node_demo(serve, video, run_dir / "node", node_seconds, allow_unsigned, quiet=json_out)
+    summary["provenance"] = provenance_chain(serve, allow_unsigned)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     (run_dir / "report.md").write_text(_report_md(summary))
     from bastion.demo_report import render
@@ -69,6 +70,45 @@ def demo_command(
         print_json(summary)
     else:
         out.print(f"\nreport: {run_dir / 'report.html'} (and report.md)")
+
+
+def provenance_chain(model: str, allow_unsigned: bool) -> dict[str, str]:
+    """The served bundle and, through ``provenance.teachers``, every bundle it was made from that this unit
+    holds (the zoo, the registry, and the candidates of the distillation run that produced it)."""
+    from bastion.models.bundle import Bundle
+    from bastion.models.manifest import MANIFEST_NAME, read_manifest
+    from bastion.models.registry import Registry
+    from bastion.models.zoo import zoo_path, zoo_names
+
+    bundle = Bundle.open(model, allow_unsigned=allow_unsigned)
+    known: dict[str, tuple[str, object]] = {}
+    places = [zoo_path(n) for n in zoo_names()] + [e.path for e in Registry().entries()]
+    places += list(bundle.root.parent.glob("baselines/*"))  # a distillation run's other candidates
+    for root in places:
+        if (root / MANIFEST_NAME).is_file():
+            m = read_manifest(root / MANIFEST_NAME)
+            known[m.sha256()] = (str(root), m)
+    m = bundle.manifest
+    chain = {
+        "served": f"{m.name}:{m.version} (sha256 {bundle.sha256[:16]}…, {m.precision})",
+        "signed by": bundle.verification.summary, "source": m.provenance.source,
+        "weights license": m.license.weights, "data license": m.license.data or "-",
+        "made by": f"bastion {m.provenance.bastion_version or '?'} at {m.provenance.created or '?'}",
+    }
+    level, parents = 1, list(m.provenance.teachers)
+    while parents and level <= 4:
+        sha = parents.pop(0)
+        if sha not in known:
+            chain[f"made from ({level})"] = f"sha256 {sha[:16]}… (not on this unit)"
+        else:
+            _, pm = known[sha]
+            chain[f"made from ({level})"] = (f"{pm.name}:{pm.version} — {pm.provenance.source} — weights "
+                                             f"license {pm.license.weights}")
+            for d in pm.provenance.datasets:
+                chain[f"made from ({level}) data"] = f"{d.name} ({d.license or 'license ?'})"
+            parents += pm.provenance.teachers
+        level += 1
+    return chain
 
 
 def sample_frames(videos: list[Path], out: Path, every: int = 8) -> list[Path]:
@@ -184,6 +224,7 @@ def run_node_demo(model: str, video: Path, storage: Path, seconds: float, allow_
     })
     counts: Counter[str] = Counter()
     seqs: list[int] = []
+    latencies: list[float] = []
     stats = {}
     for run in (1, 2):  # the second run is a restart on the same store: the client resumes after its last seq
         node = Node(config)
@@ -191,14 +232,23 @@ def run_node_demo(model: str, video: Path, storage: Path, seconds: float, allow_
         if not quiet:
             out.print(f"\n[bold]field node[/] {config.id} ({'restarted' if run == 2 else 'started'}): events on "
                       f"{node.server.events_endpoint}, control on {node.server.control_endpoint}")
-        stats[f"run{run}"] = _follow(node, seqs, counts, seconds / 2, quiet)
+        stats[f"run{run}"] = _follow(node, seqs, counts, seconds / 2, quiet, latencies)
         node.close()
     audit = verify_audit_log(storage / "audit.log")
+    live = sorted(latencies)
     result = {
         "events_received": len(seqs), "gap_free": seqs == list(range(1, len(seqs) + 1)),
+        "latency_ms": {"p50": round(live[len(live) // 2] * 1000, 2) if live else None,
+                       "p99": round(live[int(len(live) * 0.99)] * 1000, 2) if live else None, "live_events": len(live)},
         "detections": dict(counts), "source_stats": stats, "storage": str(storage),
         "audit_records": audit.records, "audit_intact": audit.ok,
     }
+    if latencies:
+        from bastion.distill.charts import histogram
+
+        histogram([x * 1000 for x in latencies], storage / "latency.png",
+                  "event latency: frame read → received by the client", "ms")
+        result["latency_histogram"] = str(storage / "latency.png")
     if not quiet:
         print_counts(f"client received {len(seqs)} events across a node restart (seq 1..{seqs[-1] if seqs else 0}, "
                      f"{'no gaps, no duplicates' if result['gap_free'] else 'GAPS'})", dict(counts))
@@ -207,12 +257,16 @@ def run_node_demo(model: str, video: Path, storage: Path, seconds: float, allow_
     return result
 
 
-def _follow(node, seqs: list[int], counts: Counter, seconds: float, quiet: bool) -> dict:  # noqa: ANN001
+def _follow(node, seqs: list[int], counts: Counter, seconds: float, quiet: bool,  # noqa: ANN001
+            latencies: list[float]) -> dict:
     from bastion.edge.client import Client
 
     deadline = time.monotonic() + seconds
+    started = time.time()
     with Client(node.server.control_endpoint, timeout_s=5) as client:
         for event in client.events(since=seqs[-1] if seqs else 0):
+            if event.ts >= started:  # live events only: replayed ones were read before this client came
+                latencies.append(time.time() - event.ts)
             seqs.append(event.seq)
             counts.update(d.name for d in event.detections)
             if not quiet and (len(seqs) <= 5 or len(seqs) % 50 == 0):

@@ -122,3 +122,24 @@ def lines(xs: list[float], series: dict[str, list[float]], path: Path, title: st
                     1, cv2.LINE_AA)
     save_image(path, img)
     return path
+
+
+def histogram(values: list[float], path: Path, title: str, unit: str, bins: int = 30) -> Path:
+    """Counts per bin, with the p50 and p99 marked."""
+    img = _canvas(title, unit, "events")
+    v = np.asarray(values, dtype=np.float64)
+    hi = float(np.percentile(v, 99.5)) * 1.1 if len(v) else 1.0
+    counts, edges = np.histogram(np.clip(v, 0, hi), bins=bins, range=(0, hi))
+    px = _axes(img, (0, hi), (0, max(1, int(counts.max()) if len(counts) else 1)), xfmt="{:.1f}", yfmt="{:.0f}")
+    for c, a, b in zip(counts, edges[:-1], edges[1:]):
+        if c:
+            cv2.rectangle(img, px(a, 0), px(b, c), PALETTE[0], -1)
+    for q, colour in ((50, PALETTE[2]), (99, PALETTE[3])):
+        if len(v):
+            x = float(np.percentile(v, q))
+            top = px(x, max(1, int(counts.max())))
+            cv2.line(img, px(x, 0), top, colour, 2, cv2.LINE_AA)
+            cv2.putText(img, f"p{q} {x:.1f}", (top[0] + 4, top[1] + 16 + (20 if q == 99 else 0)), FONT, 0.5,
+                        colour, 1, cv2.LINE_AA)
+    save_image(path, img)
+    return path
