@@ -113,6 +113,7 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
         with run.stage("student") as (stage, result):
             step = tick("train student", 1)
             result.update(train_student(run.dir("labels") / "data.yaml", spec.train, spec.imgsz, stage),
+                          dataset_sha256=load_data_yaml(run.dir("labels") / "data.yaml", "train").sha256(),
                           student=spec.train.student, epochs=spec.train.epochs, freeze=spec.train.freeze,
                           warm_start=str(spec.train.warm_start) if spec.train.warm_start else None)
             step()
@@ -298,6 +299,9 @@ def _student_bundle(onnx: Path, spec: DistillSpec, teacher: Bundle, out: Path, t
         name=f"student-{'-'.join(spec.classes)}", version=f"{spec.imgsz}", task="detect", classes=spec.classes,
         provenance={"source": f"distilled from {teacher.manifest.name} by bastion ({training.get('student')}, "
                               f"{training.get('epochs')} epochs, pseudo-labels)",
+                    "datasets": [{"name": f"pseudo-labelled training set ({spec.images.name})",
+                                  "sha256": training.get("dataset_sha256")}]
+                    + [d.model_dump(mode="json") for d in teacher.manifest.provenance.datasets],
                     "teachers": [teacher.sha256], "command": shlex.join(["bastion", *sys.argv[1:]]),
                     "bastion_version": __version__,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},

@@ -98,12 +98,23 @@ def quantize_and_gate(bundle: Bundle, calibration: list[Path], dataset: YoloData
         if out_dir is not None:
             result.bundle = str(out_dir)
             _write_bundle(bundle, manifest, int8_path, out_dir, dataset, fp32_report, int8_report, imgsz,
-                          sign_key, len(calibration))
+                          sign_key, calibration)
         return result
 
 
+def _files_sha256(paths: list[Path]) -> str:
+    """One hash over the calibration images (names and bytes, sorted): what the INT8 ranges were fitted to."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def _write_bundle(bundle, manifest, int8_path, out_dir, dataset, fp32_report, int8_report, imgsz, sign_key,
-                  n_calib) -> None:  # noqa: ANN001
+                  calibration) -> None:  # noqa: ANN001
     from bastion.runtime.bundle_create import create_bundle
 
     sha = dataset.sha256()
@@ -120,8 +131,11 @@ def _write_bundle(bundle, manifest, int8_path, out_dir, dataset, fp32_report, in
         evaluation=[e.model_dump(mode="json") for e in evaluation],
         provenance={
             **fields["provenance"],
-            "source": f"INT8 (ONNX Runtime static QDQ, per-channel U8S8, post-processing FP32, {n_calib} "
+            "source": f"INT8 (ONNX Runtime static QDQ, per-channel U8S8, post-processing FP32, {len(calibration)} "
                       f"calibration images) of {manifest.name}:{manifest.version}",
+            "datasets": fields["provenance"]["datasets"] + [
+                {"name": f"INT8 calibration ({len(calibration)} images)", "sha256": _files_sha256(calibration)},
+                {"name": f"INT8 gate evaluation ({dataset.root.name})", "sha256": sha}],
             "teachers": [bundle.sha256], "command": shlex.join(["bastion", *sys.argv[1:]]),
             "bastion_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
