@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 
 from bastion.distill.classmap import ClassMap
 from bastion.distill.datasets import load_data_yaml
-from bastion.distill.evaluate import EvalSettings, evaluate_detector
+from bastion.distill.evaluate import EvalSettings, evaluate_detector, latency_ms
 from bastion.distill.pseudo import build_dataset
 from bastion.distill.run import RunDir
 from bastion.distill.train import TrainSpec
@@ -54,17 +53,6 @@ class DistillSpec:
     allow_unsigned: bool = False
     force: set[str] = field(default_factory=set)
     train: "TrainSpec | None" = None  # None: no student is trained (only the no-training candidates)
-
-
-def _latency_ms(detector: Detector, images: list[np.ndarray]) -> float:
-    detector.detect(images[0])
-    times = []
-    for _ in range(2):
-        for image in images:
-            t = time.perf_counter()
-            detector.detect(image)
-            times.append(time.perf_counter() - t)
-    return round(float(np.median(times)) * 1000, 2)
 
 
 def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int], Callable[[], None]] | None = None
@@ -131,7 +119,7 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
                                DetectOptions(**EVAL_OPTS, imgsz=size, rect=False))
                 report = evaluate_detector(det, dataset, settings_for(size), class_map=maps[0].to_student)
                 candidates.append(_candidate(f"teacher@{size}", "teacher", size, report,
-                                             _latency_ms(det, sample), spec.teachers[0]))
+                                             round(latency_ms({'m': det}, sample, rounds=2)['m'], 2), spec.teachers[0]))
                 det.close()
                 step()
             sliced = _sliced_bundle(teacher, maps[0], spec, stage / f"sliced-{spec.imgsz}")
@@ -139,7 +127,7 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
                            DetectOptions(**EVAL_OPTS, imgsz=spec.imgsz, rect=False))
             report = evaluate_detector(det, dataset, settings_for(spec.imgsz))
             candidates.append(_candidate(f"sliced@{spec.imgsz}", "sliced teacher (no training)", spec.imgsz,
-                                         report, _latency_ms(det, sample), f"baselines/{sliced.root.name}"))
+                                         report, round(latency_ms({'m': det}, sample, rounds=2)['m'], 2), f"baselines/{sliced.root.name}"))
             det.close()
             step()
             int8_from = [("sliced", sliced)]
@@ -151,7 +139,7 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
                 report = evaluate_detector(det, dataset, settings_for(spec.imgsz))
                 candidates.append(_candidate(f"student@{spec.imgsz}", f"trained student ({spec.train.student})"
                                              if spec.train else "trained student", spec.imgsz, report,
-                                             _latency_ms(det, sample), f"baselines/{student.root.name}"))
+                                             round(latency_ms({'m': det}, sample, rounds=2)['m'], 2), f"baselines/{student.root.name}"))
                 det.close()
                 int8_from.append(("student", student))
             if spec.int8:

@@ -15,6 +15,7 @@ import contextlib
 import io
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -174,6 +175,20 @@ def coco_map(images: list[dict], annotations: list[dict], predictions: list[dict
             "instances": int(counts[cat_id - 1]),
         }
     return float(evaluator.stats[0]), float(evaluator.stats[1]), per_class
+
+
+def latency_ms(detectors: dict[str, Detector], images: list[np.ndarray], rounds: int = 3) -> dict[str, float]:
+    """Median per-image latency (ms) of each detector, taking turns per round so machine drift hits all alike."""
+    times: dict[str, list[float]] = {k: [] for k in detectors}
+    for det in detectors.values():
+        det.detect(images[0])
+    for _ in range(rounds):
+        for name, det in detectors.items():
+            for image in images:
+                t = time.perf_counter()
+                det.detect(image)
+                times[name].append(time.perf_counter() - t)
+    return {k: float(np.median(v)) * 1000 for k, v in times.items()}
 
 
 def _image_hw(path: Any) -> tuple[int, int]:

@@ -10,11 +10,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from bastion import __version__
 from bastion.distill.datasets import YoloDataset
-from bastion.distill.evaluate import EvalSettings, evaluate_detector
+from bastion.distill.evaluate import EvalSettings, evaluate_detector, latency_ms
 from bastion.distill.quantize import quantize_int8
 from bastion.models.bundle import Bundle
 from bastion.models.manifest import EvalResult, Manifest
@@ -46,20 +45,6 @@ def static_manifest(manifest: Manifest, size: int) -> Manifest:
     return manifest.model_copy(update={"input": spec})
 
 
-def _latency_ms(detectors: dict[str, Detector], images: list[np.ndarray], rounds: int = 3) -> dict[str, float]:
-    """Median per-image latency, the candidates taking turns per round so machine drift hits both."""
-    times: dict[str, list[float]] = {k: [] for k in detectors}
-    for det in detectors.values():
-        det.detect(images[0])
-    for _ in range(rounds):
-        for name, det in detectors.items():
-            for image in images:
-                t = time.perf_counter()
-                det.detect(image)
-                times[name].append(time.perf_counter() - t)
-    return {k: float(np.median(v)) * 1000 for k, v in times.items()}
-
-
 def quantize_and_gate(bundle: Bundle, calibration: list[Path], dataset: YoloDataset, imgsz: int,
                       max_drop_points: float, out_dir: Path | None, sign_key=None,  # noqa: ANN001
                       threads: int = 1, tick=None, min_speedup: float = 1.1) -> GateResult:  # noqa: ANN001
@@ -78,7 +63,7 @@ def quantize_and_gate(bundle: Bundle, calibration: list[Path], dataset: YoloData
         if tick:
             tick()
         sample = [read_image(p) for p in dataset.images[:16]]
-        latency = _latency_ms({"fp32": base, "int8": int8}, sample)
+        latency = latency_ms({"fp32": base, "int8": int8}, sample)
         base.close()
         int8.close()
         drop = round((fp32_report.map50 - int8_report.map50) * 100, 2)
