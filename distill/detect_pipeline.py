@@ -63,6 +63,10 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
 
     # 1. teachers: verified bundles whose classes cover the mission's
     bundles = [Bundle.open(t, allow_unsigned=spec.allow_unsigned) for t in spec.teachers]
+    for ref, b in zip(spec.teachers, bundles):
+        if b.manifest.task != "detect" or b.manifest.decoder is None:
+            raise ConfigError(f"teacher {ref} is not a detector (task {b.manifest.task})",
+                              "give detection bundles as --teacher")
     maps = []
     for b in bundles:
         known = {k: v for k, v in spec.class_map.items() if k in b.manifest.classes}
