@@ -53,10 +53,11 @@ def _mount() -> None:
     from bastion.hardware.cli import hw_app
     from bastion.models.cli import bundle_app, keys_app, models_app
     from bastion.runtime.bundle_create import bundle_create_command
-    from bastion.runtime.cli import detect_command
+    from bastion.runtime.cli import ask_command, detect_command
 
     app.command("demo")(demo_command)
     app.command("detect")(detect_command)
+    app.command("ask")(ask_command)
     app.add_typer(eval_app, name="eval")
     app.command("quantize")(quantize_command)
     app.add_typer(distill_app, name="distill")

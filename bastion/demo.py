@@ -216,8 +216,11 @@ def run_node_demo(model: str, video: Path, storage: Path, seconds: float, allow_
     from bastion.edge.config import NodeConfig
     from bastion.edge.node import Node
 
+    from bastion.models.zoo import zoo_path
+
+    lm = "stories260K" if zoo_path("stories260K") else None
     config = NodeConfig.model_validate({
-        "id": "demo-node", "model": model, "threads": 1,
+        "id": "demo-node", "model": model, "threads": 1, "lm": lm, "lm_max_new_tokens": 60,
         "sources": [{"name": "cam1", "uri": str(video), "loop": True, "realtime": True, "fps": 30}],
         "endpoints": {"events": "tcp://127.0.0.1:*", "control": "tcp://127.0.0.1:*"},
         "storage": {"dir": str(storage)}, "security": {"allow_unsigned": allow_unsigned},
@@ -225,6 +228,7 @@ def run_node_demo(model: str, video: Path, storage: Path, seconds: float, allow_
     counts: Counter[str] = Counter()
     seqs: list[int] = []
     latencies: list[float] = []
+    answer = ""
     stats = {}
     for run in (1, 2):  # the second run is a restart on the same store: the client resumes after its last seq
         node = Node(config)
@@ -233,10 +237,13 @@ def run_node_demo(model: str, video: Path, storage: Path, seconds: float, allow_
             out.print(f"\n[bold]field node[/] {config.id} ({'restarted' if run == 2 else 'started'}): events on "
                       f"{node.server.events_endpoint}, control on {node.server.control_endpoint}")
         stats[f"run{run}"] = _follow(node, seqs, counts, seconds / 2, quiet, latencies)
+        if run == 2 and lm:
+            answer = _ask(node, "Once upon a time", quiet)
         node.close()
     audit = verify_audit_log(storage / "audit.log")
     live = sorted(latencies)
     result = {
+        "ask": {"prompt": "Once upon a time", "answer": answer} if lm else None,
         "events_received": len(seqs), "gap_free": seqs == list(range(1, len(seqs) + 1)),
         "latency_ms": {"p50": round(live[len(live) // 2] * 1000, 2) if live else None,
                        "p99": round(live[int(len(live) * 0.99)] * 1000, 2) if live else None, "live_events": len(live)},
@@ -255,6 +262,23 @@ def run_node_demo(model: str, video: Path, storage: Path, seconds: float, allow_
         out.print(f"audit log {'intact' if audit.ok else 'BROKEN'} ({audit.records} records): "
                   f"bastion audit verify {storage / 'audit.log'}")
     return result
+
+
+def _ask(node, prompt: str, quiet: bool) -> str:  # noqa: ANN001
+    """One question to the node's language model, streamed back over the control socket."""
+    from bastion.edge.client import Client
+
+    if not quiet:
+        out.print(f"\n[bold]ask[/] the node's language model: {prompt!r}\n  ", end="")
+    pieces = []
+    with Client(node.server.control_endpoint, timeout_s=10) as client:
+        for piece in client.ask_stream(prompt, 60):
+            pieces.append(piece)
+            if not quiet:
+                out.print(piece, end="")
+    if not quiet:
+        out.print()
+    return prompt + "".join(pieces)
 
 
 def _follow(node, seqs: list[int], counts: Counter, seconds: float, quiet: bool,  # noqa: ANN001

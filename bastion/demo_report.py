@@ -83,7 +83,9 @@ def render(summary: dict[str, Any]) -> str:
             f"across a node restart — {_status(n['gap_free'], 'no gaps, no duplicates', 'GAPS')}. "
             f"Audit log: {_status(n['audit_intact'], 'hash chain intact', 'BROKEN')} ({n['audit_records']} "
             f"records). Live event latency (frame read → client): p50 {lat.get('p50')} ms, p99 {lat.get('p99')} ms."
-            f"</p>{_img(Path(n.get('latency_histogram', '')), 'event latency histogram')}</section>")
+            f"</p>{_img(Path(n.get('latency_histogram', '')), 'event latency histogram')}"
+            + (f"<p><b>ask</b> (the node's language model, streamed over the control socket): "
+               f"<i>{html.escape(n['ask']['answer'])}</i></p>" if n.get("ask") else "") + "</section>")
     prov = summary.get("provenance")
     if prov:
         rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in prov.items())

@@ -202,3 +202,42 @@ def distill_detect_command(
         print_json(report)
         return
     out.print((out_dir / "report" / "report.md").read_text())
+
+
+@distill_app.command("lm-export")
+def distill_lm_export_command(
+    teacher: Path = typer.Option(..., "--teacher", help="A llama2.c .bin checkpoint."),
+    tokenizer: Path = typer.Option(..., "--tokenizer", help="Its Hugging Face tokenizer.json."),
+    out_dir: Path = typer.Option(..., "--out", help="New bundle directory."),
+    name: str = typer.Option(..., help="Bundle name."),
+    version: str = typer.Option("1.0", help="Bundle version."),
+    weights_license: str = typer.Option(..., help="License of the weights."),
+    source: str = typer.Option(..., help="Where the weights came from."),
+    license_file: list[Path] = typer.Option([], help="License text to ship in the bundle (repeatable)."),
+    sign: Optional[Path] = typer.Option(None, "--sign", help="Sign with this private key."),
+) -> None:
+    """Export a Llama checkpoint to a signed task: lm bundle (ONNX with KV cache + tokenizer) for `bastion ask`.
+
+    Example: bastion distill lm-export --teacher stories260K.bin --tokenizer tokenizer.json --name stories260K
+    --weights-license MIT --source "karpathy/tinyllamas" --sign team.key --out bundles/stories260K
+    """
+    import importlib.util
+
+    from bastion.distill.lm_export import export_lm_bundle
+    from bastion.errors import ConfigError, InputNotFoundError, MissingExtraError
+
+    if importlib.util.find_spec("torch") is None:
+        raise MissingExtraError("LM export", "distill", "torch")
+    for path in (teacher, tokenizer, *license_file):
+        if not path.is_file():
+            raise InputNotFoundError(f"file not found: {path}")
+    if out_dir.exists():
+        raise ConfigError(f"{out_dir} already exists", "choose a new --out directory")
+    key = None
+    if sign is not None:
+        from bastion.models.keys import load_private_key, read_passphrase
+
+        key = load_private_key(sign, read_passphrase(False))
+    manifest = export_lm_bundle(teacher, tokenizer, out_dir, name, version, weights_license, source,
+                                list(license_file), key)
+    out.print(f"exported {manifest.name}:{manifest.version} to {out_dir} ({'signed' if key else 'UNSIGNED'})")

@@ -91,8 +91,26 @@ class Client:
         answer = self.request("replay", since=since, limit=limit)
         return [DetectionEvent.model_validate(e) for e in answer["events"]]
 
+    def ask_stream(self, prompt: str, max_new_tokens: int = 128) -> Iterator[str]:
+        """The node's answer, piece by piece as it is generated."""
+        first = self.request("ask", prompt=prompt, max_new_tokens=max_new_tokens)
+        request_id = first["id"]
+        answer = first
+        while True:
+            if answer.get("done"):
+                return
+            if answer.get("text"):
+                yield answer["text"]
+            if not self._dealer.poll(int(self.timeout_s * 1000)):
+                raise NodeUnavailable(f"the node stopped answering mid-stream ({self.control_endpoint})")
+            answer = json.loads(self._dealer.recv())
+            if answer.get("id") != request_id:
+                continue
+            if not answer.get("ok", False):
+                raise NodeRequestError(f"node refused ask: {answer.get('error', 'unknown error')}")
+
     def ask(self, prompt: str, max_new_tokens: int = 128) -> str:
-        return self.request("ask", prompt=prompt, max_new_tokens=max_new_tokens).get("text", "")
+        return "".join(self.ask_stream(prompt, max_new_tokens))
 
     def snapshot(self, seq: int) -> bytes:
         """The JPEG the node kept for event ``seq`` (decrypted by the node; CurveZMQ protects it in transit)."""

@@ -88,6 +88,9 @@ class NodeConfig(_Strict):
     endpoints: Endpoints = Endpoints()
     security: Security = Security()
     storage: Storage = Storage()
+    lm: str | None = None  # a task: lm bundle for the ask op (verified like the detector)
+    lm_max_new_tokens: int = Field(256, ge=1, le=2048)
+    lm_max_prompt_chars: int = Field(4000, ge=1)
     heartbeat_s: float = Field(1.0, gt=0)
     health_log_s: float = Field(30.0, gt=0)
 

@@ -49,6 +49,7 @@ class Node:
         self.audit.append("node_start", node=config.id, config_sha256=config.sha256(), bastion=__version__,
                           pid=os.getpid())
         self.detector = self._load_detector(config.model)
+        self.generator = self._load_lm(config.lm) if config.lm else None
         self.store = EventStore(self.storage / "events.db")
         self.vault = None
         if config.storage.snapshots:
@@ -75,6 +76,19 @@ class Node:
         if detector.verified_by is None:
             self.audit.append("allow_unsigned_used", model=str(model), sha256=detector.bundle_sha256)
         return detector
+
+    def _load_lm(self, model: str):  # noqa: ANN202
+        from bastion.runtime.lm import Generator
+
+        try:
+            generator = Generator.load(model, allow_unsigned=self.config.security.allow_unsigned)
+        except BastionError as exc:
+            self.audit.append("bundle_refused", model=str(model), reason=str(exc))
+            raise
+        b = generator.bundle
+        self.audit.append("bundle_loaded", model=str(model), name=b.manifest.name, sha256=b.sha256,
+                          signer=b.verification.key_id, task="lm")
+        return generator
 
     def _source_filter(self, cfg: SourceConfig):  # noqa: ANN202
         ids = class_ids(cfg.classes, self.detector.names) if cfg.classes else None  # unknown names fail at start
@@ -129,6 +143,8 @@ class Node:
         self.server.close()
         self.store.close()
         self.detector.close()
+        if self.generator is not None:
+            self.generator.close()
         self.audit.append("node_stop", node=self.config.id, published=self.published)
         (self.storage / RUNTIME_FILE).unlink(missing_ok=True)
 
@@ -239,6 +255,27 @@ class Node:
             "endpoints": {"events": self.server.events_endpoint, "control": self.server.control_endpoint},
         }
 
+    def _ask(self, request: ControlRequest) -> dict[str, Any]:
+        """Stream the answer to this client only; one generation at a time (on the control thread), bounded."""
+        if self.generator is None:
+            return {"ok": False, "error": "no language model loaded on this node"}
+        prompt = request.prompt or ""
+        if not prompt or len(prompt) > self.config.lm_max_prompt_chars:
+            return {"ok": False, "error": f"prompt must be 1..{self.config.lm_max_prompt_chars} characters"}
+        limit = min(request.max_new_tokens, self.config.lm_max_new_tokens)
+        audit, generator = self.audit, self.generator
+
+        def pieces():  # noqa: ANN202
+            count = 0
+            try:
+                for piece in generator.generate(prompt, limit):
+                    count += 1
+                    yield piece
+            finally:  # the text is not audited, only that it happened and how much
+                audit.append("ask", prompt_chars=len(prompt), tokens_out=count)
+
+        return {"stream": pieces()}
+
     def handle(self, request: ControlRequest) -> dict[str, Any]:
         if request.op == "ping":
             return {"pong": time.time()}
@@ -270,5 +307,5 @@ class Node:
             except BastionError as exc:
                 return {"ok": False, "error": str(exc)}
         if request.op == "ask":
-            return {"ok": False, "error": "no language model loaded on this node"}
+            return self._ask(request)
         return {"ok": False, "error": f"unknown op {request.op}"}

@@ -126,7 +126,11 @@ class NodeServer:
                 request = parse_request(payload) if len(frames) >= 2 else None
                 if request is None:
                     raise ProtocolError("empty request")
-                answer = reply(request.id, **self.handler(request))
+                result = self.handler(request)
+                if "stream" in result:  # several replies with the same id, the last one done=true
+                    self._stream(identity, request.id, result["stream"])
+                    continue
+                answer = reply(request.id, **result)
             except ProtocolError as exc:
                 self.bad_requests += 1
                 answer = reply(None, ok=False, error=str(exc))
@@ -138,6 +142,23 @@ class NodeServer:
                 self.control.send_multipart([identity, answer], zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass  # the peer went away; nothing to do
+
+    def _stream(self, identity: bytes, request_id: object, pieces) -> None:  # noqa: ANN001
+        count = 0
+        try:
+            for piece in pieces:
+                count += 1
+                self.control.send_multipart([identity, reply(request_id, text=piece, done=False)], zmq.NOBLOCK)
+            final = reply(request_id, done=True, tokens=count)
+        except zmq.ZMQError:
+            return  # the client went away mid-answer
+        except Exception as exc:  # a generation failure ends this answer, not the node
+            log.exception("generation failed")
+            final = reply(request_id, ok=False, error=f"generation failed: {exc}")
+        try:
+            self.control.send_multipart([identity, final], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
 
     def close(self) -> None:
         self._stop.set()

@@ -229,8 +229,12 @@ def models_list(json_out: bool = typer.Option(False, "--json", help="Print as JS
 
     rows = [{"name": e.name, "version": e.version, "task": e.task, "sha256": e.sha256, "where": "registry",
              "path": str(e.path)} for e in Registry().entries()]
-    rows += [{"name": n, "version": "", "task": "detect", "sha256": "", "where": "zoo", "path": str(zoo_path(n))}
-             for n in zoo_names()]
+    from bastion.models.manifest import MANIFEST_NAME, read_manifest
+
+    for n in zoo_names():
+        m = read_manifest(zoo_path(n) / MANIFEST_NAME)
+        rows.append({"name": n, "version": m.version, "task": m.task, "sha256": m.sha256(), "where": "zoo",
+                     "path": str(zoo_path(n))})
     if json_out:
         print_json({"models": rows})
         return

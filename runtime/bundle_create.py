@@ -56,6 +56,7 @@ def create_bundle(onnx: Path, out_dir: Path, fields: dict[str, Any], license_fil
         raise ConfigError(f"{out_dir} already exists", "choose a new --out directory; bundles are never overwritten")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp is private; a bundle is meant to be read by the node's service user
     try:
         shutil.copy2(onnx, staging / onnx.name)
         files = [FileEntry(path=onnx.name, sha256=sha256_file(onnx), size=onnx.stat().st_size, role="model")]

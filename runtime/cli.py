@@ -90,3 +90,44 @@ def detect_command(
     out.print(f"{frames} frames, {sum(counts.values())} detections, {fps:.1f} frames/s"
               + (f", {len(skipped)} unreadable skipped" if skipped else "")
               + (f"; annotated output in {save}" if save else ""))
+
+
+def ask_command(
+    prompt: str = typer.Argument(..., help="The question or the beginning of the text."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="A task: lm bundle to run here."),
+    node: Optional[str] = typer.Option(None, "--node", help="Or: a node's control endpoint (its `lm` answers)."),
+    max_new_tokens: int = typer.Option(128, help="Longest answer, in tokens."),
+    temperature: float = typer.Option(0.0, help="0 is greedy; higher samples more freely."),
+    top_k: int = typer.Option(0, help="Sample only among the k likeliest tokens (0: all)."),
+    top_p: float = typer.Option(1.0, help="Sample only within this probability mass."),
+    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
+) -> None:
+    """Stream a language model's answer, from a local bundle or from a field node.
+
+    Example: bastion ask "Once upon a time" --model stories260K-1.0.bastion
+    """
+    import sys
+
+    from bastion.errors import ConfigError
+
+    if (model is None) == (node is None):
+        raise ConfigError("give exactly one of --model BUNDLE or --node ENDPOINT")
+    if node is not None:
+        from bastion.edge.client import Client
+
+        with Client(node, retries=0) as client:
+            pieces = client.ask_stream(prompt, max_new_tokens)
+            for piece in pieces:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+    else:
+        from bastion.runtime.lm import Generator
+
+        generator = Generator.load(model, allow_unsigned=allow_unsigned)
+        sys.stdout.write(prompt)
+        for piece in generator.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                        seed=seed):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    sys.stdout.write("\n")

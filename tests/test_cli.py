@@ -115,6 +115,7 @@ def test_demo_skip_distill_end_to_end(tmp_path):
     assert Path(det["contact_sheet"]).stat().st_size > 10_000
     node = summary["node"]
     assert node["events_received"] > 5 and node["gap_free"] and node["audit_intact"]
+    assert node["ask"]["answer"].startswith("Once upon a time, there was a little girl named Lily")
     assert (Path(summary["run_dir"]) / "report.md").is_file()
 
 

@@ -1,0 +1,206 @@
+"""A Llama decoder in one readable file (nanoGPT-style), a llama2.c ``.bin`` loader, and its ONNX export.
+
+The module is written for export: batch 1, explicit KV cache tensors in and out, the causal mask computed
+from the lengths, RoPE with llama2.c's interleaved pairs (so llama2.c checkpoints load without permuting).
+torch is imported here only; the field node runs the exported ONNX with ``bastion.runtime.lm``.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from bastion.errors import ModelLoadError
+
+
+@dataclass
+class LlamaConfig:
+    dim: int
+    hidden_dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    max_seq_len: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3) … — llama2.c's layout. x: [B, H, T, D]; cos/sin: [T, D/2]."""
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2)
+
+
+class Block(nn.Module):
+    def __init__(self, c: LlamaConfig) -> None:
+        super().__init__()
+        self.c = c
+        self.attention_norm = RMSNorm(c.dim, c.norm_eps)
+        self.wq = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=False)
+        self.wk = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
+        self.wv = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
+        self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
+        self.ffn_norm = RMSNorm(c.dim, c.norm_eps)
+        self.w1 = nn.Linear(c.dim, c.hidden_dim, bias=False)
+        self.w2 = nn.Linear(c.hidden_dim, c.dim, bias=False)
+        self.w3 = nn.Linear(c.dim, c.hidden_dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, past_k, past_v):  # noqa: ANN001, ANN201
+        c = self.c
+        b, t, _ = x.shape
+        h = self.attention_norm(x)
+        q = self.wq(h).view(b, t, c.n_heads, c.head_dim).transpose(1, 2)
+        k = self.wk(h).view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        v = self.wv(h).view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        k = torch.cat([past_k, k], dim=2)
+        v = torch.cat([past_v, v], dim=2)
+        rep = c.n_heads // c.n_kv_heads
+        kk = k.repeat_interleave(rep, dim=1)
+        vv = v.repeat_interleave(rep, dim=1)
+        att = (q @ kk.transpose(-2, -1)) / (c.head_dim ** 0.5) + mask
+        y = torch.softmax(att, dim=-1) @ vv
+        x = x + self.wo(y.transpose(1, 2).reshape(b, t, c.n_heads * c.head_dim))
+        h = self.ffn_norm(x)
+        x = x + self.w2(torch.nn.functional.silu(self.w1(h)) * self.w3(h))
+        return x, k, v
+
+
+class Llama(nn.Module):
+    def __init__(self, c: LlamaConfig) -> None:
+        super().__init__()
+        self.c = c
+        self.tok_embeddings = nn.Embedding(c.vocab_size, c.dim)
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+        self.norm = RMSNorm(c.dim, c.norm_eps)
+        self.output = nn.Linear(c.dim, c.vocab_size, bias=False)
+        inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2).float() / c.head_dim))
+        freqs = torch.outer(torch.arange(c.max_seq_len).float(), inv)
+        self.register_buffer("cos_table", freqs.cos(), persistent=False)
+        self.register_buffer("sin_table", freqs.sin(), persistent=False)
+
+    def forward(self, input_ids, position_ids, *past):  # noqa: ANN001, ANN201
+        """input_ids, position_ids: [1, T]; past: k0, v0, k1, v1 … each [1, n_kv, P, head_dim].
+        Returns logits [1, T, vocab] and the present k/v (each [1, n_kv, P+T, head_dim])."""
+        t = input_ids.shape[1]
+        p = past[0].shape[2]
+        cos = self.cos_table[position_ids[0]]
+        sin = self.sin_table[position_ids[0]]
+        rows = torch.arange(t).unsqueeze(1) + p
+        cols = torch.arange(p + t).unsqueeze(0)
+        mask = torch.where(cols <= rows, 0.0, float("-inf"))
+        x = self.tok_embeddings(input_ids)
+        present = []
+        for i, layer in enumerate(self.layers):
+            x, k, v = layer(x, cos, sin, mask, past[2 * i], past[2 * i + 1])
+            present += [k, v]
+        return (self.output(self.norm(x)), *present)
+
+    def empty_past(self) -> list[torch.Tensor]:
+        c = self.c
+        return [torch.zeros(1, c.n_kv_heads, 0, c.head_dim) for _ in range(2 * c.n_layers)]
+
+
+def load_llama2c(path: Path) -> Llama:
+    """karpathy/llama2.c legacy (v0) checkpoint: 7 int32 header values, then fp32 weights in a fixed order."""
+    data = Path(path).read_bytes()
+    if len(data) < 28:
+        raise ModelLoadError(f"{path} is too short to be a llama2.c checkpoint")
+    dim, hidden, layers, heads, kv_heads, vocab, seq = struct.unpack("7i", data[:28])
+    shared = vocab > 0
+    c = LlamaConfig(dim, hidden, layers, heads, kv_heads, abs(vocab), seq)
+    if min(dim, hidden, layers, heads, kv_heads, seq) <= 0 or dim % heads or heads % kv_heads:
+        raise ModelLoadError(f"{path} is not a llama2.c checkpoint (header {dim, hidden, layers, heads, kv_heads})")
+    w = np.frombuffer(data, dtype=np.float32, offset=28)
+    pos = 0
+
+    def take(*shape: int) -> torch.Tensor:
+        nonlocal pos
+        n = int(np.prod(shape))
+        if pos + n > len(w):
+            raise ModelLoadError(f"{path} is truncated (needs more weights than it holds)")
+        out = torch.from_numpy(w[pos : pos + n].copy()).view(*shape)
+        pos += n
+        return out
+
+    kv_dim = c.n_kv_heads * c.head_dim
+    model = Llama(c)
+    sd = {"tok_embeddings.weight": take(c.vocab_size, dim)}
+    per_layer = {name: [] for name in ("attention_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3")}
+    per_layer["attention_norm"] = [x for x in take(layers, dim)]
+    per_layer["wq"] = list(take(layers, dim, dim))
+    per_layer["wk"] = list(take(layers, kv_dim, dim))
+    per_layer["wv"] = list(take(layers, kv_dim, dim))
+    per_layer["wo"] = list(take(layers, dim, dim))
+    per_layer["ffn_norm"] = list(take(layers, dim))
+    per_layer["w1"] = list(take(layers, hidden, dim))
+    per_layer["w2"] = list(take(layers, dim, hidden))
+    per_layer["w3"] = list(take(layers, hidden, dim))
+    sd["norm.weight"] = take(dim)
+    take(seq, c.head_dim // 2)  # stored RoPE cos/sin tables (recomputed by the module)
+    take(seq, c.head_dim // 2)
+    sd["output.weight"] = sd["tok_embeddings.weight"] if shared else take(c.vocab_size, dim)
+    for i in range(layers):
+        for name, values in per_layer.items():
+            suffix = "weight"
+            sd[f"layers.{i}.{name}.{suffix}"] = values[i]
+    model.load_state_dict(sd)
+    return model.eval()
+
+
+@torch.no_grad()
+def greedy(model: Llama, ids: list[int], max_new_tokens: int, stop: tuple[int, ...] = (1, 2)) -> list[int]:
+    """Reference greedy decoding with the KV cache, in torch."""
+    past = model.empty_past()
+    tokens = list(ids)
+    x = torch.tensor([ids])
+    pos = torch.arange(len(ids)).unsqueeze(0)
+    out = []
+    for _ in range(max_new_tokens):
+        logits, *past = model(x, pos, *past)
+        nxt = int(logits[0, -1].argmax())
+        if nxt in stop:
+            break
+        out.append(nxt)
+        tokens.append(nxt)
+        x = torch.tensor([[nxt]])
+        pos = torch.tensor([[len(tokens) - 1]])
+    return out
+
+
+def export_onnx(model: Llama, path: Path) -> dict:
+    """ONNX decoder with KV cache: inputs input_ids, position_ids, past.{i}.key/value; outputs logits, present.*."""
+    c = model.c
+    names_in = ["input_ids", "position_ids"] + [f"past.{i}.{kv}" for i in range(c.n_layers) for kv in ("key", "value")]
+    names_out = ["logits"] + [f"present.{i}.{kv}" for i in range(c.n_layers) for kv in ("key", "value")]
+    dynamic = {"input_ids": {1: "seq"}, "position_ids": {1: "seq"}, "logits": {1: "seq"}}
+    for i in range(c.n_layers):
+        for kv in ("key", "value"):
+            dynamic[f"past.{i}.{kv}"] = {2: "past"}
+            dynamic[f"present.{i}.{kv}"] = {2: "total"}
+    past = [torch.zeros(1, c.n_kv_heads, 3, c.head_dim) for _ in range(2 * c.n_layers)]
+    example = (torch.tensor([[1, 2]]), torch.tensor([[3, 4]]), *past)
+    torch.onnx.export(model, example, str(path), input_names=names_in, output_names=names_out,
+                      dynamic_axes=dynamic, opset_version=17, dynamo=False)
+    return asdict(c)

@@ -1,0 +1,51 @@
+"""LM bundle export: a llama2.c (or bastion-trained) Llama → ONNX with KV cache + tokenizer → ``task: lm`` bundle."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bastion import __version__
+from bastion.models.manifest import DecoderSpec, FileEntry, LicenseInfo, Manifest, Provenance, sha256_file, \
+    write_manifest
+
+
+def export_lm_bundle(checkpoint: Path, tokenizer: Path, out_dir: Path, name: str, version: str,
+                     weights_license: str, source: str, license_files: list[Path], sign_key=None) -> Manifest:  # noqa: ANN001
+    from bastion.distill.llama import export_onnx, load_llama2c
+
+    model = load_llama2c(checkpoint)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging.chmod(0o755)
+    try:
+        config = export_onnx(model, staging / "model.onnx")
+        shutil.copy2(tokenizer, staging / "tokenizer.json")
+        files = [("model.onnx", "model"), ("tokenizer.json", "tokenizer")]
+        for lic in license_files:
+            shutil.copy2(lic, staging / lic.name)
+            files.append((lic.name, "license"))
+        manifest = Manifest(
+            name=name, version=version, task="lm",
+            files=[FileEntry(path=f, sha256=sha256_file(staging / f), size=(staging / f).stat().st_size, role=r)
+                   for f, r in files],
+            decoder=DecoderSpec(type="llama-kv", params={**config, "head_dim": model.c.head_dim, "stop": [1, 2],
+                                                         "bos": 1}),
+            precision="fp32",
+            provenance=Provenance(source=source, command=shlex.join(["bastion", *sys.argv[1:]]),
+                                  bastion_version=__version__,
+                                  created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+            license=LicenseInfo(weights=weights_license, files=[p.name for p in license_files]),
+        )
+        write_manifest(manifest, staging / "manifest.json")
+        if sign_key is not None:
+            from bastion.models.signing import sign_manifest
+
+            sign_manifest(staging, manifest, sign_key)
+        staging.rename(out_dir)
+        return manifest
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

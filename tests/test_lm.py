@@ -1,0 +1,102 @@
+"""Language models: the vendored stories260K bundle on ONNX Runtime, greedy parity with torch, ask over a socket."""
+
+import json
+
+import pytest
+
+from bastion.errors import ConfigError
+from bastion.runtime.lm import Generator
+from conftest import SHARED, run_cli
+
+# What karpathy/llama2.c's run.c prints for `-t 0 -i "Zoo"` with this checkpoint (../shared SOURCE.md).
+RUN_C_ZOO = "Zoo was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, red ball."
+
+
+@pytest.fixture(scope="module")
+def generator():
+    g = Generator.load("stories260K")
+    yield g
+    g.close()
+
+
+def test_greedy_matches_llama2c_run_c(generator):
+    text = "Zoo" + "".join(generator.generate("Zoo", 40))
+    assert text.startswith(RUN_C_ZOO)
+
+
+def test_streaming_pieces_join_to_the_decoded_ids(generator):
+    ids = generator.encode("Once upon a time")
+    new = list(generator.generate_ids(ids, 50))
+    pieces = list(generator.generate("Once upon a time", 50))
+    assert len(pieces) > 10
+    assert "".join(pieces) == generator.tokenizer.decode(ids + new)[len(generator.tokenizer.decode(ids)):]
+
+
+def test_sampling_is_seeded_and_limits_are_enforced(generator):
+    a = list(generator.generate_ids(generator.encode("The cat"), 30, temperature=1.0, top_k=20, top_p=0.9, seed=3))
+    b = list(generator.generate_ids(generator.encode("The cat"), 30, temperature=1.0, top_k=20, top_p=0.9, seed=3))
+    assert a == b
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        list(generator.generate_ids([1], 0))
+    with pytest.raises(ConfigError, match="context is 512"):
+        list(generator.generate_ids([1] * 600, 5))
+
+
+def test_a_detection_bundle_is_not_a_language_model():
+    with pytest.raises(ConfigError, match="not a language-model bundle"):
+        Generator.load("yolov5n")
+
+
+def test_ask_cli_local():
+    proc = run_cli("ask", "Zoo", "--model", "stories260K", "--max-new-tokens", "40")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(RUN_C_ZOO)
+    assert run_cli("ask", "Zoo").returncode == 1
+
+
+def test_ask_through_a_node_streams_and_audits(tmp_path):
+    from bastion.edge.client import Client, NodeRequestError
+    from test_node import running_node
+
+    with running_node(tmp_path, lm="stories260K") as node:
+        with Client(node.server.control_endpoint, timeout_s=5) as client:
+            pieces = list(client.ask_stream("Zoo", 40))
+            assert len(pieces) > 5 and ("Zoo" + "".join(pieces)).startswith(RUN_C_ZOO)
+            with pytest.raises(NodeRequestError, match="prompt must be"):
+                client.ask("")
+            assert client.status()["node"] == "test-node"  # still serving after the stream
+        proc = run_cli("ask", "Zoo", "--node", node.server.control_endpoint, "--max-new-tokens", "20")
+        assert proc.returncode == 0 and "Lily" in proc.stdout, proc.stderr
+    records = [json.loads(x) for x in (tmp_path / "data" / "audit.log").read_text().splitlines()]
+    asks = [r for r in records if r["kind"] == "ask"]
+    assert asks and asks[0]["fields"]["tokens_out"] > 5 and "Lily" not in json.dumps(asks)  # counts, not text
+    assert any(r["kind"] == "bundle_loaded" and r["fields"].get("task") == "lm" for r in records)
+
+
+def test_export_round_trip_matches_torch(tmp_path):
+    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    from bastion.distill.llama import greedy, load_llama2c
+    from bastion.distill.lm_export import export_lm_bundle
+
+    src = SHARED / "weights" / "stories260K"
+    if not (src / "stories260K.bin").is_file():
+        pytest.skip("../shared is not present")
+    export_lm_bundle(src / "stories260K.bin", src / "hf" / "tokenizer.json", tmp_path / "b", "s", "1", "MIT", "test", [])
+    g = Generator.load(tmp_path / "b", allow_unsigned=True)
+    model = load_llama2c(src / "stories260K.bin")
+    ids = g.encode("Lily and Ben")
+    assert list(g.generate_ids(ids, 200)) == greedy(model, ids, 200)
+    with torch.no_grad():  # logits with and without a cache
+        full = model(torch.tensor([ids]), torch.arange(len(ids))[None], *model.empty_past())[0].numpy()
+        onnx_full = g.backend.run({"input_ids": np.asarray([ids]), "position_ids": np.arange(len(ids))[None],
+                                   **{f"past.{i}.{kv}": np.zeros((1, 4, 0, 8), np.float32) for i in range(5)
+                                      for kv in ("key", "value")}})
+    np.testing.assert_allclose(onnx_full[0], full, atol=1e-4)
+    past = {f"past.{i}.{kv}": v for (i, kv), v in zip([(i, kv) for i in range(5) for kv in ("key", "value")],
+                                                      onnx_full[1:])}
+    step = g.backend.run({"input_ids": np.asarray([[ids[-1]]]), "position_ids": np.asarray([[len(ids)]]), **past})
+    with torch.no_grad():
+        ref = model(torch.tensor([ids + [ids[-1]]]), torch.arange(len(ids) + 1)[None], *model.empty_past())[0]
+    np.testing.assert_allclose(step[0][0, -1], ref[0, -1].numpy(), atol=1e-4)
