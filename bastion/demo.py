@@ -285,10 +285,9 @@ def _follow(node, seqs: list[int], counts: Counter, seconds: float, quiet: bool,
             latencies: list[float]) -> dict:
     from bastion.edge.client import Client
 
-    deadline = time.monotonic() + seconds
     started = time.time()
     with Client(node.server.control_endpoint, timeout_s=5) as client:
-        for event in client.events(since=seqs[-1] if seqs else 0):
+        for event in client.events(since=seqs[-1] if seqs else 0, duration_s=seconds):
             if event.ts >= started:  # live events only: replayed ones were read before this client came
                 latencies.append(time.time() - event.ts)
             seqs.append(event.seq)
@@ -296,8 +295,6 @@ def _follow(node, seqs: list[int], counts: Counter, seconds: float, quiet: bool,
             if not quiet and (len(seqs) <= 5 or len(seqs) % 50 == 0):
                 what = ", ".join(f"{d.name} {d.conf:.2f}" for d in event.detections)
                 out.print(f"  event seq {event.seq:>4}  {event.source} frame {event.frame:>5}: {what}")
-            if time.monotonic() > deadline:
-                break
         return client.status()["sources"]["cam1"]
 
 

@@ -136,11 +136,14 @@ class Client:
                 return
             since = batch[-1].seq
 
-    def events(self, since: int | None = None, idle_timeout_s: float | None = None) -> Iterator[DetectionEvent]:
+    def events(self, since: int | None = None, idle_timeout_s: float | None = None,
+               duration_s: float | None = None) -> Iterator[DetectionEvent]:
         """Events after ``since`` (None: only new ones), replayed then live, each exactly once, in seq order.
 
         Raises NodeUnavailable if the node stays unreachable for ``idle_timeout_s`` (default: forever).
+        Ends after ``duration_s`` seconds even when no event comes (default: never).
         """
+        end = time.monotonic() + duration_s if duration_s is not None else None
         last = self.status()["last_seq"] if since is None else since
         gone_since: float | None = None
         while True:
@@ -153,7 +156,7 @@ class Client:
                     yield event
                 gone_since = None
                 heard = time.monotonic()
-                while True:
+                while end is None or time.monotonic() < end:
                     if not sub.poll(200):
                         if time.monotonic() - heard > self.dead_after_s:
                             raise NodeUnavailable("no heartbeat from the node")
@@ -174,6 +177,7 @@ class Client:
                     if topic != HEARTBEAT_TOPIC and event.seq > last:
                         last = event.seq
                         yield event
+                return  # duration_s is over
             except NodeUnavailable:
                 now = time.monotonic()
                 gone_since = gone_since or now

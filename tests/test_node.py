@@ -366,3 +366,12 @@ def test_sd_notify_ready_and_stopping(tmp_path, monkeypatch):
         assert listener.recv(64) == b"READY=1"
     assert listener.recv(64) == b"STOPPING=1"
     listener.close()
+
+
+def test_events_can_end_after_a_duration_when_nothing_happens(tmp_path):
+    sources = [{"name": "cam1", "uri": str(VIDEO), "loop": True, "fps": 40, "roi": [0.0, 0.0, 0.01, 0.01]}]
+    with running_node(tmp_path, sources=sources) as node, client_for(node) as client:
+        t = time.monotonic()
+        assert list(client.events(since=0, duration_s=1.0)) == []  # nothing in that corner
+        assert time.monotonic() - t < 5
+        assert client.status()["sources"]["cam1"]["inferred"] > 0
