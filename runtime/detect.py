@@ -87,13 +87,13 @@ class Detector:
             warn_unsigned(path.name, "it is a bare ONNX file with no signature")
             backend = open_backend(path, device=device, threads=threads)
             manifest = manifest_from_onnx(path, backend)
-            sha = manifest.files[0].sha256
+            sha, signer = manifest.files[0].sha256, None
         else:
             bundle = Bundle.open(model, trust=trust, allow_unsigned=allow_unsigned)
             backend = open_backend(bundle.model_path, device=device, threads=threads)
-            manifest, sha = bundle.manifest, bundle.sha256
+            manifest, sha, signer = bundle.manifest, bundle.sha256, bundle.verification.key_id
         detector = cls(backend, manifest, opts, bundle_sha256=sha)
-        detector.verified_by = None if path.suffix.lower() == ".onnx" else bundle.verification.key_id
+        detector.verified_by = signer
         if warmup:
             detector.warmup()
         return detector
