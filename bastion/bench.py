@@ -358,3 +358,28 @@ def bench_node_command(
         return
     for key, value in result.items():
         out.print(f"{key}: {value}")
+
+
+@bench_app.command("lm")
+def bench_lm_command(
+    model: str = typer.Option("stories260K", "--model", "-m", help="A task: lm bundle."),
+    reference: Optional[Path] = typer.Option(None, help="llama2.c checkpoint of the same weights for the torch "
+                                             "reference (needs the [distill] extra)."),
+    new_tokens: int = typer.Option(128, help="Tokens to generate per prompt."),
+    prompt_lengths: str = typer.Option("16,128,384", help="Prompt lengths in tokens, comma-separated."),
+    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+) -> None:
+    """Tokens/s and time-to-first-token of ONNX Runtime generation, vs torch on the same weights, in one run.
+
+    Example: bastion bench lm --reference ../shared/weights/stories260K/stories260K.bin --json
+    """
+    from bastion.bench_lm import bench_lm
+
+    lengths = [int(x) for x in prompt_lengths.split(",") if x.strip()]
+    result = bench_lm(model, reference, new_tokens, lengths, allow_unsigned)
+    if json_out:
+        print_json(result)
+        return
+    for length, row in result["lengths"].items():
+        out.print(f"prompt {length}: {row}")

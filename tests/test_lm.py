@@ -100,3 +100,10 @@ def test_export_round_trip_matches_torch(tmp_path):
     with torch.no_grad():
         ref = model(torch.tensor([ids + [ids[-1]]]), torch.arange(len(ids) + 1)[None], *model.empty_past())[0]
     np.testing.assert_allclose(step[0][0, -1], ref[0, -1].numpy(), atol=1e-4)
+
+
+def test_bench_lm_json():
+    proc = run_cli("bench", "lm", "--new-tokens", "16", "--prompt-lengths", "8,64", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)["lengths"]
+    assert rows["64"]["prompt_tokens"] == 64 and rows["8"]["tokens_per_s"] > 0 and rows["8"]["ttft_ms"] > 0

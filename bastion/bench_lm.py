@@ -1,0 +1,54 @@
+"""``bastion bench lm``: ONNX Runtime KV-cache generation vs the same weights in torch, in one run.
+
+Reports tokens/s (greedy, 1 thread) and time-to-first-token at several prompt lengths, and checks that both
+produce the same tokens.  The torch reference is bastion's own Llama module (the export source); it needs the
+``[distill]`` extra and a llama2.c checkpoint of the same weights (``--reference``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bastion.runtime.lm import Generator
+
+
+def _prompt_ids(generator: Generator, length: int) -> list[int]:
+    base = generator.encode("Once upon a time, there was a little girl named Lily. She loved to play outside. " * 40)
+    return base[:length]
+
+
+def bench_lm(model: str, reference: Path | None, new_tokens: int, prompt_lengths: list[int],
+             allow_unsigned: bool = False) -> dict[str, Any]:
+    generator = Generator.load(model, threads=1, allow_unsigned=allow_unsigned)
+    result: dict[str, Any] = {"model": generator.bundle.manifest.name, "new_tokens": new_tokens, "lengths": {}}
+    torch_model = None
+    if reference is not None:
+        import torch
+
+        from bastion.distill.llama import greedy, load_llama2c
+
+        torch.set_num_threads(1)
+        torch_model = load_llama2c(reference)
+    for length in prompt_lengths:
+        ids = _prompt_ids(generator, min(length, generator.context - new_tokens - 1))
+        t0 = time.perf_counter()
+        stream = generator.generate_ids(ids, new_tokens)
+        first = next(stream, None)
+        ttft = time.perf_counter() - t0
+        ours = ([first] if first is not None else []) + list(stream)
+        total = time.perf_counter() - t0
+        row = {"prompt_tokens": len(ids), "ttft_ms": round(ttft * 1000, 2),
+               "tokens": len(ours), "tokens_per_s": round(len(ours) / total, 1)}
+        if torch_model is not None:
+            t0 = time.perf_counter()
+            theirs = greedy(torch_model, ids, new_tokens)
+            ref_total = time.perf_counter() - t0
+            row.update(torch_tokens_per_s=round(len(theirs) / ref_total, 1), same_tokens=theirs == ours,
+                       speedup=round((len(ours) / total) / (len(theirs) / ref_total), 2) if theirs else None)
+        result["lengths"][str(length)] = row
+    generator.close()
+    return result
