@@ -241,3 +241,49 @@ def distill_lm_export_command(
     manifest = export_lm_bundle(teacher, tokenizer, out_dir, name, version, weights_license, source,
                                 list(license_file), key)
     out.print(f"exported {manifest.name}:{manifest.version} to {out_dir} ({'signed' if key else 'UNSIGNED'})")
+
+
+@distill_app.command("lm")
+def distill_lm_command(
+    teacher: Path = typer.Option(..., "--teacher", help="A llama2.c .bin checkpoint."),
+    tokenizer: Path = typer.Option(..., "--tokenizer", help="Its Hugging Face tokenizer.json."),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="Domain text (.txt/.jsonl file or directory)."),
+    synthetic: int = typer.Option(0, "--synthetic", help="Without a corpus: this many teacher-written texts."),
+    keep_layers: Optional[str] = typer.Option(None, help="Teacher layers the student keeps, e.g. 0,2,4."),
+    depth: Optional[int] = typer.Option(None, help="Or: keep this many layers, evenly spaced."),
+    steps: int = typer.Option(200, help="Training steps."),
+    batch: int = typer.Option(16, help="Windows per step."),
+    block: int = typer.Option(128, help="Tokens per window."),
+    lr: float = typer.Option(3e-3, help="Peak learning rate (cosine schedule with warm-up)."),
+    temperature: float = typer.Option(2.0, help="KD temperature."),
+    alpha: float = typer.Option(0.5, help="Weight of cross-entropy next to the KL term."),
+    out_dir: Path = typer.Option(..., "--out", help="Run directory (checkpoint resumes; bundle in RUN/bundle)."),
+    weights_license: str = typer.Option(..., help="License of the teacher's weights (the student inherits it)."),
+    sign: Optional[Path] = typer.Option(None, "--sign", help="Sign the student bundle with this private key."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """A smaller language model: drop teacher layers, then distil (KL to the teacher's logits + cross-entropy).
+
+    Example: bastion distill lm --teacher stories260K.bin --tokenizer tokenizer.json --synthetic 64 --depth 3
+    --steps 200 --weights-license MIT --out runs/lm/s3
+    """
+    from bastion.distill.lm_pipeline import run_lm_distill
+    from bastion.errors import ConfigError
+
+    if (corpus is None) == (synthetic <= 0):
+        raise ConfigError("give --corpus FILE|DIR or --synthetic N (text the teacher writes)")
+    layers = [int(x) for x in keep_layers.split(",")] if keep_layers else None
+    key = None
+    if sign is not None:
+        from bastion.models.keys import load_private_key, read_passphrase
+
+        key = load_private_key(sign, read_passphrase(False))
+    with progress(disable=json_out) as bar:
+        task = bar.add_task("distil", total=steps)
+        report = run_lm_distill(teacher, tokenizer, corpus, synthetic, layers, depth, out_dir, weights_license,
+                                dict(steps=steps, batch=batch, block=block, lr=lr, temperature=temperature,
+                                     alpha=alpha), key, tick=lambda: bar.advance(task))
+    if json_out:
+        print_json(report)
+        return
+    out.print((out_dir / "report.md").read_text())

@@ -14,11 +14,14 @@ from bastion.models.manifest import DecoderSpec, FileEntry, LicenseInfo, Manifes
     write_manifest
 
 
-def export_lm_bundle(checkpoint: Path, tokenizer: Path, out_dir: Path, name: str, version: str,
-                     weights_license: str, source: str, license_files: list[Path], sign_key=None) -> Manifest:  # noqa: ANN001
-    from bastion.distill.llama import export_onnx, load_llama2c
+def export_lm_bundle(checkpoint, tokenizer: Path, out_dir: Path, name: str, version: str,  # noqa: ANN001
+                     weights_license: str, source: str, license_files: list[Path], sign_key=None,
+                     teachers: list[str] | None = None, datasets: list[dict] | None = None,
+                     evaluation: list[dict] | None = None) -> Manifest:
+    """``checkpoint``: a llama2.c file path, or a ``Llama`` module (e.g. a freshly distilled student)."""
+    from bastion.distill.llama import Llama, export_onnx, load_llama2c
 
-    model = load_llama2c(checkpoint)
+    model = checkpoint if isinstance(checkpoint, Llama) else load_llama2c(checkpoint)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     staging.chmod(0o755)
     try:
@@ -36,8 +39,9 @@ def export_lm_bundle(checkpoint: Path, tokenizer: Path, out_dir: Path, name: str
                                                          "bos": 1}),
             precision="fp32",
             provenance=Provenance(source=source, command=shlex.join(["bastion", *sys.argv[1:]]),
-                                  bastion_version=__version__,
+                                  bastion_version=__version__, teachers=teachers or [], datasets=datasets or [],
                                   created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+            evaluation=evaluation or [],
             license=LicenseInfo(weights=weights_license, files=[p.name for p in license_files]),
         )
         write_manifest(manifest, staging / "manifest.json")

@@ -107,3 +107,49 @@ def test_bench_lm_json():
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)["lengths"]
     assert rows["64"]["prompt_tokens"] == 64 and rows["8"]["tokens_per_s"] > 0 and rows["8"]["ttft_ms"] > 0
+
+
+def test_pruning_and_distillation_of_a_tiny_random_teacher(tmp_path):
+    torch = pytest.importorskip("torch")
+    from bastion.distill.llama import Llama, LlamaConfig
+    from bastion.distill.lm_distill import LMDistillSpec, distill, evenly, prune_layers
+
+    torch.manual_seed(0)
+    teacher = Llama(LlamaConfig(dim=32, hidden_dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=64,
+                                max_seq_len=64)).eval()
+    keep = evenly(4, 2)
+    assert keep == [0, 3]
+    student = prune_layers(teacher, keep)
+    assert student.c.n_layers == 2
+    assert torch.equal(student.layers[1].wq.weight, teacher.layers[3].wq.weight)  # copied, not re-initialised
+    x = torch.randint(0, 64, (1, 10))
+    logits, *present = student(x, torch.arange(10)[None], *student.empty_past())
+    assert logits.shape == (1, 10, 64) and len(present) == 4 and present[0].shape == (1, 2, 10, 8)
+    tokens = torch.randint(0, 64, (2000,))
+    history = distill(teacher, student, tokens[:1800], tokens[1800:], LMDistillSpec(steps=30, batch=4, block=16,
+                      eval_every=10, lr=1e-2), tmp_path / "ck.pt")
+    assert history[-1]["top1_agreement"] > history[0]["top1_agreement"] or history[-1]["loss"] < history[0]["loss"]
+    assert (tmp_path / "ck.pt").is_file()
+    with pytest.raises(ConfigError, match="keep-layers"):
+        prune_layers(teacher, [0, 7])
+
+
+@pytest.mark.slow
+def test_distill_lm_cli_end_to_end(tmp_path):
+    pytest.importorskip("torch")
+    src = SHARED / "weights" / "stories260K"
+    if not (src / "stories260K.bin").is_file():
+        pytest.skip("../shared is not present")
+    proc = run_cli("distill", "lm", "--teacher", str(src / "stories260K.bin"), "--tokenizer",
+                   str(src / "hf" / "tokenizer.json"), "--synthetic", "12", "--depth", "3", "--steps", "20",
+                   "--batch", "4", "--block", "32", "--weights-license", "MIT", "--out", str(tmp_path / "run"),
+                   "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["student"]["layers"] == [0, 2, 4]
+    assert report["student"]["top1_agreement"] > report["pruned_only"]["top1_agreement"]  # distillation helped
+    g = Generator.load(tmp_path / "run" / "bundle", allow_unsigned=True)
+    assert g.n_layers == 3 and len(list(g.generate_ids(g.encode("Once upon a time"), 20))) > 0
+    assert run_cli("distill", "lm", "--teacher", str(src / "stories260K.bin"), "--tokenizer",
+                   str(src / "hf" / "tokenizer.json"), "--weights-license", "MIT", "--out",
+                   str(tmp_path / "x")).returncode == 1  # neither --corpus nor --synthetic

@@ -1,0 +1,174 @@
+"""``bastion distill lm``: a smaller Llama from a bigger one — drop layers, then knowledge distillation.
+
+The whole loop fits on one screen (nanoGPT-style): batches of token windows from a corpus (or text the teacher
+generates itself when there is none), loss = T²·KL(teacher/T ‖ student/T) + α·cross-entropy, AdamW, cosine
+learning rate with warm-up, gradient accumulation, periodic evaluation, checkpoints and resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from bastion.distill.llama import Llama, LlamaConfig, greedy
+from bastion.errors import ConfigError, InputNotFoundError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LMDistillSpec:
+    keep_layers: list[int] | None = None  # None: evenly spaced `depth` layers
+    depth: int | None = None
+    steps: int = 200
+    batch: int = 16
+    block: int = 128
+    lr: float = 3e-3
+    warmup: int = 20
+    accumulate: int = 1
+    temperature: float = 2.0
+    alpha: float = 0.5  # weight of the hard-label cross-entropy next to the KL term
+    eval_every: int = 50
+    seed: int = 0
+
+
+def prune_layers(teacher: Llama, keep: list[int]) -> Llama:
+    """A student with only the teacher layers in ``keep`` (weights copied), same width and vocabulary."""
+    n = teacher.c.n_layers
+    if not keep or sorted(set(keep)) != sorted(keep) or min(keep) < 0 or max(keep) >= n:
+        raise ConfigError(f"--keep-layers must be distinct indices in 0..{n - 1}, got {keep}")
+    c = LlamaConfig(**{**asdict(teacher.c), "n_layers": len(keep)})
+    student = Llama(c)
+    student.tok_embeddings = copy.deepcopy(teacher.tok_embeddings)
+    student.norm = copy.deepcopy(teacher.norm)
+    student.output = copy.deepcopy(teacher.output)
+    student.layers = torch.nn.ModuleList(copy.deepcopy(teacher.layers[i]) for i in sorted(keep))
+    return student
+
+
+def evenly(n_layers: int, depth: int) -> list[int]:
+    """``depth`` layers spread over ``n_layers``, always keeping the first and the last."""
+    if not 1 <= depth <= n_layers:
+        raise ConfigError(f"--depth must be 1..{n_layers}")
+    if depth == 1:
+        return [0]
+    return sorted({round(i * (n_layers - 1) / (depth - 1)) for i in range(depth)})
+
+
+def read_corpus(path: Path) -> str:
+    """Plain text (.txt) or JSON lines (.jsonl: every string value); a directory: all of them."""
+    files = sorted(p for p in Path(path).rglob("*") if p.suffix in (".txt", ".jsonl")) if Path(path).is_dir() \
+        else [Path(path)]
+    if not files or not all(f.is_file() for f in files):
+        raise InputNotFoundError(f"no .txt or .jsonl corpus at {path}")
+    parts = []
+    for f in files:
+        raw = f.read_bytes()
+        if b"\x00" in raw[:4096]:
+            raise ConfigError(f"{f} looks binary, not text")
+        text = raw.decode("utf-8", errors="replace")
+        if f.suffix == ".jsonl":
+            for line in text.splitlines():
+                if line.strip():
+                    parts.extend(v for v in json.loads(line).values() if isinstance(v, str))
+        else:
+            parts.append(text)
+    corpus = "\n".join(parts).strip()
+    if len(corpus) < 1000:
+        raise ConfigError(f"the corpus at {path} is too small ({len(corpus)} characters)")
+    return corpus
+
+
+def synthetic_corpus(teacher: Llama, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str],
+                     n: int, seeds: tuple[str, ...] = ("Once upon a time", "One day", "The little", "Lily")) -> str:
+    """Sequence-level KD: text the teacher writes itself (greedy continuations of short seeds)."""
+    out = []
+    for i in range(n):
+        ids = encode(seeds[i % len(seeds)])
+        out.append(decode(ids + greedy(teacher, ids, 200)))
+    return "\n".join(out)
+
+
+def _batches(tokens: torch.Tensor, block: int, batch: int, gen: torch.Generator):  # noqa: ANN202
+    while True:
+        starts = torch.randint(0, len(tokens) - block - 1, (batch,), generator=gen)
+        yield torch.stack([tokens[s : s + block] for s in starts]), torch.stack([tokens[s + 1 : s + block + 1]
+                                                                                 for s in starts])
+
+
+def _logits(model: Llama, x: torch.Tensor) -> torch.Tensor:
+    """Full-sequence logits (no cache) for a batch: the module is batch-1 for export, so loop rows."""
+    pos = torch.arange(x.shape[1])[None]
+    return torch.cat([model(x[i : i + 1], pos, *model.empty_past())[0] for i in range(x.shape[0])])
+
+
+@torch.no_grad()
+def evaluate(model: Llama, teacher: Llama, tokens: torch.Tensor, block: int, max_windows: int = 16) -> dict:
+    """Perplexity on ``tokens`` and next-token top-1 agreement with the teacher."""
+    model.eval()
+    nll, agree, count = 0.0, 0, 0
+    for s in range(0, min(len(tokens) - block - 1, max_windows * block), block):
+        x, y = tokens[s : s + block][None], tokens[s + 1 : s + block + 1]
+        logits = _logits(model, x)[0]
+        nll += F.cross_entropy(logits, y, reduction="sum").item()
+        agree += (logits.argmax(-1) == _logits(teacher, x)[0].argmax(-1)).sum().item()
+        count += len(y)
+    return {"perplexity": round(math.exp(nll / max(count, 1)), 4), "top1_agreement": round(agree / max(count, 1), 4)}
+
+
+def distill(teacher: Llama, student: Llama, train_tokens: torch.Tensor, val_tokens: torch.Tensor,
+            spec: LMDistillSpec, checkpoint: Path, tick: Callable[[], None] | None = None) -> list[dict]:
+    """Train ``student`` to match ``teacher``; resumes from ``checkpoint`` if it exists. Returns the history."""
+    torch.manual_seed(spec.seed)
+    gen = torch.Generator().manual_seed(spec.seed)
+    teacher.eval()
+    opt = torch.optim.AdamW(student.parameters(), lr=spec.lr, weight_decay=0.0)
+    start, history = 0, []
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        student.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start, history = state["step"], state["history"]
+    batches = _batches(train_tokens, spec.block, spec.batch, gen)
+    for step in range(start, spec.steps):
+        lr = spec.lr * min(1.0, (step + 1) / max(spec.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / spec.steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        student.train()
+        for _ in range(spec.accumulate):
+            x, y = next(batches)
+            with torch.no_grad():
+                t_logits = _logits(teacher, x)
+            s_logits = _logits(student, x)
+            kl = F.kl_div(F.log_softmax(s_logits / spec.temperature, -1), F.log_softmax(t_logits / spec.temperature, -1),
+                          log_target=True, reduction="batchmean") * spec.temperature ** 2 / x.shape[1]
+            ce = F.cross_entropy(s_logits.reshape(-1, s_logits.shape[-1]), y.reshape(-1))
+            loss = ((1 - spec.alpha) * kl + spec.alpha * ce) / spec.accumulate
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps:
+            history.append({"step": step + 1, "loss": round(loss.item() * spec.accumulate, 4), "lr": lr,
+                            **evaluate(student, teacher, val_tokens, spec.block, 4)})
+            torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
+                        "history": history}, checkpoint)
+        if tick:
+            tick()
+    return history
+
+
+def tokens_per_s(model: Llama, ids: list[int], n: int = 100) -> float:
+    torch.set_num_threads(1)
+    t = time.perf_counter()
+    out = greedy(model, ids, n, stop=())
+    return round(len(out) / (time.perf_counter() - t), 1)

@@ -1,0 +1,84 @@
+"""The ``bastion distill lm`` run: data → pruned student → distillation → measured report → signed bundle."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from bastion.errors import ConfigError, MissingExtraError
+
+
+def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None, synthetic: int,
+                   keep: list[int] | None, depth: int | None, out: Path, weights_license: str,
+                   train: dict[str, Any], sign_key=None, tick: Callable[[], None] | None = None) -> dict:  # noqa: ANN001
+    try:
+        import torch
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise MissingExtraError("bastion distill lm", "distill", "torch") from None
+    from bastion.distill.llama import load_llama2c
+    from bastion.distill.lm_distill import (LMDistillSpec, distill, evaluate, evenly, prune_layers, read_corpus,
+                                            synthetic_corpus, tokens_per_s)
+    from bastion.distill.lm_export import export_lm_bundle
+
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = load_llama2c(teacher_path)
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    if tok.get_vocab_size() > teacher.c.vocab_size:
+        raise ConfigError(f"the tokenizer has {tok.get_vocab_size()} tokens, the model {teacher.c.vocab_size}",
+                          "give the tokenizer that belongs to this checkpoint")
+    text_file = out / "corpus.txt"
+    if not text_file.is_file():  # cached: a resumed run trains on the same text
+        text = read_corpus(corpus) if corpus else synthetic_corpus(
+            teacher, lambda s: tok.encode(s).ids, lambda ids: tok.decode(ids), synthetic)
+        text_file.write_text(text)
+    ids = torch.tensor(tok.encode(text_file.read_text()).ids)
+    spec = LMDistillSpec(**train)
+    if len(ids) < 4 * (spec.block + 1):
+        raise ConfigError(f"the corpus has only {len(ids)} tokens; need at least {4 * (spec.block + 1)}")
+    split = int(len(ids) * 0.9)
+    train_ids, val_ids = ids[:split], ids[split:]
+    layers = keep or evenly(teacher.c.n_layers, depth or max(1, teacher.c.n_layers // 2))
+    student = prune_layers(teacher, layers)
+    pruned_eval = evaluate(student, teacher, val_ids, spec.block)
+    history = distill(teacher, student, train_ids, val_ids, spec, out / "checkpoint.pt", tick)
+    prompt = tok.encode("Once upon a time").ids
+    report = {
+        "teacher": {"layers": teacher.c.n_layers, **evaluate(teacher, teacher, val_ids, spec.block),
+                    "tokens_per_s_torch": tokens_per_s(teacher, prompt)},
+        "pruned_only": {"layers": layers, **pruned_eval},
+        "student": {"layers": layers, **evaluate(student, teacher, val_ids, spec.block),
+                    "tokens_per_s_torch": tokens_per_s(student, prompt)},
+        "history": history, "corpus": str(corpus) if corpus else f"synthetic ({synthetic} teacher texts)",
+        "corpus_sha256": hashlib.sha256(text_file.read_bytes()).hexdigest(), "tokens": len(ids),
+    }
+    report["speedup_torch"] = round(report["student"]["tokens_per_s_torch"] / report["teacher"]["tokens_per_s_torch"], 2)
+    report["perplexity_rise"] = round(report["student"]["perplexity"] / report["teacher"]["perplexity"] - 1, 4)
+    bundle = out / "bundle"
+    shutil.rmtree(bundle, ignore_errors=True)
+    teacher_sha = hashlib.sha256(Path(teacher_path).read_bytes()).hexdigest()
+    export_lm_bundle(student.eval(), tokenizer_path, bundle, f"{Path(teacher_path).stem}-{len(layers)}L", "1.0",
+                     weights_license, f"distilled from {Path(teacher_path).name} keeping layers {layers}",
+                     [], sign_key, teachers=[teacher_sha],
+                     datasets=[{"name": report["corpus"], "sha256": report["corpus_sha256"]}],
+                     evaluation=[{"metric": "perplexity", "value": report["student"]["perplexity"],
+                                  "dataset": "held-out 10 % of the corpus", "dataset_sha256": report["corpus_sha256"]},
+                                 {"metric": "top1_agreement", "value": report["student"]["top1_agreement"],
+                                  "dataset": "held-out 10 % of the corpus", "dataset_sha256": report["corpus_sha256"]}])
+    report["bundle"] = str(bundle)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    t, p, s = report["teacher"], report["pruned_only"], report["student"]
+    (out / "report.md").write_text(
+        f"# LM distillation: {Path(teacher_path).name} → {len(layers)} of {t['layers']} layers\n\n"
+        f"Corpus: {report['corpus']} ({report['tokens']} tokens, 10 % held out).\n\n"
+        "| model | perplexity (held-out) | top-1 agreement with teacher | tokens/s (torch, 1 thread) |\n"
+        "|---|---|---|---|\n"
+        f"| teacher ({t['layers']} layers) | {t['perplexity']} | 1.0 | {t['tokens_per_s_torch']} |\n"
+        f"| pruned only (layers {layers}) | {p['perplexity']} | {p['top1_agreement']} | – |\n"
+        f"| **distilled student** | {s['perplexity']} | {s['top1_agreement']} | {s['tokens_per_s_torch']} |\n\n"
+        f"Speed-up {report['speedup_torch']}×, perplexity rise {report['perplexity_rise'] * 100:.1f} %. "
+        f"Bundle: `{bundle}`{' (signed)' if sign_key else ' (unsigned: bastion bundle sign it)'}.\n")
+    return report
