@@ -69,6 +69,14 @@ def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None
                                  {"metric": "top1_agreement", "value": report["student"]["top1_agreement"],
                                   "dataset": "held-out 10 % of the corpus", "dataset_sha256": report["corpus_sha256"]}])
     report["bundle"] = str(bundle)
+    from bastion.distill.lm_int8 import int8_gate
+
+    report["int8_gate"] = int8_gate(bundle, val_ids.tolist(), out / "bundle-int8")
+    if report["int8_gate"]["accepted"] and sign_key is not None:
+        from bastion.models.manifest import read_manifest
+        from bastion.models.signing import sign_manifest
+
+        sign_manifest(out / "bundle-int8", read_manifest(out / "bundle-int8" / "manifest.json"), sign_key)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     t, p, s = report["teacher"], report["pruned_only"], report["student"]
     (out / "report.md").write_text(
@@ -80,5 +88,6 @@ def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None
         f"| pruned only (layers {layers}) | {p['perplexity']} | {p['top1_agreement']} | – |\n"
         f"| **distilled student** | {s['perplexity']} | {s['top1_agreement']} | {s['tokens_per_s_torch']} |\n\n"
         f"Speed-up {report['speedup_torch']}×, perplexity rise {report['perplexity_rise'] * 100:.1f} %. "
+        f"INT8 gate: {report['int8_gate']['reason']}. "
         f"Bundle: `{bundle}`{' (signed)' if sign_key else ' (unsigned: bastion bundle sign it)'}.\n")
     return report

@@ -148,6 +148,9 @@ def test_distill_lm_cli_end_to_end(tmp_path):
     report = json.loads(proc.stdout)
     assert report["student"]["layers"] == [0, 2, 4]
     assert report["student"]["top1_agreement"] > report["pruned_only"]["top1_agreement"]  # distillation helped
+    gate = report["int8_gate"]
+    assert gate["reason"].startswith(("accepted", "refused")) and gate["int8"]["perplexity"] > 0
+    assert (tmp_path / "run" / "bundle-int8").is_dir() == gate["accepted"]
     g = Generator.load(tmp_path / "run" / "bundle", allow_unsigned=True)
     assert g.n_layers == 3 and len(list(g.generate_ids(g.encode("Once upon a time"), 20))) > 0
     assert run_cli("distill", "lm", "--teacher", str(src / "stories260K.bin"), "--tokenizer",

@@ -1,0 +1,83 @@
+"""ONNX Runtime dynamic INT8 (MatMul weights) for an LM bundle, kept only if it is better where it counts.
+
+Kept when perplexity rises by at most ``max_ppl_rise`` **and** generation is at least ``min_speedup`` faster; on tiny models it
+is usually slower (../shared/NOTES.md), and then the report says so and the bundle stays FP32.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bastion.models.manifest import MANIFEST_NAME, read_manifest, sha256_file, write_manifest
+from bastion.runtime.lm import Generator
+
+
+def perplexity(generator: Generator, ids: list[int], block: int = 128, windows: int = 8) -> float:
+    """Full-window forward passes (no cache) through the bundle's own ONNX graph."""
+    nll, count = 0.0, 0
+    empty = {f"past.{i}.{kv}": np.zeros((1, generator.n_kv, 0, generator.head_dim), np.float32)
+             for i in range(generator.n_layers) for kv in ("key", "value")}
+    for s in range(0, min(len(ids) - block - 1, windows * block), block):
+        x = np.asarray([ids[s : s + block]], np.int64)
+        logits = generator.backend.run({"input_ids": x, "position_ids": np.arange(block)[None], **empty})[0][0]
+        logits = logits - logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        target = np.asarray(ids[s + 1 : s + block + 1])
+        nll -= float(logp[np.arange(block), target].sum())
+        count += block
+    return math.exp(nll / max(count, 1))
+
+
+def tokens_per_s(generator: Generator, n: int = 100) -> float:
+    ids = generator.encode("Once upon a time")
+    list(generator.generate_ids(ids, 10, stop=()))
+    t = time.perf_counter()
+    out = list(generator.generate_ids(ids, n, stop=()))
+    return len(out) / (time.perf_counter() - t)
+
+
+def int8_gate(bundle_dir: Path, val_ids: list[int], out_dir: Path, max_ppl_rise: float = 0.05,
+              min_speedup: float = 1.05) -> dict:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32 = Generator.load(bundle_dir, allow_unsigned=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / "bundle"
+        shutil.copytree(bundle_dir, staged)
+        model = staged / "model.onnx"
+        quantize_dynamic(str(bundle_dir / "model.onnx"), str(model), op_types_to_quantize=["MatMul"],
+                         weight_type=QuantType.QInt8)
+        manifest = read_manifest(staged / MANIFEST_NAME)
+        files = [f.model_copy(update={"sha256": sha256_file(model), "size": model.stat().st_size})
+                 if f.role == "model" else f for f in manifest.files]
+        manifest = manifest.model_copy(update={"files": files, "precision": "int8",
+                                               "version": f"{manifest.version}-int8"})
+        write_manifest(manifest, staged / MANIFEST_NAME)
+        (staged / "signature").unlink(missing_ok=True)
+        int8 = Generator.load(staged, allow_unsigned=True)
+        result = {"fp32": {"perplexity": round(perplexity(fp32, val_ids), 4), "tokens_per_s": round(tokens_per_s(fp32), 1)},
+                  "int8": {"perplexity": round(perplexity(int8, val_ids), 4), "tokens_per_s": round(tokens_per_s(int8), 1)}}
+        rise = result["int8"]["perplexity"] / result["fp32"]["perplexity"] - 1
+        speedup = result["int8"]["tokens_per_s"] / result["fp32"]["tokens_per_s"]
+        faster = speedup >= min_speedup  # a tie within noise is not worth a quantized model
+        result["perplexity_rise"] = round(rise, 4)
+        if rise > max_ppl_rise:
+            result.update(accepted=False, reason=f"refused: perplexity rises {rise * 100:.1f} % (limit "
+                                                 f"{max_ppl_rise * 100:.0f} %); the model stays FP32")
+        elif not faster:
+            result.update(accepted=False, reason=f"refused: INT8 is {speedup:.2f}× the FP32 speed here (need "
+                                                 f"{min_speedup}×); the model stays FP32")
+        else:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            shutil.copytree(staged, out_dir)
+            result.update(accepted=True, reason=f"accepted: perplexity +{rise * 100:.1f} %, {speedup:.2f}× faster",
+                          bundle=str(out_dir))
+        int8.close()
+    fp32.close()
+    return result
