@@ -5,13 +5,12 @@ from __future__ import annotations
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from bastion import __version__
-from bastion.models.manifest import DecoderSpec, FileEntry, LicenseInfo, Manifest, Provenance, sha256_file, \
-    write_manifest
+from bastion.models.bundle import seal_bundle, staged_bundle
+from bastion.models.manifest import DecoderSpec, FileEntry, LicenseInfo, Manifest, Provenance, sha256_file
 
 
 def export_lm_bundle(checkpoint, tokenizer: Path, out_dir: Path, name: str, version: str,  # noqa: ANN001
@@ -22,9 +21,7 @@ def export_lm_bundle(checkpoint, tokenizer: Path, out_dir: Path, name: str, vers
     from bastion.distill.llama import Llama, export_onnx, load_llama2c
 
     model = checkpoint if isinstance(checkpoint, Llama) else load_llama2c(checkpoint)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    staging.chmod(0o755)
-    try:
+    with staged_bundle(out_dir) as staging:
         config = export_onnx(model, staging / "model.onnx")
         shutil.copy2(tokenizer, staging / "tokenizer.json")
         files = [("model.onnx", "model"), ("tokenizer.json", "tokenizer")]
@@ -44,12 +41,5 @@ def export_lm_bundle(checkpoint, tokenizer: Path, out_dir: Path, name: str, vers
             evaluation=evaluation or [],
             license=LicenseInfo(weights=weights_license, files=[p.name for p in license_files]),
         )
-        write_manifest(manifest, staging / "manifest.json")
-        if sign_key is not None:
-            from bastion.models.signing import sign_manifest
-
-            sign_manifest(staging, manifest, sign_key)
-        staging.rename(out_dir)
+        seal_bundle(staging, manifest, out_dir, sign_key)
         return manifest
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -8,12 +8,16 @@ passes ``allow_unsigned=True`` (development only; warned about every time).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
-from bastion.errors import InputNotFoundError, ModelLoadError, SignatureError
+from bastion.errors import ConfigError, InputNotFoundError, ModelLoadError, SignatureError
 from bastion.models.archive import ARCHIVE_SUFFIX, unpack
 from bastion.models.home import bastion_home
 from bastion.models.manifest import MANIFEST_NAME, Manifest, read_manifest, sha256_file
@@ -136,3 +140,31 @@ def _unpacked_archive(archive: Path) -> Path:
     if not (target / MANIFEST_NAME).is_file():
         unpack(archive, target)
     return target
+
+
+@contextlib.contextmanager
+def staged_bundle(out_dir: Path) -> Iterator[Path]:
+    """A private staging directory beside ``out_dir``; ``seal_bundle`` moves it into place, anything else
+    (an exception, a kill) leaves ``out_dir`` untouched and the staging directory removed."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise ConfigError(f"{out_dir} already exists", "choose a new directory; bundles are never overwritten")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp is private; a bundle is meant to be read by the node's service user
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def seal_bundle(staging: Path, manifest: Manifest, out_dir: Path, sign_key=None) -> None:  # noqa: ANN001
+    """Write the manifest, check every payload file against it, sign if a key is given, rename into place."""
+    from bastion.models.manifest import write_manifest
+    from bastion.models.signing import sign_manifest
+
+    write_manifest(manifest, staging / MANIFEST_NAME)
+    verify_files(staging, manifest)
+    if sign_key is not None:
+        sign_manifest(staging, manifest, sign_key)
+    staging.rename(out_dir)

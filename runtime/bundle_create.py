@@ -10,7 +10,6 @@ from __future__ import annotations
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -22,8 +21,8 @@ from pydantic import ValidationError
 from bastion import __version__
 from bastion.console import out, print_json
 from bastion.errors import ConfigError, DecoderError, InputNotFoundError
-from bastion.models.bundle import verify_files
-from bastion.models.manifest import FileEntry, Manifest, sha256_file, write_manifest
+from bastion.models.bundle import seal_bundle, staged_bundle
+from bastion.models.manifest import FileEntry, Manifest, sha256_file
 from bastion.models.textfiles import first_error, read_yaml_mapping
 
 RUN_MODEL = "model.onnx"
@@ -52,12 +51,7 @@ def infer_fields(onnx: Path) -> dict[str, Any]:
 def create_bundle(onnx: Path, out_dir: Path, fields: dict[str, Any], license_files: list[Path],
                   sign_key=None) -> Manifest:  # noqa: ANN001 - an Ed25519PrivateKey
     """Assemble, check and (optionally) sign a bundle in a staging directory, then move it to ``out_dir``."""
-    if out_dir.exists():
-        raise ConfigError(f"{out_dir} already exists", "choose a new --out directory; bundles are never overwritten")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    staging.chmod(0o755)  # mkdtemp is private; a bundle is meant to be read by the node's service user
-    try:
+    with staged_bundle(out_dir) as staging:
         shutil.copy2(onnx, staging / onnx.name)
         files = [FileEntry(path=onnx.name, sha256=sha256_file(onnx), size=onnx.stat().st_size, role="model")]
         for lic in license_files:
@@ -74,16 +68,8 @@ def create_bundle(onnx: Path, out_dir: Path, fields: dict[str, Any], license_fil
                               ) from None
         if manifest.task == "detect":
             _smoke_test(staging / onnx.name, manifest)
-        write_manifest(manifest, staging / "manifest.json")
-        verify_files(staging, manifest)
-        if sign_key is not None:
-            from bastion.models.signing import sign_manifest
-
-            sign_manifest(staging, manifest, sign_key)
-        staging.rename(out_dir)
+        seal_bundle(staging, manifest, out_dir, sign_key)
         return manifest
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _smoke_test(model: Path, manifest: Manifest) -> None:
