@@ -270,6 +270,47 @@ def bench_video(video: Path, model: str, limit: int, imgsz: int | None, conf: fl
             "summary": summary, "notes": notes, "environment": _environment(detector, threads)}
 
 
+BACKEND_DEVICES = {"ort-cpu": "cpu", "ort-cuda": "cuda", "ort-trt": "tensorrt"}
+
+
+def bench_backends(images: Path, model: str, backends: list[str], limit: int, repeat: int, imgsz: int | None,
+                   conf: float, iou: float, threads: int | None, allow_unsigned: bool = False) -> dict[str, Any]:
+    """The same bundle and images on each backend, in one run; unavailable backends say what to install."""
+    from bastion.errors import BastionError, ConfigError
+
+    unknown = [b for b in backends if b not in BACKEND_DEVICES]
+    if unknown:
+        raise ConfigError(f"unknown backend {unknown[0]!r}", f"choose from {', '.join(BACKEND_DEVICES)} (the "
+                          "native TensorRT backend is not in this build)")
+    files = list_images(Path(images))[:limit]
+    if not files:
+        raise InputNotFoundError(f"no images in {images}")
+    arrays = [read_image(f) for f in files]
+    results: dict[str, Any] = {}
+    reference: list[Detections] | None = None
+    for name in backends:
+        try:
+            det = Detector.load(model, device=BACKEND_DEVICES[name], threads=threads, conf=conf, iou=iou,
+                                imgsz=imgsz, allow_unsigned=allow_unsigned)
+        except BastionError as exc:
+            results[name] = {"available": False, "reason": str(exc)}
+            continue
+        lat, dets = [], []
+        for _ in range(repeat):
+            dets = []
+            for image in arrays:
+                t = time.perf_counter()
+                dets.append(det.detect(image))
+                lat.append(time.perf_counter() - t)
+        results[name] = {"available": True, "providers": det.backend.providers, **_stats(lat)}
+        if reference is None:
+            reference = dets
+        else:
+            results[name]["agreement_with_first"] = compare_detections(dets, reference)
+        det.close()
+    return {"mode": "backends", "model": model, "count": len(files), "repeat": repeat, "backends": results}
+
+
 def _ticker(progress: Any, label: str, total: int) -> Callable[[], None]:
     if progress is None:
         return lambda: None
@@ -297,6 +338,8 @@ def bench_detect_command(
     batch: int = typer.Option(1, help="Batch size of bastion's video pipeline (dynamic-batch models)."),
     workers: Optional[int] = typer.Option(None, help="Concurrent inferences in bastion's video pipeline (default: cores, max 4)."),
     ultralytics: bool = typer.Option(True, help="Also time Ultralytics predict when it is installed."),
+    backends: Optional[str] = typer.Option(None, help="Instead: compare backends on --images, e.g. "
+                                           "ort-cpu,ort-cuda,ort-trt."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
 ) -> None:
@@ -304,6 +347,19 @@ def bench_detect_command(
 
     Example: bastion bench detect --model yolov5n --images bastion/samples/images --json
     """
+    if backends is not None:
+        if images is None:
+            from bastion.errors import ConfigError
+
+            raise ConfigError("--backends compares backends on --images DIR")
+        result = bench_backends(images, model, [b.strip() for b in backends.split(",") if b.strip()], limit,
+                                repeat, imgsz, conf, iou, threads, allow_unsigned)
+        if json_out:
+            print_json(result)
+        else:
+            for name, row in result["backends"].items():
+                out.print(f"{name}: {row}")
+        return
     if (images is None) == (video is None):
         from bastion.errors import ConfigError
 

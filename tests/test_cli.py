@@ -135,3 +135,16 @@ def test_demo_distills_signs_and_serves(tmp_path):
     page = (Path(summary["run_dir"]) / "report.html").read_text()
     assert "data:image/png;base64," in page and "data:image/jpeg;base64," in page  # images inline
     assert "http://" not in page and "https://" not in page  # self-contained: nothing to fetch
+
+
+def test_bench_backends_reports_what_is_missing():
+    proc = run_cli("bench", "detect", "--images", str(SAMPLE_IMAGES), "--backends", "ort-cpu,ort-cuda",
+                   "--limit", "2", "--threads", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)["backends"]
+    assert rows["ort-cpu"]["available"] and rows["ort-cpu"]["per_s"] > 0
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        assert not rows["ort-cuda"]["available"] and "onnxruntime-gpu" in rows["ort-cuda"]["reason"]
+    assert run_cli("bench", "detect", "--images", str(SAMPLE_IMAGES), "--backends", "trt").returncode == 1
