@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from bastion.errors import ConfigError, InputNotFoundError
+from bastion.models.manifest import files_sha256
 from bastion.models.textfiles import read_yaml_mapping
 from bastion.runtime.media import list_images
 
@@ -40,13 +40,7 @@ class YoloDataset:
 
     def sha256(self) -> str:
         """Hash of every image and label file's name and bytes, in sorted order."""
-        digest = hashlib.sha256()
-        for image in sorted(self.images):
-            for path in (image, self.label_path(image)):
-                if path.is_file():
-                    digest.update(path.name.encode())
-                    digest.update(hashlib.sha256(path.read_bytes()).digest())
-        return digest.hexdigest()
+        return files_sha256(p for image in sorted(self.images) for p in (image, self.label_path(image)) if p.is_file())
 
 
 def load_data_yaml(path: Path, split: str = "val", limit: int | None = None) -> YoloDataset:

@@ -16,7 +16,7 @@ from bastion.distill.datasets import YoloDataset
 from bastion.distill.evaluate import EvalSettings, evaluate_detector, latency_ms
 from bastion.distill.quantize import quantize_int8
 from bastion.models.bundle import Bundle
-from bastion.models.manifest import EvalResult, Manifest
+from bastion.models.manifest import EvalResult, Manifest, files_sha256
 from bastion.runtime.backends import open_backend
 from bastion.runtime.detect import DetectOptions, Detector
 from bastion.runtime.media import read_image
@@ -87,17 +87,6 @@ def quantize_and_gate(bundle: Bundle, calibration: list[Path], dataset: YoloData
         return result
 
 
-def _files_sha256(paths: list[Path]) -> str:
-    """One hash over the calibration images (names and bytes, sorted): what the INT8 ranges were fitted to."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for path in sorted(paths):
-        digest.update(path.name.encode())
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
-
-
 def _write_bundle(bundle, manifest, int8_path, out_dir, dataset, fp32_report, int8_report, imgsz, sign_key,
                   calibration) -> None:  # noqa: ANN001
     from bastion.runtime.bundle_create import create_bundle
@@ -119,7 +108,7 @@ def _write_bundle(bundle, manifest, int8_path, out_dir, dataset, fp32_report, in
             "source": f"INT8 (ONNX Runtime static QDQ, per-channel U8S8, post-processing FP32, {len(calibration)} "
                       f"calibration images) of {manifest.name}:{manifest.version}",
             "datasets": fields["provenance"]["datasets"] + [
-                {"name": f"INT8 calibration ({len(calibration)} images)", "sha256": _files_sha256(calibration)},
+                {"name": f"INT8 calibration ({len(calibration)} images)", "sha256": files_sha256(sorted(calibration))},
                 {"name": f"INT8 gate evaluation ({dataset.root.name})", "sha256": sha}],
             "teachers": [bundle.sha256], "command": shlex.join(["bastion", *sys.argv[1:]]),
             "bastion_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -197,3 +197,12 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def files_sha256(paths) -> str:  # noqa: ANN001 - an iterable of Paths, in the order that defines the set
+    """One hash over several files' names and contents, in the given order (a dataset's identity)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).name.encode())
+        digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
+    return digest.hexdigest()
