@@ -121,10 +121,15 @@ distill_app = typer.Typer(help="Make a smaller model for a narrower mission.", n
 
 @distill_app.command("detect")
 def distill_detect_command(
-    teacher: list[str] = typer.Option(..., "--teacher", help="Teacher bundle (repeat for an ensemble)."),
+    teacher: list[str] = typer.Option(..., "--teacher", help="Teacher: a detection bundle (zoo/registry name or "
+                                      "directory) or an Ultralytics .pt checkpoint; repeat for an ensemble."),
     images: Path = typer.Option(..., "--images", help="Directory of images to learn from."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="YOLO labels (teacher class ids) for some images;"
                                           " they win over pseudo-labels and provide the held-out validation."),
+    val_images: Optional[Path] = typer.Option(None, "--val-images", help="Held-out images every candidate is "
+                                              "scored on (default: a share of the labelled --images)."),
+    val_labels: Optional[Path] = typer.Option(None, "--val-labels", help="Ground truth of --val-images (teacher "
+                                              "class ids)."),
     classes: str = typer.Option(..., "--classes", help="The student's classes, e.g. person,vehicle."),
     class_map: Optional[str] = typer.Option(None, "--class-map", help="Teacher→student names, e.g. "
                                             "car=vehicle,truck=vehicle,bus=vehicle."),
@@ -136,14 +141,20 @@ def distill_detect_command(
     max_map50_drop: Optional[float] = typer.Option(None, help="Ship the fastest candidate within this many mAP50 "
                                                    "points of the most accurate one."),
     int8: bool = typer.Option(True, help="Try INT8 of the sliced teacher and the student through the gate."),
+    max_int8_drop: float = typer.Option(1.0, help="Refuse an INT8 model losing more than this many mAP50 points."),
     no_train: bool = typer.Option(False, "--no-train", help="Measure only the candidates that need no training."),
-    student: str = typer.Option("yolov5n.yaml", help="Ultralytics model YAML of the student."),
+    student: str = typer.Option("yolov5n.yaml", help="Student architecture: an Ultralytics model YAML (yolov5n, "
+                                "yolov8n, yolo11n or a path), or teacher-sliced (no training: the sliced teacher)."),
     warm_start: Optional[Path] = typer.Option(None, help="Copy matching tensors from this .pt/.safetensors."),
     epochs: int = typer.Option(10, help="Training epochs."),
     batch: int = typer.Option(16, help="Training batch size."),
     freeze: int = typer.Option(0, help="Freeze the first N layers (10: yolov5n backbone, 24: backbone+neck)."),
     width: Optional[float] = typer.Option(None, help="Width multiple override (a narrower, cheaper student)."),
     depth: Optional[float] = typer.Option(None, help="Depth multiple override."),
+    soft: bool = typer.Option(True, "--soft/--hard", help="Teachers' scores scale the classification target "
+                              "(docs/distillation.md); --hard trains on 0/1 labels."),
+    feature_kd: float = typer.Option(6.0, "--feature-kd", help="Weight of Ultralytics' feature distillation when a "
+                                     "teacher is an Ultralytics .pt (0: off)."),
     out_dir: Path = typer.Option(..., "--out", help="Run directory (stages are cached; re-run resumes)."),
     force: list[str] = typer.Option([], "--force", help="Redo this stage and the ones after it."),
     sign: Optional[Path] = typer.Option(None, "--sign", help="Sign the shipped bundle with this private key."),
@@ -181,15 +192,22 @@ def distill_detect_command(
     from bastion.errors import MissingExtraError
 
     train = None
+    no_train = no_train or student == "teacher-sliced"
     if not no_train:
         if not ultralytics_available():
             raise MissingExtraError("student training", "distill", "ultralytics-opencv-headless",
                                     "(or pass --no-train to measure only the no-training candidates)")
+        if not (Path(student).suffix or Path(student).exists()):
+            student += ".yaml"  # yolov8n → yolov8n.yaml: Ultralytics' built-in architecture
         train = TrainSpec(student=student, warm_start=warm_start, epochs=epochs, batch=batch, freeze=freeze,
-                          width=width, depth=depth)
+                          width=width, depth=depth, soft=soft, feature_weight=feature_kd)
+    if (val_images is None) != (val_labels is None):
+        raise ConfigError("--val-images and --val-labels go together", "give both, or neither to hold out a share "
+                          "of the labelled --images")
     spec = DistillSpec(teachers=list(teacher), images=images, labels=labels, classes=names, train=train,
                        class_map=parse_class_map(class_map), conf=thresholds, imgsz=imgsz, out=out_dir,
                        min_map50=min_map50, max_latency_ms=max_latency, max_map50_drop=max_map50_drop, int8=int8,
+                       max_int8_drop=max_int8_drop, val_images=val_images, val_labels=val_labels,
                        allow_unsigned=allow_unsigned,
                        force=set(force))
     with progress(disable=json_out) as bar:

@@ -10,6 +10,7 @@ dataset this writes (``labels/data.yaml`` + ``labels/soft/``) is its input.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -23,6 +24,7 @@ from bastion.distill.datasets import load_data_yaml
 from bastion.distill.evaluate import EvalSettings, evaluate_detector, latency_ms
 from bastion.distill.pseudo import build_dataset
 from bastion.distill.run import RunDir
+from bastion.distill.teachers import check_unchanged, export_checkpoint_teacher, is_checkpoint
 from bastion.distill.train import TrainSpec
 from bastion.errors import ConfigError, InputNotFoundError
 from bastion.models.bundle import Bundle
@@ -50,6 +52,9 @@ class DistillSpec:
     max_latency_ms: float | None = None
     max_map50_drop: float | None = None  # points below the best candidate: then ship the fastest within it
     int8: bool = True
+    max_int8_drop: float = 1.0  # mAP50 points an INT8 model may lose against its FP32 source
+    val_images: Path | None = None  # a separate labelled held-out set (else: a share of the labelled images)
+    val_labels: Path | None = None
     allow_unsigned: bool = False
     force: set[str] = field(default_factory=set)
     train: "TrainSpec | None" = None  # None: no student is trained (only the no-training candidates)
@@ -61,12 +66,32 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
     run.record("spec", {k: (sorted(v) if isinstance(v, set) else v) for k, v in spec.__dict__.items()})
     tick = progress or (lambda label, total: (lambda: None))
 
-    # 1. teachers: verified bundles whose classes cover the mission's
-    bundles = [Bundle.open(t, allow_unsigned=spec.allow_unsigned) for t in spec.teachers]
+    # 1. teachers: verified bundles (or Ultralytics checkpoints, exported into the run) whose classes cover
+    # the mission's
+    if not run.done("teachers"):
+        with run.stage("teachers") as (stage, result):
+            result["checkpoints"] = {ref: export_checkpoint_teacher(Path(ref), stage / f"teacher-{i}")
+                                     for i, ref in enumerate(spec.teachers) if is_checkpoint(ref)}
+    exported = run.result("teachers").get("checkpoints", {})
+    bundles = []
+    for ref in spec.teachers:
+        if is_checkpoint(ref):
+            if ref not in exported:
+                raise ConfigError(f"teacher {ref} is not part of this run's cached teachers",
+                                  "re-run with --force teachers, or use a new --out")
+            check_unchanged(exported[ref])
+            bundles.append(Bundle.open(run.dir("teachers") / exported[ref]["bundle"], allow_unsigned=True))
+        else:
+            bundles.append(Bundle.open(ref, allow_unsigned=spec.allow_unsigned))
     for ref, b in zip(spec.teachers, bundles):
         if b.manifest.task != "detect" or b.manifest.decoder is None:
             raise ConfigError(f"teacher {ref} is not a detector (task {b.manifest.task})",
                               "give detection bundles as --teacher")
+    run.record("teachers", [{"ref": ref, "name": b.manifest.name, "version": b.manifest.version, "sha256": b.sha256,
+                             "decoder": b.manifest.decoder.type, "signer": b.verification.key_id,
+                             "license": b.manifest.license.weights,
+                             **({"checkpoint_sha256": exported[ref]["checkpoint_sha256"]} if ref in exported else {})}
+                            for ref, b in zip(spec.teachers, bundles)])
     maps = []
     for b in bundles:
         known = {k: v for k, v in spec.class_map.items() if k in b.manifest.classes}
@@ -75,12 +100,6 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
             raise ConfigError(f"teacher {b.manifest.name} knows none of {spec.classes}",
                               f"its classes: {', '.join(b.manifest.classes[:20])}")
         maps.append(ClassMap.build(b.manifest.classes, spec.classes, known))
-    if not run.done("teachers"):
-        with run.stage("teachers") as (stage, result):
-            result["teachers"] = [{"name": b.manifest.name, "version": b.manifest.version, "sha256": b.sha256,
-                                   "decoder": b.manifest.decoder.type, "signer": b.verification.key_id,
-                                   "license": b.manifest.license.weights} for b in bundles]
-            (stage / "teachers.json").write_text(json.dumps(result["teachers"], indent=2))
 
     # 2. labels
     if not run.done("labels"):
@@ -88,12 +107,21 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
         if not images:
             raise InputNotFoundError(f"no images in {spec.images}")
         thresholds = [spec.conf.get(c, spec.conf.get("*", 0.25)) for c in spec.classes]
-        teachers = [Detector.load(b.root, conf=0.05, allow_unsigned=spec.allow_unsigned) for b in bundles]
+        teachers = [Detector.load(b.root, conf=0.05, allow_unsigned=spec.allow_unsigned or is_checkpoint(ref))
+                    for ref, b in zip(spec.teachers, bundles)]
         with run.stage("labels") as (stage, result):
+            val_set = None
+            if spec.val_images is not None:
+                val_list = list_images(spec.val_images) if spec.val_images.is_dir() else []
+                if not val_list:
+                    raise InputNotFoundError(f"no images in {spec.val_images}")
+                val_set = (val_list, spec.val_labels)
             stats = build_dataset(images, spec.labels, teachers, maps, spec.classes, thresholds, stage,
-                                  spec.val_fraction, tick=tick("pseudo-labels", len(images)))
+                                  spec.val_fraction, tick=tick("pseudo-labels", len(images) + len(val_set[0]
+                                                                                         if val_set else [])),
+                                  val_set=val_set)
             result.update(stats.__dict__, thresholds=dict(zip(spec.classes, thresholds)),
-                          val_is_ground_truth=spec.labels is not None)
+                          val_is_ground_truth=spec.labels is not None or val_set is not None)
         for t in teachers:
             t.close()
     dataset = load_data_yaml(run.dir("labels") / "data.yaml", "val")
@@ -102,9 +130,14 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
     if spec.train is not None and not run.done("student"):
         from bastion.distill.train import train_student
 
+        train = spec.train
+        checkpoints = [Path(ref) for ref in spec.teachers if is_checkpoint(ref)]
+        if train.feature_teacher is None and checkpoints and train.feature_weight > 0:
+            # an Ultralytics teacher: its features teach the student too (Ultralytics' own distill_model=)
+            train = dataclasses.replace(train, feature_teacher=checkpoints[0])
         with run.stage("student") as (stage, result):
             step = tick("train student", 1)
-            result.update(train_student(run.dir("labels") / "data.yaml", spec.train, spec.imgsz, stage),
+            result.update(train_student(run.dir("labels") / "data.yaml", train, spec.imgsz, stage),
                           dataset_sha256=load_data_yaml(run.dir("labels") / "data.yaml", "train").sha256(),
                           student=spec.train.student, epochs=spec.train.epochs, freeze=spec.train.freeze,
                           warm_start=str(spec.train.warm_start) if spec.train.warm_start else None)
@@ -136,7 +169,7 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
             step()
             int8_from = [("sliced", sliced)]
             if run.done("student"):
-                student = _student_bundle(run.dir("student") / run.result("student")["onnx"], spec, teacher,
+                student = _student_bundle(run.dir("student") / run.result("student")["onnx"], spec, bundles,
                                           stage / f"student-{spec.imgsz}", run.result("student"))
                 det = Detector(open_backend(student.model_path, threads=1), student.manifest,
                                DetectOptions(**EVAL_OPTS, imgsz=spec.imgsz, rect=False))
@@ -153,7 +186,7 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
                 result["int8_gate"] = {}
                 for label, source in int8_from:
                     name = f"{label}-int8-{spec.imgsz}"
-                    gate = quantize_and_gate(source, calib, dataset, spec.imgsz, 1.0, stage / name)
+                    gate = quantize_and_gate(source, calib, dataset, spec.imgsz, spec.max_int8_drop, stage / name)
                     result["int8_gate"][label] = gate.to_dict()
                     if gate.accepted:
                         candidates.append({"name": f"{label}-int8@{spec.imgsz}", "kind": f"{label}, INT8",
@@ -273,8 +306,8 @@ def _candidate(name, kind, size, report, latency, bundle_root) -> dict[str, Any]
             "latency_ms": latency, "per_class": report.per_class, "bundle": str(bundle_root)}
 
 
-def _student_bundle(onnx: Path, spec: DistillSpec, teacher: Bundle, out: Path, training: dict) -> Bundle:
-    """The exported student as an (unsigned, for now) bundle whose provenance names the teacher and the data."""
+def _student_bundle(onnx: Path, spec: DistillSpec, teachers: list[Bundle], out: Path, training: dict) -> Bundle:
+    """The exported student as an (unsigned, for now) bundle whose provenance names the teachers and the data."""
     import shlex
     import sys
 
@@ -284,21 +317,22 @@ def _student_bundle(onnx: Path, spec: DistillSpec, teacher: Bundle, out: Path, t
     from bastion.models.signing import Verification
     from bastion.runtime.bundle_create import create_bundle, infer_fields
 
+    teacher = teachers[0]
     fields = infer_fields(onnx)
     if not fields:
         raise ConfigError(f"the exported student {onnx.name} has no Ultralytics metadata bastion understands")
     fields.update(
         name=f"student-{'-'.join(spec.classes)}", version=f"{spec.imgsz}", task="detect", classes=spec.classes,
-        provenance={"source": f"distilled from {teacher.manifest.name} by bastion ({training.get('student')}, "
+        provenance={"source": f"distilled from {' + '.join(t.manifest.name for t in teachers)} by bastion ({training.get('student')}, "
                               f"{training.get('epochs')} epochs, pseudo-labels)",
                     "datasets": [{"name": f"pseudo-labelled training set ({spec.images.name})",
                                   "sha256": training.get("dataset_sha256")}]
                     + [d.model_dump(mode="json") for d in teacher.manifest.provenance.datasets],
-                    "teachers": [teacher.sha256], "command": shlex.join(["bastion", *sys.argv[1:]]),
+                    "teachers": [t.sha256 for t in teachers], "command": shlex.join(["bastion", *sys.argv[1:]]),
                     "bastion_version": __version__,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-        license={"weights": f"derived from {teacher.manifest.name} ({teacher.manifest.license.weights}) via "
-                            "Ultralytics (AGPL-3.0)", "data": teacher.manifest.license.data,
+        license={"weights": "derived from " + "; ".join(f"{t.manifest.name} ({t.manifest.license.weights})"
+                                                        for t in teachers) + " via Ultralytics (AGPL-3.0)", "data": teacher.manifest.license.data,
                  "notes": "a distilled student inherits the terms of its teacher and training code; check them"},
     )
     create_bundle(onnx, out, fields, [])

@@ -4,7 +4,8 @@ For every image: each teacher detects (low threshold, to keep soft scores),
 its classes are narrowed/merged through the ClassMap, the teachers are fused
 with weighted boxes fusion, and boxes above the per-class threshold become hard
 YOLO labels.  All fused boxes above a small floor are kept with their scores in
-``soft/<stem>.json`` for a soft-target loss.  Images with ground-truth labels
+``soft/<stem>.json``, and the score of every hard label is written line for line
+to ``scores/<split>/<stem>.txt`` for the soft-target loss (soft_targets.py).  Images with ground-truth labels
 use those instead; a deterministic share of them is held out as the validation
 split that every candidate is scored on.
 """
@@ -86,13 +87,22 @@ def _link(src: Path, dst: Path) -> None:
 
 def build_dataset(images: list[Path], labels_dir: Path | None, teachers: list[Detector], maps: list[ClassMap],
                   student: list[str], thresholds: list[float], out: Path, val_fraction: float = 0.25,
-                  weights: list[float] | None = None, tick: Callable[[], None] | None = None) -> LabelStats:
+                  weights: list[float] | None = None, tick: Callable[[], None] | None = None,
+                  val_set: tuple[list[Path], Path] | None = None) -> LabelStats:
+    """Label ``images`` into ``out`` (YOLO layout + scores); ``val_set`` = (images, labels dir) held out instead
+    of a share of the labelled images."""
     stats = LabelStats(boxes_per_class={c: 0 for c in student})
+    if val_set is not None:
+        clash = {p.name for p in images} & {p.name for p in val_set[0]}
+        if clash:
+            raise ConfigError(f"{sorted(clash)[0]} is in both --images and --val-images",
+                              "a held-out image must not be trained on: keep the two sets apart")
     for split in ("train", "val"):
-        (out / "images" / split).mkdir(parents=True, exist_ok=True)
-        (out / "labels" / split).mkdir(parents=True, exist_ok=True)
+        for kind in ("images", "labels", "scores"):
+            (out / kind / split).mkdir(parents=True, exist_ok=True)
     (out / "soft").mkdir(exist_ok=True)
-    for path in images:
+    work = [(p, None) for p in images] + [(p, "val") for p in (val_set[0] if val_set else [])]
+    for path, fixed_split in work:
         if tick:
             tick()
         try:
@@ -101,12 +111,17 @@ def build_dataset(images: list[Path], labels_dir: Path | None, teachers: list[De
             stats.corrupt.append(f"{path.name}: {exc}")
             continue
         stats.images += 1
-        gt_file = labels_dir / f"{path.stem}.txt" if labels_dir else None
+        gt_dir = val_set[1] if fixed_split else labels_dir
+        gt_file = gt_dir / f"{path.stem}.txt" if gt_dir else None
         has_gt = gt_file is not None and gt_file.is_file()
         # held out: ground-truth images when there are labels; otherwise pseudo-labelled ones (then scores
         # measure agreement with the teachers, and the report says so)
-        split = "val" if (has_gt or labels_dir is None) and _held_out(path.name, val_fraction) else "train"
-        if has_gt:
+        split = fixed_split or ("val" if val_set is None and (has_gt or labels_dir is None)
+                                and _held_out(path.name, val_fraction) else "train")
+        if fixed_split and not has_gt:  # a held-out image without a label file: it shows no object
+            rows = np.zeros((0, 5), np.float32)
+            stats.ground_truth += 1
+        elif has_gt:
             rows = read_gt(gt_file, maps[0])
             stats.ground_truth += 1
         else:
@@ -120,6 +135,8 @@ def build_dataset(images: list[Path], labels_dir: Path | None, teachers: list[De
             b = np.clip(boxes[keep], 0, 1)
             rows = np.concatenate([labels[keep, None].astype(np.float32), (b[:, :2] + b[:, 2:]) / 2,
                                    b[:, 2:] - b[:, :2]], axis=1) if keep.any() else np.zeros((0, 5), np.float32)
+            # one teacher score per label line: the soft classification target (soft_targets.py)
+            (out / "scores" / split / f"{path.stem}.txt").write_text("".join(f"{s:.4f}\n" for s in scores[keep]))
             stats.pseudo += 1
         for row in rows:
             stats.boxes_per_class[student[int(row[0])]] += 1

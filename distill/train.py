@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bastion.distill.soft_targets import attach_scores, soft_detection_loss
 from bastion.distill.ultra import load_ultralytics
 from bastion.errors import ConfigError, InputNotFoundError, MissingExtraError
 
@@ -30,6 +31,9 @@ class TrainSpec:
     freeze: int = 0  # first N layers frozen (e.g. 10: backbone, 24: backbone + neck of yolov5n)
     width: float | None = None  # override the YAML's width multiple (a narrower, cheaper student)
     depth: float | None = None  # override the YAML's depth multiple
+    soft: bool = True  # the teachers' scores scale the classification target (soft_targets.py)
+    feature_teacher: Path | None = None  # an Ultralytics .pt teacher: Ultralytics' feature distillation too
+    feature_weight: float = 6.0  # Ultralytics' ``dis``: weight of the feature-distillation loss
 
 
 def load_state(path: Path) -> dict[str, Any]:
@@ -63,20 +67,26 @@ def copy_matching(model, state: dict[str, Any]) -> tuple[int, int]:  # noqa: ANN
     return len(matched), len(own)
 
 
-def _student_cfg(spec: TrainSpec) -> Any:
+def _student_cfg(spec: TrainSpec, out_dir: Path) -> str:
+    """The student's YAML; with a width/depth override, a copy written into the run (Ultralytics wants a file)."""
     if spec.width is None and spec.depth is None:
         return spec.student
+    import yaml
     from ultralytics.nn.tasks import yaml_model_load
 
     cfg = yaml_model_load(spec.student)
-    scale = cfg.get("scale") or (next(iter(cfg["scales"])) if cfg.get("scales") else None)
-    if cfg.get("scales") and scale:
+    if cfg.get("scales"):
+        scale = cfg.get("scale") or next(iter(cfg["scales"]))
         depth, width, max_ch = cfg["scales"][scale]
         cfg["scales"] = {scale: [spec.depth or depth, spec.width or width, max_ch]}
     else:
         cfg["depth_multiple"] = spec.depth or cfg.get("depth_multiple", 1.0)
         cfg["width_multiple"] = spec.width or cfg.get("width_multiple", 1.0)
-    return cfg
+    cfg.pop("yaml_file", None)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{Path(spec.student).stem}-d{spec.depth or 'x'}-w{spec.width or 'x'}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return str(path)
 
 
 def train_student(data_yaml: Path, spec: TrainSpec, imgsz: int, out_dir: Path) -> dict[str, Any]:
@@ -87,7 +97,9 @@ def train_student(data_yaml: Path, spec: TrainSpec, imgsz: int, out_dir: Path) -
     state = load_state(spec.warm_start) if spec.warm_start else None
     record: dict[str, Any] = {}
 
-    class WarmStartTrainer(DetectionTrainer):
+    class StudentTrainer(DetectionTrainer):
+        """Warm start in ``get_model``; soft scores into the train labels and the loss."""
+
         def get_model(self, cfg=None, weights=None, verbose=True):  # noqa: ANN001, ANN202
             model = super().get_model(cfg, weights, verbose)
             if state is not None:
@@ -96,21 +108,40 @@ def train_student(data_yaml: Path, spec: TrainSpec, imgsz: int, out_dir: Path) -
                 log.info("warm start: copied %d of %d student tensors from %s", copied, total, spec.warm_start)
             return model
 
-    model = ultralytics.YOLO(_student_cfg(spec), task="detect")
+        def build_dataset(self, img_path, mode="train", batch=None):  # noqa: ANN001, ANN202
+            dataset = super().build_dataset(img_path, mode, batch)
+            if spec.soft and mode == "train":
+                soft, total = attach_scores(dataset.labels, dataset.label_files)
+                record["soft_boxes"], record["train_boxes"] = soft, total
+                log.info("soft targets: %d of %d training boxes carry a teacher score below 1", soft, total)
+            return dataset
+
+        def _setup_train(self):  # noqa: ANN202
+            super()._setup_train()
+            if spec.soft:  # the student's criterion (inside Ultralytics' DistillationModel when distilling)
+                student = getattr(self.model, "student_model", self.model)
+                student.criterion = soft_detection_loss(student)
+
+    model = ultralytics.YOLO(_student_cfg(spec, out_dir), task="detect")
+    extra: dict[str, Any] = {}
+    if spec.feature_teacher is not None:
+        extra = dict(distill_model=str(spec.feature_teacher), dis=spec.feature_weight)
+        record["feature_teacher"] = str(spec.feature_teacher)
     model.train(
-        trainer=WarmStartTrainer, data=str(data_yaml), imgsz=imgsz, epochs=spec.epochs, batch=spec.batch,
+        trainer=StudentTrainer, data=str(data_yaml), imgsz=imgsz, epochs=spec.epochs, batch=spec.batch,
         workers=0, device="cpu", project=str(out_dir), name="train", exist_ok=True, amp=False, plots=True,
         verbose=False, seed=0, deterministic=True, freeze=spec.freeze or None, nbs=spec.batch,
         close_mosaic=max(0, min(10, spec.epochs // 2)), warmup_epochs=min(3.0, spec.epochs / 4), patience=0,
+        **extra,
     )
     weights = out_dir / "train" / "weights" / "best.pt"
     if not weights.is_file():
         weights = out_dir / "train" / "weights" / "last.pt"
-    exported = ultralytics.YOLO(str(weights)).export(format="onnx", imgsz=imgsz, dynamic=False, simplify=True,
-                                                     device="cpu", verbose=False)
+    best = ultralytics.YOLO(str(weights))
+    params = sum(p.numel() for p in best.model.parameters())
+    exported = best.export(format="onnx", imgsz=imgsz, dynamic=False, simplify=True, device="cpu", verbose=False)
     onnx_path = out_dir / "student.onnx"
     Path(exported).replace(onnx_path)
-    params = sum(p.numel() for p in model.model.parameters()) if getattr(model, "model", None) else None
     record.update(weights=str(weights.relative_to(out_dir)), onnx=onnx_path.name, parameters=params,
                   results_csv=str((out_dir / "train" / "results.csv").relative_to(out_dir)))
     return record

@@ -114,3 +114,36 @@ def test_tiny_student_training_end_to_end(small_set, tmp_path, shared):
     assert bundle.manifest.classes == ["person", "vehicle"] and bundle.manifest.decoder.type == "yolov8"
     assert bundle.manifest.provenance.teachers == [Bundle.open("yolov5n").sha256]
     assert "student" in report["int8_gate"]
+    assert trained["soft_boxes"] > 0 and trained["soft_boxes"] <= trained["train_boxes"]  # teachers' scores used
+
+    # the student just trained is an Ultralytics checkpoint: use it as a second teacher. It is exported into the
+    # run, fused with yolov5n, and its features teach a narrower student through Ultralytics' distill_model.
+    checkpoint = tmp_path / "ultra-teacher.pt"
+    shutil.copy(out / "student" / trained["weights"], checkpoint)
+    narrow = TrainSpec(student="yolov5n.yaml", warm_start=None, epochs=1, batch=8, width=0.125)
+    out2 = tmp_path / "run2"
+    report2 = run_distill(spec(images, labels, out2, teachers=["yolov5n", str(checkpoint)], train=narrow))
+    teachers = json.loads((out2 / "run.json").read_text())["teachers"]
+    assert [t["decoder"] for t in teachers] == ["yolov5", "yolov8"] and teachers[1]["checkpoint_sha256"]
+    assert report2["training"]["feature_teacher"] == str(checkpoint)
+    assert list(checkpoint.parent.glob("*.onnx")) == []  # the export stayed inside the run
+    student2 = Bundle.open(out2 / "baselines" / "student-160", allow_unsigned=True)
+    assert len(student2.manifest.provenance.teachers) == 2
+    assert report2["training"]["parameters"] < trained["parameters"] / 2  # width 0.125: a cheaper student
+    checkpoint.write_bytes(checkpoint.read_bytes() + b"x")  # the cached export no longer matches its checkpoint
+    with pytest.raises(ConfigError, match="changed or vanished"):
+        run_distill(spec(images, labels, out2, teachers=["yolov5n", str(checkpoint)], train=narrow))
+
+
+def test_checkpoint_teacher_that_is_not_ultralytics_is_refused_clearly(small_set, tmp_path, shared):
+    """The shared YOLOv5 .pt is an original-YOLOv5 pickle: say how to turn it into a bundle instead."""
+    from bastion.distill.ultra import ultralytics_available
+
+    if not ultralytics_available():
+        pytest.skip("the [distill] extra is not installed")
+    images, labels = small_set
+    original = shared / "weights" / "yolov5n" / "yolov5n.pt"
+    if not original.is_file():
+        pytest.skip("yolov5n.pt is not in ../shared")
+    with pytest.raises(ConfigError, match="not an Ultralytics checkpoint.*export.py"):
+        run_distill(spec(images, labels, tmp_path / "r", teachers=[str(original)], train=None))
