@@ -11,9 +11,9 @@ PYTEST_ARGS ?=
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# The demo distills (ONNX surgery, INT8, COCO metrics): the small [quantize] extra, no torch.
+# The demo distills a student (Ultralytics + torch: the [distill] extra, ~6 GB) and quantizes it ([quantize]).
 $(VENV)/.core-installed: pyproject.toml | $(PY)
-	$(PIP) install -e ".[quantize]"
+	$(PIP) install -e ".[quantize,distill]"
 	@touch $@
 
 $(VENV)/.dev-installed: pyproject.toml | $(PY)

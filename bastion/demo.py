@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import typer
 
-from bastion.console import out, print_counts, print_json, progress
+from bastion.console import out, print_counts, print_json, progress, warn
 from bastion.models.cli import ALLOW_UNSIGNED_HELP
 from bastion.models.zoo import DEFAULT_DETECTOR
 
@@ -38,7 +38,8 @@ def demo_command(
                               "the bundle to serve)."),
     out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Artefacts land in OUT/<timestamp>/."),
     skip_distill: bool = typer.Option(False, "--skip-distill", help="Serve --model right away (under a minute)."),
-    train: bool = typer.Option(False, "--train", help="Also train a quick student (needs the [distill] extra)."),
+    train: Optional[bool] = typer.Option(None, "--train/--no-train", help="Train a quick student too (default: "
+                                         "when the [distill] extra is installed, as make demo does)."),
     max_frames: int = typer.Option(0, help="Detection part: stop after this many frames (0: the whole clip)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for inference."),
     node_seconds: float = typer.Option(10.0, help="How long the field-node part runs (0 skips it)."),
@@ -126,7 +127,10 @@ def sample_frames(videos: list[Path], out: Path, every: int = 8) -> list[Path]:
     return written
 
 
-def run_distill_demo(teacher: str, run: Path, train: bool, quiet: bool = False) -> dict[str, Any]:
+WARM_START = SAMPLES / "weights" / "yolov5n.state_dict.fp16.safetensors"
+
+
+def run_distill_demo(teacher: str, run: Path, train: bool | None, quiet: bool = False) -> dict[str, Any]:
     from bastion.distill.detect_pipeline import DistillSpec, run_distill
     from bastion.models.keys import generate_keypair, load_private_key
     from bastion.models.trust import TrustStore
@@ -135,15 +139,23 @@ def run_distill_demo(teacher: str, run: Path, train: bool, quiet: bool = False) 
     images = sorted(frames.glob("*.jpg")) or sample_frames(sorted(SAMPLES.glob("*.mp4")), frames)
     pair = generate_keypair(run.parent / "keys" / "demo")
     TrustStore().trust(pair.public_path)
+    from bastion.distill.ultra import ultralytics_available
+
     train_spec = None
+    if train is None:
+        train = ultralytics_available()
+        if not train and not quiet:
+            warn("no student is trained: the [distill] extra (torch, Ultralytics) is not installed; "
+                 "make demo installs it, or pip install -e '.[distill]'")
     if train:
         from bastion.distill.train import TrainSpec
-        from bastion.distill.ultra import ultralytics_available
         from bastion.errors import MissingExtraError
 
         if not ultralytics_available():
             raise MissingExtraError("bastion demo --train", "distill", "ultralytics-opencv-headless")
-        train_spec = TrainSpec(student="yolov5n.yaml", epochs=3, batch=16, freeze=0)
+        # the quick CPU schedule: the teacher's own backbone+neck (vendored fp16 tensors), frozen; only the new
+        # head trains (../shared/NOTES.md: the best use of a few CPU minutes)
+        train_spec = TrainSpec(student="yolov5n.yaml", warm_start=WARM_START, epochs=3, batch=16, freeze=24)
     if not quiet:
         out.print(f"[bold]distill[/] {teacher} → {', '.join(CLASSES)} on {len(images)} frames of the sample clips "
                   f"(demo key {pair.key_id}, trusted in this run's BASTION_HOME)")

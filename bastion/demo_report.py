@@ -42,11 +42,14 @@ def render(summary: dict[str, Any]) -> str:
     if "distill" in summary:
         d = summary["distill"]
         report = d["report"]
+        classes = sorted({k for c in report["candidates"] for k in c.get("per_class", {})})
         rows = "".join(
             f"<tr class='{'ship' if c['name'] == report['chosen'] else ''}'><td>{html.escape(c['name'])}"
             f"{' ← ships' if c['name'] == report['chosen'] else ''}</td><td>{html.escape(c['kind'])}</td>"
             f"<td class=num>{c['imgsz']}</td><td class=num>{c['map50']:.3f}</td><td class=num>{c['map50_95']:.3f}"
-            f"</td><td class=num>{c['latency_ms']:.1f}</td></tr>"
+            f"</td><td class=num>{c['latency_ms']:.1f}</td><td class=num>{c.get('size_mb', 0):.1f}</td>"
+            + "".join(f"<td class=num>{c.get('per_class', {}).get(k, {}).get('ap50', float('nan')):.3f}</td>"
+                      for k in classes) + "</tr>"
             for c in sorted(report["candidates"], key=lambda c: c["latency_ms"]))
         labels = report["labels"]
         figs = Path(d["served"]).parent / "report" if Path(d["served"]).is_dir() else run / "distill" / "report"
@@ -59,9 +62,12 @@ def render(summary: dict[str, Any]) -> str:
             f"Shipped bundle signed with demo key <code>{d['key_id']}</code>, trusted only in this run's "
             "<code>BASTION_HOME</code>.</p>"
             "<table><tr><th>candidate</th><th>what</th><th>input</th><th>mAP50</th><th>mAP50-95</th>"
-            f"<th>ms / image (1 thread)</th></tr>{rows}</table><ul>{gates}<li>Student: "
-            f"{html.escape(report['student'])}</li></ul>"
+            "<th>ms / image (1 thread)</th><th>MB</th>"
+            + "".join(f"<th>AP50 {html.escape(k)}</th>" for k in classes)
+            + f"</tr>{rows}</table><ul>{gates}<li>Student: {html.escape(report['student'])}</li></ul>"
             f"<div class=grid>{_img(figs / 'scatter.png', 'speed vs accuracy')}"
+            f"{_img(figs / 'per_class.png', 'AP50 per class')}"
+            f"{_img(figs / 'training.png', 'training curves')}"
             f"{_img(figs / 'detections.jpg', 'shipped model on held-out frames')}</div></section>")
     det = summary["detect"]
     counts = "".join(f"<tr><td>{html.escape(k)}</td><td class=num>{v}</td></tr>"

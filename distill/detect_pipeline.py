@@ -156,7 +156,8 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
                                DetectOptions(**EVAL_OPTS, imgsz=size, rect=False))
                 report = evaluate_detector(det, dataset, settings_for(size), class_map=maps[0].to_student)
                 candidates.append(_candidate(f"teacher@{size}", "teacher", size, report,
-                                             round(latency_ms({'m': det}, sample, rounds=2)['m'], 2), spec.teachers[0]))
+                                             round(latency_ms({'m': det}, sample, rounds=2)['m'], 2), spec.teachers[0],
+                                             teacher.model_path))
                 det.close()
                 step()
             sliced = _sliced_bundle(teacher, maps[0], spec, stage / f"sliced-{spec.imgsz}")
@@ -164,7 +165,8 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
                            DetectOptions(**EVAL_OPTS, imgsz=spec.imgsz, rect=False))
             report = evaluate_detector(det, dataset, settings_for(spec.imgsz))
             candidates.append(_candidate(f"sliced@{spec.imgsz}", "sliced teacher (no training)", spec.imgsz,
-                                         report, round(latency_ms({'m': det}, sample, rounds=2)['m'], 2), f"baselines/{sliced.root.name}"))
+                                         report, round(latency_ms({'m': det}, sample, rounds=2)['m'], 2), f"baselines/{sliced.root.name}",
+                                         sliced.model_path))
             det.close()
             step()
             int8_from = [("sliced", sliced)]
@@ -176,7 +178,8 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
                 report = evaluate_detector(det, dataset, settings_for(spec.imgsz))
                 candidates.append(_candidate(f"student@{spec.imgsz}", f"trained student ({spec.train.student})"
                                              if spec.train else "trained student", spec.imgsz, report,
-                                             round(latency_ms({'m': det}, sample, rounds=2)['m'], 2), f"baselines/{student.root.name}"))
+                                             round(latency_ms({'m': det}, sample, rounds=2)['m'], 2), f"baselines/{student.root.name}",
+                                             student.model_path))
                 det.close()
                 int8_from.append(("student", student))
             if spec.int8:
@@ -192,7 +195,8 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
                         candidates.append({"name": f"{label}-int8@{spec.imgsz}", "kind": f"{label}, INT8",
                                            "imgsz": spec.imgsz, "map50": gate.int8["map50"],
                                            "map50_95": gate.int8["map50_95"], "latency_ms": gate.int8["latency_ms"],
-                                           "per_class": {}, "bundle": f"baselines/{name}"})
+                                           "per_class": gate.int8["per_class"], "bundle": f"baselines/{name}",
+                                           "size_mb": _mb(next((stage / name).glob("*.onnx")))})
             step()
             result["candidates"] = candidates
 
@@ -301,9 +305,14 @@ def _figures(stage: Path, spec: DistillSpec, candidates: list[dict], dataset, ch
     return figures
 
 
-def _candidate(name, kind, size, report, latency, bundle_root) -> dict[str, Any]:  # noqa: ANN001
+def _candidate(name, kind, size, report, latency, bundle_root, model_file: Path) -> dict[str, Any]:  # noqa: ANN001
     return {"name": name, "kind": kind, "imgsz": size, "map50": report.map50, "map50_95": report.map50_95,
-            "latency_ms": latency, "per_class": report.per_class, "bundle": str(bundle_root)}
+            "latency_ms": latency, "per_class": report.per_class, "bundle": str(bundle_root),
+            "size_mb": _mb(model_file)}
+
+
+def _mb(model_file: Path) -> float:
+    return round(Path(model_file).stat().st_size / 1e6, 2)
 
 
 def _student_bundle(onnx: Path, spec: DistillSpec, teachers: list[Bundle], out: Path, training: dict) -> Bundle:
@@ -387,12 +396,16 @@ def _report_md(spec: DistillSpec, result: dict[str, Any]) -> str:
         f"Validation: {labels['val']} held-out images "
         + ("with ground truth." if labels["val_is_ground_truth"] else
            "**pseudo-labelled** (no ground truth given: scores measure agreement with the teachers)."), "",
-        "| candidate | input | mAP50 | mAP50-95 | latency ms (1 thread) |", "|---|---|---|---|---|",
+        "| candidate | input | mAP50 | mAP50-95 | latency ms (1 thread) | MB | "
+        + " | ".join(f"AP50 {k}" for k in spec.classes) + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(spec.classes),
     ]
     for c in sorted(result["candidates"], key=lambda c: c["latency_ms"]):
         mark = " **← ships**" if c["name"] == result["chosen"] else ""
+        per_class = " | ".join(f"{c.get('per_class', {}).get(k, {}).get('ap50', float('nan')):.3f}"
+                               for k in spec.classes)
         lines.append(f"| {c['name']}{mark} | {c['imgsz']} | {c['map50']:.3f} | {c['map50_95']:.3f} | "
-                     f"{c['latency_ms']:.1f} |")
+                     f"{c['latency_ms']:.1f} | {c.get('size_mb', 0):.1f} | {per_class} |")
     gates = result.get("int8_gate") or {}
     lines += [""] + [f"INT8 gate ({k}): {g['reason']}" for k, g in gates.items()] + ["",
               f"Student: {result['student']}.",

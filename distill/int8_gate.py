@@ -27,8 +27,8 @@ class GateResult:
     accepted: bool
     reason: str
     imgsz: int
-    fp32: dict[str, float]
-    int8: dict[str, float]
+    fp32: dict[str, Any]  # map50, map50_95, latency_ms, per_class
+    int8: dict[str, Any]
     map50_drop_points: float
     speedup: float
     bundle: str | None = None
@@ -68,8 +68,10 @@ def quantize_and_gate(bundle: Bundle, calibration: list[Path], dataset: YoloData
         int8.close()
         drop = round((fp32_report.map50 - int8_report.map50) * 100, 2)
         speedup = round(latency["fp32"] / latency["int8"], 3)
-        fp32 = {"map50": fp32_report.map50, "map50_95": fp32_report.map50_95, "latency_ms": round(latency["fp32"], 2)}
-        q = {"map50": int8_report.map50, "map50_95": int8_report.map50_95, "latency_ms": round(latency["int8"], 2)}
+        fp32 = {"map50": fp32_report.map50, "map50_95": fp32_report.map50_95, "latency_ms": round(latency["fp32"], 2),
+                "per_class": fp32_report.per_class}
+        q = {"map50": int8_report.map50, "map50_95": int8_report.map50_95, "latency_ms": round(latency["int8"], 2),
+             "per_class": int8_report.per_class}
         if drop > max_drop_points:
             return GateResult(False, f"refused: mAP50 drops {drop:.2f} points (limit {max_drop_points}); "
                               "the model stays FP32", imgsz, fp32, q, drop, speedup,

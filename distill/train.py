@@ -91,6 +91,7 @@ def _student_cfg(spec: TrainSpec, out_dir: Path) -> str:
 
 def train_student(data_yaml: Path, spec: TrainSpec, imgsz: int, out_dir: Path) -> dict[str, Any]:
     """Train, export ONNX; returns paths and the warm-start count. Writes only inside ``out_dir``."""
+    out_dir = Path(out_dir).resolve()  # Ultralytics puts a relative project under its own runs_dir
     ultralytics = load_ultralytics()
     from ultralytics.models.yolo.detect import DetectionTrainer
 

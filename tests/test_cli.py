@@ -131,6 +131,12 @@ def test_demo_distills_signs_and_serves(tmp_path):
     assert served.is_dir() and str(served).startswith(summary["run_dir"])  # the run's own bundle is served
     assert summary["detect"]["signer"] == distill["key_id"]  # signed by the run's demo key, verified on load
     assert summary["detect"]["model"].endswith(("person-vehicle", "person-vehicle-int8"))
+    from bastion.distill.ultra import ultralytics_available
+
+    if ultralytics_available():  # make demo installs [distill]: a student is trained, warm-started in-repo
+        training = distill["report"]["training"]
+        assert training["warm_start_copied"] == 342 and training["soft_boxes"] > 0
+        assert "student@320" in {c["name"] for c in distill["report"]["candidates"]}
     assert summary["node"]["gap_free"] and summary["node"]["events_received"] > 0
     page = (Path(summary["run_dir"]) / "report.html").read_text()
     assert "data:image/png;base64," in page and "data:image/jpeg;base64," in page  # images inline

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -90,7 +91,7 @@ def test_distill_bad_input(small_set, tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_student_training_end_to_end(small_set, tmp_path, shared):
+def test_tiny_student_training_end_to_end(small_set, tmp_path, shared, monkeypatch):
     """1 epoch at 160 px: warm start logged, checkpoint and ONNX exist, the student is a measured candidate."""
     from bastion.distill.train import TrainSpec
     from bastion.distill.ultra import ultralytics_available
@@ -100,7 +101,8 @@ def test_tiny_student_training_end_to_end(small_set, tmp_path, shared):
 
     images, labels = small_set
     warm = shared / "weights" / "yolov5n" / "yolov5n.state_dict.safetensors"
-    out = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
+    out = Path("run")  # relative, as an operator types it (Ultralytics would file it under its own runs_dir)
     train = TrainSpec(student="yolov5n.yaml", warm_start=warm if warm.is_file() else None, epochs=1, batch=8,
                       freeze=24)
     report = run_distill(spec(images, labels, out, train=train, int8=True))
