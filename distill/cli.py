@@ -222,10 +222,23 @@ def distill_detect_command(
     out.print((out_dir / "report" / "report.md").read_text())
 
 
+def teacher_tokenizer(teacher: Path, tokenizer: Optional[Path]) -> Path:
+    """``--tokenizer``, or the tokenizer.json of a Hugging Face teacher directory."""
+    from bastion.errors import ConfigError
+
+    if tokenizer is not None:
+        return tokenizer
+    if teacher.is_dir() and (teacher / "tokenizer.json").is_file():
+        return teacher / "tokenizer.json"
+    raise ConfigError(f"no tokenizer for {teacher}", "give --tokenizer tokenizer.json")
+
+
 @distill_app.command("lm-export")
 def distill_lm_export_command(
-    teacher: Path = typer.Option(..., "--teacher", help="A llama2.c .bin checkpoint."),
-    tokenizer: Path = typer.Option(..., "--tokenizer", help="Its Hugging Face tokenizer.json."),
+    teacher: Path = typer.Option(..., "--teacher", help="A llama2.c .bin checkpoint or a local Hugging Face "
+                                 "Llama/Mistral/Qwen2 directory (config.json + *.safetensors)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Its Hugging Face tokenizer.json (default: "
+                                             "tokenizer.json inside a Hugging Face --teacher directory)."),
     out_dir: Path = typer.Option(..., "--out", help="New bundle directory."),
     name: str = typer.Option(..., help="Bundle name."),
     version: str = typer.Option("1.0", help="Bundle version."),
@@ -246,7 +259,10 @@ def distill_lm_export_command(
 
     if importlib.util.find_spec("torch") is None:
         raise MissingExtraError("LM export", "distill", "torch")
-    for path in (teacher, tokenizer, *license_file):
+    tokenizer = teacher_tokenizer(teacher, tokenizer)
+    if not teacher.exists():
+        raise InputNotFoundError(f"teacher not found: {teacher}")
+    for path in (tokenizer, *license_file):
         if not path.is_file():
             raise InputNotFoundError(f"file not found: {path}")
     if out_dir.exists():
@@ -263,8 +279,10 @@ def distill_lm_export_command(
 
 @distill_app.command("lm")
 def distill_lm_command(
-    teacher: Path = typer.Option(..., "--teacher", help="A llama2.c .bin checkpoint."),
-    tokenizer: Path = typer.Option(..., "--tokenizer", help="Its Hugging Face tokenizer.json."),
+    teacher: Path = typer.Option(..., "--teacher", help="A llama2.c .bin checkpoint or a local Hugging Face "
+                                 "Llama/Mistral/Qwen2 directory (config.json + *.safetensors)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Its Hugging Face tokenizer.json (default: "
+                                             "tokenizer.json inside a Hugging Face --teacher directory)."),
     corpus: Optional[Path] = typer.Option(None, "--corpus", help="Domain text (.txt/.jsonl file or directory)."),
     synthetic: int = typer.Option(0, "--synthetic", help="Without a corpus: this many teacher-written texts."),
     keep_layers: Optional[str] = typer.Option(None, help="Teacher layers the student keeps, e.g. 0,2,4."),
@@ -283,13 +301,14 @@ def distill_lm_command(
     """A smaller language model: drop teacher layers, then distil (KL to the teacher's logits + cross-entropy).
 
     Example: bastion distill lm --teacher stories260K.bin --tokenizer tokenizer.json --synthetic 64 --depth 3
-    --steps 200 --weights-license MIT --out runs/lm/s3
+    --steps 200 --weights-license MIT --out runs/lm/s3   (or --teacher path/to/hf-model-dir)
     """
     from bastion.distill.lm_pipeline import run_lm_distill
     from bastion.errors import ConfigError
 
     if (corpus is None) == (synthetic <= 0):
         raise ConfigError("give --corpus FILE|DIR or --synthetic N (text the teacher writes)")
+    tokenizer = teacher_tokenizer(teacher, tokenizer)
     layers = [int(x) for x in keep_layers.split(",")] if keep_layers else None
     key = None
     if sign is not None:

@@ -29,6 +29,7 @@ class LlamaConfig:
     max_seq_len: int
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    attention_bias: bool = False  # Qwen2: biases on q/k/v
 
     @property
     def head_dim(self) -> int:
@@ -57,9 +58,9 @@ class Block(nn.Module):
         super().__init__()
         self.c = c
         self.attention_norm = RMSNorm(c.dim, c.norm_eps)
-        self.wq = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=False)
-        self.wk = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
-        self.wv = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
+        self.wq = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=c.attention_bias)
+        self.wk = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.attention_bias)
+        self.wv = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.attention_bias)
         self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
         self.ffn_norm = RMSNorm(c.dim, c.norm_eps)
         self.w1 = nn.Linear(c.dim, c.hidden_dim, bias=False)
@@ -166,6 +167,93 @@ def load_llama2c(path: Path) -> Llama:
             suffix = "weight"
             sd[f"layers.{i}.{name}.{suffix}"] = values[i]
     model.load_state_dict(sd)
+    return model.eval()
+
+
+HF_FAMILIES = {"llama", "mistral", "qwen2"}  # the same decoder; Qwen2 adds q/k/v biases
+HF_NAMES = {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+            "wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
+            "w1": "mlp.gate_proj", "w2": "mlp.down_proj", "w3": "mlp.up_proj"}
+
+
+def load_teacher(path: Path) -> Llama:
+    """A llama2.c ``.bin`` file or a local Hugging Face causal-LM directory (never the hub)."""
+    path = Path(path)
+    if path.is_dir():
+        return load_hf(path)
+    if not path.is_file():
+        raise ModelLoadError(f"teacher not found: {path}", "give a llama2.c .bin file or a Hugging Face model directory")
+    return load_llama2c(path)
+
+
+def hf_config(directory: Path) -> LlamaConfig:
+    import json
+
+    cfg_file = directory / "config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"{directory} has no config.json: not a Hugging Face model directory")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{cfg_file} is not valid JSON: {exc}") from None
+    family = cfg.get("model_type")
+    if family not in HF_FAMILIES:
+        raise ModelLoadError(f"{directory}: model_type {family!r} is not a causal LM bastion can distill",
+                             f"supported: {', '.join(sorted(HF_FAMILIES))}")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise ModelLoadError(f"{directory}: RoPE scaling {rope.get('rope_type') or rope.get('type')!r} is not "
+                             "supported yet", "use a checkpoint with default RoPE")
+    dim, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    if cfg.get("head_dim") not in (None, dim // heads):
+        raise ModelLoadError(f"{directory}: head_dim {cfg['head_dim']} differs from hidden_size/heads; not supported")
+    if cfg.get("mlp_bias"):
+        raise ModelLoadError(f"{directory}: MLP biases are not supported")
+    return LlamaConfig(dim=dim, hidden_dim=cfg["intermediate_size"], n_layers=cfg["num_hidden_layers"],
+                       n_heads=heads, n_kv_heads=cfg.get("num_key_value_heads") or heads,
+                       vocab_size=cfg["vocab_size"], max_seq_len=cfg.get("max_position_embeddings", 2048),
+                       norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                       rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+                       attention_bias=bool(cfg.get("attention_bias", family == "qwen2")))
+
+
+def _hf_to_interleaved(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo the Hugging Face conversion's q/k permutation (half-split RoPE) → interleaved pairs, rows only."""
+    rows = w.shape[0]
+    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def load_hf(directory: Path) -> Llama:
+    """Weights from ``*.safetensors`` (sharded or not) of a Llama/Mistral/Qwen2 directory, read without transformers."""
+    from safetensors.torch import load_file
+
+    c = hf_config(directory)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{directory} holds no .safetensors weights",
+                             "save the model with safe_serialization=True (pickled .bin weights are refused)")
+    hf: dict[str, torch.Tensor] = {}
+    for f in files:
+        hf.update(load_file(str(f)))
+    hf = {k.removeprefix("model."): v.float() for k, v in hf.items()}
+    sd = {"tok_embeddings.weight": hf["embed_tokens.weight"], "norm.weight": hf["norm.weight"],
+          "output.weight": hf.get("lm_head.weight", hf["embed_tokens.weight"])}
+    try:
+        for i in range(c.n_layers):
+            for ours, theirs in HF_NAMES.items():
+                for kind in ("weight", "bias"):
+                    key = f"layers.{i}.{theirs}.{kind}"
+                    if key not in hf:
+                        continue
+                    t = hf[key]
+                    if ours in ("wq", "wk"):
+                        t = _hf_to_interleaved(t, c.n_heads if ours == "wq" else c.n_kv_heads)
+                    sd[f"layers.{i}.{ours}.{kind}"] = t
+        model = Llama(c)
+        model.load_state_dict(sd)
+    except (KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"{directory}: weights do not match its config.json ({str(exc).splitlines()[0]})"
+                             ) from None
     return model.eval()
 
 

@@ -11,6 +11,16 @@ from typing import Any, Callable
 from bastion.errors import ConfigError, MissingExtraError
 
 
+def teacher_digest(path: Path) -> str:
+    """sha256 of a teacher file, or of a Hugging Face directory's config + weights (name and bytes, sorted)."""
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    h = hashlib.sha256()
+    for f in sorted([path / "config.json", *path.glob("*.safetensors")]):
+        h.update(f.name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
 def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None, synthetic: int,
                    keep: list[int] | None, depth: int | None, out: Path, weights_license: str,
                    train: dict[str, Any], sign_key=None, tick: Callable[[], None] | None = None) -> dict:  # noqa: ANN001
@@ -19,13 +29,13 @@ def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None
         from tokenizers import Tokenizer
     except ImportError:
         raise MissingExtraError("bastion distill lm", "distill", "torch") from None
-    from bastion.distill.llama import load_llama2c
+    from bastion.distill.llama import load_teacher
     from bastion.distill.lm_distill import (LMDistillSpec, distill, evaluate, evenly, prune_layers, read_corpus,
                                             synthetic_corpus, tokens_per_s)
     from bastion.distill.lm_export import export_lm_bundle
 
     out.mkdir(parents=True, exist_ok=True)
-    teacher = load_llama2c(teacher_path)
+    teacher = load_teacher(teacher_path)
     tok = Tokenizer.from_file(str(tokenizer_path))
     if tok.get_vocab_size() > teacher.c.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.get_vocab_size()} tokens, the model {teacher.c.vocab_size}",
@@ -59,7 +69,7 @@ def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None
     report["perplexity_rise"] = round(report["student"]["perplexity"] / report["teacher"]["perplexity"] - 1, 4)
     bundle = out / "bundle"
     shutil.rmtree(bundle, ignore_errors=True)
-    teacher_sha = hashlib.sha256(Path(teacher_path).read_bytes()).hexdigest()
+    teacher_sha = teacher_digest(Path(teacher_path))
     export_lm_bundle(student.eval(), tokenizer_path, bundle, f"{Path(teacher_path).stem}-{len(layers)}L", "1.0",
                      weights_license, f"distilled from {Path(teacher_path).name} keeping layers {layers}",
                      [], sign_key, teachers=[teacher_sha],

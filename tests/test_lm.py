@@ -156,3 +156,59 @@ def test_distill_lm_cli_end_to_end(tmp_path):
     assert run_cli("distill", "lm", "--teacher", str(src / "stories260K.bin"), "--tokenizer",
                    str(src / "hf" / "tokenizer.json"), "--weights-license", "MIT", "--out",
                    str(tmp_path / "x")).returncode == 1  # neither --corpus nor --synthetic
+
+
+def _to_hf_layout(w, heads):  # noqa: ANN001, ANN202 - the Hugging Face conversion's permute (interleaved → half-split)
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def test_hugging_face_teacher_directory_loads_the_same_model(tmp_path):
+    """A local HF directory (Llama/Qwen2 layout) gives the very logits of the same weights in llama2.c form."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+
+    from bastion.distill.llama import Llama, LlamaConfig, load_teacher
+    from bastion.errors import ModelLoadError
+
+    ids, pos = torch.tensor([[1, 403, 407, 261, 378, 285]]), torch.arange(6)[None]
+    hf_dir = SHARED / "weights" / "stories260K" / "hf"
+    if hf_dir.is_dir():  # the real conversion: transformers' own permutation undone
+        a, b = load_teacher(SHARED / "weights" / "stories260K" / "stories260K.bin"), load_teacher(hf_dir)
+        assert torch.equal(a(ids, pos, *a.empty_past())[0], b(ids, pos, *b.empty_past())[0])
+
+    torch.manual_seed(0)  # a tiny random Qwen2-style teacher: q/k/v biases, GQA, untied head, other rope theta
+    c = LlamaConfig(dim=32, hidden_dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=32,
+                    rope_theta=1e6, attention_bias=True)
+    ours = Llama(c).eval()
+    for prm in ours.parameters():
+        torch.nn.init.normal_(prm, std=0.2)
+    names = {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "wq": "self_attn.q_proj",
+             "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj", "w1": "mlp.gate_proj",
+             "w2": "mlp.down_proj", "w3": "mlp.up_proj"}
+    hf = {"model.embed_tokens.weight": ours.tok_embeddings.weight, "model.norm.weight": ours.norm.weight,
+          "lm_head.weight": ours.output.weight}
+    for key, t in ours.state_dict().items():
+        if key.startswith("layers."):
+            _, i, name, kind = key.split(".")
+            if name in ("wq", "wk"):
+                t = _to_hf_layout(t, c.n_heads if name == "wq" else c.n_kv_heads)
+            hf[f"model.layers.{i}.{names[name]}.{kind}"] = t
+    model_dir = tmp_path / "qwen-tiny"
+    model_dir.mkdir()
+    save_file({k: v.detach().contiguous() for k, v in hf.items()}, str(model_dir / "model.safetensors"))
+    config = {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64, "max_position_embeddings": 32,
+              "rms_norm_eps": 1e-5, "rope_theta": 1e6}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    loaded = load_teacher(model_dir)
+    small = torch.tensor([[1, 5, 9, 33]]), torch.arange(4)[None]
+    assert torch.allclose(ours(*small, *ours.empty_past())[0], loaded(*small, *loaded.empty_past())[0], atol=1e-5)
+
+    (model_dir / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(ModelLoadError, match="model_type 'gpt2' is not a causal LM bastion can distill"):
+        load_teacher(model_dir)
+    (model_dir / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(ModelLoadError, match="weights do not match its config.json"):
+        load_teacher(model_dir)
