@@ -7,6 +7,8 @@ import html
 from pathlib import Path
 from typing import Any
 
+from bastion.distill.detect_pipeline import ap50_cell
+
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;background:#f5f6f8;color:#1d2330}
 header{background:#1d2330;color:#fff;padding:24px 40px}header h1{margin:0;font-size:26px}
@@ -42,14 +44,14 @@ def render(summary: dict[str, Any]) -> str:
     if "distill" in summary:
         d = summary["distill"]
         report = d["report"]
-        classes = sorted({k for c in report["candidates"] for k in c.get("per_class", {})})
+        classes = list(report["labels"]["boxes_per_class"])  # every student class, in order
+        absent = [k for k, n in report["labels"]["boxes_per_class"].items() if not n]
         rows = "".join(
             f"<tr class='{'ship' if c['name'] == report['chosen'] else ''}'><td>{html.escape(c['name'])}"
             f"{' ← ships' if c['name'] == report['chosen'] else ''}</td><td>{html.escape(c['kind'])}</td>"
             f"<td class=num>{c['imgsz']}</td><td class=num>{c['map50']:.3f}</td><td class=num>{c['map50_95']:.3f}"
             f"</td><td class=num>{c['latency_ms']:.1f}</td><td class=num>{c.get('size_mb', 0):.1f}</td>"
-            + "".join(f"<td class=num>{c.get('per_class', {}).get(k, {}).get('ap50', float('nan')):.3f}</td>"
-                      for k in classes) + "</tr>"
+            + "".join(f"<td class=num>{ap50_cell(c, k)}</td>" for k in classes) + "</tr>"
             for c in sorted(report["candidates"], key=lambda c: c["latency_ms"]))
         labels = report["labels"]
         figs = Path(d["served"]).parent / "report" if Path(d["served"]).is_dir() else run / "distill" / "report"
@@ -64,7 +66,10 @@ def render(summary: dict[str, Any]) -> str:
             "<table><tr><th>candidate</th><th>what</th><th>input</th><th>mAP50</th><th>mAP50-95</th>"
             "<th>ms / image (1 thread)</th><th>MB</th>"
             + "".join(f"<th>AP50 {html.escape(k)}</th>" for k in classes)
-            + f"</tr>{rows}</table><ul>{gates}<li>Student: {html.escape(report['student'])}</li></ul>"
+            + f"</tr>{rows}</table><ul>{gates}<li>Student: {html.escape(report['student'])}</li>"
+            + (f"<li>No {html.escape(', '.join(absent))} at all in the teacher's labels (—): the COCO teacher "
+               "hardly sees cars from directly above, so this imagery would need some ground truth or a better "
+               "teacher.</li>" if absent else "") + "</ul>"
             f"<div class=grid>{_img(figs / 'scatter.png', 'speed vs accuracy')}"
             f"{_img(figs / 'per_class.png', 'AP50 per class')}"
             f"{_img(figs / 'training.png', 'training curves')}"

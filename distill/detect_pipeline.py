@@ -311,6 +311,13 @@ def _candidate(name, kind, size, report, latency, bundle_root, model_file: Path)
             "size_mb": _mb(model_file)}
 
 
+def ap50_cell(candidate: dict, name: str) -> str:
+    """AP50 of one class as a table cell; '—' where the held-out set has no box of that class."""
+    row = candidate.get("per_class", {}).get(name) or {}
+    value = row.get("ap50")
+    return "—" if value is None or value != value or not row.get("instances", 1) else f"{value:.3f}"
+
+
 def _mb(model_file: Path) -> float:
     return round(Path(model_file).stat().st_size / 1e6, 2)
 
@@ -402,10 +409,14 @@ def _report_md(spec: DistillSpec, result: dict[str, Any]) -> str:
     ]
     for c in sorted(result["candidates"], key=lambda c: c["latency_ms"]):
         mark = " **← ships**" if c["name"] == result["chosen"] else ""
-        per_class = " | ".join(f"{c.get('per_class', {}).get(k, {}).get('ap50', float('nan')):.3f}"
-                               for k in spec.classes)
+        per_class = " | ".join(ap50_cell(c, k) for k in spec.classes)
         lines.append(f"| {c['name']}{mark} | {c['imgsz']} | {c['map50']:.3f} | {c['map50_95']:.3f} | "
                      f"{c['latency_ms']:.1f} | {c.get('size_mb', 0):.1f} | {per_class} |")
+    absent = [k for k in spec.classes if not labels["boxes_per_class"].get(k)]
+    if absent:
+        lines += ["", f"No labelled boxes of {', '.join(absent)} at all, so no AP for it (—): the teachers found none "
+                      "above the threshold. Imagery unlike the teachers' training data (e.g. cars seen from "
+                      "directly above) needs some ground truth or a better teacher."]
     gates = result.get("int8_gate") or {}
     lines += [""] + [f"INT8 gate ({k}): {g['reason']}" for k, g in gates.items()] + ["",
               f"Student: {result['student']}.",
