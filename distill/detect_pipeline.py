@@ -222,7 +222,7 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
         (stage / "report.md").write_text(_report_md(spec, result))
         (stage / "report.json").write_text(json.dumps(result, indent=2, default=str))
     if chosen and chosen["kind"] != "teacher":
-        _ship(run.root / chosen["bundle"], run.root / "bundle", sign_key)
+        _ship(run.root / chosen["bundle"], run.root / "bundle", sign_key, chosen, dataset)
         run.state["stages"]["report"]["result"]["shipped_bundle"] = str(run.root / "bundle")
         run.record("stages", run.state["stages"])
     return run.result("report")
@@ -243,20 +243,27 @@ def choose(candidates: list[dict], min_map50: float, max_latency_ms: float | Non
     return min(near, key=lambda c: (c["latency_ms"], -c["map50"]))
 
 
-def _ship(src: Path, dst: Path, sign_key) -> None:  # noqa: ANN001
-    """Copy the chosen candidate's bundle to RUN/bundle (atomically), signed when a key is given."""
+def _ship(src: Path, dst: Path, sign_key, chosen: dict, dataset) -> None:  # noqa: ANN001
+    """Copy the chosen candidate's bundle to RUN/bundle (atomically), with the held-out metrics measured in this
+    run in its manifest (an INT8 bundle already carries FP32 and INT8 ones), signed when a key is given."""
     import shutil
 
-    from bastion.models.manifest import MANIFEST_NAME, read_manifest
-    from bastion.models.signing import sign_manifest
+    from bastion.models.bundle import seal_bundle
+    from bastion.models.manifest import MANIFEST_NAME, EvalResult, read_manifest
+    from bastion.models.signing import SIGNATURE_NAME
 
+    manifest = read_manifest(src / MANIFEST_NAME)
+    if not manifest.evaluation:
+        settings = {"imgsz": chosen["imgsz"], "conf": 0.001, "iou": 0.6, "rect": False, "held_out": True}
+        manifest = manifest.model_copy(update={"evaluation": [
+            EvalResult(metric=m, value=chosen[key], dataset=dataset.root.name, dataset_sha256=dataset.sha256(),
+                       settings=settings) for m, key in (("mAP50", "map50"), ("mAP50-95", "map50_95"))]})
     staging = dst.with_name(".bundle.partial")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(src, staging)
-    if sign_key is not None:
-        sign_manifest(staging, read_manifest(staging / MANIFEST_NAME), sign_key)
+    (staging / SIGNATURE_NAME).unlink(missing_ok=True)  # the manifest may change: an old signature would not hold
     shutil.rmtree(dst, ignore_errors=True)
-    staging.rename(dst)
+    seal_bundle(staging, manifest, dst, sign_key)
 
 
 def _figures(stage: Path, spec: DistillSpec, candidates: list[dict], dataset, chosen: dict | None,

@@ -70,6 +70,20 @@ def test_tiny_distillation_artefacts_and_resume(small_set, tmp_path, monkeypatch
     teacher = next(c for c in report["candidates"] if c["name"] == "teacher@160")
     assert abs(sliced["map50"] - teacher["map50"]) < 0.05  # same network, same classes after merging
     assert report["chosen"] and "report.md" in {p.name for p in (out / "report").iterdir()}
+    # shipping: the candidate's held-out numbers of this run go into its manifest, then it is signed
+    from bastion.distill.datasets import load_data_yaml
+    from bastion.distill.detect_pipeline import _ship
+    from bastion.models.keys import generate_keypair, load_private_key
+    from bastion.models.trust import TrustStore
+
+    pair = generate_keypair(tmp_path / "keys" / "team")
+    TrustStore().trust(pair.public_path)
+    _ship(out / "baselines" / "sliced-160", tmp_path / "shipped", load_private_key(pair.private_path), sliced,
+          load_data_yaml(out / "labels" / "data.yaml", "val"))
+    shipped = Bundle.open(tmp_path / "shipped")  # verifies: signed by the trusted key, payload intact
+    assert shipped.verification.key_id == pair.key_id
+    assert {e.metric: e.value for e in shipped.manifest.evaluation} == {"mAP50": sliced["map50"],
+                                                                        "mAP50-95": sliced["map50_95"]}
     if report["chosen"].startswith("sliced"):
         b = Bundle.open(out / "bundle", allow_unsigned=True)
         assert b.manifest.classes == ["person", "vehicle"] and b.manifest.provenance.teachers
