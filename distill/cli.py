@@ -286,7 +286,12 @@ def distill_lm_command(
     corpus: Optional[Path] = typer.Option(None, "--corpus", help="Domain text (.txt/.jsonl file or directory)."),
     synthetic: int = typer.Option(0, "--synthetic", help="Without a corpus: this many teacher-written texts."),
     keep_layers: Optional[str] = typer.Option(None, help="Teacher layers the student keeps, e.g. 0,2,4."),
-    depth: Optional[int] = typer.Option(None, help="Or: keep this many layers, evenly spaced."),
+    depth: Optional[int] = typer.Option(None, help="Or: keep this many layers (see --layer-choice)."),
+    layer_choice: str = typer.Option("even", help="With --depth: 'even' (spread, first and last kept) or "
+                                     "'importance' (the layers that change the hidden state most on the corpus)."),
+    ffn_ratio: float = typer.Option(1.0, help="Keep this share of each MLP's hidden units (the most active ones)."),
+    student_config: Optional[Path] = typer.Option(None, help="Instead of pruning: a fresh student from a YAML "
+                                                  "config (dim, n_layers, n_heads[, hidden_dim, n_kv_heads])."),
     steps: int = typer.Option(200, help="Training steps."),
     batch: int = typer.Option(16, help="Windows per step."),
     block: int = typer.Option(128, help="Tokens per window."),
@@ -309,7 +314,14 @@ def distill_lm_command(
     if (corpus is None) == (synthetic <= 0):
         raise ConfigError("give --corpus FILE|DIR or --synthetic N (text the teacher writes)")
     tokenizer = teacher_tokenizer(teacher, tokenizer)
-    layers = [int(x) for x in keep_layers.split(",")] if keep_layers else None
+    if layer_choice not in ("even", "importance"):
+        raise ConfigError(f"--layer-choice {layer_choice!r}: use even or importance")
+    if student_config is not None and (keep_layers or depth or ffn_ratio < 1.0):
+        raise ConfigError("--student-config replaces pruning: leave out --keep-layers, --depth and --ffn-ratio")
+    try:
+        layers = [int(x) for x in keep_layers.split(",")] if keep_layers else None
+    except ValueError:
+        raise ConfigError(f"--keep-layers {keep_layers!r}: give layer numbers like 0,2,4") from None
     key = None
     if sign is not None:
         from bastion.models.keys import load_private_key, read_passphrase
@@ -319,7 +331,8 @@ def distill_lm_command(
         task = bar.add_task("distil", total=steps)
         report = run_lm_distill(teacher, tokenizer, corpus, synthetic, layers, depth, out_dir, weights_license,
                                 dict(steps=steps, batch=batch, block=block, lr=lr, temperature=temperature,
-                                     alpha=alpha), key, tick=lambda: bar.advance(task))
+                                     alpha=alpha), key, tick=lambda: bar.advance(task), ffn_ratio=ffn_ratio,
+                                layer_choice=layer_choice, student_config=student_config)
     if json_out:
         print_json(report)
         return

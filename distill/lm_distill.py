@@ -55,6 +55,97 @@ def prune_layers(teacher: Llama, keep: list[int]) -> Llama:
     return student
 
 
+@torch.no_grad()
+def layer_importance(teacher: Llama, tokens: torch.Tensor, block: int = 128, windows: int = 8) -> list[float]:
+    """Block influence per layer (ShortGPT, Men et al. 2024): 1 − mean cos(hidden in, hidden out) on real text.
+
+    A layer that barely turns its input is the cheapest to drop; ``--layer-choice importance`` keeps the
+    layers with the highest influence.
+    """
+    teacher.eval()
+    influence = torch.zeros(teacher.c.n_layers)
+    count = 0
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hooks = [layer.register_forward_hook(lambda m, args, out: captured.append((args[0], out[0])))
+             for layer in teacher.layers]
+    try:
+        for s in range(0, min(len(tokens) - block, windows * block), block):
+            captured.clear()
+            _logits(teacher, tokens[s : s + block][None])
+            for i, (x_in, x_out) in enumerate(captured):
+                influence[i] += (1 - F.cosine_similarity(x_in, x_out, dim=-1)).mean()
+            count += 1
+    finally:
+        for h in hooks:
+            h.remove()
+    return [round(float(v) / max(count, 1), 5) for v in influence]
+
+
+def most_important(influence: list[float], depth: int) -> list[int]:
+    if not 1 <= depth <= len(influence):
+        raise ConfigError(f"--depth must be 1..{len(influence)}")
+    return sorted(sorted(range(len(influence)), key=lambda i: -influence[i])[:depth])
+
+
+@torch.no_grad()
+def narrow_ffn(model: Llama, ratio: float, tokens: torch.Tensor, block: int = 128, windows: int = 4) -> Llama:
+    """Keep the ``ratio`` share of each layer's MLP hidden units that carry the most activation on real text.
+
+    Importance of unit j = mean |silu(w1·h)_j · (w3·h)_j| × ‖w2[:, j]‖ — what it actually adds to the residual.
+    w1/w3 rows and w2 columns of the kept units are copied; every layer keeps the same width.
+    """
+    if not 0.0 < ratio <= 1.0:
+        raise ConfigError(f"--ffn-ratio must be in (0, 1], got {ratio}")
+    keep_n = max(8, int(round(model.c.hidden_dim * ratio / 8)) * 8)  # a multiple of 8: friendly to matmul kernels
+    if keep_n >= model.c.hidden_dim:
+        return model
+    act = [torch.zeros(model.c.hidden_dim) for _ in model.layers]
+    hooks = [layer.w2.register_forward_pre_hook(lambda m, args, i=i: act[i].add_(args[0].abs().mean((0, 1))))
+             for i, layer in enumerate(model.layers)]
+    try:
+        for s in range(0, min(len(tokens) - block, windows * block), block):
+            _logits(model, tokens[s : s + block][None])
+    finally:
+        for h in hooks:
+            h.remove()
+    c = LlamaConfig(**{**asdict(model.c), "hidden_dim": keep_n})
+    narrow = Llama(c)
+    narrow.load_state_dict({k: v for k, v in model.state_dict().items() if ".w1." not in k and ".w2." not in k
+                            and ".w3." not in k}, strict=False)
+    for i, (src, dst) in enumerate(zip(model.layers, narrow.layers)):
+        keep = torch.argsort(act[i] * src.w2.weight.norm(dim=0), descending=True)[:keep_n].sort().values
+        dst.w1.weight.copy_(src.w1.weight[keep])
+        dst.w3.weight.copy_(src.w3.weight[keep])
+        dst.w2.weight.copy_(src.w2.weight[:, keep])
+    return narrow.eval()
+
+
+def fresh_student(teacher: Llama, config_file: Path) -> Llama:
+    """A randomly initialised student from a small YAML/JSON config (dim, hidden_dim, n_layers, n_heads,
+    n_kv_heads); vocabulary, context and RoPE come from the teacher so the tokenizer still fits."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(config_file).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--student-config {config_file}: {exc}") from None
+    allowed = {"dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads"}
+    if not isinstance(raw, dict) or set(raw) - allowed or {"dim", "n_layers", "n_heads"} - set(raw):
+        raise ConfigError(f"--student-config {config_file}: give dim, n_layers, n_heads (and optionally "
+                          "hidden_dim, n_kv_heads) and nothing else")
+    c = LlamaConfig(**{**asdict(teacher.c), "hidden_dim": raw.get("hidden_dim", 4 * raw["dim"]),
+                       "n_kv_heads": raw.get("n_kv_heads", raw["n_heads"]), **raw})
+    if c.dim % c.n_heads or c.n_heads % c.n_kv_heads or c.head_dim % 2:
+        raise ConfigError(f"--student-config {config_file}: dim must split into n_heads of even size, and n_heads "
+                          "into n_kv_heads groups")
+    torch.manual_seed(0)
+    student = Llama(c)
+    for name, prm in student.named_parameters():
+        if prm.dim() > 1:
+            torch.nn.init.normal_(prm, std=0.02)
+    return student
+
+
 def evenly(n_layers: int, depth: int) -> list[int]:
     """``depth`` layers spread over ``n_layers``, always keeping the first and the last."""
     if not 1 <= depth <= n_layers:

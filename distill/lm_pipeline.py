@@ -23,14 +23,16 @@ def teacher_digest(path: Path) -> str:
 
 def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None, synthetic: int,
                    keep: list[int] | None, depth: int | None, out: Path, weights_license: str,
-                   train: dict[str, Any], sign_key=None, tick: Callable[[], None] | None = None) -> dict:  # noqa: ANN001
+                   train: dict[str, Any], sign_key=None, tick: Callable[[], None] | None = None,  # noqa: ANN001
+                   ffn_ratio: float = 1.0, layer_choice: str = "even", student_config: Path | None = None) -> dict:
     try:
         import torch
         from tokenizers import Tokenizer
     except ImportError:
         raise MissingExtraError("bastion distill lm", "distill", "torch") from None
     from bastion.distill.llama import load_teacher
-    from bastion.distill.lm_distill import (LMDistillSpec, distill, evaluate, evenly, prune_layers, read_corpus,
+    from bastion.distill.lm_distill import (LMDistillSpec, distill, evaluate, evenly, fresh_student,
+                                            layer_importance, most_important, narrow_ffn, prune_layers, read_corpus,
                                             synthetic_corpus, tokens_per_s)
     from bastion.distill.lm_export import export_lm_bundle
 
@@ -47,19 +49,37 @@ def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None
         text_file.write_text(text)
     ids = torch.tensor(tok.encode(text_file.read_text()).ids)
     spec = LMDistillSpec(**train)
+    spec.eval_every = max(1, min(spec.eval_every, spec.steps // 5))  # at least ~5 points on the curves
     if len(ids) < 4 * (spec.block + 1):
         raise ConfigError(f"the corpus has only {len(ids)} tokens; need at least {4 * (spec.block + 1)}")
     split = int(len(ids) * 0.9)
     train_ids, val_ids = ids[:split], ids[split:]
-    layers = keep or evenly(teacher.c.n_layers, depth or max(1, teacher.c.n_layers // 2))
-    student = prune_layers(teacher, layers)
+    influence = None
+    if student_config is not None:  # a fresh architecture: nothing inherited but the vocabulary
+        student, layers = fresh_student(teacher, student_config), []
+        how = f"a fresh {student.c.n_layers}-layer config ({Path(student_config).name})"
+    else:
+        if keep:
+            layers = keep
+        elif layer_choice == "importance":
+            influence = layer_importance(teacher, train_ids, spec.block)
+            layers = most_important(influence, depth or max(1, teacher.c.n_layers // 2))
+        else:
+            layers = evenly(teacher.c.n_layers, depth or max(1, teacher.c.n_layers // 2))
+        student = prune_layers(teacher, layers)
+        if ffn_ratio < 1.0:
+            student = narrow_ffn(student, ffn_ratio, train_ids, spec.block)
+        how = f"layers {layers}" + (f", MLP {student.c.hidden_dim}/{teacher.c.hidden_dim}" if ffn_ratio < 1 else "")
     pruned_eval = evaluate(student, teacher, val_ids, spec.block)
     history = distill(teacher, student, train_ids, val_ids, spec, out / "checkpoint.pt", tick)
     prompt = tok.encode("Once upon a time").ids
     report = {
         "teacher": {"layers": teacher.c.n_layers, **evaluate(teacher, teacher, val_ids, spec.block),
                     "tokens_per_s_torch": tokens_per_s(teacher, prompt)},
-        "pruned_only": {"layers": layers, **pruned_eval},
+        "pruned_only": {"layers": layers, "hidden_dim": student.c.hidden_dim, **pruned_eval},
+        "student_shape": {"n_layers": student.c.n_layers, "dim": student.c.dim, "hidden_dim": student.c.hidden_dim,
+                          "parameters": sum(p.numel() for p in student.parameters())},
+        "layer_influence": influence, "how": how,
         "student": {"layers": layers, **evaluate(student, teacher, val_ids, spec.block),
                     "tokens_per_s_torch": tokens_per_s(student, prompt)},
         "history": history, "corpus": str(corpus) if corpus else f"synthetic ({synthetic} teacher texts)",
@@ -70,8 +90,8 @@ def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None
     bundle = out / "bundle"
     shutil.rmtree(bundle, ignore_errors=True)
     teacher_sha = teacher_digest(Path(teacher_path))
-    export_lm_bundle(student.eval(), tokenizer_path, bundle, f"{Path(teacher_path).stem}-{len(layers)}L", "1.0",
-                     weights_license, f"distilled from {Path(teacher_path).name} keeping layers {layers}",
+    export_lm_bundle(student.eval(), tokenizer_path, bundle, f"{Path(teacher_path).stem}-{student.c.n_layers}L",
+                     "1.0", weights_license, f"distilled from {Path(teacher_path).name}: {how}",
                      [], sign_key, teachers=[teacher_sha],
                      datasets=[{"name": report["corpus"], "sha256": report["corpus_sha256"]}],
                      evaluation=[{"metric": "perplexity", "value": report["student"]["perplexity"],
@@ -87,17 +107,32 @@ def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None
         from bastion.models.signing import sign_manifest
 
         sign_manifest(out / "bundle-int8", read_manifest(out / "bundle-int8" / "manifest.json"), sign_key)
+    report["curves"] = _curves(history, out)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     t, p, s = report["teacher"], report["pruned_only"], report["student"]
     (out / "report.md").write_text(
-        f"# LM distillation: {Path(teacher_path).name} → {len(layers)} of {t['layers']} layers\n\n"
+        f"# LM distillation: {Path(teacher_path).name} → {how}\n\n"
         f"Corpus: {report['corpus']} ({report['tokens']} tokens, 10 % held out).\n\n"
         "| model | perplexity (held-out) | top-1 agreement with teacher | tokens/s (torch, 1 thread) |\n"
         "|---|---|---|---|\n"
         f"| teacher ({t['layers']} layers) | {t['perplexity']} | 1.0 | {t['tokens_per_s_torch']} |\n"
-        f"| pruned only (layers {layers}) | {p['perplexity']} | {p['top1_agreement']} | – |\n"
+        f"| pruned only, before distillation | {p['perplexity']} | {p['top1_agreement']} | – |\n"
         f"| **distilled student** | {s['perplexity']} | {s['top1_agreement']} | {s['tokens_per_s_torch']} |\n\n"
         f"Speed-up {report['speedup_torch']}×, perplexity rise {report['perplexity_rise'] * 100:.1f} %. "
         f"INT8 gate: {report['int8_gate']['reason']}. "
-        f"Bundle: `{bundle}`{' (signed)' if sign_key else ' (unsigned: bastion bundle sign it)'}.\n")
+        f"Bundle: `{bundle}`{' (signed)' if sign_key else ' (unsigned: bastion bundle sign it)'}.\n"
+        + (f"\nLayer influence (1 − cos(in, out), higher = kept first): {influence}\n" if influence else "")
+        + (f"\n![training curves]({report['curves']})\n" if report["curves"] else ""))
     return report
+
+
+def _curves(history: list[dict], out: Path) -> str | None:
+    """curves.png: held-out perplexity and training loss per evaluation step."""
+    if len(history) < 2:
+        return None
+    from bastion.distill.charts import lines
+
+    steps = [h["step"] for h in history]
+    lines(steps, {"held-out perplexity": [h["perplexity"] for h in history], "train loss": [h["loss"] for h in history]},
+          out / "curves.png", "LM distillation", "step", "value")
+    return "curves.png"

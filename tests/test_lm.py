@@ -134,6 +134,50 @@ def test_pruning_and_distillation_of_a_tiny_random_teacher(tmp_path):
         prune_layers(teacher, [0, 7])
 
 
+def test_layer_influence_ffn_narrowing_and_fresh_students(tmp_path):
+    """Importance picks the layer that does something; narrowing keeps the MLP units that matter."""
+    torch = pytest.importorskip("torch")
+    from bastion.distill.llama import Llama, LlamaConfig
+    from bastion.distill.lm_distill import fresh_student, layer_importance, most_important, narrow_ffn
+
+    torch.manual_seed(0)
+    c = LlamaConfig(dim=32, hidden_dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=64)
+    teacher = Llama(c).eval()
+    with torch.no_grad():
+        for i, layer in enumerate(teacher.layers):  # layers 0 and 2 add ~nothing; layer 1 rewrites the stream
+            scale = 3.0 if i == 1 else 1e-4
+            layer.wo.weight.mul_(scale)
+            layer.w2.weight.mul_(scale)
+    tokens = torch.randint(0, 64, (600,))
+    influence = layer_importance(teacher, tokens, block=32, windows=4)
+    assert influence[1] > 10 * max(influence[0], influence[2])
+    assert most_important(influence, 1) == [1]
+
+    with torch.no_grad():  # a few MLP units carry (almost) everything: narrowing must keep exactly those
+        for layer in teacher.layers:
+            layer.w2.weight.mul_(1e-3)
+            layer.w2.weight[:, :8].mul_(1e3)
+    narrow = narrow_ffn(teacher, 0.25, tokens, block=32)
+    assert narrow.c.hidden_dim == 16 and narrow.layers[0].w1.weight.shape == (16, 32)
+    assert torch.equal(narrow.layers[0].w2.weight[:, :8], teacher.layers[0].w2.weight[:, :8])
+    x, pos = tokens[:20][None], torch.arange(20)[None]
+    full, cut = teacher(x, pos, *teacher.empty_past())[0], narrow(x, pos, *narrow.empty_past())[0]
+    assert (full - cut).abs().max() < 0.05 * full.abs().max()  # the dropped units hardly mattered
+    with pytest.raises(ConfigError, match="ffn-ratio"):
+        narrow_ffn(teacher, 1.5, tokens)
+
+    cfg = tmp_path / "student.yaml"
+    cfg.write_text("dim: 16\nn_layers: 2\nn_heads: 2\n")
+    fresh = fresh_student(teacher, cfg)
+    assert (fresh.c.dim, fresh.c.n_layers, fresh.c.hidden_dim, fresh.c.vocab_size) == (16, 2, 64, 64)
+    cfg.write_text("dim: 16\nn_layers: 2\nn_heads: 3\n")
+    with pytest.raises(ConfigError, match="n_heads of even size"):
+        fresh_student(teacher, cfg)
+    cfg.write_text("dim: 16\nlayers: 2\n")
+    with pytest.raises(ConfigError, match="give dim, n_layers, n_heads"):
+        fresh_student(teacher, cfg)
+
+
 @pytest.mark.slow
 def test_distill_lm_cli_end_to_end(tmp_path):
     pytest.importorskip("torch")
@@ -156,6 +200,20 @@ def test_distill_lm_cli_end_to_end(tmp_path):
     assert run_cli("distill", "lm", "--teacher", str(src / "stories260K.bin"), "--tokenizer",
                    str(src / "hf" / "tokenizer.json"), "--weights-license", "MIT", "--out",
                    str(tmp_path / "x")).returncode == 1  # neither --corpus nor --synthetic
+
+    # a Hugging Face teacher directory (tokenizer found inside), layers chosen by influence, MLPs halved
+    proc = run_cli("distill", "lm", "--teacher", str(src / "hf"), "--synthetic", "8", "--depth", "3",
+                   "--layer-choice", "importance", "--ffn-ratio", "0.5", "--steps", "10", "--batch", "4", "--block",
+                   "32", "--weights-license", "MIT", "--out", str(tmp_path / "hf-run"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    influence = report["layer_influence"]
+    assert len(influence) == 5 and report["student"]["layers"] == sorted(
+        sorted(range(5), key=lambda i: -influence[i])[:3])
+    assert report["student_shape"]["hidden_dim"] == 88 and report["curves"] == "curves.png"
+    assert (tmp_path / "hf-run" / "curves.png").stat().st_size > 1000
+    g = Generator.load(tmp_path / "hf-run" / "bundle", allow_unsigned=True)
+    assert g.n_layers == 3 and len(list(g.generate_ids(g.encode("Once upon a time"), 10))) > 0
 
 
 def _to_hf_layout(w, heads):  # noqa: ANN001, ANN202 - the Hugging Face conversion's permute (interleaved → half-split)
