@@ -419,8 +419,10 @@ def bench_node_command(
 @bench_app.command("lm")
 def bench_lm_command(
     model: str = typer.Option("stories260K", "--model", "-m", help="A task: lm bundle."),
-    reference: Optional[Path] = typer.Option(None, help="llama2.c checkpoint of the same weights for the torch "
-                                             "reference (needs the [distill] extra)."),
+    reference: Optional[Path] = typer.Option(None, help="The same weights as a llama2.c checkpoint or Hugging Face "
+                                             "directory, for bastion's torch module (needs the [distill] extra)."),
+    transformers_dir: Optional[Path] = typer.Option(None, "--transformers", help="A local Hugging Face directory of "
+                                                    "the same weights: also time transformers' generate."),
     new_tokens: int = typer.Option(128, help="Tokens to generate per prompt."),
     prompt_lengths: str = typer.Option("16,128,384", help="Prompt lengths in tokens, comma-separated."),
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
@@ -428,12 +430,13 @@ def bench_lm_command(
 ) -> None:
     """Tokens/s and time-to-first-token of ONNX Runtime generation, vs torch on the same weights, in one run.
 
-    Example: bastion bench lm --reference ../shared/weights/stories260K/stories260K.bin --json
+    Example: bastion bench lm --reference ../shared/weights/stories260K/stories260K.bin
+    --transformers ../shared/weights/stories260K/hf --json
     """
     from bastion.bench_lm import bench_lm
 
     lengths = [int(x) for x in prompt_lengths.split(",") if x.strip()]
-    result = bench_lm(model, reference, new_tokens, lengths, allow_unsigned)
+    result = bench_lm(model, reference, new_tokens, lengths, allow_unsigned, transformers_dir)
     if json_out:
         print_json(result)
         return

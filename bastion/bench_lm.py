@@ -22,17 +22,17 @@ def _prompt_ids(generator: Generator, length: int) -> list[int]:
 
 
 def bench_lm(model: str, reference: Path | None, new_tokens: int, prompt_lengths: list[int],
-             allow_unsigned: bool = False) -> dict[str, Any]:
+             allow_unsigned: bool = False, transformers_dir: Path | None = None) -> dict[str, Any]:
     generator = Generator.load(model, threads=1, allow_unsigned=allow_unsigned)
     result: dict[str, Any] = {"model": generator.bundle.manifest.name, "new_tokens": new_tokens, "lengths": {}}
     torch_model = None
     if reference is not None:
         import torch
 
-        from bastion.distill.llama import greedy, load_llama2c
+        from bastion.distill.llama import greedy, load_teacher
 
         torch.set_num_threads(1)
-        torch_model = load_llama2c(reference)
+        torch_model = load_teacher(reference)
     for length in prompt_lengths:
         ids = _prompt_ids(generator, min(length, generator.context - new_tokens - 1))
         t0 = time.perf_counter()
@@ -50,5 +50,14 @@ def bench_lm(model: str, reference: Path | None, new_tokens: int, prompt_lengths
             row.update(torch_tokens_per_s=round(len(theirs) / ref_total, 1), same_tokens=theirs == ours,
                        speedup=round((len(ours) / total) / (len(theirs) / ref_total), 2) if theirs else None)
         result["lengths"][str(length)] = row
+        if transformers_dir is not None:
+            from bastion.distill.hf_reference import transformers_available, transformers_greedy
+
+            if not transformers_available():
+                row["transformers"] = "not installed (pip install transformers) — comparison skipped"
+            else:
+                hf = transformers_greedy(transformers_dir, [ids], new_tokens)[0]
+                row.update(transformers_tokens_per_s=hf["tokens_per_s"], same_tokens_as_transformers=hf["ids"] == ours,
+                           speedup_vs_transformers=round(row["tokens_per_s"] / hf["tokens_per_s"], 2))
     generator.close()
     return result

@@ -109,6 +109,21 @@ def test_bench_lm_json():
     assert rows["64"]["prompt_tokens"] == 64 and rows["8"]["tokens_per_s"] > 0 and rows["8"]["ttft_ms"] > 0
 
 
+def test_bench_lm_against_transformers_generate_same_tokens():
+    """The reference the LM target is measured against: transformers' generate on the same weights, offline."""
+    from bastion.distill.hf_reference import transformers_available
+
+    hf = SHARED / "weights" / "stories260K" / "hf"
+    if not (transformers_available() and hf.is_dir()):
+        pytest.skip("needs transformers (the [distill] extra) and ../shared")
+    proc = run_cli("bench", "lm", "--new-tokens", "32", "--prompt-lengths", "16,128", "--reference", str(hf),
+                   "--transformers", str(hf), "--json")
+    assert proc.returncode == 0, proc.stderr
+    for row in json.loads(proc.stdout)["lengths"].values():
+        assert row["same_tokens"] and row["same_tokens_as_transformers"] and row["tokens"] == 32
+        assert row["transformers_tokens_per_s"] > 0 and row["speedup_vs_transformers"] > 0
+
+
 def test_pruning_and_distillation_of_a_tiny_random_teacher(tmp_path):
     torch = pytest.importorskip("torch")
     from bastion.distill.llama import Llama, LlamaConfig
