@@ -133,8 +133,9 @@ def distill_detect_command(
     classes: str = typer.Option(..., "--classes", help="The student's classes, e.g. person,vehicle."),
     class_map: Optional[str] = typer.Option(None, "--class-map", help="Teacher→student names, e.g. "
                                             "car=vehicle,truck=vehicle,bus=vehicle."),
-    conf: str = typer.Option("0.25", "--conf", help="Pseudo-label threshold: one value or per class "
-                             "(person=0.3,vehicle=0.2)."),
+    conf: str = typer.Option("0.25", "--conf", help="Pseudo-label threshold: one value, per class "
+                             "(person=0.3,vehicle=0.2), or auto (per class, best F1 against the labelled training "
+                             "images)."),
     imgsz: int = typer.Option(320, help="Target input size."),
     min_map50: float = typer.Option(0.0, help="Ship only a candidate at least this accurate."),
     max_latency: Optional[float] = typer.Option(None, help="Ship only a candidate at most this slow (ms, 1 thread)."),
@@ -177,7 +178,7 @@ def distill_detect_command(
     names = [c.strip() for c in classes.split(",") if c.strip()]
     thresholds: dict[str, float] = {}
     try:
-        for item in conf.split(","):
+        for item in ([] if conf == "auto" else conf.split(",")):
             key, sep, value = item.partition("=")
             thresholds[key.strip() if sep else "*"] = float(value if sep else key)
     except ValueError:
@@ -208,6 +209,7 @@ def distill_detect_command(
                        class_map=parse_class_map(class_map), conf=thresholds, imgsz=imgsz, out=out_dir,
                        min_map50=min_map50, max_latency_ms=max_latency, max_map50_drop=max_map50_drop, int8=int8,
                        max_int8_drop=max_int8_drop, val_images=val_images, val_labels=val_labels,
+                       conf_auto=conf == "auto",
                        allow_unsigned=allow_unsigned,
                        force=set(force))
     with progress(disable=json_out) as bar:

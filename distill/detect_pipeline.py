@@ -51,6 +51,7 @@ class DistillSpec:
     min_map50: float = 0.0
     max_latency_ms: float | None = None
     max_map50_drop: float | None = None  # points below the best candidate: then ship the fastest within it
+    conf_auto: bool = False  # per-class thresholds chosen by F1 against the labelled training images
     int8: bool = True
     max_int8_drop: float = 1.0  # mAP50 points an INT8 model may lose against its FP32 source
     val_images: Path | None = None  # a separate labelled held-out set (else: a share of the labelled images)
@@ -109,6 +110,10 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
         thresholds = [spec.conf.get(c, spec.conf.get("*", 0.25)) for c in spec.classes]
         teachers = [Detector.load(b.root, conf=0.05, allow_unsigned=spec.allow_unsigned or is_checkpoint(ref))
                     for ref, b in zip(spec.teachers, bundles)]
+        chosen_thresholds = None
+        if spec.conf_auto:
+            thresholds, chosen_thresholds = _auto_thresholds(spec, images, teachers, maps, thresholds,
+                                                             tick("choose thresholds", 1))
         with run.stage("labels") as (stage, result):
             val_set = None
             if spec.val_images is not None:
@@ -121,6 +126,8 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
                                                                                          if val_set else [])),
                                   val_set=val_set)
             result.update(stats.__dict__, thresholds=dict(zip(spec.classes, thresholds)),
+                          threshold_choice={spec.classes[c]: v for c, v in chosen_thresholds.items()}
+                          if chosen_thresholds else "given",
                           val_is_ground_truth=spec.labels is not None or val_set is not None)
         for t in teachers:
             t.close()
@@ -226,6 +233,31 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
         run.state["stages"]["report"]["result"]["shipped_bundle"] = str(run.root / "bundle")
         run.record("stages", run.state["stages"])
     return run.result("report")
+
+
+def _auto_thresholds(spec: DistillSpec, images: list[Path], teachers, maps, defaults: list[float],  # noqa: ANN001
+                     done: Callable[[], None], limit: int = 64) -> tuple[list[float], dict]:
+    """Per-class thresholds by F1 on labelled *training* images (never the held-out ones)."""
+    from bastion.distill.pseudo import held_out, choose_thresholds, read_gt
+
+    samples = []
+    for path in images:
+        gt_file = spec.labels / f"{path.stem}.txt" if spec.labels else None
+        if gt_file is None or not gt_file.is_file() or (spec.val_images is None and held_out(path.name,
+                                                                                             spec.val_fraction)):
+            continue
+        try:
+            samples.append((read_image(path), read_gt(gt_file, maps[0])))
+        except Exception:  # noqa: BLE001 - an unreadable image is skipped here and reported by the labels stage
+            continue
+        if len(samples) == limit:
+            break
+    if not samples:
+        raise ConfigError("--conf auto needs ground-truth labels for some training images",
+                          "give --labels, or thresholds like --conf person=0.3,vehicle=0.2")
+    chosen, detail = choose_thresholds(samples, teachers, maps, len(spec.classes), fallback=defaults[0])
+    done()
+    return chosen, detail
 
 
 def choose(candidates: list[dict], min_map50: float, max_latency_ms: float | None,

@@ -45,7 +45,7 @@ class LabelStats:
     boxes_per_class: dict[str, int] = field(default_factory=dict)
 
 
-def _held_out(name: str, fraction: float) -> bool:
+def held_out(name: str, fraction: float) -> bool:
     """Deterministic split: the same image is always on the same side."""
     return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
@@ -76,6 +76,66 @@ def teacher_boxes(teacher: Detector, class_map: ClassMap, image: np.ndarray) -> 
     boxes = det.xyxy[keep] / np.array([w, h, w, h], np.float32)
     labels = np.array([class_map.to_student[int(c)] for c in det.cls[keep]], np.int64)
     return boxes, det.conf[keep], labels
+
+
+THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)
+
+
+def fused_boxes(image: np.ndarray, teachers: list[Detector], maps: list[ClassMap],
+                weights: list[float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every teacher on one image, narrowed, fused with WBF: (normalised xyxy, scores, student classes)."""
+    return weighted_boxes_fusion(*zip(*(teacher_boxes(t, m, image) for t, m in zip(teachers, maps))),
+                                 weights=weights)
+
+
+def choose_thresholds(samples: list[tuple[np.ndarray, np.ndarray]], teachers: list[Detector],
+                      maps: list[ClassMap], n_classes: int, fallback: float = 0.25) -> tuple[list[float], dict]:
+    """Per-class pseudo-label thresholds: the one maximising F1 (IoU 0.5) of the fused teachers against ground truth.
+
+    ``samples``: (image, ground truth [N,5] student class + normalised cx cy w h). Matching is greedy by score,
+    once at the lowest threshold (a higher threshold only drops predictions, never re-matches them), so every
+    grid value is scored from the same matches. Classes without ground truth keep ``fallback``.
+    """
+    from bastion.runtime.nms import box_iou
+
+    scores: list[list[float]] = [[] for _ in range(n_classes)]
+    matched: list[list[bool]] = [[] for _ in range(n_classes)]
+    n_gt = np.zeros(n_classes, np.int64)
+    for image, gt in samples:
+        boxes, conf, labels = fused_boxes(image, teachers, maps)
+        gt_xyxy = np.concatenate([gt[:, 1:3] - gt[:, 3:5] / 2, gt[:, 1:3] + gt[:, 3:5] / 2], 1) if len(gt) else \
+            np.zeros((0, 4), np.float32)
+        for c in range(n_classes):
+            g = gt_xyxy[gt[:, 0] == c] if len(gt) else gt_xyxy
+            n_gt[c] += len(g)
+            free = np.ones(len(g), bool)
+            for i in np.argsort(-conf):
+                if labels[i] != c:
+                    continue
+                hit = False
+                if free.any():
+                    ious = np.where(free, box_iou(boxes[i], g), 0.0)
+                    j = int(np.argmax(ious))
+                    if ious[j] >= 0.5:
+                        free[j], hit = False, True
+                scores[c].append(float(conf[i]))
+                matched[c].append(hit)
+    chosen, detail = [], {}
+    for c in range(n_classes):
+        if n_gt[c] == 0:
+            chosen.append(fallback)
+            detail[c] = {"threshold": fallback, "reason": "no ground-truth boxes of this class: default"}
+            continue
+        sc, hit = np.asarray(scores[c]), np.asarray(matched[c], bool)
+        f1 = []
+        for t in THRESHOLD_GRID:
+            tp = int((hit & (sc >= t)).sum())
+            fp = int((~hit & (sc >= t)).sum())
+            f1.append(2 * tp / max(2 * tp + fp + (n_gt[c] - tp), 1))
+        best = int(np.argmax(f1))
+        chosen.append(float(THRESHOLD_GRID[best]))
+        detail[c] = {"threshold": float(THRESHOLD_GRID[best]), "f1": round(f1[best], 4), "gt_boxes": int(n_gt[c])}
+    return chosen, detail
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -117,7 +177,7 @@ def build_dataset(images: list[Path], labels_dir: Path | None, teachers: list[De
         # held out: ground-truth images when there are labels; otherwise pseudo-labelled ones (then scores
         # measure agreement with the teachers, and the report says so)
         split = fixed_split or ("val" if val_set is None and (has_gt or labels_dir is None)
-                                and _held_out(path.name, val_fraction) else "train")
+                                and held_out(path.name, val_fraction) else "train")
         if fixed_split and not has_gt:  # a held-out image without a label file: it shows no object
             rows = np.zeros((0, 5), np.float32)
             stats.ground_truth += 1
@@ -125,9 +185,7 @@ def build_dataset(images: list[Path], labels_dir: Path | None, teachers: list[De
             rows = read_gt(gt_file, maps[0])
             stats.ground_truth += 1
         else:
-            fused = weighted_boxes_fusion(*zip(*(teacher_boxes(t, m, image) for t, m in zip(teachers, maps))),
-                                          weights=weights)
-            boxes, scores, labels = fused
+            boxes, scores, labels = fused_boxes(image, teachers, maps, weights)
             soft = [{"cls": int(c), "score": round(float(s), 4), "box": [round(float(v), 5) for v in b]}
                     for b, s, c in zip(boxes, scores, labels) if s >= SOFT_FLOOR]
             (out / "soft" / f"{path.stem}.json").write_text(json.dumps(soft))

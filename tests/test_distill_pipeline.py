@@ -163,3 +163,20 @@ def test_checkpoint_teacher_that_is_not_ultralytics_is_refused_clearly(small_set
         pytest.skip("yolov5n.pt is not in ../shared")
     with pytest.raises(ConfigError, match="not an Ultralytics checkpoint.*export.py"):
         run_distill(spec(images, labels, tmp_path / "r", teachers=[str(original)], train=None))
+
+
+def test_per_class_thresholds_chosen_against_ground_truth(small_set, tmp_path):
+    """--conf auto: each class gets the grid threshold with the best F1 of the teacher against the labelled
+    training images, and the pseudo-labels use it."""
+    from bastion.distill.pseudo import THRESHOLD_GRID
+
+    images, labels = small_set
+    report = run_distill(spec(images, labels, tmp_path / "auto", conf_auto=True, train=None))
+    stats = report["labels"]
+    person = stats["threshold_choice"]["person"]
+    assert person["threshold"] in THRESHOLD_GRID and person["gt_boxes"] > 0 and 0.3 < person["f1"] <= 1.0
+    assert stats["thresholds"]["person"] == person["threshold"]
+    no_labels = tmp_path / "nolabels"
+    no_labels.mkdir()
+    with pytest.raises(ConfigError, match="--conf auto needs ground-truth labels"):
+        run_distill(spec(images, no_labels, tmp_path / "auto2", conf_auto=True))
