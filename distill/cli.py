@@ -294,6 +294,8 @@ def distill_lm_command(
     ffn_ratio: float = typer.Option(1.0, help="Keep this share of each MLP's hidden units (the most active ones)."),
     student_config: Optional[Path] = typer.Option(None, help="Instead of pruning: a fresh student from a YAML "
                                                   "config (dim, n_layers, n_heads[, hidden_dim, n_kv_heads])."),
+    gguf_type: str = typer.Option("f16", "--gguf", help="Also write RUN/student.gguf for llama.cpp: f32, f16, q8_0 "
+                                  "or none."),
     steps: int = typer.Option(200, help="Training steps."),
     batch: int = typer.Option(16, help="Windows per step."),
     block: int = typer.Option(128, help="Tokens per window."),
@@ -316,6 +318,8 @@ def distill_lm_command(
     if (corpus is None) == (synthetic <= 0):
         raise ConfigError("give --corpus FILE|DIR or --synthetic N (text the teacher writes)")
     tokenizer = teacher_tokenizer(teacher, tokenizer)
+    if gguf_type not in ("f32", "f16", "q8_0", "none"):
+        raise ConfigError(f"--gguf {gguf_type!r}: use f32, f16, q8_0 or none")
     if layer_choice not in ("even", "importance"):
         raise ConfigError(f"--layer-choice {layer_choice!r}: use even or importance")
     if student_config is not None and (keep_layers or depth or ffn_ratio < 1.0):
@@ -334,7 +338,8 @@ def distill_lm_command(
         report = run_lm_distill(teacher, tokenizer, corpus, synthetic, layers, depth, out_dir, weights_license,
                                 dict(steps=steps, batch=batch, block=block, lr=lr, temperature=temperature,
                                      alpha=alpha), key, tick=lambda: bar.advance(task), ffn_ratio=ffn_ratio,
-                                layer_choice=layer_choice, student_config=student_config)
+                                layer_choice=layer_choice, student_config=student_config,
+                                gguf_type=None if gguf_type == "none" else gguf_type)
     if json_out:
         print_json(report)
         return

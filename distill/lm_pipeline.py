@@ -25,7 +25,8 @@ def teacher_digest(path: Path) -> str:
 def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None, synthetic: int,
                    keep: list[int] | None, depth: int | None, out: Path, weights_license: str,
                    train: dict[str, Any], sign_key=None, tick: Callable[[], None] | None = None,  # noqa: ANN001
-                   ffn_ratio: float = 1.0, layer_choice: str = "even", student_config: Path | None = None) -> dict:
+                   ffn_ratio: float = 1.0, layer_choice: str = "even", student_config: Path | None = None,
+                   gguf_type: str | None = "f16") -> dict:
     try:
         import torch
         from tokenizers import Tokenizer
@@ -115,6 +116,8 @@ def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None
         from bastion.models.signing import sign_manifest
 
         sign_manifest(out / "bundle-int8", read_manifest(out / "bundle-int8" / "manifest.json"), sign_key)
+    report["gguf"] = _gguf(student, tokenizer_path, out, f"{Path(teacher_path).stem}-{student.c.n_layers}L",
+                           gguf_type)
     report["curves"] = _curves(history, out)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     t, p, s = report["teacher"], report["pruned_only"], report["student"]
@@ -153,6 +156,19 @@ def ort_tokens_per_s(bundle: Path, prompt: list[int], new_tokens: int = 128, rou
     finally:
         generator.close()
     return round(best, 1)
+
+
+def _gguf(student, tokenizer_path: Path, out: Path, name: str, gguf_type: str | None):  # noqa: ANN001, ANN202
+    """RUN/student.gguf for llama.cpp users, when the gguf package is installed (the [distill] extra has it)."""
+    import importlib.util
+
+    if gguf_type is None:
+        return None
+    if importlib.util.find_spec("gguf") is None:
+        return {"skipped": "the gguf package is not installed (pip install gguf)"}
+    from bastion.distill.gguf_export import write_gguf
+
+    return write_gguf(student, tokenizer_path, out / "student.gguf", name, gguf_type)
 
 
 def _curves(history: list[dict], out: Path) -> str | None:

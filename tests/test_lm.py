@@ -227,6 +227,8 @@ def test_distill_lm_cli_end_to_end(tmp_path):
         sorted(range(5), key=lambda i: -influence[i])[:3])
     assert report["student_shape"]["hidden_dim"] == 88 and report["curves"] == "curves.png"
     assert (tmp_path / "hf-run" / "curves.png").stat().st_size > 1000
+    if report["gguf"] and "skipped" not in report["gguf"]:  # the [distill] extra brings gguf
+        assert report["gguf"]["type"] == "f16" and (tmp_path / "hf-run" / "student.gguf").is_file()
     g = Generator.load(tmp_path / "hf-run" / "bundle", allow_unsigned=True)
     assert g.n_layers == 3 and len(list(g.generate_ids(g.encode("Once upon a time"), 10))) > 0
 
@@ -285,3 +287,32 @@ def test_hugging_face_teacher_directory_loads_the_same_model(tmp_path):
     (model_dir / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
     with pytest.raises(ModelLoadError, match="weights do not match its config.json"):
         load_teacher(model_dir)
+
+
+def test_gguf_round_trip_keeps_the_model(tmp_path):
+    """What we write is what llama.cpp's Llama layout holds: read back, the same logits (F32) and greedy ids."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("gguf")
+    from bastion.distill.gguf_export import read_gguf, write_gguf
+    from bastion.distill.llama import greedy, load_teacher
+
+    src = SHARED / "weights" / "stories260K"
+    if not (src / "stories260K.bin").is_file():
+        pytest.skip("../shared is not present")
+    model = load_teacher(src / "stories260K.bin")
+    ids, pos = torch.tensor([[1, 403, 407, 261]]), torch.arange(4)[None]
+    with torch.no_grad():
+        ref = model(ids, pos, *model.empty_past())[0]
+        for ftype, tol in (("f32", 0.0), ("q8_0", 1.0)):
+            info = write_gguf(model, src / "hf" / "tokenizer.json", tmp_path / f"m-{ftype}.gguf", "s", ftype)
+            back = read_gguf(tmp_path / f"m-{ftype}.gguf")
+            assert float((back(ids, pos, *back.empty_past())[0] - ref).abs().max()) <= tol
+            assert greedy(back, [1, 403, 407, 261], 40) == greedy(model, [1, 403, 407, 261], 40)
+    assert info["tensors"]["Q8_0"] == 32 and info["tensors"]["F16"] == 5  # w2 rows (172) are not blocks of 32
+    import gguf
+
+    reader = gguf.GGUFReader(str(tmp_path / "m-f32.gguf"))
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    vocab = json.loads((src / "hf" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert bytes(tokens.parts[tokens.data[300]]).decode() == next(k for k, v in vocab.items() if v == 300)
+    assert not list(tmp_path.glob(".*.partial"))
