@@ -270,7 +270,7 @@ def bench_video(video: Path, model: str, limit: int, imgsz: int | None, conf: fl
             "summary": summary, "notes": notes, "environment": _environment(detector, threads)}
 
 
-BACKEND_DEVICES = {"ort-cpu": "cpu", "ort-cuda": "cuda", "ort-trt": "tensorrt"}
+BACKEND_DEVICES = {"ort-cpu": "cpu", "ort-cuda": "cuda", "ort-trt": "tensorrt", "trt": "trt"}
 
 
 def bench_backends(images: Path, model: str, backends: list[str], limit: int, repeat: int, imgsz: int | None,
@@ -280,8 +280,8 @@ def bench_backends(images: Path, model: str, backends: list[str], limit: int, re
 
     unknown = [b for b in backends if b not in BACKEND_DEVICES]
     if unknown:
-        raise ConfigError(f"unknown backend {unknown[0]!r}", f"choose from {', '.join(BACKEND_DEVICES)} (the "
-                          "native TensorRT backend is not in this build)")
+        raise ConfigError(f"unknown backend {unknown[0]!r}", f"choose from {', '.join(BACKEND_DEVICES)} (trt: "
+                          "native TensorRT; ort-trt: ONNX Runtime's TensorRT provider)")
     files = list_images(Path(images))[:limit]
     if not files:
         raise InputNotFoundError(f"no images in {images}")
@@ -339,7 +339,7 @@ def bench_detect_command(
     workers: Optional[int] = typer.Option(None, help="Concurrent inferences in bastion's video pipeline (default: cores, max 4)."),
     ultralytics: bool = typer.Option(True, help="Also time Ultralytics predict when it is installed."),
     backends: Optional[str] = typer.Option(None, help="Instead: compare backends on --images, e.g. "
-                                           "ort-cpu,ort-cuda,ort-trt."),
+                                           "ort-cpu,ort-cuda,ort-trt,trt (trt: native TensorRT)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
 ) -> None:

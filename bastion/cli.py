@@ -54,6 +54,7 @@ def _mount() -> None:
     from bastion.models.cli import bundle_app, keys_app, models_app
     from bastion.runtime.bundle_create import bundle_create_command
     from bastion.runtime.cli import ask_command, detect_command
+    from bastion.runtime.engine_cli import engine_app
 
     app.command("demo")(demo_command)
     app.command("detect")(detect_command)
@@ -69,6 +70,7 @@ def _mount() -> None:
     app.add_typer(node_app, name="node")
     app.add_typer(audit_app, name="audit")
     app.add_typer(hw_app, name="hw")
+    app.add_typer(engine_app, name="engine")
     app.command("doctor")(doctor_command)
 
 

@@ -96,8 +96,13 @@ def _providers() -> Check:
     chosen = choose_providers("auto")
     why = ("GPU execution providers available" if chosen[0] != "CPUExecutionProvider" else
            "no CUDA/TensorRT execution provider in this onnxruntime build (install onnxruntime-gpu on a GPU box)")
+    from bastion.runtime.backends import tensorrt_available
+
+    native = ("native TensorRT installed: device=auto tries it first (falls back to ONNX Runtime, logged)"
+              if tensorrt_available() else "native TensorRT not installed (the [tensorrt] extra: JetPack or "
+              "NVIDIA's wheels + cuda-python)")
     return Check("inference backend", "ok", f"onnxruntime {ort.__version__}; device=auto uses {chosen[0]} — {why}; "
-                                             f"available: {', '.join(providers)}")
+                                             f"available: {', '.join(providers)}; {native}")
 
 
 def _egress_env() -> Check:

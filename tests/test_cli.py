@@ -153,4 +153,4 @@ def test_bench_backends_reports_what_is_missing():
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         assert not rows["ort-cuda"]["available"] and "onnxruntime-gpu" in rows["ort-cuda"]["reason"]
-    assert run_cli("bench", "detect", "--images", str(SAMPLE_IMAGES), "--backends", "trt").returncode == 1
+    assert run_cli("bench", "detect", "--images", str(SAMPLE_IMAGES), "--backends", "tensorrt-9").returncode == 1

@@ -1,20 +1,43 @@
 """Backends run a model file: ``open_backend(path, device=...)`` picks the implementation.
 
-ONNX Runtime is always available (CPU, and CUDA/TensorRT execution providers
-when the GPU build is installed).  A native TensorRT backend plugs in here
-behind the ``[tensorrt]`` extra without changing callers.
+ONNX Runtime is always available (CPU, and CUDA/TensorRT execution providers when the GPU build is installed).
+The native TensorRT backend (``[tensorrt]`` extra) is used for ``device="trt"``, and first by
+``device="auto"`` when TensorRT and cuda-python are installed — falling back to ONNX Runtime, with a logged
+reason, if it cannot start.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import logging
+
+from bastion.errors import BastionError, ModelLoadError
 from bastion.runtime.backends.base import Backend, TensorInfo
 from bastion.runtime.backends.onnxrt import OrtBackend, available_providers
+from bastion.runtime.backends.tensorrt import tensorrt_available
 
-__all__ = ["Backend", "TensorInfo", "OrtBackend", "open_backend", "available_providers"]
+__all__ = ["Backend", "TensorInfo", "OrtBackend", "open_backend", "available_providers", "tensorrt_available"]
+log = logging.getLogger(__name__)
 
 
-def open_backend(path: str | Path, device: str = "auto", threads: int | None = None) -> Backend:
-    """Open ``path`` on the best backend for ``device`` ('auto', 'cpu', 'cuda', 'tensorrt')."""
+def open_backend(path: str | Path, device: str = "auto", threads: int | None = None, precision: str | None = None,
+                 size_hw: tuple[int, int] | None = None) -> Backend:
+    """Open ``path`` on the best backend for ``device``: 'auto', 'trt' (native TensorRT), or ONNX Runtime's
+    'cpu', 'cuda', 'tensorrt' (execution provider). ``precision`` (the bundle's) and ``size_hw`` (its input
+    size) shape a TensorRT engine: an INT8 (QDQ) bundle builds an INT8 engine, anything else FP16."""
+    if device == "trt" or (device == "auto" and tensorrt_available()):
+        from bastion.runtime.backends.tensorrt import TensorRTBackend
+
+        try:
+            return TensorRTBackend(path, precision="int8" if precision == "int8" else "fp16", opt_hw=size_hw)
+        except BastionError:
+            if device == "trt":
+                raise
+            log.warning("native TensorRT could not start; using ONNX Runtime", exc_info=True)
+        except Exception as exc:  # noqa: BLE001 - TensorRT/CUDA raise their own untyped errors
+            if device == "trt":
+                raise ModelLoadError(f"TensorRT failed: {str(exc).splitlines()[0] if str(exc) else exc!r}",
+                                     "try --device cuda (ONNX Runtime), or 'bastion engine clear'") from None
+            log.warning("native TensorRT failed (%s); using ONNX Runtime", exc)
     return OrtBackend(path, device=device, threads=threads)

@@ -42,7 +42,8 @@ def choose_providers(device: str) -> list[str]:
     if device == "auto":
         return [p for p in PROVIDER_ORDER if p in have]
     if device not in DEVICE_PROVIDERS:
-        raise ConfigError(f"unknown device {device!r}", "use auto, cpu, cuda or tensorrt")
+        raise ConfigError(f"unknown device {device!r}", "use auto, cpu, cuda, tensorrt (ONNX Runtime's TensorRT "
+                          "provider) or trt (native TensorRT)")
     wanted = DEVICE_PROVIDERS[device]
     if wanted[0] not in have:
         raise ConfigError(

@@ -1,0 +1,249 @@
+"""Native TensorRT backend (``[tensorrt]`` extra): ONNX → engine (cached per device) → device buffers on a stream.
+
+Written against the TensorRT 10 Python API (``build_serialized_network``, named I/O tensors,
+``set_input_shape``/``set_tensor_address``/``execute_async_v3``) with ``cuda-python`` for memory and streams —
+no torch, no pycuda. TensorRT and cuda-python are imported lazily through ``importlib`` so nothing on the
+field-node path needs them, and a machine without them gets one line saying what to install.
+
+Engines are not portable: every plan is stored in the ``EngineCache`` under a key of GPU name, compute
+capability, TensorRT version, model sha256, precision and shape profile, and a plan built for anything else is
+rebuilt, never loaded. One timing cache per GPU + TensorRT version makes rebuilds fast.
+
+Precision: ``fp32``, ``fp16`` (FP16 kernels where faster), or ``int8`` from a QDQ model (``bastion quantize``
+writes one): TensorRT 10 deprecates implicit INT8 calibrators in favour of explicit quantization, so the
+calibration happens once, in ONNX Runtime's quantizer, and is gated on measured mAP before TensorRT sees it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bastion.errors import ConfigError, MissingExtraError, ModelLoadError
+from bastion.hardware.engine_cache import EngineCache, EngineKey
+from bastion.runtime.backends.base import Backend, TensorInfo
+
+log = logging.getLogger(__name__)
+PRECISIONS = ("fp32", "fp16", "int8")
+WORKSPACE_BYTES = 1 << 30
+
+
+def tensorrt_available() -> bool:
+    return importlib.util.find_spec("tensorrt") is not None and _cudart_spec() is not None
+
+
+def _cudart_spec():  # noqa: ANN202
+    for name in ("cuda.bindings.runtime", "cuda.cudart"):
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return name
+        except ModuleNotFoundError:
+            continue
+    return None
+
+
+def _modules():  # noqa: ANN202
+    """(tensorrt, cudart) or a MissingExtraError that says what to install."""
+    try:
+        trt = importlib.import_module("tensorrt")
+    except ImportError:
+        raise MissingExtraError("the native TensorRT backend", "tensorrt", "tensorrt",
+                                "— on a Jetson it comes with JetPack (python3-libnvinfer); on x86 from NVIDIA's "
+                                "own index (PyPI's tensorrt is a placeholder); or use --device cuda") from None
+    name = _cudart_spec()
+    if name is None:
+        raise MissingExtraError("the native TensorRT backend", "tensorrt", "cuda-python")
+    return trt, importlib.import_module(name)
+
+
+def _check(result):  # noqa: ANN001, ANN202
+    """cuda-python returns (err, *values): raise on error, return the values."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise ModelLoadError(f"CUDA call failed: {err}", "check the GPU driver and free GPU memory")
+    return values[0] if len(values) == 1 else values
+
+
+def model_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _profile(onnx_inputs: list[tuple[str, list]], opt_hw: tuple[int, int] | None, max_batch: int
+             ) -> tuple[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...]:
+    """(name, min, opt, max) per input: dynamic batch 1..max_batch, dynamic H/W from 32 up to ``opt_hw``."""
+    shapes = []
+    for name, dims in onnx_inputs:
+        bounds = []
+        for axis, d in enumerate(dims):
+            if isinstance(d, int) and d > 0:
+                bounds.append((d, d, d))
+            elif axis == 0:
+                bounds.append((1, 1, max_batch))
+            elif opt_hw is not None and axis >= len(dims) - 2:
+                size = opt_hw[axis - (len(dims) - 2)]
+                bounds.append((32, size, size))
+            else:
+                raise ConfigError(f"input {name} axis {axis} is dynamic and bastion cannot guess its range",
+                                  "export the model with a fixed size for that axis")
+        lo, opt, hi = zip(*bounds)
+        shapes.append((name, tuple(lo), tuple(opt), tuple(hi)))
+    return tuple(shapes)
+
+
+def device_identity() -> tuple[str, str]:
+    """(GPU name, compute capability) of device 0, from the CUDA runtime."""
+    _, cudart = _modules()
+    props = _check(cudart.cudaGetDeviceProperties(0))
+    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+    return name.strip("\x00 "), f"{props.major}.{props.minor}"
+
+
+def build_engine(onnx_path: Path, key: EngineKey, cache: EngineCache) -> bytes:
+    """Parse the ONNX, build a serialized plan for ``key`` (reusing and refreshing the timing cache)."""
+    trt, _ = _modules()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH") and int(trt.__version__.split(".")[0]) < 10:
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(Path(onnx_path).read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ModelLoadError(f"TensorRT cannot parse {onnx_path.name}: {errors}",
+                             "use --device cuda (ONNX Runtime) for this model")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    if key.precision in ("fp16", "int8"):
+        config.set_flag(trt.BuilderFlag.FP16)
+    if key.precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)  # explicit quantization: the scales come from the QDQ nodes
+    profile = builder.create_optimization_profile()
+    for name, lo, opt, hi in key.shapes:
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    timing_path = cache.timing_cache_path(key)
+    timing = config.create_timing_cache(timing_path.read_bytes() if timing_path.is_file() else b"")
+    config.set_timing_cache(timing, False)
+    t0 = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise ModelLoadError(f"TensorRT could not build an engine for {onnx_path.name} ({key.precision})",
+                             "try --precision fp32, a smaller --max-batch, or --device cuda")
+    from bastion.models.atomic import atomic_write_bytes
+
+    atomic_write_bytes(timing_path, bytes(config.get_timing_cache().serialize()))
+    log.info("built TensorRT engine", extra={"model": onnx_path.name, "precision": key.precision,
+                                              "seconds": round(time.perf_counter() - t0, 1)})
+    return bytes(plan)
+
+
+def engine_key(onnx_path: Path, precision: str, opt_hw: tuple[int, int] | None, max_batch: int) -> EngineKey:
+    """The cache key for this model on this GPU and TensorRT (reads the ONNX input shapes with ORT's parser)."""
+    trt, _ = _modules()
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r}: use fp32, fp16 or int8")
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    inputs = [(i.name, list(i.shape)) for i in session.get_inputs()]
+    gpu, cc = device_identity()
+    return EngineKey(gpu=gpu, compute_capability=cc, tensorrt=trt.__version__, bundle_sha256=model_sha256(onnx_path),
+                     precision=precision, shapes=_profile(inputs, opt_hw, max_batch))
+
+
+def load_or_build(onnx_path: Path, precision: str = "fp16", opt_hw: tuple[int, int] | None = None,
+                  max_batch: int = 1, cache: EngineCache | None = None) -> tuple[bytes, EngineKey, bool]:
+    """(plan, key, built?) — the cached plan for exactly this key, else a fresh build stored atomically."""
+    cache = cache or EngineCache()
+    key = engine_key(Path(onnx_path), precision, opt_hw, max_batch)
+    plan = cache.load(key)
+    if plan is not None:
+        return plan, key, False
+    plan = build_engine(Path(onnx_path), key, cache)
+    cache.store(key, plan)
+    return plan, key, True
+
+
+class TensorRTBackend(Backend):
+    """One engine, one execution context, one stream; device buffers sized for the profile's largest shapes."""
+
+    name = "tensorrt"
+
+    def __init__(self, path: str | Path, precision: str = "fp16", opt_hw: tuple[int, int] | None = None,
+                 max_batch: int = 1, cache: EngineCache | None = None) -> None:
+        super().__init__()
+        path = Path(path)
+        if not path.is_file():
+            raise ModelLoadError(f"model file not found: {path}")
+        trt, cudart = _modules()
+        self._trt, self._cudart = trt, cudart
+        t0 = time.perf_counter()
+        plan, self.key, built = load_or_build(path, precision, opt_hw, max_batch, cache)
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self._runtime.deserialize_cuda_engine(plan)
+        if self.engine is None:
+            raise ModelLoadError("TensorRT could not load the cached engine", "run 'bastion engine clear' and retry")
+        self.context = self.engine.create_execution_context()
+        self.stream = _check(cudart.cudaStreamCreate())
+        self._device: dict[str, tuple[int, int]] = {}  # name -> (pointer, bytes)
+        maxima = {name: hi for name, _, _, hi in self.key.shapes}
+        for i in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(i)
+            dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
+            shape = tuple(self.engine.get_tensor_shape(name))
+            info = TensorInfo(name, tuple(None if d < 0 else int(d) for d in shape), dtype)
+            is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            (self.inputs if is_input else self.outputs).append(info)
+            if is_input:
+                self.context.set_input_shape(name, maxima[name])
+        for info in self.inputs + self.outputs:  # the largest shape each tensor can take under the profile
+            n = int(np.prod(self.context.get_tensor_shape(info.name))) * info.dtype.itemsize
+            self._device[info.name] = (_check(cudart.cudaMalloc(n)), n)
+            self.context.set_tensor_address(info.name, self._device[info.name][0])
+        self.providers = [f"TensorRT {trt.__version__} ({self.key.precision}, {self.key.gpu})"]
+        self.start_seconds = round(time.perf_counter() - t0, 3)
+        log.info("TensorRT backend ready", extra={"cached": not built, "seconds": self.start_seconds})
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        cudart = self._cudart
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        for info in self.inputs:
+            array = np.ascontiguousarray(feeds[info.name], dtype=info.dtype)
+            pointer, capacity = self._device[info.name]
+            if array.nbytes > capacity:
+                raise ConfigError(f"input {info.name} {array.shape} is larger than the engine's profile allows",
+                                  "rebuild with a larger --max-batch or size: bastion engine build")
+            if not self.context.set_input_shape(info.name, array.shape):
+                raise ConfigError(f"input {info.name} shape {array.shape} is outside the engine's profile")
+            _check(cudart.cudaMemcpyAsync(pointer, array.ctypes.data, array.nbytes, h2d, self.stream))
+        if not self.context.execute_async_v3(self.stream):
+            raise ModelLoadError("TensorRT inference failed", "see the log; run 'bastion doctor'")
+        results = []
+        for info in self.outputs:
+            out = np.empty(tuple(self.context.get_tensor_shape(info.name)), dtype=info.dtype)
+            _check(cudart.cudaMemcpyAsync(out.ctypes.data, self._device[info.name][0], out.nbytes, d2h,
+                                          self.stream))
+            results.append(out)
+        _check(cudart.cudaStreamSynchronize(self.stream))
+        return results
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        for pointer, _ in self._device.values():
+            self._cudart.cudaFree(pointer)
+        self._cudart.cudaStreamDestroy(self.stream)
+        self.context = None
+        self.engine = None
+        super().close()
