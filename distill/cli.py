@@ -224,6 +224,12 @@ def distill_detect_command(
     out.print((out_dir / "report" / "report.md").read_text())
 
 
+LM_TEACHER_OPTION = typer.Option(..., "--teacher", help="A llama2.c .bin checkpoint or a local Hugging Face "
+                                 "Llama/Mistral/Qwen2 directory (config.json + *.safetensors).")
+LM_TOKENIZER_OPTION = typer.Option(None, "--tokenizer", help="Its Hugging Face tokenizer.json (default: "
+                                   "tokenizer.json inside a Hugging Face --teacher directory).")
+
+
 def teacher_tokenizer(teacher: Path, tokenizer: Optional[Path]) -> Path:
     """``--tokenizer``, or the tokenizer.json of a Hugging Face teacher directory."""
     from bastion.errors import ConfigError
@@ -237,10 +243,8 @@ def teacher_tokenizer(teacher: Path, tokenizer: Optional[Path]) -> Path:
 
 @distill_app.command("lm-export")
 def distill_lm_export_command(
-    teacher: Path = typer.Option(..., "--teacher", help="A llama2.c .bin checkpoint or a local Hugging Face "
-                                 "Llama/Mistral/Qwen2 directory (config.json + *.safetensors)."),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Its Hugging Face tokenizer.json (default: "
-                                             "tokenizer.json inside a Hugging Face --teacher directory)."),
+    teacher: Path = LM_TEACHER_OPTION,
+    tokenizer: Optional[Path] = LM_TOKENIZER_OPTION,
     out_dir: Path = typer.Option(..., "--out", help="New bundle directory."),
     name: str = typer.Option(..., help="Bundle name."),
     version: str = typer.Option("1.0", help="Bundle version."),
@@ -281,10 +285,8 @@ def distill_lm_export_command(
 
 @distill_app.command("lm")
 def distill_lm_command(
-    teacher: Path = typer.Option(..., "--teacher", help="A llama2.c .bin checkpoint or a local Hugging Face "
-                                 "Llama/Mistral/Qwen2 directory (config.json + *.safetensors)."),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Its Hugging Face tokenizer.json (default: "
-                                             "tokenizer.json inside a Hugging Face --teacher directory)."),
+    teacher: Path = LM_TEACHER_OPTION,
+    tokenizer: Optional[Path] = LM_TOKENIZER_OPTION,
     corpus: Optional[Path] = typer.Option(None, "--corpus", help="Domain text (.txt/.jsonl file or directory)."),
     synthetic: int = typer.Option(0, "--synthetic", help="Without a corpus: this many teacher-written texts."),
     keep_layers: Optional[str] = typer.Option(None, help="Teacher layers the student keeps, e.g. 0,2,4."),
