@@ -296,6 +296,8 @@ def distill_lm_command(
     ffn_ratio: float = typer.Option(1.0, help="Keep this share of each MLP's hidden units (the most active ones)."),
     student_config: Optional[Path] = typer.Option(None, help="Instead of pruning: a fresh student from a YAML "
                                                   "config (dim, n_layers, n_heads[, hidden_dim, n_kv_heads])."),
+    max_int8_ppl_rise: float = typer.Option(0.05, help="Keep the INT8 student only if perplexity rises by at most "
+                                            "this share (and it is faster)."),
     gguf_type: str = typer.Option("f16", "--gguf", help="Also write RUN/student.gguf for llama.cpp: f32, f16, q8_0 "
                                   "or none."),
     steps: int = typer.Option(200, help="Training steps."),
@@ -341,7 +343,8 @@ def distill_lm_command(
                                 dict(steps=steps, batch=batch, block=block, lr=lr, temperature=temperature,
                                      alpha=alpha), key, tick=lambda: bar.advance(task), ffn_ratio=ffn_ratio,
                                 layer_choice=layer_choice, student_config=student_config,
-                                gguf_type=None if gguf_type == "none" else gguf_type)
+                                gguf_type=None if gguf_type == "none" else gguf_type,
+                                max_int8_ppl_rise=max_int8_ppl_rise)
     if json_out:
         print_json(report)
         return

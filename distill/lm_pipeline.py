@@ -26,7 +26,7 @@ def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None
                    keep: list[int] | None, depth: int | None, out: Path, weights_license: str,
                    train: dict[str, Any], sign_key=None, tick: Callable[[], None] | None = None,  # noqa: ANN001
                    ffn_ratio: float = 1.0, layer_choice: str = "even", student_config: Path | None = None,
-                   gguf_type: str | None = "f16") -> dict:
+                   gguf_type: str | None = "f16", max_int8_ppl_rise: float = 0.05) -> dict:
     try:
         import torch
         from tokenizers import Tokenizer
@@ -110,7 +110,7 @@ def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None
     report["speedup_ort"] = round(report["student"]["tokens_per_s_ort"] / report["teacher"]["tokens_per_s_ort"], 2)
     from bastion.distill.lm_int8 import int8_gate
 
-    report["int8_gate"] = int8_gate(bundle, val_ids.tolist(), out / "bundle-int8")
+    report["int8_gate"] = int8_gate(bundle, val_ids.tolist(), out / "bundle-int8", max_ppl_rise=max_int8_ppl_rise)
     if report["int8_gate"]["accepted"] and sign_key is not None:
         from bastion.models.manifest import read_manifest
         from bastion.models.signing import sign_manifest
