@@ -33,6 +33,10 @@ def bench_lm(model: str, reference: Path | None, new_tokens: int, prompt_lengths
 
         torch.set_num_threads(1)
         torch_model = load_teacher(reference)
+    warm = _prompt_ids(generator, 8)  # every contestant runs once before it is timed
+    list(generator.generate_ids(warm, 8, stop=()))
+    if torch_model is not None:
+        greedy(torch_model, warm, 8)
     for length in prompt_lengths:
         ids = _prompt_ids(generator, min(length, generator.context - new_tokens - 1))
         t0 = time.perf_counter()

@@ -106,8 +106,9 @@ class Llama(nn.Module):
         swap[torch.arange(0, c.head_dim, 2), torch.arange(1, c.head_dim, 2)] = 1.0   # out 2i+1 = x(2i)
         self.register_buffer("swap", swap, persistent=False)
 
-    def forward(self, input_ids, position_ids, *past):  # noqa: ANN001, ANN201
-        """input_ids, position_ids: [1, T]; past: k0, v0, k1, v1 … each [1, n_kv, P, head_dim].
+    def forward(self, input_ids, position_ids, *past, attention_mask=None):  # noqa: ANN001, ANN201
+        """input_ids, position_ids: [1, T]; past: k0, v0, k1, v1 … each [1, n_kv, P, head_dim]; attention_mask
+        (optional) [1, P+T], 0 for key positions to ignore (padding), as Hugging Face exports take it.
         Returns logits [1, T, vocab] and the present k/v (each [1, n_kv, P+T, head_dim])."""
         t = input_ids.shape[1]
         p = past[0].shape[2]
@@ -116,6 +117,8 @@ class Llama(nn.Module):
         rows = torch.arange(t).unsqueeze(1) + p
         cols = torch.arange(p + t).unsqueeze(0)
         mask = torch.where(cols <= rows, 0.0, float("-inf"))
+        if attention_mask is not None:
+            mask = mask + torch.where(attention_mask == 0, float("-inf"), 0.0)
         x = self.tok_embeddings(input_ids)
         present = []
         for i, layer in enumerate(self.layers):
@@ -282,18 +285,32 @@ def greedy(model: Llama, ids: list[int], max_new_tokens: int, stop: tuple[int, .
     return out
 
 
+class _WithAttentionMask(nn.Module):
+    """The export signature: input_ids, attention_mask, position_ids, past… (the usual decoder-with-past order)."""
+
+    def __init__(self, model: Llama) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):  # noqa: ANN001, ANN201
+        return self.model(input_ids, position_ids, *past, attention_mask=attention_mask)
+
+
 def export_onnx(model: Llama, path: Path) -> dict:
-    """ONNX decoder with KV cache: inputs input_ids, position_ids, past.{i}.key/value; outputs logits, present.*."""
+    """ONNX decoder with KV cache: inputs input_ids, attention_mask, position_ids, past.{i}.key/value; outputs
+    logits, present.{i}.key/value."""
     c = model.c
-    names_in = ["input_ids", "position_ids"] + [f"past.{i}.{kv}" for i in range(c.n_layers) for kv in ("key", "value")]
+    names_in = ["input_ids", "attention_mask", "position_ids"] + [f"past.{i}.{kv}" for i in range(c.n_layers)
+                                                                  for kv in ("key", "value")]
     names_out = ["logits"] + [f"present.{i}.{kv}" for i in range(c.n_layers) for kv in ("key", "value")]
-    dynamic = {"input_ids": {1: "seq"}, "position_ids": {1: "seq"}, "logits": {1: "seq"}}
+    dynamic = {"input_ids": {1: "seq"}, "attention_mask": {1: "total"}, "position_ids": {1: "seq"},
+               "logits": {1: "seq"}}
     for i in range(c.n_layers):
         for kv in ("key", "value"):
             dynamic[f"past.{i}.{kv}"] = {2: "past"}
             dynamic[f"present.{i}.{kv}"] = {2: "total"}
     past = [torch.zeros(1, c.n_kv_heads, 3, c.head_dim) for _ in range(2 * c.n_layers)]
-    example = (torch.tensor([[1, 2]]), torch.tensor([[3, 4]]), *past)
-    torch.onnx.export(model, example, str(path), input_names=names_in, output_names=names_out,
-                      dynamic_axes=dynamic, opset_version=17, dynamo=False)
+    example = (torch.tensor([[1, 2]]), torch.ones(1, 5, dtype=torch.int64), torch.tensor([[3, 4]]), *past)
+    torch.onnx.export(_WithAttentionMask(model).eval(), example, str(path), input_names=names_in,
+                      output_names=names_out, dynamic_axes=dynamic, opset_version=17, dynamo=False)
     return asdict(c)

@@ -21,11 +21,8 @@ from bastion.runtime.lm import Generator
 def perplexity(generator: Generator, ids: list[int], block: int = 128, windows: int = 8) -> float:
     """Full-window forward passes (no cache) through the bundle's own ONNX graph."""
     nll, count = 0.0, 0
-    empty = {f"past.{i}.{kv}": np.zeros((1, generator.n_kv, 0, generator.head_dim), np.float32)
-             for i in range(generator.n_layers) for kv in ("key", "value")}
     for s in range(0, min(len(ids) - block - 1, windows * block), block):
-        x = np.asarray([ids[s : s + block]], np.int64)
-        logits = generator.backend.run({"input_ids": x, "position_ids": np.arange(block)[None], **empty})[0][0]
+        logits = generator.forward(ids[s : s + block])[0][0]
         logits = logits - logits.max(-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         target = np.asarray(ids[s + 1 : s + block + 1])

@@ -43,6 +43,7 @@ class Generator:
             raise ModelLoadError(f"tokenizer of {m.name} has {self.tokenizer.get_vocab_size()} tokens, the model "
                                  f"{p['vocab_size']}", "the bundle mixes files from different models")
         self.backend = open_backend(bundle.model_path, device="cpu", threads=threads)
+        self._with_mask = any(i.name == "attention_mask" for i in self.backend.inputs)  # older exports lack it
         self.bundle = bundle
 
     @classmethod
@@ -63,22 +64,30 @@ class Generator:
                               "shorten the prompt")
         stop = self.stop if stop is None else stop
         rng = np.random.default_rng(seed)
-        past = {f"past.{i}.{kv}": np.zeros((1, self.n_kv, 0, self.head_dim), np.float32)
-                for i in range(self.n_layers) for kv in ("key", "value")}
-        x = np.asarray([ids], np.int64)
-        pos = np.arange(len(ids), dtype=np.int64)[None]
-        total = len(ids)
+        logits, past = self.forward(ids)
         for _ in range(min(max_new_tokens, self.context - len(ids))):
-            outputs = self.backend.run({"input_ids": x, "position_ids": pos, **past})
-            logits = outputs[0][0, -1]
-            nxt = self._pick(logits, temperature, top_k, top_p, rng)
+            nxt = self._pick(logits[0, -1], temperature, top_k, top_p, rng)
             if nxt in stop:
                 return
             yield nxt
-            past = {name: value for name, value in zip(past, outputs[1:])}
-            x = np.asarray([[nxt]], np.int64)
-            pos = np.asarray([[total]], np.int64)
-            total += 1
+            logits, past = self.forward([nxt], past)
+
+    def empty_past(self) -> dict[str, np.ndarray]:
+        return {f"past.{i}.{kv}": np.zeros((1, self.n_kv, 0, self.head_dim), np.float32)
+                for i in range(self.n_layers) for kv in ("key", "value")}
+
+    def forward(self, ids: list[int], past: dict[str, np.ndarray] | None = None
+                ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One pass of the graph: ``ids`` after the ``past`` cache (empty: from the start) → logits [1, T, vocab]
+        and the new cache. Positions and the attention mask follow from the cache length."""
+        past = past if past is not None else self.empty_past()
+        start = next(iter(past.values())).shape[2]
+        feeds = {"input_ids": np.asarray([ids], np.int64),
+                 "position_ids": np.arange(start, start + len(ids), dtype=np.int64)[None], **past}
+        if self._with_mask:
+            feeds["attention_mask"] = np.ones((1, start + len(ids)), np.int64)
+        outputs = self.backend.run(feeds)
+        return outputs[0], dict(zip(past, outputs[1:]))
 
     @staticmethod
     def _pick(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng: np.random.Generator) -> int:

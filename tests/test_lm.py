@@ -90,16 +90,21 @@ def test_export_round_trip_matches_torch(tmp_path):
     assert list(g.generate_ids(ids, 200)) == greedy(model, ids, 200)
     with torch.no_grad():  # logits with and without a cache
         full = model(torch.tensor([ids]), torch.arange(len(ids))[None], *model.empty_past())[0].numpy()
-        onnx_full = g.backend.run({"input_ids": np.asarray([ids]), "position_ids": np.arange(len(ids))[None],
-                                   **{f"past.{i}.{kv}": np.zeros((1, 4, 0, 8), np.float32) for i in range(5)
-                                      for kv in ("key", "value")}})
-    np.testing.assert_allclose(onnx_full[0], full, atol=1e-4)
-    past = {f"past.{i}.{kv}": v for (i, kv), v in zip([(i, kv) for i in range(5) for kv in ("key", "value")],
-                                                      onnx_full[1:])}
-    step = g.backend.run({"input_ids": np.asarray([[ids[-1]]]), "position_ids": np.asarray([[len(ids)]]), **past})
+        onnx_full, past = g.forward(ids)
+    np.testing.assert_allclose(onnx_full, full, atol=1e-4)
+    assert [i.name for i in g.backend.inputs][:3] == ["input_ids", "attention_mask", "position_ids"]
+    step, _ = g.forward([ids[-1]], past)
     with torch.no_grad():
         ref = model(torch.tensor([ids + [ids[-1]]]), torch.arange(len(ids) + 1)[None], *model.empty_past())[0]
-    np.testing.assert_allclose(step[0][0, -1], ref[0, -1].numpy(), atol=1e-4)
+    np.testing.assert_allclose(step[0, -1], ref[0, -1].numpy(), atol=1e-4)
+    # attention_mask hides a key: [a, b, c] with b masked == [a, c] at positions 0 and 2 (RoPE is relative)
+    a, b, c = ids[:3]
+    masked = g.backend.run({"input_ids": np.asarray([[a, b, c]]), "attention_mask": np.asarray([[1, 0, 1]]),
+                            "position_ids": np.asarray([[0, 1, 2]]), **g.empty_past()})[0][0, -1]
+    without = g.backend.run({"input_ids": np.asarray([[a, c]]), "attention_mask": np.asarray([[1, 1]]),
+                             "position_ids": np.asarray([[0, 2]]), **g.empty_past()})[0][0, -1]
+    np.testing.assert_allclose(masked, without, atol=1e-5)
+    assert np.abs(masked - g.forward([a, b, c])[0][0, -1]).max() > 1e-3  # and the mask did something
 
 
 def test_bench_lm_json():
