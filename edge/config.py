@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bastion.errors import ConfigError
@@ -82,6 +84,7 @@ class NodeConfig(_Strict):
     conf: float = Field(0.25, ge=0, le=1)
     iou: float = Field(0.45, ge=0, le=1)
     threads: int | None = Field(None, ge=1)
+    device: Literal["auto", "cpu", "cuda", "tensorrt", "trt"] = "auto"  # trt: native TensorRT (engine cache)
     queue_size: int = Field(4, ge=1, le=256)
     max_batch: int = Field(4, ge=1, le=64)
     sources: list[SourceConfig] = Field(min_length=1)

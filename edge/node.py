@@ -66,8 +66,8 @@ class Node:
     def _load_detector(self, model: str) -> Detector:
         c = self.config
         try:
-            detector = Detector.load(model, threads=c.threads, conf=c.conf, iou=c.iou, imgsz=c.imgsz,
-                                     max_batch=c.max_batch, allow_unsigned=c.security.allow_unsigned)
+            detector = Detector.load(model, device=c.device, threads=c.threads, conf=c.conf, iou=c.iou,
+                                     imgsz=c.imgsz, max_batch=c.max_batch, allow_unsigned=c.security.allow_unsigned)
         except BastionError as exc:
             self.audit.append("bundle_refused", model=str(model), reason=str(exc))
             raise
