@@ -22,7 +22,7 @@ from typing import Any, Callable
 from bastion.distill.classmap import ClassMap
 from bastion.distill.datasets import load_data_yaml
 from bastion.distill.evaluate import EvalSettings, evaluate_detector, latency_ms
-from bastion.distill.pseudo import build_dataset
+from bastion.distill.pseudo import DATASET_MANIFEST, build_dataset
 from bastion.distill.run import RunDir
 from bastion.distill.teachers import check_unchanged, export_checkpoint_teacher, is_checkpoint
 from bastion.distill.train import TrainSpec
@@ -229,7 +229,8 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
         (stage / "report.md").write_text(_report_md(spec, result))
         (stage / "report.json").write_text(json.dumps(result, indent=2, default=str))
     if chosen and chosen["kind"] != "teacher":
-        _ship(run.root / chosen["bundle"], run.root / "bundle", sign_key, chosen, dataset)
+        _ship(run.root / chosen["bundle"], run.root / "bundle", sign_key, chosen, dataset,
+              run.dir("labels") / DATASET_MANIFEST)
         run.state["stages"]["report"]["result"]["shipped_bundle"] = str(run.root / "bundle")
         run.record("stages", run.state["stages"])
     return run.result("report")
@@ -275,13 +276,15 @@ def choose(candidates: list[dict], min_map50: float, max_latency_ms: float | Non
     return min(near, key=lambda c: (c["latency_ms"], -c["map50"]))
 
 
-def _ship(src: Path, dst: Path, sign_key, chosen: dict, dataset) -> None:  # noqa: ANN001
+def _ship(src: Path, dst: Path, sign_key, chosen: dict, dataset, dataset_json: Path | None = None  # noqa: ANN001
+          ) -> None:
     """Copy the chosen candidate's bundle to RUN/bundle (atomically), with the held-out metrics measured in this
     run in its manifest (an INT8 bundle already carries FP32 and INT8 ones), signed when a key is given."""
     import shutil
 
     from bastion.models.bundle import seal_bundle
-    from bastion.models.manifest import MANIFEST_NAME, EvalResult, read_manifest
+    from bastion.models.manifest import (MANIFEST_NAME, DatasetRef, EvalResult, FileEntry, read_manifest,
+                                         sha256_file)
     from bastion.models.signing import SIGNATURE_NAME
 
     manifest = read_manifest(src / MANIFEST_NAME)
@@ -294,6 +297,14 @@ def _ship(src: Path, dst: Path, sign_key, chosen: dict, dataset) -> None:  # noq
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(src, staging)
     (staging / SIGNATURE_NAME).unlink(missing_ok=True)  # the manifest may change: an old signature would not hold
+    if dataset_json is not None and dataset_json.is_file():  # the data that made it, hash by hash, signed with it
+        shutil.copy2(dataset_json, staging / DATASET_MANIFEST)
+        entry = FileEntry(path=DATASET_MANIFEST, sha256=sha256_file(dataset_json), size=dataset_json.stat().st_size)
+        manifest = manifest.model_copy(update={
+            "files": [f for f in manifest.files if f.path != DATASET_MANIFEST] + [entry],
+            "provenance": manifest.provenance.model_copy(update={"datasets": manifest.provenance.datasets + [
+                DatasetRef(name=f"images and labels of this distillation run ({DATASET_MANIFEST} in this bundle)",
+                           sha256=entry.sha256)]})})
     shutil.rmtree(dst, ignore_errors=True)
     seal_bundle(staging, manifest, dst, sign_key)
 

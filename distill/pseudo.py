@@ -208,4 +208,22 @@ def build_dataset(images: list[Path], labels_dir: Path | None, teachers: list[De
         "train": "images/train", "val": "images/val",  # relative: the run directory can move
         "names": dict(enumerate(student)),
     }, sort_keys=False))
+    (out / DATASET_MANIFEST).write_text(json.dumps(dataset_manifest(out), indent=1))
     return stats
+
+
+DATASET_MANIFEST = "dataset.json"
+
+
+def dataset_manifest(out: Path) -> dict:
+    """Every image and label the run trained and scored on, by name and sha256: what a shipped bundle carries so
+    anyone can check which data made it (the images themselves stay where they are)."""
+    entries: dict[str, list[dict]] = {}
+    for split in ("train", "val"):
+        rows = []
+        for image in sorted((out / "images" / split).iterdir()):
+            label = out / "labels" / split / f"{image.stem}.txt"
+            rows.append({"image": image.name, "sha256": hashlib.sha256(image.read_bytes()).hexdigest(),
+                         "labels_sha256": hashlib.sha256(label.read_bytes()).hexdigest() if label.is_file() else None})
+        entries[split] = rows
+    return {"format": "bastion dataset manifest 1", "splits": entries}

@@ -79,11 +79,18 @@ def test_tiny_distillation_artefacts_and_resume(small_set, tmp_path, monkeypatch
     pair = generate_keypair(tmp_path / "keys" / "team")
     TrustStore().trust(pair.public_path)
     _ship(out / "baselines" / "sliced-160", tmp_path / "shipped", load_private_key(pair.private_path), sliced,
-          load_data_yaml(out / "labels" / "data.yaml", "val"))
+          load_data_yaml(out / "labels" / "data.yaml", "val"), out / "labels" / "dataset.json")
     shipped = Bundle.open(tmp_path / "shipped")  # verifies: signed by the trusted key, payload intact
     assert shipped.verification.key_id == pair.key_id
     assert {e.metric: e.value for e in shipped.manifest.evaluation} == {"mAP50": sliced["map50"],
                                                                         "mAP50-95": sliced["map50_95"]}
+    data = json.loads((tmp_path / "shipped" / "dataset.json").read_text())  # signed with the bundle
+    assert "dataset.json" in {f.path for f in shipped.manifest.files}
+    first = data["splits"]["train"][0]
+    import hashlib
+
+    assert first["sha256"] == hashlib.sha256((images / first["image"]).read_bytes()).hexdigest()
+    assert len(data["splits"]["train"]) + len(data["splits"]["val"]) == report["labels"]["images"]
     if report["chosen"].startswith("sliced"):
         b = Bundle.open(out / "bundle", allow_unsigned=True)
         assert b.manifest.classes == ["person", "vehicle"] and b.manifest.provenance.teachers
