@@ -105,3 +105,23 @@ def test_wrong_array_type_is_a_shape_error(yolov5n):
 def test_static_model_refuses_another_imgsz():
     with pytest.raises(ConfigError, match="fixed input 416x416"):
         Detector.load("yolox_nano", imgsz=640, warmup=False)
+
+
+def test_a_repeated_input_shape_gets_a_pinned_session_with_the_same_outputs():
+    """A stream repeats one shape: after a few runs the dynamic model runs on a session pinned to it (faster,
+    docs/benchmarks.md), with the same outputs; other shapes keep the general session."""
+    from bastion.models import Bundle
+    from bastion.runtime.backends import OrtBackend
+
+    backend = OrtBackend(Bundle.open("yolov5n").model_path, device="cpu", threads=1)
+    x = np.random.default_rng(0).random((1, 3, 384, 640), dtype=np.float32)
+    first = backend.run({"images": x})[0]
+    for _ in range(OrtBackend.SPECIALIZE_AFTER):
+        backend.run({"images": x})
+    assert list(backend._specialized) == [(1, 3, 384, 640)]
+    pinned = backend._specialized[(1, 3, 384, 640)]
+    assert pinned is not backend.session and pinned.get_inputs()[0].shape == [1, 3, 384, 640]
+    np.testing.assert_allclose(backend.run({"images": x})[0], first, rtol=1e-4, atol=1e-3)
+    other = backend.run({"images": x[:, :, :320]})[0]  # another shape: the general session, still right
+    assert other.shape[1] < first.shape[1] and len(backend._specialized) == 1
+    backend.close()
