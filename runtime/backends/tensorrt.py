@@ -227,7 +227,7 @@ class TensorRTBackend(Backend):
             if not self.context.set_input_shape(info.name, array.shape):
                 raise ConfigError(f"input {info.name} shape {array.shape} is outside the engine's profile")
             _check(cudart.cudaMemcpyAsync(pointer, array.ctypes.data, array.nbytes, h2d, self.stream))
-        if not self.context.execute_async_v3(self.stream):
+        if not self.context.execute_async_v3(int(self.stream)):  # the Python API takes the raw handle
             raise ModelLoadError("TensorRT inference failed", "see the log; run 'bastion doctor'")
         results = []
         for info in self.outputs:
