@@ -90,9 +90,11 @@ class Detector:
             sha, signer = manifest.files[0].sha256, None
         else:
             bundle = Bundle.open(model, trust=trust, allow_unsigned=allow_unsigned)
+            size = (opts.imgsz, opts.imgsz) if opts.imgsz else (
+                tuple(bundle.manifest.input.size) if bundle.manifest.input else None)
             backend = open_backend(bundle.model_path, device=device, threads=threads,
-                                   precision=bundle.manifest.precision,
-                                   size_hw=tuple(bundle.manifest.input.size) if bundle.manifest.input else None)
+                                   precision=bundle.manifest.precision, size_hw=size,  # a TensorRT profile's range
+                                   max_batch=opts.max_batch)
             manifest, sha, signer = bundle.manifest, bundle.sha256, bundle.verification.key_id
         detector = cls(backend, manifest, opts, bundle_sha256=sha)
         detector.verified_by = signer

@@ -62,8 +62,9 @@ def test_tensorrt_engine_matches_onnx_runtime_and_is_cached():
     gpu = Detector.load("yolov5n", device="trt")
     assert isinstance(gpu.backend, TensorRTBackend)
     found = gpu.detect(image)
+    assert len(gpu.detect([image] * 3)) == 3  # a batch within the engine's profile
     assert found.names == reference.names and len(found) == len(reference)
     assert np.abs(found.xyxy - reference.xyxy).max() < 2.0 and np.abs(found.conf - reference.conf).max() < 0.02
     bundle = Bundle.open("yolov5n")
-    _, key, built = load_or_build(bundle.model_path, "fp16", tuple(bundle.manifest.input.size), 1)
+    _, key, built = load_or_build(bundle.model_path, "fp16", tuple(bundle.manifest.input.size), 8)  # Detector's max
     assert not built and key == gpu.backend.key  # the engine Detector.load built is found, not rebuilt

@@ -22,15 +22,17 @@ log = logging.getLogger(__name__)
 
 
 def open_backend(path: str | Path, device: str = "auto", threads: int | None = None, precision: str | None = None,
-                 size_hw: tuple[int, int] | None = None) -> Backend:
+                 size_hw: tuple[int, int] | None = None, max_batch: int = 1) -> Backend:
     """Open ``path`` on the best backend for ``device``: 'auto', 'trt' (native TensorRT), or ONNX Runtime's
     'cpu', 'cuda', 'tensorrt' (execution provider). ``precision`` (the bundle's) and ``size_hw`` (its input
-    size) shape a TensorRT engine: an INT8 (QDQ) bundle builds an INT8 engine, anything else FP16."""
+    size) and ``max_batch`` shape a TensorRT engine: an INT8 (QDQ) bundle builds an INT8 engine, anything else
+    FP16."""
     if device == "trt" or (device == "auto" and tensorrt_available()):
         from bastion.runtime.backends.tensorrt import TensorRTBackend
 
         try:
-            return TensorRTBackend(path, precision="int8" if precision == "int8" else "fp16", opt_hw=size_hw)
+            return TensorRTBackend(path, precision="int8" if precision == "int8" else "fp16", opt_hw=size_hw,
+                                   max_batch=max_batch)
         except BastionError:
             if device == "trt":
                 raise
