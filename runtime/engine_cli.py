@@ -23,15 +23,17 @@ def engine_build(
     model: str = typer.Argument(..., help="Detection bundle (directory, registry or zoo name)."),
     precision: Optional[str] = typer.Option(None, help="fp32, fp16 or int8 (default: int8 for an INT8 bundle, "
                                             "else fp16)."),
-    max_batch: int = typer.Option(1, help="Largest batch the engine accepts (dynamic-batch models)."),
+    max_batch: int = typer.Option(8, help="Largest batch the engine accepts (dynamic-batch models). Use the "
+                                  "max_batch of whatever will run it (node default 4, Detector default 8): it is "
+                                  "part of the cache key."),
     imgsz: Optional[int] = typer.Option(None, help="Largest square input for dynamic-size models (default: the "
-                                       "bundle's input size)."),
+                                       "bundle's input size; use the node's imgsz if it sets one)."),
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Build (or find) the engine for this unit's GPU, so the node starts without building.
 
-    Example: bastion engine build yolov5n --precision fp16 --max-batch 4
+    Example: bastion engine build yolov5n --precision fp16 --max-batch 4   (for a node with max_batch: 4)
     """
     from bastion.models.bundle import Bundle
     from bastion.runtime.backends.tensorrt import load_or_build
