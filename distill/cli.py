@@ -152,6 +152,9 @@ def distill_detect_command(
     freeze: int = typer.Option(0, help="Freeze the first N layers (10: yolov5n backbone, 24: backbone+neck)."),
     width: Optional[float] = typer.Option(None, help="Width multiple override (a narrower, cheaper student)."),
     depth: Optional[float] = typer.Option(None, help="Depth multiple override."),
+    prune: Optional[float] = typer.Option(None, help="After the warm start, remove this share of channels "
+                                          "(structured, smallest L2 norm first): cheaper than the teacher at the "
+                                          "same size, still warm. Train with --freeze 0."),
     soft: bool = typer.Option(True, "--soft/--hard", help="Teachers' scores scale the classification target "
                               "(docs/distillation.md); --hard trains on 0/1 labels."),
     feature_kd: float = typer.Option(6.0, "--feature-kd", help="Weight of Ultralytics' feature distillation when a "
@@ -201,7 +204,7 @@ def distill_detect_command(
         if not (Path(student).suffix or Path(student).exists()):
             student += ".yaml"  # yolov8n → yolov8n.yaml: Ultralytics' built-in architecture
         train = TrainSpec(student=student, warm_start=warm_start, epochs=epochs, batch=batch, freeze=freeze,
-                          width=width, depth=depth, soft=soft, feature_weight=feature_kd)
+                          width=width, depth=depth, soft=soft, feature_weight=feature_kd, prune=prune)
     if (val_images is None) != (val_labels is None):
         raise ConfigError("--val-images and --val-labels go together", "give both, or neither to hold out a share "
                           "of the labelled --images")

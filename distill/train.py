@@ -34,6 +34,7 @@ class TrainSpec:
     soft: bool = True  # the teachers' scores scale the classification target (soft_targets.py)
     feature_teacher: Path | None = None  # an Ultralytics .pt teacher: Ultralytics' feature distillation too
     feature_weight: float = 6.0  # Ultralytics' ``dis``: weight of the feature-distillation loss
+    prune: float | None = None  # after the warm start, remove this share of channels (structured, by magnitude)
 
 
 def load_state(path: Path) -> dict[str, Any]:
@@ -65,6 +66,37 @@ def copy_matching(model, state: dict[str, Any]) -> tuple[int, int]:  # noqa: ANN
     own.update(matched)
     model.load_state_dict(own)
     return len(matched), len(own)
+
+
+def prune_channels(model, ratio: float, imgsz: int) -> dict[str, Any]:  # noqa: ANN001 - a DetectionModel
+    """Structured pruning with torch-pruning's dependency graph: the ``ratio`` of channels with the smallest L2
+    norm go, everywhere except the Detect head's output convolutions, and every layer that consumes them is cut
+    to match (concatenations included). What stays keeps its warm-started weights, so the student is cheaper than
+    the teacher at the same input size *and* starts from learned features; training then recovers the loss."""
+    try:
+        import torch
+        import torch_pruning as tp
+    except ImportError:
+        raise MissingExtraError("--prune", "distill", "torch-pruning") from None
+    if not 0.0 < ratio < 1.0:
+        raise ConfigError(f"--prune must be between 0 and 1, got {ratio}")
+    head = model.model[-1]
+    ignored = [seq[-1] for seq in head.cv2] + [seq[-1] for seq in head.cv3] + [getattr(head, "dfl", None)]
+    example = torch.zeros(1, 3, imgsz, imgsz)
+    was_training = model.training
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    macs0, params0 = tp.utils.count_ops_and_params(model, example)
+    pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
+                                       pruning_ratio=ratio, ignored_layers=[m for m in ignored if m is not None])
+    pruner.step()
+    macs, params = tp.utils.count_ops_and_params(model, example)
+    model.train(was_training)
+    result = {"ratio": ratio, "parameters": [int(params0), int(params)], "macs": [int(macs0), int(macs)]}
+    log.info("pruned %.0f %% of channels: %.2fM → %.2fM parameters, %.0fM → %.0fM MACs at %d px", ratio * 100,
+             params0 / 1e6, params / 1e6, macs0 / 1e6, macs / 1e6, imgsz)
+    return result
 
 
 def _student_cfg(spec: TrainSpec, out_dir: Path) -> str:
@@ -107,6 +139,8 @@ def train_student(data_yaml: Path, spec: TrainSpec, imgsz: int, out_dir: Path) -
                 copied, total = copy_matching(model, state)
                 record["warm_start_copied"], record["student_tensors"] = copied, total
                 log.info("warm start: copied %d of %d student tensors from %s", copied, total, spec.warm_start)
+            if spec.prune:
+                record["pruning"] = prune_channels(model, spec.prune, self.args.imgsz)
             return model
 
         def build_dataset(self, img_path, mode="train", batch=None):  # noqa: ANN001, ANN202

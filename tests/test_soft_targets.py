@@ -69,3 +69,4 @@ def test_assigner_targets_scale_with_the_teacher_score():
     expected = torch.tensor([[0.5, 1.0], [0.25, 1.0]]).gather(1, gt_idx) * fg
     assert fg.sum() > 0 and torch.allclose(out[2], ref[2] * expected.unsqueeze(-1))
     assert torch.allclose(out[2][0, (gt_idx[0] == 0) & fg[0]].sum(), 0.5 * ref[2][0, (gt_idx[0] == 0) & fg[0]].sum())
+
