@@ -24,7 +24,7 @@ from bastion.distill.datasets import load_data_yaml
 from bastion.distill.evaluate import EvalSettings, evaluate_detector, latency_ms
 from bastion.distill.pseudo import DATASET_MANIFEST, build_dataset
 from bastion.distill.run import RunDir
-from bastion.distill.teachers import check_unchanged, export_checkpoint_teacher, is_checkpoint
+from bastion.distill.teachers import check_unchanged, export_checkpoint_teacher, is_checkpoint, is_imported
 from bastion.distill.train import TrainSpec
 from bastion.errors import ConfigError, InputNotFoundError
 from bastion.models.bundle import Bundle
@@ -69,14 +69,19 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
 
     # 1. teachers: verified bundles (or Ultralytics checkpoints, exported into the run) whose classes cover
     # the mission's
+    bare = [ref for ref in spec.teachers if Path(ref).suffix == ".onnx"]
+    if bare and not spec.allow_unsigned:
+        raise ConfigError(f"teacher {bare[0]} is a bare ONNX file: it has no manifest and no signature",
+                          "make a signed bundle (bastion bundle create … --sign KEY), or for development pass "
+                          "--allow-unsigned")
     if not run.done("teachers"):
         with run.stage("teachers") as (stage, result):
             result["checkpoints"] = {ref: export_checkpoint_teacher(Path(ref), stage / f"teacher-{i}")
-                                     for i, ref in enumerate(spec.teachers) if is_checkpoint(ref)}
+                                     for i, ref in enumerate(spec.teachers) if is_imported(ref)}
     exported = run.result("teachers").get("checkpoints", {})
     bundles = []
     for ref in spec.teachers:
-        if is_checkpoint(ref):
+        if is_imported(ref):
             if ref not in exported:
                 raise ConfigError(f"teacher {ref} is not part of this run's cached teachers",
                                   "re-run with --force teachers, or use a new --out")
@@ -108,7 +113,7 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
         if not images:
             raise InputNotFoundError(f"no images in {spec.images}")
         thresholds = [spec.conf.get(c, spec.conf.get("*", 0.25)) for c in spec.classes]
-        teachers = [Detector.load(b.root, conf=0.05, allow_unsigned=spec.allow_unsigned or is_checkpoint(ref))
+        teachers = [Detector.load(b.root, conf=0.05, allow_unsigned=spec.allow_unsigned or is_imported(ref))
                     for ref, b in zip(spec.teachers, bundles)]
         chosen_thresholds = None
         if spec.conf_auto:

@@ -21,10 +21,17 @@ from bastion.models.manifest import sha256_file
 
 log = logging.getLogger(__name__)
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
+IMPORTED_SUFFIXES = (*CHECKPOINT_SUFFIXES, ".onnx")  # files a run turns into a bundle of its own
 
 
 def is_checkpoint(ref: str) -> bool:
+    """An Ultralytics checkpoint: exported to ONNX, and its features can teach the student too."""
     return Path(ref).suffix in CHECKPOINT_SUFFIXES
+
+
+def is_imported(ref: str) -> bool:
+    """A teacher given as a model file rather than a bundle (checkpoint or bare ONNX)."""
+    return Path(ref).suffix in IMPORTED_SUFFIXES
 
 
 def _load_detector(ultralytics, path: Path, shown: Path):  # noqa: ANN001, ANN202
@@ -56,21 +63,24 @@ def export_checkpoint_teacher(path: Path, out_dir: Path) -> dict:
         raise InputNotFoundError(f"teacher checkpoint not found: {path}")
     digest = sha256_file(path)
     with tempfile.TemporaryDirectory(prefix="bastion-teacher-") as tmp:
-        # a neutral name in a private dir: Ultralytics writes the .onnx next to the checkpoint, and it maps
-        # official names (yolov5n.pt → yolov5nu.pt) to downloads
-        local = Path(tmp) / "teacher.pt"
-        shutil.copy2(path, local)
-        model = _load_detector(load_ultralytics(), local, path)
-        onnx = Path(model.export(format="onnx", dynamic=True, simplify=True, device="cpu", verbose=False))
+        if path.suffix == ".onnx":  # already ONNX (YOLOv5/Ultralytics metadata tell the decoder)
+            onnx, how = path, f"the ONNX file {path.name} (sha256 {digest}), given unsigned with --allow-unsigned"
+        else:
+            # a neutral name in a private dir: Ultralytics writes the .onnx next to the checkpoint, and it maps
+            # official names (yolov5n.pt → yolov5nu.pt) to downloads
+            local = Path(tmp) / "teacher.pt"
+            shutil.copy2(path, local)
+            model = _load_detector(load_ultralytics(), local, path)
+            onnx = Path(model.export(format="onnx", dynamic=True, simplify=True, device="cpu", verbose=False))
+            how = f"exported by bastion from the Ultralytics checkpoint {path.name} (sha256 {digest})"
         fields = infer_fields(onnx)
         if not fields:
-            raise ConfigError(f"teacher {path}: its ONNX export has no detection head bastion can decode")
+            raise ConfigError(f"teacher {path}: bastion finds no detection head it can decode in its ONNX",
+                              "make a bundle naming the decoder: bastion bundle create --decoder …")
         fields.update(
-            name=path.stem.replace(" ", "_"), version="checkpoint", task="detect",
-            provenance={"source": f"exported by bastion from the Ultralytics checkpoint {path.name} "
-                                  f"(sha256 {digest})"},
-            license={"weights": f"as the checkpoint {path.name}: check its terms",
-                     "notes": "exported with Ultralytics (AGPL-3.0)"},
+            name=path.stem.replace(" ", "_"), version="imported", task="detect", provenance={"source": how},
+            license={"weights": f"as the file {path.name}: check its terms",
+                     "notes": "exported with Ultralytics (AGPL-3.0)" if path.suffix != ".onnx" else None},
         )
         create_bundle(onnx, out_dir, fields, [])
     log.info("teacher checkpoint %s exported to %s", path, out_dir)

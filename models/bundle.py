@@ -127,6 +127,12 @@ def resolve_bundle_dir(path: str | Path) -> Path:
     zoo = zoo_path(str(path))
     if zoo is not None:
         return zoo
+    if candidate.is_file():  # it exists, it just is not a bundle: say what to make of it
+        raise InputNotFoundError(
+            f"{path} is a file, not a bundle (a directory with manifest.json, or a .bastion archive)",
+            "make one: bastion bundle create --onnx MODEL.onnx … --out DIR (a bare .onnx can also run with "
+            "--allow-unsigned, for development)",
+        )
     raise InputNotFoundError(
         f"model not found: {path}",
         "give a bundle directory, a .bastion file, a registry name (bastion models list) or a zoo name",

@@ -96,6 +96,19 @@ def test_tiny_distillation_artefacts_and_resume(small_set, tmp_path, monkeypatch
         assert b.manifest.classes == ["person", "vehicle"] and b.manifest.provenance.teachers
 
 
+def test_bare_onnx_teacher_needs_allow_unsigned_and_becomes_a_run_bundle(small_set, tmp_path):
+    from bastion.models.zoo import zoo_path
+
+    images, labels = small_set
+    onnx = str(next(zoo_path("yolov5n").glob("*.onnx")))
+    with pytest.raises(ConfigError, match="bare ONNX file: it has no manifest and no signature"):
+        run_distill(spec(images, labels, tmp_path / "a", teachers=[onnx]))
+    report = run_distill(spec(images, labels, tmp_path / "b", teachers=[onnx], allow_unsigned=True))
+    teachers = json.loads((tmp_path / "b" / "run.json").read_text())["teachers"]
+    assert teachers[0]["decoder"] == "yolov5" and teachers[0]["signer"] is None
+    assert report["candidates"] and (tmp_path / "b" / "teachers" / "teacher-0" / "manifest.json").is_file()
+
+
 def test_distill_bad_input(small_set, tmp_path):
     images, labels = small_set
     with pytest.raises(ConfigError, match="no teacher knows 'tank'"):
