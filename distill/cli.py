@@ -122,7 +122,8 @@ distill_app = typer.Typer(help="Make a smaller model for a narrower mission.", n
 @distill_app.command("detect")
 def distill_detect_command(
     teacher: list[str] = typer.Option(..., "--teacher", help="Teacher: a detection bundle (zoo/registry name or "
-                                      "directory) or an Ultralytics .pt checkpoint; repeat for an ensemble."),
+                                      "directory), an Ultralytics .pt checkpoint, or a bare YOLO .onnx (with "
+                                      "--allow-unsigned); repeat for an ensemble."),
     images: Path = typer.Option(..., "--images", help="Directory of images to learn from."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="YOLO labels (teacher class ids) for some images;"
                                           " they win over pseudo-labels and provide the held-out validation."),
