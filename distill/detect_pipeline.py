@@ -268,17 +268,19 @@ def _auto_thresholds(spec: DistillSpec, images: list[Path], teachers, maps, defa
 
 def choose(candidates: list[dict], min_map50: float, max_latency_ms: float | None,
            max_map50_drop: float | None) -> dict | None:
-    """Among candidates meeting the constraints: the most accurate (ties: fastest), or with
-    ``max_map50_drop`` the fastest within that many points of the most accurate."""
+    """What ships: among the non-teacher candidates meeting the constraints, the most accurate (ties: fastest),
+    or with ``max_map50_drop`` the fastest within that many points of the most accurate candidate *of all*
+    (the full teacher included: it is the reference, never the product of a distillation run)."""
     ok = [c for c in candidates if c["map50"] >= min_map50
           and (max_latency_ms is None or c["latency_ms"] <= max_latency_ms)]
-    if not ok:
+    shippable = [c for c in ok if c.get("kind") != "teacher"]
+    if not shippable:
         return None
-    best = max(ok, key=lambda c: (round(c["map50"], 3), -c["latency_ms"]))
     if max_map50_drop is None:
-        return best
-    near = [c for c in ok if c["map50"] >= best["map50"] - max_map50_drop / 100]
-    return min(near, key=lambda c: (c["latency_ms"], -c["map50"]))
+        return max(shippable, key=lambda c: (round(c["map50"], 3), -c["latency_ms"]))
+    best = max(ok, key=lambda c: c["map50"])
+    near = [c for c in shippable if c["map50"] >= best["map50"] - max_map50_drop / 100]
+    return min(near, key=lambda c: (c["latency_ms"], -c["map50"])) if near else None
 
 
 def _ship(src: Path, dst: Path, sign_key, chosen: dict, dataset, dataset_json: Path | None = None  # noqa: ANN001
@@ -458,15 +460,18 @@ def _report_md(spec: DistillSpec, result: dict[str, Any]) -> str:
         f"Validation: {labels['val']} held-out images "
         + ("with ground truth." if labels["val_is_ground_truth"] else
            "**pseudo-labelled** (no ground truth given: scores measure agreement with the teachers)."), "",
-        "| candidate | input | mAP50 | mAP50-95 | latency ms (1 thread) | MB | "
+        "| candidate | input | mAP50 | mAP50-95 | latency ms (1 thread) | vs full teacher: speed, mAP50 kept | MB | "
         + " | ".join(f"AP50 {k}" for k in spec.classes) + " |",
-        "|---|---|---|---|---|---|" + "---|" * len(spec.classes),
+        "|---|---|---|---|---|---|---|" + "---|" * len(spec.classes),
     ]
+    full = max((c for c in result["candidates"] if c["kind"] == "teacher"), key=lambda c: c["imgsz"], default=None)
     for c in sorted(result["candidates"], key=lambda c: c["latency_ms"]):
         mark = " **← ships**" if c["name"] == result["chosen"] else ""
         per_class = " | ".join(ap50_cell(c, k) for k in spec.classes)
+        versus = (f"{full['latency_ms'] / c['latency_ms']:.1f}×, {100 * c['map50'] / full['map50']:.0f} %"
+                  if full and full["map50"] > 0 and c["latency_ms"] > 0 else "–")
         lines.append(f"| {c['name']}{mark} | {c['imgsz']} | {c['map50']:.3f} | {c['map50_95']:.3f} | "
-                     f"{c['latency_ms']:.1f} | {c.get('size_mb', 0):.1f} | {per_class} |")
+                     f"{c['latency_ms']:.1f} | {versus} | {c.get('size_mb', 0):.1f} | {per_class} |")
     absent = [k for k in spec.classes if not labels["boxes_per_class"].get(k)]
     if absent:
         lines += ["", f"No labelled boxes of {', '.join(absent)} at all, so no AP for it (—): the teachers found none "

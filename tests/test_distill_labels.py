@@ -89,3 +89,7 @@ def test_choose_ships_the_best_or_the_fastest_near_it():
     assert choose(c, 0.0, None, 6)["name"] == "mid"  # fastest within 6 points of 0.55
     assert choose(c, 0.0, None, 10)["name"] == "small"
     assert choose(c, 0.6, None, None) is None
+    teacher = {"name": "teacher@640", "kind": "teacher", "map50": 0.60, "latency_ms": 33}
+    assert choose([teacher, *c], 0.0, None, None)["name"] == "big"  # the teacher is the reference, not the product
+    assert choose([teacher, *c], 0.0, None, 6)["name"] == "big"  # within 6 points of the teacher's 0.60
+    assert choose([teacher, *c], 0.0, None, 3) is None  # nothing distilled comes within 3 points
