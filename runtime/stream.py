@@ -17,6 +17,8 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterable, Iterator
 
+import cv2
+
 from bastion.runtime.detect import Detector
 from bastion.runtime.detections import Detections
 from bastion.runtime.media import Frame, prefetch
@@ -55,6 +57,10 @@ def detect_stream(detector: Detector, frames: Iterable[Frame], batch: int = 1, w
             yield from run(chunk)
         return
     in_flight: deque[Future] = deque()
+    # the cores belong to the inference workers: OpenCV's own thread pool (resize) would only contend with them.
+    # The setting is process-wide, so it is restored when the stream ends.
+    cv_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bastion-infer") as pool:
         try:
             for chunk in chunks():
@@ -66,3 +72,4 @@ def detect_stream(detector: Detector, frames: Iterable[Frame], batch: int = 1, w
         finally:
             for future in in_flight:
                 future.cancel()
+            cv2.setNumThreads(cv_threads)

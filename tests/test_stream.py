@@ -31,5 +31,9 @@ def test_pipeline_surfaces_reader_errors(detector):
         yield from iter_video(VIDEO, 3)
         raise OSError("camera unplugged")
 
+    import cv2
+
+    threads = cv2.getNumThreads()
     with pytest.raises(OSError, match="camera unplugged"):
         list(detect_stream(detector, broken(), workers=2))
+    assert cv2.getNumThreads() == threads  # the stream lends OpenCV's threads to inference and gives them back
