@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -10,16 +9,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bastion.errors import ConfigError, MissingExtraError
+from bastion.models.manifest import files_sha256, sha256_file
 
 
 def teacher_digest(path: Path) -> str:
-    """sha256 of a teacher file, or of a Hugging Face directory's config + weights (name and bytes, sorted)."""
+    """sha256 of a teacher file, or of a Hugging Face directory's config + weights (names and bytes, sorted)."""
     if path.is_file():
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    h = hashlib.sha256()
-    for f in sorted([path / "config.json", *path.glob("*.safetensors")]):
-        h.update(f.name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
-    return h.hexdigest()
+        return sha256_file(path)
+    return files_sha256(sorted([path / "config.json", *path.glob("*.safetensors")]))
 
 
 def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None, synthetic: int,
@@ -85,7 +82,7 @@ def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None
         "student": {"layers": layers, **evaluate(student, teacher, val_ids, spec.block),
                     "tokens_per_s_torch": tokens_per_s(student, prompt)},
         "history": history, "corpus": str(corpus) if corpus else f"synthetic ({synthetic} teacher texts)",
-        "corpus_sha256": hashlib.sha256(text_file.read_bytes()).hexdigest(), "tokens": len(ids),
+        "corpus_sha256": sha256_file(text_file), "tokens": len(ids),
     }
     report["speedup_torch"] = round(report["student"]["tokens_per_s_torch"] / report["teacher"]["tokens_per_s_torch"], 2)
     report["perplexity_rise"] = round(report["student"]["perplexity"] / report["teacher"]["perplexity"] - 1, 4)

@@ -27,6 +27,7 @@ import yaml
 from bastion.distill.classmap import ClassMap
 from bastion.distill.wbf import weighted_boxes_fusion
 from bastion.errors import ConfigError
+from bastion.models.manifest import sha256_file
 from bastion.runtime.detect import Detector
 from bastion.runtime.media import read_image
 
@@ -223,7 +224,7 @@ def dataset_manifest(out: Path) -> dict:
         rows = []
         for image in sorted((out / "images" / split).iterdir()):
             label = out / "labels" / split / f"{image.stem}.txt"
-            rows.append({"image": image.name, "sha256": hashlib.sha256(image.read_bytes()).hexdigest(),
-                         "labels_sha256": hashlib.sha256(label.read_bytes()).hexdigest() if label.is_file() else None})
+            rows.append({"image": image.name, "sha256": sha256_file(image),
+                         "labels_sha256": sha256_file(label) if label.is_file() else None})
         entries[split] = rows
     return {"format": "bastion dataset manifest 1", "splits": entries}

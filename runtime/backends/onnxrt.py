@@ -94,6 +94,8 @@ class OrtBackend(Backend):
         self.outputs = [_tensor_info(n) for n in self.session.get_outputs()]
         self._output_names = [o.name for o in self.outputs]
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        # one image input with a dynamic axis: the only kind a stream can pin (LMs have many inputs)
+        self._pinnable = len(self.inputs) == 1 and any(d is None for d in self.inputs[0].shape)
         self._specialized: dict[tuple[int, ...], ort.InferenceSession] = {}
         self._seen: dict[tuple[int, ...], int] = {}
         self._lock = threading.Lock()
@@ -110,10 +112,9 @@ class OrtBackend(Backend):
     MAX_SPECIALIZED = 2
 
     def _session_for(self, feeds: dict[str, np.ndarray]) -> ort.InferenceSession:
-        first = self.inputs[0]
-        if all(d is not None for d in first.shape) or len(self.inputs) != 1:
+        if not self._pinnable:
             return self.session
-        shape = tuple(feeds[first.name].shape)
+        shape = tuple(feeds[self.inputs[0].name].shape)
         special = self._specialized.get(shape)
         if special is not None:
             return special

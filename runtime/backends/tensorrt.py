@@ -16,7 +16,6 @@ calibration happens once, in ONNX Runtime's quantizer, and is gated on measured 
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import logging
@@ -27,6 +26,7 @@ import numpy as np
 
 from bastion.errors import ConfigError, MissingExtraError, ModelLoadError
 from bastion.hardware.engine_cache import EngineCache, EngineKey
+from bastion.models.manifest import sha256_file
 from bastion.runtime.backends.base import Backend, TensorInfo
 
 log = logging.getLogger(__name__)
@@ -68,14 +68,6 @@ def _check(result):  # noqa: ANN001, ANN202
     if int(err) != 0:
         raise ModelLoadError(f"CUDA call failed: {err}", "check the GPU driver and free GPU memory")
     return values[0] if len(values) == 1 else values
-
-
-def model_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _profile(onnx_inputs: list[tuple[str, list]], opt_hw: tuple[int, int] | None, max_batch: int
@@ -158,7 +150,7 @@ def engine_key(onnx_path: Path, precision: str, opt_hw: tuple[int, int] | None, 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     inputs = [(i.name, list(i.shape)) for i in session.get_inputs()]
     gpu, cc = device_identity()
-    return EngineKey(gpu=gpu, compute_capability=cc, tensorrt=trt.__version__, bundle_sha256=model_sha256(onnx_path),
+    return EngineKey(gpu=gpu, compute_capability=cc, tensorrt=trt.__version__, bundle_sha256=sha256_file(Path(onnx_path)),
                      precision=precision, shapes=_profile(inputs, opt_hw, max_batch))
 
 
