@@ -118,6 +118,7 @@ def test_a_repeated_input_shape_gets_a_pinned_session_with_the_same_outputs():
     first = backend.run({"images": x})[0]
     for _ in range(OrtBackend.SPECIALIZE_AFTER):
         backend.run({"images": x})
+    backend.wait_pinned(30)  # built off the inference path
     assert list(backend._specialized) == [(1, 3, 384, 640)]
     pinned = backend._specialized[(1, 3, 384, 640)]
     assert pinned is not backend.session and pinned.get_inputs()[0].shape == [1, 3, 384, 640]

@@ -97,6 +97,7 @@ class OrtBackend(Backend):
         # one image input with a dynamic axis: the only kind a stream can pin (LMs have many inputs)
         self._pinnable = len(self.inputs) == 1 and any(d is None for d in self.inputs[0].shape)
         self._specialized: dict[tuple[int, ...], ort.InferenceSession] = {}
+        self._pinning: dict[tuple[int, ...], threading.Thread] = {}
         self._seen: dict[tuple[int, ...], int] = {}
         self._lock = threading.Lock()
         log.info("onnxruntime session opened", extra={"model": path.name, "providers": self.providers})
@@ -106,8 +107,10 @@ class OrtBackend(Backend):
 
     # A stream repeats one input shape (a camera, a video): after SPECIALIZE_AFTER runs of the same shape a
     # dynamic model gets a second session with that shape pinned (ORT then plans memory and picks kernels for
-    # it: ~4 % faster per inference on this CPU, docs/benchmarks.md). Other shapes keep the general session;
-    # at most MAX_SPECIALIZED shapes are pinned, so a folder of odd-sized images costs nothing extra.
+    # it: ~4 % faster per inference on this CPU, docs/benchmarks.md). The pinned session is built on a
+    # background thread — building takes ~100 ms, which must not land inside a frame's inference — and the
+    # general session serves until it is ready. Other shapes keep the general session; at most
+    # MAX_SPECIALIZED shapes are pinned, so a folder of odd-sized images costs nothing extra.
     SPECIALIZE_AFTER = 3
     MAX_SPECIALIZED = 2
 
@@ -121,18 +124,30 @@ class OrtBackend(Backend):
         if len(self._seen) > 64:  # a folder of many sizes: stop counting
             return self.session
         seen = self._seen[shape] = self._seen.get(shape, 0) + 1
-        if seen == self.SPECIALIZE_AFTER and len(self._specialized) < self.MAX_SPECIALIZED:
+        if seen == self.SPECIALIZE_AFTER and len(self._pinning) < self.MAX_SPECIALIZED:
             with self._lock:
-                if shape not in self._specialized:
-                    names = self.session.get_inputs()[0].shape
-                    dims = {n: v for n, v in zip(names, shape) if isinstance(n, str)}
-                    try:
-                        self._specialized[shape] = OrtBackend(self.path, *self._open_args, fixed_dims=dims).session
-                        log.info("pinned a session to input shape %s", shape)
-                    except Exception:  # noqa: BLE001 - an optimisation: the general session still works
-                        log.warning("could not pin a session to shape %s", shape, exc_info=True)
-                        self._specialized[shape] = self.session
-        return self._specialized.get(shape, self.session)
+                if shape not in self._pinning:
+                    self._pinning[shape] = threading.Thread(target=self._pin, args=(shape,), daemon=True,
+                                                            name="bastion-pin-session")
+                    self._pinning[shape].start()
+        return self.session
+
+    def _pin(self, shape: tuple[int, ...]) -> None:
+        names = self.session.get_inputs()[0].shape
+        dims = {n: v for n, v in zip(names, shape) if isinstance(n, str)}
+        try:
+            pinned = OrtBackend(self.path, *self._open_args, fixed_dims=dims).session
+        except Exception:  # noqa: BLE001 - an optimisation: the general session still works
+            log.warning("could not pin a session to shape %s", shape, exc_info=True)
+            return
+        if not self._closed:
+            self._specialized[shape] = pinned
+            log.info("pinned a session to input shape %s", shape)
+
+    def wait_pinned(self, timeout: float | None = None) -> None:
+        """Block until the pinned sessions being built are ready (tests, benchmarks that want a steady state)."""
+        for thread in list(self._pinning.values()):
+            thread.join(timeout)
 
     def close(self) -> None:
         super().close()
