@@ -127,7 +127,8 @@ class OrtBackend(Backend):
         if seen == self.SPECIALIZE_AFTER and len(self._pinning) < self.MAX_SPECIALIZED:
             with self._lock:
                 if shape not in self._pinning:
-                    self._pinning[shape] = threading.Thread(target=self._pin, args=(shape,), daemon=True,
+                    # not a daemon: killing it inside ORT's session build at interpreter exit aborts the process
+                    self._pinning[shape] = threading.Thread(target=self._pin, args=(shape,), daemon=False,
                                                             name="bastion-pin-session")
                     self._pinning[shape].start()
         return self.session
@@ -151,5 +152,6 @@ class OrtBackend(Backend):
 
     def close(self) -> None:
         super().close()
+        self.wait_pinned()  # a build in flight finishes (and is then dropped) before the sessions go
         self.session = None  # type: ignore[assignment]
         self._specialized.clear()
