@@ -16,6 +16,24 @@ import numpy as np
 from bastion.runtime.lm import Generator
 
 
+ROUNDS = 3  # every contestant is timed best of the same number of runs (the machine is shared and noisy)
+
+
+def _timed_stream(start) -> tuple[float, float, list[int]]:  # noqa: ANN001 - () -> iterator of token ids
+    """(time to first token, total time, tokens) of one generation; ``start`` runs inside the clock."""
+    t0 = time.perf_counter()
+    stream = start()
+    first = next(stream, None)
+    ttft = time.perf_counter() - t0
+    tokens = ([first] if first is not None else []) + list(stream)
+    return ttft, time.perf_counter() - t0, tokens
+
+
+def _best_of(rounds: int, run) -> tuple[float, float, list[int]]:  # noqa: ANN001 - a callable
+    """The fastest of ``rounds`` runs (TTFT from that same run)."""
+    return min((run() for _ in range(rounds)), key=lambda r: r[1])
+
+
 def _prompt_ids(generator: Generator, length: int) -> list[int]:
     base = generator.encode("Once upon a time, there was a little girl named Lily. She loved to play outside. " * 40)
     return base[:length]
@@ -39,18 +57,12 @@ def bench_lm(model: str, reference: Path | None, new_tokens: int, prompt_lengths
         greedy(torch_model, warm, 8)
     for length in prompt_lengths:
         ids = _prompt_ids(generator, min(length, generator.context - new_tokens - 1))
-        t0 = time.perf_counter()
-        stream = generator.generate_ids(ids, new_tokens)
-        first = next(stream, None)
-        ttft = time.perf_counter() - t0
-        ours = ([first] if first is not None else []) + list(stream)
-        total = time.perf_counter() - t0
+        ttft, total, ours = _best_of(ROUNDS, lambda: _timed_stream(lambda: generator.generate_ids(ids, new_tokens)))
         row = {"prompt_tokens": len(ids), "ttft_ms": round(ttft * 1000, 2),
                "tokens": len(ours), "tokens_per_s": round(len(ours) / total, 1)}
         if torch_model is not None:
-            t0 = time.perf_counter()
-            theirs = greedy(torch_model, ids, new_tokens)
-            ref_total = time.perf_counter() - t0
+            _, ref_total, theirs = _best_of(ROUNDS, lambda: _timed_stream(
+                lambda: iter(greedy(torch_model, ids, new_tokens))))
             row.update(torch_tokens_per_s=round(len(theirs) / ref_total, 1), same_tokens=theirs == ours,
                        speedup=round((len(ours) / total) / (len(theirs) / ref_total), 2) if theirs else None)
         result["lengths"][str(length)] = row
@@ -60,7 +72,7 @@ def bench_lm(model: str, reference: Path | None, new_tokens: int, prompt_lengths
             if not transformers_available():
                 row["transformers"] = "not installed (pip install transformers) — comparison skipped"
             else:
-                hf = transformers_greedy(transformers_dir, [ids], new_tokens)[0]
+                hf = transformers_greedy(transformers_dir, [ids], new_tokens, rounds=ROUNDS)[0]
                 row.update(transformers_tokens_per_s=hf["tokens_per_s"], same_tokens_as_transformers=hf["ids"] == ours,
                            speedup_vs_transformers=round(row["tokens_per_s"] / hf["tokens_per_s"], 2))
     generator.close()

@@ -1,14 +1,15 @@
 """A Llama decoder in one readable file (nanoGPT-style), a llama2.c ``.bin`` loader, and its ONNX export.
 
-The module is written for export: batch 1, explicit KV cache tensors in and out, the causal mask computed
-from the lengths, RoPE with llama2.c's interleaved pairs (so llama2.c checkpoints load without permuting).
-torch is imported here only; the field node runs the exported ONNX with ``bastion.runtime.lm``.
+The module is the training and reference model: batch 1 in its cache path, explicit KV cache tensors in and out,
+the causal mask computed from the lengths, RoPE with llama2.c's interleaved pairs (so llama2.c checkpoints load
+without permuting).  Its ONNX form is written by ``bastion.distill.lm_onnx`` straight from the weights; the field
+node runs that with ``bastion.runtime.lm`` (no torch).
 """
 
 from __future__ import annotations
 
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -283,34 +284,3 @@ def greedy(model: Llama, ids: list[int], max_new_tokens: int, stop: tuple[int, .
         x = torch.tensor([[nxt]])
         pos = torch.tensor([[len(tokens) - 1]])
     return out
-
-
-class _WithAttentionMask(nn.Module):
-    """The export signature: input_ids, attention_mask, position_ids, past… (the usual decoder-with-past order)."""
-
-    def __init__(self, model: Llama) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, position_ids, *past):  # noqa: ANN001, ANN201
-        return self.model(input_ids, position_ids, *past, attention_mask=attention_mask)
-
-
-def export_onnx(model: Llama, path: Path) -> dict:
-    """ONNX decoder with KV cache: inputs input_ids, attention_mask, position_ids, past.{i}.key/value; outputs
-    logits, present.{i}.key/value."""
-    c = model.c
-    names_in = ["input_ids", "attention_mask", "position_ids"] + [f"past.{i}.{kv}" for i in range(c.n_layers)
-                                                                  for kv in ("key", "value")]
-    names_out = ["logits"] + [f"present.{i}.{kv}" for i in range(c.n_layers) for kv in ("key", "value")]
-    dynamic = {"input_ids": {1: "seq"}, "attention_mask": {1: "total"}, "position_ids": {1: "seq"},
-               "logits": {1: "seq"}}
-    for i in range(c.n_layers):
-        for kv in ("key", "value"):
-            dynamic[f"past.{i}.{kv}"] = {2: "past"}
-            dynamic[f"present.{i}.{kv}"] = {2: "total"}
-    past = [torch.zeros(1, c.n_kv_heads, 3, c.head_dim) for _ in range(2 * c.n_layers)]
-    example = (torch.tensor([[1, 2]]), torch.ones(1, 5, dtype=torch.int64), torch.tensor([[3, 4]]), *past)
-    torch.onnx.export(_WithAttentionMask(model).eval(), example, str(path), input_names=names_in,
-                      output_names=names_out, dynamic_axes=dynamic, opset_version=17, dynamo=False)
-    return asdict(c)

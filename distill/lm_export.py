@@ -18,11 +18,12 @@ def export_lm_bundle(checkpoint, tokenizer: Path, out_dir: Path, name: str, vers
                      teachers: list[str] | None = None, datasets: list[dict] | None = None,
                      evaluation: list[dict] | None = None) -> Manifest:
     """``checkpoint``: a llama2.c file path, or a ``Llama`` module (e.g. a freshly distilled student)."""
-    from bastion.distill.llama import Llama, export_onnx, load_teacher
+    from bastion.distill.llama import Llama, load_teacher
+    from bastion.distill.lm_onnx import export_decoder
 
     model = checkpoint if isinstance(checkpoint, Llama) else load_teacher(checkpoint)
     with staged_bundle(out_dir) as staging:
-        config = export_onnx(model, staging / "model.onnx")
+        config = export_decoder(model, staging / "model.onnx")
         shutil.copy2(tokenizer, staging / "tokenizer.json")
         files = [("model.onnx", "model"), ("tokenizer.json", "tokenizer")]
         for lic in license_files:

@@ -17,6 +17,7 @@ from bastion.models.bundle import Bundle
 from bastion.runtime.backends import open_backend
 
 MAX_NEW_TOKENS = 2048
+MIN_ORT = (1, 23)  # bastion.distill.lm_onnx writes opset 23 Attention/RotaryEmbedding
 
 
 class Generator:
@@ -42,7 +43,16 @@ class Generator:
         if self.tokenizer.get_vocab_size() > p["vocab_size"]:
             raise ModelLoadError(f"tokenizer of {m.name} has {self.tokenizer.get_vocab_size()} tokens, the model "
                                  f"{p['vocab_size']}", "the bundle mixes files from different models")
-        self.backend = open_backend(bundle.model_path, device="cpu", threads=threads)
+        try:
+            self.backend = open_backend(bundle.model_path, device="cpu", threads=threads)
+        except ModelLoadError as exc:
+            import onnxruntime
+
+            if tuple(int(x) for x in onnxruntime.__version__.split(".")[:2]) < MIN_ORT:
+                raise ModelLoadError(f"{m.name} needs onnxruntime >= {'.'.join(map(str, MIN_ORT))} (ONNX opset 23 "
+                                     f"Attention); this machine has {onnxruntime.__version__}",
+                                     "pip install -U onnxruntime (or onnxruntime-gpu)") from exc
+            raise
         self._with_mask = any(i.name == "attention_mask" for i in self.backend.inputs)  # older exports lack it
         self.bundle = bundle
 
@@ -64,13 +74,15 @@ class Generator:
                               "shorten the prompt")
         stop = self.stop if stop is None else stop
         rng = np.random.default_rng(seed)
+        steps = min(max_new_tokens, self.context - len(ids))
         logits, past = self.forward(ids)
-        for _ in range(min(max_new_tokens, self.context - len(ids))):
+        for produced in range(1, steps + 1):
             nxt = self._pick(logits[0, -1], temperature, top_k, top_p, rng)
             if nxt in stop:
                 return
             yield nxt
-            logits, past = self.forward([nxt], past)
+            if produced < steps:  # the last token needs no pass of its own
+                logits, past = self.forward([nxt], past)
 
     def empty_past(self) -> dict[str, np.ndarray]:
         return {f"past.{i}.{kv}": np.zeros((1, self.n_kv, 0, self.head_dim), np.float32)

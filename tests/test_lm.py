@@ -321,3 +321,43 @@ def test_gguf_round_trip_keeps_the_model(tmp_path):
     vocab = json.loads((src / "hf" / "tokenizer.json").read_text())["model"]["vocab"]
     assert bytes(tokens.parts[tokens.data[300]]).decode() == next(k for k, v in vocab.items() if v == 300)
     assert not list(tmp_path.glob(".*.partial"))
+
+
+def test_decoder_graph_matches_torch_for_a_qwen2_style_model():
+    """The node-by-node ONNX decoder (opset 23 Attention, fused norms) on a random model with q/k/v biases, grouped
+    KV heads and another RoPE base: logits of a prompt, of a cached step and of a cached chunk match torch."""
+    torch = pytest.importorskip("torch")
+    import numpy as np
+    import onnxruntime as ort
+
+    from bastion.distill.llama import Llama, LlamaConfig
+    from bastion.distill.lm_onnx import build_decoder
+
+    torch.manual_seed(1)
+    c = LlamaConfig(dim=32, hidden_dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=32,
+                    rope_theta=1e6, attention_bias=True)
+    model = Llama(c).eval()
+    for prm in model.parameters():
+        torch.nn.init.normal_(prm, std=0.3)
+    graph = build_decoder(c, {k: v.detach().numpy() for k, v in model.state_dict().items()})
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("Attention") == c.n_layers and len(ops) <= 8 + 20 * c.n_layers  # no traced reshape soup
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    empty = {f"past.{i}.{kv}": np.zeros((1, c.n_kv_heads, 0, c.head_dim), np.float32)
+             for i in range(c.n_layers) for kv in ("key", "value")}
+
+    def run(ids: list[int], start: int, past: dict) -> tuple[np.ndarray, dict]:
+        out = session.run(None, {"input_ids": np.asarray([ids]), "position_ids": np.arange(start, start + len(ids))[None],
+                                 "attention_mask": np.ones((1, start + len(ids)), np.int64), **past})
+        return out[0], dict(zip(empty, out[1:]))
+
+    ids = [1, 7, 33, 12, 50, 9, 21, 4]
+    with torch.no_grad():
+        full = model(torch.tensor([ids]), torch.arange(len(ids))[None], *model.empty_past())[0].numpy()
+    prompt, past = run(ids[:5], 0, empty)
+    np.testing.assert_allclose(prompt, full[:, :5], atol=1e-4)
+    step, past_step = run(ids[5:6], 5, past)
+    np.testing.assert_allclose(step, full[:, 5:6], atol=1e-4)
+    chunk, _ = run(ids[6:], 6, past_step)
+    np.testing.assert_allclose(chunk, full[:, 6:], atol=1e-4)
+    assert past_step["past.1.value"].shape == (1, c.n_kv_heads, 6, c.head_dim)
