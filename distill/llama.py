@@ -267,8 +267,10 @@ def load_hf(directory: Path) -> Llama:
 
 
 @torch.no_grad()
-def greedy(model: Llama, ids: list[int], max_new_tokens: int, stop: tuple[int, ...] = (1, 2)) -> list[int]:
-    """Reference greedy decoding with the KV cache, in torch."""
+def greedy(model: Llama, ids: list[int], max_new_tokens: int, stop: tuple[int, ...] = (1, 2),
+           temperature: float = 0.0, rng: torch.Generator | None = None) -> list[int]:
+    """Reference decoding with the KV cache, in torch: greedy, or sampled from softmax(logits / temperature)
+    with ``rng`` when ``temperature`` > 0."""
     past = model.empty_past()
     tokens = list(ids)
     x = torch.tensor([ids])
@@ -276,7 +278,10 @@ def greedy(model: Llama, ids: list[int], max_new_tokens: int, stop: tuple[int, .
     out = []
     for _ in range(max_new_tokens):
         logits, *past = model(x, pos, *past)
-        nxt = int(logits[0, -1].argmax())
+        if temperature > 0:
+            nxt = int(torch.multinomial(torch.softmax(logits[0, -1] / temperature, -1), 1, generator=rng))
+        else:
+            nxt = int(logits[0, -1].argmax())
         if nxt in stop:
             break
         out.append(nxt)

@@ -180,12 +180,16 @@ def read_corpus(path: Path) -> str:
 
 
 def synthetic_corpus(teacher: Llama, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str],
-                     n: int, seeds: tuple[str, ...] = ("Once upon a time", "One day", "The little", "Lily")) -> str:
-    """Sequence-level KD: text the teacher writes itself (greedy continuations of short seeds)."""
+                     n: int, seeds: tuple[str, ...] = ("Once upon a time", "One day", "The little", "Lily"),
+                     temperature: float = 1.0, seed: int = 0) -> str:
+    """Sequence-level KD: text the teacher writes itself — continuations of short seeds *sampled* from its own
+    distribution (temperature 1, fixed RNG seed, so a run is reproducible).  Greedy continuations would give
+    only one text per seed: the corpus would repeat itself and its held-out tail would be training text."""
+    rng = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
         ids = encode(seeds[i % len(seeds)])
-        out.append(decode(ids + greedy(teacher, ids, 200)))
+        out.append(decode(ids + greedy(teacher, ids, 200, temperature=temperature, rng=rng)))
     return "\n".join(out)
 
 
@@ -203,11 +207,13 @@ def _logits(model: Llama, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: Llama, teacher: Llama, tokens: torch.Tensor, block: int, max_windows: int = 16) -> dict:
-    """Perplexity on ``tokens`` and next-token top-1 agreement with the teacher."""
+def evaluate(model: Llama, teacher: Llama, tokens: torch.Tensor, block: int, max_windows: int | None = None) -> dict:
+    """Perplexity on ``tokens`` and next-token top-1 agreement with the teacher, over every whole ``block``
+    window of ``tokens`` (or the first ``max_windows``: the training curves' quick look)."""
     model.eval()
     nll, agree, count = 0.0, 0, 0
-    for s in range(0, min(len(tokens) - block - 1, max_windows * block), block):
+    starts = range(0, len(tokens) - block, block)  # each window also needs the token after it
+    for s in starts if max_windows is None else starts[:max_windows]:
         x, y = tokens[s : s + block][None], tokens[s + 1 : s + block + 1]
         logits = _logits(model, x)[0]
         nll += F.cross_entropy(logits, y, reduction="sum").item()
@@ -250,7 +256,7 @@ def distill(teacher: Llama, student: Llama, train_tokens: torch.Tensor, val_toke
         opt.zero_grad(set_to_none=True)
         if (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps:
             history.append({"step": step + 1, "loss": round(loss.item() * spec.accumulate, 4), "lr": lr,
-                            **evaluate(student, teacher, val_tokens, spec.block, 4)})
+                            **evaluate(student, teacher, val_tokens, spec.block, max_windows=4)})
             torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
                         "history": history}, checkpoint)
         if tick:

@@ -169,7 +169,7 @@ def _gguf(student, tokenizer_path: Path, out: Path, name: str, gguf_type: str | 
 
 
 def _curves(history: list[dict], out: Path) -> str | None:
-    """curves.png: held-out perplexity and training loss per evaluation step."""
+    """curves.png: held-out perplexity (its first 4 windows: a quick look) and training loss per evaluation step."""
     if len(history) < 2:
         return None
     from bastion.distill.charts import lines
