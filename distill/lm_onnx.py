@@ -2,21 +2,24 @@
 
 Why not ``torch.onnx.export``: at this model size a decode step is dominated by per-node dispatch, and the traced
 graph keeps ~215 nodes after ONNX Runtime's optimiser (reshapes, transposes, RoPE arithmetic, a mask, a concat per
-cache).  Written directly on the operators made for this — ONNX opset 23 ``Attention`` (grouped KV heads, causal
-mask, KV-cache append in one node) and ``RotaryEmbedding``, and ONNX Runtime's
-``SkipSimplifiedLayerNormalization`` (residual add + RMSNorm) — the same model is ~90 nodes, with logits within
-1e-5 of the torch module and the same greedy tokens: a decode step of stories260K takes ~70 µs instead of ~106.
+cache).  Written directly on the operators made for this — ONNX opset 23 ``Attention`` (grouped KV heads and the
+mask in one node) and ``RotaryEmbedding``, and ONNX Runtime's ``SkipSimplifiedLayerNormalization`` (residual add
++ RMSNorm) — the same model is ~100 nodes, with logits within 1e-5 of the torch module and the same greedy tokens.
 
-Measured alternatives (stories260K, 1 thread, µs per decode step at 16 / 150 / 300 cached tokens):
-ONNX Runtime's ``GroupQueryAttention`` 72 / 105 / 146 (57 / 86 / 122 with past and present sharing one
-preallocated buffer) — its CPU kernel runs one small GEMM per query head, which grows fastest with the context —
-against 71 / 83 / 97 for ``Attention``; standard ``RMSNormalization`` + ``Add`` cost ~3 µs more than the fused
-skip-norm.  GroupQueryAttention's fused rotary also refuses head sizes that are not a multiple of 16.
+The KV cache is a set of fixed-size slot buffers, one slot per position: a pass writes its keys and values into
+the slots named by ``position_ids`` (``ScatterND``) and attends over the slots at or before each token's position
+that ``attention_mask`` does not hide.  Bound as both ``past`` and ``present`` (``bastion.runtime.lm``), the
+buffers are written in place: a decode step copies nothing, where a growing cache is re-copied whole every token.
 
-The contract (batch 1, as the node serves): inputs ``input_ids`` [1, S], ``attention_mask`` [1, P+S] (0 hides a
-key position, e.g. padding), ``position_ids`` [1, S], ``past.{i}.key|value`` [1, n_kv, P, head_dim]; outputs
-``logits`` [1, S, vocab] and ``present.{i}.key|value`` [1, n_kv, P+S, head_dim].  Needs ONNX Runtime >= 1.23
-(opset 23).
+Measured alternatives (docs/benchmarks.md): ONNX Runtime's ``GroupQueryAttention`` — its CPU kernel runs one small
+GEMM per query head and grows fastest with the context, and its fused rotary refuses head sizes that are not a
+multiple of 16; standard ``RMSNormalization`` + ``Add`` (~3 µs a step slower than the fused skip-norm); q/k/v as
+one projection (no faster); opset 24 ``TensorScatter`` (same speed as ``ScatterND``, needs ONNX Runtime ≥ 1.24).
+
+The contract (batch 1, as the node serves): inputs ``input_ids`` [1, S], ``attention_mask`` [1, C] (one per cache
+slot; 0 hides a slot, e.g. padding), ``position_ids`` [1, S] (the slots the S tokens take, also their RoPE
+positions), ``past.{i}.key|value`` [1, C, n_kv·head_dim]; outputs ``logits`` [1, S, vocab] and
+``present.{i}.key|value`` (the buffers with the S slots written).  Needs ONNX Runtime >= 1.23 (opset 23).
 """
 
 from __future__ import annotations
@@ -64,13 +67,20 @@ def build_decoder(config, weights: dict[str, np.ndarray]) -> onnx.ModelProto:  #
     cos = g.const("rope.cos", np.cos(angles).astype(np.float32))
     sin = g.const("rope.sin", np.sin(angles).astype(np.float32))
 
-    # attention_mask [1, T] → a boolean mask [1, 1, S, T] (Attention wants the query length spelled out)
-    g.node("Cast", ["attention_mask"], ["mask.bool"], to=TensorProto.BOOL)
-    g.node("Reshape", ["mask.bool", g.const("mask.shape4", np.array([1, 1, 1, -1], np.int64))], ["mask.row"])
-    g.node("Shape", ["input_ids"], ["mask.queries"], start=1, end=2)
-    g.node("Concat", [g.const("ones2", np.array([1, 1], np.int64)), "mask.queries",
-                      g.const("one", np.array([1], np.int64))], ["mask.expand_to"], axis=0)
-    g.node("Expand", ["mask.row", "mask.expand_to"], ["attn_mask"])
+    # which cache slots each new token sees: slot t ≤ its position, and not hidden by attention_mask
+    g.node("Shape", ["attention_mask"], ["slots.count1"], start=1, end=2)
+    g.node("Squeeze", ["slots.count1"], ["slots.count"])
+    g.node("Range", [g.const("zero", np.array(0, np.int64)), "slots.count", g.const("step", np.array(1, np.int64))],
+           ["slots"])
+    g.node("Unsqueeze", ["position_ids", g.const("axis2", np.array([2], np.int64))], ["positions.col"])
+    g.node("LessOrEqual", ["slots", "positions.col"], ["mask.causal"])  # [1, S, C]
+    g.node("Unsqueeze", ["attention_mask", g.const("axis1", np.array([1], np.int64))], ["mask.slots.i64"])
+    g.node("Cast", ["mask.slots.i64"], ["mask.slots"], to=TensorProto.BOOL)  # [1, 1, C]
+    g.node("And", ["mask.causal", "mask.slots"], ["mask.visible"])
+    g.node("Unsqueeze", ["mask.visible", "axis1"], ["attn_mask"])  # [1, 1, S, C]
+    # where the new keys/values go: ScatterND indices (batch 0, slot = position) [1, S, 2]
+    g.node("Sub", ["positions.col", "positions.col"], ["batch.col"])
+    g.node("Concat", ["batch.col", "positions.col"], ["cache.slots"], axis=2)
 
     residual = g.node("Gather", [g.const("embed", weights["tok_embeddings.weight"]), "input_ids"], ["embedded"])
     branch: str | None = None  # the last block output not yet added to the residual stream
@@ -83,9 +93,10 @@ def build_decoder(config, weights: dict[str, np.ndarray]) -> onnx.ModelProto:  #
                    for n in ("wq", "wk", "wv"))
         q, k = (g.node("RotaryEmbedding", [t, cos, sin, "position_ids"], [f"{t}.rotated"], interleaved=1,
                        num_heads=heads) for t, heads in ((q, c.n_heads), (k, c.n_kv_heads)))
-        att = g.node("Attention", [q, k, v, "attn_mask", f"past.{i}.key", f"past.{i}.value"],
-                     [f"l{i}.attention", f"present.{i}.key", f"present.{i}.value"],
-                     q_num_heads=c.n_heads, kv_num_heads=c.n_kv_heads, is_causal=1)
+        keys = g.node("ScatterND", [f"past.{i}.key", "cache.slots", k], [f"present.{i}.key"])
+        values = g.node("ScatterND", [f"past.{i}.value", "cache.slots", v], [f"present.{i}.value"])
+        att = g.node("Attention", [q, keys, values, "attn_mask"], [f"l{i}.attention"],
+                     q_num_heads=c.n_heads, kv_num_heads=c.n_kv_heads)
         o = g.linear(att, f"l{i}.wo", weights[p + "wo.weight"], None)
         h = _norm(g, f"l{i}.ffn_norm", o, residual, weights[p + "ffn_norm.weight"], c.norm_eps)
         residual = f"l{i}.ffn_norm.residual"
@@ -96,16 +107,17 @@ def build_decoder(config, weights: dict[str, np.ndarray]) -> onnx.ModelProto:  #
     h = _norm(g, "final_norm", branch, residual, weights["norm.weight"], c.norm_eps)
     g.node("MatMul", [h, g.const("lm_head.weight", weights["output.weight"].T.astype(np.float32))], ["logits"])
 
-    kv = [c.n_kv_heads, d]
+    kv_width = c.n_kv_heads * d
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence"]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, "total"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, "slots"]),
               helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, "sequence"])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "sequence", c.vocab_size])]
     for i in range(c.n_layers):
         for part in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past.{i}.{part}", TensorProto.FLOAT, [1, kv[0], "past", d]))
+            inputs.append(helper.make_tensor_value_info(f"past.{i}.{part}", TensorProto.FLOAT,
+                                                        [1, "slots", kv_width]))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{part}", TensorProto.FLOAT,
-                                                         [1, kv[0], "total", d]))
+                                                         [1, "slots", kv_width]))
     graph = helper.make_graph(g.nodes, "llama_decoder", inputs, outputs, g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
                               producer_name="bastion")

@@ -1,12 +1,19 @@
 """``Generator``: a signed ``task: lm`` bundle → ONNX Runtime with a KV cache → streamed text. No torch.
 
-The bundle holds ``model.onnx`` (inputs ``input_ids``, ``position_ids``, ``past.{i}.key|value``; outputs
-``logits``, ``present.*``), ``tokenizer.json`` (Hugging Face ``tokenizers``) and, in the manifest's decoder
-params, the shapes and stop tokens.  The loop is a few lines of numpy around ``session.run``.
+The bundle holds ``model.onnx`` (written by ``bastion.distill.lm_onnx``), ``tokenizer.json`` (Hugging Face
+``tokenizers``) and, in the manifest's decoder params, the shapes and stop tokens.
+
+The graph's KV cache is a set of fixed-size buffers ("slots", one per position): a pass writes the new keys and
+values into the slots named by ``position_ids`` and returns the buffers.  Generation allocates them once for the
+prompt plus the answer and binds each buffer as both ``past`` and ``present`` (ONNX Runtime IOBinding), so ONNX
+Runtime writes one slot in place per token: nothing is copied, allocated or converted between steps, and the
+Python side of a step is two integers and an argmax.  ``forward`` is the plain functional form of the same pass
+(tests, perplexity).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -18,6 +25,23 @@ from bastion.runtime.backends import open_backend
 
 MAX_NEW_TOKENS = 2048
 MIN_ORT = (1, 23)  # bastion.distill.lm_onnx writes opset 23 Attention/RotaryEmbedding
+
+
+@dataclass
+class KVCache:
+    """The graph's cache buffers (``past.{i}.key|value``, each [1, slots, n_kv·head_dim]) and how many slots
+    hold tokens."""
+
+    tensors: dict[str, np.ndarray]
+    length: int
+
+    @property
+    def capacity(self) -> int:
+        return next(iter(self.tensors.values())).shape[1]
+
+    def grown(self, capacity: int) -> "KVCache":
+        return KVCache({k: np.pad(v, ((0, 0), (0, capacity - v.shape[1]), (0, 0))) for k, v in self.tensors.items()},
+                       self.length)
 
 
 class Generator:
@@ -53,7 +77,14 @@ class Generator:
                                      f"Attention); this machine has {onnxruntime.__version__}",
                                      "pip install -U onnxruntime (or onnxruntime-gpu)") from exc
             raise
-        self._with_mask = any(i.name == "attention_mask" for i in self.backend.inputs)  # older exports lack it
+        past = next((i for i in self.backend.inputs if i.name == "past.0.key"), None)
+        if past is None or len(past.shape) != 3:
+            self.backend.close()
+            raise ModelLoadError(f"{m.name} was exported by an older bastion (its KV cache layout is not the "
+                                 "slot buffers this runtime binds)",
+                                 "re-export it: bastion distill lm-export --teacher CHECKPOINT ...")
+        self.kv_width = self.n_kv * self.head_dim
+        self.vocab_size = p["vocab_size"]
         self.bundle = bundle
 
     @classmethod
@@ -75,31 +106,31 @@ class Generator:
         stop = self.stop if stop is None else stop
         rng = np.random.default_rng(seed)
         steps = min(max_new_tokens, self.context - len(ids))
-        logits, past = self.forward(ids)
+        decoder = _BoundDecoder(self, capacity=len(ids) + steps)
+        logits = decoder.prefill(ids)
         for produced in range(1, steps + 1):
-            nxt = self._pick(logits[0, -1], temperature, top_k, top_p, rng)
+            nxt = self._pick(logits, temperature, top_k, top_p, rng)
             if nxt in stop:
                 return
             yield nxt
             if produced < steps:  # the last token needs no pass of its own
-                logits, past = self.forward([nxt], past)
+                logits = decoder.step(nxt)
 
-    def empty_past(self) -> dict[str, np.ndarray]:
-        return {f"past.{i}.{kv}": np.zeros((1, self.n_kv, 0, self.head_dim), np.float32)
-                for i in range(self.n_layers) for kv in ("key", "value")}
+    def empty_cache(self, capacity: int) -> KVCache:
+        return KVCache({f"past.{i}.{kv}": np.zeros((1, capacity, self.kv_width), np.float32)
+                        for i in range(self.n_layers) for kv in ("key", "value")}, 0)
 
-    def forward(self, ids: list[int], past: dict[str, np.ndarray] | None = None
-                ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """One pass of the graph: ``ids`` after the ``past`` cache (empty: from the start) → logits [1, T, vocab]
-        and the new cache. Positions and the attention mask follow from the cache length."""
-        past = past if past is not None else self.empty_past()
-        start = next(iter(past.values())).shape[2]
-        feeds = {"input_ids": np.asarray([ids], np.int64),
-                 "position_ids": np.arange(start, start + len(ids), dtype=np.int64)[None], **past}
-        if self._with_mask:
-            feeds["attention_mask"] = np.ones((1, start + len(ids)), np.int64)
+    def forward(self, ids: list[int], cache: KVCache | None = None) -> tuple[np.ndarray, KVCache]:
+        """One pass of the graph, functional: ``ids`` after what ``cache`` holds (none: from the start) → logits
+        [1, T, vocab] and a new cache (grown when the old one has no free slots left)."""
+        cache = cache if cache is not None else self.empty_cache(len(ids))
+        start, end = cache.length, cache.length + len(ids)
+        if end > cache.capacity:
+            cache = cache.grown(end)
+        feeds = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, cache.capacity), np.int64),
+                 "position_ids": np.arange(start, end, dtype=np.int64)[None], **cache.tensors}
         outputs = self.backend.run(feeds)
-        return outputs[0], dict(zip(past, outputs[1:]))
+        return outputs[0], KVCache(dict(zip(cache.tensors, outputs[1:])), end)
 
     @staticmethod
     def _pick(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng: np.random.Generator) -> int:
@@ -134,3 +165,43 @@ class Generator:
 
     def close(self) -> None:
         self.backend.close()
+
+
+class _BoundDecoder:
+    """One generation's decoding loop on IOBinding: the cache buffers are bound as both ``past`` and ``present``
+    (ONNX Runtime writes the new slot in place), the attention mask once for all slots, and the token, position
+    and logits arrays once for the decode steps, which then only change two integers."""
+
+    def __init__(self, generator: Generator, capacity: int) -> None:
+        self.session = generator.backend.session
+        self.binding = self.session.io_binding()
+        self.vocab = generator.vocab_size
+        self.cache = generator.empty_cache(capacity)
+        for name, buffer in self.cache.tensors.items():
+            self.binding.bind_cpu_input(name, buffer)
+            self.binding.bind_output(name.replace("past.", "present.", 1), "cpu", 0, np.float32, buffer.shape,
+                                     buffer.ctypes.data)
+        self.binding.bind_cpu_input("attention_mask", np.ones((1, capacity), np.int64))
+        self.token = np.zeros((1, 1), np.int64)
+        self.position = np.zeros((1, 1), np.int64)
+        self.logits = np.empty((1, 1, self.vocab), np.float32)
+
+    def _bind(self, tokens: np.ndarray, positions: np.ndarray, logits: np.ndarray) -> None:
+        self.binding.bind_cpu_input("input_ids", tokens)  # bound arrays are read in place at every run
+        self.binding.bind_cpu_input("position_ids", positions)
+        self.binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        logits = np.empty((1, len(ids), self.vocab), np.float32)
+        self._bind(np.asarray([ids], np.int64), np.arange(len(ids), dtype=np.int64)[None], logits)
+        self.session.run_with_iobinding(self.binding)
+        self.cache.length = len(ids)
+        self._bind(self.token, self.position, self.logits)
+        return logits[0, -1]
+
+    def step(self, token: int) -> np.ndarray:
+        self.token[0, 0] = token
+        self.position[0, 0] = self.cache.length
+        self.session.run_with_iobinding(self.binding)
+        self.cache.length += 1
+        return self.logits[0, 0]

@@ -93,18 +93,22 @@ def test_export_round_trip_matches_torch(tmp_path):
         onnx_full, past = g.forward(ids)
     np.testing.assert_allclose(onnx_full, full, atol=1e-4)
     assert [i.name for i in g.backend.inputs][:3] == ["input_ids", "attention_mask", "position_ids"]
-    step, _ = g.forward([ids[-1]], past)
+    step, cache = g.forward([ids[-1]], past)
     with torch.no_grad():
         ref = model(torch.tensor([ids + [ids[-1]]]), torch.arange(len(ids) + 1)[None], *model.empty_past())[0]
     np.testing.assert_allclose(step[0, -1], ref[0, -1].numpy(), atol=1e-4)
-    # attention_mask hides a key: [a, b, c] with b masked == [a, c] at positions 0 and 2 (RoPE is relative)
+    assert cache.capacity == len(ids) + 1 and cache.length == len(ids) + 1  # grown by one slot
+    # attention_mask hides a slot: with slot 1 masked, what is written there does not matter
     a, b, c = ids[:3]
-    masked = g.backend.run({"input_ids": np.asarray([[a, b, c]]), "attention_mask": np.asarray([[1, 0, 1]]),
-                            "position_ids": np.asarray([[0, 1, 2]]), **g.empty_past()})[0][0, -1]
-    without = g.backend.run({"input_ids": np.asarray([[a, c]]), "attention_mask": np.asarray([[1, 1]]),
-                             "position_ids": np.asarray([[0, 2]]), **g.empty_past()})[0][0, -1]
-    np.testing.assert_allclose(masked, without, atol=1e-5)
-    assert np.abs(masked - g.forward([a, b, c])[0][0, -1]).max() > 1e-3  # and the mask did something
+
+    def last_logits(tokens: list[int], mask: list[int]) -> np.ndarray:
+        feeds = {"input_ids": np.asarray([tokens]), "attention_mask": np.asarray([mask]),
+                 "position_ids": np.asarray([[0, 1, 2]]), **g.empty_cache(3).tensors}
+        return g.backend.run(feeds)[0][0, -1]
+
+    masked = last_logits([a, b, c], [1, 0, 1])
+    np.testing.assert_allclose(masked, last_logits([a, (b + 7) % 500, c], [1, 0, 1]), atol=1e-5)
+    assert np.abs(masked - last_logits([a, b, c], [1, 1, 1])).max() > 1e-3  # and the mask did something
 
 
 def test_bench_lm_json():
@@ -359,23 +363,28 @@ def test_decoder_graph_matches_torch_for_a_qwen2_style_model():
         torch.nn.init.normal_(prm, std=0.3)
     graph = build_decoder(c, {k: v.detach().numpy() for k, v in model.state_dict().items()})
     ops = [n.op_type for n in graph.graph.node]
-    assert ops.count("Attention") == c.n_layers and len(ops) <= 8 + 20 * c.n_layers  # no traced reshape soup
+    assert ops.count("Attention") == c.n_layers and len(ops) <= 16 + 21 * c.n_layers  # no traced reshape soup
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
-    empty = {f"past.{i}.{kv}": np.zeros((1, c.n_kv_heads, 0, c.head_dim), np.float32)
-             for i in range(c.n_layers) for kv in ("key", "value")}
-
-    def run(ids: list[int], start: int, past: dict) -> tuple[np.ndarray, dict]:
-        out = session.run(None, {"input_ids": np.asarray([ids]), "position_ids": np.arange(start, start + len(ids))[None],
-                                 "attention_mask": np.ones((1, start + len(ids)), np.int64), **past})
-        return out[0], dict(zip(empty, out[1:]))
-
     ids = [1, 7, 33, 12, 50, 9, 21, 4]
+    slots = np.ones((1, len(ids)), np.int64)
+    names = [f"past.{i}.{kv}" for i in range(c.n_layers) for kv in ("key", "value")]
+
+    def run(tokens: list[int], start: int, cache: dict) -> tuple[np.ndarray, dict]:
+        out = session.run(None, {"input_ids": np.asarray([tokens]), "attention_mask": slots,
+                                 "position_ids": np.arange(start, start + len(tokens))[None], **cache})
+        return out[0], dict(zip(names, out[1:]))
+
     with torch.no_grad():
         full = model(torch.tensor([ids]), torch.arange(len(ids))[None], *model.empty_past())[0].numpy()
-    prompt, past = run(ids[:5], 0, empty)
+    empty = {n: np.zeros((1, len(ids), c.n_kv_heads * c.head_dim), np.float32) for n in names}
+    prompt, cache = run(ids[:5], 0, empty)
     np.testing.assert_allclose(prompt, full[:, :5], atol=1e-4)
-    step, past_step = run(ids[5:6], 5, past)
+    step, cache_step = run(ids[5:6], 5, cache)
     np.testing.assert_allclose(step, full[:, 5:6], atol=1e-4)
-    chunk, _ = run(ids[6:], 6, past_step)
+    chunk, cache_all = run(ids[6:], 6, cache_step)
     np.testing.assert_allclose(chunk, full[:, 6:], atol=1e-4)
-    assert past_step["past.1.value"].shape == (1, c.n_kv_heads, 6, c.head_dim)
+    with torch.no_grad():  # slot i of the cache holds position i's key (batch 0, kv heads side by side)
+        _, *present = model(torch.tensor([ids]), torch.arange(len(ids))[None], *model.empty_past())
+    ref_key = present[2][0].transpose(0, 1).reshape(len(ids), -1).numpy()  # layer 1 key [slots, n_kv·head_dim]
+    np.testing.assert_allclose(cache_all["past.1.key"][0], ref_key, atol=1e-4)
+    assert not cache_step["past.0.value"][0, 6:].any()  # slots after the written ones stay empty
