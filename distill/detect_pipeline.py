@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from bastion.distill.classmap import ClassMap
 from bastion.distill.datasets import load_data_yaml
-from bastion.distill.evaluate import EvalSettings, evaluate_detector, latency_ms
+from bastion.distill.evaluate import REPORT_BOOTSTRAP, EvalSettings, evaluate_detector, latency_ms
 from bastion.distill.pseudo import DATASET_MANIFEST, build_dataset
 from bastion.distill.run import RunDir
 from bastion.distill.teachers import check_unchanged, export_checkpoint_teacher, is_checkpoint, is_imported
@@ -159,7 +159,7 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
     if not run.done("baselines"):
         teacher = bundles[0]
         sample = [read_image(p) for p in dataset.images[:12]]
-        settings_for = lambda size: EvalSettings(imgsz=size, rect=False)  # noqa: E731
+        settings_for = lambda size: EvalSettings(imgsz=size, rect=False, bootstrap=REPORT_BOOTSTRAP)  # noqa: E731
         candidates = []
         with run.stage("baselines") as (stage, result):
             step = tick("baselines", 4)
@@ -208,6 +208,7 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
                                            "imgsz": spec.imgsz, "map50": gate.int8["map50"],
                                            "map50_95": gate.int8["map50_95"], "latency_ms": gate.int8["latency_ms"],
                                            "per_class": gate.int8["per_class"], "bundle": f"baselines/{name}",
+                                           "map50_interval": gate.int8.get("map50_interval"),
                                            "size_mb": _mb(next((stage / name).glob("*.onnx")))})
             step()
             result["candidates"] = candidates
@@ -365,7 +366,13 @@ def _figures(stage: Path, spec: DistillSpec, candidates: list[dict], dataset, ch
 def _candidate(name, kind, size, report, latency, bundle_root, model_file: Path) -> dict[str, Any]:  # noqa: ANN001
     return {"name": name, "kind": kind, "imgsz": size, "map50": report.map50, "map50_95": report.map50_95,
             "latency_ms": latency, "per_class": report.per_class, "bundle": str(bundle_root),
-            "size_mb": _mb(model_file)}
+            "size_mb": _mb(model_file), "map50_interval": report.to_dict()["map50_interval"]}
+
+
+def _interval(candidate: dict) -> str:
+    """' (0.41–0.52)': the 90 % bootstrap interval of mAP50 over the held-out images, where measured."""
+    ci = candidate.get("map50_interval")
+    return f" ({ci['low']:.2f}–{ci['high']:.2f})" if ci else ""
 
 
 def ap50_cell(candidate: dict, name: str) -> str:
@@ -470,7 +477,7 @@ def _report_md(spec: DistillSpec, result: dict[str, Any]) -> str:
         per_class = " | ".join(ap50_cell(c, k) for k in spec.classes)
         versus = (f"{full['latency_ms'] / c['latency_ms']:.1f}×, {100 * c['map50'] / full['map50']:.0f} %"
                   if full and full["map50"] > 0 and c["latency_ms"] > 0 else "–")
-        lines.append(f"| {c['name']}{mark} | {c['imgsz']} | {c['map50']:.3f} | {c['map50_95']:.3f} | "
+        lines.append(f"| {c['name']}{mark} | {c['imgsz']} | {c['map50']:.3f}{_interval(c)} | {c['map50_95']:.3f} | "
                      f"{c['latency_ms']:.1f} | {versus} | {c.get('size_mb', 0):.1f} | {per_class} |")
     absent = [k for k in spec.classes if not labels["boxes_per_class"].get(k)]
     if absent:

@@ -13,7 +13,7 @@ from typing import Any
 
 from bastion import __version__
 from bastion.distill.datasets import YoloDataset
-from bastion.distill.evaluate import EvalSettings, evaluate_detector, latency_ms
+from bastion.distill.evaluate import REPORT_BOOTSTRAP, EvalSettings, evaluate_detector, latency_ms
 from bastion.distill.quantize import quantize_int8
 from bastion.models.bundle import Bundle
 from bastion.models.manifest import EvalResult, Manifest, files_sha256
@@ -50,7 +50,7 @@ def quantize_and_gate(bundle: Bundle, calibration: list[Path], dataset: YoloData
                       threads: int = 1, tick=None, min_speedup: float = 1.1) -> GateResult:  # noqa: ANN001
     manifest = static_manifest(bundle.manifest, imgsz)
     eval_opts = dict(conf=0.001, iou=0.6, multi_label=True, scaleup=False, imgsz=imgsz, rect=False)
-    settings = EvalSettings(imgsz=imgsz, rect=False)
+    settings = EvalSettings(imgsz=imgsz, rect=False, bootstrap=REPORT_BOOTSTRAP)
     with tempfile.TemporaryDirectory(prefix="bastion-quantize-") as tmp:
         base = Detector(open_backend(bundle.model_path, threads=threads), bundle.manifest, DetectOptions(**eval_opts))
         int8_path = Path(tmp) / f"{bundle.manifest.name}-int8-{imgsz}.onnx"
@@ -71,7 +71,7 @@ def quantize_and_gate(bundle: Bundle, calibration: list[Path], dataset: YoloData
         fp32 = {"map50": fp32_report.map50, "map50_95": fp32_report.map50_95, "latency_ms": round(latency["fp32"], 2),
                 "per_class": fp32_report.per_class}
         q = {"map50": int8_report.map50, "map50_95": int8_report.map50_95, "latency_ms": round(latency["int8"], 2),
-             "per_class": int8_report.per_class}
+             "per_class": int8_report.per_class, "map50_interval": int8_report.to_dict()["map50_interval"]}
         if drop > max_drop_points:
             return GateResult(False, f"refused: mAP50 drops {drop:.2f} points (limit {max_drop_points}); "
                               "the model stays FP32", imgsz, fp32, q, drop, speedup,

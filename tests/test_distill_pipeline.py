@@ -69,6 +69,7 @@ def test_tiny_distillation_artefacts_and_resume(small_set, tmp_path, monkeypatch
     sliced = next(c for c in report["candidates"] if c["name"] == "sliced@160")
     teacher = next(c for c in report["candidates"] if c["name"] == "teacher@160")
     assert abs(sliced["map50"] - teacher["map50"]) < 0.05  # same network, same classes after merging
+    assert sliced["map50_interval"] is None  # the 2 held-out images hold no box: nothing to resample
     assert report["chosen"] and "report.md" in {p.name for p in (out / "report").iterdir()}
     # shipping: the candidate's held-out numbers of this run go into its manifest, then it is signed
     from bastion.distill.datasets import load_data_yaml
@@ -200,3 +201,28 @@ def test_per_class_thresholds_chosen_against_ground_truth(small_set, tmp_path):
     no_labels.mkdir()
     with pytest.raises(ConfigError, match="--conf auto needs ground-truth labels"):
         run_distill(spec(images, no_labels, tmp_path / "auto2", conf_auto=True))
+
+
+def test_held_out_ground_truth_gets_a_bootstrap_interval(coco128, small_set, tmp_path):
+    """With a labelled held-out set, every candidate's mAP50 comes with its resampled 90 % interval, in the JSON
+    and in report.md."""
+    images, labels = small_set
+    src = coco128.parent
+    val_images, val_labels = tmp_path / "val_images", tmp_path / "val_labels"
+    val_images.mkdir()
+    val_labels.mkdir()
+    for name in sorted(p.name for p in (src / "images" / "train2017").glob("*.jpg"))[40:52]:
+        shutil.copy(src / "images" / "train2017" / name, val_images / name)
+        label = src / "labels" / "train2017" / name.replace(".jpg", ".txt")
+        if label.is_file():
+            shutil.copy(label, val_labels / label.name)
+    out = tmp_path / "run"
+    report = run_distill(spec(images, labels, out, val_images=val_images, val_labels=val_labels))
+    assert report["labels"]["val_is_ground_truth"]
+    markdown = (out / "report" / "report.md").read_text()
+    for candidate in report["candidates"]:
+        interval = candidate["map50_interval"]
+        assert 0 <= interval["low"] <= interval["high"] <= 1 and interval["rounds"] == 200
+        assert f"{candidate['map50']:.3f} ({interval['low']:.2f}–{interval['high']:.2f})" in markdown
+    full = next(c for c in report["candidates"] if c["name"] == "teacher@640")
+    assert full["map50_interval"]["high"] > full["map50_interval"]["low"]  # 12 images do not pin mAP down

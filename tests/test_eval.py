@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from bastion.distill.evaluate import batch_shapes, coco_map
+from bastion.distill.evaluate import batch_shapes, bootstrap_map50, coco_map
 from conftest import run_cli
 
 NAMES = ["person", "car"]
@@ -32,6 +32,29 @@ def test_perfect_predictions_score_one_and_shifted_ones_less():
     wrong_class = [{**p, "category_id": 3 - p["category_id"]} for p in perfect]
     assert coco_map(images, anns, wrong_class, NAMES)[0] == 0.0
     assert coco_map(images, anns, [], NAMES)[0] == 0.0
+
+
+def test_bootstrap_interval_brackets_the_score_and_narrows_with_more_images():
+    """Half the images predicted perfectly, half missed: mAP50 ~0.5, and the resampled interval is wide on 8
+    images, narrower on 64, always around the point value, and drawn the same way for a fixed seed."""
+    rng = np.random.default_rng(3)
+
+    def case(n: int) -> tuple[list, list, list]:
+        images = [{"id": i, "width": 640, "height": 480} for i in range(1, n + 1)]
+        anns, preds = [], []
+        for i in range(1, n + 1):
+            box = [float(v) for v in rng.integers(10, 300, 2)] + [80.0, 120.0]
+            anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": box, "area": 9600.0, "iscrowd": 0})
+            hit = box if i % 2 else [box[0] + 300, box[1], 80.0, 120.0]  # odd images found, even ones missed
+            preds.append({"image_id": i, "category_id": 1, "bbox": hit, "score": 0.3 + 0.6 * (i % 2)})
+        return images, anns, preds
+
+    small, large = case(8), case(64)
+    point = coco_map(*small, NAMES)[1]
+    narrow, wide = bootstrap_map50(*large, NAMES, 100, 60), bootstrap_map50(*small, NAMES, 100, 60)
+    assert wide.low <= point <= wide.high and wide.rounds == 60
+    assert wide.high - wide.low > narrow.high - narrow.low > 0
+    assert bootstrap_map50(*small, NAMES, 100, 60) == wide
 
 
 def test_rect_batch_shapes_follow_yolov5():
