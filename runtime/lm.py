@@ -173,6 +173,7 @@ class _BoundDecoder:
     and logits arrays once for the decode steps, which then only change two integers."""
 
     def __init__(self, generator: Generator, capacity: int) -> None:
+        self.generator = generator
         self.session = generator.backend.session
         self.binding = self.session.io_binding()
         self.vocab = generator.vocab_size
@@ -182,21 +183,20 @@ class _BoundDecoder:
             self.binding.bind_output(name.replace("past.", "present.", 1), "cpu", 0, np.float32, buffer.shape,
                                      buffer.ctypes.data)
         self.binding.bind_cpu_input("attention_mask", np.ones((1, capacity), np.int64))
-        self.token = np.zeros((1, 1), np.int64)
+        self.token = np.zeros((1, 1), np.int64)  # bound arrays are read in place at every run
         self.position = np.zeros((1, 1), np.int64)
         self.logits = np.empty((1, 1, self.vocab), np.float32)
-
-    def _bind(self, tokens: np.ndarray, positions: np.ndarray, logits: np.ndarray) -> None:
-        self.binding.bind_cpu_input("input_ids", tokens)  # bound arrays are read in place at every run
-        self.binding.bind_cpu_input("position_ids", positions)
-        self.binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+        self.binding.bind_cpu_input("input_ids", self.token)
+        self.binding.bind_cpu_input("position_ids", self.position)
+        self.binding.bind_output("logits", "cpu", 0, np.float32, self.logits.shape, self.logits.ctypes.data)
 
     def prefill(self, ids: list[int]) -> np.ndarray:
-        logits = np.empty((1, len(ids), self.vocab), np.float32)
-        self._bind(np.asarray([ids], np.int64), np.arange(len(ids), dtype=np.int64)[None], logits)
-        self.session.run_with_iobinding(self.binding)
+        """The prompt runs on a cache of exactly its length — its attention then spans the prompt, not every
+        slot of the generation — and its keys/values are copied into the bound buffers."""
+        logits, prompt_cache = self.generator.forward(ids)
+        for name, buffer in self.cache.tensors.items():
+            buffer[:, : len(ids)] = prompt_cache.tensors[name]
         self.cache.length = len(ids)
-        self._bind(self.token, self.position, self.logits)
         return logits[0, -1]
 
     def step(self, token: int) -> np.ndarray:
