@@ -29,9 +29,9 @@ def _timed_stream(start) -> tuple[float, float, list[int]]:  # noqa: ANN001 - ()
     return ttft, time.perf_counter() - t0, tokens
 
 
-def _best_of(rounds: int, run) -> tuple[float, float, list[int]]:  # noqa: ANN001 - a callable
-    """The fastest of ``rounds`` runs (TTFT from that same run)."""
-    return min((run() for _ in range(rounds)), key=lambda r: r[1])
+def _best_of(rounds: int, start) -> tuple[float, float, list[int]]:  # noqa: ANN001 - () -> iterator of ids
+    """The fastest of ``rounds`` timed generations (TTFT from that same run)."""
+    return min((_timed_stream(start) for _ in range(rounds)), key=lambda r: r[1])
 
 
 def _prompt_ids(generator: Generator, length: int) -> list[int]:
@@ -57,12 +57,11 @@ def bench_lm(model: str, reference: Path | None, new_tokens: int, prompt_lengths
         greedy(torch_model, warm, 8)
     for length in prompt_lengths:
         ids = _prompt_ids(generator, min(length, generator.context - new_tokens - 1))
-        ttft, total, ours = _best_of(ROUNDS, lambda: _timed_stream(lambda: generator.generate_ids(ids, new_tokens)))
+        ttft, total, ours = _best_of(ROUNDS, lambda: generator.generate_ids(ids, new_tokens))
         row = {"prompt_tokens": len(ids), "ttft_ms": round(ttft * 1000, 2),
                "tokens": len(ours), "tokens_per_s": round(len(ours) / total, 1)}
         if torch_model is not None:
-            _, ref_total, theirs = _best_of(ROUNDS, lambda: _timed_stream(
-                lambda: iter(greedy(torch_model, ids, new_tokens))))
+            _, ref_total, theirs = _best_of(ROUNDS, lambda: iter(greedy(torch_model, ids, new_tokens)))
             row.update(torch_tokens_per_s=round(len(theirs) / ref_total, 1), same_tokens=theirs == ours,
                        speedup=round((len(ours) / total) / (len(theirs) / ref_total), 2) if theirs else None)
         result["lengths"][str(length)] = row
