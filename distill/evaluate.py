@@ -116,8 +116,10 @@ def _to_original(placement: Placement, resized_hw: tuple[int, int], orig_hw: tup
 
 
 def evaluate_detector(detector: Detector, dataset: YoloDataset, settings: EvalSettings,
-                      tick: Callable[[], None] | None = None, class_map: dict[int, int] | None = None) -> EvalReport:
-    """Score ``detector`` on ``dataset``; model classes match dataset names, or go through ``class_map``."""
+                      tick: Callable[[], None] | None = None, class_map: dict[int, int] | None = None,
+                      bootstrap_tick: Callable[[], None] | None = None) -> EvalReport:
+    """Score ``detector`` on ``dataset``; model classes match dataset names, or go through ``class_map``.
+    ``tick`` advances once per image, ``bootstrap_tick`` once per resample."""
     model_to_data = class_map if class_map is not None else _class_map(detector.names, dataset.names)
     hw = np.asarray([_image_hw(p) for p in dataset.images], dtype=np.float64)
     if settings.rect and detector.spec.dynamic_hw:
@@ -152,8 +154,8 @@ def evaluate_detector(detector: Detector, dataset: YoloDataset, settings: EvalSe
         if tick:
             tick()
     m, m50, per_class = coco_map(images, annotations, predictions, dataset.names, settings.max_det)
-    interval = (bootstrap_map50(images, annotations, predictions, dataset.names, settings.max_det, settings.bootstrap)
-                if settings.bootstrap > 0 and annotations else None)
+    interval = (bootstrap_map50(images, annotations, predictions, dataset.names, settings.max_det, settings.bootstrap,
+                                tick=bootstrap_tick) if settings.bootstrap > 0 and annotations else None)
     return EvalReport(
         map50_95=round(m, 4), map50=round(m50, 4), per_class=per_class, images=len(images),
         instances=len(annotations), dataset_sha256=dataset.sha256(), settings=vars(settings).copy(),
@@ -162,9 +164,11 @@ def evaluate_detector(detector: Detector, dataset: YoloDataset, settings: EvalSe
 
 
 def bootstrap_map50(images: list[dict], annotations: list[dict], predictions: list[dict], names: list[str],
-                    max_det: int, rounds: int, seed: int = 0) -> BootstrapInterval:
+                    max_det: int, rounds: int, seed: int = 0, tick: Callable[[], None] | None = None
+                    ) -> BootstrapInterval:
     """mAP50 on ``rounds`` resamples of the images; a fixed seed draws the same resamples for every model of a
-    run, so their intervals compare like for like."""
+    run, so their intervals compare like for like.  A percentile interval: where a class has only a few boxes,
+    resamples that repeat its images swing its AP widely, and the interval is lopsided around the point value."""
     anns_of: dict[int, list[dict]] = {}
     preds_of: dict[int, list[dict]] = {}
     for a in annotations:
@@ -181,6 +185,8 @@ def bootstrap_map50(images: list[dict], annotations: list[dict], predictions: li
             anns += [{**a, "id": len(anns) + k + 1, "image_id": new_id} for k, a in enumerate(anns_of.get(image["id"], []))]
             preds += [{**p, "image_id": new_id} for p in preds_of.get(image["id"], [])]
         values.append(coco_map(picked, anns, preds, names, max_det)[1])
+        if tick:
+            tick()
     low, high = np.percentile(values, [5, 95])
     return BootstrapInterval(round(float(low), 4), round(float(high), 4), rounds)
 

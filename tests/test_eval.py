@@ -81,10 +81,12 @@ def test_yolov5n_on_coco128_regression(coco128):
 
 def test_eval_subset_and_bad_dataset(coco128, tmp_path):
     proc = run_cli("eval", "detect", "--model", "yolox_nano", "--data", str(coco128), "--limit", "16",
-                   "--imgsz", "416", "--json")
+                   "--imgsz", "416", "--bootstrap", "50", "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["images"] == 16 and 0.2 < report["map50"] <= 1.0
+    interval = report["map50_interval"]  # 16 images: a wide range around the point value
+    assert interval["rounds"] == 50 and interval["low"] < report["map50"] < interval["high"]
     bad = tmp_path / "data.yaml"
     bad.write_text("names: [a]\n")
     proc = run_cli("eval", "detect", "--data", str(bad))
