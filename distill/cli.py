@@ -262,11 +262,19 @@ def distill_lm_export_command(
     source: str = typer.Option(..., help="Where the weights came from."),
     license_file: list[Path] = typer.Option([], help="License text to ship in the bundle (repeatable)."),
     sign: Optional[Path] = typer.Option(None, "--sign", help="Sign with this private key."),
+    max_new_tokens: int = typer.Option(128, help="Default answer length the bundle carries (tokens)."),
+    temperature: float = typer.Option(0.0, help="Default sampling temperature the bundle carries (0: greedy)."),
+    top_k: int = typer.Option(0, help="Default top-k the bundle carries (0: all tokens)."),
+    top_p: float = typer.Option(1.0, help="Default top-p the bundle carries."),
 ) -> None:
     """Export a Llama checkpoint to a signed task: lm bundle (ONNX with KV cache + tokenizer) for `bastion ask`.
 
+    The generation defaults travel signed with the model; `bastion ask` and a node's `ask` use them unless told
+    otherwise.
+
     Example: bastion distill lm-export --teacher stories260K.bin --tokenizer tokenizer.json --name stories260K
-    --weights-license MIT --source "karpathy/tinyllamas" --sign team.key --out bundles/stories260K
+    --weights-license MIT --source "karpathy/tinyllamas" --temperature 0.8 --top-p 0.95 --sign team.key
+    --out bundles/stories260K
     """
     import importlib.util
 
@@ -289,7 +297,9 @@ def distill_lm_export_command(
 
         key = load_private_key(sign, read_passphrase(False))
     manifest = export_lm_bundle(teacher, tokenizer, out_dir, name, version, weights_license, source,
-                                list(license_file), key)
+                                list(license_file), key, generation={"max_new_tokens": max_new_tokens,
+                                                                     "temperature": temperature, "top_k": top_k,
+                                                                     "top_p": top_p})
     out.print(f"exported {manifest.name}:{manifest.version} to {out_dir} ({'signed' if key else 'UNSIGNED'})")
 
 

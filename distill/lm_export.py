@@ -16,10 +16,16 @@ from bastion.models.manifest import DecoderSpec, FileEntry, LicenseInfo, Manifes
 def export_lm_bundle(checkpoint, tokenizer: Path, out_dir: Path, name: str, version: str,  # noqa: ANN001
                      weights_license: str, source: str, license_files: list[Path], sign_key=None,
                      teachers: list[str] | None = None, datasets: list[dict] | None = None,
-                     evaluation: list[dict] | None = None) -> Manifest:
-    """``checkpoint``: a llama2.c file path, or a ``Llama`` module (e.g. a freshly distilled student)."""
+                     evaluation: list[dict] | None = None, generation: dict | None = None) -> Manifest:
+    """``checkpoint``: a llama2.c file path, or a ``Llama`` module (e.g. a freshly distilled student).
+    ``generation``: the sampling defaults the bundle carries (``max_new_tokens``, ``temperature``, ``top_k``,
+    ``top_p``; unset ones are greedy, 128 tokens)."""
     from bastion.distill.llama import Llama, load_teacher
     from bastion.distill.lm_onnx import export_decoder
+    from bastion.runtime.lm import GENERATION_DEFAULTS, check_generation
+
+    generation = {**GENERATION_DEFAULTS, **(generation or {})}
+    check_generation(**generation)
 
     model = checkpoint if isinstance(checkpoint, Llama) else load_teacher(checkpoint)
     with staged_bundle(out_dir) as staging:
@@ -34,7 +40,7 @@ def export_lm_bundle(checkpoint, tokenizer: Path, out_dir: Path, name: str, vers
             files=[FileEntry(path=f, sha256=sha256_file(staging / f), size=(staging / f).stat().st_size, role=r)
                    for f, r in files],
             decoder=DecoderSpec(type="llama-kv", params={**config, "head_dim": model.c.head_dim, "stop": [1, 2],
-                                                         "bos": 1}),
+                                                         "bos": 1, "generation": generation}),
             precision="fp32",
             provenance=Provenance(source=source, command=shlex.join(["bastion", *sys.argv[1:]]),
                                   bastion_version=__version__, teachers=teachers or [], datasets=datasets or [],

@@ -97,10 +97,14 @@ def ask_command(
     prompt: str = typer.Argument(..., help="The question or the beginning of the text."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="A task: lm bundle to run here."),
     node: Optional[str] = typer.Option(None, "--node", help="Or: a node's control endpoint (its `lm` answers)."),
-    max_new_tokens: int = typer.Option(128, help="Longest answer, in tokens."),
-    temperature: float = typer.Option(0.0, help="0 is greedy; higher samples more freely."),
-    top_k: int = typer.Option(0, help="Sample only among the k likeliest tokens (0: all)."),
-    top_p: float = typer.Option(1.0, help="Sample only within this probability mass."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Longest answer, in tokens [default: the bundle's, "
+                                                 "else 128]."),
+    temperature: Optional[float] = typer.Option(None, help="0 is greedy; higher samples more freely [default: the "
+                                                "bundle's, else 0]."),
+    top_k: Optional[int] = typer.Option(None, help="Sample only among the k likeliest tokens, 0: all [default: "
+                                        "the bundle's]."),
+    top_p: Optional[float] = typer.Option(None, help="Sample only within this probability mass [default: the "
+                                          "bundle's, else 1]."),
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
 ) -> None:
@@ -117,8 +121,8 @@ def ask_command(
     if node is not None:
         from bastion.edge.client import Client
 
-        with Client(node, retries=0) as client:
-            pieces = client.ask_stream(prompt, max_new_tokens)
+        with Client(node, retries=0) as client:  # the node samples with its bundle's defaults
+            pieces = client.ask_stream(prompt, max_new_tokens or 128)
             for piece in pieces:
                 sys.stdout.write(piece)
                 sys.stdout.flush()

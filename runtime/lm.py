@@ -24,7 +24,23 @@ from bastion.models.bundle import Bundle
 from bastion.runtime.backends import open_backend
 
 MAX_NEW_TOKENS = 2048
+# what a bundle's ``decoder.params.generation`` may set, and the values for bundles that set nothing
+GENERATION_DEFAULTS = {"max_new_tokens": 128, "temperature": 0.0, "top_k": 0, "top_p": 1.0}
 MIN_ORT = (1, 23)  # bastion.distill.lm_onnx writes opset 23 Attention/RotaryEmbedding
+
+
+def check_generation(**values: float) -> None:
+    """Sampling settings (a bundle's defaults or a caller's) in range, else one line saying which is wrong."""
+    unknown = set(values) - set(GENERATION_DEFAULTS)
+    if unknown:
+        raise ConfigError(f"unknown generation setting(s): {', '.join(sorted(unknown))}",
+                          f"known: {', '.join(GENERATION_DEFAULTS)}")
+    limits = {"max_new_tokens": (1, MAX_NEW_TOKENS), "temperature": (0.0, 100.0), "top_k": (0, 1 << 30),
+              "top_p": (1e-6, 1.0)}
+    for name, value in values.items():
+        low, high = limits[name]
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be {low}..{high}, got {value}")
 
 
 @dataclass
@@ -85,6 +101,7 @@ class Generator:
                                  "re-export it: bastion distill lm-export --teacher CHECKPOINT ...")
         self.kv_width = self.n_kv * self.head_dim
         self.vocab_size = p["vocab_size"]
+        self.defaults = {**GENERATION_DEFAULTS, **p.get("generation", {})}  # the model team's sampling choice
         self.bundle = bundle
 
     @classmethod
@@ -94,12 +111,17 @@ class Generator:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
 
-    def generate_ids(self, ids: list[int], max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
-                     top_p: float = 1.0, stop: tuple[int, ...] | None = None, seed: int | None = None
-                     ) -> Iterator[int]:
-        """Token ids after ``ids``; greedy when ``temperature`` is 0."""
-        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
-            raise ConfigError(f"max_new_tokens must be 1..{MAX_NEW_TOKENS}, got {max_new_tokens}")
+    def generate_ids(self, ids: list[int], max_new_tokens: int | None = None, temperature: float | None = None,
+                     top_k: int | None = None, top_p: float | None = None, stop: tuple[int, ...] | None = None,
+                     seed: int | None = None) -> Iterator[int]:
+        """Token ids after ``ids``; greedy when ``temperature`` is 0. What is not given comes from the bundle's
+        generation defaults (``self.defaults``)."""
+        d = self.defaults
+        max_new_tokens = d["max_new_tokens"] if max_new_tokens is None else max_new_tokens
+        temperature = d["temperature"] if temperature is None else temperature
+        top_k = d["top_k"] if top_k is None else top_k
+        top_p = d["top_p"] if top_p is None else top_p
+        check_generation(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
         if len(ids) >= self.context:
             raise ConfigError(f"the prompt is {len(ids)} tokens; this model's context is {self.context}",
                               "shorten the prompt")
@@ -149,16 +171,15 @@ class Generator:
             probs = mask / mask.sum()
         return int(rng.choice(len(probs), p=probs))
 
-    def generate(self, prompt: str, max_new_tokens: int = 128, **kwargs) -> Iterator[str]:
+    def generate(self, prompt: str, max_new_tokens: int | None = None, **kwargs) -> Iterator[str]:
         """Stream text pieces; joined they are the decoded continuation (byte-fallback safe)."""
         ids = self.encode(prompt)
+        prefix = len(self.tokenizer.decode(ids))
         produced: list[int] = []
         shown = ""
         for token in self.generate_ids(ids, max_new_tokens, **kwargs):
             produced.append(token)
-            text = self.tokenizer.decode(ids + produced)
-            prefix = self.tokenizer.decode(ids)
-            piece = text[len(prefix):][len(shown):]
+            piece = self.tokenizer.decode(ids + produced)[prefix:][len(shown):]
             if piece and not piece.endswith("\ufffd"):
                 shown += piece
                 yield piece

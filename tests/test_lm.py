@@ -111,6 +111,33 @@ def test_export_round_trip_matches_torch(tmp_path):
     assert np.abs(masked - last_logits([a, b, c], [1, 1, 1])).max() > 1e-3  # and the mask did something
 
 
+def test_bundle_generation_defaults_travel_with_the_model(tmp_path):
+    """Sampling defaults set at export are signed into the manifest and used when a caller sets nothing; a caller's
+    own values win; out-of-range defaults are refused at export."""
+    pytest.importorskip("torch")
+    from bastion.distill.lm_export import export_lm_bundle
+    from bastion.models.manifest import read_manifest
+
+    src = SHARED / "weights" / "stories260K"
+    if not (src / "stories260K.bin").is_file():
+        pytest.skip("../shared is not present")
+    export_lm_bundle(src / "stories260K.bin", src / "hf" / "tokenizer.json", tmp_path / "b", "s", "1", "MIT", "test",
+                     [], generation={"temperature": 1.0, "top_k": 40, "max_new_tokens": 12})
+    assert read_manifest(tmp_path / "b" / "manifest.json").decoder.params["generation"] == {
+        "max_new_tokens": 12, "temperature": 1.0, "top_k": 40, "top_p": 1.0}
+    g = Generator.load(tmp_path / "b", allow_unsigned=True)
+    ids = g.encode("Once upon a time")
+    greedy_ids = list(g.generate_ids(ids, 40, temperature=0.0))
+    sampled = [list(g.generate_ids(ids, 40, stop=(), seed=s)) for s in range(4)]
+    assert any(run != greedy_ids for run in sampled)  # the bundle's temperature 1 is in force
+    assert sampled[0] == list(g.generate_ids(ids, 40, stop=(), seed=0))  # and seeded
+    assert len(list(g.generate_ids(ids, stop=()))) == 12  # the bundle's answer length
+    with pytest.raises(ConfigError, match="top_p must be"):
+        export_lm_bundle(src / "stories260K.bin", src / "hf" / "tokenizer.json", tmp_path / "c", "s", "1", "MIT",
+                         "test", [], generation={"top_p": 0.0})
+    assert not (tmp_path / "c").exists()
+
+
 def test_bench_lm_json():
     proc = run_cli("bench", "lm", "--new-tokens", "16", "--prompt-lengths", "8,64", "--json")
     assert proc.returncode == 0, proc.stderr
