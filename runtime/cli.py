@@ -130,9 +130,10 @@ def ask_command(
         from bastion.runtime.lm import Generator
 
         generator = Generator.load(model, allow_unsigned=allow_unsigned)
+        pieces = generator.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    seed=seed)  # settings are checked before anything is printed
         sys.stdout.write(prompt)
-        for piece in generator.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                        seed=seed):
+        for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
     sys.stdout.write("\n")

@@ -115,7 +115,7 @@ class Generator:
                      top_k: int | None = None, top_p: float | None = None, stop: tuple[int, ...] | None = None,
                      seed: int | None = None) -> Iterator[int]:
         """Token ids after ``ids``; greedy when ``temperature`` is 0. What is not given comes from the bundle's
-        generation defaults (``self.defaults``)."""
+        generation defaults (``self.defaults``). Settings are checked here, before the first token is asked for."""
         d = self.defaults
         max_new_tokens = d["max_new_tokens"] if max_new_tokens is None else max_new_tokens
         temperature = d["temperature"] if temperature is None else temperature
@@ -125,9 +125,12 @@ class Generator:
         if len(ids) >= self.context:
             raise ConfigError(f"the prompt is {len(ids)} tokens; this model's context is {self.context}",
                               "shorten the prompt")
-        stop = self.stop if stop is None else stop
-        rng = np.random.default_rng(seed)
         steps = min(max_new_tokens, self.context - len(ids))
+        return self._decode(ids, steps, self.stop if stop is None else stop, temperature, top_k, top_p,
+                            np.random.default_rng(seed))
+
+    def _decode(self, ids: list[int], steps: int, stop: tuple[int, ...], temperature: float, top_k: int,
+                top_p: float, rng: np.random.Generator) -> Iterator[int]:
         decoder = _BoundDecoder(self, capacity=len(ids) + steps)
         logits = decoder.prefill(ids)
         for produced in range(1, steps + 1):
@@ -172,12 +175,16 @@ class Generator:
         return int(rng.choice(len(probs), p=probs))
 
     def generate(self, prompt: str, max_new_tokens: int | None = None, **kwargs) -> Iterator[str]:
-        """Stream text pieces; joined they are the decoded continuation (byte-fallback safe)."""
+        """Stream text pieces; joined they are the decoded continuation (byte-fallback safe). Bad settings raise
+        here, not at the first piece."""
         ids = self.encode(prompt)
+        return self._pieces(ids, self.generate_ids(ids, max_new_tokens, **kwargs))
+
+    def _pieces(self, ids: list[int], tokens: Iterator[int]) -> Iterator[str]:
         prefix = len(self.tokenizer.decode(ids))
         produced: list[int] = []
         shown = ""
-        for token in self.generate_ids(ids, max_new_tokens, **kwargs):
+        for token in tokens:
             produced.append(token)
             piece = self.tokenizer.decode(ids + produced)[prefix:][len(shown):]
             if piece and not piece.endswith("\ufffd"):
