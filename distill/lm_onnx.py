@@ -86,9 +86,7 @@ def build_decoder(config, weights: dict[str, np.ndarray]) -> onnx.ModelProto:  #
     branch: str | None = None  # the last block output not yet added to the residual stream
     for i in range(c.n_layers):
         p = f"layers.{i}."
-        h = _norm(g, f"l{i}.attn_norm", branch, residual, weights[p + "attention_norm.weight"], c.norm_eps)
-        if branch is not None:
-            residual = f"l{i}.attn_norm.residual"
+        h, residual = _norm(g, f"l{i}.attn_norm", branch, residual, weights[p + "attention_norm.weight"], c.norm_eps)
         q, k, v = (g.linear(h, f"l{i}.{n}", weights[f"{p}{n}.weight"], weights.get(f"{p}{n}.bias"))
                    for n in ("wq", "wk", "wv"))
         q, k = (g.node("RotaryEmbedding", [t, cos, sin, "position_ids"], [f"{t}.rotated"], interleaved=1,
@@ -98,13 +96,12 @@ def build_decoder(config, weights: dict[str, np.ndarray]) -> onnx.ModelProto:  #
         att = g.node("Attention", [q, keys, values, "attn_mask"], [f"l{i}.attention"],
                      q_num_heads=c.n_heads, kv_num_heads=c.n_kv_heads)
         o = g.linear(att, f"l{i}.wo", weights[p + "wo.weight"], None)
-        h = _norm(g, f"l{i}.ffn_norm", o, residual, weights[p + "ffn_norm.weight"], c.norm_eps)
-        residual = f"l{i}.ffn_norm.residual"
+        h, residual = _norm(g, f"l{i}.ffn_norm", o, residual, weights[p + "ffn_norm.weight"], c.norm_eps)
         gate = g.linear(h, f"l{i}.w1", weights[p + "w1.weight"], None)
         up = g.linear(h, f"l{i}.w3", weights[p + "w3.weight"], None)
         silu = g.node("Mul", [gate, g.node("Sigmoid", [gate], [f"l{i}.gate.sigmoid"])], [f"l{i}.silu"])
         branch = g.linear(g.node("Mul", [silu, up], [f"l{i}.gated"]), f"l{i}.w2", weights[p + "w2.weight"], None)
-    h = _norm(g, "final_norm", branch, residual, weights["norm.weight"], c.norm_eps)
+    h, _ = _norm(g, "final_norm", branch, residual, weights["norm.weight"], c.norm_eps)
     g.node("MatMul", [h, g.const("lm_head.weight", weights["output.weight"].T.astype(np.float32))], ["logits"])
 
     kv_width = c.n_kv_heads * d
@@ -125,13 +122,15 @@ def build_decoder(config, weights: dict[str, np.ndarray]) -> onnx.ModelProto:  #
     return model
 
 
-def _norm(g: _GraphWriter, name: str, branch: str | None, residual: str, weight: np.ndarray, eps: float) -> str:
-    """RMSNorm of ``residual + branch``; the sum (the new residual) is the node's 4th output ``{name}.residual``."""
+def _norm(g: _GraphWriter, name: str, branch: str | None, residual: str, weight: np.ndarray, eps: float
+          ) -> tuple[str, str]:
+    """RMSNorm of ``residual + branch`` (no branch yet: of ``residual``) → (normalized, the new residual stream)."""
     w = g.const(f"{name}.weight", weight.astype(np.float32))
     if branch is None:
-        return g.node("SimplifiedLayerNormalization", [residual, w], [f"{name}.out"], axis=-1, epsilon=eps)
-    return g.node("SkipSimplifiedLayerNormalization", [branch, residual, w],
-                  [f"{name}.out", "", "", f"{name}.residual"], domain=MS, epsilon=eps)
+        return g.node("SimplifiedLayerNormalization", [residual, w], [f"{name}.out"], axis=-1, epsilon=eps), residual
+    g.node("SkipSimplifiedLayerNormalization", [branch, residual, w], [f"{name}.out", "", "", f"{name}.residual"],
+           domain=MS, epsilon=eps)
+    return f"{name}.out", f"{name}.residual"
 
 
 def export_decoder(model, path: Path) -> dict:  # noqa: ANN001 - a bastion.distill.llama.Llama
