@@ -201,7 +201,8 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
                 result["int8_gate"] = {}
                 for label, source in int8_from:
                     name = f"{label}-int8-{spec.imgsz}"
-                    gate = quantize_and_gate(source, calib, dataset, spec.imgsz, spec.max_int8_drop, stage / name)
+                    gate = quantize_and_gate(source, calib, dataset, spec.imgsz, spec.max_int8_drop, stage / name,
+                                             bootstrap=REPORT_BOOTSTRAP)
                     result["int8_gate"][label] = gate.to_dict()
                     if gate.accepted:
                         candidates.append({"name": f"{label}-int8@{spec.imgsz}", "kind": f"{label}, INT8",

@@ -6,14 +6,14 @@ import shlex
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 
 from bastion import __version__
 from bastion.distill.datasets import YoloDataset
-from bastion.distill.evaluate import REPORT_BOOTSTRAP, EvalSettings, evaluate_detector, latency_ms
+from bastion.distill.evaluate import EvalSettings, evaluate_detector, latency_ms
 from bastion.distill.quantize import quantize_int8
 from bastion.models.bundle import Bundle
 from bastion.models.manifest import EvalResult, Manifest, files_sha256
@@ -47,10 +47,12 @@ def static_manifest(manifest: Manifest, size: int) -> Manifest:
 
 def quantize_and_gate(bundle: Bundle, calibration: list[Path], dataset: YoloDataset, imgsz: int,
                       max_drop_points: float, out_dir: Path | None, sign_key=None,  # noqa: ANN001
-                      threads: int = 1, tick=None, min_speedup: float = 1.1) -> GateResult:  # noqa: ANN001
+                      threads: int = 1, tick=None, min_speedup: float = 1.1,  # noqa: ANN001
+                      bootstrap: int = 0) -> GateResult:
+    """``bootstrap`` > 0: the INT8 model's mAP50 also gets a resampled interval (for a distillation report)."""
     manifest = static_manifest(bundle.manifest, imgsz)
     eval_opts = dict(conf=0.001, iou=0.6, multi_label=True, scaleup=False, imgsz=imgsz, rect=False)
-    settings = EvalSettings(imgsz=imgsz, rect=False, bootstrap=REPORT_BOOTSTRAP)
+    settings = EvalSettings(imgsz=imgsz, rect=False)
     with tempfile.TemporaryDirectory(prefix="bastion-quantize-") as tmp:
         base = Detector(open_backend(bundle.model_path, threads=threads), bundle.manifest, DetectOptions(**eval_opts))
         int8_path = Path(tmp) / f"{bundle.manifest.name}-int8-{imgsz}.onnx"
@@ -59,7 +61,7 @@ def quantize_and_gate(bundle: Bundle, calibration: list[Path], dataset: YoloData
             tick()
         int8 = Detector(open_backend(int8_path, threads=threads), manifest, DetectOptions(**eval_opts))
         fp32_report = evaluate_detector(base, dataset, settings)
-        int8_report = evaluate_detector(int8, dataset, settings)
+        int8_report = evaluate_detector(int8, dataset, replace(settings, bootstrap=bootstrap))
         if tick:
             tick()
         sample = [read_image(p) for p in dataset.images[:16]]
