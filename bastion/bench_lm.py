@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from bastion.runtime.lm import Generator
 
 
