@@ -2,24 +2,29 @@
 
 Why not ``torch.onnx.export``: at this model size a decode step is dominated by per-node dispatch, and the traced
 graph keeps ~215 nodes after ONNX Runtime's optimiser (reshapes, transposes, RoPE arithmetic, a mask, a concat per
-cache).  Written directly on the operators made for this — ONNX opset 23 ``Attention`` (grouped KV heads and the
-mask in one node) and ``RotaryEmbedding``, and ONNX Runtime's ``SkipSimplifiedLayerNormalization`` (residual add
+cache).  Written directly on the operators made for this — ONNX ``Attention`` (grouped KV heads, causal masking
+and the cache length in one node) and ``RotaryEmbedding``, and ONNX Runtime's ``SkipSimplifiedLayerNormalization`` (residual add
 + RMSNorm) — the same model is ~100 nodes, with logits within 1e-5 of the torch module and the same greedy tokens.
 
 The KV cache is a set of fixed-size slot buffers, one slot per position: a pass writes its keys and values into
-the slots named by ``position_ids`` (``ScatterND``) and attends over the slots at or before each token's position
-that ``attention_mask`` does not hide.  Bound as both ``past`` and ``present`` (``bastion.runtime.lm``), the
-buffers are written in place: a decode step copies nothing, where a growing cache is re-copied whole every token.
+the slots from ``position_ids``' first value on (opset 24 ``TensorScatter``), and ``Attention`` reads the buffers
+whole with ``nonpad_kv_seqlen`` = the filled slots and ``is_causal`` (bottom-right aligned: the token in slot p sees
+slots 0..p), so it never computes over the empty tail.  Bound as both ``past`` and ``present``
+(``bastion.runtime.lm``), the buffers are written in place: a decode step copies nothing, where a growing cache is
+re-copied whole every token; and the prompt is written straight into the same buffers.  Two reductions replace
+the eleven mask and slot-index nodes an explicit boolean mask needed.
 
 Measured alternatives (docs/benchmarks.md): ONNX Runtime's ``GroupQueryAttention`` — its CPU kernel runs one small
 GEMM per query head and grows fastest with the context, and its fused rotary refuses head sizes that are not a
 multiple of 16; standard ``RMSNormalization`` + ``Add`` (~3 µs a step slower than the fused skip-norm); q/k/v as
-one projection (no faster); opset 24 ``TensorScatter`` (same speed as ``ScatterND``, needs ONNX Runtime ≥ 1.24).
+one projection (no faster); ``ScatterND`` + a boolean causal/padding mask (the opset 23 form: same tokens, slower).
 
 The contract (batch 1, as the node serves): inputs ``input_ids`` [1, S], ``attention_mask`` [1, C] (one per cache
-slot; 0 hides a slot, e.g. padding), ``position_ids`` [1, S] (the slots the S tokens take, also their RoPE
-positions), ``past.{i}.key|value`` [1, C, n_kv·head_dim]; outputs ``logits`` [1, S, vocab] and
-``present.{i}.key|value`` (the buffers with the S slots written).  Needs ONNX Runtime >= 1.23 (opset 23).
+slot: 1 for the slots filled once this pass has written — the cache so far and the S new tokens — then 0 for the
+free tail; no holes), ``position_ids`` [1, S] (the slots the S tokens take, consecutive, also their RoPE positions),
+``past.{i}.key|value`` [1, C, n_kv·head_dim]; outputs ``logits`` [1, S, vocab] and ``present.{i}.key|value`` (the
+buffers with the S slots written).  Needs ONNX Runtime >= 1.28: earlier releases lack opset 24 (< 1.25) or align
+``is_causal`` top-left with ``nonpad_kv_seqlen`` (1.25–1.27: a prompt fed in two chunks would attend wrongly).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 MS = "com.microsoft"
-OPSET = 23
+OPSET = 24
 
 
 class _GraphWriter:
@@ -67,20 +72,11 @@ def build_decoder(config, weights: dict[str, np.ndarray]) -> onnx.ModelProto:  #
     cos = g.const("rope.cos", np.cos(angles).astype(np.float32))
     sin = g.const("rope.sin", np.sin(angles).astype(np.float32))
 
-    # which cache slots each new token sees: slot t ≤ its position, and not hidden by attention_mask
-    g.node("Shape", ["attention_mask"], ["slots.count1"], start=1, end=2)
-    g.node("Squeeze", ["slots.count1"], ["slots.count"])
-    g.node("Range", [g.const("zero", np.array(0, np.int64)), "slots.count", g.const("step", np.array(1, np.int64))],
-           ["slots"])
-    g.node("Unsqueeze", ["position_ids", g.const("axis2", np.array([2], np.int64))], ["positions.col"])
-    g.node("LessOrEqual", ["slots", "positions.col"], ["mask.causal"])  # [1, S, C]
-    g.node("Unsqueeze", ["attention_mask", g.const("axis1", np.array([1], np.int64))], ["mask.slots.i64"])
-    g.node("Cast", ["mask.slots.i64"], ["mask.slots"], to=TensorProto.BOOL)  # [1, 1, C]
-    g.node("And", ["mask.causal", "mask.slots"], ["mask.visible"])
-    g.node("Unsqueeze", ["mask.visible", "axis1"], ["attn_mask"])  # [1, 1, S, C]
-    # where the new keys/values go: ScatterND indices (batch 0, slot = position) [1, S, 2]
-    g.node("Sub", ["positions.col", "positions.col"], ["batch.col"])
-    g.node("Concat", ["batch.col", "positions.col"], ["cache.slots"], axis=2)
+    # the filled slots (attention_mask's ones, counted: the cache holds no holes at batch 1) and the first slot
+    # this pass writes; Attention's is_causal then lets the token in slot p see slots 0..p (bottom-right aligned)
+    axis1 = g.const("axis1", np.array([1], np.int64))
+    g.node("ReduceSum", ["attention_mask", axis1], ["slots.filled"], keepdims=0)  # [1]
+    g.node("ReduceMin", ["position_ids", axis1], ["slots.write_at"], keepdims=0)  # [1]
 
     residual = g.node("Gather", [g.const("embed", weights["tok_embeddings.weight"]), "input_ids"], ["embedded"])
     branch: str | None = None  # the last block output not yet added to the residual stream
@@ -91,10 +87,10 @@ def build_decoder(config, weights: dict[str, np.ndarray]) -> onnx.ModelProto:  #
                    for n in ("wq", "wk", "wv"))
         q, k = (g.node("RotaryEmbedding", [t, cos, sin, "position_ids"], [f"{t}.rotated"], interleaved=1,
                        num_heads=heads) for t, heads in ((q, c.n_heads), (k, c.n_kv_heads)))
-        keys = g.node("ScatterND", [f"past.{i}.key", "cache.slots", k], [f"present.{i}.key"])
-        values = g.node("ScatterND", [f"past.{i}.value", "cache.slots", v], [f"present.{i}.value"])
-        att = g.node("Attention", [q, keys, values, "attn_mask"], [f"l{i}.attention"],
-                     q_num_heads=c.n_heads, kv_num_heads=c.n_kv_heads)
+        keys = g.node("TensorScatter", [f"past.{i}.key", k, "slots.write_at"], [f"present.{i}.key"], axis=1)
+        values = g.node("TensorScatter", [f"past.{i}.value", v, "slots.write_at"], [f"present.{i}.value"], axis=1)
+        att = g.node("Attention", [q, keys, values, "", "", "", "slots.filled"], [f"l{i}.attention"],
+                     q_num_heads=c.n_heads, kv_num_heads=c.n_kv_heads, is_causal=1)
         o = g.linear(att, f"l{i}.wo", weights[p + "wo.weight"], None)
         h, residual = _norm(g, f"l{i}.ffn_norm", o, residual, weights[p + "ffn_norm.weight"], c.norm_eps)
         gate = g.linear(h, f"l{i}.w1", weights[p + "w1.weight"], None)
@@ -118,7 +114,7 @@ def build_decoder(config, weights: dict[str, np.ndarray]) -> onnx.ModelProto:  #
     graph = helper.make_graph(g.nodes, "llama_decoder", inputs, outputs, g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
                               producer_name="bastion")
-    model.ir_version = 10  # opset 23 needs ≥ 10; ONNX Runtime 1.23 reads up to 11
+    model.ir_version = 11  # opset 24 needs ≥ 11; ONNX Runtime 1.28 reads up to 11
     return model
 
 

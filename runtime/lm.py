@@ -4,11 +4,11 @@ The bundle holds ``model.onnx`` (written by ``bastion.distill.lm_onnx``), ``toke
 ``tokenizers``) and, in the manifest's decoder params, the shapes and stop tokens.
 
 The graph's KV cache is a set of fixed-size buffers ("slots", one per position): a pass writes the new keys and
-values into the slots named by ``position_ids`` and returns the buffers.  Generation allocates them once for the
-prompt plus the answer and binds each buffer as both ``past`` and ``present`` (ONNX Runtime IOBinding), so ONNX
-Runtime writes one slot in place per token: nothing is copied, allocated or converted between steps, and the
-Python side of a step is two integers and an argmax.  ``forward`` is the plain functional form of the same pass
-(tests, perplexity).
+values into the slots named by ``position_ids``, attends over the slots ``attention_mask`` marks filled, and
+returns the buffers.  Generation allocates them once for the prompt plus the answer and binds each buffer as both
+``past`` and ``present`` (ONNX Runtime IOBinding), so ONNX Runtime writes the prompt, then one slot per token, in
+place: nothing is copied, allocated or converted between steps, and the Python side of a step is three integers
+and an argmax.  ``forward`` is the plain functional form of the same pass (tests, perplexity).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from bastion.runtime.backends import open_backend
 MAX_NEW_TOKENS = 2048
 # what a bundle's ``decoder.params.generation`` may set, and the values for bundles that set nothing
 GENERATION_DEFAULTS = {"max_new_tokens": 128, "temperature": 0.0, "top_k": 0, "top_p": 1.0}
-MIN_ORT = (1, 23)  # bastion.distill.lm_onnx writes opset 23 Attention/RotaryEmbedding
+MIN_ORT = (1, 28)  # opset 24 TensorScatter/Attention with nonpad_kv_seqlen and bottom-right is_causal (lm_onnx)
 
 
 def check_generation(**values: float) -> None:
@@ -83,16 +83,14 @@ class Generator:
         if self.tokenizer.get_vocab_size() > p["vocab_size"]:
             raise ModelLoadError(f"tokenizer of {m.name} has {self.tokenizer.get_vocab_size()} tokens, the model "
                                  f"{p['vocab_size']}", "the bundle mixes files from different models")
-        try:
-            self.backend = open_backend(bundle.model_path, device="cpu", threads=threads)
-        except ModelLoadError as exc:
-            import onnxruntime
+        import onnxruntime
 
-            if tuple(int(x) for x in onnxruntime.__version__.split(".")[:2]) < MIN_ORT:
-                raise ModelLoadError(f"{m.name} needs onnxruntime >= {'.'.join(map(str, MIN_ORT))} (ONNX opset 23 "
-                                     f"Attention); this machine has {onnxruntime.__version__}",
-                                     "pip install -U onnxruntime (or onnxruntime-gpu)") from exc
-            raise
+        if tuple(int(x) for x in onnxruntime.__version__.split(".")[:2]) < MIN_ORT:
+            # 1.25-1.27 load the graph but align causal attention wrongly for a prompt fed after a cache
+            raise ModelLoadError(f"{m.name} needs onnxruntime >= {'.'.join(map(str, MIN_ORT))} (ONNX opset 24 "
+                                 f"Attention over a fixed KV cache); this machine has {onnxruntime.__version__}",
+                                 "pip install -U onnxruntime (or onnxruntime-gpu)")
+        self.backend = open_backend(bundle.model_path, device="cpu", threads=threads)
         past = next((i for i in self.backend.inputs if i.name == "past.0.key"), None)
         if past is None or len(past.shape) != 3:
             self.backend.close()
@@ -131,14 +129,16 @@ class Generator:
 
     def _decode(self, ids: list[int], steps: int, stop: tuple[int, ...], temperature: float, top_k: int,
                 top_p: float, rng: np.random.Generator) -> Iterator[int]:
-        decoder = _BoundDecoder(self, capacity=len(ids) + steps)
+        decoder = _BoundDecoder(self, capacity=len(ids) + steps - 1)  # the last token needs no pass of its own
         logits = decoder.prefill(ids)
+        greedy = temperature <= 0
         for produced in range(1, steps + 1):
-            nxt = self._pick(logits, temperature, top_k, top_p, rng)
+            # ndarray.argmax, not np.argmax: the function's dispatch alone costs ~0.7 µs a token
+            nxt = int(logits.argmax()) if greedy else self._sample(logits, temperature, top_k, top_p, rng)
             if nxt in stop:
                 return
             yield nxt
-            if produced < steps:  # the last token needs no pass of its own
+            if produced < steps:
                 logits = decoder.step(nxt)
 
     def empty_cache(self, capacity: int) -> KVCache:
@@ -152,15 +152,14 @@ class Generator:
         start, end = cache.length, cache.length + len(ids)
         if end > cache.capacity:
             cache = cache.grown(end)
-        feeds = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, cache.capacity), np.int64),
+        feeds = {"input_ids": np.asarray([ids], np.int64), "attention_mask": filled_mask(cache.capacity, end),
                  "position_ids": np.arange(start, end, dtype=np.int64)[None], **cache.tensors}
         outputs = self.backend.run(feeds)
         return outputs[0], KVCache(dict(zip(cache.tensors, outputs[1:])), end)
 
     @staticmethod
-    def _pick(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng: np.random.Generator) -> int:
-        if temperature <= 0:
-            return int(np.argmax(logits))
+    def _sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng: np.random.Generator) -> int:
+        """One token drawn from softmax(logits / temperature) after top-k and nucleus (top-p) filtering."""
         z = logits.astype(np.float64) / temperature
         if top_k > 0:
             z[z < np.sort(z)[-top_k]] = -np.inf
@@ -195,13 +194,20 @@ class Generator:
         self.backend.close()
 
 
+def filled_mask(capacity: int, filled: int) -> np.ndarray:
+    """The graph's ``attention_mask``: 1 for the first ``filled`` slots, 0 for the free tail."""
+    mask = np.zeros((1, capacity), np.int64)
+    mask[0, :filled] = 1
+    return mask
+
+
 class _BoundDecoder:
     """One generation's decoding loop on IOBinding: the cache buffers are bound as both ``past`` and ``present``
-    (ONNX Runtime writes the new slot in place), the attention mask once for all slots, and the token, position
-    and logits arrays once for the decode steps, which then only change two integers."""
+    (ONNX Runtime writes the new slots in place) and the attention mask once for all slots; the prompt pass binds
+    its own token/position/logits arrays, then the decode steps bind one-token arrays once and only change three
+    integers (token, position, the newly filled mask slot)."""
 
     def __init__(self, generator: Generator, capacity: int) -> None:
-        self.generator = generator
         self.session = generator.backend.session
         self.binding = self.session.io_binding()
         self.vocab = generator.vocab_size
@@ -210,26 +216,34 @@ class _BoundDecoder:
             self.binding.bind_cpu_input(name, buffer)
             self.binding.bind_output(name.replace("past.", "present.", 1), "cpu", 0, np.float32, buffer.shape,
                                      buffer.ctypes.data)
-        self.binding.bind_cpu_input("attention_mask", np.ones((1, capacity), np.int64))
-        self.token = np.zeros((1, 1), np.int64)  # bound arrays are read in place at every run
-        self.position = np.zeros((1, 1), np.int64)
-        self.logits = np.empty((1, 1, self.vocab), np.float32)
-        self.binding.bind_cpu_input("input_ids", self.token)
-        self.binding.bind_cpu_input("position_ids", self.position)
-        self.binding.bind_output("logits", "cpu", 0, np.float32, self.logits.shape, self.logits.ctypes.data)
+        self.mask = filled_mask(capacity, 0)  # bound arrays are read in place at every run
+        self.binding.bind_cpu_input("attention_mask", self.mask)
+
+    def _bind_tokens(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        self.binding.bind_cpu_input("input_ids", ids)
+        self.binding.bind_cpu_input("position_ids", positions)
+        logits = np.empty((1, ids.shape[1], self.vocab), np.float32)
+        self.binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+        return logits
 
     def prefill(self, ids: list[int]) -> np.ndarray:
-        """The prompt runs on a cache of exactly its length — its attention then spans the prompt, not every
-        slot of the generation — and its keys/values are copied into the bound buffers."""
-        logits, prompt_cache = self.generator.forward(ids)
-        for name, buffer in self.cache.tensors.items():
-            buffer[:, : len(ids)] = prompt_cache.tensors[name]
-        self.cache.length = len(ids)
+        """The prompt in one pass, written straight into the slot buffers (attention spans only filled slots)."""
+        n = len(ids)
+        self._prompt = (np.asarray([ids], np.int64), np.arange(n, dtype=np.int64)[None])  # alive while bound
+        logits = self._bind_tokens(*self._prompt)
+        self.mask[0, :n] = 1
+        self.session.run_with_iobinding(self.binding)
+        self.cache.length = n
+        token, position = np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64)
+        self.logits = self._bind_tokens(token, position)[0, 0]  # a view: ONNX Runtime rewrites it every step
+        self.token, self.position, self.filled = token.reshape(1), position.reshape(1), self.mask.reshape(-1)
         return logits[0, -1]
 
     def step(self, token: int) -> np.ndarray:
-        self.token[0, 0] = token
-        self.position[0, 0] = self.cache.length
+        n = self.cache.length
+        self.token[0] = token
+        self.position[0] = n
+        self.filled[n] = 1
         self.session.run_with_iobinding(self.binding)
-        self.cache.length += 1
-        return self.logits[0, 0]
+        self.cache.length = n + 1
+        return self.logits
