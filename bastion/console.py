@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -27,6 +27,15 @@ def progress(transient: bool = True, disable: bool = False) -> Progress:
         transient=transient,
         disable=disable or not err.is_terminal,
     )
+
+
+def stage_bars(bar: Progress) -> Callable[[str, int], Callable[[], None]]:
+    """For a pipeline of stages: ``stage(label, total)`` adds one bar to ``bar`` and returns its advance."""
+    def stage(label: str, total: int) -> Callable[[], None]:
+        task = bar.add_task(label, total=total)
+        return lambda: bar.advance(task)
+
+    return stage
 
 
 def print_json(obj: Any) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import typer
 
-from bastion.console import out, print_counts, print_json, progress, warn
+from bastion.console import out, print_counts, print_json, progress, stage_bars, warn
 from bastion.models.cli import ALLOW_UNSIGNED_HELP
 from bastion.models.zoo import DEFAULT_DETECTOR
 
@@ -162,11 +162,7 @@ def run_distill_demo(teacher: str, run: Path, train: bool | None, quiet: bool = 
     spec = DistillSpec(teachers=[teacher], images=frames, labels=None, classes=CLASSES, class_map=CLASS_MAP,
                        conf={"*": 0.3}, imgsz=320, out=run, max_map50_drop=10.0, train=train_spec)
     with progress(disable=quiet) as bar:
-        def tick(label: str, total: int):  # noqa: ANN202
-            task = bar.add_task(label, total=total)
-            return lambda: bar.advance(task)
-
-        report = run_distill(spec, load_private_key(pair.private_path), tick)
+        report = run_distill(spec, load_private_key(pair.private_path), stage_bars(bar))
     if not quiet:
         out.print((run / "report" / "report.md").read_text())
     served = report.get("shipped_bundle") or teacher

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from bastion.console import out, print_json, progress, warn
+from bastion.console import out, print_json, progress, stage_bars, warn
 from bastion.models.cli import ALLOW_UNSIGNED_HELP
 from bastion.models.zoo import DEFAULT_DETECTOR
 
@@ -223,11 +223,7 @@ def distill_detect_command(
                        allow_unsigned=allow_unsigned,
                        force=set(force))
     with progress(disable=json_out) as bar:
-        def tick(label: str, total: int):  # noqa: ANN202
-            task = bar.add_task(label, total=total)
-            return lambda: bar.advance(task)
-
-        report = run_distill(spec, key, tick)
+        report = run_distill(spec, key, stage_bars(bar))
     if json_out:
         print_json(report)
         return
@@ -358,10 +354,9 @@ def distill_lm_command(
 
         key = load_private_key(sign, read_passphrase(False))
     with progress(disable=json_out) as bar:
-        task = bar.add_task("distil", total=steps)
         report = run_lm_distill(teacher, tokenizer, corpus, synthetic, layers, depth, out_dir, weights_license,
                                 dict(steps=steps, batch=batch, block=block, lr=lr, temperature=temperature,
-                                     alpha=alpha), key, tick=lambda: bar.advance(task), ffn_ratio=ffn_ratio,
+                                     alpha=alpha), key, progress=stage_bars(bar), ffn_ratio=ffn_ratio,
                                 layer_choice=layer_choice, student_config=student_config,
                                 gguf_type=None if gguf_type == "none" else gguf_type,
                                 max_int8_ppl_rise=max_int8_ppl_rise)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
+from bastion.bench_lm import interleaved_tokens_per_s
 from bastion.models.manifest import MANIFEST_NAME, read_manifest, sha256_file, write_manifest
 from bastion.runtime.lm import Generator
 
@@ -29,14 +29,6 @@ def perplexity(generator: Generator, ids: list[int], block: int = 128, windows: 
         nll -= float(logp[np.arange(block), target].sum())
         count += block
     return math.exp(nll / max(count, 1))
-
-
-def tokens_per_s(generator: Generator, n: int = 100) -> float:
-    ids = generator.encode("Once upon a time")
-    list(generator.generate_ids(ids, 10, stop=()))
-    t = time.perf_counter()
-    out = list(generator.generate_ids(ids, n, stop=()))
-    return len(out) / (time.perf_counter() - t)
 
 
 def int8_gate(bundle_dir: Path, val_ids: list[int], out_dir: Path, max_ppl_rise: float = 0.05,
@@ -61,8 +53,9 @@ def int8_gate(bundle_dir: Path, val_ids: list[int], out_dir: Path, max_ppl_rise:
         write_manifest(manifest, staged / MANIFEST_NAME)
         (staged / "signature").unlink(missing_ok=True)
         int8 = Generator.load(staged, allow_unsigned=True)
-        result = {"fp32": {"perplexity": round(perplexity(fp32, val_ids), 4), "tokens_per_s": round(tokens_per_s(fp32), 1)},
-                  "int8": {"perplexity": round(perplexity(int8, val_ids), 4), "tokens_per_s": round(tokens_per_s(int8), 1)}}
+        speeds = interleaved_tokens_per_s({"fp32": fp32, "int8": int8}, fp32.encode("Once upon a time"))
+        result = {name: {"perplexity": round(perplexity(generator, val_ids), 4), "tokens_per_s": speeds[name]}
+                  for name, generator in (("fp32", fp32), ("int8", int8))}
         rise = result["int8"]["perplexity"] / result["fp32"]["perplexity"] - 1
         speedup = result["int8"]["tokens_per_s"] / result["fp32"]["tokens_per_s"]
         faster = speedup >= min_speedup  # a tie within noise is not worth a quantized model

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bastion.errors import ConfigError, MissingExtraError
+from bastion.models.atomic import atomic_write_bytes
 from bastion.models.manifest import files_sha256, sha256_file
 
 
@@ -21,7 +22,8 @@ def teacher_digest(path: Path) -> str:
 
 def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None, synthetic: int,
                    keep: list[int] | None, depth: int | None, out: Path, weights_license: str,
-                   train: dict[str, Any], sign_key=None, tick: Callable[[], None] | None = None,  # noqa: ANN001
+                   train: dict[str, Any], sign_key=None,  # noqa: ANN001
+                   progress: Callable[[str, int], Callable[[], None]] | None = None,
                    ffn_ratio: float = 1.0, layer_choice: str = "even", student_config: Path | None = None,
                    gguf_type: str | None = "f16", max_int8_ppl_rise: float = 0.05) -> dict:
     try:
@@ -34,18 +36,29 @@ def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None
                                             layer_importance, most_important, narrow_ffn, prune_layers, read_corpus,
                                             synthetic_corpus, tokens_per_s)
     from bastion.distill.lm_export import export_lm_bundle
+    from bastion.runtime.lm import Generator
 
+    stage = progress or (lambda label, total: (lambda: None))
     out.mkdir(parents=True, exist_ok=True)
     teacher = load_teacher(teacher_path)
     tok = Tokenizer.from_file(str(tokenizer_path))
     if tok.get_vocab_size() > teacher.c.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.get_vocab_size()} tokens, the model {teacher.c.vocab_size}",
                           "give the tokenizer that belongs to this checkpoint")
+    # the teacher as the node would serve it: it writes the synthetic corpus and is timed against the student
+    scratch = tempfile.TemporaryDirectory(prefix="bastion-distill-lm-")  # removed at the end (or at exit)
+    served_teacher = Path(scratch.name) / "teacher"
+    export_lm_bundle(teacher, tokenizer_path, served_teacher, "teacher", "scratch", weights_license,
+                     "the teacher, exported to sample from and to time", [])
     text_file = out / "corpus.txt"
     if not text_file.is_file():  # cached: a resumed run trains on the same text
-        text = read_corpus(corpus) if corpus else synthetic_corpus(
-            teacher, lambda s: tok.encode(s).ids, lambda ids: tok.decode(ids), synthetic)
-        text_file.write_text(text)
+        if corpus:
+            text = read_corpus(corpus)
+        else:
+            sampler = Generator.load(served_teacher, threads=None, allow_unsigned=True)  # written a moment ago
+            text = "\n".join(synthetic_corpus(sampler, synthetic, tick=stage("teacher writes", synthetic)))
+            sampler.close()
+        atomic_write_bytes(text_file, text.encode())  # a run killed mid-write must not cache half a corpus
     ids = torch.tensor(tok.encode(text_file.read_text()).ids)
     spec = LMDistillSpec(**train)
     spec.eval_every = max(1, min(spec.eval_every, spec.steps // 5))  # at least ~5 points on the curves
@@ -70,7 +83,7 @@ def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None
             student = narrow_ffn(student, ffn_ratio, train_ids, spec.block)
         how = f"layers {layers}" + (f", MLP {student.c.hidden_dim}/{teacher.c.hidden_dim}" if ffn_ratio < 1 else "")
     pruned_eval = evaluate(student, teacher, val_ids, spec.block)
-    history = distill(teacher, student, train_ids, val_ids, spec, out / "checkpoint.pt", tick)
+    history = distill(teacher, student, train_ids, val_ids, spec, out / "checkpoint.pt", stage("distil", spec.steps))
     prompt = tok.encode("Once upon a time").ids
     report = {
         "teacher": {"layers": teacher.c.n_layers, **evaluate(teacher, teacher, val_ids, spec.block),
@@ -98,12 +111,10 @@ def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None
                                  {"metric": "top1_agreement", "value": report["student"]["top1_agreement"],
                                   "dataset": "held-out 10 % of the corpus", "dataset_sha256": report["corpus_sha256"]}])
     report["bundle"] = str(bundle)
-    # what the field node will run: both as ONNX bundles through bastion's generator, 1 thread
-    with tempfile.TemporaryDirectory() as tmp:
-        export_lm_bundle(teacher, tokenizer_path, Path(tmp) / "teacher", "teacher", "timing", weights_license,
-                         "the teacher, exported only to time it", [])
-        report["teacher"]["tokens_per_s_ort"] = ort_tokens_per_s(Path(tmp) / "teacher", prompt)
-    report["student"]["tokens_per_s_ort"] = ort_tokens_per_s(bundle, prompt)
+    # what the field node will run: both as ONNX bundles through bastion's generator, 1 thread, taking turns
+    speeds = _served_tokens_per_s({"teacher": served_teacher, "student": bundle}, prompt)
+    scratch.cleanup()
+    report["teacher"]["tokens_per_s_ort"], report["student"]["tokens_per_s_ort"] = speeds["teacher"], speeds["student"]
     report["speedup_ort"] = round(report["student"]["tokens_per_s_ort"] / report["teacher"]["tokens_per_s_ort"], 2)
     from bastion.distill.lm_int8 import int8_gate
 
@@ -137,22 +148,18 @@ def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None
     return report
 
 
-def ort_tokens_per_s(bundle: Path, prompt: list[int], new_tokens: int = 128, rounds: int = 3) -> float:
-    """Greedy tokens/s of a bundle through bastion's ONNX Runtime generator (best of ``rounds``, no early stop)."""
-    import time
-
+def _served_tokens_per_s(bundles: dict[str, Path], prompt: list[int]) -> dict[str, float]:
+    """Greedy tokens/s of each bundle through bastion's ONNX Runtime generator, 1 thread, timed taking turns."""
+    from bastion.bench_lm import interleaved_tokens_per_s
     from bastion.runtime.lm import Generator
 
-    generator = Generator.load(bundle, threads=1, allow_unsigned=True)  # made by this run a moment ago
-    best = 0.0
+    generators = {name: Generator.load(path, threads=1, allow_unsigned=True)  # made by this run a moment ago
+                  for name, path in bundles.items()}
     try:
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            n = sum(1 for _ in generator.generate_ids(prompt, new_tokens, stop=()))
-            best = max(best, n / (time.perf_counter() - t0))
+        return interleaved_tokens_per_s(generators, prompt)
     finally:
-        generator.close()
-    return round(best, 1)
+        for generator in generators.values():
+            generator.close()
 
 
 def _gguf(student, tokenizer_path: Path, out: Path, name: str, gguf_type: str | None):  # noqa: ANN001, ANN202

@@ -6,6 +6,7 @@ import pytest
 
 from bastion.errors import ConfigError
 from bastion.runtime.lm import Generator, KVCache
+from bastion.models.zoo import ZOO_DIR
 from conftest import SHARED, run_cli
 
 # What karpathy/llama2.c's run.c prints for `-t 0 -i "Zoo"` with this checkpoint (../shared SOURCE.md).
@@ -184,22 +185,25 @@ def test_pruning_and_distillation_of_a_tiny_random_teacher(tmp_path):
         prune_layers(teacher, [0, 7])
 
 
-def test_synthetic_corpus_samples_distinct_reproducible_texts():
-    """Sequence-level KD text is sampled: eight texts from four seeds are eight different texts (greedy gave one
-    per seed, so the held-out split repeated the training text), and the same RNG seed writes the same corpus."""
+def test_synthetic_corpus_samples_distinct_reproducible_texts(tmp_path):
+    """Sequence-level KD text is sampled (through the teacher's ONNX export, as the pipeline does): eight texts
+    from four seeds are eight different texts (greedy gave one per seed, so the held-out split repeated the
+    training text), and the same RNG seed writes the same corpus."""
     torch = pytest.importorskip("torch")
     from bastion.distill.llama import Llama, LlamaConfig
     from bastion.distill.lm_distill import synthetic_corpus
+    from bastion.distill.lm_export import export_lm_bundle
 
     torch.manual_seed(0)
-    teacher = Llama(LlamaConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64,
+    teacher = Llama(LlamaConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
                                 max_seq_len=256)).eval()
-    encode = lambda text: [3 + len(word) for word in text.split()]  # noqa: E731 - toy tokenizer
-    decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
-    corpus = synthetic_corpus(teacher, encode, decode, 8)
-    assert len(set(corpus.splitlines())) == 8
-    assert synthetic_corpus(teacher, encode, decode, 8) == corpus
-    assert synthetic_corpus(teacher, encode, decode, 8, seed=1) != corpus
+    export_lm_bundle(teacher, ZOO_DIR / "stories260K" / "tokenizer.json", tmp_path / "t", "t", "1", "MIT", "test", [])
+    g = Generator.load(tmp_path / "t", allow_unsigned=True)
+    ticks = []
+    corpus = synthetic_corpus(g, 8, tick=lambda: ticks.append(1))
+    assert len(set(corpus)) == 8 and len(ticks) == 8
+    assert synthetic_corpus(g, 8) == corpus
+    assert synthetic_corpus(g, 8, seed=1) != corpus
 
 
 def test_layer_influence_ffn_narrowing_and_fresh_students(tmp_path):
