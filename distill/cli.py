@@ -320,8 +320,8 @@ def distill_lm_command(
     batch: int = typer.Option(16, help="Windows per step."),
     block: int = typer.Option(128, help="Tokens per window."),
     lr: float = typer.Option(3e-3, help="Peak learning rate (cosine schedule with warm-up)."),
-    temperature: float = typer.Option(2.0, help="KD temperature."),
-    alpha: float = typer.Option(0.5, help="Weight of cross-entropy next to the KL term."),
+    temperature: float = typer.Option(1.0, help="KD temperature (1 beat 2 on stories260K, docs/benchmarks.md)."),
+    alpha: float = typer.Option(0.1, help="Weight of cross-entropy next to the KL term (0.1 beat 0, 0.3 and 0.5)."),
     out_dir: Path = typer.Option(..., "--out", help="Run directory (checkpoint resumes; bundle in RUN/bundle)."),
     weights_license: str = typer.Option(..., help="License of the teacher's weights (the student inherits it)."),
     sign: Optional[Path] = typer.Option(None, "--sign", help="Sign the student bundle with this private key."),
@@ -329,8 +329,9 @@ def distill_lm_command(
 ) -> None:
     """A smaller language model: drop teacher layers, then distil (KL to the teacher's logits + cross-entropy).
 
-    Example: bastion distill lm --teacher stories260K.bin --tokenizer tokenizer.json --synthetic 64 --depth 3
-    --steps 200 --weights-license MIT --out runs/lm/s3   (or --teacher path/to/hf-model-dir)
+    Example: bastion distill lm --teacher stories260K.bin --tokenizer tokenizer.json --synthetic 4096 --depth 3
+    --ffn-ratio 0.75 --steps 3000 --weights-license MIT --out runs/lm/s3   (or --teacher path/to/hf-model-dir;
+    this one: 1.65x the teacher's tokens/s at +9.5 % perplexity, ~8 min on one CPU core)
     """
     from bastion.distill.lm_pipeline import run_lm_distill
     from bastion.errors import ConfigError
