@@ -8,11 +8,12 @@ and the cache length in one node) and ``RotaryEmbedding``, and ONNX Runtime's ``
 
 The KV cache is a set of fixed-size slot buffers, one slot per position: a pass writes its keys and values into
 the slots from ``position_ids``' first value on (opset 24 ``TensorScatter``), and ``Attention`` reads the buffers
-whole with ``nonpad_kv_seqlen`` = the filled slots and ``is_causal`` (bottom-right aligned: the token in slot p sees
-slots 0..p), so it never computes over the empty tail.  Bound as both ``past`` and ``present``
+with ``nonpad_kv_seqlen`` = the filled slots and ``is_causal`` (bottom-right aligned: the token in slot p sees
+slots 0..p), so what the free slots hold never matters.  Bound as both ``past`` and ``present``
 (``bastion.runtime.lm``), the buffers are written in place: a decode step copies nothing, where a growing cache is
 re-copied whole every token; and the prompt is written straight into the same buffers.  Two reductions replace
-the eleven mask and slot-index nodes an explicit boolean mask needed.
+the eleven mask and slot-index nodes an explicit boolean mask needed.  (ONNX Runtime's CPU kernel still does its
+arithmetic over every slot it is given, so the runtime binds only a prefix of the buffers: ``WINDOW``.)
 
 Measured alternatives (docs/benchmarks.md): ONNX Runtime's ``GroupQueryAttention`` — its CPU kernel runs one small
 GEMM per query head and grows fastest with the context, and its fused rotary refuses head sizes that are not a

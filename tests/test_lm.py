@@ -5,7 +5,7 @@ import json
 import pytest
 
 from bastion.errors import ConfigError
-from bastion.runtime.lm import Generator, KVCache
+from bastion.runtime.lm import PREFILL_CHUNK, Generator, KVCache
 from bastion.models.zoo import ZOO_DIR
 from conftest import SHARED, run_cli
 
@@ -89,6 +89,9 @@ def test_export_round_trip_matches_torch(tmp_path):
     model = load_llama2c(src / "stories260K.bin")
     ids = g.encode("Lily and Ben")
     assert list(g.generate_ids(ids, 200)) == greedy(model, ids, 200)
+    long_prompt = g.encode("Lily and Ben went to the park to play with a big red ball. " * 12)
+    assert len(long_prompt) > 2 * PREFILL_CHUNK  # written in several chunks, then decoded across windows
+    assert list(g.generate_ids(long_prompt, 100, stop=())) == greedy(model, long_prompt, 100, stop=())
     with torch.no_grad():  # logits with and without a cache
         full = model(torch.tensor([ids]), torch.arange(len(ids))[None], *model.empty_past())[0].numpy()
         onnx_full, past = g.forward(ids)
