@@ -320,6 +320,9 @@ def distill_lm_command(
     batch: int = typer.Option(16, help="Windows per step."),
     block: int = typer.Option(128, help="Tokens per window."),
     lr: float = typer.Option(3e-3, help="Peak learning rate (cosine schedule with warm-up)."),
+    accumulate: int = typer.Option(1, min=1, help="Batches per optimizer step (gradient accumulation)."),
+    device: str = typer.Option("auto", help="Where to train: auto (a CUDA GPU if torch sees one), cpu, cuda, "
+                               "cuda:N. Evaluation, timing and export run on the CPU, as the node serves."),
     temperature: float = typer.Option(1.0, help="KD temperature (1 beat 2 on stories260K, docs/benchmarks.md)."),
     alpha: float = typer.Option(0.1, help="Weight of cross-entropy next to the KL term (0.1 beat 0, 0.3 and 0.5)."),
     out_dir: Path = typer.Option(..., "--out", help="Run directory (checkpoint resumes; bundle in RUN/bundle)."),
@@ -357,7 +360,7 @@ def distill_lm_command(
     with progress(disable=json_out) as bar:
         report = run_lm_distill(teacher, tokenizer, corpus, synthetic, layers, depth, out_dir, weights_license,
                                 dict(steps=steps, batch=batch, block=block, lr=lr, temperature=temperature,
-                                     alpha=alpha), key, progress=stage_bars(bar), ffn_ratio=ffn_ratio,
+                                     alpha=alpha, accumulate=accumulate, device=device), key, progress=stage_bars(bar), ffn_ratio=ffn_ratio,
                                 layer_choice=layer_choice, student_config=student_config,
                                 gguf_type=None if gguf_type == "none" else gguf_type,
                                 max_int8_ppl_rise=max_int8_ppl_rise)

@@ -115,8 +115,8 @@ class Llama(nn.Module):
         p = past[0].shape[2]
         cos = self.cos_table[position_ids[0]]
         sin = self.sin_table[position_ids[0]]
-        rows = torch.arange(t).unsqueeze(1) + p
-        cols = torch.arange(p + t).unsqueeze(0)
+        rows = torch.arange(t, device=input_ids.device).unsqueeze(1) + p
+        cols = torch.arange(p + t, device=input_ids.device).unsqueeze(0)
         mask = torch.where(cols <= rows, 0.0, float("-inf"))
         if attention_mask is not None:
             mask = mask + torch.where(attention_mask == 0, float("-inf"), 0.0)
@@ -129,7 +129,8 @@ class Llama(nn.Module):
 
     def empty_past(self) -> list[torch.Tensor]:
         c = self.c
-        return [torch.zeros(1, c.n_kv_heads, 0, c.head_dim) for _ in range(2 * c.n_layers)]
+        device = self.cos_table.device  # the module's device (CPU, or CUDA while distilling on a GPU)
+        return [torch.zeros(1, c.n_kv_heads, 0, c.head_dim, device=device) for _ in range(2 * c.n_layers)]
 
 
 def load_llama2c(path: Path) -> Llama:

@@ -8,6 +8,7 @@ learning rate with warm-up, gradient accumulation, periodic evaluation, checkpoi
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from bastion.distill.llama import Llama, LlamaConfig, greedy
 from bastion.errors import ConfigError, InputNotFoundError
+from bastion.models.atomic import atomic_write_bytes
 
 if TYPE_CHECKING:
     from bastion.runtime.lm import Generator
@@ -43,6 +45,7 @@ class LMDistillSpec:
     alpha: float = 0.1  # weight of the hard-label cross-entropy next to the KL term (0, 0.3, 0.5 did worse)
     eval_every: int = 50
     seed: int = 0
+    device: str = "cpu"  # "cuda" (or "cuda:1"): teacher and student train there; bastion.distill.lm_pipeline resolves "auto"
 
 
 def prune_layers(teacher: Llama, keep: list[int]) -> Llama:
@@ -210,7 +213,7 @@ def _batches(tokens: torch.Tensor, block: int, batch: int, gen: torch.Generator)
 
 def _logits(model: Llama, x: torch.Tensor) -> torch.Tensor:
     """Full-sequence logits (no cache) for a batch: the module is batch-1 for export, so loop rows."""
-    pos = torch.arange(x.shape[1])[None]
+    pos = torch.arange(x.shape[1], device=x.device)[None]
     return torch.cat([model(x[i : i + 1], pos, *model.empty_past())[0] for i in range(x.shape[0])])
 
 
@@ -219,10 +222,11 @@ def evaluate(model: Llama, teacher: Llama, tokens: torch.Tensor, block: int, max
     """Perplexity on ``tokens`` and next-token top-1 agreement with the teacher, over every whole ``block``
     window of ``tokens`` (or the first ``max_windows``: the training curves' quick look)."""
     model.eval()
+    device = next(model.parameters()).device
     nll, agree, count = 0.0, 0, 0
     starts = range(0, len(tokens) - block, block)  # each window also needs the token after it
     for s in starts if max_windows is None else starts[:max_windows]:
-        x, y = tokens[s : s + block][None], tokens[s + 1 : s + block + 1]
+        x, y = tokens[s : s + block][None].to(device), tokens[s + 1 : s + block + 1].to(device)
         logits = _logits(model, x)[0]
         nll += F.cross_entropy(logits, y, reduction="sum").item()
         agree += (logits.argmax(-1) == _logits(teacher, x)[0].argmax(-1)).sum().item()
@@ -234,15 +238,19 @@ def distill(teacher: Llama, student: Llama, train_tokens: torch.Tensor, val_toke
             spec: LMDistillSpec, checkpoint: Path, tick: Callable[[], None] | None = None) -> list[dict]:
     """Train ``student`` to match ``teacher``; resumes from ``checkpoint`` if it exists. Returns the history."""
     torch.manual_seed(spec.seed)
-    gen = torch.Generator().manual_seed(spec.seed)
-    teacher.eval()
+    gen = torch.Generator().manual_seed(spec.seed)  # the batch order (CPU): saved with each checkpoint
+    device = torch.device(spec.device)
+    teacher.to(device).eval()
+    student.to(device)
     opt = torch.optim.AdamW(student.parameters(), lr=spec.lr, weight_decay=0.0)
     start, history = 0, []
     if checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
+        state = torch.load(checkpoint, weights_only=False, map_location=device)
         student.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, history = state["step"], state["history"]
+        if "batch_rng" in state:  # resumed runs draw the batches the uninterrupted run would have drawn
+            gen.set_state(state["batch_rng"].cpu())
     batches = _batches(train_tokens, spec.block, spec.batch, gen)
     for step in range(start, spec.steps):
         lr = spec.lr * min(1.0, (step + 1) / max(spec.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / spec.steps))
@@ -250,7 +258,7 @@ def distill(teacher: Llama, student: Llama, train_tokens: torch.Tensor, val_toke
             group["lr"] = lr
         student.train()
         for _ in range(spec.accumulate):
-            x, y = next(batches)
+            x, y = (t.to(device) for t in next(batches))
             with torch.no_grad():
                 t_logits = _logits(teacher, x)
             s_logits = _logits(student, x)
@@ -265,11 +273,18 @@ def distill(teacher: Llama, student: Llama, train_tokens: torch.Tensor, val_toke
         if (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps:
             history.append({"step": step + 1, "loss": round(loss.item() * spec.accumulate, 4), "lr": lr,
                             **evaluate(student, teacher, val_tokens, spec.block, max_windows=4)})
-            torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
-                        "history": history}, checkpoint)
+            _save_checkpoint(checkpoint, {"model": student.state_dict(), "optimizer": opt.state_dict(),
+                                          "step": step + 1, "history": history, "batch_rng": gen.get_state()})
         if tick:
             tick()
     return history
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    """Temp file, fsync, rename: a run killed while saving resumes from the previous checkpoint, not a torn one."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def tokens_per_s(model: Llama, ids: list[int], n: int = 100) -> float:

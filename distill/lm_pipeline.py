@@ -39,6 +39,7 @@ def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None
     from bastion.runtime.lm import Generator
 
     stage = progress or (lambda label, total: (lambda: None))
+    train = {**train, "device": training_device(train.get("device", "cpu"))}  # refused before any work is done
     out.mkdir(parents=True, exist_ok=True)
     teacher = load_teacher(teacher_path)
     tok = Tokenizer.from_file(str(tokenizer_path))
@@ -87,6 +88,8 @@ def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None
         how = f"layers {layers}" + (f", MLP {student.c.hidden_dim}/{teacher.c.hidden_dim}" if ffn_ratio < 1 else "")
     pruned_eval = evaluate(student, teacher, val_ids, spec.block)
     history = distill(teacher, student, train_ids, val_ids, spec, out / "checkpoint.pt", stage("distil", spec.steps))
+    for model in (teacher, student):  # measured, timed and exported on the CPU, as the field node holds them
+        model.cpu()
     prompt = tok.encode("Once upon a time").ids
     report = {
         "teacher": {"layers": teacher.c.n_layers, **evaluate(teacher, teacher, val_ids, spec.block),
@@ -149,6 +152,23 @@ def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None
         + (f"\nLayer influence (1 − cos(in, out), higher = kept first): {influence}\n" if influence else "")
         + (f"\n![training curves]({report['curves']})\n" if report["curves"] else ""))
     return report
+
+
+def training_device(requested: str) -> str:
+    """``auto``: the first CUDA GPU when torch sees one, else the CPU; ``cuda``/``cuda:N`` must exist."""
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cpu":
+        return "cpu"
+    name, _, index = requested.partition(":")
+    if name != "cuda" or not (index == "" or index.isdigit()):
+        raise ConfigError(f"--device {requested} is not a training device", "use auto, cpu, cuda or cuda:N")
+    if int(index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {requested}: torch sees {torch.cuda.device_count()} CUDA device(s)",
+                          "use --device cpu, or auto")
+    return requested
 
 
 def _served_tokens_per_s(bundles: dict[str, Path], prompt: list[int]) -> dict[str, float]:

@@ -188,6 +188,40 @@ def test_pruning_and_distillation_of_a_tiny_random_teacher(tmp_path):
         prune_layers(teacher, [0, 7])
 
 
+def test_distillation_resumes_where_a_killed_run_stopped(tmp_path):
+    """Killed after its step-10 checkpoint, a run resumes there and ends with the very weights of a run that was
+    never interrupted (optimizer state and batch order come back with the checkpoint)."""
+    torch = pytest.importorskip("torch")
+    from bastion.distill.llama import Llama, LlamaConfig
+    from bastion.distill.lm_distill import LMDistillSpec, distill, prune_layers
+
+    torch.manual_seed(0)
+    teacher = Llama(LlamaConfig(dim=32, hidden_dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=64,
+                                max_seq_len=64)).eval()
+    tokens = torch.randint(0, 64, (2000,))
+    spec = LMDistillSpec(steps=20, batch=2, block=16, eval_every=10, lr=1e-2)
+    whole = prune_layers(teacher, [0, 3])
+    distill(teacher, whole, tokens[:1800], tokens[1800:], spec, tmp_path / "whole.pt")
+
+    steps = []
+
+    def killed_at_step_13() -> None:
+        steps.append(1)
+        if len(steps) == 13:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(teacher, prune_layers(teacher, [0, 3]), tokens[:1800], tokens[1800:], spec, tmp_path / "ck.pt",
+                killed_at_step_13)
+    assert torch.load(tmp_path / "ck.pt", weights_only=False)["step"] == 10
+    resumed = prune_layers(teacher, [0, 3])
+    history = distill(teacher, resumed, tokens[:1800], tokens[1800:], spec, tmp_path / "ck.pt")
+    assert [h["step"] for h in history] == [10, 20]
+    for name, value in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value)
+    assert not list(tmp_path.glob(".*.tmp"))  # checkpoints are renamed into place, never left half-written
+
+
 def test_synthetic_corpus_samples_distinct_reproducible_texts(tmp_path):
     """Sequence-level KD text is sampled (through the teacher's ONNX export, as the pipeline does): eight texts
     from four seeds are eight different texts (greedy gave one per seed, so the held-out split repeated the
@@ -261,8 +295,8 @@ def test_distill_lm_cli_end_to_end(tmp_path):
         pytest.skip("../shared is not present")
     proc = run_cli("distill", "lm", "--teacher", str(src / "stories260K.bin"), "--tokenizer",
                    str(src / "hf" / "tokenizer.json"), "--synthetic", "12", "--depth", "3", "--steps", "20",
-                   "--batch", "4", "--block", "32", "--weights-license", "MIT", "--out", str(tmp_path / "run"),
-                   "--json")
+                   "--batch", "2", "--accumulate", "2", "--block", "32", "--weights-license", "MIT", "--out",
+                   str(tmp_path / "run"), "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["student"]["layers"] == [0, 2, 4]
@@ -275,6 +309,14 @@ def test_distill_lm_cli_end_to_end(tmp_path):
     assert run_cli("distill", "lm", "--teacher", str(src / "stories260K.bin"), "--tokenizer",
                    str(src / "hf" / "tokenizer.json"), "--weights-license", "MIT", "--out",
                    str(tmp_path / "x")).returncode == 1  # neither --corpus nor --synthetic
+    import torch
+
+    for device in ("tpu", f"cuda:{torch.cuda.device_count()}"):  # no such kind; one GPU past the last (cuda:0 here)
+        bad = run_cli("distill", "lm", "--teacher", str(src / "stories260K.bin"), "--tokenizer",
+                      str(src / "hf" / "tokenizer.json"), "--synthetic", "8", "--device", device, "--weights-license",
+                      "MIT", "--out", str(tmp_path / "y"))
+        assert bad.returncode == 1 and "--device" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert not (tmp_path / "y").exists()  # refused before any work
 
     # a Hugging Face teacher directory (tokenizer found inside), layers chosen by influence, MLPs halved
     proc = run_cli("distill", "lm", "--teacher", str(src / "hf"), "--synthetic", "8", "--depth", "3",
