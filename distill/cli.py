@@ -237,14 +237,24 @@ LM_TOKENIZER_OPTION = typer.Option(None, "--tokenizer", help="Its Hugging Face t
 
 
 def teacher_tokenizer(teacher: Path, tokenizer: Optional[Path]) -> Path:
-    """``--tokenizer``, or the tokenizer.json of a Hugging Face teacher directory."""
-    from bastion.errors import ConfigError
+    """``--tokenizer``, or the tokenizer.json of a Hugging Face teacher directory — one that loads."""
+    from tokenizers import Tokenizer
 
-    if tokenizer is not None:
-        return tokenizer
-    if teacher.is_dir() and (teacher / "tokenizer.json").is_file():
-        return teacher / "tokenizer.json"
-    raise ConfigError(f"no tokenizer for {teacher}", "give --tokenizer tokenizer.json")
+    from bastion.errors import ConfigError, InputNotFoundError
+
+    if tokenizer is None:
+        if not (teacher.is_dir() and (teacher / "tokenizer.json").is_file()):
+            raise ConfigError(f"no tokenizer for {teacher}", "give --tokenizer tokenizer.json")
+        tokenizer = teacher / "tokenizer.json"
+    if not tokenizer.is_file():
+        raise InputNotFoundError(f"tokenizer not found: {tokenizer}")
+    try:
+        Tokenizer.from_file(str(tokenizer))
+    except Exception as exc:  # tokenizers raises bare Exceptions for files it cannot parse
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise ConfigError(f"{tokenizer} is not a Hugging Face tokenizer.json ({first})",
+                          "give the tokenizer.json that belongs to the teacher") from None
+    return tokenizer
 
 
 @distill_app.command("lm-export")

@@ -317,6 +317,10 @@ def test_distill_lm_cli_end_to_end(tmp_path):
                       "MIT", "--out", str(tmp_path / "y"))
         assert bad.returncode == 1 and "--device" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     assert not (tmp_path / "y").exists()  # refused before any work
+    bad = run_cli("distill", "lm", "--teacher", str(src / "stories260K.bin"), "--tokenizer",
+                  str(ZOO_DIR / "stories260K" / "manifest.json"), "--synthetic", "8", "--weights-license", "MIT",
+                  "--out", str(tmp_path / "z"))
+    assert bad.returncode == 1 and "is not a Hugging Face tokenizer.json" in bad.stderr, bad.stderr
 
     # a Hugging Face teacher directory (tokenizer found inside), layers chosen by influence, MLPs halved
     proc = run_cli("distill", "lm", "--teacher", str(src / "hf"), "--synthetic", "8", "--depth", "3",
