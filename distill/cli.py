@@ -370,8 +370,8 @@ def distill_lm_command(
     with progress(disable=json_out) as bar:
         report = run_lm_distill(teacher, tokenizer, corpus, synthetic, layers, depth, out_dir, weights_license,
                                 dict(steps=steps, batch=batch, block=block, lr=lr, temperature=temperature,
-                                     alpha=alpha, accumulate=accumulate, device=device), key, progress=stage_bars(bar), ffn_ratio=ffn_ratio,
-                                layer_choice=layer_choice, student_config=student_config,
+                                     alpha=alpha, accumulate=accumulate, device=device), key,
+                                progress=stage_bars(bar), ffn_ratio=ffn_ratio, layer_choice=layer_choice, student_config=student_config,
                                 gguf_type=None if gguf_type == "none" else gguf_type,
                                 max_int8_ppl_rise=max_int8_ppl_rise)
     if json_out:

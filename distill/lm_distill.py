@@ -45,7 +45,7 @@ class LMDistillSpec:
     alpha: float = 0.1  # weight of the hard-label cross-entropy next to the KL term (0, 0.3, 0.5 did worse)
     eval_every: int = 50
     seed: int = 0
-    device: str = "cpu"  # "cuda" (or "cuda:1"): teacher and student train there; bastion.distill.lm_pipeline resolves "auto"
+    device: str = "cpu"  # or "cuda"/"cuda:N": teacher and student train there (lm_pipeline resolves "auto")
 
 
 def prune_layers(teacher: Llama, keep: list[int]) -> Llama:

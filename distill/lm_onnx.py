@@ -3,8 +3,9 @@
 Why not ``torch.onnx.export``: at this model size a decode step is dominated by per-node dispatch, and the traced
 graph keeps ~215 nodes after ONNX Runtime's optimiser (reshapes, transposes, RoPE arithmetic, a mask, a concat per
 cache).  Written directly on the operators made for this — ONNX ``Attention`` (grouped KV heads, causal masking
-and the cache length in one node) and ``RotaryEmbedding``, and ONNX Runtime's ``SkipSimplifiedLayerNormalization`` (residual add
-+ RMSNorm) — the same model is ~100 nodes, with logits within 1e-5 of the torch module and the same greedy tokens.
+and the cache length in one node) and ``RotaryEmbedding``, and ONNX Runtime's ``SkipSimplifiedLayerNormalization``
+(residual add + RMSNorm) — the same model is ~100 nodes, with logits within 1e-5 of the torch module and the same
+greedy tokens.
 
 The KV cache is a set of fixed-size slot buffers, one slot per position: a pass writes its keys and values into
 the slots from ``position_ids``' first value on (opset 24 ``TensorScatter``), and ``Attention`` reads the buffers

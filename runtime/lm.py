@@ -120,6 +120,8 @@ class Generator:
         top_k = d["top_k"] if top_k is None else top_k
         top_p = d["top_p"] if top_p is None else top_p
         check_generation(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+        if not ids:
+            raise ConfigError("the prompt has no tokens", "start it with the BOS token (encode() adds it)")
         if len(ids) >= self.context:
             raise ConfigError(f"the prompt is {len(ids)} tokens; this model's context is {self.context}",
                               "shorten the prompt")
@@ -245,7 +247,7 @@ class _BoundDecoder:
     def prefill(self, ids: list[int]) -> np.ndarray:
         """The prompt written straight into the cache buffers, in passes of ``PREFILL_CHUNK`` tokens each bound to
         exactly the slots filled so far: ONNX Runtime's CPU Attention scores every query against every bound key
-        and masks afterwards, so one 383-token pass computes 383×383 scores where chunks of 64 compute ~58 % of that."""
+        and masks afterwards, so one 383-token pass computes 383×383 scores, chunks of 64 ~58 % of that."""
         logits = np.empty(0, np.float32)
         for start in range(0, len(ids), PREFILL_CHUNK):
             chunk = ids[start : start + PREFILL_CHUNK]

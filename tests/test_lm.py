@@ -34,6 +34,8 @@ def test_streaming_pieces_join_to_the_decoded_ids(generator):
 
 
 def test_sampling_is_seeded_and_limits_are_enforced(generator):
+    with pytest.raises(ConfigError, match="no tokens"):
+        generator.generate_ids([], 5)
     a = list(generator.generate_ids(generator.encode("The cat"), 30, temperature=1.0, top_k=20, top_p=0.9, seed=3))
     b = list(generator.generate_ids(generator.encode("The cat"), 30, temperature=1.0, top_k=20, top_p=0.9, seed=3))
     assert a == b
@@ -425,8 +427,9 @@ def test_gguf_round_trip_keeps_the_model(tmp_path):
 
 
 def test_decoder_graph_matches_torch_for_a_qwen2_style_model():
-    """The node-by-node ONNX decoder (opset 24 Attention over a slot cache, fused norms) on a random model with q/k/v biases, grouped
-    KV heads and another RoPE base: logits of a prompt, of a cached step and of a cached chunk match torch."""
+    """The node-by-node ONNX decoder (opset 24 Attention over slots, fused norms) on a random model with q/k/v
+    biases, grouped KV heads and another RoPE base: logits of a prompt, of a cached step and of a cached chunk
+    match torch."""
     torch = pytest.importorskip("torch")
     import numpy as np
     import onnxruntime as ort
