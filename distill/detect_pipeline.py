@@ -86,7 +86,7 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
                 raise ConfigError(f"teacher {ref} is not part of this run's cached teachers",
                                   "re-run with --force teachers, or use a new --out")
             check_unchanged(exported[ref])
-            bundles.append(Bundle.open(run.dir("teachers") / exported[ref]["bundle"], allow_unsigned=True))
+            bundles.append(Bundle.open_fresh(run.dir("teachers") / exported[ref]["bundle"]))
         else:
             bundles.append(Bundle.open(ref, allow_unsigned=spec.allow_unsigned))
     for ref, b in zip(spec.teachers, bundles):
@@ -113,8 +113,7 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
         if not images:
             raise InputNotFoundError(f"no images in {spec.images}")
         thresholds = [spec.conf.get(c, spec.conf.get("*", 0.25)) for c in spec.classes]
-        teachers = [Detector.load(b.root, conf=0.05, allow_unsigned=spec.allow_unsigned or is_imported(ref))
-                    for ref, b in zip(spec.teachers, bundles)]
+        teachers = [Detector.from_bundle(b, conf=0.05) for b in bundles]  # verified above
         chosen_thresholds = None
         if spec.conf_auto:
             thresholds, chosen_thresholds = _auto_thresholds(spec, images, teachers, maps, thresholds,
@@ -342,9 +341,10 @@ def _figures(stage: Path, spec: DistillSpec, candidates: list[dict], dataset, ch
                                                "epoch", "loss").name
     if chosen is not None:
         bundle = chosen["bundle"]
-        model = str(run.root / bundle) if bundle.startswith("baselines/") else bundle
-        try:
-            det = Detector.load(model, allow_unsigned=True, warmup=False)
+        model = run.root / bundle if bundle.startswith("baselines/") else Path(bundle)
+        try:  # every candidate but the teacher itself is a bundle this run wrote
+            det = Detector.from_bundle(Bundle.open_fresh(model), warmup=False) if run.root in model.resolve().parents \
+                else Detector.load(bundle, allow_unsigned=spec.allow_unsigned, warmup=False)
         except Exception as exc:  # a figure must never fail the run
             log.warning("no detection grid: %s", exc)
             return figures

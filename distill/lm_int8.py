@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from bastion.bench_lm import interleaved_tokens_per_s
+from bastion.models.bundle import Bundle
 from bastion.models.manifest import MANIFEST_NAME, read_manifest, sha256_file, write_manifest
 from bastion.runtime.lm import Generator
 
@@ -36,7 +37,7 @@ def int8_gate(bundle_dir: Path, val_ids: list[int], out_dir: Path, max_ppl_rise:
     from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    fp32 = Generator.load(bundle_dir, allow_unsigned=True)
+    fp32 = Generator(Bundle.open_fresh(bundle_dir))
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "bundle"
         shutil.copytree(bundle_dir, staged)
@@ -52,7 +53,7 @@ def int8_gate(bundle_dir: Path, val_ids: list[int], out_dir: Path, max_ppl_rise:
                                                "version": f"{manifest.version}-int8"})
         write_manifest(manifest, staged / MANIFEST_NAME)
         (staged / "signature").unlink(missing_ok=True)
-        int8 = Generator.load(staged, allow_unsigned=True)
+        int8 = Generator(Bundle.open_fresh(staged))
         speeds = interleaved_tokens_per_s({"fp32": fp32, "int8": int8}, fp32.encode("Once upon a time"))
         result = {name: {"perplexity": round(perplexity(generator, val_ids), 4), "tokens_per_s": speeds[name]}
                   for name, generator in (("fp32", fp32), ("int8", int8))}

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from bastion.errors import ConfigError, MissingExtraError
 from bastion.models.atomic import atomic_write_bytes
+from bastion.models.bundle import Bundle
 from bastion.models.manifest import files_sha256, sha256_file
 
 
@@ -58,8 +59,7 @@ def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None
         else:
             # one thread decodes a small model fastest (2,048 stories260K texts: ~35 s; ORT's default pool is ~1.7×
             # slower there); a wide one gains from all cores
-            sampler = Generator.load(served_teacher, threads=1 if teacher.c.dim < 512 else None,
-                                     allow_unsigned=True)  # written a moment ago
+            sampler = Generator(Bundle.open_fresh(served_teacher), threads=1 if teacher.c.dim < 512 else None)
             text = "\n".join(synthetic_corpus(sampler, synthetic, tick=stage("teacher writes", synthetic)))
             sampler.close()
         atomic_write_bytes(text_file, text.encode())  # a run killed mid-write must not cache half a corpus
@@ -176,8 +176,7 @@ def _served_tokens_per_s(bundles: dict[str, Path], prompt: list[int]) -> dict[st
     from bastion.bench_lm import interleaved_tokens_per_s
     from bastion.runtime.lm import Generator
 
-    generators = {name: Generator.load(path, threads=1, allow_unsigned=True)  # made by this run a moment ago
-                  for name, path in bundles.items()}
+    generators = {name: Generator(Bundle.open_fresh(path), threads=1) for name, path in bundles.items()}
     try:
         return interleaved_tokens_per_s(generators, prompt)
     finally:

@@ -62,6 +62,18 @@ class Bundle:
         return cls(root=root, manifest=manifest, verification=verification)
 
     @classmethod
+    def open_fresh(cls, path: str | Path) -> "Bundle":
+        """A bundle this process has just written and nobody has signed yet — a pipeline reading back its own
+        candidates, students or scratch exports. The payload is verified as always; the signature is not asked
+        for, and no ``--allow-unsigned`` warning is printed: the user never gave that flag, and the run's report
+        says which outputs are signed."""
+        root = resolve_bundle_dir(path)
+        manifest = read_manifest(root / MANIFEST_NAME)
+        verify_files(root, manifest)
+        log.info("reading back a bundle this run wrote", extra={"bundle": f"{manifest.name}:{manifest.version}"})
+        return cls(root=root, manifest=manifest, verification=Verification(False, note="written by this run"))
+
+    @classmethod
     def inspect(cls, path: str | Path, trust: TrustStore | None = None) -> "Inspection":
         """Read a bundle for display: signature or payload problems become the status, not an exception."""
         root = resolve_bundle_dir(path)

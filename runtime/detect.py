@@ -87,16 +87,26 @@ class Detector:
             warn_unsigned(path.name, "it is a bare ONNX file with no signature")
             backend = open_backend(path, device=device, threads=threads)
             manifest = manifest_from_onnx(path, backend)
-            sha, signer = manifest.files[0].sha256, None
-        else:
-            bundle = Bundle.open(model, trust=trust, allow_unsigned=allow_unsigned)
-            size = (opts.imgsz, opts.imgsz) if opts.imgsz else (
-                tuple(bundle.manifest.input.size) if bundle.manifest.input else None)
-            backend = open_backend(bundle.model_path, device=device, threads=threads,
-                                   precision=bundle.manifest.precision, size_hw=size,  # a TensorRT profile's range
-                                   max_batch=opts.max_batch)
-            manifest, sha, signer = bundle.manifest, bundle.sha256, bundle.verification.key_id
-        detector = cls(backend, manifest, opts, bundle_sha256=sha)
+            return cls._ready(backend, manifest, opts, manifest.files[0].sha256, None, warmup)
+        return cls.from_bundle(Bundle.open(model, trust=trust, allow_unsigned=allow_unsigned), device, threads,
+                               warmup, **options)
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, device: str = "auto", threads: int | None = None, warmup: bool = True,
+                    **options) -> "Detector":
+        """A detector on a bundle already opened (verified, or read back by the run that wrote it)."""
+        opts = DetectOptions(**options)
+        size = (opts.imgsz, opts.imgsz) if opts.imgsz else (
+            tuple(bundle.manifest.input.size) if bundle.manifest.input else None)
+        backend = open_backend(bundle.model_path, device=device, threads=threads,
+                               precision=bundle.manifest.precision, size_hw=size,  # a TensorRT profile's range
+                               max_batch=opts.max_batch)
+        return cls._ready(backend, bundle.manifest, opts, bundle.sha256, bundle.verification.key_id, warmup)
+
+    @classmethod
+    def _ready(cls, backend: Backend, manifest: Manifest, opts: DetectOptions, sha256: str, signer: str | None,
+               warmup: bool) -> "Detector":
+        detector = cls(backend, manifest, opts, bundle_sha256=sha256)
         detector.verified_by = signer
         if warmup:
             detector.warmup()

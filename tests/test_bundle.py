@@ -70,3 +70,22 @@ def test_garbage_and_future_manifests_are_refused(copy):
 def test_unknown_model_name():
     with pytest.raises(InputNotFoundError, match="model not found"):
         Bundle.open("no-such-model")
+
+
+def test_a_run_reads_back_its_own_unsigned_bundle_quietly_but_checked(copy, capfd):
+    """A pipeline re-opening what it just wrote needs no signature and prints no --allow-unsigned warning (the
+    user gave no such flag); the payload is still checked."""
+    (copy / "signature").unlink()
+    with pytest.raises(ModelLoadError):
+        Bundle.open(copy)  # a stranger's unsigned bundle stays refused
+    fresh = Bundle.open_fresh(copy)
+    assert not fresh.verification.signed and "written by this run" in fresh.verification.summary
+    detector = Detector.from_bundle(fresh, warmup=False)
+    assert detector.manifest.name == "yolox_nano" and detector.verified_by is None
+    assert "allow-unsigned" not in capfd.readouterr().err
+    Bundle.open(copy, allow_unsigned=True)
+    assert "allow-unsigned" in capfd.readouterr().err  # the development override stays loud
+    model = copy / "yolox_nano.onnx"
+    model.write_bytes(model.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match="truncated or replaced"):
+        Bundle.open_fresh(copy)
