@@ -193,7 +193,7 @@ def synthetic_corpus(teacher: "Generator", n: int,
     distribution (temperature 1, no top-k/top-p; each text from its own RNG seed derived from ``seed``, so a
     run is reproducible).  Greedy continuations would give only one text per seed: the corpus would repeat
     itself and its held-out tail would be training text.  ``teacher`` is the teacher's ONNX export on bastion's
-    runtime, ~9× the torch module's tokens/s: 2,048 stories from stories260K take ~30 s instead of ~4 min."""
+    runtime, ~9× the torch module's tokens/s: 2,048 stories from stories260K take ~35 s instead of ~4 min."""
     out = []
     for i, text_seed in enumerate(np.random.SeedSequence(seed).generate_state(n)):
         ids = teacher.encode(seeds[i % len(seeds)])
