@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from bastion.console import out, print_json, progress, stage_bars, warn
+from bastion.distill.torch_device import DEVICE_HELP, training_device
 from bastion.models.cli import ALLOW_UNSIGNED_HELP
 from bastion.models.zoo import DEFAULT_DETECTOR
 
@@ -166,6 +167,7 @@ def distill_detect_command(
                               "(docs/distillation.md); --hard trains on 0/1 labels."),
     feature_kd: float = typer.Option(6.0, "--feature-kd", help="Weight of Ultralytics' feature distillation when a "
                                      "teacher is an Ultralytics .pt (0: off)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     out_dir: Path = typer.Option(..., "--out", help="Run directory (stages are cached; re-run resumes)."),
     force: list[str] = typer.Option([], "--force", help="Redo this stage and the ones after it."),
     sign: Optional[Path] = typer.Option(None, "--sign", help="Sign the shipped bundle with this private key."),
@@ -211,7 +213,8 @@ def distill_detect_command(
         if not (Path(student).suffix or Path(student).exists()):
             student += ".yaml"  # yolov8n → yolov8n.yaml: Ultralytics' built-in architecture
         train = TrainSpec(student=student, warm_start=warm_start, epochs=epochs, batch=batch, freeze=freeze,
-                          width=width, depth=depth, soft=soft, feature_weight=feature_kd, prune=prune)
+                          width=width, depth=depth, soft=soft, feature_weight=feature_kd, prune=prune,
+                          device=training_device(device))
     if (val_images is None) != (val_labels is None):
         raise ConfigError("--val-images and --val-labels go together", "give both, or neither to hold out a share "
                           "of the labelled --images")
@@ -331,8 +334,7 @@ def distill_lm_command(
     block: int = typer.Option(128, help="Tokens per window."),
     lr: float = typer.Option(3e-3, help="Peak learning rate (cosine schedule with warm-up)."),
     accumulate: int = typer.Option(1, min=1, help="Batches per optimizer step (gradient accumulation)."),
-    device: str = typer.Option("auto", help="Where to train: auto (a CUDA GPU if torch sees one), cpu, cuda, "
-                               "cuda:N. Evaluation, timing and export run on the CPU, as the node serves."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     temperature: float = typer.Option(1.0, help="KD temperature (1 beat 2 on stories260K, docs/benchmarks.md)."),
     alpha: float = typer.Option(0.1, help="Weight of cross-entropy next to the KL term (0.1 beat 0, 0.3 and 0.5)."),
     out_dir: Path = typer.Option(..., "--out", help="Run directory (checkpoint resumes; bundle in RUN/bundle)."),

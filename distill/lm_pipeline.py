@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from bastion.distill.torch_device import training_device
 from bastion.errors import ConfigError, MissingExtraError
 from bastion.models.atomic import atomic_write_bytes
 from bastion.models.bundle import Bundle
@@ -152,23 +153,6 @@ def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None
         + (f"\nLayer influence (1 − cos(in, out), higher = kept first): {influence}\n" if influence else "")
         + (f"\n![training curves]({report['curves']})\n" if report["curves"] else ""))
     return report
-
-
-def training_device(requested: str) -> str:
-    """``auto``: the first CUDA GPU when torch sees one, else the CPU; ``cuda``/``cuda:N`` must exist."""
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cpu":
-        return "cpu"
-    name, _, index = requested.partition(":")
-    if name != "cuda" or not (index == "" or index.isdigit()):
-        raise ConfigError(f"--device {requested} is not a training device", "use auto, cpu, cuda or cuda:N")
-    if int(index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"--device {requested}: torch sees {torch.cuda.device_count()} CUDA device(s)",
-                          "use --device cpu, or auto")
-    return requested
 
 
 def _served_tokens_per_s(bundles: dict[str, Path], prompt: list[int]) -> dict[str, float]:

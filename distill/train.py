@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bastion.distill.soft_targets import attach_scores, soft_detection_loss
+from bastion.distill.torch_device import ultralytics_device
 from bastion.distill.ultra import load_ultralytics
 from bastion.errors import ConfigError, InputNotFoundError, MissingExtraError
 
@@ -35,6 +36,7 @@ class TrainSpec:
     feature_teacher: Path | None = None  # an Ultralytics .pt teacher: Ultralytics' feature distillation too
     feature_weight: float = 6.0  # Ultralytics' ``dis``: weight of the feature-distillation loss
     prune: float | None = None  # after the warm start, remove this share of channels (structured, by magnitude)
+    device: str = "cpu"  # resolved by bastion.distill.torch_device ("cuda:1" → Ultralytics' device=1)
 
 
 def load_state(path: Path) -> dict[str, Any]:
@@ -164,7 +166,9 @@ def train_student(data_yaml: Path, spec: TrainSpec, imgsz: int, out_dir: Path) -
         record["feature_teacher"] = str(spec.feature_teacher)
     model.train(
         trainer=StudentTrainer, data=str(data_yaml), imgsz=imgsz, epochs=spec.epochs, batch=spec.batch,
-        workers=0, device="cpu", project=str(out_dir), name="train", exist_ok=True, amp=False, plots=True,
+        # amp stays off on a GPU too: Ultralytics' AMP check downloads weights (../shared/NOTES.md, offline recipe)
+        workers=0, device=ultralytics_device(spec.device), project=str(out_dir), name="train", exist_ok=True,
+        amp=False, plots=True,
         verbose=False, seed=0, deterministic=True, freeze=spec.freeze or None, nbs=spec.batch,
         close_mosaic=max(0, min(10, spec.epochs // 2)), warmup_epochs=min(3.0, spec.epochs / 4), patience=0,
         **extra,

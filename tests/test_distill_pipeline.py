@@ -123,6 +123,14 @@ def test_distill_bad_input(small_set, tmp_path):
     proc = run_cli("distill", "detect", "--teacher", "yolov5n", "--images", str(tmp_path / "none"), "--classes",
                    "person", "--no-train", "--out", str(tmp_path / "c"))
     assert proc.returncode == 1 and "no images in" in proc.stderr and "Traceback" not in proc.stderr
+    from bastion.distill.ultra import ultralytics_available
+
+    if ultralytics_available():  # the training device is checked before any stage runs
+        import torch
+
+        proc = run_cli("distill", "detect", "--teacher", "yolov5n", "--images", str(images), "--classes", "person",
+                       "--device", f"cuda:{torch.cuda.device_count()}", "--out", str(tmp_path / "d"))
+        assert proc.returncode == 1 and "CUDA device" in proc.stderr and not (tmp_path / "d").exists()
 
 
 @pytest.mark.slow
