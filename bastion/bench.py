@@ -423,6 +423,8 @@ def bench_lm_command(
                                              "directory, for bastion's torch module (needs the [distill] extra)."),
     transformers_dir: Optional[Path] = typer.Option(None, "--transformers", help="A local Hugging Face directory of "
                                                     "the same weights: also time transformers' generate."),
+    against: Optional[str] = typer.Option(None, help="A second lm bundle (e.g. the teacher of a distilled "
+                                          "student): both timed taking turns, the speed-up reported per prompt."),
     new_tokens: int = typer.Option(128, help="Tokens to generate per prompt."),
     prompt_lengths: str = typer.Option("16,128,384", help="Prompt lengths in tokens, comma-separated."),
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
@@ -432,11 +434,12 @@ def bench_lm_command(
 
     Example: bastion bench lm --reference ../shared/weights/stories260K/stories260K.bin
     --transformers ../shared/weights/stories260K/hf --json
+    (a distilled student against its teacher: bastion bench lm -m runs/lm/s3/bundle --against stories260K)
     """
     from bastion.bench_lm import bench_lm
 
     lengths = [int(x) for x in prompt_lengths.split(",") if x.strip()]
-    result = bench_lm(model, reference, new_tokens, lengths, allow_unsigned, transformers_dir)
+    result = bench_lm(model, reference, new_tokens, lengths, allow_unsigned, transformers_dir, against)
     if json_out:
         print_json(result)
         return

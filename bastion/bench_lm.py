@@ -53,9 +53,13 @@ def _prompt_ids(generator: Generator, length: int) -> list[int]:
 
 
 def bench_lm(model: str, reference: Path | None, new_tokens: int, prompt_lengths: list[int],
-             allow_unsigned: bool = False, transformers_dir: Path | None = None) -> dict[str, Any]:
+             allow_unsigned: bool = False, transformers_dir: Path | None = None,
+             against: str | None = None) -> dict[str, Any]:
     generator = Generator.load(model, threads=1, allow_unsigned=allow_unsigned)
     result: dict[str, Any] = {"model": generator.bundle.manifest.name, "new_tokens": new_tokens, "lengths": {}}
+    rival = Generator.load(against, threads=1, allow_unsigned=allow_unsigned) if against else None
+    if rival is not None:
+        result["against"] = rival.bundle.manifest.name
     torch_model = None
     if reference is not None:
         import torch
@@ -78,6 +82,10 @@ def bench_lm(model: str, reference: Path | None, new_tokens: int, prompt_lengths
             row.update(torch_tokens_per_s=round(len(theirs) / ref_total, 1), same_tokens=theirs == ours,
                        speedup=round((len(ours) / total) / (len(theirs) / ref_total), 2) if theirs else None)
         result["lengths"][str(length)] = row
+        if rival is not None:  # the two bundles take turns, best of ROUNDS each
+            speeds = interleaved_tokens_per_s({"model": generator, "against": rival}, ids, new_tokens, ROUNDS)
+            row.update(against_tokens_per_s=speeds["against"], model_tokens_per_s_in_turns=speeds["model"],
+                       speedup_vs_against=round(speeds["model"] / speeds["against"], 2))
         if transformers_dir is not None:
             from bastion.distill.hf_reference import transformers_available, transformers_greedy
 
@@ -88,4 +96,6 @@ def bench_lm(model: str, reference: Path | None, new_tokens: int, prompt_lengths
                 row.update(transformers_tokens_per_s=hf["tokens_per_s"], same_tokens_as_transformers=hf["ids"] == ours,
                            speedup_vs_transformers=round(row["tokens_per_s"] / hf["tokens_per_s"], 2))
     generator.close()
+    if rival is not None:
+        rival.close()
     return result

@@ -144,10 +144,15 @@ def test_bundle_generation_defaults_travel_with_the_model(tmp_path):
 
 
 def test_bench_lm_json():
-    proc = run_cli("bench", "lm", "--new-tokens", "16", "--prompt-lengths", "8,64", "--json")
+    proc = run_cli("bench", "lm", "--new-tokens", "16", "--prompt-lengths", "8,64", "--against", "stories260K",
+                   "--json")
     assert proc.returncode == 0, proc.stderr
-    rows = json.loads(proc.stdout)["lengths"]
+    result = json.loads(proc.stdout)
+    rows = result["lengths"]
     assert rows["64"]["prompt_tokens"] == 64 and rows["8"]["tokens_per_s"] > 0 and rows["8"]["ttft_ms"] > 0
+    assert result["against"] == "stories260K"  # a bundle timed against another, taking turns (no speed asserted)
+    for row in rows.values():
+        assert row["speedup_vs_against"] == round(row["model_tokens_per_s_in_turns"] / row["against_tokens_per_s"], 2)
 
 
 def test_bench_lm_against_transformers_generate_same_tokens():
