@@ -251,6 +251,8 @@ def distill(teacher: Llama, student: Llama, train_tokens: torch.Tensor, val_toke
         start, history = state["step"], state["history"]
         if "batch_rng" in state:  # resumed runs draw the batches the uninterrupted run would have drawn
             gen.set_state(state["batch_rng"].cpu())
+        for _ in range(start if tick else 0):  # the progress bar resumes where the run stopped
+            tick()
     batches = _batches(train_tokens, spec.block, spec.batch, gen)
     for step in range(start, spec.steps):
         lr = spec.lr * min(1.0, (step + 1) / max(spec.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / spec.steps))

@@ -222,8 +222,10 @@ def test_distillation_resumes_where_a_killed_run_stopped(tmp_path):
                 killed_at_step_13)
     assert torch.load(tmp_path / "ck.pt", weights_only=False)["step"] == 10
     resumed = prune_layers(teacher, [0, 3])
-    history = distill(teacher, resumed, tokens[:1800], tokens[1800:], spec, tmp_path / "ck.pt")
-    assert [h["step"] for h in history] == [10, 20]
+    ticks = []
+    history = distill(teacher, resumed, tokens[:1800], tokens[1800:], spec, tmp_path / "ck.pt",
+                      lambda: ticks.append(1))
+    assert [h["step"] for h in history] == [10, 20] and len(ticks) == 20  # the bar counts the steps before too
     for name, value in whole.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value)
     assert not list(tmp_path.glob(".*.tmp"))  # checkpoints are renamed into place, never left half-written
