@@ -341,10 +341,10 @@ def _figures(stage: Path, spec: DistillSpec, candidates: list[dict], dataset, ch
                                                "epoch", "loss").name
     if chosen is not None:
         bundle = chosen["bundle"]
-        model = run.root / bundle if bundle.startswith("baselines/") else Path(bundle)
-        try:  # every candidate but the teacher itself is a bundle this run wrote
-            det = Detector.from_bundle(Bundle.open_fresh(model), warmup=False) if run.root in model.resolve().parents \
-                else Detector.load(bundle, allow_unsigned=spec.allow_unsigned, warmup=False)
+        try:  # every candidate but the teacher itself is a bundle this run wrote, under baselines/
+            det = (Detector.from_bundle(Bundle.open_fresh(run.root / bundle), warmup=False)
+                   if bundle.startswith("baselines/") else
+                   Detector.load(bundle, allow_unsigned=spec.allow_unsigned, warmup=False))
         except Exception as exc:  # a figure must never fail the run
             log.warning("no detection grid: %s", exc)
             return figures
