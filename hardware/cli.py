@@ -51,6 +51,8 @@ def hw_plan(
 ) -> None:
     """Does a bundle fit a device, with which backend/precision/batch/size, and how fast.
 
+    A language model (e.g. stories260K) is planned as weights + KV cache + activations, in tokens/s.
+
     Example: bastion hw plan yolov5n --profile jetson-orin-nano-8gb
     """
     from bastion.hardware.profiles import load_profile
@@ -64,12 +66,15 @@ def hw_plan(
     table = Table(show_header=False, show_edge=False)
     table.add_column(style="bold")
     table.add_column()
+    lm = result.task == "lm"
     table.add_row("fits", ("[green]yes[/]" if result.fits else "[red]no[/]")
                   + f" — {result.total_mb:.0f} of {result.budget_mb} MB (weights {result.weights_mb:.0f}, "
-                    f"activations {result.activations_mb:.0f}, workspace {result.workspace_mb:.0f})")
-    table.add_row("run with", f"{result.backend}, {result.precision}, batch {result.batch}, imgsz {result.imgsz}")
-    table.add_row("expected fps", f"{result.expected_fps if result.expected_fps is not None else '?'} "
-                                  f"({result.fps_source})")
+                  + (f"KV cache {result.kv_cache_mb:.0f}, " if lm else "")
+                  + f"activations {result.activations_mb:.0f}, workspace {result.workspace_mb:.0f})")
+    table.add_row("run with", f"{result.backend}, {result.precision}, "
+                  + (f"context {result.context} tokens" if lm else f"batch {result.batch}, imgsz {result.imgsz}"))
+    table.add_row(f"expected {result.speed_unit}", f"{result.expected_fps if result.expected_fps is not None else '?'}"
+                  f" ({result.fps_source})")
     for note in result.notes:
         table.add_row("note", note)
     out.print(f"{result.bundle} on {result.profile}", style="bold")

@@ -20,7 +20,7 @@ from typing import Iterator
 from bastion.errors import ConfigError, InputNotFoundError, ModelLoadError, SignatureError
 from bastion.models.archive import ARCHIVE_SUFFIX, unpack
 from bastion.models.home import bastion_home
-from bastion.models.manifest import MANIFEST_NAME, Manifest, read_manifest, sha256_file
+from bastion.models.manifest import MANIFEST_NAME, FileEntry, Manifest, read_manifest, sha256_file
 from bastion.models.registry import Registry
 from bastion.models.signing import Verification, read_signature, verify_manifest
 from bastion.models.trust import TrustStore
@@ -39,7 +39,20 @@ class Bundle:
 
     @property
     def model_path(self) -> Path:
+        """Where the model file lies — for display and sizes only: run ``model_bytes()``, which is checked."""
         return self.root / self.manifest.model_file().path
+
+    def read_verified(self, entry: FileEntry) -> bytes:
+        """One payload file's bytes, read once and checked against the manifest: what the caller runs.
+
+        ``open`` verified the files, but a path can be rewritten after that (an operator, an attacker, a bad
+        copy): whatever is built — a session, a tokenizer, an engine — must be built from bytes hashed here,
+        never by opening the path again."""
+        return read_verified(self.root, self.manifest, entry)
+
+    def model_bytes(self) -> bytes:
+        """The model file's verified bytes (``read_verified`` of the manifest's model entry)."""
+        return self.read_verified(self.manifest.model_file())
 
     @property
     def sha256(self) -> str:
@@ -108,6 +121,27 @@ def warn_unsigned(name: str, why: str) -> None:
     sys.stderr.write(f"WARNING: --allow-unsigned: running {name} although {why}. Development use only.\n")
 
 
+def read_verified(root: Path, manifest: Manifest, entry: FileEntry) -> bytes:
+    """Read ``entry`` once — never more than its manifest size — and return those bytes if they hash right."""
+    path = root / entry.path
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(entry.size + 1)  # a file grown since verification shows up as one byte too many
+    except FileNotFoundError:
+        raise ModelLoadError(f"bundle {manifest.name}: payload file {entry.path} is missing",
+                             "copy the whole bundle directory again") from None
+    except OSError as exc:
+        raise ModelLoadError(f"bundle {manifest.name}: cannot read {entry.path} ({exc.strerror or exc})") from None
+    if len(data) != entry.size:
+        raise ModelLoadError(f"bundle {manifest.name}: {entry.path} is {'more than ' if len(data) > entry.size else ''}"
+                             f"{len(data)} bytes, manifest says {entry.size} (truncated or replaced)",
+                             "copy the bundle again from a trusted source")
+    if hashlib.sha256(data).hexdigest() != entry.sha256:
+        raise ModelLoadError(f"bundle {manifest.name}: {entry.path} does not match its sha256 (modified)",
+                             "refusing to run it; copy the bundle again from a trusted source")
+    return data
+
+
 def verify_files(root: Path, manifest: Manifest) -> None:
     """Every payload file present, right size, right sha256 — or a ModelLoadError naming it."""
     for entry in manifest.files:
@@ -153,7 +187,7 @@ def resolve_bundle_dir(path: str | Path) -> Path:
 
 def _unpacked_archive(archive: Path) -> Path:
     """Archives are unpacked once into a cache keyed by their own sha256."""
-    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    digest = sha256_file(archive)  # streamed: an archive is never held in memory whole
     target = bastion_home() / "cache" / "archives" / digest
     if not (target / MANIFEST_NAME).is_file():
         unpack(archive, target)

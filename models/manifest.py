@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -21,6 +21,8 @@ from bastion.errors import ManifestError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+MAX_INPUT_SIZE = 4096  # px per side: a 4096² float32 input is 192 MiB, already more than an edge unit spares
+MAX_STRIDE = 256
 
 
 class _Strict(BaseModel):
@@ -49,21 +51,24 @@ class InputSpec(_Strict):
 
     ``shape`` uses ``None`` for dynamic axes (batch, or H/W when ``dynamic_hw``).
     ``size`` is the default network input (H, W) for dynamic models.
+
+    Sizes, strides and shapes are bounded, so a hostile or mistyped manifest is refused at load in one line,
+    not later by a MemoryError (a 40000² input is 18 GiB) or a ZeroDivisionError (stride 0) in pre-processing.
     """
 
     name: str
-    shape: list[int | None]
+    shape: list[Annotated[int, Field(ge=1, le=MAX_INPUT_SIZE)] | None] = Field(max_length=8)
     dtype: Literal["float32", "float16", "uint8"] = "float32"
     layout: Literal["NCHW", "NHWC"] = "NCHW"
     color: Literal["RGB", "BGR"] = "RGB"
     scale: float = 1.0 / 255.0
-    mean: list[float] = [0.0, 0.0, 0.0]
-    std: list[float] = [1.0, 1.0, 1.0]
+    mean: list[float] = Field([0.0, 0.0, 0.0], min_length=1, max_length=4)
+    std: list[Annotated[float, Field(gt=0)]] = Field([1.0, 1.0, 1.0], min_length=1, max_length=4)
     resize: Literal["letterbox", "stretch"] = "letterbox"
     pad_value: int = 114
     pad_position: Literal["center", "top-left"] = "center"
-    size: tuple[int, int]
-    stride: int = 32
+    size: tuple[Annotated[int, Field(ge=1, le=MAX_INPUT_SIZE)], Annotated[int, Field(ge=1, le=MAX_INPUT_SIZE)]]
+    stride: int = Field(32, ge=1, le=MAX_STRIDE)
     dynamic_hw: bool = False
 
 
@@ -71,7 +76,7 @@ class DecoderSpec(_Strict):
     """Which registered decoder reads the raw outputs, and its parameters."""
 
     type: str
-    strides: list[int] | None = None
+    strides: list[Annotated[int, Field(ge=1, le=MAX_STRIDE)]] | None = Field(None, max_length=16)
     params: dict[str, Any] = {}
 
 

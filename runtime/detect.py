@@ -16,10 +16,11 @@ import numpy as np
 
 from bastion.errors import ConfigError, ShapeError, SignatureError
 from bastion.models.bundle import Bundle, warn_unsigned
-from bastion.models.manifest import Manifest
+from bastion.models.manifest import MAX_INPUT_SIZE, Manifest
 from bastion.models.trust import TrustStore
 from bastion.models.zoo import DEFAULT_DETECTOR
 from bastion.runtime.backends import Backend, open_backend
+from bastion.runtime.backends.onnxrt import read_model
 from bastion.runtime.decoders import Candidates, DecodeContext, get_decoder
 from bastion.runtime.detections import Detections, class_ids
 from bastion.runtime.media import as_bgr, read_image
@@ -85,8 +86,9 @@ class Detector:
                                      "make a signed bundle (bastion bundle create --sign KEY), or for "
                                      "development only pass --allow-unsigned")
             warn_unsigned(path.name, "it is a bare ONNX file with no signature")
-            backend = open_backend(path, device=device, threads=threads)
-            manifest = manifest_from_onnx(path, backend)
+            data, _ = read_model(path)  # read once: the manifest hashes what the backend runs
+            backend = open_backend(data, device=device, threads=threads, label=path.name)
+            manifest = manifest_from_onnx(path, backend, data)
             return cls._ready(backend, manifest, opts, manifest.files[0].sha256, None, warmup)
         return cls.from_bundle(Bundle.open(model, trust=trust, allow_unsigned=allow_unsigned), device, threads,
                                warmup, **options)
@@ -94,13 +96,15 @@ class Detector:
     @classmethod
     def from_bundle(cls, bundle: Bundle, device: str = "auto", threads: int | None = None, warmup: bool = True,
                     **options) -> "Detector":
-        """A detector on a bundle already opened (verified, or read back by the run that wrote it)."""
+        """A detector on a bundle already opened (verified, or read back by the run that wrote it). The backend
+        is built from the model's bytes as read and hashed now (``Bundle.model_bytes``), never from its path."""
         opts = DetectOptions(**options)
+        check_imgsz(opts.imgsz)
         size = (opts.imgsz, opts.imgsz) if opts.imgsz else (
             tuple(bundle.manifest.input.size) if bundle.manifest.input else None)
-        backend = open_backend(bundle.model_path, device=device, threads=threads,
+        backend = open_backend(bundle.model_bytes(), device=device, threads=threads,
                                precision=bundle.manifest.precision, size_hw=size,  # a TensorRT profile's range
-                               max_batch=opts.max_batch)
+                               max_batch=opts.max_batch, label=bundle.manifest.model_file().path)
         return cls._ready(backend, bundle.manifest, opts, bundle.sha256, bundle.verification.key_id, warmup)
 
     @classmethod
@@ -126,6 +130,7 @@ class Detector:
             mask[class_ids(options.classes, self.names)] = True
             self.class_mask = mask
         static = self.backend.inputs[0].shape
+        check_imgsz(options.imgsz)
         if options.imgsz is not None:
             if options.imgsz % self.spec.stride:
                 raise ConfigError(f"--imgsz {options.imgsz} must be a multiple of {self.spec.stride}")
@@ -220,6 +225,12 @@ class Detector:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_imgsz(imgsz: int | None) -> None:
+    """An input size the manifest schema would accept (bounded before any buffer of that size exists)."""
+    if imgsz is not None and not 1 <= imgsz <= MAX_INPUT_SIZE:
+        raise ConfigError(f"--imgsz {imgsz} is out of range", f"use 32..{MAX_INPUT_SIZE}, a multiple of the stride")
 
 
 def _check_array(image: np.ndarray) -> np.ndarray:

@@ -44,7 +44,8 @@ def engine_build(
     size = (imgsz, imgsz) if imgsz else (tuple(manifest.input.size) if manifest.input else None)
     with progress(disable=json_out) as bar:
         task = bar.add_task(f"TensorRT {chosen} engine for {manifest.name}", total=1)
-        plan, key, built = load_or_build(bundle.model_path, chosen, size, max_batch)
+        plan, key, built = load_or_build(bundle.model_bytes(), chosen, size, max_batch,
+                                          label=manifest.model_file().path)
         bar.advance(task)
     result = {"model": f"{manifest.name}:{manifest.version}", "engine": key.digest(), "built": built,
               "bytes": len(plan), "gpu": key.gpu, "compute_capability": key.compute_capability,

@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bastion.errors import ConfigError, ModelLoadError
 from bastion.models.bundle import Bundle
+from bastion.models.manifest import Manifest
 from bastion.runtime.backends import open_backend
 
 MAX_NEW_TOKENS = 2048
@@ -41,6 +43,31 @@ def check_generation(**values: float) -> None:
         low, high = limits[name]
         if not low <= value <= high:
             raise ConfigError(f"{name} must be {low}..{high}, got {value}")
+
+
+class LMParams(BaseModel):
+    """The ``llama-kv`` decoder params the runtime and the planner read, bounded: a manifest naming a
+    billion-slot cache or lacking a field is refused in one line at load, not by a KeyError or a MemoryError."""
+
+    model_config = ConfigDict(extra="allow")
+    n_layers: int = Field(ge=1, le=1024)
+    n_kv_heads: int = Field(ge=1, le=1024)
+    head_dim: int = Field(ge=1, le=4096)
+    max_seq_len: int = Field(ge=2, le=1 << 20)
+    vocab_size: int = Field(ge=2, le=1 << 22)
+    stop: list[int] = Field([2], max_length=64)
+    generation: dict[str, int | float] = {}
+
+
+def lm_params(manifest: Manifest) -> LMParams:
+    """The manifest's LM decoder params, validated (ModelLoadError naming the bad field)."""
+    try:
+        return LMParams.model_validate(manifest.decoder.params if manifest.decoder else {})
+    except ValidationError as exc:
+        from bastion.models.textfiles import first_error
+
+        raise ModelLoadError(f"bundle {manifest.name}: {first_error(exc, 'decoder.params')}",
+                             "the bundle was not made by bastion's LM export; export it again") from None
 
 
 @dataclass
@@ -72,14 +99,21 @@ class Generator:
             from bastion.errors import MissingExtraError
 
             raise MissingExtraError("language models", "lm", "tokenizers") from None
-        tok_file = next((bundle.root / f.path for f in m.files if f.role == "tokenizer"), None)
-        if tok_file is None:
+        tok_entry = next((f for f in m.files if f.role == "tokenizer"), None)
+        if tok_entry is None:
             raise ModelLoadError(f"bundle {m.name} has no tokenizer file")
-        self.tokenizer = Tokenizer.from_file(str(tok_file))
-        p = m.decoder.params
+        # tokenizer and graph are built from bytes read and hashed here, never from paths that could have been
+        # rewritten since Bundle.open verified them
+        tok_text = bundle.read_verified(tok_entry)
+        try:
+            self.tokenizer = Tokenizer.from_str(tok_text.decode("utf-8"))
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises its own untyped errors
+            raise ModelLoadError(f"bundle {m.name}: {tok_entry.path} is not a tokenizer ({str(exc)[:120]})",
+                                 "the bundle mixes files from different tools; export it again") from None
+        p = lm_params(m).model_dump()
         self.n_layers, self.n_kv, self.head_dim = p["n_layers"], p["n_kv_heads"], p["head_dim"]
         self.context = p["max_seq_len"]
-        self.stop = tuple(p.get("stop", [2]))
+        self.stop = tuple(p["stop"])
         if self.tokenizer.get_vocab_size() > p["vocab_size"]:
             raise ModelLoadError(f"tokenizer of {m.name} has {self.tokenizer.get_vocab_size()} tokens, the model "
                                  f"{p['vocab_size']}", "the bundle mixes files from different models")
@@ -90,7 +124,8 @@ class Generator:
             raise ModelLoadError(f"{m.name} needs onnxruntime >= {'.'.join(map(str, MIN_ORT))} (ONNX opset 24 "
                                  f"Attention over a fixed KV cache); this machine has {onnxruntime.__version__}",
                                  "pip install -U onnxruntime (or onnxruntime-gpu)")
-        self.backend = open_backend(bundle.model_path, device="cpu", threads=threads)
+        self.backend = open_backend(bundle.model_bytes(), device="cpu", threads=threads,
+                                    label=m.model_file().path)
         past = next((i for i in self.backend.inputs if i.name == "past.0.key"), None)
         if past is None or len(past.shape) != 3:
             self.backend.close()
@@ -99,7 +134,7 @@ class Generator:
                                  "re-export it: bastion distill lm-export --teacher CHECKPOINT ...")
         self.kv_width = self.n_kv * self.head_dim
         self.vocab_size = p["vocab_size"]
-        self.defaults = {**GENERATION_DEFAULTS, **p.get("generation", {})}  # the model team's sampling choice
+        self.defaults = {**GENERATION_DEFAULTS, **p["generation"]}  # the model team's sampling choice
         self.bundle = bundle
 
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from dataclasses import dataclass
@@ -16,6 +17,9 @@ from bastion.errors import ImageReadError, InputNotFoundError
 
 log = logging.getLogger(__name__)
 
+# A camera frame or photo is a few MB; a file this large in an image folder is a mistake or an attack, and
+# reading it whole would take the memory of the unit (issue #15: one 10 GB file aborted ``bastion detect DIR``).
+MAX_IMAGE_BYTES = 256 * 2**20
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm", ".mpg", ".mpeg", ".ts"}
 
@@ -46,7 +50,18 @@ def read_image(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"image not found: {path}")
-    data = np.fromfile(str(path), dtype=np.uint8)
+    try:
+        with path.open("rb") as fh:  # the size is checked before anything is buffered, and read at most once
+            size = os.fstat(fh.fileno()).st_size
+            if size > MAX_IMAGE_BYTES:
+                raise ImageReadError(f"{path} is {size / 2**20:.0f} MiB, more than an image file may be "
+                                     f"({MAX_IMAGE_BYTES // 2**20} MiB); not read",
+                                     "is it really an image? split or re-encode it")
+            data = np.frombuffer(fh.read(MAX_IMAGE_BYTES + 1), dtype=np.uint8)
+    except OSError as exc:
+        raise ImageReadError(f"cannot read image {path} ({exc.strerror or exc})") from None
+    if data.size > MAX_IMAGE_BYTES:  # grew while being read
+        raise ImageReadError(f"{path} grew past {MAX_IMAGE_BYTES // 2**20} MiB while being read; not decoded")
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
         raise ImageReadError(f"cannot decode image {path} (corrupt, truncated or not an image)")

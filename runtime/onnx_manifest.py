@@ -9,7 +9,10 @@ refused with a hint to make a bundle with a manifest.
 from __future__ import annotations
 
 import ast
+import hashlib
 from pathlib import Path
+
+from pydantic import ValidationError
 
 from bastion.errors import DecoderError
 from bastion.models.manifest import DecoderSpec, FileEntry, InputSpec, LicenseInfo, Manifest, Provenance, sha256_file
@@ -29,7 +32,16 @@ def _names(meta: dict[str, str]) -> list[str]:
     return [str(v) for v in value]
 
 
-def manifest_from_onnx(path: Path, backend: Backend) -> Manifest:
+def manifest_from_onnx(path: Path, backend: Backend, data: bytes | None = None) -> Manifest:
+    """``data``: the bytes the backend was built from (hashed for the manifest instead of reading ``path`` again)."""
+    try:
+        return _manifest(path, backend, data)
+    except (ValidationError, ValueError, SyntaxError) as exc:  # metadata that names an impossible input
+        raise DecoderError(f"{path.name}: its metadata does not describe a usable input ({str(exc).splitlines()[0]})",
+                           "make a bundle with a manifest (bastion bundle create)") from None
+
+
+def _manifest(path: Path, backend: Backend, data: bytes | None) -> Manifest:
     meta = getattr(backend, "metadata", {})
     names = _names(meta)
     inp = backend.inputs[0]
@@ -60,7 +72,8 @@ def manifest_from_onnx(path: Path, backend: Backend) -> Manifest:
         name=path.stem.replace(" ", "_"),
         version="0",
         task="detect",
-        files=[FileEntry(path=path.name, sha256=sha256_file(path), size=path.stat().st_size, role="model")],
+        files=[FileEntry(path=path.name, sha256=hashlib.sha256(data).hexdigest() if data is not None else
+                         sha256_file(path), size=len(data) if data is not None else path.stat().st_size, role="model")],
         input=InputSpec(
             name=inp.name,
             shape=list(inp.shape),

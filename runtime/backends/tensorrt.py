@@ -16,6 +16,7 @@ calibration happens once, in ONNX Runtime's quantizer, and is gated on measured 
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import logging
@@ -26,7 +27,6 @@ import numpy as np
 
 from bastion.errors import ConfigError, MissingExtraError, ModelLoadError
 from bastion.hardware.engine_cache import EngineCache, EngineKey
-from bastion.models.manifest import sha256_file
 from bastion.runtime.backends.base import Backend, TensorInfo
 
 log = logging.getLogger(__name__)
@@ -100,8 +100,9 @@ def device_identity() -> tuple[str, str]:
     return name.strip("\x00 "), f"{props.major}.{props.minor}"
 
 
-def build_engine(onnx_path: Path, key: EngineKey, cache: EngineCache) -> bytes:
-    """Parse the ONNX, build a serialized plan for ``key`` (reusing and refreshing the timing cache)."""
+def build_engine(model: bytes, key: EngineKey, cache: EngineCache, label: str = "the model") -> bytes:
+    """Parse the ONNX bytes (verified; never re-read from a path), build a serialized plan for ``key`` (reusing and
+    refreshing the timing cache)."""
     trt, _ = _modules()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -110,9 +111,9 @@ def build_engine(onnx_path: Path, key: EngineKey, cache: EngineCache) -> bytes:
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(Path(onnx_path).read_bytes()):
+    if not parser.parse(model):  # no path given: external data was refused before (models.onnx_refs)
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ModelLoadError(f"TensorRT cannot parse {onnx_path.name}: {errors}",
+        raise ModelLoadError(f"TensorRT cannot parse {label}: {errors}",
                              "use --device cuda (ONNX Runtime) for this model")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
@@ -130,39 +131,45 @@ def build_engine(onnx_path: Path, key: EngineKey, cache: EngineCache) -> bytes:
     t0 = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise ModelLoadError(f"TensorRT could not build an engine for {onnx_path.name} ({key.precision})",
+        raise ModelLoadError(f"TensorRT could not build an engine for {label} ({key.precision})",
                              "try --precision fp32, a smaller --max-batch, or --device cuda")
     from bastion.models.atomic import atomic_write_bytes
 
     atomic_write_bytes(timing_path, bytes(config.get_timing_cache().serialize()))
-    log.info("built TensorRT engine", extra={"model": onnx_path.name, "precision": key.precision,
+    log.info("built TensorRT engine", extra={"model": label, "precision": key.precision,
                                               "seconds": round(time.perf_counter() - t0, 1)})
     return bytes(plan)
 
 
-def engine_key(onnx_path: Path, precision: str, opt_hw: tuple[int, int] | None, max_batch: int) -> EngineKey:
-    """The cache key for this model on this GPU and TensorRT (reads the ONNX input shapes with ORT's parser)."""
+def engine_key(model: bytes, precision: str, opt_hw: tuple[int, int] | None, max_batch: int) -> EngineKey:
+    """The cache key for these model bytes on this GPU and TensorRT (reads the ONNX input shapes with ORT's
+    parser). The key's sha256 is of the very bytes the engine is built from."""
     trt, _ = _modules()
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r}: use fp32, fp16 or int8")
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     inputs = [(i.name, list(i.shape)) for i in session.get_inputs()]
     gpu, cc = device_identity()
-    return EngineKey(gpu=gpu, compute_capability=cc, tensorrt=trt.__version__, bundle_sha256=sha256_file(Path(onnx_path)),
+    return EngineKey(gpu=gpu, compute_capability=cc, tensorrt=trt.__version__, bundle_sha256=hashlib.sha256(model).hexdigest(),
                      precision=precision, shapes=_profile(inputs, opt_hw, max_batch))
 
 
-def load_or_build(onnx_path: Path, precision: str = "fp16", opt_hw: tuple[int, int] | None = None,
-                  max_batch: int = 1, cache: EngineCache | None = None) -> tuple[bytes, EngineKey, bool]:
-    """(plan, key, built?) — the cached plan for exactly this key, else a fresh build stored atomically."""
+def load_or_build(model: str | Path | bytes, precision: str = "fp16", opt_hw: tuple[int, int] | None = None,
+                  max_batch: int = 1, cache: EngineCache | None = None, label: str | None = None
+                  ) -> tuple[bytes, EngineKey, bool]:
+    """(plan, key, built?) — the cached plan for exactly this key, else a fresh build stored atomically.
+    ``model``: a bundle's verified bytes (or a path, read once): the key hashes and the build parses those bytes."""
+    from bastion.runtime.backends.onnxrt import read_model
+
+    data, read_label = read_model(model)
     cache = cache or EngineCache()
-    key = engine_key(Path(onnx_path), precision, opt_hw, max_batch)
+    key = engine_key(data, precision, opt_hw, max_batch)
     plan = cache.load(key)
     if plan is not None:
         return plan, key, False
-    plan = build_engine(Path(onnx_path), key, cache)
+    plan = build_engine(data, key, cache, label or read_label)
     cache.store(key, plan)
     return plan, key, True
 
@@ -172,16 +179,13 @@ class TensorRTBackend(Backend):
 
     name = "tensorrt"
 
-    def __init__(self, path: str | Path, precision: str = "fp16", opt_hw: tuple[int, int] | None = None,
-                 max_batch: int = 1, cache: EngineCache | None = None) -> None:
+    def __init__(self, model: str | Path | bytes, precision: str = "fp16", opt_hw: tuple[int, int] | None = None,
+                 max_batch: int = 1, cache: EngineCache | None = None, label: str | None = None) -> None:
         super().__init__()
-        path = Path(path)
-        if not path.is_file():
-            raise ModelLoadError(f"model file not found: {path}")
         trt, cudart = _modules()
         self._trt, self._cudart = trt, cudart
         t0 = time.perf_counter()
-        plan, self.key, built = load_or_build(path, precision, opt_hw, max_batch, cache)
+        plan, self.key, built = load_or_build(model, precision, opt_hw, max_batch, cache, label)
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self._runtime.deserialize_cuda_engine(plan)
         if self.engine is None:

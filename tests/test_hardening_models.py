@@ -1,0 +1,205 @@
+"""Issue #15: what runs is exactly the bytes that were verified, and hostile manifests/inputs are refused in one line.
+
+Every test here uses real bundles (copies of the vendored zoo), real ONNX Runtime sessions and real files on disk:
+the attack is a file rewritten *after* verification, and the check is what the running model computes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import PERSON_IMAGE, SAMPLE_IMAGES, run_cli
+
+from bastion.errors import ManifestError, ModelLoadError
+from bastion.models import Bundle, zoo_path
+from bastion.models.manifest import read_manifest
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+
+def _copy(tmp_path: Path, name: str) -> Path:
+    dst = tmp_path / name
+    shutil.copytree(zoo_path(name), dst)
+    return dst
+
+
+def _zeroed(model_file: Path) -> bytes:
+    """The same graph with every float weight set to zero: it loads and runs, and finds nothing."""
+    model = onnx.load(str(model_file))
+    for init in model.graph.initializer:
+        if init.data_type == TensorProto.FLOAT:
+            init.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(init)), init.name))
+    return model.SerializeToString()
+
+
+# -- item 1: a model swapped after verification ----------------------------------------------------------------
+def test_a_model_swapped_on_disk_after_load_never_reaches_a_pinned_session(tmp_path):
+    """The attack of #15: load a signed bundle, rewrite its .onnx, then feed a new input shape a few times so the
+    backend builds a pinned session. That session must be built from the verified bytes, not the file."""
+    from bastion import Detector
+    from bastion.runtime.backends import OrtBackend
+    from bastion.runtime.media import read_image
+
+    bundle = _copy(tmp_path, "yolov5n")
+    detector = Detector.load(bundle, device="cpu", threads=1)
+    image = read_image(PERSON_IMAGE)
+    before = detector.detect(image)
+    assert before.counts().get("person")
+    model = bundle / "yolov5n-dynamic.onnx"
+    model.write_bytes(_zeroed(model))  # the swap: a loadable model that computes something else
+    for _ in range(OrtBackend.SPECIALIZE_AFTER + 1):
+        detector.detect(image)
+    detector.backend.wait_pinned(60)
+    assert detector.backend._specialized, "the re-pin path was not exercised"
+    after = detector.detect(image)  # now served by the pinned session
+    np.testing.assert_allclose(after.xyxy, before.xyxy, atol=1e-2)
+    np.testing.assert_allclose(after.conf, before.conf, atol=1e-4)
+    detector.close()
+
+
+def test_a_payload_swapped_between_verification_and_loading_is_refused(tmp_path):
+    """Bundle.open hashes the files; a rewrite before the backend reads them (TOCTOU) must not run."""
+    from bastion import Detector
+
+    bundle_dir = _copy(tmp_path, "yolov5n")
+    bundle = Bundle.open(bundle_dir)
+    model = bundle_dir / "yolov5n-dynamic.onnx"
+    model.write_bytes(_zeroed(model)[: model.stat().st_size].ljust(model.stat().st_size, b"\0"))
+    with pytest.raises(ModelLoadError, match="does not match its sha256"):
+        Detector.from_bundle(bundle, device="cpu", threads=1, warmup=False)
+
+
+def test_an_lm_payload_swapped_after_verification_is_refused(tmp_path):
+    """The LM generator and its tokenizer are built from verified bytes too."""
+    from bastion.runtime.lm import Generator
+
+    bundle_dir = _copy(tmp_path, "stories260K")
+    bundle = Bundle.open(bundle_dir)
+    tok = bundle_dir / "tokenizer.json"
+    tok.write_bytes(tok.read_bytes().replace(b'"<unk>"', b'"<UNK>"'))
+    with pytest.raises(ModelLoadError, match="tokenizer.json does not match its sha256"):
+        Generator(bundle)
+    shutil.copy2(zoo_path("stories260K") / "tokenizer.json", tok)
+    model = bundle_dir / "model.onnx"
+    model.write_bytes(_zeroed(model))
+    with pytest.raises(ModelLoadError, match="model.onnx"):
+        Generator(bundle)
+    shutil.copy2(zoo_path("stories260K") / "model.onnx", model)
+    generator = Generator(bundle)
+    assert list(generator.generate("Once upon a time", max_new_tokens=4))
+    generator.close()
+
+
+def _external_data_model(folder: Path, nested: bool) -> Path:
+    """A tiny real model whose weight lives in ``model.onnx.data`` (optionally inside an If branch's Constant)."""
+    weight = numpy_helper.from_array(np.full((1, 4), 3.0, np.float32), "w")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])
+    if nested:
+        const = helper.make_node("Constant", [], ["c"], value=weight)
+        branch = helper.make_graph([const], "b", [], [helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 4])])
+        cond = numpy_helper.from_array(np.array(True), "cond")
+        nodes = [helper.make_node("If", ["cond"], ["w"], then_branch=branch, else_branch=branch),
+                 helper.make_node("Mul", ["x", "w"], ["y"])]
+        graph = helper.make_graph(nodes, "g", [x], [y], initializer=[cond])
+    else:
+        graph = helper.make_graph([helper.make_node("Mul", ["x", "w"], ["y"])], "g", [x], [y], initializer=[weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = folder / "model.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data",
+              size_threshold=0, convert_attribute=True)
+    assert (folder / "model.onnx.data").is_file()
+    return path
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_onnx_external_data_is_refused(tmp_path, nested):
+    """An unlisted ``model.onnx.data`` beside the model would be loaded unhashed: bastion refuses external data."""
+    from bastion.runtime.backends import OrtBackend
+
+    path = _external_data_model(tmp_path, nested)
+    with pytest.raises(ModelLoadError, match="external data"):
+        OrtBackend(path, device="cpu", threads=1)
+    with pytest.raises(ModelLoadError, match="external data"):
+        OrtBackend(path.read_bytes(), device="cpu", threads=1)
+
+
+def test_a_self_contained_model_still_loads_from_bytes(tmp_path):
+    from bastion.runtime.backends import OrtBackend
+
+    model = tmp_path / "model.onnx"
+    _external_data_model(tmp_path, nested=False)
+    onnx.save(onnx.load(str(model)), str(tmp_path / "inline.onnx"))  # loads the data, saves it inline
+    backend = OrtBackend((tmp_path / "inline.onnx").read_bytes(), device="cpu", threads=1)
+    out = backend.run({"x": np.ones((2, 4), np.float32)})[0]
+    np.testing.assert_allclose(out, np.full((2, 4), 3.0))
+    backend.close()
+
+
+# -- Low: manifest bounds ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("field,value,match", [
+    ("size", [40000, 40000], "size"),
+    ("stride", 0, "stride"),
+    ("stride", -32, "stride"),
+    ("size", [0, 640], "size"),
+])
+def test_manifest_input_size_and_stride_are_bounded(tmp_path, field, value, match):
+    bundle = _copy(tmp_path, "yolov5n")
+    path = bundle / "manifest.json"
+    data = json.loads(path.read_text())
+    data["input"][field] = value
+    path.write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=match):
+        read_manifest(path)
+
+
+def test_a_huge_imgsz_is_refused_in_one_line():
+    from bastion import Detector
+    from bastion.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="imgsz"):
+        Detector.load("yolov5n", imgsz=40000, warmup=False)
+
+
+# -- Low: hw plan on an LM bundle -------------------------------------------------------------------------------
+def test_hw_plan_plans_an_lm_bundle():
+    result = run_cli("hw", "plan", "stories260K", "--profile", "x86-cpu", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    m = read_manifest(zoo_path("stories260K") / "manifest.json")
+    p = m.decoder.params
+    kv_mb = 2 * p["n_layers"] * p["max_seq_len"] * p["n_kv_heads"] * p["head_dim"] * 4 / 2**20
+    assert plan["kv_cache_mb"] == pytest.approx(kv_mb, abs=0.05)
+    assert plan["weights_mb"] == pytest.approx(m.model_file().size / 2**20, abs=0.05)
+    assert plan["task"] == "lm" and plan["context"] == p["max_seq_len"] and plan["fits"] is True
+    assert plan["total_mb"] >= plan["weights_mb"] + plan["kv_cache_mb"]
+
+
+# -- Low: one huge file in a directory --------------------------------------------------------------------------
+def test_detect_dir_skips_a_huge_file_with_a_warning(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    shutil.copy2(PERSON_IMAGE, folder / "a.jpg")
+    with open(folder / "huge.jpg", "wb") as fh:  # sparse: 10 GB declared, nothing written
+        fh.truncate(10 * 2**30)
+    result = run_cli("detect", str(folder), "--json", "--threads", "1", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    frames = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [Path(f["source"]).name for f in frames] == ["a.jpg"]
+    assert "huge.jpg" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_single_huge_image_is_one_line_exit_1(tmp_path):
+    huge = tmp_path / "huge.jpg"
+    with open(huge, "wb") as fh:
+        fh.truncate(10 * 2**30)
+    result = run_cli("detect", str(huge), "--threads", "1")
+    assert result.returncode == 1, result.stderr
+    assert "huge.jpg" in result.stderr and "Traceback" not in result.stderr
+    assert SAMPLE_IMAGES.is_dir()
