@@ -41,6 +41,7 @@ security:
   # curve: true
   # server_secret_key: keys/node.key_secret      # bastion node keygen --out keys --name node
   # allowed_clients: [keys/clients/]             # public .key files of allowed clients
+  # audit_key: keys/node-audit.key               # signs audit checkpoints (default: STORAGE/node-audit.key)
   allow_unsigned: false           # DEVELOPMENT ONLY (audited)
 storage:
   dir: node-data                  # events.db (SQLite, WAL), audit.log, node.json
@@ -48,8 +49,10 @@ storage:
   # max_mb: 1024
   # snapshots: true                 # encrypted JPEG of each frame that produced an event
   # snapshot_key: keys/snapshot.key # bastion node snapshot-key --out keys/snapshot.key
-heartbeat_s: 1.0
-health_log_s: 30
+heartbeat_s: 1.0                  # 0.05 .. 3600
+health_log_s: 30                  # 1 .. 86400
+audit_checkpoint_s: 60            # sign the audit log's head this often (and at every clean stop)
+# Relative paths (storage.dir, keys, source files, bundle dirs) are relative to this file.
 """
 
 
@@ -127,9 +130,14 @@ def node_status(
     from rich.table import Table
 
     m = status["model"]
-    out.print(f"node {status['node']} up {status['uptime_s']:.0f} s — model {m['name']} {m['sha256'][:12]} "
-              f"(signer {m['signer'] or 'UNVERIFIED'}) — last seq {status['last_seq']}"
-              + (f" — STORAGE ERROR: {status['storage_error']}" if status["storage_error"] else ""))
+    out.print(f"node {status['node']} {status.get('state', 'running')} up {status['uptime_s']:.0f} s — model "
+              f"{m['name']} {m['sha256'][:12]} (signer {m['signer'] or 'UNVERIFIED'}) — last seq {status['last_seq']}"
+              + (f" — STORAGE ERROR: {status['storage_error']}" if status["storage_error"] else "")
+              + (f" — FAILED: {status['failure']}" if status.get("failure") else ""))
+    audit = status.get("audit")
+    if audit:
+        out.print(f"audit log: {audit['count']} records, head {audit['head']} (key {audit['key_id']})"
+                  + (f" — {audit['pending']} waiting to be written: {audit['error']}" if audit["pending"] else ""))
     table = Table(show_edge=False)
     for col in ("source", "state", "fps", "read", "inferred", "dropped", "errors", "queue"):
         table.add_column(col)
@@ -168,18 +176,29 @@ def node_snapshot_key(out_path: Path = typer.Option(..., "--out", help="Key file
 @audit_app.command("verify")
 def audit_verify(
     path: Path = typer.Argument(..., help="audit.log (in the node's storage dir)."),
+    key: Optional[Path] = typer.Option(None, "--key", help="The node's checkpoint key (STORAGE/node-audit.pub): "
+                                       "every record must be anchored by a checkpoint it signed."),
+    expect_count: Optional[int] = typer.Option(None, "--expect-count", min=1,
+                                               help="A record count you kept (heartbeat or status audit_count)."),
+    expect_head: Optional[str] = typer.Option(None, "--expect-head",
+                                              help="The head hash kept with it (audit_head): it must still be there."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Prove the audit log's hash chain, or name the first broken record (exit 1).
+    """Prove the audit log's hash chain (and with --key its signed checkpoints), or name the first problem (exit 1).
 
-    Example: bastion audit verify node-data/audit.log
+    Example: bastion audit verify node-data/audit.log --key node-data/node-audit.pub --expect-count 120
+    --expect-head 3f…
     """
     from dataclasses import asdict
 
-    from bastion.edge.audit import verify_audit_log
-    from bastion.errors import BastionError
+    from bastion.edge.audit_verify import verify_audit_log
+    from bastion.errors import BastionError, ConfigError
+    from bastion.models.keys import load_public_key
 
-    result = verify_audit_log(path)
+    if expect_head is not None and expect_count is None:
+        raise ConfigError("--expect-head needs --expect-count (the record count that head was published with)")
+    public = load_public_key(key) if key is not None else None
+    result = verify_audit_log(path, public, expect_count, expect_head)
     if json_out:
         print_json(asdict(result))
         if not result.ok:
@@ -188,4 +207,9 @@ def audit_verify(
     if not result.ok:
         raise BastionError(f"audit log {path} is NOT intact: {result.reason}",
                            f"records before #{result.first_bad} are intact")
-    out.print(f"audit log {path}: {result.records} records, hash chain intact")
+    anchored = (f", {result.checkpoints} signed checkpoints (last #{result.last_checkpoint})"
+                if result.checkpoints else ", no signed checkpoint")
+    tail = (f"; {result.unanchored} record(s) after the last checkpoint are not anchored yet (check with --key)"
+            if result.unanchored and key is None else "")
+    out.print(f"audit log {path}: {result.records} records, hash chain intact{anchored}"
+              f"{', signed by the given key' if key is not None else ''}{tail}")

@@ -22,7 +22,7 @@ from bastion.models.textfiles import first_error, read_yaml_mapping
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # .inf / .nan in YAML are floats too
 
 
 class SourceConfig(_Strict):
@@ -32,7 +32,7 @@ class SourceConfig(_Strict):
     uri: str | int
     loop: bool = False  # files: start again at the end
     realtime: bool = True  # files: pace at the file's native fps (like a camera)
-    fps: float | None = Field(None, gt=0)  # pace/limit to this rate instead
+    fps: float | None = Field(None, ge=0.001, le=1000)  # pace/limit to this rate instead
     classes: list[str] | None = None
     conf: float | None = Field(None, ge=0, le=1)
     roi: tuple[float, float, float, float] | None = None  # normalised x1, y1, x2, y2: keep boxes centred inside
@@ -60,12 +60,13 @@ class Security(_Strict):
     server_secret_key: Path | None = None  # zmq certificate with secret key (bastion node keygen)
     allowed_clients: list[Path] = []  # public certificate files or directories of them
     allow_unsigned: bool = False  # DEVELOPMENT ONLY: run an unverified bundle (audited)
+    audit_key: Path | None = None  # Ed25519 key signing audit checkpoints (default STORAGE/node-audit.key)
 
 
 class Storage(_Strict):
     dir: Path = Path("node-data")
-    retention_days: float | None = Field(30, gt=0)
-    max_mb: float | None = Field(None, gt=0)
+    retention_days: float | None = Field(30, gt=0, le=36500)
+    max_mb: float | None = Field(None, gt=0, le=1e9)
     snapshots: bool = False  # keep an encrypted JPEG of every frame that produced an event
     snapshot_key: Path | None = None  # 256-bit hex key file (bastion node snapshot-key)
 
@@ -94,8 +95,10 @@ class NodeConfig(_Strict):
     lm: str | None = None  # a task: lm bundle for the ask op (verified like the detector)
     lm_max_new_tokens: int = Field(256, ge=1, le=2048)
     lm_max_prompt_chars: int = Field(4000, ge=1)
-    heartbeat_s: float = Field(1.0, gt=0)
-    health_log_s: float = Field(30.0, gt=0)
+    # Every interval is bounded: .inf would kill the thread that waits on it, a microsecond would spin a core.
+    heartbeat_s: float = Field(1.0, ge=0.05, le=3600)
+    health_log_s: float = Field(30.0, ge=1, le=86400)
+    audit_checkpoint_s: float = Field(60.0, ge=1, le=86400)  # sign the audit head this often (and at stop)
 
     @model_validator(mode="after")
     def _checks(self) -> "NodeConfig":
@@ -143,6 +146,27 @@ def load_config(path: Path | None, overrides: dict | None = None) -> NodeConfig:
         config = NodeConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"node config {path or ''}: {first_error(exc, 'config')}") from None
-    if path is not None and not config.storage.dir.is_absolute():  # relative to the config file
-        config.storage.dir = (path.parent / config.storage.dir).resolve()
+    if path is not None:
+        _resolve_relative_paths(config, path.resolve().parent)
     return config
+
+
+def _resolve_relative_paths(config: NodeConfig, base: Path) -> None:
+    """Paths written in node.yaml mean paths next to node.yaml, whatever directory the node is started from."""
+
+    def rel(p: Path | None) -> Path | None:
+        return p if p is None or p.is_absolute() else base / p
+
+    config.storage.dir = rel(config.storage.dir)
+    config.storage.snapshot_key = rel(config.storage.snapshot_key)
+    config.security.server_secret_key = rel(config.security.server_secret_key)
+    config.security.audit_key = rel(config.security.audit_key)
+    config.security.allowed_clients = [rel(p) for p in config.security.allowed_clients]
+    for source in config.sources:
+        uri = source.uri
+        if isinstance(uri, str) and not uri.isdigit() and "://" not in uri and not Path(uri).is_absolute():
+            source.uri = str(base / uri)
+    for name in ("model", "lm"):  # a bundle path next to the config; a registry or zoo name stays a name
+        value = getattr(config, name)
+        if value and not Path(value).is_absolute() and (base / value).exists():
+            setattr(config, name, str(base / value))

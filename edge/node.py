@@ -3,6 +3,11 @@
 Order of every event's life: frame read → detect → filter → **stored and
 committed** (seq assigned) → published.  If storing fails the event is not
 published and the node reports a storage error until the disk recovers.
+
+No worker thread may die silently: the node's workers run under a
+``Supervisor``; a death is reported in ``status``, the health log and the audit
+log, and stops the node with a non-zero exit (systemd restarts it).  The
+watchdog is pinged only while the inference loop is turning.
 """
 
 from __future__ import annotations
@@ -18,12 +23,13 @@ from typing import Any
 
 
 from bastion import __version__
-from bastion.edge.audit import AuditLog
+from bastion.edge.audit import AuditLog, AuditWriteError, open_node_key
 from bastion.edge.config import NodeConfig, SourceConfig
 from bastion.edge.protocol import ControlRequest, DetectionEvent, DetectionItem
 from bastion.edge.server import NodeServer
 from bastion.edge.sources import NodeFrame, SourceReader
 from bastion.edge.store import EventStore, StorageError
+from bastion.edge.supervisor import Supervisor
 from bastion.edge.systemd_notify import sd_notify, watchdog_interval_s
 from bastion.errors import BastionError
 from bastion.models.atomic import atomic_write_bytes
@@ -32,14 +38,31 @@ from bastion.runtime.detections import Detections, class_ids
 
 log = logging.getLogger(__name__)
 RUNTIME_FILE = "node.json"
+NODE_KEY = "node-audit.key"  # default name of the audit checkpoint key in the storage dir
+INFER = "node-infer"
+
+
+class NodeFailed(BastionError):
+    """A worker thread died: the node stopped rather than run on half-alive (exit 2, systemd restarts it)."""
+
+    exit_code = 2
 
 
 class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.storage = Path(config.storage.dir)
-        self.storage.mkdir(parents=True, exist_ok=True)
-        self.audit = AuditLog(self.storage / "audit.log")
+        try:
+            self.storage.mkdir(parents=True, exist_ok=True)
+            key, created = open_node_key(config.security.audit_key or self.storage / NODE_KEY)
+            self.audit = AuditLog(self.storage / "audit.log", signer=key)
+        except OSError as exc:
+            raise StorageError(f"cannot use the storage dir {self.storage}: {exc.strerror or exc}",
+                               "set storage.dir to a writable directory on a real disk") from None
+        if created:
+            self.audit.append("audit_key_created", key_id=self.audit.key_id, path=str(created))
+        self.failure: str | None = None
+        self.supervisor = Supervisor(self._thread_died)
         self.stop_event = threading.Event()
         self.wake = threading.Event()
         self.started = time.time()
@@ -59,8 +82,13 @@ class Node:
         self.readers = [SourceReader(s, config.queue_size, self.wake, self.stop_event) for s in config.sources]
         self.source_filters = {s.name: self._source_filter(s) for s in config.sources}
         self.server = NodeServer(config, self.handle, self.audit, self.store.last_seq)
-        self._worker = threading.Thread(target=self._infer_loop, name="node-infer", daemon=True)
-        self._maintenance = threading.Thread(target=self._maintain, name="node-maintenance", daemon=True)
+        running = lambda: not self.stop_event.is_set()  # noqa: E731
+        self._worker = self.supervisor.spawn(INFER, self._infer_loop, running)
+        self._maintenance = self.supervisor.spawn("node-maintenance", self._maintain, running)
+        for thread in self.server.threads:
+            self.supervisor.watch(thread.name, thread, running)
+        for reader in self.readers:  # a file source that reached its end stops normally
+            self.supervisor.watch(reader.name, reader, lambda r=reader: running() and r.stats.state != "finished")
 
     # -- model ---------------------------------------------------------------------------------------
     def _load_detector(self, model: str) -> Detector:
@@ -113,6 +141,7 @@ class Node:
             reader.start()
         self._worker.start()
         self._maintenance.start()
+        self.audit.checkpoint()
         self._write_runtime_file()
         sd_notify("READY=1")
         log.info("node ready", extra={"node": self.config.id, "events": self.server.events_endpoint,
@@ -125,9 +154,12 @@ class Node:
         self.start()
         try:
             while not self.stop_event.wait(0.5):
-                pass
+                self.supervisor.check()  # also watches the maintenance thread, which watches the rest
         finally:
             self.close()
+        if self.failure:
+            raise NodeFailed(f"node {self.config.id} stopped: {self.failure}",
+                             "see the node log for the traceback; systemd restarts it (Restart=on-failure)")
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -145,8 +177,20 @@ class Node:
         self.detector.close()
         if self.generator is not None:
             self.generator.close()
-        self.audit.append("node_stop", node=self.config.id, published=self.published)
+        self.audit.append("node_stop", node=self.config.id, published=self.published, failure=self.failure)
+        self.audit.checkpoint()  # a clean stop anchors the head
+        if self.audit.pending:
+            log.error("%d audit record(s) could not be written before exit: %s", self.audit.pending, self.audit.error)
         (self.storage / RUNTIME_FILE).unlink(missing_ok=True)
+
+    def _thread_died(self, name: str, error: str) -> None:
+        """A worker ended while it should run: say so everywhere, then stop (the exit code tells systemd)."""
+        self.failure = f"thread {name} died: {error}"
+        log.error("%s; stopping the node", self.failure, extra={"node": self.config.id})
+        self.audit.append("thread_died", thread=name, error=error)
+        sd_notify(f"STATUS=failed: {self.failure}")
+        self.stop_event.set()
+        self.wake.set()
 
     def _write_runtime_file(self) -> None:
         info = {"pid": os.getpid(), "node": self.config.id, "events": self.server.events_endpoint,
@@ -172,6 +216,7 @@ class Node:
 
     def _infer_loop(self) -> None:
         while True:
+            self.supervisor.beat(INFER)
             frames = self._next_frames()
             if not frames:
                 if self.stop_event.is_set():
@@ -216,17 +261,28 @@ class Node:
         self.published += 1
 
     def _maintain(self) -> None:
-        """Retention, the periodic health line, and the systemd watchdog."""
+        """Thread supervision, the systemd watchdog, the health line, audit flushes and checkpoints, retention."""
         watchdog = watchdog_interval_s()
-        step = min(x for x in (watchdog, self.config.health_log_s, 60.0) if x)
-        last_health = last_retention = time.monotonic()
+        step = min(x for x in (watchdog, 1.0) if x)
+        last_health = last_retention = last_checkpoint = time.monotonic()
         while not self.stop_event.wait(step):
             now = time.monotonic()
-            if watchdog:
+            self.supervisor.check()
+            # The ping vouches for the inference loop: it stops when that loop has not turned for a whole
+            # watchdog period (stuck in a batch, dead), and systemd restarts the node.
+            if watchdog and not self.failure and self.supervisor.healthy(INFER, 2 * watchdog):
                 sd_notify("WATCHDOG=1")
+            if self.audit.pending:
+                self.audit.flush()
             if now - last_health >= self.config.health_log_s:
                 last_health = now
-                log.info("health %s", json.dumps(self.status_dict()["sources"]), extra={"node": self.config.id})
+                status = self.status_dict()
+                log.info("health %s %s", status["state"], json.dumps({k: status[k] for k in (
+                    "sources", "threads", "storage_error", "audit")}), extra={"node": self.config.id})
+            if now - last_checkpoint >= self.config.audit_checkpoint_s:
+                last_checkpoint = now
+                if self.audit.head()[0] > self.audit.checkpointed + 1:  # something new since the last one
+                    self.audit.checkpoint()
             if now - last_retention >= 60:
                 last_retention = now
                 self.enforce_retention()
@@ -244,15 +300,25 @@ class Node:
             return 0
 
     # -- control ---------------------------------------------------------------------------------------
+    def state(self) -> str:
+        if self.failure:
+            return "failed"
+        return "degraded" if self.storage_error or self.audit.error or self.audit.pending else "running"
+
     def status_dict(self) -> dict[str, Any]:
         det = self.detector
+        count, head = self.audit.head()
         return {
-            "node": self.config.id, "uptime_s": round(time.time() - self.started, 1), "bastion": __version__,
+            "node": self.config.id, "state": self.state(), "failure": self.failure,
+            "uptime_s": round(time.time() - self.started, 1), "bastion": __version__,
             "model": {"name": det.manifest.name, "version": det.manifest.version, "sha256": det.bundle_sha256,
                       "signer": det.verified_by},
             "sources": {r.cfg.name: r.stats.as_dict(len(r.queue)) for r in self.readers},
             "last_seq": self.store.last_seq(), "published": self.published, "storage_error": self.storage_error,
             "endpoints": {"events": self.server.events_endpoint, "control": self.server.control_endpoint},
+            "threads": self.supervisor.as_dict(),
+            "audit": {"count": count, "head": head, "key_id": self.audit.key_id, "pending": self.audit.pending,
+                      "error": self.audit.error, "last_checkpoint": self.audit.checkpointed},
         }
 
     def _ask(self, request: ControlRequest) -> dict[str, Any]:
@@ -292,10 +358,14 @@ class Node:
                 new = self._load_detector(request.bundle)
             except BastionError as exc:
                 return {"ok": False, "error": f"reload refused: {exc}"}
+            try:  # what runs changes only when the trail can say so
+                self.audit.append("reload", strict=True, sha256=new.bundle_sha256)
+            except AuditWriteError as exc:
+                new.close()
+                return {"ok": False, "error": f"reload refused: {exc}"}
             with self._detector_lock:
                 old, self.detector = self.detector, new
             old.close()
-            self.audit.append("reload", sha256=new.bundle_sha256)
             return {"model": {"name": new.manifest.name, "sha256": new.bundle_sha256}}
         if request.op == "snapshot":
             if self.vault is None:

@@ -55,6 +55,8 @@ class Heartbeat(BaseModel):
     node: str
     ts: float
     last_seq: int
+    audit_count: int | None = None  # records in the node's audit log and the hash of the last one
+    audit_head: str | None = None  # (bastion audit verify --expect-count/--expect-head)
 
 
 class ControlRequest(BaseModel):

@@ -95,13 +95,20 @@ class NodeServer:
         for t in self._threads:
             t.start()
 
+    @property
+    def threads(self) -> list[threading.Thread]:
+        """The server's worker threads, for the node's supervisor (a death must not go unnoticed)."""
+        return list(self._threads)
+
     def publish(self, event: DetectionEvent) -> None:
         with self._pub_lock:
             self.events.send_multipart([event.topic(), event.to_wire()])
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.config.heartbeat_s):
-            beat = Heartbeat(node=self.config.id, ts=time.time(), last_seq=self.last_seq())
+            count, head = self.audit.head()  # a subscriber keeps the audit head: a cut-off tail shows later
+            beat = Heartbeat(node=self.config.id, ts=time.time(), last_seq=self.last_seq(), audit_count=count,
+                             audit_head=head)
             with self._pub_lock:
                 try:
                     self.events.send_multipart([HEARTBEAT_TOPIC, beat.model_dump_json().encode()])

@@ -180,59 +180,72 @@ class SourceReader(threading.Thread):
         self.finished = threading.Event()
 
     def run(self) -> None:
-        backoff = 0.5
-        index = 0
+        self._backoff = 0.5
+        self._index = 0
         try:
             while not self.stop_event.is_set():
                 try:
-                    frames, fps, is_file = _OPENERS[self.kind](self.cfg)
-                except SourceUnavailable as exc:
-                    self._failed(str(exc))
-                    self.stop_event.wait(backoff)
-                    backoff = min(backoff * 2, self.max_backoff_s)
-                    continue
-                self.stats.state = "running"
-                got = 0
-                period = 1.0 / fps if fps else 0.0
-                next_at = time.monotonic()
-                for image in frames:
-                    if self.stop_event.is_set():
+                    if self._read_once():
                         return
-                    if period:
-                        next_at += period
-                        delay = next_at - time.monotonic()
-                        if delay > 0:
-                            self.stop_event.wait(delay)
-                        else:
-                            next_at = time.monotonic()  # behind: don't try to catch up in a burst
-                    if image is None:
-                        self.stats.errors += 1
-                        self.stats.last_error = "corrupt frame skipped"
-                        continue
-                    got += 1
-                    self.stats.read += 1
-                    if self.queue.put(NodeFrame(self.cfg.name, index, image, time.time())):
-                        self.stats.dropped += 1
-                    index += 1
-                    self.wake.set()
-                if got:
-                    backoff = 0.5
-                if is_file and not self.cfg.loop:
-                    self.stats.state = "finished"
-                    return
-                if not is_file:
-                    self._failed("stream ended; reconnecting")
-                    self.stop_event.wait(backoff)
-                    backoff = min(backoff * 2, self.max_backoff_s)
-                elif not got:  # a looping file that yields nothing: don't spin
-                    self._failed("file yielded no frames")
-                    self.stop_event.wait(backoff)
-                    backoff = min(backoff * 2, self.max_backoff_s)
+                except Exception as exc:  # noqa: BLE001 — a decoder/driver fault is an outage, not the reader's end
+                    if self.stats.last_error != f"{type(exc).__name__}: {exc}":
+                        log.warning("source %s failed unexpectedly", self.cfg.name, exc_info=True)
+                    self._failed(f"{type(exc).__name__}: {exc}")
+                    self._wait_backoff()
         finally:
             if self.stats.state not in ("finished",):
                 self.stats.state = "stopped"
             self.finished.set()
             self.wake.set()
+
+    def _wait_backoff(self) -> None:
+        self.stop_event.wait(self._backoff)
+        self._backoff = min(self._backoff * 2, self.max_backoff_s)
+
+    def _read_once(self) -> bool:
+        """Open the source and read it to its end; True when the reader is done for good."""
+        try:
+            frames, fps, is_file = _OPENERS[self.kind](self.cfg)
+        except SourceUnavailable as exc:
+            self._failed(str(exc))
+            self._wait_backoff()
+            return False
+        self.stats.state = "running"
+        got = 0
+        period = 1.0 / fps if fps else 0.0
+        next_at = time.monotonic()
+        for image in frames:
+            if self.stop_event.is_set():
+                return True
+            if period:
+                next_at += period
+                delay = next_at - time.monotonic()
+                if delay > 0:
+                    self.stop_event.wait(delay)
+                else:
+                    next_at = time.monotonic()  # behind: don't try to catch up in a burst
+            if image is None:
+                self.stats.errors += 1
+                self.stats.last_error = "corrupt frame skipped"
+                continue
+            got += 1
+            self.stats.read += 1
+            if self.queue.put(NodeFrame(self.cfg.name, self._index, image, time.time())):
+                self.stats.dropped += 1
+            self._index += 1
+            self.wake.set()
+        if got:
+            self._backoff = 0.5
+        if is_file and not self.cfg.loop:
+            self.stats.state = "finished"
+            return True
+        if not is_file:
+            self._failed("stream ended; reconnecting")
+            self._wait_backoff()
+        elif not got:  # a looping file that yields nothing: don't spin
+            self._failed("file yielded no frames")
+            self._wait_backoff()
+        return False
 
     def _failed(self, message: str) -> None:
         self.stats.errors += 1

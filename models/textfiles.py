@@ -17,9 +17,14 @@ def read_yaml_mapping(path: Path, what: str, missing_hint: str | None = None) ->
     if not path.is_file():
         raise InputNotFoundError(f"{what} not found: {path}", missing_hint)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded)",
+                          "save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a YAML mapping ({what})")
     return data
