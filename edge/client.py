@@ -7,6 +7,11 @@ jump ahead (a dropped PUB message, a node restart) is filled from ``replay``
 before the live event is delivered.  A node that sends neither events nor
 heartbeats for ``dead_after_s`` is treated as gone: the client reconnects and
 resumes from its last ``seq``.
+
+A node's ``seq`` never goes backwards.  If it does (its event store was emptied,
+replaced or restored from an older copy) the numbers the client already holds
+now name different events, and skipping "duplicates" would silently drop new
+ones; so the client raises ``NodeSeqWentBackwards`` instead.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import itertools
 import json
 import logging
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
@@ -22,7 +28,7 @@ from urllib.parse import urlsplit
 import zmq
 
 from bastion.edge.curve import apply_client, load_public
-from bastion.edge.protocol import EVENT_TOPIC_PREFIX, HEARTBEAT_TOPIC, DetectionEvent, Heartbeat
+from bastion.edge.protocol import EVENT_TOPIC_PREFIX, HEARTBEAT_TOPIC, MAX_REQUEST_BYTES, DetectionEvent, Heartbeat
 from bastion.errors import BastionError
 
 log = logging.getLogger(__name__)
@@ -34,6 +40,52 @@ class NodeUnavailable(BastionError):
 
 class NodeRequestError(BastionError):
     """The node answered with an error."""
+
+
+class NodeSeqWentBackwards(BastionError):
+    """The node reports a ``seq`` below one this client already saw from it: its event store went back."""
+
+
+class _SeqGuard:
+    """The highest ``seq`` seen from each node (by node id), and the fingerprints of recently delivered events.
+
+    A heartbeat, status or replay ``last_seq`` below the highest seen, or an event
+    whose seq was delivered before with different content, means the node's store
+    went back; a live event at or below the last delivered seq with the same
+    content is the ordinary replay/live overlap and is skipped.
+    """
+
+    RECENT = 4096
+
+    def __init__(self) -> None:
+        self.high: dict[str, int] = {}
+        self.recent: OrderedDict[tuple[str, int], str] = OrderedDict()
+
+    def saw(self, node: str, seq: int, what: str) -> None:
+        high = self.high.get(node, 0)
+        if seq < high:
+            raise NodeSeqWentBackwards(
+                f"node {node}'s seq went backwards: {what} {seq} after this client saw seq {high} — its event "
+                f"store was emptied, replaced or restored from an older copy, so seq {seq + 1}..{high} will name "
+                "different events than the ones you hold",
+                "stop here; check the node (bastion node status, bastion audit verify) and restore its store, or "
+                f"decide how to treat the events you hold and resume with events(since={seq}) on a new Client")
+        self.high[node] = seq
+
+    def delivered(self, event: DetectionEvent) -> None:
+        self.high[event.node] = max(self.high.get(event.node, 0), event.seq)  # a heartbeat may be ahead already
+        self.recent[(event.node, event.seq)] = event.model_dump_json()
+        while len(self.recent) > self.RECENT:
+            self.recent.popitem(last=False)
+
+    def check_repeat(self, event: DetectionEvent) -> None:
+        """An event at or below the last delivered seq: fine if it is the one delivered, else the node went back."""
+        before = self.recent.get((event.node, event.seq))
+        if before is not None and before != event.model_dump_json():
+            raise NodeSeqWentBackwards(
+                f"node {event.node}'s seq went backwards: event {event.seq} differs from the event {event.seq} "
+                "this client delivered before — its event store was emptied, replaced or restored",
+                "stop here; check the node (bastion node status, bastion audit verify) before resuming")
 
 
 class Client:
@@ -50,6 +102,8 @@ class Client:
         self.ctx = zmq.Context()
         self._ids = itertools.count(1)
         self._dealer: zmq.Socket | None = None
+        self._seq = _SeqGuard()
+        self._node: str | None = None  # the node id last heard at this endpoint
 
     # -- request / reply ---------------------------------------------------------------------------------
     def _socket(self, kind: int, endpoint: str) -> zmq.Socket:
@@ -61,9 +115,18 @@ class Client:
         return sock
 
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
-        """Send one control request; retries on a fresh socket (lazy pirate), then NodeUnavailable."""
+        """Send one control request; retries on a fresh socket (lazy pirate), then NodeUnavailable.
+
+        The node's own error text is raised as NodeRequestError, also when it could not
+        read the request's id (it answers ``id: null`` then; this client has one request
+        in flight, so that answer is ours).  A "rate limited" answer is waited out and
+        the request sent again, within the timeout.
+        """
         request_id = next(self._ids)
         payload = json.dumps({"op": op, "id": request_id, **fields}).encode()
+        if len(payload) > MAX_REQUEST_BYTES:
+            raise NodeRequestError(f"{op} request of {len(payload)} bytes exceeds the node's {MAX_REQUEST_BYTES}-byte "
+                                   "limit", "send less (a shorter prompt or bundle path)")
         for attempt in range(self.retries + 1):
             if self._dealer is None:
                 self._dealer = self._socket(zmq.DEALER, self.control_endpoint)
@@ -73,8 +136,12 @@ class Client:
                 if not self._dealer.poll(int(left * 1000)):
                     break
                 answer = json.loads(self._dealer.recv())
-                if answer.get("id") != request_id:
+                if answer.get("id") != request_id and not (answer.get("id") is None and not answer.get("ok", True)):
                     continue  # a late answer to an earlier, timed-out request
+                if answer.get("rate_limited") and time.monotonic() + answer.get("retry_after_s", 0.1) < deadline:
+                    time.sleep(float(answer.get("retry_after_s", 0.1)))
+                    self._dealer.send(payload)
+                    continue
                 if not answer.get("ok", False):
                     raise NodeRequestError(f"node refused {op}: {answer.get('error', 'unknown error')}")
                 return answer
@@ -85,11 +152,19 @@ class Client:
         raise NodeUnavailable(f"no answer from {self.control_endpoint} to {op!r} in {self.timeout_s:.0f} s", hint)
 
     def status(self) -> dict[str, Any]:
-        return self.request("status")["status"]
+        """The node's status; NodeSeqWentBackwards if its last_seq is below a seq this client saw from it."""
+        status = self.request("status")["status"]
+        self._node = status["node"]
+        self._seq.saw(status["node"], status["last_seq"], "status last_seq")
+        return status
 
     def replay(self, since: int = 0, limit: int = 500) -> list[DetectionEvent]:
         answer = self.request("replay", since=since, limit=limit)
-        return [DetectionEvent.model_validate(e) for e in answer["events"]]
+        events = [DetectionEvent.model_validate(e) for e in answer["events"]]
+        node = events[0].node if events else self._node
+        if node is not None and "last_seq" in answer:
+            self._seq.saw(node, answer["last_seq"], "replay last_seq")
+        return events
 
     def ask_stream(self, prompt: str, max_new_tokens: int = 128) -> Iterator[str]:
         """The node's answer, piece by piece as it is generated."""
@@ -144,7 +219,11 @@ class Client:
         Ends after ``duration_s`` seconds even when no event comes (default: never).
         """
         end = time.monotonic() + duration_s if duration_s is not None else None
-        last = self.status()["last_seq"] if since is None else since
+        status = self.status()
+        if since is not None:  # a bookmark past the node's last seq: seq went back since it was taken
+            self._seq.saw(status["node"], max(since, self._seq.high.get(status["node"], 0)), "bookmark")
+            self._seq.saw(status["node"], status["last_seq"], "status last_seq")
+        last = status["last_seq"] if since is None else since
         gone_since: float | None = None
         while True:
             sub = self._socket(zmq.SUB, self.events_endpoint())
@@ -153,6 +232,7 @@ class Client:
             try:
                 for event in self._replay_all(last):  # subscribed first, so nothing falls between
                     last = event.seq
+                    self._seq.delivered(event)
                     yield event
                 gone_since = None
                 heard = time.monotonic()
@@ -164,7 +244,9 @@ class Client:
                     topic, payload = sub.recv_multipart()
                     heard = time.monotonic()
                     if topic == HEARTBEAT_TOPIC:
-                        ahead = Heartbeat.model_validate_json(payload).last_seq
+                        beat = Heartbeat.model_validate_json(payload)
+                        self._seq.saw(beat.node, beat.last_seq, "heartbeat last_seq")
+                        ahead = beat.last_seq
                     else:
                         event = DetectionEvent.model_validate_json(payload)
                         ahead = event.seq - 1
@@ -173,10 +255,15 @@ class Client:
                             if missed.seq > ahead:
                                 break
                             last = missed.seq
+                            self._seq.delivered(missed)
                             yield missed
-                    if topic != HEARTBEAT_TOPIC and event.seq > last:
-                        last = event.seq
-                        yield event
+                    if topic != HEARTBEAT_TOPIC:
+                        if event.seq > last:
+                            last = event.seq
+                            self._seq.delivered(event)
+                            yield event
+                        else:
+                            self._seq.check_repeat(event)  # the replay/live overlap, or a node gone back
                 return  # duration_s is over
             except NodeUnavailable:
                 now = time.monotonic()

@@ -25,6 +25,7 @@ from typing import Any
 from bastion import __version__
 from bastion.edge.audit import AuditLog, AuditWriteError, open_node_key
 from bastion.edge.config import NodeConfig, SourceConfig
+from bastion.edge.limits import clip
 from bastion.edge.protocol import ControlRequest, DetectionEvent, DetectionItem
 from bastion.edge.server import NodeServer
 from bastion.edge.sources import NodeFrame, SourceReader
@@ -46,6 +47,9 @@ class NodeFailed(BastionError):
     """A worker thread died: the node stopped rather than run on half-alive (exit 2, systemd restarts it)."""
 
     exit_code = 2
+
+
+RELOAD_REFUSED = "reload refused: not a bundle this node can verify and load (the node's audit log says why)"
 
 
 class Node:
@@ -91,13 +95,14 @@ class Node:
             self.supervisor.watch(reader.name, reader, lambda r=reader: running() and r.stats.state != "finished")
 
     # -- model ---------------------------------------------------------------------------------------
-    def _load_detector(self, model: str) -> Detector:
+    def _load_detector(self, model: str, audit_refusal: bool = True) -> Detector:
         c = self.config
         try:
             detector = Detector.load(model, device=c.device, threads=c.threads, conf=c.conf, iou=c.iou,
                                      imgsz=c.imgsz, max_batch=c.max_batch, allow_unsigned=c.security.allow_unsigned)
         except BastionError as exc:
-            self.audit.append("bundle_refused", model=str(model), reason=str(exc))
+            if audit_refusal:  # reload audits its refusals itself, coalesced per client
+                self.audit.append("bundle_refused", model=str(model), reason=str(exc))
             raise
         self.audit.append("bundle_loaded", model=str(model), name=detector.manifest.name,
                           sha256=detector.bundle_sha256, signer=detector.verified_by)
@@ -342,7 +347,16 @@ class Node:
 
         return {"stream": pieces()}
 
-    def handle(self, request: ControlRequest) -> dict[str, Any]:
+    def _reload_refused(self, bundle: str, exc: Exception, client: str) -> dict[str, Any]:
+        """One answer for every refusal, whatever the path names (a file, a directory, nothing at all), so a
+        client cannot map the host's files through ``reload``; the reason goes, clipped, to the audit log
+        (repeats coalesced per client and minute, edge/limits.py) and to one log line."""
+        reason = str(exc) if isinstance(exc, BastionError) else f"{type(exc).__name__}: {exc}"
+        if self.server.refusals.refuse("bundle_refused", client, model=bundle, reason=reason, op="reload"):
+            log.warning("reload refused for %s: %s", client, clip(reason))
+        return {"ok": False, "error": RELOAD_REFUSED}
+
+    def handle(self, request: ControlRequest, client: str = "local") -> dict[str, Any]:
         if request.op == "ping":
             return {"pong": time.time()}
         if request.op == "status":
@@ -355,9 +369,9 @@ class Node:
             if not request.bundle:
                 return {"ok": False, "error": "reload needs 'bundle'"}
             try:
-                new = self._load_detector(request.bundle)
-            except BastionError as exc:
-                return {"ok": False, "error": f"reload refused: {exc}"}
+                new = self._load_detector(request.bundle, audit_refusal=False)
+            except Exception as exc:  # BastionError, or OSError for a name too long …: a client's bad input
+                return self._reload_refused(request.bundle, exc, client)
             try:  # what runs changes only when the trail can say so
                 self.audit.append("reload", strict=True, sha256=new.bundle_sha256)
             except AuditWriteError as exc:

@@ -7,14 +7,18 @@ control (ROUTER/DEALER): one JSON request → one JSON reply ``{"id", "ok", ...}
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bastion.models.textfiles import first_error
 
 PROTOCOL_VERSION = 1
-MAX_REQUEST_BYTES = 64 * 1024
+MAX_REQUEST_BYTES = 64 * 1024  # all frames of one request together, counted before anything is kept
+MAX_REQUEST_FRAMES = 3  # routing id + (REQ's empty delimiter) + the JSON request
+MAX_ID_CHARS = 128  # a request id longer than this is not echoed
+MAX_SEQ = 2**63 - 1  # SQLite's INTEGER; a larger seq cannot exist
+MAX_ERROR_CHARS = 200  # an error reply never grows with what the client sent
 EVENT_TOPIC_PREFIX = b"det."
 HEARTBEAT_TOPIC = b"hb"
 
@@ -59,37 +63,67 @@ class Heartbeat(BaseModel):
     audit_head: str | None = None  # (bastion audit verify --expect-count/--expect-head)
 
 
+RequestId = Annotated[str, Field(strict=True, max_length=MAX_ID_CHARS)] | \
+    Annotated[int, Field(strict=True, ge=-MAX_SEQ, le=MAX_SEQ)]
+
+
 class ControlRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     op: Literal["status", "replay", "reload", "ask", "ping", "snapshot"]
-    id: str | int | None = None
-    since: int = Field(0, ge=0)
-    seq: int = Field(0, ge=0)
+    id: RequestId | None = None
+    since: int = Field(0, ge=0, le=MAX_SEQ)
+    seq: int = Field(0, ge=0, le=MAX_SEQ)
     limit: int = Field(500, ge=1, le=5000)
-    bundle: str | None = None
+    bundle: str | None = Field(None, max_length=4096)  # PATH_MAX
     prompt: str | None = Field(None, max_length=8192)
     max_new_tokens: int = Field(128, ge=1, le=4096)
 
 
 class ProtocolError(ValueError):
-    """A message that is not valid protocol; the reply says why."""
+    """A message that is not valid protocol; the reply says why, echoing the request's id if it could be read."""
+
+    def __init__(self, message: str, request_id: str | int | None = None) -> None:
+        super().__init__(_clip(message))
+        self.request_id = request_id
+
+
+def readable_id(data: object) -> str | int | None:
+    """The request's ``id`` when it is one a reply may echo (a short string or an int), else None."""
+    rid = data.get("id") if isinstance(data, dict) else None
+    if isinstance(rid, str) and len(rid) <= MAX_ID_CHARS:
+        return rid
+    if isinstance(rid, int) and not isinstance(rid, bool) and -MAX_SEQ <= rid <= MAX_SEQ:
+        return rid
+    return None
 
 
 def parse_request(raw: bytes) -> ControlRequest:
+    """A validated request, or ProtocolError: one short line, never an internal error, whatever ``raw`` holds."""
     if len(raw) > MAX_REQUEST_BYTES:
         raise ProtocolError(f"request of {len(raw)} bytes exceeds the {MAX_REQUEST_BYTES}-byte limit")
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        raise ProtocolError("request is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an int of more than 4300 digits
         raise ProtocolError(f"request is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ProtocolError("request must be a JSON object with an 'op'")
+    request_id = readable_id(data)
     try:
         return ControlRequest.model_validate(data)
     except ValidationError as exc:
-        raise ProtocolError(first_error(exc, "request")) from None
+        raise ProtocolError(first_error(exc, "request"), request_id) from None
+    except RecursionError:
+        raise ProtocolError("request is nested too deeply", request_id) from None
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_CHARS else f"{text[:MAX_ERROR_CHARS]}…"
 
 
 def reply(request_id: Any, ok: bool = True, **fields: Any) -> bytes:
+    if not ok and isinstance(fields.get("error"), str):
+        fields["error"] = _clip(fields["error"])
     return json.dumps({"v": PROTOCOL_VERSION, "id": request_id, "ok": ok, **fields}, default=str).encode()

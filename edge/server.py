@@ -1,15 +1,22 @@
 """The node's ZeroMQ face: ``events`` PUB and ``control`` ROUTER, CurveZMQ when configured.
 
 Control requests are answered on one thread; a malformed request gets an error
-reply and never disturbs anything else.  Publishing goes through one lock
-because a ZeroMQ socket is not thread-safe.
+reply and never disturbs anything else.  Every cost a client can cause is
+bounded before it is paid (docs/protocol.md "Limits"): a request is received
+frame by frame and refused by total size and frame count without being kept,
+each client spends tokens from its own bucket, refusals are audited coalesced,
+and a client's bad input is answered in one line and never logged as a
+traceback.  Publishing goes through one lock because a ZeroMQ socket is not
+thread-safe.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import zmq
@@ -18,30 +25,47 @@ from zmq.auth.thread import ThreadAuthenticator
 from bastion.edge.audit import AuditLog
 from bastion.edge.config import NodeConfig
 from bastion.edge.curve import allowed_client_keys, key_id, load_secret
-from bastion.edge.protocol import HEARTBEAT_TOPIC, MAX_REQUEST_BYTES, DetectionEvent, Heartbeat, ProtocolError, \
-    parse_request, reply
+from bastion.edge.limits import RateLimiter, RefusalCoalescer, clip
+from bastion.edge.protocol import HEARTBEAT_TOPIC, MAX_REQUEST_BYTES, MAX_REQUEST_FRAMES, DetectionEvent, Heartbeat, \
+    ProtocolError, parse_request, readable_id, reply
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[object], dict]
+Handler = Callable[..., dict]  # handler(request, client_label) -> reply fields
+PEEK_ID_BYTES = 4096  # a rate-limited request this small is parsed for its id; a larger one is not
 
 
 class _AllowList:
-    """zmq.auth credentials provider: allowed client keys, every decision audited."""
+    """zmq.auth credentials provider: allowed client keys; each accepted key audited once, refusals coalesced."""
 
-    def __init__(self, keys: set[bytes], audit: AuditLog) -> None:
+    def __init__(self, keys: set[bytes], audit: AuditLog, refusals: RefusalCoalescer) -> None:
         self.keys = keys
         self.audit = audit
-        self._seen: set[tuple[bytes, bool]] = set()
+        self.refusals = refusals
+        self.refused = 0
+        self._accepted: set[bytes] = set()  # a subset of self.keys: bounded by the allow list
 
     def callback(self, domain: str, key: bytes) -> bool:
-        allowed = key in self.keys
-        if (key, allowed) not in self._seen:  # one record per key and outcome, not per reconnect
-            self._seen.add((key, allowed))
-            self.audit.append("client_accepted" if allowed else "client_refused", key_id=key_id(key))
-            if not allowed:
-                log.warning("refused CurveZMQ client", extra={"key_id": key_id(key)})
-        return allowed
+        if key in self.keys:
+            if key not in self._accepted:  # one record per key, not per reconnect
+                self._accepted.add(key)
+                self.audit.append("client_accepted", key_id=key_id(key))
+            return True
+        self.refused += 1
+        if self.refusals.refuse("client_refused", key_id(key), key_id=key_id(key)):
+            log.warning("refused CurveZMQ client %s (repeats are counted in the audit log)", key_id(key))
+        return False
+
+
+@dataclass
+class _Incoming:
+    """One control message as received: only the last frame is kept, and only when within the limits."""
+
+    identity: bytes
+    client: bytes  # whose bucket pays: the CurveZMQ key (User-Id) or, without CurveZMQ, the connection
+    payload: bytes | None  # None: the message broke a limit and was dropped frame by frame
+    frames: int
+    size: int
 
 
 class NodeServer:
@@ -57,13 +81,22 @@ class NodeServer:
         self._stop = threading.Event()
         self.requests = 0
         self.bad_requests = 0
+        self.oversized = 0
+        self.rate_limited = 0
+        self.refusals = RefusalCoalescer(audit.append)
+        self.limiter = RateLimiter(config.control_rate_per_s, config.control_burst)
+        self._allow: _AllowList | None = None
+        self._failure_sites: set[tuple[str, str, int]] = set()
         try:
             self.events = self.ctx.socket(zmq.PUB)
             self.events.sndhwm = 100_000
             self.events.linger = 0
             self.control = self.ctx.socket(zmq.ROUTER)
             self.control.linger = 0
-            self.control.maxmsgsize = 4 * MAX_REQUEST_BYTES  # libzmq drops peers sending bigger frames
+            # libzmq drops a peer sending a bigger *frame*; it still assembles a whole multi-part message before
+            # the node sees any of it (its high-water mark counts messages), so keep few queued per peer
+            self.control.maxmsgsize = 4 * MAX_REQUEST_BYTES
+            self.control.rcvhwm = 8
             if config.curve_enabled:
                 self._secure()
             self.events.bind(config.endpoints.events)
@@ -84,8 +117,8 @@ class NodeServer:
         self.server_public = public
         self.auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("bastion.edge.zap"))
         self.auth.start()
-        self.auth.configure_curve_callback(
-            "*", credentials_provider=_AllowList(allowed_client_keys(self.config.security.allowed_clients), self.audit))
+        self._allow = _AllowList(allowed_client_keys(self.config.security.allowed_clients), self.audit, self.refusals)
+        self.auth.configure_curve_callback("*", credentials_provider=self._allow)
         for sock in (self.events, self.control):
             sock.curve_server = True
             sock.curve_publickey = public
@@ -115,40 +148,107 @@ class NodeServer:
                 except zmq.ZMQError:
                     return
 
+    def refused_clients(self) -> int:
+        """CurveZMQ handshakes refused since start (each counted, even when its audit record is coalesced)."""
+        return self._allow.refused if self._allow is not None else 0
+
     def _serve_control(self) -> None:
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
         while not self._stop.is_set():
+            self.refusals.flush()
             try:
                 if not poller.poll(100):
                     continue
-                frames = self.control.recv_multipart(zmq.NOBLOCK)
+                message = self._receive()
             except zmq.Again:
                 continue
             except zmq.ZMQError:
                 return  # socket closed during shutdown
-            identity, payload = frames[0], frames[-1]
             self.requests += 1
-            try:
-                request = parse_request(payload) if len(frames) >= 2 else None
-                if request is None:
-                    raise ProtocolError("empty request")
-                result = self.handler(request)
-                if "stream" in result:  # several replies with the same id, the last one done=true
-                    self._stream(identity, request.id, result["stream"])
-                    continue
-                answer = reply(request.id, **result)
-            except ProtocolError as exc:
-                self.bad_requests += 1
-                answer = reply(None, ok=False, error=str(exc))
-            except Exception as exc:  # a handler bug must not take the node down
-                self.bad_requests += 1
-                log.exception("control handler failed")
-                answer = reply(None, ok=False, error=f"internal error: {type(exc).__name__}: {exc}")
-            try:
-                self.control.send_multipart([identity, answer], zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass  # the peer went away; nothing to do
+            answer = self._answer(message)
+            if answer is not None:
+                self._send(message.identity, answer)
+
+    def _receive(self) -> _Incoming:
+        """One message, frame by frame: past the size or frame limit every further frame is dropped unread.
+
+        libzmq hands over a multi-part message only once all of it has arrived, so the
+        NOBLOCK receives below never wait; copy=False keeps each dropped frame in
+        libzmq's buffer until it is released here, instead of copying it into Python.
+        """
+        identity = self.control.recv(zmq.NOBLOCK, copy=False).bytes  # libzmq caps routing ids at 255 bytes
+        client, last, frames, size = identity, None, 1, 0
+        while self.control.getsockopt(zmq.RCVMORE):
+            part = self.control.recv(zmq.NOBLOCK, copy=False)
+            frames += 1
+            size += len(part)
+            if frames == 2 and self.config.curve_enabled:
+                try:
+                    client = part.get("User-Id").encode()
+                except zmq.ZMQError:
+                    pass
+            last = part if frames <= MAX_REQUEST_FRAMES and size <= MAX_REQUEST_BYTES else None
+        within = frames <= MAX_REQUEST_FRAMES and size <= MAX_REQUEST_BYTES and last is not None
+        return _Incoming(identity, client, last.bytes if within else None, frames, size)
+
+    def _label(self, client: bytes) -> str:
+        """The client as the audit log names it: its key id with CurveZMQ, else its connection."""
+        return key_id(client) if self.config.curve_enabled else f"conn-{client.hex()[:16]}"
+
+    def _answer(self, message: _Incoming) -> bytes | None:
+        wait = self.limiter.allow(message.client)
+        if wait:
+            self.rate_limited += 1
+            label = self._label(message.client)
+            if self.refusals.refuse("client_rate_limited", label):
+                log.warning("control client %s is rate limited (repeats are counted in the audit log)", label)
+            peek = message.payload if message.payload is not None and len(message.payload) <= PEEK_ID_BYTES else None
+            return reply(_peek_id(peek), ok=False, error=f"rate limited: more than {self.limiter.rate:g} "
+                         f"requests a second; retry after {wait:.2f} s", rate_limited=True,
+                         retry_after_s=max(0.001, round(wait, 3)))
+        if message.payload is None:
+            self.oversized += 1
+            self.bad_requests += 1
+            return reply(None, ok=False, error=f"request refused: {message.frames - 1} frames, {message.size} bytes "
+                         f"(at most {MAX_REQUEST_FRAMES - 1} frames and {MAX_REQUEST_BYTES} bytes)")
+        try:
+            request = parse_request(message.payload)
+        except ProtocolError as exc:
+            self.bad_requests += 1
+            return reply(exc.request_id, ok=False, error=str(exc))
+        try:
+            result = self.handler(request, self._label(message.client))
+        except Exception as exc:  # a handler bug must not take the node down
+            self.bad_requests += 1
+            self._log_failure("control handler failed", exc)
+            return reply(request.id, ok=False, error=f"internal error: {type(exc).__name__}: {exc}")
+        if "stream" in result:  # several replies with the same id, the last one done=true
+            self._stream(message.identity, request.id, result["stream"])
+            return None
+        return reply(request.id, **result)
+
+    def _send(self, identity: bytes, answer: bytes) -> None:
+        try:
+            self.control.send_multipart([identity, answer], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the peer went away; nothing to do
+
+    def _log_failure(self, what: str, exc: BaseException) -> None:
+        """A traceback the first time a failure happens at a place in the code, one short line after that.
+
+        A failure a client can trigger at will must not fill the disk with
+        tracebacks, yet the first one is what a developer needs to fix it.
+        """
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        site = (type(exc).__name__, tb.tb_frame.f_code.co_filename if tb else "", tb.tb_lineno if tb else 0)
+        if site not in self._failure_sites and len(self._failure_sites) < 256:
+            self._failure_sites.add(site)
+            log.error("%s: %s: %s", what, type(exc).__name__, clip(exc), exc_info=exc)
+        else:
+            log.error("%s: %s: %s (traceback logged before)", what, type(exc).__name__, clip(exc))
 
     def _stream(self, identity: bytes, request_id: object, pieces) -> None:  # noqa: ANN001
         count = 0
@@ -160,12 +260,9 @@ class NodeServer:
         except zmq.ZMQError:
             return  # the client went away mid-answer
         except Exception as exc:  # a generation failure ends this answer, not the node
-            log.exception("generation failed")
+            self._log_failure("generation failed", exc)
             final = reply(request_id, ok=False, error=f"generation failed: {exc}")
-        try:
-            self.control.send_multipart([identity, final], zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
+        self._send(identity, final)
 
     def close(self) -> None:
         self._stop.set()
@@ -174,8 +271,19 @@ class NodeServer:
                 t.join(timeout=2)
         if self.auth is not None:
             self.auth.stop()
+        self.refusals.flush(force=True)  # the counts of refusals still inside their window
         for name in ("events", "control"):
             sock = getattr(self, name, None)
             if sock is not None:
                 sock.close(linger=0)
         self.ctx.term()
+
+
+def _peek_id(payload: bytes | None) -> object:
+    """The id of a (small) request that will not be served, so the client can match the refusal."""
+    if payload is None:
+        return None
+    try:
+        return readable_id(json.loads(payload))
+    except (ValueError, RecursionError):
+        return None

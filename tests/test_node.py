@@ -83,7 +83,8 @@ def test_control_survives_10000_malformed_messages(tmp_path):
     rng = random.Random(7)
     samples = [b"", b"{", b"[]", b"null", b'"op"', b'{"op": 5}', b'{"op": "nope"}', b'{"op": "replay", "since": -1}',
                b'{"op": "replay", "limit": "x"}', b'{"op": "status", "extra": 1}', b"\xff\xfe", b"x" * 70000]
-    with running_node(tmp_path) as node:
+    # the parser is under test here, not the per-client rate limit (tests/test_hardening_control.py)
+    with running_node(tmp_path, control_rate_per_s=100_000, control_burst=100_000) as node:
         ctx = zmq.Context()
         dealer = ctx.socket(zmq.DEALER)
         dealer.linger = 0

@@ -1,0 +1,127 @@
+"""Per-client costs on the control socket, bounded: a token bucket per client and coalesced refusals.
+
+A flood must cost the node little and the audit log less.  Each client (its
+CurveZMQ key, or its connection on a loopback node without CurveZMQ) spends
+tokens from its own bucket, so one noisy client cannot starve another.  A
+refusal that repeats (the same client refused again, or hundreds of unknown
+keys) is written once at once and then as one record with a count per window,
+so an attacker cannot turn the fsynced audit log into a disk-filling,
+CPU-burning amplifier — yet every refusal is still counted in the trail.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+CLIP_CHARS = 200  # longest client-supplied string written to a log line or an audit record
+MAX_TRACKED_CLIENTS = 4096  # buckets kept; the least recently seen client is forgotten first
+
+
+def clip(value: object, limit: int = CLIP_CHARS) -> str:
+    """``value`` as text of at most ``limit`` characters, saying how much was cut (client strings in logs)."""
+    text = str(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}…(+{len(text) - limit} chars)"
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    stamp: float
+
+
+class RateLimiter:
+    """Token bucket per client key: ``rate`` requests a second sustained, ``burst`` at once."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic,
+                 max_clients: int = MAX_TRACKED_CLIENTS) -> None:
+        self.rate, self.burst, self.clock, self.max_clients = float(rate), float(burst), clock, max_clients
+        self._buckets: OrderedDict[bytes, _Bucket] = OrderedDict()
+
+    def allow(self, client: bytes) -> float:
+        """0.0 if ``client`` may go on now (a token is spent), else the seconds until it may."""
+        now = self.clock()
+        bucket = self._buckets.pop(client, None)
+        if bucket is None:
+            bucket = _Bucket(self.burst, now)
+            while len(self._buckets) >= self.max_clients:
+                self._buckets.popitem(last=False)
+        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.stamp) * self.rate)
+        bucket.stamp = now
+        self._buckets[client] = bucket
+        if bucket.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            return 0.0
+        return (1.0 - bucket.tokens) / self.rate
+
+
+@dataclass
+class _Window:
+    started: float
+    repeats: int = 0
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+class RefusalCoalescer:
+    """Audit refusals without letting their number drive the number of records.
+
+    The first refusal of a (kind, client) in a window is written at once; repeats
+    within the window are counted and written as one record (``count``) when the
+    window closes.  At most ``max_clients`` clients get records of their own per
+    window and kind; refusals of any further clients go into one summary record
+    (``count``, ``clients``).  ``flush()`` closes the windows that are due; call it
+    often (the control loop does) and with ``force=True`` at shutdown.
+    """
+
+    def __init__(self, append: Callable[..., Any], window_s: float = 60.0, max_clients: int = 10,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.append, self.window_s, self.max_clients, self.clock = append, window_s, max_clients, clock
+        self._lock = threading.Lock()
+        self._windows: dict[tuple[str, str], _Window] = {}
+        self._overflow: dict[str, tuple[float, int, set[str]]] = {}  # kind → (started, count, clients)
+        self.total = 0
+
+    def refuse(self, kind: str, client: str, **fields: Any) -> bool:
+        """Count one refusal; True when it was written on its own (the first of its window)."""
+        self.flush()
+        clipped = {k: clip(v) if isinstance(v, str) else v for k, v in fields.items()}
+        with self._lock:
+            self.total += 1
+            window = self._windows.get((kind, client))
+            if window is not None:
+                window.repeats += 1
+                window.fields = clipped
+                return False
+            if sum(1 for k, _ in self._windows if k == kind) >= self.max_clients:
+                started, count, clients = self._overflow.get(kind, (self.clock(), 0, set()))
+                if len(clients) < 100_000:
+                    clients.add(client)
+                self._overflow[kind] = (started, count + 1, clients)
+                return False
+            self._windows[(kind, client)] = _Window(self.clock())
+        self.append(kind, client=client, **clipped)
+        return True
+
+    def flush(self, force: bool = False) -> None:
+        now = self.clock()
+        records: list[tuple[str, dict[str, Any]]] = []
+        with self._lock:
+            for (kind, client), window in list(self._windows.items()):
+                if force or now - window.started >= self.window_s:
+                    del self._windows[(kind, client)]
+                    if window.repeats:
+                        records.append((kind, {"client": client, **window.fields, "count": window.repeats,
+                                               "repeated_within_s": self.window_s}))
+            for kind, (started, count, clients) in list(self._overflow.items()):
+                if force or now - started >= self.window_s:
+                    del self._overflow[kind]
+                    records.append((kind, {"count": count, "clients": len(clients),
+                                           "repeated_within_s": self.window_s,
+                                           "note": f"more than {self.max_clients} clients refused in one window"}))
+        for kind, fields in records:
+            self.append(kind, **fields)
