@@ -24,7 +24,8 @@ class Check:
 
 
 def run_checks() -> list[Check]:
-    checks = [_home(), _trust(), _registry(), _zoo(), _providers(), _egress_env(), _ultralytics_settings()]
+    checks = [_home(), _trust(), _registry(), _zoo(), _providers(), _cpu_class(), _egress_env(),
+              _ultralytics_settings()]
     return [c for c in checks if c is not None]
 
 
@@ -103,6 +104,15 @@ def _providers() -> Check:
               "NVIDIA's wheels + cuda-python)")
     return Check("inference backend", "ok", f"onnxruntime {ort.__version__}; device=auto uses {chosen[0]} — {why}; "
                                              f"available: {', '.join(providers)}; {native}")
+
+
+def _cpu_class() -> Check:
+    """The class INT8 bundles are checked against on load (docs/benchmarks.md: INT8 depends on the CPU)."""
+    from bastion.hardware.isa import probe_isa
+
+    isa = probe_isa()
+    return Check("cpu class", "ok", f"{isa.name} — {isa.description}; INT8 bundles gated on another class are "
+                                    "flagged on load (int8_policy strict refuses them)")
 
 
 def _egress_env() -> Check:

@@ -68,6 +68,11 @@ def eval_detect_command(
     out.print(table)
 
 
+TARGET_HELP = ("Where the INT8 model will run: a device profile (hardware/profiles: x86-cpu, jetson-orin-nano-8gb, "
+               "…) or a CPU class (x86-avx2, x86-avx512-vnni, x86-amx, arm64-dotprod, …); default: this machine. "
+               "Picks the recipes that hold there (no full-range U8S8 on x86 without VNNI).")
+
+
 def quantize_command(
     model: str = typer.Option(..., "--model", "-m", help="FP32 detection bundle (directory, registry or zoo name)."),
     calib: Path = typer.Option(..., "--calib", help="Directory of typical images for calibration."),
@@ -79,6 +84,10 @@ def quantize_command(
     min_speedup: float = typer.Option(1.1, help="Smallest end-to-end speed-up over FP32 worth that cost."),
     limit: Optional[int] = typer.Option(None, help="Gate on the first N images only."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Write the INT8 bundle here if accepted."),
+    target: Optional[str] = typer.Option(None, "--target", help=TARGET_HELP),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Try only this INT8 recipe (see "
+                                         "docs/benchmarks.md), e.g. u8s8-7bit-symact; default: the target's "
+                                         "candidates, best first."),
     sign: Optional[Path] = typer.Option(None, "--sign", help="Sign the INT8 bundle with this private key."),
     passphrase: bool = typer.Option(False, "--passphrase", help="Prompt for the key's passphrase."),
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
@@ -86,7 +95,8 @@ def quantize_command(
 ) -> None:
     """INT8 (ONNX Runtime static QDQ) of a detection bundle, kept only if its measured mAP50 drop is small.
 
-    Example: bastion quantize --model yolov5n --calib images/ --data data.yaml --imgsz 320 --out yolov5n-int8
+    Example: bastion quantize --model yolov5n --calib images/ --data data.yaml --imgsz 320 --target x86-cpu
+    --out yolov5n-int8
     """
     from bastion.distill.datasets import load_data_yaml
     from bastion.distill.int8_gate import quantize_and_gate
@@ -94,6 +104,11 @@ def quantize_command(
     from bastion.models.bundle import Bundle
     from bastion.runtime.media import list_images
 
+    from bastion.distill.int8_recipe import recipe_by_name
+    from bastion.hardware.isa import resolve_target
+
+    resolve_target(target)  # an unknown profile or class is one line before any work
+    recipes = [recipe_by_name(recipe)] if recipe else None
     bundle = Bundle.open(model, allow_unsigned=allow_unsigned)
     if bundle.manifest.task != "detect":
         raise ConfigError(f"{model} is not a detection bundle")
@@ -113,12 +128,15 @@ def quantize_command(
     with progress(disable=json_out) as bar:
         task = bar.add_task("quantize + gate", total=2)
         result = quantize_and_gate(bundle, images, dataset, imgsz, max_drop, out_dir, key,
-                                   tick=lambda: bar.advance(task), min_speedup=min_speedup)
+                                   tick=lambda: bar.advance(task), min_speedup=min_speedup, target=target,
+                                   recipes=recipes)
     if json_out:
         print_json(result.to_dict())
         return
     out.print(f"FP32 mAP50 {result.fp32['map50']:.3f} ({result.fp32['latency_ms']:.1f} ms) → INT8 mAP50 "
               f"{result.int8['map50']:.3f} ({result.int8['latency_ms']:.1f} ms) at {imgsz}: {result.reason}")
+    out.print(("" if result.measured_on_target else "[bold yellow]WARNING[/]: ") + f"INT8 for {result.target}: "
+              f"{result.note}")
     if result.bundle:
         out.print(f"INT8 bundle: {result.bundle}" + ("" if key else " (UNSIGNED: bastion bundle sign it)"))
 
@@ -151,6 +169,7 @@ def distill_detect_command(
                                                    "points of the most accurate one."),
     int8: bool = typer.Option(True, help="Try INT8 of the sliced teacher and the student through the gate."),
     max_int8_drop: float = typer.Option(1.0, help="Refuse an INT8 model losing more than this many mAP50 points."),
+    target: Optional[str] = typer.Option(None, "--target", help=TARGET_HELP),
     no_train: bool = typer.Option(False, "--no-train", help="Measure only the candidates that need no training."),
     student: str = typer.Option("yolov5n.yaml", help="Student architecture: an Ultralytics model YAML (yolov5n, "
                                 "yolov8n, yolo11n or a path), or teacher-sliced (no training: the sliced teacher)."),
@@ -221,7 +240,8 @@ def distill_detect_command(
     spec = DistillSpec(teachers=list(teacher), images=images, labels=labels, classes=names, train=train,
                        class_map=parse_class_map(class_map), conf=thresholds, imgsz=imgsz, out=out_dir,
                        min_map50=min_map50, max_latency_ms=max_latency, max_map50_drop=max_map50_drop, int8=int8,
-                       max_int8_drop=max_int8_drop, val_images=val_images, val_labels=val_labels,
+                       max_int8_drop=max_int8_drop, int8_target=target, val_images=val_images,
+                       val_labels=val_labels,
                        conf_auto=conf == "auto",
                        allow_unsigned=allow_unsigned,
                        force=set(force))

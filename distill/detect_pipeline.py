@@ -54,6 +54,7 @@ class DistillSpec:
     conf_auto: bool = False  # per-class thresholds chosen by F1 against the labelled training images
     int8: bool = True
     max_int8_drop: float = 1.0  # mAP50 points an INT8 model may lose against its FP32 source
+    int8_target: str | None = None  # device profile or CPU class the INT8 recipe must hold on (None: this CPU)
     val_images: Path | None = None  # a separate labelled held-out set (else: a share of the labelled images)
     val_labels: Path | None = None
     allow_unsigned: bool = False
@@ -201,7 +202,7 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
                 for label, source in int8_from:
                     name = f"{label}-int8-{spec.imgsz}"
                     gate = quantize_and_gate(source, calib, dataset, spec.imgsz, spec.max_int8_drop, stage / name,
-                                             bootstrap=REPORT_BOOTSTRAP)
+                                             bootstrap=REPORT_BOOTSTRAP, target=spec.int8_target)
                     result["int8_gate"][label] = gate.to_dict()
                     if gate.accepted:
                         candidates.append({"name": f"{label}-int8@{spec.imgsz}", "kind": f"{label}, INT8",
@@ -486,7 +487,9 @@ def _report_md(spec: DistillSpec, result: dict[str, Any]) -> str:
                       "above the threshold. Imagery unlike the teachers' training data (e.g. cars seen from "
                       "directly above) needs some ground truth or a better teacher."]
     gates = result.get("int8_gate") or {}
-    lines += [""] + [f"INT8 gate ({k}): {g['reason']}" for k, g in gates.items()] + ["",
+    lines += [""] + [f"INT8 gate ({k}): {g['reason']}" + (f" INT8 for {g['target']}: {g['note']}."
+                                                           if g.get("note") else "")
+                     for k, g in gates.items()] + ["",
               f"Student: {result['student']}.",
               f"Chosen: {result['chosen'] or 'none meets the constraints'}.", ""]
     titles = {"scatter": "Speed vs accuracy", "per_class": "AP50 per class", "training": "Training curves",

@@ -88,6 +88,7 @@ class NodeConfig(_Strict):
     device: Literal["auto", "cpu", "cuda", "tensorrt", "trt"] = "auto"  # trt: native TensorRT (engine cache)
     queue_size: int = Field(4, ge=1, le=256)
     max_batch: int = Field(4, ge=1, le=64)
+    int8_policy: Literal["warn", "strict"] = "warn"  # an INT8 bundle gated on another CPU class: audit, or refuse
     sources: list[SourceConfig] = Field(min_length=1)
     endpoints: Endpoints = Endpoints()
     security: Security = Security()

@@ -99,7 +99,8 @@ class Node:
         c = self.config
         try:
             detector = Detector.load(model, device=c.device, threads=c.threads, conf=c.conf, iou=c.iou,
-                                     imgsz=c.imgsz, max_batch=c.max_batch, allow_unsigned=c.security.allow_unsigned)
+                                     imgsz=c.imgsz, max_batch=c.max_batch, allow_unsigned=c.security.allow_unsigned,
+                                     int8_policy=c.int8_policy)
         except BastionError as exc:
             if audit_refusal:  # reload audits its refusals itself, coalesced per client
                 self.audit.append("bundle_refused", model=str(model), reason=str(exc))
@@ -108,6 +109,8 @@ class Node:
                           sha256=detector.bundle_sha256, signer=detector.verified_by)
         if detector.verified_by is None:
             self.audit.append("allow_unsigned_used", model=str(model), sha256=detector.bundle_sha256)
+        if detector.int8_check is not None and not detector.int8_check.same:  # runtime/int8_check.py
+            self.audit.append("int8_cpu_mismatch", sha256=detector.bundle_sha256, **detector.int8_check.audit_fields())
         return detector
 
     def _load_lm(self, model: str):  # noqa: ANN202

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bastion.errors import ConfigError
 from bastion.models.textfiles import first_error, read_yaml_mapping
@@ -35,6 +35,16 @@ class Profile(BaseModel):
     max_imgsz: int = Field(ge=32)
     workspace_mb: int = Field(0, ge=0)
     reference: Reference | None = None
+    isa: str | None = None  # CPU instruction-set class INT8 is made for (bastion.hardware.isa; --target)
+
+    @field_validator("isa")
+    @classmethod
+    def _known_isa(cls, value: str | None) -> str | None:
+        from bastion.hardware.isa import CLASSES
+
+        if value is not None and value not in CLASSES:
+            raise ValueError(f"unknown CPU class {value!r} (known: {', '.join(CLASSES)})")
+        return value
 
 
 def profile_names() -> list[str]:

@@ -173,6 +173,7 @@ def bundle_inspect(
         ("license", f"weights: {manifest.license.weights}; data: {manifest.license.data or '-'}"
          + (f"\n{manifest.license.notes}" if manifest.license.notes else "")),
         ("metrics", "\n".join(f"{e.metric} = {e.value:.3f} on {e.dataset}" for e in manifest.evaluation) or "-"),
+        *([("int8 verdict", manifest.int8_verdict.summary())] if manifest.int8_verdict else []),
     ]
     for key, value in rows:
         table.add_row(key, value)

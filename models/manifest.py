@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
 
 from bastion.errors import ManifestError
 
@@ -122,6 +122,44 @@ class EvalResult(_Strict):
     settings: dict[str, Any] = {}
 
 
+class Int8Verdict(_Strict):
+    """Where the INT8 gate measured this model, so the unit that runs it can tell whether the verdict holds there.
+
+    ONNX Runtime's INT8 kernels differ by CPU instruction set (``bastion.hardware.isa``): a full-range U8S8 model
+    measured on a VNNI CPU loses accuracy on an AVX2 one.  ``holds_on`` lists the CPU classes whose kernels compute
+    the same integers as the one measured (``isa``); a loader on any other class warns or, strict, refuses.
+    """
+
+    recipe: str
+    recipe_params: dict[str, Any] = {}
+    isa: str  # CPU instruction-set class the mAP and speed were measured on
+    holds_on: list[str]
+    target: str  # device profile (or CPU class) the recipe was chosen for
+    target_isa: str
+    measured_on_target: bool
+    execution_provider: str = "CPUExecutionProvider"
+    onnxruntime: str
+    calibration_sha256: str
+    calibration_images: int = Field(ge=0)
+    evaluation_sha256: str
+    evaluation_images: int = Field(ge=0)
+    fp32_map50: float
+    int8_map50: float
+    map50_drop_points: float
+    speedup: float
+    candidates: list[dict[str, Any]] = []  # every recipe tried: name, drop, speed-up, verdict
+
+    def summary(self) -> str:
+        """Lines for ``bastion bundle inspect`` and reports."""
+        where = "" if self.measured_on_target else f" — NOT measured with {self.target_isa} kernels"
+        return (f"{self.recipe}: mAP50 {self.fp32_map50:.3f} → {self.int8_map50:.3f} "
+                f"({self.map50_drop_points:.2f} points), {self.speedup:.2f}× on {self.isa} "
+                f"({self.execution_provider}, onnxruntime {self.onnxruntime})\n"
+                f"made for {self.target} ({self.target_isa}){where}; holds on {', '.join(self.holds_on)}\n"
+                f"calibration {self.calibration_images} images sha256 {self.calibration_sha256[:12]}…, "
+                f"evaluation {self.evaluation_images} images sha256 {self.evaluation_sha256[:12]}…")
+
+
 class Manifest(_Strict):
     """The whole manifest.  ``schema_version`` guards against future formats."""
 
@@ -138,6 +176,16 @@ class Manifest(_Strict):
     provenance: Provenance
     license: LicenseInfo
     evaluation: list[EvalResult] = []
+    int8_verdict: Int8Verdict | None = None  # INT8 bundles from the gate; absent (not null) otherwise
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_verdict(self, handler):  # noqa: ANN001, ANN202
+        """An absent ``int8_verdict`` is left out of the JSON, so manifests signed before the field existed keep
+        the same canonical bytes (and their signatures)."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("int8_verdict", 0) is None:
+            del data["int8_verdict"]
+        return data
 
     @field_validator("schema_version")
     @classmethod

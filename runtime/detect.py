@@ -23,6 +23,7 @@ from bastion.runtime.backends import Backend, open_backend
 from bastion.runtime.backends.onnxrt import read_model
 from bastion.runtime.decoders import Candidates, DecodeContext, get_decoder
 from bastion.runtime.detections import Detections, class_ids
+from bastion.runtime.int8_check import check_int8
 from bastion.runtime.media import as_bgr, read_image
 from bastion.runtime.nms import batched_nms
 from bastion.runtime.onnx_manifest import manifest_from_onnx
@@ -47,6 +48,7 @@ class DetectOptions:
     scaleup: bool = True
     max_batch: int = 8
     extra: dict = field(default_factory=dict)
+    int8_policy: str = "warn"  # an INT8 bundle gated on another CPU class: "warn" once, or "strict": refuse
 
 
 class Detector:
@@ -62,6 +64,7 @@ class Detector:
         self.names = list(manifest.classes)
         self.bundle_sha256 = bundle_sha256 or manifest.sha256()
         self.verified_by: str | None = None  # signer key id when loaded from a verified bundle
+        self.int8_check = None  # an Int8Check when loaded from an INT8 bundle (runtime/int8_check.py)
         self.options = options or DetectOptions()
         self._decode = get_decoder(manifest.decoder.type)
         self._input_name = backend.inputs[0].name
@@ -110,8 +113,14 @@ class Detector:
     @classmethod
     def _ready(cls, backend: Backend, manifest: Manifest, opts: DetectOptions, sha256: str, signer: str | None,
                warmup: bool) -> "Detector":
+        try:  # does the INT8 gate's verdict hold on this CPU? (runtime/int8_check.py)
+            int8 = check_int8(manifest, sha256, getattr(backend, "providers", None), opts.int8_policy)
+        except BaseException:
+            backend.close()
+            raise
         detector = cls(backend, manifest, opts, bundle_sha256=sha256)
         detector.verified_by = signer
+        detector.int8_check = int8
         if warmup:
             detector.warmup()
         return detector
