@@ -128,6 +128,9 @@ def _plan_detect(bundle: Bundle, profile: Profile, batch: int | None, imgsz: int
     precision = profile.precision
     if bundle.manifest.precision == "int8":
         precision = "int8"
+        from bastion.runtime.int8_check import plan_note
+
+        notes.append(plan_note(bundle.manifest, profile.name, profile.isa, profile.preferred_backend))
     elif precision == "int8":
         precision = "fp16" if profile.kind != "cpu" else "fp32"
         notes.append("INT8 needs a gated INT8 bundle (bastion quantize); planned without it")

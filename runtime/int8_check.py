@@ -84,3 +84,19 @@ def check_int8(manifest: Manifest, sha256: str, providers: list[str] | None = No
         log.warning(check.message, extra={"int8_holds": check.holds, "measured_on": check.measured_on,
                                           "running_on": here})
     return check
+
+
+def plan_note(manifest: Manifest, profile_name: str, profile_isa: str | None, backend: str) -> str:
+    """One line for ``bastion hw plan``: does this INT8 bundle's verdict hold on a device profile?"""
+    verdict = manifest.int8_verdict
+    if verdict is None:
+        return "this INT8 bundle records no CPU class: its measured mAP may not hold on this profile"
+    if backend != "ort-cpu":
+        return (f"INT8 verdict measured on {verdict.execution_provider} ({verdict.isa}); this profile runs "
+                f"{backend}: not measured with its kernels")
+    if profile_isa is None:
+        return f"the profile names no CPU class (isa:): cannot tell whether the INT8 verdict ({verdict.isa}) holds"
+    if profile_isa in verdict.holds_on:
+        return f"INT8 verdict (measured on {verdict.isa}, {verdict.recipe}) holds on {profile_isa}"
+    return (f"INT8 verdict measured on {verdict.isa} does NOT hold on {profile_isa} ({verdict.recipe} computes "
+            f"differently there): bastion quantize --target {profile_name}, or plan the FP32 bundle")

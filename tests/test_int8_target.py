@@ -217,3 +217,18 @@ def test_doctor_reports_this_cpu_class():
     proc = run_cli("doctor", "--json")
     here = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}["cpu class"]
     assert here["detail"].startswith(probe_isa().name)
+
+
+def test_hw_plan_says_whether_the_int8_verdict_holds_on_each_profile(int8_model, tmp_path):
+    from bastion.hardware.profiles import load_profile
+    from bastion.planner import plan
+
+    stem = _key_stem(tmp_path)
+    vnni = Bundle.open(_int8_bundle(int8_model, tmp_path / "vnni", stem, "x86-avx512-vnni", saturation_free=False))
+    safe = Bundle.open(_int8_bundle(int8_model, tmp_path / "7bit", stem, "x86-avx512-vnni", saturation_free=True))
+    cpu = load_profile("x86-cpu")
+    notes = plan(vnni, cpu, measure_speed=False).notes
+    assert any("does NOT hold on x86-avx2" in n and "--target x86-cpu" in n for n in notes), notes
+    assert any("holds on x86-avx2" in n and "NOT" not in n for n in plan(safe, cpu, measure_speed=False).notes)
+    jetson = plan(safe, load_profile("jetson-orin-nano-8gb"), measure_speed=False).notes
+    assert any("not measured with its kernels" in n for n in jetson), jetson
