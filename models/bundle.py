@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Iterator
 
 from bastion.errors import ConfigError, InputNotFoundError, ModelLoadError, SignatureError
-from bastion.models.archive import ARCHIVE_SUFFIX, unpack
+from bastion.models.archive import ARCHIVE_SUFFIX, unpack_cached
 from bastion.models.home import bastion_home
 from bastion.models.manifest import MANIFEST_NAME, FileEntry, Manifest, read_manifest, sha256_file
 from bastion.models.registry import Registry
+from bastion.models.safe_read import TooLarge, read_bounded
 from bastion.models.signing import Verification, read_signature, verify_manifest
 from bastion.models.trust import TrustStore
 from bastion.models.zoo import zoo_path
@@ -124,17 +125,20 @@ def warn_unsigned(name: str, why: str) -> None:
 def read_verified(root: Path, manifest: Manifest, entry: FileEntry) -> bytes:
     """Read ``entry`` once — never more than its manifest size — and return those bytes if they hash right."""
     path = root / entry.path
-    try:
-        with path.open("rb") as fh:
-            data = fh.read(entry.size + 1)  # a file grown since verification shows up as one byte too many
+    try:  # a regular file, never more than the manifest's size (one byte more: grown since verification)
+        data = read_bounded(path, entry.size)
     except FileNotFoundError:
         raise ModelLoadError(f"bundle {manifest.name}: payload file {entry.path} is missing",
                              "copy the whole bundle directory again") from None
+    except TooLarge as exc:
+        raise ModelLoadError(f"bundle {manifest.name}: {entry.path} is {exc.size} bytes, manifest says "
+                             f"{entry.size} (truncated or replaced)", "copy the bundle again from a trusted source"
+                             ) from None
     except OSError as exc:
         raise ModelLoadError(f"bundle {manifest.name}: cannot read {entry.path} ({exc.strerror or exc})") from None
     if len(data) != entry.size:
-        raise ModelLoadError(f"bundle {manifest.name}: {entry.path} is {'more than ' if len(data) > entry.size else ''}"
-                             f"{len(data)} bytes, manifest says {entry.size} (truncated or replaced)",
+        raise ModelLoadError(f"bundle {manifest.name}: {entry.path} is {len(data)} bytes, manifest says {entry.size}"
+                             " (truncated or replaced)",
                              "copy the bundle again from a trusted source")
     if hashlib.sha256(data).hexdigest() != entry.sha256:
         raise ModelLoadError(f"bundle {manifest.name}: {entry.path} does not match its sha256 (modified)",
@@ -186,12 +190,9 @@ def resolve_bundle_dir(path: str | Path) -> Path:
 
 
 def _unpacked_archive(archive: Path) -> Path:
-    """Archives are unpacked once into a cache keyed by their own sha256."""
-    digest = sha256_file(archive)  # streamed: an archive is never held in memory whole
-    target = bastion_home() / "cache" / "archives" / digest
-    if not (target / MANIFEST_NAME).is_file():
-        unpack(archive, target)
-    return target
+    """Archives are unpacked once into a cache keyed by their own sha256 (size-checked, then hashed as a stream;
+    models/archive.py bounds everything else)."""
+    return unpack_cached(archive, bastion_home() / "cache" / "archives")
 
 
 @contextlib.contextmanager

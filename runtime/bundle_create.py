@@ -23,6 +23,7 @@ from bastion.console import out, print_json
 from bastion.errors import ConfigError, DecoderError, InputNotFoundError
 from bastion.models.bundle import seal_bundle, staged_bundle
 from bastion.models.manifest import FileEntry, Manifest, sha256_file
+from bastion.models.onnx_refs import refuse_external_data
 from bastion.models.textfiles import first_error, read_yaml_mapping
 
 RUN_MODEL = "model.onnx"
@@ -53,7 +54,9 @@ def create_bundle(onnx: Path, out_dir: Path, fields: dict[str, Any], license_fil
     """Assemble, check and (optionally) sign a bundle in a staging directory, then move it to ``out_dir``."""
     with staged_bundle(out_dir) as staging:
         shutil.copy2(onnx, staging / onnx.name)
-        files = [FileEntry(path=onnx.name, sha256=sha256_file(onnx), size=onnx.stat().st_size, role="model")]
+        staged = staging / onnx.name  # hash the copy that ships, not the source (which may change meanwhile)
+        refuse_external_data(staged.read_bytes(), onnx.name)  # its weights must be in the file the manifest hashes
+        files = [FileEntry(path=onnx.name, sha256=sha256_file(staged), size=staged.stat().st_size, role="model")]
         for lic in license_files:
             if not lic.is_file():
                 raise InputNotFoundError(f"license file not found: {lic}")

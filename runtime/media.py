@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import cv2
 import numpy as np
 
 from bastion.errors import ImageReadError, InputNotFoundError
+from bastion.models.safe_read import TooLarge, read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +50,14 @@ def read_image(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"image not found: {path}")
-    try:
-        with path.open("rb") as fh:  # the size is checked before anything is buffered, and read at most once
-            size = os.fstat(fh.fileno()).st_size
-            if size > MAX_IMAGE_BYTES:
-                raise ImageReadError(f"{path} is {size / 2**20:.0f} MiB, more than an image file may be "
-                                     f"({MAX_IMAGE_BYTES // 2**20} MiB); not read",
-                                     "is it really an image? split or re-encode it")
-            data = np.frombuffer(fh.read(MAX_IMAGE_BYTES + 1), dtype=np.uint8)
+    try:  # the size is checked before anything is buffered; a FIFO or device is refused, not waited on
+        data = np.frombuffer(read_bounded(path, MAX_IMAGE_BYTES), dtype=np.uint8)
+    except TooLarge as exc:
+        raise ImageReadError(f"{path} is {exc.size / 2**20:.0f} MiB, more than an image file may be "
+                             f"({MAX_IMAGE_BYTES // 2**20} MiB); not read", "is it really an image? split or "
+                             "re-encode it") from None
     except OSError as exc:
         raise ImageReadError(f"cannot read image {path} ({exc.strerror or exc})") from None
-    if data.size > MAX_IMAGE_BYTES:  # grew while being read
-        raise ImageReadError(f"{path} grew past {MAX_IMAGE_BYTES // 2**20} MiB while being read; not decoded")
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
         raise ImageReadError(f"cannot decode image {path} (corrupt, truncated or not an image)")

@@ -203,3 +203,35 @@ def test_a_single_huge_image_is_one_line_exit_1(tmp_path):
     assert result.returncode == 1, result.stderr
     assert "huge.jpg" in result.stderr and "Traceback" not in result.stderr
     assert SAMPLE_IMAGES.is_dir()
+
+
+def test_a_payload_replaced_by_a_fifo_is_refused_not_waited_on(tmp_path):
+    """A payload path swapped for a FIFO after verification would block ``open`` forever: refused in one line."""
+    import os
+
+    from bastion import Detector
+
+    bundle_dir = _copy(tmp_path, "yolox_nano")
+    bundle = Bundle.open(bundle_dir)
+    model = bundle_dir / "yolox_nano.onnx"
+    model.unlink()
+    os.mkfifo(model)
+    with pytest.raises(ModelLoadError, match="not a regular file"):
+        Detector.from_bundle(bundle, device="cpu", threads=1, warmup=False)
+
+
+def test_bundle_create_refuses_an_onnx_with_external_data(tmp_path):
+    """Through the CLI (which opens the model first) and through ``create_bundle`` (what pipelines call)."""
+    from bastion.runtime.bundle_create import create_bundle
+
+    model = _external_data_model(tmp_path, nested=False)
+    out = tmp_path / "bundle"
+    result = run_cli("bundle", "create", "--onnx", str(model), "--task", "lm", "--weights-license", "MIT",
+                     "--out", str(out))
+    assert result.returncode == 1, result.stderr
+    assert "external data" in result.stderr and "Traceback" not in result.stderr
+    fields = {"name": "ext", "version": "1.0", "task": "lm", "license": {"weights": "MIT"},
+              "provenance": {"source": "test"}}
+    with pytest.raises(ModelLoadError, match="external data"):
+        create_bundle(model, out, fields, [])
+    assert not out.exists()

@@ -81,11 +81,15 @@ def _tensor_info(node: ort.NodeArg) -> TensorInfo:
     return TensorInfo(node.name, shape, np.dtype(_ORT_DTYPES.get(node.type, np.float32)))
 
 
+MAX_MODEL_BYTES = 2**31  # protobuf cannot serialise a larger ONNX file (and external data is refused)
+
+
 def read_model(model: str | Path | bytes) -> tuple[bytes, str]:
     """(bytes, label) of a model given as bytes or as a path, read once: every session is built from these bytes,
     so nothing rewritten on disk later — or between a bundle's verification and this read, when the caller
     passes the bundle's verified bytes — can reach a session. External data is refused here (models.onnx_refs)."""
     from bastion.models.onnx_refs import refuse_external_data
+    from bastion.models.safe_read import TooLarge, read_bounded
 
     if isinstance(model, (bytes, bytearray, memoryview)):
         data, label = bytes(model), "the model"
@@ -94,7 +98,10 @@ def read_model(model: str | Path | bytes) -> tuple[bytes, str]:
         if not path.is_file():
             raise ModelLoadError(f"model file not found: {path}")
         try:
-            data, label = path.read_bytes(), path.name
+            data, label = read_bounded(path, MAX_MODEL_BYTES), path.name
+        except TooLarge as exc:
+            raise ModelLoadError(f"{path.name} is {exc.size / 2**30:.1f} GiB: no ONNX model file is larger than "
+                                 "2 GiB (protobuf's limit)", "is it really a model?") from None
         except OSError as exc:
             raise ModelLoadError(f"cannot read {path} ({exc.strerror or exc})") from None
     refuse_external_data(data, label)
