@@ -263,6 +263,11 @@ class Node:
         if self.vault is not None:
             try:
                 self.vault.save(stored.seq, frame.image)
+                # Retention may have run since the event was committed: it deletes rows before snapshots, so
+                # either it saw this file, or the row is already gone here and the snapshot goes with it.
+                first = self.store.first_seq()
+                if first is None or first > stored.seq:
+                    self.vault.delete_before(stored.seq + 1)
             except Exception as exc:  # the event is stored; a missing snapshot is logged, not fatal
                 log.warning("snapshot of event %d not saved: %s", stored.seq, exc)
         self.server.publish(stored)
