@@ -193,7 +193,10 @@ class Client:
 
         return base64.b64decode(self.request("snapshot", seq=seq)["jpeg_b64"])
 
-    def reload(self, bundle: str) -> dict[str, Any]:
+    def reload(self, bundle: str, allow_downgrade: bool = False) -> dict[str, Any]:
+        """Switch the node to ``bundle``; an older version of the model it runs needs ``allow_downgrade``."""
+        if allow_downgrade:
+            return self.request("reload", bundle=bundle, allow_downgrade=True)
         return self.request("reload", bundle=bundle)
 
     # -- events ------------------------------------------------------------------------------------------

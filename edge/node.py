@@ -34,6 +34,7 @@ from bastion.edge.supervisor import Supervisor
 from bastion.edge.systemd_notify import sd_notify, watchdog_interval_s
 from bastion.errors import BastionError
 from bastion.models.atomic import atomic_write_bytes
+from bastion.models.version import check_not_downgrade
 from bastion.runtime.detect import Detector
 from bastion.runtime.detections import Detections, class_ids
 
@@ -380,8 +381,14 @@ class Node:
                 new = self._load_detector(request.bundle, audit_refusal=False)
             except Exception as exc:  # BastionError, or OSError for a name too long …: a client's bad input
                 return self._reload_refused(request.bundle, exc, client)
+            try:  # an older version of the running model only when asked (#15 item 9)
+                rollback = check_not_downgrade(self.detector.manifest, new.manifest, request.allow_downgrade)
+            except BastionError as exc:
+                new.close()
+                return {**self._reload_refused(request.bundle, exc, client), "error": f"reload refused: {exc}"}
             try:  # what runs changes only when the trail can say so
-                self.audit.append("reload", strict=True, sha256=new.bundle_sha256)
+                self.audit.append("reload", strict=True, sha256=new.bundle_sha256,
+                                  **({"downgrade_from": self.detector.manifest.version} if rollback else {}))
             except AuditWriteError as exc:
                 new.close()
                 return {"ok": False, "error": f"reload refused: {exc}"}

@@ -76,6 +76,7 @@ class ControlRequest(BaseModel):
     seq: int = Field(0, ge=0, le=MAX_SEQ)
     limit: int = Field(500, ge=1, le=5000)
     bundle: str | None = Field(None, max_length=4096)  # PATH_MAX
+    allow_downgrade: bool = False  # reload: an older version of the running model only when asked (#15 item 9)
     prompt: str | None = Field(None, max_length=8192)
     max_new_tokens: int = Field(128, ge=1, le=4096)
 

@@ -1,23 +1,66 @@
 """The single-file form of a bundle, ``NAME-VERSION.bastion``: a plain tar of the bundle directory.
 
 Archives cross air gaps on USB sticks; they are untrusted input.  Unpacking
-refuses — rather than silently skips — absolute paths, ``..``, links, devices
-and anything that is not a regular file or directory.
+refuses — rather than silently skips — absolute paths, ``..``, links, devices,
+sparse members and anything that is not a regular file or directory, and it is
+bounded before a byte is written: at most ``MAX_MEMBERS`` members (read one
+header at a time, so a 300k-member archive costs a thousand headers, not all of
+them), declared sizes checked against ``max_bundle_bytes()``, against what a
+compressed archive can plausibly expand to and against the free space where it
+is unpacked; then the bytes are counted again while they are copied, and the
+decompressed stream itself is capped.  Staging happens beside the destination
+(inside ``BASTION_HOME``), so the final rename never crosses a filesystem.
 """
 
 from __future__ import annotations
 
+import bz2
+import errno
+import gzip
+import hashlib
+import logging
+import lzma
 import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
-from bastion.errors import ArchiveError
+from bastion.errors import ArchiveError, ConfigError
 from bastion.models.manifest import MANIFEST_NAME, read_manifest
 
+log = logging.getLogger(__name__)
+
 ARCHIVE_SUFFIX = ".bastion"
-MAX_MEMBERS = 1000
+MAX_MEMBERS = 1000  # a bundle is a manifest, a signature and a few model files
+MAX_BYTES_ENV = "BASTION_MAX_BUNDLE_BYTES"
+DEFAULT_MAX_BYTES = 8 << 30  # the largest model a field unit is expected to carry, payload total
+MAX_EXPANSION = 100  # model weights compress ~1.1-2x; 100x is a decompression bomb, not a model
+EXPANSION_SLACK = 64 << 20  # ...except tiny bundles, whose JSON may compress better
+HEADER_ALLOWANCE = 16 << 20  # tar headers and padding on top of the payload
+FREE_RESERVE = 64 << 20  # never unpack into the last 64 MiB of a disk (the node's audit log may live there)
+_CHUNK = 1 << 20
+_MAX_READ = 16 << 20  # our copy reads 1 MiB at a time; tarfile reads a header whole
+_DAMAGED = (tarfile.TarError, EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile)
+_COMPRESSED = ((b"\x1f\x8b", gzip.GzipFile, "gzip"), (b"BZh", bz2.BZ2File, "bzip2"),
+               (b"\xfd7zXZ\x00", lzma.LZMAFile, "xz"))
+
+
+def max_bundle_bytes() -> int:
+    """The payload limit for one archive: ``BASTION_MAX_BUNDLE_BYTES`` (bytes) or 8 GiB."""
+    raw = os.environ.get(MAX_BYTES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ConfigError(f"{MAX_BYTES_ENV}={raw!r} is not a positive number of bytes",
+                          f"e.g. {MAX_BYTES_ENV}={DEFAULT_MAX_BYTES}")
+    return value
 
 
 def pack(bundle_dir: Path, out: Path) -> Path:
@@ -53,56 +96,240 @@ def pack(bundle_dir: Path, out: Path) -> Path:
     return out
 
 
-def _check_member(member: tarfile.TarInfo, archive: Path) -> None:
+# -- bounds ---------------------------------------------------------------------------------------------
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+class _CappedReader:
+    """A decompressed stream that refuses to go past ``cap`` bytes, whoever asks (our copy, or tarfile
+    reading a header or skipping a member): a lying compressed archive stops here, in memory, not on disk."""
+
+    def __init__(self, raw: BinaryIO, cap: int, archive: Path) -> None:
+        self.raw, self.cap, self.archive = raw, cap, archive
+
+    def _check(self, end: int) -> None:
+        if end > self.cap:
+            raise ArchiveError(f"{self.archive.name} expands to more than {_size(self.cap)}",
+                               f"refusing this archive (limit: {MAX_BYTES_ENV}, or a compression "
+                               f"ratio over {MAX_EXPANSION}:1)")
+
+    def read(self, n: int = -1) -> bytes:
+        if n is not None and n > _MAX_READ:  # only a header (pax, GNU long name) is read whole; 4 GiB is an attack
+            raise ArchiveError(f"{self.archive.name} holds a {_size(n)} header", "refusing this archive")
+        pos = self.raw.tell()
+        if n is None or n < 0:
+            n = self.cap - pos + 1  # "all of it" is never more than the cap
+        data = self.raw.read(min(n, self.cap - pos + 1))
+        self._check(pos + len(data))  # checked on what came, so a short stream near the cap is fine
+        return data
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        target = {0: pos, 1: self.raw.tell() + pos}.get(whence)
+        if target is None:
+            raise ArchiveError(f"{self.archive.name}: cannot seek from the end of a compressed archive")
+        self._check(target)
+        return self.raw.seek(target)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+
+def _open(archive: Path, limit: int) -> tuple[tarfile.TarFile, BinaryIO, int]:
+    """The archive as a TarFile over a capped stream; the cap is its expansion allowance."""
+    try:
+        size = archive.stat().st_size
+        fh = open(archive, "rb")
+    except OSError as exc:
+        raise ArchiveError(f"cannot read {archive}: {exc.strerror or exc}") from None
+    try:
+        magic = fh.read(6)
+        fh.seek(0)
+        raw: BinaryIO = fh
+        cap = limit + HEADER_ALLOWANCE
+        for prefix, opener, _kind in _COMPRESSED:
+            if magic.startswith(prefix):
+                raw = opener(fileobj=fh) if opener is gzip.GzipFile else opener(fh)
+                cap = min(cap, MAX_EXPANSION * size + EXPANSION_SLACK)
+                break
+        if raw is fh and size > cap:
+            raise ArchiveError(f"{archive.name} is {_size(size)}, more than the {_size(limit)} a bundle may hold",
+                               f"refusing this archive (raise {MAX_BYTES_ENV} if it is genuine)")
+        tar = tarfile.open(fileobj=_CappedReader(raw, cap, archive), mode="r:")
+    except (*_DAMAGED, OSError) as exc:
+        fh.close()
+        raise ArchiveError(f"{archive.name} is not a bastion archive ({exc})", "copy it again") from None
+    except BaseException:
+        fh.close()
+        raise
+    return tar, fh, cap
+
+
+def _member_path(member: tarfile.TarInfo, archive: Path) -> str | None:
+    """The member's path inside the bundle (``./`` prefixes dropped), None for the archive's own root ``.``."""
     name = member.name
-    path = PurePosixPath(name)
-    if not path.parts or path.is_absolute() or name.startswith(("/", "\\")):
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
         raise ArchiveError(f"{archive.name}: member {name!r} has an absolute path", "refusing this archive")
-    if ".." in path.parts:
+    parts = PurePosixPath(name).parts
+    if ".." in parts:
         raise ArchiveError(f"{archive.name}: member {name!r} escapes the bundle with '..'", "refusing this archive")
     if member.issym() or member.islnk():
         raise ArchiveError(f"{archive.name}: member {name!r} is a link", "refusing this archive")
+    if member.issparse() or member.type == tarfile.GNUTYPE_SPARSE:
+        raise ArchiveError(f"{archive.name}: member {name!r} is a sparse file", "refusing this archive")
     if not (member.isfile() or member.isdir()):
         raise ArchiveError(f"{archive.name}: member {name!r} is not a regular file", "refusing this archive")
+    if not parts:
+        if member.isdir():
+            return None
+        raise ArchiveError(f"{archive.name}: a member has an empty name", "refusing this archive")
+    return "/".join(parts)
 
 
+def _scan(tar: tarfile.TarFile, archive: Path, limit: int, cap: int) -> tuple[list[tuple[tarfile.TarInfo, str]], int]:
+    """Read the headers one by one, refusing on the first that breaks a bound; nothing is written yet."""
+    members: list[tuple[tarfile.TarInfo, str]] = []
+    seen: set[str] = set()
+    total = headers = 0
+    while (member := tar.next()) is not None:
+        headers += 1
+        if headers > MAX_MEMBERS:
+            raise ArchiveError(f"{archive.name} has more than {MAX_MEMBERS} members; a bundle has a manifest, "
+                               "a signature and a few model files", "refusing this archive")
+        path = _member_path(member, archive)
+        if path is None:
+            continue
+        if path in seen:
+            raise ArchiveError(f"{archive.name}: member {path!r} appears twice", "refusing this archive")
+        seen.add(path)
+        if member.isfile():
+            total += member.size
+            if member.size > limit or total > limit:
+                raise ArchiveError(f"{archive.name}: {path} declares {_size(member.size)}, more than the "
+                                   f"{_size(limit)} a bundle may hold",
+                                   f"refusing this archive (raise {MAX_BYTES_ENV} if it is genuine)")
+            if total > cap:
+                raise ArchiveError(f"{archive.name}: {path} expands to {_size(member.size)} from a "
+                                   f"{_size(archive.stat().st_size)} archive (over {MAX_EXPANSION}:1)",
+                                   "a decompression bomb, not a model; refusing this archive")
+        members.append((member, path))
+    return members, total
+
+
+def _check_free_space(directory: Path, needed: int, archive: Path) -> None:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    reserve = min(FREE_RESERVE, st.f_blocks * st.f_frsize // 20)  # a small disk keeps 5 % instead
+    if needed + reserve > free:
+        raise ArchiveError(f"{archive.name} needs {_size(needed)} but only {_size(free)} is free in {directory}",
+                           "free some space (or choose another BASTION_HOME); nothing was written")
+
+
+def copy_bounded(src: BinaryIO, dst: BinaryIO, size: int, archive: str, member: str) -> None:
+    """Copy exactly ``size`` bytes, counting them: a member that yields more (or less) is refused mid-copy."""
+    left = size
+    while True:
+        chunk = src.read(min(_CHUNK, left + 1) if left >= 0 else 1)
+        if not chunk:
+            break
+        if len(chunk) > left:
+            raise ArchiveError(f"{archive}: {member} holds more than the {size} bytes its header declares",
+                               "refusing this archive")
+        dst.write(chunk)
+        left -= len(chunk)
+    if left:
+        raise ArchiveError(f"{archive}: {member} is truncated ({size - left} of {size} bytes)", "copy it again")
+
+
+# -- unpacking ------------------------------------------------------------------------------------------
 def unpack(archive: Path, dest: Path) -> Path:
-    """Safely extract ``archive`` into the new directory ``dest`` (all or nothing)."""
-    archive = Path(archive)
+    """Safely extract ``archive`` into the new directory ``dest`` (all or nothing), staging beside it."""
+    archive, dest = Path(archive), Path(dest)
     if not archive.is_file():
         raise ArchiveError(f"archive not found: {archive}")
+    limit = max_bundle_bytes()
     try:
-        tar = tarfile.open(archive, mode="r:*")
-    except (tarfile.TarError, OSError) as exc:
-        raise ArchiveError(f"{archive.name} is not a bastion archive ({exc})", "copy it again") from None
-    dest = Path(dest)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent if dest.parent.exists() else None))
+        dest.parent.mkdir(parents=True, exist_ok=True)  # staging must share dest's filesystem
+    except OSError as exc:
+        raise ArchiveError(f"cannot create {dest.parent}: {exc.strerror or exc}") from None
+    tar, fh, cap = _open(archive, limit)
+    staging: Path | None = None
     try:
-        with tar:
-            members = tar.getmembers()
-            if len(members) > MAX_MEMBERS:
-                raise ArchiveError(f"{archive.name} has {len(members)} members; a bundle has a handful")
-            for member in members:
-                _check_member(member, archive)
-            for member in members:
-                target = staging / member.name
-                if member.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                src = tar.extractfile(member)
-                if src is None:
-                    raise ArchiveError(f"{archive.name}: cannot read member {member.name!r}")
-                with src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out)
+        with fh, tar:
+            members, total = _scan(tar, archive, limit, cap)
+            _check_free_space(dest.parent, total, archive)
+            staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+            for member, path in members:
+                _extract(tar, member, path, staging, archive)
         if not (staging / MANIFEST_NAME).is_file():
             raise ArchiveError(f"{archive.name} holds no manifest.json at its top level", "is it a bastion bundle?")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, dest)
-    except tarfile.TarError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
+        _publish(staging, dest)
+    except _DAMAGED as exc:
+        _discard(staging)
         raise ArchiveError(f"{archive.name} is truncated or damaged ({exc})", "copy it again") from None
+    except OSError as exc:
+        _discard(staging)
+        if exc.errno == errno.ENOSPC:
+            raise ArchiveError(f"disk full while unpacking {archive.name}",
+                               "free some space; nothing was kept") from None
+        raise ArchiveError(f"cannot unpack {archive.name}: {exc.strerror or exc}", "nothing was kept") from None
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        _discard(staging)
         raise
     return dest
+
+
+def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, path: str, staging: Path, archive: Path) -> None:
+    target = staging / path
+    if member.isdir():
+        target.mkdir(parents=True, exist_ok=True)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    src = tar.extractfile(member)
+    if src is None:
+        raise ArchiveError(f"{archive.name}: cannot read member {path!r}")
+    with src, open(target, "xb") as out:
+        copy_bounded(src, out, member.size, archive.name, path)
+
+
+def _publish(staging: Path, dest: Path) -> None:
+    """Rename the finished staging directory into place; a twin that got there first (the same archive
+    unpacked at once by two processes into its content-addressed cache) is as good as ours."""
+    try:
+        os.replace(staging, dest)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) and (dest / MANIFEST_NAME).is_file():
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        raise
+
+
+def _discard(staging: Path | None) -> None:
+    if staging is not None:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def unpack_cached(archive: Path, cache_dir: Path) -> Path:
+    """``archive`` unpacked once into ``cache_dir/<its sha256>`` (hashed as a stream, after its size is checked)."""
+    archive = Path(archive)
+    try:
+        size = archive.stat().st_size
+    except OSError as exc:
+        raise ArchiveError(f"cannot read {archive}: {exc.strerror or exc}") from None
+    if size > max_bundle_bytes() + HEADER_ALLOWANCE:
+        raise ArchiveError(f"{archive.name} is {_size(size)}, more than the {_size(max_bundle_bytes())} a bundle "
+                           "may hold", f"refusing this archive (raise {MAX_BYTES_ENV} if it is genuine)")
+    digest = hashlib.sha256()
+    with open(archive, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    target = Path(cache_dir) / digest.hexdigest()
+    if not (target / MANIFEST_NAME).is_file():
+        unpack(archive, target)
+    return target

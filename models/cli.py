@@ -64,6 +64,29 @@ def keys_revoke(
     out.print(f"revoked key {TrustStore().revoke(key, reason)}")
 
 
+@keys_app.command("reset-revocations")
+def keys_reset_revocations(
+    yes: bool = typer.Option(False, "--yes", help="Confirm: every revocation the lost list held is gone."),
+) -> None:
+    """Start an empty revocation list after trust/revoked.json was lost (recorded in trust/audit.jsonl).
+
+    Until then this unit refuses every bundle: a deleted list must not silently lift the revocations it held.
+    Restore the list from backup if you can; otherwise reset it and revoke again what was revoked.
+
+    Example: bastion keys reset-revocations --yes && bastion keys revoke ff0662541e0e050a
+    """
+    from bastion.errors import ConfigError
+    from bastion.models.trust import TrustStore
+
+    if not yes:
+        raise ConfigError("resetting the revocation list forgets every key it revoked",
+                          "restore trust/revoked.json from backup if you can; otherwise repeat with --yes")
+    store = TrustStore()
+    store.reset_revocations()
+    out.print(f"started an empty revocation list at {store.revoked_path}; revoke again the keys it held "
+              "(bastion keys revoke ID)")
+
+
 @keys_app.command("list")
 def keys_list(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
     """List the keys this unit trusts (and those it revoked).
@@ -201,18 +224,31 @@ def bundle_pack(
 def models_add(
     bundle: Path = typer.Argument(..., help="Bundle directory or .bastion file."),
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
+    allow_downgrade: bool = typer.Option(False, "--allow-downgrade", help="Add a version older than one already "
+                                         "in the registry (recorded; the bare name still means the highest)."),
     json_out: bool = typer.Option(False, "--json", help="Print the entry as JSON."),
 ) -> None:
     """Verify a bundle and store it in the local registry (content-addressed).
 
+    A bare NAME always resolves to its highest version; adding an older version than one already present
+    is refused unless --allow-downgrade is given, and is then recorded in the registry's audit.jsonl.
+
     Example: bastion models add person-vehicle-1.0.bastion
     """
+    import sys
     from functools import partial
 
     from bastion.models.bundle import Bundle
     from bastion.models.registry import Registry
+    from bastion.models.version import is_older
 
-    entry = Registry().add(bundle, partial(Bundle.open, allow_unsigned=allow_unsigned))
+    registry = Registry()
+    entry = registry.add(bundle, partial(Bundle.open, allow_unsigned=allow_unsigned), allow_downgrade=allow_downgrade)
+    newest = registry.resolve(entry.name)
+    if newest is not None and is_older(entry.version, newest.version):
+        sys.stderr.write(f"WARNING: {entry.name}:{entry.version} is older than {newest.name}:{newest.version}: "
+                         f"kept because of --allow-downgrade (recorded in {registry.audit_path}); "
+                         f"'{entry.name}' still resolves to {newest.version}.\n")
     if json_out:
         print_json({"name": entry.name, "version": entry.version, "sha256": entry.sha256, "path": str(entry.path)})
         return

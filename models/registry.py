@@ -6,6 +6,12 @@ versions to those hashes.  Adding copies into a private staging directory,
 verifies the copy, then renames it into place and rewrites the index under an
 exclusive lock — so two writers at once, a killed process or a full disk leave
 the registry exactly as it was.
+
+A bare name resolves to the highest version (``1.10`` above ``1.9``), never to
+whichever was added last, and adding a version older than one already present
+is refused unless ``allow_downgrade`` — re-adding an old, validly signed bundle
+is how a rollback looks.  Allowed downgrades and removals are appended to
+``audit.jsonl`` beside the index.
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ from pathlib import Path
 
 from bastion.errors import RegistryError
 from bastion.models.archive import ARCHIVE_SUFFIX, unpack
-from bastion.models.atomic import atomic_write_bytes, file_lock
+from bastion.models.atomic import append_record, atomic_write_bytes, file_lock
 from bastion.models.home import bastion_home
 from bastion.models.manifest import MANIFEST_NAME
+from bastion.models.version import is_older, version_key
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +58,7 @@ class Registry:
         self.bundles = self.root / "bundles"
         self.index_path = self.root / "index.json"
         self.lock_path = self.root / ".lock"
+        self.audit_path = self.root / "audit.jsonl"
 
     # -- reading -----------------------------------------------------------------------------------
     def _index(self) -> dict[str, dict]:
@@ -64,17 +72,33 @@ class Registry:
 
     def entries(self) -> list[Entry]:
         return sorted((Entry(sha, e["name"], e["version"], e.get("task", "?"), e["added"], self.bundles / sha)
-                       for sha, e in self._index().items()), key=lambda e: (e.name, e.added))
+                       for sha, e in self._index().items()), key=lambda e: (e.name, version_key(e.version), e.added))
 
     def resolve(self, ref: str) -> Entry | None:
-        """The newest-added entry with this name (and version, if given), or None."""
+        """The highest version with this name (or exactly this version, if given), or None; among equal versions
+        the one added last."""
         name, version = split_ref(ref)
         matches = [e for e in self.entries() if e.name == name and (version is None or e.version == version)]
-        return max(matches, key=lambda e: e.added) if matches else None
+        return max(matches, key=lambda e: (version_key(e.version), e.added)) if matches else None
+
+    def _refuse_downgrade(self, manifest, allow: bool) -> Entry | None:  # noqa: ANN001
+        """The newer entry ``manifest`` would roll back from (when allowed), or raise when not allowed."""
+        newest = self.resolve(manifest.name)
+        if newest is None or not is_older(manifest.version, newest.version):
+            return None
+        if not allow:
+            raise RegistryError(f"{manifest.name}:{manifest.version} is older than {newest.name}:{newest.version} "
+                                "already in the registry",
+                                "a rollback must be deliberate: add it with --allow-downgrade (it is recorded); "
+                                f"'{manifest.name}' keeps resolving to the highest version either way")
+        return newest
 
     # -- writing -----------------------------------------------------------------------------------
-    def add(self, source: Path, open_bundle) -> Entry:  # noqa: ANN001 - Bundle.open, injected to avoid a cycle
-        """Verify ``source`` (bundle dir or .bastion), copy it in, and index it. Returns the entry."""
+    def add(self, source: Path, open_bundle, allow_downgrade: bool = False) -> Entry:  # noqa: ANN001 - Bundle.open
+        """Verify ``source`` (bundle dir or .bastion), copy it in, and index it. Returns the entry.
+
+        ``open_bundle`` is ``Bundle.open`` (injected to avoid an import cycle). A version older than one already
+        here is refused unless ``allow_downgrade`` (then recorded in ``audit.jsonl``)."""
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix="add-", dir=self.root))
         try:
@@ -84,6 +108,8 @@ class Registry:
             else:
                 src_dir = source
             bundle = open_bundle(src_dir)  # verifies payload and signature (or the explicit override)
+            if bundle.sha256 not in self._index():  # early, before copying anything; re-adding is a no-op
+                self._refuse_downgrade(bundle.manifest, allow_downgrade)
             copy = staging / "bundle"
             copy.mkdir()
             names = [MANIFEST_NAME, *(f.path for f in bundle.manifest.files)]
@@ -97,6 +123,7 @@ class Registry:
                 index = self._index()
                 target = self.bundles / sha
                 if sha not in index:
+                    rolled_back_from = self._refuse_downgrade(bundle.manifest, allow_downgrade)
                     self.bundles.mkdir(parents=True, exist_ok=True)
                     if target.exists():  # left over from an interrupted add: replace it
                         shutil.rmtree(target)
@@ -106,6 +133,8 @@ class Registry:
                                   "added": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{time.time_ns() % 10**9:09d}Z"}
                     self._write_index(index)
                     log.info("bundle added to registry", extra={"bundle": bundle.manifest.name, "sha256": sha})
+                    if rolled_back_from is not None:
+                        self._record_downgrade(bundle, rolled_back_from, source)
             e = index[sha]
             return Entry(sha, e["name"], e["version"], e.get("task", "?"), e["added"], target)
         except OSError as exc:
@@ -126,8 +155,25 @@ class Registry:
             self._write_index(index)
             trash = Path(tempfile.mkdtemp(prefix="rm-", dir=self.root))
             os.replace(entry.path, trash / "bundle")
+            self._record("removed", name=entry.name, version=entry.version, sha256=entry.sha256)
         shutil.rmtree(trash, ignore_errors=True)
         return entry
+
+    def _record_downgrade(self, bundle, newest: Entry, source: Path) -> None:  # noqa: ANN001
+        m = bundle.manifest
+        log.warning("older bundle added with --allow-downgrade",
+                    extra={"bundle": f"{m.name}:{m.version}", "newest": newest.version, "sha256": bundle.sha256})
+        self._record("downgrade_added", name=m.name, version=m.version, sha256=bundle.sha256,
+                     newest=newest.version, newest_sha256=newest.sha256, source=str(source))
+
+    def _record(self, event: str, **fields: str) -> None:
+        """One line in ``audit.jsonl``; the index change it describes has already happened, so a failure
+        to record is logged loudly rather than undoing it."""
+        record = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": event, **fields}
+        try:
+            append_record(self.audit_path, record)
+        except OSError as exc:
+            log.error("cannot record a registry change", extra={"record": record, "error": str(exc)})
 
     def _write_index(self, index: dict[str, dict]) -> None:
         atomic_write_bytes(self.index_path, json.dumps({"bundles": index}, indent=2, sort_keys=True).encode())

@@ -4,23 +4,32 @@ Two sources of keys: the built-in anchors shipped in ``models/anchors/`` (the
 project zoo key) and keys the operator trusted, under
 ``BASTION_HOME/trust/keys``.  A revocation list (``trust/revoked.json``) beats
 both, so a nation drops our anchor with ``bastion keys revoke <id>``.
+
+The revocation list is created, empty, with the store itself; from then on a
+*missing* list is not "nothing revoked" — deleting one file must not quietly
+lift every revocation — so the store refuses to vouch for any key until the
+list is restored from backup or deliberately started again with
+``bastion keys reset-revocations --yes``.  Changes are appended to
+``trust/audit.jsonl``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from bastion.errors import ConfigError, KeyFileError
-from bastion.models.atomic import atomic_write_bytes, file_lock
+from bastion.errors import ConfigError, KeyFileError, SignatureError
+from bastion.models.atomic import append_record, atomic_write_bytes, file_lock
 from bastion.models.home import bastion_home
 from bastion.models.keys import PUBLIC_SUFFIX, key_id, load_public_key, public_pem
 
 ANCHORS_DIR = Path(__file__).resolve().parent / "anchors"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,16 +47,68 @@ class TrustStore:
         self.keys_dir = self.root / "keys"
         self.revoked_path = self.root / "revoked.json"
         self.lock_path = self.root / ".lock"
+        self.audit_path = self.root / "audit.jsonl"
+
+    # -- the revocation list -----------------------------------------------------------------------
+    def _read_revoked(self) -> dict[str, dict] | None:
+        """The list, or None when the file is missing; a damaged list is an error, never a guess."""
+        try:
+            data = json.loads(self.revoked_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            data = None
+        revoked = data.get("revoked") if isinstance(data, dict) else None
+        if not isinstance(revoked, dict):
+            raise ConfigError(f"revocation list {self.revoked_path} is damaged",
+                              "restore it from backup; refusing to guess which keys are revoked")
+        return revoked
+
+    def _is_new(self) -> bool:
+        """Nothing of this store exists yet (at most the lock file of a first use running right now)."""
+        return not self.root.is_dir() or all(p.name == ".lock" for p in self.root.iterdir())
+
+    def _missing(self) -> SignatureError:
+        return SignatureError(f"the revocation list {self.revoked_path} is missing; refusing to trust any key "
+                              "until it is back",
+                              "restore it from backup, or start an empty one with: bastion keys reset-revocations "
+                              "--yes (then revoke again what was revoked)")
+
+    def _ensure_list(self) -> None:
+        """Create the empty list with a new store; refuse when an existing store has lost it."""
+        if self.revoked_path.is_file():
+            return
+        if not self._is_new():
+            log.error("revocation list missing: refusing every bundle", extra={"path": str(self.revoked_path)})
+            raise self._missing()
+        try:
+            with file_lock(self.lock_path):
+                if self.revoked_path.is_file():
+                    return
+                if not self._is_new():
+                    raise self._missing()
+                self._write_revoked({})
+                self._record("created")
+        except OSError as exc:  # a read-only home that never had a store: nothing was ever revoked in it
+            log.warning("cannot create the trust store; using the built-in anchors only",
+                        extra={"path": str(self.root), "error": str(exc)})
+
+    def _write_revoked(self, revoked: dict[str, dict]) -> None:
+        atomic_write_bytes(self.revoked_path, json.dumps({"revoked": revoked}, indent=2).encode())
+
+    def _record(self, event: str, **fields: str) -> None:
+        try:
+            append_record(self.audit_path, {"when": _now(), "event": event, **fields})
+        except OSError as exc:
+            log.error("cannot record a trust store change", extra={"event": event, "error": str(exc)})
 
     # -- reading -----------------------------------------------------------------------------------
     def revoked(self) -> dict[str, dict]:
-        if not self.revoked_path.is_file():
-            return {}
-        try:
-            return json.loads(self.revoked_path.read_text()).get("revoked", {})
-        except (json.JSONDecodeError, AttributeError):
-            raise ConfigError(f"revocation list {self.revoked_path} is damaged",
-                              "restore it from backup; refusing to guess which keys are revoked") from None
+        self._ensure_list()
+        revoked = self._read_revoked()
+        if revoked is None and not self._is_new():
+            raise self._missing()
+        return revoked or {}
 
     def keys(self) -> dict[str, TrustedKey]:
         revoked = self.revoked()
@@ -68,14 +129,23 @@ class TrustStore:
         return kid in self.revoked()
 
     # -- writing -----------------------------------------------------------------------------------
+    def _revoked_locked(self) -> dict[str, dict]:
+        """The list, read by a writer already holding the lock (which must not take it again)."""
+        revoked = self._read_revoked()
+        if revoked is None:
+            raise self._missing()
+        return revoked
+
     def trust(self, public_key_file: Path) -> str:
         public = load_public_key(public_key_file)
         kid = key_id(public)
+        self._ensure_list()
         with file_lock(self.lock_path):
-            if kid in self.revoked():
+            if kid in self._revoked_locked():
                 raise KeyFileError(f"key {kid} was revoked on this unit",
                                    f"if that was a mistake, remove it from {self.revoked_path} by hand")
             atomic_write_bytes(self.keys_dir / f"{kid}{PUBLIC_SUFFIX}", public_pem(public))
+            self._record("trusted", key_id=kid, source=str(public_key_file))
         return kid
 
     def resolve_id(self, prefix: str) -> str:
@@ -88,7 +158,24 @@ class TrustStore:
     def revoke(self, prefix: str, reason: str = "") -> str:
         kid = self.resolve_id(prefix)
         with file_lock(self.lock_path):
-            revoked = self.revoked()
-            revoked[kid] = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reason": reason}
-            atomic_write_bytes(self.revoked_path, json.dumps({"revoked": revoked}, indent=2).encode())
+            revoked = self._revoked_locked()
+            revoked[kid] = {"when": _now(), "reason": reason}
+            self._write_revoked(revoked)
+            self._record("revoked", key_id=kid, reason=reason)
         return kid
+
+    def reset_revocations(self) -> None:
+        """Start a new, empty revocation list after the old one was lost — the operator's deliberate choice
+        (recorded), never something bastion does by itself. Refused while a list exists."""
+        with file_lock(self.lock_path):
+            current = self._read_revoked()
+            if current is not None:
+                raise ConfigError(f"the revocation list {self.revoked_path} exists ({len(current)} revoked)",
+                                  "nothing to reset; to un-revoke a key, edit the list by hand")
+            self._write_revoked({})
+            self._record("revocations_reset")
+        log.warning("revocation list started again, empty", extra={"path": str(self.revoked_path)})
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
