@@ -1,9 +1,9 @@
 """``bastion hw plan BUNDLE --profile NAME``: will it fit, how to run it, how fast.
 
-One planner per task (``PLANNERS``). A detector: memory = weights (the model file) + activations (measured: resident memory of a fresh process after one
-inference at the planned batch and size, minus the same process just before it) + the backend's workspace.  Speed comes from a
-measurement when the profile describes this machine (CPU profiles), from the profile's published reference
-otherwise, and is left blank — with the command to measure it — when neither exists.
+One planner per task (``PLANNERS``). A detector: memory = weights (the model file) + activations (measured:
+resident memory of a fresh process after one inference at the planned batch and size, minus the same process just
+before it) + the backend's workspace.  Speed comes from a measurement when the profile describes this machine (CPU
+profiles), from the profile's published reference otherwise, and is left blank — with the command to measure it — when neither exists.
 
 A language model (``task: lm``) runs on ONNX Runtime's CPU provider (``bastion.runtime.lm``): memory = weights +
 the KV cache for the whole context (computed from the manifest's decoder params: 2 × layers × context × KV heads ×

@@ -235,3 +235,53 @@ def test_bundle_create_refuses_an_onnx_with_external_data(tmp_path):
     with pytest.raises(ModelLoadError, match="external data"):
         create_bundle(model, out, fields, [])
     assert not out.exists()
+
+
+def test_tensorrt_builds_and_keys_its_engine_from_the_verified_bytes(tmp_path, monkeypatch):
+    """TensorRT cannot run here; its build path is driven with a stand-in for the ``tensorrt`` module to show the
+    parser gets the bytes the bundle verified (not a path re-read after a swap) and the cache key hashes them."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from bastion.hardware.engine_cache import EngineCache
+    from bastion.runtime.backends import tensorrt as trt_backend
+
+    parsed: list[bytes] = []
+
+    class Parser:
+        num_errors = 0
+
+        def __init__(self, *_):
+            pass
+
+        def parse(self, data, *rest):
+            assert not rest, "no path may be given: external data would be read from it"
+            parsed.append(bytes(data))
+            return True
+
+    config = SimpleNamespace(set_memory_pool_limit=lambda *a: None, set_flag=lambda *a: None,
+                             add_optimization_profile=lambda *a: None, create_timing_cache=lambda b: b,
+                             set_timing_cache=lambda *a: None,
+                             get_timing_cache=lambda: SimpleNamespace(serialize=lambda: b"timing"))
+    builder = SimpleNamespace(create_network=lambda flags: "network", create_builder_config=lambda: config,
+                              create_optimization_profile=lambda: SimpleNamespace(set_shape=lambda *a: None),
+                              build_serialized_network=lambda network, cfg: b"PLAN")
+    class Logger:
+        WARNING = 0
+
+        def __init__(self, level):
+            pass
+
+    fake = SimpleNamespace(__version__="10.0.0", Logger=Logger, NetworkDefinitionCreationFlag=SimpleNamespace(),
+                           OnnxParser=Parser, Builder=lambda logger: builder,
+                           MemoryPoolType=SimpleNamespace(WORKSPACE=0), BuilderFlag=SimpleNamespace(FP16=1, INT8=2))
+    monkeypatch.setattr(trt_backend, "_modules", lambda: (fake, None))
+    monkeypatch.setattr(trt_backend, "device_identity", lambda: ("Fake GPU", "8.7"))
+
+    bundle_dir = _copy(tmp_path, "yolov5n")
+    bundle = Bundle.open(bundle_dir)
+    verified = bundle.model_bytes()
+    (bundle_dir / "yolov5n-dynamic.onnx").write_bytes(_zeroed(bundle_dir / "yolov5n-dynamic.onnx"))  # swapped
+    plan, key, built = trt_backend.load_or_build(verified, "fp16", (640, 640), 1, EngineCache(tmp_path / "engines"))
+    assert built and plan == b"PLAN" and parsed == [verified]
+    assert key.bundle_sha256 == hashlib.sha256(verified).hexdigest() == bundle.manifest.model_file().sha256

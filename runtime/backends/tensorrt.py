@@ -152,7 +152,8 @@ def engine_key(model: bytes, precision: str, opt_hw: tuple[int, int] | None, max
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     inputs = [(i.name, list(i.shape)) for i in session.get_inputs()]
     gpu, cc = device_identity()
-    return EngineKey(gpu=gpu, compute_capability=cc, tensorrt=trt.__version__, bundle_sha256=hashlib.sha256(model).hexdigest(),
+    return EngineKey(gpu=gpu, compute_capability=cc, tensorrt=trt.__version__,
+                     bundle_sha256=hashlib.sha256(model).hexdigest(),
                      precision=precision, shapes=_profile(inputs, opt_hw, max_batch))
 
 
