@@ -1,23 +1,44 @@
 # Two commands on a fresh machine:  make demo  ·  make test
-# Each creates .venv on first use and re-installs only when pyproject.toml changes.
+# Each creates .venv on first use and installs from the hash-pinned lock in requirements/ (re-installing only when
+# the lock or pyproject.toml changes); `make lock` refreshes the lock, deliberately.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
+# PYTHONSAFEPATH: `python -m pytest` does not put the repo root on sys.path, so the checkout's bastion/ folder
+# never shadows the installed package (tests/conftest.py holds the same line for any other way pytest is started).
+PYTEST := PYTHONSAFEPATH=1 $(PY) -m pytest
 PYTEST_ARGS ?=
+WHEELHOUSE ?= wheelhouse
+# pip download's --platform/--python-version for another target (the lock itself was resolved for CPython 3.11 on
+# Linux x86_64; see README "Air-gapped units")
+WHEELHOUSE_ARGS ?=
+# e.g. LOCK_ARGS=--upgrade, or LOCK_ARGS="--upgrade-package numpy"; without it `make lock` keeps every pin that
+# still satisfies pyproject.toml
+LOCK_ARGS ?=
+LOCK_FLAGS := --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+	--no-emit-trusted-host --build-deps-for editable --build-deps-for wheel
 
-.PHONY: demo test install install-dev distill-deps bench clean
+.PHONY: demo test test-fast lint format-check install install-dev distill-deps lock wheelhouse bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# Every package pinned and hash-checked (--require-hashes), then bastion itself without dependencies, built with
+# the locked setuptools (no build isolation: nothing is fetched that the lock does not name).
+define install_lock
+	$(PIP) install --require-hashes -r $(1)
+	$(PIP) install --no-deps --no-build-isolation -e .
+endef
+
 # The demo distills a student (Ultralytics + torch: the [distill] extra, ~6 GB) and quantizes it ([quantize]).
-$(VENV)/.core-installed: pyproject.toml | $(PY)
-	$(PIP) install -e ".[quantize,distill]"
+$(VENV)/.core-installed: requirements/demo.txt pyproject.toml | $(PY)
+	$(call install_lock,requirements/demo.txt)
 	@touch $@
 
-$(VENV)/.dev-installed: pyproject.toml | $(PY)
-	$(PIP) install -e ".[dev,distill]"
+# dev + distill: everything the demo needs, plus pytest, ruff and pip-tools.
+$(VENV)/.dev-installed: requirements/dev.txt pyproject.toml | $(PY)
+	$(call install_lock,requirements/dev.txt)
 	@touch $@ $(VENV)/.core-installed
 
 install: $(VENV)/.core-installed
@@ -26,16 +47,49 @@ install-dev: $(VENV)/.dev-installed
 demo: install
 	$(VENV)/bin/bastion demo
 
-# pytest exits 5 when no test was collected; that is not a failure of the code.
-test: install-dev
-	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
+lint: install-dev
+	$(VENV)/bin/ruff check .
+
+# Not yet part of `make test`: the tree is formatted in one commit first (pyproject's [tool.ruff.format]).
+format-check: install-dev
+	$(VENV)/bin/ruff format --check .
+
+# The full suite CI runs. pytest exits 5 when no test was collected; that is not a failure of the code.
+test: install-dev lint
+	@$(PYTEST) $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
+
+# The edit loop: no end-to-end (`slow`, the subprocess demo among them) and no wheel builds; under 2 minutes.
+test-fast: install-dev lint
+	@$(PYTEST) -m "not slow and not wheel" $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 # The model-team extra alone (make test already installs it with the dev tools).
-distill-deps: $(VENV)/.dev-installed
-	$(PIP) install -e ".[distill,dev]"
+distill-deps: install-dev
+
+# Re-resolve the three locks from pyproject.toml (network). dev is resolved first; demo and core are constrained
+# by it, so the three agree on every version they share.
+lock: install-dev
+	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile $(LOCK_FLAGS) $(LOCK_ARGS) \
+		--extra dev --extra distill -o requirements/dev.txt pyproject.toml
+	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile $(LOCK_FLAGS) $(LOCK_ARGS) \
+		--extra quantize --extra distill -c requirements/dev.txt -o requirements/demo.txt pyproject.toml
+	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile $(LOCK_FLAGS) $(LOCK_ARGS) \
+		-c requirements/dev.txt -o requirements/core.txt pyproject.toml
+
+# Everything a field node needs (core: no torch), as wheels in one folder, for units that never see a network:
+#   pip install --no-index --find-links wheelhouse bastion
+# bastion's own wheel is built from the folder alone (its locked setuptools and wheel), and the folder carries the
+# line above (INSTALL) and the lock (requirements.txt, for `bastion doctor --lock`).
+wheelhouse: | $(PY)
+	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
+	$(PIP) download --require-hashes --no-deps --only-binary=:all: $(WHEELHOUSE_ARGS) -d $(WHEELHOUSE) \
+		-r requirements/core.txt
+	$(PIP) wheel --no-deps --no-index --find-links $(WHEELHOUSE) -w $(WHEELHOUSE) .
+	cp requirements/core.txt $(WHEELHOUSE)/requirements.txt
+	echo "pip install --no-index --find-links $(notdir $(abspath $(WHEELHOUSE))) bastion" > $(WHEELHOUSE)/INSTALL
+	@echo "offline install: $$(cat $(WHEELHOUSE)/INSTALL)"
 
 bench: install
 	$(VENV)/bin/bastion bench detect --images bastion/samples/images --json
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info runs .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info runs .pytest_cache $(WHEELHOUSE)

@@ -17,7 +17,7 @@ from bastion.runtime.lm import Generator
 ROUNDS = 3  # every contestant is timed best of the same number of runs (the machine is shared and noisy)
 
 
-def _timed_stream(start) -> tuple[float, float, list[int]]:  # noqa: ANN001 - () -> iterator of token ids
+def _timed_stream(start) -> tuple[float, float, list[int]]:  # () -> iterator of token ids
     """(time to first token, total time, tokens) of one generation; ``start`` runs inside the clock."""
     t0 = time.perf_counter()
     stream = start()
@@ -27,7 +27,7 @@ def _timed_stream(start) -> tuple[float, float, list[int]]:  # noqa: ANN001 - ()
     return ttft, time.perf_counter() - t0, tokens
 
 
-def _best_of(rounds: int, start) -> tuple[float, float, list[int]]:  # noqa: ANN001 - () -> iterator of ids
+def _best_of(rounds: int, start) -> tuple[float, float, list[int]]:  # () -> iterator of ids
     """The fastest of ``rounds`` timed generations (TTFT from that same run)."""
     return min((_timed_stream(start) for _ in range(rounds)), key=lambda r: r[1])
 

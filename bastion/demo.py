@@ -272,7 +272,7 @@ def run_node_demo(model: str, video: Path, storage: Path, seconds: float, allow_
     return result
 
 
-def _ask(node, prompt: str, quiet: bool) -> str:  # noqa: ANN001
+def _ask(node, prompt: str, quiet: bool) -> str:
     """One question to the node's language model, streamed back over the control socket."""
     from bastion.edge.client import Client
 
@@ -289,7 +289,7 @@ def _ask(node, prompt: str, quiet: bool) -> str:  # noqa: ANN001
     return prompt + "".join(pieces)
 
 
-def _follow(node, seqs: list[int], counts: Counter, seconds: float, quiet: bool,  # noqa: ANN001
+def _follow(node, seqs: list[int], counts: Counter, seconds: float, quiet: bool,
             latencies: list[float]) -> dict:
     from bastion.edge.client import Client
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.table import Table
@@ -23,9 +27,10 @@ class Check:
     detail: str
 
 
-def run_checks() -> list[Check]:
+def run_checks(lock: Path | None = None) -> list[Check]:
     checks = [_home(), _trust(), _registry(), _zoo(), _providers(), _cpu_class(), _egress_env(),
-              _ultralytics_settings()]
+              _ultralytics_settings(),
+              _versions(lock)]
     return [c for c in checks if c is not None]
 
 
@@ -142,12 +147,72 @@ def _ultralytics_settings() -> Check | None:
     return Check("ultralytics settings", "ok", "integrations and sync off")
 
 
-def doctor_command(json_out: bool = typer.Option(False, "--json", help="Print the checks as JSON.")) -> None:
-    """Check offline readiness: state directory, trust store, registry, vendored models, providers, egress.
+# `name==version \` at the start of a line of a pip-compile lock; the `--hash=` lines and comments that follow it
+# say nothing about the version.
+_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)", re.MULTILINE)
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_lock(path: Path) -> dict[str, str]:
+    """The pins of one requirements lock (``requirements/*.txt``, made by ``make lock``), by normalised name."""
+    return {_norm(name): version for name, version in _PIN.findall(path.read_text())}
+
+
+def checkout_locks() -> list[Path]:
+    """The locks of the checkout this bastion runs from (an editable install); [] for an installed wheel."""
+    folder = Path(__file__).resolve().parents[1] / "requirements"
+    return sorted(folder.glob("*.txt")) if (folder / "core.txt").is_file() else []
+
+
+# Build tools the locks pin so that bastion itself builds the same everywhere; what runs does not depend on them,
+# and every new venv brings its own pip and setuptools.
+_BUILD_TOOLS = frozenset({"pip", "setuptools", "wheel"})
+
+
+def version_drift(locks: list[Path]) -> list[str]:
+    """One line per installed distribution whose version is not the one the locks pin (the locks agree); a pinned
+    package that is not installed belongs to another extra set and is not drift."""
+    pins: dict[str, str] = {}
+    for lock in locks:
+        pins.update(read_lock(lock))
+    for tool in _BUILD_TOOLS:
+        pins.pop(tool, None)
+    installed = {_norm(d.metadata["Name"]): d.version for d in metadata.distributions() if d.metadata["Name"]}
+    return [f"{name} {installed[name]} (lock: {pins[name]})" for name in sorted(pins)
+            if name in installed and installed[name] != pins[name]]
+
+
+def _versions(lock: Path | None) -> Check:
+    locks = [lock] if lock is not None else checkout_locks()
+    if not locks:
+        return Check("installed versions", "warn", "no lock to compare with: bastion is installed from a wheel, "
+                     "not a checkout; pass --lock (the wheelhouse carries requirements.txt)")
+    drift = version_drift(locks)
+    where = ", ".join(str(p) for p in locks) if lock is not None else f"{locks[0].parent}/"
+    if drift:
+        return Check("installed versions", "warn", f"{len(drift)} differ from {where}: {'; '.join(drift)} — "
+                     "reinstall from the lock (make install / install-dev) or refresh it deliberately (make lock)")
+    return Check("installed versions", "ok", f"installed packages match {where}")
+
+
+def doctor_command(
+    json_out: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
+    lock: Optional[Path] = typer.Option(None, "--lock", help="Compare installed versions with this lock file "
+                                        "(default: the checkout's requirements/*.txt, when run from one)."),
+) -> None:
+    """Check offline readiness: state directory, trust store, registry, vendored models, providers, egress,
+    installed versions against the lock.
 
     Example: bastion doctor --json
     """
-    checks = run_checks()
+    if lock is not None and not lock.is_file():
+        from bastion.errors import InputNotFoundError
+
+        raise InputNotFoundError(f"lock file not found: {lock}")
+    checks = run_checks(lock)
     failed = any(c.status == "fail" for c in checks)
     if json_out:
         print_json({"ok": not failed, "checks": [asdict(c) for c in checks]})

@@ -33,7 +33,7 @@ def _canvas(title: str, xlabel: str, ylabel: str) -> np.ndarray:
 
 
 def _axes(img: np.ndarray, xlim: tuple[float, float], ylim: tuple[float, float], xticks: int = 6,
-          yticks: int = 6, xfmt: str = "{:.0f}", yfmt: str = "{:.2f}"):  # noqa: ANN202
+          yticks: int = 6, xfmt: str = "{:.0f}", yfmt: str = "{:.2f}"):
     l, t, r, b = MARGIN
     x0, x1, y0, y1 = l, W - r, H - b, t
 

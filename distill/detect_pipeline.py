@@ -63,7 +63,7 @@ class DistillSpec:
 
 
 def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int], Callable[[], None]] | None = None
-                ) -> dict[str, Any]:  # noqa: ANN001
+                ) -> dict[str, Any]:
     run = RunDir(spec.out, STAGES, spec.force)
     run.record("spec", {k: (sorted(v) if isinstance(v, set) else v) for k, v in spec.__dict__.items()})
     tick = progress or (lambda label, total: (lambda: None))
@@ -243,7 +243,7 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Callable[[str, int],
     return run.result("report")
 
 
-def _auto_thresholds(spec: DistillSpec, images: list[Path], teachers, maps, defaults: list[float],  # noqa: ANN001
+def _auto_thresholds(spec: DistillSpec, images: list[Path], teachers, maps, defaults: list[float],
                      done: Callable[[], None], limit: int = 64) -> tuple[list[float], dict]:
     """Per-class thresholds by F1 on labelled *training* images (never the held-out ones)."""
     from bastion.distill.pseudo import held_out, choose_thresholds, read_gt
@@ -256,7 +256,7 @@ def _auto_thresholds(spec: DistillSpec, images: list[Path], teachers, maps, defa
             continue
         try:
             samples.append((read_image(path), read_gt(gt_file, maps[0])))
-        except Exception:  # noqa: BLE001 - an unreadable image is skipped here and reported by the labels stage
+        except Exception:  # an unreadable image is skipped here and reported by the labels stage
             continue
         if len(samples) == limit:
             break
@@ -285,7 +285,7 @@ def choose(candidates: list[dict], min_map50: float, max_latency_ms: float | Non
     return min(near, key=lambda c: (c["latency_ms"], -c["map50"])) if near else None
 
 
-def _ship(src: Path, dst: Path, sign_key, chosen: dict, dataset, dataset_json: Path | None = None  # noqa: ANN001
+def _ship(src: Path, dst: Path, sign_key, chosen: dict, dataset, dataset_json: Path | None = None
           ) -> None:
     """Copy the chosen candidate's bundle to RUN/bundle (atomically), with the held-out metrics measured in this
     run in its manifest (an INT8 bundle already carries FP32 and INT8 ones), signed when a key is given."""
@@ -319,7 +319,7 @@ def _ship(src: Path, dst: Path, sign_key, chosen: dict, dataset, dataset_json: P
 
 
 def _figures(stage: Path, spec: DistillSpec, candidates: list[dict], dataset, chosen: dict | None,
-             run: RunDir, teacher_ids: list[int]) -> dict[str, str]:  # noqa: ANN001
+             run: RunDir, teacher_ids: list[int]) -> dict[str, str]:
     """scatter.png, per_class.png, training.png (if a student trained), detections.jpg (the chosen model)."""
     import csv
 
@@ -365,7 +365,7 @@ def _figures(stage: Path, spec: DistillSpec, candidates: list[dict], dataset, ch
     return figures
 
 
-def _candidate(name, kind, size, report, latency, bundle_root, model_file: Path) -> dict[str, Any]:  # noqa: ANN001
+def _candidate(name, kind, size, report, latency, bundle_root, model_file: Path) -> dict[str, Any]:
     return {"name": name, "kind": kind, "imgsz": size, "map50": report.map50, "map50_95": report.map50_95,
             "latency_ms": latency, "per_class": report.per_class, "bundle": str(bundle_root),
             "size_mb": _mb(model_file), "map50_interval": report.to_dict()["map50_interval"]}

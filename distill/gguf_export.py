@@ -53,7 +53,7 @@ def _vocab(tokenizer_json: Path, vocab_size: int) -> tuple[list[str], list[float
     return tokens, scores, types, ids
 
 
-def write_gguf(model, tokenizer_json: Path, path: Path, name: str, ftype: str = "f16") -> dict:  # noqa: ANN001
+def write_gguf(model, tokenizer_json: Path, path: Path, name: str, ftype: str = "f16") -> dict:
     """Write ``model`` (a bastion ``Llama``) with its tokenizer to ``path``; returns what was written."""
     try:
         import gguf
@@ -117,7 +117,7 @@ def write_gguf(model, tokenizer_json: Path, path: Path, name: str, ftype: str = 
     return {"path": str(path), "type": ftype, "tensors": counts, "bytes": path.stat().st_size}
 
 
-def read_gguf(path: Path):  # noqa: ANN201 - a bastion Llama
+def read_gguf(path: Path):  # a bastion Llama
     """Rebuild a bastion ``Llama`` from a GGUF this module wrote (round-trip checks; F32/F16/Q8_0 tensors)."""
     import gguf
     import torch
@@ -126,7 +126,7 @@ def read_gguf(path: Path):  # noqa: ANN201 - a bastion Llama
 
     reader = gguf.GGUFReader(str(path))
 
-    def field(key: str):  # noqa: ANN202
+    def field(key: str):
         f = reader.fields[key]
         return f.parts[f.data[0]].tolist()[0]
 

@@ -69,7 +69,7 @@ class Block(nn.Module):
         self.w2 = nn.Linear(c.hidden_dim, c.dim, bias=False)
         self.w3 = nn.Linear(c.dim, c.hidden_dim, bias=False)
 
-    def forward(self, x, cos, sin, swap, mask, past_k, past_v):  # noqa: ANN001, ANN201
+    def forward(self, x, cos, sin, swap, mask, past_k, past_v):
         """Batch 1 (the export shape): reshapes use constants, so the ONNX graph needs no Shape arithmetic."""
         c = self.c
         rep = c.n_heads // c.n_kv_heads
@@ -107,7 +107,7 @@ class Llama(nn.Module):
         swap[torch.arange(0, c.head_dim, 2), torch.arange(1, c.head_dim, 2)] = 1.0   # out 2i+1 = x(2i)
         self.register_buffer("swap", swap, persistent=False)
 
-    def forward(self, input_ids, position_ids, *past, attention_mask=None):  # noqa: ANN001, ANN201
+    def forward(self, input_ids, position_ids, *past, attention_mask=None):
         """input_ids, position_ids: [1, T]; past: k0, v0, k1, v1 … each [1, n_kv, P, head_dim]; attention_mask
         (optional) [1, P+T], 0 for key positions to ignore (padding), as Hugging Face exports take it.
         Returns logits [1, T, vocab] and the present k/v (each [1, n_kv, P+T, head_dim])."""

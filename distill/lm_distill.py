@@ -147,7 +147,7 @@ def fresh_student(teacher: Llama, config_file: Path) -> Llama:
                           "into n_kv_heads groups")
     torch.manual_seed(0)
     student = Llama(c)
-    for name, prm in student.named_parameters():
+    for prm in student.parameters():
         if prm.dim() > 1:
             torch.nn.init.normal_(prm, std=0.02)
     return student
@@ -204,7 +204,7 @@ def synthetic_corpus(teacher: "Generator", n: int,
     return out
 
 
-def _batches(tokens: torch.Tensor, block: int, batch: int, gen: torch.Generator):  # noqa: ANN202
+def _batches(tokens: torch.Tensor, block: int, batch: int, gen: torch.Generator):
     while True:
         starts = torch.randint(0, len(tokens) - block - 1, (batch,), generator=gen)
         yield torch.stack([tokens[s : s + block] for s in starts]), torch.stack([tokens[s + 1 : s + block + 1]

@@ -13,7 +13,7 @@ from bastion.models.bundle import seal_bundle, staged_bundle
 from bastion.models.manifest import DecoderSpec, FileEntry, LicenseInfo, Manifest, Provenance, sha256_file
 
 
-def export_lm_bundle(checkpoint, tokenizer: Path, out_dir: Path, name: str, version: str,  # noqa: ANN001
+def export_lm_bundle(checkpoint, tokenizer: Path, out_dir: Path, name: str, version: str,
                      weights_license: str, source: str, license_files: list[Path], sign_key=None,
                      teachers: list[str] | None = None, datasets: list[dict] | None = None,
                      evaluation: list[dict] | None = None, generation: dict | None = None) -> Manifest:

@@ -64,7 +64,7 @@ class _GraphWriter:
         return y
 
 
-def build_decoder(config, weights: dict[str, np.ndarray]) -> onnx.ModelProto:  # noqa: ANN001 - LlamaConfig
+def build_decoder(config, weights: dict[str, np.ndarray]) -> onnx.ModelProto:  # LlamaConfig
     """``weights``: the ``Llama`` module's state dict as float32 numpy arrays (bastion's names, interleaved RoPE)."""
     c = config
     d = c.head_dim
@@ -131,7 +131,7 @@ def _norm(g: _GraphWriter, name: str, branch: str | None, residual: str, weight:
     return f"{name}.out", f"{name}.residual"
 
 
-def export_decoder(model, path: Path) -> dict:  # noqa: ANN001 - a bastion.distill.llama.Llama
+def export_decoder(model, path: Path) -> dict:  # a bastion.distill.llama.Llama
     """Write ``model`` (a ``Llama`` module) as the decoder above; returns the config for the manifest."""
     from dataclasses import asdict
 

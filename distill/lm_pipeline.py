@@ -24,7 +24,7 @@ def teacher_digest(path: Path) -> str:
 
 def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None, synthetic: int,
                    keep: list[int] | None, depth: int | None, out: Path, weights_license: str,
-                   train: dict[str, Any], sign_key=None,  # noqa: ANN001
+                   train: dict[str, Any], sign_key=None,
                    progress: Callable[[str, int], Callable[[], None]] | None = None,
                    ffn_ratio: float = 1.0, layer_choice: str = "even", student_config: Path | None = None,
                    gguf_type: str | None = "f16", max_int8_ppl_rise: float = 0.05) -> dict:
@@ -168,7 +168,7 @@ def _served_tokens_per_s(bundles: dict[str, Path], prompt: list[int]) -> dict[st
             generator.close()
 
 
-def _gguf(student, tokenizer_path: Path, out: Path, name: str, gguf_type: str | None):  # noqa: ANN001, ANN202
+def _gguf(student, tokenizer_path: Path, out: Path, name: str, gguf_type: str | None):
     """RUN/student.gguf for llama.cpp users, when the gguf package is installed (the [distill] extra has it)."""
     import importlib.util
 

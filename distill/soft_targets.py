@@ -39,7 +39,7 @@ def encode(cls: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return np.floor(np.asarray(cls, np.float32).reshape(-1, 1)) + scores * SCORE_SCALE
 
 
-def decode(encoded):  # noqa: ANN001, ANN201 - numpy array or torch tensor
+def decode(encoded):  # numpy array or torch tensor
     """Inverse of :func:`encode`: (class ids, scores); a plain integer class decodes to score 1."""
     if isinstance(encoded, np.ndarray):
         cls = np.floor(encoded)
@@ -68,7 +68,7 @@ def read_scores(labels_file: Path) -> dict[tuple, float]:
     return {_key(int(r[0]), [float(v) for v in r[1:5]]): s for r, s in zip(rows, scores)}
 
 
-def _key(cls: int, xywh) -> tuple:  # noqa: ANN001
+def _key(cls: int, xywh) -> tuple:
     return (cls, *(round(float(v), 4) for v in xywh))
 
 
@@ -95,7 +95,7 @@ def attach_scores(labels: list[dict[str, Any]], label_files: list[str]) -> tuple
     return soft, total
 
 
-def soft_detection_loss(model):  # noqa: ANN001, ANN201 - Ultralytics DetectionModel → v8DetectionLoss
+def soft_detection_loss(model):  # Ultralytics DetectionModel → v8DetectionLoss
     """A ``v8DetectionLoss`` whose assigner decodes the scores and scales the targets by them."""
     from ultralytics.utils.loss import v8DetectionLoss
 
@@ -107,10 +107,10 @@ def soft_detection_loss(model):  # noqa: ANN001, ANN201 - Ultralytics DetectionM
 class SoftTargetAssigner:
     """Wraps Ultralytics' TaskAlignedAssigner: hard classes in, targets scaled by the teachers' scores out."""
 
-    def __init__(self, assigner) -> None:  # noqa: ANN001
+    def __init__(self, assigner) -> None:
         self.assigner = assigner
 
-    def __call__(self, pd_scores, pd_bboxes, anc_points, gt_labels, gt_bboxes, mask_gt, **kwargs):  # noqa: ANN001
+    def __call__(self, pd_scores, pd_bboxes, anc_points, gt_labels, gt_bboxes, mask_gt, **kwargs):
         import torch
 
         if gt_labels.shape[1] == 0:  # no boxes in this batch: nothing to scale

@@ -34,10 +34,10 @@ def is_imported(ref: str) -> bool:
     return Path(ref).suffix in IMPORTED_SUFFIXES
 
 
-def _load_detector(ultralytics, path: Path, shown: Path):  # noqa: ANN001, ANN202
+def _load_detector(ultralytics, path: Path, shown: Path):
     try:
         model = ultralytics.YOLO(str(path))
-    except Exception as exc:  # noqa: BLE001 - torch/pickle errors of every kind: one line for the operator
+    except Exception as exc:  # torch/pickle errors of every kind: one line for the operator
         if isinstance(exc, ModuleNotFoundError) or "NOT forwards compatible" in str(exc):
             # original YOLOv5 pickles need YOLOv5's own 'models' package
             raise ConfigError(f"teacher {shown} is not an Ultralytics checkpoint (an original YOLOv5 or other "

@@ -61,7 +61,7 @@ def load_state(path: Path) -> dict[str, Any]:
     raise ConfigError(f"{path} holds no model weights bastion can read")
 
 
-def copy_matching(model, state: dict[str, Any]) -> tuple[int, int]:  # noqa: ANN001
+def copy_matching(model, state: dict[str, Any]) -> tuple[int, int]:
     """Copy tensors whose name and shape match; returns (copied, total in the student)."""
     own = model.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
@@ -70,7 +70,7 @@ def copy_matching(model, state: dict[str, Any]) -> tuple[int, int]:  # noqa: ANN
     return len(matched), len(own)
 
 
-def prune_channels(model, ratio: float, imgsz: int) -> dict[str, Any]:  # noqa: ANN001 - a DetectionModel
+def prune_channels(model, ratio: float, imgsz: int) -> dict[str, Any]:  # a DetectionModel
     """Structured pruning with torch-pruning's dependency graph: the ``ratio`` of channels with the smallest L2
     norm go, everywhere except the Detect head's output convolutions, and every layer that consumes them is cut
     to match (concatenations included). What stays keeps its warm-started weights, so the student is cheaper than
@@ -135,7 +135,7 @@ def train_student(data_yaml: Path, spec: TrainSpec, imgsz: int, out_dir: Path) -
     class StudentTrainer(DetectionTrainer):
         """Warm start in ``get_model``; soft scores into the train labels and the loss."""
 
-        def get_model(self, cfg=None, weights=None, verbose=True):  # noqa: ANN001, ANN202
+        def get_model(self, cfg=None, weights=None, verbose=True):
             model = super().get_model(cfg, weights, verbose)
             if state is not None:
                 copied, total = copy_matching(model, state)
@@ -145,7 +145,7 @@ def train_student(data_yaml: Path, spec: TrainSpec, imgsz: int, out_dir: Path) -
                 record["pruning"] = prune_channels(model, spec.prune, self.args.imgsz)
             return model
 
-        def build_dataset(self, img_path, mode="train", batch=None):  # noqa: ANN001, ANN202
+        def build_dataset(self, img_path, mode="train", batch=None):
             dataset = super().build_dataset(img_path, mode, batch)
             if spec.soft and mode == "train":
                 soft, total = attach_scores(dataset.labels, dataset.label_files)
@@ -153,7 +153,7 @@ def train_student(data_yaml: Path, spec: TrainSpec, imgsz: int, out_dir: Path) -
                 log.info("soft targets: %d of %d training boxes carry a teacher score below 1", soft, total)
             return dataset
 
-        def _setup_train(self):  # noqa: ANN202
+        def _setup_train(self):
             super()._setup_train()
             if spec.soft:  # the student's criterion (inside Ultralytics' DistillationModel when distilling)
                 student = getattr(self.model, "student_model", self.model)

@@ -9,9 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from egress_guard import is_local
+from egress_guard import is_local  # tests/ is on sys.path: pyproject's [tool.pytest.ini_options] pythonpath
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The package under test is the installed one, however it was installed. `python -m pytest` puts the working
+# directory first on sys.path, and from the repo root the checkout's bastion/ folder would then shadow the
+# installed package: a non-editable install loses bastion.edge & co, which live in other folders. So the checkout
+# leaves sys.path here (an editable install finds it through its own import hook), and every Python subprocess a
+# test starts runs with PYTHONSAFEPATH (no cwd or script folder on its path either).
+sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != REPO]
+os.environ["PYTHONSAFEPATH"] = "1"
 SAMPLES = REPO / "bastion" / "samples"
 SAMPLE_IMAGES = SAMPLES / "images"
 PERSON_IMAGE = SAMPLE_IMAGES / "one-by-one-person-detection-0100.jpg"
@@ -98,7 +106,10 @@ def zero_egress(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``bastion`` in a subprocess under the same zero-egress guard (tests/egress_guard.py)."""
     full_env = {**os.environ, **(env or {})}
-    full_env["PYTHONPATH"] = str(REPO / "tests") + os.pathsep + full_env.get("PYTHONPATH", "")
-    code = "import egress_guard; egress_guard.install(); from bastion.cli import run; run()"
+    # No empty entry: an empty PYTHONPATH item means the cwd, the repo root, whose bastion/ would shadow the package.
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "tests"), full_env.get("PYTHONPATH")]))
+    # PYTHONSAFEPATH keeps the cwd (the repo) off sys.path on 3.11+; the first statement does it on 3.10.
+    code = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+            "import egress_guard; egress_guard.install(); from bastion.cli import run; run()")
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=full_env,
                           timeout=timeout, cwd=REPO)
