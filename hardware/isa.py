@@ -135,9 +135,15 @@ def resolve_target(target: str | None, here: IsaClass | None = None) -> Int8Targ
     if target in CLASSES:
         return Int8Target(target, CLASSES[target])
     from bastion.errors import ConfigError
-    from bastion.hardware.profiles import load_profile
+    from bastion.hardware.profiles import load_profile, profile_names
 
-    profile = load_profile(target)
+    try:
+        profile = load_profile(target)
+    except ConfigError as exc:
+        if "unknown device profile" not in str(exc):
+            raise
+        raise ConfigError(f"--target {target!r} is neither a device profile nor a CPU class",
+                          f"profiles: {', '.join(profile_names())}; CPU classes: {', '.join(CLASSES)}") from None
     isa = getattr(profile, "isa", None)
     if not isa:
         raise ConfigError(f"device profile {profile.name} names no CPU instruction-set class (isa:)",

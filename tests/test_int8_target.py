@@ -45,8 +45,11 @@ def test_cpu_class_from_cpuinfo(tmp_path, cpuinfo, machine, expected):
 def test_unknown_cpu_class_and_profile_without_class_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown CPU instruction-set class 'x86-avx3'"):
         probe_isa(env={ENV_OVERRIDE: "x86-avx3"})
-    with pytest.raises(ConfigError, match="unknown device profile"):
+    with pytest.raises(ConfigError, match="neither a device profile nor a CPU class"):
         resolve_target("no-such-profile")
+    proc = run_cli("quantize", "--model", "yolov5n", "--calib", str(SAMPLE_IMAGES), "--data", "none.yaml",
+                   "--target", "x86-avx3")
+    assert proc.returncode == 1 and "x86-avx3" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     profile = tmp_path / "box.yaml"
     profile.write_text("name: box\ndescription: d\nkind: cpu\nmemory_mb: 100\npreferred_backend: ort-cpu\n"
                        "precision: fp32\nmax_batch: 1\nmax_imgsz: 320\n")
