@@ -23,6 +23,7 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 MAX_INPUT_SIZE = 4096  # px per side: a 4096² float32 input is 192 MiB, already more than an edge unit spares
 MAX_STRIDE = 256
+MAX_MANIFEST_BYTES = 1 << 20  # the zoo's are ~4 KB; class lists and provenance never approach this
 
 
 class _Strict(BaseModel):
@@ -215,10 +216,15 @@ class Manifest(_Strict):
 
 def read_manifest(path: Path) -> Manifest:
     """Parse and validate ``manifest.json``; every failure is a one-line ManifestError."""
-    try:
-        raw = path.read_text(encoding="utf-8")
+    from bastion.models.safe_read import TooLarge, read_bounded
+
+    try:  # bounded before it is buffered: a manifest is a few KB
+        raw = read_bounded(path, MAX_MANIFEST_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise ManifestError(f"no manifest.json in {path.parent}", "is this a bastion model bundle?") from None
+    except TooLarge as exc:
+        raise ManifestError(f"{path} is {exc.size} bytes, larger than a manifest may be ({MAX_MANIFEST_BYTES})",
+                            "the bundle is damaged or not a bastion bundle") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError(f"cannot read {path}: {exc}") from None
     try:
@@ -227,6 +233,9 @@ def read_manifest(path: Path) -> Manifest:
         raise ManifestError(
             f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})", "the bundle is damaged; copy it again"
         ) from None
+    except RecursionError:
+        raise ManifestError(f"{path} is nested too deeply to be a manifest", "the bundle is damaged; copy it again"
+                            ) from None
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:

@@ -19,6 +19,7 @@ from bastion.errors import SignatureError
 from bastion.models.atomic import atomic_write_bytes
 from bastion.models.keys import SIGNATURE_BYTES, key_id, verify_signature
 from bastion.models.manifest import Manifest
+from bastion.models.safe_read import read_bounded
 from bastion.models.trust import TrustStore
 
 SIGNATURE_NAME = "signature"
@@ -66,13 +67,14 @@ def read_signature(root: Path, name: str) -> SignatureRecord | None:
     path = Path(root) / SIGNATURE_NAME
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+    try:  # a signature record is ~300 bytes: bounded before it is read, nesting refused
+        data = json.loads(read_bounded(path, 4096).decode("utf-8"))
         if data.get("format") != SIGNATURE_FORMAT or data.get("algorithm") != "ed25519":
             raise ValueError("unknown format")
         signature = base64.b64decode(data["signature"], validate=True)
         record = SignatureRecord(str(data["key_id"]), str(data["manifest_sha256"]), signature)
-    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error, UnicodeDecodeError, RecursionError,
+            OSError):  # TooLarge and NotRegular are OSErrors
         raise SignatureError(f"bundle {name}: the signature file is damaged or not a bastion signature",
                              "copy the bundle again from its maker") from None
     if len(record.signature) != SIGNATURE_BYTES:
