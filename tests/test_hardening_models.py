@@ -285,3 +285,17 @@ def test_tensorrt_builds_and_keys_its_engine_from_the_verified_bytes(tmp_path, m
     plan, key, built = trt_backend.load_or_build(verified, "fp16", (640, 640), 1, EngineCache(tmp_path / "engines"))
     assert built and plan == b"PLAN" and parsed == [verified]
     assert key.bundle_sha256 == hashlib.sha256(verified).hexdigest() == bundle.manifest.model_file().sha256
+
+
+@pytest.mark.parametrize("target", ["manifest.json", "signature"])
+def test_a_deeply_nested_or_huge_manifest_or_signature_is_one_line(tmp_path, target):
+    """json.loads of 100k nested brackets raises RecursionError, and a sparse 4 GB file would be read whole: both
+    are refused as a damaged bundle (ModelLoadError), never an internal error."""
+    bundle = _copy(tmp_path, "yolox_nano")
+    (bundle / target).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ModelLoadError):
+        Bundle.open(bundle)
+    with open(bundle / target, "wb") as fh:
+        fh.truncate(4 * 2**30)
+    with pytest.raises(ModelLoadError, match="larger than|damaged"):
+        Bundle.open(bundle)
