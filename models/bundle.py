@@ -22,7 +22,7 @@ from bastion.models.archive import ARCHIVE_SUFFIX, unpack_cached
 from bastion.models.home import bastion_home
 from bastion.models.manifest import MANIFEST_NAME, FileEntry, Manifest, read_manifest, sha256_file
 from bastion.models.registry import Registry
-from bastion.models.safe_read import TooLarge, read_bounded
+from bastion.models.safe_read import NotRegular, TooLarge, hash_bounded, read_bounded
 from bastion.models.signing import Verification, read_signature, verify_manifest
 from bastion.models.trust import TrustStore
 from bastion.models.zoo import zoo_path
@@ -149,15 +149,20 @@ def read_verified(root: Path, manifest: Manifest, entry: FileEntry) -> bytes:
 def verify_files(root: Path, manifest: Manifest) -> None:
     """Every payload file present, right size, right sha256 — or a ModelLoadError naming it."""
     for entry in manifest.files:
-        path = root / entry.path
-        if not path.is_file():
+        try:  # one descriptor: a regular file, stat'ed and hashed through it (a FIFO swapped in is not waited on)
+            digest, size = hash_bounded(root / entry.path, entry.size)
+        except (FileNotFoundError, NotRegular):
             raise ModelLoadError(f"bundle {manifest.name}: payload file {entry.path} is missing",
-                                 "copy the whole bundle directory again")
-        size = path.stat().st_size
+                                 "copy the whole bundle directory again") from None
+        except TooLarge as exc:
+            digest, size = "", exc.size
+        except OSError as exc:
+            raise ModelLoadError(f"bundle {manifest.name}: cannot read {entry.path} ({exc.strerror or exc})"
+                                 ) from None
         if size != entry.size:
             raise ModelLoadError(f"bundle {manifest.name}: {entry.path} is {size} bytes, manifest says "
                                  f"{entry.size} (truncated or replaced)", "copy the bundle again from a trusted source")
-        if sha256_file(path) != entry.sha256:
+        if digest != entry.sha256:
             raise ModelLoadError(f"bundle {manifest.name}: {entry.path} does not match its sha256 (modified)",
                                  "refusing to run it; copy the bundle again from a trusted source")
 

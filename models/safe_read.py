@@ -8,6 +8,7 @@ grows after the check is caught too. The caller says what the file is for the me
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -25,8 +26,8 @@ class NotRegular(OSError):
     """The path is a FIFO, a device, a socket or a directory."""
 
 
-def read_bounded(path: str | Path, limit: int) -> bytes:
-    """The bytes of ``path``; ``TooLarge``/``NotRegular``/``OSError`` otherwise (``FileNotFoundError`` included)."""
+def _open_regular(path: str | Path, limit: int) -> int:
+    """A descriptor on ``path`` once it is known to be a regular file of at most ``limit`` bytes."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
         info = os.fstat(fd)
@@ -34,10 +35,28 @@ def read_bounded(path: str | Path, limit: int) -> bytes:
             raise NotRegular(f"{path} is not a regular file")
         if info.st_size > limit:
             raise TooLarge(info.st_size, limit)
-        with os.fdopen(fd, "rb", closefd=False) as fh:
-            data = fh.read(limit + 1)
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
+
+
+def read_bounded(path: str | Path, limit: int) -> bytes:
+    """The bytes of ``path``; ``TooLarge``/``NotRegular``/``OSError`` otherwise (``FileNotFoundError`` included)."""
+    with os.fdopen(_open_regular(path, limit), "rb") as fh:
+        data = fh.read(limit + 1)
     if len(data) > limit:
         raise TooLarge(len(data), limit)
     return data
+
+
+def hash_bounded(path: str | Path, limit: int, chunk: int = 1 << 20) -> tuple[str, int]:
+    """(sha256 hex, size) of ``path``, streamed from one descriptor; the same refusals as ``read_bounded``."""
+    digest, size = hashlib.sha256(), 0
+    with os.fdopen(_open_regular(path, limit), "rb") as fh:
+        while block := fh.read(min(chunk, limit + 1 - size)):
+            digest.update(block)
+            size += len(block)
+            if size > limit:
+                raise TooLarge(size, limit)
+    return digest.hexdigest(), size

@@ -218,6 +218,8 @@ def test_a_payload_replaced_by_a_fifo_is_refused_not_waited_on(tmp_path):
     os.mkfifo(model)
     with pytest.raises(ModelLoadError, match="not a regular file"):
         Detector.from_bundle(bundle, device="cpu", threads=1, warmup=False)
+    with pytest.raises(ModelLoadError, match="is missing"):  # verification itself never waits on it either
+        Bundle.open(bundle_dir)
 
 
 def test_bundle_create_refuses_an_onnx_with_external_data(tmp_path):
