@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from bastion.errors import ArchiveError, ConfigError
+from bastion.models.atomic import short_of_space
 from bastion.models.manifest import MANIFEST_NAME, read_manifest
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,6 @@ DEFAULT_MAX_BYTES = 8 << 30  # the largest model a field unit is expected to car
 MAX_EXPANSION = 100  # model weights compress ~1.1-2x; 100x is a decompression bomb, not a model
 EXPANSION_SLACK = 64 << 20  # ...except tiny bundles, whose JSON may compress better
 HEADER_ALLOWANCE = 16 << 20  # tar headers and padding on top of the payload
-FREE_RESERVE = 64 << 20  # never unpack into the last 64 MiB of a disk (the node's audit log may live there)
 _CHUNK = 1 << 20
 _MAX_READ = 16 << 20  # our copy reads 1 MiB at a time; tarfile reads a header whole
 _DAMAGED = (tarfile.TarError, EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile)
@@ -220,13 +220,8 @@ def _scan(tar: tarfile.TarFile, archive: Path, limit: int, cap: int) -> tuple[li
 
 
 def _check_free_space(directory: Path, needed: int, archive: Path) -> None:
-    try:
-        st = os.statvfs(directory)
-    except OSError:
-        return
-    free = st.f_bavail * st.f_frsize
-    reserve = min(FREE_RESERVE, st.f_blocks * st.f_frsize // 20)  # a small disk keeps 5 % instead
-    if needed + reserve > free:
+    free = short_of_space(directory, needed)
+    if free is not None:
         raise ArchiveError(f"{archive.name} needs {_size(needed)} but only {_size(free)} is free in {directory}",
                            "free some space (or choose another BASTION_HOME); nothing was written")
 

@@ -84,3 +84,19 @@ def append_record(path: Path, record: dict) -> None:
             raise
     finally:
         os.close(fd)
+
+
+FREE_RESERVE = 64 << 20  # never fill the last 64 MiB of a disk: the node's audit log and store may live there
+
+
+def short_of_space(directory: Path, needed: int) -> int | None:
+    """The free bytes in ``directory``'s filesystem when ``needed`` would not fit with a reserve left over
+    (64 MiB, or 5 % of a small disk), else None. Checked before a large write, so a full disk is a refusal
+    up front rather than a half-written copy to clean up (and a node that could not write its audit log)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    free = st.f_bavail * st.f_frsize
+    reserve = min(FREE_RESERVE, st.f_blocks * st.f_frsize // 20)
+    return free if needed + reserve > free else None

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from bastion.errors import RegistryError
 from bastion.models.archive import ARCHIVE_SUFFIX, unpack
-from bastion.models.atomic import append_record, atomic_write_bytes, file_lock
+from bastion.models.atomic import append_record, atomic_write_bytes, file_lock, short_of_space
 from bastion.models.home import bastion_home
 from bastion.models.manifest import MANIFEST_NAME
 from bastion.models.version import is_older, version_key
@@ -110,6 +110,11 @@ class Registry:
             bundle = open_bundle(src_dir)  # verifies payload and signature (or the explicit override)
             if bundle.sha256 not in self._index():  # early, before copying anything; re-adding is a no-op
                 self._refuse_downgrade(bundle.manifest, allow_downgrade)
+            needed = sum(f.size for f in bundle.manifest.files)
+            if (free := short_of_space(self.root, needed)) is not None:  # before copying, not when the disk is full
+                raise RegistryError(f"{bundle.manifest.name}:{bundle.manifest.version} needs {needed / 1e6:.1f} MB "
+                                    f"but only {free / 1e6:.1f} MB is free in {self.root}",
+                                    "free some space and retry; the registry is unchanged")
             copy = staging / "bundle"
             copy.mkdir()
             names = [MANIFEST_NAME, *(f.path for f in bundle.manifest.files)]

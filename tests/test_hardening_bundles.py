@@ -205,6 +205,24 @@ def test_archive_larger_than_the_free_space_is_refused_before_writing(tmp_path, 
     assert _du(tmpfs_home) < 1_000_000
 
 
+def test_registry_add_checks_space_for_its_own_copy_too(tmp_path, monkeypatch):
+    """Adding an archive needs room twice (unpacked, then the registry's verified copy): both are checked
+    before writing, so a disk that fits one copy refuses up front instead of filling up mid-copy."""
+    home = tmp_path / "small"
+    home.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(home)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    monkeypatch.setenv("BASTION_HOME", str(home))
+    try:
+        archive = pack(zoo_path("yolox_nano"), tmp_path)  # 3.6 MB payload: fits once in 6 MB, not twice
+        with pytest.raises(RegistryError, match="is free in"):
+            Registry().add(archive, Bundle.open)
+        assert Registry().entries() == []
+        assert not [p for p in (home / "registry").iterdir() if p.name != ".lock"]
+    finally:
+        subprocess.run(["umount", "-l", str(home)], check=False)
+
+
 # -- downgrades (item 9) ----------------------------------------------------------------------------------
 @pytest.fixture
 def team_key(tmp_path):
