@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 CLIP_CHARS = 200  # longest client-supplied string written to a log line or an audit record
+BUSY_SHARE = 0.5  # of the control thread's time one client may use, sustained …
+BUSY_BURST_S = 5.0  # … and this many seconds of it at once
 MAX_TRACKED_CLIENTS = 4096  # buckets kept; the least recently seen client is forgotten first
 
 
@@ -36,7 +38,12 @@ class _Bucket:
 
 
 class RateLimiter:
-    """Token bucket per client key: ``rate`` requests a second sustained, ``burst`` at once."""
+    """Token bucket per client key: ``rate`` requests a second sustained, ``burst`` at once.
+
+    The same bucket also meters time: with ``rate`` = a share of the control thread
+    and ``burst`` = seconds, ``in_debt`` before a request and ``spend(elapsed)`` after
+    it keep one client from holding the thread (long replays, answers, reloads).
+    """
 
     def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic,
                  max_clients: int = MAX_TRACKED_CLIENTS) -> None:
@@ -45,19 +52,30 @@ class RateLimiter:
 
     def allow(self, client: bytes) -> float:
         """0.0 if ``client`` may go on now (a token is spent), else the seconds until it may."""
-        now = self.clock()
-        bucket = self._buckets.pop(client, None)
-        if bucket is None:
-            bucket = _Bucket(self.burst, now)
-            while len(self._buckets) >= self.max_clients:
-                self._buckets.popitem(last=False)
-        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.stamp) * self.rate)
-        bucket.stamp = now
-        self._buckets[client] = bucket
+        bucket = self._refilled(client)
         if bucket.tokens >= 1.0:
             bucket.tokens -= 1.0
             return 0.0
         return (1.0 - bucket.tokens) / self.rate
+
+    def _refilled(self, client: bytes) -> _Bucket:
+        now = self.clock()
+        bucket = self._buckets.pop(client, None) or _Bucket(self.burst, now)
+        while len(self._buckets) >= self.max_clients:
+            self._buckets.popitem(last=False)
+        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.stamp) * self.rate)
+        bucket.stamp = now
+        self._buckets[client] = bucket
+        return bucket
+
+    def in_debt(self, client: bytes) -> float:
+        """0.0 if ``client`` has anything left, else the seconds until it has (spends nothing)."""
+        bucket = self._refilled(client)
+        return 0.0 if bucket.tokens > 0 else (1e-3 - bucket.tokens) / self.rate
+
+    def spend(self, client: bytes, amount: float) -> None:
+        """Take ``amount`` after the fact (a cost known only once paid); the balance may go below zero."""
+        self._refilled(client).tokens -= amount
 
 
 @dataclass
@@ -99,7 +117,7 @@ class RefusalCoalescer:
                 return False
             if sum(1 for k, _ in self._windows if k == kind) >= self.max_clients:
                 started, count, clients = self._overflow.get(kind, (self.clock(), 0, set()))
-                if len(clients) < 100_000:
+                if len(clients) < 10_000:  # beyond that the summary says "at least"
                     clients.add(client)
                 self._overflow[kind] = (started, count + 1, clients)
                 return False

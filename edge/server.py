@@ -25,7 +25,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from bastion.edge.audit import AuditLog
 from bastion.edge.config import NodeConfig
 from bastion.edge.curve import allowed_client_keys, key_id, load_secret
-from bastion.edge.limits import RateLimiter, RefusalCoalescer, clip
+from bastion.edge.limits import BUSY_BURST_S, BUSY_SHARE, RateLimiter, RefusalCoalescer, clip
 from bastion.edge.protocol import HEARTBEAT_TOPIC, MAX_REQUEST_BYTES, MAX_REQUEST_FRAMES, DetectionEvent, Heartbeat, \
     ProtocolError, parse_request, readable_id, reply
 
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[..., dict]  # handler(request, client_label) -> reply fields
 PEEK_ID_BYTES = 4096  # a rate-limited request this small is parsed for its id; a larger one is not
+STREAM_STALL_S = 10.0  # an ask stream whose reader takes no piece for this long is ended
 
 
 class _AllowList:
@@ -85,6 +86,7 @@ class NodeServer:
         self.rate_limited = 0
         self.refusals = RefusalCoalescer(audit.append)
         self.limiter = RateLimiter(config.control_rate_per_s, config.control_burst)
+        self.busy = RateLimiter(BUSY_SHARE, BUSY_BURST_S)  # seconds of the control thread per client
         self._allow: _AllowList | None = None
         self._failure_sites: set[tuple[str, str, int]] = set()
         try:
@@ -97,6 +99,10 @@ class NodeServer:
             # the node sees any of it (its high-water mark counts messages), so keep few queued per peer
             self.control.maxmsgsize = 4 * MAX_REQUEST_BYTES
             self.control.rcvhwm = 8
+            # answers a client does not read (a replay can be MBs) wait in at most 8 messages per connection;
+            # mandatory routing makes a full queue an error (zmq.Again) instead of a silent drop, so a stream waits
+            self.control.sndhwm = 8
+            self.control.router_mandatory = 1
             if config.curve_enabled:
                 self._secure()
             self.events.bind(config.endpoints.events)
@@ -197,16 +203,16 @@ class NodeServer:
         return key_id(client) if self.config.curve_enabled else f"conn-{client.hex()[:16]}"
 
     def _answer(self, message: _Incoming) -> bytes | None:
-        wait = self.limiter.allow(message.client)
+        wait = self.limiter.allow(message.client) or self.busy.in_debt(message.client)
         if wait:
             self.rate_limited += 1
             label = self._label(message.client)
             if self.refusals.refuse("client_rate_limited", label):
                 log.warning("control client %s is rate limited (repeats are counted in the audit log)", label)
             peek = message.payload if message.payload is not None and len(message.payload) <= PEEK_ID_BYTES else None
-            return reply(_peek_id(peek), ok=False, error=f"rate limited: more than {self.limiter.rate:g} "
-                         f"requests a second; retry after {wait:.2f} s", rate_limited=True,
-                         retry_after_s=max(0.001, round(wait, 3)))
+            return reply(_peek_id(peek), ok=False, error=f"rate limited: more than {self.limiter.rate:g} requests "
+                         f"a second or {BUSY_SHARE:.0%} of the node's control time; retry after {wait:.2f} s",
+                         rate_limited=True, retry_after_s=max(0.001, round(wait, 3)))
         if message.payload is None:
             self.oversized += 1
             self.bad_requests += 1
@@ -217,22 +223,39 @@ class NodeServer:
         except ProtocolError as exc:
             self.bad_requests += 1
             return reply(exc.request_id, ok=False, error=str(exc))
+        started = time.monotonic()
         try:
             result = self.handler(request, self._label(message.client))
+            if "stream" in result:  # several replies with the same id, the last one done=true
+                self._stream(message.identity, request.id, result["stream"])
+                return None
+            return reply(request.id, **result)
         except Exception as exc:  # a handler bug must not take the node down
             self.bad_requests += 1
             self._log_failure("control handler failed", exc)
             return reply(request.id, ok=False, error=f"internal error: {type(exc).__name__}: {exc}")
-        if "stream" in result:  # several replies with the same id, the last one done=true
-            self._stream(message.identity, request.id, result["stream"])
-            return None
-        return reply(request.id, **result)
+        finally:
+            self.busy.spend(message.client, time.monotonic() - started)
 
     def _send(self, identity: bytes, answer: bytes) -> None:
         try:
             self.control.send_multipart([identity, answer], zmq.NOBLOCK)
         except zmq.ZMQError:
-            pass  # the peer went away; nothing to do
+            pass  # the peer went away, or has 8 answers it has not read: this one is dropped
+
+    def _send_waiting(self, identity: bytes, answer: bytes) -> bool:
+        """Send one piece of a stream, waiting (up to STREAM_STALL_S) while the reader's queue is full."""
+        deadline = time.monotonic() + STREAM_STALL_S
+        while True:
+            try:
+                self.control.send_multipart([identity, answer], zmq.NOBLOCK)
+                return True
+            except zmq.Again:
+                if time.monotonic() > deadline or self._stop.is_set():
+                    return False
+                time.sleep(0.005)
+            except zmq.ZMQError:
+                return False  # EHOSTUNREACH: the client went away
 
     def _log_failure(self, what: str, exc: BaseException) -> None:
         """A traceback the first time a failure happens at a place in the code, one short line after that.
@@ -255,14 +278,14 @@ class NodeServer:
         try:
             for piece in pieces:
                 count += 1
-                self.control.send_multipart([identity, reply(request_id, text=piece, done=False)], zmq.NOBLOCK)
+                if not self._send_waiting(identity, reply(request_id, text=piece, done=False)):
+                    getattr(pieces, "close", lambda: None)()  # gone or not reading: end the generation
+                    return
             final = reply(request_id, done=True, tokens=count)
-        except zmq.ZMQError:
-            return  # the client went away mid-answer
         except Exception as exc:  # a generation failure ends this answer, not the node
             self._log_failure("generation failed", exc)
             final = reply(request_id, ok=False, error=f"generation failed: {exc}")
-        self._send(identity, final)
+        self._send_waiting(identity, final)
 
     def close(self) -> None:
         self._stop.set()

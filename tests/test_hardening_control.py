@@ -271,3 +271,35 @@ def test_refusal_windows_close_after_a_minute_and_buckets_refill():
     assert limiter.allow(b"a") == pytest.approx(0.5) and limiter.allow(b"b") == 0.0  # b has its own bucket
     now[0] += 0.5
     assert limiter.allow(b"a") == 0.0
+
+
+def test_one_client_cannot_hold_the_control_thread_with_expensive_requests(tmp_path):
+    from bastion.edge.protocol import DetectionEvent, DetectionItem
+    from bastion.edge.store import EventStore
+
+    (tmp_path / "data").mkdir()
+    store = EventStore(tmp_path / "data" / "events.db")
+    boxes = [DetectionItem(cls=0, name="person", conf=0.5, box=[1.0, 2.0, 3.0, 4.0]) for _ in range(100)]
+    for i in range(500):  # a replay of all of them: ~4 MB, a noticeable fraction of a second to build
+        store.append(DetectionEvent(seq=0, node="test-node", source="cam1", ts=1.0, frame=i, model="m",
+                                    detections=boxes))
+    store.close()
+    quiet = [{"name": "cam1", "uri": os.fspath(tmp_path / "none.mp4")}]
+    with running_node(tmp_path, sources=quiet) as node, client_for(node) as other:
+        ctx = zmq.Context()
+        greedy = _dealer(ctx, node.server.control_endpoint)
+        try:
+            for i in range(40):  # well within the request burst: only the time budget can stop it
+                greedy.send(json.dumps({"op": "replay", "id": i, "since": 0, "limit": 500}).encode())
+            answers = []
+            while len(answers) < 40 and greedy.poll(20_000):
+                answers.append(json.loads(greedy.recv()))
+                if len(answers) % 10 == 0:
+                    assert other.status()["node"] == "test-node"  # its own budget, fair-queued
+        finally:
+            greedy.close()
+            ctx.term()
+    served = [a for a in answers if a.get("ok")]
+    limited = [a for a in answers if a.get("rate_limited")]
+    assert len(answers) == 40 and limited and served, (len(answers), len(limited))
+    assert "control time" in limited[0]["error"]
