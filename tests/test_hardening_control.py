@@ -303,3 +303,28 @@ def test_one_client_cannot_hold_the_control_thread_with_expensive_requests(tmp_p
     limited = [a for a in answers if a.get("rate_limited")]
     assert len(answers) == 40 and limited and served, (len(answers), len(limited))
     assert "control time" in limited[0]["error"]
+
+
+def test_an_ask_stream_waits_for_a_slow_reader_instead_of_dropping_pieces(tmp_path):
+    with running_node(tmp_path, lm="stories260K") as node:
+        ctx = zmq.Context()
+        slow = ctx.socket(zmq.DEALER)
+        slow.linger = 0
+        slow.rcvhwm = 1
+        slow.rcvbuf = 1024
+        slow.connect(node.server.control_endpoint)
+        try:
+            slow.send(json.dumps({"op": "ask", "id": "s", "prompt": "Zoo", "max_new_tokens": 200}).encode())
+            pieces, final = [], None
+            while final is None and slow.poll(15_000):
+                answer = json.loads(slow.recv())
+                if answer.get("done"):
+                    final = answer
+                else:
+                    pieces.append(answer["text"])
+                    time.sleep(0.01)  # slower than the node generates: its queue for us fills up
+        finally:
+            slow.close()
+            ctx.term()
+    assert final is not None and final["ok"], final
+    assert len(pieces) == final["tokens"] > 50  # every piece arrived, none dropped at the high-water mark
