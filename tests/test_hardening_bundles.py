@@ -64,6 +64,22 @@ def test_gzip_bomb_is_refused_before_anything_is_written(tmp_path, bastion_home)
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
+def test_node_reload_of_a_bomb_is_refused_quickly_and_keeps_serving(tmp_path, bastion_home):
+    from bastion.edge.client import NodeRequestError
+    from test_node import client_for, running_node, take
+
+    archive = _gzip_bomb(tmp_path / "bomb.bastion")
+    with running_node(tmp_path, imgsz=None) as node, client_for(node) as client:
+        started = time.monotonic()
+        with pytest.raises(NodeRequestError, match="reload refused"):
+            client.reload(str(archive))
+        assert time.monotonic() - started < 5
+        assert take(client.events(), 1)  # still detecting
+    assert _du(bastion_home) < 1_000_000
+    audit = (tmp_path / "data" / "audit.log").read_text()
+    assert "bundle_refused" in audit and "decompression bomb" in audit
+
+
 def test_declared_size_limit_is_configurable(tmp_path, monkeypatch):
     archive = pack(zoo_path("yolox_nano"), tmp_path)
     monkeypatch.setenv("BASTION_MAX_BUNDLE_BYTES", "1000000")  # yolox_nano is 3.6 MB
