@@ -146,12 +146,12 @@ def _open(archive: Path, limit: int) -> tuple[tarfile.TarFile, BinaryIO, int]:
     except OSError as exc:
         raise ArchiveError(f"cannot read {archive}: {exc.strerror or exc}") from None
     try:
-        magic = fh.read(6)
+        head = fh.read(tarfile.BLOCKSIZE)
         fh.seek(0)
         raw: BinaryIO = fh
         cap = limit + HEADER_ALLOWANCE
-        for prefix, opener, _kind in _COMPRESSED:
-            if magic.startswith(prefix):
+        for prefix, opener, _kind in () if _is_tar_header(head) else _COMPRESSED:  # a member may be called "BZh…"
+            if head.startswith(prefix):
                 raw = opener(fileobj=fh) if opener is gzip.GzipFile else opener(fh)
                 cap = min(cap, MAX_EXPANSION * size + EXPANSION_SLACK)
                 break
@@ -166,6 +166,14 @@ def _open(archive: Path, limit: int) -> tuple[tarfile.TarFile, BinaryIO, int]:
         fh.close()
         raise
     return tar, fh, cap
+
+
+def _is_tar_header(block: bytes) -> bool:
+    try:
+        tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    return True
 
 
 def _member_path(member: tarfile.TarInfo, archive: Path) -> str | None:

@@ -356,3 +356,14 @@ def test_node_reload_to_an_older_version_is_refused_unless_allowed(tmp_path, tea
     reloads = [r for r in records if r["kind"] == "reload"]
     assert [r["fields"].get("downgrade_from") for r in reloads] == ["2.0", None]
     assert any(r["kind"] == "bundle_refused" and "older" in json.dumps(r) for r in records)
+
+
+def test_plain_tar_whose_first_name_looks_like_compression_magic(tmp_path):
+    archive = tmp_path / "odd.bastion"
+    with tarfile.open(archive, "w") as tar:
+        for name in ("BZh9-notes", "manifest.json"):
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"{}"))
+    out = unpack(archive, tmp_path / "out")
+    assert sorted(p.name for p in out.iterdir()) == ["BZh9-notes", "manifest.json"]
