@@ -64,6 +64,25 @@ def keys_revoke(
     out.print(f"revoked key {TrustStore().revoke(key, reason)}")
 
 
+@keys_app.command("unrevoke")
+def keys_unrevoke(
+    key: str = typer.Argument(..., help="A revoked key id (or a unique prefix)."),
+    yes: bool = typer.Option(False, "--yes", help="Confirm: bundles this key signed are trusted again."),
+) -> None:
+    """Lift one revocation on purpose (recorded in trust/audit.jsonl).
+
+    Editing revoked.json by hand does not do it: a list that lacks a key the journal says is revoked is refused.
+
+    Example: bastion keys unrevoke 0b0bf72f --yes
+    """
+    from bastion.errors import ConfigError
+    from bastion.models.trust import TrustStore
+
+    if not yes:
+        raise ConfigError("un-revoking trusts every bundle this key signed again", "repeat with --yes if that is meant")
+    out.print(f"revocation of key {TrustStore().unrevoke(key)} lifted")
+
+
 @keys_app.command("reset-revocations")
 def keys_reset_revocations(
     yes: bool = typer.Option(False, "--yes", help="Confirm: every revocation the lost list held is gone."),

@@ -10,7 +10,10 @@ The revocation list is created, empty, with the store itself; from then on a
 lift every revocation — so the store refuses to vouch for any key until the
 list is restored from backup or deliberately started again with
 ``bastion keys reset-revocations --yes``.  Changes are appended to
-``trust/audit.jsonl``.
+``trust/audit.jsonl``, and that journal is checked against the list: a list
+that lacks a key the journal says is revoked (an old backup put back, a line
+deleted by hand) is refused the same way.  Lifting one revocation on purpose is
+``bastion keys unrevoke ID --yes``, which the journal records.
 """
 
 from __future__ import annotations
@@ -102,16 +105,51 @@ class TrustStore:
         except OSError as exc:
             log.error("cannot record a trust store change", extra={"event": event, "error": str(exc)})
 
+    def _journal_revoked(self) -> dict[str, str]:
+        """Key ids the journal says are revoked now (not since un-revoked or reset), with when."""
+        try:
+            lines = self.audit_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return {}
+        state: dict[str, str] = {}
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            event = record.get("event") if isinstance(record, dict) else None
+            if event == "revoked":
+                state[str(record.get("key_id"))] = str(record.get("when", "?"))
+            elif event == "unrevoked":
+                state.pop(str(record.get("key_id")), None)
+            elif event == "revocations_reset":
+                state.clear()
+        return state
+
+    def _check_journal(self, revoked: dict[str, dict]) -> dict[str, dict]:
+        lacking = {k: when for k, when in self._journal_revoked().items() if k not in revoked}
+        if lacking:
+            keys = ", ".join(f"{k} (revoked {when})" for k, when in sorted(lacking.items()))
+            log.error("revocation list lacks revoked keys", extra={"keys": sorted(lacking)})
+            raise SignatureError(f"the revocation list {self.revoked_path} lacks {keys}, per {self.audit_path}; "
+                                 "refusing to trust any key",
+                                 "it was put back from an older backup or edited: restore the current one or revoke "
+                                 "them again (bastion keys revoke ID); to lift one on purpose: bastion keys unrevoke "
+                                 "ID --yes")
+        return revoked
+
     # -- reading -----------------------------------------------------------------------------------
     def revoked(self) -> dict[str, dict]:
         self._ensure_list()
         revoked = self._read_revoked()
         if revoked is None and not self._is_new():
             raise self._missing()
-        return revoked or {}
+        return self._check_journal(revoked or {})
 
     def keys(self) -> dict[str, TrustedKey]:
-        revoked = self.revoked()
+        return self._keys(self.revoked())
+
+    def _keys(self, revoked: dict[str, dict]) -> dict[str, TrustedKey]:
         found: dict[str, TrustedKey] = {}
         for source, directory in (("built-in", ANCHORS_DIR), ("local", self.keys_dir)):
             if not directory.is_dir():
@@ -141,28 +179,44 @@ class TrustStore:
         kid = key_id(public)
         self._ensure_list()
         with file_lock(self.lock_path):
-            if kid in self._revoked_locked():
+            if kid in self._check_journal(self._revoked_locked()):
                 raise KeyFileError(f"key {kid} was revoked on this unit",
-                                   f"if that was a mistake, remove it from {self.revoked_path} by hand")
+                                   f"if that was a mistake: bastion keys unrevoke {kid} --yes")
             atomic_write_bytes(self.keys_dir / f"{kid}{PUBLIC_SUFFIX}", public_pem(public))
             self._record("trusted", key_id=kid, source=str(public_key_file))
         return kid
 
     def resolve_id(self, prefix: str) -> str:
-        matches = [k for k in self.keys() if k.startswith(prefix)]
+        matches = [k for k in self._keys({}) if k.startswith(prefix)]  # works while the list is being mended
         if len(matches) != 1:
             raise ConfigError(f"{'no' if not matches else 'more than one'} trusted key matches {prefix!r}",
                               "see: bastion keys list")
         return matches[0]
 
     def revoke(self, prefix: str, reason: str = "") -> str:
+        """Revoke a key; also the way to mend a list that lacks keys its journal says are revoked."""
         kid = self.resolve_id(prefix)
+        self._ensure_list()
         with file_lock(self.lock_path):
             revoked = self._revoked_locked()
             revoked[kid] = {"when": _now(), "reason": reason}
             self._write_revoked(revoked)
             self._record("revoked", key_id=kid, reason=reason)
         return kid
+
+    def unrevoke(self, prefix: str) -> str:
+        """Lift one revocation on purpose (recorded): the only way back that the journal check accepts."""
+        with file_lock(self.lock_path):
+            revoked = self._revoked_locked()
+            matches = [k for k in revoked if k.startswith(prefix)]
+            if len(matches) != 1:
+                raise ConfigError(f"{'no' if not matches else 'more than one'} revoked key matches {prefix!r}",
+                                  "see: bastion keys list")
+            del revoked[matches[0]]
+            self._write_revoked(revoked)
+            self._record("unrevoked", key_id=matches[0])
+        log.warning("revocation lifted", extra={"key_id": matches[0]})
+        return matches[0]
 
     def reset_revocations(self) -> None:
         """Start a new, empty revocation list after the old one was lost — the operator's deliberate choice

@@ -367,3 +367,29 @@ def test_plain_tar_whose_first_name_looks_like_compression_magic(tmp_path):
             tar.addfile(info, io.BytesIO(b"{}"))
     out = unpack(archive, tmp_path / "out")
     assert sorted(p.name for p in out.iterdir()) == ["BZh9-notes", "manifest.json"]
+
+
+def test_an_older_revocation_list_put_back_is_refused(tmp_path, team_key):
+    """Restoring last month's revoked.json (or deleting a line by hand) must not quietly lift a revocation:
+    the store's journal knows what was revoked since."""
+    store = TrustStore()
+    store.revoke(team_key.key_id, "lost laptop")
+    before = store.revoked_path.read_bytes()
+    anchor = Bundle.open("yolov5n").verification.key_id
+    store.revoke(anchor, "national key replaces the project's")
+    store.revoked_path.write_bytes(before)  # an old backup
+    with pytest.raises(SignatureError, match=f"lacks .*{anchor}"):
+        Bundle.open("yolov5n")
+    proc = run_cli("bundle", "verify", "yolov5n")
+    assert proc.returncode == 1 and anchor in proc.stderr and "Traceback" not in proc.stderr
+    store.revoke(anchor, "again")  # the way back: revoke it again
+    with pytest.raises(SignatureError, match="revoked on this unit"):
+        Bundle.open("yolov5n")
+    signed = signed_version(tmp_path, team_key, "1.0")
+    with pytest.raises(SignatureError, match="revoked on this unit"):
+        Bundle.open(signed)
+    proc = run_cli("keys", "unrevoke", team_key.key_id[:8], "--yes")  # lifting one on purpose is recorded
+    assert proc.returncode == 0, proc.stderr
+    assert Bundle.open(signed).verification.signed
+    events = [json.loads(line)["event"] for line in store.audit_path.read_text().splitlines()]
+    assert events[-1] == "unrevoked"
