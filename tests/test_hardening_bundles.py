@@ -113,6 +113,7 @@ def test_sparse_member_is_refused(tmp_path):
         fh.truncate(3 * GIB)
     archive = tmp_path / "holes.bastion"
     subprocess.run(["tar", "--sparse", "--format=pax", "-C", str(src), "-cf", str(archive), "."], check=True)
+    (src / "model.onnx").unlink()  # a 3 GiB hole is nothing on disk, but no tool copying tmp dirs should meet it
     assert archive.stat().st_size < 100_000
     with pytest.raises(ArchiveError, match="model.onnx' is a sparse file"):
         unpack(archive, tmp_path / "out")
