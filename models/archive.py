@@ -44,8 +44,7 @@ HEADER_ALLOWANCE = 16 << 20  # tar headers and padding on top of the payload
 _CHUNK = 1 << 20
 _MAX_READ = 16 << 20  # our copy reads 1 MiB at a time; tarfile reads a header whole
 _DAMAGED = (tarfile.TarError, EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile)
-_COMPRESSED = ((b"\x1f\x8b", gzip.GzipFile, "gzip"), (b"BZh", bz2.BZ2File, "bzip2"),
-               (b"\xfd7zXZ\x00", lzma.LZMAFile, "xz"))
+_COMPRESSED = ((b"\x1f\x8b", gzip.GzipFile), (b"BZh", bz2.BZ2File), (b"\xfd7zXZ\x00", lzma.LZMAFile))
 
 
 def max_bundle_bytes() -> int:
@@ -150,7 +149,7 @@ def _open(archive: Path, limit: int) -> tuple[tarfile.TarFile, BinaryIO, int]:
         fh.seek(0)
         raw: BinaryIO = fh
         cap = limit + HEADER_ALLOWANCE
-        for prefix, opener, _kind in () if _is_tar_header(head) else _COMPRESSED:  # a member may be called "BZh…"
+        for prefix, opener in () if _is_tar_header(head) else _COMPRESSED:  # a member may be called "BZh…"
             if head.startswith(prefix):
                 raw = opener(fileobj=fh) if opener is gzip.GzipFile else opener(fh)
                 cap = min(cap, MAX_EXPANSION * size + EXPANSION_SLACK)
@@ -238,7 +237,7 @@ def copy_bounded(src: BinaryIO, dst: BinaryIO, size: int, archive: str, member: 
     """Copy exactly ``size`` bytes, counting them: a member that yields more (or less) is refused mid-copy."""
     left = size
     while True:
-        chunk = src.read(min(_CHUNK, left + 1) if left >= 0 else 1)
+        chunk = src.read(min(_CHUNK, left + 1))  # one byte past the declared end shows a member that lies
         if not chunk:
             break
         if len(chunk) > left:

@@ -394,3 +394,11 @@ def test_an_older_revocation_list_put_back_is_refused(tmp_path, team_key):
     assert Bundle.open(signed).verification.signed
     events = [json.loads(line)["event"] for line in store.audit_path.read_text().splitlines()]
     assert events[-1] == "unrevoked"
+
+
+@pytest.mark.parametrize("mode", ["w:gz", "w:bz2", "w:xz"])
+def test_compressed_archives_of_a_real_bundle_are_accepted(tmp_path, mode):
+    archive = tmp_path / f"yolox.{mode[2:]}.bastion"
+    with tarfile.open(archive, mode) as tar:
+        tar.add(zoo_path("yolox_nano"), arcname=".")
+    assert Bundle.open(unpack(archive, tmp_path / "out")).verification.signed
