@@ -11,7 +11,9 @@ resumes from its last ``seq``.
 A node's ``seq`` never goes backwards.  If it does (its event store was emptied,
 replaced or restored from an older copy) the numbers the client already holds
 now name different events, and skipping "duplicates" would silently drop new
-ones; so the client raises ``NodeSeqWentBackwards`` instead.
+ones; so the client raises ``NodeSeqWentBackwards`` instead.  Likewise the
+audit head the node publishes (record count and last hash) only grows: less,
+or another hash at the same count, raises ``NodeAuditWentBackwards``.
 """
 
 from __future__ import annotations
@@ -46,23 +48,33 @@ class NodeSeqWentBackwards(BastionError):
     """The node reports a ``seq`` below one this client already saw from it: its event store went back."""
 
 
-class _SeqGuard:
-    """The highest ``seq`` seen from each node (by node id), and the fingerprints of recently delivered events.
+class NodeAuditWentBackwards(BastionError):
+    """The node reports fewer audit records than this client saw, or another hash for the same record."""
 
-    A heartbeat, status or replay ``last_seq`` below the highest seen, or an event
-    whose seq was delivered before with different content, means the node's store
-    went back; a live event at or below the last delivered seq with the same
-    content is the ordinary replay/live overlap and is skipped.
+
+class _SeqGuard:
+    """What this client saw of each node (by node id): highest ``seq``, audit head, recently delivered events.
+
+    Each report is compared only with earlier reports on the same channel, where
+    order is guaranteed: heartbeats (one PUB stream from one thread) and control
+    answers (one request at a time; they also cover delivered events, which were
+    committed before the client got them).  Across channels a heartbeat computed
+    before an answer can arrive after it, and must not look like a regression.
+    A report below the highest seen, or an event whose seq was delivered before
+    with different content, means the node's store went back; a live event at or
+    below the last delivered seq with the same content is the ordinary
+    replay/live overlap and is skipped.
     """
 
     RECENT = 4096
 
     def __init__(self) -> None:
-        self.high: dict[str, int] = {}
+        self.high: dict[tuple[str, str], int] = {}  # (node, channel) → highest seq
+        self.audit: dict[tuple[str, str], tuple[int, str]] = {}  # (node, channel) → (record count, last hash)
         self.recent: OrderedDict[tuple[str, int], str] = OrderedDict()
 
-    def saw(self, node: str, seq: int, what: str) -> None:
-        high = self.high.get(node, 0)
+    def saw(self, node: str, seq: int, what: str, channel: str = "control") -> None:
+        high = self.high.get((node, channel), 0)
         if seq < high:
             raise NodeSeqWentBackwards(
                 f"node {node}'s seq went backwards: {what} {seq} after this client saw seq {high} — its event "
@@ -70,10 +82,28 @@ class _SeqGuard:
                 "different events than the ones you hold",
                 "stop here; check the node (bastion node status, bastion audit verify) and restore its store, or "
                 f"decide how to treat the events you hold and resume with events(since={seq}) on a new Client")
-        self.high[node] = seq
+        self.high[(node, channel)] = seq
+
+    def saw_audit(self, node: str, count: int | None, head: str | None, channel: str = "control") -> None:
+        """The audit trail only grows: fewer records, or another head at the same count, is a cut or a rewrite."""
+        if count is None or head is None:
+            return  # a node that does not publish its audit head
+        known = self.audit.get((node, channel))
+        if known is not None and (count < known[0] or (count == known[0] and head != known[1])):
+            raise NodeAuditWentBackwards(
+                f"node {node}'s audit log went backwards: it reports {count} records (head {head[:12]}) after this "
+                f"client saw {known[0]} (head {known[1][:12]}) — records were cut off or the log was rewritten",
+                f"prove it on the node: bastion audit verify audit.log --expect-count {known[0]} "
+                f"--expect-head {known[1]}")
+        self.audit[(node, channel)] = (count, head)
+
+    def latest_audit(self, node: str) -> tuple[int, str] | None:
+        seen = [v for (n, _), v in self.audit.items() if n == node]
+        return max(seen) if seen else None
 
     def delivered(self, event: DetectionEvent) -> None:
-        self.high[event.node] = max(self.high.get(event.node, 0), event.seq)  # a heartbeat may be ahead already
+        key = (event.node, "control")  # any later control answer must report at least this seq
+        self.high[key] = max(self.high.get(key, 0), event.seq)
         self.recent[(event.node, event.seq)] = event.model_dump_json()
         while len(self.recent) > self.RECENT:
             self.recent.popitem(last=False)
@@ -156,7 +186,17 @@ class Client:
         status = self.request("status")["status"]
         self._node = status["node"]
         self._seq.saw(status["node"], status["last_seq"], "status last_seq")
+        audit = status.get("audit") or {}
+        self._seq.saw_audit(status["node"], audit.get("count"), audit.get("head"))
         return status
+
+    def audit_head(self, node: str | None = None) -> tuple[int, str] | None:
+        """(record count, last hash) of the node's audit log as last seen in its heartbeats or status.
+
+        Keep it somewhere the node cannot reach: ``bastion audit verify audit.log
+        --expect-count N --expect-head HASH`` later proves the log was not cut short.
+        """
+        return self._seq.latest_audit(node or self._node or "")
 
     def replay(self, since: int = 0, limit: int = 500) -> list[DetectionEvent]:
         answer = self.request("replay", since=since, limit=limit)
@@ -223,9 +263,9 @@ class Client:
         """
         end = time.monotonic() + duration_s if duration_s is not None else None
         status = self.status()
-        if since is not None:  # a bookmark past the node's last seq: seq went back since it was taken
-            self._seq.saw(status["node"], max(since, self._seq.high.get(status["node"], 0)), "bookmark")
-            self._seq.saw(status["node"], status["last_seq"], "status last_seq")
+        if since is not None and since > status["last_seq"]:  # a bookmark from before the node's store went back
+            self._seq.saw(status["node"], since, "bookmark")
+            self._seq.saw(status["node"], status["last_seq"], "status last_seq")  # raises, naming both
         last = status["last_seq"] if since is None else since
         gone_since: float | None = None
         while True:
@@ -248,7 +288,8 @@ class Client:
                     heard = time.monotonic()
                     if topic == HEARTBEAT_TOPIC:
                         beat = Heartbeat.model_validate_json(payload)
-                        self._seq.saw(beat.node, beat.last_seq, "heartbeat last_seq")
+                        self._seq.saw(beat.node, beat.last_seq, "heartbeat last_seq", "heartbeat")
+                        self._seq.saw_audit(beat.node, beat.audit_count, beat.audit_head, "heartbeat")
                         ahead = beat.last_seq
                     else:
                         event = DetectionEvent.model_validate_json(payload)

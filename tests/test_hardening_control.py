@@ -15,7 +15,7 @@ import time
 import pytest
 import zmq
 
-from bastion.edge.client import Client, NodeRequestError, NodeSeqWentBackwards
+from bastion.edge.client import Client, NodeAuditWentBackwards, NodeRequestError, NodeSeqWentBackwards
 from conftest import run_cli
 from test_node import client_for, running_node, take
 
@@ -328,3 +328,30 @@ def test_an_ask_stream_waits_for_a_slow_reader_instead_of_dropping_pieces(tmp_pa
             ctx.term()
     assert final is not None and final["ok"], final
     assert len(pieces) == final["tokens"] > 50  # every piece arrived, none dropped at the high-water mark
+
+
+def test_sdk_detects_an_audit_log_cut_short(tmp_path):
+    client = None
+    try:
+        with running_node(tmp_path) as node:
+            ctx = zmq.Context()
+            for i in range(10):  # ten clients, each refused once: ten records of their own
+                sock = _dealer(ctx, node.server.control_endpoint)
+                assert not _ask(sock, {"op": "reload", "id": i, "bundle": f"/nope/{i}"})["ok"]
+                sock.close()
+            ctx.term()
+            client = client_for(node)
+            client.status()
+            count, head = client.audit_head()
+            assert count >= 12 and len(head) == 64
+        log = tmp_path / "data" / "audit.log"
+        log.write_bytes(b"".join(log.read_bytes().splitlines(keepends=True)[:2]))  # cut at a record boundary
+        with running_node(tmp_path) as again:  # same store, same seq: only the audit trail went back
+            client.control_endpoint, client._events_endpoint = again.server.control_endpoint, None
+            client._dealer.close(linger=0)
+            client._dealer = None
+            with pytest.raises(NodeAuditWentBackwards, match=f"--expect-count {count} --expect-head {head}"):
+                client.status()
+    finally:
+        if client is not None:
+            client.close()
