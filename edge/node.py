@@ -50,6 +50,7 @@ class NodeFailed(BastionError):
     exit_code = 2
 
 
+MAX_REPLAY_BYTES = 4 * 2**20  # one replay answer; the client asks again for the rest ("more": true)
 RELOAD_REFUSED = "reload refused: not a bundle this node can verify and load (the node's audit log says why)"
 
 
@@ -372,8 +373,14 @@ class Node:
             return {"status": self.status_dict()}
         if request.op == "replay":
             events = self.store.since(request.since, request.limit)
-            return {"events": [e.model_dump(mode="json") for e in events], "last_seq": self.store.last_seq(),
-                    "more": len(events) == request.limit}
+            kept, size = [], 0
+            for event in events:  # bounded in bytes too: many detections a frame make MBs of JSON an event
+                size += 160 + 100 * len(event.detections)  # about what one event takes as JSON
+                if kept and size > MAX_REPLAY_BYTES:
+                    break
+                kept.append(event.model_dump(mode="json"))
+            return {"events": kept, "last_seq": self.store.last_seq(),
+                    "more": len(kept) < len(events) or len(events) == request.limit}
         if request.op == "reload":
             if not request.bundle:
                 return {"ok": False, "error": "reload needs 'bundle'"}

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[..., dict]  # handler(request, client_label) -> reply fields
 PEEK_ID_BYTES = 4096  # a rate-limited request this small is parsed for its id; a larger one is not
 STREAM_STALL_S = 10.0  # an ask stream whose reader takes no piece for this long is ended
+ANSWER_STALL_S = 0.5  # a served answer waits this long for room in its client's queue (charged to its budget)
 
 
 class _AllowList:
@@ -56,6 +57,12 @@ class _AllowList:
         if self.refusals.refuse("client_refused", key_id(key), key_id=key_id(key)):
             log.warning("refused CurveZMQ client %s (repeats are counted in the audit log)", key_id(key))
         return False
+
+
+@dataclass
+class _Answer:
+    data: bytes
+    served: bool = False  # an answer to a request that was served (waits for room), not a refusal (dropped)
 
 
 @dataclass
@@ -173,8 +180,14 @@ class NodeServer:
                 return  # socket closed during shutdown
             self.requests += 1
             answer = self._answer(message)
-            if answer is not None:
-                self._send(message.identity, answer)
+            if answer is None:
+                continue
+            if answer.served:  # a served answer waits a moment for a slow reader, on that reader's time
+                started = time.monotonic()
+                self._send_waiting(message.identity, answer.data, ANSWER_STALL_S)
+                self.busy.spend(message.client, time.monotonic() - started)
+            else:  # a refusal is dropped when the client has 8 answers unread
+                self._send(message.identity, answer.data)
 
     def _receive(self) -> _Incoming:
         """One message, frame by frame: past the size or frame limit every further frame is dropped unread.
@@ -202,7 +215,7 @@ class NodeServer:
         """The client as the audit log names it: its key id with CurveZMQ, else its connection."""
         return key_id(client) if self.config.curve_enabled else f"conn-{client.hex()[:16]}"
 
-    def _answer(self, message: _Incoming) -> bytes | None:
+    def _answer(self, message: _Incoming) -> _Answer | None:
         wait = self.limiter.allow(message.client) or self.busy.in_debt(message.client)
         if wait:
             self.rate_limited += 1
@@ -210,30 +223,30 @@ class NodeServer:
             if self.refusals.refuse("client_rate_limited", label):
                 log.warning("control client %s is rate limited (repeats are counted in the audit log)", label)
             peek = message.payload if message.payload is not None and len(message.payload) <= PEEK_ID_BYTES else None
-            return reply(_peek_id(peek), ok=False, error=f"rate limited: more than {self.limiter.rate:g} requests "
-                         f"a second or {BUSY_SHARE:.0%} of the node's control time; retry after {wait:.2f} s",
-                         rate_limited=True, retry_after_s=max(0.001, round(wait, 3)))
+            return _Answer(reply(_peek_id(peek), ok=False, error=f"rate limited: more than {self.limiter.rate:g} "
+                                 f"requests a second or {BUSY_SHARE:.0%} of the node's control time; retry after "
+                                 f"{wait:.2f} s", rate_limited=True, retry_after_s=max(0.001, round(wait, 3))))
         if message.payload is None:
             self.oversized += 1
             self.bad_requests += 1
-            return reply(None, ok=False, error=f"request refused: {message.frames - 1} frames, {message.size} bytes "
-                         f"(at most {MAX_REQUEST_FRAMES - 1} frames and {MAX_REQUEST_BYTES} bytes)")
+            return _Answer(reply(None, ok=False, error=f"request refused: {message.frames - 1} frames, {message.size} "
+                                 f"bytes (at most {MAX_REQUEST_FRAMES - 1} frames and {MAX_REQUEST_BYTES} bytes)"))
         try:
             request = parse_request(message.payload)
         except ProtocolError as exc:
             self.bad_requests += 1
-            return reply(exc.request_id, ok=False, error=str(exc))
+            return _Answer(reply(exc.request_id, ok=False, error=str(exc)))
         started = time.monotonic()
         try:
             result = self.handler(request, self._label(message.client))
             if "stream" in result:  # several replies with the same id, the last one done=true
                 self._stream(message.identity, request.id, result["stream"])
                 return None
-            return reply(request.id, **result)
+            return _Answer(reply(request.id, **result), served=True)
         except Exception as exc:  # a handler bug must not take the node down
             self.bad_requests += 1
             self._log_failure("control handler failed", exc)
-            return reply(request.id, ok=False, error=f"internal error: {type(exc).__name__}: {exc}")
+            return _Answer(reply(request.id, ok=False, error=f"internal error: {type(exc).__name__}: {exc}"))
         finally:
             self.busy.spend(message.client, time.monotonic() - started)
 
@@ -243,9 +256,9 @@ class NodeServer:
         except zmq.ZMQError:
             pass  # the peer went away, or has 8 answers it has not read: this one is dropped
 
-    def _send_waiting(self, identity: bytes, answer: bytes) -> bool:
-        """Send one piece of a stream, waiting (up to STREAM_STALL_S) while the reader's queue is full."""
-        deadline = time.monotonic() + STREAM_STALL_S
+    def _send_waiting(self, identity: bytes, answer: bytes, stall_s: float = STREAM_STALL_S) -> bool:
+        """Send one message, waiting (up to ``stall_s``) while the reader's queue is full."""
+        deadline = time.monotonic() + stall_s
         while True:
             try:
                 self.control.send_multipart([identity, answer], zmq.NOBLOCK)

@@ -292,7 +292,7 @@ def test_one_client_cannot_hold_the_control_thread_with_expensive_requests(tmp_p
             for i in range(40):  # well within the request burst: only the time budget can stop it
                 greedy.send(json.dumps({"op": "replay", "id": i, "since": 0, "limit": 500}).encode())
             answers = []
-            while len(answers) < 40 and greedy.poll(20_000):
+            while len(answers) < 40 and greedy.poll(5_000):  # refusals beyond 8 unread may be dropped
                 answers.append(json.loads(greedy.recv()))
                 if len(answers) % 10 == 0:
                     assert other.status()["node"] == "test-node"  # its own budget, fair-queued
@@ -301,7 +301,7 @@ def test_one_client_cannot_hold_the_control_thread_with_expensive_requests(tmp_p
             ctx.term()
     served = [a for a in answers if a.get("ok")]
     limited = [a for a in answers if a.get("rate_limited")]
-    assert len(answers) == 40 and limited and served, (len(answers), len(limited))
+    assert limited and 0 < len(served) < 40, (len(served), len(limited))
     assert "control time" in limited[0]["error"]
 
 
@@ -355,3 +355,30 @@ def test_sdk_detects_an_audit_log_cut_short(tmp_path):
     finally:
         if client is not None:
             client.close()
+
+
+def test_a_replay_answer_is_bounded_in_size_and_the_sdk_still_gets_every_event(tmp_path):
+    from bastion.edge.protocol import DetectionEvent, DetectionItem
+    from bastion.edge.store import EventStore
+
+    (tmp_path / "data").mkdir()
+    store = EventStore(tmp_path / "data" / "events.db")
+    boxes = [DetectionItem(cls=0, name="person", conf=0.5, box=[1.0, 2.0, 3.0, 4.0]) for _ in range(300)]
+    for i in range(400):  # 120,000 detections: ~10 MB as one answer
+        store.append(DetectionEvent(seq=0, node="test-node", source="cam1", ts=1.0, frame=i, model="m",
+                                    detections=boxes))
+    store.close()
+    quiet = [{"name": "cam1", "uri": os.fspath(tmp_path / "none.mp4")}]
+    with running_node(tmp_path, sources=quiet) as node, client_for(node) as client:
+        ctx = zmq.Context()
+        sock = _dealer(ctx, node.server.control_endpoint)
+        try:
+            sock.send(json.dumps({"op": "replay", "id": 1, "since": 0, "limit": 400}).encode())
+            assert sock.poll(20_000)
+            raw = sock.recv()
+        finally:
+            sock.close()
+            ctx.term()
+        answer = json.loads(raw)
+        assert len(raw) < 5 * 2**20 and answer["more"] and 0 < len(answer["events"]) < 400
+        assert [e.seq for e in client._replay_all(0)] == list(range(1, 401))  # in pieces, nothing lost
