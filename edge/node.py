@@ -93,6 +93,9 @@ class Node:
         self._maintenance = self.supervisor.spawn("node-maintenance", self._maintain, running)
         for thread in self.server.threads:
             self.supervisor.watch(thread.name, thread, running)
+        auth = self.server.auth  # CurveZMQ's ZAP handler: without it no client gets in
+        if auth is not None and auth.thread is not None:
+            self.supervisor.watch("node-zap", auth.thread, running)
         for reader in self.readers:  # a file source that reached its end stops normally
             self.supervisor.watch(reader.name, reader, lambda r=reader: running() and r.stats.state != "finished")
 
