@@ -58,10 +58,16 @@ class SourceStats:
         if len(self._window) >= 2 and self._window[-1] > self._window[0]:
             self.fps = (len(self._window) - 1) / (self._window[-1] - self._window[0])
 
+    def current_fps(self, now: float) -> float:
+        """The inference rate, 0 once nothing was inferred for a while: a stalled loop must not show its last rate."""
+        if not self._window or now - self._window[-1] > max(2.0, 2.0 / self.fps if self.fps else 2.0):
+            return 0.0
+        return self.fps
+
     def as_dict(self, queue_depth: int) -> dict:
         return {"read": self.read, "dropped": self.dropped, "inferred": self.inferred, "errors": self.errors,
                 "reconnects": self.reconnects, "state": self.state, "last_error": self.last_error,
-                "fps": round(self.fps, 2), "queue": queue_depth}
+                "fps": round(self.current_fps(time.time()), 2), "queue": queue_depth}
 
 
 class DropOldestQueue:

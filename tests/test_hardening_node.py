@@ -254,6 +254,9 @@ def test_watchdog_pings_only_while_the_inference_loop_is_alive(tmp_path, monkeyp
         node.detector.detect_prepared = stuck
         drain(1.0)  # the loop is now stuck inside a batch; pings sent before it went stale are read and dropped
         assert b"WATCHDOG=1" not in drain(1.5), "the watchdog must not vouch for a stuck inference loop"
+        status = node.status_dict()
+        assert status["sources"]["cam1"]["fps"] == 0  # not the rate from before it got stuck
+        assert status["threads"]["node-infer"]["last_turn_s"] > 2
         hang.set()
         assert b"WATCHDOG=1" in drain(2.0)
     listener.close()
@@ -283,6 +286,8 @@ def test_heartbeat_and_status_publish_the_audit_head(tmp_path):
         for count, head in ((beat["audit_count"], beat["audit_head"]), (audit["count"], audit["head"])):
             assert json.loads(lines[count - 1])["hash"] == head
         assert audit["key_id"]
+        proc = run_cli("node", "status", "--storage", str(tmp_path / "data"))
+        assert proc.returncode == 0 and "running" in proc.stdout and "audit log:" in proc.stdout, proc.stderr
 
 
 def test_signed_checkpoints_catch_forged_append_rewrite_and_truncation(tmp_path):
