@@ -155,7 +155,11 @@ class Node:
         self._worker.start()
         self._maintenance.start()
         self.audit.checkpoint()
-        self._write_runtime_file()
+        try:
+            self._write_runtime_file()
+        except OSError as exc:  # a full or read-only disk at start: one line, exit 1 (run() closes what started)
+            raise StorageError(f"cannot write {self.storage / RUNTIME_FILE}: {exc.strerror or exc}",
+                               "free disk space in the storage dir") from None
         sd_notify("READY=1")
         log.info("node ready", extra={"node": self.config.id, "events": self.server.events_endpoint,
                                       "control": self.server.control_endpoint})
@@ -164,8 +168,8 @@ class Node:
         """Start, then block until SIGTERM/SIGINT (or ``stop()``), then shut down cleanly."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop_event.set())
-        self.start()
         try:
+            self.start()  # inside: a start that fails half-way still closes what it started
             while not self.stop_event.wait(0.5):
                 self.supervisor.check()  # also watches the maintenance thread, which watches the rest
         finally:
@@ -182,7 +186,8 @@ class Node:
         self.stop_event.set()
         self.wake.set()
         for reader in self.readers:
-            reader.join(timeout=5)
+            if reader.ident is not None:
+                reader.join(timeout=5)
         if self._worker.is_alive():
             self._worker.join(timeout=30)  # drains what the readers queued
         self.server.close()
@@ -194,7 +199,10 @@ class Node:
         self.audit.checkpoint()  # a clean stop anchors the head
         if self.audit.pending:
             log.error("%d audit record(s) could not be written before exit: %s", self.audit.pending, self.audit.error)
-        (self.storage / RUNTIME_FILE).unlink(missing_ok=True)
+        try:
+            (self.storage / RUNTIME_FILE).unlink(missing_ok=True)
+        except OSError as exc:  # closing must finish, and must not hide why the node stopped
+            log.warning("cannot remove %s: %s", self.storage / RUNTIME_FILE, exc)
 
     def _thread_died(self, name: str, error: str) -> None:
         """A worker ended while it should run: say so everywhere, then stop (the exit code tells systemd)."""

@@ -407,3 +407,11 @@ def test_relative_paths_in_the_config_resolve_from_its_directory(tmp_path, monke
     assert cfg.storage.snapshot_key == etc / "keys" / "snap.key"
     assert cfg.storage.dir == etc / "data"
     assert cfg.sources[0].uri == str(etc / "video.mp4")
+
+
+def test_unwritable_runtime_file_at_start_exits_1_in_one_line(tmp_path):
+    data = tmp_path / "data"
+    (data / "node.json").mkdir(parents=True)  # something in the way of node.json, as a full disk would be
+    proc = run_cli("node", "run", "--config", str(node_config(tmp_path, data)), timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "node.json" in proc.stderr and "internal error" not in proc.stderr and "Traceback" not in proc.stderr
