@@ -81,10 +81,10 @@ class Storage(_Strict):
 class NodeConfig(_Strict):
     id: str = Field("node-1", pattern=r"^[A-Za-z0-9_.-]+$")
     model: str = "yolov5n"
-    imgsz: int | None = Field(None, ge=32)
+    imgsz: int | None = Field(None, ge=32, le=8192)
     conf: float = Field(0.25, ge=0, le=1)
     iou: float = Field(0.45, ge=0, le=1)
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, le=1024)
     device: Literal["auto", "cpu", "cuda", "tensorrt", "trt"] = "auto"  # trt: native TensorRT (engine cache)
     queue_size: int = Field(4, ge=1, le=256)
     max_batch: int = Field(4, ge=1, le=64)
@@ -95,7 +95,7 @@ class NodeConfig(_Strict):
     storage: Storage = Storage()
     lm: str | None = None  # a task: lm bundle for the ask op (verified like the detector)
     lm_max_new_tokens: int = Field(256, ge=1, le=2048)
-    lm_max_prompt_chars: int = Field(4000, ge=1)
+    lm_max_prompt_chars: int = Field(4000, ge=1, le=8192)  # a request carries at most 8192
     # Every interval is bounded: .inf would kill the thread that waits on it, a microsecond would spin a core.
     heartbeat_s: float = Field(1.0, ge=0.05, le=3600)
     health_log_s: float = Field(30.0, ge=1, le=86400)

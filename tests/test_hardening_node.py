@@ -415,3 +415,9 @@ def test_unwritable_runtime_file_at_start_exits_1_in_one_line(tmp_path):
     proc = run_cli("node", "run", "--config", str(node_config(tmp_path, data)), timeout=120)
     assert proc.returncode == 1, proc.stderr
     assert "node.json" in proc.stderr and "internal error" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("field,value", [("imgsz", 100_000), ("threads", 100_000), ("lm_max_prompt_chars", 10**9)])
+def test_sizes_are_bounded_in_the_schema(tmp_path, field, value):
+    with pytest.raises(ConfigError, match=field):
+        load_config(node_config(tmp_path, tmp_path / "data", **{field: value}))
