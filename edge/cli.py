@@ -76,6 +76,10 @@ def node_init(out_path: Path = typer.Option(Path("node.yaml"), "--out", help="Wh
 def node_run(
     config: Path = typer.Option(..., "--config", "-c", help="Node YAML (bastion node init writes one)."),
     log_level: str = typer.Option("INFO", help="Log level for the daemon."),
+    accept_seq_gap: bool = typer.Option(
+        False, "--accept-seq-gap",
+        help="Once, after events.db was lost or restored from an older copy: start anyway and continue seq above "
+             "its high-water mark (audited). Never put it in a unit file."),
 ) -> None:
     """Run the field node until SIGTERM/SIGINT (systemd-ready: sd_notify READY/WATCHDOG).
 
@@ -87,7 +91,7 @@ def node_run(
     from bastion.edge.node import Node
 
     logging.getLogger("bastion").setLevel(log_level.upper())
-    node = Node(load_config(config))
+    node = Node(load_config(config), accept_seq_gap=accept_seq_gap)
     err.print(f"node {node.config.id} serving events on {node.server.events_endpoint}, control on "
               f"{node.server.control_endpoint}")
     node.run()

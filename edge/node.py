@@ -29,6 +29,7 @@ from bastion.edge.limits import clip
 from bastion.edge.protocol import ControlRequest, DetectionEvent, DetectionItem
 from bastion.edge.server import NodeServer
 from bastion.edge.sources import NodeFrame, SourceReader
+from bastion.edge.seqmark import SeqMark
 from bastion.edge.store import EventStore, StorageError
 from bastion.edge.supervisor import Supervisor
 from bastion.edge.systemd_notify import sd_notify, watchdog_interval_s
@@ -55,7 +56,7 @@ RELOAD_REFUSED = "reload refused: not a bundle this node can verify and load (th
 
 
 class Node:
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, accept_seq_gap: bool = False) -> None:
         self.config = config
         self.storage = Path(config.storage.dir)
         try:
@@ -79,7 +80,8 @@ class Node:
                           pid=os.getpid())
         self.detector = self._load_detector(config.model)
         self.generator = self._load_lm(config.lm) if config.lm else None
-        self.store = EventStore(self.storage / "events.db")
+        self.store = EventStore(self.storage / "events.db", mark=SeqMark(self.storage, self.audit),
+                                accept_seq_gap=accept_seq_gap, audit=self.audit)  # refuses a store behind its mark
         self.vault = None
         if config.storage.snapshots:
             from bastion.edge.snapshots import SnapshotVault, load_key
@@ -329,7 +331,8 @@ class Node:
     def state(self) -> str:
         if self.failure:
             return "failed"
-        return "degraded" if self.storage_error or self.audit.error or self.audit.pending else "running"
+        storage = self.storage_error or self.store.error
+        return "degraded" if storage or self.audit.error or self.audit.pending else "running"
 
     def status_dict(self) -> dict[str, Any]:
         det = self.detector
@@ -340,7 +343,8 @@ class Node:
             "model": {"name": det.manifest.name, "version": det.manifest.version, "sha256": det.bundle_sha256,
                       "signer": det.verified_by},
             "sources": {r.cfg.name: r.stats.as_dict(len(r.queue)) for r in self.readers},
-            "last_seq": self.store.last_seq(), "published": self.published, "storage_error": self.storage_error,
+            "last_seq": self.store.last_seq(), "published": self.published,
+            "storage_error": self.storage_error or self.store.error, "store": self.store.health(),
             "endpoints": {"events": self.server.events_endpoint, "control": self.server.control_endpoint},
             "threads": self.supervisor.as_dict(),
             "audit": {"count": count, "head": head, "key_id": self.audit.key_id, "pending": self.audit.pending,
@@ -383,7 +387,10 @@ class Node:
         if request.op == "status":
             return {"status": self.status_dict()}
         if request.op == "replay":
-            events = self.store.since(request.since, request.limit)
+            try:
+                events = self.store.since(request.since, request.limit)
+            except StorageError as exc:  # a damaged store: one clear line, never an internal error
+                return {"ok": False, "error": str(exc)}
             kept, size = [], 0
             for event in events:  # bounded in bytes too: many detections a frame make MBs of JSON an event
                 size += 160 + 100 * len(event.detections)  # about what one event takes as JSON

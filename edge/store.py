@@ -2,6 +2,17 @@
 
 An event a subscriber ever saw is on disk first, so ``replay`` after a crash
 (even ``kill -9``) returns everything that was published, with no gaps.
+
+Two guards sit around SQLite:
+
+* ``seq`` never goes backwards: with a ``SeqMark`` (edge/seqmark.py) the store
+  reserves numbers durably outside the database before handing them out, and
+  refuses to open behind the mark (lost WAL, emptied or older ``events.db``).
+* A damaged file is named, not discovered by a client: ``PRAGMA quick_check``
+  runs at open (a damaged store refuses to open, in one line), and any
+  corruption met later puts the store into a sticky error state — nothing more
+  is written into the damaged file, ``replay`` answers one clear line, and
+  ``last_seq`` keeps answering from memory so heartbeats and ``status`` go on.
 """
 
 from __future__ import annotations
@@ -11,9 +22,14 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from bastion.errors import BastionError
 from bastion.edge.protocol import DetectionEvent
+
+if TYPE_CHECKING:
+    from bastion.edge.audit import AuditLog
+    from bastion.edge.seqmark import SeqMark
 
 log = logging.getLogger(__name__)
 
@@ -26,15 +42,36 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
 """
+# SQLite result codes that mean "the file is damaged", as opposed to full, locked or read-only.
+DAMAGE_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB (named in the sqlite3 module only from Python 3.11)
+RECOVER_HINT = ("stop the node and restore events.db from a backup, or move it aside (keep it for forensics) and "
+                "start once with `bastion node run --accept-seq-gap`")
 
 
 class StorageError(BastionError):
     """The event store cannot write (disk full, read-only, damaged): nothing is published unstored."""
 
 
+def is_damage(exc: BaseException) -> bool:
+    """True for corruption (SQLITE_CORRUPT/NOTADB, or an undecodable row), False for a full disk or a lock."""
+    if isinstance(exc, ValueError):  # a row SQLite returned but that is not an event
+        return True
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in DAMAGE_CODES
+    return type(exc) is sqlite3.DatabaseError or any(w in str(exc) for w in ("malformed", "not a database"))
+
+
 class EventStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, mark: "SeqMark | None" = None, accept_seq_gap: bool = False,
+                 audit: "AuditLog | None" = None) -> None:
         self.path = Path(path)
+        self.mark = mark
+        self.audit = audit
+        self.error: str | None = None  # set once the file is known damaged; never cleared while open
+        self.quick_check_s: float | None = None
+        self._lock = threading.Lock()
+        self._next = 1
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
@@ -44,64 +81,179 @@ class EventStore:
         except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"cannot open the event store {self.path}: {exc}",
                                "check that the storage directory exists, is writable and has free space") from None
-        self._lock = threading.Lock()
-        self._next = self.last_seq() + 1  # this process is the only writer (one node per store)
+        self._quick_check()
+        last = self.last_seq()
+        if self.error is not None:  # damage quick_check did not see, met while reading the last seq
+            self._db.close()
+            raise StorageError(self.error, RECOVER_HINT)
+        try:
+            self._next = mark.resume(last, accept_seq_gap) if mark is not None else last + 1
+        except OSError as exc:
+            self._db.close()
+            raise StorageError(f"cannot write the seq high-water mark beside {self.path}: {exc.strerror or exc}",
+                               "free disk space or fix permissions of the storage directory") from None
+        except BaseException:
+            self._db.close()
+            raise
+        if self._next - 1 > last:  # an accepted or skipped gap: the store itself remembers where seq is
+            self._raise_sequence(self._next - 1)
 
+    def _raise_sequence(self, seq: int) -> None:
+        """Set AUTOINCREMENT's counter, so the store's own ``last_seq`` agrees with the mark from now on."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            if self._db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'events' AND seq < ?",
+                                (seq, seq)).rowcount == 0 and not self._db.execute(
+                    "SELECT 1 FROM sqlite_sequence WHERE name = 'events'").fetchone():
+                self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('events', ?)", (seq,))
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            self._db.close()
+            raise StorageError(f"cannot record the new seq start in {self.path}: {exc}",
+                               "free disk space or fix permissions of the storage directory") from None
+
+    def _quick_check(self) -> None:
+        """Read every page once, so a damaged file is refused at start instead of met by the first ``replay``."""
+        t0 = time.perf_counter()
+        try:
+            rows = [r[0] for r in self._db.execute("PRAGMA quick_check(5)").fetchall()]
+        except sqlite3.DatabaseError as exc:
+            rows = [str(exc)]
+        self.quick_check_s = round(time.perf_counter() - t0, 4)
+        log.info("event store quick_check %s in %.3f s", "ok" if rows == ["ok"] else "FAILED", self.quick_check_s,
+                 extra={"path": str(self.path), "quick_check_s": self.quick_check_s})
+        if rows != ["ok"]:
+            problem = "; ".join(str(r) for r in rows[:2])
+            self._db.close()
+            self._audit_damage(problem)
+            raise StorageError(f"the event store {self.path} is damaged (quick_check: {problem})", RECOVER_HINT)
+
+    # -- the error state -------------------------------------------------------------------------------
+    def _failed(self, exc: BaseException, doing: str) -> StorageError:
+        """The StorageError for ``exc``; corruption switches the store into its error state first."""
+        if is_damage(exc):
+            if self.error is None:
+                self.error = f"the event store {self.path} is damaged ({exc}); publishing and replay are stopped"
+                log.error("%s — %s", self.error, RECOVER_HINT)
+                self._audit_damage(str(exc))
+            return StorageError(self.error, RECOVER_HINT)
+        return StorageError(f"cannot {doing} {self.path}: {exc}",
+                            "free disk space or fix permissions; publishing is paused")
+
+    def _audit_damage(self, reason: str) -> None:
+        if self.audit is not None:
+            try:
+                self.audit.append("storage_damaged", path=str(self.path), reason=reason)
+            except OSError as exc:
+                log.error("cannot audit the damaged event store: %s", exc)
+
+    def _check_usable(self) -> None:
+        if self.error is not None:
+            raise StorageError(self.error, RECOVER_HINT)
+
+    def health(self) -> dict[str, Any]:
+        """For ``status``: the start-up check's time, the error state, the seq reservation."""
+        info: dict[str, Any] = {"quick_check_s": self.quick_check_s, "error": self.error}
+        if self.mark is not None:
+            info.update(self.mark.as_dict())
+        return info
+
+    # -- events ------------------------------------------------------------------------------------------
     def append(self, event: DetectionEvent) -> DetectionEvent:
         """Assign the next ``seq``, commit, and return the stored event (seq filled in)."""
         with self._lock:
+            self._check_usable()
+            if self.mark is not None:
+                try:
+                    self.mark.ensure(self._next)  # durably reserved before it can be handed out
+                except OSError as exc:
+                    raise StorageError(f"cannot reserve seq numbers beside {self.path}: {exc}",
+                                       "free disk space or fix permissions; publishing is paused") from None
             try:
                 stored = event.model_copy(update={"seq": self._next})
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.execute("INSERT INTO events (seq, ts, source, payload) VALUES (?, ?, ?, ?)",
                                  (stored.seq, stored.ts, stored.source, stored.model_dump_json()))
                 self._db.execute("COMMIT")
-                self._next += 1
-                return stored
             except sqlite3.Error as exc:
                 try:
                     self._db.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
-                raise StorageError(f"cannot store events in {self.path}: {exc}",
-                                   "free disk space or fix permissions; publishing is paused") from None
+                raise self._failed(exc, "store events in") from None
+            self._next += 1
+            if self.mark is not None:
+                self.mark.committed(stored.seq)
+            return stored
 
     def since(self, seq: int, limit: int = 500) -> list[DetectionEvent]:
         with self._lock:
-            rows = self._db.execute("SELECT payload FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
-                                    (seq, limit)).fetchall()
-        return [DetectionEvent.model_validate_json(r[0]) for r in rows]
+            self._check_usable()
+            try:
+                rows = self._db.execute("SELECT payload FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                                        (seq, limit)).fetchall()
+                return [DetectionEvent.model_validate_json(r[0]) for r in rows]
+            except (sqlite3.Error, ValueError) as exc:
+                raise self._failed(exc, "read events from") from None
 
     def last_seq(self) -> int:
-        """The highest seq ever assigned (AUTOINCREMENT keeps it even after retention deletes rows)."""
+        """The highest seq ever assigned. Never raises: heartbeats and ``status`` call it from other threads.
+
+        AUTOINCREMENT's ``sqlite_sequence`` keeps the highest seq even after retention deletes rows;
+        MAX(seq) covers a tampered ``sqlite_sequence``; ``_next - 1`` covers a seq mark above both and
+        a store in its error state.
+        """
         with self._lock:
-            row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
-        return int(row[0]) if row else 0
+            if self.error is None:
+                try:
+                    row = self._db.execute("SELECT MAX(s) FROM (SELECT seq AS s FROM sqlite_sequence WHERE name = "
+                                           "'events' UNION ALL SELECT MAX(seq) FROM events)").fetchone()
+                    return max(int(row[0] or 0), self._next - 1)
+                except sqlite3.Error as exc:
+                    self._failed(exc, "read")
+            return self._next - 1
 
     def first_seq(self) -> int | None:
         with self._lock:
-            row = self._db.execute("SELECT MIN(seq) FROM events").fetchone()
+            self._check_usable()
+            try:
+                row = self._db.execute("SELECT MIN(seq) FROM events").fetchone()
+            except sqlite3.Error as exc:
+                raise self._failed(exc, "read") from None
         return int(row[0]) if row and row[0] is not None else None
 
     def count(self) -> int:
         with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+            self._check_usable()
+            try:
+                return int(self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+            except sqlite3.Error as exc:
+                raise self._failed(exc, "read") from None
 
     def enforce_retention(self, days: float | None, max_mb: float | None) -> int:
         """Delete events older than ``days`` and, oldest first, beyond ``max_mb``. Returns rows deleted."""
         deleted = 0
         with self._lock:
-            if days is not None:
-                deleted += self._db.execute("DELETE FROM events WHERE ts < ?", (time.time() - days * 86400,)).rowcount
-            if max_mb is not None:
-                while self._size_mb() > max_mb:
-                    n = self._db.execute("DELETE FROM events WHERE seq IN (SELECT seq FROM events ORDER BY seq "
-                                         "LIMIT 1000)").rowcount
-                    deleted += n
-                    self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                    self._db.execute("VACUUM")
-                    if n == 0:
-                        break
+            self._check_usable()  # nothing is written into a damaged file
+            try:
+                if days is not None:
+                    deleted += self._db.execute("DELETE FROM events WHERE ts < ?",
+                                                (time.time() - days * 86400,)).rowcount
+                if max_mb is not None:
+                    while self._size_mb() > max_mb:
+                        n = self._db.execute("DELETE FROM events WHERE seq IN (SELECT seq FROM events ORDER BY seq "
+                                             "LIMIT 1000)").rowcount
+                        deleted += n
+                        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                        self._db.execute("VACUUM")
+                        if n == 0:
+                            break
+            except sqlite3.Error as exc:
+                raise self._failed(exc, "apply retention to") from None
         if deleted:
             log.info("retention removed events", extra={"deleted": deleted})
         return deleted
@@ -114,3 +266,8 @@ class EventStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self.mark is not None:
+                try:
+                    self.mark.close(self._next - 1)
+                except OSError as exc:  # the reservation and seq.live still bound seq; the next start copes
+                    log.warning("cannot record the clean stop's seq mark: %s", exc)

@@ -1,0 +1,314 @@
+"""Issue #15 items 4 and 5: seq never goes backwards, and a damaged event store is named, never an internal error.
+
+Real files throughout: a real node subprocess killed with ``kill -9`` and its WAL
+deleted, a real events.db emptied or swapped for an older copy, and a real
+SQLite b-tree page overwritten with garbage.
+"""
+
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import sqlite3
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bastion.edge.audit import verify_audit_log
+from bastion.edge.client import Client, NodeRequestError
+from bastion.edge.config import load_config
+from bastion.edge.node import RUNTIME_FILE, Node
+from bastion.edge.protocol import DetectionEvent, DetectionItem
+from bastion.edge.store import EventStore
+from bastion.errors import BastionError
+from conftest import REPO, run_cli
+from test_node import VIDEO, take, write_config
+
+QUIET = [{"name": "cam1", "uri": str(VIDEO), "loop": True, "fps": 40, "roi": [0.0, 0.0, 0.01, 0.01]}]
+
+
+def audit_kinds(data):
+    return [json.loads(x)["kind"] for x in (data / "audit.log").read_text().splitlines()]
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+@contextlib.contextmanager
+def node_from(config, **kw):
+    node = Node(load_config(config), **kw)
+    node.start()
+    try:
+        yield node
+    finally:
+        node.close()
+
+
+def assert_refused(config, match, **kw):
+    """Node() must raise; a node that starts anyway is closed, so a failing test fails instead of hanging."""
+    try:
+        node = Node(load_config(config), **kw)
+    except BastionError as exc:
+        assert re.search(match, str(exc)), str(exc)
+        return
+    node.start()
+    node.close()
+    pytest.fail("the node started on an event store behind its seq high-water mark")
+
+
+def seqs_from(node, n, since=0):
+    with Client(node.server.control_endpoint, timeout_s=3) as client:
+        return [e.seq for e in take(client.events(since=since), n)]
+
+
+# -- item 4: the high-water mark ----------------------------------------------------------------------------
+
+
+def _start_process(config, data, *extra):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+    cmd = [sys.executable, "-c", "import egress_guard; egress_guard.install(); from bastion.cli import run; run()",
+           "node", "run", "--config", str(config), *extra]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    runtime = data / RUNTIME_FILE
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if runtime.is_file() and json.loads(runtime.read_text())["pid"] == proc.pid:
+            return proc, json.loads(runtime.read_text())
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(proc.stderr.read())
+
+
+def test_wal_lost_after_kill_9_refuses_to_start_and_accept_gap_continues_above_the_mark(tmp_path):
+    config, data = write_config(tmp_path), tmp_path / "data"
+    proc, info = _start_process(config, data)
+    try:
+        with Client(info["control"], timeout_s=3) as client:
+            seen = [e.seq for e in take(client.events(since=0), 12)]
+    finally:
+        proc.kill()  # SIGKILL: no clean stop, the committed events live only in the WAL
+        proc.wait()
+    assert seen == list(range(1, 13))
+    assert (data / "events.db-wal").is_file()
+    for name in ("events.db-wal", "events.db-shm"):
+        (data / name).unlink()
+
+    refused = run_cli("node", "run", "--config", str(config), timeout=60)
+    assert refused.returncode == 1, refused.stderr
+    lines = error_lines(refused.stderr)
+    assert len(lines) == 1 and "Traceback" not in refused.stderr
+    assert "seq" in lines[0] and "--accept-seq-gap" in lines[0]
+    assert "seq_regression_refused" in audit_kinds(data)
+
+    proc, info = _start_process(config, data, "--accept-seq-gap")
+    try:
+        with Client(info["control"], timeout_s=3) as client:
+            after = [e.seq for e in take(client.events(since=0), 3)]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert after and min(after) > max(seen)  # numbering continued above everything ever handed out
+    assert "seq_gap_accepted" in audit_kinds(data)
+    assert verify_audit_log(data / "audit.log").ok
+
+
+def test_emptied_events_db_refuses_to_start(tmp_path):
+    config, data = write_config(tmp_path), tmp_path / "data"
+    with node_from(config) as node:
+        seen = seqs_from(node, 4)
+    assert seen == [1, 2, 3, 4]
+    (data / "events.db").write_bytes(b"")
+    for name in ("events.db-wal", "events.db-shm"):
+        (data / name).unlink(missing_ok=True)
+    assert_refused(config, r"seq.*--accept-seq-gap")
+
+
+def test_older_copy_of_events_db_refuses_even_without_the_mark_file_and_gap_is_accepted_audited(tmp_path):
+    config, data = write_config(tmp_path), tmp_path / "data"
+    with node_from(config) as node:
+        seqs_from(node, 3)
+    assert not (data / "events.db-wal").exists()  # a clean stop leaves one self-contained file
+    shutil.copy(data / "events.db", tmp_path / "old.db")
+    with node_from(config) as node:
+        seqs_from(node, 3, since=node.store.last_seq())
+        high = node.store.last_seq()
+    shutil.copy(tmp_path / "old.db", data / "events.db")
+    assert_refused(config, "already published")
+    for name in ("seq.json", "seq.live"):  # the audit log still remembers the high-water mark
+        (data / name).unlink()
+    assert_refused(config, "already published")
+    with node_from(config, accept_seq_gap=True) as node:
+        after = seqs_from(node, 2, since=EventStore(data / "events.db").last_seq())
+        assert min(after) > high
+    kinds = audit_kinds(data)
+    assert kinds.count("seq_regression_refused") == 2 and "seq_gap_accepted" in kinds
+    assert verify_audit_log(data / "audit.log").ok
+    with node_from(config) as node:  # the accepted gap is a one-off: the next start is an ordinary one
+        assert node.store.last_seq() >= max(after)
+
+
+def _event():
+    return DetectionEvent(seq=0, node="n", source="cam1", ts=time.time(), frame=0, model="0" * 64,
+                          detections=[DetectionItem(cls=0, name="person", conf=0.9, box=[1, 2, 3, 4])])
+
+
+def test_seq_is_reserved_ahead_in_blocks_not_fsynced_per_event(tmp_path, monkeypatch):
+    from bastion.edge import seqmark
+    from bastion.edge.audit import AuditLog
+
+    writes = []
+    real = seqmark.atomic_write_bytes
+    monkeypatch.setattr(seqmark, "atomic_write_bytes", lambda p, b, *a: (writes.append(json.loads(b)), real(p, b, *a)))
+    audit = AuditLog(tmp_path / "audit.log")
+    mark = seqmark.SeqMark(tmp_path, audit, block=10)
+    store = EventStore(tmp_path / "events.db", mark=mark)
+    assert [store.append(_event()).seq for _ in range(25)] == list(range(1, 26))
+    assert [w["reserved_through"] for w in writes] == [10, 20, 30]  # start, then one durable write per block
+    assert json.loads((tmp_path / "seq.json").read_text())["reserved_through"] == 30
+    store.close()
+    final = json.loads((tmp_path / "seq.json").read_text())
+    assert final["clean"] and final["last"] == 25
+    marks = [json.loads(x)["fields"] for x in (tmp_path / "audit.log").read_text().splitlines()]
+    assert [m["event"] for m in marks] == ["start", "reserve", "reserve", "stop"]
+
+
+def test_unclean_stop_in_the_same_boot_continues_and_across_a_reboot_skips_past_the_reservation(tmp_path):
+    from bastion.edge.audit import AuditLog
+    from bastion.edge.seqmark import SeqMark
+
+    audit = AuditLog(tmp_path / "audit.log")
+
+    def crash(store):  # the process dies: no stop mark is written
+        store._db.close()
+
+    store = EventStore(tmp_path / "events.db", mark=SeqMark(tmp_path, audit, block=10))
+    for _ in range(4):
+        store.append(_event())
+    crash(store)
+    store = EventStore(tmp_path / "events.db", mark=SeqMark(tmp_path, audit, block=10))
+    assert store.append(_event()).seq == 5  # same boot: the page cache kept everything, no gap
+    crash(store)
+    state = json.loads((tmp_path / "seq.json").read_text())
+    state["boot"] = "another-boot"  # as after a power cut: the last WAL commits may be gone
+    (tmp_path / "seq.json").write_text(json.dumps(state))
+    store = EventStore(tmp_path / "events.db", mark=SeqMark(tmp_path, audit, block=10))
+    assert store.append(_event()).seq == state["reserved_through"] + 1
+    store.close()
+    assert "seq_skipped" in [json.loads(x)["kind"] for x in (tmp_path / "audit.log").read_text().splitlines()]
+
+
+# -- item 5: a damaged store ----------------------------------------------------------------------------------
+
+
+def _fill(path, n):
+    store = EventStore(path)
+    items = [DetectionItem(cls=i, name=f"class-{i}", conf=0.5, box=[1.0, 2.0, 3.0, 4.0]) for i in range(6)]
+    for i in range(n):
+        store.append(DetectionEvent(seq=0, node="n", source="cam1", ts=time.time(), frame=i, model="0" * 64,
+                                    detections=items))
+    store.close()
+    assert not path.with_name(path.name + "-wal").exists()
+
+
+def _table_pages(path):
+    """(interior pages, leaf pages in key order) of the events table b-tree, read from the file itself."""
+    con = sqlite3.connect(path)
+    size = con.execute("PRAGMA page_size").fetchone()[0]
+    root = con.execute("SELECT rootpage FROM sqlite_master WHERE name = 'events'").fetchone()[0]
+    con.close()
+    data = path.read_bytes()
+    interior, leaves = [], []
+
+    def walk(n):
+        page = data[(n - 1) * size: n * size]
+        head = 100 if n == 1 else 0
+        if page[head] == 0x0D:
+            leaves.append(n)
+            return
+        assert page[head] == 0x05
+        interior.append(n)
+        cells = struct.unpack(">H", page[head + 3: head + 5])[0]
+        pointers = [struct.unpack(">H", page[head + 12 + 2 * i: head + 14 + 2 * i])[0] for i in range(cells)]
+        for child in [struct.unpack(">I", page[p: p + 4])[0] for p in pointers]:
+            walk(child)
+        walk(struct.unpack(">I", page[head + 8: head + 12])[0])
+
+    walk(root)
+    return size, root, interior, leaves
+
+
+def _garble(path, size, pages):
+    rng = random.Random(15)
+    with open(path, "r+b") as fh:
+        for n in pages:
+            fh.seek((n - 1) * size)
+            fh.write(bytes(rng.getrandbits(8) for _ in range(size)))
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def test_interior_page_corruption_refuses_to_start_in_one_line(tmp_path):
+    config, data = write_config(tmp_path, sources=QUIET), tmp_path / "data"
+    data.mkdir()
+    _fill(data / "events.db", 6000)
+    size, root, interior, leaves = _table_pages(data / "events.db")
+    assert len(leaves) > 100 and root in interior
+    victim = [p for p in interior if p != root] or [root]
+    _garble(data / "events.db", size, victim[len(victim) // 2: len(victim) // 2 + 1])
+    proc = run_cli("node", "run", "--config", str(config), timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and "damaged" in lines[0] and "Traceback" not in proc.stderr
+    assert "internal error" not in proc.stderr
+
+
+def test_corruption_while_running_gives_a_clear_reply_and_status_never_internal_error(tmp_path, caplog):
+    config, data = write_config(tmp_path, sources=QUIET), tmp_path / "data"
+    data.mkdir()
+    _fill(data / "events.db", 12000)  # several times SQLite's page cache, so early pages are read from disk again
+    size, _, _, leaves = _table_pages(data / "events.db")
+    with node_from(config) as node, Client(node.server.control_endpoint, timeout_s=5) as client:
+        assert client.status()["storage_error"] is None
+        _garble(data / "events.db", size, leaves[:40])
+        with caplog.at_level(logging.INFO, logger="bastion"):
+            with pytest.raises(NodeRequestError) as refused:
+                client.replay(since=0)
+            message = str(refused.value)
+            assert "damaged" in message and "internal error" not in message and "\n" not in message
+            status = client.status()
+            assert "damaged" in status["storage_error"] and "damaged" in status["store"]["error"]
+            assert status["store"]["quick_check_s"] >= 0  # the start-up check's time is reported
+            with pytest.raises(NodeRequestError, match="damaged"):  # it stays in the error state
+                client.replay(since=100)
+            assert client.status()["last_seq"] == 12000  # heartbeats and status keep working
+    assert not [r for r in caplog.records if r.exc_info], "a damaged store is reported, not a traceback"
+    assert "storage_damaged" in audit_kinds(data)
+
+
+def test_an_accepted_gap_is_kept_by_the_store_itself_even_if_no_event_follows(tmp_path):
+    from bastion.edge.audit import AuditLog
+    from bastion.edge.seqmark import SeqMark, SeqRegressionError
+
+    audit = AuditLog(tmp_path / "audit.log")
+    store = EventStore(tmp_path / "events.db", mark=SeqMark(tmp_path, audit, block=10))
+    for _ in range(7):
+        store.append(_event())
+    store.close()
+    (tmp_path / "events.db").unlink()
+    with pytest.raises(SeqRegressionError):
+        EventStore(tmp_path / "events.db", mark=SeqMark(tmp_path, audit, block=10))
+    store = EventStore(tmp_path / "events.db", mark=SeqMark(tmp_path, audit, block=10), accept_seq_gap=True)
+    assert store.last_seq() == 7
+    store.close()  # stopped before any new event
+    store = EventStore(tmp_path / "events.db", mark=SeqMark(tmp_path, audit, block=10))  # an ordinary start
+    assert store.append(_event()).seq == 8
+    store.close()
