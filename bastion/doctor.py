@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from bastion.console import out, print_json
@@ -28,18 +29,41 @@ class Check:
 
 
 def run_checks(lock: Path | None = None) -> list[Check]:
-    checks = [_home(), _trust(), _registry(), _zoo(), _providers(), _cpu_class(), _egress_env(),
+    """Doctor only looks: with no state directory yet, the state checks run against an empty throw-away one
+    (what this unit's first use will find), so that `bastion doctor` creates nothing under HOME."""
+    import tempfile
+
+    from bastion.models.home import bastion_home
+
+    home = bastion_home()
+    if home.exists():
+        return _checks(_home(home), lock)
+    with tempfile.TemporaryDirectory(prefix="bastion-doctor-") as empty:
+        saved = os.environ.get("BASTION_HOME")
+        os.environ["BASTION_HOME"] = empty
+        try:
+            return _checks(_home(home), lock)
+        finally:
+            if saved is None:
+                os.environ.pop("BASTION_HOME", None)
+            else:
+                os.environ["BASTION_HOME"] = saved
+
+
+def _checks(home: Check, lock: Path | None) -> list[Check]:
+    checks = [home, _trust(), _registry(), _zoo(), _providers(), _cpu_class(), _egress_env(),
               _ultralytics_settings(),
               _versions(lock)]
     return [c for c in checks if c is not None]
 
 
-def _home() -> Check:
-    from bastion.models.home import bastion_home
-
-    home = bastion_home()
+def _home(home: Path) -> Check:
+    if not home.exists():
+        parent = next((p for p in home.parents if p.exists()), None)
+        if parent is None or not os.access(parent, os.W_OK | os.X_OK):
+            return Check("state directory", "fail", f"{home} does not exist and {parent} is not writable")
+        return Check("state directory", "ok", f"{home} does not exist yet (made on first use; {parent} is writable)")
     try:
-        home.mkdir(parents=True, exist_ok=True)
         probe = home / ".doctor-write-test"
         probe.write_bytes(b"ok")
         probe.unlink()
@@ -222,7 +246,7 @@ def doctor_command(
             table.add_column(col)
         colour = {"ok": "green", "warn": "yellow", "fail": "red"}
         for c in checks:
-            table.add_row(c.name, f"[{colour[c.status]}]{c.status}[/]", c.detail)
+            table.add_row(c.name, f"[{colour[c.status]}]{c.status}[/]", escape(c.detail))  # "[tensorrt]" is text
         out.print(table)
     if failed:
         raise typer.Exit(1)

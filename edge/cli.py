@@ -18,6 +18,7 @@ EXAMPLE_CONFIG = """\
 id: node-1
 model: yolov5n            # bundle dir, .bastion file, registry name[:version] or zoo name (always verified)
 # imgsz: 320              # network input long side (smaller = faster)
+# lm: stories260K         # a task: lm bundle that answers `bastion ask --node tcp://127.0.0.1:7701 "…"`
 conf: 0.25
 iou: 0.45
 # threads: 2              # inference threads (default: all cores)
@@ -163,7 +164,8 @@ def node_keygen(
     from bastion.edge.curve import generate_certificate
 
     public, secret = generate_certificate(out_dir, name)
-    out.print(f"public {public}, secret {secret} (mode 0600)")
+    out.print(f"public {public} (share it: CurveZMQ names the PUBLIC certificate .key), secret {secret} "
+              "(mode 0600, keep it on this machine)")
 
 
 @node_app.command("snapshot-key")

@@ -179,7 +179,9 @@ class Client:
             self._dealer = None
             log.debug("control request timed out", extra={"op": op, "attempt": attempt})
         hint = "is the node running? with CurveZMQ: are the server key and your client key right?"
-        raise NodeUnavailable(f"no answer from {self.control_endpoint} to {op!r} in {self.timeout_s:.0f} s", hint)
+        tries = self.retries + 1
+        raise NodeUnavailable(f"no answer from {self.control_endpoint} to {op!r} in {tries * self.timeout_s:.0f} s "
+                              f"({tries} tries of {self.timeout_s:.0f} s)", hint)
 
     def status(self) -> dict[str, Any]:
         """The node's status; NodeSeqWentBackwards if its last_seq is below a seq this client saw from it."""

@@ -354,7 +354,8 @@ class Node:
     def _ask(self, request: ControlRequest) -> dict[str, Any]:
         """Stream the answer to this client only; one generation at a time (on the control thread), bounded."""
         if self.generator is None:
-            return {"ok": False, "error": "no language model loaded on this node"}
+            return {"ok": False, "error": "no language model loaded on this node — add `lm: stories260K` (or your "
+                                          "task: lm bundle) to its node.yaml and restart it"}
         prompt = request.prompt or ""
         if not prompt or len(prompt) > self.config.lm_max_prompt_chars:
             return {"ok": False, "error": f"prompt must be 1..{self.config.lm_max_prompt_chars} characters"}

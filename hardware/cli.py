@@ -93,10 +93,13 @@ def hw_profiles(json_out: bool = typer.Option(False, "--json", help="Print as JS
     if json_out:
         print_json([p.model_dump() for p in profiles])
         return
-    table = Table(show_edge=False)
-    for col in ("name", "kind", "memory MB", "backend", "precision", "max batch", "max imgsz", "reference"):
-        table.add_column(col)
+    table = Table(show_edge=False, pad_edge=False)
+    # the name is what `hw plan --profile NAME` needs typed: never cut it; the other columns fold instead, and
+    # their headers are short so that 80 columns hold every row on one line
+    table.add_column("name", no_wrap=True, min_width=max((len(p.name) for p in profiles), default=4))
+    for col in ("kind", "MB", "backend", "prec", "batch", "imgsz", "ref ms"):
+        table.add_column(col, overflow="fold")
     for p in profiles:
         table.add_row(p.name, p.kind, str(p.memory_mb), p.preferred_backend, p.precision, str(p.max_batch),
-                      str(p.max_imgsz), f"{p.reference.latency_ms} ms" if p.reference else "-")
+                      str(p.max_imgsz), f"{p.reference.latency_ms}" if p.reference else "-")
     out.print(table)

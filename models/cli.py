@@ -23,19 +23,30 @@ def keys_generate(
     out_stem: Path = typer.Option(..., "--out", help="Path without suffix: writes OUT.key (0600) and OUT.pub."),
     passphrase: bool = typer.Option(False, "--passphrase", help="Encrypt the private key (prompted, or "
                                     "BASTION_KEY_PASSPHRASE)."),
+    trust: bool = typer.Option(True, "--trust/--no-trust", help="Trust the new key on this machine too, so the "
+                               "maker can verify, pack and run what it signs (recorded in trust/audit.jsonl)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Generate an Ed25519 signing key pair.
+    """Generate an Ed25519 signing key pair (and trust it here: you made it).
 
     Example: bastion keys generate --out ~/keys/model-team --passphrase
     """
+    import logging
+
     from bastion.models.keys import generate_keypair
+    from bastion.models.trust import TrustStore
 
     pair = generate_keypair(out_stem, read_passphrase(passphrase, confirm=True))
+    if trust:
+        TrustStore().trust(pair.public_path)
+        logging.getLogger(__name__).info("trusted the key just generated here: %s", pair.key_id)
     if json_out:
-        print_json({"key_id": pair.key_id, "private": str(pair.private_path), "public": str(pair.public_path)})
+        print_json({"key_id": pair.key_id, "private": str(pair.private_path), "public": str(pair.public_path),
+                    "trusted_here": trust})
         return
     out.print(f"key {pair.key_id}: private {pair.private_path} (mode 0600), public {pair.public_path}")
+    if trust:
+        out.print("trusted on this machine (bastion keys revoke to undo)")
     out.print(f"units that should run your bundles: bastion keys trust {pair.public_path}")
 
 
@@ -316,14 +327,22 @@ def models_remove(ref: str = typer.Argument(..., help="NAME or NAME:VERSION.")) 
 
 @models_app.command("path")
 def models_path(ref: str = typer.Argument(..., help="NAME or NAME:VERSION.")) -> None:
-    """Print the directory of a registry bundle (for scripts).
+    """Print the directory of a bundle that `models list` shows: registry first, then the vendored zoo (for scripts).
 
     Example: bastion models path person-vehicle:1.0
     """
     from bastion.errors import RegistryError
-    from bastion.models.registry import Registry
+    from bastion.models.manifest import MANIFEST_NAME, read_manifest
+    from bastion.models.registry import Registry, split_ref
+    from bastion.models.zoo import zoo_path
 
     entry = Registry().resolve(ref)
-    if entry is None:
-        raise RegistryError(f"no bundle {ref!r} in the registry", "see: bastion models list")
-    print(entry.path)
+    if entry is not None:
+        print(entry.path)
+        return
+    name, version = split_ref(ref)
+    zoo = zoo_path(name)
+    if zoo is not None and (version is None or read_manifest(zoo / MANIFEST_NAME).version == version):
+        print(zoo)
+        return
+    raise RegistryError(f"no bundle {ref!r} in the registry or the zoo", "see: bastion models list")

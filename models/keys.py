@@ -12,6 +12,7 @@ import getpass
 import hashlib
 import os
 import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,13 +76,14 @@ def load_private_key(path: Path, passphrase: bytes | None = None) -> Ed25519Priv
             f"private key {path} is accessible by other users (mode {stat.S_IMODE(mode):04o})",
             f"run: chmod 600 {path}",
         )
+    if not passphrase and is_encrypted_pem(data):
+        passphrase = _ask_for_passphrase(path)
     try:
         key = serialization.load_pem_private_key(data, password=passphrase or None)
     except TypeError:
         if passphrase:
             raise KeyFileError(f"private key {path} is not encrypted, but a passphrase was given") from None
-        raise KeyFileError(f"private key {path} is encrypted", "give its passphrase (--passphrase or "
-                                                              "BASTION_KEY_PASSPHRASE)") from None
+        raise KeyFileError(f"private key {path} is encrypted", "set BASTION_KEY_PASSPHRASE") from None
     except ValueError:
         if passphrase:
             raise KeyFileError(f"wrong passphrase for private key {path}") from None
@@ -89,6 +91,29 @@ def load_private_key(path: Path, passphrase: bytes | None = None) -> Ed25519Priv
     if not isinstance(key, Ed25519PrivateKey):
         raise KeyFileError(f"{path} is not an Ed25519 key", "generate one with: bastion keys generate")
     return key
+
+
+def is_encrypted_pem(data: bytes) -> bool:
+    return b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data[:200]
+
+
+def _ask_for_passphrase(path: Path) -> bytes:
+    """Prompt on the terminal (hidden); with no terminal, say the one way left: BASTION_KEY_PASSPHRASE.
+
+    Why here and not in each command: every command that signs (bundle create/sign, distill, quantize) reads its
+    key through this function, and `keys generate --passphrase` then `bundle create --sign` must just work.
+    """
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        raise KeyFileError(f"private key {path} is encrypted and there is no terminal to ask for its passphrase",
+                           "set BASTION_KEY_PASSPHRASE")
+    try:
+        value = getpass.getpass(f"passphrase for {path}: ")
+    except (EOFError, KeyboardInterrupt):
+        value = ""
+    if not value:
+        raise KeyFileError(f"private key {path} is encrypted and no passphrase was given",
+                           "type it at the prompt or set BASTION_KEY_PASSPHRASE")
+    return value.encode()
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:

@@ -7,6 +7,7 @@ decoder fits before the bundle ever reaches a field unit.
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import sys
@@ -28,6 +29,22 @@ from bastion.models.textfiles import first_error, read_yaml_mapping
 
 RUN_MODEL = "model.onnx"
 RUN_META = "bundle.yaml"
+ARCHIVE_SUFFIX = ".bastion"
+_NAME_VERSION = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*?)-(?P<version>\d[A-Za-z0-9_.+-]*)$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def name_from_out(out: Path) -> tuple[str | None, str | None]:
+    """``bundles/pv-1.0`` → ("pv", "1.0"); ``pv.bastion`` → ("pv", None); not a possible name → (None, None).
+
+    Why: a maker writes ``--out bundles/pv-1.0`` and then types ``pv`` and ``pv:1.0`` everywhere after; naming the
+    bundle after ``best.onnx`` made every later command answer "model not found".
+    """
+    stem = out.name[: -len(ARCHIVE_SUFFIX)] if out.name.endswith(ARCHIVE_SUFFIX) else out.name
+    match = _NAME_VERSION.match(stem)
+    if match:
+        return match["name"], match["version"]
+    return (stem, None) if _NAME.match(stem) else (None, None)
 
 
 def _read_meta(path: Path | None) -> dict[str, Any]:
@@ -98,8 +115,10 @@ def bundle_create_command(
     meta: Optional[Path] = typer.Option(None, "--meta", help="YAML/JSON with manifest fields (input, decoder, "
                                         "classes, thresholds, provenance, license, evaluation, precision)."),
     out_dir: Path = typer.Option(..., "--out", help="New bundle directory."),
-    name: Optional[str] = typer.Option(None, help="Bundle name (default: the ONNX file's stem)."),
-    version: Optional[str] = typer.Option(None, help="Bundle version (default: 1.0)."),
+    name: Optional[str] = typer.Option(None, help="Bundle name (default: the --out folder's name without a "
+                                       "-VERSION suffix, e.g. pv for bundles/pv-1.0; else the ONNX file's stem)."),
+    version: Optional[str] = typer.Option(None, help="Bundle version (default: the --out folder's -VERSION "
+                                          "suffix, else 1.0)."),
     task: Optional[str] = typer.Option(None, help="detect or lm (default: detect)."),
     decoder: Optional[str] = typer.Option(None, help="Output decoder: yolov5, yolov8 or yolox."),
     classes: Optional[str] = typer.Option(None, help="Class names in output order, comma-separated."),
@@ -124,8 +143,9 @@ def bundle_create_command(
     if not onnx.is_file():
         raise InputNotFoundError(f"model file not found: {onnx}")
     fields: dict[str, Any] = {**infer_fields(onnx), **_read_meta(meta)}
-    fields.setdefault("name", name or onnx.stem)
-    fields.setdefault("version", "1.0")
+    out_name, out_version = name_from_out(out_dir)
+    fields.setdefault("name", out_name or onnx.stem)
+    fields.setdefault("version", out_version or "1.0")
     fields.setdefault("task", "detect")
     overrides = {"name": name, "version": version, "task": task}
     fields.update({k: v for k, v in overrides.items() if v is not None})

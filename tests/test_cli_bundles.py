@@ -16,7 +16,8 @@ def ok(proc):
 
 def test_full_operator_flow(tmp_path):
     keys = tmp_path / "keys"
-    gen = json.loads(ok(run_cli("keys", "generate", "--out", str(keys / "team"), "--json")).stdout)
+    # made elsewhere: this unit does not trust the key until told to
+    gen = json.loads(ok(run_cli("keys", "generate", "--out", str(keys / "team"), "--no-trust", "--json")).stdout)
     bundle = tmp_path / "bundles" / "people"
     created = json.loads(ok(run_cli(
         "bundle", "create", "--onnx", str(ONNX), "--name", "people", "--version", "1.0",
@@ -99,3 +100,94 @@ def test_doctor_reports_readiness_and_fails_without_trust():
     assert proc.returncode == 1
     report = json.loads(proc.stdout)
     assert {c["name"]: c["status"] for c in report["checks"]}["trust store"] == "fail"
+
+
+# -- the README's maker flow, as a newcomer types it (#17) -------------------------------------------------------
+def _run_on_a_terminal(argv: list[str], answer: str, env: dict, timeout: float = 120) -> tuple[int, str]:
+    """Run argv with a pseudo-terminal as its controlling terminal; type ``answer`` at the first prompt."""
+    import os
+    import pty
+    import select
+    import sys
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: its stdin/stdout/stderr are the terminal
+        os.execve(sys.executable, [sys.executable, *argv], env)
+    seen, typed, deadline = b"", False, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if not ready:
+            continue
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+        if not typed and b"passphrase" in seen.lower():
+            os.write(fd, answer.encode() + b"\n")
+            typed = True
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(status), seen.decode(errors="replace")
+
+
+def _cli_argv(*args: str) -> list[str]:
+    code = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+            "import egress_guard; egress_guard.install(); from bastion.cli import run; run()")
+    return ["-c", code, *args]
+
+
+def test_an_encrypted_key_is_asked_for_on_a_terminal_and_named_without_one(tmp_path):
+    import os
+
+    from conftest import REPO
+
+    enc = json.loads(ok(run_cli("keys", "generate", "--out", str(tmp_path / "team"), "--passphrase", "--json",
+                                env={"BASTION_KEY_PASSPHRASE": "s3cret"})).stdout)
+    create = ["bundle", "create", "--onnx", str(ONNX), "--weights-license", "GPL-3.0", "--sign", enc["private"]]
+    # no terminal, no BASTION_KEY_PASSPHRASE: one line that names the way out
+    proc = run_cli(*create, "--out", str(tmp_path / "a"))
+    assert proc.returncode == 1 and "BASTION_KEY_PASSPHRASE" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "a").exists()
+    # on a terminal the passphrase is asked for (hidden), exactly as `keys generate --passphrase` set it
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "COLUMNS": "200"}
+    env.pop("BASTION_KEY_PASSPHRASE", None)
+    rc, screen = _run_on_a_terminal(_cli_argv(*create, "--out", str(tmp_path / "b")), "s3cret", env)
+    assert rc == 0 and "signed" in screen and "s3cret" not in screen, screen
+    rc, screen = _run_on_a_terminal(_cli_argv(*create, "--out", str(tmp_path / "c")), "wrong", env)
+    assert rc == 1 and "wrong passphrase" in screen and not (tmp_path / "c").exists(), screen
+
+
+def test_a_bundle_is_named_after_its_out_folder_and_its_maker_can_pack_it(tmp_path, bastion_home):
+    gen = json.loads(ok(run_cli("keys", "generate", "--out", str(tmp_path / "team"), "--json")).stdout)
+    assert gen["trusted_here"]
+    journal = [json.loads(line) for line in (bastion_home / "trust" / "audit.jsonl").read_text().splitlines()]
+    assert {"event": "trusted", "key_id": gen["key_id"]}.items() <= journal[-1].items()
+    base = ["bundle", "create", "--onnx", str(ONNX), "--weights-license", "GPL-3.0", "--sign", gen["private"], "--json"]
+    made = json.loads(ok(run_cli(*base, "--out", str(tmp_path / "bundles" / "pv-2.1"))).stdout)["manifest"]
+    assert (made["name"], made["version"]) == ("pv", "2.1")
+    plain = json.loads(ok(run_cli(*base, "--out", str(tmp_path / "people"))).stdout)["manifest"]
+    assert (plain["name"], plain["version"]) == ("people", "1.0")
+    named = json.loads(ok(run_cli(*base, "--out", str(tmp_path / "x-3.0"), "--name", "cars", "--version", "4"))
+                       .stdout)["manifest"]
+    assert (named["name"], named["version"]) == ("cars", "4")
+    # the maker trusts the key it made (recorded), so pack, add, inspect and --model NAME:VERSION all work here
+    usb = tmp_path / "usb"
+    ok(run_cli("bundle", "pack", str(tmp_path / "bundles" / "pv-2.1"), "--out", f"{usb}/"))
+    assert (usb / "pv-2.1.bastion").is_file()
+    ok(run_cli("models", "add", str(usb / "pv-2.1.bastion")))
+    inspected = json.loads(ok(run_cli("bundle", "inspect", "pv", "--json")).stdout)
+    assert inspected["verified"] and inspected["signer_key_id"] == gen["key_id"]
+    ok(run_cli("detect", str(PERSON_IMAGE), "--model", "pv:2.1", "--json"))
+    trusted = json.loads(ok(run_cli("keys", "list", "--json")).stdout)["keys"]
+    assert any(k["key_id"] == gen["key_id"] and k["source"] == "local" for k in trusted)
+
+
+def test_keys_generate_no_trust_leaves_the_trust_store_alone(tmp_path):
+    gen = json.loads(ok(run_cli("keys", "generate", "--out", str(tmp_path / "k"), "--no-trust", "--json")).stdout)
+    assert not gen["trusted_here"]
+    keys = json.loads(ok(run_cli("keys", "list", "--json")).stdout)["keys"]
+    assert gen["key_id"] not in {k["key_id"] for k in keys}

@@ -77,7 +77,7 @@ def test_events_are_stored_then_published_in_seq_order(tmp_path):
         status = client.status()
         assert status["model"]["signer"] and status["sources"]["cam1"]["inferred"] > 0
         assert status["last_seq"] >= 25
-        with pytest.raises(NodeRequestError, match="no language model loaded"):
+        with pytest.raises(NodeRequestError, match="no language model loaded.*add `lm: stories260K`.*node.yaml"):
             client.ask("status report?")
 
 
