@@ -60,10 +60,29 @@ def infer_fields(onnx: Path) -> dict[str, Any]:
     try:
         m = manifest_from_onnx(onnx, backend).model_dump(mode="json")
         return {k: m[k] for k in ("input", "decoder", "classes")}
-    except DecoderError:
-        return {}
+    except DecoderError:  # no metadata we read: the input tensor still says its name and, if fixed, its size
+        inp = backend.inputs[0]
+        if len(inp.shape) != 4:
+            return {}
+        h, w = inp.shape[2], inp.shape[3]
+        spec: dict[str, Any] = {"name": inp.name, "shape": list(inp.shape), "dynamic_hw": h is None or w is None}
+        if h is not None and w is not None:
+            spec["size"] = [int(h), int(w)]
+        return {"input": spec}
     finally:
         backend.close()
+
+
+def _imgsz(value: str) -> list[int]:
+    try:
+        parts = [int(v) for v in value.replace("x", ",").split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise ConfigError(f"--imgsz {value!r} is not a size", "give one number (640) or H,W (384,640)")
+    return parts
 
 
 def create_bundle(onnx: Path, out_dir: Path, fields: dict[str, Any], license_files: list[Path],
@@ -122,6 +141,8 @@ def bundle_create_command(
     task: Optional[str] = typer.Option(None, help="detect or lm (default: detect)."),
     decoder: Optional[str] = typer.Option(None, help="Output decoder: yolov5, yolov8 or yolox."),
     classes: Optional[str] = typer.Option(None, help="Class names in output order, comma-separated."),
+    imgsz: Optional[str] = typer.Option(None, help="Network input size, N or H,W (default: the ONNX file's own, "
+                                        "from its metadata or a fixed input shape)."),
     weights_license: Optional[str] = typer.Option(None, help="License of the weights (required)."),
     data_license: Optional[str] = typer.Option(None, help="License of the training data."),
     source: Optional[str] = typer.Option(None, help="Where the weights came from."),
@@ -153,6 +174,10 @@ def bundle_create_command(
         fields["decoder"] = {**fields.get("decoder", {}), "type": decoder}
     if classes:
         fields["classes"] = [c.strip() for c in classes.split(",") if c.strip()]
+    if imgsz:
+        if "input" not in fields:
+            raise ConfigError(f"{onnx.name} has no image input bastion can read", "describe it in --meta (input:)")
+        fields["input"] = {**fields["input"], "size": _imgsz(imgsz)}
     lic = dict(fields.get("license", {}))
     if weights_license:
         lic["weights"] = weights_license
@@ -161,6 +186,9 @@ def bundle_create_command(
     if "weights" not in lic:
         raise ConfigError("the license of the weights is required", "give --weights-license (e.g. Apache-2.0)")
     fields["license"] = lic
+    if fields["task"] == "detect" and isinstance(fields.get("input"), dict) and "size" not in fields["input"]:
+        raise ConfigError(f"{onnx.name} takes any input size and does not say which it was trained at",
+                          "give --imgsz (e.g. 640)")
     prov = dict(fields.get("provenance", {}))
     prov.setdefault("source", source or f"ONNX file {onnx.name}")
     if source:

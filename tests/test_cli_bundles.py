@@ -191,3 +191,21 @@ def test_keys_generate_no_trust_leaves_the_trust_store_alone(tmp_path):
     assert not gen["trusted_here"]
     keys = json.loads(ok(run_cli("keys", "list", "--json")).stdout)["keys"]
     assert gen["key_id"] not in {k["key_id"] for k in keys}
+
+
+def test_an_onnx_without_metadata_takes_its_size_from_its_input_or_imgsz(tmp_path):
+    from test_readme import make_best_onnx
+
+    flags = ["--classes", "person,vehicle", "--decoder", "yolov8", "--weights-license", "MIT", "--json"]
+    fixed = make_best_onnx(tmp_path / "fixed.onnx", metadata=False)
+    made = json.loads(ok(run_cli("bundle", "create", "--onnx", str(fixed), *flags, "--out", str(tmp_path / "a")))
+                      .stdout)["manifest"]
+    assert made["input"]["size"] == [320, 320] and made["decoder"]["type"] == "yolov8"
+    dynamic = make_best_onnx(tmp_path / "dynamic.onnx", metadata=False, dynamic=True)
+    asked = run_cli("bundle", "create", "--onnx", str(dynamic), *flags, "--out", str(tmp_path / "b"))
+    assert asked.returncode == 1 and "--imgsz" in asked.stderr and not (tmp_path / "b").exists()
+    made = json.loads(ok(run_cli("bundle", "create", "--onnx", str(dynamic), *flags, "--imgsz", "320",
+                                 "--out", str(tmp_path / "c"))).stdout)["manifest"]
+    assert made["input"]["size"] == [320, 320] and made["input"]["dynamic_hw"]
+    bad = run_cli("bundle", "create", "--onnx", str(dynamic), *flags, "--imgsz", "big", "--out", str(tmp_path / "d"))
+    assert bad.returncode == 1 and "not a size" in bad.stderr

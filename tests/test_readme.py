@@ -97,15 +97,16 @@ def test_every_block_is_run_or_skipped_for_a_stated_reason():
             assert old in b.code, f"README.md:{b.line}: {old!r} is not in the block"
 
 
-def make_best_onnx(path: Path) -> Path:
+def make_best_onnx(path: Path, metadata: bool = True, dynamic: bool = False) -> Path:
     """What an Ultralytics export of a 2-class detector looks like to bastion: [1,3,320,320] in, [1,6,2100] out,
-    names/imgsz/stride/task in the metadata.  It finds nothing (a constant output), which the flow does not mind."""
+    names/imgsz/stride/task in the metadata.  It finds nothing (a constant output), which the flow does not mind.
+    Without ``metadata`` it is any YOLOv8-layout ONNX; ``dynamic`` makes its input [1,3,H,W]."""
     import numpy as np
 
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
 
-    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 320, 320])
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, "H", "W"] if dynamic else [1, 3, 320, 320])
     y = helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 6, 2100])
     inits = [numpy_helper.from_array(np.zeros((1, 6, 2100), np.float32), "bias"),
              numpy_helper.from_array(np.zeros((1,), np.float32), "zero"),
@@ -118,7 +119,7 @@ def make_best_onnx(path: Path) -> Path:
                               opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     for key, value in {"names": "{0: 'person', 1: 'vehicle'}", "imgsz": "[320, 320]", "stride": "32",
-                       "task": "detect"}.items():
+                       "task": "detect"}.items() if metadata else ():
         model.metadata_props.add(key=key, value=value)
     onnx.save(model, str(path))
     return path
