@@ -28,7 +28,7 @@ class _Strict(BaseModel):
 class SourceConfig(_Strict):
     """One camera/stream/file. ``uri``: a file, a directory, rtsp://…/http://…, or a USB index (0, 1 …)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=200)  # a topic det.<name> fits a subscription
     uri: str | int
     loop: bool = False  # files: start again at the end
     realtime: bool = True  # files: pace at the file's native fps (like a camera)

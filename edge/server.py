@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[..., dict]  # handler(request, client_label) -> reply fields
 PEEK_ID_BYTES = 4096  # a rate-limited request this small is parsed for its id; a larger one is not
 STREAM_STALL_S = 10.0  # an ask stream whose reader takes no piece for this long is ended
+MAX_SUBSCRIPTION_BYTES = 1024  # a source name is at most 200 characters (config): every topic fits
 ANSWER_STALL_S = 0.5  # a served answer waits this long for room in its client's queue (charged to its budget)
 
 
@@ -100,6 +101,11 @@ class NodeServer:
             self.events = self.ctx.socket(zmq.PUB)
             self.events.sndhwm = 100_000
             self.events.linger = 0
+            # a subscription is a message too: libzmq keeps ~50 bytes per byte of each distinct one, so one longer
+            # than 1 KiB (no topic is; the handshake's commands, which count too, are smaller) drops the subscriber,
+            # and few wait unapplied per connection
+            self.events.maxmsgsize = MAX_SUBSCRIPTION_BYTES
+            self.events.rcvhwm = 16
             self.control = self.ctx.socket(zmq.ROUTER)
             self.control.linger = 0
             # libzmq drops a peer sending a bigger *frame*; it still assembles a whole multi-part message before

@@ -382,3 +382,38 @@ def test_a_replay_answer_is_bounded_in_size_and_the_sdk_still_gets_every_event(t
         answer = json.loads(raw)
         assert len(raw) < 5 * 2**20 and answer["more"] and 0 < len(answer["events"]) < 400
         assert [e.seq for e in client._replay_all(0)] == list(range(1, 401))  # in pieces, nothing lost
+
+
+_SUBSCRIBER = """
+import sys, time, zmq
+ctx = zmq.Context()
+x = ctx.socket(zmq.XSUB)  # sends subscription messages without keeping a trie of its own
+x.connect(sys.argv[1])
+time.sleep(0.3)
+for i in range(10):
+    x.send(b"\\x01det." + bytes([i]) * 2**20)
+time.sleep(2)
+"""
+
+
+def test_subscriptions_longer_than_any_topic_are_refused_by_the_events_socket(tmp_path):
+    quiet = [{"name": "cam1", "uri": os.fspath(tmp_path / "none.mp4")}]
+    with running_node(tmp_path, sources=quiet) as node:
+        time.sleep(0.5)
+        base = _rss_mb()
+        # libzmq keeps ~50 bytes per byte of every distinct subscription: 10 MB sent were ~500 MB held
+        # (the sender's own libzmq may crash tearing down so deep a trie: its exit status is not the point)
+        subprocess.run([sys.executable, "-c", _SUBSCRIBER, node.server.events_endpoint], timeout=60)
+        growth = _rss_mb() - base
+        with client_for(node) as client:
+            assert client.status()["node"] == "test-node"
+        ctx = zmq.Context()
+        sub = ctx.socket(zmq.SUB)  # a normal subscriber still gets in and hears heartbeats
+        sub.linger = 0
+        sub.setsockopt(zmq.SUBSCRIBE, b"hb")
+        sub.connect(node.server.events_endpoint)
+        heard = sub.poll(5000)
+        sub.close()
+        ctx.term()
+    assert heard
+    assert growth < 50, f"{growth:.0f} MB held for 10 MB of subscriptions"
