@@ -177,7 +177,9 @@ class Client:
                 return answer
             self._dealer.close(linger=0)
             self._dealer = None
-            log.debug("control request timed out", extra={"op": op, "attempt": attempt})
+            if attempt < self.retries:  # say so while waiting: a script with no node must not sit silent
+                log.warning("no answer from %s to %r in %.0f s; trying again (%d more)", self.control_endpoint, op,
+                            self.timeout_s, self.retries - attempt)
         hint = "is the node running? with CurveZMQ: are the server key and your client key right?"
         tries = self.retries + 1
         raise NodeUnavailable(f"no answer from {self.control_endpoint} to {op!r} in {tries * self.timeout_s:.0f} s "

@@ -34,6 +34,7 @@ def test_the_readme_client_snippet_with_no_node_running_says_so(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert "NodeUnavailable" in last and f"127.0.0.1:{port}" in last and "is the node running" in last
     assert re.search(r"in (\d+) s \(3 tries of 5 s\)", last), last  # says how long it really waited
+    assert proc.stderr.count("trying again") == 2  # and says so while it waits
 
 
 def test_hw_profiles_never_cuts_the_names_you_must_type():
