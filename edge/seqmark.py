@@ -27,10 +27,15 @@ reserved.  After an unclean stop in an earlier boot (a power cut may have eaten
 the WAL's last commits and ``seq.live`` with them) the node cannot know exactly
 what was published, so it skips past the whole reservation: a gap, audited, but
 never a number used twice.
+
+``seq.live`` is also locked (``flock``) while a store holds the mark: a second
+node pointed at the same storage dir is refused, since two writers would hand
+out the same seq twice.  The kernel drops the lock when the process dies.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -55,6 +60,10 @@ AUDIT_KIND = "seq_mark"
 
 class SeqRegressionError(BastionError):
     """The event store is behind the seq high-water mark: starting would publish old seq numbers again."""
+
+
+class StoreInUseError(BastionError):
+    """Another process holds this storage dir's seq mark: two writers would hand out the same seq twice."""
 
 
 def boot_id() -> str | None:
@@ -95,6 +104,14 @@ class SeqMark:
     # -- start ----------------------------------------------------------------------------------------
     def resume(self, store_last: int, accept_gap: bool = False) -> int:
         """The next seq to hand out, never at or below a seq handed out before. Reserves the first block."""
+        self._open_live()  # and lock it: one writer per storage dir
+        try:
+            return self._resume(store_last, accept_gap)
+        except BaseException:
+            self._close_live()
+            raise
+
+    def _resume(self, store_last: int, accept_gap: bool) -> int:
         prior = self._read_prior()
         same_boot = prior.boot is not None and prior.boot == self.boot
         low = prior.low(same_boot)
@@ -120,7 +137,6 @@ class SeqMark:
                         reason="unclean stop in an earlier boot (power cut?): the last commits may be lost")
         else:
             next_seq = store_last + 1
-        self._open_live()
         self._reserve(next_seq - 1, "start")
         self.committed(next_seq - 1)
         return next_seq
@@ -223,8 +239,7 @@ class SeqMark:
         finally:
             if self._live_fd is not None:
                 self.committed(last)
-                os.close(self._live_fd)
-                self._live_fd = None
+            self._close_live()
 
     def as_dict(self) -> dict[str, Any]:
         return {"reserved_through": self.reserved, "block": self.block}
@@ -243,7 +258,25 @@ class SeqMark:
 
     def _open_live(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._live_fd = os.open(self.dir / LIVE_FILE, os.O_RDWR | os.O_CREAT, 0o640)
+        fd = os.open(self.dir / LIVE_FILE, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the kernel when the process dies
+        except OSError:
+            os.close(fd)
+            raise StoreInUseError(f"another node is writing the event store in {self.dir}",
+                                  "stop it first, or give this node its own storage.dir") from None
+        self._live_fd = fd
+
+    def _close_live(self) -> None:
+        if self._live_fd is not None:
+            os.close(self._live_fd)
+            self._live_fd = None
+
+    def __del__(self) -> None:  # a node whose start failed after opening the store lets go of the lock
+        try:
+            self._close_live()
+        except Exception:  # at interpreter shutdown os may already be gone
+            pass
 
     def _audit(self, kind: str, **fields: Any) -> None:
         if self.audit is not None:

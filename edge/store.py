@@ -135,13 +135,14 @@ class EventStore:
     # -- the error state -------------------------------------------------------------------------------
     def _failed(self, exc: BaseException, doing: str) -> StorageError:
         """The StorageError for ``exc``; corruption switches the store into its error state first."""
+        reason = " ".join(str(exc).split())[:240]  # one line, whatever the library wrote (pydantic: several)
         if is_damage(exc):
             if self.error is None:
-                self.error = f"the event store {self.path} is damaged ({exc}); publishing and replay are stopped"
+                self.error = f"the event store {self.path} is damaged ({reason}); publishing and replay are stopped"
                 log.error("%s — %s", self.error, RECOVER_HINT)
-                self._audit_damage(str(exc))
+                self._audit_damage(reason)
             return StorageError(self.error, RECOVER_HINT)
-        return StorageError(f"cannot {doing} {self.path}: {exc}",
+        return StorageError(f"cannot {doing} {self.path}: {reason}",
                             "free disk space or fix permissions; publishing is paused")
 
     def _audit_damage(self, reason: str) -> None:
@@ -197,8 +198,10 @@ class EventStore:
                 rows = self._db.execute("SELECT payload FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
                                         (seq, limit)).fetchall()
                 return [DetectionEvent.model_validate_json(r[0]) for r in rows]
-            except (sqlite3.Error, ValueError) as exc:
+            except sqlite3.Error as exc:
                 raise self._failed(exc, "read events from") from None
+            except ValueError as exc:  # SQLite read the row, but it is not an event: damaged or edited by hand
+                raise self._failed(ValueError(f"a stored row is not an event: {exc}"), "read events from") from None
 
     def last_seq(self) -> int:
         """The highest seq ever assigned. Never raises: heartbeats and ``status`` call it from other threads.

@@ -187,8 +187,9 @@ def test_unclean_stop_in_the_same_boot_continues_and_across_a_reboot_skips_past_
 
     audit = AuditLog(tmp_path / "audit.log")
 
-    def crash(store):  # the process dies: no stop mark is written
+    def crash(store):  # the process dies: no stop mark is written, the kernel drops its lock
         store._db.close()
+        store.mark._close_live()
 
     store = EventStore(tmp_path / "events.db", mark=SeqMark(tmp_path, audit, block=10))
     for _ in range(4):
@@ -311,4 +312,28 @@ def test_an_accepted_gap_is_kept_by_the_store_itself_even_if_no_event_follows(tm
     store.close()  # stopped before any new event
     store = EventStore(tmp_path / "events.db", mark=SeqMark(tmp_path, audit, block=10))  # an ordinary start
     assert store.append(_event()).seq == 8
+    store.close()
+
+
+def test_a_second_writer_on_the_same_storage_dir_is_refused(tmp_path):
+    from bastion.edge.seqmark import SeqMark
+
+    first = EventStore(tmp_path / "events.db", mark=SeqMark(tmp_path))
+    first.append(_event())
+    with pytest.raises(BastionError, match="another node"):  # two writers would hand out the same seq twice
+        EventStore(tmp_path / "events.db", mark=SeqMark(tmp_path))
+    assert EventStore(tmp_path / "events.db").last_seq() == 1  # readers are welcome
+    first.close()
+    second = EventStore(tmp_path / "events.db", mark=SeqMark(tmp_path))
+    assert second.append(_event()).seq == 2
+    second.close()
+
+
+def test_a_row_that_is_not_an_event_is_damage_in_one_line(tmp_path):
+    store = EventStore(tmp_path / "events.db")
+    store.append(_event())
+    store._db.execute("UPDATE events SET payload = '{not json' WHERE seq = 1")
+    with pytest.raises(BastionError, match="damaged") as refused:
+        store.since(0)
+    assert "\n" not in str(refused.value) and store.error and store.last_seq() == 1
     store.close()
