@@ -45,7 +45,7 @@ security:
   # audit_key: keys/node-audit.key               # signs audit checkpoints (default: STORAGE/node-audit.key)
   allow_unsigned: false           # DEVELOPMENT ONLY (audited)
 storage:
-  dir: node-data                  # events.db (SQLite, WAL), audit.log, node.json
+  dir: node-data                  # events.db (SQLite, WAL), seq.json + seq.live (seq mark), audit.log, node.json
   retention_days: 30
   # max_mb: 1024
   # snapshots: true                 # encrypted JPEG of each frame that produced an event

@@ -123,8 +123,9 @@ class SeqMark:
                     f"the event store {self.dir / 'events.db'} ends at seq {store_last} but seq {low} was already "
                     "published (WAL lost, events.db emptied or replaced by an older copy); starting would reuse "
                     "seq numbers",
-                    "restore events.db together with its -wal file from a backup, or start once with "
-                    f"`bastion node run --accept-seq-gap` to continue numbering above {high} (audited)")
+                    f"put back the events.db (with its -wal file) that holds seq {low}; if it is lost, start once "
+                    "with `bastion node run --accept-seq-gap` to keep what the store holds and continue numbering "
+                    f"above {high} (audited)")
             next_seq = high + 1
             log.warning("event store is behind the seq mark (%d < %d); continuing at %d as accepted",
                         store_last, low, next_seq)

@@ -44,8 +44,8 @@ CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
 """
 # SQLite result codes that mean "the file is damaged", as opposed to full, locked or read-only.
 DAMAGE_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB (named in the sqlite3 module only from Python 3.11)
-RECOVER_HINT = ("stop the node and restore events.db from a backup, or move it aside (keep it for forensics) and "
-                "start once with `bastion node run --accept-seq-gap`")
+RECOVER_HINT = ("stop the node, move events.db aside (keep it for forensics), put a backup in its place if you have "
+                "one, and start once with `bastion node run --accept-seq-gap` (seq continues above its mark)")
 
 
 class StorageError(BastionError):
