@@ -60,17 +60,29 @@ def infer_fields(onnx: Path) -> dict[str, Any]:
     try:
         m = manifest_from_onnx(onnx, backend).model_dump(mode="json")
         return {k: m[k] for k in ("input", "decoder", "classes")}
-    except DecoderError:  # no metadata we read: the input tensor still says its name and, if fixed, its size
-        inp = backend.inputs[0]
-        if len(inp.shape) != 4:
-            return {}
-        h, w = inp.shape[2], inp.shape[3]
-        spec: dict[str, Any] = {"name": inp.name, "shape": list(inp.shape), "dynamic_hw": h is None or w is None}
-        if h is not None and w is not None:
-            spec["size"] = [int(h), int(w)]
-        return {"input": spec}
+    except DecoderError:
+        return {}  # callers (distill) take {} to mean "no detection head bastion can decode"
     finally:
         backend.close()
+
+
+def infer_input(onnx: Path) -> dict[str, Any]:
+    """With no metadata bastion reads, the image input still says its name and, when fixed, its size
+    (what `bundle create --decoder …` needs from a plain YOLO export); {} when it is not an image batch."""
+    from bastion.runtime.backends import open_backend
+
+    backend = open_backend(onnx, device="cpu", threads=1)
+    try:
+        inp = backend.inputs[0]
+    finally:
+        backend.close()
+    if len(inp.shape) != 4:
+        return {}
+    h, w = inp.shape[2], inp.shape[3]
+    spec: dict[str, Any] = {"name": inp.name, "shape": list(inp.shape), "dynamic_hw": h is None or w is None}
+    if h is not None and w is not None:
+        spec["size"] = [int(h), int(w)]
+    return {"input": spec}
 
 
 def _imgsz(value: str) -> list[int]:
@@ -163,7 +175,10 @@ def bundle_create_command(
         raise ConfigError("give --onnx FILE or --from-run DIR")
     if not onnx.is_file():
         raise InputNotFoundError(f"model file not found: {onnx}")
-    fields: dict[str, Any] = {**infer_fields(onnx), **_read_meta(meta)}
+    inferred = infer_fields(onnx)
+    if not inferred and (task or "detect") == "detect":
+        inferred = infer_input(onnx)
+    fields: dict[str, Any] = {**inferred, **_read_meta(meta)}
     out_name, out_version = name_from_out(out_dir)
     fields.setdefault("name", out_name or onnx.stem)
     fields.setdefault("version", out_version or "1.0")
