@@ -152,7 +152,12 @@ def read_passphrase(ask: bool, confirm: bool = False) -> bytes | None:
     env = passphrase_from_env()
     if env or not ask:
         return env
-    first = getpass.getpass("passphrase: ")
-    if confirm and getpass.getpass("again: ") != first:
-        raise KeyFileError("the two passphrases differ")
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):  # getpass would read stdin, echoing, and abort on EOF
+        raise KeyFileError("--passphrase needs a terminal to ask on", "set BASTION_KEY_PASSPHRASE")
+    try:
+        first = getpass.getpass("passphrase: ")
+        if confirm and getpass.getpass("again: ") != first:
+            raise KeyFileError("the two passphrases differ")
+    except (EOFError, KeyboardInterrupt):
+        raise KeyFileError("no passphrase given") from None
     return first.encode() or None

@@ -104,9 +104,10 @@ def test_doctor_reports_readiness_and_fails_without_trust():
 
 # -- the README's maker flow, as a newcomer types it (#17) -------------------------------------------------------
 def _run_on_a_terminal(argv: list[str], answer: str, env: dict, timeout: float = 120) -> tuple[int, str]:
-    """Run argv with a pseudo-terminal as its controlling terminal; type ``answer`` at the first prompt."""
+    """Run argv with a pseudo-terminal as its controlling terminal; type ``answer`` at every prompt."""
     import os
     import pty
+    import re
     import select
     import sys
     import time
@@ -114,7 +115,7 @@ def _run_on_a_terminal(argv: list[str], answer: str, env: dict, timeout: float =
     pid, fd = pty.fork()
     if pid == 0:  # the child: its stdin/stdout/stderr are the terminal
         os.execve(sys.executable, [sys.executable, *argv], env)
-    seen, typed, deadline = b"", False, time.monotonic() + timeout
+    seen, typed, deadline = b"", 0, time.monotonic() + timeout
     while time.monotonic() < deadline:
         ready, _, _ = select.select([fd], [], [], 0.5)
         if not ready:
@@ -126,9 +127,9 @@ def _run_on_a_terminal(argv: list[str], answer: str, env: dict, timeout: float =
         if not chunk:
             break
         seen += chunk
-        if not typed and b"passphrase" in seen.lower():
+        while typed < len(re.findall(rb"passphrase[^\n]*: |again: ", seen)):
             os.write(fd, answer.encode() + b"\n")
-            typed = True
+            typed += 1
     _, status = os.waitpid(pid, 0)
     os.close(fd)
     return os.waitstatus_to_exitcode(status), seen.decode(errors="replace")
@@ -145,16 +146,23 @@ def test_an_encrypted_key_is_asked_for_on_a_terminal_and_named_without_one(tmp_p
 
     from conftest import REPO
 
-    enc = json.loads(ok(run_cli("keys", "generate", "--out", str(tmp_path / "team"), "--passphrase", "--json",
-                                env={"BASTION_KEY_PASSPHRASE": "s3cret"})).stdout)
-    create = ["bundle", "create", "--onnx", str(ONNX), "--weights-license", "GPL-3.0", "--sign", enc["private"]]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "COLUMNS": "200"}
+    env.pop("BASTION_KEY_PASSPHRASE", None)
+    # keys generate --passphrase: asked twice on a terminal; without one, one line and no key files
+    proc = run_cli("keys", "generate", "--out", str(tmp_path / "team"), "--passphrase")
+    assert proc.returncode == 1 and "BASTION_KEY_PASSPHRASE" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(tmp_path.glob("team*"))
+    rc, screen = _run_on_a_terminal(_cli_argv("keys", "generate", "--out", str(tmp_path / "team"), "--passphrase"),
+                                    "s3cret", env)
+    assert rc == 0 and "s3cret" not in screen, screen
+    assert b"ENCRYPTED" in (tmp_path / "team.key").read_bytes()
+    create = ["bundle", "create", "--onnx", str(ONNX), "--weights-license", "GPL-3.0", "--sign",
+              str(tmp_path / "team.key")]
     # no terminal, no BASTION_KEY_PASSPHRASE: one line that names the way out
     proc = run_cli(*create, "--out", str(tmp_path / "a"))
     assert proc.returncode == 1 and "BASTION_KEY_PASSPHRASE" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "a").exists()
     # on a terminal the passphrase is asked for (hidden), exactly as `keys generate --passphrase` set it
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "COLUMNS": "200"}
-    env.pop("BASTION_KEY_PASSPHRASE", None)
     rc, screen = _run_on_a_terminal(_cli_argv(*create, "--out", str(tmp_path / "b")), "s3cret", env)
     assert rc == 0 and "signed" in screen and "s3cret" not in screen, screen
     rc, screen = _run_on_a_terminal(_cli_argv(*create, "--out", str(tmp_path / "c")), "wrong", env)
