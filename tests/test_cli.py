@@ -58,6 +58,7 @@ def test_detect_directory_with_a_corrupt_image_keeps_going(tmp_path):
     assert (tmp_path / "out" / "good.jpg").is_file()
 
 
+@pytest.mark.slow  # eleven CLI subprocesses: 16 s on 2 busy cores
 def test_bad_inputs_fail_with_one_clear_line(tmp_path):
     assert_user_error(run_cli("detect", str(tmp_path / "missing.jpg")), "input not found")
     assert_user_error(run_cli("detect", str(tmp_path)), "no images in")
