@@ -20,7 +20,7 @@ from typing import Iterator
 from bastion.errors import ConfigError, InputNotFoundError, ModelLoadError, SignatureError
 from bastion.models.archive import ARCHIVE_SUFFIX, unpack_cached
 from bastion.models.home import bastion_home
-from bastion.models.manifest import MANIFEST_NAME, FileEntry, Manifest, read_manifest, sha256_file
+from bastion.models.manifest import MANIFEST_NAME, FileEntry, Manifest, read_manifest
 from bastion.models.registry import Registry
 from bastion.models.safe_read import NotRegular, TooLarge, hash_bounded, read_bounded
 from bastion.models.signing import Verification, read_signature, verify_manifest
