@@ -55,6 +55,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.slow)
 
 
+def _contexts_close_without_waiting() -> None:
+    """A test that fails with a ZeroMQ socket still open must not hang the whole run.
+
+    pyzmq destroys a forgotten context when it is collected, and with the default linger of -1 that
+    waits forever for a peer that is gone (seen: a failed hardening test held CI until its limit).
+    Every socket a test (or the node under test) makes therefore starts with linger 0; the node and
+    the SDK set it themselves too, so this changes no behaviour a test checks.
+    """
+    import zmq
+
+    original = zmq.Context.__init__
+
+    def init(self: zmq.Context, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)
+        self.setsockopt(zmq.LINGER, 0)
+
+    zmq.Context.__init__ = init  # type: ignore[method-assign]
+
+
+_contexts_close_without_waiting()
+
+
 @pytest.fixture
 def shared() -> Path:
     """``../shared`` (CI has it beside the clone); tests that need it skip cleanly without it."""

@@ -56,12 +56,40 @@ def client_for(node, **kw):
     return Client(node.server.control_endpoint, timeout_s=3, **kw)
 
 
+class _Deadline(Exception):
+    pass
+
+
 def take(iterator, n, timeout_s=30):
-    out, deadline = [], time.monotonic() + timeout_s
-    for item in iterator:
-        out.append(item)
-        if len(out) >= n or time.monotonic() > deadline:
-            break
+    """Up to ``n`` items, or what came within ``timeout_s`` — also when none comes at all.
+
+    Checking the clock between items is not enough: a node that stalls never yields again, and the
+    test would hang instead of failing. A real-time alarm interrupts the wait (pytest runs tests on the
+    main thread, where signal handlers run).
+    """
+    out: list = []
+
+    def expire(signum, frame):
+        raise _Deadline
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        for item in iterator:
+            out.append(item)
+            if len(out) >= n:
+                break
+    except _Deadline:
+        pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            try:
+                close()
+            except _Deadline:
+                pass
     return out
 
 
