@@ -84,6 +84,7 @@ class PriorMark:
     clean: bool = True  # every source says the last run stopped cleanly
     boot: str | None = None
     seen: bool = False  # any mark found at all
+    live_seen: bool = False  # seq.live was there and held a number (absent or empty: deleted, or never written)
 
     def low(self, same_boot: bool) -> int:
         return max(self.durable_low, self.volatile_low) if self.clean or same_boot else self.durable_low
@@ -130,12 +131,15 @@ class SeqMark:
             log.warning("event store is behind the seq mark (%d < %d); continuing at %d as accepted",
                         store_last, low, next_seq)
             self._audit("seq_gap_accepted", store_last=store_last, mark=low, next_seq=next_seq)
-        elif not prior.clean and not same_boot and high > store_last:
+        elif not prior.clean and (not same_boot or not prior.live_seen) and high > store_last:
+            # an earlier boot (power cut) or seq.live gone (deleted with the WAL): how far the last run got is
+            # unknown, so skip past everything it may have handed out
             next_seq = high + 1
-            log.warning("unclean stop in an earlier boot: seq continues at %d, after the reservation, so no "
-                        "number that may have been published is used again", next_seq)
-            self._audit("seq_skipped", store_last=store_last, next_seq=next_seq,
-                        reason="unclean stop in an earlier boot (power cut?): the last commits may be lost")
+            why = ("unclean stop in an earlier boot (power cut?): the last commits may be lost" if not same_boot
+                   else f"unclean stop and {LIVE_FILE} missing: how far the last run got is unknown")
+            log.warning("%s; seq continues at %d, after the reservation, so no number that may have been "
+                        "published is used again", why, next_seq)
+            self._audit("seq_skipped", store_last=store_last, next_seq=next_seq, reason=why)
         else:
             next_seq = store_last + 1
         self._reserve(next_seq - 1, "start")
@@ -156,6 +160,7 @@ class SeqMark:
             prior.clean, prior.boot = clean, state.get("boot")
         live = self._read_live()
         if live is not None:
+            prior.live_seen = True
             prior.volatile_low = max(prior.volatile_low, live)
         marks = self._audit_marks()
         audit_high = 0
@@ -188,8 +193,10 @@ class SeqMark:
         return state if isinstance(state, dict) else None
 
     def _read_live(self) -> int | None:
+        """The last committed seq, or None when seq.live is missing, empty or garbled (``_open_live`` creates it
+        empty before this reads it, so a deleted file reads as empty)."""
         try:
-            return int((self.dir / LIVE_FILE).read_bytes().strip() or b"0")
+            return int((self.dir / LIVE_FILE).read_bytes().strip())
         except (OSError, ValueError):
             return None
 

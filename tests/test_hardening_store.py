@@ -337,3 +337,27 @@ def test_a_row_that_is_not_an_event_is_damage_in_one_line(tmp_path):
         store.since(0)
     assert "\n" not in str(refused.value) and store.error and store.last_seq() == 1
     store.close()
+
+
+def test_seq_live_lost_with_the_wal_after_kill_9_never_reuses_a_seq(tmp_path):
+    """Found by the adversarial pass: kill -9, then the WAL *and* seq.live deleted (seq.json still says
+    'last 0, unclean') restarted numbering at 1 in the same boot. Without seq.live the node cannot know how far
+    it got, so it must skip past the reservation (or refuse), never hand out 1..N again."""
+    from bastion.edge.audit import AuditLog
+    from bastion.edge.seqmark import SeqMark
+
+    audit = AuditLog(tmp_path / "audit.log")
+    store = EventStore(tmp_path / "events.db", mark=SeqMark(tmp_path, audit, block=10))
+    published = [store.append(_event()).seq for _ in range(4)]
+    store._db.close()  # the process dies: no stop mark
+    store.mark._close_live()
+    for name in ("events.db", "events.db-wal", "events.db-shm", "seq.live"):
+        (tmp_path / name).unlink(missing_ok=True)
+    try:
+        store = EventStore(tmp_path / "events.db", mark=SeqMark(tmp_path, audit, block=10))
+    except BastionError:
+        return  # refusing is as good as skipping
+    try:
+        assert store.append(_event()).seq > max(published)
+    finally:
+        store.close()
