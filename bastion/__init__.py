@@ -8,6 +8,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import bastion.ort_telemetry  # noqa: F401  (first, and eager even in a lazy facade: see its docstring)
+
 from bastion.edge.client import Client
 from bastion.edge.protocol import DetectionEvent
 from bastion.errors import BastionError

@@ -51,7 +51,7 @@ def run_checks(lock: Path | None = None) -> list[Check]:
 
 
 def _checks(home: Check, lock: Path | None) -> list[Check]:
-    checks = [home, _trust(), _registry(), _zoo(), _providers(), _cpu_class(), _egress_env(),
+    checks = [home, _trust(), _registry(), _zoo(), _providers(), _cpu_class(), _egress_env(), _ort_telemetry(),
               _ultralytics_settings(),
               _versions(lock)]
     return [c for c in checks if c is not None]
@@ -152,6 +152,13 @@ def _egress_env() -> Check:
                                                 "a network; bastion itself never uses one")
     return Check("egress settings", "ok", "no proxy configured; bastion sets offline modes itself"
                  + (f" (not exported here: {', '.join(not_offline)})" if not_offline else ""))
+
+
+def _ort_telemetry() -> Check:
+    from bastion import ort_telemetry
+
+    line = ort_telemetry.status()
+    return Check("onnxruntime telemetry", "ok" if line.startswith(f"{ort_telemetry.ENV}=1") else "fail", line)
 
 
 def _ultralytics_settings() -> Check | None:
