@@ -118,7 +118,7 @@ class AuditLog:
             try:
                 record = json.loads(last)
                 self._prev, self._next = record["hash"], int(record["i"]) + 1
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 # A complete but damaged last line: chain on from it anyway; verify names it.
                 fh.seek(0)
                 self._prev, self._next = hashlib.sha256(last).hexdigest(), sum(1 for _ in fh)

@@ -79,7 +79,7 @@ def _scan(path: Path, key: Ed25519PublicKey | None, result: AuditVerification,
             try:
                 record = json.loads(line)
                 claimed, index = record["hash"], record["i"]
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: nested too deep
                 raise _Broken(lineno, f"line {lineno + 1} is not an audit record") from None
             if index != result.records:
                 raise _Broken(lineno, f"record {lineno + 1} has index {index}, expected {result.records}"

@@ -212,7 +212,7 @@ class SeqMark:
                         continue
                     try:
                         record = json.loads(line)
-                    except ValueError:
+                    except (ValueError, RecursionError):  # damaged: verify names it
                         continue
                     if isinstance(record, dict) and record.get("kind") == AUDIT_KIND \
                             and isinstance(record.get("fields"), dict):

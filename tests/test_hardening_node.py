@@ -421,3 +421,26 @@ def test_unwritable_runtime_file_at_start_exits_1_in_one_line(tmp_path):
 def test_sizes_are_bounded_in_the_schema(tmp_path, field, value):
     with pytest.raises(ConfigError, match=field):
         load_config(node_config(tmp_path, tmp_path / "data", **{field: value}))
+
+
+def test_a_deeply_nested_line_in_the_audit_log_is_damage_not_internal_error(tmp_path):
+    """Adversarial pass: one complete line of nested JSON in audit.log made `audit verify` and the node's start
+    (chain head, seq marks) die with `internal error: RecursionError` (exit 2). It is a damaged record: verify
+    names it in one line (exit 1); the node opens the log, reads its seq marks and chains on."""
+    from bastion.edge.seqmark import SeqMark
+
+    log = tmp_path / "audit.log"
+    audit = AuditLog(log)
+    audit.append("a")
+    nested = b'{"kind": "seq_mark", "fields": ' + b"[" * 100000 + b"]" * 100000 + b"}\n"
+    with open(log, "ab") as fh:
+        fh.write(nested)
+    proc = run_cli("audit", "verify", str(log))
+    assert proc.returncode == 1, proc.stderr
+    assert "internal error" not in proc.stderr and "line 2 is not an audit record" in proc.stderr
+    reopened = AuditLog(log)  # finds the head past the damaged line
+    mark = SeqMark(tmp_path, reopened)
+    try:
+        assert mark.resume(0) == 1
+    finally:
+        mark._close_live()
