@@ -187,7 +187,7 @@ class SeqMark:
             state = json.loads(path.read_bytes())
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:  # written atomically, so this is damage or tampering
+        except (OSError, ValueError, RecursionError) as exc:  # written atomically: damage or tampering
             log.warning("%s is unreadable (%s); using the audit log's seq marks", path, exc)
             return None
         return state if isinstance(state, dict) else None

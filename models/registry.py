@@ -66,7 +66,7 @@ class Registry:
             return {}
         try:
             return json.loads(self.index_path.read_text())["bundles"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
             raise RegistryError(f"registry index {self.index_path} is damaged",
                                 "restore it from backup or re-add the bundles") from None
 

@@ -59,7 +59,7 @@ class TrustStore:
             data = json.loads(self.revoked_path.read_text())
         except FileNotFoundError:
             return None
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError, RecursionError):  # nested too deep: damage
             data = None
         revoked = data.get("revoked") if isinstance(data, dict) else None
         if not isinstance(revoked, dict):
@@ -115,7 +115,7 @@ class TrustStore:
         for line in lines:
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 continue
             event = record.get("event") if isinstance(record, dict) else None
             if event == "revoked":

@@ -301,3 +301,20 @@ def test_a_deeply_nested_or_huge_manifest_or_signature_is_one_line(tmp_path, tar
         fh.truncate(4 * 2**30)
     with pytest.raises(ModelLoadError, match="larger than|damaged"):
         Bundle.open(bundle)
+
+
+@pytest.mark.parametrize("target", ["trust/revoked.json", "trust/audit.jsonl", "registry/index.json"])
+def test_a_deeply_nested_state_file_is_damage_in_one_line(bastion_home, target):
+    """Adversarial pass: a trust list, trust journal or registry index holding deeply nested JSON made every
+    `keys`/`models` command die with `internal error: RecursionError` (exit 2) instead of naming the damage."""
+    assert run_cli("keys", "list").returncode == 0  # creates the trust store
+    path = bastion_home / target
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a" if target.endswith(".jsonl") else "w") as fh:  # a journal gains a line, a file is replaced
+        fh.write("[" * 100000 + "]" * 100000 + "\n")
+    proc = run_cli("models" if target.startswith("registry") else "keys", "list")
+    assert "internal error" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    if target == "trust/audit.jsonl":  # an unreadable journal line is skipped, as a non-JSON one always was
+        assert proc.returncode == 0, proc.stderr
+    else:
+        assert proc.returncode == 1 and "damaged" in proc.stderr, proc.stderr

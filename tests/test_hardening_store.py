@@ -361,3 +361,21 @@ def test_seq_live_lost_with_the_wal_after_kill_9_never_reuses_a_seq(tmp_path):
         assert store.append(_event()).seq > max(published)
     finally:
         store.close()
+
+
+def test_a_deeply_nested_seq_json_falls_back_to_the_audit_marks(tmp_path):
+    """Adversarial pass: a seq.json of nested JSON made the node's start die with RecursionError (exit 2)."""
+    from bastion.edge.audit import AuditLog
+    from bastion.edge.seqmark import SeqMark
+
+    audit = AuditLog(tmp_path / "audit.log")
+    store = EventStore(tmp_path / "events.db", mark=SeqMark(tmp_path, audit, block=10))
+    published = [store.append(_event()).seq for _ in range(3)]
+    store.close()
+    (tmp_path / "seq.json").write_text("[" * 100000 + "]" * 100000)
+    (tmp_path / "events.db").unlink()  # and the store emptied: the audit log's marks still hold seq 3
+    for name in ("events.db-wal", "events.db-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    with pytest.raises(BastionError, match="seq 3 was already published"):
+        EventStore(tmp_path / "events.db", mark=SeqMark(tmp_path, audit, block=10))
+    assert published == [1, 2, 3]
