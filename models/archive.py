@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 ARCHIVE_SUFFIX = ".bastion"
 MAX_MEMBERS = 1000  # a bundle is a manifest, a signature and a few model files
+MAX_DEPTH = 32  # folders inside a bundle; deeper is hostile (and pathlib's mkdir(parents=True) recurses per level)
 MAX_BYTES_ENV = "BASTION_MAX_BUNDLE_BYTES"
 DEFAULT_MAX_BYTES = 8 << 30  # the largest model a field unit is expected to carry, payload total
 MAX_EXPANSION = 100  # model weights compress ~1.1-2x; 100x is a decompression bomb, not a model
@@ -183,6 +184,9 @@ def _member_path(member: tarfile.TarInfo, archive: Path) -> str | None:
     parts = PurePosixPath(name).parts
     if ".." in parts:
         raise ArchiveError(f"{archive.name}: member {name!r} escapes the bundle with '..'", "refusing this archive")
+    if len(parts) > MAX_DEPTH:
+        raise ArchiveError(f"{archive.name}: member {name[:80]!r}… is {len(parts)} folders deep (at most {MAX_DEPTH})",
+                           "refusing this archive")
     if member.issym() or member.islnk():
         raise ArchiveError(f"{archive.name}: member {name!r} is a link", "refusing this archive")
     if member.issparse() or member.type == tarfile.GNUTYPE_SPARSE:

@@ -402,3 +402,17 @@ def test_compressed_archives_of_a_real_bundle_are_accepted(tmp_path, mode):
     with tarfile.open(archive, mode) as tar:
         tar.add(zoo_path("yolox_nano"), arcname=".")
     assert Bundle.open(unpack(archive, tmp_path / "out")).verification.signed
+
+
+def test_a_deeply_nested_member_path_is_refused_in_one_line(tmp_path, bastion_home):
+    """Adversarial pass: a member 1,500 directories deep made `models add` die with `internal error:
+    RecursionError` (pathlib's mkdir(parents=True) recurses once per missing parent)."""
+    archive = tmp_path / "deep.bastion"
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo("/".join(["d"] * 1500) + "/f")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    proc = run_cli("models", "add", str(archive))
+    assert proc.returncode == 1 and "internal error" not in proc.stderr, proc.stderr
+    assert "deep" in proc.stderr
+    assert not any((bastion_home / "registry").rglob("f"))
