@@ -139,9 +139,13 @@ class Client:
     def _socket(self, kind: int, endpoint: str) -> zmq.Socket:
         sock = self.ctx.socket(kind)
         sock.linger = 0
-        if self.server_key is not None:
-            apply_client(sock, self.server_key, self.client_key)
-        sock.connect(endpoint)
+        try:  # a bad key file or endpoint: close the socket, or close()'s ctx.term() waits on it forever
+            if self.server_key is not None:
+                apply_client(sock, self.server_key, self.client_key)
+            sock.connect(endpoint)
+        except BaseException:
+            sock.close(linger=0)
+            raise
         return sock
 
     def request(self, op: str, **fields: Any) -> dict[str, Any]:

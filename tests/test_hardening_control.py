@@ -417,3 +417,22 @@ def test_subscriptions_longer_than_any_topic_are_refused_by_the_events_socket(tm
         ctx.term()
     assert heard
     assert growth < 50, f"{growth:.0f} MB held for 10 MB of subscriptions"
+
+
+@pytest.mark.parametrize("bad", ["public_only", "not_a_certificate"])
+def test_a_wrong_client_key_file_is_one_line_not_a_hang(tmp_path, bad):
+    """Adversarial pass: `node status --client-key node.key` (the public half) or any non-certificate hung
+    forever: the socket made before the key was read was never closed, so zmq's context.term() waited on it."""
+    from bastion.edge.curve import generate_certificate
+
+    pub, _ = generate_certificate(tmp_path, "node")
+    client_key = pub if bad == "public_only" else tmp_path / "junk.key_secret"
+    if bad != "public_only":
+        client_key.write_bytes(os.urandom(4096))
+    try:
+        proc = run_cli("node", "status", "--control", "tcp://127.0.0.1:9", "--server-key", str(pub),
+                       "--client-key", str(client_key), timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("bastion node status hung on a wrong --client-key")
+    assert proc.returncode == 1 and "internal error" not in proc.stderr, proc.stderr
+    assert str(client_key.name) in proc.stderr
