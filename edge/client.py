@@ -31,7 +31,7 @@ import zmq
 
 from bastion.edge.curve import apply_client, load_public
 from bastion.edge.protocol import EVENT_TOPIC_PREFIX, HEARTBEAT_TOPIC, MAX_REQUEST_BYTES, DetectionEvent, Heartbeat
-from bastion.errors import BastionError
+from bastion.errors import BastionError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,10 @@ class Client:
             if self.server_key is not None:
                 apply_client(sock, self.server_key, self.client_key)
             sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise ConfigError(f"{endpoint!r} is not an endpoint ZeroMQ can connect to ({exc})",
+                              "give one like tcp://127.0.0.1:7701") from None
         except BaseException:
             sock.close(linger=0)
             raise

@@ -436,3 +436,10 @@ def test_a_wrong_client_key_file_is_one_line_not_a_hang(tmp_path, bad):
         pytest.fail("bastion node status hung on a wrong --client-key")
     assert proc.returncode == 1 and "internal error" not in proc.stderr, proc.stderr
     assert str(client_key.name) in proc.stderr
+
+
+def test_a_malformed_control_endpoint_is_one_line():
+    """Adversarial pass: `node status --control garbage` was `internal error: ZMQError` (exit 2)."""
+    proc = run_cli("node", "status", "--control", "garbage", timeout=30)
+    assert proc.returncode == 1 and "internal error" not in proc.stderr, proc.stderr
+    assert "garbage" in proc.stderr
