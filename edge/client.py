@@ -118,6 +118,19 @@ class _SeqGuard:
                 "stop here; check the node (bastion node status, bastion audit verify) before resuming")
 
 
+def _decode(raw: bytes) -> dict[str, Any]:
+    """A control answer as a dict, or NodeRequestError: what a broken or hostile node sends (nested, not JSON, not an
+    object) is one clear error, never a RecursionError or AttributeError in the caller's program."""
+    try:
+        answer = json.loads(raw)
+    except (ValueError, RecursionError):
+        answer = None
+    if not isinstance(answer, dict):
+        raise NodeRequestError(f"the node's answer is not a protocol message ({len(raw)} bytes: {raw[:40]!r})",
+                               "is this endpoint a bastion node of this version?")
+    return answer
+
+
 class Client:
     def __init__(self, control: str = "tcp://127.0.0.1:7701", events: str | None = None,
                  server_key: str | Path | None = None, client_key: Path | None = None,
@@ -173,7 +186,7 @@ class Client:
             while (left := deadline - time.monotonic()) > 0:
                 if not self._dealer.poll(int(left * 1000)):
                     break
-                answer = json.loads(self._dealer.recv())
+                answer = _decode(self._dealer.recv())
                 if answer.get("id") != request_id and not (answer.get("id") is None and not answer.get("ok", True)):
                     continue  # a late answer to an earlier, timed-out request
                 if answer.get("rate_limited") and time.monotonic() + answer.get("retry_after_s", 0.1) < deadline:
@@ -230,7 +243,7 @@ class Client:
                 yield answer["text"]
             if not self._dealer.poll(int(self.timeout_s * 1000)):
                 raise NodeUnavailable(f"the node stopped answering mid-stream ({self.control_endpoint})")
-            answer = json.loads(self._dealer.recv())
+            answer = _decode(self._dealer.recv())
             if answer.get("id") != request_id:
                 continue
             if not answer.get("ok", False):

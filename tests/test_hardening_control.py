@@ -443,3 +443,27 @@ def test_a_malformed_control_endpoint_is_one_line():
     proc = run_cli("node", "status", "--control", "garbage", timeout=30)
     assert proc.returncode == 1 and "internal error" not in proc.stderr, proc.stderr
     assert "garbage" in proc.stderr
+
+
+@pytest.mark.parametrize("answer", [b"[" * 100000 + b"]" * 100000, b"[]", b"\xff"])
+def test_an_answer_that_is_not_a_protocol_message_is_one_sdk_error(answer):
+    """Adversarial pass: a broken or hostile node answering nested JSON, a list or non-UTF-8 made the SDK raise
+    RecursionError / AttributeError / UnicodeDecodeError into the caller's program."""
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+
+    def serve():
+        if router.poll(5000):
+            router.send_multipart([router.recv_multipart()[0], answer])
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        with Client(f"tcp://127.0.0.1:{port}", timeout_s=3, retries=0) as client:
+            with pytest.raises(NodeRequestError, match="not a protocol message"):
+                client.status()
+    finally:
+        server.join(timeout=5)
+        router.close()
