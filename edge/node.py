@@ -12,6 +12,7 @@ watchdog is pinged only while the inference loop is turning.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -78,10 +79,15 @@ class Node:
         self._detector_lock = threading.Lock()
         self.audit.append("node_start", node=config.id, config_sha256=config.sha256(), bastion=__version__,
                           pid=os.getpid())
-        self.detector = self._load_detector(config.model)
-        self.generator = self._load_lm(config.lm) if config.lm else None
-        self.store = EventStore(self.storage / "events.db", mark=SeqMark(self.storage, self.audit),
-                                accept_seq_gap=accept_seq_gap, audit=self.audit)  # refuses a store behind its mark
+        try:
+            self.detector = self._load_detector(config.model)
+            self.generator = self._load_lm(config.lm) if config.lm else None
+            self.store = EventStore(self.storage / "events.db", mark=SeqMark(self.storage, self.audit),
+                                    accept_seq_gap=accept_seq_gap, audit=self.audit)  # refuses a store behind its mark
+        except BastionError:  # a refused start is anchored like a clean stop: `audit verify --key` stays clean
+            with contextlib.suppress(Exception):
+                self.audit.checkpoint()
+            raise
         self.vault = None
         if config.storage.snapshots:
             from bastion.edge.snapshots import SnapshotVault, load_key

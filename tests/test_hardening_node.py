@@ -444,3 +444,18 @@ def test_a_deeply_nested_line_in_the_audit_log_is_damage_not_internal_error(tmp_
         assert mark.resume(0) == 1
     finally:
         mark._close_live()
+
+
+def test_a_refused_start_anchors_its_audit_records(tmp_path):
+    """Adversarial pass: a node that refused to start (bundle refused, store behind its seq mark) left its last
+    records after the last signed checkpoint, so `audit verify --key` said 'NOT intact … appended without the node
+    key' for a log nobody had touched. The refusal is anchored like a clean stop."""
+    data = tmp_path / "data"
+    with running_node(tmp_path, data):
+        pass
+    with pytest.raises(ConfigError.__mro__[1]):  # any BastionError
+        Node(load_config(node_config(tmp_path, data, model=str(tmp_path / "no-such-bundle"))))
+    kinds = [json.loads(x)["kind"] for x in (data / "audit.log").read_text().splitlines()]
+    assert "bundle_refused" in kinds
+    result = verify_audit_log(data / "audit.log", key=load_public_key(data / "node-audit.pub"))
+    assert result.ok, result.reason
