@@ -5,11 +5,15 @@ Exit codes: 0 ok, 1 user error (one clear line, no traceback), 2 internal error.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
+from typing import Any
 
 import typer
+import typer.main
+from typer.core import TyperCommand, TyperGroup
 from rich.markup import escape
 
 from bastion import __version__
@@ -44,37 +48,87 @@ def _root(
     setup_logging(os.environ.get("BASTION_LOG_LEVEL", level), json_lines=log_json)
 
 
-def _mount() -> None:
-    from bastion.bench import bench_app
-    from bastion.demo import demo_command
-    from bastion.distill.cli import distill_app, eval_app, quantize_command
-    from bastion.doctor import doctor_command
-    from bastion.edge.cli import audit_app, node_app
-    from bastion.hardware.cli import hw_app
-    from bastion.models.cli import bundle_app, keys_app, models_app
+# Each top-level command, mounted only when it is run (or its own --help is asked): `bastion --version`,
+# `bastion --help` and `bastion node run` never import distill, bench or onnxruntime for commands they do not
+# run. name -> (loader "module:attr", the one-line help `bastion --help` lists without importing it).
+# tests/test_imports.py holds each line to the command's real help.
+_COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("bastion.demo:demo_command",
+             "The whole loop on the vendored samples: distill → sign → detect → serve → subscribe → verify."),
+    "detect": ("bastion.runtime.cli:detect_command", "Detect objects in an image, a directory of images or a video."),
+    "ask": ("bastion.runtime.cli:ask_command",
+            "Stream a language model's answer, from a local bundle or from a field node."),
+    "quantize": ("bastion.distill.cli:quantize_command",
+                 "INT8 (ONNX Runtime static QDQ) of a detection bundle, kept only if its measured mAP50 drop is small."),
+    "doctor": ("bastion.doctor:doctor_command",
+               "Check offline readiness: state directory, trust store, registry, vendored models, providers, egress, "
+               "installed versions against the lock."),
+    "eval": ("bastion.distill.cli:eval_app", "Measure model accuracy on a labelled dataset."),
+    "distill": ("bastion.distill.cli:distill_app", "Make a smaller model for a narrower mission."),
+    "bench": ("bastion.bench:bench_app", "Measure speed against a reference measured in the same run (JSON output)."),
+    "bundle": ("bastion.cli:_bundle_app", "Create, sign, verify, inspect and pack model bundles."),
+    "keys": ("bastion.models.cli:keys_app", "Signing keys and the trust store."),
+    "models": ("bastion.models.cli:models_app", "The local model registry under BASTION_HOME."),
+    "node": ("bastion.edge.cli:node_app", "The field node daemon: sources → detector → SQLite → ZeroMQ."),
+    "audit": ("bastion.edge.cli:audit_app", "The node's hash-chained audit log."),
+    "hw": ("bastion.hardware.cli:hw_app", "Know the machine: probe (plans and engine caches build on it)."),
+    "engine": ("bastion.runtime.engine_cli:engine_app",
+               "TensorRT engines, cached per GPU, TensorRT version, model, precision and shape."),
+}
+
+
+def _bundle_app() -> typer.Typer:
+    """`bundle create` lives with the runtime (it reads ONNX heads); the other bundle commands with the models."""
+    from bastion.models.cli import bundle_app
     from bastion.runtime.bundle_create import bundle_create_command
-    from bastion.runtime.cli import ask_command, detect_command
-    from bastion.runtime.engine_cli import engine_app
 
-    app.command("demo")(demo_command)
-    app.command("detect")(detect_command)
-    app.command("ask")(ask_command)
-    app.add_typer(eval_app, name="eval")
-    app.command("quantize")(quantize_command)
-    app.add_typer(distill_app, name="distill")
-    app.add_typer(bench_app, name="bench")
-    bundle_app.command("create")(bundle_create_command)
-    app.add_typer(bundle_app, name="bundle")
-    app.add_typer(keys_app, name="keys")
-    app.add_typer(models_app, name="models")
-    app.add_typer(node_app, name="node")
-    app.add_typer(audit_app, name="audit")
-    app.add_typer(hw_app, name="hw")
-    app.add_typer(engine_app, name="engine")
-    app.command("doctor")(doctor_command)
+    if not any(c.name == "create" for c in bundle_app.registered_commands):
+        bundle_app.command("create")(bundle_create_command)
+    return bundle_app
 
 
-_mount()
+def load_command(name: str) -> TyperCommand | TyperGroup:
+    """Import one top-level command and turn it into the click command typer would have built."""
+    module, _, attr = _COMMANDS[name][0].partition(":")
+    target = getattr(importlib.import_module(module), attr)
+    if attr == "_bundle_app":
+        target = target()
+    if isinstance(target, typer.Typer):
+        command = typer.main.get_group(target)
+    else:
+        single = typer.Typer(add_completion=False)
+        single.command(name)(target)
+        command = typer.main.get_command(single)
+    command.name = name
+    return command
+
+
+class _LazyGroup(TyperGroup):
+    """Lists every command from `_COMMANDS` and imports one only to run it (click's lazy-group pattern)."""
+
+    _listing = False
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return list(_COMMANDS)
+
+    def get_command(self, ctx: Any, cmd_name: str) -> TyperCommand | TyperGroup | None:
+        if cmd_name not in _COMMANDS:
+            return None
+        if self._listing:  # `bastion --help`: the table's line, no import
+            return TyperCommand(cmd_name, help=_COMMANDS[cmd_name][1], short_help=_COMMANDS[cmd_name][1])
+        if cmd_name not in self.commands:
+            self.commands[cmd_name] = load_command(cmd_name)
+        return self.commands[cmd_name]
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        self._listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
+
+app.info.cls = _LazyGroup
 
 
 def main(argv: list[str] | None = None) -> int:

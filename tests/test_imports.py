@@ -66,8 +66,6 @@ def test_base_layer_imports_no_runtime_stack_and_the_lazy_facade_still_serves_ev
         bastion.NoSuchName  # noqa: B018
 
 
-@pytest.mark.xfail(strict=True, reason="#16 item 4: bastion/cli.py mounts every command group at import, so "
-                   "`bastion --version` loads onnxruntime; drop this marker when the CLI mounts groups lazily")
 def test_version_imports_no_runtime_stack(tmp_path):
     """`bastion --version` loads none of the inference or wire stacks."""
     report = tmp_path / "modules.txt"
@@ -80,3 +78,31 @@ def test_version_imports_no_runtime_stack(tmp_path):
     assert proc.returncode == 0 and proc.stdout.startswith("bastion "), proc.stderr
     loaded = set(report.read_text().split())
     assert "bastion.cli" in loaded and not top_level(loaded) & set(RUNTIME_STACK + HEAVY)
+
+
+def _modules_after_cli(tmp_path, *argv: str) -> set[str]:
+    report = tmp_path / "cli-modules.txt"
+    code = ("import atexit, sys\n"
+            f"atexit.register(lambda: open({str(report)!r}, 'w').write('\\n'.join(sys.modules)))\n"
+            f"sys.argv = ['bastion', *{list(argv)!r}]\n"
+            "from bastion.cli import run\n"
+            "run()\n")
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return set(report.read_text().split())
+
+
+def test_help_and_a_node_command_do_not_import_distill_or_bench(tmp_path):
+    for argv in (("--help",), ("node", "--help"), ("node", "run", "--help")):
+        loaded = _modules_after_cli(tmp_path, *argv)
+        assert "bastion.cli" in loaded
+        assert not {m for m in loaded if m.startswith(("bastion.distill", "bastion.bench", "bastion.demo"))}, argv
+    assert "bastion.edge.cli" in _modules_after_cli(tmp_path, "node", "--help")  # the mounted group did load
+
+
+def test_the_help_table_says_what_each_command_says_of_itself():
+    from bastion.cli import _COMMANDS, load_command
+
+    for name, (_, line) in _COMMANDS.items():
+        command = load_command(name)
+        assert command.get_short_help_str(limit=1000) == line, name
+        assert command.name == name
