@@ -118,6 +118,9 @@ class _SeqGuard:
                 "stop here; check the node (bastion node status, bastion audit verify) before resuming")
 
 
+MAX_ANSWER_BYTES = 64 * 2**20  # a node's largest answer is a ~4 MB replay page (edge/node.py MAX_REPLAY_BYTES)
+
+
 def _decode(raw: bytes) -> dict[str, Any]:
     """A control answer as a dict, or NodeRequestError: what a broken or hostile node sends (nested, not JSON, not an
     object) is one clear error, never a RecursionError or AttributeError in the caller's program."""
@@ -152,6 +155,7 @@ class Client:
     def _socket(self, kind: int, endpoint: str) -> zmq.Socket:
         sock = self.ctx.socket(kind)
         sock.linger = 0
+        sock.maxmsgsize = MAX_ANSWER_BYTES  # a larger message is dropped by libzmq, never buffered
         try:  # a bad key file or endpoint: close the socket, or close()'s ctx.term() waits on it forever
             if self.server_key is not None:
                 apply_client(sock, self.server_key, self.client_key)

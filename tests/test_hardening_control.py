@@ -467,3 +467,29 @@ def test_an_answer_that_is_not_a_protocol_message_is_one_sdk_error(answer):
     finally:
         server.join(timeout=5)
         router.close()
+
+
+def test_an_oversized_answer_is_never_buffered_by_the_sdk():
+    """Adversarial pass: the SDK's sockets had no size limit, so a hostile endpoint could make a client buffer an
+    answer of any size. A node's largest answer is a ~4 MB replay page; libzmq now drops a larger message unread."""
+    from bastion.edge.client import MAX_ANSWER_BYTES, NodeUnavailable
+
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    answer = b'{"id": 1, "ok": true, "pad": "' + b"x" * (MAX_ANSWER_BYTES + 1) + b'"}'
+
+    def serve():
+        if router.poll(5000):
+            router.send_multipart([router.recv_multipart()[0], answer])
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        with Client(f"tcp://127.0.0.1:{port}", timeout_s=2, retries=0) as client:
+            with pytest.raises(NodeUnavailable):
+                client.status()
+    finally:
+        server.join(timeout=5)
+        router.close()
