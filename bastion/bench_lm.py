@@ -7,44 +7,14 @@ produce the same tokens.  The torch reference is bastion's own Llama module (the
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 from bastion.runtime.lm import Generator
+from bastion.runtime.lm_timing import best_of, interleaved_tokens_per_s
 
 
 ROUNDS = 3  # every contestant is timed best of the same number of runs (the machine is shared and noisy)
-
-
-def _timed_stream(start) -> tuple[float, float, list[int]]:  # () -> iterator of token ids
-    """(time to first token, total time, tokens) of one generation; ``start`` runs inside the clock."""
-    t0 = time.perf_counter()
-    stream = start()
-    first = next(stream, None)
-    ttft = time.perf_counter() - t0
-    tokens = ([first] if first is not None else []) + list(stream)
-    return ttft, time.perf_counter() - t0, tokens
-
-
-def _best_of(rounds: int, start) -> tuple[float, float, list[int]]:  # () -> iterator of ids
-    """The fastest of ``rounds`` timed generations (TTFT from that same run)."""
-    return min((_timed_stream(start) for _ in range(rounds)), key=lambda r: r[1])
-
-
-def interleaved_tokens_per_s(generators: dict[str, Generator], prompt: list[int], new_tokens: int = 128,
-                             rounds: int = 5) -> dict[str, float]:
-    """Greedy tokens/s of each generator (no early stop), best of ``rounds``, the generators taking turns within
-    each round: a slow spell of a shared machine then hits every contestant, not whichever ran during it — the
-    ratio of two models timed one after the other moved 1.51–1.61× between runs; taking turns keeps it steady."""
-    for generator in generators.values():  # warm: first runs allocate ONNX Runtime's arenas
-        list(generator.generate_ids(prompt, 8, stop=()))
-    best = dict.fromkeys(generators, 0.0)
-    for _ in range(rounds):
-        for name, generator in generators.items():
-            _, total, tokens = _timed_stream(lambda: generator.generate_ids(prompt, new_tokens, stop=()))
-            best[name] = max(best[name], len(tokens) / total)
-    return {name: round(value, 1) for name, value in best.items()}
 
 
 def _prompt_ids(generator: Generator, length: int) -> list[int]:
@@ -74,11 +44,11 @@ def bench_lm(model: str, reference: Path | None, new_tokens: int, prompt_lengths
         greedy(torch_model, warm, 8)
     for length in prompt_lengths:
         ids = _prompt_ids(generator, min(length, generator.context - new_tokens - 1))
-        ttft, total, ours = _best_of(ROUNDS, lambda: generator.generate_ids(ids, new_tokens))
+        ttft, total, ours = best_of(ROUNDS, lambda: generator.generate_ids(ids, new_tokens))
         row = {"prompt_tokens": len(ids), "ttft_ms": round(ttft * 1000, 2),
                "tokens": len(ours), "tokens_per_s": round(len(ours) / total, 1)}
         if torch_model is not None:
-            _, ref_total, theirs = _best_of(ROUNDS, lambda: iter(greedy(torch_model, ids, new_tokens)))
+            _, ref_total, theirs = best_of(ROUNDS, lambda: iter(greedy(torch_model, ids, new_tokens)))
             row.update(torch_tokens_per_s=round(len(theirs) / ref_total, 1), same_tokens=theirs == ours,
                        speedup=round((len(ours) / total) / (len(theirs) / ref_total), 2) if theirs else None)
         result["lengths"][str(length)] = row

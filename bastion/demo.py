@@ -25,9 +25,8 @@ import typer
 from bastion.console import out, print_counts, print_json, progress, stage_bars, warn
 from bastion.models.cli import ALLOW_UNSIGNED_HELP
 from bastion.models.zoo import DEFAULT_DETECTOR
+from bastion.sample_paths import DEFAULT_VIDEO, SAMPLES
 
-SAMPLES = Path(__file__).resolve().parent / "samples"
-DEFAULT_VIDEO = SAMPLES / "one-by-one-person-detection.mp4"
 CLASSES = ["person", "vehicle"]
 CLASS_MAP = {"car": "vehicle", "truck": "vehicle", "bus": "vehicle", "motorcycle": "vehicle"}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bastion.bench_lm import interleaved_tokens_per_s
+from bastion.runtime.lm_timing import interleaved_tokens_per_s
 from bastion.models.bundle import Bundle
 from bastion.models.manifest import MANIFEST_NAME, read_manifest, sha256_file, write_manifest
 from bastion.runtime.lm import Generator

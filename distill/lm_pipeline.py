@@ -157,7 +157,7 @@ def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None
 
 def _served_tokens_per_s(bundles: dict[str, Path], prompt: list[int]) -> dict[str, float]:
     """Greedy tokens/s of each bundle through bastion's ONNX Runtime generator, 1 thread, timed taking turns."""
-    from bastion.bench_lm import interleaved_tokens_per_s
+    from bastion.runtime.lm_timing import interleaved_tokens_per_s
     from bastion.runtime.lm import Generator
 
     generators = {name: Generator(Bundle.open_fresh(path), threads=1) for name, path in bundles.items()}

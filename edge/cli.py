@@ -63,7 +63,7 @@ def node_init(out_path: Path = typer.Option(Path("node.yaml"), "--out", help="Wh
 
     Example: bastion node init --out /etc/bastion/node.yaml
     """
-    from bastion.demo import DEFAULT_VIDEO
+    from bastion.sample_paths import DEFAULT_VIDEO
     from bastion.errors import ConfigError
     from bastion.models.atomic import atomic_write_bytes
 

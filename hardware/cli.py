@@ -57,7 +57,7 @@ def hw_plan(
     """
     from bastion.hardware.profiles import load_profile
     from bastion.models.bundle import Bundle
-    from bastion.planner import plan
+    from bastion.hardware.planner import plan
 
     result = plan(Bundle.open(bundle), load_profile(profile), batch or None, imgsz or None)
     if json_out:

@@ -60,7 +60,7 @@ def test_every_shipped_profile_loads_and_bad_ones_are_named(tmp_path):
 def test_planner_arithmetic_fits_and_does_not_fit(tmp_path):
     from bastion.hardware.profiles import Profile
     from bastion.models import Bundle
-    from bastion.planner import plan
+    from bastion.hardware.planner import plan
 
     bundle = Bundle.open("yolov5n")
     base = dict(name="t", description="test", kind="jetson", preferred_backend="tensorrt", precision="fp16",

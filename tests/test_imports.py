@@ -106,3 +106,37 @@ def test_the_help_table_says_what_each_command_says_of_itself():
         command = load_command(name)
         assert command.get_short_help_str(limit=1000) == line, name
         assert command.name == name
+
+
+# The base of bastion/ that every card may import; everything else in bastion/ is the top layer (CLI, demo, bench,
+# doctor), which imports the cards and must never be imported by them (DESIGN.md: dependency direction).
+BASE_MODULES = {"bastion", "bastion.errors", "bastion.log", "bastion.console", "bastion.ort_telemetry",
+                "bastion.sample_paths"}
+CARDS = ("runtime", "edge", "models", "hardware", "distill")
+
+
+def _bastion_imports(path) -> set[str]:
+    import ast
+
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return {n for n in names if n == "bastion" or n.startswith("bastion.")}
+
+
+def test_cards_import_only_the_base_of_the_top_package():
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    wrong = {}
+    for card in CARDS:
+        for path in sorted((repo / card).rglob("*.py")):
+            top = {n for n in _bastion_imports(path) if n.split(".")[1:2] not in ([c] for c in CARDS)}
+            bad = sorted(top - BASE_MODULES)
+            if bad:
+                wrong[str(path.relative_to(repo))] = bad
+    assert not wrong, f"cards importing bastion's top layer: {wrong}"
+    assert _bastion_imports(repo / "edge" / "cli.py")  # the scan sees imports inside functions too

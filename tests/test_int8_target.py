@@ -224,7 +224,7 @@ def test_doctor_reports_this_cpu_class():
 
 def test_hw_plan_says_whether_the_int8_verdict_holds_on_each_profile(int8_model, tmp_path):
     from bastion.hardware.profiles import load_profile
-    from bastion.planner import plan
+    from bastion.hardware.planner import plan
 
     stem = _key_stem(tmp_path)
     vnni = Bundle.open(_int8_bundle(int8_model, tmp_path / "vnni", stem, "x86-avx512-vnni", saturation_free=False))
