@@ -104,9 +104,16 @@ def _client_for(control: Optional[str], storage: Optional[Path], server_key: Opt
     from bastion.edge.node import RUNTIME_FILE
 
     if control is None and storage is not None and (storage / RUNTIME_FILE).is_file():
-        info = json.loads((storage / RUNTIME_FILE).read_text())
-        control = info["control"]
-        server_key = server_key or info.get("server_public_key")
+        from bastion.errors import ConfigError
+        from bastion.models.safe_read import read_bounded
+
+        try:  # written by the node; damaged or hand-edited, it is named in one line
+            info = json.loads(read_bounded(storage / RUNTIME_FILE, 64 * 1024))
+            control = info["control"]
+            server_key = server_key or info.get("server_public_key")
+        except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError):
+            raise ConfigError(f"{storage / RUNTIME_FILE} is damaged (not the runtime file a node writes)",
+                              "restart the node, or give --control (and --server-key)") from None
     return Client(control or "tcp://127.0.0.1:7701", server_key=server_key, client_key=client_key,
                   timeout_s=timeout, retries=0)
 

@@ -22,6 +22,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from bastion.errors import KeyFileError
 from bastion.models.atomic import atomic_write_bytes
+from bastion.models.safe_read import NotRegular, TooLarge, read_bounded
+
+MAX_KEY_FILE_BYTES = 64 * 1024  # an Ed25519 PEM key is ~120 bytes
 
 PRIVATE_SUFFIX = ".key"
 PUBLIC_SUFFIX = ".pub"
@@ -66,9 +69,12 @@ def load_private_key(path: Path, passphrase: bytes | None = None) -> Ed25519Priv
     path = Path(path)
     try:
         mode = path.stat().st_mode
-        data = path.read_bytes()
+        data = read_bounded(path, MAX_KEY_FILE_BYTES)  # never /dev/zero or a FIFO read forever
     except FileNotFoundError:
         raise KeyFileError(f"private key not found: {path}") from None
+    except (TooLarge, NotRegular):
+        raise KeyFileError(f"{path} is not a private key file", "give the .key file bastion keys generate wrote"
+                           ) from None
     except OSError as exc:
         raise KeyFileError(f"cannot read private key {path}: {exc.strerror}") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -117,10 +123,17 @@ def _ask_for_passphrase(path: Path) -> bytes:
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
+    """A public key file: a regular file of at most ``MAX_KEY_FILE_BYTES`` (``/dev/zero`` or a FIFO given as
+    ``--key`` would otherwise be read forever)."""
     try:
-        data = Path(path).read_bytes()
+        data = read_bounded(path, MAX_KEY_FILE_BYTES)
     except FileNotFoundError:
         raise KeyFileError(f"public key not found: {path}") from None
+    except (TooLarge, NotRegular):
+        raise KeyFileError(f"{path} is not a public key file (a PEM key is under {MAX_KEY_FILE_BYTES} bytes)",
+                           "give the .pub file") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot read public key {path}: {exc.strerror or exc}") from None
     return parse_public_key(data, str(path))
 
 

@@ -459,3 +459,27 @@ def test_a_refused_start_anchors_its_audit_records(tmp_path):
     assert "bundle_refused" in kinds
     result = verify_audit_log(data / "audit.log", key=load_public_key(data / "node-audit.pub"))
     assert result.ok, result.reason
+
+
+@pytest.mark.parametrize("key", ["/dev/zero", "fifo"])
+def test_a_key_that_is_not_a_regular_file_is_one_line_not_read_forever(tmp_path, key):
+    """Adversarial pass: `audit verify --key /dev/zero` read without end (a FIFO blocked forever)."""
+    log = tmp_path / "audit.log"
+    AuditLog(log).append("a")
+    if key == "fifo":
+        key = str(tmp_path / "key.pub")
+        os.mkfifo(key)
+    try:
+        proc = run_cli("audit", "verify", str(log), "--key", key, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"audit verify --key {key} never finished")
+    assert proc.returncode == 1 and "internal error" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("content", ["not json", '{"pid": 1}', "[" * 100000])
+def test_node_status_with_a_damaged_runtime_file_is_one_line(tmp_path, content):
+    """Adversarial pass: `node status --storage DIR` with a damaged node.json was internal error (exit 2)."""
+    (tmp_path / "node.json").write_text(content)
+    proc = run_cli("node", "status", "--storage", str(tmp_path), timeout=30)
+    assert proc.returncode == 1 and "internal error" not in proc.stderr, proc.stderr
+    assert "node.json" in proc.stderr
