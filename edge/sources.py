@@ -138,8 +138,8 @@ def _open_capture(target: str | int, what: str) -> cv2.VideoCapture:
 @register_opener("file")
 def open_file(cfg: SourceConfig) -> tuple[Iterator[np.ndarray | None], float, bool]:
     path = Path(str(cfg.uri))
-    if not path.is_file():
-        raise SourceUnavailable(f"file not found: {path}")
+    if not path.is_file():  # a FIFO or device would block or never end: refused, and named for what it is
+        raise SourceUnavailable(f"not a regular file: {path}" if path.exists() else f"file not found: {path}")
     cap = _open_capture(str(path), f"video {path}")
     fps = cfg.fps or cap.get(cv2.CAP_PROP_FPS) or 25.0
     return _capture_frames(cap), (fps if cfg.realtime else 0.0), True

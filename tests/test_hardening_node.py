@@ -483,3 +483,14 @@ def test_node_status_with_a_damaged_runtime_file_is_one_line(tmp_path, content):
     proc = run_cli("node", "status", "--storage", str(tmp_path), timeout=30)
     assert proc.returncode == 1 and "internal error" not in proc.stderr, proc.stderr
     assert "node.json" in proc.stderr
+
+
+def test_a_fifo_source_is_named_for_what_it_is(tmp_path):
+    """Adversarial pass: a source uri that is a FIFO was reported as 'file not found' while the file was there."""
+    from bastion.edge.config import SourceConfig
+    from bastion.edge.sources import SourceUnavailable, open_file
+
+    fifo = tmp_path / "cam.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(SourceUnavailable, match="not a regular file"):
+        open_file(SourceConfig(name="cam1", uri=str(fifo)))
