@@ -30,6 +30,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+MAX_PATH_DEPTH = 32  # folders in a payload path (as models/archive.py MAX_DEPTH)
+
+
 class FileEntry(_Strict):
     """One payload file, relative to the bundle directory."""
 
@@ -44,6 +47,8 @@ class FileEntry(_Strict):
         parts = Path(value).parts
         if Path(value).is_absolute() or ".." in parts or not parts:
             raise ValueError(f"file path must be relative and inside the bundle: {value!r}")
+        if len(parts) > MAX_PATH_DEPTH or len(value) > 4096:  # copying it would recurse per folder (mkdir parents)
+            raise ValueError(f"file path {value[:60]!r}… is {len(parts)} folders deep (at most {MAX_PATH_DEPTH})")
         return value
 
 

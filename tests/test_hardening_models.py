@@ -318,3 +318,15 @@ def test_a_deeply_nested_state_file_is_damage_in_one_line(bastion_home, target):
         assert proc.returncode == 0, proc.stderr
     else:
         assert proc.returncode == 1 and "damaged" in proc.stderr, proc.stderr
+
+
+def test_a_manifest_file_path_is_bounded_in_depth(tmp_path):
+    """Adversarial pass: a payload path 1,500 folders deep passed the manifest schema; copying such a bundle into
+    the registry recursed once per folder (pathlib's mkdir(parents=True)) into a RecursionError."""
+    bundle = tmp_path / "b"
+    shutil.copytree(zoo_path("yolov5n"), bundle)
+    data = json.loads((bundle / "manifest.json").read_text())
+    data["files"][0]["path"] = "/".join(["d"] * 1500) + "/" + data["files"][0]["path"]
+    (bundle / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="folders deep"):
+        read_manifest(bundle / "manifest.json")
