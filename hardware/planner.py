@@ -28,35 +28,30 @@ from bastion.models.bundle import Bundle
 # Resident memory after the session is built, then after one inference: ORT's arena keeps what the
 # activations needed, so the difference is what this batch and size cost (a high-water mark would be
 # dominated by graph optimisation at session creation).
-_PEAK = r"""
+_SESSION = r"""
 import json, re, sys
 import numpy as np, onnxruntime as ort
 def rss_kb():
     return int(re.search(r"VmRSS:\s*(\d+)", open("/proc/self/status").read()).group(1))
-b, h, w = map(int, sys.argv[1:4])
 o = ort.SessionOptions(); o.intra_op_num_threads = 1
 s = ort.InferenceSession(sys.stdin.buffer.read(), o, providers=["CPUExecutionProvider"])
-x = np.zeros((b, 3, h, w), np.float32)
-base = rss_kb()
-s.run(None, {s.get_inputs()[0].name: x})
-print(json.dumps({"idle_kb": base, "peak_kb": rss_kb()}))
 """
-# The same for a language model: one prefill chunk of T tokens over a T-slot cache (what Generator binds first).
-_LM_PEAK = r"""
-import json, re, sys
-import numpy as np, onnxruntime as ort
-def rss_kb():
-    return int(re.search(r"VmRSS:\s*(\d+)", open("/proc/self/status").read()).group(1))
-layers, width, t = map(int, sys.argv[1:4])
-o = ort.SessionOptions(); o.intra_op_num_threads = 1
-s = ort.InferenceSession(sys.stdin.buffer.read(), o, providers=["CPUExecutionProvider"])
-feeds = {"input_ids": np.ones((1, t), np.int64), "attention_mask": np.ones((1, t), np.int64),
-         "position_ids": np.arange(t, dtype=np.int64)[None]}
-feeds.update({f"past.{i}.{kv}": np.zeros((1, t, width), np.float32) for i in range(layers) for kv in ("key", "value")})
+_RUN_ONCE = r"""
 base = rss_kb()
 s.run(None, feeds)
 print(json.dumps({"idle_kb": base, "peak_kb": rss_kb()}))
 """
+_PEAK = _SESSION + r"""
+b, h, w = map(int, sys.argv[1:4])
+feeds = {s.get_inputs()[0].name: np.zeros((b, 3, h, w), np.float32)}
+""" + _RUN_ONCE
+# The same for a language model: one prefill chunk of T tokens over a T-slot cache (what Generator binds first).
+_LM_PEAK = _SESSION + r"""
+layers, width, t = map(int, sys.argv[1:4])
+feeds = {"input_ids": np.ones((1, t), np.int64), "attention_mask": np.ones((1, t), np.int64),
+         "position_ids": np.arange(t, dtype=np.int64)[None]}
+feeds.update({f"past.{i}.{kv}": np.zeros((1, t, width), np.float32) for i in range(layers) for kv in ("key", "value")})
+""" + _RUN_ONCE
 
 
 @dataclass
