@@ -1,11 +1,9 @@
 """``bastion distill detect``: teachers → pseudo-labels → candidates measured in one run → report → bundle.
 
-This version builds the labelled dataset and measures every candidate a user
-can get *without training* (the teacher at full and at the target size, the
-teacher with its head sliced to the mission's classes, and that model's INT8
-if it passes the gate), ships the best one that meets the constraints, and says
-so plainly.  Student training (Ultralytics) is the next stage to land; the
-dataset this writes (``labels/data.yaml`` + ``labels/soft/``) is its input.
+It builds the labelled dataset (``labels/data.yaml`` + ``labels/soft/``), measures every candidate a user can
+get without training (the teacher at full and at the target size, the teacher with its head sliced to the
+mission's classes, and INT8 of each where the gate passes it) beside the students it trains (Ultralytics, warm
+started), ships the best one that meets the constraints, and says so plainly in the report.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""bastion.runtime — run a model: backends, detection pre/post-processing, (later) LM generation.
+"""bastion.runtime — run a model: backends, detection pre/post-processing, LM generation (``runtime.lm``).
 
-Field-node path: imports only numpy, onnxruntime, OpenCV and the standard library.
+Field-node path: imports only numpy, onnxruntime, OpenCV, tokenizers and the standard library.
 """
 
 from bastion.runtime.detect import DetectOptions, Detector
