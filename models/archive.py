@@ -138,12 +138,18 @@ class _CappedReader:
         return self.raw.tell()
 
 
-def _open(archive: Path, limit: int) -> tuple[tarfile.TarFile, BinaryIO, int]:
-    """The archive as a TarFile over a capped stream; the cap is its expansion allowance."""
+def _open(archive: Path, limit: int, fh: BinaryIO | None = None) -> tuple[tarfile.TarFile, BinaryIO, int]:
+    """The archive as a TarFile over a capped stream; the cap is its expansion allowance.
+
+    ``fh``: an already open file of the archive (read from its start), so that the caller unpacks exactly the
+    bytes it hashed; the returned handle is that one and is closed with the TarFile's ``with`` like our own."""
     try:
-        size = archive.stat().st_size
-        fh = open(archive, "rb")
+        if fh is None:
+            fh = open(archive, "rb")
+        size = os.fstat(fh.fileno()).st_size
     except OSError as exc:
+        if fh is not None:
+            fh.close()
         raise ArchiveError(f"cannot read {archive}: {exc.strerror or exc}") from None
     try:
         head = fh.read(tarfile.BLOCKSIZE)
@@ -254,17 +260,21 @@ def copy_bounded(src: BinaryIO, dst: BinaryIO, size: int, archive: str, member: 
 
 
 # -- unpacking ------------------------------------------------------------------------------------------
-def unpack(archive: Path, dest: Path) -> Path:
-    """Safely extract ``archive`` into the new directory ``dest`` (all or nothing), staging beside it."""
+def unpack(archive: Path, dest: Path, fh: BinaryIO | None = None) -> Path:
+    """Safely extract ``archive`` into the new directory ``dest`` (all or nothing), staging beside it.
+
+    ``fh``: read the archive from this open file (positioned at 0; closed here) instead of opening ``archive``."""
     archive, dest = Path(archive), Path(dest)
-    if not archive.is_file():
+    if fh is None and not archive.is_file():
         raise ArchiveError(f"archive not found: {archive}")
     limit = max_bundle_bytes()
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)  # staging must share dest's filesystem
     except OSError as exc:
+        if fh is not None:
+            fh.close()
         raise ArchiveError(f"cannot create {dest.parent}: {exc.strerror or exc}") from None
-    tar, fh, cap = _open(archive, limit)
+    tar, fh, cap = _open(archive, limit, fh)
     staging: Path | None = None
     try:
         with fh, tar:
@@ -321,21 +331,53 @@ def _discard(staging: Path | None) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _hash_stream(fh: BinaryIO) -> str:
+    """sha256 of an open file, read in chunks from where it stands."""
+    digest = hashlib.sha256()
+    while chunk := fh.read(_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _identity(fh: BinaryIO) -> tuple[int, int, int, int]:
+    """What shows a rewrite in place.  Not ctime: unlinking the name (a swap, harmless here) changes it too."""
+    st = os.fstat(fh.fileno())
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def unpack_cached(archive: Path, cache_dir: Path) -> Path:
-    """``archive`` unpacked once into ``cache_dir/<its sha256>`` (hashed as a stream, after its size is checked)."""
+    """``archive`` unpacked once into ``cache_dir/<its sha256>`` (hashed as a stream, after its size is checked).
+
+    Hashed and unpacked through one open file descriptor: a file swapped in under the same name between the two
+    (on a USB stick someone else can write) is not what we read, so the cache never holds other bytes than its
+    name says.  A rewrite of the same file in place (same inode) shows in its size/mtime, checked after the
+    unpack and before publishing under the hash: it is refused, and nothing is cached.
+    """
     archive = Path(archive)
     try:
-        size = archive.stat().st_size
+        fh = open(archive, "rb")
     except OSError as exc:
         raise ArchiveError(f"cannot read {archive}: {exc.strerror or exc}") from None
-    if size > max_bundle_bytes() + HEADER_ALLOWANCE:
-        raise ArchiveError(f"{archive.name} is {_size(size)}, more than the {_size(max_bundle_bytes())} a bundle "
-                           "may hold", f"refusing this archive (raise {MAX_BYTES_ENV} if it is genuine)")
-    digest = hashlib.sha256()
-    with open(archive, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    target = Path(cache_dir) / digest.hexdigest()
-    if not (target / MANIFEST_NAME).is_file():
-        unpack(archive, target)
+    with fh:
+        before = _identity(fh)
+        size = before[2]
+        if size > max_bundle_bytes() + HEADER_ALLOWANCE:
+            raise ArchiveError(f"{archive.name} is {_size(size)}, more than the {_size(max_bundle_bytes())} a "
+                               "bundle may hold", f"refusing this archive (raise {MAX_BYTES_ENV} if it is genuine)")
+        target = Path(cache_dir) / _hash_stream(fh)
+        if (target / MANIFEST_NAME).is_file():
+            return target
+        fh.seek(0)
+        staged = Path(cache_dir) / f".{target.name}.{os.getpid()}.unpacked"
+        shutil.rmtree(staged, ignore_errors=True)
+        unpack(archive, staged, fh=os.fdopen(os.dup(fh.fileno()), "rb"))
+        if _identity(fh) != before:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise ArchiveError(f"{archive.name} changed while it was being unpacked",
+                               "copy it again from a source nobody else writes to; nothing was cached")
+        try:
+            _publish(staged, target)
+        except OSError as exc:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise ArchiveError(f"cannot cache {archive.name}: {exc.strerror or exc}", "nothing was kept") from None
     return target
