@@ -22,7 +22,8 @@ def _two_archives(tmp_path):
     first = pack(zoo_path("yolox_nano"), tmp_path / "a")
     other_dir = tmp_path / "other"
     shutil.copytree(zoo_path("yolox_nano"), other_dir)
-    (other_dir / "EXTRA.txt").write_text("not in the first archive\n")
+    manifest = other_dir / MANIFEST_NAME
+    manifest.write_text(manifest.read_text().replace("0.1.1-coco", "9.9.9-swapped", 1))  # another (unsigned) bundle
     other = pack(other_dir, tmp_path / "b")
     return first, other
 
@@ -41,7 +42,7 @@ def test_an_archive_swapped_after_hashing_is_not_cached_under_the_first_hash(tmp
     target = unpack_cached(first, tmp_path / "cache")
     assert target.name == hashed
     assert (target / MANIFEST_NAME).is_file()
-    assert not (target / "EXTRA.txt").exists()  # the cache holds what was hashed, not the swapped-in file
+    assert "swapped" not in (target / MANIFEST_NAME).read_text()  # what was hashed, not the swap
 
 
 def test_an_archive_rewritten_in_place_after_hashing_is_refused(tmp_path, monkeypatch):
