@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 GENESIS = "0" * 64
 CHECKPOINT = "checkpoint"
 MAX_PENDING = 10_000  # records kept in memory while the disk is full; beyond that they are counted as lost
+# The longest line read as a record (a real one is well under 4 KiB). Anyone who can write the file could append
+# a 2 GB line without a newline; every reader takes at most this much of a line into memory, and a longer line is
+# a damaged record (verify names it, the node chains on past it, the seq-mark reader skips it).
+MAX_RECORD_BYTES = 1 << 20
+CHUNK = 65536
 
 
 class AuditWriteError(BastionError):
@@ -76,6 +81,44 @@ def _line_start(fh, end: int) -> int:  # noqa: ANN001
     return 0
 
 
+def read_record_line(fh, limit: int | None = None) -> tuple[bytes, bool]:  # noqa: ANN001
+    """The next line of ``fh``, at most ``limit`` bytes of it; ``(line, True)`` when it was longer.
+
+    The rest of an overlong line is skipped in bounded chunks, so the next call starts at the next line.
+    """
+    limit = MAX_RECORD_BYTES if limit is None else limit
+    line = fh.readline(limit + 1)
+    if len(line) <= limit or line.endswith(b"\n"):
+        return line, False
+    while True:  # skip the rest without holding it
+        rest = fh.readline(CHUNK)
+        if not rest or rest.endswith(b"\n"):
+            return line[:limit], True
+
+
+def _hash_range(fh, start: int, end: int) -> str:  # noqa: ANN001
+    """SHA-256 of bytes ``start..end`` of ``fh``, read in bounded chunks."""
+    digest = hashlib.sha256()
+    fh.seek(start)
+    while start < end:
+        chunk = fh.read(min(CHUNK, end - start))
+        if not chunk:
+            break
+        digest.update(chunk)
+        start += len(chunk)
+    return digest.hexdigest()
+
+
+def _count_lines(fh) -> int:  # noqa: ANN001
+    """Lines in ``fh`` (a last line without a newline counts), read in bounded chunks."""
+    fh.seek(0)
+    count, last = 0, b"\n"
+    while chunk := fh.read(CHUNK):
+        count += chunk.count(b"\n")
+        last = chunk[-1:]
+    return count + (last != b"\n")
+
+
 class AuditLog:
     def __init__(self, path: Path, signer: Ed25519PrivateKey | None = None) -> None:
         self.path = Path(path)
@@ -102,26 +145,24 @@ class AuditLog:
             size = os.fstat(fh.fileno()).st_size
             if size and not self._ends_with_newline(fh, size):
                 start = _line_start(fh, size)
-                fh.seek(start)
-                torn = fh.read(size - start)
+                removed = _hash_range(fh, start, size)  # a torn tail may be huge: hashed in chunks, never held
                 fh.truncate(start)
                 fh.flush()
                 os.fsync(fh.fileno())
-                repaired = {"bytes_removed": len(torn), "sha256_removed": hashlib.sha256(torn).hexdigest(),
-                            "at_offset": start}
+                repaired = {"bytes_removed": size - start, "sha256_removed": removed, "at_offset": start}
                 size = start
             if size == 0:
                 return repaired
             start = _line_start(fh, size)
-            fh.seek(start)
-            last = fh.read(size - start)
             try:
-                record = json.loads(last)
+                if size - start > MAX_RECORD_BYTES + 1:  # + 1: its newline
+                    raise ValueError("longer than any record")
+                fh.seek(start)
+                record = json.loads(fh.read(size - start))
                 self._prev, self._next = record["hash"], int(record["i"]) + 1
             except (ValueError, KeyError, TypeError, RecursionError):
-                # A complete but damaged last line: chain on from it anyway; verify names it.
-                fh.seek(0)
-                self._prev, self._next = hashlib.sha256(last).hexdigest(), sum(1 for _ in fh)
+                # A complete but damaged (or overlong) last line: chain on from it anyway; verify names it.
+                self._prev, self._next = _hash_range(fh, start, size), _count_lines(fh)
         return repaired
 
     @staticmethod

@@ -19,7 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from bastion.edge.audit import CHECKPOINT, GENESIS, _digest, checkpoint_message
+from bastion.edge.audit import CHECKPOINT, GENESIS, _digest, checkpoint_message, read_record_line
 
 
 @dataclass
@@ -70,7 +70,14 @@ def _scan(path: Path, key: Ed25519PublicKey | None, result: AuditVerification,
     """Walk the chain; return the hash of record ``expect_count - 1`` when there is one."""
     prev, known = GENESIS, None
     with open(path, "rb") as fh:
-        for lineno, line in enumerate(fh):
+        lineno = -1
+        while True:
+            line, overlong = read_record_line(fh)  # bounded: a 2 GB line is never held in memory
+            if not line:
+                break
+            lineno += 1
+            if overlong:
+                raise _Broken(lineno, f"line {lineno + 1} is not an audit record (longer than any record)")
             if not line.strip():
                 continue
             if not line.endswith(b"\n"):

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bastion.edge.audit import read_record_line
 from bastion.errors import BastionError
 from bastion.models.atomic import atomic_write_bytes
 
@@ -207,8 +208,11 @@ class SeqMark:
         marks: list[dict[str, Any]] = []
         try:
             with open(self.audit.path, "rb") as fh:
-                for line in fh:
-                    if AUDIT_KIND.encode() not in line:
+                while True:
+                    line, overlong = read_record_line(fh)  # bounded: an overlong line is damage, skipped
+                    if not line:
+                        break
+                    if overlong or AUDIT_KIND.encode() not in line:
                         continue
                     try:
                         record = json.loads(line)

@@ -446,6 +446,71 @@ def test_a_deeply_nested_line_in_the_audit_log_is_damage_not_internal_error(tmp_
         mark._close_live()
 
 
+OVERLONG_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+from bastion.edge.audit import AuditLog, verify_audit_log
+from bastion.edge.seqmark import SeqMark
+
+def hwm():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) * 1024
+
+base, size = hwm(), int(sys.argv[2])
+d = Path(sys.argv[1])
+complete, torn = d / "complete" / "audit.log", d / "torn" / "audit.log"
+for log in (complete, torn):
+    log.parent.mkdir()
+    AuditLog(log).append("a")
+    with open(log, "r+b") as fh:  # a sparse line of `size` bytes: cheap to write, costly to read whole
+        fh.truncate(log.stat().st_size + size)
+with open(complete, "ab") as fh:
+    fh.write(b"\n")
+verdict = verify_audit_log(complete)
+reopened = AuditLog(complete)  # chains on past the overlong last line
+reopened.append("b")
+after_b = reopened.head()[0]
+mark = SeqMark(complete.parent, reopened)
+first = mark.resume(0)
+mark._close_live()
+repaired = AuditLog(torn)  # cuts the torn 300 MB tail off, hashing it in chunks
+print(json.dumps({"ok": verdict.ok, "reason": verdict.reason, "next": after_b, "first": first,
+                  "torn_left": torn.stat().st_size, "kinds": [json.loads(l)["kind"] for l in open(torn)],
+                  "grew": hwm() - base}))
+"""
+
+
+def test_an_overlong_audit_line_is_damage_read_in_bounded_memory(tmp_path):
+    """Adversarial pass: audit lines were read whole (verify, the node's seq-mark reader, the torn-tail repair),
+    so whoever can write audit.log could append a 2 GB line without a newline and make node start and `audit
+    verify` load all of it. A 300 MB sparse line (complete, and torn) is read in bounded memory: verify names it
+    as damage, the node chains on past it and reads its seq marks, and a torn one is cut off and recorded."""
+    size = 300 * 2**20
+    proc = subprocess.run([sys.executable, "-c", OVERLONG_SCRIPT, str(tmp_path), str(size)], capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["grew"] < 64 * 2**20, f"peak RSS grew by {out['grew'] / 2**20:.0f} MiB reading a 300 MiB line"
+    assert not out["ok"] and "line 2 is not an audit record" in out["reason"]
+    assert out["next"] == 3 and out["first"] == 1  # records a, the overlong line, b
+    assert out["kinds"] == ["a", "audit_tail_repaired"]
+    assert out["torn_left"] < 4096
+
+
+def test_audit_readers_cap_a_line_at_max_record_bytes(tmp_path):
+    """The cap is one constant every reader uses: a 2 KiB line under a 1 KiB cap is damage, not a record."""
+    from bastion.edge import audit as audit_module
+
+    log = tmp_path / "audit.log"
+    AuditLog(log).append("a", note="x" * 2048)
+    with open(log, "rb") as fh:
+        line, overlong = audit_module.read_record_line(fh, limit=1024)
+        assert overlong and len(line) == 1024
+        assert fh.read() == b""  # the rest of the long line was skipped, not left for the next read
+    with open(log, "rb") as fh:
+        line, overlong = audit_module.read_record_line(fh)
+        assert not overlong and json.loads(line)["kind"] == "a"
+
+
 def test_a_refused_start_anchors_its_audit_records(tmp_path):
     """Adversarial pass: a node that refused to start (bundle refused, store behind its seq mark) left its last
     records after the last signed checkpoint, so `audit verify --key` said 'NOT intact … appended without the node
