@@ -32,6 +32,7 @@ import zmq
 from bastion.edge.curve import apply_client, load_public
 from bastion.edge.protocol import EVENT_TOPIC_PREFIX, HEARTBEAT_TOPIC, MAX_REQUEST_BYTES, DetectionEvent, Heartbeat
 from bastion.errors import BastionError, ConfigError
+from bastion.lm_limits import check_max_new_tokens
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,9 @@ class Client:
         return events
 
     def ask_stream(self, prompt: str, max_new_tokens: int = 128) -> Iterator[str]:
-        """The node's answer, piece by piece as it is generated."""
+        """The node's answer, piece by piece as it is generated; ``max_new_tokens`` is 1..MAX_NEW_TOKENS
+        (``bastion.lm_limits``), checked here before anything is sent (ConfigError)."""
+        check_max_new_tokens(max_new_tokens)
         first = self.request("ask", prompt=prompt, max_new_tokens=max_new_tokens)
         request_id = first["id"]
         answer = first

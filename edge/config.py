@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bastion.errors import ConfigError
+from bastion.lm_limits import MAX_NEW_TOKENS
 from bastion.models.textfiles import first_error, read_yaml_mapping
 
 
@@ -94,7 +95,7 @@ class NodeConfig(_Strict):
     security: Security = Security()
     storage: Storage = Storage()
     lm: str | None = None  # a task: lm bundle for the ask op (verified like the detector)
-    lm_max_new_tokens: int = Field(256, ge=1, le=2048)
+    lm_max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
     lm_max_prompt_chars: int = Field(4000, ge=1, le=8192)  # a request carries at most 8192
     # Every interval is bounded: .inf would kill the thread that waits on it, a microsecond would spin a core.
     heartbeat_s: float = Field(1.0, ge=0.05, le=3600)

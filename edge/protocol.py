@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from bastion.lm_limits import MAX_NEW_TOKENS
 from bastion.models.textfiles import first_error
 
 PROTOCOL_VERSION = 1
@@ -78,7 +79,7 @@ class ControlRequest(BaseModel):
     bundle: str | None = Field(None, max_length=4096)  # PATH_MAX
     allow_downgrade: bool = False  # reload: an older version of the running model only when asked (#15 item 9)
     prompt: str | None = Field(None, max_length=8192)
-    max_new_tokens: int = Field(128, ge=1, le=4096)
+    max_new_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS)  # the generator's own limit (bastion.lm_limits)
 
 
 class ProtocolError(ValueError):

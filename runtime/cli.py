@@ -118,6 +118,10 @@ def ask_command(
 
     if (model is None) == (node is None):
         raise ConfigError("give exactly one of --model BUNDLE or --node ENDPOINT")
+    if max_new_tokens is not None:
+        from bastion.lm_limits import check_max_new_tokens
+
+        check_max_new_tokens(max_new_tokens)  # the same limit the node and the generator hold
     if node is not None:
         from bastion.edge.client import Client
 

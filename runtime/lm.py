@@ -21,11 +21,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bastion.errors import ConfigError, ModelLoadError
+from bastion.lm_limits import MAX_NEW_TOKENS
 from bastion.models.bundle import Bundle
 from bastion.models.manifest import Manifest
 from bastion.runtime.backends import open_backend
 
-MAX_NEW_TOKENS = 2048
 # what a bundle's ``decoder.params.generation`` may set, and the values for bundles that set nothing
 GENERATION_DEFAULTS = {"max_new_tokens": 128, "temperature": 0.0, "top_k": 0, "top_p": 1.0}
 MIN_ORT = (1, 28)  # opset 24 TensorScatter/Attention with nonpad_kv_seqlen and bottom-right is_causal (lm_onnx)
