@@ -44,6 +44,13 @@ CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
 """
 # SQLite result codes that mean "the file is damaged", as opposed to full, locked or read-only.
 DAMAGE_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB (named in the sqlite3 module only from Python 3.11)
+FULL_CODES = {10, 13}  # SQLITE_IOERR, SQLITE_FULL: a write that found no space (tmpfs, SD card)
+# SQLite checkpoints the WAL into events.db only at 1,000 pages (~4 MB) by default, and each one-event commit
+# appends whole 4 KiB pages to it: on a small storage disk the WAL filled the disk while events.db stayed at 4 KB,
+# and space freed later went to the WAL again. 64 pages (~256 KiB) keeps the WAL small; journal_size_limit gives
+# the file's space back after a checkpoint instead of keeping its largest size for ever.
+WAL_AUTOCHECKPOINT_PAGES = 64
+JOURNAL_SIZE_LIMIT = 512 * 1024
 RECOVER_HINT = ("stop the node, move events.db aside (keep it for forensics), put a backup in its place if you have "
                 "one, and start once with `bastion node run --accept-seq-gap` (seq continues above its mark)")
 
@@ -77,6 +84,8 @@ class EventStore:
             self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+            self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+            self._db.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
             self._db.executescript(SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"cannot open the event store {self.path}: {exc}",
@@ -174,22 +183,49 @@ class EventStore:
                 except OSError as exc:
                     raise StorageError(f"cannot reserve seq numbers beside {self.path}: {exc}",
                                        "free disk space or fix permissions; publishing is paused") from None
+            stored = event.model_copy(update={"seq": self._next})
+            row = (stored.seq, stored.ts, stored.source, stored.model_dump_json())
             try:
-                stored = event.model_copy(update={"seq": self._next})
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute("INSERT INTO events (seq, ts, source, payload) VALUES (?, ?, ?, ?)",
-                                 (stored.seq, stored.ts, stored.source, stored.model_dump_json()))
-                self._db.execute("COMMIT")
+                self._insert(row)
             except sqlite3.Error as exc:
-                try:
-                    self._db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                raise self._failed(exc, "store events in") from None
+                if not self._give_wal_space_back(exc):
+                    raise self._failed(exc, "store events in") from None
+                try:  # once: the WAL's space is back, or the disk is full of events
+                    self._insert(row)
+                except sqlite3.Error as again:
+                    raise self._failed(again, "store events in") from None
             self._next += 1
             if self.mark is not None:
                 self.mark.committed(stored.seq)
             return stored
+
+    def _insert(self, row: tuple[Any, ...]) -> None:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("INSERT INTO events (seq, ts, source, payload) VALUES (?, ?, ?, ?)", row)
+            self._db.execute("COMMIT")
+        except sqlite3.Error:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise
+
+    def _give_wal_space_back(self, exc: sqlite3.Error) -> bool:
+        """On a write that found the disk full, checkpoint the WAL into events.db and truncate it.
+
+        The WAL may hold the very space the write needed (written before the autocheckpoint could run, or kept
+        while a checkpoint could not finish); TRUNCATE hands it back to the filesystem. True when it succeeded,
+        so the write is worth one retry.
+        """
+        if is_damage(exc) or (getattr(exc, "sqlite_errorcode", 0) & 0xFF) not in FULL_CODES:
+            return False
+        try:
+            busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as failed:
+            log.debug("WAL checkpoint on a full disk failed: %s", failed)
+            return False
+        return not busy
 
     def since(self, seq: int, limit: int = 500) -> list[DetectionEvent]:
         with self._lock:

@@ -117,6 +117,36 @@ def test_full_disk_pauses_storage_keeps_every_thread_alive_and_recovers(tmp_path
         assert "storage_error" in kinds(data / "audit.log")
 
 
+def test_the_node_own_wal_never_fills_the_disk_for_good(tmp_path):
+    """Adversarial pass: on a 4 MB storage disk events.db stayed at 4 KB while events.db-wal grew to 4 MB (SQLite
+    checkpoints only at 1,000 pages), so the node filled its disk with its own WAL, and space freed later went to
+    the WAL again within a second. The WAL is checkpointed every few hundred KB (and truncated when a write finds
+    the disk full): the disk fills with events, and the space a small freed file gives back stores events."""
+    data = tmp_path / "data"
+    with tmpfs(data, size="4m"):
+        with running_node(tmp_path, data) as node, Client(node.server.control_endpoint, timeout_s=3) as c:
+            assert wait_for(lambda: node.published >= 3)
+            ballast = fill(data, "ballast")
+            os.truncate(ballast, max(0, ballast.stat().st_size - 512 * 1024))  # ~512 KB left for the node
+            spare = data / "spare"
+            spare.write_bytes(b"\0" * 128 * 1024)
+            assert wait_for(lambda: c.status()["storage_error"] is None, timeout_s=30)  # filling may have hit it
+            db_start = (data / "events.db").stat().st_size
+            assert wait_for(lambda: c.status()["storage_error"], timeout_s=120), "the node never filled its disk"
+            wal = data / "events.db-wal"
+            wal_size = wal.stat().st_size if wal.exists() else 0
+            db_grew = (data / "events.db").stat().st_size - db_start
+            assert wal_size <= 512 * 1024, f"the WAL holds {wal_size} bytes, events.db grew by {db_grew}"
+            assert db_grew >= 128 * 1024, f"the events went into the WAL ({wal_size} bytes), not events.db"
+            seq = c.status()["last_seq"]
+            spare.unlink()  # 128 KB back: room for a hundred events or more, not a few dozen WAL frames
+            assert wait_for(lambda: c.status()["storage_error"] is None, timeout_s=30)
+            wait_for(lambda: c.status()["storage_error"], timeout_s=60)
+            stored = c.status()["last_seq"] - seq
+            assert stored >= 80, f"128 KB freed stored only {stored} events"
+            assert all(t["alive"] for t in c.status()["threads"].values())
+
+
 def test_audit_append_on_a_full_disk_is_all_or_nothing_and_deferred(tmp_path):
     data = tmp_path / "fs"
     with tmpfs(data, size="64k"):

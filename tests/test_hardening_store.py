@@ -379,3 +379,33 @@ def test_a_deeply_nested_seq_json_falls_back_to_the_audit_marks(tmp_path):
     with pytest.raises(BastionError, match="seq 3 was already published"):
         EventStore(tmp_path / "events.db", mark=SeqMark(tmp_path, audit, block=10))
     assert published == [1, 2, 3]
+
+
+def test_a_wal_that_filled_the_disk_gives_its_space_back_once_a_small_file_is_freed(tmp_path):
+    """Adversarial pass: the node's own WAL filled a small storage disk and kept the space (SQLite checkpoints at
+    1,000 pages, and a WAL file never shrinks by itself). Here a reader's snapshot holds every checkpoint back
+    until the WAL fills a 1 MB tmpfs; once it lets go and 128 KB is freed, the WAL is checkpointed, cut back to
+    its size limit, and events are stored again — hundreds, not the few WAL frames that 128 KB would hold."""
+    from bastion.edge.store import JOURNAL_SIZE_LIMIT, StorageError
+    from test_hardening_node import tmpfs
+
+    data = tmp_path / "fs"
+    with tmpfs(data, size="1m"):
+        store = EventStore(data / "events.db")
+        spare = data / "spare"
+        spare.write_bytes(b"\0" * 128 * 1024)
+        reader = sqlite3.connect(str(data / "events.db"))
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM events").fetchone()
+        with pytest.raises(StorageError, match="full"):
+            for _ in range(100_000):
+                store.append(_event())
+        wal = data / "events.db-wal"
+        assert wal.stat().st_size > 512 * 1024  # the disk is full of WAL
+        reader.rollback()
+        reader.close()
+        spare.unlink()
+        for _ in range(300):
+            store.append(_event())
+        assert wal.stat().st_size <= JOURNAL_SIZE_LIMIT
+        store.close()
