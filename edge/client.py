@@ -29,20 +29,19 @@ from urllib.parse import urlsplit
 
 import zmq
 
+from bastion.edge import answers
+from bastion.edge.answers import NodeRequestError
 from bastion.edge.curve import apply_client, load_public
-from bastion.edge.protocol import EVENT_TOPIC_PREFIX, HEARTBEAT_TOPIC, MAX_REQUEST_BYTES, DetectionEvent, Heartbeat
+from bastion.edge.protocol import EVENT_TOPIC_PREFIX, HEARTBEAT_TOPIC, MAX_REQUEST_BYTES, DetectionEvent
 from bastion.errors import BastionError, ConfigError
 from bastion.lm_limits import check_max_new_tokens
 
 log = logging.getLogger(__name__)
+__all__ = ["Client", "NodeUnavailable", "NodeRequestError", "NodeSeqWentBackwards", "NodeAuditWentBackwards"]
 
 
 class NodeUnavailable(BastionError):
     """The node did not answer in time (down, wrong address, or a CurveZMQ key it refuses)."""
-
-
-class NodeRequestError(BastionError):
-    """The node answered with an error."""
 
 
 class NodeSeqWentBackwards(BastionError):
@@ -119,6 +118,8 @@ class _SeqGuard:
                 "stop here; check the node (bastion node status, bastion audit verify) before resuming")
 
 
+MAX_EVENT_BYTES = 2**20  # one published event or heartbeat (~8000 detections); larger is dropped unread, replay fills it
+EVENT_QUEUE = 128  # published messages libzmq holds for a slow reader (≤ 128 MiB); beyond, dropped and replayed
 MAX_ANSWER_BYTES = 64 * 2**20  # a node's largest answer is a ~4 MB replay page (edge/node.py MAX_REPLAY_BYTES)
 
 
@@ -151,12 +152,16 @@ class Client:
         self._dealer: zmq.Socket | None = None
         self._seq = _SeqGuard()
         self._node: str | None = None  # the node id last heard at this endpoint
+        self.skipped_messages = 0  # malformed messages from the events socket, skipped (see events())
 
     # -- request / reply ---------------------------------------------------------------------------------
-    def _socket(self, kind: int, endpoint: str) -> zmq.Socket:
+    def _socket(self, kind: int, endpoint: str, max_bytes: int = MAX_ANSWER_BYTES, queue: int | None = None
+                ) -> zmq.Socket:
         sock = self.ctx.socket(kind)
         sock.linger = 0
-        sock.maxmsgsize = MAX_ANSWER_BYTES  # a larger message is dropped by libzmq, never buffered
+        sock.maxmsgsize = max_bytes  # a larger message is dropped by libzmq, never buffered
+        if queue is not None:
+            sock.rcvhwm = queue  # set before connect, or libzmq ignores it
         try:  # a bad key file or endpoint: close the socket, or close()'s ctx.term() waits on it forever
             if self.server_key is not None:
                 apply_client(sock, self.server_key, self.client_key)
@@ -194,12 +199,14 @@ class Client:
                 answer = _decode(self._dealer.recv())
                 if answer.get("id") != request_id and not (answer.get("id") is None and not answer.get("ok", True)):
                     continue  # a late answer to an earlier, timed-out request
-                if answer.get("rate_limited") and time.monotonic() + answer.get("retry_after_s", 0.1) < deadline:
-                    time.sleep(float(answer.get("retry_after_s", 0.1)))
+                wait = answer.get("retry_after_s", 0.1)
+                wait = min(max(wait, 0.0), self.timeout_s) if isinstance(wait, (int, float)) and wait == wait else 0.1
+                if answer.get("rate_limited") and time.monotonic() + wait < deadline:
+                    time.sleep(wait)
                     self._dealer.send(payload)
                     continue
                 if not answer.get("ok", False):
-                    raise NodeRequestError(f"node refused {op}: {answer.get('error', 'unknown error')}")
+                    raise NodeRequestError(f"node refused {op}: {str(answer.get('error', 'unknown error'))[:200]}")
                 return answer
             self._dealer.close(linger=0)
             self._dealer = None
@@ -213,7 +220,7 @@ class Client:
 
     def status(self) -> dict[str, Any]:
         """The node's status; NodeSeqWentBackwards if its last_seq is below a seq this client saw from it."""
-        status = self.request("status")["status"]
+        status = answers.status(self.request("status"))
         self._node = status["node"]
         self._seq.saw(status["node"], status["last_seq"], "status last_seq")
         audit = status.get("audit") or {}
@@ -229,11 +236,11 @@ class Client:
         return self._seq.latest_audit(node or self._node or "")
 
     def replay(self, since: int = 0, limit: int = 500) -> list[DetectionEvent]:
-        answer = self.request("replay", since=since, limit=limit)
-        events = [DetectionEvent.model_validate(e) for e in answer["events"]]
+        """Up to ``limit`` stored events after ``since``, ascending; an invalid one raises NodeRequestError."""
+        events, last_seq = answers.replay(self.request("replay", since=since, limit=limit), since)
         node = events[0].node if events else self._node
-        if node is not None and "last_seq" in answer:
-            self._seq.saw(node, answer["last_seq"], "replay last_seq")
+        if node is not None and last_seq is not None:
+            self._seq.saw(node, last_seq, "replay last_seq")
         return events
 
     def ask_stream(self, prompt: str, max_new_tokens: int = 128) -> Iterator[str]:
@@ -246,24 +253,22 @@ class Client:
         while True:
             if answer.get("done"):
                 return
-            if answer.get("text"):
-                yield answer["text"]
+            if text := answers.text_piece(answer):
+                yield text
             if not self._dealer.poll(int(self.timeout_s * 1000)):
                 raise NodeUnavailable(f"the node stopped answering mid-stream ({self.control_endpoint})")
             answer = _decode(self._dealer.recv())
             if answer.get("id") != request_id:
                 continue
             if not answer.get("ok", False):
-                raise NodeRequestError(f"node refused ask: {answer.get('error', 'unknown error')}")
+                raise NodeRequestError(f"node refused ask: {str(answer.get('error', 'unknown error'))[:200]}")
 
     def ask(self, prompt: str, max_new_tokens: int = 128) -> str:
         return "".join(self.ask_stream(prompt, max_new_tokens))
 
     def snapshot(self, seq: int) -> bytes:
         """The JPEG the node kept for event ``seq`` (decrypted by the node; CurveZMQ protects it in transit)."""
-        import base64
-
-        return base64.b64decode(self.request("snapshot", seq=seq)["jpeg_b64"])
+        return answers.snapshot(self.request("snapshot", seq=seq))
 
     def reload(self, bundle: str, allow_downgrade: bool = False) -> dict[str, Any]:
         """Switch the node to ``bundle``; an older version of the model it runs needs ``allow_downgrade``."""
@@ -274,7 +279,7 @@ class Client:
     # -- events ------------------------------------------------------------------------------------------
     def events_endpoint(self) -> str:
         if self._events_endpoint is None:
-            bound = self.status()["endpoints"]["events"]
+            bound = answers.events_endpoint(self.status())
             self._events_endpoint = _reachable(bound, self.control_endpoint)
         return self._events_endpoint
 
@@ -292,6 +297,13 @@ class Client:
 
         Raises NodeUnavailable if the node stays unreachable for ``idle_timeout_s`` (default: forever).
         Ends after ``duration_s`` seconds even when no event comes (default: never).
+
+        What the events socket publishes is a hint, what ``replay`` returns is the truth: a malformed published
+        message (wrong frame count, not JSON, not a valid event or heartbeat, over ``MAX_EVENT_BYTES``) is skipped,
+        logged and counted in ``skipped_messages``, and does not count as a sign of life.  Skipping loses nothing:
+        if a broken event still names a seq, that event is fetched from the store at once; otherwise the next event
+        or heartbeat shows the gap and it is filled from the store.  An invalid event in the store itself cannot be
+        replaced by another copy, so it raises NodeRequestError naming its seq rather than vanish.
         """
         end = time.monotonic() + duration_s if duration_s is not None else None
         status = self.status()
@@ -301,7 +313,7 @@ class Client:
         last = status["last_seq"] if since is None else since
         gone_since: float | None = None
         while True:
-            sub = self._socket(zmq.SUB, self.events_endpoint())
+            sub = self._socket(zmq.SUB, self.events_endpoint(), MAX_EVENT_BYTES, EVENT_QUEUE)
             sub.setsockopt(zmq.SUBSCRIBE, EVENT_TOPIC_PREFIX)
             sub.setsockopt(zmq.SUBSCRIBE, HEARTBEAT_TOPIC)
             try:
@@ -316,16 +328,21 @@ class Client:
                         if time.monotonic() - heard > self.dead_after_s:
                             raise NodeUnavailable("no heartbeat from the node")
                         continue
-                    topic, payload = sub.recv_multipart()
-                    heard = time.monotonic()
-                    if topic == HEARTBEAT_TOPIC:
-                        beat = Heartbeat.model_validate_json(payload)
+                    message = answers.published(sub.recv_multipart(), self.skipped_messages)
+                    event, beat = message.event, message.heartbeat
+                    if beat is not None:
+                        heard = time.monotonic()
                         self._seq.saw(beat.node, beat.last_seq, "heartbeat last_seq", "heartbeat")
                         self._seq.saw_audit(beat.node, beat.audit_count, beat.audit_head, "heartbeat")
                         ahead = beat.last_seq
-                    else:
-                        event = DetectionEvent.model_validate_json(payload)
+                    elif event is not None:
+                        heard = time.monotonic()
                         ahead = event.seq - 1
+                    else:  # malformed: not heard from; a seq it claims is fetched from the store, never lost
+                        self.skipped_messages += 1
+                        if message.seq is None:
+                            continue
+                        ahead = message.seq
                     if ahead > last:  # we missed something: fill the gap from the store
                         for missed in self._replay_all(last):
                             if missed.seq > ahead:
@@ -333,7 +350,7 @@ class Client:
                             last = missed.seq
                             self._seq.delivered(missed)
                             yield missed
-                    if topic != HEARTBEAT_TOPIC:
+                    if event is not None:
                         if event.seq > last:
                             last = event.seq
                             self._seq.delivered(event)
