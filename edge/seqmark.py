@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from bastion.edge.audit import read_record_line
 from bastion.errors import BastionError
 from bastion.models.atomic import atomic_write_bytes
+from bastion.models.safe_read import read_bounded
 
 if TYPE_CHECKING:
     from bastion.edge.audit import AuditLog
@@ -56,6 +57,10 @@ log = logging.getLogger(__name__)
 BLOCK = 1000
 MARK_FILE = "seq.json"
 LIVE_FILE = "seq.live"
+# Both files are read bounded: anyone who can write the storage dir could put a 300 MB file or a FIFO there.
+# Larger, or not a regular file, is damage: seq.json falls back to the audit marks, seq.live reads as missing.
+MAX_MARK_FILE_BYTES = 64 * 1024  # seq.json is ~100 bytes
+MAX_LIVE_FILE_BYTES = 64  # one integer
 AUDIT_KIND = "seq_mark"
 
 
@@ -185,7 +190,7 @@ class SeqMark:
     def _read_json(self) -> dict[str, Any] | None:
         path = self.dir / MARK_FILE
         try:
-            state = json.loads(path.read_bytes())
+            state = json.loads(read_bounded(path, MAX_MARK_FILE_BYTES))  # never a huge file or a FIFO
         except FileNotFoundError:
             return None
         except (OSError, ValueError, RecursionError) as exc:  # written atomically: damage or tampering
@@ -197,7 +202,7 @@ class SeqMark:
         """The last committed seq, or None when seq.live is missing, empty or garbled (``_open_live`` creates it
         empty before this reads it, so a deleted file reads as empty)."""
         try:
-            return int((self.dir / LIVE_FILE).read_bytes().strip())
+            return int(read_bounded(self.dir / LIVE_FILE, MAX_LIVE_FILE_BYTES).strip())
         except (OSError, ValueError):
             return None
 

@@ -409,3 +409,52 @@ def test_a_wal_that_filled_the_disk_gives_its_space_back_once_a_small_file_is_fr
             store.append(_event())
         assert wal.stat().st_size <= JOURNAL_SIZE_LIMIT
         store.close()
+
+
+SEQ_FILES_SCRIPT = r"""
+import json, os, sys, time
+from pathlib import Path
+from bastion.edge.audit import AuditLog
+from bastion.edge.protocol import DetectionEvent
+from bastion.edge.seqmark import SeqMark
+from bastion.edge.store import EventStore
+from bastion.errors import BastionError
+
+def hwm():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) * 1024
+
+d, how = Path(sys.argv[1]), sys.argv[2]
+audit = AuditLog(d / "audit.log")
+store = EventStore(d / "events.db", mark=SeqMark(d, audit, block=10))
+for _ in range(3):
+    store.append(DetectionEvent(seq=0, node="n", source="cam1", ts=time.time(), frame=0, model="0" * 64,
+                                detections=[]))
+store.close()
+for name in ("events.db", "events.db-wal", "events.db-shm", "seq.json"):
+    (d / name).unlink(missing_ok=True)
+if how == "fifo":
+    os.mkfifo(d / "seq.json")
+else:
+    for name in ("seq.json", "seq.live"):
+        with open(d / name, "wb") as fh:
+            fh.truncate(300 * 2**20)
+base = hwm()
+try:
+    EventStore(d / "events.db", mark=SeqMark(d, audit, block=10))
+    print(json.dumps({"refused": None, "grew": hwm() - base}))
+except BastionError as exc:
+    print(json.dumps({"refused": str(exc), "grew": hwm() - base}))
+"""
+
+
+@pytest.mark.parametrize("how", ["sparse", "fifo"])
+def test_seq_mark_files_are_read_bounded(tmp_path, how):
+    """seq.json and seq.live were read whole: a 300 MB file (anyone who can write the storage dir) cost its size in
+    RSS at start, and a FIFO in seq.json's place hung the start for ever. They are read bounded (regular files
+    only); an unreadable seq.json falls back to the audit log's marks, which still refuse a store behind seq 3."""
+    proc = subprocess.run([sys.executable, "-c", SEQ_FILES_SCRIPT, str(tmp_path), how], capture_output=True,
+                          text=True, timeout=30, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["refused"] and "seq 3 was already published" in out["refused"]
+    assert out["grew"] < 64 * 2**20, f"peak RSS grew by {out['grew'] / 2**20:.0f} MiB reading seq files"
