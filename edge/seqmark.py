@@ -107,6 +107,7 @@ class SeqMark:
         self.reserved = 0
         self._live_fd: int | None = None
         self._live_failed = False
+        self._live_trimmed = False
 
     # -- start ----------------------------------------------------------------------------------------
     def resume(self, store_last: int, accept_gap: bool = False) -> int:
@@ -241,7 +242,11 @@ class SeqMark:
         if self._live_fd is None:
             return
         try:
-            os.pwrite(self._live_fd, f"{seq:020d}\n".encode(), 0)
+            record = f"{seq:020d}\n".encode()
+            os.pwrite(self._live_fd, record, 0)
+            if not self._live_trimmed:  # junk left past the record (or a grown file) would read as damage forever
+                os.ftruncate(self._live_fd, len(record))
+                self._live_trimmed = True
         except OSError as exc:
             if not self._live_failed:
                 self._live_failed = True
@@ -283,6 +288,7 @@ class SeqMark:
             raise StoreInUseError(f"another node is writing the event store in {self.dir}",
                                   "stop it first, or give this node its own storage.dir") from None
         self._live_fd = fd
+        self._live_trimmed = False
 
     def _close_live(self) -> None:
         if self._live_fd is not None:

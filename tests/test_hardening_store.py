@@ -458,3 +458,17 @@ def test_seq_mark_files_are_read_bounded(tmp_path, how):
     out = json.loads(proc.stdout)
     assert out["refused"] and "seq 3 was already published" in out["refused"]
     assert out["grew"] < 64 * 2**20, f"peak RSS grew by {out['grew'] / 2**20:.0f} MiB reading seq files"
+
+
+def test_a_grown_seq_live_is_trimmed_by_the_first_commit(tmp_path):
+    """Junk past the 21-byte record (a grown or tampered file) made seq.live read as missing at every later start,
+    so every unclean restart skipped a whole reservation; the first commit trims the file back to one record."""
+    from bastion.edge import seqmark
+    from bastion.edge.audit import AuditLog
+
+    (tmp_path / seqmark.LIVE_FILE).write_bytes(b"7" * 4096)
+    mark = seqmark.SeqMark(tmp_path, AuditLog(tmp_path / "audit.log"), block=10)
+    store = EventStore(tmp_path / "events.db", mark=mark)
+    assert store.append(_event()).seq == 1
+    assert mark._read_live() == 1 and (tmp_path / seqmark.LIVE_FILE).stat().st_size == 21
+    store.close()
