@@ -26,8 +26,16 @@ _SDK = {
     "DetectOptions": "bastion.runtime",
     "Detections": "bastion.runtime",
 }
-__all__ = ["__version__", "BastionError", "Bundle", "Client", "DetectionEvent", "Detector", "DetectOptions",
-           "Detections"]
+__all__ = [
+    "__version__",
+    "BastionError",
+    "Bundle",
+    "Client",
+    "DetectionEvent",
+    "Detector",
+    "DetectOptions",
+    "Detections",
+]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
     from bastion.edge.client import Client

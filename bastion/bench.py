@@ -42,8 +42,9 @@ def _stats(latencies_s: list[float], wall_s: float | None = None, count: int | N
     wall = wall_s if wall_s is not None else float(np.sum(latencies_s))
     result = {"per_s": n / wall if wall > 0 else 0.0, "wall_s": wall, "count": n}
     if len(ms):
-        result.update(p50_ms=float(np.percentile(ms, 50)), p99_ms=float(np.percentile(ms, 99)),
-                      mean_ms=float(ms.mean()))
+        result.update(
+            p50_ms=float(np.percentile(ms, 50)), p99_ms=float(np.percentile(ms, 99)), mean_ms=float(ms.mean())
+        )
     return result
 
 
@@ -51,8 +52,12 @@ def _environment(detector: Detector, threads: int | None) -> dict[str, Any]:
     import onnxruntime
 
     return {
-        "bastion": __version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": threads,
+        "bastion": __version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "threads": threads,
         "providers": detector.backend.providers,
     }
 
@@ -75,8 +80,14 @@ def compare_detections(ours: list[Detections], theirs: list[Detections], iou_min
                 matched += 1
                 max_box = max(max_box, float(diff.min()))
                 max_conf = max(max_conf, float(abs(b.conf[j] - a.conf[i])))
-    return {"images": len(ours), "same_count_images": same_count, "matched": matched, "total": total,
-            "max_box_diff_px": round(max_box, 3), "max_conf_diff": round(max_conf, 5)}
+    return {
+        "images": len(ours),
+        "same_count_images": same_count,
+        "matched": matched,
+        "total": total,
+        "max_box_diff_px": round(max_box, 3),
+        "max_conf_diff": round(max_conf, 5),
+    }
 
 
 class _UltralyticsContestant:
@@ -96,12 +107,17 @@ class _UltralyticsContestant:
     @staticmethod
     def to_detections(result: Any, names: list[str]) -> Detections:
         boxes = result.boxes
-        return Detections(boxes.xyxy.numpy().astype(np.float32), boxes.conf.numpy().astype(np.float32),
-                          boxes.cls.numpy().astype(np.int64), names)
+        return Detections(
+            boxes.xyxy.numpy().astype(np.float32),
+            boxes.conf.numpy().astype(np.float32),
+            boxes.cls.numpy().astype(np.int64),
+            names,
+        )
 
 
-def _ultralytics_for(detector: Detector, model: str, enabled: bool, notes: list[str],
-                     imgsz: int, conf: float, iou: float) -> _UltralyticsContestant | None:
+def _ultralytics_for(
+    detector: Detector, model: str, enabled: bool, notes: list[str], imgsz: int, conf: float, iou: float
+) -> _UltralyticsContestant | None:
     if not enabled:
         return None
     if not (model.endswith(".onnx") and detector.manifest.decoder.type == "yolov8"):
@@ -115,9 +131,19 @@ def _ultralytics_for(detector: Detector, model: str, enabled: bool, notes: list[
     return _UltralyticsContestant(Path(model), imgsz, conf, iou)
 
 
-def bench_images(images: Path, model: str, limit: int, repeat: int, imgsz: int | None, conf: float, iou: float,
-                 threads: int | None, with_ultralytics: bool, progress: Any = None,
-                 allow_unsigned: bool = False) -> dict[str, Any]:
+def bench_images(
+    images: Path,
+    model: str,
+    limit: int,
+    repeat: int,
+    imgsz: int | None,
+    conf: float,
+    iou: float,
+    threads: int | None,
+    with_ultralytics: bool,
+    progress: Any = None,
+    allow_unsigned: bool = False,
+) -> dict[str, Any]:
     """Single-image latency/throughput of the three contestants on the same files."""
     if not Path(images).is_dir():
         raise InputNotFoundError(f"not a directory: {images}")
@@ -190,26 +216,50 @@ def bench_images(images: Path, model: str, limit: int, repeat: int, imgsz: int |
         "post_ms_p50": round(float(np.median(post)) * 1000, 3),
         "infer_ms_p50": round(float(np.median(infer)) * 1000, 3),
         "pre_post_overhead_pct_of_floor": round(
-            (float(np.median(pre)) + float(np.median(post))) * 1000 / floor_ms * 100, 2),
+            (float(np.median(pre)) + float(np.median(post))) * 1000 / floor_ms * 100, 2
+        ),
         "bastion_vs_floor": round(contestants["bastion"]["per_s"] / contestants["floor"]["per_s"], 3),
     }
     if ultra is not None:
         contestants["ultralytics"] = _stats(theirs_lat)
         summary["bastion_vs_ultralytics"] = round(
-            contestants["bastion"]["per_s"] / contestants["ultralytics"]["per_s"], 3)
+            contestants["bastion"]["per_s"] / contestants["ultralytics"]["per_s"], 3
+        )
         summary["bastion_vs_ultralytics_p50"] = round(
-            contestants["ultralytics"]["p50_ms"] / contestants["bastion"]["p50_ms"], 3)
+            contestants["ultralytics"]["p50_ms"] / contestants["bastion"]["p50_ms"], 3
+        )
         summary["agreement"] = compare_detections(bastion_dets, theirs)
         summary["ultralytics_version"] = ultra.version
-    return {"mode": "images", "model": detector.manifest.name, "model_sha256": detector.bundle_sha256,
-            "input_hw": list(prepared[0][1].input_hw), "count": len(files), "repeat": repeat, "conf": conf,
-            "iou": iou, "contestants": contestants, "summary": summary, "notes": notes,
-            "environment": _environment(detector, threads)}
+    return {
+        "mode": "images",
+        "model": detector.manifest.name,
+        "model_sha256": detector.bundle_sha256,
+        "input_hw": list(prepared[0][1].input_hw),
+        "count": len(files),
+        "repeat": repeat,
+        "conf": conf,
+        "iou": iou,
+        "contestants": contestants,
+        "summary": summary,
+        "notes": notes,
+        "environment": _environment(detector, threads),
+    }
 
 
-def bench_video(video: Path, model: str, limit: int, imgsz: int | None, conf: float, iou: float,
-                threads: int | None, batch: int, with_ultralytics: bool, workers: int | None = None,
-                progress: Any = None, allow_unsigned: bool = False) -> dict[str, Any]:
+def bench_video(
+    video: Path,
+    model: str,
+    limit: int,
+    imgsz: int | None,
+    conf: float,
+    iou: float,
+    threads: int | None,
+    batch: int,
+    with_ultralytics: bool,
+    workers: int | None = None,
+    progress: Any = None,
+    allow_unsigned: bool = False,
+) -> dict[str, Any]:
     """Frames/s over a video file: floor vs bastion's overlapped pipeline vs Ultralytics' stream."""
     if not Path(video).is_file():
         raise InputNotFoundError(f"video not found: {video}")
@@ -262,26 +312,51 @@ def bench_video(video: Path, model: str, limit: int, imgsz: int | None, conf: fl
             if len(theirs) >= len(frames):
                 break
         contestants["ultralytics"] = _stats([], time.perf_counter() - t0, len(theirs))
-        summary["bastion_vs_ultralytics"] = round(contestants["bastion"]["per_s"] / contestants["ultralytics"]["per_s"], 3)
+        summary["bastion_vs_ultralytics"] = round(
+            contestants["bastion"]["per_s"] / contestants["ultralytics"]["per_s"], 3
+        )
         summary["agreement"] = compare_detections(dets, theirs)
         summary["ultralytics_version"] = ultra.version
-    return {"mode": "video", "model": detector.manifest.name, "model_sha256": detector.bundle_sha256,
-            "video": str(video), "count": len(frames), "conf": conf, "iou": iou, "contestants": contestants,
-            "summary": summary, "notes": notes, "environment": _environment(detector, threads)}
+    return {
+        "mode": "video",
+        "model": detector.manifest.name,
+        "model_sha256": detector.bundle_sha256,
+        "video": str(video),
+        "count": len(frames),
+        "conf": conf,
+        "iou": iou,
+        "contestants": contestants,
+        "summary": summary,
+        "notes": notes,
+        "environment": _environment(detector, threads),
+    }
 
 
 BACKEND_DEVICES = {"ort-cpu": "cpu", "ort-cuda": "cuda", "ort-trt": "tensorrt", "trt": "trt"}
 
 
-def bench_backends(images: Path, model: str, backends: list[str], limit: int, repeat: int, imgsz: int | None,
-                   conf: float, iou: float, threads: int | None, allow_unsigned: bool = False) -> dict[str, Any]:
+def bench_backends(
+    images: Path,
+    model: str,
+    backends: list[str],
+    limit: int,
+    repeat: int,
+    imgsz: int | None,
+    conf: float,
+    iou: float,
+    threads: int | None,
+    allow_unsigned: bool = False,
+) -> dict[str, Any]:
     """The same bundle and images on each backend, in one run; unavailable backends say what to install."""
     from bastion.errors import BastionError, ConfigError
 
     unknown = [b for b in backends if b not in BACKEND_DEVICES]
     if unknown:
-        raise ConfigError(f"unknown backend {unknown[0]!r}", f"choose from {', '.join(BACKEND_DEVICES)} (trt: "
-                          "native TensorRT; ort-trt: ONNX Runtime's TensorRT provider)")
+        raise ConfigError(
+            f"unknown backend {unknown[0]!r}",
+            f"choose from {', '.join(BACKEND_DEVICES)} (trt: "
+            "native TensorRT; ort-trt: ONNX Runtime's TensorRT provider)",
+        )
     files = list_images(Path(images))[:limit]
     if not files:
         raise InputNotFoundError(f"no images in {images}")
@@ -290,8 +365,15 @@ def bench_backends(images: Path, model: str, backends: list[str], limit: int, re
     reference: list[Detections] | None = None
     for name in backends:
         try:
-            det = Detector.load(model, device=BACKEND_DEVICES[name], threads=threads, conf=conf, iou=iou,
-                                imgsz=imgsz, allow_unsigned=allow_unsigned)
+            det = Detector.load(
+                model,
+                device=BACKEND_DEVICES[name],
+                threads=threads,
+                conf=conf,
+                iou=iou,
+                imgsz=imgsz,
+                allow_unsigned=allow_unsigned,
+            )
         except BastionError as exc:
             results[name] = {"available": False, "reason": str(exc)}
             continue
@@ -320,8 +402,9 @@ def _ticker(progress: Any, label: str, total: int) -> Callable[[], None]:
 
 MODEL_HELP = "Bundle directory, zoo name or a YOLOv5/Ultralytics .onnx file."
 
-bench_app = typer.Typer(help="Measure speed against a reference measured in the same run (JSON output).",
-                        no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Measure speed against a reference measured in the same run (JSON output).", no_args_is_help=True
+)
 
 
 @bench_app.command("detect")
@@ -336,10 +419,13 @@ def bench_detect_command(
     iou: float = typer.Option(0.45, help="NMS IoU threshold for all contestants."),
     threads: Optional[int] = typer.Option(None, help="Inference threads (default: all cores)."),
     batch: int = typer.Option(1, help="Batch size of bastion's video pipeline (dynamic-batch models)."),
-    workers: Optional[int] = typer.Option(None, help="Concurrent inferences in bastion's video pipeline (default: cores, max 4)."),
+    workers: Optional[int] = typer.Option(
+        None, help="Concurrent inferences in bastion's video pipeline (default: cores, max 4)."
+    ),
     ultralytics: bool = typer.Option(True, help="Also time Ultralytics predict when it is installed."),
-    backends: Optional[str] = typer.Option(None, help="Instead: compare backends on --images, e.g. "
-                                           "ort-cpu,ort-cuda,ort-trt,trt (trt: native TensorRT)."),
+    backends: Optional[str] = typer.Option(
+        None, help="Instead: compare backends on --images, e.g. ort-cpu,ort-cuda,ort-trt,trt (trt: native TensorRT)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
 ) -> None:
@@ -352,8 +438,18 @@ def bench_detect_command(
             from bastion.errors import ConfigError
 
             raise ConfigError("--backends compares backends on --images DIR")
-        result = bench_backends(images, model, [b.strip() for b in backends.split(",") if b.strip()], limit,
-                                repeat, imgsz, conf, iou, threads, allow_unsigned)
+        result = bench_backends(
+            images,
+            model,
+            [b.strip() for b in backends.split(",") if b.strip()],
+            limit,
+            repeat,
+            imgsz,
+            conf,
+            iou,
+            threads,
+            allow_unsigned,
+        )
         if json_out:
             print_json(result)
         else:
@@ -364,8 +460,16 @@ def bench_detect_command(
         from bastion.errors import ConfigError
 
         raise ConfigError("give exactly one of --images DIR or --video FILE")
-    kwargs = dict(model=model, limit=limit, imgsz=imgsz, conf=conf, iou=iou, threads=threads,
-                  with_ultralytics=ultralytics, allow_unsigned=allow_unsigned)
+    kwargs = dict(
+        model=model,
+        limit=limit,
+        imgsz=imgsz,
+        conf=conf,
+        iou=iou,
+        threads=threads,
+        with_ultralytics=ultralytics,
+        allow_unsigned=allow_unsigned,
+    )
     with progress(disable=json_out) as bar:
         if images is not None:
             result = bench_images(images, repeat=repeat, progress=bar, **kwargs)
@@ -379,8 +483,9 @@ def bench_detect_command(
     for col in ("contestant", "items/s", "p50 ms", "p99 ms"):
         table.add_column(col, justify="right" if col != "contestant" else "left")
     for name, r in result["contestants"].items():
-        table.add_row(name, f"{r['per_s']:.1f}", f"{r.get('p50_ms', float('nan')):.2f}",
-                      f"{r.get('p99_ms', float('nan')):.2f}")
+        table.add_row(
+            name, f"{r['per_s']:.1f}", f"{r.get('p50_ms', float('nan')):.2f}", f"{r.get('p99_ms', float('nan')):.2f}"
+        )
     out.print(table)
     for key, value in result["summary"].items():
         out.print(f"{key}: {value}")
@@ -392,8 +497,10 @@ def bench_detect_command(
 @bench_app.command("node")
 def bench_node_command(
     model: str = typer.Option(DEFAULT_DETECTOR, "--model", "-m", help=MODEL_HELP),
-    video: Path = typer.Option(Path(__file__).resolve().parent / "samples" / "one-by-one-person-detection.mp4",
-                               help="File source, read in real time and looped."),
+    video: Path = typer.Option(
+        Path(__file__).resolve().parent / "samples" / "one-by-one-person-detection.mp4",
+        help="File source, read in real time and looped.",
+    ),
     fps: float = typer.Option(30.0, help="Pace the file source at this rate (a camera)."),
     seconds: float = typer.Option(20.0, help="Measurement window after a 2 s warm-up."),
     imgsz: Optional[int] = typer.Option(320, help="Network input size."),
@@ -419,12 +526,21 @@ def bench_node_command(
 @bench_app.command("lm")
 def bench_lm_command(
     model: str = typer.Option("stories260K", "--model", "-m", help="A task: lm bundle."),
-    reference: Optional[Path] = typer.Option(None, help="The same weights as a llama2.c checkpoint or Hugging Face "
-                                             "directory, for bastion's torch module (needs the [distill] extra)."),
-    transformers_dir: Optional[Path] = typer.Option(None, "--transformers", help="A local Hugging Face directory of "
-                                                    "the same weights: also time transformers' generate."),
-    against: Optional[str] = typer.Option(None, help="A second lm bundle (e.g. the teacher of a distilled "
-                                          "student): both timed taking turns, the speed-up reported per prompt."),
+    reference: Optional[Path] = typer.Option(
+        None,
+        help="The same weights as a llama2.c checkpoint or Hugging Face "
+        "directory, for bastion's torch module (needs the [distill] extra).",
+    ),
+    transformers_dir: Optional[Path] = typer.Option(
+        None,
+        "--transformers",
+        help="A local Hugging Face directory of the same weights: also time transformers' generate.",
+    ),
+    against: Optional[str] = typer.Option(
+        None,
+        help="A second lm bundle (e.g. the teacher of a distilled "
+        "student): both timed taking turns, the speed-up reported per prompt.",
+    ),
     new_tokens: int = typer.Option(128, help="Tokens to generate per prompt."),
     prompt_lengths: str = typer.Option("16,128,384", help="Prompt lengths in tokens, comma-separated."),
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),

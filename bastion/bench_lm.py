@@ -22,9 +22,15 @@ def _prompt_ids(generator: Generator, length: int) -> list[int]:
     return base[:length]
 
 
-def bench_lm(model: str, reference: Path | None, new_tokens: int, prompt_lengths: list[int],
-             allow_unsigned: bool = False, transformers_dir: Path | None = None,
-             against: str | None = None) -> dict[str, Any]:
+def bench_lm(
+    model: str,
+    reference: Path | None,
+    new_tokens: int,
+    prompt_lengths: list[int],
+    allow_unsigned: bool = False,
+    transformers_dir: Path | None = None,
+    against: str | None = None,
+) -> dict[str, Any]:
     generator = Generator.load(model, threads=1, allow_unsigned=allow_unsigned)
     result: dict[str, Any] = {"model": generator.bundle.manifest.name, "new_tokens": new_tokens, "lengths": {}}
     rival = Generator.load(against, threads=1, allow_unsigned=allow_unsigned) if against else None
@@ -45,17 +51,27 @@ def bench_lm(model: str, reference: Path | None, new_tokens: int, prompt_lengths
     for length in prompt_lengths:
         ids = _prompt_ids(generator, min(length, generator.context - new_tokens - 1))
         ttft, total, ours = best_of(ROUNDS, lambda: generator.generate_ids(ids, new_tokens))
-        row = {"prompt_tokens": len(ids), "ttft_ms": round(ttft * 1000, 2),
-               "tokens": len(ours), "tokens_per_s": round(len(ours) / total, 1)}
+        row = {
+            "prompt_tokens": len(ids),
+            "ttft_ms": round(ttft * 1000, 2),
+            "tokens": len(ours),
+            "tokens_per_s": round(len(ours) / total, 1),
+        }
         if torch_model is not None:
             _, ref_total, theirs = best_of(ROUNDS, lambda: iter(greedy(torch_model, ids, new_tokens)))
-            row.update(torch_tokens_per_s=round(len(theirs) / ref_total, 1), same_tokens=theirs == ours,
-                       speedup=round((len(ours) / total) / (len(theirs) / ref_total), 2) if theirs else None)
+            row.update(
+                torch_tokens_per_s=round(len(theirs) / ref_total, 1),
+                same_tokens=theirs == ours,
+                speedup=round((len(ours) / total) / (len(theirs) / ref_total), 2) if theirs else None,
+            )
         result["lengths"][str(length)] = row
         if rival is not None:  # the two bundles take turns, best of ROUNDS each
             speeds = interleaved_tokens_per_s({"model": generator, "against": rival}, ids, new_tokens, ROUNDS)
-            row.update(against_tokens_per_s=speeds["against"], model_tokens_per_s_in_turns=speeds["model"],
-                       speedup_vs_against=round(speeds["model"] / speeds["against"], 2))
+            row.update(
+                against_tokens_per_s=speeds["against"],
+                model_tokens_per_s_in_turns=speeds["model"],
+                speedup_vs_against=round(speeds["model"] / speeds["against"], 2),
+            )
         if transformers_dir is not None:
             from bastion.distill.hf_reference import transformers_available, transformers_greedy
 
@@ -63,8 +79,11 @@ def bench_lm(model: str, reference: Path | None, new_tokens: int, prompt_lengths
                 row["transformers"] = "not installed (pip install transformers) — comparison skipped"
             else:
                 hf = transformers_greedy(transformers_dir, [ids], new_tokens, rounds=ROUNDS)[0]
-                row.update(transformers_tokens_per_s=hf["tokens_per_s"], same_tokens_as_transformers=hf["ids"] == ours,
-                           speedup_vs_transformers=round(row["tokens_per_s"] / hf["tokens_per_s"], 2))
+                row.update(
+                    transformers_tokens_per_s=hf["tokens_per_s"],
+                    same_tokens_as_transformers=hf["ids"] == ours,
+                    speedup_vs_transformers=round(row["tokens_per_s"] / hf["tokens_per_s"], 2),
+                )
     generator.close()
     if rival is not None:
         rival.close()

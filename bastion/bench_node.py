@@ -25,12 +25,17 @@ def _percentiles(values_s: list[float]) -> dict[str, float]:
     ms = np.asarray(values_s) * 1000
     if not len(ms):
         return {"p50_ms": float("nan"), "p99_ms": float("nan"), "count": 0}
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
-            "mean_ms": round(float(ms.mean()), 2), "count": int(len(ms))}
+    return {
+        "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "mean_ms": round(float(ms.mean()), 2),
+        "count": int(len(ms)),
+    }
 
 
-def model_latency(model: str, video: Path, imgsz: int | None, threads: int | None, fps: float | None,
-                  frames: int = 90) -> dict:
+def model_latency(
+    model: str, video: Path, imgsz: int | None, threads: int | None, fps: float | None, frames: int = 90
+) -> dict:
     """``Detector.detect`` on frames in memory: back to back (fps None) or one call every 1/fps s.
 
     A model called 30 times a second with idle gaps is slower per call than back to back (its
@@ -49,20 +54,27 @@ def model_latency(model: str, video: Path, imgsz: int | None, threads: int | Non
     return _percentiles(times[5:])
 
 
-def bench_node(model: str, video: Path, fps: float, seconds: float, imgsz: int | None, threads: int | None,
-               subscribers: int = 1) -> dict[str, Any]:
+def bench_node(
+    model: str, video: Path, fps: float, seconds: float, imgsz: int | None, threads: int | None, subscribers: int = 1
+) -> dict[str, Any]:
     from bastion.edge.config import NodeConfig
     from bastion.edge.node import Node
 
     reference = model_latency(model, video, imgsz, threads, None)
     paced = model_latency(model, video, imgsz, threads, fps)
     with tempfile.TemporaryDirectory(prefix="bastion-bench-node-") as tmp:
-        config = NodeConfig.model_validate({
-            "id": "bench", "model": model, "imgsz": imgsz, "threads": threads, "conf": 0.25,
-            "sources": [{"name": "cam", "uri": str(video), "loop": True, "realtime": True, "fps": fps}],
-            "endpoints": {"events": "tcp://127.0.0.1:*", "control": "tcp://127.0.0.1:*"},
-            "storage": {"dir": tmp},
-        })
+        config = NodeConfig.model_validate(
+            {
+                "id": "bench",
+                "model": model,
+                "imgsz": imgsz,
+                "threads": threads,
+                "conf": 0.25,
+                "sources": [{"name": "cam", "uri": str(video), "loop": True, "realtime": True, "fps": fps}],
+                "endpoints": {"events": "tcp://127.0.0.1:*", "control": "tcp://127.0.0.1:*"},
+                "storage": {"dir": tmp},
+            }
+        )
         node = Node(config)
         ctx = zmq.Context()
         subs = []
@@ -99,8 +111,9 @@ def bench_node(model: str, video: Path, fps: float, seconds: float, imgsz: int |
         elapsed = time.time() - t0
         last_seq = node.store.last_seq()
         drain_until = time.time() + 2.0  # what was published by now is still in flight to some subscribers
-        while time.time() < drain_until and any(not set(range(seq0 + 1, last_seq + 1)) <= got
-                                                for got in received.values()):
+        while time.time() < drain_until and any(
+            not set(range(seq0 + 1, last_seq + 1)) <= got for got in received.values()
+        ):
             for sock, _ in poller.poll(100):
                 while sock.poll(0):
                     seq = json.loads(sock.recv_multipart()[1])["seq"]
@@ -115,12 +128,22 @@ def bench_node(model: str, video: Path, fps: float, seconds: float, imgsz: int |
     complete = sum(1 for got in received.values() if published <= got)
     e2e = _percentiles(latencies)
     return {
-        "mode": "node", "model": model, "imgsz": imgsz, "source_fps": fps, "seconds": round(elapsed, 1),
-        "frames_read": read, "frames_inferred": inferred, "frames_dropped": dropped,
-        "achieved_fps": round(inferred / elapsed, 2), "drop_rate": round(dropped / read, 4) if read else 0.0,
-        "events": len(published), "event_latency": e2e, "model_latency": reference,
+        "mode": "node",
+        "model": model,
+        "imgsz": imgsz,
+        "source_fps": fps,
+        "seconds": round(elapsed, 1),
+        "frames_read": read,
+        "frames_inferred": inferred,
+        "frames_dropped": dropped,
+        "achieved_fps": round(inferred / elapsed, 2),
+        "drop_rate": round(dropped / read, 4) if read else 0.0,
+        "events": len(published),
+        "event_latency": e2e,
+        "model_latency": reference,
         "model_latency_paced": paced,
         "p99_over_model_p50": round(e2e["p99_ms"] / reference["p50_ms"], 2) if e2e["count"] else None,
         "p99_over_paced_model_p50": round(e2e["p99_ms"] / paced["p50_ms"], 2) if e2e["count"] else None,
-        "subscribers": subscribers, "subscribers_with_every_event": complete,
+        "subscribers": subscribers,
+        "subscribers_with_every_event": complete,
     }

@@ -53,16 +53,24 @@ def _root(
 # run. name -> (loader "module:attr", the one-line help `bastion --help` lists without importing it).
 # tests/test_imports.py holds each line to the command's real help.
 _COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("bastion.demo:demo_command",
-             "The whole loop on the vendored samples: distill → sign → detect → serve → subscribe → verify."),
+    "demo": (
+        "bastion.demo:demo_command",
+        "The whole loop on the vendored samples: distill → sign → detect → serve → subscribe → verify.",
+    ),
     "detect": ("bastion.runtime.cli:detect_command", "Detect objects in an image, a directory of images or a video."),
-    "ask": ("bastion.runtime.cli:ask_command",
-            "Stream a language model's answer, from a local bundle or from a field node."),
-    "quantize": ("bastion.distill.cli:quantize_command",
-                 "INT8 (ONNX Runtime static QDQ) of a detection bundle, kept only if its measured mAP50 drop is small."),
-    "doctor": ("bastion.doctor:doctor_command",
-               "Check offline readiness: state directory, trust store, registry, vendored models, providers, egress, "
-               "installed versions against the lock."),
+    "ask": (
+        "bastion.runtime.cli:ask_command",
+        "Stream a language model's answer, from a local bundle or from a field node.",
+    ),
+    "quantize": (
+        "bastion.distill.cli:quantize_command",
+        "INT8 (ONNX Runtime static QDQ) of a detection bundle, kept only if its measured mAP50 drop is small.",
+    ),
+    "doctor": (
+        "bastion.doctor:doctor_command",
+        "Check offline readiness: state directory, trust store, registry, vendored models, providers, egress, "
+        "installed versions against the lock.",
+    ),
     "eval": ("bastion.distill.cli:eval_app", "Measure model accuracy on a labelled dataset."),
     "distill": ("bastion.distill.cli:distill_app", "Make a smaller model for a narrower mission."),
     "bench": ("bastion.bench:bench_app", "Measure speed against a reference measured in the same run (JSON output)."),
@@ -72,8 +80,10 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "node": ("bastion.edge.cli:node_app", "The field node daemon: sources → detector → SQLite → ZeroMQ."),
     "audit": ("bastion.edge.cli:audit_app", "The node's hash-chained audit log."),
     "hw": ("bastion.hardware.cli:hw_app", "Know the machine: probe (plans and engine caches build on it)."),
-    "engine": ("bastion.runtime.engine_cli:engine_app",
-               "TensorRT engines, cached per GPU, TensorRT version, model, precision and shape."),
+    "engine": (
+        "bastion.runtime.engine_cli:engine_app",
+        "TensorRT engines, cached per GPU, TensorRT version, model, precision and shape.",
+    ),
 }
 
 

@@ -31,6 +31,7 @@ def progress(transient: bool = True, disable: bool = False) -> Progress:
 
 def stage_bars(bar: Progress) -> Callable[[str, int], Callable[[], None]]:
     """For a pipeline of stages: ``stage(label, total)`` adds one bar to ``bar`` and returns its advance."""
+
     def stage(label: str, total: int) -> Callable[[], None]:
         task = bar.add_task(label, total=total)
         return lambda: bar.advance(task)

@@ -33,12 +33,16 @@ CLASS_MAP = {"car": "vehicle", "truck": "vehicle", "bus": "vehicle", "motorcycle
 
 def demo_command(
     video: Path = typer.Option(DEFAULT_VIDEO, help="Video to run on (default: a vendored CC BY 4.0 sample)."),
-    model: str = typer.Option(DEFAULT_DETECTOR, "--model", "-m", help="Teacher bundle (or, with --skip-distill, "
-                              "the bundle to serve)."),
+    model: str = typer.Option(
+        DEFAULT_DETECTOR, "--model", "-m", help="Teacher bundle (or, with --skip-distill, the bundle to serve)."
+    ),
     out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Artefacts land in OUT/<timestamp>/."),
     skip_distill: bool = typer.Option(False, "--skip-distill", help="Serve --model right away (under a minute)."),
-    train: Optional[bool] = typer.Option(None, "--train/--no-train", help="Train a quick student too (default: "
-                                         "when the [distill] extra is installed, as make demo does)."),
+    train: Optional[bool] = typer.Option(
+        None,
+        "--train/--no-train",
+        help="Train a quick student too (default: when the [distill] extra is installed, as make demo does).",
+    ),
     max_frames: int = typer.Option(0, help="Detection part: stop after this many frames (0: the whole clip)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for inference."),
     node_seconds: float = typer.Option(10.0, help="How long the field-node part runs (0 skips it)."),
@@ -91,8 +95,10 @@ def provenance_chain(model: str, allow_unsigned: bool) -> dict[str, str]:
     m = bundle.manifest
     chain = {
         "served": f"{m.name}:{m.version} (sha256 {bundle.sha256[:16]}…, {m.precision})",
-        "signed by": bundle.verification.summary, "source": m.provenance.source,
-        "weights license": m.license.weights, "data license": m.license.data or "-",
+        "signed by": bundle.verification.summary,
+        "source": m.provenance.source,
+        "weights license": m.license.weights,
+        "data license": m.license.data or "-",
         "made by": f"bastion {m.provenance.bastion_version or '?'} at {m.provenance.created or '?'}",
     }
     level, parents = 1, list(m.provenance.teachers)
@@ -102,8 +108,9 @@ def provenance_chain(model: str, allow_unsigned: bool) -> dict[str, str]:
             chain[f"made from ({level})"] = f"sha256 {sha[:16]}… (not on this unit)"
         else:
             _, pm = known[sha]
-            chain[f"made from ({level})"] = (f"{pm.name}:{pm.version} — {pm.provenance.source} — weights "
-                                             f"license {pm.license.weights}")
+            chain[f"made from ({level})"] = (
+                f"{pm.name}:{pm.version} — {pm.provenance.source} — weights license {pm.license.weights}"
+            )
             for d in pm.provenance.datasets:
                 chain[f"made from ({level}) data"] = f"{d.name} ({d.license or 'license ?'})"
             parents += pm.provenance.teachers
@@ -144,8 +151,10 @@ def run_distill_demo(teacher: str, run: Path, train: bool | None, quiet: bool = 
     if train is None:
         train = ultralytics_available()
         if not train and not quiet:
-            warn("no student is trained: the [distill] extra (torch, Ultralytics) is not installed; "
-                 "make demo installs it, or pip install -e '.[distill]'")
+            warn(
+                "no student is trained: the [distill] extra (torch, Ultralytics) is not installed; "
+                "make demo installs it, or pip install -e '.[distill]'"
+            )
     if train:
         from bastion.distill.train import TrainSpec
         from bastion.errors import MissingExtraError
@@ -156,10 +165,22 @@ def run_distill_demo(teacher: str, run: Path, train: bool | None, quiet: bool = 
         # head trains (../shared/NOTES.md: the best use of a few CPU minutes)
         train_spec = TrainSpec(student="yolov5n.yaml", warm_start=WARM_START, epochs=3, batch=16, freeze=24)
     if not quiet:
-        out.print(f"[bold]distill[/] {teacher} → {', '.join(CLASSES)} on {len(images)} frames of the sample clips "
-                  f"(demo key {pair.key_id}, trusted in this run's BASTION_HOME)")
-    spec = DistillSpec(teachers=[teacher], images=frames, labels=None, classes=CLASSES, class_map=CLASS_MAP,
-                       conf={"*": 0.3}, imgsz=320, out=run, max_map50_drop=10.0, train=train_spec)
+        out.print(
+            f"[bold]distill[/] {teacher} → {', '.join(CLASSES)} on {len(images)} frames of the sample clips "
+            f"(demo key {pair.key_id}, trusted in this run's BASTION_HOME)"
+        )
+    spec = DistillSpec(
+        teachers=[teacher],
+        images=frames,
+        labels=None,
+        classes=CLASSES,
+        class_map=CLASS_MAP,
+        conf={"*": 0.3},
+        imgsz=320,
+        out=run,
+        max_map50_drop=10.0,
+        train=train_spec,
+    )
     with progress(disable=quiet) as bar:
         report = run_distill(spec, load_private_key(pair.private_path), stage_bars(bar))
     if not quiet:
@@ -168,8 +189,9 @@ def run_distill_demo(teacher: str, run: Path, train: bool | None, quiet: bool = 
     return {"report": report, "served": served, "key_id": pair.key_id, "frames": len(images)}
 
 
-def run_detect_demo(model: str, video: Path, run_dir: Path, max_frames: int, threads: int | None,
-                    allow_unsigned: bool, quiet: bool) -> dict[str, Any]:
+def run_detect_demo(
+    model: str, video: Path, run_dir: Path, max_frames: int, threads: int | None, allow_unsigned: bool, quiet: bool
+) -> dict[str, Any]:
     """The served model over ``video``: annotated video, contact sheet, counts, fps."""
     from bastion.runtime.detect import Detector
     from bastion.runtime.media import iter_video, video_info
@@ -186,8 +208,10 @@ def run_detect_demo(model: str, video: Path, run_dir: Path, max_frames: int, thr
     keyframes = []
     sample_every = max(1, total // 24)  # candidates for the contact sheet: frames with detections
     t0 = time.perf_counter()
-    with AtomicVideoWriter(run_dir / "annotated.mp4", info["fps"], (int(info["width"]), int(info["height"]))) as vw, \
-            progress(disable=quiet) as bar:
+    with (
+        AtomicVideoWriter(run_dir / "annotated.mp4", info["fps"], (int(info["width"]), int(info["height"]))) as vw,
+        progress(disable=quiet) as bar,
+    ):
         task = bar.add_task(f"{detector.manifest.name} on {video.name}", total=total or None)
         for frame, det in detect_stream(detector, iter_video(video, limit), workers=workers):
             counts.update(det.counts())
@@ -203,10 +227,16 @@ def run_detect_demo(model: str, video: Path, run_dir: Path, max_frames: int, thr
     if keyframes:
         save_image(sheet, contact_sheet(keyframes))
     summary = {
-        "model": detector.manifest.name, "model_sha256": detector.bundle_sha256, "signer": detector.verified_by,
-        "video": str(video), "frames": frames, "frames_with_detections": frames_with, "detections": dict(counts),
+        "model": detector.manifest.name,
+        "model_sha256": detector.bundle_sha256,
+        "signer": detector.verified_by,
+        "video": str(video),
+        "frames": frames,
+        "frames_with_detections": frames_with,
+        "detections": dict(counts),
         "fps": round(frames / elapsed, 2) if elapsed else 0.0,
-        "annotated_video": str(run_dir / "annotated.mp4"), "contact_sheet": str(sheet),
+        "annotated_video": str(run_dir / "annotated.mp4"),
+        "contact_sheet": str(sheet),
     }
     if not quiet:
         print_counts(f"detect — {detector.manifest.name} on {video.name}", counts)
@@ -216,8 +246,9 @@ def run_detect_demo(model: str, video: Path, run_dir: Path, max_frames: int, thr
     return summary
 
 
-def run_node_demo(model: str, video: Path, storage: Path, seconds: float, allow_unsigned: bool,
-                  quiet: bool = False) -> dict:
+def run_node_demo(
+    model: str, video: Path, storage: Path, seconds: float, allow_unsigned: bool, quiet: bool = False
+) -> dict:
     """A node on ``video`` in this process, a Client following it, a node restart, a gap-free resume."""
     from bastion.edge.audit import verify_audit_log
     from bastion.edge.config import NodeConfig
@@ -226,12 +257,19 @@ def run_node_demo(model: str, video: Path, storage: Path, seconds: float, allow_
     from bastion.models.zoo import zoo_path
 
     lm = "stories260K" if zoo_path("stories260K") else None
-    config = NodeConfig.model_validate({
-        "id": "demo-node", "model": model, "threads": 1, "lm": lm, "lm_max_new_tokens": 60,
-        "sources": [{"name": "cam1", "uri": str(video), "loop": True, "realtime": True, "fps": 30}],
-        "endpoints": {"events": "tcp://127.0.0.1:*", "control": "tcp://127.0.0.1:*"},
-        "storage": {"dir": str(storage)}, "security": {"allow_unsigned": allow_unsigned},
-    })
+    config = NodeConfig.model_validate(
+        {
+            "id": "demo-node",
+            "model": model,
+            "threads": 1,
+            "lm": lm,
+            "lm_max_new_tokens": 60,
+            "sources": [{"name": "cam1", "uri": str(video), "loop": True, "realtime": True, "fps": 30}],
+            "endpoints": {"events": "tcp://127.0.0.1:*", "control": "tcp://127.0.0.1:*"},
+            "storage": {"dir": str(storage)},
+            "security": {"allow_unsigned": allow_unsigned},
+        }
+    )
     counts: Counter[str] = Counter()
     seqs: list[int] = []
     latencies: list[float] = []
@@ -241,8 +279,10 @@ def run_node_demo(model: str, video: Path, storage: Path, seconds: float, allow_
         node = Node(config)
         node.start()
         if not quiet:
-            out.print(f"\n[bold]field node[/] {config.id} ({'restarted' if run == 2 else 'started'}): events on "
-                      f"{node.server.events_endpoint}, control on {node.server.control_endpoint}")
+            out.print(
+                f"\n[bold]field node[/] {config.id} ({'restarted' if run == 2 else 'started'}): events on "
+                f"{node.server.events_endpoint}, control on {node.server.control_endpoint}"
+            )
         stats[f"run{run}"] = _follow(node, seqs, counts, seconds / 2, quiet, latencies)
         if run == 2 and lm:
             answer = _ask(node, "Once upon a time", quiet)
@@ -251,23 +291,39 @@ def run_node_demo(model: str, video: Path, storage: Path, seconds: float, allow_
     live = sorted(latencies)
     result = {
         "ask": {"prompt": "Once upon a time", "answer": answer} if lm else None,
-        "events_received": len(seqs), "gap_free": seqs == list(range(1, len(seqs) + 1)),
-        "latency_ms": {"p50": round(live[len(live) // 2] * 1000, 2) if live else None,
-                       "p99": round(live[int(len(live) * 0.99)] * 1000, 2) if live else None, "live_events": len(live)},
-        "detections": dict(counts), "source_stats": stats, "storage": str(storage),
-        "audit_records": audit.records, "audit_intact": audit.ok,
+        "events_received": len(seqs),
+        "gap_free": seqs == list(range(1, len(seqs) + 1)),
+        "latency_ms": {
+            "p50": round(live[len(live) // 2] * 1000, 2) if live else None,
+            "p99": round(live[int(len(live) * 0.99)] * 1000, 2) if live else None,
+            "live_events": len(live),
+        },
+        "detections": dict(counts),
+        "source_stats": stats,
+        "storage": str(storage),
+        "audit_records": audit.records,
+        "audit_intact": audit.ok,
     }
     if latencies:
         from bastion.distill.charts import histogram
 
-        histogram([x * 1000 for x in latencies], storage / "latency.png",
-                  "event latency: frame read → received by the client", "ms")
+        histogram(
+            [x * 1000 for x in latencies],
+            storage / "latency.png",
+            "event latency: frame read → received by the client",
+            "ms",
+        )
         result["latency_histogram"] = str(storage / "latency.png")
     if not quiet:
-        print_counts(f"client received {len(seqs)} events across a node restart (seq 1..{seqs[-1] if seqs else 0}, "
-                     f"{'no gaps, no duplicates' if result['gap_free'] else 'GAPS'})", dict(counts))
-        out.print(f"audit log {'intact' if audit.ok else 'BROKEN'} ({audit.records} records): "
-                  f"bastion audit verify {storage / 'audit.log'}")
+        print_counts(
+            f"client received {len(seqs)} events across a node restart (seq 1..{seqs[-1] if seqs else 0}, "
+            f"{'no gaps, no duplicates' if result['gap_free'] else 'GAPS'})",
+            dict(counts),
+        )
+        out.print(
+            f"audit log {'intact' if audit.ok else 'BROKEN'} ({audit.records} records): "
+            f"bastion audit verify {storage / 'audit.log'}"
+        )
     return result
 
 
@@ -288,8 +344,7 @@ def _ask(node, prompt: str, quiet: bool) -> str:
     return prompt + "".join(pieces)
 
 
-def _follow(node, seqs: list[int], counts: Counter, seconds: float, quiet: bool,
-            latencies: list[float]) -> dict:
+def _follow(node, seqs: list[int], counts: Counter, seconds: float, quiet: bool, latencies: list[float]) -> dict:
     from bastion.edge.client import Client
 
     started = time.time()
@@ -309,19 +364,36 @@ def _report_md(summary: dict) -> str:
     lines = ["# bastion demo", "", f"Run directory: `{summary['run_dir']}`", ""]
     if "distill" in summary:
         d = summary["distill"]
-        lines += ["## 1. Distill", "", f"{d['frames']} frames of the vendored clips, pseudo-labelled by the teacher; "
-                  f"shipped: `{d['served']}`, signed with demo key {d['key_id']}.", "",
-                  Path(d["served"]).parent.joinpath("report", "report.md").read_text()
-                  if Path(d["served"]).is_dir() else "", ""]
+        lines += [
+            "## 1. Distill",
+            "",
+            f"{d['frames']} frames of the vendored clips, pseudo-labelled by the teacher; "
+            f"shipped: `{d['served']}`, signed with demo key {d['key_id']}.",
+            "",
+            Path(d["served"]).parent.joinpath("report", "report.md").read_text() if Path(d["served"]).is_dir() else "",
+            "",
+        ]
     det = summary["detect"]
-    lines += ["## 2. Detect", "", f"{det['model']} ({det['model_sha256'][:16]}, signer {det['signer']}) on "
-              f"{Path(det['video']).name}: {det['frames']} frames, {det['frames_with_detections']} with detections, "
-              f"{det['fps']} frames/s.", "", "| class | detections |", "|---|---|"]
+    lines += [
+        "## 2. Detect",
+        "",
+        f"{det['model']} ({det['model_sha256'][:16]}, signer {det['signer']}) on "
+        f"{Path(det['video']).name}: {det['frames']} frames, {det['frames_with_detections']} with detections, "
+        f"{det['fps']} frames/s.",
+        "",
+        "| class | detections |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v} |" for k, v in sorted(det["detections"].items(), key=lambda kv: -kv[1])]
     lines += ["", "![contact sheet](contact_sheet.jpg)", ""]
     if "node" in summary:
         n = summary["node"]
-        lines += ["## 3. Serve", "", f"A Client received {n['events_received']} events across a node restart: "
-                  f"{'no gaps, no duplicates' if n['gap_free'] else 'GAPS'}. Audit log "
-                  f"{'intact' if n['audit_intact'] else 'BROKEN'} ({n['audit_records']} records).", ""]
+        lines += [
+            "## 3. Serve",
+            "",
+            f"A Client received {n['events_received']} events across a node restart: "
+            f"{'no gaps, no duplicates' if n['gap_free'] else 'GAPS'}. Audit log "
+            f"{'intact' if n['audit_intact'] else 'BROKEN'} ({n['audit_records']} records).",
+            "",
+        ]
     return "\n".join(lines) + "\n"

@@ -37,10 +37,12 @@ def _status(ok: bool, yes: str, no: str) -> str:
 
 def render(summary: dict[str, Any]) -> str:
     run = Path(summary["run_dir"])
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>bastion demo</title><style>{CSS}</style>"
-             "</head><body><header><h1>bastion demo</h1>"
-             f"<p>distill → sign → detect → serve → subscribe → verify, offline · {html.escape(run.name)}</p>"
-             "</header><main>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>bastion demo</title><style>{CSS}</style>"
+        "</head><body><header><h1>bastion demo</h1>"
+        f"<p>distill → sign → detect → serve → subscribe → verify, offline · {html.escape(run.name)}</p>"
+        "</header><main>"
+    ]
     if "distill" in summary:
         d = summary["distill"]
         report = d["report"]
@@ -51,12 +53,16 @@ def render(summary: dict[str, Any]) -> str:
             f"{' ← ships' if c['name'] == report['chosen'] else ''}</td><td>{html.escape(c['kind'])}</td>"
             f"<td class=num>{c['imgsz']}</td><td class=num>{c['map50']:.3f}</td><td class=num>{c['map50_95']:.3f}"
             f"</td><td class=num>{c['latency_ms']:.1f}</td><td class=num>{c.get('size_mb', 0):.1f}</td>"
-            + "".join(f"<td class=num>{ap50_cell(c, k)}</td>" for k in classes) + "</tr>"
-            for c in sorted(report["candidates"], key=lambda c: c["latency_ms"]))
+            + "".join(f"<td class=num>{ap50_cell(c, k)}</td>" for k in classes)
+            + "</tr>"
+            for c in sorted(report["candidates"], key=lambda c: c["latency_ms"])
+        )
         labels = report["labels"]
         figs = Path(d["served"]).parent / "report" if Path(d["served"]).is_dir() else run / "distill" / "report"
-        gates = "".join(f"<li>INT8 ({html.escape(k)}): {html.escape(g['reason'])}</li>"
-                        for k, g in (report.get("int8_gate") or {}).items())
+        gates = "".join(
+            f"<li>INT8 ({html.escape(k)}): {html.escape(g['reason'])}</li>"
+            for k, g in (report.get("int8_gate") or {}).items()
+        )
         parts.append(
             "<section><h2>1 · Distill: person + vehicle from the COCO teacher</h2>"
             f"<p>{d['frames']} frames of the vendored clips, pseudo-labelled by the teacher ({labels['val']} held "
@@ -67,16 +73,24 @@ def render(summary: dict[str, Any]) -> str:
             "<th>ms / image (1 thread)</th><th>MB</th>"
             + "".join(f"<th>AP50 {html.escape(k)}</th>" for k in classes)
             + f"</tr>{rows}</table><ul>{gates}<li>Student: {html.escape(report['student'])}</li>"
-            + (f"<li>No {html.escape(', '.join(absent))} at all in the teacher's labels (—): the COCO teacher "
-               "hardly sees cars from directly above, so this imagery would need some ground truth or a better "
-               "teacher.</li>" if absent else "") + "</ul>"
+            + (
+                f"<li>No {html.escape(', '.join(absent))} at all in the teacher's labels (—): the COCO teacher "
+                "hardly sees cars from directly above, so this imagery would need some ground truth or a better "
+                "teacher.</li>"
+                if absent
+                else ""
+            )
+            + "</ul>"
             f"<div class=grid>{_img(figs / 'scatter.png', 'speed vs accuracy')}"
             f"{_img(figs / 'per_class.png', 'AP50 per class')}"
             f"{_img(figs / 'training.png', 'training curves')}"
-            f"{_img(figs / 'detections.jpg', 'shipped model on held-out frames')}</div></section>")
+            f"{_img(figs / 'detections.jpg', 'shipped model on held-out frames')}</div></section>"
+        )
     det = summary["detect"]
-    counts = "".join(f"<tr><td>{html.escape(k)}</td><td class=num>{v}</td></tr>"
-                     for k, v in sorted(det["detections"].items(), key=lambda kv: -kv[1]))
+    counts = "".join(
+        f"<tr><td>{html.escape(k)}</td><td class=num>{v}</td></tr>"
+        for k, v in sorted(det["detections"].items(), key=lambda kv: -kv[1])
+    )
     parts.append(
         "<section><h2>2 · Detect</h2>"
         f"<p><b>{html.escape(det['model'])}</b> <span class=muted>sha256 {det['model_sha256'][:16]}… · signer "
@@ -84,7 +98,8 @@ def render(summary: dict[str, Any]) -> str:
         f"{det['frames_with_detections']} with detections, {det['fps']} frames/s "
         "(<a href='annotated.mp4'>annotated video</a>).</p>"
         f"<table><tr><th>class</th><th>detections</th></tr>{counts}</table>"
-        f"{_img(Path(det['contact_sheet']), 'contact sheet')}</section>")
+        f"{_img(Path(det['contact_sheet']), 'contact sheet')}</section>"
+    )
     if "node" in summary:
         n = summary["node"]
         lat = n.get("latency_ms") or {}
@@ -95,12 +110,20 @@ def render(summary: dict[str, Any]) -> str:
             f"Audit log: {_status(n['audit_intact'], 'hash chain intact', 'BROKEN')} ({n['audit_records']} "
             f"records). Live event latency (frame read → client): p50 {lat.get('p50')} ms, p99 {lat.get('p99')} ms."
             f"</p>{_img(Path(n.get('latency_histogram', '')), 'event latency histogram')}"
-            + (f"<p><b>ask</b> (the node's language model, streamed over the control socket): "
-               f"<i>{html.escape(n['ask']['answer'])}</i></p>" if n.get("ask") else "") + "</section>")
+            + (
+                f"<p><b>ask</b> (the node's language model, streamed over the control socket): "
+                f"<i>{html.escape(n['ask']['answer'])}</i></p>"
+                if n.get("ask")
+                else ""
+            )
+            + "</section>"
+        )
     prov = summary.get("provenance")
     if prov:
         rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in prov.items())
         parts.append(f"<section><h2>4 · What was served, and where it came from</h2><table>{rows}</table></section>")
-    parts.append("<p class=muted>Generated by <code>bastion demo</code>; every number above was measured in this "
-                 "run on this machine.</p></main></body></html>")
+    parts.append(
+        "<p class=muted>Generated by <code>bastion demo</code>; every number above was measured in this "
+        "run on this machine.</p></main></body></html>"
+    )
     return "".join(parts)

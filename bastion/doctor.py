@@ -51,9 +51,18 @@ def run_checks(lock: Path | None = None) -> list[Check]:
 
 
 def _checks(home: Check, lock: Path | None) -> list[Check]:
-    checks = [home, _trust(), _registry(), _zoo(), _providers(), _cpu_class(), _egress_env(), _ort_telemetry(),
-              _ultralytics_settings(),
-              _versions(lock)]
+    checks = [
+        home,
+        _trust(),
+        _registry(),
+        _zoo(),
+        _providers(),
+        _cpu_class(),
+        _egress_env(),
+        _ort_telemetry(),
+        _ultralytics_settings(),
+        _versions(lock),
+    ]
     return [c for c in checks if c is not None]
 
 
@@ -82,8 +91,10 @@ def _trust() -> Check:
         return Check("trust store", "fail", str(exc))
     active = [k for k in keys.values() if not k.revoked]
     builtin = [k for k in active if k.source == "built-in"]
-    detail = (f"{len(active)} trusted key(s) ({len(builtin)} built-in: {', '.join(k.key_id for k in builtin) or '-'}),"
-              f" {len(store.revoked())} revoked")
+    detail = (
+        f"{len(active)} trusted key(s) ({len(builtin)} built-in: {', '.join(k.key_id for k in builtin) or '-'}),"
+        f" {len(store.revoked())} revoked"
+    )
     if not active:
         return Check("trust store", "fail", detail + "; no bundle can be verified — bastion keys trust KEY.pub")
     return Check("trust store", "ok", detail)
@@ -124,15 +135,24 @@ def _providers() -> Check:
 
     providers = ort.get_available_providers()
     chosen = choose_providers("auto")
-    why = ("GPU execution providers available" if chosen[0] != "CPUExecutionProvider" else
-           "no CUDA/TensorRT execution provider in this onnxruntime build (install onnxruntime-gpu on a GPU box)")
+    why = (
+        "GPU execution providers available"
+        if chosen[0] != "CPUExecutionProvider"
+        else "no CUDA/TensorRT execution provider in this onnxruntime build (install onnxruntime-gpu on a GPU box)"
+    )
     from bastion.runtime.backends import tensorrt_available
 
-    native = ("native TensorRT installed: device=auto tries it first (falls back to ONNX Runtime, logged)"
-              if tensorrt_available() else "native TensorRT not installed (the [tensorrt] extra: JetPack or "
-              "NVIDIA's wheels + cuda-python)")
-    return Check("inference backend", "ok", f"onnxruntime {ort.__version__}; device=auto uses {chosen[0]} — {why}; "
-                                             f"available: {', '.join(providers)}; {native}")
+    native = (
+        "native TensorRT installed: device=auto tries it first (falls back to ONNX Runtime, logged)"
+        if tensorrt_available()
+        else "native TensorRT not installed (the [tensorrt] extra: JetPack or NVIDIA's wheels + cuda-python)"
+    )
+    return Check(
+        "inference backend",
+        "ok",
+        f"onnxruntime {ort.__version__}; device=auto uses {chosen[0]} — {why}; "
+        f"available: {', '.join(providers)}; {native}",
+    )
 
 
 def _cpu_class() -> Check:
@@ -140,18 +160,30 @@ def _cpu_class() -> Check:
     from bastion.hardware.isa import probe_isa
 
     isa = probe_isa()
-    return Check("cpu class", "ok", f"{isa.name} — {isa.description}; INT8 bundles gated on another class are "
-                                    "flagged on load (int8_policy strict refuses them)")
+    return Check(
+        "cpu class",
+        "ok",
+        f"{isa.name} — {isa.description}; INT8 bundles gated on another class are "
+        "flagged on load (int8_policy strict refuses them)",
+    )
 
 
 def _egress_env() -> Check:
     proxies = [k for k in _EGRESS_ENV if os.environ.get(k)]
     not_offline = [k for k, v in _OFFLINE_ENV.items() if os.environ.get(k) != v]
     if proxies:
-        return Check("egress settings", "warn", f"proxy variables set ({', '.join(proxies)}): something here expects "
-                                                "a network; bastion itself never uses one")
-    return Check("egress settings", "ok", "no proxy configured; bastion sets offline modes itself"
-                 + (f" (not exported here: {', '.join(not_offline)})" if not_offline else ""))
+        return Check(
+            "egress settings",
+            "warn",
+            f"proxy variables set ({', '.join(proxies)}): something here expects "
+            "a network; bastion itself never uses one",
+        )
+    return Check(
+        "egress settings",
+        "ok",
+        "no proxy configured; bastion sets offline modes itself"
+        + (f" (not exported here: {', '.join(not_offline)})" if not_offline else ""),
+    )
 
 
 def _ort_telemetry() -> Check:
@@ -173,8 +205,11 @@ def _ultralytics_settings() -> Check | None:
         return Check("ultralytics settings", "warn", f"{settings} is unreadable; it is rewritten on next use")
     on = [k for k in ("sync", "hub", "wandb", "mlflow", "comet", "clearml", "neptune", "dvc") if data.get(k)]
     if on:
-        return Check("ultralytics settings", "warn", f"{', '.join(on)} enabled in {settings}; bastion turns them off "
-                                                      "before every use")
+        return Check(
+            "ultralytics settings",
+            "warn",
+            f"{', '.join(on)} enabled in {settings}; bastion turns them off before every use",
+        )
     return Check("ultralytics settings", "ok", "integrations and sync off")
 
 
@@ -212,27 +247,42 @@ def version_drift(locks: list[Path]) -> list[str]:
     for tool in _BUILD_TOOLS:
         pins.pop(tool, None)
     installed = {_norm(d.metadata["Name"]): d.version for d in metadata.distributions() if d.metadata["Name"]}
-    return [f"{name} {installed[name]} (lock: {pins[name]})" for name in sorted(pins)
-            if name in installed and installed[name] != pins[name]]
+    return [
+        f"{name} {installed[name]} (lock: {pins[name]})"
+        for name in sorted(pins)
+        if name in installed and installed[name] != pins[name]
+    ]
 
 
 def _versions(lock: Path | None) -> Check:
     locks = [lock] if lock is not None else checkout_locks()
     if not locks:
-        return Check("installed versions", "warn", "no lock to compare with: bastion is installed from a wheel, "
-                     "not a checkout; pass --lock (the wheelhouse carries requirements.txt)")
+        return Check(
+            "installed versions",
+            "warn",
+            "no lock to compare with: bastion is installed from a wheel, "
+            "not a checkout; pass --lock (the wheelhouse carries requirements.txt)",
+        )
     drift = version_drift(locks)
     where = ", ".join(str(p) for p in locks) if lock is not None else f"{locks[0].parent}/"
     if drift:
-        return Check("installed versions", "warn", f"{len(drift)} differ from {where}: {'; '.join(drift)} — "
-                     "reinstall from the lock (make install / install-dev) or refresh it deliberately (make lock)")
+        return Check(
+            "installed versions",
+            "warn",
+            f"{len(drift)} differ from {where}: {'; '.join(drift)} — "
+            "reinstall from the lock (make install / install-dev) or refresh it deliberately (make lock)",
+        )
     return Check("installed versions", "ok", f"installed packages match {where}")
 
 
 def doctor_command(
     json_out: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
-    lock: Optional[Path] = typer.Option(None, "--lock", help="Compare installed versions with this lock file "
-                                        "(default: the checkout's requirements/*.txt, when run from one)."),
+    lock: Optional[Path] = typer.Option(
+        None,
+        "--lock",
+        help="Compare installed versions with this lock file "
+        "(default: the checkout's requirements/*.txt, when run from one).",
+    ),
 ) -> None:
     """Check offline readiness: state directory, trust store, registry, vendored models, providers, egress,
     installed versions against the lock.

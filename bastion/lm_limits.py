@@ -14,6 +14,5 @@ MAX_NEW_TOKENS = 2048
 def check_max_new_tokens(value: object) -> int:
     """``value`` as a token count in 1..MAX_NEW_TOKENS, else ConfigError naming the range."""
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_NEW_TOKENS:
-        raise ConfigError(f"max_new_tokens must be 1..{MAX_NEW_TOKENS}, got {value!r}",
-                          "ask for a shorter answer")
+        raise ConfigError(f"max_new_tokens must be 1..{MAX_NEW_TOKENS}, got {value!r}", "ask for a shorter answer")
     return value

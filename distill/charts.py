@@ -16,8 +16,16 @@ from bastion.runtime.outputs import save_image
 W, H = 900, 520
 MARGIN = (90, 40, 40, 70)  # left, top, right, bottom
 INK, GRID, FONT = (40, 40, 40), (225, 225, 225), cv2.FONT_HERSHEY_SIMPLEX
-PALETTE = [(180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214), (189, 103, 148), (75, 86, 140),
-           (194, 119, 227), (127, 127, 127)]  # BGR, matplotlib's tab10
+PALETTE = [
+    (180, 119, 31),
+    (14, 127, 255),
+    (44, 160, 44),
+    (40, 39, 214),
+    (189, 103, 148),
+    (75, 86, 140),
+    (194, 119, 227),
+    (127, 127, 127),
+]  # BGR, matplotlib's tab10
 
 
 def _canvas(title: str, xlabel: str, ylabel: str) -> np.ndarray:
@@ -32,8 +40,15 @@ def _canvas(title: str, xlabel: str, ylabel: str) -> np.ndarray:
     return img
 
 
-def _axes(img: np.ndarray, xlim: tuple[float, float], ylim: tuple[float, float], xticks: int = 6,
-          yticks: int = 6, xfmt: str = "{:.0f}", yfmt: str = "{:.2f}"):
+def _axes(
+    img: np.ndarray,
+    xlim: tuple[float, float],
+    ylim: tuple[float, float],
+    xticks: int = 6,
+    yticks: int = 6,
+    xfmt: str = "{:.0f}",
+    yfmt: str = "{:.2f}",
+):
     l, t, r, b = MARGIN
     x0, x1, y0, y1 = l, W - r, H - b, t
 
@@ -65,8 +80,7 @@ def scatter(points: list[dict], path: Path, title: str = "speed vs accuracy") ->
         if not frontier or p["map50"] > frontier[-1]["map50"]:
             frontier.append(p)
     for a, b in zip(frontier, frontier[1:]):
-        cv2.line(img, px(a["latency_ms"], a["map50"]), px(b["latency_ms"], b["map50"]), (160, 160, 160), 1,
-                 cv2.LINE_AA)
+        cv2.line(img, px(a["latency_ms"], a["map50"]), px(b["latency_ms"], b["map50"]), (160, 160, 160), 1, cv2.LINE_AA)
     placed: list[tuple[int, int, int, int]] = []
     for i, p in enumerate(points):
         c = PALETTE[i % len(PALETTE)]
@@ -94,8 +108,9 @@ def bars(groups: list[str], series: dict[str, list[float]], path: Path, title: s
         for g, v in enumerate(values):
             left = g + 0.1 + s * width
             cv2.rectangle(img, px(left, 0), px(left + width * 0.9, max(v, 0)), c, -1)
-        cv2.putText(img, name, (MARGIN[0] + 10 + 170 * (s % 4), MARGIN[1] + 18 + 18 * (s // 4)), FONT, 0.45, c, 1,
-                    cv2.LINE_AA)
+        cv2.putText(
+            img, name, (MARGIN[0] + 10 + 170 * (s % 4), MARGIN[1] + 18 + 18 * (s // 4)), FONT, 0.45, c, 1, cv2.LINE_AA
+        )
     for g, group in enumerate(groups):
         x, y = px(g + 0.5, 0)
         cv2.putText(img, group, (x - 4 * len(group), y + 38), FONT, 0.5, INK, 1, cv2.LINE_AA)
@@ -103,14 +118,18 @@ def bars(groups: list[str], series: dict[str, list[float]], path: Path, title: s
     return path
 
 
-def lines(xs: list[float], series: dict[str, list[float]], path: Path, title: str, xlabel: str,
-          ylabel: str) -> Path:
+def lines(xs: list[float], series: dict[str, list[float]], path: Path, title: str, xlabel: str, ylabel: str) -> Path:
     img = _canvas(title, xlabel, ylabel)
     values = [v for vs in series.values() for v in vs if np.isfinite(v)] or [0.0, 1.0]
     lo, hi = min(values), max(values)
     integer_x = all(float(x).is_integer() for x in xs) and len(xs) <= 12
-    px = _axes(img, (min(xs), max(xs) if len(xs) > 1 else min(xs) + 1), (lo, hi if hi > lo else lo + 1),
-               xticks=len(xs) if integer_x and len(xs) > 1 else 6, xfmt="{:g}")
+    px = _axes(
+        img,
+        (min(xs), max(xs) if len(xs) > 1 else min(xs) + 1),
+        (lo, hi if hi > lo else lo + 1),
+        xticks=len(xs) if integer_x and len(xs) > 1 else 6,
+        xfmt="{:g}",
+    )
     for s, (name, vs) in enumerate(series.items()):
         c = PALETTE[s % len(PALETTE)]
         pts = np.array([px(x, v) for x, v in zip(xs, vs)], np.int32)
@@ -118,8 +137,9 @@ def lines(xs: list[float], series: dict[str, list[float]], path: Path, title: st
             cv2.polylines(img, [pts], False, c, 2, cv2.LINE_AA)
         for p in pts:
             cv2.circle(img, tuple(int(v) for v in p), 3, c, -1, cv2.LINE_AA)
-        cv2.putText(img, name, (MARGIN[0] + 10 + 200 * (s % 3), MARGIN[1] + 18 + 18 * (s // 3)), FONT, 0.45, c,
-                    1, cv2.LINE_AA)
+        cv2.putText(
+            img, name, (MARGIN[0] + 10 + 200 * (s % 3), MARGIN[1] + 18 + 18 * (s // 3)), FONT, 0.45, c, 1, cv2.LINE_AA
+        )
     save_image(path, img)
     return path
 
@@ -139,7 +159,15 @@ def histogram(values: list[float], path: Path, title: str, unit: str, bins: int 
             x = float(np.percentile(v, q))
             top = px(x, max(1, int(counts.max())))
             cv2.line(img, px(x, 0), top, colour, 2, cv2.LINE_AA)
-            cv2.putText(img, f"p{q} {x:.1f}", (top[0] + 4, top[1] + 16 + (20 if q == 99 else 0)), FONT, 0.5,
-                        colour, 1, cv2.LINE_AA)
+            cv2.putText(
+                img,
+                f"p{q} {x:.1f}",
+                (top[0] + 4, top[1] + 16 + (20 if q == 99 else 0)),
+                FONT,
+                0.5,
+                colour,
+                1,
+                cv2.LINE_AA,
+            )
     save_image(path, img)
     return path

@@ -27,8 +27,12 @@ def eval_detect_command(
     max_det: int = typer.Option(300, help="Max detections per image."),
     rect: bool = typer.Option(True, help="YOLOv5-style rectangular batches (dynamic-shape models)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N images (sorted by name)."),
-    bootstrap: int = typer.Option(0, min=0, help="Resample the images N times for a 90 % interval on mAP50 "
-                                  "(e.g. 200; tells whether a few points between two models are real)."),
+    bootstrap: int = typer.Option(
+        0,
+        min=0,
+        help="Resample the images N times for a 90 % interval on mAP50 "
+        "(e.g. 200; tells whether a few points between two models are real).",
+    ),
     threads: Optional[int] = typer.Option(None, help="CPU threads for inference."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or tensorrt."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
@@ -44,13 +48,24 @@ def eval_detect_command(
 
     dataset = load_data_yaml(data, split, limit)
     settings = EvalSettings(imgsz=imgsz, conf=conf, iou=iou, max_det=max_det, rect=rect, bootstrap=bootstrap)
-    detector = Detector.load(model, device=device, threads=threads, conf=conf, iou=iou, max_det=max_det,
-                             imgsz=imgsz, multi_label=True, scaleup=False, allow_unsigned=allow_unsigned)
+    detector = Detector.load(
+        model,
+        device=device,
+        threads=threads,
+        conf=conf,
+        iou=iou,
+        max_det=max_det,
+        imgsz=imgsz,
+        multi_label=True,
+        scaleup=False,
+        allow_unsigned=allow_unsigned,
+    )
     with progress(disable=json_out) as bar:
         task = bar.add_task(f"eval {detector.manifest.name}", total=len(dataset.images))
         resamples = bar.add_task("bootstrap", total=bootstrap, visible=bootstrap > 0)
-        report = evaluate_detector(detector, dataset, settings, tick=lambda: bar.advance(task),
-                                   bootstrap_tick=lambda: bar.advance(resamples))
+        report = evaluate_detector(
+            detector, dataset, settings, tick=lambda: bar.advance(task), bootstrap_tick=lambda: bar.advance(resamples)
+        )
     for line in report.skipped:
         warn(f"skipped unreadable image {line}")
     if json_out:
@@ -61,16 +76,23 @@ def eval_detect_command(
     for col in ("class", "instances", "AP50", "AP50-95"):
         table.add_column(col, justify="left" if col == "class" else "right")
     ci = report.map50_interval
-    table.add_row("all", str(report.instances), f"{report.map50:.3f}" + (f" ({ci.low:.3f}–{ci.high:.3f})" if ci else ""),
-                  f"{report.map50_95:.3f}", style="bold")
+    table.add_row(
+        "all",
+        str(report.instances),
+        f"{report.map50:.3f}" + (f" ({ci.low:.3f}–{ci.high:.3f})" if ci else ""),
+        f"{report.map50_95:.3f}",
+        style="bold",
+    )
     for name, row in report.per_class.items():
         table.add_row(name, str(row["instances"]), f"{row['ap50']:.3f}", f"{row['ap50_95']:.3f}")
     out.print(table)
 
 
-TARGET_HELP = ("Where the INT8 model will run: a device profile (hardware/profiles: x86-cpu, jetson-orin-nano-8gb, "
-               "…) or a CPU class (x86-avx2, x86-avx512-vnni, x86-amx, arm64-dotprod, …); default: this machine. "
-               "Picks the recipes that hold there (no full-range U8S8 on x86 without VNNI).")
+TARGET_HELP = (
+    "Where the INT8 model will run: a device profile (hardware/profiles: x86-cpu, jetson-orin-nano-8gb, "
+    "…) or a CPU class (x86-avx2, x86-avx512-vnni, x86-amx, arm64-dotprod, …); default: this machine. "
+    "Picks the recipes that hold there (no full-range U8S8 on x86 without VNNI)."
+)
 
 
 def quantize_command(
@@ -85,9 +107,13 @@ def quantize_command(
     limit: Optional[int] = typer.Option(None, help="Gate on the first N images only."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Write the INT8 bundle here if accepted."),
     target: Optional[str] = typer.Option(None, "--target", help=TARGET_HELP),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="Try only this INT8 recipe (see "
-                                         "docs/benchmarks.md), e.g. u8s8-7bit-symact; default: the target's "
-                                         "candidates, best first."),
+    recipe: Optional[str] = typer.Option(
+        None,
+        "--recipe",
+        help="Try only this INT8 recipe (see "
+        "docs/benchmarks.md), e.g. u8s8-7bit-symact; default: the target's "
+        "candidates, best first.",
+    ),
     sign: Optional[Path] = typer.Option(None, "--sign", help="Sign the INT8 bundle with this private key."),
     passphrase: bool = typer.Option(False, "--passphrase", help="Prompt for the key's passphrase."),
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
@@ -127,16 +153,29 @@ def quantize_command(
     dataset = load_data_yaml(data, split, limit)
     with progress(disable=json_out) as bar:
         task = bar.add_task("quantize + gate", total=2)
-        result = quantize_and_gate(bundle, images, dataset, imgsz, max_drop, out_dir, key,
-                                   tick=lambda: bar.advance(task), min_speedup=min_speedup, target=target,
-                                   recipes=recipes)
+        result = quantize_and_gate(
+            bundle,
+            images,
+            dataset,
+            imgsz,
+            max_drop,
+            out_dir,
+            key,
+            tick=lambda: bar.advance(task),
+            min_speedup=min_speedup,
+            target=target,
+            recipes=recipes,
+        )
     if json_out:
         print_json(result.to_dict())
         return
-    out.print(f"FP32 mAP50 {result.fp32['map50']:.3f} ({result.fp32['latency_ms']:.1f} ms) → INT8 mAP50 "
-              f"{result.int8['map50']:.3f} ({result.int8['latency_ms']:.1f} ms) at {imgsz}: {result.reason}")
-    out.print(("" if result.measured_on_target else "[bold yellow]WARNING[/]: ") + f"INT8 for {result.target}: "
-              f"{result.note}")
+    out.print(
+        f"FP32 mAP50 {result.fp32['map50']:.3f} ({result.fp32['latency_ms']:.1f} ms) → INT8 mAP50 "
+        f"{result.int8['map50']:.3f} ({result.int8['latency_ms']:.1f} ms) at {imgsz}: {result.reason}"
+    )
+    out.print(
+        ("" if result.measured_on_target else "[bold yellow]WARNING[/]: ") + f"INT8 for {result.target}: {result.note}"
+    )
     if result.bundle:
         out.print(f"INT8 bundle: {result.bundle}" + ("" if key else " (UNSIGNED: bastion bundle sign it)"))
 
@@ -146,46 +185,76 @@ distill_app = typer.Typer(help="Make a smaller model for a narrower mission.", n
 
 @distill_app.command("detect")
 def distill_detect_command(
-    teacher: list[str] = typer.Option(..., "--teacher", help="Teacher: a detection bundle (zoo/registry name or "
-                                      "directory), an Ultralytics .pt checkpoint, or a bare YOLO .onnx (with "
-                                      "--allow-unsigned); repeat for an ensemble."),
+    teacher: list[str] = typer.Option(
+        ...,
+        "--teacher",
+        help="Teacher: a detection bundle (zoo/registry name or "
+        "directory), an Ultralytics .pt checkpoint, or a bare YOLO .onnx (with "
+        "--allow-unsigned); repeat for an ensemble.",
+    ),
     images: Path = typer.Option(..., "--images", help="Directory of images to learn from."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="YOLO labels (teacher class ids) for some images;"
-                                          " they win over pseudo-labels and provide the held-out validation."),
-    val_images: Optional[Path] = typer.Option(None, "--val-images", help="Held-out images every candidate is "
-                                              "scored on (default: a share of the labelled --images)."),
-    val_labels: Optional[Path] = typer.Option(None, "--val-labels", help="Ground truth of --val-images (teacher "
-                                              "class ids)."),
+    labels: Optional[Path] = typer.Option(
+        None,
+        "--labels",
+        help="YOLO labels (teacher class ids) for some images;"
+        " they win over pseudo-labels and provide the held-out validation.",
+    ),
+    val_images: Optional[Path] = typer.Option(
+        None,
+        "--val-images",
+        help="Held-out images every candidate is scored on (default: a share of the labelled --images).",
+    ),
+    val_labels: Optional[Path] = typer.Option(
+        None, "--val-labels", help="Ground truth of --val-images (teacher class ids)."
+    ),
     classes: str = typer.Option(..., "--classes", help="The student's classes, e.g. person,vehicle."),
-    class_map: Optional[str] = typer.Option(None, "--class-map", help="Teacher→student names, e.g. "
-                                            "car=vehicle,truck=vehicle,bus=vehicle."),
-    conf: str = typer.Option("0.25", "--conf", help="Pseudo-label threshold: one value, per class "
-                             "(person=0.3,vehicle=0.2), or auto (per class, best F1 against the labelled training "
-                             "images)."),
+    class_map: Optional[str] = typer.Option(
+        None, "--class-map", help="Teacher→student names, e.g. car=vehicle,truck=vehicle,bus=vehicle."
+    ),
+    conf: str = typer.Option(
+        "0.25",
+        "--conf",
+        help="Pseudo-label threshold: one value, per class "
+        "(person=0.3,vehicle=0.2), or auto (per class, best F1 against the labelled training "
+        "images).",
+    ),
     imgsz: int = typer.Option(320, help="Target input size."),
     min_map50: float = typer.Option(0.0, help="Ship only a candidate at least this accurate."),
     max_latency: Optional[float] = typer.Option(None, help="Ship only a candidate at most this slow (ms, 1 thread)."),
-    max_map50_drop: Optional[float] = typer.Option(None, help="Ship the fastest candidate within this many mAP50 "
-                                                   "points of the most accurate one."),
+    max_map50_drop: Optional[float] = typer.Option(
+        None, help="Ship the fastest candidate within this many mAP50 points of the most accurate one."
+    ),
     int8: bool = typer.Option(True, help="Try INT8 of the sliced teacher and the student through the gate."),
     max_int8_drop: float = typer.Option(1.0, help="Refuse an INT8 model losing more than this many mAP50 points."),
     target: Optional[str] = typer.Option(None, "--target", help=TARGET_HELP),
     no_train: bool = typer.Option(False, "--no-train", help="Measure only the candidates that need no training."),
-    student: str = typer.Option("yolov5n.yaml", help="Student architecture: an Ultralytics model YAML (yolov5n, "
-                                "yolov8n, yolo11n or a path), or teacher-sliced (no training: the sliced teacher)."),
+    student: str = typer.Option(
+        "yolov5n.yaml",
+        help="Student architecture: an Ultralytics model YAML (yolov5n, "
+        "yolov8n, yolo11n or a path), or teacher-sliced (no training: the sliced teacher).",
+    ),
     warm_start: Optional[Path] = typer.Option(None, help="Copy matching tensors from this .pt/.safetensors."),
     epochs: int = typer.Option(10, help="Training epochs."),
     batch: int = typer.Option(16, help="Training batch size."),
     freeze: int = typer.Option(0, help="Freeze the first N layers (10: yolov5n backbone, 24: backbone+neck)."),
     width: Optional[float] = typer.Option(None, help="Width multiple override (a narrower, cheaper student)."),
     depth: Optional[float] = typer.Option(None, help="Depth multiple override."),
-    prune: Optional[float] = typer.Option(None, help="After the warm start, remove this share of channels "
-                                          "(structured, smallest L2 norm first): cheaper than the teacher at the "
-                                          "same size, still warm. Train with --freeze 0."),
-    soft: bool = typer.Option(True, "--soft/--hard", help="Teachers' scores scale the classification target "
-                              "(docs/distillation.md); --hard trains on 0/1 labels."),
-    feature_kd: float = typer.Option(6.0, "--feature-kd", help="Weight of Ultralytics' feature distillation when a "
-                                     "teacher is an Ultralytics .pt (0: off)."),
+    prune: Optional[float] = typer.Option(
+        None,
+        help="After the warm start, remove this share of channels "
+        "(structured, smallest L2 norm first): cheaper than the teacher at the "
+        "same size, still warm. Train with --freeze 0.",
+    ),
+    soft: bool = typer.Option(
+        True,
+        "--soft/--hard",
+        help="Teachers' scores scale the classification target (docs/distillation.md); --hard trains on 0/1 labels.",
+    ),
+    feature_kd: float = typer.Option(
+        6.0,
+        "--feature-kd",
+        help="Weight of Ultralytics' feature distillation when a teacher is an Ultralytics .pt (0: off).",
+    ),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     out_dir: Path = typer.Option(..., "--out", help="Run directory (stages are cached; re-run resumes)."),
     force: list[str] = typer.Option([], "--force", help="Redo this stage and the ones after it."),
@@ -209,7 +278,7 @@ def distill_detect_command(
     names = [c.strip() for c in classes.split(",") if c.strip()]
     thresholds: dict[str, float] = {}
     try:
-        for item in ([] if conf == "auto" else conf.split(",")):
+        for item in [] if conf == "auto" else conf.split(","):
             key, sep, value = item.partition("=")
             thresholds[key.strip() if sep else "*"] = float(value if sep else key)
     except ValueError:
@@ -227,24 +296,54 @@ def distill_detect_command(
     no_train = no_train or student == "teacher-sliced"
     if not no_train:
         if not ultralytics_available():
-            raise MissingExtraError("student training", "distill", "ultralytics-opencv-headless",
-                                    "(or pass --no-train to measure only the no-training candidates)")
+            raise MissingExtraError(
+                "student training",
+                "distill",
+                "ultralytics-opencv-headless",
+                "(or pass --no-train to measure only the no-training candidates)",
+            )
         if not (Path(student).suffix or Path(student).exists()):
             student += ".yaml"  # yolov8n → yolov8n.yaml: Ultralytics' built-in architecture
-        train = TrainSpec(student=student, warm_start=warm_start, epochs=epochs, batch=batch, freeze=freeze,
-                          width=width, depth=depth, soft=soft, feature_weight=feature_kd, prune=prune,
-                          device=training_device(device))
+        train = TrainSpec(
+            student=student,
+            warm_start=warm_start,
+            epochs=epochs,
+            batch=batch,
+            freeze=freeze,
+            width=width,
+            depth=depth,
+            soft=soft,
+            feature_weight=feature_kd,
+            prune=prune,
+            device=training_device(device),
+        )
     if (val_images is None) != (val_labels is None):
-        raise ConfigError("--val-images and --val-labels go together", "give both, or neither to hold out a share "
-                          "of the labelled --images")
-    spec = DistillSpec(teachers=list(teacher), images=images, labels=labels, classes=names, train=train,
-                       class_map=parse_class_map(class_map), conf=thresholds, imgsz=imgsz, out=out_dir,
-                       min_map50=min_map50, max_latency_ms=max_latency, max_map50_drop=max_map50_drop, int8=int8,
-                       max_int8_drop=max_int8_drop, int8_target=target, val_images=val_images,
-                       val_labels=val_labels,
-                       conf_auto=conf == "auto",
-                       allow_unsigned=allow_unsigned,
-                       force=set(force))
+        raise ConfigError(
+            "--val-images and --val-labels go together",
+            "give both, or neither to hold out a share of the labelled --images",
+        )
+    spec = DistillSpec(
+        teachers=list(teacher),
+        images=images,
+        labels=labels,
+        classes=names,
+        train=train,
+        class_map=parse_class_map(class_map),
+        conf=thresholds,
+        imgsz=imgsz,
+        out=out_dir,
+        min_map50=min_map50,
+        max_latency_ms=max_latency,
+        max_map50_drop=max_map50_drop,
+        int8=int8,
+        max_int8_drop=max_int8_drop,
+        int8_target=target,
+        val_images=val_images,
+        val_labels=val_labels,
+        conf_auto=conf == "auto",
+        allow_unsigned=allow_unsigned,
+        force=set(force),
+    )
     with progress(disable=json_out) as bar:
         report = run_distill(spec, key, stage_bars(bar))
     if json_out:
@@ -253,10 +352,17 @@ def distill_detect_command(
     out.print((out_dir / "report" / "report.md").read_text())
 
 
-LM_TEACHER_OPTION = typer.Option(..., "--teacher", help="A llama2.c .bin checkpoint or a local Hugging Face "
-                                 "Llama/Mistral/Qwen2 directory (config.json + *.safetensors).")
-LM_TOKENIZER_OPTION = typer.Option(None, "--tokenizer", help="Its Hugging Face tokenizer.json (default: "
-                                   "tokenizer.json inside a Hugging Face --teacher directory).")
+LM_TEACHER_OPTION = typer.Option(
+    ...,
+    "--teacher",
+    help="A llama2.c .bin checkpoint or a local Hugging Face "
+    "Llama/Mistral/Qwen2 directory (config.json + *.safetensors).",
+)
+LM_TOKENIZER_OPTION = typer.Option(
+    None,
+    "--tokenizer",
+    help="Its Hugging Face tokenizer.json (default: tokenizer.json inside a Hugging Face --teacher directory).",
+)
 
 
 def teacher_tokenizer(teacher: Path, tokenizer: Optional[Path]) -> Path:
@@ -275,8 +381,10 @@ def teacher_tokenizer(teacher: Path, tokenizer: Optional[Path]) -> Path:
         Tokenizer.from_file(str(tokenizer))
     except Exception as exc:  # tokenizers raises bare Exceptions for files it cannot parse
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
-        raise ConfigError(f"{tokenizer} is not a Hugging Face tokenizer.json ({first})",
-                          "give the tokenizer.json that belongs to the teacher") from None
+        raise ConfigError(
+            f"{tokenizer} is not a Hugging Face tokenizer.json ({first})",
+            "give the tokenizer.json that belongs to the teacher",
+        ) from None
     return tokenizer
 
 
@@ -325,10 +433,18 @@ def distill_lm_export_command(
         from bastion.models.keys import load_private_key, read_passphrase
 
         key = load_private_key(sign, read_passphrase(False))
-    manifest = export_lm_bundle(teacher, tokenizer, out_dir, name, version, weights_license, source,
-                                list(license_file), key, generation={"max_new_tokens": max_new_tokens,
-                                                                     "temperature": temperature, "top_k": top_k,
-                                                                     "top_p": top_p})
+    manifest = export_lm_bundle(
+        teacher,
+        tokenizer,
+        out_dir,
+        name,
+        version,
+        weights_license,
+        source,
+        list(license_file),
+        key,
+        generation={"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p},
+    )
     out.print(f"exported {manifest.name}:{manifest.version} to {out_dir} ({'signed' if key else 'UNSIGNED'})")
 
 
@@ -340,15 +456,23 @@ def distill_lm_command(
     synthetic: int = typer.Option(0, "--synthetic", help="Without a corpus: this many teacher-written texts."),
     keep_layers: Optional[str] = typer.Option(None, help="Teacher layers the student keeps, e.g. 0,2,4."),
     depth: Optional[int] = typer.Option(None, help="Or: keep this many layers (see --layer-choice)."),
-    layer_choice: str = typer.Option("even", help="With --depth: 'even' (spread, first and last kept) or "
-                                     "'importance' (the layers that change the hidden state most on the corpus)."),
+    layer_choice: str = typer.Option(
+        "even",
+        help="With --depth: 'even' (spread, first and last kept) or "
+        "'importance' (the layers that change the hidden state most on the corpus).",
+    ),
     ffn_ratio: float = typer.Option(1.0, help="Keep this share of each MLP's hidden units (the most active ones)."),
-    student_config: Optional[Path] = typer.Option(None, help="Instead of pruning: a fresh student from a YAML "
-                                                  "config (dim, n_layers, n_heads[, hidden_dim, n_kv_heads])."),
-    max_int8_ppl_rise: float = typer.Option(0.05, help="Keep the INT8 student only if perplexity rises by at most "
-                                            "this share (and it is faster)."),
-    gguf_type: str = typer.Option("f16", "--gguf", help="Also write RUN/student.gguf for llama.cpp: f32, f16, q8_0 "
-                                  "or none."),
+    student_config: Optional[Path] = typer.Option(
+        None,
+        help="Instead of pruning: a fresh student from a YAML "
+        "config (dim, n_layers, n_heads[, hidden_dim, n_kv_heads]).",
+    ),
+    max_int8_ppl_rise: float = typer.Option(
+        0.05, help="Keep the INT8 student only if perplexity rises by at most this share (and it is faster)."
+    ),
+    gguf_type: str = typer.Option(
+        "f16", "--gguf", help="Also write RUN/student.gguf for llama.cpp: f32, f16, q8_0 or none."
+    ),
     steps: int = typer.Option(200, help="Training steps."),
     batch: int = typer.Option(16, help="Windows per step."),
     block: int = typer.Option(128, help="Tokens per window."),
@@ -390,12 +514,33 @@ def distill_lm_command(
 
         key = load_private_key(sign, read_passphrase(False))
     with progress(disable=json_out) as bar:
-        report = run_lm_distill(teacher, tokenizer, corpus, synthetic, layers, depth, out_dir, weights_license,
-                                dict(steps=steps, batch=batch, block=block, lr=lr, temperature=temperature,
-                                     alpha=alpha, accumulate=accumulate, device=device), key,
-                                progress=stage_bars(bar), ffn_ratio=ffn_ratio, layer_choice=layer_choice, student_config=student_config,
-                                gguf_type=None if gguf_type == "none" else gguf_type,
-                                max_int8_ppl_rise=max_int8_ppl_rise)
+        report = run_lm_distill(
+            teacher,
+            tokenizer,
+            corpus,
+            synthetic,
+            layers,
+            depth,
+            out_dir,
+            weights_license,
+            dict(
+                steps=steps,
+                batch=batch,
+                block=block,
+                lr=lr,
+                temperature=temperature,
+                alpha=alpha,
+                accumulate=accumulate,
+                device=device,
+            ),
+            key,
+            progress=stage_bars(bar),
+            ffn_ratio=ffn_ratio,
+            layer_choice=layer_choice,
+            student_config=student_config,
+            gguf_type=None if gguf_type == "none" else gguf_type,
+            max_int8_ppl_rise=max_int8_ppl_rise,
+        )
     if json_out:
         print_json(report)
         return

@@ -111,13 +111,19 @@ def _load_resized(path: Any, imgsz: int) -> tuple[np.ndarray, tuple[int, int]]:
 def _to_original(placement: Placement, resized_hw: tuple[int, int], orig_hw: tuple[int, int]) -> Placement:
     """Compose the load-time resize with the letterbox so boxes land in original pixels."""
     fy, fx = resized_hw[0] / orig_hw[0], resized_hw[1] / orig_hw[1]
-    return Placement(placement.scale_x * fx, placement.scale_y * fy, placement.pad_x, placement.pad_y,
-                     orig_hw, placement.input_hw)
+    return Placement(
+        placement.scale_x * fx, placement.scale_y * fy, placement.pad_x, placement.pad_y, orig_hw, placement.input_hw
+    )
 
 
-def evaluate_detector(detector: Detector, dataset: YoloDataset, settings: EvalSettings,
-                      tick: Callable[[], None] | None = None, class_map: dict[int, int] | None = None,
-                      bootstrap_tick: Callable[[], None] | None = None) -> EvalReport:
+def evaluate_detector(
+    detector: Detector,
+    dataset: YoloDataset,
+    settings: EvalSettings,
+    tick: Callable[[], None] | None = None,
+    class_map: dict[int, int] | None = None,
+    bootstrap_tick: Callable[[], None] | None = None,
+) -> EvalReport:
     """Score ``detector`` on ``dataset``; model classes match dataset names, or go through ``class_map``.
     ``tick`` advances once per image, ``bootstrap_tick`` once per resample."""
     model_to_data = class_map if class_map is not None else _class_map(detector.names, dataset.names)
@@ -135,8 +141,16 @@ def evaluate_detector(detector: Detector, dataset: YoloDataset, settings: EvalSe
         images.append({"id": image_id, "width": w0, "height": h0, "file_name": path.name})
         for cls, cx, cy, bw, bh in dataset.labels(path):
             w, h = bw * w0, bh * h0
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(cls) + 1,
-                                "bbox": [cx * w0 - w / 2, cy * h0 - h / 2, w, h], "area": w * h, "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(cls) + 1,
+                    "bbox": [cx * w0 - w / 2, cy * h0 - h / 2, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
         try:
             image, orig_hw = _load_resized(path, settings.imgsz)
         except Exception as exc:  # a corrupt image scores as "no predictions", and is reported
@@ -149,23 +163,49 @@ def evaluate_detector(detector: Detector, dataset: YoloDataset, settings: EvalSe
             if data_cls is None:
                 continue
             x1, y1, x2, y2 = (float(v) for v in box)
-            predictions.append({"image_id": image_id, "category_id": data_cls + 1,
-                                "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
+            predictions.append(
+                {
+                    "image_id": image_id,
+                    "category_id": data_cls + 1,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": float(score),
+                }
+            )
         if tick:
             tick()
     m, m50, per_class = coco_map(images, annotations, predictions, dataset.names, settings.max_det)
-    interval = (bootstrap_map50(images, annotations, predictions, dataset.names, settings.max_det, settings.bootstrap,
-                                tick=bootstrap_tick) if settings.bootstrap > 0 and annotations else None)
+    interval = (
+        bootstrap_map50(
+            images, annotations, predictions, dataset.names, settings.max_det, settings.bootstrap, tick=bootstrap_tick
+        )
+        if settings.bootstrap > 0 and annotations
+        else None
+    )
     return EvalReport(
-        map50_95=round(m, 4), map50=round(m50, 4), per_class=per_class, images=len(images),
-        instances=len(annotations), dataset_sha256=dataset.sha256(), settings=vars(settings).copy(),
-        model=detector.manifest.name, model_sha256=detector.bundle_sha256, skipped=skipped, map50_interval=interval,
+        map50_95=round(m, 4),
+        map50=round(m50, 4),
+        per_class=per_class,
+        images=len(images),
+        instances=len(annotations),
+        dataset_sha256=dataset.sha256(),
+        settings=vars(settings).copy(),
+        model=detector.manifest.name,
+        model_sha256=detector.bundle_sha256,
+        skipped=skipped,
+        map50_interval=interval,
     )
 
 
-def bootstrap_map50(images: list[dict], annotations: list[dict], predictions: list[dict], names: list[str],
-                    max_det: int, rounds: int, seed: int = 0, tick: Callable[[], None] | None = None
-                    ) -> BootstrapInterval:
+def bootstrap_map50(
+    images: list[dict],
+    annotations: list[dict],
+    predictions: list[dict],
+    names: list[str],
+    max_det: int,
+    rounds: int,
+    seed: int = 0,
+    tick: Callable[[], None] | None = None,
+) -> BootstrapInterval:
     """mAP50 on ``rounds`` resamples of the images; a fixed seed draws the same resamples for every model of a
     run, so their intervals compare like for like.  A percentile interval: where a class has only a few boxes,
     resamples that repeat its images swing its AP widely, and the interval is lopsided around the point value."""
@@ -182,7 +222,9 @@ def bootstrap_map50(images: list[dict], annotations: list[dict], predictions: li
         for new_id, index in enumerate(rng.integers(0, len(images), len(images)), start=1):
             image = images[index]
             picked.append({**image, "id": new_id})
-            anns += [{**a, "id": len(anns) + k + 1, "image_id": new_id} for k, a in enumerate(anns_of.get(image["id"], []))]
+            anns += [
+                {**a, "id": len(anns) + k + 1, "image_id": new_id} for k, a in enumerate(anns_of.get(image["id"], []))
+            ]
             preds += [{**p, "image_id": new_id} for p in preds_of.get(image["id"], [])]
         values.append(coco_map(picked, anns, preds, names, max_det)[1])
         if tick:
@@ -191,8 +233,9 @@ def bootstrap_map50(images: list[dict], annotations: list[dict], predictions: li
     return BootstrapInterval(round(float(low), 4), round(float(high), 4), rounds)
 
 
-def coco_map(images: list[dict], annotations: list[dict], predictions: list[dict], names: list[str],
-             max_det: int = 100) -> tuple[float, float, dict[str, dict[str, float]]]:
+def coco_map(
+    images: list[dict], annotations: list[dict], predictions: list[dict], names: list[str], max_det: int = 100
+) -> tuple[float, float, dict[str, dict[str, float]]]:
     """(mAP50-95, mAP50, per-class AP) from COCO-format dicts; category ids are 1 + class index."""
     try:
         from faster_coco_eval import COCO, COCOeval_faster
@@ -203,8 +246,11 @@ def coco_map(images: list[dict], annotations: list[dict], predictions: list[dict
         zero = {n: {"ap50_95": 0.0, "ap50": 0.0, "instances": int(counts[i])} for i, n in enumerate(names) if counts[i]}
         return 0.0, 0.0, zero
     gt = COCO()
-    gt.dataset = {"images": images, "annotations": annotations,
-                  "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)]}
+    gt.dataset = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)],
+    }
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
         dt = gt.loadRes(predictions)
@@ -252,6 +298,8 @@ def _class_map(model_names: list[str], data_names: list[str]) -> dict[int, int]:
     lookup = {n: i for i, n in enumerate(data_names)}
     mapping = {i: lookup[n] for i, n in enumerate(model_names) if n in lookup}
     if not mapping:
-        raise ConfigError("the model's classes and the dataset's names have nothing in common",
-                          f"model: {', '.join(model_names[:5])}...; dataset: {', '.join(data_names[:5])}...")
+        raise ConfigError(
+            "the model's classes and the dataset's names have nothing in common",
+            f"model: {', '.join(model_names[:5])}...; dataset: {', '.join(data_names[:5])}...",
+        )
     return mapping

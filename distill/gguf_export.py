@@ -22,8 +22,17 @@ from bastion.errors import ConfigError, MissingExtraError
 
 log = logging.getLogger(__name__)
 FTYPES = ("f32", "f16", "q8_0")
-OURS_TO_GGUF = {"attention_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
-                "ffn_norm": "ffn_norm", "w1": "ffn_gate", "w2": "ffn_down", "w3": "ffn_up"}
+OURS_TO_GGUF = {
+    "attention_norm": "attn_norm",
+    "wq": "attn_q",
+    "wk": "attn_k",
+    "wv": "attn_v",
+    "wo": "attn_output",
+    "ffn_norm": "ffn_norm",
+    "w1": "ffn_gate",
+    "w2": "ffn_down",
+    "w3": "ffn_up",
+}
 
 
 def _vocab(tokenizer_json: Path, vocab_size: int) -> tuple[list[str], list[float], list[int], dict[str, int]]:
@@ -63,8 +72,11 @@ def write_gguf(model, tokenizer_json: Path, path: Path, name: str, ftype: str = 
         raise ConfigError(f"GGUF type {ftype!r}: use one of {', '.join(FTYPES)}")
     c = model.c
     tokens, scores, types, special = _vocab(tokenizer_json, c.vocab_size)
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ftype]
+    file_type = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[ftype]
     tmp = path.with_name(f".{path.name}.partial")
     writer = gguf.GGUFWriter(str(tmp), "llama")
     writer.add_name(name)
@@ -91,11 +103,15 @@ def write_gguf(model, tokenizer_json: Path, path: Path, name: str, ftype: str = 
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     if getattr(c, "attention_bias", False):
         raise ConfigError("GGUF export of q/k/v biases (Qwen2) is not supported yet")
-    named = [("token_embd.weight", state["tok_embeddings.weight"]), ("output_norm.weight", state["norm.weight"]),
-             ("output.weight", state["output.weight"])]
+    named = [
+        ("token_embd.weight", state["tok_embeddings.weight"]),
+        ("output_norm.weight", state["norm.weight"]),
+        ("output.weight", state["output.weight"]),
+    ]
     for i in range(c.n_layers):
-        named += [(f"blk.{i}.{theirs}.weight", state[f"layers.{i}.{ours}.weight"])
-                  for ours, theirs in OURS_TO_GGUF.items()]
+        named += [
+            (f"blk.{i}.{theirs}.weight", state[f"layers.{i}.{ours}.weight"]) for ours, theirs in OURS_TO_GGUF.items()
+        ]
     for tensor_name, array in named:
         array = np.ascontiguousarray(array, np.float32)
         if array.ndim == 1 or ftype == "f32":
@@ -130,18 +146,26 @@ def read_gguf(path: Path):  # a bastion Llama
         f = reader.fields[key]
         return f.parts[f.data[0]].tolist()[0]
 
-    c = LlamaConfig(dim=field("llama.embedding_length"), hidden_dim=field("llama.feed_forward_length"),
-                    n_layers=field("llama.block_count"), n_heads=field("llama.attention.head_count"),
-                    n_kv_heads=field("llama.attention.head_count_kv"), vocab_size=field("llama.vocab_size"),
-                    max_seq_len=field("llama.context_length"),
-                    norm_eps=field("llama.attention.layer_norm_rms_epsilon"),
-                    rope_theta=field("llama.rope.freq_base"))
+    c = LlamaConfig(
+        dim=field("llama.embedding_length"),
+        hidden_dim=field("llama.feed_forward_length"),
+        n_layers=field("llama.block_count"),
+        n_heads=field("llama.attention.head_count"),
+        n_kv_heads=field("llama.attention.head_count_kv"),
+        vocab_size=field("llama.vocab_size"),
+        max_seq_len=field("llama.context_length"),
+        norm_eps=field("llama.attention.layer_norm_rms_epsilon"),
+        rope_theta=field("llama.rope.freq_base"),
+    )
     arrays = {}
     for t in reader.tensors:
         data = gguf.quants.dequantize(t.data, t.tensor_type)
         arrays[t.name] = np.asarray(data, np.float32).reshape([int(d) for d in reversed(t.shape)])
-    sd = {"tok_embeddings.weight": arrays["token_embd.weight"], "norm.weight": arrays["output_norm.weight"],
-          "output.weight": arrays["output.weight"]}
+    sd = {
+        "tok_embeddings.weight": arrays["token_embd.weight"],
+        "norm.weight": arrays["output_norm.weight"],
+        "output.weight": arrays["output.weight"],
+    }
     for i in range(c.n_layers):
         for ours, theirs in OURS_TO_GGUF.items():
             sd[f"layers.{i}.{ours}.weight"] = arrays[f"blk.{i}.{theirs}.weight"]

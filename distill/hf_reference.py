@@ -14,16 +14,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-               "HF_DATASETS_OFFLINE": "1"}
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_DATASETS_OFFLINE": "1",
+}
 
 
 def transformers_available() -> bool:
     return importlib.util.find_spec("transformers") is not None
 
 
-def transformers_greedy(model_dir: Path, runs: list[list[int]], new_tokens: int, rounds: int = 2
-                        ) -> list[dict[str, Any]]:
+def transformers_greedy(
+    model_dir: Path, runs: list[list[int]], new_tokens: int, rounds: int = 2
+) -> list[dict[str, Any]]:
     """Greedy ids and tokens/s of ``generate`` (1 thread, KV cache on) for each prompt in ``runs``."""
     os.environ.update(OFFLINE_ENV)
     import torch
@@ -40,10 +45,16 @@ def transformers_greedy(model_dir: Path, runs: list[list[int]], new_tokens: int,
             best = float("inf")
             for _ in range(rounds):  # best of ``rounds``: the first timed call can carry one-off set-up
                 t0 = time.perf_counter()
-                y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
-                                   do_sample=False, eos_token_id=[1, 2], pad_token_id=0)
+                y = model.generate(
+                    x,
+                    attention_mask=torch.ones_like(x),
+                    max_new_tokens=new_tokens,
+                    do_sample=False,
+                    eos_token_id=[1, 2],
+                    pad_token_id=0,
+                )
                 best = min(best, time.perf_counter() - t0)
-            new = y[0, len(ids):].tolist()
+            new = y[0, len(ids) :].tolist()
             while new and new[-1] in (1, 2):  # bastion's generator does not return the stop token
                 new.pop()
             out.append({"ids": new, "tokens_per_s": round(max(len(new), 1) / best, 1)})

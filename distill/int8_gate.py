@@ -21,8 +21,7 @@ from bastion.distill.datasets import YoloDataset
 from bastion.distill.evaluate import EvalSettings, evaluate_detector, latency_ms
 from bastion.distill.int8_recipe import Recipe, candidates
 from bastion.distill.quantize import quantize_int8
-from bastion.hardware.isa import Int8Target, IsaClass, classes_holding, probe_isa, resolve_target, \
-    same_integer_results
+from bastion.hardware.isa import Int8Target, IsaClass, classes_holding, probe_isa, resolve_target, same_integer_results
 from bastion.models.bundle import Bundle
 from bastion.models.manifest import EvalResult, Int8Verdict, Manifest, files_sha256
 from bastion.runtime.backends import open_backend
@@ -74,16 +73,32 @@ class _Trial:
     verdict: str  # "accepted" | "drop" | "speed"
 
     def summary(self) -> dict[str, Any]:
-        return {"recipe": self.recipe.name, "describe": self.recipe.describe(), "map50": self.report.map50,
-                "map50_drop_points": self.drop, "speedup": self.speedup, "latency_ms": round(self.latency_ms, 2),
-                "verdict": self.verdict}
+        return {
+            "recipe": self.recipe.name,
+            "describe": self.recipe.describe(),
+            "map50": self.report.map50,
+            "map50_drop_points": self.drop,
+            "speedup": self.speedup,
+            "latency_ms": round(self.latency_ms, 2),
+            "verdict": self.verdict,
+        }
 
 
-def quantize_and_gate(bundle: Bundle, calibration: list[Path], dataset: YoloDataset, imgsz: int,
-                      max_drop_points: float, out_dir: Path | None, sign_key=None,
-                      threads: int = 1, tick=None, min_speedup: float = 1.1,
-                      bootstrap: int = 0, target: str | None = None,
-                      recipes: list[Recipe] | None = None) -> GateResult:
+def quantize_and_gate(
+    bundle: Bundle,
+    calibration: list[Path],
+    dataset: YoloDataset,
+    imgsz: int,
+    max_drop_points: float,
+    out_dir: Path | None,
+    sign_key=None,
+    threads: int = 1,
+    tick=None,
+    min_speedup: float = 1.1,
+    bootstrap: int = 0,
+    target: str | None = None,
+    recipes: list[Recipe] | None = None,
+) -> GateResult:
     """Quantize with each recipe the target allows (``int8_recipe.candidates``), best first, and keep the first
     whose measured mAP50 drop and speed-up pass.  ``target``: a device profile or CPU class (default: this CPU).
 
@@ -112,8 +127,7 @@ def quantize_and_gate(bundle: Bundle, calibration: list[Path], dataset: YoloData
             drop = round((fp32_report.map50 - report.map50) * 100, 2)
             speedup = round(latency["fp32"] / latency["int8"], 3)
             verdict = "drop" if drop > max_drop_points else "speed" if speedup < min_speedup else "accepted"
-            trials.append(_Trial(recipe, int8_path, report, latency["int8"], latency["fp32"], drop, speedup,
-                                 verdict))
+            trials.append(_Trial(recipe, int8_path, report, latency["int8"], latency["fp32"], drop, speedup, verdict))
             log.info("INT8 candidate measured", extra=trials[-1].summary())
             if verdict == "accepted":
                 break
@@ -121,38 +135,81 @@ def quantize_and_gate(bundle: Bundle, calibration: list[Path], dataset: YoloData
         if tick:
             tick()
         chosen = next((t for t in trials if t.verdict == "accepted"), None) or min(trials, key=lambda t: t.drop)
-        result = _result(chosen, trials, fp32_report, imgsz, max_drop_points, min_speedup, calibration,
-                         here, goal)
+        result = _result(chosen, trials, fp32_report, imgsz, max_drop_points, min_speedup, calibration, here, goal)
         if result.accepted and out_dir is not None:
             result.bundle = str(out_dir)
             verdict = _verdict(chosen, result, fp32_report, dataset, calibration, here, goal)
-            _write_bundle(bundle, manifest, chosen.path, out_dir, dataset, fp32_report, chosen.report, imgsz,
-                          sign_key, calibration, chosen.recipe, verdict)
+            _write_bundle(
+                bundle,
+                manifest,
+                chosen.path,
+                out_dir,
+                dataset,
+                fp32_report,
+                chosen.report,
+                imgsz,
+                sign_key,
+                calibration,
+                chosen.recipe,
+                verdict,
+            )
         return result
 
 
-def _result(chosen: _Trial, trials: list[_Trial], fp32_report, imgsz: int,
-            max_drop: float, min_speedup: float, calibration: list[Path], here: IsaClass,
-            goal: Int8Target) -> GateResult:
+def _result(
+    chosen: _Trial,
+    trials: list[_Trial],
+    fp32_report,
+    imgsz: int,
+    max_drop: float,
+    min_speedup: float,
+    calibration: list[Path],
+    here: IsaClass,
+    goal: Int8Target,
+) -> GateResult:
     on_target = same_integer_results(chosen.recipe.saturation_free, here.name, goal.isa.name)
     note = _plain_note(chosen.recipe, here, goal, on_target)
-    fp32 = {"map50": fp32_report.map50, "map50_95": fp32_report.map50_95, "latency_ms": round(chosen.fp32_ms, 2),
-            "per_class": fp32_report.per_class}
-    q = {"map50": chosen.report.map50, "map50_95": chosen.report.map50_95, "latency_ms": round(chosen.latency_ms, 2),
-         "per_class": chosen.report.per_class, "map50_interval": chosen.report.to_dict()["map50_interval"]}
+    fp32 = {
+        "map50": fp32_report.map50,
+        "map50_95": fp32_report.map50_95,
+        "latency_ms": round(chosen.fp32_ms, 2),
+        "per_class": fp32_report.per_class,
+    }
+    q = {
+        "map50": chosen.report.map50,
+        "map50_95": chosen.report.map50_95,
+        "latency_ms": round(chosen.latency_ms, 2),
+        "per_class": chosen.report.per_class,
+        "map50_interval": chosen.report.to_dict()["map50_interval"],
+    }
     drop, speedup, recipe = chosen.drop, chosen.speedup, chosen.recipe
     tried = f" ({recipe.name}: {recipe.describe()}; tried {', '.join(t.recipe.name for t in trials)})"
     if chosen.verdict == "drop":
-        reason = (f"refused: mAP50 drops {drop:.2f} points at best (limit {max_drop}){tried}; the model stays FP32")
+        reason = f"refused: mAP50 drops {drop:.2f} points at best (limit {max_drop}){tried}; the model stays FP32"
     elif chosen.verdict == "speed":
-        reason = (f"refused: only {speedup:.2f}× faster than FP32 (need {min_speedup}×) for a {drop:.2f}-point "
-                  f"mAP50 cost{tried}; the model stays FP32")
+        reason = (
+            f"refused: only {speedup:.2f}× faster than FP32 (need {min_speedup}×) for a {drop:.2f}-point "
+            f"mAP50 cost{tried}; the model stays FP32"
+        )
     else:
         reason = f"accepted: mAP50 drop {drop:.2f} points ≤ {max_drop}, {speedup:.2f}× faster{tried}"
-    return GateResult(chosen.verdict == "accepted", reason, imgsz, fp32, q, drop, speedup,
-                      calibration_images=len(calibration), recipe=recipe.name, isa=here.name, target=goal.name,
-                      target_isa=goal.isa.name, measured_on_target=on_target, note=note,
-                      candidates=[t.summary() for t in trials])
+    return GateResult(
+        chosen.verdict == "accepted",
+        reason,
+        imgsz,
+        fp32,
+        q,
+        drop,
+        speedup,
+        calibration_images=len(calibration),
+        recipe=recipe.name,
+        isa=here.name,
+        target=goal.name,
+        target_isa=goal.isa.name,
+        measured_on_target=on_target,
+        note=note,
+        candidates=[t.summary() for t in trials],
+    )
 
 
 def _plain_note(recipe: Recipe, here: IsaClass, goal: Int8Target, on_target: bool) -> str:
@@ -160,53 +217,98 @@ def _plain_note(recipe: Recipe, here: IsaClass, goal: Int8Target, on_target: boo
     if here.name == goal.isa.name:
         return f"measured on this CPU ({here.name}), the target's own class"
     if on_target:
-        return (f"measured on {here.name} for a {goal.isa.name} target: this recipe computes the same integers "
-                f"there, so the mAP holds; the speed-up was not measured on {goal.isa.name}")
-    return (f"NOT measured with the target's kernels: this CPU is {here.name}, the target {goal.name} is "
-            f"{goal.isa.name}, and a {recipe.activation.upper()}{recipe.weight.upper()} 8-bit model computes "
-            f"differently there; measure it on a {goal.isa.name} machine before trusting the mAP")
+        return (
+            f"measured on {here.name} for a {goal.isa.name} target: this recipe computes the same integers "
+            f"there, so the mAP holds; the speed-up was not measured on {goal.isa.name}"
+        )
+    return (
+        f"NOT measured with the target's kernels: this CPU is {here.name}, the target {goal.name} is "
+        f"{goal.isa.name}, and a {recipe.activation.upper()}{recipe.weight.upper()} 8-bit model computes "
+        f"differently there; measure it on a {goal.isa.name} machine before trusting the mAP"
+    )
 
 
-def _verdict(chosen: _Trial, result: GateResult, fp32_report, dataset: YoloDataset,
-             calibration: list[Path], here: IsaClass, goal: Int8Target) -> Int8Verdict:
+def _verdict(
+    chosen: _Trial,
+    result: GateResult,
+    fp32_report,
+    dataset: YoloDataset,
+    calibration: list[Path],
+    here: IsaClass,
+    goal: Int8Target,
+) -> Int8Verdict:
     import onnxruntime
 
     return Int8Verdict(
-        recipe=chosen.recipe.name, recipe_params=chosen.recipe.to_dict(), isa=here.name,
-        holds_on=classes_holding(chosen.recipe.saturation_free, here.name), target=goal.name,
-        target_isa=goal.isa.name, measured_on_target=result.measured_on_target,
-        onnxruntime=onnxruntime.__version__, calibration_sha256=files_sha256(sorted(calibration)),
-        calibration_images=len(calibration), evaluation_sha256=dataset.sha256(),
-        evaluation_images=len(dataset.images), fp32_map50=round(fp32_report.map50, 4),
-        int8_map50=round(chosen.report.map50, 4), map50_drop_points=chosen.drop, speedup=chosen.speedup,
-        candidates=[{k: v for k, v in c.items() if k != "describe"} for c in result.candidates])
+        recipe=chosen.recipe.name,
+        recipe_params=chosen.recipe.to_dict(),
+        isa=here.name,
+        holds_on=classes_holding(chosen.recipe.saturation_free, here.name),
+        target=goal.name,
+        target_isa=goal.isa.name,
+        measured_on_target=result.measured_on_target,
+        onnxruntime=onnxruntime.__version__,
+        calibration_sha256=files_sha256(sorted(calibration)),
+        calibration_images=len(calibration),
+        evaluation_sha256=dataset.sha256(),
+        evaluation_images=len(dataset.images),
+        fp32_map50=round(fp32_report.map50, 4),
+        int8_map50=round(chosen.report.map50, 4),
+        map50_drop_points=chosen.drop,
+        speedup=chosen.speedup,
+        candidates=[{k: v for k, v in c.items() if k != "describe"} for c in result.candidates],
+    )
 
 
-def _write_bundle(bundle, manifest, int8_path, out_dir, dataset, fp32_report, int8_report, imgsz, sign_key,
-                  calibration, recipe, verdict) -> None:
+def _write_bundle(
+    bundle,
+    manifest,
+    int8_path,
+    out_dir,
+    dataset,
+    fp32_report,
+    int8_report,
+    imgsz,
+    sign_key,
+    calibration,
+    recipe,
+    verdict,
+) -> None:
     from bastion.runtime.bundle_create import create_bundle
 
     sha = dataset.sha256()
     settings = {"imgsz": imgsz, "conf": 0.001, "iou": 0.6, "rect": False}
     evaluation = [
-        EvalResult(metric=m, value=getattr(r, attr), dataset=dataset.root.name, dataset_sha256=sha,
-                   settings={**settings, "precision": p})
+        EvalResult(
+            metric=m,
+            value=getattr(r, attr),
+            dataset=dataset.root.name,
+            dataset_sha256=sha,
+            settings={**settings, "precision": p},
+        )
         for p, r in (("fp32", fp32_report), ("int8", int8_report))
         for m, attr in (("mAP50", "map50"), ("mAP50-95", "map50_95"))
     ]
     fields = manifest.model_dump(mode="json", exclude={"files"})
     fields.update(
-        name=f"{manifest.name}-int8", version=f"{manifest.version}-int8-{imgsz}", precision="int8",
-        evaluation=[e.model_dump(mode="json") for e in evaluation], int8_verdict=verdict.model_dump(mode="json"),
+        name=f"{manifest.name}-int8",
+        version=f"{manifest.version}-int8-{imgsz}",
+        precision="int8",
+        evaluation=[e.model_dump(mode="json") for e in evaluation],
+        int8_verdict=verdict.model_dump(mode="json"),
         provenance={
             **fields["provenance"],
             "source": f"INT8 (ONNX Runtime static QDQ, {recipe.describe()}, {len(calibration)} calibration images, "
-                      f"measured on {verdict.isa} for {verdict.target_isa}) of {manifest.name}:{manifest.version}",
-            "datasets": fields["provenance"]["datasets"] + [
+            f"measured on {verdict.isa} for {verdict.target_isa}) of {manifest.name}:{manifest.version}",
+            "datasets": fields["provenance"]["datasets"]
+            + [
                 {"name": f"INT8 calibration ({len(calibration)} images)", "sha256": files_sha256(sorted(calibration))},
-                {"name": f"INT8 gate evaluation ({dataset.root.name})", "sha256": sha}],
-            "teachers": [bundle.sha256], "command": shlex.join(["bastion", *sys.argv[1:]]),
-            "bastion_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                {"name": f"INT8 gate evaluation ({dataset.root.name})", "sha256": sha},
+            ],
+            "teachers": [bundle.sha256],
+            "command": shlex.join(["bastion", *sys.argv[1:]]),
+            "bastion_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     )
     licenses = [bundle.root / f.path for f in bundle.manifest.files if f.role == "license"]

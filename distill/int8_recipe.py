@@ -45,9 +45,12 @@ class Recipe:
         return self.reduce_range or self.activation == "s8" or self.weight == "u8"
 
     def describe(self) -> str:
-        parts = [f"{self.activation.upper()}{self.weight.upper()}", "per-channel" if self.per_channel else
-                 "per-tensor", "7-bit weights" if self.reduce_range else "8-bit weights",
-                 f"{self.calibration} calibration"]
+        parts = [
+            f"{self.activation.upper()}{self.weight.upper()}",
+            "per-channel" if self.per_channel else "per-tensor",
+            "7-bit weights" if self.reduce_range else "8-bit weights",
+            f"{self.calibration} calibration",
+        ]
         if self.activation_symmetric:
             parts.append("symmetric activations")
         if self.exclude_first_conv:
@@ -67,19 +70,23 @@ U8S8_7BIT = Recipe("u8s8-7bit", reduce_range=True)
 S8S8 = Recipe("s8s8", activation="s8", activation_symmetric=True)
 U8U8 = Recipe("u8u8", weight="u8")  # x86 widens U8 weights to 16 bits before multiplying: never saturates
 # 7-bit weights lost 3.89 mAP50 points on yolov5n@320; symmetric activations and an FP32 first conv won 2.5 back
-U8S8_7BIT_TUNED = replace(U8S8_7BIT, name="u8s8-7bit-symact-first-fp32", activation_symmetric=True,
-                          exclude_first_conv=True)
+U8S8_7BIT_TUNED = replace(
+    U8S8_7BIT, name="u8s8-7bit-symact-first-fp32", activation_symmetric=True, exclude_first_conv=True
+)
 
 # Variants the benchmark sweep measures (scripts/int8_sweep.py); the gate's candidates are below.
 SWEEP: list[Recipe] = [
-    U8S8, U8S8_7BIT, S8S8,
+    U8S8,
+    U8S8_7BIT,
+    S8S8,
     replace(U8S8_7BIT, name="u8s8-7bit-entropy", calibration="entropy"),
     replace(U8S8_7BIT, name="u8s8-7bit-percentile", calibration="percentile"),
     replace(U8S8_7BIT, name="u8s8-7bit-symact", activation_symmetric=True),
     replace(U8S8_7BIT, name="u8s8-7bit-first-fp32", exclude_first_conv=True),
     replace(U8S8_7BIT, name="u8s8-7bit-head-fp32", exclude_head_convs=True),
     replace(U8S8_7BIT, name="u8s8-7bit-ends-fp32", exclude_first_conv=True, exclude_head_convs=True),
-    U8S8_7BIT_TUNED, U8U8,
+    U8S8_7BIT_TUNED,
+    U8U8,
     replace(U8S8, name="u8s8-head-fp32", exclude_head_convs=True),
 ]
 

@@ -82,7 +82,7 @@ class Block(nn.Module):
         v = torch.cat([past_v, v], dim=2)
         # grouped-query attention by broadcasting: q heads g·rep … g·rep+rep−1 share kv head g
         qg = q.reshape(1, c.n_kv_heads, rep, -1, c.head_dim)
-        att = (qg @ k.unsqueeze(2).transpose(-2, -1)) / (c.head_dim ** 0.5) + mask
+        att = (qg @ k.unsqueeze(2).transpose(-2, -1)) / (c.head_dim**0.5) + mask
         y = (torch.softmax(att, dim=-1) @ v.unsqueeze(2)).reshape(1, c.n_heads, -1, c.head_dim)
         x = x + self.wo(y.transpose(1, 2).reshape(1, -1, c.n_heads * c.head_dim))
         h = self.ffn_norm(x)
@@ -104,7 +104,7 @@ class Llama(nn.Module):
         self.register_buffer("sin_table", freqs.sin(), persistent=False)
         swap = torch.zeros(c.head_dim, c.head_dim)
         swap[torch.arange(1, c.head_dim, 2), torch.arange(0, c.head_dim, 2)] = -1.0  # out 2i   = −x(2i+1)
-        swap[torch.arange(0, c.head_dim, 2), torch.arange(1, c.head_dim, 2)] = 1.0   # out 2i+1 = x(2i)
+        swap[torch.arange(0, c.head_dim, 2), torch.arange(1, c.head_dim, 2)] = 1.0  # out 2i+1 = x(2i)
         self.register_buffer("swap", swap, persistent=False)
 
     def forward(self, input_ids, position_ids, *past, attention_mask=None):
@@ -181,9 +181,17 @@ def load_llama2c(path: Path) -> Llama:
 
 
 HF_FAMILIES = {"llama", "mistral", "qwen2"}  # the same decoder; Qwen2 adds q/k/v biases
-HF_NAMES = {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-            "wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
-            "w1": "mlp.gate_proj", "w2": "mlp.down_proj", "w3": "mlp.up_proj"}
+HF_NAMES = {
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "wq": "self_attn.q_proj",
+    "wk": "self_attn.k_proj",
+    "wv": "self_attn.v_proj",
+    "wo": "self_attn.o_proj",
+    "w1": "mlp.gate_proj",
+    "w2": "mlp.down_proj",
+    "w3": "mlp.up_proj",
+}
 
 
 def load_teacher(path: Path) -> Llama:
@@ -192,7 +200,9 @@ def load_teacher(path: Path) -> Llama:
     if path.is_dir():
         return load_hf(path)
     if not path.is_file():
-        raise ModelLoadError(f"teacher not found: {path}", "give a llama2.c .bin file or a Hugging Face model directory")
+        raise ModelLoadError(
+            f"teacher not found: {path}", "give a llama2.c .bin file or a Hugging Face model directory"
+        )
     return load_llama2c(path)
 
 
@@ -208,23 +218,33 @@ def hf_config(directory: Path) -> LlamaConfig:
         raise ModelLoadError(f"{cfg_file} is not valid JSON: {exc}") from None
     family = cfg.get("model_type")
     if family not in HF_FAMILIES:
-        raise ModelLoadError(f"{directory}: model_type {family!r} is not a causal LM bastion can distill",
-                             f"supported: {', '.join(sorted(HF_FAMILIES))}")
+        raise ModelLoadError(
+            f"{directory}: model_type {family!r} is not a causal LM bastion can distill",
+            f"supported: {', '.join(sorted(HF_FAMILIES))}",
+        )
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise ModelLoadError(f"{directory}: RoPE scaling {rope.get('rope_type') or rope.get('type')!r} is not "
-                             "supported yet", "use a checkpoint with default RoPE")
+        raise ModelLoadError(
+            f"{directory}: RoPE scaling {rope.get('rope_type') or rope.get('type')!r} is not supported yet",
+            "use a checkpoint with default RoPE",
+        )
     dim, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     if cfg.get("head_dim") not in (None, dim // heads):
         raise ModelLoadError(f"{directory}: head_dim {cfg['head_dim']} differs from hidden_size/heads; not supported")
     if cfg.get("mlp_bias"):
         raise ModelLoadError(f"{directory}: MLP biases are not supported")
-    return LlamaConfig(dim=dim, hidden_dim=cfg["intermediate_size"], n_layers=cfg["num_hidden_layers"],
-                       n_heads=heads, n_kv_heads=cfg.get("num_key_value_heads") or heads,
-                       vocab_size=cfg["vocab_size"], max_seq_len=cfg.get("max_position_embeddings", 2048),
-                       norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                       rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
-                       attention_bias=bool(cfg.get("attention_bias", family == "qwen2")))
+    return LlamaConfig(
+        dim=dim,
+        hidden_dim=cfg["intermediate_size"],
+        n_layers=cfg["num_hidden_layers"],
+        n_heads=heads,
+        n_kv_heads=cfg.get("num_key_value_heads") or heads,
+        vocab_size=cfg["vocab_size"],
+        max_seq_len=cfg.get("max_position_embeddings", 2048),
+        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+        attention_bias=bool(cfg.get("attention_bias", family == "qwen2")),
+    )
 
 
 def _hf_to_interleaved(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -240,14 +260,19 @@ def load_hf(directory: Path) -> Llama:
     c = hf_config(directory)
     files = sorted(directory.glob("*.safetensors"))
     if not files:
-        raise ModelLoadError(f"{directory} holds no .safetensors weights",
-                             "save the model with safe_serialization=True (pickled .bin weights are refused)")
+        raise ModelLoadError(
+            f"{directory} holds no .safetensors weights",
+            "save the model with safe_serialization=True (pickled .bin weights are refused)",
+        )
     hf: dict[str, torch.Tensor] = {}
     for f in files:
         hf.update(load_file(str(f)))
     hf = {k.removeprefix("model."): v.float() for k, v in hf.items()}
-    sd = {"tok_embeddings.weight": hf["embed_tokens.weight"], "norm.weight": hf["norm.weight"],
-          "output.weight": hf.get("lm_head.weight", hf["embed_tokens.weight"])}
+    sd = {
+        "tok_embeddings.weight": hf["embed_tokens.weight"],
+        "norm.weight": hf["norm.weight"],
+        "output.weight": hf.get("lm_head.weight", hf["embed_tokens.weight"]),
+    }
     try:
         for i in range(c.n_layers):
             for ours, theirs in HF_NAMES.items():
@@ -262,14 +287,21 @@ def load_hf(directory: Path) -> Llama:
         model = Llama(c)
         model.load_state_dict(sd)
     except (KeyError, RuntimeError) as exc:
-        raise ModelLoadError(f"{directory}: weights do not match its config.json ({str(exc).splitlines()[0]})"
-                             ) from None
+        raise ModelLoadError(
+            f"{directory}: weights do not match its config.json ({str(exc).splitlines()[0]})"
+        ) from None
     return model.eval()
 
 
 @torch.no_grad()
-def greedy(model: Llama, ids: list[int], max_new_tokens: int, stop: tuple[int, ...] = (1, 2),
-           temperature: float = 0.0, rng: torch.Generator | None = None) -> list[int]:
+def greedy(
+    model: Llama,
+    ids: list[int],
+    max_new_tokens: int,
+    stop: tuple[int, ...] = (1, 2),
+    temperature: float = 0.0,
+    rng: torch.Generator | None = None,
+) -> list[int]:
     """Reference decoding with the KV cache, in torch: greedy, or sampled from softmax(logits / temperature)
     with ``rng`` when ``temperature`` > 0."""
     past = model.empty_past()

@@ -73,8 +73,9 @@ def layer_importance(teacher: Llama, tokens: torch.Tensor, block: int = 128, win
     influence = torch.zeros(teacher.c.n_layers)
     count = 0
     captured: list[tuple[torch.Tensor, torch.Tensor]] = []
-    hooks = [layer.register_forward_hook(lambda m, args, out: captured.append((args[0], out[0])))
-             for layer in teacher.layers]
+    hooks = [
+        layer.register_forward_hook(lambda m, args, out: captured.append((args[0], out[0]))) for layer in teacher.layers
+    ]
     try:
         for s in range(0, min(len(tokens) - block, windows * block), block):
             captured.clear()
@@ -107,8 +108,10 @@ def narrow_ffn(model: Llama, ratio: float, tokens: torch.Tensor, block: int = 12
     if keep_n >= model.c.hidden_dim:
         return model
     act = [torch.zeros(model.c.hidden_dim) for _ in model.layers]
-    hooks = [layer.w2.register_forward_pre_hook(lambda m, args, i=i: act[i].add_(args[0].abs().mean((0, 1))))
-             for i, layer in enumerate(model.layers)]
+    hooks = [
+        layer.w2.register_forward_pre_hook(lambda m, args, i=i: act[i].add_(args[0].abs().mean((0, 1))))
+        for i, layer in enumerate(model.layers)
+    ]
     try:
         for s in range(0, min(len(tokens) - block, windows * block), block):
             _logits(model, tokens[s : s + block][None])
@@ -117,8 +120,10 @@ def narrow_ffn(model: Llama, ratio: float, tokens: torch.Tensor, block: int = 12
             h.remove()
     c = LlamaConfig(**{**asdict(model.c), "hidden_dim": keep_n})
     narrow = Llama(c)
-    narrow.load_state_dict({k: v for k, v in model.state_dict().items() if ".w1." not in k and ".w2." not in k
-                            and ".w3." not in k}, strict=False)
+    narrow.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if ".w1." not in k and ".w2." not in k and ".w3." not in k},
+        strict=False,
+    )
     for i, (src, dst) in enumerate(zip(model.layers, narrow.layers)):
         keep = torch.argsort(act[i] * src.w2.weight.norm(dim=0), descending=True)[:keep_n].sort().values
         dst.w1.weight.copy_(src.w1.weight[keep])
@@ -138,13 +143,23 @@ def fresh_student(teacher: Llama, config_file: Path) -> Llama:
         raise ConfigError(f"--student-config {config_file}: {exc}") from None
     allowed = {"dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads"}
     if not isinstance(raw, dict) or set(raw) - allowed or {"dim", "n_layers", "n_heads"} - set(raw):
-        raise ConfigError(f"--student-config {config_file}: give dim, n_layers, n_heads (and optionally "
-                          "hidden_dim, n_kv_heads) and nothing else")
-    c = LlamaConfig(**{**asdict(teacher.c), "hidden_dim": raw.get("hidden_dim", 4 * raw["dim"]),
-                       "n_kv_heads": raw.get("n_kv_heads", raw["n_heads"]), **raw})
+        raise ConfigError(
+            f"--student-config {config_file}: give dim, n_layers, n_heads (and optionally "
+            "hidden_dim, n_kv_heads) and nothing else"
+        )
+    c = LlamaConfig(
+        **{
+            **asdict(teacher.c),
+            "hidden_dim": raw.get("hidden_dim", 4 * raw["dim"]),
+            "n_kv_heads": raw.get("n_kv_heads", raw["n_heads"]),
+            **raw,
+        }
+    )
     if c.dim % c.n_heads or c.n_heads % c.n_kv_heads or c.head_dim % 2:
-        raise ConfigError(f"--student-config {config_file}: dim must split into n_heads of even size, and n_heads "
-                          "into n_kv_heads groups")
+        raise ConfigError(
+            f"--student-config {config_file}: dim must split into n_heads of even size, and n_heads "
+            "into n_kv_heads groups"
+        )
     torch.manual_seed(0)
     student = Llama(c)
     for prm in student.parameters():
@@ -164,8 +179,11 @@ def evenly(n_layers: int, depth: int) -> list[int]:
 
 def read_corpus(path: Path) -> str:
     """Plain text (.txt) or JSON lines (.jsonl: every string value); a directory: all of them."""
-    files = sorted(p for p in Path(path).rglob("*") if p.suffix in (".txt", ".jsonl")) if Path(path).is_dir() \
+    files = (
+        sorted(p for p in Path(path).rglob("*") if p.suffix in (".txt", ".jsonl"))
+        if Path(path).is_dir()
         else [Path(path)]
+    )
     if not files or not all(f.is_file() for f in files):
         raise InputNotFoundError(f"no .txt or .jsonl corpus at {path}")
     parts = []
@@ -186,9 +204,14 @@ def read_corpus(path: Path) -> str:
     return corpus
 
 
-def synthetic_corpus(teacher: "Generator", n: int,
-                     seeds: tuple[str, ...] = ("Once upon a time", "One day", "The little", "Lily"),
-                     temperature: float = 1.0, seed: int = 0, tick: Callable[[], None] | None = None) -> list[str]:
+def synthetic_corpus(
+    teacher: "Generator",
+    n: int,
+    seeds: tuple[str, ...] = ("Once upon a time", "One day", "The little", "Lily"),
+    temperature: float = 1.0,
+    seed: int = 0,
+    tick: Callable[[], None] | None = None,
+) -> list[str]:
     """Sequence-level KD: text the teacher writes itself — continuations of short seeds *sampled* from its own
     distribution (temperature 1, no top-k/top-p; each text from its own RNG seed derived from ``seed``, so a
     run is reproducible).  Greedy continuations would give only one text per seed: the corpus would repeat
@@ -207,8 +230,10 @@ def synthetic_corpus(teacher: "Generator", n: int,
 def _batches(tokens: torch.Tensor, block: int, batch: int, gen: torch.Generator):
     while True:
         starts = torch.randint(0, len(tokens) - block - 1, (batch,), generator=gen)
-        yield torch.stack([tokens[s : s + block] for s in starts]), torch.stack([tokens[s + 1 : s + block + 1]
-                                                                                 for s in starts])
+        yield (
+            torch.stack([tokens[s : s + block] for s in starts]),
+            torch.stack([tokens[s + 1 : s + block + 1] for s in starts]),
+        )
 
 
 def _logits(model: Llama, x: torch.Tensor) -> torch.Tensor:
@@ -234,8 +259,15 @@ def evaluate(model: Llama, teacher: Llama, tokens: torch.Tensor, block: int, max
     return {"perplexity": round(math.exp(nll / max(count, 1)), 4), "top1_agreement": round(agree / max(count, 1), 4)}
 
 
-def distill(teacher: Llama, student: Llama, train_tokens: torch.Tensor, val_tokens: torch.Tensor,
-            spec: LMDistillSpec, checkpoint: Path, tick: Callable[[], None] | None = None) -> list[dict]:
+def distill(
+    teacher: Llama,
+    student: Llama,
+    train_tokens: torch.Tensor,
+    val_tokens: torch.Tensor,
+    spec: LMDistillSpec,
+    checkpoint: Path,
+    tick: Callable[[], None] | None = None,
+) -> list[dict]:
     """Train ``student`` to match ``teacher``; resumes from ``checkpoint`` if it exists. Returns the history."""
     torch.manual_seed(spec.seed)
     gen = torch.Generator().manual_seed(spec.seed)  # the batch order (CPU): saved with each checkpoint
@@ -264,8 +296,16 @@ def distill(teacher: Llama, student: Llama, train_tokens: torch.Tensor, val_toke
             with torch.no_grad():
                 t_logits = _logits(teacher, x)
             s_logits = _logits(student, x)
-            kl = F.kl_div(F.log_softmax(s_logits / spec.temperature, -1), F.log_softmax(t_logits / spec.temperature, -1),
-                          log_target=True, reduction="batchmean") * spec.temperature ** 2 / x.shape[1]
+            kl = (
+                F.kl_div(
+                    F.log_softmax(s_logits / spec.temperature, -1),
+                    F.log_softmax(t_logits / spec.temperature, -1),
+                    log_target=True,
+                    reduction="batchmean",
+                )
+                * spec.temperature**2
+                / x.shape[1]
+            )
             ce = F.cross_entropy(s_logits.reshape(-1, s_logits.shape[-1]), y.reshape(-1))
             loss = ((1 - spec.alpha) * kl + spec.alpha * ce) / spec.accumulate
             loss.backward()
@@ -273,10 +313,24 @@ def distill(teacher: Llama, student: Llama, train_tokens: torch.Tensor, val_toke
         opt.step()
         opt.zero_grad(set_to_none=True)
         if (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps:
-            history.append({"step": step + 1, "loss": round(loss.item() * spec.accumulate, 4), "lr": lr,
-                            **evaluate(student, teacher, val_tokens, spec.block, max_windows=4)})
-            _save_checkpoint(checkpoint, {"model": student.state_dict(), "optimizer": opt.state_dict(),
-                                          "step": step + 1, "history": history, "batch_rng": gen.get_state()})
+            history.append(
+                {
+                    "step": step + 1,
+                    "loss": round(loss.item() * spec.accumulate, 4),
+                    "lr": lr,
+                    **evaluate(student, teacher, val_tokens, spec.block, max_windows=4),
+                }
+            )
+            _save_checkpoint(
+                checkpoint,
+                {
+                    "model": student.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "step": step + 1,
+                    "history": history,
+                    "batch_rng": gen.get_state(),
+                },
+            )
         if tick:
             tick()
     return history

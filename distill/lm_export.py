@@ -13,10 +13,21 @@ from bastion.models.bundle import seal_bundle, staged_bundle
 from bastion.models.manifest import DecoderSpec, FileEntry, LicenseInfo, Manifest, Provenance, sha256_file
 
 
-def export_lm_bundle(checkpoint, tokenizer: Path, out_dir: Path, name: str, version: str,
-                     weights_license: str, source: str, license_files: list[Path], sign_key=None,
-                     teachers: list[str] | None = None, datasets: list[dict] | None = None,
-                     evaluation: list[dict] | None = None, generation: dict | None = None) -> Manifest:
+def export_lm_bundle(
+    checkpoint,
+    tokenizer: Path,
+    out_dir: Path,
+    name: str,
+    version: str,
+    weights_license: str,
+    source: str,
+    license_files: list[Path],
+    sign_key=None,
+    teachers: list[str] | None = None,
+    datasets: list[dict] | None = None,
+    evaluation: list[dict] | None = None,
+    generation: dict | None = None,
+) -> Manifest:
     """``checkpoint``: a llama2.c file path, or a ``Llama`` module (e.g. a freshly distilled student).
     ``generation``: the sampling defaults the bundle carries (``max_new_tokens``, ``temperature``, ``top_k``,
     ``top_p``; unset ones are greedy, 128 tokens)."""
@@ -36,15 +47,26 @@ def export_lm_bundle(checkpoint, tokenizer: Path, out_dir: Path, name: str, vers
             shutil.copy2(lic, staging / lic.name)
             files.append((lic.name, "license"))
         manifest = Manifest(
-            name=name, version=version, task="lm",
-            files=[FileEntry(path=f, sha256=sha256_file(staging / f), size=(staging / f).stat().st_size, role=r)
-                   for f, r in files],
-            decoder=DecoderSpec(type="llama-kv", params={**config, "head_dim": model.c.head_dim, "stop": [1, 2],
-                                                         "bos": 1, "generation": generation}),
+            name=name,
+            version=version,
+            task="lm",
+            files=[
+                FileEntry(path=f, sha256=sha256_file(staging / f), size=(staging / f).stat().st_size, role=r)
+                for f, r in files
+            ],
+            decoder=DecoderSpec(
+                type="llama-kv",
+                params={**config, "head_dim": model.c.head_dim, "stop": [1, 2], "bos": 1, "generation": generation},
+            ),
             precision="fp32",
-            provenance=Provenance(source=source, command=shlex.join(["bastion", *sys.argv[1:]]),
-                                  bastion_version=__version__, teachers=teachers or [], datasets=datasets or [],
-                                  created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+            provenance=Provenance(
+                source=source,
+                command=shlex.join(["bastion", *sys.argv[1:]]),
+                bastion_version=__version__,
+                teachers=teachers or [],
+                datasets=datasets or [],
+                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            ),
             evaluation=evaluation or [],
             license=LicenseInfo(weights=weights_license, files=[p.name for p in license_files]),
         )

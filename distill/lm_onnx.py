@@ -85,14 +85,23 @@ def build_decoder(config, weights: dict[str, np.ndarray]) -> onnx.ModelProto:  #
     for i in range(c.n_layers):
         p = f"layers.{i}."
         h, residual = _norm(g, f"l{i}.attn_norm", branch, residual, weights[p + "attention_norm.weight"], c.norm_eps)
-        q, k, v = (g.linear(h, f"l{i}.{n}", weights[f"{p}{n}.weight"], weights.get(f"{p}{n}.bias"))
-                   for n in ("wq", "wk", "wv"))
-        q, k = (g.node("RotaryEmbedding", [t, cos, sin, "position_ids"], [f"{t}.rotated"], interleaved=1,
-                       num_heads=heads) for t, heads in ((q, c.n_heads), (k, c.n_kv_heads)))
+        q, k, v = (
+            g.linear(h, f"l{i}.{n}", weights[f"{p}{n}.weight"], weights.get(f"{p}{n}.bias")) for n in ("wq", "wk", "wv")
+        )
+        q, k = (
+            g.node("RotaryEmbedding", [t, cos, sin, "position_ids"], [f"{t}.rotated"], interleaved=1, num_heads=heads)
+            for t, heads in ((q, c.n_heads), (k, c.n_kv_heads))
+        )
         keys = g.node("TensorScatter", [f"past.{i}.key", k, "slots.write_at"], [f"present.{i}.key"], axis=1)
         values = g.node("TensorScatter", [f"past.{i}.value", v, "slots.write_at"], [f"present.{i}.value"], axis=1)
-        att = g.node("Attention", [q, keys, values, "", "", "", "slots.filled"], [f"l{i}.attention"],
-                     q_num_heads=c.n_heads, kv_num_heads=c.n_kv_heads, is_causal=1)
+        att = g.node(
+            "Attention",
+            [q, keys, values, "", "", "", "slots.filled"],
+            [f"l{i}.attention"],
+            q_num_heads=c.n_heads,
+            kv_num_heads=c.n_kv_heads,
+            is_causal=1,
+        )
         o = g.linear(att, f"l{i}.wo", weights[p + "wo.weight"], None)
         h, residual = _norm(g, f"l{i}.ffn_norm", o, residual, weights[p + "ffn_norm.weight"], c.norm_eps)
         gate = g.linear(h, f"l{i}.w1", weights[p + "w1.weight"], None)
@@ -103,31 +112,40 @@ def build_decoder(config, weights: dict[str, np.ndarray]) -> onnx.ModelProto:  #
     g.node("MatMul", [h, g.const("lm_head.weight", weights["output.weight"].T.astype(np.float32))], ["logits"])
 
     kv_width = c.n_kv_heads * d
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence"]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, "slots"]),
-              helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, "sequence"])]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, "slots"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, "sequence"]),
+    ]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "sequence", c.vocab_size])]
     for i in range(c.n_layers):
         for part in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past.{i}.{part}", TensorProto.FLOAT,
-                                                        [1, "slots", kv_width]))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{part}", TensorProto.FLOAT,
-                                                         [1, "slots", kv_width]))
+            inputs.append(helper.make_tensor_value_info(f"past.{i}.{part}", TensorProto.FLOAT, [1, "slots", kv_width]))
+            outputs.append(
+                helper.make_tensor_value_info(f"present.{i}.{part}", TensorProto.FLOAT, [1, "slots", kv_width])
+            )
     graph = helper.make_graph(g.nodes, "llama_decoder", inputs, outputs, g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
-                              producer_name="bastion")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)], producer_name="bastion"
+    )
     model.ir_version = 11  # opset 24 needs ≥ 11; ONNX Runtime 1.28 reads up to 11
     return model
 
 
-def _norm(g: _GraphWriter, name: str, branch: str | None, residual: str, weight: np.ndarray, eps: float
-          ) -> tuple[str, str]:
+def _norm(
+    g: _GraphWriter, name: str, branch: str | None, residual: str, weight: np.ndarray, eps: float
+) -> tuple[str, str]:
     """RMSNorm of ``residual + branch`` (no branch yet: of ``residual``) → (normalized, the new residual stream)."""
     w = g.const(f"{name}.weight", weight.astype(np.float32))
     if branch is None:
         return g.node("SimplifiedLayerNormalization", [residual, w], [f"{name}.out"], axis=-1, epsilon=eps), residual
-    g.node("SkipSimplifiedLayerNormalization", [branch, residual, w], [f"{name}.out", "", "", f"{name}.residual"],
-           domain=MS, epsilon=eps)
+    g.node(
+        "SkipSimplifiedLayerNormalization",
+        [branch, residual, w],
+        [f"{name}.out", "", "", f"{name}.residual"],
+        domain=MS,
+        epsilon=eps,
+    )
     return f"{name}.out", f"{name}.residual"
 
 

@@ -22,37 +22,70 @@ def teacher_digest(path: Path) -> str:
     return files_sha256(sorted([path / "config.json", *path.glob("*.safetensors")]))
 
 
-def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None, synthetic: int,
-                   keep: list[int] | None, depth: int | None, out: Path, weights_license: str,
-                   train: dict[str, Any], sign_key=None,
-                   progress: Callable[[str, int], Callable[[], None]] | None = None,
-                   ffn_ratio: float = 1.0, layer_choice: str = "even", student_config: Path | None = None,
-                   gguf_type: str | None = "f16", max_int8_ppl_rise: float = 0.05) -> dict:
+def run_lm_distill(
+    teacher_path: Path,
+    tokenizer_path: Path,
+    corpus: Path | None,
+    synthetic: int,
+    keep: list[int] | None,
+    depth: int | None,
+    out: Path,
+    weights_license: str,
+    train: dict[str, Any],
+    sign_key=None,
+    progress: Callable[[str, int], Callable[[], None]] | None = None,
+    ffn_ratio: float = 1.0,
+    layer_choice: str = "even",
+    student_config: Path | None = None,
+    gguf_type: str | None = "f16",
+    max_int8_ppl_rise: float = 0.05,
+) -> dict:
     try:
         import torch
         from tokenizers import Tokenizer
     except ImportError:
         raise MissingExtraError("bastion distill lm", "distill", "torch") from None
     from bastion.distill.llama import load_teacher
-    from bastion.distill.lm_distill import (LMDistillSpec, distill, evaluate, evenly, fresh_student,
-                                            layer_importance, most_important, narrow_ffn, prune_layers, read_corpus,
-                                            synthetic_corpus, tokens_per_s)
+    from bastion.distill.lm_distill import (
+        LMDistillSpec,
+        distill,
+        evaluate,
+        evenly,
+        fresh_student,
+        layer_importance,
+        most_important,
+        narrow_ffn,
+        prune_layers,
+        read_corpus,
+        synthetic_corpus,
+        tokens_per_s,
+    )
     from bastion.distill.lm_export import export_lm_bundle
     from bastion.runtime.lm import Generator
 
-    stage = progress or (lambda label, total: (lambda: None))
+    stage = progress or (lambda label, total: lambda: None)
     train = {**train, "device": training_device(train.get("device", "cpu"))}  # refused before any work is done
     out.mkdir(parents=True, exist_ok=True)
     teacher = load_teacher(teacher_path)
     tok = Tokenizer.from_file(str(tokenizer_path))
     if tok.get_vocab_size() > teacher.c.vocab_size:
-        raise ConfigError(f"the tokenizer has {tok.get_vocab_size()} tokens, the model {teacher.c.vocab_size}",
-                          "give the tokenizer that belongs to this checkpoint")
+        raise ConfigError(
+            f"the tokenizer has {tok.get_vocab_size()} tokens, the model {teacher.c.vocab_size}",
+            "give the tokenizer that belongs to this checkpoint",
+        )
     # the teacher as the node would serve it: it writes the synthetic corpus and is timed against the student
     scratch = tempfile.TemporaryDirectory(prefix="bastion-distill-lm-")  # removed at the end (or at exit)
     served_teacher = Path(scratch.name) / "teacher"
-    export_lm_bundle(teacher, tokenizer_path, served_teacher, "teacher", "scratch", weights_license,
-                     "the teacher, exported to sample from and to time", [])
+    export_lm_bundle(
+        teacher,
+        tokenizer_path,
+        served_teacher,
+        "teacher",
+        "scratch",
+        weights_license,
+        "the teacher, exported to sample from and to time",
+        [],
+    )
     text_file = out / "corpus.txt"
     if not text_file.is_file():  # cached: a resumed run trains on the same text
         if corpus:
@@ -93,30 +126,64 @@ def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None
         model.cpu()
     prompt = tok.encode("Once upon a time").ids
     report = {
-        "teacher": {"layers": teacher.c.n_layers, **evaluate(teacher, teacher, val_ids, spec.block),
-                    "tokens_per_s_torch": tokens_per_s(teacher, prompt)},
+        "teacher": {
+            "layers": teacher.c.n_layers,
+            **evaluate(teacher, teacher, val_ids, spec.block),
+            "tokens_per_s_torch": tokens_per_s(teacher, prompt),
+        },
         "pruned_only": {"layers": layers, "hidden_dim": student.c.hidden_dim, **pruned_eval},
-        "student_shape": {"n_layers": student.c.n_layers, "dim": student.c.dim, "hidden_dim": student.c.hidden_dim,
-                          "parameters": sum(p.numel() for p in student.parameters())},
-        "layer_influence": influence, "how": how,
-        "student": {"layers": layers, **evaluate(student, teacher, val_ids, spec.block),
-                    "tokens_per_s_torch": tokens_per_s(student, prompt)},
-        "history": history, "corpus": str(corpus) if corpus else f"synthetic ({synthetic} teacher texts)",
-        "corpus_sha256": sha256_file(text_file), "tokens": len(ids),
+        "student_shape": {
+            "n_layers": student.c.n_layers,
+            "dim": student.c.dim,
+            "hidden_dim": student.c.hidden_dim,
+            "parameters": sum(p.numel() for p in student.parameters()),
+        },
+        "layer_influence": influence,
+        "how": how,
+        "student": {
+            "layers": layers,
+            **evaluate(student, teacher, val_ids, spec.block),
+            "tokens_per_s_torch": tokens_per_s(student, prompt),
+        },
+        "history": history,
+        "corpus": str(corpus) if corpus else f"synthetic ({synthetic} teacher texts)",
+        "corpus_sha256": sha256_file(text_file),
+        "tokens": len(ids),
     }
-    report["speedup_torch"] = round(report["student"]["tokens_per_s_torch"] / report["teacher"]["tokens_per_s_torch"], 2)
+    report["speedup_torch"] = round(
+        report["student"]["tokens_per_s_torch"] / report["teacher"]["tokens_per_s_torch"], 2
+    )
     report["perplexity_rise"] = round(report["student"]["perplexity"] / report["teacher"]["perplexity"] - 1, 4)
     bundle = out / "bundle"
     shutil.rmtree(bundle, ignore_errors=True)
     teacher_sha = teacher_digest(Path(teacher_path))
-    export_lm_bundle(student.eval(), tokenizer_path, bundle, f"{Path(teacher_path).stem}-{student.c.n_layers}L",
-                     "1.0", weights_license, f"distilled from {Path(teacher_path).name}: {how}",
-                     [], sign_key, teachers=[teacher_sha],
-                     datasets=[{"name": report["corpus"], "sha256": report["corpus_sha256"]}],
-                     evaluation=[{"metric": "perplexity", "value": report["student"]["perplexity"],
-                                  "dataset": "held-out 10 % of the corpus", "dataset_sha256": report["corpus_sha256"]},
-                                 {"metric": "top1_agreement", "value": report["student"]["top1_agreement"],
-                                  "dataset": "held-out 10 % of the corpus", "dataset_sha256": report["corpus_sha256"]}])
+    export_lm_bundle(
+        student.eval(),
+        tokenizer_path,
+        bundle,
+        f"{Path(teacher_path).stem}-{student.c.n_layers}L",
+        "1.0",
+        weights_license,
+        f"distilled from {Path(teacher_path).name}: {how}",
+        [],
+        sign_key,
+        teachers=[teacher_sha],
+        datasets=[{"name": report["corpus"], "sha256": report["corpus_sha256"]}],
+        evaluation=[
+            {
+                "metric": "perplexity",
+                "value": report["student"]["perplexity"],
+                "dataset": "held-out 10 % of the corpus",
+                "dataset_sha256": report["corpus_sha256"],
+            },
+            {
+                "metric": "top1_agreement",
+                "value": report["student"]["top1_agreement"],
+                "dataset": "held-out 10 % of the corpus",
+                "dataset_sha256": report["corpus_sha256"],
+            },
+        ],
+    )
     report["bundle"] = str(bundle)
     # what the field node will run: both as ONNX bundles through bastion's generator, 1 thread, taking turns
     speeds = _served_tokens_per_s({"teacher": served_teacher, "student": bundle}, prompt)
@@ -131,8 +198,7 @@ def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None
         from bastion.models.signing import sign_manifest
 
         sign_manifest(out / "bundle-int8", read_manifest(out / "bundle-int8" / "manifest.json"), sign_key)
-    report["gguf"] = _gguf(student, tokenizer_path, out, f"{Path(teacher_path).stem}-{student.c.n_layers}L",
-                           gguf_type)
+    report["gguf"] = _gguf(student, tokenizer_path, out, f"{Path(teacher_path).stem}-{student.c.n_layers}L", gguf_type)
     report["curves"] = _curves(history, out)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     t, p, s = report["teacher"], report["pruned_only"], report["student"]
@@ -151,7 +217,8 @@ def run_lm_distill(teacher_path: Path, tokenizer_path: Path, corpus: Path | None
         f"INT8 gate: {report['int8_gate']['reason']}. "
         f"Bundle: `{bundle}`{' (signed)' if sign_key else ' (unsigned: bastion bundle sign it)'}.\n"
         + (f"\nLayer influence (1 − cos(in, out), higher = kept first): {influence}\n" if influence else "")
-        + (f"\n![training curves]({report['curves']})\n" if report["curves"] else ""))
+        + (f"\n![training curves]({report['curves']})\n" if report["curves"] else "")
+    )
     return report
 
 
@@ -188,6 +255,12 @@ def _curves(history: list[dict], out: Path) -> str | None:
     from bastion.distill.charts import lines
 
     steps = [h["step"] for h in history]
-    lines(steps, {"held-out perplexity": [h["perplexity"] for h in history], "train loss": [h["loss"] for h in history]},
-          out / "curves.png", "LM distillation", "step", "value")
+    lines(
+        steps,
+        {"held-out perplexity": [h["perplexity"] for h in history], "train loss": [h["loss"] for h in history]},
+        out / "curves.png",
+        "LM distillation",
+        "step",
+        "value",
+    )
     return "curves.png"

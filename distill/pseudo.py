@@ -82,15 +82,20 @@ def teacher_boxes(teacher: Detector, class_map: ClassMap, image: np.ndarray) -> 
 THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)
 
 
-def fused_boxes(image: np.ndarray, teachers: list[Detector], maps: list[ClassMap],
-                weights: list[float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def fused_boxes(
+    image: np.ndarray, teachers: list[Detector], maps: list[ClassMap], weights: list[float] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every teacher on one image, narrowed, fused with WBF: (normalised xyxy, scores, student classes)."""
-    return weighted_boxes_fusion(*zip(*(teacher_boxes(t, m, image) for t, m in zip(teachers, maps))),
-                                 weights=weights)
+    return weighted_boxes_fusion(*zip(*(teacher_boxes(t, m, image) for t, m in zip(teachers, maps))), weights=weights)
 
 
-def choose_thresholds(samples: list[tuple[np.ndarray, np.ndarray]], teachers: list[Detector],
-                      maps: list[ClassMap], n_classes: int, fallback: float = 0.25) -> tuple[list[float], dict]:
+def choose_thresholds(
+    samples: list[tuple[np.ndarray, np.ndarray]],
+    teachers: list[Detector],
+    maps: list[ClassMap],
+    n_classes: int,
+    fallback: float = 0.25,
+) -> tuple[list[float], dict]:
     """Per-class pseudo-label thresholds: the one maximising F1 (IoU 0.5) of the fused teachers against ground truth.
 
     ``samples``: (image, ground truth [N,5] student class + normalised cx cy w h). Matching is greedy by score,
@@ -104,8 +109,11 @@ def choose_thresholds(samples: list[tuple[np.ndarray, np.ndarray]], teachers: li
     n_gt = np.zeros(n_classes, np.int64)
     for image, gt in samples:
         boxes, conf, labels = fused_boxes(image, teachers, maps)
-        gt_xyxy = np.concatenate([gt[:, 1:3] - gt[:, 3:5] / 2, gt[:, 1:3] + gt[:, 3:5] / 2], 1) if len(gt) else \
-            np.zeros((0, 4), np.float32)
+        gt_xyxy = (
+            np.concatenate([gt[:, 1:3] - gt[:, 3:5] / 2, gt[:, 1:3] + gt[:, 3:5] / 2], 1)
+            if len(gt)
+            else np.zeros((0, 4), np.float32)
+        )
         for c in range(n_classes):
             g = gt_xyxy[gt[:, 0] == c] if len(gt) else gt_xyxy
             n_gt[c] += len(g)
@@ -146,18 +154,29 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def build_dataset(images: list[Path], labels_dir: Path | None, teachers: list[Detector], maps: list[ClassMap],
-                  student: list[str], thresholds: list[float], out: Path, val_fraction: float = 0.25,
-                  weights: list[float] | None = None, tick: Callable[[], None] | None = None,
-                  val_set: tuple[list[Path], Path] | None = None) -> LabelStats:
+def build_dataset(
+    images: list[Path],
+    labels_dir: Path | None,
+    teachers: list[Detector],
+    maps: list[ClassMap],
+    student: list[str],
+    thresholds: list[float],
+    out: Path,
+    val_fraction: float = 0.25,
+    weights: list[float] | None = None,
+    tick: Callable[[], None] | None = None,
+    val_set: tuple[list[Path], Path] | None = None,
+) -> LabelStats:
     """Label ``images`` into ``out`` (YOLO layout + scores); ``val_set`` = (images, labels dir) held out instead
     of a share of the labelled images."""
     stats = LabelStats(boxes_per_class={c: 0 for c in student})
     if val_set is not None:
         clash = {p.name for p in images} & {p.name for p in val_set[0]}
         if clash:
-            raise ConfigError(f"{sorted(clash)[0]} is in both --images and --val-images",
-                              "a held-out image must not be trained on: keep the two sets apart")
+            raise ConfigError(
+                f"{sorted(clash)[0]} is in both --images and --val-images",
+                "a held-out image must not be trained on: keep the two sets apart",
+            )
     for split in ("train", "val"):
         for kind in ("images", "labels", "scores"):
             (out / kind / split).mkdir(parents=True, exist_ok=True)
@@ -177,8 +196,11 @@ def build_dataset(images: list[Path], labels_dir: Path | None, teachers: list[De
         has_gt = gt_file is not None and gt_file.is_file()
         # held out: ground-truth images when there are labels; otherwise pseudo-labelled ones (then scores
         # measure agreement with the teachers, and the report says so)
-        split = fixed_split or ("val" if val_set is None and (has_gt or labels_dir is None)
-                                and held_out(path.name, val_fraction) else "train")
+        split = fixed_split or (
+            "val"
+            if val_set is None and (has_gt or labels_dir is None) and held_out(path.name, val_fraction)
+            else "train"
+        )
         if fixed_split and not has_gt:  # a held-out image without a label file: it shows no object
             rows = np.zeros((0, 5), np.float32)
             stats.ground_truth += 1
@@ -187,13 +209,21 @@ def build_dataset(images: list[Path], labels_dir: Path | None, teachers: list[De
             stats.ground_truth += 1
         else:
             boxes, scores, labels = fused_boxes(image, teachers, maps, weights)
-            soft = [{"cls": int(c), "score": round(float(s), 4), "box": [round(float(v), 5) for v in b]}
-                    for b, s, c in zip(boxes, scores, labels) if s >= SOFT_FLOOR]
+            soft = [
+                {"cls": int(c), "score": round(float(s), 4), "box": [round(float(v), 5) for v in b]}
+                for b, s, c in zip(boxes, scores, labels)
+                if s >= SOFT_FLOOR
+            ]
             (out / "soft" / f"{path.stem}.json").write_text(json.dumps(soft))
             keep = scores >= np.asarray([thresholds[c] for c in labels], np.float32)
             b = np.clip(boxes[keep], 0, 1)
-            rows = np.concatenate([labels[keep, None].astype(np.float32), (b[:, :2] + b[:, 2:]) / 2,
-                                   b[:, 2:] - b[:, :2]], axis=1) if keep.any() else np.zeros((0, 5), np.float32)
+            rows = (
+                np.concatenate(
+                    [labels[keep, None].astype(np.float32), (b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2]], axis=1
+                )
+                if keep.any()
+                else np.zeros((0, 5), np.float32)
+            )
             # one teacher score per label line: the soft classification target (soft_targets.py)
             (out / "scores" / split / f"{path.stem}.txt").write_text("".join(f"{s:.4f}\n" for s in scores[keep]))
             stats.pseudo += 1
@@ -201,14 +231,21 @@ def build_dataset(images: list[Path], labels_dir: Path | None, teachers: list[De
             stats.boxes_per_class[student[int(row[0])]] += 1
         _link(path, out / "images" / split / path.name)
         (out / "labels" / split / f"{path.stem}.txt").write_text(
-            "".join(f"{int(r[0])} {r[1]:.6f} {r[2]:.6f} {r[3]:.6f} {r[4]:.6f}\n" for r in rows))
+            "".join(f"{int(r[0])} {r[1]:.6f} {r[2]:.6f} {r[3]:.6f} {r[4]:.6f}\n" for r in rows)
+        )
         setattr(stats, split, getattr(stats, split) + 1)
     if stats.images == 0:
         raise ConfigError("no readable images to label", "check --images")
-    (out / "data.yaml").write_text(yaml.safe_dump({
-        "train": "images/train", "val": "images/val",  # relative: the run directory can move
-        "names": dict(enumerate(student)),
-    }, sort_keys=False))
+    (out / "data.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "train": "images/train",
+                "val": "images/val",  # relative: the run directory can move
+                "names": dict(enumerate(student)),
+            },
+            sort_keys=False,
+        )
+    )
     (out / DATASET_MANIFEST).write_text(json.dumps(dataset_manifest(out), indent=1))
     return stats
 
@@ -224,7 +261,12 @@ def dataset_manifest(out: Path) -> dict:
         rows = []
         for image in sorted((out / "images" / split).iterdir()):
             label = out / "labels" / split / f"{image.stem}.txt"
-            rows.append({"image": image.name, "sha256": sha256_file(image),
-                         "labels_sha256": sha256_file(label) if label.is_file() else None})
+            rows.append(
+                {
+                    "image": image.name,
+                    "sha256": sha256_file(image),
+                    "labels_sha256": sha256_file(label) if label.is_file() else None,
+                }
+            )
         entries[split] = rows
     return {"format": "bastion dataset manifest 1", "splits": entries}

@@ -52,8 +52,9 @@ def post_processing_nodes(model_path: Path) -> list[str]:
         if key in feeds_compute:
             return feeds_compute[key]
         feeds_compute[key] = False  # cycle guard (graphs are DAGs; this is belt and braces)
-        result = any(c.op_type in COMPUTE_OPS or reaches_compute(c)
-                     for out in node.output for c in consumers.get(out, []))
+        result = any(
+            c.op_type in COMPUTE_OPS or reaches_compute(c) for out in node.output for c in consumers.get(out, [])
+        )
         feeds_compute[key] = result
         return result
 
@@ -109,8 +110,11 @@ def head_convolutions(model_path: Path) -> list[str]:
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node.name)
-    return [n.name for n in graph.node if n.op_type == "Conv" and n.name
-            and all(c in post for out in n.output for c in consumers.get(out, []))]
+    return [
+        n.name
+        for n in graph.node
+        if n.op_type == "Conv" and n.name and all(c in post for out in n.output for c in consumers.get(out, []))
+    ]
 
 
 def first_convolution(model_path: Path) -> list[str]:
@@ -119,8 +123,14 @@ def first_convolution(model_path: Path) -> list[str]:
     return [n.name for n in graph.node if n.op_type == "Conv" and n.name][:1]
 
 
-def quantize_int8(detector: Detector, fp32_path: Path, calibration_images: list[Path], out_path: Path,
-                  size_hw: tuple[int, int] | None = None, recipe: Recipe = U8S8) -> Path:
+def quantize_int8(
+    detector: Detector,
+    fp32_path: Path,
+    calibration_images: list[Path],
+    out_path: Path,
+    size_hw: tuple[int, int] | None = None,
+    recipe: Recipe = U8S8,
+) -> Path:
     """Write a QDQ INT8 copy of ``fp32_path`` made with ``recipe``, input fixed to ``size_hw``, calibrated on
     ``calibration_images``.
 
@@ -139,11 +149,16 @@ def quantize_int8(detector: Detector, fp32_path: Path, calibration_images: list[
         exclude += first_convolution(fp32_path)
     if recipe.exclude_head_convs:
         exclude += head_convolutions(fp32_path)
-    log.info("quantizing", extra={"recipe": recipe.name, "calibration_images": len(calibration_images),
-                                  "fp32_nodes_kept": len(exclude)})
+    log.info(
+        "quantizing",
+        extra={"recipe": recipe.name, "calibration_images": len(calibration_images), "fp32_nodes_kept": len(exclude)},
+    )
     types = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
     with tempfile.TemporaryDirectory(prefix="bastion-int8-") as tmp:
         fixed = Path(tmp) / "fixed.onnx"
         _fix_input_shape(fp32_path, fixed, detector.backend.inputs[0].name, (1, 3, *size_hw))
@@ -155,10 +170,16 @@ def quantize_int8(detector: Detector, fp32_path: Path, calibration_images: list[
             prepped = fixed
         staged = Path(tmp) / "int8.onnx"
         quantize_static(
-            str(prepped), str(staged), _Calibration(detector, calibration_images, size_hw),
-            quant_format=QuantFormat.QDQ, per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
-            activation_type=types[recipe.activation], weight_type=types[recipe.weight],
-            calibrate_method=methods[recipe.calibration], nodes_to_exclude=exclude,
+            str(prepped),
+            str(staged),
+            _Calibration(detector, calibration_images, size_hw),
+            quant_format=QuantFormat.QDQ,
+            per_channel=recipe.per_channel,
+            reduce_range=recipe.reduce_range,
+            activation_type=types[recipe.activation],
+            weight_type=types[recipe.weight],
+            calibrate_method=methods[recipe.calibration],
+            nodes_to_exclude=exclude,
             extra_options={"ActivationSymmetric": recipe.activation_symmetric, "WeightSymmetric": True},
         )
         out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -58,16 +58,18 @@ class RunDir:
         try:
             yield staging, result
         except BaseException as exc:
-            self.state["stages"][name] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                                          "started": started}
+            self.state["stages"][name] = {
+                "status": "failed",
+                "error": f"{type(exc).__name__}: {exc}",
+                "started": started,
+            }
             self._save()
             shutil.rmtree(staging, ignore_errors=True)
             raise
         final = self.root / name
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
-        self.state["stages"][name] = {"status": "done", "seconds": round(time.time() - started, 2),
-                                      "result": result}
+        self.state["stages"][name] = {"status": "done", "seconds": round(time.time() - started, 2), "result": result}
         self._save()
 
     def record(self, key: str, value: Any) -> None:

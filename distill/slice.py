@@ -38,8 +38,15 @@ def slice_head(src: Path, dst: Path, decoder: str, class_map: ClassMap) -> Path:
 
     parts = ["slice_lead"]
     # every new node is named: quantization keeps post-processing in FP32 by node name
-    nodes = [helper.make_node("Gather", [old.name, const("slice_lead_idx", list(range(lead)))], ["slice_lead"],
-                              axis=axis, name="slice/lead")]
+    nodes = [
+        helper.make_node(
+            "Gather",
+            [old.name, const("slice_lead_idx", list(range(lead)))],
+            ["slice_lead"],
+            axis=axis,
+            name="slice/lead",
+        )
+    ]
     for k, group in enumerate(class_map.groups()):
         idx = const(f"slice_cls{k}_idx", [lead + t for t in group])
         gathered = f"slice_cls{k}_all"
@@ -49,11 +56,19 @@ def slice_head(src: Path, dst: Path, decoder: str, class_map: ClassMap) -> Path:
             continue
         reduced = f"slice_cls{k}"
         if opset >= 18:
-            nodes.append(helper.make_node("ReduceMax", [gathered, const(f"slice_axes{k}", [axis])], [reduced],
-                                          keepdims=1, name=f"slice/max{k}"))
+            nodes.append(
+                helper.make_node(
+                    "ReduceMax",
+                    [gathered, const(f"slice_axes{k}", [axis])],
+                    [reduced],
+                    keepdims=1,
+                    name=f"slice/max{k}",
+                )
+            )
         else:
-            nodes.append(helper.make_node("ReduceMax", [gathered], [reduced], axes=[axis], keepdims=1,
-                                          name=f"slice/max{k}"))
+            nodes.append(
+                helper.make_node("ReduceMax", [gathered], [reduced], axes=[axis], keepdims=1, name=f"slice/max{k}")
+            )
         parts.append(reduced)
     nodes.append(helper.make_node("Concat", parts, ["output_sliced"], axis=axis, name="slice/concat"))
     graph.node.extend(nodes)

@@ -88,8 +88,7 @@ def attach_scores(labels: list[dict[str, Any]], label_files: list[str]) -> tuple
         table = read_scores(label_file) if label_file else {}
         if not table or not len(cls):
             continue
-        scores = np.array([table.get(_key(int(c), b), 1.0) for c, b in zip(cls.reshape(-1), lb["bboxes"])],
-                          np.float32)
+        scores = np.array([table.get(_key(int(c), b), 1.0) for c, b in zip(cls.reshape(-1), lb["bboxes"])], np.float32)
         soft += int((scores < 1.0).sum())
         lb["cls"] = encode(cls, scores)
     return soft, total
@@ -117,8 +116,9 @@ class SoftTargetAssigner:
             return self.assigner(pd_scores, pd_bboxes, anc_points, gt_labels, gt_bboxes, mask_gt, **kwargs)
         cls, scores = decode(gt_labels)
         scores = torch.where(mask_gt.bool(), scores, torch.ones_like(scores))  # padding rows: irrelevant
-        labels, bboxes, targets, fg_mask, gt_idx = self.assigner(pd_scores, pd_bboxes, anc_points, cls, gt_bboxes,
-                                                                 mask_gt, **kwargs)
+        labels, bboxes, targets, fg_mask, gt_idx = self.assigner(
+            pd_scores, pd_bboxes, anc_points, cls, gt_bboxes, mask_gt, **kwargs
+        )
         per_anchor = scores.squeeze(-1).gather(1, gt_idx)  # (b, anchors): score of the assigned box
         targets = targets * (per_anchor * fg_mask).unsqueeze(-1)
         return labels, bboxes, targets, fg_mask, gt_idx

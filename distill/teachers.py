@@ -40,16 +40,21 @@ def _load_detector(ultralytics, path: Path, shown: Path):
     except Exception as exc:  # torch/pickle errors of every kind: one line for the operator
         if isinstance(exc, ModuleNotFoundError) or "NOT forwards compatible" in str(exc):
             # original YOLOv5 pickles need YOLOv5's own 'models' package
-            raise ConfigError(f"teacher {shown} is not an Ultralytics checkpoint (an original YOLOv5 or other "
-                              "repository's pickle)", "export it to ONNX with its own code (YOLOv5: export.py "
-                              "--include onnx --dynamic), then run 'bastion bundle create' and give that bundle"
-                              ) from None
+            raise ConfigError(
+                f"teacher {shown} is not an Ultralytics checkpoint (an original YOLOv5 or other repository's pickle)",
+                "export it to ONNX with its own code (YOLOv5: export.py "
+                "--include onnx --dynamic), then run 'bastion bundle create' and give that bundle",
+            ) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"teacher {shown} could not be read as a model: {first}",
-                          "give an Ultralytics detection .pt or a detection bundle") from None
+        raise ConfigError(
+            f"teacher {shown} could not be read as a model: {first}",
+            "give an Ultralytics detection .pt or a detection bundle",
+        ) from None
     if model.task != "detect":
-        raise ConfigError(f"teacher {shown} is not a detector (Ultralytics task '{model.task}')",
-                          "give an Ultralytics detection .pt or a detection bundle")
+        raise ConfigError(
+            f"teacher {shown} is not a detector (Ultralytics task '{model.task}')",
+            "give an Ultralytics detection .pt or a detection bundle",
+        )
     return model
 
 
@@ -75,12 +80,19 @@ def export_checkpoint_teacher(path: Path, out_dir: Path) -> dict:
             how = f"exported by bastion from the Ultralytics checkpoint {path.name} (sha256 {digest})"
         fields = infer_fields(onnx)
         if not fields:
-            raise ConfigError(f"teacher {path}: bastion finds no detection head it can decode in its ONNX",
-                              "make a bundle naming the decoder: bastion bundle create --decoder …")
+            raise ConfigError(
+                f"teacher {path}: bastion finds no detection head it can decode in its ONNX",
+                "make a bundle naming the decoder: bastion bundle create --decoder …",
+            )
         fields.update(
-            name=path.stem.replace(" ", "_"), version="imported", task="detect", provenance={"source": how},
-            license={"weights": f"as the file {path.name}: check its terms",
-                     "notes": "exported with Ultralytics (AGPL-3.0)" if path.suffix != ".onnx" else None},
+            name=path.stem.replace(" ", "_"),
+            version="imported",
+            task="detect",
+            provenance={"source": how},
+            license={
+                "weights": f"as the file {path.name}: check its terms",
+                "notes": "exported with Ultralytics (AGPL-3.0)" if path.suffix != ".onnx" else None,
+            },
         )
         create_bundle(onnx, out_dir, fields, [])
     log.info("teacher checkpoint %s exported to %s", path, out_dir)
@@ -91,5 +103,7 @@ def check_unchanged(record: dict) -> None:
     """A cached export must still match its checkpoint; otherwise the run would silently mix teachers."""
     path = Path(record["checkpoint"])
     if not path.is_file() or sha256_file(path) != record["checkpoint_sha256"]:
-        raise ConfigError(f"teacher checkpoint {path} changed or vanished since this run exported it",
-                          "re-run with --force teachers, or use a new --out")
+        raise ConfigError(
+            f"teacher checkpoint {path} changed or vanished since this run exported it",
+            "re-run with --force teachers, or use a new --out",
+        )

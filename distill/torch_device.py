@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from bastion.errors import ConfigError
 
-DEVICE_HELP = ("Where to train: auto (a CUDA GPU if torch sees one), cpu, cuda, cuda:N. Evaluation, timing and "
-               "export run on the CPU, as the node serves.")
+DEVICE_HELP = (
+    "Where to train: auto (a CUDA GPU if torch sees one), cpu, cuda, cuda:N. Evaluation, timing and "
+    "export run on the CPU, as the node serves."
+)
 
 
 def training_device(requested: str) -> str:
@@ -20,8 +22,9 @@ def training_device(requested: str) -> str:
     if name != "cuda" or not (index == "" or index.isdigit()):
         raise ConfigError(f"--device {requested} is not a training device", "use auto, cpu, cuda or cuda:N")
     if int(index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"--device {requested}: torch sees {torch.cuda.device_count()} CUDA device(s)",
-                          "use --device cpu, or auto")
+        raise ConfigError(
+            f"--device {requested}: torch sees {torch.cuda.device_count()} CUDA device(s)", "use --device cpu, or auto"
+        )
     return requested
 
 

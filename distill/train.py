@@ -90,14 +90,26 @@ def prune_channels(model, ratio: float, imgsz: int) -> dict[str, Any]:  # a Dete
     for p in model.parameters():
         p.requires_grad_(True)
     macs0, params0 = tp.utils.count_ops_and_params(model, example)
-    pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
-                                       pruning_ratio=ratio, ignored_layers=[m for m in ignored if m is not None])
+    pruner = tp.pruner.MagnitudePruner(
+        model,
+        example,
+        importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=ratio,
+        ignored_layers=[m for m in ignored if m is not None],
+    )
     pruner.step()
     macs, params = tp.utils.count_ops_and_params(model, example)
     model.train(was_training)
     result = {"ratio": ratio, "parameters": [int(params0), int(params)], "macs": [int(macs0), int(macs)]}
-    log.info("pruned %.0f %% of channels: %.2fM → %.2fM parameters, %.0fM → %.0fM MACs at %d px", ratio * 100,
-             params0 / 1e6, params / 1e6, macs0 / 1e6, macs / 1e6, imgsz)
+    log.info(
+        "pruned %.0f %% of channels: %.2fM → %.2fM parameters, %.0fM → %.0fM MACs at %d px",
+        ratio * 100,
+        params0 / 1e6,
+        params / 1e6,
+        macs0 / 1e6,
+        macs / 1e6,
+        imgsz,
+    )
     return result
 
 
@@ -165,12 +177,27 @@ def train_student(data_yaml: Path, spec: TrainSpec, imgsz: int, out_dir: Path) -
         extra = dict(distill_model=str(spec.feature_teacher), dis=spec.feature_weight)
         record["feature_teacher"] = str(spec.feature_teacher)
     model.train(
-        trainer=StudentTrainer, data=str(data_yaml), imgsz=imgsz, epochs=spec.epochs, batch=spec.batch,
+        trainer=StudentTrainer,
+        data=str(data_yaml),
+        imgsz=imgsz,
+        epochs=spec.epochs,
+        batch=spec.batch,
         # amp stays off on a GPU too: Ultralytics' AMP check downloads weights (../shared/NOTES.md, offline recipe)
-        workers=0, device=ultralytics_device(spec.device), project=str(out_dir), name="train", exist_ok=True,
-        amp=False, plots=True,
-        verbose=False, seed=0, deterministic=True, freeze=spec.freeze or None, nbs=spec.batch,
-        close_mosaic=max(0, min(10, spec.epochs // 2)), warmup_epochs=min(3.0, spec.epochs / 4), patience=0,
+        workers=0,
+        device=ultralytics_device(spec.device),
+        project=str(out_dir),
+        name="train",
+        exist_ok=True,
+        amp=False,
+        plots=True,
+        verbose=False,
+        seed=0,
+        deterministic=True,
+        freeze=spec.freeze or None,
+        nbs=spec.batch,
+        close_mosaic=max(0, min(10, spec.epochs // 2)),
+        warmup_epochs=min(3.0, spec.epochs / 4),
+        patience=0,
         **extra,
     )
     weights = out_dir / "train" / "weights" / "best.pt"
@@ -181,6 +208,10 @@ def train_student(data_yaml: Path, spec: TrainSpec, imgsz: int, out_dir: Path) -
     exported = best.export(format="onnx", imgsz=imgsz, dynamic=False, simplify=True, device="cpu", verbose=False)
     onnx_path = out_dir / "student.onnx"
     Path(exported).replace(onnx_path)
-    record.update(weights=str(weights.relative_to(out_dir)), onnx=onnx_path.name, parameters=params,
-                  results_csv=str((out_dir / "train" / "results.csv").relative_to(out_dir)))
+    record.update(
+        weights=str(weights.relative_to(out_dir)),
+        onnx=onnx_path.name,
+        parameters=params,
+        results_csv=str((out_dir / "train" / "results.csv").relative_to(out_dir)),
+    )
     return record

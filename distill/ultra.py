@@ -21,8 +21,16 @@ from bastion.models.home import bastion_home
 log = logging.getLogger(__name__)
 
 _INTEGRATIONS_OFF = {
-    "sync": False, "hub": False, "clearml": False, "comet": False, "dvc": False, "mlflow": False,
-    "neptune": False, "raytune": False, "tensorboard": False, "wandb": False,
+    "sync": False,
+    "hub": False,
+    "clearml": False,
+    "comet": False,
+    "dvc": False,
+    "mlflow": False,
+    "neptune": False,
+    "raytune": False,
+    "tensorboard": False,
+    "wandb": False,
 }
 
 

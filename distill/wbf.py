@@ -20,8 +20,12 @@ def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 
 def weighted_boxes_fusion(
-    boxes: list[np.ndarray], scores: list[np.ndarray], labels: list[np.ndarray],
-    weights: list[float] | None = None, iou_thr: float = 0.55, skip_thr: float = 0.0,
+    boxes: list[np.ndarray],
+    scores: list[np.ndarray],
+    labels: list[np.ndarray],
+    weights: list[float] | None = None,
+    iou_thr: float = 0.55,
+    skip_thr: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fuse per-model (boxes [N,4], scores [N], labels [N]) → fused (boxes, scores, labels), best first."""
     n_models = len(boxes)
@@ -62,5 +66,8 @@ def weighted_boxes_fusion(
     if not out_boxes:
         return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
     order = np.argsort(-np.asarray(out_scores))
-    return (np.asarray(out_boxes, np.float32)[order], np.asarray(out_scores, np.float32)[order],
-            np.asarray(out_labels, np.int64)[order])
+    return (
+        np.asarray(out_boxes, np.float32)[order],
+        np.asarray(out_scores, np.float32)[order],
+        np.asarray(out_labels, np.int64)[order],
+    )

@@ -141,8 +141,12 @@ def published(frames: list[bytes], skipped: int) -> Published:
         except (ValidationError, RecursionError) as exc:
             why = _why(exc, "message")
     if skipped < _LOG_FIRST or skipped % _LOG_EVERY == 0:
-        log.warning("skipped a malformed message from the node's events socket (%s; %d so far); the events "
-                    "themselves come from its store", why[:200], skipped + 1)
+        log.warning(
+            "skipped a malformed message from the node's events socket (%s; %d so far); the events "
+            "themselves come from its store",
+            why[:200],
+            skipped + 1,
+        )
     return Published(seq=_claimed_seq(frames))
 
 

@@ -68,7 +68,7 @@ def _raw_public(key: Ed25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def _line_start(fh, end: int) -> int:  # noqa: ANN001
+def _line_start(fh, end: int) -> int:
     """Offset where the line holding byte ``end - 1`` starts (the file is read backwards, in chunks)."""
     pos = end - 1
     while pos > 0:
@@ -81,7 +81,7 @@ def _line_start(fh, end: int) -> int:  # noqa: ANN001
     return 0
 
 
-def read_record_line(fh, limit: int | None = None) -> tuple[bytes, bool]:  # noqa: ANN001
+def read_record_line(fh, limit: int | None = None) -> tuple[bytes, bool]:
     """The next line of ``fh``, at most ``limit`` bytes of it; ``(line, True)`` when it was longer.
 
     The rest of an overlong line is skipped in bounded chunks, so the next call starts at the next line.
@@ -96,7 +96,7 @@ def read_record_line(fh, limit: int | None = None) -> tuple[bytes, bool]:  # noq
             return line[:limit], True
 
 
-def _hash_range(fh, start: int, end: int) -> str:  # noqa: ANN001
+def _hash_range(fh, start: int, end: int) -> str:
     """SHA-256 of bytes ``start..end`` of ``fh``, read in bounded chunks."""
     digest = hashlib.sha256()
     fh.seek(start)
@@ -109,7 +109,7 @@ def _hash_range(fh, start: int, end: int) -> str:  # noqa: ANN001
     return digest.hexdigest()
 
 
-def _count_lines(fh) -> int:  # noqa: ANN001
+def _count_lines(fh) -> int:
     """Lines in ``fh`` (a last line without a newline counts), read in bounded chunks."""
     fh.seek(0)
     count, last = 0, b"\n"
@@ -166,7 +166,7 @@ class AuditLog:
         return repaired
 
     @staticmethod
-    def _ends_with_newline(fh, size: int) -> bool:  # noqa: ANN001
+    def _ends_with_newline(fh, size: int) -> bool:
         fh.seek(size - 1)
         return fh.read(1) == b"\n"
 
@@ -196,8 +196,10 @@ class AuditLog:
             written = self._flush_locked()
             if written is None and strict:
                 self._pending.pop()
-                raise AuditWriteError(f"the audit log {self.path} cannot be written: {self.error}",
-                                      "free disk space; the action was refused because it could not be audited")
+                raise AuditWriteError(
+                    f"the audit log {self.path} cannot be written: {self.error}",
+                    "free disk space; the action was refused because it could not be audited",
+                )
             return written
 
     def checkpoint(self) -> dict[str, Any] | None:
@@ -226,8 +228,12 @@ class AuditLog:
                 self._write(line)
             except OSError as exc:
                 if self.error is None:
-                    log.error("audit log %s cannot be written (%s); %d record(s) wait in memory", self.path,
-                              exc.strerror or exc, len(self._pending))
+                    log.error(
+                        "audit log %s cannot be written (%s); %d record(s) wait in memory",
+                        self.path,
+                        exc.strerror or exc,
+                        len(self._pending),
+                    )
                 self.error = f"{exc.strerror or exc}"
                 return None
             self._pending.popleft()
@@ -242,9 +248,13 @@ class AuditLog:
 
     def _record(self, ts: float, kind: str, fields: dict[str, Any]) -> dict[str, Any]:
         if kind == CHECKPOINT and self.signer is not None:
-            fields = {"count": self._next, "head": self._prev, "key_id": self.key_id,
-                      "pub": _raw_public(self.signer).hex(),
-                      "sig": self.signer.sign(checkpoint_message(self._next, self._prev)).hex()}
+            fields = {
+                "count": self._next,
+                "head": self._prev,
+                "key_id": self.key_id,
+                "pub": _raw_public(self.signer).hex(),
+                "sig": self.signer.sign(checkpoint_message(self._next, self._prev)).hex(),
+            }
         record = {"i": self._next, "ts": ts, "kind": kind, "fields": fields, "prev": self._prev}
         record["hash"] = _digest(record)
         return record
@@ -276,8 +286,9 @@ class AuditLog:
             os.close(fd)
 
 
-def verify_audit_log(path: Path, key: Any = None, expect_count: int | None = None,
-                     expect_head: str | None = None) -> Any:
+def verify_audit_log(
+    path: Path, key: Any = None, expect_count: int | None = None, expect_head: str | None = None
+) -> Any:
     """See ``bastion.edge.audit_verify.verify_audit_log`` (kept here for callers of the first version)."""
     from bastion.edge.audit_verify import verify_audit_log as verify
 
@@ -287,8 +298,7 @@ def verify_audit_log(path: Path, key: Any = None, expect_count: int | None = Non
 def open_node_key(path: Path) -> tuple[Ed25519PrivateKey, Path | None]:
     """The node's checkpoint key at ``path`` (PKCS#8 PEM, mode 0600), made on first start with its ``.pub`` beside
     it. Returns (key, path when it was just created). A key readable by others is refused, like every key."""
-    from bastion.models.keys import PRIVATE_SUFFIX, generate_keypair, load_private_key, passphrase_from_env, \
-        public_pem
+    from bastion.models.keys import PRIVATE_SUFFIX, generate_keypair, load_private_key, passphrase_from_env, public_pem
     from bastion.models.atomic import atomic_write_bytes
 
     path = Path(path)

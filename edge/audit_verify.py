@@ -53,8 +53,11 @@ def _check_checkpoint(record: dict, key: Ed25519PublicKey | None, result: AuditV
     if key is not None:
         given = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         if pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw) != given:
-            raise _Broken(index, f"record {index}: checkpoint signed by another key ({f.get('key_id')}), not the "
-                                 "node key given (the log was rewritten, or the node's key was replaced)")
+            raise _Broken(
+                index,
+                f"record {index}: checkpoint signed by another key ({f.get('key_id')}), not the "
+                "node key given (the log was rewritten, or the node's key was replaced)",
+            )
     try:
         pub.verify(signature, checkpoint_message(index, record["prev"]))
     except InvalidSignature:
@@ -65,8 +68,7 @@ def _check_checkpoint(record: dict, key: Ed25519PublicKey | None, result: AuditV
     result.last_checkpoint = index
 
 
-def _scan(path: Path, key: Ed25519PublicKey | None, result: AuditVerification,
-          expect_count: int | None) -> str | None:
+def _scan(path: Path, key: Ed25519PublicKey | None, result: AuditVerification, expect_count: int | None) -> str | None:
     """Walk the chain; return the hash of record ``expect_count - 1`` when there is one."""
     prev, known = GENESIS, None
     with open(path, "rb") as fh:
@@ -81,19 +83,26 @@ def _scan(path: Path, key: Ed25519PublicKey | None, result: AuditVerification,
             if not line.strip():
                 continue
             if not line.endswith(b"\n"):
-                raise _Broken(result.records, f"line {lineno + 1} is a torn record (an unfinished write); the "
-                                              "node cuts it off, and records that, at its next start")
+                raise _Broken(
+                    result.records,
+                    f"line {lineno + 1} is a torn record (an unfinished write); the "
+                    "node cuts it off, and records that, at its next start",
+                )
             try:
                 record = json.loads(line)
                 claimed, index = record["hash"], record["i"]
             except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: nested too deep
                 raise _Broken(lineno, f"line {lineno + 1} is not an audit record") from None
             if index != result.records:
-                raise _Broken(lineno, f"record {lineno + 1} has index {index}, expected {result.records}"
-                                      " (records removed or reordered)")
+                raise _Broken(
+                    lineno,
+                    f"record {lineno + 1} has index {index}, expected {result.records} (records removed or reordered)",
+                )
             if record.get("prev") != prev:
-                raise _Broken(index, f"record {index} does not chain to record {index - 1}"
-                                     " (a record before it was changed or removed)")
+                raise _Broken(
+                    index,
+                    f"record {index} does not chain to record {index - 1} (a record before it was changed or removed)",
+                )
             if _digest(record) != claimed:
                 raise _Broken(index, f"record {index} was modified (hash mismatch)")
             if record.get("kind") == CHECKPOINT:
@@ -104,8 +113,9 @@ def _scan(path: Path, key: Ed25519PublicKey | None, result: AuditVerification,
     return known
 
 
-def verify_audit_log(path: Path, key: Ed25519PublicKey | None = None, expect_count: int | None = None,
-                     expect_head: str | None = None) -> AuditVerification:
+def verify_audit_log(
+    path: Path, key: Ed25519PublicKey | None = None, expect_count: int | None = None, expect_head: str | None = None
+) -> AuditVerification:
     """The verdict on ``path``; with ``key``, unanchored records fail; with a known head, a cut tail fails."""
     path = Path(path)
     if not path.is_file():
@@ -120,22 +130,37 @@ def verify_audit_log(path: Path, key: Ed25519PublicKey | None = None, expect_cou
         result.unanchored = result.records - result.last_checkpoint - 1
     if expect_count is not None:
         if result.records < expect_count:
-            return _fail(result, result.records, f"truncated after record {result.records - 1}: the known head "
-                                                 f"(record {expect_count - 1}, {(expect_head or '?')[:16]}…) is "
-                                                 "missing")
+            return _fail(
+                result,
+                result.records,
+                f"truncated after record {result.records - 1}: the known head "
+                f"(record {expect_count - 1}, {(expect_head or '?')[:16]}…) is "
+                "missing",
+            )
         if expect_head is not None and known != expect_head:
-            return _fail(result, expect_count - 1, f"record {expect_count - 1} is not the known head "
-                                                   f"{expect_head[:16]}… (the log was rewritten)")
+            return _fail(
+                result,
+                expect_count - 1,
+                f"record {expect_count - 1} is not the known head {expect_head[:16]}… (the log was rewritten)",
+            )
     if key is not None:
         if result.checkpoints == 0:
-            return _fail(result, 0, "no checkpoint signed by the node key: nothing anchors this log (rewritten, "
-                                    "or written before checkpoints existed)")
+            return _fail(
+                result,
+                0,
+                "no checkpoint signed by the node key: nothing anchors this log (rewritten, "
+                "or written before checkpoints existed)",
+            )
         if result.unanchored:
             first = result.last_checkpoint + 1
-            return _fail(result, first, f"records {first}..{result.records - 1} after the last signed checkpoint "
-                                        f"(#{result.last_checkpoint}) are not anchored: appended without the node "
-                                        "key — or the node is running or stopped uncleanly; verify again after its "
-                                        "next checkpoint")
+            return _fail(
+                result,
+                first,
+                f"records {first}..{result.records - 1} after the last signed checkpoint "
+                f"(#{result.last_checkpoint}) are not anchored: appended without the node "
+                "key — or the node is running or stopped uncleanly; verify again after its "
+                "next checkpoint",
+            )
     return result
 
 

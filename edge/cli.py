@@ -78,9 +78,11 @@ def node_run(
     config: Path = typer.Option(..., "--config", "-c", help="Node YAML (bastion node init writes one)."),
     log_level: str = typer.Option("INFO", help="Log level for the daemon."),
     accept_seq_gap: bool = typer.Option(
-        False, "--accept-seq-gap",
+        False,
+        "--accept-seq-gap",
         help="Once, after events.db was lost or restored from an older copy: start anyway and continue seq above "
-             "its high-water mark (audited). Never put it in a unit file."),
+        "its high-water mark (audited). Never put it in a unit file.",
+    ),
 ) -> None:
     """Run the field node until SIGTERM/SIGINT (systemd-ready: sd_notify READY/WATCHDOG).
 
@@ -93,13 +95,20 @@ def node_run(
 
     logging.getLogger("bastion").setLevel(log_level.upper())
     node = Node(load_config(config), accept_seq_gap=accept_seq_gap)
-    err.print(f"node {node.config.id} serving events on {node.server.events_endpoint}, control on "
-              f"{node.server.control_endpoint}")
+    err.print(
+        f"node {node.config.id} serving events on {node.server.events_endpoint}, control on "
+        f"{node.server.control_endpoint}"
+    )
     node.run()
 
 
-def _client_for(control: Optional[str], storage: Optional[Path], server_key: Optional[str],
-                client_key: Optional[Path], timeout: float):  # noqa: ANN202
+def _client_for(
+    control: Optional[str],
+    storage: Optional[Path],
+    server_key: Optional[str],
+    client_key: Optional[Path],
+    timeout: float,
+):
     from bastion.edge.client import Client
     from bastion.edge.node import RUNTIME_FILE
 
@@ -112,10 +121,13 @@ def _client_for(control: Optional[str], storage: Optional[Path], server_key: Opt
             control = info["control"]
             server_key = server_key or info.get("server_public_key")
         except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError):
-            raise ConfigError(f"{storage / RUNTIME_FILE} is damaged (not the runtime file a node writes)",
-                              "restart the node, or give --control (and --server-key)") from None
-    return Client(control or "tcp://127.0.0.1:7701", server_key=server_key, client_key=client_key,
-                  timeout_s=timeout, retries=0)
+            raise ConfigError(
+                f"{storage / RUNTIME_FILE} is damaged (not the runtime file a node writes)",
+                "restart the node, or give --control (and --server-key)",
+            ) from None
+    return Client(
+        control or "tcp://127.0.0.1:7701", server_key=server_key, client_key=client_key, timeout_s=timeout, retries=0
+    )
 
 
 @node_app.command("status")
@@ -142,20 +154,28 @@ def node_status(
     from rich.table import Table
 
     m = status["model"]
-    out.print(f"node {status['node']} {status.get('state', 'running')} up {status['uptime_s']:.0f} s — model "
-              f"{m['name']} {m['sha256'][:12]} (signer {m['signer'] or 'UNVERIFIED'}) — last seq {status['last_seq']}"
-              + (f" — STORAGE ERROR: {status['storage_error']}" if status["storage_error"] else "")
-              + (f" — FAILED: {status['failure']}" if status.get("failure") else ""))
+    out.print(
+        f"node {status['node']} {status.get('state', 'running')} up {status['uptime_s']:.0f} s — model "
+        f"{m['name']} {m['sha256'][:12]} (signer {m['signer'] or 'UNVERIFIED'}) — last seq {status['last_seq']}"
+        + (f" — STORAGE ERROR: {status['storage_error']}" if status["storage_error"] else "")
+        + (f" — FAILED: {status['failure']}" if status.get("failure") else "")
+    )
     audit = status.get("audit")
     if audit:
-        out.print(f"audit log: {audit['count']} records, head {audit['head']} (key {audit['key_id']})"
-                  + (f" — {audit['pending']} waiting to be written: {audit['error']}" if audit["pending"] else ""))
+        out.print(
+            f"audit log: {audit['count']} records, head {audit['head']} (key {audit['key_id']})"
+            + (f" — {audit['pending']} waiting to be written: {audit['error']}" if audit["pending"] else "")
+        )
     table = Table(show_edge=False)
     for col in ("source", "state", "fps", "read", "inferred", "dropped", "errors", "queue"):
         table.add_column(col)
     for name, s in status["sources"].items():
-        table.add_row(name, s["state"], f"{s['fps']:.1f}", *(str(s[k]) for k in ("read", "inferred", "dropped",
-                                                                                  "errors", "queue")))
+        table.add_row(
+            name,
+            s["state"],
+            f"{s['fps']:.1f}",
+            *(str(s[k]) for k in ("read", "inferred", "dropped", "errors", "queue")),
+        )
     out.print(table)
 
 
@@ -171,8 +191,10 @@ def node_keygen(
     from bastion.edge.curve import generate_certificate
 
     public, secret = generate_certificate(out_dir, name)
-    out.print(f"public {public} (share it: CurveZMQ names the PUBLIC certificate .key), secret {secret} "
-              "(mode 0600, keep it on this machine)")
+    out.print(
+        f"public {public} (share it: CurveZMQ names the PUBLIC certificate .key), secret {secret} "
+        "(mode 0600, keep it on this machine)"
+    )
 
 
 @node_app.command("snapshot-key")
@@ -189,12 +211,18 @@ def node_snapshot_key(out_path: Path = typer.Option(..., "--out", help="Key file
 @audit_app.command("verify")
 def audit_verify(
     path: Path = typer.Argument(..., help="audit.log (in the node's storage dir)."),
-    key: Optional[Path] = typer.Option(None, "--key", help="The node's checkpoint key (STORAGE/node-audit.pub): "
-                                       "every record must be anchored by a checkpoint it signed."),
-    expect_count: Optional[int] = typer.Option(None, "--expect-count", min=1,
-                                               help="A record count you kept (heartbeat or status audit_count)."),
-    expect_head: Optional[str] = typer.Option(None, "--expect-head",
-                                              help="The head hash kept with it (audit_head): it must still be there."),
+    key: Optional[Path] = typer.Option(
+        None,
+        "--key",
+        help="The node's checkpoint key (STORAGE/node-audit.pub): "
+        "every record must be anchored by a checkpoint it signed.",
+    ),
+    expect_count: Optional[int] = typer.Option(
+        None, "--expect-count", min=1, help="A record count you kept (heartbeat or status audit_count)."
+    ),
+    expect_head: Optional[str] = typer.Option(
+        None, "--expect-head", help="The head hash kept with it (audit_head): it must still be there."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Prove the audit log's hash chain (and with --key its signed checkpoints), or name the first problem (exit 1).
@@ -218,11 +246,20 @@ def audit_verify(
             raise typer.Exit(1)
         return
     if not result.ok:
-        raise BastionError(f"audit log {path} is NOT intact: {result.reason}",
-                           f"records before #{result.first_bad} are intact")
-    anchored = (f", {result.checkpoints} signed checkpoints (last #{result.last_checkpoint})"
-                if result.checkpoints else ", no signed checkpoint")
-    tail = (f"; {result.unanchored} record(s) after the last checkpoint are not anchored yet (check with --key)"
-            if result.unanchored and key is None else "")
-    out.print(f"audit log {path}: {result.records} records, hash chain intact{anchored}"
-              f"{', signed by the given key' if key is not None else ''}{tail}")
+        raise BastionError(
+            f"audit log {path} is NOT intact: {result.reason}", f"records before #{result.first_bad} are intact"
+        )
+    anchored = (
+        f", {result.checkpoints} signed checkpoints (last #{result.last_checkpoint})"
+        if result.checkpoints
+        else ", no signed checkpoint"
+    )
+    tail = (
+        f"; {result.unanchored} record(s) after the last checkpoint are not anchored yet (check with --key)"
+        if result.unanchored and key is None
+        else ""
+    )
+    out.print(
+        f"audit log {path}: {result.records} records, hash chain intact{anchored}"
+        f"{', signed by the given key' if key is not None else ''}{tail}"
+    )

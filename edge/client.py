@@ -81,7 +81,8 @@ class _SeqGuard:
                 f"store was emptied, replaced or restored from an older copy, so seq {seq + 1}..{high} will name "
                 "different events than the ones you hold",
                 "stop here; check the node (bastion node status, bastion audit verify) and restore its store, or "
-                f"decide how to treat the events you hold and resume with events(since={seq}) on a new Client")
+                f"decide how to treat the events you hold and resume with events(since={seq}) on a new Client",
+            )
         self.high[(node, channel)] = seq
 
     def saw_audit(self, node: str, count: int | None, head: str | None, channel: str = "control") -> None:
@@ -94,7 +95,8 @@ class _SeqGuard:
                 f"node {node}'s audit log went backwards: it reports {count} records (head {head[:12]}) after this "
                 f"client saw {known[0]} (head {known[1][:12]}) — records were cut off or the log was rewritten",
                 f"prove it on the node: bastion audit verify audit.log --expect-count {known[0]} "
-                f"--expect-head {known[1]}")
+                f"--expect-head {known[1]}",
+            )
         self.audit[(node, channel)] = (count, head)
 
     def latest_audit(self, node: str) -> tuple[int, str] | None:
@@ -115,10 +117,13 @@ class _SeqGuard:
             raise NodeSeqWentBackwards(
                 f"node {event.node}'s seq went backwards: event {event.seq} differs from the event {event.seq} "
                 "this client delivered before — its event store was emptied, replaced or restored",
-                "stop here; check the node (bastion node status, bastion audit verify) before resuming")
+                "stop here; check the node (bastion node status, bastion audit verify) before resuming",
+            )
 
 
-MAX_EVENT_BYTES = 2**20  # one published event or heartbeat (~8000 detections); larger is dropped unread, replay fills it
+MAX_EVENT_BYTES = (
+    2**20
+)  # one published event or heartbeat (~8000 detections); larger is dropped unread, replay fills it
 EVENT_QUEUE = 128  # published messages libzmq holds for a slow reader (≤ 128 MiB); beyond, dropped and replayed
 MAX_ANSWER_BYTES = 64 * 2**20  # a node's largest answer is a ~4 MB replay page (edge/node.py MAX_REPLAY_BYTES)
 
@@ -131,15 +136,24 @@ def _decode(raw: bytes) -> dict[str, Any]:
     except (ValueError, RecursionError):
         answer = None
     if not isinstance(answer, dict):
-        raise NodeRequestError(f"the node's answer is not a protocol message ({len(raw)} bytes: {raw[:40]!r})",
-                               "is this endpoint a bastion node of this version?")
+        raise NodeRequestError(
+            f"the node's answer is not a protocol message ({len(raw)} bytes: {raw[:40]!r})",
+            "is this endpoint a bastion node of this version?",
+        )
     return answer
 
 
 class Client:
-    def __init__(self, control: str = "tcp://127.0.0.1:7701", events: str | None = None,
-                 server_key: str | Path | None = None, client_key: Path | None = None,
-                 timeout_s: float = 5.0, retries: int = 2, dead_after_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        control: str = "tcp://127.0.0.1:7701",
+        events: str | None = None,
+        server_key: str | Path | None = None,
+        client_key: Path | None = None,
+        timeout_s: float = 5.0,
+        retries: int = 2,
+        dead_after_s: float = 5.0,
+    ) -> None:
         self.control_endpoint = control
         self._events_endpoint = events
         self.server_key = load_public(server_key) if server_key else None
@@ -155,8 +169,9 @@ class Client:
         self.skipped_messages = 0  # malformed messages from the events socket, skipped (see events())
 
     # -- request / reply ---------------------------------------------------------------------------------
-    def _socket(self, kind: int, endpoint: str, max_bytes: int = MAX_ANSWER_BYTES, queue: int | None = None
-                ) -> zmq.Socket:
+    def _socket(
+        self, kind: int, endpoint: str, max_bytes: int = MAX_ANSWER_BYTES, queue: int | None = None
+    ) -> zmq.Socket:
         sock = self.ctx.socket(kind)
         sock.linger = 0
         sock.maxmsgsize = max_bytes  # a larger message is dropped by libzmq, never buffered
@@ -168,8 +183,9 @@ class Client:
             sock.connect(endpoint)
         except zmq.ZMQError as exc:
             sock.close(linger=0)
-            raise ConfigError(f"{endpoint!r} is not an endpoint ZeroMQ can connect to ({exc})",
-                              "give one like tcp://127.0.0.1:7701") from None
+            raise ConfigError(
+                f"{endpoint!r} is not an endpoint ZeroMQ can connect to ({exc})", "give one like tcp://127.0.0.1:7701"
+            ) from None
         except BaseException:
             sock.close(linger=0)
             raise
@@ -186,8 +202,10 @@ class Client:
         request_id = next(self._ids)
         payload = json.dumps({"op": op, "id": request_id, **fields}).encode()
         if len(payload) > MAX_REQUEST_BYTES:
-            raise NodeRequestError(f"{op} request of {len(payload)} bytes exceeds the node's {MAX_REQUEST_BYTES}-byte "
-                                   "limit", "send less (a shorter prompt or bundle path)")
+            raise NodeRequestError(
+                f"{op} request of {len(payload)} bytes exceeds the node's {MAX_REQUEST_BYTES}-byte limit",
+                "send less (a shorter prompt or bundle path)",
+            )
         for attempt in range(self.retries + 1):
             if self._dealer is None:
                 self._dealer = self._socket(zmq.DEALER, self.control_endpoint)
@@ -211,12 +229,20 @@ class Client:
             self._dealer.close(linger=0)
             self._dealer = None
             if attempt < self.retries:  # say so while waiting: a script with no node must not sit silent
-                log.warning("no answer from %s to %r in %.0f s; trying again (%d more)", self.control_endpoint, op,
-                            self.timeout_s, self.retries - attempt)
+                log.warning(
+                    "no answer from %s to %r in %.0f s; trying again (%d more)",
+                    self.control_endpoint,
+                    op,
+                    self.timeout_s,
+                    self.retries - attempt,
+                )
         hint = "is the node running? with CurveZMQ: are the server key and your client key right?"
         tries = self.retries + 1
-        raise NodeUnavailable(f"no answer from {self.control_endpoint} to {op!r} in {tries * self.timeout_s:.0f} s "
-                              f"({tries} tries of {self.timeout_s:.0f} s)", hint)
+        raise NodeUnavailable(
+            f"no answer from {self.control_endpoint} to {op!r} in {tries * self.timeout_s:.0f} s "
+            f"({tries} tries of {self.timeout_s:.0f} s)",
+            hint,
+        )
 
     def status(self) -> dict[str, Any]:
         """The node's status; NodeSeqWentBackwards if its last_seq is below a seq this client saw from it."""
@@ -291,8 +317,9 @@ class Client:
                 return
             since = batch[-1].seq
 
-    def events(self, since: int | None = None, idle_timeout_s: float | None = None,
-               duration_s: float | None = None) -> Iterator[DetectionEvent]:
+    def events(
+        self, since: int | None = None, idle_timeout_s: float | None = None, duration_s: float | None = None
+    ) -> Iterator[DetectionEvent]:
         """Events after ``since`` (None: only new ones), replayed then live, each exactly once, in seq order.
 
         Raises NodeUnavailable if the node stays unreachable for ``idle_timeout_s`` (default: forever).

@@ -40,7 +40,7 @@ class SourceConfig(_Strict):
 
     @field_validator("roi")
     @classmethod
-    def _roi(cls, v):  # noqa: ANN001, ANN206
+    def _roi(cls, v):
         if v is not None and not (0 <= v[0] < v[2] <= 1 and 0 <= v[1] < v[3] <= 1):
             raise ValueError("roi must be normalised x1 < x2, y1 < y2 within [0, 1]")
         return v
@@ -74,8 +74,9 @@ class Storage(_Strict):
     @model_validator(mode="after")
     def _encrypted(self) -> "Storage":
         if self.snapshots and self.snapshot_key is None:
-            raise ValueError("snapshots are stored encrypted: set storage.snapshot_key "
-                             "(bastion node snapshot-key --out FILE)")
+            raise ValueError(
+                "snapshots are stored encrypted: set storage.snapshot_key (bastion node snapshot-key --out FILE)"
+            )
         return self
 
 
@@ -112,8 +113,10 @@ class NodeConfig(_Strict):
         if self.curve_enabled and self.security.server_secret_key is None:
             raise ValueError("security.server_secret_key is required with CurveZMQ (bastion node keygen)")
         if self.endpoints.beyond_loopback() and self.security.curve is False:
-            raise ValueError(f"endpoints {self.endpoints.beyond_loopback()} are beyond loopback: CurveZMQ "
-                             "cannot be turned off for them")
+            raise ValueError(
+                f"endpoints {self.endpoints.beyond_loopback()} are beyond loopback: CurveZMQ "
+                "cannot be turned off for them"
+            )
         return self
 
     @property

@@ -45,8 +45,13 @@ class RateLimiter:
     it keep one client from holding the thread (long replays, answers, reloads).
     """
 
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic,
-                 max_clients: int = MAX_TRACKED_CLIENTS) -> None:
+    def __init__(
+        self,
+        rate: float,
+        burst: int,
+        clock: Callable[[], float] = time.monotonic,
+        max_clients: int = MAX_TRACKED_CLIENTS,
+    ) -> None:
         self.rate, self.burst, self.clock, self.max_clients = float(rate), float(burst), clock, max_clients
         self._buckets: OrderedDict[bytes, _Bucket] = OrderedDict()
 
@@ -96,8 +101,13 @@ class RefusalCoalescer:
     often (the control loop does) and with ``force=True`` at shutdown.
     """
 
-    def __init__(self, append: Callable[..., Any], window_s: float = 60.0, max_clients: int = 10,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        append: Callable[..., Any],
+        window_s: float = 60.0,
+        max_clients: int = 10,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.append, self.window_s, self.max_clients, self.clock = append, window_s, max_clients, clock
         self._lock = threading.Lock()
         self._windows: dict[tuple[str, str], _Window] = {}
@@ -133,13 +143,30 @@ class RefusalCoalescer:
                 if force or now - window.started >= self.window_s:
                     del self._windows[(kind, client)]
                     if window.repeats:
-                        records.append((kind, {"client": client, **window.fields, "count": window.repeats,
-                                               "repeated_within_s": self.window_s}))
+                        records.append(
+                            (
+                                kind,
+                                {
+                                    "client": client,
+                                    **window.fields,
+                                    "count": window.repeats,
+                                    "repeated_within_s": self.window_s,
+                                },
+                            )
+                        )
             for kind, (started, count, clients) in list(self._overflow.items()):
                 if force or now - started >= self.window_s:
                     del self._overflow[kind]
-                    records.append((kind, {"count": count, "clients": len(clients),
-                                           "repeated_within_s": self.window_s,
-                                           "note": f"more than {self.max_clients} clients refused in one window"}))
+                    records.append(
+                        (
+                            kind,
+                            {
+                                "count": count,
+                                "clients": len(clients),
+                                "repeated_within_s": self.window_s,
+                                "note": f"more than {self.max_clients} clients refused in one window",
+                            },
+                        )
+                    )
         for kind, fields in records:
             self.append(kind, **fields)

@@ -65,8 +65,10 @@ class Node:
             key, created = open_node_key(config.security.audit_key or self.storage / NODE_KEY)
             self.audit = AuditLog(self.storage / "audit.log", signer=key)
         except OSError as exc:
-            raise StorageError(f"cannot use the storage dir {self.storage}: {exc.strerror or exc}",
-                               "set storage.dir to a writable directory on a real disk") from None
+            raise StorageError(
+                f"cannot use the storage dir {self.storage}: {exc.strerror or exc}",
+                "set storage.dir to a writable directory on a real disk",
+            ) from None
         if created:
             self.audit.append("audit_key_created", key_id=self.audit.key_id, path=str(created))
         self.failure: str | None = None
@@ -77,13 +79,18 @@ class Node:
         self.storage_error: str | None = None
         self.published = 0
         self._detector_lock = threading.Lock()
-        self.audit.append("node_start", node=config.id, config_sha256=config.sha256(), bastion=__version__,
-                          pid=os.getpid())
+        self.audit.append(
+            "node_start", node=config.id, config_sha256=config.sha256(), bastion=__version__, pid=os.getpid()
+        )
         try:
             self.detector = self._load_detector(config.model)
             self.generator = self._load_lm(config.lm) if config.lm else None
-            self.store = EventStore(self.storage / "events.db", mark=SeqMark(self.storage, self.audit),
-                                    accept_seq_gap=accept_seq_gap, audit=self.audit)  # refuses a store behind its mark
+            self.store = EventStore(
+                self.storage / "events.db",
+                mark=SeqMark(self.storage, self.audit),
+                accept_seq_gap=accept_seq_gap,
+                audit=self.audit,
+            )  # refuses a store behind its mark
         except BastionError:  # a refused start is anchored like a clean stop: `audit verify --key` stays clean
             with contextlib.suppress(Exception):
                 self.audit.checkpoint()
@@ -111,22 +118,35 @@ class Node:
     def _load_detector(self, model: str, audit_refusal: bool = True) -> Detector:
         c = self.config
         try:
-            detector = Detector.load(model, device=c.device, threads=c.threads, conf=c.conf, iou=c.iou,
-                                     imgsz=c.imgsz, max_batch=c.max_batch, allow_unsigned=c.security.allow_unsigned,
-                                     int8_policy=c.int8_policy)
+            detector = Detector.load(
+                model,
+                device=c.device,
+                threads=c.threads,
+                conf=c.conf,
+                iou=c.iou,
+                imgsz=c.imgsz,
+                max_batch=c.max_batch,
+                allow_unsigned=c.security.allow_unsigned,
+                int8_policy=c.int8_policy,
+            )
         except BastionError as exc:
             if audit_refusal:  # reload audits its refusals itself, coalesced per client
                 self.audit.append("bundle_refused", model=str(model), reason=str(exc))
             raise
-        self.audit.append("bundle_loaded", model=str(model), name=detector.manifest.name,
-                          sha256=detector.bundle_sha256, signer=detector.verified_by)
+        self.audit.append(
+            "bundle_loaded",
+            model=str(model),
+            name=detector.manifest.name,
+            sha256=detector.bundle_sha256,
+            signer=detector.verified_by,
+        )
         if detector.verified_by is None:
             self.audit.append("allow_unsigned_used", model=str(model), sha256=detector.bundle_sha256)
         if detector.int8_check is not None and not detector.int8_check.same:  # runtime/int8_check.py
             self.audit.append("int8_cpu_mismatch", sha256=detector.bundle_sha256, **detector.int8_check.audit_fields())
         return detector
 
-    def _load_lm(self, model: str):  # noqa: ANN202
+    def _load_lm(self, model: str):
         from bastion.runtime.lm import Generator
 
         try:
@@ -135,11 +155,17 @@ class Node:
             self.audit.append("bundle_refused", model=str(model), reason=str(exc))
             raise
         b = generator.bundle
-        self.audit.append("bundle_loaded", model=str(model), name=b.manifest.name, sha256=b.sha256,
-                          signer=b.verification.key_id, task="lm")
+        self.audit.append(
+            "bundle_loaded",
+            model=str(model),
+            name=b.manifest.name,
+            sha256=b.sha256,
+            signer=b.verification.key_id,
+            task="lm",
+        )
         return generator
 
-    def _source_filter(self, cfg: SourceConfig):  # noqa: ANN202
+    def _source_filter(self, cfg: SourceConfig):
         ids = class_ids(cfg.classes, self.detector.names) if cfg.classes else None  # unknown names fail at start
 
         def apply(det: Detections, shape: tuple[int, ...]) -> Detections:
@@ -166,11 +192,19 @@ class Node:
         try:
             self._write_runtime_file()
         except OSError as exc:  # a full or read-only disk at start: one line, exit 1 (run() closes what started)
-            raise StorageError(f"cannot write {self.storage / RUNTIME_FILE}: {exc.strerror or exc}",
-                               "free disk space in the storage dir") from None
+            raise StorageError(
+                f"cannot write {self.storage / RUNTIME_FILE}: {exc.strerror or exc}",
+                "free disk space in the storage dir",
+            ) from None
         sd_notify("READY=1")
-        log.info("node ready", extra={"node": self.config.id, "events": self.server.events_endpoint,
-                                      "control": self.server.control_endpoint})
+        log.info(
+            "node ready",
+            extra={
+                "node": self.config.id,
+                "events": self.server.events_endpoint,
+                "control": self.server.control_endpoint,
+            },
+        )
 
     def run(self) -> None:
         """Start, then block until SIGTERM/SIGINT (or ``stop()``), then shut down cleanly."""
@@ -183,8 +217,10 @@ class Node:
         finally:
             self.close()
         if self.failure:
-            raise NodeFailed(f"node {self.config.id} stopped: {self.failure}",
-                             "see the node log for the traceback; systemd restarts it (Restart=on-failure)")
+            raise NodeFailed(
+                f"node {self.config.id} stopped: {self.failure}",
+                "see the node log for the traceback; systemd restarts it (Restart=on-failure)",
+            )
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -222,9 +258,14 @@ class Node:
         self.wake.set()
 
     def _write_runtime_file(self) -> None:
-        info = {"pid": os.getpid(), "node": self.config.id, "events": self.server.events_endpoint,
-                "control": self.server.control_endpoint, "started": self.started,
-                "server_public_key": self.server.server_public.decode() if self.server.server_public else None}
+        info = {
+            "pid": os.getpid(),
+            "node": self.config.id,
+            "events": self.server.events_endpoint,
+            "control": self.server.control_endpoint,
+            "started": self.started,
+            "server_public_key": self.server.server_public.decode() if self.server.server_public else None,
+        }
         atomic_write_bytes(self.storage / RUNTIME_FILE, json.dumps(info, indent=2).encode())
 
     # -- the pipeline ----------------------------------------------------------------------------------
@@ -268,8 +309,15 @@ class Node:
         return next(r for r in self.readers if r.cfg.name == name)
 
     def _emit(self, frame: NodeFrame, det: Detections, model_sha: str) -> None:
-        event = DetectionEvent(seq=0, node=self.config.id, source=frame.source, ts=frame.ts, frame=frame.index,
-                               model=model_sha, detections=[DetectionItem(**d) for d in det.to_dict()])
+        event = DetectionEvent(
+            seq=0,
+            node=self.config.id,
+            source=frame.source,
+            ts=frame.ts,
+            frame=frame.index,
+            model=model_sha,
+            detections=[DetectionItem(**d) for d in det.to_dict()],
+        )
         try:
             stored = self.store.append(event)
         except StorageError as exc:
@@ -311,8 +359,12 @@ class Node:
             if now - last_health >= self.config.health_log_s:
                 last_health = now
                 status = self.status_dict()
-                log.info("health %s %s", status["state"], json.dumps({k: status[k] for k in (
-                    "sources", "threads", "storage_error", "audit")}), extra={"node": self.config.id})
+                log.info(
+                    "health %s %s",
+                    status["state"],
+                    json.dumps({k: status[k] for k in ("sources", "threads", "storage_error", "audit")}),
+                    extra={"node": self.config.id},
+                )
             if now - last_checkpoint >= self.config.audit_checkpoint_s:
                 last_checkpoint = now
                 if self.audit.head()[0] > self.audit.checkpointed + 1:  # something new since the last one
@@ -344,31 +396,49 @@ class Node:
         det = self.detector
         count, head = self.audit.head()
         return {
-            "node": self.config.id, "state": self.state(), "failure": self.failure,
-            "uptime_s": round(time.time() - self.started, 1), "bastion": __version__,
-            "model": {"name": det.manifest.name, "version": det.manifest.version, "sha256": det.bundle_sha256,
-                      "signer": det.verified_by},
+            "node": self.config.id,
+            "state": self.state(),
+            "failure": self.failure,
+            "uptime_s": round(time.time() - self.started, 1),
+            "bastion": __version__,
+            "model": {
+                "name": det.manifest.name,
+                "version": det.manifest.version,
+                "sha256": det.bundle_sha256,
+                "signer": det.verified_by,
+            },
             "sources": {r.cfg.name: r.stats.as_dict(len(r.queue)) for r in self.readers},
-            "last_seq": self.store.last_seq(), "published": self.published,
-            "storage_error": self.storage_error or self.store.error, "store": self.store.health(),
+            "last_seq": self.store.last_seq(),
+            "published": self.published,
+            "storage_error": self.storage_error or self.store.error,
+            "store": self.store.health(),
             "endpoints": {"events": self.server.events_endpoint, "control": self.server.control_endpoint},
             "threads": self.supervisor.as_dict(),
-            "audit": {"count": count, "head": head, "key_id": self.audit.key_id, "pending": self.audit.pending,
-                      "error": self.audit.error, "last_checkpoint": self.audit.checkpointed},
+            "audit": {
+                "count": count,
+                "head": head,
+                "key_id": self.audit.key_id,
+                "pending": self.audit.pending,
+                "error": self.audit.error,
+                "last_checkpoint": self.audit.checkpointed,
+            },
         }
 
     def _ask(self, request: ControlRequest) -> dict[str, Any]:
         """Stream the answer to this client only; one generation at a time (on the control thread), bounded."""
         if self.generator is None:
-            return {"ok": False, "error": "no language model loaded on this node — add `lm: stories260K` (or your "
-                                          "task: lm bundle) to its node.yaml and restart it"}
+            return {
+                "ok": False,
+                "error": "no language model loaded on this node — add `lm: stories260K` (or your "
+                "task: lm bundle) to its node.yaml and restart it",
+            }
         prompt = request.prompt or ""
         if not prompt or len(prompt) > self.config.lm_max_prompt_chars:
             return {"ok": False, "error": f"prompt must be 1..{self.config.lm_max_prompt_chars} characters"}
         limit = min(request.max_new_tokens, self.config.lm_max_new_tokens)
         audit, generator = self.audit, self.generator
 
-        def pieces():  # noqa: ANN202
+        def pieces():
             count = 0
             try:
                 for piece in generator.generate(prompt, limit):
@@ -404,8 +474,11 @@ class Node:
                 if kept and size > MAX_REPLAY_BYTES:
                     break
                 kept.append(event.model_dump(mode="json"))
-            return {"events": kept, "last_seq": self.store.last_seq(),
-                    "more": len(kept) < len(events) or len(events) == request.limit}
+            return {
+                "events": kept,
+                "last_seq": self.store.last_seq(),
+                "more": len(kept) < len(events) or len(events) == request.limit,
+            }
         if request.op == "reload":
             if not request.bundle:
                 return {"ok": False, "error": "reload needs 'bundle'"}
@@ -419,8 +492,12 @@ class Node:
                 new.close()
                 return {**self._reload_refused(request.bundle, exc, client), "error": f"reload refused: {exc}"}
             try:  # what runs changes only when the trail can say so
-                self.audit.append("reload", strict=True, sha256=new.bundle_sha256,
-                                  **({"downgrade_from": self.detector.manifest.version} if rollback else {}))
+                self.audit.append(
+                    "reload",
+                    strict=True,
+                    sha256=new.bundle_sha256,
+                    **({"downgrade_from": self.detector.manifest.version} if rollback else {}),
+                )
             except AuditWriteError as exc:
                 new.close()
                 return {"ok": False, "error": f"reload refused: {exc}"}

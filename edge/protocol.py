@@ -64,8 +64,10 @@ class Heartbeat(BaseModel):
     audit_head: str | None = None  # (bastion audit verify --expect-count/--expect-head)
 
 
-RequestId = Annotated[str, Field(strict=True, max_length=MAX_ID_CHARS)] | \
-    Annotated[int, Field(strict=True, ge=-MAX_SEQ, le=MAX_SEQ)]
+RequestId = (
+    Annotated[str, Field(strict=True, max_length=MAX_ID_CHARS)]
+    | Annotated[int, Field(strict=True, ge=-MAX_SEQ, le=MAX_SEQ)]
+)
 
 
 class ControlRequest(BaseModel):

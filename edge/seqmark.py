@@ -133,19 +133,28 @@ class SeqMark:
                     "seq numbers",
                     f"put back the events.db (with its -wal file) that holds seq {low}; if it is lost, start once "
                     "with `bastion node run --accept-seq-gap` to keep what the store holds and continue numbering "
-                    f"above {high} (audited)")
+                    f"above {high} (audited)",
+                )
             next_seq = high + 1
-            log.warning("event store is behind the seq mark (%d < %d); continuing at %d as accepted",
-                        store_last, low, next_seq)
+            log.warning(
+                "event store is behind the seq mark (%d < %d); continuing at %d as accepted", store_last, low, next_seq
+            )
             self._audit("seq_gap_accepted", store_last=store_last, mark=low, next_seq=next_seq)
         elif not prior.clean and (not same_boot or not prior.live_seen) and high > store_last:
             # an earlier boot (power cut) or seq.live gone (deleted with the WAL): how far the last run got is
             # unknown, so skip past everything it may have handed out
             next_seq = high + 1
-            why = ("unclean stop in an earlier boot (power cut?): the last commits may be lost" if not same_boot
-                   else f"unclean stop and {LIVE_FILE} missing: how far the last run got is unknown")
-            log.warning("%s; seq continues at %d, after the reservation, so no number that may have been "
-                        "published is used again", why, next_seq)
+            why = (
+                "unclean stop in an earlier boot (power cut?): the last commits may be lost"
+                if not same_boot
+                else f"unclean stop and {LIVE_FILE} missing: how far the last run got is unknown"
+            )
+            log.warning(
+                "%s; seq continues at %d, after the reservation, so no number that may have been "
+                "published is used again",
+                why,
+                next_seq,
+            )
             self._audit("seq_skipped", store_last=store_last, next_seq=next_seq, reason=why)
         else:
             next_seq = store_last + 1
@@ -224,8 +233,11 @@ class SeqMark:
                         record = json.loads(line)
                     except (ValueError, RecursionError):  # damaged: verify names it
                         continue
-                    if isinstance(record, dict) and record.get("kind") == AUDIT_KIND \
-                            and isinstance(record.get("fields"), dict):
+                    if (
+                        isinstance(record, dict)
+                        and record.get("kind") == AUDIT_KIND
+                        and isinstance(record.get("fields"), dict)
+                    ):
                         marks.append(record["fields"])
         except FileNotFoundError:
             return []
@@ -250,8 +262,7 @@ class SeqMark:
         except OSError as exc:
             if not self._live_failed:
                 self._live_failed = True
-                log.warning("cannot update %s (%s); the reservation in %s still bounds seq", LIVE_FILE, exc,
-                            MARK_FILE)
+                log.warning("cannot update %s (%s); the reservation in %s still bounds seq", LIVE_FILE, exc, MARK_FILE)
 
     def close(self, last: int) -> None:
         """A clean stop: the exact last seq, durable. Nothing above it was handed out."""
@@ -274,8 +285,14 @@ class SeqMark:
         self.reserved = reserved
 
     def _write(self, last: int, reserved: int, clean: bool) -> None:
-        state = {"v": 1, "last": last, "reserved_through": reserved, "clean": clean, "boot": self.boot,
-                 "ts": round(time.time(), 3)}
+        state = {
+            "v": 1,
+            "last": last,
+            "reserved_through": reserved,
+            "clean": clean,
+            "boot": self.boot,
+            "ts": round(time.time(), 3),
+        }
         atomic_write_bytes(self.dir / MARK_FILE, json.dumps(state, indent=1).encode(), 0o640)
 
     def _open_live(self) -> None:
@@ -285,8 +302,10 @@ class SeqMark:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the kernel when the process dies
         except OSError:
             os.close(fd)
-            raise StoreInUseError(f"another node is writing the event store in {self.dir}",
-                                  "stop it first, or give this node its own storage.dir") from None
+            raise StoreInUseError(
+                f"another node is writing the event store in {self.dir}",
+                "stop it first, or give this node its own storage.dir",
+            ) from None
         self._live_fd = fd
         self._live_trimmed = False
 

@@ -26,8 +26,17 @@ from bastion.edge.audit import AuditLog
 from bastion.edge.config import NodeConfig
 from bastion.edge.curve import allowed_client_keys, key_id, load_secret
 from bastion.edge.limits import BUSY_BURST_S, BUSY_SHARE, RateLimiter, RefusalCoalescer, clip
-from bastion.edge.protocol import HEARTBEAT_TOPIC, MAX_REQUEST_BYTES, MAX_REQUEST_FRAMES, DetectionEvent, Heartbeat, \
-    ProtocolError, parse_request, readable_id, reply
+from bastion.edge.protocol import (
+    HEARTBEAT_TOPIC,
+    MAX_REQUEST_BYTES,
+    MAX_REQUEST_FRAMES,
+    DetectionEvent,
+    Heartbeat,
+    ProtocolError,
+    parse_request,
+    readable_id,
+    reply,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +133,15 @@ class NodeServer:
             self.close()
             from bastion.errors import ConfigError
 
-            raise ConfigError(f"cannot bind node endpoints ({exc})",
-                              "is another node running, or is the address wrong?") from None
+            raise ConfigError(
+                f"cannot bind node endpoints ({exc})", "is another node running, or is the address wrong?"
+            ) from None
         self.events_endpoint = self.events.last_endpoint.decode()
         self.control_endpoint = self.control.last_endpoint.decode()
-        self._threads = [threading.Thread(target=self._serve_control, name="node-control", daemon=True),
-                         threading.Thread(target=self._heartbeat, name="node-heartbeat", daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._serve_control, name="node-control", daemon=True),
+            threading.Thread(target=self._heartbeat, name="node-heartbeat", daemon=True),
+        ]
 
     def _secure(self) -> None:
         public, secret = load_secret(self.config.security.server_secret_key)
@@ -159,8 +171,9 @@ class NodeServer:
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.config.heartbeat_s):
             count, head = self.audit.head()  # a subscriber keeps the audit head: a cut-off tail shows later
-            beat = Heartbeat(node=self.config.id, ts=time.time(), last_seq=self.last_seq(), audit_count=count,
-                             audit_head=head)
+            beat = Heartbeat(
+                node=self.config.id, ts=time.time(), last_seq=self.last_seq(), audit_count=count, audit_head=head
+            )
             with self._pub_lock:
                 try:
                     self.events.send_multipart([HEARTBEAT_TOPIC, beat.model_dump_json().encode()])
@@ -229,14 +242,28 @@ class NodeServer:
             if self.refusals.refuse("client_rate_limited", label):
                 log.warning("control client %s is rate limited (repeats are counted in the audit log)", label)
             peek = message.payload if message.payload is not None and len(message.payload) <= PEEK_ID_BYTES else None
-            return _Answer(reply(_peek_id(peek), ok=False, error=f"rate limited: more than {self.limiter.rate:g} "
-                                 f"requests a second or {BUSY_SHARE:.0%} of the node's control time; retry after "
-                                 f"{wait:.2f} s", rate_limited=True, retry_after_s=max(0.001, round(wait, 3))))
+            return _Answer(
+                reply(
+                    _peek_id(peek),
+                    ok=False,
+                    error=f"rate limited: more than {self.limiter.rate:g} "
+                    f"requests a second or {BUSY_SHARE:.0%} of the node's control time; retry after "
+                    f"{wait:.2f} s",
+                    rate_limited=True,
+                    retry_after_s=max(0.001, round(wait, 3)),
+                )
+            )
         if message.payload is None:
             self.oversized += 1
             self.bad_requests += 1
-            return _Answer(reply(None, ok=False, error=f"request refused: {message.frames - 1} frames, {message.size} "
-                                 f"bytes (at most {MAX_REQUEST_FRAMES - 1} frames and {MAX_REQUEST_BYTES} bytes)"))
+            return _Answer(
+                reply(
+                    None,
+                    ok=False,
+                    error=f"request refused: {message.frames - 1} frames, {message.size} "
+                    f"bytes (at most {MAX_REQUEST_FRAMES - 1} frames and {MAX_REQUEST_BYTES} bytes)",
+                )
+            )
         try:
             request = parse_request(message.payload)
         except ProtocolError as exc:
@@ -292,7 +319,7 @@ class NodeServer:
         else:
             log.error("%s: %s: %s (traceback logged before)", what, type(exc).__name__, clip(exc))
 
-    def _stream(self, identity: bytes, request_id: object, pieces) -> None:  # noqa: ANN001
+    def _stream(self, identity: bytes, request_id: object, pieces) -> None:
         count = 0
         try:
             for piece in pieces:

@@ -65,9 +65,17 @@ class SourceStats:
         return self.fps
 
     def as_dict(self, queue_depth: int) -> dict:
-        return {"read": self.read, "dropped": self.dropped, "inferred": self.inferred, "errors": self.errors,
-                "reconnects": self.reconnects, "state": self.state, "last_error": self.last_error,
-                "fps": round(self.current_fps(time.time()), 2), "queue": queue_depth}
+        return {
+            "read": self.read,
+            "dropped": self.dropped,
+            "inferred": self.inferred,
+            "errors": self.errors,
+            "reconnects": self.reconnects,
+            "state": self.state,
+            "last_error": self.last_error,
+            "fps": round(self.current_fps(time.time()), 2),
+            "queue": queue_depth,
+        }
 
 
 class DropOldestQueue:
@@ -173,8 +181,14 @@ def open_usb(cfg: SourceConfig) -> tuple[Iterator[np.ndarray | None], float, boo
 class SourceReader(threading.Thread):
     """Reads one source into its queue until ``stop`` is set (or a non-looping file ends)."""
 
-    def __init__(self, cfg: SourceConfig, queue_size: int, wake: threading.Event, stop: threading.Event,
-                 max_backoff_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        cfg: SourceConfig,
+        queue_size: int,
+        wake: threading.Event,
+        stop: threading.Event,
+        max_backoff_s: float = 30.0,
+    ) -> None:
         super().__init__(name=f"source-{cfg.name}", daemon=True)
         self.cfg = cfg
         self.queue = DropOldestQueue(queue_size)
@@ -193,7 +207,7 @@ class SourceReader(threading.Thread):
                 try:
                     if self._read_once():
                         return
-                except Exception as exc:  # noqa: BLE001 — a decoder/driver fault is an outage, not the reader's end
+                except Exception as exc:
                     if self.stats.last_error != f"{type(exc).__name__}: {exc}":
                         log.warning("source %s failed unexpectedly", self.cfg.name, exc_info=True)
                     self._failed(f"{type(exc).__name__}: {exc}")

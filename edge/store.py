@@ -51,8 +51,10 @@ FULL_CODES = {10, 13}  # SQLITE_IOERR, SQLITE_FULL: a write that found no space 
 # the file's space back after a checkpoint instead of keeping its largest size for ever.
 WAL_AUTOCHECKPOINT_PAGES = 64
 JOURNAL_SIZE_LIMIT = 512 * 1024
-RECOVER_HINT = ("stop the node, move events.db aside (keep it for forensics), put a backup in its place if you have "
-                "one, and start once with `bastion node run --accept-seq-gap` (seq continues above its mark)")
+RECOVER_HINT = (
+    "stop the node, move events.db aside (keep it for forensics), put a backup in its place if you have "
+    "one, and start once with `bastion node run --accept-seq-gap` (seq continues above its mark)"
+)
 
 
 class StorageError(BastionError):
@@ -70,8 +72,9 @@ def is_damage(exc: BaseException) -> bool:
 
 
 class EventStore:
-    def __init__(self, path: Path, mark: "SeqMark | None" = None, accept_seq_gap: bool = False,
-                 audit: "AuditLog | None" = None) -> None:
+    def __init__(
+        self, path: Path, mark: "SeqMark | None" = None, accept_seq_gap: bool = False, audit: "AuditLog | None" = None
+    ) -> None:
         self.path = Path(path)
         self.mark = mark
         self.audit = audit
@@ -88,8 +91,10 @@ class EventStore:
             self._db.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
             self._db.executescript(SCHEMA)
         except (sqlite3.Error, OSError) as exc:
-            raise StorageError(f"cannot open the event store {self.path}: {exc}",
-                               "check that the storage directory exists, is writable and has free space") from None
+            raise StorageError(
+                f"cannot open the event store {self.path}: {exc}",
+                "check that the storage directory exists, is writable and has free space",
+            ) from None
         self._quick_check()
         last = self.last_seq()
         if self.error is not None:  # damage quick_check did not see, met while reading the last seq
@@ -99,8 +104,10 @@ class EventStore:
             self._next = mark.resume(last, accept_seq_gap) if mark is not None else last + 1
         except OSError as exc:
             self._db.close()
-            raise StorageError(f"cannot write the seq high-water mark beside {self.path}: {exc.strerror or exc}",
-                               "free disk space or fix permissions of the storage directory") from None
+            raise StorageError(
+                f"cannot write the seq high-water mark beside {self.path}: {exc.strerror or exc}",
+                "free disk space or fix permissions of the storage directory",
+            ) from None
         except BaseException:
             self._db.close()
             raise
@@ -111,9 +118,13 @@ class EventStore:
         """Set AUTOINCREMENT's counter, so the store's own ``last_seq`` agrees with the mark from now on."""
         try:
             self._db.execute("BEGIN IMMEDIATE")
-            if self._db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'events' AND seq < ?",
-                                (seq, seq)).rowcount == 0 and not self._db.execute(
-                    "SELECT 1 FROM sqlite_sequence WHERE name = 'events'").fetchone():
+            if (
+                self._db.execute(
+                    "UPDATE sqlite_sequence SET seq = ? WHERE name = 'events' AND seq < ?", (seq, seq)
+                ).rowcount
+                == 0
+                and not self._db.execute("SELECT 1 FROM sqlite_sequence WHERE name = 'events'").fetchone()
+            ):
                 self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('events', ?)", (seq,))
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -122,8 +133,10 @@ class EventStore:
             except sqlite3.Error:
                 pass
             self._db.close()
-            raise StorageError(f"cannot record the new seq start in {self.path}: {exc}",
-                               "free disk space or fix permissions of the storage directory") from None
+            raise StorageError(
+                f"cannot record the new seq start in {self.path}: {exc}",
+                "free disk space or fix permissions of the storage directory",
+            ) from None
 
     def _quick_check(self) -> None:
         """Read every page once, so a damaged file is refused at start instead of met by the first ``replay``."""
@@ -133,8 +146,12 @@ class EventStore:
         except sqlite3.DatabaseError as exc:
             rows = [str(exc)]
         self.quick_check_s = round(time.perf_counter() - t0, 4)
-        log.info("event store quick_check %s in %.3f s", "ok" if rows == ["ok"] else "FAILED", self.quick_check_s,
-                 extra={"path": str(self.path), "quick_check_s": self.quick_check_s})
+        log.info(
+            "event store quick_check %s in %.3f s",
+            "ok" if rows == ["ok"] else "FAILED",
+            self.quick_check_s,
+            extra={"path": str(self.path), "quick_check_s": self.quick_check_s},
+        )
         if rows != ["ok"]:
             problem = "; ".join(str(r) for r in rows[:2])
             self._db.close()
@@ -151,8 +168,9 @@ class EventStore:
                 log.error("%s — %s", self.error, RECOVER_HINT)
                 self._audit_damage(reason)
             return StorageError(self.error, RECOVER_HINT)
-        return StorageError(f"cannot {doing} {self.path}: {reason}",
-                            "free disk space or fix permissions; publishing is paused")
+        return StorageError(
+            f"cannot {doing} {self.path}: {reason}", "free disk space or fix permissions; publishing is paused"
+        )
 
     def _audit_damage(self, reason: str) -> None:
         if self.audit is not None:
@@ -181,8 +199,10 @@ class EventStore:
                 try:
                     self.mark.ensure(self._next)  # durably reserved before it can be handed out
                 except OSError as exc:
-                    raise StorageError(f"cannot reserve seq numbers beside {self.path}: {exc}",
-                                       "free disk space or fix permissions; publishing is paused") from None
+                    raise StorageError(
+                        f"cannot reserve seq numbers beside {self.path}: {exc}",
+                        "free disk space or fix permissions; publishing is paused",
+                    ) from None
             stored = event.model_copy(update={"seq": self._next})
             row = (stored.seq, stored.ts, stored.source, stored.model_dump_json())
             try:
@@ -231,8 +251,9 @@ class EventStore:
         with self._lock:
             self._check_usable()
             try:
-                rows = self._db.execute("SELECT payload FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
-                                        (seq, limit)).fetchall()
+                rows = self._db.execute(
+                    "SELECT payload FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
+                ).fetchall()
                 return [DetectionEvent.model_validate_json(r[0]) for r in rows]
             except sqlite3.Error as exc:
                 raise self._failed(exc, "read events from") from None
@@ -249,8 +270,10 @@ class EventStore:
         with self._lock:
             if self.error is None:
                 try:
-                    row = self._db.execute("SELECT MAX(s) FROM (SELECT seq AS s FROM sqlite_sequence WHERE name = "
-                                           "'events' UNION ALL SELECT MAX(seq) FROM events)").fetchone()
+                    row = self._db.execute(
+                        "SELECT MAX(s) FROM (SELECT seq AS s FROM sqlite_sequence WHERE name = "
+                        "'events' UNION ALL SELECT MAX(seq) FROM events)"
+                    ).fetchone()
                     return max(int(row[0] or 0), self._next - 1)
                 except sqlite3.Error as exc:
                     self._failed(exc, "read")
@@ -280,12 +303,14 @@ class EventStore:
             self._check_usable()  # nothing is written into a damaged file
             try:
                 if days is not None:
-                    deleted += self._db.execute("DELETE FROM events WHERE ts < ?",
-                                                (time.time() - days * 86400,)).rowcount
+                    deleted += self._db.execute(
+                        "DELETE FROM events WHERE ts < ?", (time.time() - days * 86400,)
+                    ).rowcount
                 if max_mb is not None:
                     while self._size_mb() > max_mb:
-                        n = self._db.execute("DELETE FROM events WHERE seq IN (SELECT seq FROM events ORDER BY seq "
-                                             "LIMIT 1000)").rowcount
+                        n = self._db.execute(
+                            "DELETE FROM events WHERE seq IN (SELECT seq FROM events ORDER BY seq LIMIT 1000)"
+                        ).rowcount
                         deleted += n
                         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                         self._db.execute("VACUUM")

@@ -41,7 +41,7 @@ class Supervisor:
         def guarded() -> None:
             try:
                 target()
-            except BaseException as exc:  # noqa: BLE001 — the point is to see every way a worker can end
+            except BaseException as exc:
                 log.exception("thread %s died", name)
                 self._died(name, f"{type(exc).__name__}: {exc}")
 
@@ -72,16 +72,20 @@ class Supervisor:
     def check(self) -> None:
         """Report every watched thread that ended while it should still run (each once)."""
         with self._lock:
-            dead = [n for n, w in self._watched.items()
-                    if w.thread.ident is not None and not w.thread.is_alive() and not w.reported and w.should_run()]
+            dead = [
+                n
+                for n, w in self._watched.items()
+                if w.thread.ident is not None and not w.thread.is_alive() and not w.reported and w.should_run()
+            ]
         for name in dead:
             self._died(name, "exited unexpectedly (its traceback, if any, is in the log)")
 
     def healthy(self, name: str, max_age_s: float) -> bool:
         """Every watched thread that should run is alive, and ``name`` turned within ``max_age_s``."""
         with self._lock:
-            ok = all(w.thread.is_alive() or w.thread.ident is None or not w.should_run()
-                     for w in self._watched.values())
+            ok = all(
+                w.thread.is_alive() or w.thread.ident is None or not w.should_run() for w in self._watched.values()
+            )
         return ok and self.beat_age(name) <= max_age_s
 
     def as_dict(self) -> dict[str, dict]:

@@ -32,8 +32,11 @@ def hw_probe(json_out: bool = typer.Option(False, "--json", help="Print the repo
     if report.jetson_model or report.l4t_release:
         table.add_row("jetson", f"{report.jetson_model or '?'} (L4T {report.l4t_release or '?'})")
     for g in report.gpus:
-        table.add_row(f"gpu {g.index}", f"{g.name}, {g.memory_mb} MB, compute {g.compute_capability}, driver "
-                                        f"{g.driver}" + (f", {g.power_limit_w:.0f} W" if g.power_limit_w else ""))
+        table.add_row(
+            f"gpu {g.index}",
+            f"{g.name}, {g.memory_mb} MB, compute {g.compute_capability}, driver "
+            f"{g.driver}" + (f", {g.power_limit_w:.0f} W" if g.power_limit_w else ""),
+        )
     if not report.gpus:
         table.add_row("gpu", "none found (no NVML driver, or not an NVIDIA machine)")
     table.add_row("software", ", ".join(f"{k} {v}" for k, v in report.software.items() if v))
@@ -67,14 +70,22 @@ def hw_plan(
     table.add_column(style="bold")
     table.add_column()
     lm = result.task == "lm"
-    table.add_row("fits", ("[green]yes[/]" if result.fits else "[red]no[/]")
-                  + f" — {result.total_mb:.0f} of {result.budget_mb} MB (weights {result.weights_mb:.0f}, "
-                  + (f"KV cache {result.kv_cache_mb:.0f}, " if lm else "")
-                  + f"activations {result.activations_mb:.0f}, workspace {result.workspace_mb:.0f})")
-    table.add_row("run with", f"{result.backend}, {result.precision}, "
-                  + (f"context {result.context} tokens" if lm else f"batch {result.batch}, imgsz {result.imgsz}"))
-    table.add_row(f"expected {result.speed_unit}", f"{result.expected_fps if result.expected_fps is not None else '?'}"
-                  f" ({result.fps_source})")
+    table.add_row(
+        "fits",
+        ("[green]yes[/]" if result.fits else "[red]no[/]")
+        + f" — {result.total_mb:.0f} of {result.budget_mb} MB (weights {result.weights_mb:.0f}, "
+        + (f"KV cache {result.kv_cache_mb:.0f}, " if lm else "")
+        + f"activations {result.activations_mb:.0f}, workspace {result.workspace_mb:.0f})",
+    )
+    table.add_row(
+        "run with",
+        f"{result.backend}, {result.precision}, "
+        + (f"context {result.context} tokens" if lm else f"batch {result.batch}, imgsz {result.imgsz}"),
+    )
+    table.add_row(
+        f"expected {result.speed_unit}",
+        f"{result.expected_fps if result.expected_fps is not None else '?'} ({result.fps_source})",
+    )
     for note in result.notes:
         table.add_row("note", note)
     out.print(f"{result.bundle} on {result.profile}", style="bold")
@@ -100,6 +111,14 @@ def hw_profiles(json_out: bool = typer.Option(False, "--json", help="Print as JS
     for col in ("kind", "MB", "backend", "prec", "batch", "imgsz", "ref ms"):
         table.add_column(col, overflow="fold")
     for p in profiles:
-        table.add_row(p.name, p.kind, str(p.memory_mb), p.preferred_backend, p.precision, str(p.max_batch),
-                      str(p.max_imgsz), f"{p.reference.latency_ms}" if p.reference else "-")
+        table.add_row(
+            p.name,
+            p.kind,
+            str(p.memory_mb),
+            p.preferred_backend,
+            p.precision,
+            str(p.max_batch),
+            str(p.max_imgsz),
+            f"{p.reference.latency_ms}" if p.reference else "-",
+        )
     out.print(table)

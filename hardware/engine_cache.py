@@ -79,9 +79,17 @@ class EngineCache:
         folder = self._dir(key)
         with file_lock(self.root / ".lock"):
             atomic_write_bytes(folder / "engine.plan", plan)
-            atomic_write_bytes(folder / "key.json", json.dumps(
-                {"key": json.loads(key.canonical()), "plan_sha256": hashlib.sha256(plan).hexdigest(),
-                 "size": len(plan)}, indent=2).encode())
+            atomic_write_bytes(
+                folder / "key.json",
+                json.dumps(
+                    {
+                        "key": json.loads(key.canonical()),
+                        "plan_sha256": hashlib.sha256(plan).hexdigest(),
+                        "size": len(plan),
+                    },
+                    indent=2,
+                ).encode(),
+            )
         return folder / "engine.plan"
 
     def entries(self) -> list[dict]:

@@ -45,22 +45,56 @@ class IsaClass:
 
 # Most capable first: the first class whose flags are all present wins.
 _X86: list[tuple[frozenset[str], IsaClass]] = [
-    (frozenset({"amx_int8", "amx_tile"}), IsaClass("x86-amx", "x86", "x86-exact", False,
-                                                   "AMX-INT8 tiles (Sapphire Rapids or newer)")),
-    (frozenset({"avx512_vnni"}), IsaClass("x86-avx512-vnni", "x86", "x86-exact", False,
-                                          "AVX-512 with VNNI (Cascade Lake, Ice Lake, Zen 4 or newer)")),
-    (frozenset({"avx_vnni"}), IsaClass("x86-avx-vnni", "x86", "x86-exact", False,
-                                       "AVX2 with AVX-VNNI (Alder Lake, Zen 5 or newer)")),
-    (frozenset({"avx512f", "avx512bw"}), IsaClass("x86-avx512", "x86", "x86-saturating", True,
-                                                  "AVX-512 without VNNI (Skylake-SP): U8S8 sums saturate")),
-    (frozenset({"avx2"}), IsaClass("x86-avx2", "x86", "x86-saturating", True,
-                                   "AVX2 without VNNI (Haswell to Coffee Lake, Zen 1-3): U8S8 sums saturate")),
-    (frozenset(), IsaClass("x86-sse", "x86", "x86-exact", False,  # MLAS's SSE kernel widens both to int16
-                           "x86-64 without AVX2 (SSE kernels: exact, slow)")),
+    (
+        frozenset({"amx_int8", "amx_tile"}),
+        IsaClass("x86-amx", "x86", "x86-exact", False, "AMX-INT8 tiles (Sapphire Rapids or newer)"),
+    ),
+    (
+        frozenset({"avx512_vnni"}),
+        IsaClass(
+            "x86-avx512-vnni", "x86", "x86-exact", False, "AVX-512 with VNNI (Cascade Lake, Ice Lake, Zen 4 or newer)"
+        ),
+    ),
+    (
+        frozenset({"avx_vnni"}),
+        IsaClass("x86-avx-vnni", "x86", "x86-exact", False, "AVX2 with AVX-VNNI (Alder Lake, Zen 5 or newer)"),
+    ),
+    (
+        frozenset({"avx512f", "avx512bw"}),
+        IsaClass("x86-avx512", "x86", "x86-saturating", True, "AVX-512 without VNNI (Skylake-SP): U8S8 sums saturate"),
+    ),
+    (
+        frozenset({"avx2"}),
+        IsaClass(
+            "x86-avx2",
+            "x86",
+            "x86-saturating",
+            True,
+            "AVX2 without VNNI (Haswell to Coffee Lake, Zen 1-3): U8S8 sums saturate",
+        ),
+    ),
+    (
+        frozenset(),
+        IsaClass(
+            "x86-sse",
+            "x86",
+            "x86-exact",
+            False,  # MLAS's SSE kernel widens both to int16
+            "x86-64 without AVX2 (SSE kernels: exact, slow)",
+        ),
+    ),
 ]
 _ARM: list[tuple[frozenset[str], IsaClass]] = [
-    (frozenset({"asimddp"}), IsaClass("arm64-dotprod", "arm64", "arm", False,
-                                      "ARMv8.2+ with dot product (Cortex-A76/A78, Neoverse, Jetson Orin CPUs)")),
+    (
+        frozenset({"asimddp"}),
+        IsaClass(
+            "arm64-dotprod",
+            "arm64",
+            "arm",
+            False,
+            "ARMv8.2+ with dot product (Cortex-A76/A78, Neoverse, Jetson Orin CPUs)",
+        ),
+    ),
     (frozenset(), IsaClass("arm64", "arm64", "arm", False, "ARMv8 NEON without dot product (Cortex-A53/A72)")),
 ]
 CLASSES: dict[str, IsaClass] = {c.name: c for _, c in (*_X86, *_ARM)}
@@ -142,10 +176,14 @@ def resolve_target(target: str | None, here: IsaClass | None = None) -> Int8Targ
     except ConfigError as exc:
         if "unknown device profile" not in str(exc):
             raise
-        raise ConfigError(f"--target {target!r} is neither a device profile nor a CPU class",
-                          f"profiles: {', '.join(profile_names())}; CPU classes: {', '.join(CLASSES)}") from None
+        raise ConfigError(
+            f"--target {target!r} is neither a device profile nor a CPU class",
+            f"profiles: {', '.join(profile_names())}; CPU classes: {', '.join(CLASSES)}",
+        ) from None
     isa = getattr(profile, "isa", None)
     if not isa:
-        raise ConfigError(f"device profile {profile.name} names no CPU instruction-set class (isa:)",
-                          f"add isa: one of {', '.join(CLASSES)} to it, or pass --target CLASS")
+        raise ConfigError(
+            f"device profile {profile.name} names no CPU instruction-set class (isa:)",
+            f"add isa: one of {', '.join(CLASSES)} to it, or pass --target CLASS",
+        )
     return Int8Target(profile.name, isa_class(isa))

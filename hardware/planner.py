@@ -41,17 +41,25 @@ base = rss_kb()
 s.run(None, feeds)
 print(json.dumps({"idle_kb": base, "peak_kb": rss_kb()}))
 """
-_PEAK = _SESSION + r"""
+_PEAK = (
+    _SESSION
+    + r"""
 b, h, w = map(int, sys.argv[1:4])
 feeds = {s.get_inputs()[0].name: np.zeros((b, 3, h, w), np.float32)}
-""" + _RUN_ONCE
+"""
+    + _RUN_ONCE
+)
 # The same for a language model: one prefill chunk of T tokens over a T-slot cache (what Generator binds first).
-_LM_PEAK = _SESSION + r"""
+_LM_PEAK = (
+    _SESSION
+    + r"""
 layers, width, t = map(int, sys.argv[1:4])
 feeds = {"input_ids": np.ones((1, t), np.int64), "attention_mask": np.ones((1, t), np.int64),
          "position_ids": np.arange(t, dtype=np.int64)[None]}
 feeds.update({f"past.{i}.{kv}": np.zeros((1, t, width), np.float32) for i in range(layers) for kv in ("key", "value")})
-""" + _RUN_ONCE
+"""
+    + _RUN_ONCE
+)
 
 
 @dataclass
@@ -82,8 +90,9 @@ class Plan:
 
 def _measure(script: str, model: bytes, *args: int) -> float:
     """Resident-memory growth (MB) of one inference in a fresh process fed ``model`` on stdin."""
-    proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], input=model, capture_output=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)], input=model, capture_output=True, timeout=300
+    )
     if proc.returncode != 0:
         err = proc.stderr.decode(errors="replace").strip()
         raise ConfigError(f"measuring the model's memory failed: {err.splitlines()[-1] if err else 'no output'}")
@@ -95,22 +104,25 @@ def measure_activations_mb(model: bytes, batch: int, h: int, w: int) -> float:
     return _measure(_PEAK, model, batch, h, w)
 
 
-def plan(bundle: Bundle, profile: Profile, batch: int | None = None, imgsz: int | None = None,
-         measure_speed: bool = True) -> Plan:
+def plan(
+    bundle: Bundle, profile: Profile, batch: int | None = None, imgsz: int | None = None, measure_speed: bool = True
+) -> Plan:
     """The plan for ``bundle`` on ``profile`` by the planner of the bundle's task."""
     planner = PLANNERS.get(bundle.manifest.task)
     if planner is None:
-        raise ConfigError(f"bastion hw plan cannot plan a {bundle.manifest.task!r} bundle",
-                          f"it plans: {', '.join(PLANNERS)}")
+        raise ConfigError(
+            f"bastion hw plan cannot plan a {bundle.manifest.task!r} bundle", f"it plans: {', '.join(PLANNERS)}"
+        )
     return planner(bundle, profile, batch, imgsz, measure_speed)
 
 
-def _plan_detect(bundle: Bundle, profile: Profile, batch: int | None, imgsz: int | None,
-                 measure_speed: bool) -> Plan:
+def _plan_detect(bundle: Bundle, profile: Profile, batch: int | None, imgsz: int | None, measure_speed: bool) -> Plan:
     spec = bundle.manifest.input
     if spec is None:
-        raise ConfigError(f"{bundle.manifest.name} is a detection bundle without an input spec",
-                          "its manifest is incomplete: make the bundle again")
+        raise ConfigError(
+            f"{bundle.manifest.name} is a detection bundle without an input spec",
+            "its manifest is incomplete: make the bundle again",
+        )
     notes: list[str] = []
     size = imgsz or (min(spec.size[0], profile.max_imgsz) if spec.dynamic_hw else spec.size[0])
     if not spec.dynamic_hw and size != spec.size[0]:
@@ -146,9 +158,23 @@ def _plan_detect(bundle: Bundle, profile: Profile, batch: int | None, imgsz: int
     elif profile.reference is not None:
         r = profile.reference
         fps, source = round(1000 / r.latency_ms, 1), f"profile reference ({r.model} @ {r.imgsz}: {r.source})"
-    return Plan(bundle.manifest.name, profile.name, fits, profile.preferred_backend, precision, b, size,
-                round(weights, 1), round(activations, 1), float(profile.workspace_mb), round(total, 1),
-                profile.memory_mb, fps, source, notes)
+    return Plan(
+        bundle.manifest.name,
+        profile.name,
+        fits,
+        profile.preferred_backend,
+        precision,
+        b,
+        size,
+        round(weights, 1),
+        round(activations, 1),
+        float(profile.workspace_mb),
+        round(total, 1),
+        profile.memory_mb,
+        fps,
+        source,
+        notes,
+    )
 
 
 def _measure_fps(bundle: Bundle, size: int) -> float:
@@ -191,9 +217,27 @@ def _plan_lm(bundle: Bundle, profile: Profile, batch: int | None, imgsz: int | N
     speed, source = None, "unknown: run `bastion bench lm` on the device"
     if profile.kind == "cpu" and measure_speed:
         speed, source = _measure_tokens_per_s(bundle), "measured here (greedy, 1 thread, 32 tokens)"
-    return Plan(m.name, profile.name, fits, "ort-cpu", m.precision, 1, 0, round(weights, 1), round(activations, 1),
-                0.0, round(total, 1), profile.memory_mb, speed, source, notes, task="lm",
-                kv_cache_mb=round(kv_cache, 1), context=p.max_seq_len, speed_unit="tokens/s")
+    return Plan(
+        m.name,
+        profile.name,
+        fits,
+        "ort-cpu",
+        m.precision,
+        1,
+        0,
+        round(weights, 1),
+        round(activations, 1),
+        0.0,
+        round(total, 1),
+        profile.memory_mb,
+        speed,
+        source,
+        notes,
+        task="lm",
+        kv_cache_mb=round(kv_cache, 1),
+        context=p.max_seq_len,
+        speed_unit="tokens/s",
+    )
 
 
 def _measure_tokens_per_s(bundle: Bundle, tokens: int = 32) -> float:

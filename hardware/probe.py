@@ -15,8 +15,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-X86_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-VNNI",
-             "fma": "FMA", "f16c": "F16C", "amx_int8": "AMX-INT8"}
+X86_FLAGS = {
+    "avx2": "AVX2",
+    "avx512f": "AVX-512",
+    "avx512_vnni": "AVX512-VNNI",
+    "avx_vnni": "AVX-VNNI",
+    "fma": "FMA",
+    "f16c": "F16C",
+    "amx_int8": "AMX-INT8",
+}
 ARM_FLAGS = {"asimd": "NEON", "asimddp": "NEON-DOTPROD", "sve": "SVE", "fphp": "FP16", "i8mm": "I8MM"}
 
 
@@ -116,9 +123,16 @@ def nvidia_gpus() -> list[GpuInfo]:
                 power = pynvml.nvmlDeviceGetPowerManagementLimit(h) / 1000
             except Exception:
                 power = None
-            gpus.append(GpuInfo(i, name.decode() if isinstance(name, bytes) else name,
-                                pynvml.nvmlDeviceGetMemoryInfo(h).total // 2**20, f"{major}.{minor}",
-                                driver.decode() if isinstance(driver, bytes) else driver, power))
+            gpus.append(
+                GpuInfo(
+                    i,
+                    name.decode() if isinstance(name, bytes) else name,
+                    pynvml.nvmlDeviceGetMemoryInfo(h).total // 2**20,
+                    f"{major}.{minor}",
+                    driver.decode() if isinstance(driver, bytes) else driver,
+                    power,
+                )
+            )
     finally:
         pynvml.nvmlShutdown()
     return gpus
@@ -138,9 +152,15 @@ def _version(module: str) -> str | None:
 def software() -> tuple[dict[str, str | None], list[str]]:
     import onnxruntime
 
-    versions = {"python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
-                "tensorrt": _version("tensorrt"), "cuda_runtime": os.environ.get("CUDA_VERSION"),
-                "opencv": _version("cv2"), "pyzmq": _version("zmq"), "torch": _version("torch")}
+    versions = {
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "tensorrt": _version("tensorrt"),
+        "cuda_runtime": os.environ.get("CUDA_VERSION"),
+        "opencv": _version("cv2"),
+        "pyzmq": _version("zmq"),
+        "torch": _version("torch"),
+    }
     return versions, list(onnxruntime.get_available_providers())
 
 
@@ -149,7 +169,15 @@ def probe(root: Path = Path("/"), with_gpus: bool = True) -> HardwareReport:
     jetson_model, l4t = jetson(root)
     versions, providers = software()
     return HardwareReport(
-        machine=platform.machine(), cpu_model=model, cores_logical=os.cpu_count() if root == Path("/") else None,
-        instruction_sets=isa, memory_mb=memory_mb(root), container=in_container(root), jetson_model=jetson_model,
-        l4t_release=l4t, gpus=nvidia_gpus() if with_gpus else [], software=versions, ort_providers=providers,
+        machine=platform.machine(),
+        cpu_model=model,
+        cores_logical=os.cpu_count() if root == Path("/") else None,
+        instruction_sets=isa,
+        memory_mb=memory_mb(root),
+        container=in_container(root),
+        jetson_model=jetson_model,
+        l4t_release=l4t,
+        gpus=nvidia_gpus() if with_gpus else [],
+        software=versions,
+        ort_providers=providers,
     )

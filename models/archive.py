@@ -58,8 +58,9 @@ def max_bundle_bytes() -> int:
     except ValueError:
         value = 0
     if value <= 0:
-        raise ConfigError(f"{MAX_BYTES_ENV}={raw!r} is not a positive number of bytes",
-                          f"e.g. {MAX_BYTES_ENV}={DEFAULT_MAX_BYTES}")
+        raise ConfigError(
+            f"{MAX_BYTES_ENV}={raw!r} is not a positive number of bytes", f"e.g. {MAX_BYTES_ENV}={DEFAULT_MAX_BYTES}"
+        )
     return value
 
 
@@ -113,9 +114,10 @@ class _CappedReader:
 
     def _check(self, end: int) -> None:
         if end > self.cap:
-            raise ArchiveError(f"{self.archive.name} expands to more than {_size(self.cap)}",
-                               f"refusing this archive (limit: {MAX_BYTES_ENV}, or a compression "
-                               f"ratio over {MAX_EXPANSION}:1)")
+            raise ArchiveError(
+                f"{self.archive.name} expands to more than {_size(self.cap)}",
+                f"refusing this archive (limit: {MAX_BYTES_ENV}, or a compression ratio over {MAX_EXPANSION}:1)",
+            )
 
     def read(self, n: int = -1) -> bytes:
         if n is not None and n > _MAX_READ:  # only a header (pax, GNU long name) is read whole; 4 GiB is an attack
@@ -162,8 +164,10 @@ def _open(archive: Path, limit: int, fh: BinaryIO | None = None) -> tuple[tarfil
                 cap = min(cap, MAX_EXPANSION * size + EXPANSION_SLACK)
                 break
         if raw is fh and size > cap:
-            raise ArchiveError(f"{archive.name} is {_size(size)}, more than the {_size(limit)} a bundle may hold",
-                               f"refusing this archive (raise {MAX_BYTES_ENV} if it is genuine)")
+            raise ArchiveError(
+                f"{archive.name} is {_size(size)}, more than the {_size(limit)} a bundle may hold",
+                f"refusing this archive (raise {MAX_BYTES_ENV} if it is genuine)",
+            )
         tar = tarfile.open(fileobj=_CappedReader(raw, cap, archive), mode="r:")
     except (*_DAMAGED, OSError) as exc:
         fh.close()
@@ -191,8 +195,10 @@ def _member_path(member: tarfile.TarInfo, archive: Path) -> str | None:
     if ".." in parts:
         raise ArchiveError(f"{archive.name}: member {name!r} escapes the bundle with '..'", "refusing this archive")
     if len(parts) > MAX_DEPTH:
-        raise ArchiveError(f"{archive.name}: member {name[:80]!r}… is {len(parts)} folders deep (at most {MAX_DEPTH})",
-                           "refusing this archive")
+        raise ArchiveError(
+            f"{archive.name}: member {name[:80]!r}… is {len(parts)} folders deep (at most {MAX_DEPTH})",
+            "refusing this archive",
+        )
     if member.issym() or member.islnk():
         raise ArchiveError(f"{archive.name}: member {name!r} is a link", "refusing this archive")
     if member.issparse() or member.type == tarfile.GNUTYPE_SPARSE:
@@ -214,8 +220,11 @@ def _scan(tar: tarfile.TarFile, archive: Path, limit: int, cap: int) -> tuple[li
     while (member := tar.next()) is not None:
         headers += 1
         if headers > MAX_MEMBERS:
-            raise ArchiveError(f"{archive.name} has more than {MAX_MEMBERS} members; a bundle has a manifest, "
-                               "a signature and a few model files", "refusing this archive")
+            raise ArchiveError(
+                f"{archive.name} has more than {MAX_MEMBERS} members; a bundle has a manifest, "
+                "a signature and a few model files",
+                "refusing this archive",
+            )
         path = _member_path(member, archive)
         if path is None:
             continue
@@ -225,13 +234,17 @@ def _scan(tar: tarfile.TarFile, archive: Path, limit: int, cap: int) -> tuple[li
         if member.isfile():
             total += member.size
             if member.size > limit or total > limit:
-                raise ArchiveError(f"{archive.name}: {path} declares {_size(member.size)}, more than the "
-                                   f"{_size(limit)} a bundle may hold",
-                                   f"refusing this archive (raise {MAX_BYTES_ENV} if it is genuine)")
+                raise ArchiveError(
+                    f"{archive.name}: {path} declares {_size(member.size)}, more than the "
+                    f"{_size(limit)} a bundle may hold",
+                    f"refusing this archive (raise {MAX_BYTES_ENV} if it is genuine)",
+                )
             if total > cap:
-                raise ArchiveError(f"{archive.name}: {path} expands to {_size(member.size)} from a "
-                                   f"{_size(archive.stat().st_size)} archive (over {MAX_EXPANSION}:1)",
-                                   "a decompression bomb, not a model; refusing this archive")
+                raise ArchiveError(
+                    f"{archive.name}: {path} expands to {_size(member.size)} from a "
+                    f"{_size(archive.stat().st_size)} archive (over {MAX_EXPANSION}:1)",
+                    "a decompression bomb, not a model; refusing this archive",
+                )
         members.append((member, path))
     return members, total
 
@@ -239,8 +252,10 @@ def _scan(tar: tarfile.TarFile, archive: Path, limit: int, cap: int) -> tuple[li
 def _check_free_space(directory: Path, needed: int, archive: Path) -> None:
     free = short_of_space(directory, needed)
     if free is not None:
-        raise ArchiveError(f"{archive.name} needs {_size(needed)} but only {_size(free)} is free in {directory}",
-                           "free some space (or choose another BASTION_HOME); nothing was written")
+        raise ArchiveError(
+            f"{archive.name} needs {_size(needed)} but only {_size(free)} is free in {directory}",
+            "free some space (or choose another BASTION_HOME); nothing was written",
+        )
 
 
 def copy_bounded(src: BinaryIO, dst: BinaryIO, size: int, archive: str, member: str) -> None:
@@ -251,8 +266,9 @@ def copy_bounded(src: BinaryIO, dst: BinaryIO, size: int, archive: str, member: 
         if not chunk:
             break
         if len(chunk) > left:
-            raise ArchiveError(f"{archive}: {member} holds more than the {size} bytes its header declares",
-                               "refusing this archive")
+            raise ArchiveError(
+                f"{archive}: {member} holds more than the {size} bytes its header declares", "refusing this archive"
+            )
         dst.write(chunk)
         left -= len(chunk)
     if left:
@@ -292,8 +308,9 @@ def unpack(archive: Path, dest: Path, fh: BinaryIO | None = None) -> Path:
     except OSError as exc:
         _discard(staging)
         if exc.errno == errno.ENOSPC:
-            raise ArchiveError(f"disk full while unpacking {archive.name}",
-                               "free some space; nothing was kept") from None
+            raise ArchiveError(
+                f"disk full while unpacking {archive.name}", "free some space; nothing was kept"
+            ) from None
         raise ArchiveError(f"cannot unpack {archive.name}: {exc.strerror or exc}", "nothing was kept") from None
     except BaseException:
         _discard(staging)
@@ -362,8 +379,10 @@ def unpack_cached(archive: Path, cache_dir: Path) -> Path:
         before = _identity(fh)
         size = before[2]
         if size > max_bundle_bytes() + HEADER_ALLOWANCE:
-            raise ArchiveError(f"{archive.name} is {_size(size)}, more than the {_size(max_bundle_bytes())} a "
-                               "bundle may hold", f"refusing this archive (raise {MAX_BYTES_ENV} if it is genuine)")
+            raise ArchiveError(
+                f"{archive.name} is {_size(size)}, more than the {_size(max_bundle_bytes())} a bundle may hold",
+                f"refusing this archive (raise {MAX_BYTES_ENV} if it is genuine)",
+            )
         target = Path(cache_dir) / _hash_stream(fh)
         if (target / MANIFEST_NAME).is_file():
             return target
@@ -373,8 +392,10 @@ def unpack_cached(archive: Path, cache_dir: Path) -> Path:
         unpack(archive, staged, fh=os.fdopen(os.dup(fh.fileno()), "rb"))
         if _identity(fh) != before:
             shutil.rmtree(staged, ignore_errors=True)
-            raise ArchiveError(f"{archive.name} changed while it was being unpacked",
-                               "copy it again from a source nobody else writes to; nothing was cached")
+            raise ArchiveError(
+                f"{archive.name} changed while it was being unpacked",
+                "copy it again from a source nobody else writes to; nothing was cached",
+            )
         try:
             _publish(staged, target)
         except OSError as exc:

@@ -115,8 +115,10 @@ class Inspection:
 
 def warn_unsigned(name: str, why: str) -> None:
     """The development override is loud every single time."""
-    log.warning("running a bundle that failed verification because --allow-unsigned was given",
-                extra={"bundle": name, "reason": why})
+    log.warning(
+        "running a bundle that failed verification because --allow-unsigned was given",
+        extra={"bundle": name, "reason": why},
+    )
     import sys
 
     sys.stderr.write(f"WARNING: --allow-unsigned: running {name} although {why}. Development use only.\n")
@@ -128,21 +130,28 @@ def read_verified(root: Path, manifest: Manifest, entry: FileEntry) -> bytes:
     try:  # a regular file, never more than the manifest's size (one byte more: grown since verification)
         data = read_bounded(path, entry.size)
     except FileNotFoundError:
-        raise ModelLoadError(f"bundle {manifest.name}: payload file {entry.path} is missing",
-                             "copy the whole bundle directory again") from None
+        raise ModelLoadError(
+            f"bundle {manifest.name}: payload file {entry.path} is missing", "copy the whole bundle directory again"
+        ) from None
     except TooLarge as exc:
-        raise ModelLoadError(f"bundle {manifest.name}: {entry.path} is {exc.size} bytes, manifest says "
-                             f"{entry.size} (truncated or replaced)", "copy the bundle again from a trusted source"
-                             ) from None
+        raise ModelLoadError(
+            f"bundle {manifest.name}: {entry.path} is {exc.size} bytes, manifest says "
+            f"{entry.size} (truncated or replaced)",
+            "copy the bundle again from a trusted source",
+        ) from None
     except OSError as exc:
         raise ModelLoadError(f"bundle {manifest.name}: cannot read {entry.path} ({exc.strerror or exc})") from None
     if len(data) != entry.size:
-        raise ModelLoadError(f"bundle {manifest.name}: {entry.path} is {len(data)} bytes, manifest says {entry.size}"
-                             " (truncated or replaced)",
-                             "copy the bundle again from a trusted source")
+        raise ModelLoadError(
+            f"bundle {manifest.name}: {entry.path} is {len(data)} bytes, manifest says {entry.size}"
+            " (truncated or replaced)",
+            "copy the bundle again from a trusted source",
+        )
     if hashlib.sha256(data).hexdigest() != entry.sha256:
-        raise ModelLoadError(f"bundle {manifest.name}: {entry.path} does not match its sha256 (modified)",
-                             "refusing to run it; copy the bundle again from a trusted source")
+        raise ModelLoadError(
+            f"bundle {manifest.name}: {entry.path} does not match its sha256 (modified)",
+            "refusing to run it; copy the bundle again from a trusted source",
+        )
     return data
 
 
@@ -152,19 +161,24 @@ def verify_files(root: Path, manifest: Manifest) -> None:
         try:  # one descriptor: a regular file, stat'ed and hashed through it (a FIFO swapped in is not waited on)
             digest, size = hash_bounded(root / entry.path, entry.size)
         except (FileNotFoundError, NotRegular):
-            raise ModelLoadError(f"bundle {manifest.name}: payload file {entry.path} is missing",
-                                 "copy the whole bundle directory again") from None
+            raise ModelLoadError(
+                f"bundle {manifest.name}: payload file {entry.path} is missing", "copy the whole bundle directory again"
+            ) from None
         except TooLarge as exc:
             digest, size = "", exc.size
         except OSError as exc:
-            raise ModelLoadError(f"bundle {manifest.name}: cannot read {entry.path} ({exc.strerror or exc})"
-                                 ) from None
+            raise ModelLoadError(f"bundle {manifest.name}: cannot read {entry.path} ({exc.strerror or exc})") from None
         if size != entry.size:
-            raise ModelLoadError(f"bundle {manifest.name}: {entry.path} is {size} bytes, manifest says "
-                                 f"{entry.size} (truncated or replaced)", "copy the bundle again from a trusted source")
+            raise ModelLoadError(
+                f"bundle {manifest.name}: {entry.path} is {size} bytes, manifest says "
+                f"{entry.size} (truncated or replaced)",
+                "copy the bundle again from a trusted source",
+            )
         if digest != entry.sha256:
-            raise ModelLoadError(f"bundle {manifest.name}: {entry.path} does not match its sha256 (modified)",
-                                 "refusing to run it; copy the bundle again from a trusted source")
+            raise ModelLoadError(
+                f"bundle {manifest.name}: {entry.path} does not match its sha256 (modified)",
+                "refusing to run it; copy the bundle again from a trusted source",
+            )
 
 
 def resolve_bundle_dir(path: str | Path) -> Path:
@@ -216,7 +230,7 @@ def staged_bundle(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def seal_bundle(staging: Path, manifest: Manifest, out_dir: Path, sign_key=None) -> None:  # noqa: ANN001
+def seal_bundle(staging: Path, manifest: Manifest, out_dir: Path, sign_key=None) -> None:
     """Write the manifest, check every payload file against it, sign if a key is given, rename into place."""
     from bastion.models.manifest import write_manifest
     from bastion.models.signing import sign_manifest

@@ -21,10 +21,15 @@ ALLOW_UNSIGNED_HELP = "DEVELOPMENT ONLY: run a bundle that is unsigned or fails 
 @keys_app.command("generate")
 def keys_generate(
     out_stem: Path = typer.Option(..., "--out", help="Path without suffix: writes OUT.key (0600) and OUT.pub."),
-    passphrase: bool = typer.Option(False, "--passphrase", help="Encrypt the private key (prompted, or "
-                                    "BASTION_KEY_PASSPHRASE)."),
-    trust: bool = typer.Option(True, "--trust/--no-trust", help="Trust the new key on this machine too, so the "
-                               "maker can verify, pack and run what it signs (recorded in trust/audit.jsonl)."),
+    passphrase: bool = typer.Option(
+        False, "--passphrase", help="Encrypt the private key (prompted, or BASTION_KEY_PASSPHRASE)."
+    ),
+    trust: bool = typer.Option(
+        True,
+        "--trust/--no-trust",
+        help="Trust the new key on this machine too, so the "
+        "maker can verify, pack and run what it signs (recorded in trust/audit.jsonl).",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Generate an Ed25519 signing key pair (and trust it here: you made it).
@@ -41,8 +46,14 @@ def keys_generate(
         TrustStore().trust(pair.public_path)
         logging.getLogger(__name__).info("trusted the key just generated here: %s", pair.key_id)
     if json_out:
-        print_json({"key_id": pair.key_id, "private": str(pair.private_path), "public": str(pair.public_path),
-                    "trusted_here": trust})
+        print_json(
+            {
+                "key_id": pair.key_id,
+                "private": str(pair.private_path),
+                "public": str(pair.public_path),
+                "trusted_here": trust,
+            }
+        )
         return
     out.print(f"key {pair.key_id}: private {pair.private_path} (mode 0600), public {pair.public_path}")
     if trust:
@@ -109,12 +120,16 @@ def keys_reset_revocations(
     from bastion.models.trust import TrustStore
 
     if not yes:
-        raise ConfigError("resetting the revocation list forgets every key it revoked",
-                          "restore trust/revoked.json from backup if you can; otherwise repeat with --yes")
+        raise ConfigError(
+            "resetting the revocation list forgets every key it revoked",
+            "restore trust/revoked.json from backup if you can; otherwise repeat with --yes",
+        )
     store = TrustStore()
     store.reset_revocations()
-    out.print(f"started an empty revocation list at {store.revoked_path}; revoke again the keys it held "
-              "(bastion keys revoke ID)")
+    out.print(
+        f"started an empty revocation list at {store.revoked_path}; revoke again the keys it held "
+        "(bastion keys revoke ID)"
+    )
 
 
 @keys_app.command("list")
@@ -126,8 +141,10 @@ def keys_list(json_out: bool = typer.Option(False, "--json", help="Print as JSON
     from bastion.models.trust import TrustStore
 
     store = TrustStore()
-    rows = [{"key_id": k.key_id, "source": k.source, "revoked": k.revoked, "path": str(k.path)}
-            for k in store.keys().values()]
+    rows = [
+        {"key_id": k.key_id, "source": k.source, "revoked": k.revoked, "path": str(k.path)}
+        for k in store.keys().values()
+    ]
     if json_out:
         print_json({"keys": rows, "revoked": store.revoked()})
         return
@@ -175,8 +192,16 @@ def bundle_verify(
 
     b = Bundle.open(bundle)
     if json_out:
-        print_json({"ok": True, "name": b.manifest.name, "version": b.manifest.version, "sha256": b.sha256,
-                    "key_id": b.verification.key_id, "key_source": b.verification.key_source})
+        print_json(
+            {
+                "ok": True,
+                "name": b.manifest.name,
+                "version": b.manifest.version,
+                "sha256": b.sha256,
+                "key_id": b.verification.key_id,
+                "key_source": b.verification.key_source,
+            }
+        )
         return
     out.print(f"{b.manifest.name}:{b.manifest.version} {b.sha256[:16]}: {b.verification.summary}")
 
@@ -195,8 +220,16 @@ def bundle_inspect(
     report = Bundle.inspect(bundle)
     manifest, status, signer = report.manifest, report.status, report.signer_key_id
     if json_out:
-        print_json({"manifest": manifest.model_dump(mode="json"), "sha256": manifest.sha256(), "path": str(report.root),
-                    "signer_key_id": signer, "verified": report.verified, "status": status})
+        print_json(
+            {
+                "manifest": manifest.model_dump(mode="json"),
+                "sha256": manifest.sha256(),
+                "path": str(report.root),
+                "signer_key_id": signer,
+                "verified": report.verified,
+                "status": status,
+            }
+        )
         return
     size = sum(f.size for f in manifest.files)
     table = Table(show_header=False, show_edge=False)
@@ -209,22 +242,44 @@ def bundle_inspect(
         ("task", manifest.task),
         ("precision", manifest.precision),
         ("decoder", manifest.decoder.type if manifest.decoder else "-"),
-        ("input", (f"{manifest.input.name} {manifest.input.size[0]}x{manifest.input.size[1]} "
-                   f"{manifest.input.color} {manifest.input.layout} {manifest.input.resize}"
-                   + (" dynamic" if manifest.input.dynamic_hw else "")) if manifest.input else "-"),
-        ("classes", f"{len(manifest.classes)}: " + ", ".join(manifest.classes[:12])
-         + (", …" if len(manifest.classes) > 12 else "")),
-        ("files", "\n".join(f"{f.path}  {f.size:,} B  {f.role}  {f.sha256[:12]}…" for f in manifest.files)
-         + f"\n(total {size / 1e6:.1f} MB)"),
+        (
+            "input",
+            (
+                f"{manifest.input.name} {manifest.input.size[0]}x{manifest.input.size[1]} "
+                f"{manifest.input.color} {manifest.input.layout} {manifest.input.resize}"
+                + (" dynamic" if manifest.input.dynamic_hw else "")
+            )
+            if manifest.input
+            else "-",
+        ),
+        (
+            "classes",
+            f"{len(manifest.classes)}: "
+            + ", ".join(manifest.classes[:12])
+            + (", …" if len(manifest.classes) > 12 else ""),
+        ),
+        (
+            "files",
+            "\n".join(f"{f.path}  {f.size:,} B  {f.role}  {f.sha256[:12]}…" for f in manifest.files)
+            + f"\n(total {size / 1e6:.1f} MB)",
+        ),
         ("source", manifest.provenance.source),
         ("teachers", ", ".join(t[:16] for t in manifest.provenance.teachers) or "-"),
-        ("datasets", "\n".join(f"{d.name} ({d.license or 'license ?'})"
-                               + (f" sha256 {d.sha256[:12]}…" if d.sha256 else "")
-                               for d in manifest.provenance.datasets) or "-"),
+        (
+            "datasets",
+            "\n".join(
+                f"{d.name} ({d.license or 'license ?'})" + (f" sha256 {d.sha256[:12]}…" if d.sha256 else "")
+                for d in manifest.provenance.datasets
+            )
+            or "-",
+        ),
         ("command", manifest.provenance.command or "-"),
         ("made by", f"bastion {manifest.provenance.bastion_version or '?'} at {manifest.provenance.created or '?'}"),
-        ("license", f"weights: {manifest.license.weights}; data: {manifest.license.data or '-'}"
-         + (f"\n{manifest.license.notes}" if manifest.license.notes else "")),
+        (
+            "license",
+            f"weights: {manifest.license.weights}; data: {manifest.license.data or '-'}"
+            + (f"\n{manifest.license.notes}" if manifest.license.notes else ""),
+        ),
         ("metrics", "\n".join(f"{e.metric} = {e.value:.3f} on {e.dataset}" for e in manifest.evaluation) or "-"),
         *([("int8 verdict", manifest.int8_verdict.summary())] if manifest.int8_verdict else []),
     ]
@@ -254,8 +309,11 @@ def bundle_pack(
 def models_add(
     bundle: Path = typer.Argument(..., help="Bundle directory or .bastion file."),
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
-    allow_downgrade: bool = typer.Option(False, "--allow-downgrade", help="Add a version older than one already "
-                                         "in the registry (recorded; the bare name still means the highest)."),
+    allow_downgrade: bool = typer.Option(
+        False,
+        "--allow-downgrade",
+        help="Add a version older than one already in the registry (recorded; the bare name still means the highest).",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the entry as JSON."),
 ) -> None:
     """Verify a bundle and store it in the local registry (content-addressed).
@@ -276,9 +334,11 @@ def models_add(
     entry = registry.add(bundle, partial(Bundle.open, allow_unsigned=allow_unsigned), allow_downgrade=allow_downgrade)
     newest = registry.resolve(entry.name)
     if newest is not None and is_older(entry.version, newest.version):
-        sys.stderr.write(f"WARNING: {entry.name}:{entry.version} is older than {newest.name}:{newest.version}: "
-                         f"kept because of --allow-downgrade (recorded in {registry.audit_path}); "
-                         f"'{entry.name}' still resolves to {newest.version}.\n")
+        sys.stderr.write(
+            f"WARNING: {entry.name}:{entry.version} is older than {newest.name}:{newest.version}: "
+            f"kept because of --allow-downgrade (recorded in {registry.audit_path}); "
+            f"'{entry.name}' still resolves to {newest.version}.\n"
+        )
     if json_out:
         print_json({"name": entry.name, "version": entry.version, "sha256": entry.sha256, "path": str(entry.path)})
         return
@@ -294,14 +354,31 @@ def models_list(json_out: bool = typer.Option(False, "--json", help="Print as JS
     from bastion.models.registry import Registry
     from bastion.models.zoo import zoo_names, zoo_path
 
-    rows = [{"name": e.name, "version": e.version, "task": e.task, "sha256": e.sha256, "where": "registry",
-             "path": str(e.path)} for e in Registry().entries()]
+    rows = [
+        {
+            "name": e.name,
+            "version": e.version,
+            "task": e.task,
+            "sha256": e.sha256,
+            "where": "registry",
+            "path": str(e.path),
+        }
+        for e in Registry().entries()
+    ]
     from bastion.models.manifest import MANIFEST_NAME, read_manifest
 
     for n in zoo_names():
         m = read_manifest(zoo_path(n) / MANIFEST_NAME)
-        rows.append({"name": n, "version": m.version, "task": m.task, "sha256": m.sha256(), "where": "zoo",
-                     "path": str(zoo_path(n))})
+        rows.append(
+            {
+                "name": n,
+                "version": m.version,
+                "task": m.task,
+                "sha256": m.sha256(),
+                "where": "zoo",
+                "path": str(zoo_path(n)),
+            }
+        )
     if json_out:
         print_json({"models": rows})
         return

@@ -56,8 +56,7 @@ def generate_keypair(stem: Path, passphrase: bytes | None = None) -> KeyPair:
         if path.exists():
             raise KeyFileError(f"{path} already exists", "choose another name; bastion never overwrites a key")
     key = Ed25519PrivateKey.generate()
-    encryption = (serialization.BestAvailableEncryption(passphrase) if passphrase
-                  else serialization.NoEncryption())
+    encryption = serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
     atomic_write_bytes(private_path, pem, mode=0o600)
     atomic_write_bytes(public_path, public_pem(key.public_key()))
@@ -73,8 +72,9 @@ def load_private_key(path: Path, passphrase: bytes | None = None) -> Ed25519Priv
     except FileNotFoundError:
         raise KeyFileError(f"private key not found: {path}") from None
     except (TooLarge, NotRegular):
-        raise KeyFileError(f"{path} is not a private key file", "give the .key file bastion keys generate wrote"
-                           ) from None
+        raise KeyFileError(
+            f"{path} is not a private key file", "give the .key file bastion keys generate wrote"
+        ) from None
     except OSError as exc:
         raise KeyFileError(f"cannot read private key {path}: {exc.strerror}") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -110,15 +110,19 @@ def _ask_for_passphrase(path: Path) -> bytes:
     key through this function, and `keys generate --passphrase` then `bundle create --sign` must just work.
     """
     if not (sys.stdin.isatty() and sys.stderr.isatty()):
-        raise KeyFileError(f"private key {path} is encrypted and there is no terminal to ask for its passphrase",
-                           "set BASTION_KEY_PASSPHRASE")
+        raise KeyFileError(
+            f"private key {path} is encrypted and there is no terminal to ask for its passphrase",
+            "set BASTION_KEY_PASSPHRASE",
+        )
     try:
         value = getpass.getpass(f"passphrase for {path}: ")
     except (EOFError, KeyboardInterrupt):
         value = ""
     if not value:
-        raise KeyFileError(f"private key {path} is encrypted and no passphrase was given",
-                           "type it at the prompt or set BASTION_KEY_PASSPHRASE")
+        raise KeyFileError(
+            f"private key {path} is encrypted and no passphrase was given",
+            "type it at the prompt or set BASTION_KEY_PASSPHRASE",
+        )
     return value.encode()
 
 
@@ -130,8 +134,9 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     except FileNotFoundError:
         raise KeyFileError(f"public key not found: {path}") from None
     except (TooLarge, NotRegular):
-        raise KeyFileError(f"{path} is not a public key file (a PEM key is under {MAX_KEY_FILE_BYTES} bytes)",
-                           "give the .pub file") from None
+        raise KeyFileError(
+            f"{path} is not a public key file (a PEM key is under {MAX_KEY_FILE_BYTES} bytes)", "give the .pub file"
+        ) from None
     except OSError as exc:
         raise KeyFileError(f"cannot read public key {path}: {exc.strerror or exc}") from None
     return parse_public_key(data, str(path))

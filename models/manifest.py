@@ -158,12 +158,14 @@ class Int8Verdict(_Strict):
     def summary(self) -> str:
         """Lines for ``bastion bundle inspect`` and reports."""
         where = "" if self.measured_on_target else f" — NOT measured with {self.target_isa} kernels"
-        return (f"{self.recipe}: mAP50 {self.fp32_map50:.3f} → {self.int8_map50:.3f} "
-                f"({self.map50_drop_points:.2f} points), {self.speedup:.2f}× on {self.isa} "
-                f"({self.execution_provider}, onnxruntime {self.onnxruntime})\n"
-                f"made for {self.target} ({self.target_isa}){where}; holds on {', '.join(self.holds_on)}\n"
-                f"calibration {self.calibration_images} images sha256 {self.calibration_sha256[:12]}…, "
-                f"evaluation {self.evaluation_images} images sha256 {self.evaluation_sha256[:12]}…")
+        return (
+            f"{self.recipe}: mAP50 {self.fp32_map50:.3f} → {self.int8_map50:.3f} "
+            f"({self.map50_drop_points:.2f} points), {self.speedup:.2f}× on {self.isa} "
+            f"({self.execution_provider}, onnxruntime {self.onnxruntime})\n"
+            f"made for {self.target} ({self.target_isa}){where}; holds on {', '.join(self.holds_on)}\n"
+            f"calibration {self.calibration_images} images sha256 {self.calibration_sha256[:12]}…, "
+            f"evaluation {self.evaluation_images} images sha256 {self.evaluation_sha256[:12]}…"
+        )
 
 
 class Manifest(_Strict):
@@ -185,7 +187,7 @@ class Manifest(_Strict):
     int8_verdict: Int8Verdict | None = None  # INT8 bundles from the gate; absent (not null) otherwise
 
     @model_serializer(mode="wrap")
-    def _omit_absent_verdict(self, handler):  # noqa: ANN001, ANN202
+    def _omit_absent_verdict(self, handler):
         """An absent ``int8_verdict`` is left out of the JSON, so manifests signed before the field existed keep
         the same canonical bytes (and their signatures)."""
         data = handler(self)
@@ -198,8 +200,7 @@ class Manifest(_Strict):
     def _known_schema(cls, value: int) -> int:
         if value > SCHEMA_VERSION:
             raise ValueError(
-                f"schema_version {value} is newer than this bastion understands ({SCHEMA_VERSION});"
-                " upgrade bastion"
+                f"schema_version {value} is newer than this bastion understands ({SCHEMA_VERSION}); upgrade bastion"
             )
         return value
 
@@ -228,8 +229,10 @@ def read_manifest(path: Path) -> Manifest:
     except FileNotFoundError:
         raise ManifestError(f"no manifest.json in {path.parent}", "is this a bastion model bundle?") from None
     except TooLarge as exc:
-        raise ManifestError(f"{path} is {exc.size} bytes, larger than a manifest may be ({MAX_MANIFEST_BYTES})",
-                            "the bundle is damaged or not a bastion bundle") from None
+        raise ManifestError(
+            f"{path} is {exc.size} bytes, larger than a manifest may be ({MAX_MANIFEST_BYTES})",
+            "the bundle is damaged or not a bastion bundle",
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError(f"cannot read {path}: {exc}") from None
     try:
@@ -239,15 +242,17 @@ def read_manifest(path: Path) -> Manifest:
             f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})", "the bundle is damaged; copy it again"
         ) from None
     except RecursionError:
-        raise ManifestError(f"{path} is nested too deeply to be a manifest", "the bundle is damaged; copy it again"
-                            ) from None
+        raise ManifestError(
+            f"{path} is nested too deeply to be a manifest", "the bundle is damaged; copy it again"
+        ) from None
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
         from bastion.models.textfiles import first_error
 
-        raise ManifestError(f"{path}: {first_error(exc, 'manifest')}", "the bundle is damaged or from another tool"
-                            ) from None
+        raise ManifestError(
+            f"{path}: {first_error(exc, 'manifest')}", "the bundle is damaged or from another tool"
+        ) from None
 
 
 def write_manifest(manifest: Manifest, path: Path) -> None:
@@ -266,7 +271,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def files_sha256(paths) -> str:  # noqa: ANN001 - an iterable of Paths, in the order that defines the set
+def files_sha256(paths) -> str:
     """One hash over several files' names and contents, in the given order (a dataset's identity)."""
     digest = hashlib.sha256()
     for path in paths:

@@ -49,7 +49,7 @@ def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: memoryview):  # noqa: ANN202 - yields (field number, wire type, value: int | memoryview)
+def _fields(buf: memoryview):
     pos = 0
     while pos < len(buf):
         key, pos = _varint(buf, pos)
@@ -107,8 +107,10 @@ def external_data_locations(model: bytes, label: str = "the model") -> list[str]
     try:
         _walk(memoryview(model), "Model", 0, found)
     except _Malformed as exc:
-        raise ModelLoadError(f"{label} is not a loadable ONNX model (malformed protobuf: {exc})",
-                             "the file is truncated or not ONNX; copy it again") from None
+        raise ModelLoadError(
+            f"{label} is not a loadable ONNX model (malformed protobuf: {exc})",
+            "the file is truncated or not ONNX; copy it again",
+        ) from None
     return sorted(set(found))
 
 

@@ -67,12 +67,18 @@ class Registry:
         try:
             return json.loads(self.index_path.read_text())["bundles"]
         except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
-            raise RegistryError(f"registry index {self.index_path} is damaged",
-                                "restore it from backup or re-add the bundles") from None
+            raise RegistryError(
+                f"registry index {self.index_path} is damaged", "restore it from backup or re-add the bundles"
+            ) from None
 
     def entries(self) -> list[Entry]:
-        return sorted((Entry(sha, e["name"], e["version"], e.get("task", "?"), e["added"], self.bundles / sha)
-                       for sha, e in self._index().items()), key=lambda e: (e.name, version_key(e.version), e.added))
+        return sorted(
+            (
+                Entry(sha, e["name"], e["version"], e.get("task", "?"), e["added"], self.bundles / sha)
+                for sha, e in self._index().items()
+            ),
+            key=lambda e: (e.name, version_key(e.version), e.added),
+        )
 
     def resolve(self, ref: str) -> Entry | None:
         """The highest version with this name (or exactly this version, if given), or None; among equal versions
@@ -81,20 +87,22 @@ class Registry:
         matches = [e for e in self.entries() if e.name == name and (version is None or e.version == version)]
         return max(matches, key=lambda e: (version_key(e.version), e.added)) if matches else None
 
-    def _refuse_downgrade(self, manifest, allow: bool) -> Entry | None:  # noqa: ANN001
+    def _refuse_downgrade(self, manifest, allow: bool) -> Entry | None:
         """The newer entry ``manifest`` would roll back from (when allowed), or raise when not allowed."""
         newest = self.resolve(manifest.name)
         if newest is None or not is_older(manifest.version, newest.version):
             return None
         if not allow:
-            raise RegistryError(f"{manifest.name}:{manifest.version} is older than {newest.name}:{newest.version} "
-                                "already in the registry",
-                                "a rollback must be deliberate: add it with --allow-downgrade (it is recorded); "
-                                f"'{manifest.name}' keeps resolving to the highest version either way")
+            raise RegistryError(
+                f"{manifest.name}:{manifest.version} is older than {newest.name}:{newest.version} "
+                "already in the registry",
+                "a rollback must be deliberate: add it with --allow-downgrade (it is recorded); "
+                f"'{manifest.name}' keeps resolving to the highest version either way",
+            )
         return newest
 
     # -- writing -----------------------------------------------------------------------------------
-    def add(self, source: Path, open_bundle, allow_downgrade: bool = False) -> Entry:  # noqa: ANN001 - Bundle.open
+    def add(self, source: Path, open_bundle, allow_downgrade: bool = False) -> Entry:
         """Verify ``source`` (bundle dir or .bastion), copy it in, and index it. Returns the entry.
 
         ``open_bundle`` is ``Bundle.open`` (injected to avoid an import cycle). A version older than one already
@@ -112,9 +120,11 @@ class Registry:
                 self._refuse_downgrade(bundle.manifest, allow_downgrade)
             needed = sum(f.size for f in bundle.manifest.files)
             if (free := short_of_space(self.root, needed)) is not None:  # before copying, not when the disk is full
-                raise RegistryError(f"{bundle.manifest.name}:{bundle.manifest.version} needs {needed / 1e6:.1f} MB "
-                                    f"but only {free / 1e6:.1f} MB is free in {self.root}",
-                                    "free some space and retry; the registry is unchanged")
+                raise RegistryError(
+                    f"{bundle.manifest.name}:{bundle.manifest.version} needs {needed / 1e6:.1f} MB "
+                    f"but only {free / 1e6:.1f} MB is free in {self.root}",
+                    "free some space and retry; the registry is unchanged",
+                )
             copy = staging / "bundle"
             copy.mkdir()
             names = [MANIFEST_NAME, *(f.path for f in bundle.manifest.files)]
@@ -133,9 +143,12 @@ class Registry:
                     if target.exists():  # left over from an interrupted add: replace it
                         shutil.rmtree(target)
                     os.replace(copy, target)
-                    index[sha] = {"name": bundle.manifest.name, "version": bundle.manifest.version,
-                                  "task": bundle.manifest.task,
-                                  "added": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{time.time_ns() % 10**9:09d}Z"}
+                    index[sha] = {
+                        "name": bundle.manifest.name,
+                        "version": bundle.manifest.version,
+                        "task": bundle.manifest.task,
+                        "added": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{time.time_ns() % 10**9:09d}Z",
+                    }
                     self._write_index(index)
                     log.info("bundle added to registry", extra={"bundle": bundle.manifest.name, "sha256": sha})
                     if rolled_back_from is not None:
@@ -144,8 +157,10 @@ class Registry:
             return Entry(sha, e["name"], e["version"], e.get("task", "?"), e["added"], target)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                raise RegistryError(f"disk full while adding {source} to the registry",
-                                    "free some space and retry; the registry is unchanged") from None
+                raise RegistryError(
+                    f"disk full while adding {source} to the registry",
+                    "free some space and retry; the registry is unchanged",
+                ) from None
             raise RegistryError(f"cannot add {source}: {exc.strerror or exc}", "the registry is unchanged") from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -164,12 +179,21 @@ class Registry:
         shutil.rmtree(trash, ignore_errors=True)
         return entry
 
-    def _record_downgrade(self, bundle, newest: Entry, source: Path) -> None:  # noqa: ANN001
+    def _record_downgrade(self, bundle, newest: Entry, source: Path) -> None:
         m = bundle.manifest
-        log.warning("older bundle added with --allow-downgrade",
-                    extra={"bundle": f"{m.name}:{m.version}", "newest": newest.version, "sha256": bundle.sha256})
-        self._record("downgrade_added", name=m.name, version=m.version, sha256=bundle.sha256,
-                     newest=newest.version, newest_sha256=newest.sha256, source=str(source))
+        log.warning(
+            "older bundle added with --allow-downgrade",
+            extra={"bundle": f"{m.name}:{m.version}", "newest": newest.version, "sha256": bundle.sha256},
+        )
+        self._record(
+            "downgrade_added",
+            name=m.name,
+            version=m.version,
+            sha256=bundle.sha256,
+            newest=newest.version,
+            newest_sha256=newest.sha256,
+            source=str(source),
+        )
 
     def _record(self, event: str, **fields: str) -> None:
         """One line in ``audit.jsonl``; the index change it describes has already happened, so a failure

@@ -34,10 +34,19 @@ class SignatureRecord:
     signature: bytes
 
     def to_json(self) -> bytes:
-        return json.dumps({
-            "format": SIGNATURE_FORMAT, "algorithm": "ed25519", "key_id": self.key_id,
-            "manifest_sha256": self.manifest_sha256, "signature": base64.b64encode(self.signature).decode(),
-        }, indent=2).encode() + b"\n"
+        return (
+            json.dumps(
+                {
+                    "format": SIGNATURE_FORMAT,
+                    "algorithm": "ed25519",
+                    "key_id": self.key_id,
+                    "manifest_sha256": self.manifest_sha256,
+                    "signature": base64.b64encode(self.signature).decode(),
+                },
+                indent=2,
+            ).encode()
+            + b"\n"
+        )
 
 
 @dataclass(frozen=True)
@@ -73,13 +82,25 @@ def read_signature(root: Path, name: str) -> SignatureRecord | None:
             raise ValueError("unknown format")
         signature = base64.b64decode(data["signature"], validate=True)
         record = SignatureRecord(str(data["key_id"]), str(data["manifest_sha256"]), signature)
-    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error, UnicodeDecodeError, RecursionError,
-            OSError):  # TooLarge and NotRegular are OSErrors
-        raise SignatureError(f"bundle {name}: the signature file is damaged or not a bastion signature",
-                             "copy the bundle again from its maker") from None
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        binascii.Error,
+        UnicodeDecodeError,
+        RecursionError,
+        OSError,
+    ):  # TooLarge and NotRegular are OSErrors
+        raise SignatureError(
+            f"bundle {name}: the signature file is damaged or not a bastion signature",
+            "copy the bundle again from its maker",
+        ) from None
     if len(record.signature) != SIGNATURE_BYTES:
-        raise SignatureError(f"bundle {name}: signature is {len(record.signature)} bytes, an Ed25519 signature "
-                             f"is {SIGNATURE_BYTES}", "the signature file is damaged; copy the bundle again")
+        raise SignatureError(
+            f"bundle {name}: signature is {len(record.signature)} bytes, an Ed25519 signature is {SIGNATURE_BYTES}",
+            "the signature file is damaged; copy the bundle again",
+        )
     return record
 
 
@@ -90,19 +111,29 @@ def verify_manifest(root: Path, manifest: Manifest, trust: TrustStore) -> Verifi
     if record is None:
         raise SignatureError(f"bundle {name} is not signed", UNSIGNED_HINT)
     if trust.is_revoked(record.key_id):
-        raise SignatureError(f"bundle {name} is signed by key {record.key_id}, which is revoked on this unit",
-                             "get a bundle re-signed by a key you trust")
+        raise SignatureError(
+            f"bundle {name} is signed by key {record.key_id}, which is revoked on this unit",
+            "get a bundle re-signed by a key you trust",
+        )
     trusted = trust.lookup(record.key_id)
     if trusted is None:
-        raise SignatureError(f"bundle {name} is signed by key {record.key_id}, which this unit does not trust",
-                             "if you trust its maker: bastion keys trust THEIR_KEY.pub")
+        raise SignatureError(
+            f"bundle {name} is signed by key {record.key_id}, which this unit does not trust",
+            "if you trust its maker: bastion keys trust THEIR_KEY.pub",
+        )
     if not verify_signature(trusted.public, record.signature, manifest.canonical_bytes()):
         if record.manifest_sha256 != manifest.sha256():
-            raise SignatureError(f"bundle {name}: the manifest was changed after signing "
-                                 "(or the signature belongs to another bundle)", "refusing to run it")
-        raise SignatureError(f"bundle {name}: the signature does not verify with key {record.key_id} "
-                             "(forged or corrupted)", "refusing to run it")
+            raise SignatureError(
+                f"bundle {name}: the manifest was changed after signing (or the signature belongs to another bundle)",
+                "refusing to run it",
+            )
+        raise SignatureError(
+            f"bundle {name}: the signature does not verify with key {record.key_id} (forged or corrupted)",
+            "refusing to run it",
+        )
     if record.manifest_sha256 != manifest.sha256():  # signed bytes fine, but the record around them was edited
-        raise SignatureError(f"bundle {name}: the signature file was edited (its manifest hash is wrong)",
-                             "copy the bundle again from its maker")
+        raise SignatureError(
+            f"bundle {name}: the signature file was edited (its manifest hash is wrong)",
+            "copy the bundle again from its maker",
+        )
     return Verification(True, record.key_id, trusted.source)

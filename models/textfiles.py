@@ -21,8 +21,9 @@ def read_yaml_mapping(path: Path, what: str, missing_hint: str | None = None) ->
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded)",
-                          "save it as UTF-8") from None
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded)", "save it as UTF-8"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not isinstance(data, dict):

@@ -63,8 +63,10 @@ class TrustStore:
             data = None
         revoked = data.get("revoked") if isinstance(data, dict) else None
         if not isinstance(revoked, dict):
-            raise ConfigError(f"revocation list {self.revoked_path} is damaged",
-                              "restore it from backup; refusing to guess which keys are revoked")
+            raise ConfigError(
+                f"revocation list {self.revoked_path} is damaged",
+                "restore it from backup; refusing to guess which keys are revoked",
+            )
         return revoked
 
     def _is_new(self) -> bool:
@@ -72,10 +74,11 @@ class TrustStore:
         return not self.root.is_dir() or all(p.name == ".lock" for p in self.root.iterdir())
 
     def _missing(self) -> SignatureError:
-        return SignatureError(f"the revocation list {self.revoked_path} is missing; refusing to trust any key "
-                              "until it is back",
-                              "restore it from backup, or start an empty one with: bastion keys reset-revocations "
-                              "--yes (then revoke again what was revoked)")
+        return SignatureError(
+            f"the revocation list {self.revoked_path} is missing; refusing to trust any key until it is back",
+            "restore it from backup, or start an empty one with: bastion keys reset-revocations "
+            "--yes (then revoke again what was revoked)",
+        )
 
     def _ensure_list(self) -> None:
         """Create the empty list with a new store; refuse when an existing store has lost it."""
@@ -93,8 +96,10 @@ class TrustStore:
                 self._write_revoked({})
                 self._record("created")
         except OSError as exc:  # a read-only home that never had a store: nothing was ever revoked in it
-            log.warning("cannot create the trust store; using the built-in anchors only",
-                        extra={"path": str(self.root), "error": str(exc)})
+            log.warning(
+                "cannot create the trust store; using the built-in anchors only",
+                extra={"path": str(self.root), "error": str(exc)},
+            )
 
     def _write_revoked(self, revoked: dict[str, dict]) -> None:
         atomic_write_bytes(self.revoked_path, json.dumps({"revoked": revoked}, indent=2).encode())
@@ -131,11 +136,13 @@ class TrustStore:
         if lacking:
             keys = ", ".join(f"{k} (revoked {when})" for k, when in sorted(lacking.items()))
             log.error("revocation list lacks revoked keys", extra={"keys": sorted(lacking)})
-            raise SignatureError(f"the revocation list {self.revoked_path} lacks {keys}, per {self.audit_path}; "
-                                 "refusing to trust any key",
-                                 "it was put back from an older backup or edited: restore the current one or revoke "
-                                 "them again (bastion keys revoke ID); to lift one on purpose: bastion keys unrevoke "
-                                 "ID --yes")
+            raise SignatureError(
+                f"the revocation list {self.revoked_path} lacks {keys}, per {self.audit_path}; "
+                "refusing to trust any key",
+                "it was put back from an older backup or edited: restore the current one or revoke "
+                "them again (bastion keys revoke ID); to lift one on purpose: bastion keys unrevoke "
+                "ID --yes",
+            )
         return revoked
 
     # -- reading -----------------------------------------------------------------------------------
@@ -180,8 +187,9 @@ class TrustStore:
         self._ensure_list()
         with file_lock(self.lock_path):
             if kid in self._check_journal(self._revoked_locked()):
-                raise KeyFileError(f"key {kid} was revoked on this unit",
-                                   f"if that was a mistake: bastion keys unrevoke {kid} --yes")
+                raise KeyFileError(
+                    f"key {kid} was revoked on this unit", f"if that was a mistake: bastion keys unrevoke {kid} --yes"
+                )
             atomic_write_bytes(self.keys_dir / f"{kid}{PUBLIC_SUFFIX}", public_pem(public))
             self._record("trusted", key_id=kid, source=str(public_key_file))
         return kid
@@ -189,8 +197,9 @@ class TrustStore:
     def resolve_id(self, prefix: str) -> str:
         matches = [k for k in self._keys({}) if k.startswith(prefix)]  # works while the list is being mended
         if len(matches) != 1:
-            raise ConfigError(f"{'no' if not matches else 'more than one'} trusted key matches {prefix!r}",
-                              "see: bastion keys list")
+            raise ConfigError(
+                f"{'no' if not matches else 'more than one'} trusted key matches {prefix!r}", "see: bastion keys list"
+            )
         return matches[0]
 
     def revoke(self, prefix: str, reason: str = "") -> str:
@@ -210,8 +219,10 @@ class TrustStore:
             revoked = self._revoked_locked()
             matches = [k for k in revoked if k.startswith(prefix)]
             if len(matches) != 1:
-                raise ConfigError(f"{'no' if not matches else 'more than one'} revoked key matches {prefix!r}",
-                                  "see: bastion keys list")
+                raise ConfigError(
+                    f"{'no' if not matches else 'more than one'} revoked key matches {prefix!r}",
+                    "see: bastion keys list",
+                )
             del revoked[matches[0]]
             self._write_revoked(revoked)
             self._record("unrevoked", key_id=matches[0])
@@ -224,8 +235,10 @@ class TrustStore:
         with file_lock(self.lock_path):
             current = self._read_revoked()
             if current is not None:
-                raise ConfigError(f"the revocation list {self.revoked_path} exists ({len(current)} revoked)",
-                                  "nothing to reset; to un-revoke a key, edit the list by hand")
+                raise ConfigError(
+                    f"the revocation list {self.revoked_path} exists ({len(current)} revoked)",
+                    "nothing to reset; to un-revoke a key, edit the list by hand",
+                )
             self._write_revoked({})
             self._record("revocations_reset")
         log.warning("revocation list started again, empty", extra={"path": str(self.revoked_path)})

@@ -55,7 +55,9 @@ def check_not_downgrade(current: Versioned, new: Versioned, allow: bool) -> bool
     if new.name != current.name or not is_older(new.version, current.version):
         return False
     if not allow:
-        raise ModelLoadError(f"{new.name}:{new.version} is older than the running {current.name}:{current.version}",
-                             "a rollback must be deliberate: send the reload again with \"allow_downgrade\": true "
-                             "(SDK: Client.reload(bundle, allow_downgrade=True)); it is audited")
+        raise ModelLoadError(
+            f"{new.name}:{new.version} is older than the running {current.name}:{current.version}",
+            'a rollback must be deliberate: send the reload again with "allow_downgrade": true '
+            "(SDK: Client.reload(bundle, allow_downgrade=True)); it is audited",
+        )
     return True

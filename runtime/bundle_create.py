@@ -97,8 +97,9 @@ def _imgsz(value: str) -> list[int]:
     return parts
 
 
-def create_bundle(onnx: Path, out_dir: Path, fields: dict[str, Any], license_files: list[Path],
-                  sign_key=None) -> Manifest:  # noqa: ANN001 - an Ed25519PrivateKey
+def create_bundle(
+    onnx: Path, out_dir: Path, fields: dict[str, Any], license_files: list[Path], sign_key=None
+) -> Manifest:
     """Assemble, check and (optionally) sign a bundle in a staging directory, then move it to ``out_dir``."""
     with staged_bundle(out_dir) as staging:
         shutil.copy2(onnx, staging / onnx.name)
@@ -115,8 +116,9 @@ def create_bundle(onnx: Path, out_dir: Path, fields: dict[str, Any], license_fil
         try:
             manifest = Manifest.model_validate(fields)
         except ValidationError as exc:
-            raise ConfigError(f"bundle metadata: {first_error(exc)}", "give it with a flag or in the --meta file"
-                              ) from None
+            raise ConfigError(
+                f"bundle metadata: {first_error(exc)}", "give it with a flag or in the --meta file"
+            ) from None
         if manifest.task == "detect":
             _smoke_test(staging / onnx.name, manifest)
         seal_bundle(staging, manifest, out_dir, sign_key)
@@ -129,8 +131,10 @@ def _smoke_test(model: Path, manifest: Manifest) -> None:
     from bastion.runtime.detect import Detector
 
     if manifest.input is None or manifest.decoder is None:
-        raise ConfigError("a detection bundle needs input and decoder metadata",
-                          "give --decoder and --imgsz, or an input:/decoder: section in --meta")
+        raise ConfigError(
+            "a detection bundle needs input and decoder metadata",
+            "give --decoder and --imgsz, or an input:/decoder: section in --meta",
+        )
     detector = Detector(open_backend(model, device="cpu", threads=1), manifest)
     try:
         h, w = manifest.input.size
@@ -141,20 +145,31 @@ def _smoke_test(model: Path, manifest: Manifest) -> None:
 
 def bundle_create_command(
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="The model file."),
-    from_run: Optional[Path] = typer.Option(None, "--from-run", help=f"A distillation run: RUN/{RUN_MODEL} + "
-                                            f"RUN/{RUN_META}."),
-    meta: Optional[Path] = typer.Option(None, "--meta", help="YAML/JSON with manifest fields (input, decoder, "
-                                        "classes, thresholds, provenance, license, evaluation, precision)."),
+    from_run: Optional[Path] = typer.Option(
+        None, "--from-run", help=f"A distillation run: RUN/{RUN_MODEL} + RUN/{RUN_META}."
+    ),
+    meta: Optional[Path] = typer.Option(
+        None,
+        "--meta",
+        help="YAML/JSON with manifest fields (input, decoder, "
+        "classes, thresholds, provenance, license, evaluation, precision).",
+    ),
     out_dir: Path = typer.Option(..., "--out", help="New bundle directory."),
-    name: Optional[str] = typer.Option(None, help="Bundle name (default: the --out folder's name without a "
-                                       "-VERSION suffix, e.g. pv for bundles/pv-1.0; else the ONNX file's stem)."),
-    version: Optional[str] = typer.Option(None, help="Bundle version (default: the --out folder's -VERSION "
-                                          "suffix, else 1.0)."),
+    name: Optional[str] = typer.Option(
+        None,
+        help="Bundle name (default: the --out folder's name without a "
+        "-VERSION suffix, e.g. pv for bundles/pv-1.0; else the ONNX file's stem).",
+    ),
+    version: Optional[str] = typer.Option(
+        None, help="Bundle version (default: the --out folder's -VERSION suffix, else 1.0)."
+    ),
     task: Optional[str] = typer.Option(None, help="detect or lm (default: detect)."),
     decoder: Optional[str] = typer.Option(None, help="Output decoder: yolov5, yolov8 or yolox."),
     classes: Optional[str] = typer.Option(None, help="Class names in output order, comma-separated."),
-    imgsz: Optional[str] = typer.Option(None, help="Network input size, N or H,W (default: the ONNX file's own, "
-                                        "from its metadata or a fixed input shape)."),
+    imgsz: Optional[str] = typer.Option(
+        None,
+        help="Network input size, N or H,W (default: the ONNX file's own, from its metadata or a fixed input shape).",
+    ),
     weights_license: Optional[str] = typer.Option(None, help="License of the weights (required)."),
     data_license: Optional[str] = typer.Option(None, help="License of the training data."),
     source: Optional[str] = typer.Option(None, help="Where the weights came from."),
@@ -202,14 +217,18 @@ def bundle_create_command(
         raise ConfigError("the license of the weights is required", "give --weights-license (e.g. Apache-2.0)")
     fields["license"] = lic
     if fields["task"] == "detect" and isinstance(fields.get("input"), dict) and "size" not in fields["input"]:
-        raise ConfigError(f"{onnx.name} takes any input size and does not say which it was trained at",
-                          "give --imgsz (e.g. 640)")
+        raise ConfigError(
+            f"{onnx.name} takes any input size and does not say which it was trained at", "give --imgsz (e.g. 640)"
+        )
     prov = dict(fields.get("provenance", {}))
     prov.setdefault("source", source or f"ONNX file {onnx.name}")
     if source:
         prov["source"] = source
-    prov.update(command=shlex.join(["bastion", *sys.argv[1:]]), bastion_version=__version__,
-                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    prov.update(
+        command=shlex.join(["bastion", *sys.argv[1:]]),
+        bastion_version=__version__,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
     fields["provenance"] = prov
     key = None
     if sign is not None:
@@ -218,8 +237,16 @@ def bundle_create_command(
         key = load_private_key(sign, read_passphrase(passphrase))
     manifest = create_bundle(onnx, out_dir, fields, list(license_file), key)
     if json_out:
-        print_json({"path": str(out_dir), "sha256": manifest.sha256(), "signed": key is not None,
-                    "manifest": manifest.model_dump(mode="json")})
+        print_json(
+            {
+                "path": str(out_dir),
+                "sha256": manifest.sha256(),
+                "signed": key is not None,
+                "manifest": manifest.model_dump(mode="json"),
+            }
+        )
         return
-    out.print(f"created {manifest.name}:{manifest.version} in {out_dir} ({'signed' if key else 'UNSIGNED'}, "
-              f"sha256 {manifest.sha256()[:16]})")
+    out.print(
+        f"created {manifest.name}:{manifest.version} in {out_dir} ({'signed' if key else 'UNSIGNED'}, "
+        f"sha256 {manifest.sha256()[:16]})"
+    )

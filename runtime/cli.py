@@ -23,8 +23,9 @@ def detect_command(
     iou: Optional[float] = typer.Option(None, help="NMS IoU threshold (default: the model's, 0.45)."),
     classes: Optional[str] = typer.Option(None, help="Only these classes, comma-separated names or ids."),
     imgsz: Optional[int] = typer.Option(None, help="Network input size (long side), multiple of 32."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, tensorrt (ONNX Runtime's provider) or trt (native "
-                               "TensorRT)."),
+    device: str = typer.Option(
+        "auto", help="auto, cpu, cuda, tensorrt (ONNX Runtime's provider) or trt (native TensorRT)."
+    ),
     threads: Optional[int] = typer.Option(None, help="CPU threads for inference (default: all cores)."),
     batch: int = typer.Option(1, help="Frames per inference batch for video/directories (dynamic-batch models)."),
     workers: int = typer.Option(0, help="Concurrent inferences for video/directories (0: one per core, max 4)."),
@@ -47,8 +48,16 @@ def detect_command(
         workers = default_workers()
         # Several single-threaded inferences in flight beat one spread over all cores (docs/benchmarks.md).
         threads = threads or (1 if workers > 1 else None)
-    detector = Detector.load(model, device=device, threads=threads, conf=conf, iou=iou,
-                             classes=split_csv(classes), imgsz=imgsz, allow_unsigned=allow_unsigned)
+    detector = Detector.load(
+        model,
+        device=device,
+        threads=threads,
+        conf=conf,
+        iou=iou,
+        classes=split_csv(classes),
+        imgsz=imgsz,
+        allow_unsigned=allow_unsigned,
+    )
     skipped: list[str] = []
     counts: Counter[str] = Counter()
     frames = 0
@@ -60,19 +69,27 @@ def detect_command(
         if max_frames:
             total = min(total or max_frames, max_frames)
         if save:
-            writer = AtomicVideoWriter(save / f"{source.stem}.detections.mp4", info["fps"],
-                                       (int(info["width"]), int(info["height"])))
+            writer = AtomicVideoWriter(
+                save / f"{source.stem}.detections.mp4", info["fps"], (int(info["width"]), int(info["height"]))
+            )
     t0 = time.perf_counter()
     try:
         with progress(disable=json_out) as bar:
             task = bar.add_task(f"detect {source.name}", total=total)
-            for frame, det in detect_stream(detector, iter_source(source, skipped, max_frames), batch=batch,
-                                              workers=max(workers, 1)):
+            for frame, det in detect_stream(
+                detector, iter_source(source, skipped, max_frames), batch=batch, workers=max(workers, 1)
+            ):
                 frames += 1
                 counts.update(det.counts())
                 if json_out:
-                    print_json({"source": frame.source, "frame": frame.index, "model": detector.bundle_sha256,
-                                "detections": det.to_dict()})
+                    print_json(
+                        {
+                            "source": frame.source,
+                            "frame": frame.index,
+                            "model": detector.bundle_sha256,
+                            "detections": det.to_dict(),
+                        }
+                    )
                 if save and writer is not None:
                     writer.write(det.draw(frame.image))
                 elif save:
@@ -88,23 +105,29 @@ def detect_command(
         return
     print_counts(f"{detector.manifest.name} on {source}", counts)
     fps = frames / elapsed if elapsed > 0 else 0.0
-    out.print(f"{frames} frames, {sum(counts.values())} detections, {fps:.1f} frames/s"
-              + (f", {len(skipped)} unreadable skipped" if skipped else "")
-              + (f"; annotated output in {save}" if save else ""))
+    out.print(
+        f"{frames} frames, {sum(counts.values())} detections, {fps:.1f} frames/s"
+        + (f", {len(skipped)} unreadable skipped" if skipped else "")
+        + (f"; annotated output in {save}" if save else "")
+    )
 
 
 def ask_command(
     prompt: str = typer.Argument(..., help="The question or the beginning of the text."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="A task: lm bundle to run here."),
     node: Optional[str] = typer.Option(None, "--node", help="Or: a node's control endpoint (its `lm` answers)."),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Longest answer, in tokens [default: the bundle's, "
-                                                 "else 128]."),
-    temperature: Optional[float] = typer.Option(None, help="0 is greedy; higher samples more freely [default: the "
-                                                "bundle's, else 0]."),
-    top_k: Optional[int] = typer.Option(None, help="Sample only among the k likeliest tokens, 0: all [default: "
-                                        "the bundle's]."),
-    top_p: Optional[float] = typer.Option(None, help="Sample only within this probability mass [default: the "
-                                          "bundle's, else 1]."),
+    max_new_tokens: Optional[int] = typer.Option(
+        None, help="Longest answer, in tokens [default: the bundle's, else 128]."
+    ),
+    temperature: Optional[float] = typer.Option(
+        None, help="0 is greedy; higher samples more freely [default: the bundle's, else 0]."
+    ),
+    top_k: Optional[int] = typer.Option(
+        None, help="Sample only among the k likeliest tokens, 0: all [default: the bundle's]."
+    ),
+    top_p: Optional[float] = typer.Option(
+        None, help="Sample only within this probability mass [default: the bundle's, else 1]."
+    ),
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
 ) -> None:
@@ -134,8 +157,9 @@ def ask_command(
         from bastion.runtime.lm import Generator
 
         generator = Generator.load(model, allow_unsigned=allow_unsigned)
-        pieces = generator.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                    seed=seed)  # settings are checked before anything is printed
+        pieces = generator.generate(
+            prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+        )  # settings are checked before anything is printed
         sys.stdout.write(prompt)
         for piece in pieces:
             sys.stdout.write(piece)

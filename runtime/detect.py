@@ -54,8 +54,13 @@ class DetectOptions:
 class Detector:
     """Run a detection bundle on images."""
 
-    def __init__(self, backend: Backend, manifest: Manifest, options: DetectOptions | None = None,
-                 bundle_sha256: str | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        manifest: Manifest,
+        options: DetectOptions | None = None,
+        bundle_sha256: str | None = None,
+    ) -> None:
         if manifest.task != "detect" or manifest.input is None or manifest.decoder is None:
             raise ConfigError(f"model {manifest.name} is not a detection model (task {manifest.task})")
         self.backend = backend
@@ -73,9 +78,16 @@ class Detector:
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
-    def load(cls, model: str | Path = DEFAULT_DETECTOR, device: str = "auto", threads: int | None = None,
-             warmup: bool = True, allow_unsigned: bool = False, trust: TrustStore | None = None,
-             **options) -> "Detector":
+    def load(
+        cls,
+        model: str | Path = DEFAULT_DETECTOR,
+        device: str = "auto",
+        threads: int | None = None,
+        warmup: bool = True,
+        allow_unsigned: bool = False,
+        trust: TrustStore | None = None,
+        **options,
+    ) -> "Detector":
         """Open and verify a bundle (directory, ``.bastion``, registry or zoo name) and its backend.
 
         A bare YOLOv5/Ultralytics ``.onnx`` carries no signature, so it needs ``allow_unsigned=True``
@@ -85,34 +97,48 @@ class Detector:
         path = Path(model)
         if path.suffix.lower() == ".onnx" and path.is_file():
             if not allow_unsigned:
-                raise SignatureError(f"{path.name} is a bare ONNX file: it has no manifest and no signature",
-                                     "make a signed bundle (bastion bundle create --sign KEY), or for "
-                                     "development only pass --allow-unsigned")
+                raise SignatureError(
+                    f"{path.name} is a bare ONNX file: it has no manifest and no signature",
+                    "make a signed bundle (bastion bundle create --sign KEY), or for "
+                    "development only pass --allow-unsigned",
+                )
             warn_unsigned(path.name, "it is a bare ONNX file with no signature")
             data, _ = read_model(path)  # read once: the manifest hashes what the backend runs
             backend = open_backend(data, device=device, threads=threads, label=path.name)
             manifest = manifest_from_onnx(path, backend, data)
             return cls._ready(backend, manifest, opts, manifest.files[0].sha256, None, warmup)
-        return cls.from_bundle(Bundle.open(model, trust=trust, allow_unsigned=allow_unsigned), device, threads,
-                               warmup, **options)
+        return cls.from_bundle(
+            Bundle.open(model, trust=trust, allow_unsigned=allow_unsigned), device, threads, warmup, **options
+        )
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, device: str = "auto", threads: int | None = None, warmup: bool = True,
-                    **options) -> "Detector":
+    def from_bundle(
+        cls, bundle: Bundle, device: str = "auto", threads: int | None = None, warmup: bool = True, **options
+    ) -> "Detector":
         """A detector on a bundle already opened (verified, or read back by the run that wrote it). The backend
         is built from the model's bytes as read and hashed now (``Bundle.model_bytes``), never from its path."""
         opts = DetectOptions(**options)
         check_imgsz(opts.imgsz)
-        size = (opts.imgsz, opts.imgsz) if opts.imgsz else (
-            tuple(bundle.manifest.input.size) if bundle.manifest.input else None)
-        backend = open_backend(bundle.model_bytes(), device=device, threads=threads,
-                               precision=bundle.manifest.precision, size_hw=size,  # a TensorRT profile's range
-                               max_batch=opts.max_batch, label=bundle.manifest.model_file().path)
+        size = (
+            (opts.imgsz, opts.imgsz)
+            if opts.imgsz
+            else (tuple(bundle.manifest.input.size) if bundle.manifest.input else None)
+        )
+        backend = open_backend(
+            bundle.model_bytes(),
+            device=device,
+            threads=threads,
+            precision=bundle.manifest.precision,
+            size_hw=size,  # a TensorRT profile's range
+            max_batch=opts.max_batch,
+            label=bundle.manifest.model_file().path,
+        )
         return cls._ready(backend, bundle.manifest, opts, bundle.sha256, bundle.verification.key_id, warmup)
 
     @classmethod
-    def _ready(cls, backend: Backend, manifest: Manifest, opts: DetectOptions, sha256: str, signer: str | None,
-               warmup: bool) -> "Detector":
+    def _ready(
+        cls, backend: Backend, manifest: Manifest, opts: DetectOptions, sha256: str, signer: str | None, warmup: bool
+    ) -> "Detector":
         try:  # does the INT8 gate's verdict hold on this CPU? (runtime/int8_check.py)
             int8 = check_int8(manifest, sha256, getattr(backend, "providers", None), opts.int8_policy)
         except BaseException:

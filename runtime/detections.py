@@ -12,10 +12,28 @@ import numpy as np
 from bastion.errors import ConfigError
 
 _PALETTE = np.array(
-    [(56, 56, 255), (151, 157, 255), (31, 112, 255), (29, 178, 255), (49, 210, 207), (10, 249, 72),
-     (23, 204, 146), (134, 219, 61), (52, 147, 26), (187, 212, 0), (168, 153, 44), (255, 194, 0),
-     (147, 69, 52), (255, 115, 100), (236, 24, 0), (255, 56, 132), (133, 0, 82), (255, 56, 203),
-     (200, 149, 255), (199, 55, 255)],
+    [
+        (56, 56, 255),
+        (151, 157, 255),
+        (31, 112, 255),
+        (29, 178, 255),
+        (49, 210, 207),
+        (10, 249, 72),
+        (23, 204, 146),
+        (134, 219, 61),
+        (52, 147, 26),
+        (187, 212, 0),
+        (168, 153, 44),
+        (255, 194, 0),
+        (147, 69, 52),
+        (255, 115, 100),
+        (236, 24, 0),
+        (255, 56, 132),
+        (133, 0, 82),
+        (255, 56, 203),
+        (200, 149, 255),
+        (199, 55, 255),
+    ],
     dtype=np.uint8,
 )  # BGR
 
@@ -82,8 +100,16 @@ class Detections:
             (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, max(lw - 1, 1))
             top = y1 - th - base - 2 if y1 - th - base - 2 >= 0 else y1
             cv2.rectangle(canvas, (x1, top), (x1 + tw + 2, top + th + base + 2), colour, -1, cv2.LINE_AA)
-            cv2.putText(canvas, label, (x1 + 1, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, scale,
-                        (255, 255, 255), max(lw - 1, 1), cv2.LINE_AA)
+            cv2.putText(
+                canvas,
+                label,
+                (x1 + 1, top + th + 1),
+                cv2.FONT_HERSHEY_SIMPLEX,
+                scale,
+                (255, 255, 255),
+                max(lw - 1, 1),
+                cv2.LINE_AA,
+            )
         return canvas
 
 

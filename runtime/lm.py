@@ -35,10 +35,15 @@ def check_generation(**values: float) -> None:
     """Sampling settings (a bundle's defaults or a caller's) in range, else one line saying which is wrong."""
     unknown = set(values) - set(GENERATION_DEFAULTS)
     if unknown:
-        raise ConfigError(f"unknown generation setting(s): {', '.join(sorted(unknown))}",
-                          f"known: {', '.join(GENERATION_DEFAULTS)}")
-    limits = {"max_new_tokens": (1, MAX_NEW_TOKENS), "temperature": (0.0, 100.0), "top_k": (0, 1 << 30),
-              "top_p": (1e-6, 1.0)}
+        raise ConfigError(
+            f"unknown generation setting(s): {', '.join(sorted(unknown))}", f"known: {', '.join(GENERATION_DEFAULTS)}"
+        )
+    limits = {
+        "max_new_tokens": (1, MAX_NEW_TOKENS),
+        "temperature": (0.0, 100.0),
+        "top_k": (0, 1 << 30),
+        "top_p": (1e-6, 1.0),
+    }
     for name, value in values.items():
         low, high = limits[name]
         if not low <= value <= high:
@@ -66,8 +71,10 @@ def lm_params(manifest: Manifest) -> LMParams:
     except ValidationError as exc:
         from bastion.models.textfiles import first_error
 
-        raise ModelLoadError(f"bundle {manifest.name}: {first_error(exc, 'decoder.params')}",
-                             "the bundle was not made by bastion's LM export; export it again") from None
+        raise ModelLoadError(
+            f"bundle {manifest.name}: {first_error(exc, 'decoder.params')}",
+            "the bundle was not made by bastion's LM export; export it again",
+        ) from None
 
 
 @dataclass
@@ -83,16 +90,18 @@ class KVCache:
         return next(iter(self.tensors.values())).shape[1]
 
     def grown(self, capacity: int) -> "KVCache":
-        return KVCache({k: np.pad(v, ((0, 0), (0, capacity - v.shape[1]), (0, 0))) for k, v in self.tensors.items()},
-                       self.length)
+        return KVCache(
+            {k: np.pad(v, ((0, 0), (0, capacity - v.shape[1]), (0, 0))) for k, v in self.tensors.items()}, self.length
+        )
 
 
 class Generator:
     def __init__(self, bundle: Bundle, threads: int | None = 1) -> None:
         m = bundle.manifest
         if m.task != "lm" or m.decoder is None or m.decoder.type != "llama-kv":
-            raise ConfigError(f"{m.name} is not a language-model bundle (task {m.task})",
-                              "give a bundle made by bastion's LM export")
+            raise ConfigError(
+                f"{m.name} is not a language-model bundle (task {m.task})", "give a bundle made by bastion's LM export"
+            )
         try:
             from tokenizers import Tokenizer
         except ImportError:
@@ -107,31 +116,38 @@ class Generator:
         tok_text = bundle.read_verified(tok_entry)
         try:
             self.tokenizer = Tokenizer.from_str(tok_text.decode("utf-8"))
-        except Exception as exc:  # noqa: BLE001 - tokenizers raises its own untyped errors
-            raise ModelLoadError(f"bundle {m.name}: {tok_entry.path} is not a tokenizer ({str(exc)[:120]})",
-                                 "the bundle mixes files from different tools; export it again") from None
+        except Exception as exc:
+            raise ModelLoadError(
+                f"bundle {m.name}: {tok_entry.path} is not a tokenizer ({str(exc)[:120]})",
+                "the bundle mixes files from different tools; export it again",
+            ) from None
         p = lm_params(m).model_dump()
         self.n_layers, self.n_kv, self.head_dim = p["n_layers"], p["n_kv_heads"], p["head_dim"]
         self.context = p["max_seq_len"]
         self.stop = tuple(p["stop"])
         if self.tokenizer.get_vocab_size() > p["vocab_size"]:
-            raise ModelLoadError(f"tokenizer of {m.name} has {self.tokenizer.get_vocab_size()} tokens, the model "
-                                 f"{p['vocab_size']}", "the bundle mixes files from different models")
+            raise ModelLoadError(
+                f"tokenizer of {m.name} has {self.tokenizer.get_vocab_size()} tokens, the model {p['vocab_size']}",
+                "the bundle mixes files from different models",
+            )
         import onnxruntime
 
         if tuple(int(x) for x in onnxruntime.__version__.split(".")[:2]) < MIN_ORT:
             # 1.25-1.27 load the graph but align causal attention wrongly for a prompt fed after a cache
-            raise ModelLoadError(f"{m.name} needs onnxruntime >= {'.'.join(map(str, MIN_ORT))} (ONNX opset 24 "
-                                 f"Attention over a fixed KV cache); this machine has {onnxruntime.__version__}",
-                                 "pip install -U onnxruntime (or onnxruntime-gpu)")
-        self.backend = open_backend(bundle.model_bytes(), device="cpu", threads=threads,
-                                    label=m.model_file().path)
+            raise ModelLoadError(
+                f"{m.name} needs onnxruntime >= {'.'.join(map(str, MIN_ORT))} (ONNX opset 24 "
+                f"Attention over a fixed KV cache); this machine has {onnxruntime.__version__}",
+                "pip install -U onnxruntime (or onnxruntime-gpu)",
+            )
+        self.backend = open_backend(bundle.model_bytes(), device="cpu", threads=threads, label=m.model_file().path)
         past = next((i for i in self.backend.inputs if i.name == "past.0.key"), None)
         if past is None or len(past.shape) != 3:
             self.backend.close()
-            raise ModelLoadError(f"{m.name} was exported by an older bastion (its KV cache layout is not the "
-                                 "slot buffers this runtime binds)",
-                                 "re-export it: bastion distill lm-export --teacher CHECKPOINT ...")
+            raise ModelLoadError(
+                f"{m.name} was exported by an older bastion (its KV cache layout is not the "
+                "slot buffers this runtime binds)",
+                "re-export it: bastion distill lm-export --teacher CHECKPOINT ...",
+            )
         self.kv_width = self.n_kv * self.head_dim
         self.vocab_size = p["vocab_size"]
         self.defaults = {**GENERATION_DEFAULTS, **p["generation"]}  # the model team's sampling choice
@@ -144,9 +160,16 @@ class Generator:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
 
-    def generate_ids(self, ids: list[int], max_new_tokens: int | None = None, temperature: float | None = None,
-                     top_k: int | None = None, top_p: float | None = None, stop: tuple[int, ...] | None = None,
-                     seed: int | None = None) -> Iterator[int]:
+    def generate_ids(
+        self,
+        ids: list[int],
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop: tuple[int, ...] | None = None,
+        seed: int | None = None,
+    ) -> Iterator[int]:
         """Token ids after ``ids``; greedy when ``temperature`` is 0. What is not given comes from the bundle's
         generation defaults (``self.defaults``). Settings are checked here, before the first token is asked for."""
         d = self.defaults
@@ -158,14 +181,24 @@ class Generator:
         if not ids:
             raise ConfigError("the prompt has no tokens", "start it with the BOS token (encode() adds it)")
         if len(ids) >= self.context:
-            raise ConfigError(f"the prompt is {len(ids)} tokens; this model's context is {self.context}",
-                              "shorten the prompt")
+            raise ConfigError(
+                f"the prompt is {len(ids)} tokens; this model's context is {self.context}", "shorten the prompt"
+            )
         steps = min(max_new_tokens, self.context - len(ids))
-        return self._decode(ids, steps, self.stop if stop is None else stop, temperature, top_k, top_p,
-                            np.random.default_rng(seed))
+        return self._decode(
+            ids, steps, self.stop if stop is None else stop, temperature, top_k, top_p, np.random.default_rng(seed)
+        )
 
-    def _decode(self, ids: list[int], steps: int, stop: tuple[int, ...], temperature: float, top_k: int,
-                top_p: float, rng: np.random.Generator) -> Iterator[int]:
+    def _decode(
+        self,
+        ids: list[int],
+        steps: int,
+        stop: tuple[int, ...],
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        rng: np.random.Generator,
+    ) -> Iterator[int]:
         decoder = _BoundDecoder(self, capacity=len(ids) + steps - 1)  # the last token needs no pass of its own
         logits = decoder.prefill(ids)
         greedy = temperature <= 0
@@ -179,8 +212,14 @@ class Generator:
                 logits = decoder.step(nxt)
 
     def empty_cache(self, capacity: int) -> KVCache:
-        return KVCache({f"past.{i}.{kv}": np.zeros((1, capacity, self.kv_width), np.float32)
-                        for i in range(self.n_layers) for kv in ("key", "value")}, 0)
+        return KVCache(
+            {
+                f"past.{i}.{kv}": np.zeros((1, capacity, self.kv_width), np.float32)
+                for i in range(self.n_layers)
+                for kv in ("key", "value")
+            },
+            0,
+        )
 
     def forward(self, ids: list[int], cache: KVCache | None = None) -> tuple[np.ndarray, KVCache]:
         """One pass of the graph, functional: ``ids`` after what ``cache`` holds (none: from the start) → logits
@@ -189,8 +228,12 @@ class Generator:
         start, end = cache.length, cache.length + len(ids)
         if end > cache.capacity:
             cache = cache.grown(end)
-        feeds = {"input_ids": np.asarray([ids], np.int64), "attention_mask": filled_mask(cache.capacity, end),
-                 "position_ids": np.arange(start, end, dtype=np.int64)[None], **cache.tensors}
+        feeds = {
+            "input_ids": np.asarray([ids], np.int64),
+            "attention_mask": filled_mask(cache.capacity, end),
+            "position_ids": np.arange(start, end, dtype=np.int64)[None],
+            **cache.tensors,
+        }
         outputs = self.backend.run(feeds)
         return outputs[0], KVCache(dict(zip(cache.tensors, outputs[1:])), end)
 
@@ -222,7 +265,7 @@ class Generator:
         shown = ""
         for token in tokens:
             produced.append(token)
-            piece = self.tokenizer.decode(ids + produced)[prefix:][len(shown):]
+            piece = self.tokenizer.decode(ids + produced)[prefix:][len(shown) :]
             if piece and not piece.endswith("\ufffd"):
                 shown += piece
                 yield piece
@@ -267,8 +310,9 @@ class _BoundDecoder:
         for name, buffer in self.cache.tensors.items():
             prefix = buffer[:, :slots]  # batch 1, slot-major: the first `slots` slots are one contiguous block
             self.binding.bind_cpu_input(name, prefix)
-            self.binding.bind_output(name.replace("past.", "present.", 1), "cpu", 0, np.float32, prefix.shape,
-                                     prefix.ctypes.data)
+            self.binding.bind_output(
+                name.replace("past.", "present.", 1), "cpu", 0, np.float32, prefix.shape, prefix.ctypes.data
+            )
         self.binding.bind_cpu_input("attention_mask", self.mask[:, :slots])
         self.bound = slots
 

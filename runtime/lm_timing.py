@@ -27,8 +27,9 @@ def best_of(rounds: int, start: Callable[[], Iterator[int]]) -> tuple[float, flo
     return min((timed_stream(start) for _ in range(rounds)), key=lambda r: r[1])
 
 
-def interleaved_tokens_per_s(generators: dict[str, Generator], prompt: list[int], new_tokens: int = 128,
-                             rounds: int = 5) -> dict[str, float]:
+def interleaved_tokens_per_s(
+    generators: dict[str, Generator], prompt: list[int], new_tokens: int = 128, rounds: int = 5
+) -> dict[str, float]:
     """Greedy tokens/s of each generator (no early stop), best of ``rounds``, the generators taking turns within
     each round: a slow spell of a shared machine then hits every contestant, not whichever ran during it — the
     ratio of two models timed one after the other moved 1.51–1.61× between runs; taking turns keeps it steady."""

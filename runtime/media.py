@@ -53,9 +53,11 @@ def read_image(path: str | Path) -> np.ndarray:
     try:  # the size is checked before anything is buffered; a FIFO or device is refused, not waited on
         data = np.frombuffer(read_bounded(path, MAX_IMAGE_BYTES), dtype=np.uint8)
     except TooLarge as exc:
-        raise ImageReadError(f"{path} is {exc.size / 2**20:.0f} MiB, more than an image file may be "
-                             f"({MAX_IMAGE_BYTES // 2**20} MiB); not read", "is it really an image? split or "
-                             "re-encode it") from None
+        raise ImageReadError(
+            f"{path} is {exc.size / 2**20:.0f} MiB, more than an image file may be "
+            f"({MAX_IMAGE_BYTES // 2**20} MiB); not read",
+            "is it really an image? split or re-encode it",
+        ) from None
     except OSError as exc:
         raise ImageReadError(f"cannot read image {path} ({exc.strerror or exc})") from None
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
@@ -138,7 +140,9 @@ def iter_source(source: str | Path, skipped: list[str] | None = None, max_frames
         return
     files = [path] if kind == "image" else list_images(path)
     if not files:
-        raise InputNotFoundError(f"no images in {path}", f"expected files ending in {', '.join(sorted(IMAGE_SUFFIXES))}")
+        raise InputNotFoundError(
+            f"no images in {path}", f"expected files ending in {', '.join(sorted(IMAGE_SUFFIXES))}"
+        )
     if kind == "image":
         yield Frame(str(path), 0, read_image(path))
         return

@@ -37,8 +37,10 @@ def manifest_from_onnx(path: Path, backend: Backend, data: bytes | None = None) 
     try:
         return _manifest(path, backend, data)
     except (ValidationError, ValueError, SyntaxError) as exc:  # metadata that names an impossible input
-        raise DecoderError(f"{path.name}: its metadata does not describe a usable input ({str(exc).splitlines()[0]})",
-                           "make a bundle with a manifest (bastion bundle create)") from None
+        raise DecoderError(
+            f"{path.name}: its metadata does not describe a usable input ({str(exc).splitlines()[0]})",
+            "make a bundle with a manifest (bastion bundle create)",
+        ) from None
 
 
 def _manifest(path: Path, backend: Backend, data: bytes | None) -> Manifest:
@@ -55,8 +57,10 @@ def _manifest(path: Path, backend: Backend, data: bytes | None) -> Manifest:
         h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
     decoder = None
     if meta.get("end2end", "False") == "True":
-        raise DecoderError(f"{path.name} is an end-to-end (NMS inside) export, which bastion does not decode yet",
-                           "re-export it with end2end=False")
+        raise DecoderError(
+            f"{path.name} is an end-to-end (NMS inside) export, which bastion does not decode yet",
+            "re-export it with end2end=False",
+        )
     nc = len(names)
     ultralytics = meta.get("task") == "detect"  # Ultralytics exports record their task; YOLOv5's do not
     if len(out) == 3 and nc and (out[1] == 4 + nc or (out[1] is None and ultralytics)):
@@ -72,8 +76,14 @@ def _manifest(path: Path, backend: Backend, data: bytes | None) -> Manifest:
         name=path.stem.replace(" ", "_"),
         version="0",
         task="detect",
-        files=[FileEntry(path=path.name, sha256=hashlib.sha256(data).hexdigest() if data is not None else
-                         sha256_file(path), size=len(data) if data is not None else path.stat().st_size, role="model")],
+        files=[
+            FileEntry(
+                path=path.name,
+                sha256=hashlib.sha256(data).hexdigest() if data is not None else sha256_file(path),
+                size=len(data) if data is not None else path.stat().st_size,
+                role="model",
+            )
+        ],
         input=InputSpec(
             name=inp.name,
             shape=list(inp.shape),

@@ -55,8 +55,9 @@ def rect_size(orig_hw: tuple[int, int], imgsz: int, stride: int) -> tuple[int, i
     )
 
 
-def _geometry(orig_hw: tuple[int, int], size_hw: tuple[int, int], keep_ratio: bool, center: bool,
-              scaleup: bool) -> tuple[int, int, int, int]:
+def _geometry(
+    orig_hw: tuple[int, int], size_hw: tuple[int, int], keep_ratio: bool, center: bool, scaleup: bool
+) -> tuple[int, int, int, int]:
     """(new_w, new_h, left, top) of the resized image inside the network input."""
     h, w = orig_hw
     th, tw = size_hw
@@ -90,8 +91,9 @@ def letterbox(
     return image, Placement(nw / w, nh / h, left, top, (h, w), (th, tw))
 
 
-def make_input(image: np.ndarray, spec: InputSpec, size_hw: tuple[int, int],
-               scaleup: bool = True) -> tuple[np.ndarray, Placement]:
+def make_input(
+    image: np.ndarray, spec: InputSpec, size_hw: tuple[int, int], scaleup: bool = True
+) -> tuple[np.ndarray, Placement]:
     """One BGR uint8 image → the model's input tensor for it (no batch axis) and its Placement.
 
     Resizing, padding, channel order, layout and normalisation happen in one
@@ -102,8 +104,7 @@ def make_input(image: np.ndarray, spec: InputSpec, size_hw: tuple[int, int],
         raise ShapeError(f"expected a colour image HxWx3, got shape {image.shape}")
     h, w = image.shape[:2]
     th, tw = size_hw
-    nw, nh, left, top = _geometry((h, w), size_hw, spec.resize == "letterbox", spec.pad_position == "center",
-                                  scaleup)
+    nw, nh, left, top = _geometry((h, w), size_hw, spec.resize == "letterbox", spec.pad_position == "center", scaleup)
     if (nw, nh) != (w, h):
         image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
     placement = Placement(nw / w, nh / h, left, top, (h, w), (th, tw))

@@ -29,8 +29,9 @@ def default_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 4))
 
 
-def detect_stream(detector: Detector, frames: Iterable[Frame], batch: int = 1, workers: int = 1,
-                  depth: int = 8) -> Iterator[tuple[Frame, Detections]]:
+def detect_stream(
+    detector: Detector, frames: Iterable[Frame], batch: int = 1, workers: int = 1, depth: int = 8
+) -> Iterator[tuple[Frame, Detections]]:
     """Yield ``(frame, detections)`` in input order."""
     batch = max(1, batch if detector.dynamic_batch else 1)
     workers = max(1, workers)

@@ -55,16 +55,25 @@ def main() -> None:
                 t = time.perf_counter()
                 quantize_int8(base, bundle.model_path, images[:count], path, (args.imgsz, args.imgsz), recipe)
                 quantize_s = time.perf_counter() - t
-                int8 = Detector(open_backend(path, threads=1), static_manifest(bundle.manifest, args.imgsz),
-                                DetectOptions(**opts))
+                int8 = Detector(
+                    open_backend(path, threads=1), static_manifest(bundle.manifest, args.imgsz), DetectOptions(**opts)
+                )
                 report = evaluate_detector(int8, dataset, settings)
                 latency = latency_ms({"fp32": base, "int8": int8}, sample)
                 int8.close()
-            row = {"recipe": name, "describe": recipe.describe(), "calibration_images": count, "isa": isa,
-                   "fp32_map50": round(fp32.map50, 4), "int8_map50": round(report.map50, 4),
-                   "drop_points": round((fp32.map50 - report.map50) * 100, 2),
-                   "fp32_ms": round(latency["fp32"], 2), "int8_ms": round(latency["int8"], 2),
-                   "speedup": round(latency["fp32"] / latency["int8"], 3), "quantize_s": round(quantize_s, 1)}
+            row = {
+                "recipe": name,
+                "describe": recipe.describe(),
+                "calibration_images": count,
+                "isa": isa,
+                "fp32_map50": round(fp32.map50, 4),
+                "int8_map50": round(report.map50, 4),
+                "drop_points": round((fp32.map50 - report.map50) * 100, 2),
+                "fp32_ms": round(latency["fp32"], 2),
+                "int8_ms": round(latency["int8"], 2),
+                "speedup": round(latency["fp32"] / latency["int8"], 3),
+                "quantize_s": round(quantize_s, 1),
+            }
             with args.out.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)

@@ -46,9 +46,14 @@ def convert(src: str, dst: str, imgsz: int = 640) -> None:
     graph.output.append(helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["batch", 4 + nc, "anchors"]))
     del model.metadata_props[:]
     for key, value in {
-        "names": str(dict(enumerate(names))), "stride": "32", "task": "detect", "batch": "1",
-        "imgsz": str([imgsz, imgsz]), "author": "converted by bastion scripts/yolov5_as_ultralytics_onnx.py",
-        "end2end": "False", "channels": "3",
+        "names": str(dict(enumerate(names))),
+        "stride": "32",
+        "task": "detect",
+        "batch": "1",
+        "imgsz": str([imgsz, imgsz]),
+        "author": "converted by bastion scripts/yolov5_as_ultralytics_onnx.py",
+        "end2end": "False",
+        "channels": "3",
     }.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     onnx.checker.check_model(model)

@@ -31,21 +31,23 @@ SHARED = Path(os.environ.get("BASTION_SHARED", REPO.parent / "shared"))
 # Left out of `make test-fast` (-m "not slow"; `make test` runs them): each took 5 s or more on this 2-core machine
 # (2026-11-29, under load): training, torch export, many CLI subprocesses, kill -9 restarts, 100 subscribers. Kept
 # here while their files are being edited for #15; they belong in @pytest.mark.slow decorators in those files.
-SLOW_BY_MEASURE = frozenset({
-    "tests/test_cli_bundles.py::test_full_operator_flow",
-    "tests/test_distill_pipeline.py::test_distill_bad_input",
-    "tests/test_distill_pipeline.py::test_held_out_ground_truth_gets_a_bootstrap_interval",
-    "tests/test_eval.py::test_eval_subset_and_bad_dataset",
-    "tests/test_lm.py::test_bench_lm_against_transformers_generate_same_tokens",
-    "tests/test_lm.py::test_distillation_resumes_where_a_killed_run_stopped",
-    "tests/test_lm.py::test_export_round_trip_matches_torch",
-    "tests/test_lm.py::test_pruning_and_distillation_of_a_tiny_random_teacher",
-    "tests/test_newcomer.py::test_the_readme_client_snippet_with_no_node_running_says_so",
-    "tests/test_node.py::test_100_subscribers_each_receive_every_event",
-    "tests/test_node.py::test_node_survives_kill_9_without_gaps_or_duplicates",
-    "tests/test_registry.py::test_two_writers_at_once_keep_the_index_consistent",
-    "tests/test_stream.py::test_pipeline_matches_serial_detection_in_order",
-})
+SLOW_BY_MEASURE = frozenset(
+    {
+        "tests/test_cli_bundles.py::test_full_operator_flow",
+        "tests/test_distill_pipeline.py::test_distill_bad_input",
+        "tests/test_distill_pipeline.py::test_held_out_ground_truth_gets_a_bootstrap_interval",
+        "tests/test_eval.py::test_eval_subset_and_bad_dataset",
+        "tests/test_lm.py::test_bench_lm_against_transformers_generate_same_tokens",
+        "tests/test_lm.py::test_distillation_resumes_where_a_killed_run_stopped",
+        "tests/test_lm.py::test_export_round_trip_matches_torch",
+        "tests/test_lm.py::test_pruning_and_distillation_of_a_tiny_random_teacher",
+        "tests/test_newcomer.py::test_the_readme_client_snippet_with_no_node_running_says_so",
+        "tests/test_node.py::test_100_subscribers_each_receive_every_event",
+        "tests/test_node.py::test_node_survives_kill_9_without_gaps_or_duplicates",
+        "tests/test_registry.py::test_two_writers_at_once_keep_the_index_consistent",
+        "tests/test_stream.py::test_pipeline_matches_serial_detection_in_order",
+    }
+)
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
@@ -158,7 +160,10 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
     # No empty entry: an empty PYTHONPATH item means the cwd, the repo root, whose bastion/ would shadow the package.
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "tests"), full_env.get("PYTHONPATH")]))
     # PYTHONSAFEPATH keeps the cwd (the repo) off sys.path on 3.11+; the first statement does it on 3.10.
-    code = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
-            "import egress_guard; egress_guard.install(); from bastion.cli import run; run()")
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=full_env,
-                          timeout=timeout, cwd=REPO)
+    code = (
+        "import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+        "import egress_guard; egress_guard.install(); from bastion.cli import run; run()"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO
+    )

@@ -40,8 +40,20 @@ def test_detect_image_summary_and_json():
 
 
 def test_detect_video_saves_annotated_video(tmp_path):
-    proc = run_cli("detect", str(SAMPLES / "one-by-one-person-detection.mp4"), "--max-frames", "12",
-                   "--classes", "person", "--save", str(tmp_path), "--batch", "4", "--threads", "1")
+    proc = run_cli(
+        "detect",
+        str(SAMPLES / "one-by-one-person-detection.mp4"),
+        "--max-frames",
+        "12",
+        "--classes",
+        "person",
+        "--save",
+        str(tmp_path),
+        "--batch",
+        "4",
+        "--threads",
+        "1",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "12 frames" in proc.stdout
     out = tmp_path / "one-by-one-person-detection.detections.mp4"
@@ -65,17 +77,21 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path):
     assert_user_error(run_cli("detect", str(PERSON_IMAGE), "--classes", "person,tank"), "unknown class name 'tank'")
     truncated = tmp_path / "model.onnx"
     truncated.write_bytes((zoo_path("yolox_nano") / "yolox_nano.onnx").read_bytes()[:4096])
-    assert_user_error(run_cli("detect", str(PERSON_IMAGE), "--model", str(truncated)), "bare ONNX file",
-                      "--allow-unsigned")
-    assert_user_error(run_cli("detect", str(PERSON_IMAGE), "--model", str(truncated), "--allow-unsigned"),
-                      "not a loadable ONNX")
+    assert_user_error(
+        run_cli("detect", str(PERSON_IMAGE), "--model", str(truncated)), "bare ONNX file", "--allow-unsigned"
+    )
+    assert_user_error(
+        run_cli("detect", str(PERSON_IMAGE), "--model", str(truncated), "--allow-unsigned"), "not a loadable ONNX"
+    )
     text = tmp_path / "text.onnx"
     text.write_text("not a model")
-    assert_user_error(run_cli("detect", str(PERSON_IMAGE), "--model", str(text), "--allow-unsigned"),
-                      "not a loadable ONNX")
+    assert_user_error(
+        run_cli("detect", str(PERSON_IMAGE), "--model", str(text), "--allow-unsigned"), "not a loadable ONNX"
+    )
     bare = zoo_path("yolox_nano") / "yolox_nano.onnx"
-    assert_user_error(run_cli("detect", str(PERSON_IMAGE), "--model", str(bare), "--allow-unsigned"),
-                      "match no known decoder")
+    assert_user_error(
+        run_cli("detect", str(PERSON_IMAGE), "--model", str(bare), "--allow-unsigned"), "match no known decoder"
+    )
     assert_user_error(run_cli("detect", str(PERSON_IMAGE), "--model", "nonexistent"), "model not found")
     assert_user_error(run_cli("detect", str(PERSON_IMAGE), "--bogus-flag"), "No such option")
     assert_user_error(run_cli("bench", "detect", "--json"), "exactly one of --images")
@@ -90,8 +106,9 @@ def assert_timing_row(row, count):
 
 
 def test_bench_images_json_has_floor_and_ratios():
-    proc = run_cli("bench", "detect", "--images", str(SAMPLE_IMAGES), "--limit", "3", "--repeat", "2",
-                   "--threads", "1", "--json")
+    proc = run_cli(
+        "bench", "detect", "--images", str(SAMPLE_IMAGES), "--limit", "3", "--repeat", "2", "--threads", "1", "--json"
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["mode"] == "images" and result["count"] == 3 and result["repeat"] == 2
@@ -103,7 +120,8 @@ def test_bench_images_json_has_floor_and_ratios():
     summary, rows = result["summary"], result["contestants"]
     assert min(summary["pre_ms_p50"], summary["infer_ms_p50"], summary["post_ms_p50"]) > 0
     assert summary["pre_post_overhead_pct_of_floor"] == pytest.approx(
-        (summary["pre_ms_p50"] + summary["post_ms_p50"]) / rows["floor"]["p50_ms"] * 100, rel=0.02, abs=0.05)
+        (summary["pre_ms_p50"] + summary["post_ms_p50"]) / rows["floor"]["p50_ms"] * 100, rel=0.02, abs=0.05
+    )
     assert summary["bastion_vs_floor"] == pytest.approx(rows["bastion"]["per_s"] / rows["floor"]["per_s"], abs=1e-3)
     if "ultralytics" in rows:  # [distill] installed: the third contestant saw the same images
         assert summary["agreement"]["images"] == 3 and summary["ultralytics_version"]
@@ -111,8 +129,19 @@ def test_bench_images_json_has_floor_and_ratios():
 
 @pytest.mark.slow
 def test_bench_video_json():
-    proc = run_cli("bench", "detect", "--video", str(SAMPLES / "car-detection.mp4"), "--limit", "8",
-                   "--threads", "1", "--json", "--batch", "4")
+    proc = run_cli(
+        "bench",
+        "detect",
+        "--video",
+        str(SAMPLES / "car-detection.mp4"),
+        "--limit",
+        "8",
+        "--threads",
+        "1",
+        "--json",
+        "--batch",
+        "4",
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["summary"]["batch"] == 4
@@ -122,8 +151,19 @@ def test_bench_video_json():
 
 @pytest.mark.slow
 def test_demo_skip_distill_end_to_end(tmp_path):
-    proc = run_cli("demo", "--skip-distill", "--max-frames", "90", "--out", str(tmp_path), "--json", "--threads",
-                   "1", "--node-seconds", "10")
+    proc = run_cli(
+        "demo",
+        "--skip-distill",
+        "--max-frames",
+        "90",
+        "--out",
+        str(tmp_path),
+        "--json",
+        "--threads",
+        "1",
+        "--node-seconds",
+        "10",
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     det = summary["detect"]
@@ -163,8 +203,19 @@ def test_demo_distills_signs_and_serves(tmp_path):
 
 
 def test_bench_backends_reports_what_is_missing():
-    proc = run_cli("bench", "detect", "--images", str(SAMPLE_IMAGES), "--backends", "ort-cpu,ort-cuda",
-                   "--limit", "2", "--threads", "1", "--json")
+    proc = run_cli(
+        "bench",
+        "detect",
+        "--images",
+        str(SAMPLE_IMAGES),
+        "--backends",
+        "ort-cpu,ort-cuda",
+        "--limit",
+        "2",
+        "--threads",
+        "1",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)["backends"]
     assert rows["ort-cpu"]["available"] and rows["ort-cpu"]["per_s"] > 0

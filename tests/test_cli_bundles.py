@@ -19,10 +19,31 @@ def test_full_operator_flow(tmp_path):
     # made elsewhere: this unit does not trust the key until told to
     gen = json.loads(ok(run_cli("keys", "generate", "--out", str(keys / "team"), "--no-trust", "--json")).stdout)
     bundle = tmp_path / "bundles" / "people"
-    created = json.loads(ok(run_cli(
-        "bundle", "create", "--onnx", str(ONNX), "--name", "people", "--version", "1.0",
-        "--weights-license", "GPL-3.0", "--source", "yolov5n teacher", "--license-file", str(LICENSE),
-        "--sign", gen["private"], "--out", str(bundle), "--json")).stdout)
+    created = json.loads(
+        ok(
+            run_cli(
+                "bundle",
+                "create",
+                "--onnx",
+                str(ONNX),
+                "--name",
+                "people",
+                "--version",
+                "1.0",
+                "--weights-license",
+                "GPL-3.0",
+                "--source",
+                "yolov5n teacher",
+                "--license-file",
+                str(LICENSE),
+                "--sign",
+                gen["private"],
+                "--out",
+                str(bundle),
+                "--json",
+            )
+        ).stdout
+    )
     assert created["signed"] and created["manifest"]["decoder"]["type"] == "yolov5"  # inferred from the ONNX
     assert created["manifest"]["provenance"]["command"].startswith("bastion bundle create")
     # signed by a key this unit does not trust yet
@@ -71,11 +92,20 @@ def test_bundle_create_refuses_bad_metadata(tmp_path):
 
 
 def test_key_errors_are_one_line(tmp_path):
-    gen = json.loads(ok(run_cli("keys", "generate", "--out", str(tmp_path / "k"), "--json"),).stdout)
+    gen = json.loads(
+        ok(
+            run_cli("keys", "generate", "--out", str(tmp_path / "k"), "--json"),
+        ).stdout
+    )
     again = run_cli("keys", "generate", "--out", str(tmp_path / "k"))
     assert again.returncode == 1 and "already exists" in again.stderr
-    enc = json.loads(ok(run_cli("keys", "generate", "--out", str(tmp_path / "e"), "--json",
-                                env={"BASTION_KEY_PASSPHRASE": "s3cret"})).stdout)
+    enc = json.loads(
+        ok(
+            run_cli(
+                "keys", "generate", "--out", str(tmp_path / "e"), "--json", env={"BASTION_KEY_PASSPHRASE": "s3cret"}
+            )
+        ).stdout
+    )
     bundle = tmp_path / "copy"
     import shutil
 
@@ -136,8 +166,10 @@ def _run_on_a_terminal(argv: list[str], answer: str, env: dict, timeout: float =
 
 
 def _cli_argv(*args: str) -> list[str]:
-    code = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
-            "import egress_guard; egress_guard.install(); from bastion.cli import run; run()")
+    code = (
+        "import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+        "import egress_guard; egress_guard.install(); from bastion.cli import run; run()"
+    )
     return ["-c", code, *args]
 
 
@@ -152,12 +184,21 @@ def test_an_encrypted_key_is_asked_for_on_a_terminal_and_named_without_one(tmp_p
     proc = run_cli("keys", "generate", "--out", str(tmp_path / "team"), "--passphrase")
     assert proc.returncode == 1 and "BASTION_KEY_PASSPHRASE" in proc.stderr and "Traceback" not in proc.stderr
     assert not list(tmp_path.glob("team*"))
-    rc, screen = _run_on_a_terminal(_cli_argv("keys", "generate", "--out", str(tmp_path / "team"), "--passphrase"),
-                                    "s3cret", env)
+    rc, screen = _run_on_a_terminal(
+        _cli_argv("keys", "generate", "--out", str(tmp_path / "team"), "--passphrase"), "s3cret", env
+    )
     assert rc == 0 and "s3cret" not in screen, screen
     assert b"ENCRYPTED" in (tmp_path / "team.key").read_bytes()
-    create = ["bundle", "create", "--onnx", str(ONNX), "--weights-license", "GPL-3.0", "--sign",
-              str(tmp_path / "team.key")]
+    create = [
+        "bundle",
+        "create",
+        "--onnx",
+        str(ONNX),
+        "--weights-license",
+        "GPL-3.0",
+        "--sign",
+        str(tmp_path / "team.key"),
+    ]
     # no terminal, no BASTION_KEY_PASSPHRASE: one line that names the way out
     proc = run_cli(*create, "--out", str(tmp_path / "a"))
     assert proc.returncode == 1 and "BASTION_KEY_PASSPHRASE" in proc.stderr and "Traceback" not in proc.stderr
@@ -179,8 +220,9 @@ def test_a_bundle_is_named_after_its_out_folder_and_its_maker_can_pack_it(tmp_pa
     assert (made["name"], made["version"]) == ("pv", "2.1")
     plain = json.loads(ok(run_cli(*base, "--out", str(tmp_path / "people"))).stdout)["manifest"]
     assert (plain["name"], plain["version"]) == ("people", "1.0")
-    named = json.loads(ok(run_cli(*base, "--out", str(tmp_path / "x-3.0"), "--name", "cars", "--version", "4"))
-                       .stdout)["manifest"]
+    named = json.loads(ok(run_cli(*base, "--out", str(tmp_path / "x-3.0"), "--name", "cars", "--version", "4")).stdout)[
+        "manifest"
+    ]
     assert (named["name"], named["version"]) == ("cars", "4")
     # the maker trusts the key it made (recorded), so pack, add, inspect and --model NAME:VERSION all work here
     usb = tmp_path / "usb"
@@ -206,14 +248,18 @@ def test_an_onnx_without_metadata_takes_its_size_from_its_input_or_imgsz(tmp_pat
 
     flags = ["--classes", "person,vehicle", "--decoder", "yolov8", "--weights-license", "MIT", "--json"]
     fixed = make_best_onnx(tmp_path / "fixed.onnx", metadata=False)
-    made = json.loads(ok(run_cli("bundle", "create", "--onnx", str(fixed), *flags, "--out", str(tmp_path / "a")))
-                      .stdout)["manifest"]
+    made = json.loads(
+        ok(run_cli("bundle", "create", "--onnx", str(fixed), *flags, "--out", str(tmp_path / "a"))).stdout
+    )["manifest"]
     assert made["input"]["size"] == [320, 320] and made["decoder"]["type"] == "yolov8"
     dynamic = make_best_onnx(tmp_path / "dynamic.onnx", metadata=False, dynamic=True)
     asked = run_cli("bundle", "create", "--onnx", str(dynamic), *flags, "--out", str(tmp_path / "b"))
     assert asked.returncode == 1 and "--imgsz" in asked.stderr and not (tmp_path / "b").exists()
-    made = json.loads(ok(run_cli("bundle", "create", "--onnx", str(dynamic), *flags, "--imgsz", "320",
-                                 "--out", str(tmp_path / "c"))).stdout)["manifest"]
+    made = json.loads(
+        ok(
+            run_cli("bundle", "create", "--onnx", str(dynamic), *flags, "--imgsz", "320", "--out", str(tmp_path / "c"))
+        ).stdout
+    )["manifest"]
     assert made["input"]["size"] == [320, 320] and made["input"]["dynamic_hw"]
     bad = run_cli("bundle", "create", "--onnx", str(dynamic), *flags, "--imgsz", "big", "--out", str(tmp_path / "d"))
     assert bad.returncode == 1 and "not a size" in bad.stderr

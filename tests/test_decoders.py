@@ -9,8 +9,14 @@ from bastion.runtime.decoders import DecodeContext, anchor_grid, get_decoder
 
 
 def ctx(kind: str, nc: int, conf: float = 0.25, hw=(64, 64), multi_label=False, mask=None, strides=None):
-    return DecodeContext(spec=DecoderSpec(type=kind, strides=strides), num_classes=nc, input_hw=hw, conf=conf,
-                         multi_label=multi_label, class_mask=mask)
+    return DecodeContext(
+        spec=DecoderSpec(type=kind, strides=strides),
+        num_classes=nc,
+        input_hw=hw,
+        conf=conf,
+        multi_label=multi_label,
+        class_mask=mask,
+    )
 
 
 def test_yolov5_decodes_xywh_obj_times_cls():

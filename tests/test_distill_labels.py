@@ -32,20 +32,27 @@ def test_wbf_single_model_is_identity_and_two_models_average():
     np.testing.assert_allclose(scores, [0.9, 0.6])
     # two models agree on one object: coordinates averaged by score, score averaged (both saw it)
     boxes, scores, labels = weighted_boxes_fusion(
-        [np.array([[0, 0, 10, 10]]), np.array([[2, 0, 12, 10]])], [np.array([0.9]), np.array([0.3])],
-        [np.array([0]), np.array([0])])
+        [np.array([[0, 0, 10, 10]]), np.array([[2, 0, 12, 10]])],
+        [np.array([0.9]), np.array([0.3])],
+        [np.array([0]), np.array([0])],
+    )
     np.testing.assert_allclose(boxes, [[0.5, 0, 10.5, 10]])  # (0*.9 + 2*.3) / 1.2 = 0.5
     np.testing.assert_allclose(scores, [0.6])
 
 
 def test_wbf_penalises_boxes_only_some_models_saw_and_keeps_labels_apart():
     boxes, scores, labels = weighted_boxes_fusion(
-        [np.array([[0, 0, 10, 10]]), np.zeros((0, 4))], [np.array([0.8]), np.zeros(0)],
-        [np.array([0]), np.zeros(0)], weights=[1, 3])
+        [np.array([[0, 0, 10, 10]]), np.zeros((0, 4))],
+        [np.array([0.8]), np.zeros(0)],
+        [np.array([0]), np.zeros(0)],
+        weights=[1, 3],
+    )
     np.testing.assert_allclose(scores, [0.8 * 1 / 4])
     boxes, scores, labels = weighted_boxes_fusion(
-        [np.array([[0, 0, 10, 10]]), np.array([[0, 0, 10, 10]])], [np.array([0.8]), np.array([0.7])],
-        [np.array([0]), np.array([1])])
+        [np.array([[0, 0, 10, 10]]), np.array([[0, 0, 10, 10]])],
+        [np.array([0.8]), np.array([0.7])],
+        [np.array([0]), np.array([1])],
+    )
     assert sorted(labels.tolist()) == [0, 1] and len(boxes) == 2  # same place, different class: not fused
 
 
@@ -59,8 +66,9 @@ def test_sliced_teacher_head_keeps_exactly_the_teachers_scores(tmp_path):
     from conftest import SAMPLE_IMAGES
 
     teacher = Bundle.open("yolov5n")
-    cm = ClassMap.build(teacher.manifest.classes, ["person", "vehicle"],
-                        {"car": "vehicle", "truck": "vehicle", "bus": "vehicle"})
+    cm = ClassMap.build(
+        teacher.manifest.classes, ["person", "vehicle"], {"car": "vehicle", "truck": "vehicle", "bus": "vehicle"}
+    )
     out = slice_head(teacher.model_path, tmp_path / "sliced.onnx", "yolov5", cm)
     manifest = teacher.manifest.model_copy(update={"classes": cm.student})
     opts = dict(conf=0.05, multi_label=True)
@@ -82,8 +90,12 @@ def test_sliced_teacher_head_keeps_exactly_the_teachers_scores(tmp_path):
 def test_choose_ships_the_best_or_the_fastest_near_it():
     from bastion.distill.detect_pipeline import choose
 
-    c = [{"name": "big", "map50": 0.55, "latency_ms": 30}, {"name": "mid", "map50": 0.50, "latency_ms": 12},
-         {"name": "small", "map50": 0.47, "latency_ms": 7}, {"name": "bad", "map50": 0.2, "latency_ms": 5}]
+    c = [
+        {"name": "big", "map50": 0.55, "latency_ms": 30},
+        {"name": "mid", "map50": 0.50, "latency_ms": 12},
+        {"name": "small", "map50": 0.47, "latency_ms": 7},
+        {"name": "bad", "map50": 0.2, "latency_ms": 5},
+    ]
     assert choose(c, 0.0, None, None)["name"] == "big"
     assert choose(c, 0.0, 10, None)["name"] == "small"
     assert choose(c, 0.0, None, 6)["name"] == "mid"  # fastest within 6 points of 0.55

@@ -31,9 +31,17 @@ def small_set(coco128, tmp_path):
 
 
 def spec(images, labels, out, **kw):
-    base = dict(teachers=["yolov5n"], images=images, labels=labels, classes=["person", "vehicle"],
-                class_map={"car": "vehicle", "truck": "vehicle", "bus": "vehicle"}, conf={"*": 0.25}, imgsz=160,
-                out=out, int8=False)
+    base = dict(
+        teachers=["yolov5n"],
+        images=images,
+        labels=labels,
+        classes=["person", "vehicle"],
+        class_map={"car": "vehicle", "truck": "vehicle", "bus": "vehicle"},
+        conf={"*": 0.25},
+        imgsz=160,
+        out=out,
+        int8=False,
+    )
     base.update(kw)
     return DistillSpec(**base)
 
@@ -79,12 +87,20 @@ def test_tiny_distillation_artefacts_and_resume(small_set, tmp_path, monkeypatch
 
     pair = generate_keypair(tmp_path / "keys" / "team")
     TrustStore().trust(pair.public_path)
-    _ship(out / "baselines" / "sliced-160", tmp_path / "shipped", load_private_key(pair.private_path), sliced,
-          load_data_yaml(out / "labels" / "data.yaml", "val"), out / "labels" / "dataset.json")
+    _ship(
+        out / "baselines" / "sliced-160",
+        tmp_path / "shipped",
+        load_private_key(pair.private_path),
+        sliced,
+        load_data_yaml(out / "labels" / "data.yaml", "val"),
+        out / "labels" / "dataset.json",
+    )
     shipped = Bundle.open(tmp_path / "shipped")  # verifies: signed by the trusted key, payload intact
     assert shipped.verification.key_id == pair.key_id
-    assert {e.metric: e.value for e in shipped.manifest.evaluation} == {"mAP50": sliced["map50"],
-                                                                        "mAP50-95": sliced["map50_95"]}
+    assert {e.metric: e.value for e in shipped.manifest.evaluation} == {
+        "mAP50": sliced["map50"],
+        "mAP50-95": sliced["map50_95"],
+    }
     data = json.loads((tmp_path / "shipped" / "dataset.json").read_text())  # signed with the bundle
     assert "dataset.json" in {f.path for f in shipped.manifest.files}
     first = data["splits"]["train"][0]
@@ -120,16 +136,39 @@ def test_distill_bad_input(small_set, tmp_path):
     (bad / first.name.replace(".jpg", ".txt")).write_text("0 0.5 0.5 1.7 0.2\n")
     with pytest.raises(ConfigError, match="coordinates must be 4 numbers in \\[0, 1\\]"):
         run_distill(spec(images, bad, tmp_path / "b"))
-    proc = run_cli("distill", "detect", "--teacher", "yolov5n", "--images", str(tmp_path / "none"), "--classes",
-                   "person", "--no-train", "--out", str(tmp_path / "c"))
+    proc = run_cli(
+        "distill",
+        "detect",
+        "--teacher",
+        "yolov5n",
+        "--images",
+        str(tmp_path / "none"),
+        "--classes",
+        "person",
+        "--no-train",
+        "--out",
+        str(tmp_path / "c"),
+    )
     assert proc.returncode == 1 and "no images in" in proc.stderr and "Traceback" not in proc.stderr
     from bastion.distill.ultra import ultralytics_available
 
     if ultralytics_available():  # the training device is checked before any stage runs
         import torch
 
-        proc = run_cli("distill", "detect", "--teacher", "yolov5n", "--images", str(images), "--classes", "person",
-                       "--device", f"cuda:{torch.cuda.device_count()}", "--out", str(tmp_path / "d"))
+        proc = run_cli(
+            "distill",
+            "detect",
+            "--teacher",
+            "yolov5n",
+            "--images",
+            str(images),
+            "--classes",
+            "person",
+            "--device",
+            f"cuda:{torch.cuda.device_count()}",
+            "--out",
+            str(tmp_path / "d"),
+        )
         assert proc.returncode == 1 and "CUDA device" in proc.stderr and not (tmp_path / "d").exists()
 
 
@@ -146,8 +185,7 @@ def test_tiny_student_training_end_to_end(small_set, tmp_path, shared, monkeypat
     warm = shared / "weights" / "yolov5n" / "yolov5n.state_dict.safetensors"
     monkeypatch.chdir(tmp_path)
     out = Path("run")  # relative, as an operator types it (Ultralytics would file it under its own runs_dir)
-    train = TrainSpec(student="yolov5n.yaml", warm_start=warm if warm.is_file() else None, epochs=1, batch=8,
-                      freeze=24)
+    train = TrainSpec(student="yolov5n.yaml", warm_start=warm if warm.is_file() else None, epochs=1, batch=8, freeze=24)
     report = run_distill(spec(images, labels, out, train=train, int8=True))
     trained = report["training"]
     assert (out / "student" / trained["weights"]).is_file() and (out / "student" / trained["onnx"]).is_file()

@@ -4,8 +4,14 @@ import dataclasses
 
 from bastion.hardware.engine_cache import EngineCache, EngineKey
 
-KEY = EngineKey(gpu="NVIDIA GeForce RTX 4060", compute_capability="8.9", tensorrt="10.7.0", bundle_sha256="ab" * 32,
-                precision="fp16", shapes=(("images", (1, 3, 320, 320), (4, 3, 640, 640), (8, 3, 640, 640)),))
+KEY = EngineKey(
+    gpu="NVIDIA GeForce RTX 4060",
+    compute_capability="8.9",
+    tensorrt="10.7.0",
+    bundle_sha256="ab" * 32,
+    precision="fp16",
+    shapes=(("images", (1, 3, 320, 320), (4, 3, 640, 640), (8, 3, 640, 640)),),
+)
 
 
 def test_round_trip_and_exact_match(tmp_path):
@@ -19,9 +25,14 @@ def test_round_trip_and_exact_match(tmp_path):
 def test_any_other_key_is_a_miss(tmp_path):
     cache = EngineCache(tmp_path)
     cache.store(KEY, b"plan-bytes")
-    for change in ({"gpu": "Orin"}, {"compute_capability": "8.7"}, {"tensorrt": "10.8.0"},
-                   {"bundle_sha256": "cd" * 32}, {"precision": "int8"},
-                   {"shapes": (("images", (1, 3, 320, 320), (4, 3, 640, 640), (16, 3, 640, 640)),)}):
+    for change in (
+        {"gpu": "Orin"},
+        {"compute_capability": "8.7"},
+        {"tensorrt": "10.8.0"},
+        {"bundle_sha256": "cd" * 32},
+        {"precision": "int8"},
+        {"shapes": (("images", (1, 3, 320, 320), (4, 3, 640, 640), (16, 3, 640, 640)),)},
+    ):
         assert cache.load(dataclasses.replace(KEY, **change)) is None, change
 
 

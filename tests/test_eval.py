@@ -14,15 +14,18 @@ NAMES = ["person", "car"]
 def gt_set():
     images = [{"id": i, "width": 640, "height": 480} for i in (1, 2)]
     boxes = [(1, 0, [10, 10, 100, 200]), (1, 1, [300, 200, 120, 80]), (2, 0, [50, 60, 40, 90])]
-    anns = [{"id": k + 1, "image_id": img, "category_id": c + 1, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
-            for k, (img, c, b) in enumerate(boxes)]
+    anns = [
+        {"id": k + 1, "image_id": img, "category_id": c + 1, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
+        for k, (img, c, b) in enumerate(boxes)
+    ]
     return images, anns
 
 
 def test_perfect_predictions_score_one_and_shifted_ones_less():
     images, anns = gt_set()
-    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
-               for a in anns]
+    perfect = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9} for a in anns
+    ]
     m, m50, per_class = coco_map(images, anns, perfect, NAMES)
     assert m == pytest.approx(1.0) and m50 == pytest.approx(1.0)
     assert per_class["person"]["instances"] == 2
@@ -80,8 +83,21 @@ def test_yolov5n_on_coco128_regression(coco128):
 
 
 def test_eval_subset_and_bad_dataset(coco128, tmp_path):
-    proc = run_cli("eval", "detect", "--model", "yolox_nano", "--data", str(coco128), "--limit", "16",
-                   "--imgsz", "416", "--bootstrap", "50", "--json")
+    proc = run_cli(
+        "eval",
+        "detect",
+        "--model",
+        "yolox_nano",
+        "--data",
+        str(coco128),
+        "--limit",
+        "16",
+        "--imgsz",
+        "416",
+        "--bootstrap",
+        "50",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["images"] == 16 and 0.2 < report["map50"] <= 1.0

@@ -164,9 +164,14 @@ def test_dot_slash_prefixed_archive_from_plain_tar_is_accepted(tmp_path):
         assert Bundle.open(unpack(gnu, tmp_path / "gnu")).verification.signed
 
 
-@pytest.mark.parametrize("name,message", [
-    ("./../escape", "escapes the bundle"), ("a/../../escape", "escapes the bundle"), ("/abs", "absolute path"),
-])
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("./../escape", "escapes the bundle"),
+        ("a/../../escape", "escapes the bundle"),
+        ("/abs", "absolute path"),
+    ],
+)
 def test_dot_prefix_does_not_open_a_way_out(tmp_path, name, message):
     archive = tmp_path / "evil.bastion"
     with tarfile.open(archive, "w") as tar:
@@ -338,7 +343,6 @@ def test_unsigned_override_still_loud_when_list_missing(tmp_path, bastion_home):
     store.revoked()  # creates the store
     store.revoked_path.unlink()
     assert Bundle.open("yolox_nano", allow_unsigned=True).verification.signed is False
-
 
 
 def test_node_reload_to_an_older_version_is_refused_unless_allowed(tmp_path, team_key):

@@ -80,9 +80,19 @@ def test_multi_frame_flood_keeps_rss_bounded_and_other_clients_answered(tmp_path
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        flooder = subprocess.Popen([sys.executable, "-c", _FLOODER, node.server.control_endpoint,
-                                    str(FRAMES_PER_MESSAGE), str(FRAME_BYTES), str(MESSAGES)],
-                                   stdout=subprocess.PIPE, text=True)
+        flooder = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _FLOODER,
+                node.server.control_endpoint,
+                str(FRAMES_PER_MESSAGE),
+                str(FRAME_BYTES),
+                str(MESSAGES),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         answered = 0
         while flooder.poll() is None:
             assert client.status()["node"] == "test-node"  # 3 s timeout: never starved by the flood
@@ -112,8 +122,10 @@ def test_error_replies_echo_the_request_id_and_never_say_internal_error(tmp_path
             huge = _ask(sock, {"op": "replay", "id": 9, "since": 2**63})
             assert huge["id"] == 9 and not huge["ok"] and "internal error" not in huge["error"]
             assert _ask(sock, {"op": "snapshot", "id": 10, "seq": 2**63})["id"] == 10
-            for raw in (b'{"op": "status", "id": 11, "x": ' + b"[" * 60_000 + b"}",
-                        b'{"op": "status", "id": 12, "x": ' + b"1" * 6000 + b"}"):
+            for raw in (
+                b'{"op": "status", "id": 11, "x": ' + b"[" * 60_000 + b"}",
+                b'{"op": "status", "id": 12, "x": ' + b"1" * 6000 + b"}",
+            ):
                 bad = _ask(sock, raw)
                 assert not bad["ok"] and "internal error" not in bad["error"] and len(bad["error"]) < 300
             extra_key = _ask(sock, {"op": "status", "id": 13, "k" * 30_000: 1})
@@ -134,8 +146,17 @@ def test_reload_gives_one_answer_for_every_path_that_is_not_a_bundle(tmp_path, c
     caplog.set_level(logging.DEBUG, logger="bastion")
     a_file = tmp_path / "notes.txt"
     a_file.write_text("hello")
-    candidates = [str(a_file), str(tmp_path), str(tmp_path / "missing.bastion"), "/etc/passwd", "/proc/self",
-                  "no-such-bundle", "a" * 4000, "/" + "b/" * 2000, "\x00x"]
+    candidates = [
+        str(a_file),
+        str(tmp_path),
+        str(tmp_path / "missing.bastion"),
+        "/etc/passwd",
+        "/proc/self",
+        "no-such-bundle",
+        "a" * 4000,
+        "/" + "b/" * 2000,
+        "\x00x",
+    ]
     with running_node(tmp_path) as node:
         ctx = zmq.Context()
         sock = _dealer(ctx, node.server.control_endpoint)
@@ -204,8 +225,11 @@ def test_random_curve_keys_do_not_flood_the_audit_log(tmp_path):
     keys = tmp_path / "keys"
     generate_certificate(keys, "node")
     generate_certificate(keys / "clients", "good")
-    security = {"curve": True, "server_secret_key": str(keys / "node.key_secret"),
-                "allowed_clients": [str(keys / "clients")]}
+    security = {
+        "curve": True,
+        "server_secret_key": str(keys / "node.key_secret"),
+        "allowed_clients": [str(keys / "clients")],
+    }
     with running_node(tmp_path, security=security) as node:
         ctx = zmq.Context()
         socks = []
@@ -281,8 +305,9 @@ def test_one_client_cannot_hold_the_control_thread_with_expensive_requests(tmp_p
     store = EventStore(tmp_path / "data" / "events.db")
     boxes = [DetectionItem(cls=0, name="person", conf=0.5, box=[1.0, 2.0, 3.0, 4.0]) for _ in range(100)]
     for i in range(500):  # a replay of all of them: ~4 MB, a noticeable fraction of a second to build
-        store.append(DetectionEvent(seq=0, node="test-node", source="cam1", ts=1.0, frame=i, model="m",
-                                    detections=boxes))
+        store.append(
+            DetectionEvent(seq=0, node="test-node", source="cam1", ts=1.0, frame=i, model="m", detections=boxes)
+        )
     store.close()
     quiet = [{"name": "cam1", "uri": os.fspath(tmp_path / "none.mp4")}]
     with running_node(tmp_path, sources=quiet) as node, client_for(node) as other:
@@ -365,8 +390,9 @@ def test_a_replay_answer_is_bounded_in_size_and_the_sdk_still_gets_every_event(t
     store = EventStore(tmp_path / "data" / "events.db")
     boxes = [DetectionItem(cls=0, name="person", conf=0.5, box=[1.0, 2.0, 3.0, 4.0]) for _ in range(300)]
     for i in range(400):  # 120,000 detections: ~10 MB as one answer
-        store.append(DetectionEvent(seq=0, node="test-node", source="cam1", ts=1.0, frame=i, model="m",
-                                    detections=boxes))
+        store.append(
+            DetectionEvent(seq=0, node="test-node", source="cam1", ts=1.0, frame=i, model="m", detections=boxes)
+        )
     store.close()
     quiet = [{"name": "cam1", "uri": os.fspath(tmp_path / "none.mp4")}]
     with running_node(tmp_path, sources=quiet) as node, client_for(node) as client:
@@ -430,8 +456,17 @@ def test_a_wrong_client_key_file_is_one_line_not_a_hang(tmp_path, bad):
     if bad != "public_only":
         client_key.write_bytes(os.urandom(4096))
     try:
-        proc = run_cli("node", "status", "--control", "tcp://127.0.0.1:9", "--server-key", str(pub),
-                       "--client-key", str(client_key), timeout=30)
+        proc = run_cli(
+            "node",
+            "status",
+            "--control",
+            "tcp://127.0.0.1:9",
+            "--server-key",
+            str(pub),
+            "--client-key",
+            str(client_key),
+            timeout=30,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("bastion node status hung on a wrong --client-key")
     assert proc.returncode == 1 and "internal error" not in proc.stderr, proc.stderr

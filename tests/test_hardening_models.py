@@ -104,16 +104,25 @@ def _external_data_model(folder: Path, nested: bool) -> Path:
         const = helper.make_node("Constant", [], ["c"], value=weight)
         branch = helper.make_graph([const], "b", [], [helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 4])])
         cond = numpy_helper.from_array(np.array(True), "cond")
-        nodes = [helper.make_node("If", ["cond"], ["w"], then_branch=branch, else_branch=branch),
-                 helper.make_node("Mul", ["x", "w"], ["y"])]
+        nodes = [
+            helper.make_node("If", ["cond"], ["w"], then_branch=branch, else_branch=branch),
+            helper.make_node("Mul", ["x", "w"], ["y"]),
+        ]
         graph = helper.make_graph(nodes, "g", [x], [y], initializer=[cond])
     else:
         graph = helper.make_graph([helper.make_node("Mul", ["x", "w"], ["y"])], "g", [x], [y], initializer=[weight])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     path = folder / "model.onnx"
-    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data",
-              size_threshold=0, convert_attribute=True)
+    onnx.save(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=0,
+        convert_attribute=True,
+    )
     assert (folder / "model.onnx.data").is_file()
     return path
 
@@ -143,12 +152,15 @@ def test_a_self_contained_model_still_loads_from_bytes(tmp_path):
 
 
 # -- Low: manifest bounds ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("field,value,match", [
-    ("size", [40000, 40000], "size"),
-    ("stride", 0, "stride"),
-    ("stride", -32, "stride"),
-    ("size", [0, 640], "size"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("size", [40000, 40000], "size"),
+        ("stride", 0, "stride"),
+        ("stride", -32, "stride"),
+        ("size", [0, 640], "size"),
+    ],
+)
 def test_manifest_input_size_and_stride_are_bounded(tmp_path, field, value, match):
     bundle = _copy(tmp_path, "yolov5n")
     path = bundle / "manifest.json"
@@ -228,12 +240,18 @@ def test_bundle_create_refuses_an_onnx_with_external_data(tmp_path):
 
     model = _external_data_model(tmp_path, nested=False)
     out = tmp_path / "bundle"
-    result = run_cli("bundle", "create", "--onnx", str(model), "--task", "lm", "--weights-license", "MIT",
-                     "--out", str(out))
+    result = run_cli(
+        "bundle", "create", "--onnx", str(model), "--task", "lm", "--weights-license", "MIT", "--out", str(out)
+    )
     assert result.returncode == 1, result.stderr
     assert "external data" in result.stderr and "Traceback" not in result.stderr
-    fields = {"name": "ext", "version": "1.0", "task": "lm", "license": {"weights": "MIT"},
-              "provenance": {"source": "test"}}
+    fields = {
+        "name": "ext",
+        "version": "1.0",
+        "task": "lm",
+        "license": {"weights": "MIT"},
+        "provenance": {"source": "test"},
+    }
     with pytest.raises(ModelLoadError, match="external data"):
         create_bundle(model, out, fields, [])
     assert not out.exists()
@@ -261,22 +279,36 @@ def test_tensorrt_builds_and_keys_its_engine_from_the_verified_bytes(tmp_path, m
             parsed.append(bytes(data))
             return True
 
-    config = SimpleNamespace(set_memory_pool_limit=lambda *a: None, set_flag=lambda *a: None,
-                             add_optimization_profile=lambda *a: None, create_timing_cache=lambda b: b,
-                             set_timing_cache=lambda *a: None,
-                             get_timing_cache=lambda: SimpleNamespace(serialize=lambda: b"timing"))
-    builder = SimpleNamespace(create_network=lambda flags: "network", create_builder_config=lambda: config,
-                              create_optimization_profile=lambda: SimpleNamespace(set_shape=lambda *a: None),
-                              build_serialized_network=lambda network, cfg: b"PLAN")
+    config = SimpleNamespace(
+        set_memory_pool_limit=lambda *a: None,
+        set_flag=lambda *a: None,
+        add_optimization_profile=lambda *a: None,
+        create_timing_cache=lambda b: b,
+        set_timing_cache=lambda *a: None,
+        get_timing_cache=lambda: SimpleNamespace(serialize=lambda: b"timing"),
+    )
+    builder = SimpleNamespace(
+        create_network=lambda flags: "network",
+        create_builder_config=lambda: config,
+        create_optimization_profile=lambda: SimpleNamespace(set_shape=lambda *a: None),
+        build_serialized_network=lambda network, cfg: b"PLAN",
+    )
+
     class Logger:
         WARNING = 0
 
         def __init__(self, level):
             pass
 
-    fake = SimpleNamespace(__version__="10.0.0", Logger=Logger, NetworkDefinitionCreationFlag=SimpleNamespace(),
-                           OnnxParser=Parser, Builder=lambda logger: builder,
-                           MemoryPoolType=SimpleNamespace(WORKSPACE=0), BuilderFlag=SimpleNamespace(FP16=1, INT8=2))
+    fake = SimpleNamespace(
+        __version__="10.0.0",
+        Logger=Logger,
+        NetworkDefinitionCreationFlag=SimpleNamespace(),
+        OnnxParser=Parser,
+        Builder=lambda logger: builder,
+        MemoryPoolType=SimpleNamespace(WORKSPACE=0),
+        BuilderFlag=SimpleNamespace(FP16=1, INT8=2),
+    )
     monkeypatch.setattr(trt_backend, "_modules", lambda: (fake, None))
     monkeypatch.setattr(trt_backend, "device_identity", lambda: ("Fake GPU", "8.7"))
 

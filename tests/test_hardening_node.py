@@ -29,10 +29,14 @@ VIDEO = SAMPLES / "one-by-one-person-detection.mp4"
 
 def node_config(tmp_path, storage, **over):
     cfg = {
-        "id": "hard-node", "model": "yolov5n", "imgsz": 320, "threads": 1,
+        "id": "hard-node",
+        "model": "yolov5n",
+        "imgsz": 320,
+        "threads": 1,
         "sources": [{"name": "cam1", "uri": str(VIDEO), "loop": True, "realtime": True, "fps": 40}],
         "endpoints": {"events": "tcp://127.0.0.1:*", "control": "tcp://127.0.0.1:*"},
-        "storage": {"dir": str(storage)}, "heartbeat_s": 0.2,
+        "storage": {"dir": str(storage)},
+        "heartbeat_s": 0.2,
     }
     cfg.update(over)
     path = tmp_path / f"node-{uuid.uuid4().hex[:6]}.yaml"
@@ -244,14 +248,21 @@ def test_a_source_fault_is_retried_and_never_ends_its_reader(tmp_path, monkeypat
 
 def test_node_process_exits_nonzero_when_a_worker_thread_dies(tmp_path):
     config = node_config(tmp_path, tmp_path / "data")
-    code = ("import egress_guard; egress_guard.install()\n"
-            "from bastion.edge.node import Node\n"
-            "def boom(self, *a, **k):\n    raise RuntimeError('injected fault')\n"
-            "Node._emit = boom\n"
-            "from bastion.cli import run; run()\n")
+    code = (
+        "import egress_guard; egress_guard.install()\n"
+        "from bastion.edge.node import Node\n"
+        "def boom(self, *a, **k):\n    raise RuntimeError('injected fault')\n"
+        "Node._emit = boom\n"
+        "from bastion.cli import run; run()\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
-    proc = subprocess.run([sys.executable, "-c", code, "node", "run", "--config", str(config)], capture_output=True,
-                          text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "node", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode not in (0, None), proc.stderr
     assert "node-infer" in proc.stderr and "injected fault" in proc.stderr
     assert "Traceback" not in proc.stderr.splitlines()[-1]
@@ -386,9 +397,17 @@ def test_a_tampered_checkpoint_signature_is_refused(tmp_path):
 
 
 # -- low items: config bounds, bad files, relative paths -------------------------------------------------------------
-@pytest.mark.parametrize("field,value", [("heartbeat_s", float("inf")), ("heartbeat_s", 0.000001),
-                                         ("heartbeat_s", float("nan")), ("health_log_s", float("inf")),
-                                         ("health_log_s", 0.0001), ("audit_checkpoint_s", float("inf"))])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("heartbeat_s", float("inf")),
+        ("heartbeat_s", 0.000001),
+        ("heartbeat_s", float("nan")),
+        ("health_log_s", float("inf")),
+        ("health_log_s", 0.0001),
+        ("audit_checkpoint_s", float("inf")),
+    ],
+)
 def test_intervals_are_bounded_in_the_schema(tmp_path, field, value):
     with pytest.raises(ConfigError, match=field):
         load_config(node_config(tmp_path, tmp_path / "data", **{field: value}))
@@ -396,8 +415,7 @@ def test_intervals_are_bounded_in_the_schema(tmp_path, field, value):
 
 @pytest.mark.parametrize("source", [{"fps": float("inf")}, {"fps": 1e-9}])
 def test_source_rates_are_bounded(tmp_path, source):
-    path = node_config(tmp_path, tmp_path / "data",
-                       sources=[{"name": "cam1", "uri": str(VIDEO), **source}])
+    path = node_config(tmp_path, tmp_path / "data", sources=[{"name": "cam1", "uri": str(VIDEO), **source}])
     with pytest.raises(ConfigError, match="fps"):
         load_config(path)
 
@@ -421,12 +439,19 @@ def test_relative_paths_in_the_config_resolve_from_its_directory(tmp_path, monke
     etc = tmp_path / "etc"
     etc.mkdir()
     config = etc / "node.yaml"
-    config.write_text(yaml.safe_dump({
-        "sources": [{"name": "cam1", "uri": "video.mp4"}],
-        "security": {"server_secret_key": "keys/node.key_secret", "allowed_clients": ["keys/clients"],
-                     "audit_key": "keys/audit.key"},
-        "storage": {"dir": "data", "snapshots": True, "snapshot_key": "keys/snap.key"},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "sources": [{"name": "cam1", "uri": "video.mp4"}],
+                "security": {
+                    "server_secret_key": "keys/node.key_secret",
+                    "allowed_clients": ["keys/clients"],
+                    "audit_key": "keys/audit.key",
+                },
+                "storage": {"dir": "data", "snapshots": True, "snapshot_key": "keys/snap.key"},
+            }
+        )
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -515,8 +540,13 @@ def test_an_overlong_audit_line_is_damage_read_in_bounded_memory(tmp_path):
     verify` load all of it. A 300 MB sparse line (complete, and torn) is read in bounded memory: verify names it
     as damage, the node chains on past it and reads its seq marks, and a torn one is cut off and recorded."""
     size = 300 * 2**20
-    proc = subprocess.run([sys.executable, "-c", OVERLONG_SCRIPT, str(tmp_path), str(size)], capture_output=True,
-                          text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", OVERLONG_SCRIPT, str(tmp_path), str(size)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
     assert out["grew"] < 64 * 2**20, f"peak RSS grew by {out['grew'] / 2**20:.0f} MiB reading a 300 MiB line"

@@ -73,8 +73,16 @@ def seqs_from(node, n, since=0):
 
 def _start_process(config, data, *extra):
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
-    cmd = [sys.executable, "-c", "import egress_guard; egress_guard.install(); from bastion.cli import run; run()",
-           "node", "run", "--config", str(config), *extra]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import egress_guard; egress_guard.install(); from bastion.cli import run; run()",
+        "node",
+        "run",
+        "--config",
+        str(config),
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     runtime = data / RUNTIME_FILE
     deadline = time.monotonic() + 90
@@ -157,8 +165,15 @@ def test_older_copy_of_events_db_refuses_even_without_the_mark_file_and_gap_is_a
 
 
 def _event():
-    return DetectionEvent(seq=0, node="n", source="cam1", ts=time.time(), frame=0, model="0" * 64,
-                          detections=[DetectionItem(cls=0, name="person", conf=0.9, box=[1, 2, 3, 4])])
+    return DetectionEvent(
+        seq=0,
+        node="n",
+        source="cam1",
+        ts=time.time(),
+        frame=0,
+        model="0" * 64,
+        detections=[DetectionItem(cls=0, name="person", conf=0.9, box=[1, 2, 3, 4])],
+    )
 
 
 def test_seq_is_reserved_ahead_in_blocks_not_fsynced_per_event(tmp_path, monkeypatch):
@@ -214,8 +229,9 @@ def _fill(path, n):
     store = EventStore(path)
     items = [DetectionItem(cls=i, name=f"class-{i}", conf=0.5, box=[1.0, 2.0, 3.0, 4.0]) for i in range(6)]
     for i in range(n):
-        store.append(DetectionEvent(seq=0, node="n", source="cam1", ts=time.time(), frame=i, model="0" * 64,
-                                    detections=items))
+        store.append(
+            DetectionEvent(seq=0, node="n", source="cam1", ts=time.time(), frame=i, model="0" * 64, detections=items)
+        )
     store.close()
     assert not path.with_name(path.name + "-wal").exists()
 
@@ -230,18 +246,18 @@ def _table_pages(path):
     interior, leaves = [], []
 
     def walk(n):
-        page = data[(n - 1) * size: n * size]
+        page = data[(n - 1) * size : n * size]
         head = 100 if n == 1 else 0
         if page[head] == 0x0D:
             leaves.append(n)
             return
         assert page[head] == 0x05
         interior.append(n)
-        cells = struct.unpack(">H", page[head + 3: head + 5])[0]
-        pointers = [struct.unpack(">H", page[head + 12 + 2 * i: head + 14 + 2 * i])[0] for i in range(cells)]
-        for child in [struct.unpack(">I", page[p: p + 4])[0] for p in pointers]:
+        cells = struct.unpack(">H", page[head + 3 : head + 5])[0]
+        pointers = [struct.unpack(">H", page[head + 12 + 2 * i : head + 14 + 2 * i])[0] for i in range(cells)]
+        for child in [struct.unpack(">I", page[p : p + 4])[0] for p in pointers]:
             walk(child)
-        walk(struct.unpack(">I", page[head + 8: head + 12])[0])
+        walk(struct.unpack(">I", page[head + 8 : head + 12])[0])
 
     walk(root)
     return size, root, interior, leaves
@@ -264,7 +280,7 @@ def test_interior_page_corruption_refuses_to_start_in_one_line(tmp_path):
     size, root, interior, leaves = _table_pages(data / "events.db")
     assert len(leaves) > 100 and root in interior
     victim = [p for p in interior if p != root] or [root]
-    _garble(data / "events.db", size, victim[len(victim) // 2: len(victim) // 2 + 1])
+    _garble(data / "events.db", size, victim[len(victim) // 2 : len(victim) // 2 + 1])
     proc = run_cli("node", "run", "--config", str(config), timeout=60)
     assert proc.returncode == 1, proc.stderr
     lines = error_lines(proc.stderr)
@@ -452,8 +468,13 @@ def test_seq_mark_files_are_read_bounded(tmp_path, how):
     """seq.json and seq.live were read whole: a 300 MB file (anyone who can write the storage dir) cost its size in
     RSS at start, and a FIFO in seq.json's place hung the start for ever. They are read bounded (regular files
     only); an unreadable seq.json falls back to the audit log's marks, which still refuse a store behind seq 3."""
-    proc = subprocess.run([sys.executable, "-c", SEQ_FILES_SCRIPT, str(tmp_path), how], capture_output=True,
-                          text=True, timeout=30, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", SEQ_FILES_SCRIPT, str(tmp_path), how],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
     assert out["refused"] and "seq 3 was already published" in out["refused"]

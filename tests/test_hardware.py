@@ -63,8 +63,16 @@ def test_planner_arithmetic_fits_and_does_not_fit(tmp_path):
     from bastion.hardware.planner import plan
 
     bundle = Bundle.open("yolov5n")
-    base = dict(name="t", description="test", kind="jetson", preferred_backend="tensorrt", precision="fp16",
-                max_batch=2, max_imgsz=320, workspace_mb=100)
+    base = dict(
+        name="t",
+        description="test",
+        kind="jetson",
+        preferred_backend="tensorrt",
+        precision="fp16",
+        max_batch=2,
+        max_imgsz=320,
+        workspace_mb=100,
+    )
     roomy = plan(bundle, Profile(memory_mb=4000, **base))
     assert roomy.fits and roomy.batch == 2 and roomy.imgsz == 320 and roomy.precision == "fp16"
     assert roomy.weights_mb == round(bundle.model_path.stat().st_size / 2**20 / 2, 1)  # fp16 halves weights

@@ -44,8 +44,12 @@ def test_cli_startup_and_detect_import_no_heavy_library():
 def test_import_time_is_small():
     """`python -X importtime -c "from bastion import Bundle, Client, Detector"`: what the SDK import loads, read from the interpreter's own
     import log — nothing heavy, and no more modules than the budget."""
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", "from bastion import Bundle, Client, Detector"],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "from bastion import Bundle, Client, Detector"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     rows = [line.split("|") for line in proc.stderr.splitlines() if line.startswith("import time:")]
     assert rows and rows[0][-1].strip() == "imported package", proc.stderr[:500]  # the log's own header
     imported = [row[-1].strip() for row in rows[1:]]
@@ -69,11 +73,13 @@ def test_base_layer_imports_no_runtime_stack_and_the_lazy_facade_still_serves_ev
 def test_version_imports_no_runtime_stack(tmp_path):
     """`bastion --version` loads none of the inference or wire stacks."""
     report = tmp_path / "modules.txt"
-    code = ("import atexit, sys\n"
-            f"atexit.register(lambda: open({str(report)!r}, 'w').write('\\n'.join(sys.modules)))\n"
-            "sys.argv = ['bastion', '--version']\n"
-            "from bastion.cli import run\n"
-            "run()\n")
+    code = (
+        "import atexit, sys\n"
+        f"atexit.register(lambda: open({str(report)!r}, 'w').write('\\n'.join(sys.modules)))\n"
+        "sys.argv = ['bastion', '--version']\n"
+        "from bastion.cli import run\n"
+        "run()\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("bastion "), proc.stderr
     loaded = set(report.read_text().split())
@@ -82,11 +88,13 @@ def test_version_imports_no_runtime_stack(tmp_path):
 
 def _modules_after_cli(tmp_path, *argv: str) -> set[str]:
     report = tmp_path / "cli-modules.txt"
-    code = ("import atexit, sys\n"
-            f"atexit.register(lambda: open({str(report)!r}, 'w').write('\\n'.join(sys.modules)))\n"
-            f"sys.argv = ['bastion', *{list(argv)!r}]\n"
-            "from bastion.cli import run\n"
-            "run()\n")
+    code = (
+        "import atexit, sys\n"
+        f"atexit.register(lambda: open({str(report)!r}, 'w').write('\\n'.join(sys.modules)))\n"
+        f"sys.argv = ['bastion', *{list(argv)!r}]\n"
+        "from bastion.cli import run\n"
+        "run()\n"
+    )
     subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     return set(report.read_text().split())
 
@@ -110,8 +118,15 @@ def test_the_help_table_says_what_each_command_says_of_itself():
 
 # The base of bastion/ that every card may import; everything else in bastion/ is the top layer (CLI, demo, bench,
 # doctor), which imports the cards and must never be imported by them (DESIGN.md: dependency direction).
-BASE_MODULES = {"bastion", "bastion.errors", "bastion.log", "bastion.console", "bastion.ort_telemetry",
-                "bastion.sample_paths", "bastion.lm_limits"}
+BASE_MODULES = {
+    "bastion",
+    "bastion.errors",
+    "bastion.log",
+    "bastion.console",
+    "bastion.ort_telemetry",
+    "bastion.sample_paths",
+    "bastion.lm_limits",
+}
 CARDS = ("runtime", "edge", "models", "hardware", "distill")
 
 

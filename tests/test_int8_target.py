@@ -11,8 +11,7 @@ import pytest
 
 from bastion import Detector
 from bastion.errors import ConfigError, ModelLoadError
-from bastion.hardware.isa import CLASSES, ENV_OVERRIDE, classes_holding, classify, cpu_flags, probe_isa, \
-    resolve_target
+from bastion.hardware.isa import CLASSES, ENV_OVERRIDE, classes_holding, classify, cpu_flags, probe_isa, resolve_target
 from bastion.models import Bundle
 from bastion.models.keys import generate_keypair, load_private_key
 from bastion.models.manifest import Int8Verdict
@@ -28,12 +27,19 @@ ORIN = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 a
 CORTEX_A72 = "processor\t: 0\nFeatures\t: fp asimd evtstrm crc32 cpuid\n"
 
 
-@pytest.mark.parametrize("cpuinfo, machine, expected", [
-    (EPYC_AVX2, "x86_64", "x86-avx2"), (SKYLAKE_SP, "x86_64", "x86-avx512"),
-    (CASCADE_LAKE, "x86_64", "x86-avx512-vnni"), (ALDER_LAKE, "x86_64", "x86-avx-vnni"),
-    (SAPPHIRE_RAPIDS, "x86_64", "x86-amx"), ("flags\t: fpu sse sse2\n", "x86_64", "x86-sse"),
-    (ORIN, "aarch64", "arm64-dotprod"), (CORTEX_A72, "aarch64", "arm64"),
-])
+@pytest.mark.parametrize(
+    "cpuinfo, machine, expected",
+    [
+        (EPYC_AVX2, "x86_64", "x86-avx2"),
+        (SKYLAKE_SP, "x86_64", "x86-avx512"),
+        (CASCADE_LAKE, "x86_64", "x86-avx512-vnni"),
+        (ALDER_LAKE, "x86_64", "x86-avx-vnni"),
+        (SAPPHIRE_RAPIDS, "x86_64", "x86-amx"),
+        ("flags\t: fpu sse sse2\n", "x86_64", "x86-sse"),
+        (ORIN, "aarch64", "arm64-dotprod"),
+        (CORTEX_A72, "aarch64", "arm64"),
+    ],
+)
 def test_cpu_class_from_cpuinfo(tmp_path, cpuinfo, machine, expected):
     (tmp_path / "proc").mkdir()
     (tmp_path / "proc" / "cpuinfo").write_text(cpuinfo)
@@ -47,12 +53,15 @@ def test_unknown_cpu_class_and_profile_without_class_are_one_line_errors(tmp_pat
         probe_isa(env={ENV_OVERRIDE: "x86-avx3"})
     with pytest.raises(ConfigError, match="neither a device profile nor a CPU class"):
         resolve_target("no-such-profile")
-    proc = run_cli("quantize", "--model", "yolov5n", "--calib", str(SAMPLE_IMAGES), "--data", "none.yaml",
-                   "--target", "x86-avx3")
+    proc = run_cli(
+        "quantize", "--model", "yolov5n", "--calib", str(SAMPLE_IMAGES), "--data", "none.yaml", "--target", "x86-avx3"
+    )
     assert proc.returncode == 1 and "x86-avx3" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     profile = tmp_path / "box.yaml"
-    profile.write_text("name: box\ndescription: d\nkind: cpu\nmemory_mb: 100\npreferred_backend: ort-cpu\n"
-                       "precision: fp32\nmax_batch: 1\nmax_imgsz: 320\n")
+    profile.write_text(
+        "name: box\ndescription: d\nkind: cpu\nmemory_mb: 100\npreferred_backend: ort-cpu\n"
+        "precision: fp32\nmax_batch: 1\nmax_imgsz: 320\n"
+    )
     with pytest.raises(ConfigError, match="names no CPU instruction-set class"):
         resolve_target(str(profile))
 
@@ -67,8 +76,7 @@ def test_targets_get_only_recipes_that_hold_there():
     vnni = candidates(CLASSES["x86-avx512-vnni"])
     assert vnni[0].name == "u8s8" and not vnni[0].saturation_free  # exact there, and the fastest kernel
     # a full-range U8S8 verdict travels only within its kernel family; a saturation-free one across x86
-    assert set(classes_holding(False, "x86-avx512-vnni")) == {"x86-avx512-vnni", "x86-avx-vnni", "x86-amx",
-                                                                "x86-sse"}
+    assert set(classes_holding(False, "x86-avx512-vnni")) == {"x86-avx512-vnni", "x86-avx-vnni", "x86-amx", "x86-sse"}
     assert "x86-avx2" in classes_holding(True, "x86-avx512-vnni")
     assert "arm64" not in classes_holding(True, "x86-avx2")
 
@@ -95,14 +103,27 @@ def _int8_bundle(model: Path, out: Path, key_stem: Path, isa: str, saturation_fr
     from bastion.runtime.bundle_create import create_bundle
 
     source = Bundle.open("yolov5n")
-    verdict = Int8Verdict(recipe="u8s8-7bit" if saturation_free else "u8s8", isa=isa,
-                          holds_on=classes_holding(saturation_free, isa), target=isa, target_isa=isa,
-                          measured_on_target=True, onnxruntime="test", calibration_sha256="0" * 64,
-                          calibration_images=2, evaluation_sha256="1" * 64, evaluation_images=32, fp32_map50=0.553,
-                          int8_map50=0.550, map50_drop_points=0.35, speedup=1.5)
+    verdict = Int8Verdict(
+        recipe="u8s8-7bit" if saturation_free else "u8s8",
+        isa=isa,
+        holds_on=classes_holding(saturation_free, isa),
+        target=isa,
+        target_isa=isa,
+        measured_on_target=True,
+        onnxruntime="test",
+        calibration_sha256="0" * 64,
+        calibration_images=2,
+        evaluation_sha256="1" * 64,
+        evaluation_images=32,
+        fp32_map50=0.553,
+        int8_map50=0.550,
+        map50_drop_points=0.35,
+        speedup=1.5,
+    )
     fields = static_manifest(source.manifest, 160).model_dump(mode="json", exclude={"files"})
-    fields.update(name="yolov5n-int8", version="test-int8", precision="int8",
-                  int8_verdict=verdict.model_dump(mode="json"))
+    fields.update(
+        name="yolov5n-int8", version="test-int8", precision="int8", int8_verdict=verdict.model_dump(mode="json")
+    )
     licenses = [source.root / f.path for f in source.manifest.files if f.role == "license"]
     fields["license"] = {**fields["license"], "files": [p.name for p in licenses]}
     if not key_stem.with_suffix(".pub").exists():
@@ -117,8 +138,9 @@ def _key_stem(tmp_path: Path) -> Path:
     return pair_dir / "team"
 
 
-def test_bundle_gated_on_vnni_is_flagged_on_an_avx2_cpu_and_refused_when_strict(int8_model, tmp_path, monkeypatch,
-                                                                                  caplog):
+def test_bundle_gated_on_vnni_is_flagged_on_an_avx2_cpu_and_refused_when_strict(
+    int8_model, tmp_path, monkeypatch, caplog
+):
     stem = _key_stem(tmp_path)
     path = _int8_bundle(int8_model, tmp_path / "vnni", stem, "x86-avx512-vnni", saturation_free=False)
     bundle = Bundle.open(path)  # signed and trusted: the verdict is part of the signed manifest
@@ -192,9 +214,15 @@ def test_node_audits_an_int8_bundle_from_another_cpu_class_and_strict_refuses_it
     storage = tmp_path / "data"
 
     def config(**over) -> Path:
-        cfg = {"id": "n1", "model": str(path), "threads": 1, "storage": {"dir": str(storage)},
-               "sources": [{"name": "cam1", "uri": str(SAMPLE_IMAGES)}],
-               "endpoints": {"events": "tcp://127.0.0.1:*", "control": "tcp://127.0.0.1:*"}, **over}
+        cfg = {
+            "id": "n1",
+            "model": str(path),
+            "threads": 1,
+            "storage": {"dir": str(storage)},
+            "sources": [{"name": "cam1", "uri": str(SAMPLE_IMAGES)}],
+            "endpoints": {"events": "tcp://127.0.0.1:*", "control": "tcp://127.0.0.1:*"},
+            **over,
+        }
         (tmp_path / "node.yaml").write_text(yaml.safe_dump(cfg))
         return tmp_path / "node.yaml"
 

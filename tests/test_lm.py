@@ -30,7 +30,7 @@ def test_streaming_pieces_join_to_the_decoded_ids(generator):
     new = list(generator.generate_ids(ids, 50))
     pieces = list(generator.generate("Once upon a time", 50))
     assert len(pieces) > 10
-    assert "".join(pieces) == generator.tokenizer.decode(ids + new)[len(generator.tokenizer.decode(ids)):]
+    assert "".join(pieces) == generator.tokenizer.decode(ids + new)[len(generator.tokenizer.decode(ids)) :]
 
 
 def test_sampling_is_seeded_and_limits_are_enforced(generator):
@@ -86,7 +86,9 @@ def test_export_round_trip_matches_torch(tmp_path):
     src = SHARED / "weights" / "stories260K"
     if not (src / "stories260K.bin").is_file():
         pytest.skip("../shared is not present")
-    export_lm_bundle(src / "stories260K.bin", src / "hf" / "tokenizer.json", tmp_path / "b", "s", "1", "MIT", "test", [])
+    export_lm_bundle(
+        src / "stories260K.bin", src / "hf" / "tokenizer.json", tmp_path / "b", "s", "1", "MIT", "test", []
+    )
     g = Generator.load(tmp_path / "b", allow_unsigned=True)
     model = load_llama2c(src / "stories260K.bin")
     ids = g.encode("Lily and Ben")
@@ -106,8 +108,9 @@ def test_export_round_trip_matches_torch(tmp_path):
     assert cache.capacity == len(ids) + 1 and cache.length == len(ids) + 1  # grown by one slot
     # attention_mask counts the filled slots: whatever the free tail holds is never read
     roomy = g.empty_cache(len(ids) + 4)
-    noisy = KVCache({k: np.random.default_rng(0).normal(size=v.shape).astype(np.float32) for k, v in
-                     roomy.tensors.items()}, 0)
+    noisy = KVCache(
+        {k: np.random.default_rng(0).normal(size=v.shape).astype(np.float32) for k, v in roomy.tensors.items()}, 0
+    )
     np.testing.assert_allclose(g.forward(ids, noisy)[0], onnx_full, atol=1e-5)
     # a prompt fed in two chunks attends as the whole prompt: the second chunk's first token sees the cache
     # (bottom-right causal alignment; ONNX Runtime 1.25-1.27 got this wrong)
@@ -126,10 +129,23 @@ def test_bundle_generation_defaults_travel_with_the_model(tmp_path):
     src = SHARED / "weights" / "stories260K"
     if not (src / "stories260K.bin").is_file():
         pytest.skip("../shared is not present")
-    export_lm_bundle(src / "stories260K.bin", src / "hf" / "tokenizer.json", tmp_path / "b", "s", "1", "MIT", "test",
-                     [], generation={"temperature": 1.0, "top_k": 40, "max_new_tokens": 12})
+    export_lm_bundle(
+        src / "stories260K.bin",
+        src / "hf" / "tokenizer.json",
+        tmp_path / "b",
+        "s",
+        "1",
+        "MIT",
+        "test",
+        [],
+        generation={"temperature": 1.0, "top_k": 40, "max_new_tokens": 12},
+    )
     assert read_manifest(tmp_path / "b" / "manifest.json").decoder.params["generation"] == {
-        "max_new_tokens": 12, "temperature": 1.0, "top_k": 40, "top_p": 1.0}
+        "max_new_tokens": 12,
+        "temperature": 1.0,
+        "top_k": 40,
+        "top_p": 1.0,
+    }
     g = Generator.load(tmp_path / "b", allow_unsigned=True)
     ids = g.encode("Once upon a time")
     greedy_ids = list(g.generate_ids(ids, 40, temperature=0.0))
@@ -138,14 +154,24 @@ def test_bundle_generation_defaults_travel_with_the_model(tmp_path):
     assert sampled[0] == list(g.generate_ids(ids, 40, stop=(), seed=0))  # and seeded
     assert len(list(g.generate_ids(ids, stop=()))) == 12  # the bundle's answer length
     with pytest.raises(ConfigError, match="top_p must be"):
-        export_lm_bundle(src / "stories260K.bin", src / "hf" / "tokenizer.json", tmp_path / "c", "s", "1", "MIT",
-                         "test", [], generation={"top_p": 0.0})
+        export_lm_bundle(
+            src / "stories260K.bin",
+            src / "hf" / "tokenizer.json",
+            tmp_path / "c",
+            "s",
+            "1",
+            "MIT",
+            "test",
+            [],
+            generation={"top_p": 0.0},
+        )
     assert not (tmp_path / "c").exists()
 
 
 def test_bench_lm_json():
-    proc = run_cli("bench", "lm", "--new-tokens", "16", "--prompt-lengths", "8,64", "--against", "stories260K",
-                   "--json")
+    proc = run_cli(
+        "bench", "lm", "--new-tokens", "16", "--prompt-lengths", "8,64", "--against", "stories260K", "--json"
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     rows = result["lengths"]
@@ -162,8 +188,19 @@ def test_bench_lm_against_transformers_generate_same_tokens():
     hf = SHARED / "weights" / "stories260K" / "hf"
     if not (transformers_available() and hf.is_dir()):
         pytest.skip("needs transformers (the [distill] extra) and ../shared")
-    proc = run_cli("bench", "lm", "--new-tokens", "32", "--prompt-lengths", "16,128", "--reference", str(hf),
-                   "--transformers", str(hf), "--json")
+    proc = run_cli(
+        "bench",
+        "lm",
+        "--new-tokens",
+        "32",
+        "--prompt-lengths",
+        "16,128",
+        "--reference",
+        str(hf),
+        "--transformers",
+        str(hf),
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     for row in json.loads(proc.stdout)["lengths"].values():
         assert row["same_tokens"] and row["same_tokens_as_transformers"] and row["tokens"] == 32
@@ -176,8 +213,9 @@ def test_pruning_and_distillation_of_a_tiny_random_teacher(tmp_path):
     from bastion.distill.lm_distill import LMDistillSpec, distill, evenly, prune_layers
 
     torch.manual_seed(0)
-    teacher = Llama(LlamaConfig(dim=32, hidden_dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=64,
-                                max_seq_len=64)).eval()
+    teacher = Llama(
+        LlamaConfig(dim=32, hidden_dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=64)
+    ).eval()
     keep = evenly(4, 2)
     assert keep == [0, 3]
     student = prune_layers(teacher, keep)
@@ -187,8 +225,14 @@ def test_pruning_and_distillation_of_a_tiny_random_teacher(tmp_path):
     logits, *present = student(x, torch.arange(10)[None], *student.empty_past())
     assert logits.shape == (1, 10, 64) and len(present) == 4 and present[0].shape == (1, 2, 10, 8)
     tokens = torch.randint(0, 64, (2000,))
-    history = distill(teacher, student, tokens[:1800], tokens[1800:], LMDistillSpec(steps=30, batch=4, block=16,
-                      eval_every=10, lr=1e-2), tmp_path / "ck.pt")
+    history = distill(
+        teacher,
+        student,
+        tokens[:1800],
+        tokens[1800:],
+        LMDistillSpec(steps=30, batch=4, block=16, eval_every=10, lr=1e-2),
+        tmp_path / "ck.pt",
+    )
     assert history[-1]["top1_agreement"] > history[0]["top1_agreement"] or history[-1]["loss"] < history[0]["loss"]
     assert (tmp_path / "ck.pt").is_file()
     with pytest.raises(ConfigError, match="keep-layers"):
@@ -203,8 +247,9 @@ def test_distillation_resumes_where_a_killed_run_stopped(tmp_path):
     from bastion.distill.lm_distill import LMDistillSpec, distill, prune_layers
 
     torch.manual_seed(0)
-    teacher = Llama(LlamaConfig(dim=32, hidden_dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=64,
-                                max_seq_len=64)).eval()
+    teacher = Llama(
+        LlamaConfig(dim=32, hidden_dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=64)
+    ).eval()
     tokens = torch.randint(0, 64, (2000,))
     spec = LMDistillSpec(steps=20, batch=2, block=16, eval_every=10, lr=1e-2)
     whole = prune_layers(teacher, [0, 3])
@@ -218,13 +263,19 @@ def test_distillation_resumes_where_a_killed_run_stopped(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        distill(teacher, prune_layers(teacher, [0, 3]), tokens[:1800], tokens[1800:], spec, tmp_path / "ck.pt",
-                killed_at_step_13)
+        distill(
+            teacher,
+            prune_layers(teacher, [0, 3]),
+            tokens[:1800],
+            tokens[1800:],
+            spec,
+            tmp_path / "ck.pt",
+            killed_at_step_13,
+        )
     assert torch.load(tmp_path / "ck.pt", weights_only=False)["step"] == 10
     resumed = prune_layers(teacher, [0, 3])
     ticks = []
-    history = distill(teacher, resumed, tokens[:1800], tokens[1800:], spec, tmp_path / "ck.pt",
-                      lambda: ticks.append(1))
+    history = distill(teacher, resumed, tokens[:1800], tokens[1800:], spec, tmp_path / "ck.pt", lambda: ticks.append(1))
     assert [h["step"] for h in history] == [10, 20] and len(ticks) == 20  # the bar counts the steps before too
     for name, value in whole.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value)
@@ -241,8 +292,9 @@ def test_synthetic_corpus_samples_distinct_reproducible_texts(tmp_path):
     from bastion.distill.lm_export import export_lm_bundle
 
     torch.manual_seed(0)
-    teacher = Llama(LlamaConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
-                                max_seq_len=256)).eval()
+    teacher = Llama(
+        LlamaConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=256)
+    ).eval()
     export_lm_bundle(teacher, ZOO_DIR / "stories260K" / "tokenizer.json", tmp_path / "t", "t", "1", "MIT", "test", [])
     g = Generator.load(tmp_path / "t", allow_unsigned=True)
     ticks = []
@@ -302,10 +354,31 @@ def test_distill_lm_cli_end_to_end(tmp_path):
     src = SHARED / "weights" / "stories260K"
     if not (src / "stories260K.bin").is_file():
         pytest.skip("../shared is not present")
-    proc = run_cli("distill", "lm", "--teacher", str(src / "stories260K.bin"), "--tokenizer",
-                   str(src / "hf" / "tokenizer.json"), "--synthetic", "12", "--depth", "3", "--steps", "20",
-                   "--batch", "2", "--accumulate", "2", "--block", "32", "--weights-license", "MIT", "--out",
-                   str(tmp_path / "run"), "--json")
+    proc = run_cli(
+        "distill",
+        "lm",
+        "--teacher",
+        str(src / "stories260K.bin"),
+        "--tokenizer",
+        str(src / "hf" / "tokenizer.json"),
+        "--synthetic",
+        "12",
+        "--depth",
+        "3",
+        "--steps",
+        "20",
+        "--batch",
+        "2",
+        "--accumulate",
+        "2",
+        "--block",
+        "32",
+        "--weights-license",
+        "MIT",
+        "--out",
+        str(tmp_path / "run"),
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["student"]["layers"] == [0, 2, 4]
@@ -315,31 +388,90 @@ def test_distill_lm_cli_end_to_end(tmp_path):
     assert (tmp_path / "run" / "bundle-int8").is_dir() == gate["accepted"]
     g = Generator.load(tmp_path / "run" / "bundle", allow_unsigned=True)
     assert g.n_layers == 3 and len(list(g.generate_ids(g.encode("Once upon a time"), 20))) > 0
-    assert run_cli("distill", "lm", "--teacher", str(src / "stories260K.bin"), "--tokenizer",
-                   str(src / "hf" / "tokenizer.json"), "--weights-license", "MIT", "--out",
-                   str(tmp_path / "x")).returncode == 1  # neither --corpus nor --synthetic
+    assert (
+        run_cli(
+            "distill",
+            "lm",
+            "--teacher",
+            str(src / "stories260K.bin"),
+            "--tokenizer",
+            str(src / "hf" / "tokenizer.json"),
+            "--weights-license",
+            "MIT",
+            "--out",
+            str(tmp_path / "x"),
+        ).returncode
+        == 1
+    )  # neither --corpus nor --synthetic
     import torch
 
     for device in ("tpu", f"cuda:{torch.cuda.device_count()}"):  # no such kind; one GPU past the last (cuda:0 here)
-        bad = run_cli("distill", "lm", "--teacher", str(src / "stories260K.bin"), "--tokenizer",
-                      str(src / "hf" / "tokenizer.json"), "--synthetic", "8", "--device", device, "--weights-license",
-                      "MIT", "--out", str(tmp_path / "y"))
+        bad = run_cli(
+            "distill",
+            "lm",
+            "--teacher",
+            str(src / "stories260K.bin"),
+            "--tokenizer",
+            str(src / "hf" / "tokenizer.json"),
+            "--synthetic",
+            "8",
+            "--device",
+            device,
+            "--weights-license",
+            "MIT",
+            "--out",
+            str(tmp_path / "y"),
+        )
         assert bad.returncode == 1 and "--device" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     assert not (tmp_path / "y").exists()  # refused before any work
-    bad = run_cli("distill", "lm", "--teacher", str(src / "stories260K.bin"), "--tokenizer",
-                  str(ZOO_DIR / "stories260K" / "manifest.json"), "--synthetic", "8", "--weights-license", "MIT",
-                  "--out", str(tmp_path / "z"))
+    bad = run_cli(
+        "distill",
+        "lm",
+        "--teacher",
+        str(src / "stories260K.bin"),
+        "--tokenizer",
+        str(ZOO_DIR / "stories260K" / "manifest.json"),
+        "--synthetic",
+        "8",
+        "--weights-license",
+        "MIT",
+        "--out",
+        str(tmp_path / "z"),
+    )
     assert bad.returncode == 1 and "is not a Hugging Face tokenizer.json" in bad.stderr, bad.stderr
 
     # a Hugging Face teacher directory (tokenizer found inside), layers chosen by influence, MLPs halved
-    proc = run_cli("distill", "lm", "--teacher", str(src / "hf"), "--synthetic", "8", "--depth", "3",
-                   "--layer-choice", "importance", "--ffn-ratio", "0.5", "--steps", "10", "--batch", "4", "--block",
-                   "32", "--weights-license", "MIT", "--out", str(tmp_path / "hf-run"), "--json")
+    proc = run_cli(
+        "distill",
+        "lm",
+        "--teacher",
+        str(src / "hf"),
+        "--synthetic",
+        "8",
+        "--depth",
+        "3",
+        "--layer-choice",
+        "importance",
+        "--ffn-ratio",
+        "0.5",
+        "--steps",
+        "10",
+        "--batch",
+        "4",
+        "--block",
+        "32",
+        "--weights-license",
+        "MIT",
+        "--out",
+        str(tmp_path / "hf-run"),
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     influence = report["layer_influence"]
     assert len(influence) == 5 and report["student"]["layers"] == sorted(
-        sorted(range(5), key=lambda i: -influence[i])[:3])
+        sorted(range(5), key=lambda i: -influence[i])[:3]
+    )
     assert report["student_shape"]["hidden_dim"] == 88 and report["curves"] == "curves.png"
     assert (tmp_path / "hf-run" / "curves.png").stat().st_size > 1000
     if report["gguf"] and "skipped" not in report["gguf"]:  # the [distill] extra brings gguf
@@ -348,7 +480,7 @@ def test_distill_lm_cli_end_to_end(tmp_path):
     assert g.n_layers == 3 and len(list(g.generate_ids(g.encode("Once upon a time"), 10))) > 0
 
 
-def _to_hf_layout(w, heads):  # noqa: ANN001, ANN202 - the Hugging Face conversion's permute (interleaved → half-split)
+def _to_hf_layout(w, heads):
     rows = w.shape[0]
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
@@ -369,16 +501,36 @@ def test_hugging_face_teacher_directory_loads_the_same_model(tmp_path):
         assert torch.equal(a(ids, pos, *a.empty_past())[0], b(ids, pos, *b.empty_past())[0])
 
     torch.manual_seed(0)  # a tiny random Qwen2-style teacher: q/k/v biases, GQA, untied head, other rope theta
-    c = LlamaConfig(dim=32, hidden_dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=32,
-                    rope_theta=1e6, attention_bias=True)
+    c = LlamaConfig(
+        dim=32,
+        hidden_dim=48,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=64,
+        max_seq_len=32,
+        rope_theta=1e6,
+        attention_bias=True,
+    )
     ours = Llama(c).eval()
     for prm in ours.parameters():
         torch.nn.init.normal_(prm, std=0.2)
-    names = {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "wq": "self_attn.q_proj",
-             "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj", "w1": "mlp.gate_proj",
-             "w2": "mlp.down_proj", "w3": "mlp.up_proj"}
-    hf = {"model.embed_tokens.weight": ours.tok_embeddings.weight, "model.norm.weight": ours.norm.weight,
-          "lm_head.weight": ours.output.weight}
+    names = {
+        "attention_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+        "wq": "self_attn.q_proj",
+        "wk": "self_attn.k_proj",
+        "wv": "self_attn.v_proj",
+        "wo": "self_attn.o_proj",
+        "w1": "mlp.gate_proj",
+        "w2": "mlp.down_proj",
+        "w3": "mlp.up_proj",
+    }
+    hf = {
+        "model.embed_tokens.weight": ours.tok_embeddings.weight,
+        "model.norm.weight": ours.norm.weight,
+        "lm_head.weight": ours.output.weight,
+    }
     for key, t in ours.state_dict().items():
         if key.startswith("layers."):
             _, i, name, kind = key.split(".")
@@ -388,9 +540,18 @@ def test_hugging_face_teacher_directory_loads_the_same_model(tmp_path):
     model_dir = tmp_path / "qwen-tiny"
     model_dir.mkdir()
     save_file({k: v.detach().contiguous() for k, v in hf.items()}, str(model_dir / "model.safetensors"))
-    config = {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64, "max_position_embeddings": 32,
-              "rms_norm_eps": 1e-5, "rope_theta": 1e6}
+    config = {
+        "model_type": "qwen2",
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 64,
+        "max_position_embeddings": 32,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6,
+    }
     (model_dir / "config.json").write_text(json.dumps(config))
     loaded = load_teacher(model_dir)
     small = torch.tensor([[1, 5, 9, 33]]), torch.arange(4)[None]
@@ -446,8 +607,17 @@ def test_decoder_graph_matches_torch_for_a_qwen2_style_model():
     from bastion.runtime.lm import filled_mask
 
     torch.manual_seed(1)
-    c = LlamaConfig(dim=32, hidden_dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=32,
-                    rope_theta=1e6, attention_bias=True)
+    c = LlamaConfig(
+        dim=32,
+        hidden_dim=48,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=64,
+        max_seq_len=32,
+        rope_theta=1e6,
+        attention_bias=True,
+    )
     model = Llama(c).eval()
     for prm in model.parameters():
         torch.nn.init.normal_(prm, std=0.3)
@@ -459,9 +629,15 @@ def test_decoder_graph_matches_torch_for_a_qwen2_style_model():
     names = [f"past.{i}.{kv}" for i in range(c.n_layers) for kv in ("key", "value")]
 
     def run(tokens: list[int], start: int, cache: dict) -> tuple[np.ndarray, dict]:
-        out = session.run(None, {"input_ids": np.asarray([tokens]),
-                                 "attention_mask": filled_mask(len(ids), start + len(tokens)),
-                                 "position_ids": np.arange(start, start + len(tokens))[None], **cache})
+        out = session.run(
+            None,
+            {
+                "input_ids": np.asarray([tokens]),
+                "attention_mask": filled_mask(len(ids), start + len(tokens)),
+                "position_ids": np.arange(start, start + len(tokens))[None],
+                **cache,
+            },
+        )
         return out[0], dict(zip(names, out[1:]))
 
     with torch.no_grad():

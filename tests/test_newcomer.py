@@ -27,8 +27,14 @@ def test_the_readme_client_snippet_with_no_node_running_says_so(tmp_path):
     script = tmp_path / "client.py"
     script.write_text(snippet.replace("tcp://127.0.0.1:7701", f"tcp://127.0.0.1:{port}"))
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO / "tests")},
+    )
     took = time.monotonic() - started
     assert proc.returncode != 0 and took < 40, (took, proc.stderr[-500:])
     last = proc.stderr.strip().splitlines()[-1]
@@ -74,8 +80,13 @@ def test_doctor_shows_bracketed_text_and_creates_nothing(tmp_path):
     assert not state.parent.exists()  # not even the folder above it
     env = {k: v for k, v in os.environ.items() if k not in ("BASTION_HOME", "XDG_DATA_HOME")}
     env.update(HOME=str(home), PYTHONPATH=str(REPO / "tests"))
-    proc = subprocess.run([sys.executable, "-c", "from bastion.cli import run; run()", "doctor", "--json"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", "from bastion.cli import run; run()", "doctor", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert json.loads(proc.stdout)["ok"], proc.stdout + proc.stderr
     made = [p.relative_to(home) for p in home.rglob("*")]
     assert not [p for p in made if p.parts[:1] != (".cache",)], made  # (.cache: onnxruntime's own, on import)
@@ -98,5 +109,3 @@ def test_node_init_config_shows_how_to_add_a_language_model(tmp_path):
 
 def test_readme_has_no_stale_tensorrt_text():
     assert "not in yet" not in (REPO / "README.md").read_text()
-
-

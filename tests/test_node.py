@@ -27,10 +27,14 @@ VIDEO = SAMPLES / "one-by-one-person-detection.mp4"
 
 def base_config(tmp_path, **over):
     cfg = {
-        "id": "test-node", "model": "yolov5n", "imgsz": 320, "threads": 1,
+        "id": "test-node",
+        "model": "yolov5n",
+        "imgsz": 320,
+        "threads": 1,
         "sources": [{"name": "cam1", "uri": str(VIDEO), "loop": True, "realtime": True, "fps": 40}],
         "endpoints": {"events": "tcp://127.0.0.1:*", "control": "tcp://127.0.0.1:*"},
-        "storage": {"dir": str(tmp_path / "data")}, "heartbeat_s": 0.2,
+        "storage": {"dir": str(tmp_path / "data")},
+        "heartbeat_s": 0.2,
     }
     cfg.update(over)
     return cfg
@@ -111,8 +115,20 @@ def test_events_are_stored_then_published_in_seq_order(tmp_path):
 
 def test_control_survives_10000_malformed_messages(tmp_path):
     rng = random.Random(7)
-    samples = [b"", b"{", b"[]", b"null", b'"op"', b'{"op": 5}', b'{"op": "nope"}', b'{"op": "replay", "since": -1}',
-               b'{"op": "replay", "limit": "x"}', b'{"op": "status", "extra": 1}', b"\xff\xfe", b"x" * 70000]
+    samples = [
+        b"",
+        b"{",
+        b"[]",
+        b"null",
+        b'"op"',
+        b'{"op": 5}',
+        b'{"op": "nope"}',
+        b'{"op": "replay", "since": -1}',
+        b'{"op": "replay", "limit": "x"}',
+        b'{"op": "status", "extra": 1}',
+        b"\xff\xfe",
+        b"x" * 70000,
+    ]
     # the parser is under test here, not the per-client rate limit (tests/test_hardening_control.py)
     with running_node(tmp_path, control_rate_per_s=100_000, control_burst=100_000) as node:
         ctx = zmq.Context()
@@ -128,9 +144,12 @@ def test_control_survives_10000_malformed_messages(tmp_path):
             elif kind < 0.7:
                 msg = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 64)))
             else:
-                msg = json.dumps({"op": rng.choice(["status", "replay", "x", 1, None]),
-                                  rng.choice(["since", "limit", "id", "bundle"]): rng.choice([-5, "a", 1e9, [], {}])}
-                                 ).encode()
+                msg = json.dumps(
+                    {
+                        "op": rng.choice(["status", "replay", "x", 1, None]),
+                        rng.choice(["since", "limit", "id", "bundle"]): rng.choice([-5, "a", 1e9, [], {}]),
+                    }
+                ).encode()
             dealer.send_multipart([msg] if rng.random() < 0.9 else [msg, msg])
             sent += 1
             while dealer.poll(0):
@@ -150,8 +169,15 @@ def test_control_survives_10000_malformed_messages(tmp_path):
 def test_node_survives_kill_9_without_gaps_or_duplicates(tmp_path):
     config = write_config(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
-    cmd = [sys.executable, "-c", "import egress_guard; egress_guard.install(); from bastion.cli import run; run()",
-           "node", "run", "--config", str(config)]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import egress_guard; egress_guard.install(); from bastion.cli import run; run()",
+        "node",
+        "run",
+        "--config",
+        str(config),
+    ]
 
     def start():
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -224,14 +250,24 @@ def test_curve_allows_listed_clients_and_refuses_and_audits_others(tmp_path):
     generate_certificate(keys, "node")
     _, good_secret = generate_certificate(keys / "clients", "good")
     _, bad_secret = generate_certificate(tmp_path / "other", "bad")
-    with running_node(tmp_path, security={"curve": True, "server_secret_key": str(keys / "node.key_secret"),
-                                          "allowed_clients": [str(keys / "clients")]}) as node:
+    with running_node(
+        tmp_path,
+        security={
+            "curve": True,
+            "server_secret_key": str(keys / "node.key_secret"),
+            "allowed_clients": [str(keys / "clients")],
+        },
+    ) as node:
         server_key = str(keys / "node.key")
         with Client(node.server.control_endpoint, server_key=server_key, client_key=good_secret, timeout_s=3) as c:
             assert c.status()["node"] == "test-node"
             assert len(take(c.events(since=0), 3)) == 3
-        with Client(node.server.control_endpoint, server_key=server_key, client_key=bad_secret, timeout_s=1,
-                    retries=0) as c, pytest.raises(NodeUnavailable):
+        with (
+            Client(
+                node.server.control_endpoint, server_key=server_key, client_key=bad_secret, timeout_s=1, retries=0
+            ) as c,
+            pytest.raises(NodeUnavailable),
+        ):
             c.status()
         with Client(node.server.control_endpoint, timeout_s=1, retries=0) as plain, pytest.raises(NodeUnavailable):
             plain.status()
@@ -243,8 +279,13 @@ def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match="sources"):
         load_config(write_config(tmp_path, sources=[]))
     with pytest.raises(ConfigError, match="beyond loopback"):
-        load_config(write_config(tmp_path, endpoints={"events": "tcp://0.0.0.0:*", "control": "tcp://127.0.0.1:*"},
-                                 security={"curve": False}))
+        load_config(
+            write_config(
+                tmp_path,
+                endpoints={"events": "tcp://0.0.0.0:*", "control": "tcp://127.0.0.1:*"},
+                security={"curve": False},
+            )
+        )
     with pytest.raises(ConfigError, match="server_secret_key"):
         load_config(write_config(tmp_path, endpoints={"events": "tcp://0.0.0.0:*", "control": "tcp://127.0.0.1:*"}))
     with pytest.raises(ConfigError, match="roi"):
@@ -265,9 +306,11 @@ def test_missing_source_backs_off_while_others_run_and_corrupt_frames_are_counte
     images.mkdir()
     shutil.copy(PERSON_IMAGE, images / "a.jpg")
     (images / "b.jpg").write_bytes(b"not a jpeg")
-    sources = [{"name": "gone", "uri": str(tmp_path / "missing.mp4")},
-               {"name": "dir", "uri": str(images), "loop": False, "realtime": False},
-               {"name": "cam1", "uri": str(VIDEO), "loop": True, "fps": 40}]
+    sources = [
+        {"name": "gone", "uri": str(tmp_path / "missing.mp4")},
+        {"name": "dir", "uri": str(images), "loop": False, "realtime": False},
+        {"name": "cam1", "uri": str(VIDEO), "loop": True, "fps": 40},
+    ]
     with running_node(tmp_path, sources=sources) as node, client_for(node) as client:
         events = take(client.events(since=0), 10)
         assert {e.source for e in events} >= {"cam1"}

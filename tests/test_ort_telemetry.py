@@ -10,13 +10,26 @@ from pathlib import Path
 from conftest import SAMPLES, run_cli
 
 # The variables onnxruntime reads to stay silent on CI; stripped so the test sees what a field unit sees.
-CI_VARS = ("CI", "TF_BUILD", "GITHUB_ACTIONS", "GITLAB_CI", "CIRCLECI", "TRAVIS", "JENKINS_URL", "CODEBUILD_BUILD_ID",
-           "BUILDKITE", "TEAMCITY_VERSION", "APPVEYOR", "BITBUCKET_BUILD_NUMBER", "ORT_DISABLE_TELEMETRY")
+CI_VARS = (
+    "CI",
+    "TF_BUILD",
+    "GITHUB_ACTIONS",
+    "GITLAB_CI",
+    "CIRCLECI",
+    "TRAVIS",
+    "JENKINS_URL",
+    "CODEBUILD_BUILD_ID",
+    "BUILDKITE",
+    "TEAMCITY_VERSION",
+    "APPVEYOR",
+    "BITBUCKET_BUILD_NUMBER",
+    "ORT_DISABLE_TELEMETRY",
+)
 RUN_A_MODEL = f"""
 import bastion
 from bastion import Detector
 import cv2
-Detector.load("yolov5n").detect(cv2.imread({str(SAMPLES / 'images' / 'one-by-one-person-detection-0100.jpg')!r}))
+Detector.load("yolov5n").detect(cv2.imread({str(SAMPLES / "images" / "one-by-one-person-detection-0100.jpg")!r}))
 """
 
 

@@ -17,14 +17,25 @@ from packaging.utils import canonicalize_name
 from bastion.doctor import checkout_locks, read_lock, version_drift
 from conftest import REPO, run_cli
 
-MAPPED = {"bastion": "bastion", "bastion.runtime": "runtime", "bastion.models": "models",
-          "bastion.distill": "distill", "bastion.edge": "edge", "bastion.hardware": "hardware"}
+MAPPED = {
+    "bastion": "bastion",
+    "bastion.runtime": "runtime",
+    "bastion.models": "models",
+    "bastion.distill": "distill",
+    "bastion.edge": "edge",
+    "bastion.hardware": "hardware",
+}
 # The extra sets the Makefile installs, by lock file (requirements/, made by `make lock`).
 LOCKS = {"core.txt": (), "demo.txt": ("quantize", "distill"), "dev.txt": ("dev", "distill")}
 # Run against the installed wheel by test_tests_pass_against_the_installed_wheel: quick, and touching every card.
-SMOKE = ["tests/test_packaging.py", "tests/test_imports.py", "tests/test_signing.py", "tests/test_nms.py",
-         "tests/test_cli.py::test_detect_image_summary_and_json",
-         "tests/test_node.py::test_events_are_stored_then_published_in_seq_order"]
+SMOKE = [
+    "tests/test_packaging.py",
+    "tests/test_imports.py",
+    "tests/test_signing.py",
+    "tests/test_nms.py",
+    "tests/test_cli.py::test_detect_image_summary_and_json",
+    "tests/test_node.py::test_events_are_stored_then_published_in_seq_order",
+]
 
 
 def pyproject() -> dict:
@@ -106,8 +117,13 @@ def test_doctor_reports_versions_that_differ_from_the_lock(tmp_path):
 
 def _build_wheel(out: Path) -> Path:
     # No build isolation: the locked setuptools of this environment builds it, nothing is fetched.
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
-                    str(REPO)], check=True, capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(REPO)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return next(out.glob("bastion-*.whl"))
 
 
@@ -116,10 +132,21 @@ def _fresh_venv_reusing_this_ones_packages(env_dir: Path, wheel: Path) -> Path:
     come from this environment's site-packages through a .pth line, so nothing is downloaded."""
     venv.create(env_dir, with_pip=False)
     py = env_dir / "bin" / "python"
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-index",
-                    str(wheel)], check=True, capture_output=True, text=True, timeout=300)
-    site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               check=True, capture_output=True, text=True).stdout.strip())
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    site = Path(
+        subprocess.run(
+            [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
     ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     (site / "reuse-test-env.pth").write_text("\n".join(sorted(ours)) + "\n")
     return py
@@ -131,15 +158,27 @@ def test_tests_pass_against_the_installed_wheel(tmp_path):
     `python -m pytest`: the layout in which the checkout's bastion/ folder used to shadow it."""
     py = _fresh_venv_reusing_this_ones_packages(tmp_path / "venv", _build_wheel(tmp_path / "dist"))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONSAFEPATH", "PYTHONPATH")}
-    proc = subprocess.run([str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow and not wheel",
-                           *SMOKE], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow and not wheel", *SMOKE],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and " error" not in proc.stdout, proc.stdout[-2000:]
-    where = subprocess.run([str(py), "-c", "import bastion.edge; print(bastion.edge.__file__)"], cwd=tmp_path,
-                           capture_output=True, text=True, check=True).stdout
+    where = subprocess.run(
+        [str(py), "-c", "import bastion.edge; print(bastion.edge.__file__)"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert where.startswith(str(tmp_path / "venv")), where
-    proc = subprocess.run([str(tmp_path / "venv" / "bin" / "bastion"), "--help"], capture_output=True, text=True,
-                          cwd=tmp_path)
+    proc = subprocess.run(
+        [str(tmp_path / "venv" / "bin" / "bastion"), "--help"], capture_output=True, text=True, cwd=tmp_path
+    )
     assert proc.returncode == 0 and "detect" in proc.stdout
 
 
@@ -149,8 +188,13 @@ def test_wheelhouse_installs_a_field_node_with_the_index_off(tmp_path):
     """`make wheelhouse`: the core set (no torch) as wheels, installed into an empty venv by its one-line command
     with no index; then the CLI answers and a vendored model detects."""
     house = tmp_path / "wheelhouse"
-    subprocess.run(["make", "-s", "-C", str(REPO), "wheelhouse", f"WHEELHOUSE={house}", f"VENV={sys.prefix}"],
-                   check=True, capture_output=True, text=True, timeout=900)
+    subprocess.run(
+        ["make", "-s", "-C", str(REPO), "wheelhouse", f"WHEELHOUSE={house}", f"VENV={sys.prefix}"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     wheels = {p.name.split("-")[0].lower() for p in house.glob("*.whl")}
     assert {"bastion", "numpy", "onnxruntime", "opencv_python_headless", "pyzmq"} <= wheels
     assert not wheels & {"torch", "ultralytics_opencv_headless", "transformers"}  # a field node carries no trainer
@@ -166,14 +210,19 @@ def test_wheelhouse_installs_a_field_node_with_the_index_off(tmp_path):
     bastion = env_dir / "bin" / "bastion"
     proc = subprocess.run([str(bastion), "--version"], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.startswith("bastion "), proc.stderr
-    code = ("import bastion.edge, bastion.runtime; from bastion import Detector;"
-            "d = Detector.load('yolov5n', threads=1); print(len(d.names), bastion.edge.__file__)")
-    proc = subprocess.run([str(env_dir / "bin" / "python"), "-c", code], capture_output=True, text=True,
-                          cwd=tmp_path)
+    code = (
+        "import bastion.edge, bastion.runtime; from bastion import Detector;"
+        "d = Detector.load('yolov5n', threads=1); print(len(d.names), bastion.edge.__file__)"
+    )
+    proc = subprocess.run([str(env_dir / "bin" / "python"), "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     count, where = proc.stdout.split()
     assert count == "80" and where.startswith(str(env_dir))
-    proc = subprocess.run([str(bastion), "doctor", "--json", "--lock", str(house / "requirements.txt")],
-                          capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [str(bastion), "doctor", "--json", "--lock", str(house / "requirements.txt")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
     assert checks["installed versions"]["status"] == "ok", checks["installed versions"]

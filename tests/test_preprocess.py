@@ -13,8 +13,15 @@ def spec(**kw) -> InputSpec:
     return InputSpec(**base)
 
 
-@pytest.mark.parametrize("hw,target,center", [((480, 640), (640, 640), True), ((300, 451), (416, 416), False),
-                                              ((720, 1280), (384, 640), True), ((100, 50), (64, 96), True)])
+@pytest.mark.parametrize(
+    "hw,target,center",
+    [
+        ((480, 640), (640, 640), True),
+        ((300, 451), (416, 416), False),
+        ((720, 1280), (384, 640), True),
+        ((100, 50), (64, 96), True),
+    ],
+)
 def test_letterbox_round_trip_of_coordinates(hw, target, center):
     image = np.zeros((*hw, 3), np.uint8)
     out, placement = letterbox(image, target, center=center)
@@ -51,12 +58,15 @@ def reference(img, sp, size, center=True):
     return (x.transpose(2, 0, 1) if sp.layout == "NCHW" else x), placement
 
 
-@pytest.mark.parametrize("kw", [
-    dict(color="RGB", scale=1 / 255),
-    dict(color="BGR", scale=1.0, pad_position="top-left"),
-    dict(color="BGR", scale=1.0, mean=[103.53, 116.28, 123.675], std=[57.375, 57.12, 58.395]),
-    dict(color="RGB", scale=1 / 255, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], layout="NHWC"),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(color="RGB", scale=1 / 255),
+        dict(color="BGR", scale=1.0, pad_position="top-left"),
+        dict(color="BGR", scale=1.0, mean=[103.53, 116.28, 123.675], std=[57.375, 57.12, 58.395]),
+        dict(color="RGB", scale=1 / 255, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], layout="NHWC"),
+    ],
+)
 @pytest.mark.parametrize("hw,size", [((48, 80), (64, 64)), ((64, 64), (64, 64)), ((100, 30), (64, 96))])
 def test_make_input_matches_letterbox_plus_numpy(kw, hw, size):
     sp = spec(**kw)

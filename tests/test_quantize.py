@@ -32,9 +32,28 @@ def test_post_processing_nodes_are_after_the_last_convolutions():
 @pytest.mark.slow
 def test_gate_accepts_a_real_calibration_and_refuses_a_broken_one(coco128, tmp_path):
     images = coco128.parent / "images" / "train2017"
-    proc = run_cli("quantize", "--model", "yolov5n", "--calib", str(images), "--calib-count", "32",
-                   "--data", str(coco128), "--limit", "32", "--imgsz", "320", "--max-drop", "3",
-                   "--min-speedup", "0", "--out", str(tmp_path / "int8"), "--json")
+    proc = run_cli(
+        "quantize",
+        "--model",
+        "yolov5n",
+        "--calib",
+        str(images),
+        "--calib-count",
+        "32",
+        "--data",
+        str(coco128),
+        "--limit",
+        "32",
+        "--imgsz",
+        "320",
+        "--max-drop",
+        "3",
+        "--min-speedup",
+        "0",
+        "--out",
+        str(tmp_path / "int8"),
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     good = json.loads(proc.stdout)
     assert good["accepted"] and good["map50_drop_points"] <= 3, good
@@ -55,9 +74,26 @@ def test_gate_accepts_a_real_calibration_and_refuses_a_broken_one(coco128, tmp_p
     black.mkdir()
     for i in range(4):  # calibrating on black frames sets every activation range to nothing useful
         cv2.imwrite(str(black / f"{i}.png"), np.zeros((320, 320, 3), np.uint8))
-    proc = run_cli("quantize", "--model", "yolov5n", "--calib", str(black), "--data", str(coco128), "--recipe",
-                   good["recipe"], "--limit", "32", "--imgsz", "320", "--min-speedup", "0", "--out",
-                   str(tmp_path / "bad"), "--json")
+    proc = run_cli(
+        "quantize",
+        "--model",
+        "yolov5n",
+        "--calib",
+        str(black),
+        "--data",
+        str(coco128),
+        "--recipe",
+        good["recipe"],
+        "--limit",
+        "32",
+        "--imgsz",
+        "320",
+        "--min-speedup",
+        "0",
+        "--out",
+        str(tmp_path / "bad"),
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     bad = json.loads(proc.stdout)
     assert not bad["accepted"] and "refused: mAP50 drops" in bad["reason"] and not (tmp_path / "bad").exists()
@@ -68,9 +104,30 @@ def test_int8_for_an_avx2_target_holds_wherever_it_is_measured(coco128, tmp_path
     """x86 without VNNI saturates full-range U8S8 sums: the gate tries only recipes that cannot saturate, so the mAP
     it measures on any x86 machine is the mAP an AVX2 unit gets (the report says the speed was not measured there)."""
     images = coco128.parent / "images" / "train2017"
-    proc = run_cli("quantize", "--model", "yolov5n", "--calib", str(images), "--calib-count", "32", "--data",
-                   str(coco128), "--limit", "32", "--imgsz", "320", "--max-drop", "3", "--min-speedup", "0",
-                   "--target", "x86-cpu", "--out", str(tmp_path / "int8"), "--json")
+    proc = run_cli(
+        "quantize",
+        "--model",
+        "yolov5n",
+        "--calib",
+        str(images),
+        "--calib-count",
+        "32",
+        "--data",
+        str(coco128),
+        "--limit",
+        "32",
+        "--imgsz",
+        "320",
+        "--max-drop",
+        "3",
+        "--min-speedup",
+        "0",
+        "--target",
+        "x86-cpu",
+        "--out",
+        str(tmp_path / "int8"),
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["accepted"] and result["map50_drop_points"] <= 3, result

@@ -52,7 +52,7 @@ class Block:
     doc: str = "README.md"
 
     def marker(self, kind: str) -> list[str]:
-        return [m[len(kind):].strip() for m in self.markers if m == kind or m.startswith(kind + " ")]
+        return [m[len(kind) :].strip() for m in self.markers if m == kind or m.startswith(kind + " ")]
 
     @property
     def skip_reason(self) -> str | None:
@@ -118,18 +118,26 @@ def make_best_onnx(path: Path, metadata: bool = True, dynamic: bool = False) -> 
 
     x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, "H", "W"] if dynamic else [1, 3, 320, 320])
     y = helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 6, 2100])
-    inits = [numpy_helper.from_array(np.zeros((1, 6, 2100), np.float32), "bias"),
-             numpy_helper.from_array(np.zeros((1,), np.float32), "zero"),
-             numpy_helper.from_array(np.array([1, 1, 1], np.int64), "shape")]
-    nodes = [helper.make_node("ReduceMean", ["images"], ["m"], keepdims=1),
-             helper.make_node("Mul", ["m", "zero"], ["mz"]),
-             helper.make_node("Reshape", ["mz", "shape"], ["mr"]),
-             helper.make_node("Add", ["mr", "bias"], ["output0"])]
-    model = helper.make_model(helper.make_graph(nodes, "best", [x], [y], initializer=inits),
-                              opset_imports=[helper.make_opsetid("", 17)])
+    inits = [
+        numpy_helper.from_array(np.zeros((1, 6, 2100), np.float32), "bias"),
+        numpy_helper.from_array(np.zeros((1,), np.float32), "zero"),
+        numpy_helper.from_array(np.array([1, 1, 1], np.int64), "shape"),
+    ]
+    nodes = [
+        helper.make_node("ReduceMean", ["images"], ["m"], keepdims=1),
+        helper.make_node("Mul", ["m", "zero"], ["mz"]),
+        helper.make_node("Reshape", ["mz", "shape"], ["mr"]),
+        helper.make_node("Add", ["mr", "bias"], ["output0"]),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "best", [x], [y], initializer=inits), opset_imports=[helper.make_opsetid("", 17)]
+    )
     model.ir_version = 8
-    for key, value in {"names": "{0: 'person', 1: 'vehicle'}", "imgsz": "[320, 320]", "stride": "32",
-                       "task": "detect"}.items() if metadata else ():
+    for key, value in (
+        {"names": "{0: 'person', 1: 'vehicle'}", "imgsz": "[320, 320]", "stride": "32", "task": "detect"}.items()
+        if metadata
+        else ()
+    ):
         model.metadata_props.add(key=key, value=value)
     onnx.save(model, str(path))
     return path
@@ -151,12 +159,21 @@ class Runner:
         (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
         home = tmp / "home"
         home.mkdir()
-        self.env = {**os.environ, "HOME": str(home), "PYTHONPATH": os.pathsep.join([str(site), str(REPO / "tests")]),
-                    "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-                    "COLUMNS": "100", "PYTHONUNBUFFERED": "1"}
+        self.env = {
+            **os.environ,
+            "HOME": str(home),
+            "PYTHONPATH": os.pathsep.join([str(site), str(REPO / "tests")]),
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+            "COLUMNS": "100",
+            "PYTHONUNBUFFERED": "1",
+        }
         self.env.pop("BASTION_KEY_PASSPHRASE", None)
-        self.values = {"tmp": str(tmp), "repo": str(REPO), "shared": str(SHARED),
-                       "best_onnx": str(make_best_onnx(tmp / "best.onnx"))}
+        self.values = {
+            "tmp": str(tmp),
+            "repo": str(REPO),
+            "shared": str(SHARED),
+            "best_onnx": str(make_best_onnx(tmp / "best.onnx")),
+        }
         self.background: list[subprocess.Popen] = []
 
     def script(self, block: Block) -> tuple[list[str], dict[str, str]]:
@@ -179,14 +196,26 @@ class Runner:
         argv, env = self.script(block)
         where = f"{block.doc}:{block.line}"
         if block.marker("background"):
-            with open(self.tmp / f"block-{block.doc.replace('/', '-')}-{block.line}.log", "w") as log:  # the child keeps its own descriptor
-                self.background.append(subprocess.Popen(argv, env=env, cwd=self.work, stdout=log,
-                                                        stderr=subprocess.STDOUT, start_new_session=True))
+            with open(
+                self.tmp / f"block-{block.doc.replace('/', '-')}-{block.line}.log", "w"
+            ) as log:  # the child keeps its own descriptor
+                self.background.append(
+                    subprocess.Popen(
+                        argv, env=env, cwd=self.work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                    )
+                )
             return None
         stop_after = block.marker("stop-after")
         if stop_after:
-            proc = subprocess.Popen(argv, env=env, cwd=self.work, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                env=env,
+                cwd=self.work,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
             try:
                 out, err = proc.communicate(timeout=float(stop_after[0]))
             except subprocess.TimeoutExpired:

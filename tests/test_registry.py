@@ -39,13 +39,16 @@ def test_pack_unpack_round_trip_and_load_archive(tmp_path):
     assert Bundle.open(unpacked).verification.signed
 
 
-@pytest.mark.parametrize("make_member,message", [
-    (lambda: tarfile.TarInfo("../escape.txt"), "escapes the bundle"),
-    (lambda: tarfile.TarInfo("/etc/passwd"), "absolute path"),
-    (lambda: _link("evil", tarfile.SYMTYPE), "is a link"),
-    (lambda: _link("hard", tarfile.LNKTYPE), "is a link"),
-    (lambda: _fifo(), "not a regular file"),
-])
+@pytest.mark.parametrize(
+    "make_member,message",
+    [
+        (lambda: tarfile.TarInfo("../escape.txt"), "escapes the bundle"),
+        (lambda: tarfile.TarInfo("/etc/passwd"), "absolute path"),
+        (lambda: _link("evil", tarfile.SYMTYPE), "is a link"),
+        (lambda: _link("hard", tarfile.LNKTYPE), "is a link"),
+        (lambda: _fifo(), "not a regular file"),
+    ],
+)
 def test_hostile_archives_are_refused_whole(tmp_path, make_member, message):
     archive = evil_archive(tmp_path / "evil.bastion", make_member())
     with pytest.raises(ArchiveError, match=message):
@@ -71,7 +74,7 @@ def _fifo():
 def test_truncated_archive(tmp_path):
     archive = pack(zoo_path("yolox_nano"), tmp_path)
     cut = tmp_path / "cut.bastion"
-    cut.write_bytes(archive.read_bytes()[: 1_000_000])
+    cut.write_bytes(archive.read_bytes()[:1_000_000])
     with pytest.raises(ArchiveError, match="truncated or damaged"):
         unpack(cut, tmp_path / "out")
 
@@ -138,8 +141,10 @@ def _add_in_child(home, name, queue):
 def test_two_writers_at_once_keep_the_index_consistent(bastion_home):
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_add_in_child, args=(str(bastion_home), n, queue))
-             for n in ("yolox_nano", "yolov5n", "yolox_nano", "yolov5n")]
+    procs = [
+        ctx.Process(target=_add_in_child, args=(str(bastion_home), n, queue))
+        for n in ("yolox_nano", "yolov5n", "yolox_nano", "yolov5n")
+    ]
     for p in procs:
         p.start()
     results = [queue.get(timeout=120) for _ in procs]

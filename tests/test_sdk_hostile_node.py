@@ -18,16 +18,22 @@ NODE = "fake-node"
 
 def _event(seq: int, detections: int = 0) -> dict:
     item = {"cls": 0, "name": "person", "conf": 0.9, "box": [1.0, 2.0, 3.0, 4.0]}
-    return DetectionEvent(seq=seq, node=NODE, source="cam", ts=1.0, frame=seq, model="m" * 64,
-                          detections=[item] * detections).model_dump()
+    return DetectionEvent(
+        seq=seq, node=NODE, source="cam", ts=1.0, frame=seq, model="m" * 64, detections=[item] * detections
+    ).model_dump()
 
 
 class FakeNode:
     """A ROUTER answering ``status``/``replay``/``snapshot`` from plain dicts, and a PUB sending ``published``
     (a list of multipart messages) over and over until stopped: real sockets, hostile content."""
 
-    def __init__(self, store: list[dict], published: list[list[bytes]], status: object = None,
-                 answers: dict[str, dict] | None = None) -> None:
+    def __init__(
+        self,
+        store: list[dict],
+        published: list[list[bytes]],
+        status: object = None,
+        answers: dict[str, dict] | None = None,
+    ) -> None:
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.pub = self.ctx.socket(zmq.PUB)
@@ -39,8 +45,10 @@ class FakeNode:
         self.store, self.published, self.answers = store, published, answers or {}
         self.status = status if status is not None else {"node": NODE, "last_seq": last}
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._serve, daemon=True),
-                        threading.Thread(target=self._publish, daemon=True)]
+        self.threads = [
+            threading.Thread(target=self._serve, daemon=True),
+            threading.Thread(target=self._publish, daemon=True),
+        ]
 
     def _serve(self) -> None:
         while not self.stop.is_set():
@@ -91,15 +99,19 @@ def _heartbeat(last_seq: int) -> list[bytes]:
     return [HEARTBEAT_TOPIC, json.dumps({"node": NODE, "ts": 1.0, "last_seq": last_seq}).encode()]
 
 
-@pytest.mark.parametrize("hostile", [
-    [b"det.cam", b"a", b"third frame"],  # was: ValueError (too many values to unpack)
-    [b"det.cam"],  # one frame
-    [b"det.cam", b"not json"],  # was: pydantic ValidationError
-    [b"det.cam", json.dumps({"seq": "x"}).encode()],
-    [b"det.cam", b"[" * 50_000],
-    [HEARTBEAT_TOPIC, b"{}"],  # a heartbeat without fields
-    [HEARTBEAT_TOPIC, json.dumps({"node": NODE, "ts": 1, "last_seq": [1]}).encode()],
-], ids=["3-frames", "1-frame", "not-json", "bad-seq", "nested", "empty-heartbeat", "bad-heartbeat"])
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        [b"det.cam", b"a", b"third frame"],  # was: ValueError (too many values to unpack)
+        [b"det.cam"],  # one frame
+        [b"det.cam", b"not json"],  # was: pydantic ValidationError
+        [b"det.cam", json.dumps({"seq": "x"}).encode()],
+        [b"det.cam", b"[" * 50_000],
+        [HEARTBEAT_TOPIC, b"{}"],  # a heartbeat without fields
+        [HEARTBEAT_TOPIC, json.dumps({"node": NODE, "ts": 1, "last_seq": [1]}).encode()],
+    ],
+    ids=["3-frames", "1-frame", "not-json", "bad-seq", "nested", "empty-heartbeat", "bad-heartbeat"],
+)
 def test_a_malformed_published_message_is_skipped_counted_and_events_still_come_once(hostile):
     store = [_event(1), _event(2)]
     with FakeNode(store, [hostile, [b"det.cam", json.dumps(store[0]).encode()], hostile, _heartbeat(2)]) as node:
@@ -133,27 +145,34 @@ def test_a_published_message_over_the_bound_is_dropped_unread():
     assert delivered == [1]  # event 2 exists nowhere but in the dropped message
 
 
-@pytest.mark.parametrize("answer, call", [
-    ({"ok": True}, "status"),  # was: KeyError 'status'
-    ({"ok": True, "status": []}, "status"),
-    ({"ok": True, "status": {"node": NODE}}, "status"),  # no last_seq
-    ({"ok": True, "status": {"node": NODE, "last_seq": "7"}}, "status"),
-    ({"ok": True, "status": {"node": NODE, "last_seq": 0, "audit": {"count": "x", "head": 1}}}, "status"),
-    ({"ok": True}, "replay"),  # was: KeyError 'events'
-    ({"ok": True, "events": [{"seq": 1}]}, "replay"),  # was: pydantic ValidationError
-    ({"ok": True, "events": 5}, "replay"),
-    ({"ok": True}, "snapshot"),  # was: KeyError 'jpeg_b64'
-    ({"ok": True, "jpeg_b64": "*not base64*"}, "snapshot"),
-    ({"ok": True, "status": {"node": NODE, "last_seq": 0}}, "events_endpoint"),  # no endpoints
-])
+@pytest.mark.parametrize(
+    "answer, call",
+    [
+        ({"ok": True}, "status"),  # was: KeyError 'status'
+        ({"ok": True, "status": []}, "status"),
+        ({"ok": True, "status": {"node": NODE}}, "status"),  # no last_seq
+        ({"ok": True, "status": {"node": NODE, "last_seq": "7"}}, "status"),
+        ({"ok": True, "status": {"node": NODE, "last_seq": 0, "audit": {"count": "x", "head": 1}}}, "status"),
+        ({"ok": True}, "replay"),  # was: KeyError 'events'
+        ({"ok": True, "events": [{"seq": 1}]}, "replay"),  # was: pydantic ValidationError
+        ({"ok": True, "events": 5}, "replay"),
+        ({"ok": True}, "snapshot"),  # was: KeyError 'jpeg_b64'
+        ({"ok": True, "jpeg_b64": "*not base64*"}, "snapshot"),
+        ({"ok": True, "status": {"node": NODE, "last_seq": 0}}, "events_endpoint"),  # no endpoints
+    ],
+)
 def test_an_answer_missing_or_mistyping_a_field_is_one_sdk_error(answer, call):
     op = {"events_endpoint": "status"}.get(call, call)
     with FakeNode([], [], answers={op: answer}) as node:
         client = Client(node.control, timeout_s=3, retries=0)
         try:
             with pytest.raises(NodeRequestError, match="node's answer to"):
-                {"status": client.status, "replay": client.replay, "snapshot": lambda: client.snapshot(1),
-                 "events_endpoint": client.events_endpoint}[call]()
+                {
+                    "status": client.status,
+                    "replay": client.replay,
+                    "snapshot": lambda: client.snapshot(1),
+                    "events_endpoint": client.events_endpoint,
+                }[call]()
         finally:
             client.close()
 

@@ -141,8 +141,9 @@ def test_revoked_key_including_the_builtin_anchor(tmp_path, team_key):
         store.trust(team_key.public_path)
 
 
-@pytest.mark.parametrize("victim", ["manifest.json", "signature", "yolox_nano.onnx", "LICENSE-YOLOX-upstream",
-                                    "SOURCE.md"])
+@pytest.mark.parametrize(
+    "victim", ["manifest.json", "signature", "yolox_nano.onnx", "LICENSE-YOLOX-upstream", "SOURCE.md"]
+)
 def test_flipping_one_byte_of_any_file_is_refused(tmp_path, victim):
     root = copy_zoo(tmp_path)
     path = root / victim

@@ -24,11 +24,18 @@ def test_scores_are_matched_to_label_rows_by_box_not_order(tmp_path):
     sfile.parent.mkdir(parents=True)
     sfile.write_text("0.8\n0.4\n")
     assert read_scores(labels / "a.txt")[(1, 0.1, 0.2, 0.05, 0.05)] == 0.4
-    ds_labels = [{"im_file": str(tmp_path / "images" / "train" / "a.jpg"),  # rows reordered, as dedup may
-                  "cls": np.array([[1], [0]], np.float32),
-                  "bboxes": np.array([[0.1, 0.2, 0.05, 0.05], [0.5, 0.5, 0.2, 0.4]], np.float32)},
-                 {"im_file": str(tmp_path / "images" / "train" / "gt.jpg"),  # ground truth: untouched
-                  "cls": np.array([[0]], np.float32), "bboxes": np.array([[0.5, 0.5, 0.1, 0.1]], np.float32)}]
+    ds_labels = [
+        {
+            "im_file": str(tmp_path / "images" / "train" / "a.jpg"),  # rows reordered, as dedup may
+            "cls": np.array([[1], [0]], np.float32),
+            "bboxes": np.array([[0.1, 0.2, 0.05, 0.05], [0.5, 0.5, 0.2, 0.4]], np.float32),
+        },
+        {
+            "im_file": str(tmp_path / "images" / "train" / "gt.jpg"),  # ground truth: untouched
+            "cls": np.array([[0]], np.float32),
+            "bboxes": np.array([[0.5, 0.5, 0.1, 0.1]], np.float32),
+        },
+    ]
     soft, total = attach_scores(ds_labels, [str(labels / "a.txt"), str(labels / "gt.txt")])
     assert (soft, total) == (2, 3)
     _, scores = decode(ds_labels[0]["cls"])
@@ -56,8 +63,9 @@ def test_assigner_targets_scale_with_the_teacher_score():
     pixels = anchors * strides
     pd_scores = torch.rand(2, len(anchors), 2)
     pd_boxes = torch.cat([pixels - 10, pixels + 10], 1).expand(2, -1, -1).clone()
-    gt_boxes = torch.tensor([[[4.0, 4.0, 30.0, 30.0], [34.0, 34.0, 60.0, 60.0]],
-                             [[10.0, 10.0, 50.0, 40.0], [0.0, 0.0, 0.0, 0.0]]])
+    gt_boxes = torch.tensor(
+        [[[4.0, 4.0, 30.0, 30.0], [34.0, 34.0, 60.0, 60.0]], [[10.0, 10.0, 50.0, 40.0], [0.0, 0.0, 0.0, 0.0]]]
+    )
     mask = torch.tensor([[[1.0], [1.0]], [[1.0], [0.0]]])
     hard = torch.tensor([[[0.0], [1.0]], [[1.0], [0.0]]])
     soft = torch.from_numpy(encode(hard.reshape(-1, 1).numpy(), np.array([0.5, 1.0, 0.25, 1.0]))).reshape(2, 2, 1)
@@ -69,4 +77,3 @@ def test_assigner_targets_scale_with_the_teacher_score():
     expected = torch.tensor([[0.5, 1.0], [0.25, 1.0]]).gather(1, gt_idx) * fg
     assert fg.sum() > 0 and torch.allclose(out[2], ref[2] * expected.unsqueeze(-1))
     assert torch.allclose(out[2][0, (gt_idx[0] == 0) & fg[0]].sum(), 0.5 * ref[2][0, (gt_idx[0] == 0) & fg[0]].sum())
-

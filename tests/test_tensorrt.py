@@ -23,8 +23,14 @@ def test_shape_profiles_cover_dynamic_batch_and_size():
 
 def test_engine_list_and_clear_on_a_real_cache():
     assert json.loads(run_cli("engine", "list", "--json").stdout) == {"engines": []}
-    key = EngineKey(gpu="NVIDIA GeForce RTX 4060", compute_capability="8.9", tensorrt="10.7.0", bundle_sha256="ab" * 32,
-                    precision="fp16", shapes=(("images", (1, 3, 32, 32), (1, 3, 640, 640), (1, 3, 640, 640)),))
+    key = EngineKey(
+        gpu="NVIDIA GeForce RTX 4060",
+        compute_capability="8.9",
+        tensorrt="10.7.0",
+        bundle_sha256="ab" * 32,
+        precision="fp16",
+        shapes=(("images", (1, 3, 32, 32), (1, 3, 640, 640), (1, 3, 640, 640)),),
+    )
     EngineCache().store(key, b"not really a plan")
     listed = json.loads(run_cli("engine", "list", "--json").stdout)["engines"]
     assert len(listed) == 1 and listed[0]["gpu"] == "NVIDIA GeForce RTX 4060" and listed[0]["id"] == key.digest()
@@ -41,8 +47,9 @@ def test_without_tensorrt_the_commands_say_what_to_install():
     assert "Traceback" not in proc.stderr
     proc = run_cli("detect", str(PERSON_IMAGE), "--device", "trt", "--json")
     assert proc.returncode == 1 and "native TensorRT backend" in proc.stderr
-    bench = run_cli("bench", "detect", "--images", str(PERSON_IMAGE.parent), "--backends", "ort-cpu,trt", "--limit",
-                    "1", "--json")
+    bench = run_cli(
+        "bench", "detect", "--images", str(PERSON_IMAGE.parent), "--backends", "ort-cpu,trt", "--limit", "1", "--json"
+    )
     rows = json.loads(bench.stdout)["backends"]
     assert rows["ort-cpu"]["available"] and not rows["trt"]["available"] and "JetPack" in rows["trt"]["reason"]
     auto = run_cli("detect", str(PERSON_IMAGE), "--json")  # auto: ONNX Runtime, silently

@@ -21,9 +21,15 @@ __all__ = ["Backend", "TensorInfo", "OrtBackend", "open_backend", "available_pro
 log = logging.getLogger(__name__)
 
 
-def open_backend(model: str | Path | bytes, device: str = "auto", threads: int | None = None,
-                 precision: str | None = None, size_hw: tuple[int, int] | None = None, max_batch: int = 1,
-                 label: str | None = None) -> Backend:
+def open_backend(
+    model: str | Path | bytes,
+    device: str = "auto",
+    threads: int | None = None,
+    precision: str | None = None,
+    size_hw: tuple[int, int] | None = None,
+    max_batch: int = 1,
+    label: str | None = None,
+) -> Backend:
     """Open ``model`` on the best backend for ``device``: 'auto', 'trt' (native TensorRT), or ONNX Runtime's
     'cpu', 'cuda', 'tensorrt' (execution provider). ``precision`` (the bundle's) and ``size_hw`` (its input
     size) and ``max_batch`` shape a TensorRT engine: an INT8 (QDQ) bundle builds an INT8 engine, anything else
@@ -39,15 +45,22 @@ def open_backend(model: str | Path | bytes, device: str = "auto", threads: int |
         from bastion.runtime.backends.tensorrt import TensorRTBackend
 
         try:
-            return TensorRTBackend(data, precision="int8" if precision == "int8" else "fp16", opt_hw=size_hw,
-                                   max_batch=max_batch, label=label)
+            return TensorRTBackend(
+                data,
+                precision="int8" if precision == "int8" else "fp16",
+                opt_hw=size_hw,
+                max_batch=max_batch,
+                label=label,
+            )
         except BastionError:
             if device == "trt":
                 raise
             log.warning("native TensorRT could not start; using ONNX Runtime", exc_info=True)
-        except Exception as exc:  # noqa: BLE001 - TensorRT/CUDA raise their own untyped errors
+        except Exception as exc:
             if device == "trt":
-                raise ModelLoadError(f"TensorRT failed: {str(exc).splitlines()[0] if str(exc) else exc!r}",
-                                     "try --device cuda (ONNX Runtime), or 'bastion engine clear'") from None
+                raise ModelLoadError(
+                    f"TensorRT failed: {str(exc).splitlines()[0] if str(exc) else exc!r}",
+                    "try --device cuda (ONNX Runtime), or 'bastion engine clear'",
+                ) from None
             log.warning("native TensorRT failed (%s); using ONNX Runtime", exc)
     return OrtBackend(data, device=device, threads=threads, label=label)

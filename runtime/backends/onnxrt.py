@@ -43,8 +43,10 @@ def choose_providers(device: str) -> list[str]:
     if device == "auto":
         return [p for p in PROVIDER_ORDER if p in have]
     if device not in DEVICE_PROVIDERS:
-        raise ConfigError(f"unknown device {device!r}", "use auto, cpu, cuda, tensorrt (ONNX Runtime's TensorRT "
-                          "provider) or trt (native TensorRT)")
+        raise ConfigError(
+            f"unknown device {device!r}",
+            "use auto, cpu, cuda, tensorrt (ONNX Runtime's TensorRT provider) or trt (native TensorRT)",
+        )
     wanted = DEVICE_PROVIDERS[device]
     if wanted[0] not in have:
         raise ConfigError(
@@ -54,8 +56,9 @@ def choose_providers(device: str) -> list[str]:
     return [p for p in wanted if p in have]
 
 
-def _session(data: bytes, label: str, device: str, threads: int | None,
-             fixed_dims: dict[str, int] | None = None) -> ort.InferenceSession:
+def _session(
+    data: bytes, label: str, device: str, threads: int | None, fixed_dims: dict[str, int] | None = None
+) -> ort.InferenceSession:
     """An ``InferenceSession`` on ``data`` (bytes, never a path), or a ModelLoadError naming ``label``."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -100,8 +103,11 @@ def read_model(model: str | Path | bytes) -> tuple[bytes, str]:
         try:
             data, label = read_bounded(path, MAX_MODEL_BYTES), path.name
         except TooLarge as exc:
-            raise ModelLoadError(f"{path.name} is {exc.size / 2**30:.1f} GiB: no ONNX model file is larger than "
-                                 "2 GiB (protobuf's limit)", "is it really a model?") from None
+            raise ModelLoadError(
+                f"{path.name} is {exc.size / 2**30:.1f} GiB: no ONNX model file is larger than "
+                "2 GiB (protobuf's limit)",
+                "is it really a model?",
+            ) from None
         except OSError as exc:
             raise ModelLoadError(f"cannot read {path} ({exc.strerror or exc})") from None
     refuse_external_data(data, label)
@@ -117,8 +123,14 @@ class OrtBackend(Backend):
 
     name = "onnxruntime"
 
-    def __init__(self, model: str | Path | bytes, device: str = "auto", threads: int | None = None,
-                 fixed_dims: dict[str, int] | None = None, label: str | None = None) -> None:
+    def __init__(
+        self,
+        model: str | Path | bytes,
+        device: str = "auto",
+        threads: int | None = None,
+        fixed_dims: dict[str, int] | None = None,
+        label: str | None = None,
+    ) -> None:
         super().__init__()
         data, read_label = read_model(model)
         label = label or read_label
@@ -170,8 +182,9 @@ class OrtBackend(Backend):
                     data = self._model_bytes
                     if len(self._pinning) + 1 >= self.MAX_SPECIALIZED:
                         self._model_bytes = None  # the last pinned session to build: it holds the bytes now
-                    self._pinning[shape] = threading.Thread(target=self._pin, args=(shape, data), daemon=False,
-                                                            name="bastion-pin-session")
+                    self._pinning[shape] = threading.Thread(
+                        target=self._pin, args=(shape, data), daemon=False, name="bastion-pin-session"
+                    )
                     self._pinning[shape].start()
         return self.session
 
@@ -182,7 +195,7 @@ class OrtBackend(Backend):
             return
         try:  # the bytes the general session was built from: a file rewritten since never gets in
             pinned = _session(data, self.label, *self._open_args, dims)
-        except Exception:  # noqa: BLE001 - an optimisation: the general session still works
+        except Exception:
             log.warning("could not pin a session to shape %s", shape, exc_info=True)
             return
         if not self._closed:

@@ -38,7 +38,7 @@ def tensorrt_available() -> bool:
     return importlib.util.find_spec("tensorrt") is not None and _cudart_spec() is not None
 
 
-def _cudart_spec():  # noqa: ANN202
+def _cudart_spec():
     for name in ("cuda.bindings.runtime", "cuda.cudart"):
         try:
             if importlib.util.find_spec(name) is not None:
@@ -48,21 +48,25 @@ def _cudart_spec():  # noqa: ANN202
     return None
 
 
-def _modules():  # noqa: ANN202
+def _modules():
     """(tensorrt, cudart) or a MissingExtraError that says what to install."""
     try:
         trt = importlib.import_module("tensorrt")
     except ImportError:
-        raise MissingExtraError("the native TensorRT backend", "tensorrt", "tensorrt",
-                                "— on a Jetson it comes with JetPack (python3-libnvinfer); on x86 from NVIDIA's "
-                                "own index (PyPI's tensorrt is a placeholder); or use --device cuda") from None
+        raise MissingExtraError(
+            "the native TensorRT backend",
+            "tensorrt",
+            "tensorrt",
+            "— on a Jetson it comes with JetPack (python3-libnvinfer); on x86 from NVIDIA's "
+            "own index (PyPI's tensorrt is a placeholder); or use --device cuda",
+        ) from None
     name = _cudart_spec()
     if name is None:
         raise MissingExtraError("the native TensorRT backend", "tensorrt", "cuda-python")
     return trt, importlib.import_module(name)
 
 
-def _check(result):  # noqa: ANN001, ANN202
+def _check(result):
     """cuda-python returns (err, *values): raise on error, return the values."""
     err, *values = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
@@ -70,8 +74,9 @@ def _check(result):  # noqa: ANN001, ANN202
     return values[0] if len(values) == 1 else values
 
 
-def _profile(onnx_inputs: list[tuple[str, list]], opt_hw: tuple[int, int] | None, max_batch: int
-             ) -> tuple[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...]:
+def _profile(
+    onnx_inputs: list[tuple[str, list]], opt_hw: tuple[int, int] | None, max_batch: int
+) -> tuple[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...]:
     """(name, min, opt, max) per input: dynamic batch 1..max_batch, dynamic H/W from 32 up to ``opt_hw``."""
     shapes = []
     for name, dims in onnx_inputs:
@@ -85,8 +90,10 @@ def _profile(onnx_inputs: list[tuple[str, list]], opt_hw: tuple[int, int] | None
                 size = opt_hw[axis - (len(dims) - 2)]
                 bounds.append((32, size, size))
             else:
-                raise ConfigError(f"input {name} axis {axis} is dynamic and bastion cannot guess its range",
-                                  "export the model with a fixed size for that axis")
+                raise ConfigError(
+                    f"input {name} axis {axis} is dynamic and bastion cannot guess its range",
+                    "export the model with a fixed size for that axis",
+                )
         lo, opt, hi = zip(*bounds)
         shapes.append((name, tuple(lo), tuple(opt), tuple(hi)))
     return tuple(shapes)
@@ -113,8 +120,9 @@ def build_engine(model: bytes, key: EngineKey, cache: EngineCache, label: str = 
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(model):  # no path given: external data was refused before (models.onnx_refs)
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ModelLoadError(f"TensorRT cannot parse {label}: {errors}",
-                             "use --device cuda (ONNX Runtime) for this model")
+        raise ModelLoadError(
+            f"TensorRT cannot parse {label}: {errors}", "use --device cuda (ONNX Runtime) for this model"
+        )
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
     if key.precision in ("fp16", "int8"):
@@ -131,13 +139,17 @@ def build_engine(model: bytes, key: EngineKey, cache: EngineCache, label: str = 
     t0 = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise ModelLoadError(f"TensorRT could not build an engine for {label} ({key.precision})",
-                             "try --precision fp32, a smaller --max-batch, or --device cuda")
+        raise ModelLoadError(
+            f"TensorRT could not build an engine for {label} ({key.precision})",
+            "try --precision fp32, a smaller --max-batch, or --device cuda",
+        )
     from bastion.models.atomic import atomic_write_bytes
 
     atomic_write_bytes(timing_path, bytes(config.get_timing_cache().serialize()))
-    log.info("built TensorRT engine", extra={"model": label, "precision": key.precision,
-                                              "seconds": round(time.perf_counter() - t0, 1)})
+    log.info(
+        "built TensorRT engine",
+        extra={"model": label, "precision": key.precision, "seconds": round(time.perf_counter() - t0, 1)},
+    )
     return bytes(plan)
 
 
@@ -152,14 +164,24 @@ def engine_key(model: bytes, precision: str, opt_hw: tuple[int, int] | None, max
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     inputs = [(i.name, list(i.shape)) for i in session.get_inputs()]
     gpu, cc = device_identity()
-    return EngineKey(gpu=gpu, compute_capability=cc, tensorrt=trt.__version__,
-                     bundle_sha256=hashlib.sha256(model).hexdigest(),
-                     precision=precision, shapes=_profile(inputs, opt_hw, max_batch))
+    return EngineKey(
+        gpu=gpu,
+        compute_capability=cc,
+        tensorrt=trt.__version__,
+        bundle_sha256=hashlib.sha256(model).hexdigest(),
+        precision=precision,
+        shapes=_profile(inputs, opt_hw, max_batch),
+    )
 
 
-def load_or_build(model: str | Path | bytes, precision: str = "fp16", opt_hw: tuple[int, int] | None = None,
-                  max_batch: int = 1, cache: EngineCache | None = None, label: str | None = None
-                  ) -> tuple[bytes, EngineKey, bool]:
+def load_or_build(
+    model: str | Path | bytes,
+    precision: str = "fp16",
+    opt_hw: tuple[int, int] | None = None,
+    max_batch: int = 1,
+    cache: EngineCache | None = None,
+    label: str | None = None,
+) -> tuple[bytes, EngineKey, bool]:
     """(plan, key, built?) — the cached plan for exactly this key, else a fresh build stored atomically.
     ``model``: a bundle's verified bytes (or a path, read once): the key hashes and the build parses those bytes."""
     from bastion.runtime.backends.onnxrt import read_model
@@ -180,8 +202,15 @@ class TensorRTBackend(Backend):
 
     name = "tensorrt"
 
-    def __init__(self, model: str | Path | bytes, precision: str = "fp16", opt_hw: tuple[int, int] | None = None,
-                 max_batch: int = 1, cache: EngineCache | None = None, label: str | None = None) -> None:
+    def __init__(
+        self,
+        model: str | Path | bytes,
+        precision: str = "fp16",
+        opt_hw: tuple[int, int] | None = None,
+        max_batch: int = 1,
+        cache: EngineCache | None = None,
+        label: str | None = None,
+    ) -> None:
         super().__init__()
         trt, cudart = _modules()
         self._trt, self._cudart = trt, cudart
@@ -219,8 +248,10 @@ class TensorRTBackend(Backend):
             array = np.ascontiguousarray(feeds[info.name], dtype=info.dtype)
             pointer, capacity = self._device[info.name]
             if array.nbytes > capacity:
-                raise ConfigError(f"input {info.name} {array.shape} is larger than the engine's profile allows",
-                                  "rebuild with a larger --max-batch or size: bastion engine build")
+                raise ConfigError(
+                    f"input {info.name} {array.shape} is larger than the engine's profile allows",
+                    "rebuild with a larger --max-batch or size: bastion engine build",
+                )
             if not self.context.set_input_shape(info.name, array.shape):
                 raise ConfigError(f"input {info.name} shape {array.shape} is outside the engine's profile")
             _check(cudart.cudaMemcpyAsync(pointer, array.ctypes.data, array.nbytes, h2d, self.stream))
@@ -229,8 +260,7 @@ class TensorRTBackend(Backend):
         results = []
         for info in self.outputs:
             out = np.empty(tuple(self.context.get_tensor_shape(info.name)), dtype=info.dtype)
-            _check(cudart.cudaMemcpyAsync(out.ctypes.data, self._device[info.name][0], out.nbytes, d2h,
-                                          self.stream))
+            _check(cudart.cudaMemcpyAsync(out.ctypes.data, self._device[info.name][0], out.nbytes, d2h, self.stream))
             results.append(out)
         _check(cudart.cudaStreamSynchronize(self.stream))
         return results
