@@ -47,10 +47,11 @@ install-dev: $(VENV)/.dev-installed
 demo: install
 	$(VENV)/bin/bastion demo
 
+# Lint and format check, both run by `make test` and `make test-fast` (pyproject's [tool.ruff]).
 lint: install-dev
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
-# Not yet part of `make test`: the tree is formatted in one commit first (pyproject's [tool.ruff.format]).
 format-check: install-dev
 	$(VENV)/bin/ruff format --check .
 
