@@ -7,6 +7,7 @@ decoder fits before the bundle ever reaches a field unit.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shlex
 import shutil
@@ -103,14 +104,18 @@ def create_bundle(
     """Assemble, check and (optionally) sign a bundle in a staging directory, then move it to ``out_dir``."""
     with staged_bundle(out_dir) as staging:
         shutil.copy2(onnx, staging / onnx.name)
-        staged = staging / onnx.name  # hash the copy that ships, not the source (which may change meanwhile)
-        refuse_external_data(staged.read_bytes(), onnx.name)  # its weights must be in the file the manifest hashes
-        files = [FileEntry(path=onnx.name, sha256=sha256_file(staged), size=staged.stat().st_size, role="model")]
+        # The copy that ships is read once: those bytes are checked, hashed and smoke-tested (the source may change).
+        model = (staging / onnx.name).read_bytes()
+        refuse_external_data(model, onnx.name)  # its weights must be in the file the manifest hashes
+        files = [FileEntry(path=onnx.name, sha256=hashlib.sha256(model).hexdigest(), size=len(model), role="model")]
         for lic in license_files:
             if not lic.is_file():
                 raise InputNotFoundError(f"license file not found: {lic}")
-            shutil.copy2(lic, staging / lic.name)
-            files.append(FileEntry(path=lic.name, sha256=sha256_file(lic), size=lic.stat().st_size, role="license"))
+            shipped = staging / lic.name
+            shutil.copy2(lic, shipped)
+            files.append(
+                FileEntry(path=lic.name, sha256=sha256_file(shipped), size=shipped.stat().st_size, role="license")
+            )
         fields = {**fields, "files": [f.model_dump() for f in files]}
         fields.setdefault("license", {}).setdefault("files", [lic.name for lic in license_files])
         try:
@@ -120,12 +125,12 @@ def create_bundle(
                 f"bundle metadata: {first_error(exc)}", "give it with a flag or in the --meta file"
             ) from None
         if manifest.task == "detect":
-            _smoke_test(staging / onnx.name, manifest)
+            _smoke_test(model, manifest)
         seal_bundle(staging, manifest, out_dir, sign_key)
         return manifest
 
 
-def _smoke_test(model: Path, manifest: Manifest) -> None:
+def _smoke_test(model: bytes, manifest: Manifest) -> None:
     """Run one grey frame through backend + decoder so a mismatch fails here, not in the field."""
     from bastion.runtime.backends import open_backend
     from bastion.runtime.detect import Detector
