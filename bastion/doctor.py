@@ -189,8 +189,8 @@ def _egress_env() -> Check:
 def _ort_telemetry() -> Check:
     from bastion import ort_telemetry
 
-    line = ort_telemetry.status()
-    return Check("onnxruntime telemetry", "ok" if line.startswith(f"{ort_telemetry.ENV}=1") else "fail", line)
+    quiet, line = ort_telemetry.status()
+    return Check("onnxruntime telemetry", "ok" if quiet else "fail", line)
 
 
 def _ultralytics_settings() -> Check | None:

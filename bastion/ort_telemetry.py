@@ -30,13 +30,13 @@ def imported_too_late() -> bool:
     return "onnxruntime" in sys.modules and not _was_set_before_import
 
 
-def status() -> str:
-    """One line for ``bastion doctor``."""
+def status() -> tuple[bool, str]:
+    """(is the client kept off, one line saying why) for ``bastion doctor``."""
     if imported_too_late():
-        return "onnxruntime was imported before bastion: set ORT_DISABLE_TELEMETRY=1 in the environment"
+        return False, "onnxruntime was imported before bastion: set ORT_DISABLE_TELEMETRY=1 in the environment"
     if os.environ.get(ENV, "") not in ("1", "true", "True", "TRUE"):
-        return f"{ENV}={os.environ.get(ENV)!r}: onnxruntime's telemetry client may start"
-    return f"{ENV}=1: onnxruntime's telemetry client never starts"
+        return False, f"{ENV}={os.environ.get(ENV)!r}: onnxruntime's telemetry client may start"
+    return True, f"{ENV}=1: onnxruntime's telemetry client never starts"
 
 
 _was_set_before_import = "onnxruntime" not in sys.modules or os.environ.get(ENV) == "1"
