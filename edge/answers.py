@@ -14,14 +14,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from bastion.edge.protocol import EVENT_TOPIC_PREFIX, HEARTBEAT_TOPIC, MAX_SEQ, DetectionEvent, Heartbeat
+from bastion.edge.protocol import (
+    EVENT_TOPIC_PREFIX,
+    HEARTBEAT_TOPIC,
+    MAX_SEQ,
+    DetectionEvent,
+    Heartbeat,
+    json_or_none,
+)
 from bastion.errors import BastionError
 from bastion.models.textfiles import first_error
 
@@ -154,10 +160,7 @@ def _claimed_seq(frames: list[bytes]) -> int | None:
     """The seq a broken event names, if it names one: that event is then fetched from the store, not lost."""
     if len(frames) != 2 or not frames[0].startswith(EVENT_TOPIC_PREFIX):
         return None
-    try:
-        data = json.loads(frames[1])
-    except (ValueError, RecursionError):
-        return None
+    data = json_or_none(frames[1])
     seq = data.get("seq") if isinstance(data, dict) else None
     if isinstance(seq, int) and not isinstance(seq, bool) and 0 < seq <= MAX_SEQ:
         return seq

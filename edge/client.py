@@ -32,7 +32,13 @@ import zmq
 from bastion.edge import answers
 from bastion.edge.answers import NodeRequestError
 from bastion.edge.curve import apply_client, load_public
-from bastion.edge.protocol import EVENT_TOPIC_PREFIX, HEARTBEAT_TOPIC, MAX_REQUEST_BYTES, DetectionEvent
+from bastion.edge.protocol import (
+    EVENT_TOPIC_PREFIX,
+    HEARTBEAT_TOPIC,
+    MAX_REQUEST_BYTES,
+    DetectionEvent,
+    json_or_none,
+)
 from bastion.errors import BastionError, ConfigError
 from bastion.lm_limits import check_max_new_tokens
 
@@ -131,10 +137,7 @@ MAX_ANSWER_BYTES = 64 * 2**20  # a node's largest answer is a ~4 MB replay page 
 def _decode(raw: bytes) -> dict[str, Any]:
     """A control answer as a dict, or NodeRequestError: what a broken or hostile node sends (nested, not JSON, not an
     object) is one clear error, never a RecursionError or AttributeError in the caller's program."""
-    try:
-        answer = json.loads(raw)
-    except (ValueError, RecursionError):
-        answer = None
+    answer = json_or_none(raw)
     if not isinstance(answer, dict):
         raise NodeRequestError(
             f"the node's answer is not a protocol message ({len(raw)} bytes: {raw[:40]!r})",

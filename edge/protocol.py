@@ -92,6 +92,15 @@ class ProtocolError(ValueError):
         self.request_id = request_id
 
 
+def json_or_none(raw: bytes) -> Any:
+    """``raw`` parsed as JSON, or None for anything that is not (bad bytes, nesting too deep, a 5000-digit int):
+    what a peer sends is never a RecursionError or ValueError in the reader."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+
+
 def readable_id(data: object) -> str | int | None:
     """The request's ``id`` when it is one a reply may echo (a short string or an int), else None."""
     rid = data.get("id") if isinstance(data, dict) else None

@@ -12,7 +12,6 @@ thread-safe.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -34,6 +33,7 @@ from bastion.edge.protocol import (
     Heartbeat,
     ProtocolError,
     parse_request,
+    json_or_none,
     readable_id,
     reply,
 )
@@ -352,7 +352,4 @@ def _peek_id(payload: bytes | None) -> object:
     """The id of a (small) request that will not be served, so the client can match the refusal."""
     if payload is None:
         return None
-    try:
-        return readable_id(json.loads(payload))
-    except (ValueError, RecursionError):
-        return None
+    return readable_id(json_or_none(payload))
