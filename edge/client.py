@@ -127,9 +127,8 @@ class _SeqGuard:
             )
 
 
-MAX_EVENT_BYTES = (
-    2**20
-)  # one published event or heartbeat (~8000 detections); larger is dropped unread, replay fills it
+# One published event or heartbeat (~8000 detections); larger is dropped unread, replay fills it.
+MAX_EVENT_BYTES = 2**20
 EVENT_QUEUE = 128  # published messages libzmq holds for a slow reader (≤ 128 MiB); beyond, dropped and replayed
 MAX_ANSWER_BYTES = 64 * 2**20  # a node's largest answer is a ~4 MB replay page (edge/node.py MAX_REPLAY_BYTES)
 
