@@ -297,19 +297,24 @@ def test_refusal_windows_close_after_a_minute_and_buckets_refill():
     assert limiter.allow(b"a") == 0.0
 
 
-def test_one_client_cannot_hold_the_control_thread_with_expensive_requests(tmp_path):
+def _stored_events_and_no_source(tmp_path, events: int, boxes: int) -> list[dict]:
+    """A node store holding ``events`` events of ``boxes`` detections each, and a source list that adds none."""
     from bastion.edge.protocol import DetectionEvent, DetectionItem
     from bastion.edge.store import EventStore
 
     (tmp_path / "data").mkdir()
     store = EventStore(tmp_path / "data" / "events.db")
-    boxes = [DetectionItem(cls=0, name="person", conf=0.5, box=[1.0, 2.0, 3.0, 4.0]) for _ in range(100)]
-    for i in range(500):  # a replay of all of them: ~4 MB, a noticeable fraction of a second to build
+    items = [DetectionItem(cls=0, name="person", conf=0.5, box=[1.0, 2.0, 3.0, 4.0]) for _ in range(boxes)]
+    for i in range(events):
         store.append(
-            DetectionEvent(seq=0, node="test-node", source="cam1", ts=1.0, frame=i, model="m", detections=boxes)
+            DetectionEvent(seq=0, node="test-node", source="cam1", ts=1.0, frame=i, model="m", detections=items)
         )
     store.close()
-    quiet = [{"name": "cam1", "uri": os.fspath(tmp_path / "none.mp4")}]
+    return [{"name": "cam1", "uri": os.fspath(tmp_path / "none.mp4")}]
+
+
+def test_one_client_cannot_hold_the_control_thread_with_expensive_requests(tmp_path):
+    quiet = _stored_events_and_no_source(tmp_path, events=500, boxes=100)  # a replay of all: ~4 MB, slow to build
     with running_node(tmp_path, sources=quiet) as node, client_for(node) as other:
         ctx = zmq.Context()
         greedy = _dealer(ctx, node.server.control_endpoint)
@@ -383,18 +388,7 @@ def test_sdk_detects_an_audit_log_cut_short(tmp_path):
 
 
 def test_a_replay_answer_is_bounded_in_size_and_the_sdk_still_gets_every_event(tmp_path):
-    from bastion.edge.protocol import DetectionEvent, DetectionItem
-    from bastion.edge.store import EventStore
-
-    (tmp_path / "data").mkdir()
-    store = EventStore(tmp_path / "data" / "events.db")
-    boxes = [DetectionItem(cls=0, name="person", conf=0.5, box=[1.0, 2.0, 3.0, 4.0]) for _ in range(300)]
-    for i in range(400):  # 120,000 detections: ~10 MB as one answer
-        store.append(
-            DetectionEvent(seq=0, node="test-node", source="cam1", ts=1.0, frame=i, model="m", detections=boxes)
-        )
-    store.close()
-    quiet = [{"name": "cam1", "uri": os.fspath(tmp_path / "none.mp4")}]
+    quiet = _stored_events_and_no_source(tmp_path, events=400, boxes=300)  # 120,000 detections: ~10 MB as one answer
     with running_node(tmp_path, sources=quiet) as node, client_for(node) as client:
         ctx = zmq.Context()
         sock = _dealer(ctx, node.server.control_endpoint)
