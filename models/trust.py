@@ -81,21 +81,28 @@ class TrustStore:
         )
 
     def _ensure_list(self) -> None:
-        """Create the empty list with a new store; refuse when an existing store has lost it."""
+        """Create the empty list with a new store; refuse when an existing store has lost it.
+
+        The verdict "missing" is only given under the store's lock: a first use running right now in
+        another process has its temp file in ``trust/`` before the rename, and seen unlocked that half
+        made store looks exactly like one that lost its list.
+        """
         if self.revoked_path.is_file():
             return
-        if not self._is_new():
-            log.error("revocation list missing: refusing every bundle", extra={"path": str(self.revoked_path)})
-            raise self._missing()
         try:
             with file_lock(self.lock_path):
                 if self.revoked_path.is_file():
                     return
                 if not self._is_new():
+                    log.error("revocation list missing: refusing every bundle", extra={"path": str(self.revoked_path)})
                     raise self._missing()
                 self._write_revoked({})
                 self._record("created")
-        except OSError as exc:  # a read-only home that never had a store: nothing was ever revoked in it
+        except OSError as exc:
+            if not self._is_new():  # cannot lock a store that exists: refuse rather than guess
+                log.error("revocation list missing: refusing every bundle", extra={"path": str(self.revoked_path)})
+                raise self._missing() from exc
+            # a read-only home that never had a store: nothing was ever revoked in it
             log.warning(
                 "cannot create the trust store; using the built-in anchors only",
                 extra={"path": str(self.root), "error": str(exc)},

@@ -333,6 +333,34 @@ def test_missing_revocation_list_refuses_until_recreated(tmp_path, bastion_home)
     assert Bundle.open("yolox_nano").verification.signed  # the operator chose to start again
 
 
+def test_a_store_being_created_right_now_is_waited_for_not_called_lost(tmp_path):
+    """Another process's first use holds the lock with its temp file in trust/ before the rename:
+    a reader must wait for that lock, not read the half-made store as one that lost its list."""
+    import threading
+
+    from bastion.models.atomic import atomic_write_bytes, file_lock
+
+    store = TrustStore(tmp_path / "trust")
+    result: list = []
+    with file_lock(store.lock_path):
+        (store.root / f".{store.revoked_path.name}.abc.tmp").write_bytes(b"")  # the writer's temp file
+        reader = threading.Thread(target=lambda: result.append(_revoked_or_error(TrustStore(store.root))))
+        reader.start()
+        time.sleep(0.3)
+        assert not result, result  # still waiting on the lock, not refused
+        (store.root / f".{store.revoked_path.name}.abc.tmp").unlink()
+        atomic_write_bytes(store.revoked_path, json.dumps({"revoked": {}}).encode())
+    reader.join(10)
+    assert result == [{}]
+
+
+def _revoked_or_error(store):
+    try:
+        return store.revoked()
+    except SignatureError as exc:
+        return repr(exc)
+
+
 def test_fresh_unit_trust_store_is_created_with_an_empty_list(bastion_home):
     assert Bundle.open("yolox_nano").verification.signed
     assert json.loads(TrustStore().revoked_path.read_text()) == {"revoked": {}}
