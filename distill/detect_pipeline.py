@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +25,7 @@ from bastion.distill.teachers import check_unchanged, export_checkpoint_teacher,
 from bastion.distill.train import TrainSpec
 from bastion.errors import ConfigError, InputNotFoundError
 from bastion.models.bundle import Bundle
+from bastion.models.provenance import stamp
 from bastion.runtime.backends import open_backend
 from bastion.runtime.detect import DetectOptions, Detector
 from bastion.runtime.media import list_images, read_image
@@ -559,9 +559,6 @@ def _mb(model_file: Path) -> float:
 
 def _student_bundle(onnx: Path, spec: DistillSpec, teachers: list[Bundle], out: Path, training: dict) -> Bundle:
     """The exported student as an (unsigned, for now) bundle whose provenance names the teachers and the data."""
-    import shlex
-    import sys
-
     from bastion import __version__
     from bastion.models.bundle import verify_files
     from bastion.models.manifest import MANIFEST_NAME, read_manifest
@@ -585,9 +582,8 @@ def _student_bundle(onnx: Path, spec: DistillSpec, teachers: list[Bundle], out: 
             ]
             + [d.model_dump(mode="json") for d in teacher.manifest.provenance.datasets],
             "teachers": [t.sha256 for t in teachers],
-            "command": shlex.join(["bastion", *sys.argv[1:]]),
+            **stamp(),
             "bastion_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
         license={
             "weights": "derived from "
@@ -605,8 +601,6 @@ def _student_bundle(onnx: Path, spec: DistillSpec, teachers: list[Bundle], out: 
 
 def _sliced_bundle(teacher: Bundle, class_map: ClassMap, spec: DistillSpec, out: Path) -> Bundle:
     """The teacher with its head sliced to the student classes, as an (unsigned) bundle at ``spec.imgsz``."""
-    import shlex
-    import sys
     import tempfile
 
     from bastion import __version__
@@ -634,9 +628,8 @@ def _sliced_bundle(teacher: Bundle, class_map: ClassMap, spec: DistillSpec, out:
                 "teachers": [teacher.sha256],
                 "source": f"{teacher.manifest.name} with its class head sliced to "
                 f"{spec.classes} (ONNX surgery, no training)",
-                "command": shlex.join(["bastion", *sys.argv[1:]]),
+                **stamp(),
                 "bastion_version": __version__,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
         )
         licenses = [teacher.root / f.path for f in teacher.manifest.files if f.role == "license"]

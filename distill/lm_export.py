@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import shlex
 import shutil
-import sys
-import time
 from pathlib import Path
 
 from bastion import __version__
 from bastion.models.bundle import seal_bundle, staged_bundle
 from bastion.models.manifest import DecoderSpec, FileEntry, LicenseInfo, Manifest, Provenance, sha256_file
+from bastion.models.provenance import stamp
 
 
 def export_lm_bundle(
@@ -61,11 +59,10 @@ def export_lm_bundle(
             precision="fp32",
             provenance=Provenance(
                 source=source,
-                command=shlex.join(["bastion", *sys.argv[1:]]),
+                **stamp(),
                 bastion_version=__version__,
                 teachers=teachers or [],
                 datasets=datasets or [],
-                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             ),
             evaluation=evaluation or [],
             license=LicenseInfo(weights=weights_license, files=[p.name for p in license_files]),
