@@ -31,9 +31,11 @@ from bastion.models.archive import ARCHIVE_SUFFIX, unpack
 from bastion.models.atomic import append_record, atomic_write_bytes, file_lock, short_of_space
 from bastion.models.home import bastion_home
 from bastion.models.manifest import MANIFEST_NAME
+from bastion.models.safe_read import read_bounded
 from bastion.models.version import is_older, version_key
 
 log = logging.getLogger(__name__)
+MAX_INDEX_BYTES = 16 * 2**20  # read whole on every lookup: bounded first (~50,000 entries)
 
 
 @dataclass(frozen=True)
@@ -62,11 +64,12 @@ class Registry:
 
     # -- reading -----------------------------------------------------------------------------------
     def _index(self) -> dict[str, dict]:
-        if not self.index_path.is_file():
-            return {}
         try:
-            return json.loads(self.index_path.read_text())["bundles"]
-        except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
+            return json.loads(read_bounded(self.index_path, MAX_INDEX_BYTES))["bundles"]
+        except FileNotFoundError:
+            return {}
+        # too large or not a regular file (TooLarge, NotRegular are OSErrors), nested too deep: damage
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError, OSError):
             raise RegistryError(
                 f"registry index {self.index_path} is damaged", "restore it from backup or re-add the bundles"
             ) from None

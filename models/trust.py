@@ -30,8 +30,12 @@ from bastion.errors import ConfigError, KeyFileError, SignatureError
 from bastion.models.atomic import append_record, atomic_write_bytes, file_lock
 from bastion.models.home import bastion_home
 from bastion.models.keys import PUBLIC_SUFFIX, key_id, load_public_key, public_pem
+from bastion.models.safe_read import NotRegular, TooLarge, read_bounded
 
 ANCHORS_DIR = Path(__file__).resolve().parent / "anchors"
+# Both files are read whole on every bundle load: bounded first (a list of ~20,000 revoked keys; ~200,000 changes).
+MAX_REVOKED_BYTES = 4 * 2**20
+MAX_JOURNAL_BYTES = 64 * 2**20
 log = logging.getLogger(__name__)
 
 
@@ -56,10 +60,11 @@ class TrustStore:
     def _read_revoked(self) -> dict[str, dict] | None:
         """The list, or None when the file is missing; a damaged list is an error, never a guess."""
         try:
-            data = json.loads(self.revoked_path.read_text())
+            data = json.loads(read_bounded(self.revoked_path, MAX_REVOKED_BYTES))
         except FileNotFoundError:
             return None
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError, RecursionError):  # nested too deep: damage
+        # too large, not a regular file, nested too deep: damage, never a guess
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError, RecursionError):
             data = None
         revoked = data.get("revoked") if isinstance(data, dict) else None
         if not isinstance(revoked, dict):
@@ -120,8 +125,16 @@ class TrustStore:
     def _journal_revoked(self) -> dict[str, str]:
         """Key ids the journal says are revoked now (not since un-revoked or reset), with when."""
         try:
-            lines = self.audit_path.read_text(errors="replace").splitlines()
-        except OSError:
+            lines = read_bounded(self.audit_path, MAX_JOURNAL_BYTES).decode(errors="replace").splitlines()
+        except FileNotFoundError:  # a store from before the journal: nothing to hold the list against
+            return {}
+        except (TooLarge, NotRegular) as exc:
+            raise ConfigError(
+                f"trust store journal {self.audit_path} is damaged ({exc})",
+                "restore it from backup; refusing to guess which keys were revoked",
+            ) from None
+        except OSError as exc:
+            log.warning("cannot read the trust store journal", extra={"path": str(self.audit_path), "error": str(exc)})
             return {}
         state: dict[str, str] = {}
         for line in lines:

@@ -448,3 +448,31 @@ def test_a_deeply_nested_member_path_is_refused_in_one_line(tmp_path, bastion_ho
     assert proc.returncode == 1 and "internal error" not in proc.stderr, proc.stderr
     assert "deep" in proc.stderr
     assert not any((bastion_home / "registry").rglob("f"))
+
+
+@pytest.mark.parametrize("which", ["revoked", "journal", "index"])
+@pytest.mark.parametrize("how", ["huge", "fifo"])
+def test_store_files_read_whole_are_bounded_first(bastion_home, monkeypatch, which, how):
+    """revoked.json, the trust journal and the registry index are read whole on every load: a file swapped for a
+    huge one or a FIFO (which would block open() forever) is refused as damaged with one line, never buffered."""
+    import os
+
+    from bastion.errors import BastionError
+    from bastion.models import registry as registry_module
+    from bastion.models import trust as trust_module
+
+    reg = Registry()
+    reg.add(zoo_path("yolox_nano"), Bundle.open)
+    store = TrustStore()
+    path = {"revoked": store.revoked_path, "journal": store.audit_path, "index": reg.index_path}[which]
+    monkeypatch.setattr(trust_module, "MAX_REVOKED_BYTES", 4096)
+    monkeypatch.setattr(trust_module, "MAX_JOURNAL_BYTES", 4096)
+    monkeypatch.setattr(registry_module, "MAX_INDEX_BYTES", 4096)
+    if how == "fifo":
+        path.unlink()
+        os.mkfifo(path)
+    else:
+        valid = {"revoked": b'{"revoked": {}}', "journal": path.read_bytes(), "index": path.read_bytes()}[which]
+        path.write_bytes(b" " * 5000 + valid)  # still valid: only its size is wrong
+    with pytest.raises(BastionError, match="damaged|missing"):  # a FIFO list is not a file: missing
+        Bundle.open(zoo_path("yolox_nano")) if which != "index" else reg.entries()
