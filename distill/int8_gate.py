@@ -8,10 +8,7 @@ on and the classes it holds on, so the unit that loads the bundle can check it (
 from __future__ import annotations
 
 import logging
-import shlex
-import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +21,7 @@ from bastion.distill.quantize import quantize_int8
 from bastion.hardware.isa import Int8Target, IsaClass, classes_holding, probe_isa, resolve_target, same_integer_results
 from bastion.models.bundle import Bundle
 from bastion.models.manifest import EvalResult, Int8Verdict, Manifest, files_sha256
+from bastion.models.provenance import stamp
 from bastion.runtime.backends import open_backend
 from bastion.runtime.detect import DetectOptions, Detector
 from bastion.runtime.media import read_image
@@ -306,9 +304,8 @@ def _write_bundle(
                 {"name": f"INT8 gate evaluation ({dataset.root.name})", "sha256": sha},
             ],
             "teachers": [bundle.sha256],
-            "command": shlex.join(["bastion", *sys.argv[1:]]),
+            **stamp(),
             "bastion_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     )
     licenses = [bundle.root / f.path for f in bundle.manifest.files if f.role == "license"]

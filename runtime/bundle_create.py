@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shlex
 import shutil
-import sys
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,6 +23,7 @@ from bastion.errors import ConfigError, DecoderError, InputNotFoundError
 from bastion.models.bundle import seal_bundle, staged_bundle
 from bastion.models.manifest import FileEntry, Manifest, sha256_file
 from bastion.models.onnx_refs import refuse_external_data
+from bastion.models.provenance import stamp
 from bastion.models.textfiles import first_error, read_yaml_mapping
 
 RUN_MODEL = "model.onnx"
@@ -229,11 +227,7 @@ def bundle_create_command(
     prov.setdefault("source", source or f"ONNX file {onnx.name}")
     if source:
         prov["source"] = source
-    prov.update(
-        command=shlex.join(["bastion", *sys.argv[1:]]),
-        bastion_version=__version__,
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    )
+    prov.update(stamp(), bastion_version=__version__)
     fields["provenance"] = prov
     key = None
     if sign is not None:
