@@ -18,8 +18,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bastion.errors import BastionError, KeyFileError
 from bastion.models.atomic import atomic_write_bytes
+from bastion.models.keys import MAX_KEY_FILE_BYTES
+from bastion.models.safe_read import NotRegular, TooLarge, read_bounded
 
 SUFFIX = ".jpg.enc"
+# One encrypted JPEG (a 4K frame at quality 95 is ~5 MB): a file past this was not written by the vault.
+MAX_SNAPSHOT_BYTES = 32 * 2**20
 
 
 def generate_key_file(path: Path) -> Path:
@@ -32,7 +36,9 @@ def generate_key_file(path: Path) -> Path:
 
 def load_key(path: Path) -> bytes:
     try:
-        text = Path(path).read_text().strip()
+        text = read_bounded(path, MAX_KEY_FILE_BYTES).decode().strip()  # never /dev/zero or a FIFO read forever
+    except (TooLarge, NotRegular, UnicodeDecodeError):
+        text = ""
     except OSError as exc:
         raise KeyFileError(f"cannot read snapshot key {path}: {exc.strerror}") from None
     try:
@@ -70,9 +76,12 @@ class SnapshotVault:
     def load(self, seq: int) -> bytes:
         """The JPEG bytes of event ``seq``'s snapshot."""
         path = self.path(seq)
-        if not path.is_file():
-            raise BastionError(f"no snapshot for event {seq}")
-        blob = path.read_bytes()
+        try:
+            blob = read_bounded(path, MAX_SNAPSHOT_BYTES)
+        except FileNotFoundError:
+            raise BastionError(f"no snapshot for event {seq}") from None
+        except OSError as exc:  # too large, not a file, unreadable: never buffered whole
+            raise BastionError(f"snapshot {path.name} cannot be read ({exc})") from None
         try:
             return self.aead.decrypt(blob[:12], blob[12:], self._aad(seq))
         except InvalidTag:
