@@ -117,6 +117,12 @@ def quantize_command(
     sign: Optional[Path] = typer.Option(None, "--sign", help="Sign the INT8 bundle with this private key."),
     passphrase: bool = typer.Option(False, "--passphrase", help="Prompt for the key's passphrase."),
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
+    fp32_sibling: bool = typer.Option(
+        True,
+        "--fp32-sibling/--no-fp32-sibling",
+        help="Ship the FP32 model beside the INT8 one (signed), run under int8_policy strict where the INT8 "
+        "verdict does not hold; --no-fp32-sibling for size-constrained units.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the gate result as JSON."),
 ) -> None:
     """INT8 (ONNX Runtime static QDQ) of a detection bundle, kept only if its measured mAP50 drop is small.
@@ -165,6 +171,7 @@ def quantize_command(
             min_speedup=min_speedup,
             target=target,
             recipes=recipes,
+            fp32_sibling=fp32_sibling,
         )
     if json_out:
         print_json(result.to_dict())

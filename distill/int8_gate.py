@@ -96,9 +96,13 @@ def quantize_and_gate(
     bootstrap: int = 0,
     target: str | None = None,
     recipes: list[Recipe] | None = None,
+    fp32_sibling: bool = True,
 ) -> GateResult:
     """Quantize with each recipe the target allows (``int8_recipe.candidates``), best first, and keep the first
     whose measured mAP50 drop and speed-up pass.  ``target``: a device profile or CPU class (default: this CPU).
+
+    ``fp32_sibling``: the bundle written also carries ``bundle``'s FP32 model (its verified bytes), which a unit
+    runs under ``int8_policy: strict`` where the INT8 verdict does not hold; False for size-constrained units.
 
     ``bootstrap`` > 0: the INT8 model's mAP50 also gets a resampled interval (for a distillation report).
     """
@@ -150,6 +154,7 @@ def quantize_and_gate(
                 calibration,
                 chosen.recipe,
                 verdict,
+                fp32_sibling,
             )
         return result
 
@@ -271,6 +276,7 @@ def _write_bundle(
     calibration,
     recipe,
     verdict,
+    fp32_sibling: bool = True,
 ) -> None:
     from bastion.runtime.bundle_create import create_bundle
 
@@ -310,4 +316,9 @@ def _write_bundle(
     )
     licenses = [bundle.root / f.path for f in bundle.manifest.files if f.role == "license"]
     fields["license"] = {**fields["license"], "files": [p.name for p in licenses]}
-    create_bundle(int8_path, out_dir, fields, licenses, sign_key)
+    sibling = None
+    if fp32_sibling:  # the FP32 parent as verified now, not its path again
+        sibling = Path(int8_path).parent / "fp32" / Path(bundle.manifest.model_file().path).name
+        sibling.parent.mkdir(exist_ok=True)
+        sibling.write_bytes(bundle.model_bytes())
+    create_bundle(int8_path, out_dir, fields, licenses, sign_key, fp32_sibling=sibling)

@@ -55,6 +55,12 @@ class Bundle:
         """The model file's verified bytes (``read_verified`` of the manifest's model entry)."""
         return self.read_verified(self.manifest.model_file())
 
+    def fp32_sibling_bytes(self) -> bytes | None:
+        """The FP32 sibling's verified bytes (an INT8 bundle's FP32 parent), or None when the bundle carries none.
+        Read and hashed once like the model: a session built from it never opens the path again."""
+        entry = self.manifest.fp32_sibling_file()
+        return None if entry is None else self.read_verified(entry)
+
     @property
     def sha256(self) -> str:
         """Identity of the bundle: the hash of its canonical manifest (which hashes the payload)."""

@@ -219,6 +219,7 @@ def bundle_inspect(
 
     report = Bundle.inspect(bundle)
     manifest, status, signer = report.manifest, report.status, report.signer_key_id
+    runs = _int8_runs(manifest)  # an INT8 bundle: which precision runs where, and why
     if json_out:
         print_json(
             {
@@ -228,6 +229,7 @@ def bundle_inspect(
                 "signer_key_id": signer,
                 "verified": report.verified,
                 "status": status,
+                "runs": runs,
             }
         )
         return
@@ -282,10 +284,23 @@ def bundle_inspect(
         ),
         ("metrics", "\n".join(f"{e.metric} = {e.value:.3f} on {e.dataset}" for e in manifest.evaluation) or "-"),
         *([("int8 verdict", manifest.int8_verdict.summary())] if manifest.int8_verdict else []),
+        *([("runs", runs)] if runs else []),
     ]
     for key, value in rows:
         table.add_row(key, value)
     out.print(table)
+
+
+def _int8_runs(manifest) -> str | None:
+    """Which precision an INT8 bundle runs on which CPU class, and why (the unit decides at load:
+    bastion.runtime.int8_check; `bastion doctor` shows this CPU's class)."""
+    if manifest.precision != "int8":
+        return None
+    verdict, sibling = manifest.int8_verdict, manifest.fp32_sibling_file()
+    where = f"INT8 on {', '.join(verdict.holds_on)} (the gate's verdict holds there)" if verdict else "INT8"
+    elsewhere = "elsewhere" if verdict else "this bundle records no verdict, so on every CPU"
+    strict = f"runs the FP32 sibling {sibling.path}" if sibling else "refuses it (no FP32 sibling in the bundle)"
+    return f"{where}; {elsewhere} int8_policy warn runs INT8 with a warning, strict {strict}"
 
 
 @bundle_app.command("pack")

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from bastion.errors import ManifestError
 
@@ -39,7 +39,7 @@ class FileEntry(_Strict):
     path: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size: int = Field(ge=0)
-    role: Literal["model", "license", "source", "tokenizer", "other"] = "other"
+    role: Literal["model", "fp32-sibling", "license", "source", "tokenizer", "other"] = "other"
 
     @field_validator("path")
     @classmethod
@@ -204,12 +204,32 @@ class Manifest(_Strict):
             )
         return value
 
+    @model_validator(mode="after")
+    def _one_fp32_sibling_on_int8(self) -> "Manifest":
+        """An FP32 sibling is the INT8 model's FP32 parent: one at most, and only beside an INT8 model (a unit that
+        falls back to it must know which file it is, and an FP32 bundle has nothing to fall back from)."""
+        siblings = [f.path for f in self.files if f.role == "fp32-sibling"]
+        if len(siblings) > 1:
+            raise ValueError(
+                f"files: {len(siblings)} files with role 'fp32-sibling' ({', '.join(siblings)}); at most 1"
+            )
+        if siblings and self.precision != "int8":
+            raise ValueError(
+                f"files: an fp32-sibling ({siblings[0]}) belongs to an int8 bundle, this one is {self.precision}"
+            )
+        return self
+
     def model_file(self) -> FileEntry:
         """The file the runtime opens (the first with role 'model')."""
         for entry in self.files:
             if entry.role == "model":
                 return entry
         raise ManifestError(f"manifest of {self.name} lists no file with role 'model'")
+
+    def fp32_sibling_file(self) -> FileEntry | None:
+        """The INT8 model's FP32 parent, if the bundle carries it: what ``int8_policy: strict`` runs instead of an
+        INT8 model whose gate verdict does not hold on this CPU (``bastion.runtime.int8_check``)."""
+        return next((entry for entry in self.files if entry.role == "fp32-sibling"), None)
 
     def canonical_bytes(self) -> bytes:
         """Deterministic bytes to hash and sign: sorted keys, no whitespace, UTF-8."""

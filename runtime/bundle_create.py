@@ -97,15 +97,29 @@ def _imgsz(value: str) -> list[int]:
 
 
 def create_bundle(
-    onnx: Path, out_dir: Path, fields: dict[str, Any], license_files: list[Path], sign_key=None
+    onnx: Path,
+    out_dir: Path,
+    fields: dict[str, Any],
+    license_files: list[Path],
+    sign_key=None,
+    fp32_sibling: Path | None = None,
 ) -> Manifest:
-    """Assemble, check and (optionally) sign a bundle in a staging directory, then move it to ``out_dir``."""
+    """Assemble, check and (optionally) sign a bundle in a staging directory, then move it to ``out_dir``.
+
+    ``fp32_sibling``: an INT8 model's FP32 parent, shipped beside it (role ``fp32-sibling``, hashed and signed like
+    the model) so a unit whose CPU the INT8 verdict does not hold on can run it under ``int8_policy: strict``.
+    """
     with staged_bundle(out_dir) as staging:
-        shutil.copy2(onnx, staging / onnx.name)
-        # The copy that ships is read once: those bytes are checked, hashed and smoke-tested (the source may change).
-        model = (staging / onnx.name).read_bytes()
-        refuse_external_data(model, onnx.name)  # its weights must be in the file the manifest hashes
+        model = _ship_model(onnx, staging, onnx.name)
         files = [FileEntry(path=onnx.name, sha256=hashlib.sha256(model).hexdigest(), size=len(model), role="model")]
+        sibling = None
+        if fp32_sibling is not None:
+            taken = {onnx.name, *(lic.name for lic in license_files)}
+            name = fp32_sibling.name if fp32_sibling.name not in taken else f"fp32-{fp32_sibling.name}"
+            sibling = _ship_model(fp32_sibling, staging, name)
+            files.append(
+                FileEntry(path=name, sha256=hashlib.sha256(sibling).hexdigest(), size=len(sibling), role="fp32-sibling")
+            )
         for lic in license_files:
             if not lic.is_file():
                 raise InputNotFoundError(f"license file not found: {lic}")
@@ -124,8 +138,21 @@ def create_bundle(
             ) from None
         if manifest.task == "detect":
             _smoke_test(model, manifest)
+            if sibling is not None:  # the fallback must run under this manifest too, or strict units have nothing
+                _smoke_test(sibling, manifest)
         seal_bundle(staging, manifest, out_dir, sign_key)
         return manifest
+
+
+def _ship_model(source: Path, staging: Path, name: str) -> bytes:
+    """Copy a model into the bundle and read the copy that ships once: those bytes are checked, hashed and
+    smoke-tested (the source may change meanwhile)."""
+    if not source.is_file():
+        raise InputNotFoundError(f"model file not found: {source}")
+    shutil.copy2(source, staging / name)
+    model = (staging / name).read_bytes()
+    refuse_external_data(model, name)  # its weights must be in the file the manifest hashes
+    return model
 
 
 def _smoke_test(model: bytes, manifest: Manifest) -> None:
@@ -179,6 +206,12 @@ def bundle_create_command(
     license_file: list[Path] = typer.Option([], help="License text to ship inside the bundle (repeatable)."),
     sign: Optional[Path] = typer.Option(None, "--sign", help="Sign with this private key."),
     passphrase: bool = typer.Option(False, "--passphrase", help="Prompt for the key's passphrase."),
+    fp32_sibling: Optional[Path] = typer.Option(
+        None,
+        "--fp32-sibling",
+        help="An INT8 model's FP32 parent, shipped and signed beside it: run instead under int8_policy strict "
+        "where the INT8 verdict does not hold.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Make a bundle from an ONNX file and its metadata, checked by running it once.
@@ -234,7 +267,7 @@ def bundle_create_command(
         from bastion.models.keys import load_private_key, read_passphrase
 
         key = load_private_key(sign, read_passphrase(passphrase))
-    manifest = create_bundle(onnx, out_dir, fields, list(license_file), key)
+    manifest = create_bundle(onnx, out_dir, fields, list(license_file), key, fp32_sibling=fp32_sibling)
     if json_out:
         print_json(
             {

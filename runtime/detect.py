@@ -23,7 +23,7 @@ from bastion.runtime.backends import Backend, open_backend
 from bastion.runtime.backends.onnxrt import read_model
 from bastion.runtime.decoders import Candidates, DecodeContext, get_decoder
 from bastion.runtime.detections import Detections, class_ids
-from bastion.runtime.int8_check import check_int8
+from bastion.runtime.int8_check import Int8Check, open_checked, precision_status
 from bastion.runtime.media import as_bgr, read_image
 from bastion.runtime.nms import batched_nms
 from bastion.runtime.onnx_manifest import manifest_from_onnx
@@ -124,26 +124,33 @@ class Detector:
             if opts.imgsz
             else (tuple(bundle.manifest.input.size) if bundle.manifest.input else None)
         )
-        backend = open_backend(
-            bundle.model_bytes(),
-            device=device,
-            threads=threads,
-            precision=bundle.manifest.precision,
-            size_hw=size,  # a TensorRT profile's range
-            max_batch=opts.max_batch,
-            label=bundle.manifest.model_file().path,
-        )
-        return cls._ready(backend, bundle.manifest, opts, bundle.sha256, bundle.verification.key_id, warmup)
+
+        def open_model(model: bytes, precision: str, label: str) -> Backend:
+            return open_backend(
+                model,
+                device=device,
+                threads=threads,
+                precision=precision,
+                size_hw=size,  # a TensorRT profile's range
+                max_batch=opts.max_batch,
+                label=label,
+            )
+
+        # the INT8 model, or under int8_policy strict its FP32 sibling where the INT8 verdict does not hold here
+        backend, int8 = open_checked(bundle, open_model, opts.int8_policy)
+        return cls._ready(backend, bundle.manifest, opts, bundle.sha256, bundle.verification.key_id, warmup, int8)
 
     @classmethod
     def _ready(
-        cls, backend: Backend, manifest: Manifest, opts: DetectOptions, sha256: str, signer: str | None, warmup: bool
+        cls,
+        backend: Backend,
+        manifest: Manifest,
+        opts: DetectOptions,
+        sha256: str,
+        signer: str | None,
+        warmup: bool,
+        int8: Int8Check | None = None,
     ) -> "Detector":
-        try:  # does the INT8 gate's verdict hold on this CPU? (runtime/int8_check.py)
-            int8 = check_int8(manifest, sha256, getattr(backend, "providers", None), opts.int8_policy)
-        except BaseException:
-            backend.close()
-            raise
         detector = cls(backend, manifest, opts, bundle_sha256=sha256)
         detector.verified_by = signer
         detector.int8_check = int8
@@ -247,6 +254,11 @@ class Detector:
                 for i, det in zip(chunk, self.postprocess(outputs, [prepared[i][1] for i in chunk])):
                     results[i] = det
         return results  # type: ignore[return-value]
+
+    @property
+    def precision_status(self) -> dict[str, str]:
+        """Which precision runs and why (an INT8 bundle may run its FP32 sibling under int8_policy strict)."""
+        return precision_status(self.manifest, self.int8_check)
 
     @property
     def dynamic_batch(self) -> bool:

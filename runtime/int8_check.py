@@ -5,18 +5,21 @@ measured on and the classes whose kernels compute the same integers
 (``Manifest.int8_verdict``, ``bastion.hardware.isa``).  A unit of another class
 gets a warning, once per bundle and class; one outside ``holds_on`` may be
 losing accuracy the gate never saw (U8S8 saturation on AVX2), and with
-``int8_policy="strict"`` it refuses the bundle.  The result is kept on the
-Detector (``detector.int8_check``) so a node can write it to its audit log.
+``int8_policy="strict"`` it runs the bundle's FP32 sibling instead (the INT8
+model's FP32 parent, signed in the same manifest) or, when the bundle carries
+none, refuses it.  The result is kept on the Detector (``detector.int8_check``)
+so a node can write it to its audit log and say which precision runs and why.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Callable, Literal, Protocol, TypeVar
 
 from bastion.errors import ModelLoadError
 from bastion.hardware.isa import IsaClass, probe_isa
+from bastion.models.bundle import Bundle
 from bastion.models.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -25,6 +28,10 @@ Int8Policy = Literal["warn", "strict"]
 POLICIES = ("warn", "strict")
 CPU_EP = "CPUExecutionProvider"
 _warned: set[tuple[str, str]] = set()
+RUN_INT8 = "int8"
+RUN_FP32_SIBLING = "fp32-sibling"
+AUDIT_MISMATCH = "int8_cpu_mismatch"
+AUDIT_FALLBACK = "int8_fallback_fp32"
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,29 @@ class Int8Check:
     measured_on: str
     running_on: str
     message: str
+    runs: str = RUN_INT8  # which model runs: the INT8 one, or (strict, verdict not holding) the FP32 sibling
+
+    @property
+    def fell_back(self) -> bool:
+        return self.runs == RUN_FP32_SIBLING
+
+    @property
+    def audit_kind(self) -> str:
+        """The audit record for this load: ``int8_fallback_fp32`` when the FP32 sibling runs, else a mismatch."""
+        return AUDIT_FALLBACK if self.fell_back else AUDIT_MISMATCH
+
+    @property
+    def precision(self) -> str:
+        """The precision of the model actually running."""
+        return "fp32" if self.fell_back else "int8"
+
+    def why(self) -> str:
+        """One line: which precision runs and why (``Detector.precision_status``, ``bundle inspect``)."""
+        if self.fell_back:
+            return f"FP32 sibling: int8_policy strict and the INT8 verdict does not hold here — {self.message}"
+        if self.same:
+            return self.message
+        return f"INT8 ({'verdict holds' if self.holds else 'WARNING: verdict does not hold'}) — {self.message}"
 
     def audit_fields(self) -> dict[str, object]:
         return {
@@ -43,6 +73,7 @@ class Int8Check:
             "measured_on": self.measured_on,
             "running_on": self.running_on,
             "message": self.message,
+            "runs": self.runs,
         }
 
 
@@ -52,10 +83,13 @@ def check_int8(
     providers: list[str] | None = None,
     policy: Int8Policy = "warn",
     running: IsaClass | None = None,
+    has_fp32_sibling: bool = False,
+    quiet: bool = False,
 ) -> Int8Check | None:
     """None for a non-INT8 bundle; else the check, logged once per bundle and CPU class when it differs.
 
-    Raises ModelLoadError under ``strict`` when the verdict does not hold here.
+    Under ``strict``, when the verdict does not hold here, the check says to run the FP32 sibling
+    (``runs == "fp32-sibling"``) if the bundle carries one, and raises ModelLoadError if it does not.
     """
     if manifest.precision != "int8":
         return None
@@ -109,18 +143,66 @@ def check_int8(
             f"points there); re-run bastion quantize --target {here}",
         )
     if not check.holds and policy == "strict":
-        raise ModelLoadError(
-            f"refused: {check.message}",
-            "int8_policy is strict: load the FP32 bundle, or a "
-            f"bundle quantized for {here} (bastion quantize --target {here})",
-        )
+        if not has_fp32_sibling:
+            raise ModelLoadError(
+                f"refused: {check.message}",
+                "int8_policy is strict and this bundle carries no FP32 sibling: load the FP32 bundle, or a "
+                f"bundle quantized for {here} (bastion quantize --target {here}, which ships the FP32 sibling)",
+            )
+        check = replace(check, runs=RUN_FP32_SIBLING)
     key = (sha256, here)
-    if key not in _warned:
+    if not quiet and key not in _warned:
         _warned.add(key)
         log.warning(
-            check.message, extra={"int8_holds": check.holds, "measured_on": check.measured_on, "running_on": here}
+            f"running the FP32 sibling: {check.message}" if check.fell_back else check.message,
+            extra={"int8_holds": check.holds, "measured_on": check.measured_on, "running_on": here, "runs": check.runs},
         )
     return check
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+B = TypeVar("B", bound=_Closable)
+
+
+def open_checked(
+    bundle: Bundle, open_model: Callable[[bytes, str, str], B], policy: Int8Policy = "warn"
+) -> tuple[B, Int8Check | None]:
+    """Open ``bundle``'s model with ``open_model(verified bytes, precision, label)`` and check its INT8 verdict on
+    this CPU and the backend's execution provider; under ``strict``, where the verdict does not hold, close it and
+    open the FP32 sibling's verified bytes instead (or refuse when the bundle carries none).
+
+    The provider is known only once a backend exists (``device="auto"`` may pick CUDA), so the INT8 model is
+    opened first; a fallback costs one extra session build at load, never anything per frame.
+    """
+    manifest = bundle.manifest
+    backend = open_model(bundle.model_bytes(), manifest.precision, manifest.model_file().path)
+    try:
+        check = check_int8(
+            manifest,
+            bundle.sha256,
+            getattr(backend, "providers", None),
+            policy,
+            has_fp32_sibling=manifest.fp32_sibling_file() is not None,
+        )
+    except BaseException:
+        backend.close()
+        raise
+    if check is None or not check.fell_back:
+        return backend, check
+    backend.close()
+    sibling = manifest.fp32_sibling_file()
+    assert sibling is not None  # check_int8 falls back only when there is one
+    return open_model(bundle.read_verified(sibling), "fp32", sibling.path), check
+
+
+def precision_status(manifest: Manifest, check: Int8Check | None) -> dict[str, str]:
+    """Which precision a loaded bundle runs and why: for ``Detector.precision_status`` and a node's ``status``."""
+    if check is None:
+        return {"bundle": manifest.precision, "running": manifest.precision, "why": "as the bundle was made"}
+    return {"bundle": manifest.precision, "running": check.precision, "why": check.why()}
 
 
 def plan_note(manifest: Manifest, profile_name: str, profile_isa: str | None, backend: str) -> str:

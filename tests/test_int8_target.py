@@ -97,8 +97,10 @@ def int8_model(tmp_path_factory) -> Path:
     return out
 
 
-def _int8_bundle(model: Path, out: Path, key_stem: Path, isa: str, saturation_free: bool) -> Path:
-    """A signed INT8 bundle whose verdict says it was gated on ``isa``."""
+def _int8_bundle(
+    model: Path, out: Path, key_stem: Path, isa: str, saturation_free: bool, fp32_sibling: Path | None = None
+) -> Path:
+    """A signed INT8 bundle whose verdict says it was gated on ``isa`` (carrying ``fp32_sibling`` if given)."""
     from bastion.distill.int8_gate import static_manifest
     from bastion.runtime.bundle_create import create_bundle
 
@@ -128,7 +130,7 @@ def _int8_bundle(model: Path, out: Path, key_stem: Path, isa: str, saturation_fr
     fields["license"] = {**fields["license"], "files": [p.name for p in licenses]}
     if not key_stem.with_suffix(".pub").exists():
         TrustStore().trust(generate_keypair(key_stem).public_path)
-    create_bundle(model, out, fields, licenses, load_private_key(key_stem.with_suffix(".key")))
+    create_bundle(model, out, fields, licenses, load_private_key(key_stem.with_suffix(".key")), fp32_sibling)
     return out
 
 
@@ -156,8 +158,9 @@ def test_bundle_gated_on_vnni_is_flagged_on_an_avx2_cpu_and_refused_when_strict(
     assert len(det.detect(str(SAMPLE_IMAGES / "one-by-one-person-detection-0100.jpg"))) >= 0  # it still runs
     det.close()
     again.close()
-    with pytest.raises(ModelLoadError, match="gated on x86-avx512-vnni, this CPU is x86-avx2"):
+    with pytest.raises(ModelLoadError, match="gated on x86-avx512-vnni, this CPU is x86-avx2") as refused:
         Detector.load(path, warmup=False, int8_policy="strict")
+    assert "carries no FP32 sibling" in str(refused.value)  # what to do about it, in the same line
     monkeypatch.setenv(ENV_OVERRIDE, "x86-avx512-vnni")  # the class it was gated on: nothing to say
     same = Detector.load(path, warmup=False, int8_policy="strict")
     assert same.int8_check.holds and same.int8_check.same
