@@ -1,9 +1,13 @@
-"""A distillation run directory: stages that are cached, resumable and recorded in ``run.json``.
+"""A distillation run directory: stages that are cached, resumable and recorded in ``run.json``, and the folder's
+layout, named once.
 
 Each stage writes into ``RUN_DIR/<stage>/`` via a staging directory renamed into
 place when the stage succeeds, then records itself in ``run.json`` (atomically).
 Re-running skips finished stages; ``--force STAGE`` redoes one (and everything
 after it).  A stage killed half-way leaves no half-written artefacts.
+
+``DetectRunDir`` and ``LMRunDir`` name where each file of a detector or a language-model run lives, so no stage
+spells a path by hand and the report, the tests and the docs read the same places.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from bastion.models.atomic import atomic_write_bytes
 
 
 class RunDir:
+    """Stages over one run folder: ``done``/``result``/``stage``/``record``; subclasses add the folder's layout."""
+
     def __init__(self, root: Path, stages: list[str], force: set[str] | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -78,3 +84,84 @@ class RunDir:
 
     def _save(self) -> None:
         atomic_write_bytes(self.path, json.dumps(self.state, indent=2, default=str).encode())
+
+
+class DetectRunDir(RunDir):
+    """``bastion distill detect``'s folder: teachers/ labels/ student/ baselines/ (every candidate) report/ bundle/."""
+
+    STAGES = ["teachers", "labels", "student", "baselines", "report"]
+
+    def __init__(self, root: Path, force: set[str] | None = None) -> None:
+        super().__init__(root, self.STAGES, force)
+
+    @property
+    def labels(self) -> Path:
+        return self.root / "labels"
+
+    @property
+    def data_yaml(self) -> Path:
+        return self.labels / "data.yaml"
+
+    @property
+    def dataset_json(self) -> Path:
+        return self.labels / "dataset.json"  # pseudo.DATASET_MANIFEST: every image and label, by hash
+
+    @property
+    def train_images(self) -> Path:
+        return self.labels / "images" / "train"
+
+    @property
+    def held_out_images(self) -> Path:
+        return self.labels / "images" / "val"
+
+    @property
+    def student(self) -> Path:
+        return self.root / "student"
+
+    @property
+    def candidates(self) -> Path:
+        return self.root / "baselines"  # the stage is called baselines: --force baselines re-measures them
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def bundle(self) -> Path:
+        return self.root / "bundle"  # the shipped candidate, signed when a key is given
+
+
+class LMRunDir(RunDir):
+    """``bastion distill lm``'s folder: corpus.txt, checkpoint.pt (resumes), bundle/, bundle-int8/, student.gguf,
+    report.json/.md, curves.png. Its work caches by file (the corpus, the checkpoint), not by stage."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, [])
+
+    @property
+    def corpus(self) -> Path:
+        return self.root / "corpus.txt"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint.pt"
+
+    @property
+    def bundle(self) -> Path:
+        return self.root / "bundle"
+
+    @property
+    def bundle_int8(self) -> Path:
+        return self.root / "bundle-int8"
+
+    @property
+    def gguf(self) -> Path:
+        return self.root / "student.gguf"
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"

@@ -11,10 +11,12 @@ exported to ONNX for the runtime.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from bastion.distill.progress import TrainingProgress
 from bastion.distill.soft_targets import attach_scores, soft_detection_loss
 from bastion.distill.torch_device import ultralytics_device
 from bastion.distill.ultra import load_ultralytics
@@ -23,18 +25,21 @@ from bastion.errors import ConfigError, InputNotFoundError, MissingExtraError
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class TrainSpec:
+class TrainSpec(BaseModel):
+    """How the detector student trains (Ultralytics); validated where it is given, like ``DistillSpec``."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
     student: str = "yolov5n.yaml"  # an Ultralytics model YAML name or path
     warm_start: Path | None = None
-    epochs: int = 10
-    batch: int = 16
-    freeze: int = 0  # first N layers frozen (e.g. 10: backbone, 24: backbone + neck of yolov5n)
-    width: float | None = None  # override the YAML's width multiple (a narrower, cheaper student)
-    depth: float | None = None  # override the YAML's depth multiple
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch: int = Field(16, ge=1, le=4096)
+    freeze: int = Field(0, ge=0)  # first N layers frozen (e.g. 10: backbone, 24: backbone + neck of yolov5n)
+    width: float | None = Field(None, gt=0, le=4)  # override the YAML's width multiple (a narrower student)
+    depth: float | None = Field(None, gt=0, le=4)  # override the YAML's depth multiple
     soft: bool = True  # the teachers' scores scale the classification target (soft_targets.py)
     feature_teacher: Path | None = None  # an Ultralytics .pt teacher: Ultralytics' feature distillation too
-    feature_weight: float = 6.0  # Ultralytics' ``dis``: weight of the feature-distillation loss
+    feature_weight: float = Field(6.0, ge=0)  # Ultralytics' ``dis``: weight of the feature-distillation loss
     prune: float | None = None  # after the warm start, remove this share of channels (structured, by magnitude)
     device: str = "cpu"  # resolved by bastion.distill.torch_device ("cuda:1" → Ultralytics' device=1)
 
@@ -135,8 +140,47 @@ def _student_cfg(spec: TrainSpec, out_dir: Path) -> str:
     return str(path)
 
 
-def train_student(data_yaml: Path, spec: TrainSpec, imgsz: int, out_dir: Path) -> dict[str, Any]:
-    """Train, export ONNX; returns paths and the warm-start count. Writes only inside ``out_dir``."""
+def progress_callbacks(progress: TrainingProgress) -> dict[str, Callable[[Any], None]]:
+    """Ultralytics trainer callbacks that feed ``progress``: epochs × batches at the start, each batch with the
+    running mean loss, each epoch's end."""
+    batch = 0
+
+    def on_train_start(trainer) -> None:
+        progress.start(trainer.epochs, len(trainer.train_loader))
+
+    def on_train_epoch_start(trainer) -> None:
+        nonlocal batch
+        batch = 0
+
+    def on_train_batch_end(trainer) -> None:
+        nonlocal batch
+        batch += 1
+        progress.batch(trainer.epoch + 1, batch, mean_loss(trainer.tloss))
+
+    def on_train_epoch_end(trainer) -> None:
+        progress.epoch_end(trainer.epoch + 1, mean_loss(trainer.tloss))
+
+    return {
+        "on_train_start": on_train_start,
+        "on_train_epoch_start": on_train_epoch_start,
+        "on_train_batch_end": on_train_batch_end,
+        "on_train_epoch_end": on_train_epoch_end,
+    }
+
+
+def mean_loss(tloss: Any) -> float | None:
+    """The sum of Ultralytics' running mean losses (a dict of tensors in 8.4, one tensor before), or None."""
+    if tloss is None:
+        return None
+    values = tloss.values() if isinstance(tloss, dict) else [tloss]
+    return float(sum(float(v.sum()) if hasattr(v, "sum") else float(v) for v in values))
+
+
+def train_student(
+    data_yaml: Path, spec: TrainSpec, imgsz: int, out_dir: Path, progress: TrainingProgress | None = None
+) -> dict[str, Any]:
+    """Train, export ONNX; returns paths and the warm-start count. Writes only inside ``out_dir``. ``progress``
+    hears every batch and epoch end through Ultralytics' own callbacks (its tqdm bar is off in a log)."""
     out_dir = Path(out_dir).resolve()  # Ultralytics puts a relative project under its own runs_dir
     ultralytics = load_ultralytics()
     from ultralytics.models.yolo.detect import DetectionTrainer
@@ -172,6 +216,9 @@ def train_student(data_yaml: Path, spec: TrainSpec, imgsz: int, out_dir: Path) -
                 student.criterion = soft_detection_loss(student)
 
     model = ultralytics.YOLO(_student_cfg(spec, out_dir), task="detect")
+    if progress is not None:
+        for event, callback in progress_callbacks(progress).items():
+            model.add_callback(event, callback)
     extra: dict[str, Any] = {}
     if spec.feature_teacher is not None:
         extra = dict(distill_model=str(spec.feature_teacher), dis=spec.feature_weight)

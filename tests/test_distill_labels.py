@@ -88,20 +88,18 @@ def test_sliced_teacher_head_keeps_exactly_the_teachers_scores(tmp_path):
 
 
 def test_choose_ships_the_best_or_the_fastest_near_it():
-    from bastion.distill.detect_pipeline import choose
+    from bastion.distill.candidates import Candidate, choose
 
-    c = [
-        {"name": "big", "map50": 0.55, "latency_ms": 30},
-        {"name": "mid", "map50": 0.50, "latency_ms": 12},
-        {"name": "small", "map50": 0.47, "latency_ms": 7},
-        {"name": "bad", "map50": 0.2, "latency_ms": 5},
-    ]
-    assert choose(c, 0.0, None, None)["name"] == "big"
-    assert choose(c, 0.0, 10, None)["name"] == "small"
-    assert choose(c, 0.0, None, 6)["name"] == "mid"  # fastest within 6 points of 0.55
-    assert choose(c, 0.0, None, 10)["name"] == "small"
+    def cand(name, map50, latency, kind="student"):
+        return Candidate(name, kind, 320, map50, map50 / 2, {}, f"baselines/{name}", 1.0, latency_ms=latency)
+
+    c = [cand("big", 0.55, 30), cand("mid", 0.50, 12), cand("small", 0.47, 7), cand("bad", 0.2, 5)]
+    assert choose(c, 0.0, None, None).name == "big"
+    assert choose(c, 0.0, 10, None).name == "small"
+    assert choose(c, 0.0, None, 6).name == "mid"  # fastest within 6 points of 0.55
+    assert choose(c, 0.0, None, 10).name == "small"
     assert choose(c, 0.6, None, None) is None
-    teacher = {"name": "teacher@640", "kind": "teacher", "map50": 0.60, "latency_ms": 33}
-    assert choose([teacher, *c], 0.0, None, None)["name"] == "big"  # the teacher is the reference, not the product
-    assert choose([teacher, *c], 0.0, None, 6)["name"] == "big"  # within 6 points of the teacher's 0.60
+    teacher = cand("teacher@640", 0.60, 33, kind="teacher")
+    assert choose([teacher, *c], 0.0, None, None).name == "big"  # the teacher is the reference, not the product
+    assert choose([teacher, *c], 0.0, None, 6).name == "big"  # within 6 points of the teacher's 0.60
     assert choose([teacher, *c], 0.0, None, 3) is None  # nothing distilled comes within 3 points

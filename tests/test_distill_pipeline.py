@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from bastion.distill.candidates import TIMING_ROUNDS, Candidate
 from bastion.distill.detect_pipeline import DistillSpec, run_distill
 from bastion.errors import ConfigError
 from bastion.models import Bundle
+from bastion.models.manifest import files_sha256
 from conftest import run_cli
 
 pytest.importorskip("onnx")
@@ -49,7 +51,7 @@ def spec(images, labels, out, **kw):
 def test_tiny_distillation_artefacts_and_resume(small_set, tmp_path, monkeypatch):
     images, labels = small_set
     out = tmp_path / "run"
-    import bastion.distill.detect_pipeline as pipeline
+    import bastion.distill.candidates as pipeline
 
     real = pipeline.evaluate_detector
 
@@ -75,23 +77,25 @@ def test_tiny_distillation_artefacts_and_resume(small_set, tmp_path, monkeypatch
     names = {c["name"] for c in report["candidates"]}
     assert {"teacher@640", "teacher@160", "sliced@160"} <= names
     sliced = next(c for c in report["candidates"] if c["name"] == "sliced@160")
+    assert len(sliced["latency_rounds"]) == TIMING_ROUNDS and sliced["latency_ms"] == min(sliced["latency_rounds"])
     teacher = next(c for c in report["candidates"] if c["name"] == "teacher@160")
     assert abs(sliced["map50"] - teacher["map50"]) < 0.05  # same network, same classes after merging
     assert sliced["map50_interval"] is None  # the 2 held-out images hold no box: nothing to resample
     assert report["chosen"] and "report.md" in {p.name for p in (out / "report").iterdir()}
+    assert report["ground_truth"]["kind"] == "hand-labelled" and report["ground_truth"]["images"] == stats["val"]
     # shipping: the candidate's held-out numbers of this run go into its manifest, then it is signed
     from bastion.distill.datasets import load_data_yaml
-    from bastion.distill.detect_pipeline import _ship
+    from bastion.distill.detect_bundles import ship_bundle
     from bastion.models.keys import generate_keypair, load_private_key
     from bastion.models.trust import TrustStore
 
     pair = generate_keypair(tmp_path / "keys" / "team")
     TrustStore().trust(pair.public_path)
-    _ship(
+    ship_bundle(
         out / "baselines" / "sliced-160",
         tmp_path / "shipped",
         load_private_key(pair.private_path),
-        sliced,
+        Candidate.from_dict(sliced),
         load_data_yaml(out / "labels" / "data.yaml", "val"),
         out / "labels" / "dataset.json",
     )
@@ -265,7 +269,15 @@ def test_held_out_ground_truth_gets_a_bootstrap_interval(coco128, small_set, tmp
     out = tmp_path / "run"
     report = run_distill(spec(images, labels, out, val_images=val_images, val_labels=val_labels))
     assert report["labels"]["val_is_ground_truth"]
+    truth = report["ground_truth"]  # what the demo report shows: what the candidates were scored on
+    given = sorted(val_labels.glob("*.txt"))
+    assert truth["kind"] == "hand-labelled" and truth["images"] == 12 and truth["labels_path"] == str(val_labels)
+    assert truth["label_files"] == len(given) and truth["labels_sha256"] == files_sha256(given)
+    held_out = {p.name for p in val_images.iterdir()}
+    assert {p.name for p in (out / "labels" / "images" / "val").iterdir()} == held_out
+    assert not held_out & {p.name for p in (out / "labels" / "images" / "train").iterdir()}  # never trained on
     markdown = (out / "report" / "report.md").read_text()
+    assert f"Ground truth: 12 held-out images, hand-labelled, a separate held-out set ({val_images})" in markdown
     for candidate in report["candidates"]:
         interval = candidate["map50_interval"]
         assert 0 <= interval["low"] <= interval["high"] <= 1 and interval["rounds"] == 200
