@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bastion.errors import ConfigError
 from bastion.lm_limits import MAX_NEW_TOKENS
+from bastion.edge.rules_config import ObjectsConfig
 from bastion.models.textfiles import first_error, read_yaml_mapping
 
 
@@ -95,6 +96,7 @@ class NodeConfig(_Strict):
     endpoints: Endpoints = Endpoints()
     security: Security = Security()
     storage: Storage = Storage()
+    objects: ObjectsConfig = ObjectsConfig()  # tracker, object events, zones and lines (docs/events.md)
     lm: str | None = None  # a task: lm bundle for the ask op (verified like the detector)
     lm_max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
     lm_max_prompt_chars: int = Field(4000, ge=1, le=8192)  # a request carries at most 8192
@@ -110,6 +112,7 @@ class NodeConfig(_Strict):
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"source names must be unique: {names}")
+        self.objects.check_sources(names)
         if self.curve_enabled and self.security.server_secret_key is None:
             raise ValueError("security.server_secret_key is required with CurveZMQ (bastion node keygen)")
         if self.endpoints.beyond_loopback() and self.security.curve is False:

@@ -42,6 +42,8 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
 """
+# Named counters that only grow (tracker ids): the highest number ever reserved per name.
+COUNTERS_SCHEMA = "CREATE TABLE IF NOT EXISTS id_counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)"
 # SQLite result codes that mean "the file is damaged", as opposed to full, locked or read-only.
 DAMAGE_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB (named in the sqlite3 module only from Python 3.11)
 FULL_CODES = {10, 13}  # SQLITE_IOERR, SQLITE_FULL: a write that found no space (tmpfs, SD card)
@@ -326,6 +328,36 @@ class EventStore:
         pages = self._db.execute("PRAGMA page_count").fetchone()[0]
         size = self._db.execute("PRAGMA page_size").fetchone()[0]
         return pages * size / 1e6
+
+    # -- id counters (tracker ids, edge/track_ids.py) -------------------------------------------------------
+    def reserve_ids(self, counter: str, count: int) -> range:
+        """Durably reserve the next ``count`` numbers of ``counter``: committed before any is handed out, so
+        a restart (even after ``kill -9``) continues above every number ever reserved; unused ones are skipped.
+
+        The table is created on first use, so a store that never tracked is untouched.
+        """
+        if count < 1:
+            raise ValueError(f"reserve at least one id, not {count}")
+        with self._lock:
+            self._check_usable()
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute(COUNTERS_SCHEMA)
+                row = self._db.execute("SELECT value FROM id_counters WHERE name = ?", (counter,)).fetchone()
+                start = int(row[0]) + 1 if row else 1
+                self._db.execute(
+                    "INSERT INTO id_counters (name, value) VALUES (?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                    (counter, start + count - 1),
+                )
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                raise self._failed(exc, f"reserve {counter} ids in") from None
+        return range(start, start + count)
 
     def close(self) -> None:
         with self._lock:

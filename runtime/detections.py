@@ -45,12 +45,21 @@ def class_colour(cls: int) -> tuple[int, int, int]:
 
 @dataclass
 class Detections:
-    """Boxes ``xyxy`` float32 [N,4] (original pixels), ``conf`` float32 [N], ``cls`` int64 [N]."""
+    """Boxes ``xyxy`` float32 [N,4] (original pixels), ``conf`` float32 [N], ``cls`` int64 [N].
+
+    ``tracker_id`` int64 [N] once a tracker has seen them (edge/tracking.py): the object's per-source id,
+    ``-1`` for a detection no confirmed track owns yet; ``None`` when nothing tracked them.
+    """
 
     xyxy: np.ndarray
     conf: np.ndarray
     cls: np.ndarray
     names: list[str] = field(default_factory=list)
+    tracker_id: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.tracker_id is not None and len(self.tracker_id) != len(self.conf):
+            raise ValueError(f"tracker_id has {len(self.tracker_id)} entries for {len(self.conf)} detections")
 
     @classmethod
     def empty(cls, names: list[str]) -> "Detections":
@@ -62,9 +71,15 @@ class Detections:
     def name_of(self, cls_id: int) -> str:
         return self.names[cls_id] if 0 <= cls_id < len(self.names) else str(cls_id)
 
+    def __getitem__(self, keep: np.ndarray | slice) -> "Detections":
+        """The detections a boolean mask, index array or slice selects (``tracker_id`` kept along)."""
+        tracks = None if self.tracker_id is None else self.tracker_id[keep]
+        return Detections(self.xyxy[keep], self.conf[keep], self.cls[keep], self.names, tracks)
+
     def to_dict(self) -> list[dict[str, Any]]:
-        """JSON-ready list: ``{cls, name, conf, box: [x1, y1, x2, y2]}`` per detection."""
-        return [
+        """JSON-ready list: ``{cls, name, conf, box: [x1, y1, x2, y2]}`` per detection, plus ``track`` (the
+        tracker id, None for a detection no confirmed track owns) once a tracker has seen them."""
+        items = [
             {
                 "cls": int(c),
                 "name": self.name_of(int(c)),
@@ -73,6 +88,10 @@ class Detections:
             }
             for b, s, c in zip(self.xyxy, self.conf, self.cls)
         ]
+        if self.tracker_id is not None:
+            for item, track in zip(items, self.tracker_id):
+                item["track"] = int(track) if track >= 0 else None
+        return items
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(self.name_of(int(c)) for c in self.cls))
@@ -84,7 +103,7 @@ class Detections:
             keep &= np.isin(self.cls, class_ids(classes, self.names))
         if min_conf is not None:
             keep &= self.conf >= min_conf
-        return Detections(self.xyxy[keep], self.conf[keep], self.cls[keep], self.names)
+        return self[keep]
 
     def draw(self, image: np.ndarray, thickness: int | None = None) -> np.ndarray:
         """A copy of the BGR ``image`` with boxes and labels (OpenCV Hershey font: nothing to download)."""

@@ -1,0 +1,80 @@
+"""A constant-velocity Kalman filter on boxes as (centre x, centre y, aspect ratio w/h, height), batched.
+
+The same model and noise constants as ByteTrack's (and DeepSORT's) ``KalmanFilter``, but every call takes
+arrays of N tracks at once (``mean`` [N, 8], ``cov`` [N, 8, 8]), so a frame with 20 objects costs a few
+numpy calls instead of 20 small matrix products in Python: the node's budget is under a millisecond a frame.
+Noise scales with the box height, so near and far objects are equally "sure".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_W_POS = 1.0 / 20  # position noise per unit of box height
+_W_VEL = 1.0 / 160  # velocity noise per unit of box height
+_F = np.eye(8)
+_F[:4, 4:] = np.eye(4)  # x' = x + vx (one frame)
+_H = np.eye(4, 8)  # we measure (x, y, a, h)
+
+
+def xyxy_to_xyah(xyxy: np.ndarray) -> np.ndarray:
+    w = xyxy[:, 2] - xyxy[:, 0]
+    h = np.maximum(xyxy[:, 3] - xyxy[:, 1], 1e-6)
+    return np.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2, w / h, h], axis=1)
+
+
+def xyah_to_xyxy(xyah: np.ndarray) -> np.ndarray:
+    w = xyah[:, 2] * xyah[:, 3]
+    h = xyah[:, 3]
+    return np.stack([xyah[:, 0] - w / 2, xyah[:, 1] - h / 2, xyah[:, 0] + w / 2, xyah[:, 1] + h / 2], axis=1)
+
+
+def _diag(std: np.ndarray) -> np.ndarray:
+    """[N, k] standard deviations → [N, k, k] diagonal covariances."""
+    n, k = std.shape
+    out = np.zeros((n, k, k))
+    out[:, np.arange(k), np.arange(k)] = std**2
+    return out
+
+
+def initiate(xyah: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """New tracks from measurements [N, 4]: zero velocity, wide uncertainty."""
+    h = xyah[:, 3]
+    mean = np.concatenate([xyah, np.zeros_like(xyah)], axis=1)
+    std = np.stack(
+        [2 * _W_POS * h, 2 * _W_POS * h, np.full_like(h, 1e-2), 2 * _W_POS * h]
+        + [10 * _W_VEL * h, 10 * _W_VEL * h, np.full_like(h, 1e-5), 10 * _W_VEL * h],
+        axis=1,
+    )
+    return mean, _diag(std)
+
+
+def predict(mean: np.ndarray, cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One frame ahead for every track."""
+    if len(mean) == 0:
+        return mean, cov
+    h = mean[:, 3]
+    std = np.stack(
+        [_W_POS * h, _W_POS * h, np.full_like(h, 1e-2), _W_POS * h]
+        + [_W_VEL * h, _W_VEL * h, np.full_like(h, 1e-5), _W_VEL * h],
+        axis=1,
+    )
+    mean = mean @ _F.T
+    cov = _F @ cov @ _F.T + _diag(std)
+    return mean, cov
+
+
+def update(mean: np.ndarray, cov: np.ndarray, xyah: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Correct N tracks with their N matched measurements."""
+    if len(mean) == 0:
+        return mean, cov
+    h = mean[:, 3]
+    std = np.stack([_W_POS * h, _W_POS * h, np.full_like(h, 1e-1), _W_POS * h], axis=1)
+    projected_mean = mean[:, :4]
+    projected_cov = cov[:, :4, :4] + _diag(std)  # H P Hᵀ + R
+    cross = cov[:, :, :4]  # P Hᵀ  [N, 8, 4]
+    gain = np.linalg.solve(projected_cov, cross.transpose(0, 2, 1)).transpose(0, 2, 1)  # P Hᵀ S⁻¹ (S symmetric)
+    innovation = xyah - projected_mean
+    mean = mean + np.einsum("nij,nj->ni", gain, innovation)
+    cov = cov - gain @ projected_cov @ gain.transpose(0, 2, 1)
+    return mean, cov
