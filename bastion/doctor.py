@@ -129,30 +129,19 @@ def _zoo() -> Check:
 
 
 def _providers() -> Check:
-    import onnxruntime as ort
+    """Every backend of the registry under the names ``--device`` takes (hardware/backend_names.py)."""
+    from bastion.runtime.backends.registry import backend_specs
+    from bastion.runtime.backends.select import resolve_device
 
-    from bastion.runtime.backends.onnxrt import choose_providers
-
-    providers = ort.get_available_providers()
-    chosen = choose_providers("auto")
-    why = (
-        "GPU execution providers available"
-        if chosen[0] != "CPUExecutionProvider"
-        else "no CUDA/TensorRT execution provider in this onnxruntime build (install onnxruntime-gpu on a GPU box)"
-    )
-    from bastion.runtime.backends import tensorrt_available
-
-    native = (
-        "native TensorRT installed: device=auto tries it first (falls back to ONNX Runtime, logged)"
-        if tensorrt_available()
-        else "native TensorRT not installed (the [tensorrt] extra: JetPack or NVIDIA's wheels + cuda-python)"
-    )
-    return Check(
-        "inference backend",
-        "ok",
-        f"onnxruntime {ort.__version__}; device=auto uses {chosen[0]} — {why}; "
-        f"available: {', '.join(providers)}; {native}",
-    )
+    rows = []
+    for name, spec in backend_specs().items():
+        if spec.available():
+            rows.append(f"{name}: ok ({spec.library} {spec.version()})")
+        else:
+            rows.append(f"{name}: not installed (needs {spec.needs})")
+    auto = resolve_device("auto")
+    fallback = " (falls back to the next one, logged, if it cannot start)" if auto == "trt" else ""
+    return Check("inference backend", "ok", f"device=auto uses {auto}{fallback}; " + "; ".join(rows))
 
 
 def _cpu_class() -> Check:

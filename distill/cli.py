@@ -10,6 +10,7 @@ from rich.table import Table
 
 from bastion.console import out, print_json, progress, stage_bars, warn
 from bastion.distill.torch_device import DEVICE_HELP, training_device
+from bastion.hardware.backend_names import DEVICE_HELP as BACKEND_DEVICE_HELP
 from bastion.models.cli import ALLOW_UNSIGNED_HELP
 from bastion.models.zoo import DEFAULT_DETECTOR
 
@@ -34,7 +35,7 @@ def eval_detect_command(
         "(e.g. 200; tells whether a few points between two models are real).",
     ),
     threads: Optional[int] = typer.Option(None, help="CPU threads for inference."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or tensorrt."),
+    device: str = typer.Option("auto", help=BACKEND_DEVICE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
 ) -> None:

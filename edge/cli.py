@@ -22,7 +22,7 @@ model: yolov5n            # bundle dir, .bastion file, registry name[:version] o
 conf: 0.25
 iou: 0.45
 # threads: 2              # inference threads (default: all cores)
-# device: auto            # auto (native TensorRT > ORT TensorRT > CUDA > CPU, as installed), cpu, cuda, tensorrt, trt
+# device: auto            # auto (first installed of trt > ort-trt > ort-cuda > ort-cpu) or one of those names
 queue_size: 4             # frames buffered per source; the oldest is dropped when inference lags
 max_batch: 4              # frames batched across sources when the model takes a batch
 sources:

@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bastion.errors import ConfigError
+from bastion.hardware.backend_names import DeviceName
 from bastion.lm_limits import MAX_NEW_TOKENS
 from bastion.edge.rules_config import ObjectsConfig
 from bastion.models.textfiles import first_error, read_yaml_mapping
@@ -88,7 +89,7 @@ class NodeConfig(_Strict):
     conf: float = Field(0.25, ge=0, le=1)
     iou: float = Field(0.45, ge=0, le=1)
     threads: int | None = Field(None, ge=1, le=1024)
-    device: Literal["auto", "cpu", "cuda", "tensorrt", "trt"] = "auto"  # trt: native TensorRT (engine cache)
+    device: DeviceName = "auto"  # auto or ort-cpu, ort-cuda, ort-trt, trt (hardware/backend_names.py; + aliases)
     queue_size: int = Field(4, ge=1, le=256)
     max_batch: int = Field(4, ge=1, le=64)
     int8_policy: Literal["warn", "strict"] = "warn"  # an INT8 bundle gated on another CPU class: audit, or refuse

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bastion.errors import ConfigError
+from bastion.hardware.backend_names import BackendName
 from bastion.models.textfiles import first_error, read_yaml_mapping
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
@@ -29,7 +30,7 @@ class Profile(BaseModel):
     kind: Literal["cpu", "gpu", "jetson"]
     memory_mb: int = Field(gt=0)
     compute_capability: str | None = None
-    preferred_backend: Literal["tensorrt", "ort-cuda", "ort-cpu"]
+    preferred_backend: BackendName  # hardware/backend_names.py
     precision: Literal["fp32", "fp16", "int8"]
     max_batch: int = Field(ge=1)
     max_imgsz: int = Field(ge=32)

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from bastion.console import out, print_counts, print_json, progress, split_csv, warn
+from bastion.hardware.backend_names import DEVICE_HELP
 from bastion.models.cli import ALLOW_UNSIGNED_HELP
 from bastion.models.zoo import DEFAULT_DETECTOR
 
@@ -23,9 +24,7 @@ def detect_command(
     iou: Optional[float] = typer.Option(None, help="NMS IoU threshold (default: the model's, 0.45)."),
     classes: Optional[str] = typer.Option(None, help="Only these classes, comma-separated names or ids."),
     imgsz: Optional[int] = typer.Option(None, help="Network input size (long side), multiple of 32."),
-    device: str = typer.Option(
-        "auto", help="auto, cpu, cuda, tensorrt (ONNX Runtime's provider) or trt (native TensorRT)."
-    ),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     threads: Optional[int] = typer.Option(None, help="CPU threads for inference (default: all cores)."),
     batch: int = typer.Option(1, help="Frames per inference batch for video/directories (dynamic-batch models)."),
     workers: int = typer.Option(0, help="Concurrent inferences for video/directories (0: one per core, max 4)."),

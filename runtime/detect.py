@@ -19,6 +19,7 @@ from bastion.models.bundle import Bundle, warn_unsigned
 from bastion.models.manifest import MAX_INPUT_SIZE, Manifest
 from bastion.models.trust import TrustStore
 from bastion.models.zoo import DEFAULT_DETECTOR
+from bastion.hardware.backend_names import device_name
 from bastion.runtime.backends import Backend, open_backend
 from bastion.runtime.backends.onnxrt import read_model
 from bastion.runtime.decoders import Candidates, DecodeContext, get_decoder
@@ -91,8 +92,9 @@ class Detector:
         """Open and verify a bundle (directory, ``.bastion``, registry or zoo name) and its backend.
 
         A bare YOLOv5/Ultralytics ``.onnx`` carries no signature, so it needs ``allow_unsigned=True``
-        (development only).
+        (development only). ``device``: ``auto`` or a backend name (``bastion.hardware.backend_names``).
         """
+        device = device_name(device)  # a bad name is one line before anything is read
         opts = DetectOptions(**options)
         path = Path(model)
         if path.suffix.lower() == ".onnx" and path.is_file():
@@ -117,6 +119,7 @@ class Detector:
     ) -> "Detector":
         """A detector on a bundle already opened (verified, or read back by the run that wrote it). The backend
         is built from the model's bytes as read and hashed now (``Bundle.model_bytes``), never from its path."""
+        device = device_name(device)
         opts = DetectOptions(**options)
         check_imgsz(opts.imgsz)
         size = (
@@ -263,6 +266,12 @@ class Detector:
     @property
     def dynamic_batch(self) -> bool:
         return self._dynamic_batch
+
+    @property
+    def thread_safe(self) -> bool:
+        """May several threads run inferences at once? False on a backend that shares one context, stream and
+        buffers between calls (native TensorRT): ``detect_stream`` then runs a single inference worker."""
+        return bool(self.backend.thread_safe)
 
     def close(self) -> None:
         self.backend.close()

@@ -139,7 +139,7 @@ class Generator:
                 f"Attention over a fixed KV cache); this machine has {onnxruntime.__version__}",
                 "pip install -U onnxruntime (or onnxruntime-gpu)",
             )
-        self.backend = open_backend(bundle.model_bytes(), device="cpu", threads=threads, label=m.model_file().path)
+        self.backend = open_backend(bundle.model_bytes(), device="ort-cpu", threads=threads, label=m.model_file().path)
         past = next((i for i in self.backend.inputs if i.name == "past.0.key"), None)
         if past is None or len(past.shape) != 3:
             self.backend.close()
@@ -299,8 +299,8 @@ class _BoundDecoder:
     the bound prefix every ``WINDOW`` tokens."""
 
     def __init__(self, generator: Generator, capacity: int) -> None:
-        self.session = generator.backend.session
-        self.binding = self.session.io_binding()
+        self.backend = generator.backend  # an OrtBackend: IOBinding is ONNX Runtime's (bound in place, no copies)
+        self.binding = self.backend.io_binding()
         self.vocab = generator.vocab_size
         self.cache = generator.empty_cache(capacity)
         self.mask = filled_mask(capacity, 0)  # bound arrays are read in place at every run
@@ -335,7 +335,7 @@ class _BoundDecoder:
             self._prompt = (np.asarray([chunk], np.int64), np.arange(start, end, dtype=np.int64)[None])  # bound
             logits = self._bind_tokens(*self._prompt)
             self.mask[0, start:end] = 1
-            self.session.run_with_iobinding(self.binding)
+            self.backend.run_bound(self.binding)
         self.cache.length = len(ids)
         token, position = np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64)
         self.logits = self._bind_tokens(token, position)[0, 0]  # a view: ONNX Runtime rewrites it every step
@@ -349,6 +349,6 @@ class _BoundDecoder:
         self.token[0] = token
         self.position[0] = n
         self.filled[n] = 1
-        self.session.run_with_iobinding(self.binding)
+        self.backend.run_bound(self.binding)
         self.cache.length = n + 1
         return self.logits

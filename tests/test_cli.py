@@ -122,9 +122,14 @@ def test_bench_images_json_has_floor_and_ratios():
     assert summary["pre_post_overhead_pct_of_floor"] == pytest.approx(
         (summary["pre_ms_p50"] + summary["post_ms_p50"]) / rows["floor"]["p50_ms"] * 100, rel=0.02, abs=0.05
     )
-    assert summary["bastion_vs_floor"] == pytest.approx(rows["bastion"]["per_s"] / rows["floor"]["per_s"], abs=1e-3)
+    # ratios come from each image's best time over the rounds (bastion/bench_images.py): never below the mean speed
+    assert all(row["rounds"] == 2 and row["best_per_s"] >= row["per_s"] for row in rows.values())
+    ratio = rows["bastion"]["best_per_s"] / rows["floor"]["best_per_s"]
+    assert summary["bastion_vs_floor"] == pytest.approx(ratio, abs=1e-3)
     if "ultralytics" in rows:  # [distill] installed: the third contestant saw the same images
         assert summary["agreement"]["images"] == 3 and summary["ultralytics_version"]
+    else:  # the zoo's yolov5n is not in Ultralytics' layout: the output says the reference was skipped, and why
+        assert "skipped" in summary["ultralytics"] and "Ultralytics reference skipped" in proc.stderr
 
 
 @pytest.mark.slow

@@ -67,7 +67,7 @@ def test_planner_arithmetic_fits_and_does_not_fit(tmp_path):
         name="t",
         description="test",
         kind="jetson",
-        preferred_backend="tensorrt",
+        preferred_backend="trt",
         precision="fp16",
         max_batch=2,
         max_imgsz=320,

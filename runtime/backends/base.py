@@ -17,6 +17,17 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class OpenOptions:
+    """What a caller asks of whichever backend opens a model; each backend's ``config_for`` takes what it uses
+    (threads for ONNX Runtime; precision, input size and batch for a TensorRT engine's profile)."""
+
+    threads: int | None = None
+    precision: str | None = None  # the bundle's: "int8" builds an INT8 TensorRT engine, anything else FP16
+    size_hw: tuple[int, int] | None = None
+    max_batch: int = 1
+
+
+@dataclass(frozen=True)
 class TensorInfo:
     """Name, shape (None for a dynamic axis) and numpy dtype of one model input/output."""
 
@@ -30,9 +41,14 @@ class TensorInfo:
 
 
 class Backend(abc.ABC):
-    """Base class: subclasses fill ``inputs``/``outputs`` and implement ``_run``."""
+    """Base class: subclasses fill ``inputs``/``outputs`` and implement ``_run``.
+
+    ``thread_safe``: may several threads call ``run`` on one instance at once? A backend that shares one
+    execution context, stream and buffers between calls (TensorRT) says False, and ``detect_stream`` then runs one
+    inference worker on it."""
 
     name: str = "base"
+    thread_safe: bool = False  # a subclass that is, says so
 
     def __init__(self) -> None:
         self.inputs: list[TensorInfo] = []
@@ -42,9 +58,12 @@ class Backend(abc.ABC):
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run one inference; ``feeds`` maps input names to arrays."""
+        self._check_open()
+        return self._run(feeds)
+
+    def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError(f"{self.name} backend used after close()")
-        return self._run(feeds)
 
     @abc.abstractmethod
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...

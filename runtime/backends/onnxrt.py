@@ -1,25 +1,36 @@
-"""ONNX Runtime backend: CPU everywhere, CUDA / TensorRT execution providers where present."""
+"""ONNX Runtime backends ``ort-cpu``, ``ort-cuda``, ``ort-trt``: CPU everywhere, CUDA / TensorRT execution providers
+where the onnxruntime-gpu build is installed.
+
+Loader and runner are separate (Polygraphy's split): ``OrtSessionLoader`` holds the model's verified bytes and
+turns them into an ``InferenceSession`` (general, or pinned to one input shape); ``OrtBackend`` runs sessions made
+by its loader and never sees a path, so what runs is exactly what was verified.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
+from pydantic import Field
 
 from bastion.errors import ConfigError, ModelLoadError
-from bastion.runtime.backends.base import Backend, TensorInfo
+from bastion.hardware.backend_names import AUTO, device_name
+from bastion.runtime.backends.base import Backend, OpenOptions, TensorInfo
+from bastion.runtime.backends.registry import BackendConfig, BackendSpec, register_backend
 
 log = logging.getLogger(__name__)
 
 # Preference order for device="auto": fastest first.
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-DEVICE_PROVIDERS = {
-    "cpu": ("CPUExecutionProvider",),
-    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
-    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+DEVICE_PROVIDERS = {  # backend name -> providers, the first one required, the rest fallbacks inside the session
+    "ort-cpu": ("CPUExecutionProvider",),
+    "ort-cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "ort-trt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
 }
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -37,46 +48,68 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+def _missing_provider(name: str) -> str | None:
+    """None when this onnxruntime build has the provider backend ``name`` needs, else the one line to show."""
+    wanted = DEVICE_PROVIDERS[name][0]
+    if wanted in available_providers():
+        return None
+    return (
+        f"{name} needs ONNX Runtime's {wanted}, which this install lacks — "
+        "install onnxruntime-gpu on a CUDA machine, or use --device ort-cpu"
+    )
+
+
 def choose_providers(device: str) -> list[str]:
-    """Providers for ``device`` ('auto', 'cpu', 'cuda', 'tensorrt') that this install has."""
+    """Providers for ``device`` ('auto' or an ONNX Runtime backend name or alias) that this install has."""
     have = set(available_providers())
-    if device == "auto":
+    name = device_name(device)
+    if name == AUTO:
         return [p for p in PROVIDER_ORDER if p in have]
-    if device not in DEVICE_PROVIDERS:
-        raise ConfigError(
-            f"unknown device {device!r}",
-            "use auto, cpu, cuda, tensorrt (ONNX Runtime's TensorRT provider) or trt (native TensorRT)",
-        )
-    wanted = DEVICE_PROVIDERS[device]
-    if wanted[0] not in have:
-        raise ConfigError(
-            f"device {device!r} needs ONNX Runtime's {wanted[0]}, which this install lacks",
-            "install onnxruntime-gpu on a CUDA machine, or use --device cpu",
-        )
-    return [p for p in wanted if p in have]
+    if name not in DEVICE_PROVIDERS:
+        raise ConfigError(f"{name} is not an ONNX Runtime backend", "use ort-cpu, ort-cuda or ort-trt")
+    missing = _missing_provider(name)
+    if missing:
+        raise ConfigError(missing)
+    return [p for p in DEVICE_PROVIDERS[name] if p in have]
 
 
-def _session(
-    data: bytes, label: str, device: str, threads: int | None, fixed_dims: dict[str, int] | None = None
-) -> ort.InferenceSession:
-    """An ``InferenceSession`` on ``data`` (bytes, never a path), or a ModelLoadError naming ``label``."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # errors only: ORT warnings are not for soldiers
-    if threads:
-        options.intra_op_num_threads = int(threads)
-        options.inter_op_num_threads = 1
-    for name, value in (fixed_dims or {}).items():  # a dynamic model pinned to one shape plans better
-        options.add_free_dimension_override_by_name(name, int(value))
-    providers = choose_providers(device)
-    try:
-        return ort.InferenceSession(data, sess_options=options, providers=providers)
-    except Exception as exc:  # ORT raises its own untyped errors for bad files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(
-            f"{label} is not a loadable ONNX model ({first[:160]})",
-            "the file is truncated or not ONNX; copy it again",
-        ) from None
+@dataclass(frozen=True, repr=False)
+class OrtSessionLoader:
+    """The loader: a model's bytes (read and hashed once) + how to open them → ``InferenceSession``s.
+
+    Every session a backend ever uses — the general one and any pinned to one input shape — comes from
+    ``self.data``; nothing re-opens a path."""
+
+    data: bytes
+    label: str
+    providers: tuple[str, ...]
+    threads: int | None = None
+
+    @classmethod
+    def from_model(
+        cls, model: str | Path | bytes, device: str = "auto", threads: int | None = None, label: str | None = None
+    ) -> "OrtSessionLoader":
+        data, read_label = read_model(model)
+        return cls(data, label or read_label, tuple(choose_providers(device)), threads)
+
+    def __call__(self, fixed_dims: dict[str, int] | None = None) -> ort.InferenceSession:
+        """An ``InferenceSession`` on the bytes, or a ModelLoadError naming the model."""
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only: ORT warnings are not for soldiers
+        if self.threads:
+            options.intra_op_num_threads = int(self.threads)
+            options.inter_op_num_threads = 1
+        for name, value in (fixed_dims or {}).items():  # a dynamic model pinned to one shape plans better
+            options.add_free_dimension_override_by_name(name, int(value))
+        try:
+            return ort.InferenceSession(self.data, sess_options=options, providers=list(self.providers))
+        except Exception as exc:  # ORT raises its own untyped errors for bad files
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(
+                f"{self.label} is not a loadable ONNX model ({first[:160]})",
+                "the file is truncated or not ONNX; copy it again",
+            ) from None
 
 
 def _tensor_info(node: ort.NodeArg) -> TensorInfo:
@@ -115,29 +148,29 @@ def read_model(model: str | Path | bytes) -> tuple[bytes, str]:
 
 
 class OrtBackend(Backend):
-    """One ``InferenceSession`` with the chosen providers and thread settings, built from the model's bytes.
+    """The runner: one ``InferenceSession`` (plus shape-pinned ones) from an ``OrtSessionLoader``.
 
-    ``model`` is the model's bytes (a bundle's ``model_bytes()``: verified) or a path (a bare ONNX file, read
-    once here). The sessions pinned to one input shape later are built from the same bytes, never from a path.
+    ``model`` is a loader, the model's bytes (a bundle's ``model_bytes()``: verified) or a path (a bare ONNX file,
+    read once here). ONNX Runtime's ``run`` may be called from several threads at once: ``thread_safe``.
     """
 
     name = "onnxruntime"
+    thread_safe = True
 
     def __init__(
         self,
-        model: str | Path | bytes,
+        model: "str | Path | bytes | OrtSessionLoader",
         device: str = "auto",
         threads: int | None = None,
         fixed_dims: dict[str, int] | None = None,
         label: str | None = None,
     ) -> None:
         super().__init__()
-        data, read_label = read_model(model)
-        label = label or read_label
-        self._open_args = (device, threads)
-        self.session = _session(data, label, device, threads, fixed_dims)
-        self.label = label
-        self.path = None if isinstance(model, (bytes, bytearray, memoryview)) else Path(model)  # display only
+        loader = (
+            model if isinstance(model, OrtSessionLoader) else OrtSessionLoader.from_model(model, device, threads, label)
+        )
+        self.label = loader.label
+        self.session = loader(fixed_dims)
         self.providers = self.session.get_providers()
         self.inputs = [_tensor_info(n) for n in self.session.get_inputs()]
         self.outputs = [_tensor_info(n) for n in self.session.get_outputs()]
@@ -145,13 +178,24 @@ class OrtBackend(Backend):
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         # one image input with a dynamic axis: the only kind a stream can pin (LMs have many inputs)
         self._pinnable = len(self.inputs) == 1 and any(d is None for d in self.inputs[0].shape)
-        # the verified bytes, kept only while a pinned session may still be built from them
-        self._model_bytes: bytes | None = data if self._pinnable else None
+        # the loader (and its verified bytes), kept only while a pinned session may still be built from it
+        self._loader: OrtSessionLoader | None = loader if self._pinnable else None
         self._specialized: dict[tuple[int, ...], ort.InferenceSession] = {}
         self._pinning: dict[tuple[int, ...], threading.Thread] = {}
         self._seen: dict[tuple[int, ...], int] = {}
         self._lock = threading.Lock()
-        log.info("onnxruntime session opened", extra={"model": label, "providers": self.providers})
+        log.info("onnxruntime session opened", extra={"model": self.label, "providers": self.providers})
+
+    # -- what the LM's decoding loop needs (runtime/lm.py): ONNX Runtime's IOBinding on the general session --
+    def io_binding(self) -> ort.IOBinding:
+        """A fresh IOBinding on the general session (inputs and outputs bound in place, no copies)."""
+        self._check_open()
+        return self.session.io_binding()
+
+    def run_bound(self, binding: ort.IOBinding) -> None:
+        """Run the general session on what ``binding`` holds (outputs land in the bound arrays)."""
+        self._check_open()
+        self.session.run_with_iobinding(binding)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self._session_for(feeds).run(self._output_names, feeds)
@@ -179,22 +223,22 @@ class OrtBackend(Backend):
             with self._lock:
                 if shape not in self._pinning:
                     # not a daemon: killing it inside ORT's session build at interpreter exit aborts the process
-                    data = self._model_bytes
+                    loader = self._loader
                     if len(self._pinning) + 1 >= self.MAX_SPECIALIZED:
-                        self._model_bytes = None  # the last pinned session to build: it holds the bytes now
+                        self._loader = None  # the last pinned session to build: it holds the bytes now
                     self._pinning[shape] = threading.Thread(
-                        target=self._pin, args=(shape, data), daemon=False, name="bastion-pin-session"
+                        target=self._pin, args=(shape, loader), daemon=False, name="bastion-pin-session"
                     )
                     self._pinning[shape].start()
         return self.session
 
-    def _pin(self, shape: tuple[int, ...], data: bytes | None) -> None:
+    def _pin(self, shape: tuple[int, ...], loader: OrtSessionLoader | None) -> None:
         names = self.session.get_inputs()[0].shape
         dims = {n: v for n, v in zip(names, shape) if isinstance(n, str)}
-        if data is None:
+        if loader is None:
             return
         try:  # the bytes the general session was built from: a file rewritten since never gets in
-            pinned = _session(data, self.label, *self._open_args, dims)
+            pinned = loader(dims)
         except Exception:
             log.warning("could not pin a session to shape %s", shape, exc_info=True)
             return
@@ -211,5 +255,59 @@ class OrtBackend(Backend):
         super().close()
         self.wait_pinned()  # a build in flight finishes (and is then dropped) before the sessions go
         self.session = None  # type: ignore[assignment]
-        self._model_bytes = None
+        self._loader = None
         self._specialized.clear()
+
+
+# -- the registry's faces of this backend: ort-cpu, ort-cuda, ort-trt -----------------------------------------------
+class OrtConfig(BackendConfig):
+    threads: int | None = Field(None, ge=1, le=1024)  # intra-op threads; None: ONNX Runtime's default (all cores)
+
+
+class _OrtSpec(BackendSpec):
+    thread_safe = OrtBackend.thread_safe
+    library = "onnxruntime"
+    needs = "onnxruntime-gpu on a CUDA machine"
+
+    @classmethod
+    def why_unavailable(cls) -> str | None:
+        return _missing_provider(cls.name)
+
+    @classmethod
+    def version(cls) -> str | None:
+        return ort.__version__
+
+    @classmethod
+    def config_for(cls, options: OpenOptions) -> BackendConfig:
+        return cls.config(threads=options.threads)
+
+    @classmethod
+    def load(cls, model: bytes, config: BackendConfig, label: str) -> Backend:
+        return OrtBackend(OrtSessionLoader(model, label, tuple(choose_providers(cls.name)), config.threads))
+
+
+class OrtCpuConfig(OrtConfig):
+    type: Literal["ort-cpu"] = "ort-cpu"
+
+
+class OrtCudaConfig(OrtConfig):
+    type: Literal["ort-cuda"] = "ort-cuda"
+
+
+class OrtTrtConfig(OrtConfig):
+    type: Literal["ort-trt"] = "ort-trt"
+
+
+@register_backend("ort-cpu")
+class OrtCpu(_OrtSpec):
+    config = OrtCpuConfig
+
+
+@register_backend("ort-cuda")
+class OrtCuda(_OrtSpec):
+    config = OrtCudaConfig
+
+
+@register_backend("ort-trt")
+class OrtTrt(_OrtSpec):
+    config = OrtTrtConfig

@@ -12,6 +12,10 @@ rebuilt, never loaded. One timing cache per GPU + TensorRT version makes rebuild
 Precision: ``fp32``, ``fp16`` (FP16 kernels where faster), or ``int8`` from a QDQ model (``bastion quantize``
 writes one): TensorRT 10 deprecates implicit INT8 calibrators in favour of explicit quantization, so the
 calibration happens once, in ONNX Runtime's quantizer, and is gated on measured mAP before TensorRT sees it.
+
+Loader and runner are separate (Polygraphy's split): ``TrtEngineLoader`` turns verified ONNX bytes into a plan
+(cached or built) and a deserialized engine; ``TensorRTBackend`` runs it. The runner shares one execution context,
+one stream and one set of device buffers across calls, so it is not thread safe (``thread_safe = False``).
 """
 
 from __future__ import annotations
@@ -21,13 +25,17 @@ import importlib
 import importlib.util
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
 from bastion.errors import ConfigError, MissingExtraError, ModelLoadError
 from bastion.hardware.engine_cache import EngineCache, EngineKey
-from bastion.runtime.backends.base import Backend, TensorInfo
+from bastion.runtime.backends.base import Backend, OpenOptions, TensorInfo
+from bastion.runtime.backends.registry import BackendConfig, BackendSpec, register_backend
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -48,22 +56,31 @@ def _cudart_spec():
     return None
 
 
-def _modules():
-    """(tensorrt, cudart) or a MissingExtraError that says what to install."""
-    try:
-        trt = importlib.import_module("tensorrt")
-    except ImportError:
-        raise MissingExtraError(
+def _missing() -> MissingExtraError | None:
+    """What is not installed for the native backend (checked without importing it), or None."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return MissingExtraError(
             "the native TensorRT backend",
             "tensorrt",
             "tensorrt",
             "— on a Jetson it comes with JetPack (python3-libnvinfer); on x86 from NVIDIA's "
-            "own index (PyPI's tensorrt is a placeholder); or use --device cuda",
-        ) from None
-    name = _cudart_spec()
-    if name is None:
-        raise MissingExtraError("the native TensorRT backend", "tensorrt", "cuda-python")
-    return trt, importlib.import_module(name)
+            "own index (PyPI's tensorrt is a placeholder); or use --device ort-cuda",
+        )
+    if _cudart_spec() is None:
+        return MissingExtraError("the native TensorRT backend", "tensorrt", "cuda-python")
+    return None
+
+
+def _modules():
+    """(tensorrt, cudart) or a MissingExtraError that says what to install."""
+    missing = _missing()
+    if missing is not None:
+        raise missing
+    try:
+        trt = importlib.import_module("tensorrt")
+    except ImportError as exc:  # installed but broken (a JetPack library missing): say so in one line
+        raise ModelLoadError(f"TensorRT is installed but does not import ({exc})", "run 'bastion doctor'") from None
+    return trt, importlib.import_module(_cudart_spec())
 
 
 def _check(result):
@@ -197,14 +214,39 @@ def load_or_build(
     return plan, key, True
 
 
+@dataclass(frozen=True, repr=False)
+class TrtEngineLoader:
+    """The loader: verified ONNX bytes + precision and shape profile → (runtime, engine, key, built?).
+
+    The cache key hashes these bytes and a build parses these bytes; no path is opened again."""
+
+    data: bytes
+    label: str = "the model"
+    precision: str = "fp16"
+    opt_hw: tuple[int, int] | None = None
+    max_batch: int = 1
+    cache: EngineCache | None = field(default=None, compare=False)
+
+    def __call__(self):
+        trt, _ = _modules()
+        plan, key, built = load_or_build(self.data, self.precision, self.opt_hw, self.max_batch, self.cache, self.label)
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = runtime.deserialize_cuda_engine(plan)
+        if engine is None:
+            raise ModelLoadError("TensorRT could not load the cached engine", "run 'bastion engine clear' and retry")
+        return runtime, engine, key, built
+
+
 class TensorRTBackend(Backend):
-    """One engine, one execution context, one stream; device buffers sized for the profile's largest shapes."""
+    """The runner: one engine, one execution context, one stream; device buffers sized for the profile's largest
+    shapes. The context, stream and buffers are shared by every call, so one thread at a time."""
 
     name = "tensorrt"
+    thread_safe = False
 
     def __init__(
         self,
-        model: str | Path | bytes,
+        model: "str | Path | bytes | TrtEngineLoader",
         precision: str = "fp16",
         opt_hw: tuple[int, int] | None = None,
         max_batch: int = 1,
@@ -215,11 +257,12 @@ class TensorRTBackend(Backend):
         trt, cudart = _modules()
         self._trt, self._cudart = trt, cudart
         t0 = time.perf_counter()
-        plan, self.key, built = load_or_build(model, precision, opt_hw, max_batch, cache, label)
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self._runtime.deserialize_cuda_engine(plan)
-        if self.engine is None:
-            raise ModelLoadError("TensorRT could not load the cached engine", "run 'bastion engine clear' and retry")
+        if not isinstance(model, TrtEngineLoader):
+            from bastion.runtime.backends.onnxrt import read_model
+
+            data, read_label = read_model(model)
+            model = TrtEngineLoader(data, label or read_label, precision, opt_hw, max_batch, cache)
+        self._runtime, self.engine, self.key, built = model()
         self.context = self.engine.create_execution_context()
         self.stream = _check(cudart.cudaStreamCreate())
         self._device: dict[str, tuple[int, int]] = {}  # name -> (pointer, bytes)
@@ -274,3 +317,47 @@ class TensorRTBackend(Backend):
         self.context = None
         self.engine = None
         super().close()
+
+
+# -- the registry's face of this backend: trt ---------------------------------------------------------------------
+class TrtConfig(BackendConfig):
+    type: Literal["trt"] = "trt"
+    precision: Literal["fp32", "fp16", "int8"] = "fp16"
+    opt_hw: tuple[int, int] | None = None  # the profile's largest (and optimal) input size of a dynamic model
+    max_batch: int = Field(1, ge=1, le=1024)
+
+
+@register_backend("trt")
+class NativeTensorRT(BackendSpec):
+    config = TrtConfig
+    thread_safe = TensorRTBackend.thread_safe
+    library = "tensorrt"
+    needs = "the [tensorrt] extra: JetPack, or NVIDIA's wheels + cuda-python"
+
+    @classmethod
+    def why_unavailable(cls) -> str | None:
+        missing = _missing()
+        return None if missing is None else str(missing)
+
+    @classmethod
+    def version(cls) -> str | None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        for dist in ("tensorrt", "tensorrt-cu12", "tensorrt-cu13", "tensorrt-libs"):
+            try:
+                return version(dist)
+            except PackageNotFoundError:
+                continue
+        return None
+
+    @classmethod
+    def config_for(cls, options: OpenOptions) -> BackendConfig:
+        return TrtConfig(
+            precision="int8" if options.precision == "int8" else "fp16",
+            opt_hw=options.size_hw,
+            max_batch=options.max_batch,
+        )
+
+    @classmethod
+    def load(cls, model: bytes, config: BackendConfig, label: str) -> Backend:
+        return TensorRTBackend(TrtEngineLoader(model, label, config.precision, config.opt_hw, config.max_batch))
