@@ -136,6 +136,9 @@ def _int8_candidates(spec, run, stage, sources, dataset, candidates, bundles) ->
         )
         gates[label] = gate.to_dict()
         if gate.accepted:
+            # the gate's INT8 bundle carries its FP32 parent as a sibling (int8_gate's fp32_sibling), so copying
+            # it to RUN/bundle when it ships keeps the fallback the field node needs
+            int8 = Bundle.open_fresh(stage / name)
             c = Candidate(
                 name=f"{label}-int8@{spec.imgsz}",
                 kind=f"{label}, INT8",
@@ -144,11 +147,11 @@ def _int8_candidates(spec, run, stage, sources, dataset, candidates, bundles) ->
                 map50_95=gate.int8["map50_95"],
                 per_class=gate.int8["per_class"],
                 bundle=f"baselines/{name}",
-                size_mb=model_mb(next((stage / name).glob("*.onnx"))),
+                size_mb=model_mb(int8.model_path),
                 map50_interval=gate.int8.get("map50_interval"),
             )
             candidates.append(c)
-            bundles[c.name] = Bundle.open_fresh(stage / name)
+            bundles[c.name] = int8
     return gates
 
 

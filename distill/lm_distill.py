@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from bastion.distill.llama import Llama, LlamaConfig, greedy
+from bastion.distill.progress import TrainingProgress
+from bastion.distill.spec import LMDistillSpec
 from bastion.errors import ConfigError, InputNotFoundError
 from bastion.models.atomic import atomic_write_bytes
 
@@ -29,23 +31,6 @@ if TYPE_CHECKING:
     from bastion.runtime.lm import Generator
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LMDistillSpec:
-    keep_layers: list[int] | None = None  # None: evenly spaced `depth` layers
-    depth: int | None = None
-    steps: int = 200
-    batch: int = 16
-    block: int = 128
-    lr: float = 3e-3
-    warmup: int = 20
-    accumulate: int = 1
-    temperature: float = 1.0  # measured best on stories260K (2.0: +2 points of perplexity rise)
-    alpha: float = 0.1  # weight of the hard-label cross-entropy next to the KL term (0, 0.3, 0.5 did worse)
-    eval_every: int = 50
-    seed: int = 0
-    device: str = "cpu"  # or "cuda"/"cuda:N": teacher and student train there (lm_pipeline resolves "auto")
 
 
 def prune_layers(teacher: Llama, keep: list[int]) -> Llama:
@@ -267,8 +252,11 @@ def distill(
     spec: LMDistillSpec,
     checkpoint: Path,
     tick: Callable[[], None] | None = None,
+    progress: TrainingProgress | None = None,
 ) -> list[dict]:
-    """Train ``student`` to match ``teacher``; resumes from ``checkpoint`` if it exists. Returns the history."""
+    """Train ``student`` to match ``teacher``; resumes from ``checkpoint`` if it exists. Returns the history.
+    ``tick`` is called once per step (and for the steps a resumed run had done); ``progress`` hears each step's
+    loss and each evaluation (plain lines in a log)."""
     torch.manual_seed(spec.seed)
     gen = torch.Generator().manual_seed(spec.seed)  # the batch order (CPU): saved with each checkpoint
     device = torch.device(spec.device)
@@ -286,6 +274,8 @@ def distill(
         for _ in range(start if tick else 0):  # the progress bar resumes where the run stopped
             tick()
     batches = _batches(train_tokens, spec.block, spec.batch, gen)
+    if progress is not None:
+        progress.start(None, spec.steps, done=start, unit="step")
     for step in range(start, spec.steps):
         lr = spec.lr * min(1.0, (step + 1) / max(spec.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / spec.steps))
         for group in opt.param_groups:
@@ -331,8 +321,13 @@ def distill(
                     "batch_rng": gen.get_state(),
                 },
             )
+            if progress is not None:
+                point = history[-1]
+                progress.note(f"step {point['step']}/{spec.steps}: held-out perplexity {point['perplexity']}")
         if tick:
             tick()
+        if progress is not None:
+            progress.batch(None, step + 1, loss.item() * spec.accumulate)
     return history
 
 

@@ -6,8 +6,9 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
-
+from bastion.distill.spec import LMRunSpec
+from bastion.distill.progress import RunProgress, Tick
+from bastion.distill.run import LMRunDir
 from bastion.distill.torch_device import training_device
 from bastion.errors import ConfigError, MissingExtraError
 from bastion.models.atomic import atomic_write_bytes
@@ -22,50 +23,27 @@ def teacher_digest(path: Path) -> str:
     return files_sha256(sorted([path / "config.json", *path.glob("*.safetensors")]))
 
 
-def run_lm_distill(
-    teacher_path: Path,
-    tokenizer_path: Path,
-    corpus: Path | None,
-    synthetic: int,
-    keep: list[int] | None,
-    depth: int | None,
-    out: Path,
-    weights_license: str,
-    train: dict[str, Any],
-    sign_key=None,
-    progress: Callable[[str, int], Callable[[], None]] | None = None,
-    ffn_ratio: float = 1.0,
-    layer_choice: str = "even",
-    student_config: Path | None = None,
-    gguf_type: str | None = "f16",
-    max_int8_ppl_rise: float = 0.05,
-) -> dict:
+LM_STAGES = 7  # teacher, corpus, student, distil, measure, bundle, int8 + report
+
+
+def run_lm_distill(spec: LMRunSpec, sign_key=None, progress: Tick | None = None) -> dict:
+    """Teacher → corpus → pruned (or fresh) student → distillation → measured report → bundle (+ INT8, GGUF)."""
     try:
         import torch
         from tokenizers import Tokenizer
     except ImportError:
         raise MissingExtraError("bastion distill lm", "distill", "torch") from None
     from bastion.distill.llama import load_teacher
-    from bastion.distill.lm_distill import (
-        LMDistillSpec,
-        distill,
-        evaluate,
-        evenly,
-        fresh_student,
-        layer_importance,
-        most_important,
-        narrow_ffn,
-        prune_layers,
-        read_corpus,
-        synthetic_corpus,
-        tokens_per_s,
-    )
+    from bastion.distill.lm_distill import distill, evaluate, read_corpus, synthetic_corpus, tokens_per_s
     from bastion.distill.lm_export import export_lm_bundle
     from bastion.runtime.lm import Generator
 
-    stage = progress or (lambda label, total: lambda: None)
-    train = {**train, "device": training_device(train.get("device", "cpu"))}  # refused before any work is done
-    out.mkdir(parents=True, exist_ok=True)
+    shown = RunProgress(progress)
+    train = spec.train.model_copy(update={"device": training_device(spec.train.device)})  # refused before any work
+    run = LMRunDir(spec.out)
+    run.record("spec", spec.model_dump(mode="json"))
+    teacher_path, tokenizer_path = spec.teacher, spec.tokenizer
+    shown.stage(1, LM_STAGES, "teacher", f"loading {teacher_path.name} and exporting it to time against")
     teacher = load_teacher(teacher_path)
     tok = Tokenizer.from_file(str(tokenizer_path))
     if tok.get_vocab_size() > teacher.c.vocab_size:
@@ -82,53 +60,44 @@ def run_lm_distill(
         served_teacher,
         "teacher",
         "scratch",
-        weights_license,
+        spec.weights_license,
         "the teacher, exported to sample from and to time",
         [],
     )
-    text_file = out / "corpus.txt"
+    text_file = run.corpus
+    shown.stage(2, LM_STAGES, "corpus", "cached" if text_file.is_file() else str(spec.corpus or "the teacher writes"))
     if not text_file.is_file():  # cached: a resumed run trains on the same text
-        if corpus:
-            text = read_corpus(corpus)
+        if spec.corpus:
+            text = read_corpus(spec.corpus)
         else:
             # one thread decodes a small model fastest (2,048 stories260K texts: ~35 s; ORT's default pool is ~1.7×
             # slower there); a wide one gains from all cores
             sampler = Generator(Bundle.open_fresh(served_teacher), threads=1 if teacher.c.dim < 512 else None)
-            text = "\n".join(synthetic_corpus(sampler, synthetic, tick=stage("teacher writes", synthetic)))
+            write = shown.bar("teacher writes", spec.synthetic)
+            text = "\n".join(synthetic_corpus(sampler, spec.synthetic, tick=write))
             sampler.close()
         atomic_write_bytes(text_file, text.encode())  # a run killed mid-write must not cache half a corpus
     ids = torch.tensor(tok.encode(text_file.read_text()).ids)
-    spec = LMDistillSpec(**train)
-    spec.eval_every = max(1, min(spec.eval_every, spec.steps // 5))  # at least ~5 points on the curves
-    if len(ids) < 4 * (spec.block + 1):
-        raise ConfigError(f"the corpus has only {len(ids)} tokens; need at least {4 * (spec.block + 1)}")
+    train.eval_every = max(1, min(train.eval_every, train.steps // 5))  # at least ~5 points on the curves
+    if len(ids) < 4 * (train.block + 1):
+        raise ConfigError(f"the corpus has only {len(ids)} tokens; need at least {4 * (train.block + 1)}")
     split = int(len(ids) * 0.9)
     train_ids, val_ids = ids[:split], ids[split:]
-    influence = None
-    if student_config is not None:  # a fresh architecture: nothing inherited but the vocabulary
-        student, layers = fresh_student(teacher, student_config), []
-        how = f"a fresh {student.c.n_layers}-layer config ({Path(student_config).name})"
-    else:
-        if keep:
-            layers = keep
-        elif layer_choice == "importance":
-            influence = layer_importance(teacher, train_ids, spec.block)
-            layers = most_important(influence, depth or max(1, teacher.c.n_layers // 2))
-        else:
-            layers = evenly(teacher.c.n_layers, depth or max(1, teacher.c.n_layers // 2))
-        student = prune_layers(teacher, layers)
-        if ffn_ratio < 1.0:
-            student = narrow_ffn(student, ffn_ratio, train_ids, spec.block)
-        how = f"layers {layers}" + (f", MLP {student.c.hidden_dim}/{teacher.c.hidden_dim}" if ffn_ratio < 1 else "")
-    pruned_eval = evaluate(student, teacher, val_ids, spec.block)
-    history = distill(teacher, student, train_ids, val_ids, spec, out / "checkpoint.pt", stage("distil", spec.steps))
+    shown.stage(3, LM_STAGES, "student", f"{len(ids)} tokens, 10 % held out; making the student")
+    student, layers, how, influence = _student(spec, teacher, train_ids, train.block)
+    pruned_eval = evaluate(student, teacher, val_ids, train.block)
+    shown.stage(4, LM_STAGES, "distil", f"{how}: {train.steps} steps on {train.device}")
+    history = distill(
+        teacher, student, train_ids, val_ids, train, run.checkpoint, progress=shown.training("distil student")
+    )
+    shown.stage(5, LM_STAGES, "measure", "held-out perplexity, agreement and speed of teacher and student")
     for model in (teacher, student):  # measured, timed and exported on the CPU, as the field node holds them
         model.cpu()
     prompt = tok.encode("Once upon a time").ids
     report = {
         "teacher": {
             "layers": teacher.c.n_layers,
-            **evaluate(teacher, teacher, val_ids, spec.block),
+            **evaluate(teacher, teacher, val_ids, train.block),
             "tokens_per_s_torch": tokens_per_s(teacher, prompt),
         },
         "pruned_only": {"layers": layers, "hidden_dim": student.c.hidden_dim, **pruned_eval},
@@ -142,11 +111,11 @@ def run_lm_distill(
         "how": how,
         "student": {
             "layers": layers,
-            **evaluate(student, teacher, val_ids, spec.block),
+            **evaluate(student, teacher, val_ids, train.block),
             "tokens_per_s_torch": tokens_per_s(student, prompt),
         },
         "history": history,
-        "corpus": str(corpus) if corpus else f"synthetic ({synthetic} teacher texts)",
+        "corpus": str(spec.corpus) if spec.corpus else f"synthetic ({spec.synthetic} teacher texts)",
         "corpus_sha256": sha256_file(text_file),
         "tokens": len(ids),
     }
@@ -154,7 +123,8 @@ def run_lm_distill(
         report["student"]["tokens_per_s_torch"] / report["teacher"]["tokens_per_s_torch"], 2
     )
     report["perplexity_rise"] = round(report["student"]["perplexity"] / report["teacher"]["perplexity"] - 1, 4)
-    bundle = out / "bundle"
+    bundle = run.bundle
+    shown.stage(6, LM_STAGES, "bundle", f"exporting the student to {bundle}")
     shutil.rmtree(bundle, ignore_errors=True)
     teacher_sha = teacher_digest(Path(teacher_path))
     export_lm_bundle(
@@ -163,7 +133,7 @@ def run_lm_distill(
         bundle,
         f"{Path(teacher_path).stem}-{student.c.n_layers}L",
         "1.0",
-        weights_license,
+        spec.weights_license,
         f"distilled from {Path(teacher_path).name}: {how}",
         [],
         sign_key,
@@ -192,17 +162,55 @@ def run_lm_distill(
     report["speedup_ort"] = round(report["student"]["tokens_per_s_ort"] / report["teacher"]["tokens_per_s_ort"], 2)
     from bastion.distill.lm_int8 import int8_gate
 
-    report["int8_gate"] = int8_gate(bundle, val_ids.tolist(), out / "bundle-int8", max_ppl_rise=max_int8_ppl_rise)
+    shown.stage(7, LM_STAGES, "int8 + report", "the INT8 gate, GGUF, curves and report")
+    report["int8_gate"] = int8_gate(bundle, val_ids.tolist(), run.bundle_int8, max_ppl_rise=spec.max_int8_ppl_rise)
     if report["int8_gate"]["accepted"] and sign_key is not None:
         from bastion.models.manifest import read_manifest
         from bastion.models.signing import sign_manifest
 
-        sign_manifest(out / "bundle-int8", read_manifest(out / "bundle-int8" / "manifest.json"), sign_key)
-    report["gguf"] = _gguf(student, tokenizer_path, out, f"{Path(teacher_path).stem}-{student.c.n_layers}L", gguf_type)
-    report["curves"] = _curves(history, out)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+        sign_manifest(run.bundle_int8, read_manifest(run.bundle_int8 / "manifest.json"), sign_key)
+    name = f"{Path(teacher_path).stem}-{student.c.n_layers}L"
+    report["gguf"] = _gguf(student, tokenizer_path, run.gguf, name, spec.gguf_type)
+    report["curves"] = _curves(history, run.root)
+    run.report_json.write_text(json.dumps(report, indent=2))
+    run.report_md.write_text(_report_md(report, teacher_path, how, bundle, sign_key is not None, influence))
+    return report
+
+
+def _student(spec: LMRunSpec, teacher, train_ids, block: int):
+    """(student, kept layers, how it was made, layer influence or None): a fresh config, or the teacher pruned to
+    the kept layers (given, evenly spread, or the most influential) with its MLPs optionally narrowed."""
+    from bastion.distill.lm_distill import (
+        evenly,
+        fresh_student,
+        layer_importance,
+        most_important,
+        narrow_ffn,
+        prune_layers,
+    )
+
+    if spec.student_config is not None:  # a fresh architecture: nothing inherited but the vocabulary
+        student = fresh_student(teacher, spec.student_config)
+        return student, [], f"a fresh {student.c.n_layers}-layer config ({spec.student_config.name})", None
+    influence = None
+    depth = spec.depth or max(1, teacher.c.n_layers // 2)
+    if spec.keep_layers:
+        layers = spec.keep_layers
+    elif spec.layer_choice == "importance":
+        influence = layer_importance(teacher, train_ids, block)
+        layers = most_important(influence, depth)
+    else:
+        layers = evenly(teacher.c.n_layers, depth)
+    student = prune_layers(teacher, layers)
+    if spec.ffn_ratio < 1.0:
+        student = narrow_ffn(student, spec.ffn_ratio, train_ids, block)
+    narrowed = f", MLP {student.c.hidden_dim}/{teacher.c.hidden_dim}" if spec.ffn_ratio < 1 else ""
+    return student, layers, f"layers {layers}{narrowed}", influence
+
+
+def _report_md(report: dict, teacher_path: Path, how: str, bundle: Path, signed: bool, influence) -> str:
     t, p, s = report["teacher"], report["pruned_only"], report["student"]
-    (out / "report.md").write_text(
+    return (
         f"# LM distillation: {Path(teacher_path).name} → {how}\n\n"
         f"Corpus: {report['corpus']} ({report['tokens']} tokens, 10 % held out).\n\n"
         "| model | perplexity (held-out) | top-1 agreement with teacher | tokens/s ONNX Runtime (served) | "
@@ -215,11 +223,10 @@ def run_lm_distill(
         f"Speed-up {report['speedup_ort']}× as served ({report['speedup_torch']}× in torch), perplexity rise "
         f"{report['perplexity_rise'] * 100:.1f} %. "
         f"INT8 gate: {report['int8_gate']['reason']}. "
-        f"Bundle: `{bundle}`{' (signed)' if sign_key else ' (unsigned: bastion bundle sign it)'}.\n"
+        f"Bundle: `{bundle}`{' (signed)' if signed else ' (unsigned: bastion bundle sign it)'}.\n"
         + (f"\nLayer influence (1 − cos(in, out), higher = kept first): {influence}\n" if influence else "")
         + (f"\n![training curves]({report['curves']})\n" if report["curves"] else "")
     )
-    return report
 
 
 def _served_tokens_per_s(bundles: dict[str, Path], prompt: list[int]) -> dict[str, float]:
@@ -235,7 +242,7 @@ def _served_tokens_per_s(bundles: dict[str, Path], prompt: list[int]) -> dict[st
             generator.close()
 
 
-def _gguf(student, tokenizer_path: Path, out: Path, name: str, gguf_type: str | None):
+def _gguf(student, tokenizer_path: Path, path: Path, name: str, gguf_type: str | None):
     """RUN/student.gguf for llama.cpp users, when the gguf package is installed (the [distill] extra has it)."""
     import importlib.util
 
@@ -245,7 +252,7 @@ def _gguf(student, tokenizer_path: Path, out: Path, name: str, gguf_type: str | 
         return {"skipped": "the gguf package is not installed (pip install gguf)"}
     from bastion.distill.gguf_export import write_gguf
 
-    return write_gguf(student, tokenizer_path, out / "student.gguf", name, gguf_type)
+    return write_gguf(student, tokenizer_path, path, name, gguf_type)
 
 
 def _curves(history: list[dict], out: Path) -> str | None:

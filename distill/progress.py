@@ -101,6 +101,11 @@ class TrainingProgress:
             self._last = now
             self.progress.line(self._where(epoch, batch) + _loss(loss))
 
+    def note(self, text: str) -> None:
+        """A line worth keeping whenever it comes (e.g. an evaluation point)."""
+        self._last = self.progress.clock()
+        self.progress.line(f"{self.label}: {text}")
+
     def epoch_end(self, epoch: int, loss: float | None) -> None:
         """Every epoch's end gets its line, however fast the epoch was."""
         self._last = self.progress.clock()
