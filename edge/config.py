@@ -22,20 +22,18 @@ from bastion.hardware.backend_names import DeviceName
 from bastion.lm_limits import MAX_NEW_TOKENS
 from bastion.edge.rules_config import ObjectsConfig
 from bastion.models.textfiles import first_error, read_yaml_mapping
+from bastion.runtime.sources import SourceSpec
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # .inf / .nan in YAML are floats too
 
 
-class SourceConfig(_Strict):
-    """One camera/stream/file. ``uri``: a file, a directory, rtsp://…/http://…, or a USB index (0, 1 …)."""
+class SourceConfig(SourceSpec):
+    """One camera/stream/file (what ``runtime/sources.py`` reads: a file, a directory, rtsp://…/http://…, or a
+    USB camera 0, 1 … or /dev/video0) and the node's filters on its detections."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=200)  # a topic det.<name> fits a subscription
-    uri: str | int
-    loop: bool = False  # files: start again at the end
-    realtime: bool = True  # files: pace at the file's native fps (like a camera)
-    fps: float | None = Field(None, ge=0.001, le=1000)  # pace/limit to this rate instead
     classes: list[str] | None = None
     conf: float | None = Field(None, ge=0, le=1)
     roi: tuple[float, float, float, float] | None = None  # normalised x1, y1, x2, y2: keep boxes centred inside

@@ -25,11 +25,12 @@ from typing import Any
 
 from bastion import __version__
 from bastion.edge.audit import AuditLog, AuditWriteError, open_node_key
-from bastion.edge.config import NodeConfig, SourceConfig
+from bastion.edge.config import NodeConfig
 from bastion.edge.limits import clip
-from bastion.edge.protocol import ControlRequest, DetectionEvent, DetectionItem
+from bastion.edge.node_models import load_detector, load_lm
+from bastion.edge.pipeline import INFER, PREPARE, FramePipeline
+from bastion.edge.protocol import ControlRequest
 from bastion.edge.server import NodeServer
-from bastion.edge.sources import NodeFrame, SourceReader
 from bastion.edge.seqmark import SeqMark
 from bastion.edge.store import EventStore, StorageError
 from bastion.edge.supervisor import Supervisor
@@ -38,12 +39,11 @@ from bastion.errors import BastionError
 from bastion.models.atomic import atomic_write_bytes
 from bastion.models.version import check_not_downgrade
 from bastion.runtime.detect import Detector
-from bastion.runtime.detections import Detections, class_ids
+from bastion.runtime.reader import SourceReader
 
 log = logging.getLogger(__name__)
 RUNTIME_FILE = "node.json"
 NODE_KEY = "node-audit.key"  # default name of the audit checkpoint key in the storage dir
-INFER = "node-infer"
 
 
 class NodeFailed(BastionError):
@@ -56,7 +56,10 @@ MAX_REPLAY_BYTES = 4 * 2**20  # one replay answer; the client asks again for the
 RELOAD_REFUSED = "reload refused: not a bundle this node can verify and load (the node's audit log says why)"
 
 
-class Node:
+class Node(FramePipeline):
+    """The field node: its parts, their lifecycle, its health and its control answers (the frame pipeline's
+    stages are ``FramePipeline``, edge/pipeline.py)."""
+
     def __init__(self, config: NodeConfig, accept_seq_gap: bool = False) -> None:
         self.config = config
         self.storage = Path(config.storage.dir)
@@ -101,10 +104,9 @@ class Node:
 
             self.vault = SnapshotVault(self.storage / "snapshots", load_key(config.storage.snapshot_key), config.id)
         self.readers = [SourceReader(s, config.queue_size, self.wake, self.stop_event) for s in config.sources]
-        self.source_filters = {s.name: self._source_filter(s) for s in config.sources}
         self.server = NodeServer(config, self.handle, self.audit, self.store.last_seq)
         running = lambda: not self.stop_event.is_set()  # noqa: E731
-        self._worker = self.supervisor.spawn(INFER, self._infer_loop, running)
+        self._spawn_pipeline(running)
         self._maintenance = self.supervisor.spawn("node-maintenance", self._maintain, running)
         for thread in self.server.threads:
             self.supervisor.watch(thread.name, thread, running)
@@ -116,76 +118,17 @@ class Node:
 
     # -- model ---------------------------------------------------------------------------------------
     def _load_detector(self, model: str, audit_refusal: bool = True) -> Detector:
-        c = self.config
-        try:
-            detector = Detector.load(
-                model,
-                device=c.device,
-                threads=c.threads,
-                conf=c.conf,
-                iou=c.iou,
-                imgsz=c.imgsz,
-                max_batch=c.max_batch,
-                allow_unsigned=c.security.allow_unsigned,
-                int8_policy=c.int8_policy,
-            )
-        except BastionError as exc:
-            if audit_refusal:  # reload audits its refusals itself, coalesced per client
-                self.audit.append("bundle_refused", model=str(model), reason=str(exc))
-            raise
-        self.audit.append(
-            "bundle_loaded",
-            model=str(model),
-            name=detector.manifest.name,
-            sha256=detector.bundle_sha256,
-            signer=detector.verified_by,
-        )
-        if detector.verified_by is None:
-            self.audit.append("allow_unsigned_used", model=str(model), sha256=detector.bundle_sha256)
-        if detector.int8_check is not None and not detector.int8_check.same:  # runtime/int8_check.py
-            self.audit.append("int8_cpu_mismatch", sha256=detector.bundle_sha256, **detector.int8_check.audit_fields())
-        return detector
+        return load_detector(self.config, self.audit, model, audit_refusal)
 
     def _load_lm(self, model: str):
-        from bastion.runtime.lm import Generator
-
-        try:
-            generator = Generator.load(model, allow_unsigned=self.config.security.allow_unsigned)
-        except BastionError as exc:
-            self.audit.append("bundle_refused", model=str(model), reason=str(exc))
-            raise
-        b = generator.bundle
-        self.audit.append(
-            "bundle_loaded",
-            model=str(model),
-            name=b.manifest.name,
-            sha256=b.sha256,
-            signer=b.verification.key_id,
-            task="lm",
-        )
-        return generator
-
-    def _source_filter(self, cfg: SourceConfig):
-        ids = class_ids(cfg.classes, self.detector.names) if cfg.classes else None  # unknown names fail at start
-
-        def apply(det: Detections, shape: tuple[int, ...]) -> Detections:
-            det = det.filter(classes=ids, min_conf=cfg.conf)
-            if cfg.roi is not None and len(det):
-                h, w = shape[:2]
-                cx = (det.xyxy[:, 0] + det.xyxy[:, 2]) / 2 / w
-                cy = (det.xyxy[:, 1] + det.xyxy[:, 3]) / 2 / h
-                x1, y1, x2, y2 = cfg.roi
-                keep = (cx >= x1) & (cx <= x2) & (cy >= y1) & (cy <= y2)
-                det = Detections(det.xyxy[keep], det.conf[keep], det.cls[keep], det.names)
-            return det
-
-        return apply
+        return load_lm(self.config, self.audit, model)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> None:
         self.server.start()
         for reader in self.readers:
             reader.start()
+        self._preparer.start()
         self._worker.start()
         self._maintenance.start()
         self.audit.checkpoint()
@@ -232,8 +175,7 @@ class Node:
         for reader in self.readers:
             if reader.ident is not None:
                 reader.join(timeout=5)
-        if self._worker.is_alive():
-            self._worker.join(timeout=30)  # drains what the readers queued
+        self._join_pipeline()  # drains what the readers queued
         self.server.close()
         self.store.close()
         self.detector.close()
@@ -268,80 +210,6 @@ class Node:
         }
         atomic_write_bytes(self.storage / RUNTIME_FILE, json.dumps(info, indent=2).encode())
 
-    # -- the pipeline ----------------------------------------------------------------------------------
-    def _next_frames(self) -> list[NodeFrame]:
-        """Up to max_batch frames, one per source in turn, so no source starves the others."""
-        frames: list[NodeFrame] = []
-        progress = True
-        while progress and len(frames) < self.config.max_batch:
-            progress = False
-            for reader in self.readers:
-                item = reader.queue.get_nowait()
-                if item is not None:
-                    frames.append(item)  # type: ignore[arg-type]
-                    progress = True
-                    if len(frames) >= self.config.max_batch:
-                        break
-        return frames
-
-    def _infer_loop(self) -> None:
-        while True:
-            self.supervisor.beat(INFER)
-            frames = self._next_frames()
-            if not frames:
-                if self.stop_event.is_set():
-                    return
-                self.wake.wait(0.05)
-                self.wake.clear()
-                continue
-            with self._detector_lock:
-                detector = self.detector
-                prepared = [detector.prepare(f.image) for f in frames]
-                results = detector.detect_prepared(prepared)
-            now = time.time()
-            for frame, det in zip(frames, results):
-                self._reader(frame.source).stats.mark_inferred(now)
-                det = self.source_filters[frame.source](det, frame.image.shape)
-                if len(det):
-                    self._emit(frame, det, detector.bundle_sha256)
-
-    def _reader(self, name: str) -> SourceReader:
-        return next(r for r in self.readers if r.cfg.name == name)
-
-    def _emit(self, frame: NodeFrame, det: Detections, model_sha: str) -> None:
-        event = DetectionEvent(
-            seq=0,
-            node=self.config.id,
-            source=frame.source,
-            ts=frame.ts,
-            frame=frame.index,
-            model=model_sha,
-            detections=[DetectionItem(**d) for d in det.to_dict()],
-        )
-        try:
-            stored = self.store.append(event)
-        except StorageError as exc:
-            if self.storage_error is None:
-                log.error("event store failed; publishing paused until it recovers: %s", exc)
-                self.audit.append("storage_error", reason=str(exc))
-            self.storage_error = str(exc)
-            return
-        if self.storage_error is not None:
-            log.warning("event store recovered; publishing resumed")
-            self.storage_error = None
-        if self.vault is not None:
-            try:
-                self.vault.save(stored.seq, frame.image)
-                # Retention may have run since the event was committed: it deletes rows before snapshots, so
-                # either it saw this file, or the row is already gone here and the snapshot goes with it.
-                first = self.store.first_seq()
-                if first is None or first > stored.seq:
-                    self.vault.delete_before(stored.seq + 1)
-            except Exception as exc:  # the event is stored; a missing snapshot is logged, not fatal
-                log.warning("snapshot of event %d not saved: %s", stored.seq, exc)
-        self.server.publish(stored)
-        self.published += 1
-
     def _maintain(self) -> None:
         """Thread supervision, the systemd watchdog, the health line, audit flushes and checkpoints, retention."""
         watchdog = watchdog_interval_s()
@@ -352,7 +220,7 @@ class Node:
             self.supervisor.check()
             # The ping vouches for the inference loop: it stops when that loop has not turned for a whole
             # watchdog period (stuck in a batch, dead), and systemd restarts the node.
-            if watchdog and not self.failure and self.supervisor.healthy(INFER, 2 * watchdog):
+            if watchdog and not self.failure and self._pipeline_turning(2 * watchdog):
                 sd_notify("WATCHDOG=1")
             if self.audit.pending:
                 self.audit.flush()
@@ -372,6 +240,9 @@ class Node:
             if now - last_retention >= 60:
                 last_retention = now
                 self.enforce_retention()
+
+    def _pipeline_turning(self, max_age_s: float) -> bool:
+        return self.supervisor.healthy(INFER, max_age_s) and self.supervisor.beat_age(PREPARE) <= max_age_s
 
     def enforce_retention(self) -> int:
         """Drop events (and their snapshots) beyond the configured age / size. Never raises."""
@@ -407,7 +278,7 @@ class Node:
                 "sha256": det.bundle_sha256,
                 "signer": det.verified_by,
             },
-            "sources": {r.cfg.name: r.stats.as_dict(len(r.queue)) for r in self.readers},
+            "sources": {r.spec.name: r.stats.as_dict(len(r.queue)) for r in self.readers},
             "last_seq": self.store.last_seq(),
             "published": self.published,
             "storage_error": self.storage_error or self.store.error,

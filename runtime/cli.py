@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,7 +19,10 @@ MODEL_HELP = "Bundle directory, zoo name (yolov5n, yolox_nano) or a YOLOv5/Ultra
 
 
 def detect_command(
-    source: Path = typer.Argument(..., help="Image file, directory of images, or video file."),
+    source: str = typer.Argument(
+        ...,
+        help="Image file, directory of images, video file, rtsp://… (or http://…) stream, or USB camera (0, /dev/video0).",
+    ),
     model: str = typer.Option(DEFAULT_DETECTOR, "--model", "-m", help=MODEL_HELP),
     conf: Optional[float] = typer.Option(None, help="Confidence threshold (default: the model's, 0.25)."),
     iou: Optional[float] = typer.Option(None, help="NMS IoU threshold (default: the model's, 0.45)."),
@@ -26,8 +30,12 @@ def detect_command(
     imgsz: Optional[int] = typer.Option(None, help="Network input size (long side), multiple of 32."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     threads: Optional[int] = typer.Option(None, help="CPU threads for inference (default: all cores)."),
-    batch: int = typer.Option(1, help="Frames per inference batch for video/directories (dynamic-batch models)."),
-    workers: int = typer.Option(0, help="Concurrent inferences for video/directories (0: one per core, max 4)."),
+    batch: int = typer.Option(
+        1, help="Frames per inference batch for videos, directories, streams (dynamic-batch models)."
+    ),
+    workers: int = typer.Option(
+        0, help="Concurrent inferences for videos, directories, streams (0: one per core, max 4)."
+    ),
     max_frames: Optional[int] = typer.Option(None, help="Stop after this many frames."),
     save: Optional[Path] = typer.Option(None, help="Write annotated images / video into this directory."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object per frame on stdout."),
@@ -36,13 +44,21 @@ def detect_command(
     """Detect objects in an image, a directory of images or a video.
 
     Example: bastion detect bastion/samples/car-detection.mp4 --classes car,truck --save runs/detect
+
+    Also a USB camera (0 or /dev/video0) or a stream (rtsp://…): it runs until Ctrl-C or --max-frames;
+    when the model falls behind it, the oldest frames are dropped (counted in the summary). A file's frames
+    are never dropped.
     """
     from bastion.runtime.detect import Detector
-    from bastion.runtime.media import iter_source, source_kind, video_info
+    from bastion.runtime.media import video_info
     from bastion.runtime.outputs import AtomicVideoWriter, save_image
+    from bastion.runtime.reader import source_reader
+    from bastion.runtime.sources import source_kind
     from bastion.runtime.stream import default_workers, detect_stream
 
-    kind = source_kind(source)
+    kind = source_kind(source)  # the node's opener registry decides what the source is
+    reader = source_reader(source)
+    reader.start()  # the source opens (and fails, if it must) while the model loads
     if kind != "image" and workers == 0:
         workers = default_workers()
         # Several single-threaded inferences in flight beat one spread over all cores (docs/benchmarks.md).
@@ -57,58 +73,79 @@ def detect_command(
         imgsz=imgsz,
         allow_unsigned=allow_unsigned,
     )
-    skipped: list[str] = []
     counts: Counter[str] = Counter()
     frames = 0
     total = None
+    if kind == "video" and Path(source).is_file():
+        total = int(video_info(source)["frames"]) or None
+    if max_frames:
+        total = min(total or max_frames, max_frames)
     writer = None
-    if kind == "video":
-        info = video_info(source)
-        total = int(info["frames"]) or None
-        if max_frames:
-            total = min(total or max_frames, max_frames)
-        if save:
-            writer = AtomicVideoWriter(
-                save / f"{source.stem}.detections.mp4", info["fps"], (int(info["width"]), int(info["height"]))
-            )
     t0 = time.perf_counter()
     try:
         with progress(disable=json_out) as bar:
-            task = bar.add_task(f"detect {source.name}", total=total)
-            for frame, det in detect_stream(
-                detector, iter_source(source, skipped, max_frames), batch=batch, workers=max(workers, 1)
-            ):
+            task = bar.add_task(f"detect {_display_name(source, kind)}", total=total)
+            for frame, det in detect_stream(detector, reader.frames(max_frames), batch=batch, workers=max(workers, 1)):
                 frames += 1
                 counts.update(det.counts())
                 if json_out:
                     print_json(
                         {
-                            "source": frame.source,
+                            "source": frame.path or frame.source,
                             "frame": frame.index,
                             "model": detector.bundle_sha256,
                             "detections": det.to_dict(),
                         }
                     )
-                if save and writer is not None:
-                    writer.write(det.draw(frame.image))
+                if save and kind in ("image", "dir"):
+                    save_image(save / (Path(frame.path or frame.source).stem + ".jpg"), det.draw(frame.image))
                 elif save:
-                    save_image(save / (Path(frame.source).stem + ".jpg"), det.draw(frame.image))
+                    if writer is None:  # sized by the first frame; a camera's rate is known once it is open
+                        h, w = frame.image.shape[:2]
+                        writer = AtomicVideoWriter(
+                            save / f"{_save_stem(source, kind)}.detections.mp4", reader.native_fps, (w, h)
+                        )
+                    writer.write(det.draw(frame.image))
                 bar.advance(task)
     finally:
         if writer is not None:
             writer.close(keep=frames > 0)
     elapsed = time.perf_counter() - t0
-    for path in skipped:
+    stats = reader.stats
+    for path in reader.skipped:
         warn(f"skipped unreadable image {path}")
     if json_out:
         return
-    print_counts(f"{detector.manifest.name} on {source}", counts)
+    print_counts(f"{detector.manifest.name} on {_display_name(source, kind)}", counts)
     fps = frames / elapsed if elapsed > 0 else 0.0
     out.print(
         f"{frames} frames, {sum(counts.values())} detections, {fps:.1f} frames/s"
-        + (f", {len(skipped)} unreadable skipped" if skipped else "")
+        + (f", {stats.errors} unreadable skipped" if stats.errors and kind == "dir" else "")
+        + (f", {stats.dropped} dropped (the source ran ahead of the model)" if stats.dropped else "")
+        + (f", {stats.reconnects} reconnects" if stats.reconnects else "")
         + (f"; annotated output in {save}" if save else "")
     )
+
+
+def _display_name(source: str, kind: str) -> str:
+    """The source as a person reads it: a path as given, a camera's index, a stream without its password."""
+    from bastion.runtime.sources import redacted, usb_index
+
+    if kind == "usb":
+        return f"USB camera {usb_index(source)}"
+    return redacted(source) if kind == "stream" else source
+
+
+def _save_stem(source: str, kind: str) -> str:
+    """The annotated video's file name: the video's own stem, ``usb0``, or the stream's host and path."""
+    if kind == "usb":
+        from bastion.runtime.sources import usb_index
+
+        return f"usb{usb_index(source)}"
+    if kind == "stream":
+        where = source.split("://", 1)[-1].rsplit("@", 1)[-1]  # never a password in a file name
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", where).strip("_.")[:100] or "stream"
+    return Path(source).stem
 
 
 def ask_command(

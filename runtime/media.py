@@ -1,11 +1,16 @@
-"""Reading images and videos from disk with clear errors; corrupt files are skipped, not fatal."""
+"""Reading images and videos from disk with clear errors; corrupt files are skipped, not fatal.
+
+Where frames come from by URI (files, directories, streams, USB cameras) is ``runtime/sources.py``.
+"""
 
 from __future__ import annotations
 
 import logging
 import queue
 import threading
-from dataclasses import dataclass
+import time
+from itertools import islice
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, TypeVar
 
@@ -26,12 +31,18 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm", ".mpg", ".mpe
 
 @dataclass
 class Frame:
-    """One image to detect on: where it came from, its index, and the BGR pixels."""
+    """One image to detect on, the one frame type of ``bastion detect`` and the field node alike.
+
+    ``source`` names the source (the node's source name, or the path/URI ``bastion detect`` was given) and
+    ``index`` counts its frames from 0 (across reconnects: the node's event ``frame``); ``ts`` is the unix time
+    it was read; ``path`` is the file it came from when one source reads many files (a directory of images).
+    """
 
     source: str
     index: int
     image: np.ndarray
-    ts_ms: float | None = None
+    ts: float = field(default_factory=time.time)
+    path: str | None = None
 
 
 def as_bgr(image: np.ndarray) -> np.ndarray:
@@ -70,24 +81,6 @@ def list_images(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def source_kind(source: str | Path) -> str:
-    """'image', 'video' or 'dir' for a path on disk; raises if it is none of them."""
-    path = Path(source)
-    if not path.exists():
-        raise InputNotFoundError(f"input not found: {path}", "check the path")
-    if path.is_dir():
-        return "dir"
-    suffix = path.suffix.lower()
-    if suffix in IMAGE_SUFFIXES:
-        return "image"
-    if suffix in VIDEO_SUFFIXES:
-        return "video"
-    raise InputNotFoundError(
-        f"{path} is not an image, video or directory bastion can read",
-        f"use one of {', '.join(sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES))}",
-    )
-
-
 def iter_image_files(paths: Iterable[Path], skipped: list[str] | None = None) -> Iterator[Frame]:
     """Decode each file; a corrupt one is logged, recorded in ``skipped`` and passed over."""
     for i, path in enumerate(paths):
@@ -98,7 +91,7 @@ def iter_image_files(paths: Iterable[Path], skipped: list[str] | None = None) ->
             if skipped is not None:
                 skipped.append(str(path))
             continue
-        yield Frame(str(path), i, image)
+        yield Frame(str(path), i, image, path=str(path))
 
 
 def iter_video(path: str | Path, max_frames: int | None = None) -> Iterator[Frame]:
@@ -106,14 +99,18 @@ def iter_video(path: str | Path, max_frames: int | None = None) -> Iterator[Fram
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
         raise ImageReadError(f"cannot open video {path} (corrupt or unsupported codec)")
+    for index, image in enumerate(islice(read_capture(cap), max_frames)):
+        yield Frame(str(path), index, image)
+
+
+def read_capture(cap: cv2.VideoCapture) -> Iterator[np.ndarray]:
+    """The frames of an opened capture until it ends; the capture is released however the loop stops."""
     try:
-        index = 0
-        while max_frames is None or index < max_frames:
+        while True:
             ok, image = cap.read()
             if not ok:
-                break
-            yield Frame(str(path), index, image, cap.get(cv2.CAP_PROP_POS_MSEC))
-            index += 1
+                return
+            yield image
     finally:
         cap.release()
 
@@ -129,24 +126,6 @@ def video_info(path: str | Path) -> dict[str, float]:
         }
     finally:
         cap.release()
-
-
-def iter_source(source: str | Path, skipped: list[str] | None = None, max_frames: int | None = None) -> Iterator[Frame]:
-    """Frames from an image file, a directory of images, or a video file."""
-    kind = source_kind(source)
-    path = Path(source)
-    if kind == "video":
-        yield from iter_video(path, max_frames)
-        return
-    files = [path] if kind == "image" else list_images(path)
-    if not files:
-        raise InputNotFoundError(
-            f"no images in {path}", f"expected files ending in {', '.join(sorted(IMAGE_SUFFIXES))}"
-        )
-    if kind == "image":
-        yield Frame(str(path), 0, read_image(path))
-        return
-    yield from iter_image_files(files[:max_frames] if max_frames else files, skipped)
 
 
 T = TypeVar("T")

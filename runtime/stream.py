@@ -2,10 +2,11 @@
 
 A reader thread decodes and prepares the next frames; ``workers`` threads run
 inference + post-processing concurrently on the same session (ONNX Runtime's
-``run`` is thread-safe, and OpenCV/numpy/ORT release the GIL).  On small CPUs
-several single-threaded inferences in flight use the cores better than one
-inference spread over all of them (measured: docs/benchmarks.md), so for
-streams the detector is best opened with ``threads=1`` and ``workers`` = cores.
+``run`` is thread-safe, and OpenCV/numpy/ORT release the GIL; a backend that is
+not gets one worker).  On small CPUs several single-threaded inferences in
+flight use the cores better than one inference spread over all of them
+(measured: docs/benchmarks.md), so for streams the detector is best opened with
+``threads=1`` and ``workers`` = cores.
 Frames of equal input size are batched when ``batch`` > 1 and the model has a
 dynamic batch axis.  Results come out in input order.
 """
@@ -32,9 +33,13 @@ def default_workers() -> int:
 def detect_stream(
     detector: Detector, frames: Iterable[Frame], batch: int = 1, workers: int = 1, depth: int = 8
 ) -> Iterator[tuple[Frame, Detections]]:
-    """Yield ``(frame, detections)`` in input order."""
+    """Yield ``(frame, detections)`` in input order.
+
+    A backend that is not thread-safe (``Detector.thread_safe`` False: one execution context shared by every
+    call) gets one inference worker whatever ``workers`` asks; decoding and pre-processing still overlap it.
+    """
     batch = max(1, batch if detector.dynamic_batch else 1)
-    workers = max(1, workers)
+    workers = max(1, workers) if getattr(detector, "thread_safe", True) else 1
 
     def prepared() -> Iterator[tuple[Frame, tuple]]:
         for frame in frames:

@@ -227,10 +227,27 @@ def test_worker_thread_dying_is_reported_and_stops_the_node(tmp_path):
     assert "thread_died" in kinds(tmp_path / "data" / "audit.log")
 
 
-def test_a_source_fault_is_retried_and_never_ends_its_reader(tmp_path, monkeypatch):
-    from bastion.edge import sources
+def test_the_prepare_thread_dying_is_reported_and_stops_the_node(tmp_path):
+    """Pre-processing has its own thread now (edge/pipeline.py): its death is as loud as the inference's."""
+    with running_node(tmp_path) as node:
+        assert wait_for(lambda: node.published >= 1)
 
-    real, calls = sources._OPENERS["file"], []
+        def boom(*_a, **_k):
+            raise RuntimeError("injected fault")
+
+        node.detector.prepare = boom
+        assert wait_for(lambda: node.failure, timeout_s=10)
+        assert "node-prepare" in node.failure and "injected fault" in node.failure
+        status = node.status_dict()
+        assert status["state"] == "failed" and not status["threads"]["node-prepare"]["alive"]
+        assert node.stop_event.is_set()
+    assert "thread_died" in kinds(tmp_path / "data" / "audit.log")
+
+
+def test_a_source_fault_is_retried_and_never_ends_its_reader(tmp_path, monkeypatch):
+    from bastion.runtime import sources
+
+    real, calls = sources._OPENERS["video"], []
 
     def flaky(cfg):
         calls.append(cfg.name)
@@ -238,7 +255,7 @@ def test_a_source_fault_is_retried_and_never_ends_its_reader(tmp_path, monkeypat
             raise RuntimeError("decoder fault")  # not a SourceUnavailable: a library or driver bug
         return real(cfg)
 
-    monkeypatch.setitem(sources._OPENERS, "file", flaky)
+    monkeypatch.setitem(sources._OPENERS, "video", flaky)
     with running_node(tmp_path) as node:
         assert wait_for(lambda: node.published >= 2, timeout_s=30)
         status = node.status_dict()
@@ -613,9 +630,9 @@ def test_node_status_with_a_damaged_runtime_file_is_one_line(tmp_path, content):
 def test_a_fifo_source_is_named_for_what_it_is(tmp_path):
     """Adversarial pass: a source uri that is a FIFO was reported as 'file not found' while the file was there."""
     from bastion.edge.config import SourceConfig
-    from bastion.edge.sources import SourceUnavailable, open_file
+    from bastion.runtime.sources import SourceUnavailable, open_source
 
     fifo = tmp_path / "cam.fifo"
     os.mkfifo(fifo)
     with pytest.raises(SourceUnavailable, match="not a regular file"):
-        open_file(SourceConfig(name="cam1", uri=str(fifo)))
+        open_source(SourceConfig(name="cam1", uri=str(fifo)))

@@ -4,8 +4,10 @@ import shutil
 
 import pytest
 
-from bastion.errors import ImageReadError, InputNotFoundError
-from bastion.runtime.media import iter_source, prefetch, read_image
+from bastion.errors import ImageReadError
+from bastion.runtime.media import prefetch, read_image
+from bastion.runtime.reader import iter_source
+from bastion.runtime.sources import SourceUnavailable
 from conftest import PERSON_IMAGE, SAMPLES
 
 
@@ -15,16 +17,17 @@ def test_corrupt_image_among_good_ones_is_skipped(tmp_path):
     (tmp_path / "c.png").write_bytes(b"definitely not a png")
     shutil.copy(PERSON_IMAGE, tmp_path / "d.jpg")
     skipped: list[str] = []
-    frames = list(iter_source(tmp_path, skipped))
-    assert [f.source.split("/")[-1] for f in frames] == ["a.jpg", "d.jpg"]
+    frames = list(iter_source(str(tmp_path), skipped))
+    assert [f.path.split("/")[-1] for f in frames] == ["a.jpg", "d.jpg"]
+    assert {f.source for f in frames} == {str(tmp_path)}  # the source's name; each file in ``path``
     assert sorted(s.split("/")[-1] for s in skipped) == ["b.jpg", "c.png"]
 
 
 def test_errors_for_missing_empty_and_unreadable(tmp_path):
-    with pytest.raises(InputNotFoundError, match="input not found"):
-        list(iter_source(tmp_path / "nope"))
-    with pytest.raises(InputNotFoundError, match="no images in"):
-        list(iter_source(tmp_path))
+    with pytest.raises(SourceUnavailable, match="input not found"):
+        list(iter_source(str(tmp_path / "nope")))
+    with pytest.raises(SourceUnavailable, match="no images in"):
+        list(iter_source(str(tmp_path)))
     bad = tmp_path / "x.jpg"
     bad.write_bytes(b"")
     with pytest.raises(ImageReadError, match="cannot decode"):
@@ -32,7 +35,7 @@ def test_errors_for_missing_empty_and_unreadable(tmp_path):
 
 
 def test_video_frames_in_order():
-    frames = list(iter_source(SAMPLES / "car-detection.mp4", max_frames=5))
+    frames = list(iter_source(str(SAMPLES / "car-detection.mp4"), max_frames=5))
     assert [f.index for f in frames] == [0, 1, 2, 3, 4]
     assert frames[0].image.shape == (432, 768, 3)
 

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -317,9 +318,40 @@ def test_missing_source_backs_off_while_others_run_and_corrupt_frames_are_counte
         time.sleep(1.0)
         status = client.status()["sources"]
         assert status["gone"]["state"] == "reconnecting" and status["gone"]["errors"] >= 2
-        assert "file not found" in status["gone"]["last_error"]
+        assert "input not found" in status["gone"]["last_error"]
         assert status["dir"]["errors"] == 1 and status["dir"]["inferred"] == 1
         assert status["cam1"]["inferred"] > 0
+
+
+def test_frames_are_prepared_off_the_inference_thread_and_an_unpaced_directory_loses_none(tmp_path):
+    """Issue #16 item 6: pre-processing runs on the node's prepare thread (it used to run inside the detector
+    lock on the inference thread), and a directory read as fast as the model goes waits instead of dropping."""
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(12):
+        shutil.copy(PERSON_IMAGE, images / f"{i:02d}.jpg")
+    sources = [{"name": "dir", "uri": str(images), "loop": False, "realtime": False}]
+    node = Node(load_config(write_config(tmp_path, sources=sources, queue_size=1, max_batch=2)))
+    threads: set[str] = set()
+    real_prepare = node.detector.prepare
+
+    def prepare(image, *a, **k):
+        threads.add(threading.current_thread().name)
+        return real_prepare(image, *a, **k)
+
+    node.detector.prepare = prepare
+    node.start()
+    try:
+        deadline = time.monotonic() + 60
+        while node.status_dict()["sources"]["dir"]["inferred"] < 12 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        status = node.status_dict()
+    finally:
+        node.close()
+    source = status["sources"]["dir"]
+    assert source["read"] == source["inferred"] == 12 and source["dropped"] == 0, source
+    assert threads == {"node-prepare"}
+    assert status["threads"]["node-prepare"]["alive"] and status["threads"]["node-infer"]["alive"]
 
 
 def test_storage_failure_pauses_publishing(tmp_path, monkeypatch):

@@ -1,0 +1,175 @@
+"""One source stack (runtime/sources.py + runtime/reader.py) for `bastion detect` and the node: what a URI
+means, what the reader drops and what it never loses, its bounds, and the CLI's one-line failures."""
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bastion.edge.config import SourceConfig
+from bastion.runtime import reader as reader_mod
+from bastion.runtime import sources
+from bastion.runtime.reader import SourceReader, iter_source
+from bastion.runtime.sources import Capture, Opened, SourceSpec, SourceUnavailable, open_source, source_kind
+from conftest import PERSON_IMAGE, SAMPLE_IMAGES, SAMPLES, run_cli
+
+VIDEO = SAMPLES / "one-by-one-person-detection.mp4"
+
+
+def test_a_uri_means_the_same_kind_everywhere(tmp_path):
+    assert [source_kind(u) for u in (0, "0", "3", "/dev/video0", "/dev/video12")] == ["usb"] * 5
+    assert source_kind("rtsp://10.0.0.5:554/stream1") == source_kind("HTTP://cam/mjpg") == "stream"
+    assert source_kind(str(SAMPLE_IMAGES)) == "dir"
+    assert source_kind(str(PERSON_IMAGE)) == "image"
+    assert source_kind(str(VIDEO)) == source_kind(str(tmp_path / "missing.mp4")) == "video"
+    assert source_kind("/dev/videos") == "video"  # only /dev/video<N> is a camera
+
+
+def _fake_live(frames: int, shape=(48, 64, 3)):
+    def opener(spec):
+        def captures():
+            for i in range(frames):
+                yield Capture(np.full(shape, i % 256, np.uint8))
+
+        return Opened(captures(), 0.0, live=True, native_fps=30.0)
+
+    return opener
+
+
+def test_the_cli_reader_and_the_node_reader_open_through_one_registry(monkeypatch):
+    """A USB camera, faked at the registry: `bastion detect 0`'s reader and a node source `uri: 0` both get it."""
+    monkeypatch.setitem(sources._OPENERS, "usb", _fake_live(5))
+    cli_frames = list(iter_source("0", max_frames=3))
+    assert len(cli_frames) == 3 and all(f.source == "0" and f.image.shape == (48, 64, 3) for f in cli_frames)
+    node = SourceReader(SourceConfig(name="cam1", uri=0))
+    got = list(node.frames(limit=2))
+    assert [f.source for f in got] == ["cam1", "cam1"] and node.kind == "usb"
+
+
+def test_a_live_source_drops_the_oldest_and_an_unpaced_file_loses_nothing(monkeypatch):
+    monkeypatch.setitem(sources._OPENERS, "usb", _fake_live(200))
+    live = SourceReader(SourceSpec(name="cam", uri=0), queue_size=2, retries=0)
+    live.start()
+    assert live.finished.wait(20)  # the camera never waits for a consumer that takes nothing
+    assert live.stats.read == 200 and live.stats.dropped == 198
+    assert [live.queue.get_nowait().index for _ in range(2)] == [198, 199]  # the newest are kept
+
+    file_reader = SourceReader(SourceSpec(name="clip", uri=str(VIDEO), realtime=False), queue_size=2)
+    indices = []
+    for frame in file_reader.frames(limit=40):
+        time.sleep(0.002)  # a consumer slower than the decoder
+        indices.append(frame.index)
+    assert indices == list(range(40)) and file_reader.stats.dropped == 0
+
+
+def test_an_oversized_or_corrupt_frame_is_counted_and_skipped(monkeypatch):
+    monkeypatch.setattr(reader_mod, "MAX_FRAME_PIXELS", 40 * 40)
+
+    def opener(spec):
+        items = [Capture(np.zeros((48, 64, 3), np.uint8)), Capture(None), Capture(np.zeros((30, 30, 3), np.uint8))]
+        return Opened(iter(items), 0.0, live=False)
+
+    monkeypatch.setitem(sources._OPENERS, "usb", opener)
+    reader = SourceReader(SourceSpec(name="cam", uri=0), retries=0)
+    frames = list(reader.frames())
+    assert [f.image.shape for f in frames] == [(30, 30, 3)]
+    assert reader.stats.errors == 2 and reader.stats.read == 1
+
+
+def test_reconnects_back_off_and_the_cli_reader_gives_up_after_its_retries(monkeypatch):
+    opens = []
+
+    def opener(spec):
+        opens.append(time.monotonic())
+        if len(opens) > 1:
+            raise SourceUnavailable("camera gone")
+        return _fake_live(3)(spec)
+
+    monkeypatch.setitem(sources._OPENERS, "usb", opener)
+    reader = SourceReader(SourceSpec(name="cam", uri=0), retries=2, max_backoff_s=0.6)
+    with pytest.raises(SourceUnavailable, match="camera gone"):
+        list(reader.frames())
+    assert reader.stats.read == 3 and reader.stats.state == "failed"
+    assert len(opens) == 3 and reader.stats.reconnects == 2  # "stream ended", then one reopen refused
+    assert reader._backoff == 0.6  # 0.5 → 1.0, capped at max_backoff_s
+
+
+def test_a_source_that_never_opened_fails_at_once_in_the_cli_and_is_retried_by_the_node(tmp_path):
+    missing = str(tmp_path / "missing.mp4")
+    with pytest.raises(SourceUnavailable, match="input not found"):
+        list(iter_source(missing))
+    stop = threading.Event()
+    node_reader = SourceReader(SourceSpec(name="gone", uri=missing), stop=stop, max_backoff_s=0.5)
+    node_reader.start()
+    deadline = time.monotonic() + 10
+    while node_reader.stats.reconnects < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    node_reader.join(5)
+    assert node_reader.stats.reconnects >= 2 and node_reader.error is None
+
+
+@pytest.mark.skipif(Path("/dev/video7").exists(), reason="this machine has a /dev/video7")
+def test_a_usb_camera_that_is_not_there_is_named():
+    with pytest.raises(SourceUnavailable, match="no USB camera at /dev/video7"):
+        open_source(SourceSpec(name="cam", uri="/dev/video7"))
+    with pytest.raises(SourceUnavailable, match="out of range"):
+        open_source(SourceSpec(name="cam", uri="999"))
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_line_failure(proc, *fragments):
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr  # no OpenCV/FFmpeg chatter around it
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_detect_on_an_unreachable_stream_or_a_missing_camera_is_one_line():
+    port = _closed_port()
+    proc = run_cli("detect", f"rtsp://viewer:s3cret@127.0.0.1:{port}/x", "--threads", "1", timeout=120)
+    _one_line_failure(proc, "cannot open stream", f"127.0.0.1:{port}/x")
+    assert "s3cret" not in proc.stderr  # the stream's password is not printed
+    if not Path("/dev/video0").exists():
+        _one_line_failure(run_cli("detect", "0", "--threads", "1", timeout=120), "no USB camera at /dev/video0")
+        _one_line_failure(run_cli("detect", "/dev/video0", timeout=120), "no USB camera at /dev/video0")
+
+
+def test_detect_stream_runs_one_worker_on_a_backend_that_is_not_thread_safe():
+    from bastion.runtime.detections import Detections
+    from bastion.runtime.media import Frame
+    from bastion.runtime.stream import detect_stream
+
+    class StubDetector:
+        dynamic_batch = False
+
+        def __init__(self, thread_safe):
+            if thread_safe is not None:
+                self.thread_safe = thread_safe
+            self.threads: set[str] = set()
+
+        def prepare(self, image):
+            return image, None
+
+        def detect_prepared(self, prepared):
+            self.threads.add(threading.current_thread().name)
+            time.sleep(0.001)
+            return [Detections.empty(["x"]) for _ in prepared]
+
+    frames = [Frame("s", i, np.zeros((4, 4, 3), np.uint8)) for i in range(30)]
+    for thread_safe, pooled in ((None, True), (True, True), (False, False)):
+        stub = StubDetector(thread_safe)
+        got = [f.index for f, _ in detect_stream(stub, iter(frames), workers=3)]
+        assert got == list(range(30))
+        assert any(n.startswith("bastion-infer") for n in stub.threads) == pooled, (thread_safe, stub.threads)
+        assert len(stub.threads) == 1 or pooled
