@@ -154,6 +154,27 @@ def test_distill_bad_input(small_set, tmp_path):
         str(tmp_path / "c"),
     )
     assert proc.returncode == 1 and "no images in" in proc.stderr and "Traceback" not in proc.stderr
+    for flags, message in (
+        (["--force", "nope"], "--force nope: unknown stage"),
+        (["--imgsz", "8"], "--imgsz: Input should be greater than or equal to 32"),
+        (["--val-images", str(images)], "--val-images and --val-labels go together"),
+    ):  # the spec refuses a bad flag in one line, before any stage runs
+        proc = run_cli(
+            "distill",
+            "detect",
+            "--teacher",
+            "yolov5n",
+            "--images",
+            str(images),
+            "--classes",
+            "person",
+            "--no-train",
+            "--out",
+            str(tmp_path / "e"),
+            *flags,
+        )
+        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not (tmp_path / "e").exists()
     from bastion.distill.ultra import ultralytics_available
 
     if ultralytics_available():  # the training device is checked before any stage runs
@@ -177,8 +198,9 @@ def test_distill_bad_input(small_set, tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_student_training_end_to_end(small_set, tmp_path, shared, monkeypatch):
-    """1 epoch at 160 px: warm start logged, checkpoint and ONNX exist, the student is a measured candidate."""
+def test_tiny_student_training_end_to_end(small_set, tmp_path, shared, monkeypatch, capfd):
+    """1 epoch at 160 px: warm start logged, checkpoint and ONNX exist, the student is a measured candidate; stderr
+    is not a terminal here, so the run says what it does in plain lines, epochs and batches included."""
     from bastion.distill.train import TrainSpec
     from bastion.distill.ultra import ultralytics_available
 
@@ -191,6 +213,9 @@ def test_tiny_student_training_end_to_end(small_set, tmp_path, shared, monkeypat
     out = Path("run")  # relative, as an operator types it (Ultralytics would file it under its own runs_dir)
     train = TrainSpec(student="yolov5n.yaml", warm_start=warm if warm.is_file() else None, epochs=1, batch=8, freeze=24)
     report = run_distill(spec(images, labels, out, train=train, int8=True))
+    log = capfd.readouterr().err
+    assert "distill [3/5] student: training yolov5n.yaml for 1 epochs" in log
+    assert "train student: epoch 1/1 done loss" in log  # from Ultralytics' on_train_epoch_end
     trained = report["training"]
     assert (out / "student" / trained["weights"]).is_file() and (out / "student" / trained["onnx"]).is_file()
     if warm.is_file():
@@ -284,3 +309,18 @@ def test_held_out_ground_truth_gets_a_bootstrap_interval(coco128, small_set, tmp
         assert f"{candidate['map50']:.3f} ({interval['low']:.2f}–{interval['high']:.2f})" in markdown
     full = next(c for c in report["candidates"] if c["name"] == "teacher@640")
     assert full["map50_interval"]["high"] > full["map50_interval"]["low"]  # 12 images do not pin mAP down
+
+
+def test_without_ground_truth_the_report_says_pseudo_labelled(tmp_path):
+    """No --labels and no --val-labels: the held-out images carry the teachers' labels, and the result says so
+    (the demo report shows it) instead of passing agreement with the teacher off as accuracy."""
+    from bastion.distill.detect_report import ground_truth, ground_truth_line
+    from bastion.distill.run import DetectRunDir
+
+    run = DetectRunDir(tmp_path / "run")
+    run.held_out_images.mkdir(parents=True)
+    for name in ("a.jpg", "b.jpg"):
+        (run.held_out_images / name).write_bytes(b"x")
+    truth = ground_truth(spec(tmp_path / "images", None, run.root), run, 2)
+    assert truth["kind"] == "pseudo-labelled" and truth["labels_sha256"] is None and truth["images"] == 2
+    assert "**pseudo-labelled** by the teachers" in ground_truth_line(truth)
