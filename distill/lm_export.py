@@ -7,7 +7,7 @@ from pathlib import Path
 
 from bastion import __version__
 from bastion.models.bundle import seal_bundle, staged_bundle
-from bastion.models.manifest import DecoderSpec, FileEntry, LicenseInfo, Manifest, Provenance, sha256_file
+from bastion.models.manifest import FileEntry, LlamaKvDecoderSpec, LicenseInfo, Manifest, Provenance, sha256_file
 from bastion.models.provenance import stamp
 
 
@@ -52,7 +52,7 @@ def export_lm_bundle(
                 FileEntry(path=f, sha256=sha256_file(staging / f), size=(staging / f).stat().st_size, role=r)
                 for f, r in files
             ],
-            decoder=DecoderSpec(
+            decoder=LlamaKvDecoderSpec(
                 type="llama-kv",
                 params={**config, "head_dim": model.c.head_dim, "stop": [1, 2], "bos": 1, "generation": generation},
             ),

@@ -18,11 +18,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from bastion.errors import ManifestError
+from bastion.models.decoder_spec import MAX_STRIDE, DecoderSpec, LlamaKvDecoderSpec, YoloDecoderSpec
+
+__all__ = ["DecoderSpec", "LlamaKvDecoderSpec", "YoloDecoderSpec"]  # the decoder union lives in decoder_spec.py
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 MAX_INPUT_SIZE = 4096  # px per side: a 4096² float32 input is 192 MiB, already more than an edge unit spares
-MAX_STRIDE = 256
+MAX_DET = 10_000  # detections kept per image: NMS output is sized by it, and no scene needs more
 MAX_MANIFEST_BYTES = 1 << 20  # the zoo's are ~4 KB; class lists and provenance never approach this
 
 
@@ -78,20 +81,12 @@ class InputSpec(_Strict):
     dynamic_hw: bool = False
 
 
-class DecoderSpec(_Strict):
-    """Which registered decoder reads the raw outputs, and its parameters."""
-
-    type: str
-    strides: list[Annotated[int, Field(ge=1, le=MAX_STRIDE)]] | None = Field(None, max_length=16)
-    params: dict[str, Any] = {}
-
-
 class Thresholds(_Strict):
     """Defaults the model's maker recommends; every call may override them."""
 
     conf: float = Field(0.25, ge=0.0, le=1.0)
     iou: float = Field(0.45, ge=0.0, le=1.0)
-    max_det: int = Field(300, ge=1)
+    max_det: int = Field(300, ge=1, le=MAX_DET)
 
 
 class DatasetRef(_Strict):
@@ -203,6 +198,15 @@ class Manifest(_Strict):
                 f"schema_version {value} is newer than this bastion understands ({SCHEMA_VERSION}); upgrade bastion"
             )
         return value
+
+    @model_validator(mode="after")
+    def _decoder_fits_task(self) -> "Manifest":
+        """A detection bundle needs a YOLO output decoder, an LM bundle the llama-kv cache spec: the wrong kind is
+        refused here, not by a decoder or generator failing later."""
+        wanted = {"detect": YoloDecoderSpec, "lm": LlamaKvDecoderSpec}[self.task]
+        if self.decoder is not None and not isinstance(self.decoder, wanted):
+            raise ValueError(f"decoder: type {self.decoder.type!r} does not read a task {self.task!r} model")
+        return self
 
     @model_validator(mode="after")
     def _one_fp32_sibling_on_int8(self) -> "Manifest":

@@ -3,7 +3,9 @@
 A decoder turns the batch outputs into, per image, ``Candidates``: xyxy boxes in
 *network-input* pixels, scores and class ids, already above the confidence
 threshold.  NMS and the mapping back to the original image are shared and live
-in ``bastion.runtime.detect``.  Add a family with ``@register_decoder("name")``.
+in ``bastion.runtime.detect``.  The registry dispatches on the manifest's typed spec
+(``get_decoder(manifest.decoder)``); add a family by naming its type in ``models/decoder_spec.py`` and
+registering its function with ``@register_decoder("name")``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import cv2
 import numpy as np
 
 from bastion.errors import DecoderError
-from bastion.models.manifest import DecoderSpec
+from bastion.models.decoder_spec import YOLO_DECODERS, DecoderSpec, YoloDecoderSpec
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,7 @@ class Candidates:
 class DecodeContext:
     """What a decoder needs besides the tensors."""
 
-    spec: DecoderSpec
+    spec: YoloDecoderSpec
     num_classes: int
     input_hw: tuple[int, int]
     conf: float
@@ -47,6 +49,11 @@ _DECODERS: dict[str, DecoderFn] = {}
 
 
 def register_decoder(name: str) -> Callable[[DecoderFn], DecoderFn]:
+    """Register the function for one YOLO decoder ``type``. The manifest's union (``models/decoder_spec.py``) names
+    the types a bundle may carry, so a decoder registered under any other name could never be reached."""
+    if name not in YOLO_DECODERS:
+        raise ValueError(f"decoder {name!r} is not a type the manifest knows ({', '.join(YOLO_DECODERS)})")
+
     def wrap(fn: DecoderFn) -> DecoderFn:
         _DECODERS[name] = fn
         return fn
@@ -54,12 +61,19 @@ def register_decoder(name: str) -> Callable[[DecoderFn], DecoderFn]:
     return wrap
 
 
-def get_decoder(name: str) -> DecoderFn:
-    try:
-        return _DECODERS[name]
-    except KeyError:
+def get_decoder(spec: DecoderSpec) -> DecoderFn:
+    """The registered function for a manifest's typed decoder spec (a YOLO one; an LM's KV-cache spec decodes no
+    boxes)."""
+    if not isinstance(spec, YoloDecoderSpec):
         raise DecoderError(
-            f"no output decoder named {name!r}", f"known decoders: {', '.join(sorted(_DECODERS))}"
+            f"decoder {spec.type!r} is a language model's KV-cache spec, not an output decoder",
+            "run it with bastion ask (a detection bundle names yolov5, yolov8 or yolox)",
+        )
+    try:
+        return _DECODERS[spec.type]
+    except KeyError:  # a type the manifest allows that this build registers no function for
+        raise DecoderError(
+            f"no output decoder named {spec.type!r}", f"known decoders: {', '.join(sorted(_DECODERS))}"
         ) from None
 
 

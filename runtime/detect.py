@@ -72,7 +72,7 @@ class Detector:
         self.verified_by: str | None = None  # signer key id when loaded from a verified bundle
         self.int8_check = None  # an Int8Check when loaded from an INT8 bundle (runtime/int8_check.py)
         self.options = options or DetectOptions()
-        self._decode = get_decoder(manifest.decoder.type)
+        self._decode = get_decoder(manifest.decoder)
         self._input_name = backend.inputs[0].name
         self._dynamic_batch = backend.inputs[0].dynamic_batch
         self.set_options(self.options)

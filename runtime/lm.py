@@ -67,7 +67,7 @@ class LMParams(BaseModel):
 def lm_params(manifest: Manifest) -> LMParams:
     """The manifest's LM decoder params, validated (ModelLoadError naming the bad field)."""
     try:
-        return LMParams.model_validate(manifest.decoder.params if manifest.decoder else {})
+        return LMParams.model_validate(manifest.decoder.params.model_dump() if manifest.decoder else {})
     except ValidationError as exc:
         from bastion.models.textfiles import first_error
 

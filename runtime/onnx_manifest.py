@@ -15,7 +15,15 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from bastion.errors import DecoderError
-from bastion.models.manifest import DecoderSpec, FileEntry, InputSpec, LicenseInfo, Manifest, Provenance, sha256_file
+from bastion.models.manifest import (
+    FileEntry,
+    InputSpec,
+    LicenseInfo,
+    Manifest,
+    Provenance,
+    YoloDecoderSpec,
+    sha256_file,
+)
 from bastion.runtime.backends.base import Backend
 
 
@@ -91,7 +99,7 @@ def _manifest(path: Path, backend: Backend, data: bytes | None) -> Manifest:
             stride=stride,
             dynamic_hw=inp.shape[2] is None,
         ),
-        decoder=DecoderSpec(type=decoder),
+        decoder=YoloDecoderSpec(type=decoder),
         classes=names,
         provenance=Provenance(source=f"bare ONNX file {path.name} (no bundle manifest)"),
         license=LicenseInfo(weights="unknown"),

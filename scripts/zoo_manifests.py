@@ -13,7 +13,6 @@ from pathlib import Path
 
 from bastion.models.manifest import (
     DatasetRef,
-    DecoderSpec,
     EvalResult,
     FileEntry,
     InputSpec,
@@ -21,6 +20,7 @@ from bastion.models.manifest import (
     Manifest,
     Provenance,
     Thresholds,
+    YoloDecoderSpec,
     sha256_file,
     write_manifest,
 )
@@ -140,7 +140,7 @@ def yolov5n() -> Manifest:
             pad_position="center",
             dynamic_hw=True,
         ),
-        decoder=DecoderSpec(type="yolov5", strides=[8, 16, 32]),
+        decoder=YoloDecoderSpec(type="yolov5", strides=[8, 16, 32]),
         classes=COCO80,
         thresholds=Thresholds(conf=0.25, iou=0.45, max_det=300),
         precision="fp32",
@@ -197,7 +197,7 @@ def yolox_nano() -> Manifest:
             pad_position="top-left",
             dynamic_hw=False,
         ),
-        decoder=DecoderSpec(type="yolox", strides=[8, 16, 32]),
+        decoder=YoloDecoderSpec(type="yolox", strides=[8, 16, 32]),
         classes=COCO80,
         thresholds=Thresholds(conf=0.25, iou=0.45, max_det=300),
         precision="fp32",

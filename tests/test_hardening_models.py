@@ -185,7 +185,7 @@ def test_hw_plan_plans_an_lm_bundle():
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     m = read_manifest(zoo_path("stories260K") / "manifest.json")
-    p = m.decoder.params
+    p = m.decoder.params.model_dump()
     kv_mb = 2 * p["n_layers"] * p["max_seq_len"] * p["n_kv_heads"] * p["head_dim"] * 4 / 2**20
     assert plan["kv_cache_mb"] == pytest.approx(kv_mb, abs=0.05)
     assert plan["weights_mb"] == pytest.approx(m.model_file().size / 2**20, abs=0.05)

@@ -140,7 +140,7 @@ def test_bundle_generation_defaults_travel_with_the_model(tmp_path):
         [],
         generation={"temperature": 1.0, "top_k": 40, "max_new_tokens": 12},
     )
-    assert read_manifest(tmp_path / "b" / "manifest.json").decoder.params["generation"] == {
+    assert read_manifest(tmp_path / "b" / "manifest.json").decoder.params.generation.model_dump() == {
         "max_new_tokens": 12,
         "temperature": 1.0,
         "top_k": 40,
