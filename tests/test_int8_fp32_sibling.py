@@ -154,3 +154,22 @@ def test_manifest_allows_one_sibling_and_only_beside_an_int8_model():
         Manifest.model_validate({**fields, "precision": "int8", "files": twice})
     one = Manifest.model_validate({**fields, "precision": "int8", "files": [model, sibling]})
     assert one.fp32_sibling_file().path == "parent.onnx" and one.model_file().path == model["path"]
+
+
+def test_bundle_create_fp32_sibling_flag(int8_model, fp32_model, tmp_path):  # noqa: F811
+    meta = tmp_path / "meta.yaml"
+    meta.write_text("precision: int8\n")
+    out = tmp_path / "made-1.0"
+    proc = run_cli(
+        "bundle", "create", "--onnx", str(int8_model), "--fp32-sibling", str(fp32_model), "--meta", str(meta),
+        "--weights-license", "AGPL-3.0", "--out", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    manifest = Bundle.open_fresh(out).manifest
+    assert manifest.fp32_sibling_file().path == fp32_model.name and manifest.int8_verdict is None
+    det = Detector.load(out, warmup=False, threads=1, allow_unsigned=True, int8_policy="strict")
+    assert det.int8_check.fell_back  # no verdict recorded: strict trusts only the FP32 parent
+    det.close()
+    proc = run_cli("bundle", "create", "--onnx", str(fp32_model), "--fp32-sibling", str(fp32_model),
+                   "--weights-license", "x", "--out", str(tmp_path / "fp32-1.0"))  # fmt: skip
+    assert proc.returncode == 1 and "belongs to an int8 bundle" in proc.stderr and "Traceback" not in proc.stderr
