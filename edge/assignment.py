@@ -33,6 +33,9 @@ def gated_assignment(cost: np.ndarray, thresh: float) -> tuple[list[tuple[int, i
     if rows == 0 or cols == 0:
         return [], list(range(rows)), list(range(cols))
     feasible = cost <= thresh
+    best = _uncontested(cost, feasible)
+    if best is not None:
+        return _result(best, rows, cols)
     matches: list[tuple[int, int]] = []
     for comp_rows, comp_cols in _components(feasible):
         if len(comp_rows) == 1 and len(comp_cols) == 1:
@@ -41,6 +44,25 @@ def gated_assignment(cost: np.ndarray, thresh: float) -> tuple[list[tuple[int, i
         sub = cost[np.ix_(comp_rows, comp_cols)]
         for r, c in _extended_hungarian(sub, feasible[np.ix_(comp_rows, comp_cols)], thresh):
             matches.append((comp_rows[r], comp_cols[c]))
+    return _result(matches, rows, cols)
+
+
+def _uncontested(cost: np.ndarray, feasible: np.ndarray) -> list[tuple[int, int]] | None:
+    """The answer when every row that can match has a different cheapest column, else None.
+
+    Matching (r, c) changes the total by ``cost - thresh`` (two dummies at ``thresh / 2`` are given up), so
+    the sum over rows of ``min(0, cheapest - thresh)`` is a lower bound; rows whose cheapest columns are all
+    different reach it, so that matching is optimal. It is the common case (objects apart from each other)
+    and costs one argmin.
+    """
+    rows = np.flatnonzero(feasible.any(axis=1))
+    cheapest = np.argmin(cost[rows], axis=1)
+    if len(np.unique(cheapest)) != len(cheapest):
+        return None
+    return [(int(r), int(c)) for r, c in zip(rows, cheapest)]
+
+
+def _result(matches: list[tuple[int, int]], rows: int, cols: int) -> tuple[list[tuple[int, int]], list[int], list[int]]:
     matches.sort()
     matched_rows = {r for r, _ in matches}
     matched_cols = {c for _, c in matches}

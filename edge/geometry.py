@@ -41,11 +41,15 @@ def polygon_problem(points: list[Point]) -> str | None:
     return None
 
 
-def inside_polygon(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
-    """[N] bool: which of ``points`` [N, 2] lie inside ``polygon`` [K, 2] (even–odd ray casting)."""
+def inside_polygon(points: np.ndarray, polygon: np.ndarray, following: np.ndarray | None = None) -> np.ndarray:
+    """[N] bool: which of ``points`` [N, 2] lie inside ``polygon`` [K, 2] (even–odd ray casting).
+
+    ``following``: the polygon's corners shifted by one (``np.roll(polygon, -1, 0)``), when kept by the caller.
+    """
     x, y = points[:, 0:1], points[:, 1:2]
     x1, y1 = polygon[:, 0], polygon[:, 1]
-    x2, y2 = np.roll(x1, -1), np.roll(y1, -1)
+    following = np.roll(polygon, -1, axis=0) if following is None else following
+    x2, y2 = following[:, 0], following[:, 1]
     straddles = (y1 > y) != (y2 > y)
     with np.errstate(divide="ignore", invalid="ignore"):
         x_at = x1 + (y - y1) * (x2 - x1) / (y2 - y1)

@@ -18,15 +18,18 @@ _H = np.eye(4, 8)  # we measure (x, y, a, h)
 
 
 def xyxy_to_xyah(xyxy: np.ndarray) -> np.ndarray:
-    w = xyxy[:, 2] - xyxy[:, 0]
-    h = np.maximum(xyxy[:, 3] - xyxy[:, 1], 1e-6)
-    return np.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2, w / h, h], axis=1)
+    out = np.empty((len(xyxy), 4))
+    out[:, :2] = (xyxy[:, :2] + xyxy[:, 2:]) / 2
+    out[:, 3] = np.maximum(xyxy[:, 3] - xyxy[:, 1], 1e-6)
+    out[:, 2] = (xyxy[:, 2] - xyxy[:, 0]) / out[:, 3]
+    return out
 
 
 def xyah_to_xyxy(xyah: np.ndarray) -> np.ndarray:
-    w = xyah[:, 2] * xyah[:, 3]
-    h = xyah[:, 3]
-    return np.stack([xyah[:, 0] - w / 2, xyah[:, 1] - h / 2, xyah[:, 0] + w / 2, xyah[:, 1] + h / 2], axis=1)
+    half = np.empty((len(xyah), 2))
+    half[:, 0] = xyah[:, 2] * xyah[:, 3] / 2
+    half[:, 1] = xyah[:, 3] / 2
+    return np.concatenate([xyah[:, :2] - half, xyah[:, :2] + half], axis=1)
 
 
 def _diag(std: np.ndarray) -> np.ndarray:

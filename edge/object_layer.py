@@ -56,13 +56,15 @@ class _Object:
     best_frame: int
     hits: int = 1
     votes: dict[int, float] = field(default_factory=dict)  # class -> summed confidence
+    cls: int = -1  # the class with the most votes
     announced: bool = False
     reported: tuple[int, frozenset[str], float] | None = None  # class, zones, conf at the last new/update
     reported_ts: float = 0.0
 
-    @property
-    def cls(self) -> int:
-        return max(self.votes, key=self.votes.__getitem__)
+    def vote(self, cls: int, conf: float) -> None:
+        self.votes[cls] = self.votes.get(cls, 0.0) + conf
+        if self.cls < 0 or self.votes[cls] > self.votes[self.cls]:
+            self.cls = cls
 
 
 class _SourceObjects:
@@ -124,8 +126,7 @@ class _SourceObjects:
             obj.last_seen, obj.frame, obj.box, obj.conf = ts, frame, det.xyxy[i].copy(), conf
             if conf > obj.best_conf:
                 obj.best_conf, obj.best_frame = conf, frame
-        cls = int(det.cls[i])
-        obj.votes[cls] = obj.votes.get(cls, 0.0) + conf
+        obj.vote(int(det.cls[i]), conf)
         return obj
 
     def _sighting(self, obj: _Object, names: list[str], width: int, height: int) -> Sighting:

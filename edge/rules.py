@@ -50,6 +50,7 @@ class ZoneRule:
     def __init__(self, cfg: ZoneConfig) -> None:
         self.cfg = cfg
         self.polygon = np.asarray(cfg.points, dtype=np.float64)
+        self.following = np.roll(self.polygon, -1, axis=0)
         self.entered: dict[int, float] = {}  # track -> ts it entered
         self.loitered: set[int] = set()
 
@@ -59,7 +60,7 @@ class ZoneRule:
     def step(self, seen: list[Sighting], ts: float) -> list[RuleHit]:
         if not seen:
             return []
-        inside = inside_polygon(np.asarray([s.anchor for s in seen], dtype=np.float64), self.polygon)
+        inside = inside_polygon(np.asarray([s.anchor for s in seen], dtype=np.float64), self.polygon, self.following)
         hits = []
         for obj, now_in in zip(seen, inside):
             now_in = bool(now_in) and counts(self.cfg, obj)

@@ -92,8 +92,10 @@ class _Track:
     def confirmed(self) -> bool:
         return self.track_id >= 0
 
-    def box(self) -> np.ndarray:
-        return kalman.xyah_to_xyxy(self.mean[None, :4])[0]
+
+def _boxes(tracks: list[_Track]) -> np.ndarray:
+    """[N, 4] xyxy of the tracks' current Kalman estimates."""
+    return kalman.xyah_to_xyxy(np.array([t.mean[:4] for t in tracks]))
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -190,7 +192,7 @@ class ByteTrack:
     ) -> tuple[list[tuple[_Track, int]], list[_Track], list[int]]:
         if not tracks or len(dets) == 0:
             return [], list(tracks), [int(d) for d in dets]
-        predicted = kalman.xyah_to_xyxy(np.stack([t.mean[:4] for t in tracks]))
+        predicted = _boxes(tracks)
         similarity = iou_matrix(predicted, boxes[dets])
         if fuse:
             similarity = similarity * scores[dets][None, :]
@@ -233,7 +235,7 @@ class ByteTrack:
         lost = [t for t in self.tracks if t.lost]
         if not tracked or not lost:
             return set()
-        cost = 1.0 - iou_matrix(np.stack([t.box() for t in tracked]), np.stack([t.box() for t in lost]))
+        cost = 1.0 - iou_matrix(_boxes(tracked), _boxes(lost))
         gone: set[int] = set()
         for i, j in zip(*np.nonzero(cost < DUPLICATE_IOU_COST)):
             a, b = tracked[i], lost[j]

@@ -179,3 +179,19 @@ def test_gated_assignment_is_the_exact_optimum_with_unmatched_allowed():
                     if all(cost[r, c] <= thresh for r, c in zip(rows, cols)):
                         best = min(best, total(cost, list(zip(rows, cols)), [0] * (n - k), [0] * (m - k)))
         assert total(cost, *gated_assignment(cost, thresh)) == pytest.approx(best)
+
+
+def test_mot_metrics_count_switches_and_idf1_on_a_known_case():
+    """bastion/mot_metrics.py (the benchmark's scorer): two people, ids swapped half-way, one missed frame."""
+    from bastion.mot_metrics import score
+
+    a, b = np.array([0, 0, 10, 20.0]), np.array([50, 0, 60, 20.0])
+    perfect = [({1: a, 2: b}, {7: a, 8: b})] * 10
+    s = score(perfect)
+    assert (s.mota, s.idf1, s.id_switches) == (1.0, 1.0, 0)
+    swapped = [({1: a, 2: b}, {7: a, 8: b})] * 5 + [({1: a, 2: b}, {})] + [({1: a, 2: b}, {8: a, 7: b})] * 4
+    s = score(swapped)
+    assert s.id_switches == 2 and s.misses == 2 and s.false_positives == 0
+    assert s.mota == pytest.approx(1 - (2 + 2) / 20)
+    assert s.idf1 == pytest.approx(2 * 10 / (20 + 18))  # best id pairing keeps 5 frames of each of the two
+    assert s.id_switches_per_100_tracks == pytest.approx(100.0)
