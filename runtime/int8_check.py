@@ -222,4 +222,5 @@ def plan_note(manifest: Manifest, profile_name: str, profile_isa: str | None, ba
     return (
         f"INT8 verdict measured on {verdict.isa} does NOT hold on {profile_isa} ({verdict.recipe} computes "
         f"differently there): bastion quantize --target {profile_name}, or plan the FP32 bundle"
+        + ("; int8_policy strict runs its FP32 sibling there" if manifest.fp32_sibling_file() else "")
     )

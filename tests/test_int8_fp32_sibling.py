@@ -173,3 +173,11 @@ def test_bundle_create_fp32_sibling_flag(int8_model, fp32_model, tmp_path):  # n
     proc = run_cli("bundle", "create", "--onnx", str(fp32_model), "--fp32-sibling", str(fp32_model),
                    "--weights-license", "x", "--out", str(tmp_path / "fp32-1.0"))  # fmt: skip
     assert proc.returncode == 1 and "belongs to an int8 bundle" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_hw_plan_says_a_strict_unit_runs_the_sibling(with_sibling):
+    from bastion.hardware.planner import plan
+    from bastion.hardware.profiles import load_profile
+
+    notes = plan(Bundle.open(with_sibling), load_profile("x86-cpu"), measure_speed=False).notes
+    assert any("does NOT hold on x86-avx2" in n and "strict runs its FP32 sibling" in n for n in notes), notes
