@@ -23,8 +23,7 @@ import numpy as np
 
 from bastion.distill.evaluate import REPORT_BOOTSTRAP, EvalReport, EvalSettings, evaluate_detector
 from bastion.models.bundle import Bundle
-from bastion.runtime.backends import open_backend
-from bastion.runtime.detect import DetectOptions, Detector
+from bastion.runtime.detect import Detector
 
 # How every candidate is scored: low threshold for mAP, NMS IoU 0.6, multi-label, no up-scaling, square inputs.
 # One place, so the detector options, the evaluation and the settings a shipped manifest records cannot drift.
@@ -46,9 +45,20 @@ def manifest_settings(imgsz: int) -> dict[str, Any]:
 
 
 def open_for_eval(bundle: Bundle, imgsz: int) -> Detector:
-    """One thread (a fair, repeatable comparison), the evaluation options, no warm-up of its own."""
-    options = DetectOptions(conf=EVAL_CONF, iou=EVAL_IOU, multi_label=True, scaleup=False, imgsz=imgsz, rect=False)
-    return Detector(open_backend(bundle.model_path, threads=1), bundle.manifest, options)
+    """On the CPU with one thread (a fair, repeatable comparison, as the field node serves), the evaluation
+    options, no warm-up of its own; built from the model's bytes as hashed now (``Detector.from_bundle``)."""
+    return Detector.from_bundle(
+        bundle,
+        device="cpu",
+        threads=1,
+        warmup=False,
+        conf=EVAL_CONF,
+        iou=EVAL_IOU,
+        multi_label=True,
+        scaleup=False,
+        imgsz=imgsz,
+        rect=False,
+    )
 
 
 @dataclass
