@@ -99,6 +99,7 @@ class NodeConfig(_Strict):
     lm: str | None = None  # a task: lm bundle for the ask op (verified like the detector)
     lm_max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
     lm_max_prompt_chars: int = Field(4000, ge=1, le=8192)  # a request carries at most 8192
+    lm_queue: int = Field(4, ge=0, le=64)  # asks that wait behind the one generating; more get 'busy'
     # Every interval is bounded: .inf would kill the thread that waits on it, a microsecond would spin a core.
     heartbeat_s: float = Field(1.0, ge=0.05, le=3600)
     health_log_s: float = Field(30.0, ge=1, le=86400)

@@ -42,7 +42,8 @@ class RateLimiter:
 
     The same bucket also meters time: with ``rate`` = a share of the control thread
     and ``burst`` = seconds, ``in_debt`` before a request and ``spend(elapsed)`` after
-    it keep one client from holding the thread (long replays, answers, reloads).
+    it keep one client from holding the thread (long replays, answers, reloads).  Thread-safe: the control
+    lanes (edge/control_lanes.py) charge their work to the client after the fact.
     """
 
     def __init__(
@@ -54,14 +55,16 @@ class RateLimiter:
     ) -> None:
         self.rate, self.burst, self.clock, self.max_clients = float(rate), float(burst), clock, max_clients
         self._buckets: OrderedDict[bytes, _Bucket] = OrderedDict()
+        self._lock = threading.Lock()
 
     def allow(self, client: bytes) -> float:
         """0.0 if ``client`` may go on now (a token is spent), else the seconds until it may."""
-        bucket = self._refilled(client)
-        if bucket.tokens >= 1.0:
-            bucket.tokens -= 1.0
-            return 0.0
-        return (1.0 - bucket.tokens) / self.rate
+        with self._lock:
+            bucket = self._refilled(client)
+            if bucket.tokens >= 1.0:
+                bucket.tokens -= 1.0
+                return 0.0
+            return (1.0 - bucket.tokens) / self.rate
 
     def _refilled(self, client: bytes) -> _Bucket:
         now = self.clock()
@@ -75,12 +78,14 @@ class RateLimiter:
 
     def in_debt(self, client: bytes) -> float:
         """0.0 if ``client`` has anything left, else the seconds until it has (spends nothing)."""
-        bucket = self._refilled(client)
-        return 0.0 if bucket.tokens > 0 else (1e-3 - bucket.tokens) / self.rate
+        with self._lock:
+            bucket = self._refilled(client)
+            return 0.0 if bucket.tokens > 0 else (1e-3 - bucket.tokens) / self.rate
 
     def spend(self, client: bytes, amount: float) -> None:
         """Take ``amount`` after the fact (a cost known only once paid); the balance may go below zero."""
-        self._refilled(client).tokens -= amount
+        with self._lock:
+            self._refilled(client).tokens -= amount
 
 
 @dataclass

@@ -24,8 +24,10 @@ from typing import Any
 
 
 from bastion import __version__
-from bastion.edge.audit import AuditLog, AuditWriteError, open_node_key
+from bastion.edge.audit import AuditLog, open_node_key
 from bastion.edge.config import NodeConfig
+from bastion.edge.control_lanes import Deferred
+from bastion.edge.control_ops import dispatch
 from bastion.edge.limits import clip
 from bastion.edge.node_models import load_detector, load_lm
 from bastion.edge.pipeline import INFER, PREPARE, FramePipeline
@@ -37,7 +39,6 @@ from bastion.edge.supervisor import Supervisor
 from bastion.edge.systemd_notify import sd_notify, watchdog_interval_s
 from bastion.errors import BastionError
 from bastion.models.atomic import atomic_write_bytes
-from bastion.models.version import check_not_downgrade
 from bastion.runtime.detect import Detector
 from bastion.runtime.reader import SourceReader
 
@@ -52,7 +53,6 @@ class NodeFailed(BastionError):
     exit_code = 2
 
 
-MAX_REPLAY_BYTES = 4 * 2**20  # one replay answer; the client asks again for the rest ("more": true)
 RELOAD_REFUSED = "reload refused: not a bundle this node can verify and load (the node's audit log says why)"
 
 
@@ -296,7 +296,7 @@ class Node(FramePipeline):
         }
 
     def _ask(self, request: ControlRequest) -> dict[str, Any]:
-        """Stream the answer to this client only; one generation at a time (on the control thread), bounded."""
+        """The answer, as pieces for this client only; checked here, generated in the server's lm lane, bounded."""
         if self.generator is None:
             return {
                 "ok": False,
@@ -329,62 +329,7 @@ class Node(FramePipeline):
             log.warning("reload refused for %s: %s", client, clip(reason))
         return {"ok": False, "error": RELOAD_REFUSED}
 
-    def handle(self, request: ControlRequest, client: str = "local") -> dict[str, Any]:
-        if request.op == "ping":
-            return {"pong": time.time()}
-        if request.op == "status":
-            return {"status": self.status_dict()}
-        if request.op == "replay":
-            try:
-                events = self.store.since(request.since, request.limit)
-            except StorageError as exc:  # a damaged store: one clear line, never an internal error
-                return {"ok": False, "error": str(exc)}
-            kept, size = [], 0
-            for event in events:  # bounded in bytes too: many detections a frame make MBs of JSON an event
-                size += 160 + 100 * len(event.detections)  # about what one event takes as JSON
-                if kept and size > MAX_REPLAY_BYTES:
-                    break
-                kept.append(event.model_dump(mode="json"))
-            return {
-                "events": kept,
-                "last_seq": self.store.last_seq(),
-                "more": len(kept) < len(events) or len(events) == request.limit,
-            }
-        if request.op == "reload":
-            if not request.bundle:
-                return {"ok": False, "error": "reload needs 'bundle'"}
-            try:
-                new = self._load_detector(request.bundle, audit_refusal=False)
-            except Exception as exc:  # BastionError, or OSError for a name too long …: a client's bad input
-                return self._reload_refused(request.bundle, exc, client)
-            try:  # an older version of the running model only when asked (#15 item 9)
-                rollback = check_not_downgrade(self.detector.manifest, new.manifest, request.allow_downgrade)
-            except BastionError as exc:
-                new.close()
-                return {**self._reload_refused(request.bundle, exc, client), "error": f"reload refused: {exc}"}
-            try:  # what runs changes only when the trail can say so
-                self.audit.append(
-                    "reload",
-                    strict=True,
-                    sha256=new.bundle_sha256,
-                    **({"downgrade_from": self.detector.manifest.version} if rollback else {}),
-                )
-            except AuditWriteError as exc:
-                new.close()
-                return {"ok": False, "error": f"reload refused: {exc}"}
-            with self._detector_lock:
-                old, self.detector = self.detector, new
-            old.close()
-            return {"model": {"name": new.manifest.name, "sha256": new.bundle_sha256}}
-        if request.op == "snapshot":
-            if self.vault is None:
-                return {"ok": False, "error": "this node keeps no snapshots (storage.snapshots is off)"}
-            import base64
-
-            try:
-                return {"seq": request.seq, "jpeg_b64": base64.b64encode(self.vault.load(request.seq)).decode()}
-            except BastionError as exc:
-                return {"ok": False, "error": str(exc)}
-        if request.op == "ask":
-            return self._ask(request)
-        return {"ok": False, "error": f"unknown op {request.op}"}
+    def handle(self, request: ControlRequest, client: str = "local") -> dict[str, Any] | Deferred:
+        """One control request, answered by its op's handler (edge/control_ops.py); slow work comes back as a
+        ``Deferred`` the server runs off its control thread."""
+        return dispatch(self, request, client)

@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from bastion.lm_limits import MAX_NEW_TOKENS
-from bastion.models.textfiles import first_error
 
 PROTOCOL_VERSION = 1
 MAX_REQUEST_BYTES = 64 * 1024  # all frames of one request together, counted before anything is kept
@@ -70,18 +69,55 @@ RequestId = (
 )
 
 
-class ControlRequest(BaseModel):
+class _Request(BaseModel):
+    """What every control request has: its op (the discriminator) and an optional id the reply echoes.
+
+    Each op is its own model with only its own fields, each bounded, and no others
+    (``extra="forbid"``): a field of another op is refused like any unknown one.
+    """
+
     model_config = ConfigDict(extra="forbid")
 
-    op: Literal["status", "replay", "reload", "ask", "ping", "snapshot"]
     id: RequestId | None = None
+
+
+class PingRequest(_Request):
+    op: Literal["ping"]
+
+
+class StatusRequest(_Request):
+    op: Literal["status"]
+
+
+class ReplayRequest(_Request):
+    op: Literal["replay"]
     since: int = Field(0, ge=0, le=MAX_SEQ)
-    seq: int = Field(0, ge=0, le=MAX_SEQ)
     limit: int = Field(500, ge=1, le=5000)
-    bundle: str | None = Field(None, max_length=4096)  # PATH_MAX
-    allow_downgrade: bool = False  # reload: an older version of the running model only when asked (#15 item 9)
-    prompt: str | None = Field(None, max_length=8192)
+
+
+class ReloadRequest(_Request):
+    op: Literal["reload"]
+    bundle: str = Field(min_length=1, max_length=4096)  # PATH_MAX
+    allow_downgrade: bool = False  # an older version of the running model only when asked (#15 item 9)
+
+
+class SnapshotRequest(_Request):
+    op: Literal["snapshot"]
+    seq: int = Field(ge=0, le=MAX_SEQ)
+
+
+class AskRequest(_Request):
+    op: Literal["ask"]
+    prompt: str = Field(min_length=1, max_length=8192)  # the node's lm_max_prompt_chars may allow less
     max_new_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS)  # the generator's own limit (bastion.lm_limits)
+
+
+ControlRequest = Annotated[
+    PingRequest | StatusRequest | ReplayRequest | ReloadRequest | SnapshotRequest | AskRequest,
+    Field(discriminator="op"),
+]
+_CONTROL_REQUEST = TypeAdapter(ControlRequest)
+OPS: tuple[str, ...] = tuple(_CONTROL_REQUEST.json_schema()["discriminator"]["mapping"])  # every op there is
 
 
 class ProtocolError(ValueError):
@@ -124,12 +160,29 @@ def parse_request(raw: bytes) -> ControlRequest:
     if not isinstance(data, dict):
         raise ProtocolError("request must be a JSON object with an 'op'")
     request_id = readable_id(data)
+    op = data.get("op")
+    if op not in OPS:  # said plainly, before the union's own message (which would quote a long op in full)
+        what = "has no 'op'" if op is None else f"has an unknown op {_clip_op(op)}"
+        raise ProtocolError(f"request {what}; ops: {', '.join(OPS)}", request_id)
     try:
-        return ControlRequest.model_validate(data)
+        return _CONTROL_REQUEST.validate_python(data)
     except ValidationError as exc:
-        raise ProtocolError(first_error(exc, "request"), request_id) from None
+        raise ProtocolError(_first_error(exc), request_id) from None
     except RecursionError:
         raise ProtocolError("request is nested too deeply", request_id) from None
+
+
+def _clip_op(op: object) -> str:
+    text = json.dumps(op) if isinstance(op, str) else type(op).__name__
+    return text if len(text) <= 40 else f"{text[:40]}…"
+
+
+def _first_error(exc: ValidationError) -> str:
+    """'OP: field: message' for the first problem (pydantic puts the op's tag first in the location)."""
+    first = exc.errors()[0]
+    op, *where = first["loc"] or ("request",)
+    field = ".".join(str(p) for p in where)
+    return f"{op}: {field}: {first['msg']}" if field else f"{op}: {first['msg']}"
 
 
 def _clip(text: str) -> str:

@@ -1,7 +1,10 @@
 """The node's ZeroMQ face: ``events`` PUB and ``control`` ROUTER, CurveZMQ when configured.
 
 Control requests are answered on one thread; a malformed request gets an error
-reply and never disturbs anything else.  Every cost a client can cause is
+reply and never disturbs anything else.  Work that takes long (``ask``'s
+generation, ``reload``'s unpack and verify) is validated there and then runs in
+a lane of its own (edge/control_lanes.py), so ``status`` and ``replay`` are
+answered while it runs.  Every cost a client can cause is
 bounded before it is paid (docs/protocol.md "Limits"): a request is received
 frame by frame and refused by total size and frame count without being kept,
 each client spends tokens from its own bucket, refusals are audited coalesced,
@@ -23,6 +26,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from bastion.edge.audit import AuditLog
 from bastion.edge.config import NodeConfig
+from bastion.edge.control_lanes import Deferred, Job, Lane, Outbox
 from bastion.edge.curve import allowed_client_keys, key_id, load_secret
 from bastion.edge.limits import BUSY_BURST_S, BUSY_SHARE, RateLimiter, RefusalCoalescer, clip
 from bastion.edge.protocol import (
@@ -40,11 +44,18 @@ from bastion.edge.protocol import (
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[..., dict]  # handler(request, client_label) -> reply fields
+Handler = Callable[..., "dict | Deferred"]  # handler(request, client_label) -> reply fields, or work for a lane
 PEEK_ID_BYTES = 4096  # a rate-limited request this small is parsed for its id; a larger one is not
 STREAM_STALL_S = 10.0  # an ask stream whose reader takes no piece for this long is ended
 MAX_SUBSCRIPTION_BYTES = 1024  # a source name is at most 200 characters (config): every topic fits
 ANSWER_STALL_S = 0.5  # a served answer waits this long for room in its client's queue (charged to its budget)
+RELOAD_QUEUE = 1  # reloads that may wait behind the one running
+QUEUED_EVERY_S = 1.0  # a streamed answer waiting in its lane says so this often (the SDK's own wait is 5 s)
+BUSY = {  # a request its lane has no room for gets this answer at once
+    "lm": "busy: the node's language model is answering and {depth} more ask(s) wait (lm_queue: {depth}); "
+    "ask again when yours can be queued",
+    "reload": "busy: a reload is running and {depth} more wait; send it again once they have answered",
+}
 
 
 class _AllowList:
@@ -138,10 +149,22 @@ class NodeServer:
             ) from None
         self.events_endpoint = self.events.last_endpoint.decode()
         self.control_endpoint = self.control.last_endpoint.decode()
+        self.outbox = Outbox(self.ctx, self._stop)
+        self.lanes = {
+            "lm": self._lane("node-lm", config.lm_queue),
+            "reload": self._lane("node-reload", RELOAD_QUEUE),
+        }
         self._threads = [
             threading.Thread(target=self._serve_control, name="node-control", daemon=True),
             threading.Thread(target=self._heartbeat, name="node-heartbeat", daemon=True),
+            *self.lanes.values(),
         ]
+
+    def _lane(self, name: str, depth: int) -> Lane:
+        def send(job: Job, fields: dict, stall_s: float) -> bool:
+            return self.outbox.send(job.identity, reply(job.request_id, **fields), stall_s)
+
+        return Lane(name, depth, send, self.busy.spend, self._log_failure, self._stop)
 
     def _secure(self) -> None:
         public, secret = load_secret(self.config.security.server_secret_key)
@@ -187,10 +210,17 @@ class NodeServer:
     def _serve_control(self) -> None:
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
+        poller.register(self.outbox.wake_socket, zmq.POLLIN)
+        told = time.monotonic()
         while not self._stop.is_set():
             self.refusals.flush()
+            if time.monotonic() - told >= QUEUED_EVERY_S:
+                told = time.monotonic()
+                self._tell_waiting()
             try:
-                if not poller.poll(100):
+                ready = dict(poller.poll(5 if self.outbox.busy else 100))
+                self.outbox.deliver(self.control)  # what the lanes have to say goes out first
+                if self.control not in ready:
                     continue
                 message = self._receive()
             except zmq.Again:
@@ -207,6 +237,14 @@ class NodeServer:
                 self.busy.spend(message.client, time.monotonic() - started)
             else:  # a refusal is dropped when the client has 8 answers unread
                 self._send(message.identity, answer.data)
+
+    def _tell_waiting(self) -> None:
+        """Each streamed answer still waiting in its lane hears ``{"done": false, "queued": n}`` (no text: a reader
+        skips it), so its client knows the node is there and keeps waiting; dropped if it is not reading."""
+        for lane in self.lanes.values():
+            for ahead, job in enumerate(lane.waiting(), start=1):
+                if job.deferred.streams:
+                    self._send(job.identity, reply(job.request_id, done=False, queued=ahead))
 
     def _receive(self) -> _Incoming:
         """One message, frame by frame: past the size or frame limit every further frame is dropped unread.
@@ -272,8 +310,15 @@ class NodeServer:
         started = time.monotonic()
         try:
             result = self.handler(request, self._label(message.client))
-            if "stream" in result:  # several replies with the same id, the last one done=true
-                self._stream(message.identity, request.id, result["stream"])
+            if isinstance(result, Deferred):  # answered from its lane, off this thread
+                lane = self.lanes[result.lane]
+                ahead = lane.submit(Job(result, message.identity, request.id, message.client))
+                if ahead is None:
+                    result.replies.close()  # type: ignore[attr-defined]
+                    busy = BUSY[result.lane].format(depth=lane.depth)
+                    return _Answer(reply(request.id, ok=False, error=busy, busy=True))
+                if ahead and result.streams:  # a stream that must wait says so at once, then every second
+                    return _Answer(reply(request.id, done=False, queued=ahead), served=True)
                 return None
             return _Answer(reply(request.id, **result), served=True)
         except Exception as exc:  # a handler bug must not take the node down
@@ -289,7 +334,7 @@ class NodeServer:
         except zmq.ZMQError:
             pass  # the peer went away, or has 8 answers it has not read: this one is dropped
 
-    def _send_waiting(self, identity: bytes, answer: bytes, stall_s: float = STREAM_STALL_S) -> bool:
+    def _send_waiting(self, identity: bytes, answer: bytes, stall_s: float) -> bool:
         """Send one message, waiting (up to ``stall_s``) while the reader's queue is full."""
         deadline = time.monotonic() + stall_s
         while True:
@@ -319,20 +364,6 @@ class NodeServer:
         else:
             log.error("%s: %s: %s (traceback logged before)", what, type(exc).__name__, clip(exc))
 
-    def _stream(self, identity: bytes, request_id: object, pieces) -> None:
-        count = 0
-        try:
-            for piece in pieces:
-                count += 1
-                if not self._send_waiting(identity, reply(request_id, text=piece, done=False)):
-                    getattr(pieces, "close", lambda: None)()  # gone or not reading: end the generation
-                    return
-            final = reply(request_id, done=True, tokens=count)
-        except Exception as exc:  # a generation failure ends this answer, not the node
-            self._log_failure("generation failed", exc)
-            final = reply(request_id, ok=False, error=f"generation failed: {exc}")
-        self._send_waiting(identity, final)
-
     def close(self) -> None:
         self._stop.set()
         for t in getattr(self, "_threads", []):
@@ -341,6 +372,8 @@ class NodeServer:
         if self.auth is not None:
             self.auth.stop()
         self.refusals.flush(force=True)  # the counts of refusals still inside their window
+        if getattr(self, "outbox", None) is not None:
+            self.outbox.close()
         for name in ("events", "control"):
             sock = getattr(self, name, None)
             if sock is not None:

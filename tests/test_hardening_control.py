@@ -211,7 +211,7 @@ def test_a_flooding_client_is_rate_limited_and_others_are_still_served(tmp_path)
             other.close()
             ctx.term()
     limited = [r for r in replies if r.get("rate_limited")]
-    served = [r for r in replies if "reload refused" in r.get("error", "")]
+    served = [r for r in replies if not r.get("rate_limited")]  # refused as no bundle, or busy (one reload runs)
     assert limited and all(r["retry_after_s"] > 0 for r in limited)
     assert 40 <= len(served) < 200, len(served)  # the burst, then about 20 a second
     records = _audit(tmp_path)

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from bastion.edge.client import Client
 from bastion.edge.config import NodeConfig
-from bastion.edge.protocol import ControlRequest
+from bastion.edge.protocol import AskRequest
 from bastion.errors import ConfigError
 from bastion.lm_limits import MAX_NEW_TOKENS
 from bastion.runtime.lm import check_generation
@@ -16,9 +16,9 @@ from conftest import run_cli
 
 
 def test_the_protocol_and_the_generator_share_one_limit():
-    assert ControlRequest(op="ask", prompt="x", max_new_tokens=MAX_NEW_TOKENS).max_new_tokens == MAX_NEW_TOKENS
+    assert AskRequest(op="ask", prompt="x", max_new_tokens=MAX_NEW_TOKENS).max_new_tokens == MAX_NEW_TOKENS
     with pytest.raises(ValidationError):
-        ControlRequest(op="ask", prompt="x", max_new_tokens=MAX_NEW_TOKENS + 1)
+        AskRequest(op="ask", prompt="x", max_new_tokens=MAX_NEW_TOKENS + 1)
     check_generation(max_new_tokens=MAX_NEW_TOKENS)
     with pytest.raises(ConfigError, match=f"1..{MAX_NEW_TOKENS}"):
         check_generation(max_new_tokens=MAX_NEW_TOKENS + 1)
