@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from bastion.console import out, print_counts, print_json, progress, split_csv, warn
-from bastion.hardware.backend_names import DEVICE_HELP
+from bastion.hardware.backend_names import DEVICE_HELP, device_name
 from bastion.models.cli import ALLOW_UNSIGNED_HELP
 from bastion.models.zoo import DEFAULT_DETECTOR
 
@@ -56,6 +56,7 @@ def detect_command(
     from bastion.runtime.sources import source_kind
     from bastion.runtime.stream import default_workers, detect_stream
 
+    device = device_name(device)  # a bad --device is one line before any thread starts
     kind = source_kind(source)  # the node's opener registry decides what the source is
     reader = source_reader(source)
     reader.start()  # the source opens (and fails, if it must) while the model loads
