@@ -24,7 +24,7 @@ from typing import Any, Optional
 import typer
 
 from bastion.console import out, print_counts, print_json, progress, stage_bars, warn
-from bastion.demo_frames import GROUND_TRUTH, ground_truth_summary, sample_frames
+from bastion.demo_frames import GROUND_TRUTH, ground_truth_summary, operating_point, sample_frames
 from bastion.models.cli import ALLOW_UNSIGNED_HELP
 from bastion.models.zoo import DEFAULT_DETECTOR
 from bastion.sample_paths import DEFAULT_VIDEO, SAMPLES
@@ -64,6 +64,8 @@ def demo_command(
         summary["distill"] = run_distill_demo(model, run_dir / "distill", train, quiet=json_out)
         serve = summary["distill"]["served"]
     summary["detect"] = run_detect_demo(serve, video, run_dir, max_frames, threads, allow_unsigned, json_out)
+    # the served model at its own threshold on the hand-labelled frames (what mAP at conf 0.001 can forgive)
+    summary["detect"]["on_ground_truth"] = operating_point(serve, CLASSES, CLASS_MAP, allow_unsigned=allow_unsigned)
     if node_seconds > 0:
         summary["node"] = run_node_demo(serve, video, run_dir / "node", node_seconds, allow_unsigned, quiet=json_out)
     summary["provenance"] = provenance_chain(serve, allow_unsigned)

@@ -155,6 +155,24 @@ def _distill_section(d: dict, run: Path) -> str:
     )
 
 
+def truth_counts(op: dict | None) -> str:
+    """The served model at its own threshold on the hand-labelled frames, in one plain sentence."""
+    if not op:
+        return ""
+    objects = op["true_positives"] + op["missed"]
+    empty = op["empty_frames_with_detections"]
+    return (
+        f"On the {op['frames']} hand-labelled frames, at its own threshold (conf {op['conf']:g}): "
+        f"{op['true_positives']} of {objects} people and vehicles found, {op['false_positives']} false "
+        f"detection{'s' if op['false_positives'] != 1 else ''}, {len(empty)} of the {op['empty_frames']} empty "
+        "frames with a detection" + (f" ({'; '.join(empty[:3])})" if empty else "") + "."
+    )
+
+
+def on_ground_truth(op: dict | None) -> str:
+    return f"<p>{html.escape(truth_counts(op))}</p>" if op else ""
+
+
 def _video(det: dict) -> str:
     """The annotated clip as the browser copy (``<video>`` or animated ``<img>``), or a plain link."""
     copy = det.get("browser_video")
@@ -203,7 +221,7 @@ def render(summary: dict[str, Any]) -> str:
         f"<p><b>{html.escape(det['model'])}</b> <span class=muted>sha256 {det['model_sha256'][:16]}… · signer "
         f"{html.escape(str(det['signer']))}</span> on {html.escape(Path(det['video']).name)}: {det['frames']} frames, "
         f"{det['frames_with_detections']} with detections, {det['fps']} frames/s.</p>"
-        f"{_video(det)}<table><tr><th>class</th><th>detections</th></tr>{counts}</table>"
+        f"{on_ground_truth(det.get('on_ground_truth'))}{_video(det)}<table><tr><th>class</th><th>detections</th></tr>{counts}</table>"
         f"{_img(Path(det['contact_sheet']), 'contact sheet')}</section>"
     )
     if "node" in summary:

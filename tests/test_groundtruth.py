@@ -126,3 +126,27 @@ def test_the_demo_never_trains_next_to_a_ground_truth_frame(tmp_path):
         assert kept, clip
         assert min(abs(k - g) for k in kept for g in frames) >= GROUND_TRUTH_GAP
         assert len(kept) > 1394 // 8 // 3  # still a useful share of the clip
+
+
+def test_the_operating_point_counts_a_detection_on_an_empty_frame(tmp_path):
+    """What mAP forgives (a confident box where the labels say nothing) is what the demo's served-model check counts:
+    here frame 120's person is labelled away, so the stock teacher's true detection there must count as false."""
+    import shutil
+
+    from bastion.demo import CLASS_MAP, CLASSES
+    from bastion.demo_frames import operating_point
+
+    for kind in ("images", "labels"):
+        (tmp_path / kind).mkdir()
+    for stem in ("one-by-one-person-detection-00000", "one-by-one-person-detection-00120", "car-detection-00220"):
+        shutil.copy(GROUND_TRUTH / "images" / f"{stem}.jpg", tmp_path / "images")
+        shutil.copy(GROUND_TRUTH / "labels" / f"{stem}.txt", tmp_path / "labels")
+    honest = operating_point("yolov5n", CLASSES, CLASS_MAP, root=tmp_path)
+    assert honest["frames"] == 3 and honest["empty_frames"] == 1 and honest["empty_frames_with_detections"] == []
+    assert honest["true_positives"] + honest["missed"] == 3  # 1 person + 2 cars
+    assert honest["true_positives"] >= 1 and honest["false_positives"] == 0
+    (tmp_path / "labels" / "one-by-one-person-detection-00120.txt").write_text("")
+    lied = operating_point("yolov5n", CLASSES, CLASS_MAP, root=tmp_path)
+    assert lied["empty_frames"] == 2 and lied["false_positives"] == 1
+    assert lied["true_positives"] == honest["true_positives"] - 1
+    assert [e.split(":")[0] for e in lied["empty_frames_with_detections"]] == ["one-by-one-person-detection-00120"]
