@@ -184,7 +184,7 @@ def _measure_fps(bundle: Bundle, size: int) -> float:
 
     from bastion.runtime.detect import Detector
 
-    det = Detector.from_bundle(bundle, device="cpu", imgsz=size if bundle.manifest.input.dynamic_hw else None)
+    det = Detector.from_bundle(bundle, device="ort-cpu", imgsz=size if bundle.manifest.input.dynamic_hw else None)
     image = np.full((size, size, 3), 114, np.uint8)
     det.detect(image)
     t = time.perf_counter()
