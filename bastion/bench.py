@@ -121,7 +121,8 @@ def bench_detect_command(
     if "timing" in result:
         out.print(f"timing: {result['timing']}")
     for key, value in result["summary"].items():
-        out.print(f"{key}: {value}", markup=False, highlight=False)
+        if key != "ultralytics":  # the skip reason: printed as a note above
+            out.print(f"{key}: {value}", markup=False, highlight=False)
 
 
 @bench_app.command("node")
