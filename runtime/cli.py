@@ -58,8 +58,6 @@ def detect_command(
 
     device = device_name(device)  # a bad --device is one line before any thread starts
     kind = source_kind(source)  # the node's opener registry decides what the source is
-    reader = source_reader(source)
-    reader.start()  # the source opens (and fails, if it must) while the model loads
     if kind != "image" and workers == 0:
         workers = default_workers()
         # Several single-threaded inferences in flight beat one spread over all cores (docs/benchmarks.md).
@@ -82,6 +80,9 @@ def detect_command(
     if max_frames:
         total = min(total or max_frames, max_frames)
     writer = None
+    # Opened once the model is loaded, and always stopped and joined before returning: a reader thread still
+    # inside OpenCV when the interpreter exits aborts the process.
+    reader = source_reader(source)
     t0 = time.perf_counter()
     try:
         with progress(disable=json_out) as bar:
@@ -109,6 +110,7 @@ def detect_command(
                     writer.write(det.draw(frame.image))
                 bar.advance(task)
     finally:
+        reader.close()
         if writer is not None:
             writer.close(keep=frames > 0)
     elapsed = time.perf_counter() - t0

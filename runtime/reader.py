@@ -233,6 +233,12 @@ class SourceReader(threading.Thread):
         self._backoff = min(self._backoff * 2, self.max_backoff_s)
         return False
 
+    def close(self, timeout_s: float = 15.0) -> None:
+        """Stop the reader and wait for its thread (bounded: a stalled stream read ends within its timeout)."""
+        self.stop_event.set()
+        if self.ident is not None:
+            self.join(timeout_s)
+
     def frames(self, limit: int | None = None) -> Iterator[Frame]:
         """Iterate up to ``limit`` frames (starting the thread); raises the reader's ``error`` if it gave up.
 
@@ -277,5 +283,6 @@ def iter_source(uri: str | int, skipped: list[str] | None = None, max_frames: in
     try:
         yield from reader.frames(max_frames)
     finally:
+        reader.close()
         if skipped is not None:
             skipped.extend(reader.skipped)

@@ -173,3 +173,9 @@ def test_detect_stream_runs_one_worker_on_a_backend_that_is_not_thread_safe():
         assert got == list(range(30))
         assert any(n.startswith("bastion-infer") for n in stub.threads) == pooled, (thread_safe, stub.threads)
         assert len(stub.threads) == 1 or pooled
+
+
+def test_a_model_that_fails_to_load_leaves_no_reader_thread_to_abort_the_exit():
+    """A reader thread still inside OpenCV at interpreter exit aborted the process (rc 134, 'terminate called')."""
+    proc = run_cli("detect", str(VIDEO), "--model", "nonexistent", timeout=120)
+    _one_line_failure(proc, "model not found")
