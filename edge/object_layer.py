@@ -77,8 +77,10 @@ class _SourceObjects:
         self.zones = [ZoneRule(z) for z in config.zones_for(name)]
         self.lines = [LineRule(ln) for ln in config.lines_for(name)]
         self.objects: dict[int, _Object] = {}
+        self.names: list[str] = []  # the model's class names, as the last frame gave them
 
     def process(self, frame: int, ts: float, det: Detections, shape: tuple[int, ...]) -> ObjectFrame:
+        self.names = det.names
         out = self.tracker.update(det.xyxy, det.conf, det.cls)
         tracked = Detections(det.xyxy, det.conf, det.cls, det.names, out.tracker_id)
         if out.tracker_id is None:
@@ -109,10 +111,10 @@ class _SourceObjects:
             events += self._maybe_update(self.objects[sighting.track], ts, frame, det.names)
         return ObjectFrame(tracked, events)
 
-    def close(self, ts: float, frame: int, names: list[str]) -> list[ObjectEvent]:
+    def close(self, ts: float, frame: int) -> list[ObjectEvent]:
         events: list[ObjectEvent] = []
         for track in list(self.objects):
-            events += self._end(track, ts, frame, "stop", names)
+            events += self._end(track, ts, frame, "stop", self.names)
         return events
 
     # -- object lifecycle --------------------------------------------------------------------------------
@@ -241,7 +243,7 @@ class ObjectLayer:
             state = self._sources[source] = _SourceObjects(source, self.config, make_tracker(self.config, self.ids))
         return state.process(frame, ts, det, shape)
 
-    def close_source(self, source: str, ts: float, frame: int, names: list[str] | None = None) -> list[ObjectEvent]:
+    def close_source(self, source: str, ts: float, frame: int) -> list[ObjectEvent]:
         """``object.end`` (reason ``stop``) for every announced object of ``source``; its tracker starts afresh."""
         state = self._sources.pop(source, None)
-        return state.close(ts, frame, names or []) if state is not None else []
+        return state.close(ts, frame) if state is not None else []

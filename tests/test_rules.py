@@ -178,3 +178,19 @@ def test_node_run_with_a_self_intersecting_zone_exits_1_with_one_line(tmp_path):
     assert proc.returncode == 1
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert "intersects itself" in proc.stderr and "Traceback" not in proc.stderr and len(lines) <= 2, proc.stderr
+
+
+def test_closing_a_source_ends_its_objects_with_reason_stop_and_its_tracker_starts_afresh():
+    layer = ObjectLayer(
+        ObjectsConfig(min_hits=2, zones=[{"name": "z", "points": [[0, 0], [1, 0], [1, 1]]}]), MemoryIdAllocator()
+    )
+    for f in range(5):
+        layer.process("cam", f, 1000.0 + f, det_at([(0.7, 0.5), (0.2, 0.9)]), SHAPE)
+    events = layer.close_source("cam", 1010.0, 5)
+    assert sorted((e.kind, e.reason, e.name) for e in events) == [
+        ("object.end", "stop", "person"),
+        ("object.end", "stop", "person"),
+        ("zone.leave", "stop", "person"),
+    ]
+    assert layer.close_source("cam", 1011.0, 6) == []
+    assert [e.kind for e in layer.process("cam", 0, 1012.0, det_at([(0.7, 0.5)]), SHAPE).events] == []

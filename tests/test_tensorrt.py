@@ -65,9 +65,10 @@ def test_tensorrt_engine_matches_onnx_runtime_and_is_cached():
     from bastion.runtime.media import read_image
 
     image = read_image(PERSON_IMAGE)
-    reference = Detector.load("yolov5n", device="cpu").detect(image)
+    reference = Detector.load("yolov5n", device="ort-cpu").detect(image)
     gpu = Detector.load("yolov5n", device="trt")
     assert isinstance(gpu.backend, TensorRTBackend)
+    assert gpu.thread_safe is False  # one context, stream and buffer set: detect_stream gives it one worker
     found = gpu.detect(image)
     assert len(gpu.detect([image] * 3)) == 3  # a batch within the engine's profile
     assert found.names == reference.names and len(found) == len(reference)
