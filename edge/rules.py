@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bastion.edge.geometry import Point, cross, inside_polygon, segments_cross
-from bastion.edge.rules_config import LineConfig, ZoneConfig, _Rule
+from bastion.edge.rules_config import LineConfig, ZoneConfig, RuleConfig
 
 
 @dataclass
@@ -41,7 +41,7 @@ class RuleHit:
     count_out: int | None = None
 
 
-def counts(rule: _Rule, obj: Sighting) -> bool:
+def counts(rule: RuleConfig, obj: Sighting) -> bool:
     """Whether ``rule`` counts ``obj``: its class filter and minimum size."""
     return (rule.classes is None or obj.name in rule.classes) and obj.area >= rule.min_area
 

@@ -28,14 +28,14 @@ def _normalised(points: list[Point], what: str) -> list[Point]:
     return points
 
 
-class _Rule(_Strict):
+class RuleConfig(_Strict):
     name: str = Field(pattern=RULE_NAME, max_length=100)
     source: str | None = None  # the source it applies to; None: every source
     classes: list[str] | None = Field(None, max_length=1000)  # class names it counts; None: all
     min_area: float = Field(0.0, ge=0, le=1)  # smallest box counted, as a fraction of the frame's area
 
 
-class ZoneConfig(_Rule):
+class ZoneConfig(RuleConfig):
     """A polygon: ``zone.enter``/``zone.leave`` with dwell time, ``loiter`` once per visit after ``loiter_s``."""
 
     points: list[Point] = Field(min_length=3, max_length=64)
@@ -51,7 +51,7 @@ class ZoneConfig(_Rule):
         return points
 
 
-class LineConfig(_Rule):
+class LineConfig(RuleConfig):
     """A directed segment a→b: ``line.cross`` with direction ``in`` (left of a→b to its right, as drawn on
     the image) or ``out``, and the running counts of each."""
 

@@ -195,3 +195,30 @@ def test_mot_metrics_count_switches_and_idf1_on_a_known_case():
     assert s.mota == pytest.approx(1 - (2 + 2) / 20)
     assert s.idf1 == pytest.approx(2 * 10 / (20 + 18))  # best id pairing keeps 5 frames of each of the two
     assert s.id_switches_per_100_tracks == pytest.approx(100.0)
+
+
+def test_the_benchmark_set_is_reproducible_and_has_the_occlusions_and_crossings_it_promises():
+    from bastion.bench_track_set import make_sequence, render
+
+    def truth_of(seed):
+        seq = make_sequence(np.random.default_rng(seed), 0, 12, 300)
+        return seq, [render(seq, f, {}, draw=False)[1] for f in range(300)]
+
+    seq, truth = truth_of(3)
+    _, again = truth_of(3)
+    assert all(
+        [(i, b.tolist(), v) for i, b, v in t] == [(i, b.tolist(), v) for i, b, v in u] for t, u in zip(truth, again)
+    )
+    visibility = [v for frame in truth for _, _, v in frame]
+    assert min(visibility) < 0.3 and np.mean(np.asarray(visibility) < 0.7) > 0.05  # hidden, and often partly
+    crossings = 0
+    for a in range(len(seq.walkers)):
+        for b in range(a + 1, len(seq.walkers)):
+            sides = {
+                np.sign(seq.walkers[a].box(f)[0] - seq.walkers[b].box(f)[0])
+                for f in range(max(seq.walkers[a].start, seq.walkers[b].start), 300)
+            }
+            crossings += len(sides - {0}) == 2 and seq.walkers[a].vx * seq.walkers[b].vx < 0
+    assert crossings >= 2
+    image, _ = render(seq, 150, {}, draw=True)
+    assert image.shape == (432, 768, 3)
