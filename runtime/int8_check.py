@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 Int8Policy = Literal["warn", "strict"]
 POLICIES = ("warn", "strict")
 CPU_EP = "CPUExecutionProvider"
-_warned: set[tuple[str, str]] = set()
+_warned: set[tuple[str, str, str]] = set()
 RUN_INT8 = "int8"
 RUN_FP32_SIBLING = "fp32-sibling"
 AUDIT_MISMATCH = "int8_cpu_mismatch"
@@ -84,7 +84,6 @@ def check_int8(
     policy: Int8Policy = "warn",
     running: IsaClass | None = None,
     has_fp32_sibling: bool = False,
-    quiet: bool = False,
 ) -> Int8Check | None:
     """None for a non-INT8 bundle; else the check, logged once per bundle and CPU class when it differs.
 
@@ -150,8 +149,8 @@ def check_int8(
                 f"bundle quantized for {here} (bastion quantize --target {here}, which ships the FP32 sibling)",
             )
         check = replace(check, runs=RUN_FP32_SIBLING)
-    key = (sha256, here)
-    if not quiet and key not in _warned:
+    key = (sha256, here, check.runs)  # a fallback is told even after the same bundle warned under "warn"
+    if key not in _warned:
         _warned.add(key)
         log.warning(
             f"running the FP32 sibling: {check.message}" if check.fell_back else check.message,
