@@ -60,7 +60,7 @@ def ping(node: Node, request: PingRequest, client: str) -> Reply:
 
 @handles("status")
 def status(node: Node, request: StatusRequest, client: str) -> Reply:
-    return {"status": node.status_dict()}
+    return {"status": {**node.status_dict(), "lanes": node.server.lane_status()}}
 
 
 @handles("replay")

@@ -28,6 +28,7 @@ from bastion.edge.audit import AuditLog
 from bastion.edge.config import NodeConfig
 from bastion.edge.control_lanes import Deferred, Job, Lane, Outbox
 from bastion.edge.curve import allowed_client_keys, key_id, load_secret
+from bastion.edge.curve_allow import AllowList
 from bastion.edge.limits import BUSY_BURST_S, BUSY_SHARE, RateLimiter, RefusalCoalescer, clip
 from bastion.edge.protocol import (
     HEARTBEAT_TOPIC,
@@ -56,28 +57,6 @@ BUSY = {  # a request its lane has no room for gets this answer at once
     "ask again when yours can be queued",
     "reload": "busy: a reload is running and {depth} more wait; send it again once they have answered",
 }
-
-
-class _AllowList:
-    """zmq.auth credentials provider: allowed client keys; each accepted key audited once, refusals coalesced."""
-
-    def __init__(self, keys: set[bytes], audit: AuditLog, refusals: RefusalCoalescer) -> None:
-        self.keys = keys
-        self.audit = audit
-        self.refusals = refusals
-        self.refused = 0
-        self._accepted: set[bytes] = set()  # a subset of self.keys: bounded by the allow list
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        if key in self.keys:
-            if key not in self._accepted:  # one record per key, not per reconnect
-                self._accepted.add(key)
-                self.audit.append("client_accepted", key_id=key_id(key))
-            return True
-        self.refused += 1
-        if self.refusals.refuse("client_refused", key_id(key), key_id=key_id(key)):
-            log.warning("refused CurveZMQ client %s (repeats are counted in the audit log)", key_id(key))
-        return False
 
 
 @dataclass
@@ -115,7 +94,7 @@ class NodeServer:
         self.refusals = RefusalCoalescer(audit.append)
         self.limiter = RateLimiter(config.control_rate_per_s, config.control_burst)
         self.busy = RateLimiter(BUSY_SHARE, BUSY_BURST_S)  # seconds of the control thread per client
-        self._allow: _AllowList | None = None
+        self._allow: AllowList | None = None
         self._failure_sites: set[tuple[str, str, int]] = set()
         try:
             self.events = self.ctx.socket(zmq.PUB)
@@ -160,6 +139,18 @@ class NodeServer:
             *self.lanes.values(),
         ]
 
+    def lane_status(self) -> dict[str, dict[str, int | bool]]:
+        """What each lane is doing, for ``status``: running one job or not, how many wait, its depth, jobs done."""
+        return {
+            name: {
+                "running": lane.running is not None,
+                "waiting": len(lane.waiting()),
+                "depth": lane.depth,
+                "done": lane.done,
+            }
+            for name, lane in self.lanes.items()
+        }
+
     def _lane(self, name: str, depth: int) -> Lane:
         def send(job: Job, fields: dict, stall_s: float) -> bool:
             return self.outbox.send(job.identity, reply(job.request_id, **fields), stall_s)
@@ -171,7 +162,7 @@ class NodeServer:
         self.server_public = public
         self.auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("bastion.edge.zap"))
         self.auth.start()
-        self._allow = _AllowList(allowed_client_keys(self.config.security.allowed_clients), self.audit, self.refusals)
+        self._allow = AllowList(allowed_client_keys(self.config.security.allowed_clients), self.audit, self.refusals)
         self.auth.configure_curve_callback("*", credentials_provider=self._allow)
         for sock in (self.events, self.control):
             sock.curve_server = True

@@ -171,6 +171,9 @@ def test_status_replay_and_reload_are_answered_while_an_ask_streams_and_asks_que
             assert busy["id"] == "c" and busy["busy"] and not busy["ok"]
             assert busy["error"].startswith("busy:") and "lm_queue: 1" in busy["error"]
             assert lm.log == [("start", "Once upon a time")]  # all of this while the first answer was held
+            _send(other, {"op": "status", "id": "s"})
+            lanes = _next(other, "status")["status"]["lanes"]
+            assert lanes["lm"] == {"running": True, "waiting": 1, "depth": 1, "done": 0}, lanes
 
             lm.release.set()
             rest, done = _until_done(asker, "the first ask")
