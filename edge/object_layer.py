@@ -19,6 +19,11 @@ How the node calls it (the whole contract; no threads, no I/O except the id stor
         ...
     # when a source ends (a file without loop) or the node stops:
     for event in layer.close_source(name, ts, last_frame_index): ...
+    # before a reload swaps the detector (tracks carry on; the new model's names must cover the rules):
+    layer.check_classes(new_detector.names)  # ConfigError: refuse the reload
+
+``ObjectEvent`` is not a ``DetectionEvent``: the store and the wire need the protocol v2 envelope
+(docs/protocol.md) before these events can be committed and published like frame events.
 
 ``process`` is not thread-safe per source: the node's single inference thread is the only caller.
 With ``tracker: none`` detections pass untracked and no object events are made.
@@ -228,13 +233,17 @@ class ObjectLayer:
     """Tracker + rules for every source of a node; ids from one allocator (see the module docstring)."""
 
     def __init__(self, config: ObjectsConfig, ids: IdAllocator, class_names: list[str] | None = None) -> None:
-        if class_names is not None:  # a rule's class the model does not know: ConfigError at start
-            for rule in [*config.zones, *config.lines]:
-                if rule.classes:
-                    class_ids(rule.classes, class_names)
         self.config = config
+        if class_names is not None:
+            self.check_classes(class_names)
         self.ids = ids
         self._sources: dict[str, _SourceObjects] = {}
+
+    def check_classes(self, class_names: list[str]) -> None:
+        """ConfigError when a rule names a class the model does not know (at start, and before a reload)."""
+        for rule in [*self.config.zones, *self.config.lines]:
+            if rule.classes:
+                class_ids(rule.classes, class_names)
 
     def process(self, source: str, frame: int, ts: float, det: Detections, shape: tuple[int, ...]) -> ObjectFrame:
         """Track ``det`` (one inferred frame of ``source``, shape (h, w[, c])) and say what happened."""

@@ -194,3 +194,14 @@ def test_closing_a_source_ends_its_objects_with_reason_stop_and_its_tracker_star
     ]
     assert layer.close_source("cam", 1011.0, 6) == []
     assert [e.kind for e in layer.process("cam", 0, 1012.0, det_at([(0.7, 0.5)]), SHAPE).events] == []
+
+
+def test_the_example_in_docs_events_md_is_a_valid_config(tmp_path):
+    from conftest import REPO
+
+    text = (REPO / "docs" / "events.md").read_text()
+    example = yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0])
+    example["objects"]["zones"][0]["source"] = "cam"  # the example names a source this test's config has not
+    config = load_config(write_node_config(tmp_path, example["objects"]))
+    assert config.objects.tracker == "bytetrack" and [z.name for z in config.objects.zones] == ["gate"]
+    assert config.objects.lines[0].classes == ["person", "car"]
