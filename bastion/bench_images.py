@@ -8,8 +8,9 @@ Contestants, all on the same files and thresholds:
 
 How the ratio stays steady on a shared machine: first every contestant makes untimed warm-up passes (first-call
 allocation, kernel choice, and the shape-pinned sessions ONNX Runtime builds in the background after a few runs of
-one shape all happen before the clock starts). Then ``repeat`` rounds: in each, every contestant times one whole
-pass over the images, taking turns (the order reverses every round, so a slow spell hits each of them). A
+one shape all happen before the clock starts). Then ``repeat`` rounds: in each, the floor and bastion take turns
+image by image (they share one session), and Ultralytics (its own session) times one whole pass in turn with them;
+the order reverses every round, so a slow spell of the machine hits each of them. A
 contestant's headline speed (``best_per_s``) counts each image at its best time over the rounds, and the ratios
 are taken between those; the percentiles cover every timed call. One 3-image pass timed once gave ``bastion_vs_floor`` 0.60 and then 1.95: the
 first pass paid the warm-up and the background pinning.
@@ -34,14 +35,14 @@ WARMUP_PASSES = 2  # floor and bastion share one session: 4 runs of each shape, 
 SETTLE_S = 0.2  # between passes: the previous session's worker threads stop spinning
 
 
-def timed_rounds(passes: dict[str, Callable[[], list[float]]], rounds: int) -> dict[str, list[list[float]]]:
-    """Each contestant's per-call latencies, one list per round; within a round the contestants take turns, the
-    order reversing every round."""
-    timings: dict[str, list[list[float]]] = {name: [] for name in passes}
-    order = list(passes)
+def timed_rounds(passes: list[Callable[[bool], dict[str, list[float]]]], rounds: int) -> dict[str, list[list[float]]]:
+    """Each contestant's per-call latencies, one list per round. A pass times one or more contestants over every
+    image (``pass(reverse)``); within a round the passes take turns, and the order reverses every round."""
+    timings: dict[str, list[list[float]]] = {}
     for r in range(rounds):
-        for name in order if r % 2 == 0 else order[::-1]:
-            timings[name].append(passes[name]())
+        for run_pass in passes if r % 2 == 0 else passes[::-1]:
+            for key, latencies in run_pass(r % 2 == 1).items():
+                timings.setdefault(key, []).append(latencies)
             time.sleep(SETTLE_S)
     return timings
 
@@ -88,23 +89,21 @@ def bench_images(
     bastion_dets: list[Detections] = []
     theirs: list[Detections] = []
 
-    def run_floor() -> list[float]:
-        lat = []
-        for blob in blobs:
-            t = time.perf_counter()
-            detector.backend.run({name: blob})
-            lat.append(time.perf_counter() - t)
-            tick()
-        return lat
-
-    def run_bastion() -> list[float]:
-        lat = []
+    def run_floor_and_bastion(reverse: bool) -> dict[str, list[float]]:
+        """The floor and bastion take turns image by image: they share one session, so neither's idle threads
+        slow the other, and a slow spell of the machine lands on both (the order flips with ``reverse``)."""
+        floor, e2e = [], []
         bastion_dets.clear()
-        for f in files:
-            t = time.perf_counter()
-            bastion_dets.append(detector.detect(f))
-            lat.append(time.perf_counter() - t)
-            tick()
+        for blob, f in zip(blobs, files):
+            for step in (1, 0) if reverse else (0, 1):
+                t = time.perf_counter()
+                if step == 0:
+                    detector.backend.run({name: blob})
+                    floor.append(time.perf_counter() - t)
+                else:
+                    bastion_dets.append(detector.detect(f))
+                    e2e.append(time.perf_counter() - t)
+                tick()
         for image in arrays:  # the same work in memory, split into its three steps (not in the pass's time)
             t0 = time.perf_counter()
             tensor, placement = detector.prepare(image)
@@ -115,9 +114,11 @@ def bench_images(
             detector.postprocess(outputs, [placement])
             t3 = time.perf_counter()
             pre.append(t1 - t0), infer.append(t2 - t1), post.append(t3 - t2)
-        return lat
+        return {"floor": floor, "bastion": e2e}
 
-    def run_ultralytics() -> list[float]:
+    def run_ultralytics(reverse: bool) -> dict[str, list[float]]:
+        """A whole pass on its own: Ultralytics has its own session, and two sessions interleaved image by image
+        slow each other down (each one's idle threads spin)."""
         lat = []
         theirs.clear()
         for f in files:
@@ -126,14 +127,12 @@ def bench_images(
             lat.append(time.perf_counter() - t)
             theirs.append(ultra.to_detections(res, detector.names))
             tick()
-        return lat
+        return {"ultralytics": lat}
 
-    passes = {"floor": run_floor, "bastion": run_bastion}
-    if ultra is not None:
-        passes["ultralytics"] = run_ultralytics
+    passes = [run_floor_and_bastion] + ([run_ultralytics] if ultra is not None else [])
     for _ in range(WARMUP_PASSES):  # untimed
-        for run_pass in passes.values():
-            run_pass()
+        for run_pass in passes:
+            run_pass(False)
     if hasattr(detector.backend, "wait_pinned"):
         detector.backend.wait_pinned()  # the shape-pinned sessions are built before the clock starts
     pre.clear(), infer.clear(), post.clear()
