@@ -222,3 +222,20 @@ def test_the_benchmark_set_is_reproducible_and_has_the_occlusions_and_crossings_
     assert crossings >= 2
     image, _ = render(seq, 150, {}, draw=True)
     assert image.shape == (432, 768, 3)
+
+
+def test_a_packed_crowd_is_matched_one_to_one_within_the_gate_by_the_bounded_fallback(monkeypatch):
+    import bastion.edge.assignment as assignment
+
+    rng = np.random.default_rng(1)
+    cost = rng.uniform(0.3, 0.9, (150, 150))  # every pair overlaps: one component of 300, past MAX_EXACT
+    monkeypatch.setattr(assignment, "_extended_hungarian", None)  # the exact solver must not be reached
+    greedy_calls = []
+    greedy = assignment._greedy
+    monkeypatch.setattr(assignment, "_greedy", lambda *a: greedy_calls.append(1) or greedy(*a))
+    matches, left_rows, left_cols = gated_assignment(cost, 0.8)
+    rows, cols = [r for r, _ in matches], [c for _, c in matches]
+    assert len(set(rows)) == len(rows) and len(set(cols)) == len(cols)
+    assert all(cost[r, c] <= 0.8 for r, c in matches)
+    assert sorted(rows + left_rows) == list(range(150)) and sorted(cols + left_cols) == list(range(150))
+    assert len(matches) >= 140 and greedy_calls == [1]
