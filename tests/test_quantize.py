@@ -70,6 +70,8 @@ def test_gate_accepts_a_real_calibration_and_refuses_a_broken_one(coco128, tmp_p
     assert verdict.map50_drop_points == good["map50_drop_points"] and verdict.calibration_images == 32
     assert verdict.evaluation_images == 32 and len(verdict.calibration_sha256) == 64
     assert verdict.execution_provider == "CPUExecutionProvider" and verdict.onnxruntime
+    sibling = bundle.manifest.fp32_sibling_file()  # the FP32 source ships beside it by default, signed with it
+    assert sibling is not None and sibling.sha256 == Bundle.open("yolov5n").manifest.model_file().sha256
     black = tmp_path / "black"
     black.mkdir()
     for i in range(4):  # calibrating on black frames sets every activation range to nothing useful
@@ -124,6 +126,7 @@ def test_int8_for_an_avx2_target_holds_wherever_it_is_measured(coco128, tmp_path
         "0",
         "--target",
         "x86-cpu",
+        "--no-fp32-sibling",
         "--out",
         str(tmp_path / "int8"),
         "--json",
@@ -133,5 +136,6 @@ def test_int8_for_an_avx2_target_holds_wherever_it_is_measured(coco128, tmp_path
     assert result["accepted"] and result["map50_drop_points"] <= 3, result
     assert result["target_isa"] == "x86-avx2" and result["measured_on_target"], result
     assert all(RECIPES[c["recipe"]].saturation_free for c in result["candidates"])
-    verdict = Bundle.open(tmp_path / "int8", allow_unsigned=True).manifest.int8_verdict
-    assert "x86-avx2" in verdict.holds_on and verdict.target == "x86-cpu"
+    manifest = Bundle.open(tmp_path / "int8", allow_unsigned=True).manifest
+    assert "x86-avx2" in manifest.int8_verdict.holds_on and manifest.int8_verdict.target == "x86-cpu"
+    assert manifest.fp32_sibling_file() is None  # --no-fp32-sibling: a size-constrained unit's bundle
