@@ -23,11 +23,11 @@ def ground_truth(spec: DistillSpec, run: DetectRunDir, held_out: int) -> dict[st
     and image count. Labels a person gave are reported as hand-labelled, the teachers' as pseudo-labelled."""
     stems = sorted(p.stem for p in run.held_out_images.iterdir()) if run.held_out_images.is_dir() else []
     if spec.val_images is not None:
-        labels_dir, source = spec.val_labels, f"a separate held-out set ({spec.val_images})"
+        labels_dir, source = spec.val_labels, f"a separate held-out set, {spec.val_images}"
     elif spec.labels is not None:
-        labels_dir, source = spec.labels, f"the labelled images of --images held out from training ({spec.images})"
+        labels_dir, source = spec.labels, f"the held-out share of the labelled images in {spec.images}"
     else:
-        labels_dir, source = None, f"a share of --images held out from training ({spec.images})"
+        labels_dir, source = None, f"the held-out share of {spec.images}"
     files = [labels_dir / f"{stem}.txt" for stem in stems] if labels_dir else []
     files = [f for f in files if f.is_file()]
     return {
@@ -184,10 +184,11 @@ def report_md(spec: DistillSpec, result: dict[str, Any], candidates: list[Candid
 
 def ground_truth_line(truth: dict[str, Any]) -> str:
     """One sentence: what the candidates were scored on, and what that means for the numbers."""
-    where = f" ({truth['labels_path']}, labels sha256 {truth['labels_sha256'][:12]}…)" if truth["labels_sha256"] else ""
     if truth["kind"] == "pseudo-labelled":
         return (
             f"{truth['images']} held-out images, **pseudo-labelled** by the teachers (no ground truth given: scores "
             "measure agreement with the teachers, not correctness; give --val-images/--val-labels)."
         )
-    return f"{truth['images']} held-out images, {truth['kind']}, {truth['source']}{where}; never trained on."
+    labels = f"; labels {truth['labels_path']}" if truth["labels_path"] else ""
+    digest = f" (sha256 {truth['labels_sha256'][:12]}…)" if truth["labels_sha256"] else ""
+    return f"{truth['images']} held-out images, {truth['kind']}: {truth['source']}{labels}{digest}; never trained on."

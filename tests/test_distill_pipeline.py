@@ -302,7 +302,7 @@ def test_held_out_ground_truth_gets_a_bootstrap_interval(coco128, small_set, tmp
     assert {p.name for p in (out / "labels" / "images" / "val").iterdir()} == held_out
     assert not held_out & {p.name for p in (out / "labels" / "images" / "train").iterdir()}  # never trained on
     markdown = (out / "report" / "report.md").read_text()
-    assert f"Ground truth: 12 held-out images, hand-labelled, a separate held-out set ({val_images})" in markdown
+    assert f"Ground truth: 12 held-out images, hand-labelled: a separate held-out set, {val_images}" in markdown
     for candidate in report["candidates"]:
         interval = candidate["map50_interval"]
         assert 0 <= interval["low"] <= interval["high"] <= 1 and interval["rounds"] == 200
