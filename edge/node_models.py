@@ -42,7 +42,8 @@ def load_detector(config: NodeConfig, audit: AuditLog, model: str, audit_refusal
     if detector.verified_by is None:
         audit.append("allow_unsigned_used", model=str(model), sha256=detector.bundle_sha256)
     if detector.int8_check is not None and not detector.int8_check.same:  # runtime/int8_check.py
-        audit.append("int8_cpu_mismatch", sha256=detector.bundle_sha256, **detector.int8_check.audit_fields())
+        check = detector.int8_check  # int8_cpu_mismatch, or int8_fallback_fp32 when strict runs the FP32 sibling
+        audit.append(check.audit_kind, sha256=detector.bundle_sha256, **check.audit_fields())
     return detector
 
 

@@ -140,7 +140,8 @@ def test_node_under_strict_starts_on_the_sibling_and_audits_it(with_sibling, tmp
     node.close()
     records = [json.loads(x) for x in (storage / "audit.log").read_text().splitlines()]
     flagged = [r for r in records if r["kind"] in ("int8_cpu_mismatch", "int8_fallback_fp32")]
-    assert len(flagged) == 1 and flagged[0]["fields"]["runs"] == "fp32-sibling", records
+    assert [r["kind"] for r in flagged] == ["int8_fallback_fp32"], records
+    assert flagged[0]["fields"]["runs"] == "fp32-sibling" and flagged[0]["fields"]["running_on"] == "x86-avx2"
 
 
 def test_manifest_allows_one_sibling_and_only_beside_an_int8_model():
