@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from bastion.distill.candidates import (
@@ -116,7 +117,15 @@ def measure_candidates(
         result["candidates"] = [c.to_dict() for c in candidates]
 
 
-def _int8_candidates(spec, run, stage, sources, dataset, candidates, bundles) -> dict[str, Any]:
+def _int8_candidates(
+    spec: DistillSpec,
+    run: DetectRunDir,
+    stage: Path,
+    sources: list[tuple[str, Bundle]],
+    dataset: YoloDataset,
+    candidates: list[Candidate],
+    bundles: dict[str, Bundle],
+) -> dict[str, Any]:
     """INT8 of each FP32 source through the accuracy gate; each accepted one joins the candidates."""
     from bastion.distill.int8_gate import quantize_and_gate
 

@@ -1,9 +1,10 @@
 """Progress of a distillation run, for a person watching a terminal *and* for one reading a log later.
 
 On a terminal the caller's rich bars move (``bastion.console.stage_bars``); when stderr is not a terminal (``make
-demo > log``, CI) those bars are switched off, so this module writes plain lines instead — a stage line when each
-stage starts, and training lines like ``train student: epoch 3/10 batch 40/120 loss 1.23`` at most one every
-``every_s`` seconds plus one at the end of every epoch, so a log shows the run is alive without drowning in lines.
+demo > log``, CI) those bars are switched off, so this module writes plain lines instead: training lines like
+``train student: epoch 3/10 batch 40/120 loss 1.23`` at most one every ``every_s`` seconds plus one at the end of
+every epoch, so a log shows the run is alive without drowning in lines. A line when each stage starts is written
+either way (on a terminal rich shows it above the bars).
 """
 
 from __future__ import annotations
@@ -41,13 +42,17 @@ class RunProgress:
     def line(self, text: str) -> None:
         """One plain line (only when plain: on a terminal the bars say it)."""
         if self.plain:
-            out = self.stream or sys.stderr
-            out.write(text + "\n")
-            out.flush()
+            self._write(text)
 
     def stage(self, number: int, total: int, name: str, what: str) -> None:
-        """``distill [2/5] labels: pseudo-labelling 120 images with 1 teacher``."""
-        self.line(f"distill [{number}/{total}] {name}: {what}")
+        """``distill [2/5] labels: labelling 120 images with 1 teacher(s)``, on a terminal too (above the bars:
+        rich's live display passes stderr writes through)."""
+        self._write(f"distill [{number}/{total}] {name}: {what}")
+
+    def _write(self, text: str) -> None:
+        out = self.stream or sys.stderr  # looked up now: rich's live display may have wrapped sys.stderr
+        out.write(text + "\n")
+        out.flush()
 
     def bar(self, label: str, total: int) -> Callable[[], None]:
         """A bar of ``total`` steps; the returned function advances it (plain: ``label: 40/128`` now and then)."""

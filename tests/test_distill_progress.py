@@ -45,8 +45,9 @@ def test_a_terminal_gets_the_bars_and_no_plain_lines():
         for batch in (1, 2, 3):
             training.batch(epoch, batch, 0.5)
         training.epoch_end(epoch, 0.5)
-    progress.stage(1, 5, "teachers", "opening 1 teacher")
     assert log.getvalue() == "" and ticks == ["train student (2 epochs × 3 batches)"] * 6
+    progress.stage(1, 5, "teachers", "opening 1 teacher")  # a stage line is worth a line on a terminal too
+    assert log.getvalue() == "distill [1/5] teachers: opening 1 teacher\n"
 
 
 def test_ultralytics_callbacks_feed_the_progress():
