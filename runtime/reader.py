@@ -179,6 +179,14 @@ class SourceReader(threading.Thread):
 
     def _drain(self, opened: Opened) -> int:
         """Queue every frame of ``opened`` (paced when it asks); the number of good frames."""
+        try:
+            return self._queue_all(opened)
+        finally:
+            close = getattr(opened.captures, "close", None)
+            if close is not None:
+                close()  # releases the capture now, not when the generator is collected
+
+    def _queue_all(self, opened: Opened) -> int:
         got = 0
         period = 1.0 / opened.pace_fps if opened.pace_fps else 0.0
         drop_oldest = opened.live or bool(period)  # paced like a camera, dropped like a camera
@@ -205,17 +213,16 @@ class SourceReader(threading.Thread):
                 self.stats.dropped += 1
             self._index += 1
             self.wake.set()
-        close = getattr(opened.captures, "close", None)
-        if close is not None:
-            close()  # releases the capture now, not when the generator is collected
         return got
 
     def _skipped(self, reason: str, path: str | None) -> None:
+        message = reason if path is None or path in reason else f"{path}: {reason}"
+        if message != self.stats.last_error:  # a stream of broken frames is one line, not one per frame
+            log.warning("source %s: skipped %s", self.spec.name, message, extra={"source": self.spec.name})
         self.stats.errors += 1
-        self.stats.last_error = reason if path is None or path in reason else f"{path}: {reason}"
+        self.stats.last_error = message
         if path is not None:
             self.skipped.append(path)
-        log.warning("source %s: skipped %s", self.spec.name, self.stats.last_error, extra={"source": self.spec.name})
 
     def _failed(self, message: str, error: SourceUnavailable | None = None) -> bool:
         """Record a failure; True when the reader gives up (``retries`` spent), else it waits out the backoff."""
