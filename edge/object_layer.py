@@ -25,7 +25,10 @@ How the node calls it (the whole contract; no threads, no I/O except the id stor
 ``ObjectEvent`` is not a ``DetectionEvent``: the store and the wire need the protocol v2 envelope
 (docs/protocol.md) before these events can be committed and published like frame events.
 
-``process`` is not thread-safe per source: the node's single inference thread is the only caller.
+``process`` is not thread-safe per source: the node's single inference thread is the only caller. It raises
+``StorageError`` when a new object needs an id and the store cannot reserve a block (full disk, damaged file):
+treat it like a failed ``store.append`` (log, pause, carry on with the next frame — the unconfirmed track asks
+again on its next sighting); it must not end the inference thread.
 With ``tracker: none`` detections pass untracked and no object events are made.
 """
 

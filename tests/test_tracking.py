@@ -239,3 +239,19 @@ def test_a_packed_crowd_is_matched_one_to_one_within_the_gate_by_the_bounded_fal
     assert all(cost[r, c] <= 0.8 for r, c in matches)
     assert sorted(rows + left_rows) == list(range(150)) and sorted(cols + left_cols) == list(range(150))
     assert len(matches) >= 140 and greedy_calls == [1]
+
+
+def test_a_store_that_cannot_reserve_ids_is_a_storage_error_and_tracking_resumes_when_it_can(tmp_path):
+    from bastion.edge.store import StorageError
+
+    store = EventStore(tmp_path / "events.db")
+    layer = ObjectLayer(ObjectsConfig(), StoreIdAllocator(store))
+    layer.process("cam", 0, 0.0, frame_of([]), (480, 640, 3))
+    person = frame_of([[10, 10, 50, 100]])
+    layer.process("cam", 1, 0.1, person, (480, 640, 3))  # first sighting: no id needed yet
+    store.error = "refusing writes (stands in for a full or failing disk)"
+    with pytest.raises(StorageError, match="refusing writes"):
+        layer.process("cam", 2, 0.2, person, (480, 640, 3))  # the confirmation needs an id
+    store.error = None
+    assert layer.process("cam", 3, 0.3, person, (480, 640, 3)).detections.tracker_id.tolist() == [1]
+    store.close()
