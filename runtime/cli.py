@@ -84,6 +84,7 @@ def detect_command(
     # inside OpenCV when the interpreter exits aborts the process.
     reader = source_reader(source)
     t0 = time.perf_counter()
+    stopped = False
     try:
         with progress(disable=json_out) as bar:
             task = bar.add_task(f"detect {_display_name(source, kind)}", total=total)
@@ -109,6 +110,10 @@ def detect_command(
                         )
                     writer.write(det.draw(frame.image))
                 bar.advance(task)
+    except KeyboardInterrupt:
+        if kind not in ("stream", "usb"):
+            raise
+        stopped = True  # a camera runs until Ctrl-C: its normal end, and the summary follows
     finally:
         reader.close()
         if writer is not None:
@@ -127,6 +132,7 @@ def detect_command(
         + (f", {stats.dropped} dropped (the source ran ahead of the model)" if stats.dropped else "")
         + (f", {stats.reconnects} reconnects" if stats.reconnects else "")
         + (f"; annotated output in {save}" if save else "")
+        + ("; stopped by Ctrl-C" if stopped else "")
     )
 
 

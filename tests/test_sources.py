@@ -179,3 +179,54 @@ def test_a_model_that_fails_to_load_leaves_no_reader_thread_to_abort_the_exit():
     """A reader thread still inside OpenCV at interpreter exit aborted the process (rc 134, 'terminate called')."""
     proc = run_cli("detect", str(VIDEO), "--model", "nonexistent", timeout=120)
     _one_line_failure(proc, "model not found")
+
+
+_FAKE_CAMERA = """
+import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]
+import egress_guard; egress_guard.install()
+from pathlib import Path
+from bastion.runtime import sources
+from bastion.runtime.media import read_image
+image_path, opened_marker = sys.argv.pop(1), sys.argv.pop(1)
+
+def camera(spec):  # a USB camera that never ends, 30 frames/s
+    image = read_image(image_path)
+    Path(opened_marker).write_text("open")
+    def captures():
+        while True:
+            yield sources.Capture(image)
+    return sources.Opened(captures(), 30.0, live=True, native_fps=30.0)
+
+sources.register_opener("usb")(camera)
+from bastion.cli import run; run()
+"""
+
+
+def test_ctrl_c_is_the_normal_end_of_a_camera(tmp_path):
+    """`bastion detect 0` runs until Ctrl-C: then it stops its reader, keeps the recording, exits 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    opened = tmp_path / "opened"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+    argv = [sys.executable, "-c", _FAKE_CAMERA, str(PERSON_IMAGE), str(opened), "detect", "0", "--threads", "1"]
+    proc = subprocess.Popen(
+        [*argv, "--save", str(tmp_path / "out")], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not opened.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # some frames through the model
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, (proc.returncode, err.decode())
+    assert "stopped by Ctrl-C" in " ".join(out.decode().split()) and b"Traceback" not in err
+    assert (tmp_path / "out" / "usb0.detections.mp4").stat().st_size > 0
