@@ -255,3 +255,26 @@ def test_a_store_that_cannot_reserve_ids_is_a_storage_error_and_tracking_resumes
     store.error = None
     assert layer.process("cam", 3, 0.3, person, (480, 640, 3)).detections.tracker_id.tolist() == [1]
     store.close()
+
+
+def test_one_person_in_the_real_clip_is_one_object_with_one_id():
+    """The real model on 80 frames of the vendored person clip (one person at the table): 80 frame events
+    today, one object.new here, and the same id in every frame she is detected."""
+    from itertools import islice
+
+    from conftest import SAMPLES
+
+    from bastion.runtime.detect import Detector
+    from bastion.runtime.media import iter_video
+
+    layer = ObjectLayer(ObjectsConfig(), MemoryIdAllocator())
+    events, ids, frames_with_person = [], set(), 0
+    with Detector.load("yolov5n", threads=1, imgsz=320, classes=["person"]) as detector:
+        for frame in islice(iter_video(SAMPLES / "one-by-one-person-detection.mp4"), 80, 160):
+            det = detector.detect(frame.image)
+            frames_with_person += bool(len(det))
+            result = layer.process("cam", frame.index, frame.index / 10, det, frame.image.shape)
+            events += result.events
+            ids |= {int(t) for t in result.detections.tracker_id if t >= 0}
+    assert frames_with_person >= 75
+    assert [e.kind for e in events] == ["object.new"] and ids == {events[0].track}
