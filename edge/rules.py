@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bastion.edge.geometry import Point, cross, inside_polygon, segments_cross
-from bastion.edge.rules_config import LineConfig, ZoneConfig, RuleConfig
+from bastion.edge.rules_config import LineConfig, RuleConfig, ZoneConfig
 
 
 @dataclass
