@@ -48,7 +48,7 @@ install-dev: $(VENV)/.dev-installed
 
 demo: install
 	@echo "make: bastion demo — distill (pseudo-labels, a 3-epoch student, INT8), sign, detect, serve; measured" \
-		"~8 min on a 2-core VM; a stage line for each step, and training progress lines in a log"
+		"5-7 min on a 2-core VM; a stage line for each step, and training progress lines in a log"
 	$(VENV)/bin/bastion demo
 
 # Lint and format check, both run by `make test` and `make test-fast` (pyproject's [tool.ruff]).

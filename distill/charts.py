@@ -66,6 +66,18 @@ def _text(
     return x, org[1] - th, x + tw, org[1] + 3
 
 
+def _outside(box) -> bool:
+    """Off the area a label may use: below the title, right of the y tick labels, above the x tick labels."""
+    return not (MARGIN[0] < box[0] and box[2] < W - 4 and 34 < box[1] and box[3] < H - MARGIN[3])
+
+
+def _covered(box, boxes) -> int:
+    """Pixels of ``box`` that ``boxes`` already cover (summed; 0: a free place)."""
+    return sum(
+        max(0, min(box[2], b[2]) - max(box[0], b[0])) * max(0, min(box[3], b[3]) - max(box[1], b[1])) for b in boxes
+    )
+
+
 def _overlaps(box, boxes) -> bool:
     return any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in boxes)
 
@@ -145,16 +157,18 @@ def scatter(points: list[dict], path: Path, title: str = "speed vs accuracy") ->
         cv2.line(img, px(a["latency_ms"], a["map50"]), px(b["latency_ms"], b["map50"]), (160, 160, 160), 1, cv2.LINE_AA)
     dots = [px(p["latency_ms"], p["map50"]) for p in points]
     placed = [(x - 8, y - 8, x + 8, y + 8) for x, y in dots]  # labels avoid every dot, not only earlier labels
+    l, t, r, b = MARGIN
+    placed += [(l, t - 1, W - r, t + 1), (W - r - 1, t, W - r + 1, H - b)]  # and the frame's top and right edges
     for i, (p, (x, y)) in enumerate(zip(points, dots)):
         c = PALETTE[i % len(PALETTE)]
         cv2.circle(img, (x, y), 7, c, -1, cv2.LINE_AA)
         (tw, th), _ = cv2.getTextSize(p["name"], FONT, LABEL_SCALE, 1)
-        options = [(10, dy) for dy in (5, -10, 20, -25, 35, -40, 50)] + [(-10 - tw, dy) for dy in (5, -10, 20, -25)]
-        for dx, dy in options:
-            box = (x + dx, y + dy - th, x + dx + tw, y + dy + 3)
-            inside = MARGIN[0] < box[0] and box[2] < W - 4 and MARGIN[1] < box[1] and box[3] < H - MARGIN[3]
-            if inside and not _overlaps(box, placed):
-                break
+        options = [(10, 5), (10, -10), (10, 20), (-tw // 2, -12), (-tw // 2, 24), (-10 - tw, 5), (-10 - tw, -10)]
+        options += [(-10 - tw, 20), (10, -25), (10, 35), (10, -40), (10, 50), (-10 - tw, 35), (-10 - tw, -25)]
+        boxes = [(x + dx, y + dy - th, x + dx + tw, y + dy + 3) for dx, dy in options]
+        # the first free place inside the canvas below the title (a dot on the top edge may label above it);
+        # else the place that covers the least of what is already there
+        box = min(boxes, key=lambda b: (_outside(b), _covered(b, placed), boxes.index(b)))
         placed.append(box)
         cv2.putText(img, p["name"], (box[0], box[3] - 3), FONT, LABEL_SCALE, c, 1, cv2.LINE_AA)
     save_image(path, img)
