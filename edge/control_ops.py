@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from bastion.edge.protocol import ControlRequest
 
 MAX_REPLAY_BYTES = 4 * 2**20  # one replay answer; the client asks again for the rest ("more": true)
+REPLAY_CHUNK = 50  # events read from the store at a time while a replay page fills
 Reply = dict[str, Any] | Deferred
 Handler = Callable[["Node", Any, str], Reply]
 HANDLERS: dict[str, Handler] = {}
@@ -65,21 +66,29 @@ def status(node: Node, request: StatusRequest, client: str) -> Reply:
 
 @handles("replay")
 def replay(node: Node, request: ReplayRequest, client: str) -> Reply:
-    try:
-        events = node.store.since(request.since, request.limit)
-    except StorageError as exc:  # a damaged store: one clear line, never an internal error
-        return {"ok": False, "error": str(exc)}
-    kept, size = [], 0
-    for event in events:  # bounded in bytes too: many detections a frame make MBs of JSON an event
-        size += 160 + 100 * len(event.detections)  # about what one event takes as JSON
-        if kept and size > MAX_REPLAY_BYTES:
-            break
-        kept.append(event.model_dump(mode="json"))
-    return {
-        "events": kept,
-        "last_seq": node.store.last_seq(),
-        "more": len(kept) < len(events) or len(events) == request.limit,
-    }
+    """Events after ``since``, read from the store a chunk at a time until ``limit`` or ~4 MB of JSON: a page of
+    large events stops early without reading (and validating) the ``limit`` events it will not send."""
+    kept: list[dict[str, Any]] = []
+    since, size = request.since, 0
+
+    def page(more: bool) -> Reply:
+        return {"events": kept, "last_seq": node.store.last_seq(), "more": more}
+
+    while len(kept) < request.limit:
+        want = min(REPLAY_CHUNK, request.limit - len(kept))
+        try:
+            events = node.store.since(since, want)
+        except StorageError as exc:  # a damaged store: one clear line, never an internal error
+            return {"ok": False, "error": str(exc)}
+        for event in events:  # bounded in bytes too: many detections a frame make MBs of JSON an event
+            size += 160 + 100 * len(event.detections)  # about what one event takes as JSON
+            if kept and size > MAX_REPLAY_BYTES:
+                return page(more=True)
+            kept.append(event.model_dump(mode="json"))
+        if len(events) < want:
+            return page(more=False)
+        since = events[-1].seq
+    return page(more=True)  # the client asks again after the last seq
 
 
 @handles("snapshot")

@@ -265,3 +265,53 @@ def test_the_sdk_keeps_waiting_for_an_ask_queued_longer_than_its_timeout(tmp_pat
             ctx.term()
     assert answer and isinstance(answer[0], str) and answer[0], f"the queued ask gave up while it waited: {answer}"
     assert lm.log[-2:] == [("start", "The dog"), ("end", "The dog")]
+
+
+def test_replay_pages_cross_store_chunks_without_losing_or_repeating_an_event(tmp_path):
+    from test_hardening_control import _stored_events_and_no_source
+
+    quiet = _stored_events_and_no_source(tmp_path, events=130, boxes=1)  # more than two of the store reads a page makes
+    with running_node(tmp_path, sources=quiet) as node:
+        ctx = zmq.Context()
+        sock = _dealer(ctx, node.server.control_endpoint)
+        try:
+            pages = []
+            for since, limit in ((0, 120), (120, 50), (0, 5000), (130, 1)):
+                _send(sock, {"op": "replay", "id": since, "since": since, "limit": limit})
+                answer = _next(sock, "replay")
+                pages.append(([e["seq"] for e in answer["events"]], answer["more"], answer["last_seq"]))
+        finally:
+            sock.close()
+            ctx.term()
+    assert pages == [
+        (list(range(1, 121)), True, 130),  # the limit reached: ask again after 120
+        (list(range(121, 131)), False, 130),
+        (list(range(1, 131)), False, 130),
+        ([], False, 130),
+    ]
+
+
+def test_a_replay_page_of_large_events_reads_only_about_what_it_sends(tmp_path):
+    from test_hardening_control import _stored_events_and_no_source
+
+    quiet = _stored_events_and_no_source(tmp_path, events=300, boxes=300)  # ~30 KB each: ~140 fill a 4 MB page
+    with running_node(tmp_path, sources=quiet) as node:
+        store_since, read = node.store.since, []
+
+        def counted(since, limit):
+            events = store_since(since, limit)
+            read.extend(e.seq for e in events)
+            return events
+
+        node.store.since = counted
+        ctx = zmq.Context()
+        sock = _dealer(ctx, node.server.control_endpoint)
+        try:
+            _send(sock, {"op": "replay", "id": 1, "since": 0, "limit": 500})
+            answer = _next(sock, "replay")
+        finally:
+            sock.close()
+            ctx.term()
+    sent = [e["seq"] for e in answer["events"]]
+    assert answer["more"] and sent == list(range(1, len(sent) + 1)) and 100 < len(sent) < 300
+    assert sorted(set(read)) == read and len(read) < len(sent) + 60, (len(read), len(sent))  # not all 300
