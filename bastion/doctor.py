@@ -54,6 +54,7 @@ def _checks(home: Check, lock: Path | None) -> list[Check]:
     checks = [
         home,
         _trust(),
+        _policy(),
         _registry(),
         _zoo(),
         _providers(),
@@ -98,6 +99,25 @@ def _trust() -> Check:
     if not active:
         return Check("trust store", "fail", detail + "; no bundle can be verified — bastion keys trust KEY.pub")
     return Check("trust store", "ok", detail)
+
+
+def _policy() -> Check:
+    """The signed trust policy in force (bastion policy apply), or that the trust store rules alone."""
+    from bastion.models.policy_store import PolicyStore
+
+    try:
+        signed = PolicyStore().in_force()
+    except Exception as exc:  # missing, rolled back, expired: every bundle is refused, say why
+        return Check("trust policy", "fail", str(exc))
+    if signed is None:
+        return Check("trust policy", "ok", "none applied: any trusted key may sign any bundle (1 of 1)")
+    p = signed.policy
+    return Check(
+        "trust policy",
+        "ok",
+        f"v{p.version}, expires {p.expires.date()}, {len(p.keys)} key(s), {len(p.rules)} rule(s), "
+        f"root {p.root.threshold} of {len(p.root.keys)} ({p.root.fingerprint()[:16]}…)",
+    )
 
 
 def _registry() -> Check:

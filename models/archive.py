@@ -65,14 +65,14 @@ def max_bundle_bytes() -> int:
 
 
 def pack(bundle_dir: Path, out: Path) -> Path:
-    """Tar ``bundle_dir``'s manifest, signature and payload files (only those) into ``out`` atomically."""
-    from bastion.models.signing import SIGNATURE_NAME
+    """Tar ``bundle_dir``'s manifest, signatures (the first and the countersignatures) and payload files (only
+    those) into ``out`` atomically."""
+    from bastion.models.signing import COUNTERSIGNATURES_NAME, SIGNATURE_NAME
 
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir / MANIFEST_NAME)
     names = [MANIFEST_NAME] + [f.path for f in manifest.files]
-    if (bundle_dir / SIGNATURE_NAME).is_file():
-        names.append(SIGNATURE_NAME)
+    names += [n for n in (SIGNATURE_NAME, COUNTERSIGNATURES_NAME) if (bundle_dir / n).is_file()]
     out = Path(out)
     if out.is_dir() or out.suffix != ARCHIVE_SUFFIX:  # a directory, existing or to be made
         out = out / f"{manifest.name}-{manifest.version}{ARCHIVE_SUFFIX}"

@@ -23,7 +23,8 @@ from bastion.models.home import bastion_home
 from bastion.models.manifest import MANIFEST_NAME, FileEntry, Manifest, read_manifest
 from bastion.models.registry import Registry
 from bastion.models.safe_read import NotRegular, TooLarge, hash_bounded, read_bounded
-from bastion.models.signing import Verification, read_signature, verify_manifest
+from bastion.models.releasability import check_releasable, unit_nation
+from bastion.models.signing import Verification, read_signatures, verify_manifest
 from bastion.models.trust import TrustStore
 from bastion.models.zoo import zoo_path
 
@@ -67,8 +68,17 @@ class Bundle:
         return self.manifest.sha256()
 
     @classmethod
-    def open(cls, path: str | Path, trust: TrustStore | None = None, allow_unsigned: bool = False) -> "Bundle":
-        """Resolve, then verify payload and signature; raise a ModelLoadError subclass naming the problem."""
+    def open(
+        cls,
+        path: str | Path,
+        trust: TrustStore | None = None,
+        allow_unsigned: bool = False,
+        nation: str | None = None,
+    ) -> "Bundle":
+        """Resolve, then verify payload and signatures (against the trust policy in force, if any), then the
+        markings against this unit's nation (``nation``, else ``BASTION_NATION``); raise a ModelLoadError
+        subclass naming the problem."""
+        nation = unit_nation(nation)
         root = resolve_bundle_dir(path)
         manifest = read_manifest(root / MANIFEST_NAME)
         verify_files(root, manifest)
@@ -79,6 +89,7 @@ class Bundle:
                 raise
             warn_unsigned(f"{manifest.name}:{manifest.version}", exc.message)
             verification = Verification(False, note=exc.message)
+        check_releasable(manifest, nation)  # signed markings, checked even under --allow-unsigned
         return cls(root=root, manifest=manifest, verification=verification)
 
     @classmethod
@@ -98,16 +109,28 @@ class Bundle:
         """Read a bundle for display: signature or payload problems become the status, not an exception."""
         root = resolve_bundle_dir(path)
         manifest = read_manifest(root / MANIFEST_NAME)
-        try:
-            record = read_signature(root, manifest.name)
-            signer = record.key_id if record else None
-        except SignatureError:
-            signer = None
+        trust = trust or TrustStore()
         try:
             status, verified = cls.open(root, trust).verification.summary, True
         except ModelLoadError as exc:
             status, verified = f"REFUSED: {exc}", False
-        return Inspection(root, manifest, verified, status, signer)
+        return Inspection(root, manifest, verified, status, _signers(root, manifest, trust))
+
+
+def _signers(root: Path, manifest: Manifest, trust: TrustStore) -> list[dict]:
+    """Every signer, named with its role when the policy in force (if one can be read) lists the key."""
+    from bastion.models.policy_check import describe_signers
+    from bastion.models.policy_store import PolicyStore
+
+    try:
+        records = read_signatures(root, manifest.name)
+    except SignatureError:
+        return []
+    try:
+        current = PolicyStore(trust).current()
+    except ModelLoadError:  # the refusal is already the inspection's status
+        current = None
+    return describe_signers(records, current.policy if current else None)
 
 
 @dataclass(frozen=True)
@@ -116,7 +139,12 @@ class Inspection:
     manifest: Manifest
     verified: bool
     status: str
-    signer_key_id: str | None
+    signers: list[dict]
+
+    @property
+    def signer_key_id(self) -> str | None:
+        """The first signer (the one the ``signature`` file names), as before countersigning."""
+        return self.signers[0]["key_id"] if self.signers else None
 
 
 def warn_unsigned(name: str, why: str) -> None:

@@ -1,4 +1,5 @@
-"""CLI commands for what a model is: ``bastion keys``, ``bastion bundle``, ``bastion models``."""
+"""CLI commands for model bundles: ``bastion bundle`` (keys: cli_keys.py, registry: cli_models.py,
+trust policy: cli_policy.py)."""
 
 from __future__ import annotations
 
@@ -10,150 +11,11 @@ from rich.table import Table
 from bastion.console import out, print_json
 from bastion.models.keys import read_passphrase
 
-keys_app = typer.Typer(help="Signing keys and the trust store.", no_args_is_help=True)
-bundle_app = typer.Typer(help="Create, sign, verify, inspect and pack model bundles.", no_args_is_help=True)
-models_app = typer.Typer(help="The local model registry under BASTION_HOME.", no_args_is_help=True)
+bundle_app = typer.Typer(
+    help="Create, sign, countersign, mark, verify, inspect and pack model bundles.", no_args_is_help=True
+)
 
 ALLOW_UNSIGNED_HELP = "DEVELOPMENT ONLY: run a bundle that is unsigned or fails verification (warned every time)."
-
-
-# -- keys ---------------------------------------------------------------------------------------------
-@keys_app.command("generate")
-def keys_generate(
-    out_stem: Path = typer.Option(..., "--out", help="Path without suffix: writes OUT.key (0600) and OUT.pub."),
-    passphrase: bool = typer.Option(
-        False, "--passphrase", help="Encrypt the private key (prompted, or BASTION_KEY_PASSPHRASE)."
-    ),
-    trust: bool = typer.Option(
-        True,
-        "--trust/--no-trust",
-        help="Trust the new key on this machine too, so the "
-        "maker can verify, pack and run what it signs (recorded in trust/audit.jsonl).",
-    ),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-) -> None:
-    """Generate an Ed25519 signing key pair (and trust it here: you made it).
-
-    Example: bastion keys generate --out ~/keys/model-team --passphrase
-    """
-    import logging
-
-    from bastion.models.keys import generate_keypair
-    from bastion.models.trust import TrustStore
-
-    pair = generate_keypair(out_stem, read_passphrase(passphrase, confirm=True))
-    if trust:
-        TrustStore().trust(pair.public_path)
-        logging.getLogger(__name__).info("trusted the key just generated here: %s", pair.key_id)
-    if json_out:
-        print_json(
-            {
-                "key_id": pair.key_id,
-                "private": str(pair.private_path),
-                "public": str(pair.public_path),
-                "trusted_here": trust,
-            }
-        )
-        return
-    out.print(f"key {pair.key_id}: private {pair.private_path} (mode 0600), public {pair.public_path}")
-    if trust:
-        out.print("trusted on this machine (bastion keys revoke to undo)")
-    out.print(f"units that should run your bundles: bastion keys trust {pair.public_path}")
-
-
-@keys_app.command("trust")
-def keys_trust(public_key: Path = typer.Argument(..., help="A .pub file from `bastion keys generate`.")) -> None:
-    """Trust bundles signed by this public key on this unit.
-
-    Example: bastion keys trust model-team.pub
-    """
-    from bastion.models.trust import TrustStore
-
-    out.print(f"trusted key {TrustStore().trust(public_key)}")
-
-
-@keys_app.command("revoke")
-def keys_revoke(
-    key: str = typer.Argument(..., help="Key id (or a unique prefix), built-in anchors included."),
-    reason: str = typer.Option("", help="Why, for the record."),
-) -> None:
-    """Stop trusting a key; bundles it signed are refused from now on.
-
-    Example: bastion keys revoke ff0662541e0e050a --reason "replaced by national key"
-    """
-    from bastion.models.trust import TrustStore
-
-    out.print(f"revoked key {TrustStore().revoke(key, reason)}")
-
-
-@keys_app.command("unrevoke")
-def keys_unrevoke(
-    key: str = typer.Argument(..., help="A revoked key id (or a unique prefix)."),
-    yes: bool = typer.Option(False, "--yes", help="Confirm: bundles this key signed are trusted again."),
-) -> None:
-    """Lift one revocation on purpose (recorded in trust/audit.jsonl).
-
-    Editing revoked.json by hand does not do it: a list that lacks a key the journal says is revoked is refused.
-
-    Example: bastion keys unrevoke 0b0bf72f --yes
-    """
-    from bastion.errors import ConfigError
-    from bastion.models.trust import TrustStore
-
-    if not yes:
-        raise ConfigError("un-revoking trusts every bundle this key signed again", "repeat with --yes if that is meant")
-    out.print(f"revocation of key {TrustStore().unrevoke(key)} lifted")
-
-
-@keys_app.command("reset-revocations")
-def keys_reset_revocations(
-    yes: bool = typer.Option(False, "--yes", help="Confirm: every revocation the lost list held is gone."),
-) -> None:
-    """Start an empty revocation list after trust/revoked.json was lost (recorded in trust/audit.jsonl).
-
-    Until then this unit refuses every bundle: a deleted list must not silently lift the revocations it held.
-    Restore the list from backup if you can; otherwise reset it and revoke again what was revoked.
-
-    Example: bastion keys reset-revocations --yes && bastion keys revoke ff0662541e0e050a
-    """
-    from bastion.errors import ConfigError
-    from bastion.models.trust import TrustStore
-
-    if not yes:
-        raise ConfigError(
-            "resetting the revocation list forgets every key it revoked",
-            "restore trust/revoked.json from backup if you can; otherwise repeat with --yes",
-        )
-    store = TrustStore()
-    store.reset_revocations()
-    out.print(
-        f"started an empty revocation list at {store.revoked_path}; revoke again the keys it held "
-        "(bastion keys revoke ID)"
-    )
-
-
-@keys_app.command("list")
-def keys_list(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
-    """List the keys this unit trusts (and those it revoked).
-
-    Example: bastion keys list --json
-    """
-    from bastion.models.trust import TrustStore
-
-    store = TrustStore()
-    rows = [
-        {"key_id": k.key_id, "source": k.source, "revoked": k.revoked, "path": str(k.path)}
-        for k in store.keys().values()
-    ]
-    if json_out:
-        print_json({"keys": rows, "revoked": store.revoked()})
-        return
-    table = Table(show_edge=False)
-    for col in ("key id", "source", "status", "file"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["key_id"], r["source"], "[red]revoked[/]" if r["revoked"] else "trusted", r["path"])
-    out.print(table)
 
 
 # -- bundle -------------------------------------------------------------------------------------------
@@ -200,6 +62,8 @@ def bundle_verify(
                 "sha256": b.sha256,
                 "key_id": b.verification.key_id,
                 "key_source": b.verification.key_source,
+                "signers": list(b.verification.signers),
+                "policy": b.verification.policy or None,
             }
         )
         return
@@ -211,7 +75,7 @@ def bundle_inspect(
     bundle: str = typer.Argument(..., help="Bundle directory, .bastion file, registry or zoo name."),
     json_out: bool = typer.Option(False, "--json", help="Print everything as one JSON object."),
 ) -> None:
-    """Show what a bundle is: task, classes, files, provenance, licenses, metrics, signer, verification.
+    """Show what a bundle is: task, classes, files, provenance, licenses, metrics, signers, markings, verification.
 
     Example: bastion bundle inspect yolov5n
     """
@@ -219,6 +83,7 @@ def bundle_inspect(
 
     report = Bundle.inspect(bundle)
     manifest, status, signer = report.manifest, report.status, report.signer_key_id
+    markings = manifest.markings
     runs = _int8_runs(manifest)  # an INT8 bundle: which precision runs where, and why
     if json_out:
         print_json(
@@ -227,6 +92,8 @@ def bundle_inspect(
                 "sha256": manifest.sha256(),
                 "path": str(report.root),
                 "signer_key_id": signer,
+                "signers": report.signers,
+                "markings": markings.model_dump(mode="json") if markings else None,
                 "verified": report.verified,
                 "status": status,
                 "runs": runs,
@@ -240,7 +107,8 @@ def bundle_inspect(
     rows = [
         ("bundle", f"{manifest.name}:{manifest.version}  (sha256 {manifest.sha256()[:16]}…)"),
         ("verification", status),
-        ("signer key", signer or "none"),
+        ("signers", _signer_lines(report.signers)),
+        ("markings", markings.summary() if markings else "none (releasable to every unit)"),
         ("task", manifest.task),
         ("precision", manifest.precision),
         ("decoder", manifest.decoder.type if manifest.decoder else "-"),
@@ -291,6 +159,15 @@ def bundle_inspect(
     out.print(table)
 
 
+def _signer_lines(signers: list[dict]) -> str:
+    """One line per signer: key id, and the name and role the trust policy in force gives it."""
+    if not signers:
+        return "none"
+    return "\n".join(
+        s["key_id"] + (f"  {s['name']} ({s['role']})" if s["name"] else "  (not in a trust policy)") for s in signers
+    )
+
+
 def _int8_runs(manifest) -> str | None:
     """Which precision an INT8 bundle runs on which CPU class, and why (the unit decides at load:
     bastion.runtime.int8_check; `bastion doctor` shows this CPU's class)."""
@@ -319,122 +196,104 @@ def bundle_pack(
     out.print(f"wrote {pack(b.root, out_path)}")
 
 
-# -- models (registry) --------------------------------------------------------------------------------
-@models_app.command("add")
-def models_add(
-    bundle: Path = typer.Argument(..., help="Bundle directory or .bastion file."),
-    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
-    allow_downgrade: bool = typer.Option(
-        False,
-        "--allow-downgrade",
-        help="Add a version older than one already in the registry (recorded; the bare name still means the highest).",
-    ),
-    json_out: bool = typer.Option(False, "--json", help="Print the entry as JSON."),
+@bundle_app.command("countersign")
+def bundle_countersign(
+    bundle: Path = typer.Argument(..., help="Bundle directory (already signed)."),
+    sign: Path = typer.Option(..., "--sign", help="Your private key file (.key)."),
+    passphrase: bool = typer.Option(False, "--passphrase", help="Prompt for the key's passphrase."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Verify a bundle and store it in the local registry (content-addressed).
+    """Add your signature beside the bundle's others, over the same manifest (payload and manifest untouched).
 
-    A bare NAME always resolves to its highest version; adding an older version than one already present
-    is refused unless --allow-downgrade is given, and is then recorded in the registry's audit.jsonl.
+    Refused when the payload or any signature already there does not match the manifest, or when your key has
+    already signed.  Which signatures are enough is the trust policy's rule (bastion policy show).
 
-    Example: bastion models add person-vehicle-1.0.bastion
+    Example: bastion bundle countersign coalition-vehicles-1.0/ --sign ~/keys/can-release.key
     """
-    import sys
-    from functools import partial
-
-    from bastion.models.bundle import Bundle
-    from bastion.models.registry import Registry
-    from bastion.models.version import is_older
-
-    registry = Registry()
-    entry = registry.add(bundle, partial(Bundle.open, allow_unsigned=allow_unsigned), allow_downgrade=allow_downgrade)
-    newest = registry.resolve(entry.name)
-    if newest is not None and is_older(entry.version, newest.version):
-        sys.stderr.write(
-            f"WARNING: {entry.name}:{entry.version} is older than {newest.name}:{newest.version}: "
-            f"kept because of --allow-downgrade (recorded in {registry.audit_path}); "
-            f"'{entry.name}' still resolves to {newest.version}.\n"
-        )
-    if json_out:
-        print_json({"name": entry.name, "version": entry.version, "sha256": entry.sha256, "path": str(entry.path)})
-        return
-    out.print(f"added {entry.name}:{entry.version} ({entry.sha256[:16]}) → {entry.path}")
-
-
-@models_app.command("list")
-def models_list(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
-    """List bundles in the registry and the vendored zoo.
-
-    Example: bastion models list
-    """
-    from bastion.models.registry import Registry
-    from bastion.models.zoo import zoo_names, zoo_path
-
-    rows = [
-        {
-            "name": e.name,
-            "version": e.version,
-            "task": e.task,
-            "sha256": e.sha256,
-            "where": "registry",
-            "path": str(e.path),
-        }
-        for e in Registry().entries()
-    ]
+    from bastion.models.bundle import resolve_bundle_dir, verify_files
+    from bastion.models.keys import load_private_key
     from bastion.models.manifest import MANIFEST_NAME, read_manifest
+    from bastion.models.signing import countersign, read_signatures
 
-    for n in zoo_names():
-        m = read_manifest(zoo_path(n) / MANIFEST_NAME)
-        rows.append(
-            {
-                "name": n,
-                "version": m.version,
-                "task": m.task,
-                "sha256": m.sha256(),
-                "where": "zoo",
-                "path": str(zoo_path(n)),
-            }
-        )
+    root = resolve_bundle_dir(bundle)
+    manifest = read_manifest(root / MANIFEST_NAME)
+    verify_files(root, manifest)
+    record = countersign(root, manifest, load_private_key(sign, read_passphrase(passphrase)), _known_keys())
+    count = len(read_signatures(root, manifest.name))
     if json_out:
-        print_json({"models": rows})
+        print_json({"name": manifest.name, "version": manifest.version, "key_id": record.key_id, "signatures": count})
         return
-    table = Table(show_edge=False)
-    for col in ("name", "version", "task", "sha256", "where"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["name"], r["version"], r["task"], r["sha256"][:16], r["where"])
-    out.print(table)
+    out.print(f"countersigned {manifest.name}:{manifest.version} with key {record.key_id} ({count} signatures)")
 
 
-@models_app.command("remove")
-def models_remove(ref: str = typer.Argument(..., help="NAME or NAME:VERSION.")) -> None:
-    """Remove a bundle from the registry.
+def _known_keys() -> dict:
+    """Public keys this unit knows by id (trust store, and the policy in force if one can be read), to check the
+    signatures a bundle already carries before adding one."""
+    from bastion.errors import ModelLoadError
+    from bastion.models.policy_store import PolicyStore
+    from bastion.models.trust import TrustStore
 
-    Example: bastion models remove person-vehicle:1.0
+    store = TrustStore()
+    known = {k.key_id: k.public for k in store.keys().values()}
+    try:
+        current = PolicyStore(store).current()
+    except ModelLoadError:
+        current = None
+    if current is not None:
+        known.update({k.key_id: k.public_key() for k in current.policy.keys})
+    return known
+
+
+@bundle_app.command("mark")
+def bundle_mark(
+    bundle: Path = typer.Argument(..., help="Bundle directory (unsigned, or give --drop-signatures)."),
+    classification: str = typer.Option(..., "--classification", help="Classification label, e.g. SECRET."),
+    releasable_to: list[str] = typer.Option(
+        [], "--releasable-to", help="Nation (ISO 3166 alpha-3) it may run on; repeat for each. None: every unit."
+    ),
+    marking: str = typer.Option(None, "--marking", help="Free text in your marking system (caveats)."),
+    drop_signatures: bool = typer.Option(
+        False,
+        "--drop-signatures",
+        help="The bundle is signed: remove its signatures (they would not cover the "
+        "new markings); sign it again afterwards.",
+    ),
+) -> None:
+    """Set the bundle's markings (classification, releasability) in its manifest, before it is signed.
+
+    Markings are part of the signed manifest: a unit configured with its nation refuses a bundle not releasable
+    to it (node config nation:, or BASTION_NATION).
+
+    Example: bastion bundle mark coalition-vehicles-1.0/ --classification SECRET --releasable-to CAN --releasable-to GBR
     """
-    from bastion.models.registry import Registry
+    from bastion.errors import ConfigError, ManifestError
+    from bastion.models.bundle import resolve_bundle_dir, verify_files
+    from bastion.models.manifest import MANIFEST_NAME, Markings, read_manifest, write_manifest
+    from bastion.models.signing import COUNTERSIGNATURES_NAME, SIGNATURE_NAME
 
-    entry = Registry().remove(ref)
-    out.print(f"removed {entry.name}:{entry.version} ({entry.sha256[:16]})")
+    root = resolve_bundle_dir(bundle)
+    manifest = read_manifest(root / MANIFEST_NAME)
+    verify_files(root, manifest)
+    signed = [root / n for n in (SIGNATURE_NAME, COUNTERSIGNATURES_NAME) if (root / n).exists()]
+    if signed and not drop_signatures:
+        raise ConfigError(
+            f"{manifest.name}:{manifest.version} is signed; new markings would void its signatures",
+            "mark before signing, or pass --drop-signatures and sign again",
+        )
+    try:
+        markings = Markings(
+            classification=classification, releasable_to=[c.strip().upper() for c in releasable_to], marking=marking
+        )
+    except ValueError as exc:
+        from pydantic import ValidationError
 
+        from bastion.models.textfiles import first_error
 
-@models_app.command("path")
-def models_path(ref: str = typer.Argument(..., help="NAME or NAME:VERSION.")) -> None:
-    """Print the directory of a bundle that `models list` shows: registry first, then the vendored zoo (for scripts).
-
-    Example: bastion models path person-vehicle:1.0
-    """
-    from bastion.errors import RegistryError
-    from bastion.models.manifest import MANIFEST_NAME, read_manifest
-    from bastion.models.registry import Registry, split_ref
-    from bastion.models.zoo import zoo_path
-
-    entry = Registry().resolve(ref)
-    if entry is not None:
-        print(entry.path)
-        return
-    name, version = split_ref(ref)
-    zoo = zoo_path(name)
-    if zoo is not None and (version is None or read_manifest(zoo / MANIFEST_NAME).version == version):
-        print(zoo)
-        return
-    raise RegistryError(f"no bundle {ref!r} in the registry or the zoo", "see: bastion models list")
+        detail = first_error(exc, "markings") if isinstance(exc, ValidationError) else str(exc)
+        raise ManifestError(f"bad markings: {detail}", "codes are like CAN, GBR, NATO") from None
+    for path in signed:
+        path.unlink()
+    write_manifest(manifest.model_copy(update={"markings": markings}), root / MANIFEST_NAME)
+    out.print(
+        f"marked {manifest.name}:{manifest.version} {markings.summary()}" + ("; signatures removed" if signed else "")
+    )

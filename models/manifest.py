@@ -163,6 +163,28 @@ class Int8Verdict(_Strict):
         )
 
 
+class Markings(_Strict):
+    """Signed markings: how the model is classified and which nations may run it.
+
+    They are part of the canonical manifest bytes, so every signature covers them: a marking cannot be
+    edited without breaking the bundle.  ``releasable_to`` holds ISO 3166 alpha-3 codes (or a group
+    code such as ``NATO``); a unit configured with its nation refuses a bundle whose non-empty list lacks
+    it (``bastion.models.releasability``).  An empty list restricts nothing.
+    """
+
+    classification: str = Field(min_length=1, max_length=64)
+    releasable_to: list[Annotated[str, Field(pattern=r"^[A-Z][A-Z0-9]{1,9}$")]] = Field([], max_length=64)
+    marking: str | None = Field(None, max_length=256)  # free text in the nation's own marking system
+
+    def summary(self) -> str:
+        """``SECRET // REL TO: CAN, GBR (caveat)`` for ``bundle inspect`` and ``status``."""
+        rel = f" // REL TO: {', '.join(self.releasable_to)}" if self.releasable_to else ""
+        return f"{self.classification}{rel}" + (f" ({self.marking})" if self.marking else "")
+
+
+_OMIT_WHEN_ABSENT = ("int8_verdict", "markings")
+
+
 class Manifest(_Strict):
     """The whole manifest.  ``schema_version`` guards against future formats."""
 
@@ -180,14 +202,17 @@ class Manifest(_Strict):
     license: LicenseInfo
     evaluation: list[EvalResult] = []
     int8_verdict: Int8Verdict | None = None  # INT8 bundles from the gate; absent (not null) otherwise
+    markings: Markings | None = None  # classification and releasability; absent (not null) when unmarked
 
     @model_serializer(mode="wrap")
-    def _omit_absent_verdict(self, handler):
-        """An absent ``int8_verdict`` is left out of the JSON, so manifests signed before the field existed keep
-        the same canonical bytes (and their signatures)."""
+    def _omit_absent_fields(self, handler):
+        """An absent ``int8_verdict`` or ``markings`` is left out of the JSON, so manifests signed before the
+        field existed keep the same canonical bytes (and their signatures)."""
         data = handler(self)
-        if isinstance(data, dict) and data.get("int8_verdict", 0) is None:
-            del data["int8_verdict"]
+        if isinstance(data, dict):
+            for field in _OMIT_WHEN_ABSENT:
+                if field in data and data[field] is None:
+                    del data[field]
         return data
 
     @field_validator("schema_version")

@@ -116,6 +116,10 @@ class TrustStore:
     def _write_revoked(self, revoked: dict[str, dict]) -> None:
         atomic_write_bytes(self.revoked_path, json.dumps({"revoked": revoked}, indent=2).encode())
 
+    def record(self, event: str, **fields: str) -> None:
+        """Append a change to ``trust/audit.jsonl`` (the policy store records its applies here too)."""
+        self._record(event, **fields)
+
     def _record(self, event: str, **fields: str) -> None:
         try:
             append_record(self.audit_path, {"when": _now(), "event": event, **fields})

@@ -1,0 +1,152 @@
+"""CLI commands for signing keys and the trust store: ``bastion keys``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from bastion.console import out, print_json
+from bastion.models.keys import read_passphrase
+
+keys_app = typer.Typer(help="Signing keys and the trust store.", no_args_is_help=True)
+
+
+# -- keys ---------------------------------------------------------------------------------------------
+@keys_app.command("generate")
+def keys_generate(
+    out_stem: Path = typer.Option(..., "--out", help="Path without suffix: writes OUT.key (0600) and OUT.pub."),
+    passphrase: bool = typer.Option(
+        False, "--passphrase", help="Encrypt the private key (prompted, or BASTION_KEY_PASSPHRASE)."
+    ),
+    trust: bool = typer.Option(
+        True,
+        "--trust/--no-trust",
+        help="Trust the new key on this machine too, so the "
+        "maker can verify, pack and run what it signs (recorded in trust/audit.jsonl).",
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Generate an Ed25519 signing key pair (and trust it here: you made it).
+
+    Example: bastion keys generate --out ~/keys/model-team --passphrase
+    """
+    import logging
+
+    from bastion.models.keys import generate_keypair
+    from bastion.models.trust import TrustStore
+
+    pair = generate_keypair(out_stem, read_passphrase(passphrase, confirm=True))
+    if trust:
+        TrustStore().trust(pair.public_path)
+        logging.getLogger(__name__).info("trusted the key just generated here: %s", pair.key_id)
+    if json_out:
+        print_json(
+            {
+                "key_id": pair.key_id,
+                "private": str(pair.private_path),
+                "public": str(pair.public_path),
+                "trusted_here": trust,
+            }
+        )
+        return
+    out.print(f"key {pair.key_id}: private {pair.private_path} (mode 0600), public {pair.public_path}")
+    if trust:
+        out.print("trusted on this machine (bastion keys revoke to undo)")
+    out.print(f"units that should run your bundles: bastion keys trust {pair.public_path}")
+
+
+@keys_app.command("trust")
+def keys_trust(public_key: Path = typer.Argument(..., help="A .pub file from `bastion keys generate`.")) -> None:
+    """Trust bundles signed by this public key on this unit.
+
+    Example: bastion keys trust model-team.pub
+    """
+    from bastion.models.trust import TrustStore
+
+    out.print(f"trusted key {TrustStore().trust(public_key)}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key: str = typer.Argument(..., help="Key id (or a unique prefix), built-in anchors included."),
+    reason: str = typer.Option("", help="Why, for the record."),
+) -> None:
+    """Stop trusting a key; bundles it signed are refused from now on.
+
+    Example: bastion keys revoke ff0662541e0e050a --reason "replaced by national key"
+    """
+    from bastion.models.trust import TrustStore
+
+    out.print(f"revoked key {TrustStore().revoke(key, reason)}")
+
+
+@keys_app.command("unrevoke")
+def keys_unrevoke(
+    key: str = typer.Argument(..., help="A revoked key id (or a unique prefix)."),
+    yes: bool = typer.Option(False, "--yes", help="Confirm: bundles this key signed are trusted again."),
+) -> None:
+    """Lift one revocation on purpose (recorded in trust/audit.jsonl).
+
+    Editing revoked.json by hand does not do it: a list that lacks a key the journal says is revoked is refused.
+
+    Example: bastion keys unrevoke 0b0bf72f --yes
+    """
+    from bastion.errors import ConfigError
+    from bastion.models.trust import TrustStore
+
+    if not yes:
+        raise ConfigError("un-revoking trusts every bundle this key signed again", "repeat with --yes if that is meant")
+    out.print(f"revocation of key {TrustStore().unrevoke(key)} lifted")
+
+
+@keys_app.command("reset-revocations")
+def keys_reset_revocations(
+    yes: bool = typer.Option(False, "--yes", help="Confirm: every revocation the lost list held is gone."),
+) -> None:
+    """Start an empty revocation list after trust/revoked.json was lost (recorded in trust/audit.jsonl).
+
+    Until then this unit refuses every bundle: a deleted list must not silently lift the revocations it held.
+    Restore the list from backup if you can; otherwise reset it and revoke again what was revoked.
+
+    Example: bastion keys reset-revocations --yes && bastion keys revoke ff0662541e0e050a
+    """
+    from bastion.errors import ConfigError
+    from bastion.models.trust import TrustStore
+
+    if not yes:
+        raise ConfigError(
+            "resetting the revocation list forgets every key it revoked",
+            "restore trust/revoked.json from backup if you can; otherwise repeat with --yes",
+        )
+    store = TrustStore()
+    store.reset_revocations()
+    out.print(
+        f"started an empty revocation list at {store.revoked_path}; revoke again the keys it held "
+        "(bastion keys revoke ID)"
+    )
+
+
+@keys_app.command("list")
+def keys_list(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """List the keys this unit trusts (and those it revoked).
+
+    Example: bastion keys list --json
+    """
+    from bastion.models.trust import TrustStore
+
+    store = TrustStore()
+    rows = [
+        {"key_id": k.key_id, "source": k.source, "revoked": k.revoked, "path": str(k.path)}
+        for k in store.keys().values()
+    ]
+    if json_out:
+        print_json({"keys": rows, "revoked": store.revoked()})
+        return
+    table = Table(show_edge=False)
+    for col in ("key id", "source", "status", "file"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["key_id"], r["source"], "[red]revoked[/]" if r["revoked"] else "trusted", r["path"])
+    out.print(table)

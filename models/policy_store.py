@@ -1,0 +1,136 @@
+"""The trust policy in force on this unit: ``BASTION_HOME/trust/policy.bastion-policy``.
+
+Applying a policy (``bastion policy apply FILE``, e.g. from a USB stick) checks, in order: its own root's
+threshold of signatures; its expiry; that its version is newer than the one in force (anti-rollback); and the
+threshold of the *old* root's signatures, so whoever holds one stolen root key cannot replace the coalition's
+root.  A unit's first policy has no old root: the operator confirms the new root's fingerprint (from
+``bastion policy show FILE``) with ``--first-root``, the way a TUF client ships its first root.
+
+Each apply is written atomically and recorded in ``trust/audit.jsonl``.  The journal is what the file is held
+against at every bundle load: a deleted policy file, or an older (validly signed) one copied back over the current
+one, is refused rather than silently falling back — the same rule as the revocation list.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from bastion.errors import ConfigError, SignatureError
+from bastion.models.atomic import atomic_write_bytes, file_lock
+from bastion.models.policy import POLICY_SUFFIX, SignedPolicy, parse_signed
+from bastion.models.safe_read import NotRegular, TooLarge, read_bounded
+from bastion.models.trust import MAX_JOURNAL_BYTES, TrustStore
+
+POLICY_FILE = "policy" + POLICY_SUFFIX
+MIN_FINGERPRINT = 16  # hex digits of the root fingerprint an operator must confirm
+log = logging.getLogger(__name__)
+
+
+class PolicyStore:
+    def __init__(self, trust: TrustStore | None = None) -> None:
+        self.trust = trust or TrustStore()
+        self.path = self.trust.root / POLICY_FILE
+
+    def _journal_version(self) -> int:
+        """The highest policy version the journal says was applied here (0: never)."""
+        try:
+            lines = read_bounded(self.trust.audit_path, MAX_JOURNAL_BYTES).decode(errors="replace").splitlines()
+        except FileNotFoundError:
+            return 0
+        except (TooLarge, NotRegular) as exc:
+            raise ConfigError(f"trust store journal {self.trust.audit_path} is damaged ({exc})") from None
+        highest = 0
+        for line in lines:
+            if '"policy_applied"' not in line:
+                continue
+            try:
+                record = json.loads(line)
+                highest = max(highest, int(record.get("version", 0)))
+            except (json.JSONDecodeError, RecursionError, ValueError, TypeError, AttributeError):
+                continue
+        return highest
+
+    def current(self) -> SignedPolicy | None:
+        """The policy on file, checked against its own root and the journal (not its expiry), or None."""
+        recorded = self._journal_version()
+        try:
+            data = read_bounded(self.path, 1 << 20)
+        except FileNotFoundError:
+            if recorded:
+                raise SignatureError(
+                    f"the trust policy {self.path} is missing (v{recorded} was applied, per {self.trust.audit_path}); "
+                    "refusing every bundle",
+                    "apply the current policy again: bastion policy apply FILE.bastion-policy",
+                ) from None
+            return None
+        except OSError as exc:
+            raise SignatureError(f"cannot read the trust policy {self.path}: {exc}") from None
+        signed = parse_signed(data, str(self.path))
+        signed.check_threshold(signed.policy.root, "its own")
+        if signed.policy.version < recorded:
+            raise SignatureError(
+                f"the trust policy on file is v{signed.policy.version} but v{recorded} was applied here "
+                "(an old copy put back); refusing every bundle",
+                "apply the current policy again: bastion policy apply FILE.bastion-policy",
+            )
+        return signed
+
+    def in_force(self) -> SignedPolicy | None:
+        """The policy bundle verification must follow (None: none applied, the trust store rules), or refuse."""
+        signed = self.current()
+        if signed is not None and signed.policy.expired():
+            raise SignatureError(
+                f"the trust policy v{signed.policy.version} expired {signed.policy.expires.isoformat()}; "
+                "refusing every bundle",
+                "apply a newer policy from the coalition: bastion policy apply FILE.bastion-policy",
+            )
+        return signed
+
+    def apply(self, new: SignedPolicy, first_root: str | None = None) -> SignedPolicy | None:
+        """Install ``new`` after every check; returns the policy it replaced (None for a first policy)."""
+        policy = new.policy
+        new.check_threshold(policy.root, "its own")
+        if policy.expired():
+            raise SignatureError(
+                f"policy v{policy.version} expired {policy.expires.isoformat()}", "ask for a current policy"
+            )
+        self.trust.revoked()  # a store that has lost its revocation list refuses changes too
+        with file_lock(self.trust.lock_path):
+            old = self.current()
+            if old is not None:
+                if policy.version <= old.policy.version:
+                    raise SignatureError(
+                        f"policy v{policy.version} is not newer than v{old.policy.version} in force here "
+                        "(a replayed old policy?)",
+                        "apply a newer version; a unit never goes back",
+                    )
+                new.check_threshold(old.policy.root, f"v{old.policy.version}'s (the old)")
+            else:
+                self._check_first_root(new, first_root)
+            atomic_write_bytes(self.path, new.to_bytes())
+            self.trust.record(
+                "policy_applied",
+                version=str(policy.version),
+                sha256=policy.sha256(),
+                root=policy.root.fingerprint(),
+                expires=policy.expires.isoformat(),
+            )
+        log.info("trust policy applied", extra={"version": policy.version, "sha256": policy.sha256()})
+        return old
+
+    def _check_first_root(self, new: SignedPolicy, first_root: str | None) -> None:
+        fingerprint = new.policy.root.fingerprint()
+        if not first_root:
+            raise ConfigError(
+                f"this unit has no trust policy yet: confirm the new root (fingerprint {fingerprint[:16]}…) "
+                "against the one your coalition published",
+                f"then: bastion policy apply FILE --first-root {fingerprint[:16]}",
+            )
+        wanted = first_root.strip().lower()
+        if len(wanted) < MIN_FINGERPRINT or not fingerprint.startswith(wanted):
+            raise SignatureError(
+                f"the policy's root fingerprint is {fingerprint[:16]}…, not {first_root!r} "
+                f"(give at least {MIN_FINGERPRINT} hex digits)",
+                "do not apply a policy whose root you cannot confirm",
+            )
