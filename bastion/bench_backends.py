@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bastion.bench_common import compare_detections, stats
+from bastion.bench_common import compare_detections
+from bastion.bench_images import round_stats, timed_rounds
 from bastion.errors import BastionError, InputNotFoundError
 from bastion.hardware.backend_names import backend_name
 from bastion.runtime.detect import Detector
@@ -27,42 +28,57 @@ def bench_backends(
     threads: int | None,
     allow_unsigned: bool = False,
 ) -> dict[str, Any]:
-    """The same bundle and images on each backend (names or aliases; an unknown one is one ConfigError line)."""
+    """The same bundle and images on each backend (names or aliases; an unknown one is one ConfigError line),
+    timed like the images mode: best of ``repeat`` rounds per image, the backends taking turns."""
     from bastion.runtime.backends.registry import get_backend
 
-    names = [backend_name(b) for b in backends]  # every name checked before anything is timed
+    names = list(dict.fromkeys(backend_name(b) for b in backends))  # all checked before anything is timed
     files = list_images(Path(images))[:limit]
     if not files:
         raise InputNotFoundError(f"no images in {images}")
     arrays = [read_image(f) for f in files]
     results: dict[str, Any] = {}
-    reference: list[Detections] | None = None
+    detectors: dict[str, Detector] = {}
     for name in names:
-        spec = get_backend(name)
         try:
-            det = Detector.load(
+            detectors[name] = Detector.load(
                 model, device=name, threads=threads, conf=conf, iou=iou, imgsz=imgsz, allow_unsigned=allow_unsigned
             )
         except BastionError as exc:
             results[name] = {"available": False, "reason": str(exc)}
-            continue
-        lat, dets = [], []
-        for _ in range(max(1, repeat)):
-            dets = []
+    found: dict[str, list[Detections]] = {}
+
+    def timed_pass(name: str, det: Detector):
+        def run(reverse: bool) -> dict[str, list[float]]:
+            lat, found[name] = [], []
             for image in arrays:
                 t = time.perf_counter()
-                dets.append(det.detect(image))
+                found[name].append(det.detect(image))
                 lat.append(time.perf_counter() - t)
+            return {name: lat}
+
+        return run
+
+    try:  # the same method as the images mode: a warm-up pass, then rounds in which the backends take turns
+        passes = [timed_pass(name, det) for name, det in detectors.items()]
+        for run_pass in passes:
+            run_pass(False)
+        timings = timed_rounds(passes, max(1, repeat))
+    finally:
+        for det in detectors.values():
+            det.close()
+    reference: list[Detections] | None = None
+    for name, det in detectors.items():
         results[name] = {
             "available": True,
             "providers": det.backend.providers,
-            "version": spec.version(),
+            "version": get_backend(name).version(),
             "thread_safe": det.thread_safe,
-            **stats(lat),
+            **round_stats(timings[name]),
         }
         if reference is None:
-            reference = dets
+            reference = found[name]
         else:
-            results[name]["agreement_with_first"] = compare_detections(dets, reference)
-        det.close()
-    return {"mode": "backends", "model": model, "count": len(files), "repeat": repeat, "backends": results}
+            results[name]["agreement_with_first"] = compare_detections(found[name], reference)
+    ordered = {name: results[name] for name in names}  # in the order asked
+    return {"mode": "backends", "model": model, "count": len(files), "repeat": repeat, "backends": ordered}
