@@ -395,6 +395,60 @@ def test_reload_swaps_model_and_refusals_keep_serving(tmp_path):
     assert kinds.count("bundle_loaded") == 2 and "reload" in kinds and "bundle_refused" in kinds
 
 
+def test_a_batch_prepared_before_a_reload_is_prepared_again_for_the_new_model(tmp_path, monkeypatch):
+    """Batches wait prepared for the model that was current (yolov5n: rect 640 inputs); after a reload to a
+    model of another input (yolox_nano: fixed 416x416) the inference thread prepares them again instead of
+    feeding them to the new model, which would kill the thread."""
+    from bastion.runtime.detect import Detector
+
+    preparers: list[str] = []
+    real_prepare = Detector.prepare
+
+    def prepare(self, image, *a, **k):
+        preparers.append(threading.current_thread().name)
+        return real_prepare(self, image, *a, **k)
+
+    monkeypatch.setattr(Detector, "prepare", prepare)
+    with running_node(tmp_path, imgsz=None) as node:
+        assert take_until(lambda: node.published >= 1)
+        old, hang, inside = node.detector, threading.Event(), threading.Event()
+        real_detect = old.detect_prepared
+
+        def held(prepared):
+            inside.set()
+            hang.wait(30)
+            return real_detect(prepared)
+
+        old.detect_prepared = held
+        assert inside.wait(10)  # the inference thread holds the detector lock in a batch of the old model
+        assert take_until(lambda: node._prepared.full())  # and batches for the old model wait behind it
+        answers: list = []
+
+        def reload():
+            with client_for(node, retries=0) as client:
+                answers.append(client.reload("yolox_nano"))
+
+        reloader = threading.Thread(target=reload)
+        reloader.start()
+        audit = tmp_path / "data" / "audit.log"
+        assert take_until(lambda: '"reload"' in audit.read_text())  # loaded and audited: now waiting for the lock
+        preparers.clear()
+        hang.set()
+        reloader.join(30)
+        assert answers and answers[0]["model"]["name"] == "yolox_nano", answers
+        published = node.published
+        assert take_until(lambda: node.published > published or node.failure)
+        assert node.failure is None and node.status_dict()["threads"]["node-infer"]["alive"], node.failure
+        assert "node-infer" in preparers  # a stale batch was prepared again, for the new model
+
+
+def take_until(predicate, timeout_s=30.0):
+    deadline = time.monotonic() + timeout_s
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return predicate()
+
+
 def test_tampered_audit_log_is_detected(tmp_path):
     with running_node(tmp_path):
         time.sleep(0.3)
