@@ -76,3 +76,35 @@ def test_tensorrt_engine_matches_onnx_runtime_and_is_cached():
     bundle = Bundle.open("yolov5n")
     _, key, built = load_or_build(bundle.model_path, "fp16", tuple(bundle.manifest.input.size), 8)  # Detector's max
     assert not built and key == gpu.backend.key  # the engine Detector.load built is found, not rebuilt
+
+
+def test_the_tensorrt_runner_serialises_calls_on_its_one_context():
+    """One context, stream and buffer set per engine: besides declaring ``thread_safe = False`` (detect_stream then
+    runs one worker), the runner never lets two callers interleave on it. Driven without a GPU: the runner's
+    locked step is replaced by a probe that counts callers inside it."""
+    import threading
+    import time
+
+    from bastion.runtime.backends.base import Backend
+    from bastion.runtime.backends.tensorrt import TensorRTBackend
+
+    assert TensorRTBackend.thread_safe is False
+    backend = TensorRTBackend.__new__(TensorRTBackend)  # no engine: only the call path is exercised
+    Backend.__init__(backend)
+    backend._lock = threading.Lock()
+    inside, seen = [0], []
+
+    def probe(feeds):
+        inside[0] += 1
+        seen.append(inside[0])
+        time.sleep(0.02)  # widens the window in which a second caller would get in
+        inside[0] -= 1
+        return []
+
+    backend._run_locked = probe
+    callers = [threading.Thread(target=backend.run, args=({},)) for _ in range(4)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(30)
+    assert len(seen) == 4 and max(seen) == 1

@@ -24,6 +24,7 @@ import hashlib
 import importlib
 import importlib.util
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,6 +255,7 @@ class TensorRTBackend(Backend):
         label: str | None = None,
     ) -> None:
         super().__init__()
+        self._lock = threading.Lock()
         trt, cudart = _modules()
         self._trt, self._cudart = trt, cudart
         t0 = time.perf_counter()
@@ -285,6 +287,12 @@ class TensorRTBackend(Backend):
         log.info("TensorRT backend ready", extra={"cached": not built, "seconds": self.start_seconds})
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        # thread_safe is False, so detect_stream gives this backend one worker; the lock still keeps any other
+        # caller that shares it (the node's threads, an SDK user's) from interleaving two calls on one context
+        with self._lock:
+            return self._run_locked(feeds)
+
+    def _run_locked(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         cudart = self._cudart
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for info in self.inputs:
@@ -309,14 +317,15 @@ class TensorRTBackend(Backend):
         return results
 
     def close(self) -> None:
-        if self._closed:
-            return
-        for pointer, _ in self._device.values():
-            self._cudart.cudaFree(pointer)
-        self._cudart.cudaStreamDestroy(self.stream)
-        self.context = None
-        self.engine = None
-        super().close()
+        with self._lock:  # never free the buffers under a call in flight
+            if self._closed:
+                return
+            for pointer, _ in self._device.values():
+                self._cudart.cudaFree(pointer)
+            self._cudart.cudaStreamDestroy(self.stream)
+            self.context = None
+            self.engine = None
+            super().close()
 
 
 # -- the registry's face of this backend: trt ---------------------------------------------------------------------
