@@ -21,6 +21,7 @@ from bastion.errors import ConfigError
 from bastion.hardware.backend_names import DeviceName
 from bastion.lm_limits import MAX_NEW_TOKENS
 from bastion.edge.rules_config import ObjectsConfig
+from bastion.edge.sink_config import SinkConfig, check_sink_names
 from bastion.models.textfiles import first_error, read_yaml_mapping
 from bastion.runtime.sources import SourceSpec
 
@@ -91,11 +92,15 @@ class NodeConfig(_Strict):
     queue_size: int = Field(4, ge=1, le=256)
     max_batch: int = Field(4, ge=1, le=64)
     int8_policy: Literal["warn", "strict"] = "warn"  # an INT8 bundle gated on another CPU class: audit, or refuse
+    nation: str | None = Field(None, pattern=r"^[A-Z][A-Z0-9]{1,9}$")  # refuse bundles not releasable to it
     sources: list[SourceConfig] = Field(min_length=1)
     endpoints: Endpoints = Endpoints()
     security: Security = Security()
     storage: Storage = Storage()
     objects: ObjectsConfig = ObjectsConfig()  # tracker, object events, zones and lines (docs/events.md)
+    sinks: list[SinkConfig] = Field([], max_length=16)  # MQTT / NATS bridges fed from the store (docs/bridges.md)
+    metrics: str | None = Field(None, max_length=300)  # Prometheus endpoint HOST:PORT, e.g. 127.0.0.1:9108
+    metrics_allow_remote: bool = False  # serve metrics beyond loopback (unauthenticated: think first)
     lm: str | None = None  # a task: lm bundle for the ask op (verified like the detector)
     lm_max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
     lm_max_prompt_chars: int = Field(4000, ge=1, le=8192)  # a request carries at most 8192
@@ -113,6 +118,14 @@ class NodeConfig(_Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"source names must be unique: {names}")
         self.objects.check_sources(names)
+        check_sink_names(self.sinks)
+        if self.metrics is not None:
+            host, _ = metrics_address(self.metrics)
+            if not self.metrics_allow_remote and not _is_loopback_endpoint(f"tcp://{host}:0"):
+                raise ValueError(
+                    f"metrics: {self.metrics} is beyond loopback and metrics are not authenticated: bind "
+                    "127.0.0.1:PORT, or set metrics_allow_remote: true"
+                )
         if self.curve_enabled and self.security.server_secret_key is None:
             raise ValueError("security.server_secret_key is required with CurveZMQ (bastion node keygen)")
         if self.endpoints.beyond_loopback() and self.security.curve is False:
@@ -128,6 +141,15 @@ class NodeConfig(_Strict):
 
     def sha256(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+
+def metrics_address(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) of the metrics endpoint; a ValueError names what is wrong."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"metrics must be HOST:PORT (e.g. 127.0.0.1:9108), not {value!r}")
+    return host, int(port)
 
 
 def _is_loopback_endpoint(endpoint: str) -> bool:

@@ -17,6 +17,7 @@ Two guards sit around SQLite:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -44,6 +45,8 @@ CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
 """
 # Named counters that only grow (tracker ids): the highest number ever reserved per name.
 COUNTERS_SCHEMA = "CREATE TABLE IF NOT EXISTS id_counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)"
+# Where each sink (edge/sink_base.py) has got to: the last seq its broker acknowledged, written after the ack.
+CURSORS_SCHEMA = "CREATE TABLE IF NOT EXISTS sink_cursors (name TEXT PRIMARY KEY, seq INTEGER NOT NULL)"
 # SQLite result codes that mean "the file is damaged", as opposed to full, locked or read-only.
 DAMAGE_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB (named in the sqlite3 module only from Python 3.11)
 FULL_CODES = {10, 13}  # SQLITE_IOERR, SQLITE_FULL: a write that found no space (tmpfs, SD card)
@@ -358,6 +361,51 @@ class EventStore:
                     pass
                 raise self._failed(exc, f"reserve {counter} ids in") from None
         return range(start, start + count)
+
+    # -- sink cursors (edge/sink_base.py) --------------------------------------------------------------------
+    def rows_since(self, seq: int, limit: int) -> list[tuple[int, float, str]]:
+        """``(seq, ts, payload)`` after ``seq``, oldest first, as stored: a sink forwards the bytes it committed."""
+        with self._lock:
+            self._check_usable()
+            try:
+                rows = self._db.execute(
+                    "SELECT seq, ts, payload FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
+                ).fetchall()
+            except sqlite3.Error as exc:
+                raise self._failed(exc, "read events from") from None
+        return [(int(r[0]), float(r[1]), str(r[2])) for r in rows]
+
+    def cursor(self, name: str) -> int:
+        """The last seq sink ``name`` has had acknowledged (0: none yet). The table appears on first write."""
+        with self._lock:
+            self._check_usable()
+            try:
+                row = self._db.execute("SELECT seq FROM sink_cursors WHERE name = ?", (name,)).fetchone()
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):
+                    return 0
+                raise self._failed(exc, "read sink cursors from") from None
+            except sqlite3.Error as exc:
+                raise self._failed(exc, "read sink cursors from") from None
+        return int(row[0]) if row else 0
+
+    def set_cursor(self, name: str, seq: int) -> None:
+        """Commit sink ``name``'s cursor (it only moves forward): after a crash the sink resends from here."""
+        with self._lock:
+            self._check_usable()
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute(CURSORS_SCHEMA)
+                self._db.execute(
+                    "INSERT INTO sink_cursors (name, seq) VALUES (?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET seq = MAX(seq, excluded.seq)",
+                    (name, seq),
+                )
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise self._failed(exc, "write sink cursors in") from None
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,202 @@
+"""Store-and-forward: a sink reads the event log from its cursor and forwards it to one broker, on its own thread.
+
+The store is the queue. Detection commits each event to SQLite and moves on; a sink never touches the
+frame path. Its thread reads up to ``batch`` events after its cursor, publishes them with at most
+``max_in_flight`` unacknowledged, and moves the cursor (committed in the store, ``sink_cursors``) to the
+highest seq whose event *and every one before it* the broker acknowledged. A broker that is down for an hour
+receives the whole backlog, in seq order, when it comes back; an event may arrive twice (published, then the
+connection died before the ack), never zero times — consumers de-duplicate by ``seq`` (at-least-once).
+
+Failures are states, not exceptions: a refused login, a broker that never answers, a dropped connection or
+a store that cannot be read puts the sink into ``retrying`` with ``error`` saying why, and it tries again after
+a backoff that doubles up to ``backoff_max_s``. Nothing a broker does ends the thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from bastion.edge.store import StorageError
+from bastion.errors import BastionError
+
+if TYPE_CHECKING:
+    from bastion.edge.sink_config import SinkConfig
+    from bastion.edge.store import EventStore
+
+log = logging.getLogger(__name__)
+SINKS: dict[str, type["Sink"]] = {}
+
+
+class SinkError(BastionError):
+    """A broker refused, failed or did not answer: the sink retries (the reason goes into ``status``)."""
+
+
+def register_sink(kind: str) -> Callable[[type["Sink"]], type["Sink"]]:
+    def add(cls: type["Sink"]) -> type["Sink"]:
+        SINKS[kind] = cls
+        return cls
+
+    return add
+
+
+def event_kind(payload: dict[str, Any]) -> str:
+    """An object event names its kind (``object.new``, ``line.cross`` …); a frame event is ``det``."""
+    kind = payload.get("kind")
+    return kind if isinstance(kind, str) and kind else "det"
+
+
+class Sink:
+    """One broker, one thread, one cursor. Subclasses implement ``connect``, ``publish`` and ``disconnect``."""
+
+    def __init__(self, config: "SinkConfig", store: "EventStore", node: str) -> None:
+        self.config = config
+        self.store = store
+        self.node = node
+        self.name = config.cursor_name
+        self.state = "starting"  # connected | retrying | stopped
+        self.error: str | None = None
+        self.forwarded = 0  # acknowledged events since start (re-sends included)
+        self.skipped = 0  # events retention deleted before they were forwarded
+        self.reconnects = 0
+        self.cursor = 0
+        self._oldest_ts: float | None = None  # ts of the first event not yet acknowledged
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"sink-{self.name}", daemon=True)
+
+    # -- what a broker implements --------------------------------------------------------------------
+    def connect(self) -> None:
+        """Connect and log in; raise ``SinkError`` (with the broker's reason) if it refuses or stays silent."""
+        raise NotImplementedError
+
+    def publish(self, rows: list[tuple[int, str, str, str]]) -> int:
+        """Publish ``(seq, kind, source, payload)`` in order; return the highest seq acknowledged with all
+        before it. Raise ``SinkError`` when nothing at all was acknowledged."""
+        raise NotImplementedError
+
+    def disconnect(self, clean: bool) -> None:
+        """Drop the connection (``clean``: the node is stopping; say goodbye where the protocol has one)."""
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def notify(self) -> None:
+        """New events are in the store: look now instead of at the next poll."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+        self.state = "stopped"
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def status(self) -> dict[str, Any]:
+        last = self.store.last_seq()
+        backlog = max(0, last - self.cursor)
+        lag = round(max(0.0, time.time() - self._oldest_ts), 3) if backlog and self._oldest_ts else 0.0
+        return {
+            "type": self.config.type,
+            "state": self.state,
+            "error": self.error,
+            "cursor": self.cursor,
+            "backlog": backlog,
+            "lag_s": lag,
+            "forwarded": self.forwarded,
+            "skipped": self.skipped,
+            "reconnects": self.reconnects,
+        }
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        connected = False
+        backoff = self.config.backoff_s
+        while not self._stop.is_set():
+            try:
+                self.cursor = self.store.cursor(self.name)
+                if not connected:
+                    self.connect()
+                    connected = True
+                    self.state, self.error = "connected", None
+                    log.info("sink %s connected", self.name)
+                if not self._forward_once():
+                    self._wake.wait(self.config.poll_s)
+                    self._wake.clear()
+                backoff = self.config.backoff_s
+            except Exception as exc:  # a broker or the store failed: a state, then a retry; never the thread's end
+                reason = _one_line(exc)
+                if self.error != reason:
+                    log.warning("sink %s: %s; retrying", self.name, reason)
+                self.state, self.error = "retrying", reason
+                if connected:
+                    self.reconnects += 1
+                connected = False
+                self._safe_disconnect(clean=False)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.config.backoff_max_s)
+        if connected:
+            self._safe_disconnect(clean=True)
+        self.state = "stopped"
+
+    def _forward_once(self) -> bool:
+        """Forward one batch after the cursor; False when there was nothing to forward."""
+        rows = self.store.rows_since(self.cursor, self.config.batch)
+        if not rows:
+            self._oldest_ts = None
+            return False
+        self._oldest_ts = rows[0][1]
+        if rows[0][0] > self.cursor + 1:  # retention deleted events this sink never forwarded
+            gap = rows[0][0] - self.cursor - 1
+            self.skipped += gap
+            log.warning("sink %s: %d event(s) after seq %d were deleted before forwarding", self.name, gap, self.cursor)
+        prepared = [_prepare(seq, payload) for seq, _, payload in rows]
+        acked = self.publish(prepared)
+        if acked > self.cursor:
+            self.forwarded += sum(1 for seq, *_ in prepared if seq <= acked)
+            self.store.set_cursor(self.name, acked)
+            self.cursor = acked
+        if acked < rows[-1][0]:
+            raise SinkError(f"the broker acknowledged up to seq {acked} of {rows[-1][0]}")
+        return True
+
+    def _safe_disconnect(self, clean: bool) -> None:
+        try:
+            self.disconnect(clean)
+        except Exception as exc:  # closing a dead connection may fail in any way; the next connect starts fresh
+            log.debug("sink %s: disconnect: %s", self.name, exc)
+
+
+def _prepare(seq: int, payload: str) -> tuple[int, str, str, str]:
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        data = {}
+    data = data if isinstance(data, dict) else {}
+    return seq, event_kind(data), str(data.get("source", "unknown")), payload
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, (SinkError, StorageError)):
+        text = str(exc)
+    else:
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return " ".join(text.split())[:240]
+
+
+def read_secret(path) -> str | None:
+    """A password file's content, without the trailing newline; None without a file."""
+    if path is None:
+        return None
+    try:
+        return open(path, encoding="utf-8").read().rstrip("\r\n")
+    except OSError as exc:
+        raise SinkError(f"cannot read the password file {path}: {exc.strerror or exc}") from None

@@ -1,0 +1,146 @@
+"""The MQTT sink (paho-mqtt): QoS 1 to ``<prefix>/<node>/<kind>/<source>``, and a retained node status.
+
+Each connection is a fresh client with a clean session: what the broker had not acknowledged when the link
+dropped is sent again from the store's cursor, so paho's own queue never has to survive anything. The
+retained ``<prefix>/<node>/status`` says ``online`` after login and ``offline`` at a clean stop; the broker
+publishes the same ``offline`` (the will) when the node vanishes without one.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from bastion.edge.sink_base import Sink, SinkError, read_secret, register_sink
+
+
+@register_sink("mqtt")
+class MqttSink(Sink):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._client: mqtt.Client | None = None
+        self._connack = threading.Event()
+        self._refused: str | None = None
+        self._lost = threading.Event()
+
+    @property
+    def status_topic(self) -> str:
+        return f"{self.config.topic_prefix}/{self.node}/status"
+
+    def _status_payload(self, state: str) -> str:
+        return json.dumps({"node": self.node, "state": state, "ts": time.time()})
+
+    def connect(self) -> None:
+        cfg = self.config
+        client_id = cfg.client_id or f"bastion-{self.node}-{self.name}"[:23]
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+        client.max_inflight_messages_set(cfg.max_in_flight)
+        client.max_queued_messages_set(cfg.batch + 1)  # bounded: one batch and the status message
+        if cfg.username is not None:
+            client.username_pw_set(cfg.username, read_secret(cfg.password_file))
+        if cfg.tls is not None:
+            try:
+                client.tls_set(
+                    ca_certs=str(cfg.tls.ca) if cfg.tls.ca else None,
+                    certfile=str(cfg.tls.cert) if cfg.tls.cert else None,
+                    keyfile=str(cfg.tls.key) if cfg.tls.key else None,
+                    tls_version=ssl.PROTOCOL_TLS_CLIENT,
+                )
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                raise SinkError(f"cannot load the MQTT TLS files: {exc}") from None
+        client.will_set(self.status_topic, self._status_payload("offline"), qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.connect_timeout = cfg.connect_timeout_s
+        self._connack.clear()
+        self._lost.clear()
+        self._refused = None
+        self._client = client
+        port = cfg.port or (8883 if cfg.tls is not None else 1883)
+        try:
+            client.connect(cfg.host, port, keepalive=cfg.keepalive_s)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise SinkError(f"cannot reach the MQTT broker {cfg.host}:{port}: {exc}") from None
+        client.loop_start()
+        if not self._connack.wait(cfg.connect_timeout_s):
+            raise SinkError(f"the MQTT broker {cfg.host}:{port} did not answer the login in {cfg.connect_timeout_s} s")
+        if self._refused:
+            raise SinkError(f"the MQTT broker {cfg.host}:{port} refused the login: {self._refused}")
+        info = client.publish(self.status_topic, self._status_payload("online"), qos=1, retain=True)
+        self._wait([info], cfg.ack_timeout_s)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._refused = str(reason_code)
+        self._connack.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._lost.set()
+
+    def publish(self, rows: list[tuple[int, str, str, str]]) -> int:
+        client = self._client
+        assert client is not None
+        acked = rows[0][0] - 1
+        window = self.config.max_in_flight
+        for start in range(0, len(rows), window):
+            chunk = rows[start : start + window]
+            infos = []
+            for seq, kind, source, payload in chunk:
+                topic = f"{self.config.topic_prefix}/{self.node}/{kind}/{source}"
+                infos.append((seq, client.publish(topic, payload, qos=1)))
+            done = self._wait([i for _, i in infos], self.config.ack_timeout_s, partial=True)
+            for (seq, _), ok in zip(infos, done):
+                if not ok:
+                    return self._acked_or_raise(acked, rows)
+                acked = seq
+        return acked
+
+    def _acked_or_raise(self, acked: int, rows: list[tuple[int, str, str, str]]) -> int:
+        if acked < rows[0][0]:
+            raise SinkError(self._why_not_acked())
+        return acked
+
+    def _why_not_acked(self) -> str:
+        if self._lost.is_set():
+            return "the MQTT broker dropped the connection"
+        return f"the MQTT broker did not acknowledge in {self.config.ack_timeout_s} s"
+
+    def _wait(self, infos: list, timeout: float, partial: bool = False) -> list[bool]:
+        """Wait until each message is acknowledged, the connection drops, or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        while not all(_acked(i) for i in infos):
+            if self._lost.is_set() or time.monotonic() > deadline or self._stop.is_set():
+                break
+            time.sleep(0.002)
+        done = [_acked(i) for i in infos]
+        if not partial and not all(done):
+            raise SinkError(self._why_not_acked())
+        return done
+
+    def disconnect(self, clean: bool) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        try:
+            if clean and not self._lost.is_set():
+                info = client.publish(self.status_topic, self._status_payload("offline"), qos=1, retain=True)
+                self._wait([info], min(2.0, self.config.ack_timeout_s), partial=True)
+                client.disconnect()
+        finally:
+            client.loop_stop()
+            sock = client.socket()
+            if sock is not None:
+                sock.close()
+
+
+def _acked(info: mqtt.MQTTMessageInfo) -> bool:
+    """paho raises for a message it could not queue (no connection, queue full): not acknowledged, then."""
+    try:
+        return info.is_published()
+    except (ValueError, RuntimeError):
+        return False
