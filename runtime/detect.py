@@ -87,12 +87,15 @@ class Detector:
         warmup: bool = True,
         allow_unsigned: bool = False,
         trust: TrustStore | None = None,
+        nation: str | None = None,
         **options,
     ) -> "Detector":
         """Open and verify a bundle (directory, ``.bastion``, registry or zoo name) and its backend.
 
         A bare YOLOv5/Ultralytics ``.onnx`` carries no signature, so it needs ``allow_unsigned=True``
         (development only). ``device``: ``auto`` or a backend name (``bastion.hardware.backend_names``).
+        ``nation``: this unit's nation (else ``BASTION_NATION``); a bundle whose signed markings do not release
+        it there is refused (``bastion.models.releasability``).
         """
         device = device_name(device)  # a bad name is one line before anything is read
         opts = DetectOptions(**options)
@@ -110,7 +113,11 @@ class Detector:
             manifest = manifest_from_onnx(path, backend, data)
             return cls._ready(backend, manifest, opts, manifest.files[0].sha256, None, warmup)
         return cls.from_bundle(
-            Bundle.open(model, trust=trust, allow_unsigned=allow_unsigned), device, threads, warmup, **options
+            Bundle.open(model, trust=trust, allow_unsigned=allow_unsigned, nation=nation),
+            device,
+            threads,
+            warmup,
+            **options,
         )
 
     @classmethod
