@@ -67,7 +67,13 @@ class MqttSink(Sink):
         except (OSError, ssl.SSLError, ValueError) as exc:
             raise SinkError(f"cannot reach the MQTT broker {cfg.host}:{port}: {exc}") from None
         client.loop_start()
-        if not self._connack.wait(cfg.connect_timeout_s):
+        deadline = time.monotonic() + cfg.connect_timeout_s
+        while not self._connack.wait(0.02) and not self._lost.is_set() and time.monotonic() < deadline:
+            pass
+        if self._lost.is_set() and not self._connack.is_set():
+            tls = " (TLS: does it want a client certificate, or another CA?)" if cfg.tls is not None else ""
+            raise SinkError(f"the MQTT broker {cfg.host}:{port} closed the connection before the login{tls}")
+        if not self._connack.is_set():
             raise SinkError(f"the MQTT broker {cfg.host}:{port} did not answer the login in {cfg.connect_timeout_s} s")
         if self._refused:
             raise SinkError(f"the MQTT broker {cfg.host}:{port} refused the login: {self._refused}")

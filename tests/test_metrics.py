@@ -152,3 +152,16 @@ def test_a_taken_port_is_one_clear_error():
         port = taken.getsockname()[1]
         with pytest.raises(MetricsError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
             start_metrics(f"127.0.0.1:{port}", dict, None)
+
+
+def test_the_bridges_doc_example_is_a_valid_node_config(tmp_path):
+    import re
+
+    import yaml
+    from conftest import REPO
+
+    text = (REPO / "docs" / "bridges.md").read_text()
+    block = re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
+    config = load_config(None, yaml.safe_load(block))
+    assert [s.type for s in config.sinks] == ["mqtt", "nats"] and config.metrics == "127.0.0.1:9108"
+    assert config.sinks[1].tls.cert is not None and config.sinks[0].password_file is not None

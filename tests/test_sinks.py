@@ -412,3 +412,86 @@ def test_a_sink_whose_publish_raises_anything_keeps_its_thread_and_its_events(st
         assert sink.alive
     finally:
         sink.stop()
+
+
+def make_pki(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, all PEM files (cryptography)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def issue(name: str, issuer_key, issuer_name, key, ca: bool, san=None):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(issuer_name or x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    out: dict[str, Path] = {}
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = issue("test-ca", ca_key, None, ca_key, True)
+    for name, san in (("server", [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), ("client", None)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = issue(name, ca_key, ca.subject, key, False, san)
+        out[f"{name}.key"] = folder / f"{name}.key"
+        out[f"{name}.key"].write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        out[f"{name}.pem"] = folder / f"{name}.pem"
+        out[f"{name}.pem"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    out["ca.pem"] = folder / "ca.pem"
+    out["ca.pem"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    return out
+
+
+@needs_mosquitto
+def test_mqtt_over_tls_with_a_client_certificate(tmp_path, store):
+    pki = make_pki(tmp_path)
+    port = free_port()
+    conf = tmp_path / "tls.conf"
+    lines = [
+        f"listener {port} 127.0.0.1",
+        f"cafile {pki['ca.pem']}",
+        f"certfile {pki['server.pem']}",
+        f"keyfile {pki['server.key']}",
+        "require_certificate true",
+        "allow_anonymous true",
+    ]
+    if os.geteuid() == 0:
+        lines.append(f"user {pwd.getpwuid(0).pw_name}")
+    conf.write_text("\n".join(lines) + "\n")
+    broker = Broker([MOSQUITTO, "-c", str(conf)], port, tmp_path / "tls.log").start()
+    tls = {"ca": str(pki["ca.pem"]), "cert": str(pki["client.pem"]), "key": str(pki["client.key"])}
+    no_cert = {"ca": str(pki["ca.pem"])}
+    seqs = append(store, 5)
+    sinks = start_sinks(
+        NodeStub(
+            {"type": "mqtt", "port": port, "tls": tls, "name": "with-cert"},
+            {"type": "mqtt", "port": port, "tls": no_cert, "name": "without"},
+        ),
+        store,
+    )
+    try:
+        wait_for(lambda: sinks_status(sinks)["with-cert"]["cursor"] == seqs[-1], what="the events over TLS")
+        status = wait_for(lambda: (s := sinks_status(sinks)["without"])["error"] and s, what="the refused handshake")
+        assert status["state"] == "retrying" and "TLS" in status["error"]
+        assert status["cursor"] == 0 and status["backlog"] == len(seqs)
+    finally:
+        stop_sinks(sinks)
+        broker.kill()
