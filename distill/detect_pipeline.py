@@ -109,7 +109,7 @@ def measure_candidates(
             int8_from.append(("student", student))
         step()
         if spec.int8:
-            result["int8_gate"] = _int8_candidates(spec, run, stage, int8_from, dataset, candidates, bundles)
+            result["int8_gate"] = _int8_candidates(progress, spec, run, stage, int8_from, dataset, candidates, bundles)
         step()
         sample = [read_image(p) for p in dataset.images[:TIMING_IMAGES]]
         time_candidates(candidates, bundles, sample)
@@ -118,6 +118,7 @@ def measure_candidates(
 
 
 def _int8_candidates(
+    progress: RunProgress,
     spec: DistillSpec,
     run: DetectRunDir,
     stage: Path,
@@ -142,6 +143,7 @@ def _int8_candidates(
             stage / name,
             bootstrap=REPORT_BOOTSTRAP,
             target=spec.int8_target,
+            tick=progress.bar(f"INT8 gate ({label}: quantize, score, time)", 2),
         )
         gates[label] = gate.to_dict()
         if gate.accepted:

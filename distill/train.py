@@ -159,6 +159,8 @@ def progress_callbacks(progress: TrainingProgress) -> dict[str, Callable[[Any], 
 
     def on_train_epoch_end(trainer) -> None:
         progress.epoch_end(trainer.epoch + 1, mean_loss(trainer.tloss))
+        if trainer.epoch + 1 == trainer.epochs:  # what the quiet half-minute after the last epoch is
+            progress.note("last epoch done: Ultralytics validates, then the best checkpoint is exported to ONNX")
 
     return {
         "on_train_start": on_train_start,
