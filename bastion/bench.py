@@ -14,6 +14,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from bastion.bench_sinks import bench_sinks_command
 from bastion.console import err, out, print_json, progress
 from bastion.errors import ConfigError
 from bastion.models.cli import ALLOW_UNSIGNED_HELP
@@ -192,3 +193,6 @@ def bench_lm_command(
         return
     for length, row in result["lengths"].items():
         out.print(f"prompt {length}: {row}")
+
+
+bench_app.command("sinks")(bench_sinks_command)  # bastion/bench_sinks.py: MQTT and NATS JetStream on loopback

@@ -63,7 +63,6 @@ class Sink:
         self.skipped = 0  # events retention deleted before they were forwarded
         self.reconnects = 0
         self.cursor = 0
-        self._oldest_ts: float | None = None  # ts of the first event not yet acknowledged
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"sink-{self.name}", daemon=True)
@@ -101,9 +100,14 @@ class Sink:
         return self._thread.is_alive()
 
     def status(self) -> dict[str, Any]:
-        last = self.store.last_seq()
-        backlog = max(0, last - self.cursor)
-        lag = round(max(0.0, time.time() - self._oldest_ts), 3) if backlog and self._oldest_ts else 0.0
+        backlog = max(0, self.store.last_seq() - self.cursor)
+        lag = 0.0
+        if backlog:  # the age of the oldest event the broker has not acknowledged
+            try:
+                oldest = self.store.rows_since(self.cursor, 1)
+            except StorageError:
+                oldest = []
+            lag = round(max(0.0, time.time() - oldest[0][1]), 3) if oldest else 0.0
         return {
             "type": self.config.type,
             "state": self.state,
@@ -151,9 +155,7 @@ class Sink:
         """Forward one batch after the cursor; False when there was nothing to forward."""
         rows = self.store.rows_since(self.cursor, self.config.batch)
         if not rows:
-            self._oldest_ts = None
             return False
-        self._oldest_ts = rows[0][1]
         if rows[0][0] > self.cursor + 1:  # retention deleted events this sink never forwarded
             gap = rows[0][0] - self.cursor - 1
             self.skipped += gap

@@ -274,7 +274,7 @@ def test_mqtt_broker_refusing_the_credentials_is_a_sink_error_and_nothing_is_los
     try:
         status = wait_for(lambda: (s := sinks_status(sinks)["mqtt"])["error"] and s, what="the error state")
         assert status["state"] == "retrying" and "refused the login" in status["error"], status
-        assert status["cursor"] == 0 and status["backlog"] == len(seqs) and sinks[0].alive
+        assert status["cursor"] == 0 and status["backlog"] == len(seqs) and status["lag_s"] > 0 and sinks[0].alive
         secret.write_text("right\n")  # the operator fixes the password: everything still goes
         wait_for(lambda: sinks_status(sinks)["mqtt"]["cursor"] == seqs[-1], what="the backlog after the fix")
     finally:
@@ -354,7 +354,7 @@ def test_nats_refused_credentials_is_a_sink_error_then_the_backlog_goes(nats_ser
             what="the authorization error",
         )
         assert status["state"] == "retrying", status
-        assert status["cursor"] == 0 and status["backlog"] == len(seqs) and sinks[0].alive
+        assert status["cursor"] == 0 and status["backlog"] == len(seqs) and status["lag_s"] > 0 and sinks[0].alive
         secret.write_text("right")
         wait_for(lambda: sinks_status(sinks)["nats"]["cursor"] == seqs[-1], what="the backlog after the fix")
     finally:
