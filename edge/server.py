@@ -210,7 +210,8 @@ class NodeServer:
                 self._tell_waiting()
             try:
                 ready = dict(poller.poll(5 if self.outbox.busy else 100))
-                self.outbox.deliver(self.control)  # what the lanes have to say goes out first
+                if self.outbox.wake_socket in ready or self.outbox.busy:
+                    self.outbox.deliver(self.control)  # what the lanes have to say goes out first
                 if self.control not in ready:
                     continue
                 message = self._receive()
