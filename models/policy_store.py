@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import logging
 
-from bastion.errors import ConfigError, SignatureError
+from bastion.errors import BastionError, ConfigError, SignatureError
 from bastion.models.atomic import atomic_write_bytes, file_lock
-from bastion.models.policy import POLICY_SUFFIX, SignedPolicy, parse_signed
+from bastion.models.policy import MAX_POLICY_BYTES, POLICY_SUFFIX, SignedPolicy, parse_signed
 from bastion.models.safe_read import NotRegular, TooLarge, read_bounded
 from bastion.models.trust import MAX_JOURNAL_BYTES, TrustStore
 
@@ -55,7 +55,7 @@ class PolicyStore:
         """The policy on file, checked against its own root and the journal (not its expiry), or None."""
         recorded = self._journal_version()
         try:
-            data = read_bounded(self.path, 1 << 20)
+            data = read_bounded(self.path, MAX_POLICY_BYTES)
         except FileNotFoundError:
             if recorded:
                 raise SignatureError(
@@ -66,8 +66,14 @@ class PolicyStore:
             return None
         except OSError as exc:
             raise SignatureError(f"cannot read the trust policy {self.path}: {exc}") from None
-        signed = parse_signed(data, str(self.path))
-        signed.check_threshold(signed.policy.root, "its own")
+        try:
+            signed = parse_signed(data, str(self.path))
+            signed.check_threshold(signed.policy.root, "its own")
+        except BastionError as exc:  # edited or damaged on this unit: every bundle is refused, never guessed
+            raise SignatureError(
+                f"the trust policy on this unit is damaged or was edited ({exc.message}); refusing every bundle",
+                "apply the current policy again: bastion policy apply FILE.bastion-policy",
+            ) from None
         if signed.policy.version < recorded:
             raise SignatureError(
                 f"the trust policy on file is v{signed.policy.version} but v{recorded} was applied here "

@@ -131,8 +131,7 @@ class Registry:
             copy = staging / "bundle"
             copy.mkdir()
             names = [MANIFEST_NAME, *(f.path for f in bundle.manifest.files)]
-            if (src_dir / "signature").is_file():
-                names.append("signature")
+            names += [n for n in ("signature", "countersignatures") if (src_dir / n).is_file()]  # every signature
             for name in names:
                 _copy_synced(src_dir / name, copy / name)
             open_bundle(copy)  # what landed on our disk is what was verified

@@ -112,6 +112,23 @@ def test_a_bastion_archive_with_three_signatures_round_trips(tmp_path, k):
     assert [s["key_id"] for s in listed] == [k["can"].key_id, k["gbr"].key_id, k["fra"].key_id]
 
 
+def test_the_registry_keeps_every_signature(tmp_path, k):
+    from coalition_kit import NATIONS_RULE, policy, signed
+
+    from bastion.models.policy_store import PolicyStore
+    from bastion.models.registry import Registry
+
+    nations = [{"pair": k["can"], "role": "nation:CAN"}, {"pair": k["gbr"], "role": "nation:GBR"}]
+    s = signed(policy(1, [k["usa"]], nations, [NATIONS_RULE]), k["usa"])
+    PolicyStore().apply(s, first_root=s.policy.root.fingerprint())
+    root = make_bundle(tmp_path, "coalition-vehicles", k["can"])
+    add_countersignature(root, k["gbr"])
+    added = run_cli("models", "add", str(pack(root, tmp_path / "usb")), "--json")
+    assert added.returncode == 0, added.stderr
+    entry = Registry().resolve("coalition-vehicles")
+    assert (entry.path / COUNTERSIGNATURES_NAME).is_file() and Bundle.open("coalition-vehicles").verification.signed
+
+
 def _hostile(root, kind):
     body = json.loads((root / COUNTERSIGNATURES_NAME).read_text())
     if kind == "too-many":

@@ -131,6 +131,9 @@ def test_a_replayed_older_policy_is_refused(tmp_path, kit):
     root = make_bundle(tmp_path, "coalition-vehicles", k["can"])
     with pytest.raises(SignatureError, match="policy on file is v1 but v2 was applied here"):
         Bundle.open(root)
+    PolicyStore().path.write_bytes(v2.to_bytes().replace(b'"version": 2', b'"version": 3'))  # edited by hand
+    with pytest.raises(SignatureError, match="policy on this unit is damaged or was edited"):
+        Bundle.open(root)
     PolicyStore().path.unlink()  # and deleting it does not fall back to the trust store either
     with pytest.raises(SignatureError, match="trust policy .* is missing"):
         Bundle.open(root)
