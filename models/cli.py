@@ -210,12 +210,12 @@ def bundle_countersign(
 
     Example: bastion bundle countersign coalition-vehicles-1.0/ --sign ~/keys/can-release.key
     """
-    from bastion.models.bundle import resolve_bundle_dir, verify_files
+    from bastion.models.bundle import verify_files
     from bastion.models.keys import load_private_key
     from bastion.models.manifest import MANIFEST_NAME, read_manifest
     from bastion.models.signing import countersign, read_signatures
 
-    root = resolve_bundle_dir(bundle)
+    root = _writable_bundle_dir(bundle)
     manifest = read_manifest(root / MANIFEST_NAME)
     verify_files(root, manifest)
     record = countersign(root, manifest, load_private_key(sign, read_passphrase(passphrase)), _known_keys())
@@ -224,6 +224,21 @@ def bundle_countersign(
         print_json({"name": manifest.name, "version": manifest.version, "key_id": record.key_id, "signatures": count})
         return
     out.print(f"countersigned {manifest.name}:{manifest.version} with key {record.key_id} ({count} signatures)")
+
+
+def _writable_bundle_dir(path: Path) -> Path:
+    """A bundle directory the user named: never a registry entry, the package's zoo or the archive cache, whose
+    contents are content-addressed or shipped (changing them in place would break what their names promise)."""
+    from bastion.errors import ConfigError
+    from bastion.models.manifest import MANIFEST_NAME
+
+    root = path.parent if path.name == MANIFEST_NAME else path
+    if not (root / MANIFEST_NAME).is_file():
+        raise ConfigError(
+            f"{path} is not a bundle directory",
+            "give the directory (for a .bastion file or a registry entry: copy it out first, then pack it again)",
+        )
+    return root
 
 
 def _known_keys() -> dict:
@@ -267,11 +282,11 @@ def bundle_mark(
     Example: bastion bundle mark coalition-vehicles-1.0/ --classification SECRET --releasable-to CAN --releasable-to GBR
     """
     from bastion.errors import ConfigError, ManifestError
-    from bastion.models.bundle import resolve_bundle_dir, verify_files
+    from bastion.models.bundle import verify_files
     from bastion.models.manifest import MANIFEST_NAME, Markings, read_manifest, write_manifest
     from bastion.models.signing import COUNTERSIGNATURES_NAME, SIGNATURE_NAME
 
-    root = resolve_bundle_dir(bundle)
+    root = _writable_bundle_dir(bundle)
     manifest = read_manifest(root / MANIFEST_NAME)
     verify_files(root, manifest)
     signed = [root / n for n in (SIGNATURE_NAME, COUNTERSIGNATURES_NAME) if (root / n).exists()]

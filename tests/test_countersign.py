@@ -91,6 +91,8 @@ def test_countersign_refuses_a_bundle_whose_own_signature_does_not_verify(tmp_pa
     line = one_line(run_cli("bundle", "countersign", str(root), "--sign", str(k["gbr"].private_path)))
     assert f"does not verify with key {k['can'].key_id}" in line
     assert not (root / COUNTERSIGNATURES_NAME).exists()
+    zoo = run_cli("bundle", "countersign", "yolov5n", "--sign", str(k["gbr"].private_path))
+    assert "yolov5n is not a bundle directory" in one_line(zoo)  # never the package's zoo or the registry
     unsigned = make_bundle(tmp_path, "plain", None)
     assert "not signed yet" in one_line(
         run_cli("bundle", "countersign", str(unsigned), "--sign", str(k["gbr"].private_path))

@@ -228,3 +228,33 @@ def test_a_hostile_policy_file_is_one_line(tmp_path, content):
     path = tmp_path / "evil.bastion-policy"
     path.write_bytes(content)
     assert "policy" in one_line(run_cli("policy", "apply", str(path)))
+
+
+def test_a_hand_written_policy_yaml_with_key_files_and_plain_dates(tmp_path, kit):
+    k, _ = kit
+    (tmp_path / "policy.yaml").write_text(
+        f"""
+version: 7
+expires: 2099-01-01
+root:
+  threshold: 1
+  keys: [{{name: root, public: keys/{k["root1"].public_path.name}}}]
+keys:
+  - {{name: canada, public: keys/{k["can"].public_path.name}, role: "nation:CAN", not_after: 2020-01-01}}
+  - {{name: britain, public: keys/{k["gbr"].public_path.name}, role: "nation:GBR", scopes: [coalition-*]}}
+rules:
+  - {{match: coalition-*, require: [{{role: "nation:*", count: 1}}]}}
+"""
+    )
+    assert (
+        run_cli("policy", "sign", str(tmp_path / "policy.yaml"), "--key", str(k["root1"].private_path)).returncode == 0
+    )
+    shown = json.loads(run_cli("policy", "show", str(tmp_path / "policy.bastion-policy"), "--json").stdout)
+    assert shown["version"] == 7 and shown["expires"] == "2099-01-01T00:00:00+00:00"
+    assert (
+        shown["keys"][0]["key_id"] == k["can"].key_id and shown["keys"][0]["not_after"] == "2020-01-01T00:00:00+00:00"
+    )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((tmp_path / "policy.yaml").read_text().replace('"nation:CAN"', '"nation:canada"'))
+    line = one_line(run_cli("policy", "sign", str(bad), "--key", str(k["root1"].private_path)))
+    assert "keys.0.role" in line
