@@ -85,16 +85,21 @@ def policy_sign(
     Example: bastion policy sign policy.yaml --key ca-root.key && bastion policy sign policy.bastion-policy
     --key gb-root.key
     """
+    from bastion.errors import ConfigError
     from bastion.models.atomic import atomic_write_bytes
     from bastion.models.keys import load_private_key
     from bastion.models.policy import POLICY_SUFFIX, SignedPolicy, policy_from_yaml, read_signed
 
+    target = out_path or source.with_suffix(POLICY_SUFFIX)
     if source.suffix == POLICY_SUFFIX:
         signed = read_signed(source)
     else:
+        if target.exists():  # signing the YAML again would drop every signature the file already holds
+            raise ConfigError(
+                f"{target} already exists", f"add your signature to it: bastion policy sign {target} --key KEY"
+            )
         signed = SignedPolicy(policy=policy_from_yaml(source))
     signed = signed.sign(load_private_key(key, read_passphrase(passphrase)))
-    target = out_path or source.with_suffix(POLICY_SUFFIX)
     atomic_write_bytes(target, signed.to_bytes())
     out.print(f"signed policy v{signed.policy.version} ({len(signed.signatures)} signature(s)) → {target}")
 

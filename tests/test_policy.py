@@ -208,6 +208,8 @@ def test_policy_init_sign_show_apply_and_doctor_through_the_cli(tmp_path, kit):
     assert run_cli("policy", "sign", str(signed_path), "--key", str(k["root2"].private_path)).returncode == 0
     again = run_cli("policy", "sign", str(signed_path), "--key", str(k["root2"].private_path))
     assert "already signed by key" in one_line(again)
+    over = run_cli("policy", "sign", str(yaml_path), "--key", str(k["root2"].private_path))
+    assert "policy.bastion-policy already exists" in one_line(over)
     shown = json.loads(run_cli("policy", "show", str(signed_path), "--json").stdout)
     assert shown["root"]["signed_by"] == 2 and shown["rules"] == [{"match": "coalition-*", "needs": "2 nation:*"}]
     applied = run_cli("policy", "apply", str(signed_path), "--first-root", shown["root"]["fingerprint"][:20])
