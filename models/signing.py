@@ -122,7 +122,7 @@ def read_signature(root: Path, name: str) -> SignatureRecord | None:
         data = json.loads(read_bounded(path, 4096).decode("utf-8"))
         signature = base64.b64decode(data["signature"], validate=True)
         if len(signature) != SIGNATURE_BYTES:
-            return _bad_length(name, len(signature))
+            raise _bad_length(name, len(signature))
         record = SignatureRecord.from_dict(data)
     except (
         ValueError,
@@ -141,8 +141,8 @@ def read_signature(root: Path, name: str) -> SignatureRecord | None:
     return record
 
 
-def _bad_length(name: str, size: int):
-    raise SignatureError(
+def _bad_length(name: str, size: int) -> SignatureError:
+    return SignatureError(
         f"bundle {name}: signature is {size} bytes, an Ed25519 signature is {SIGNATURE_BYTES}",
         "the signature file is damaged; copy the bundle again",
     )
