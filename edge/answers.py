@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from bastion.edge.events_v2 import OBJECT_TOPIC_PREFIX, parse_event
 from bastion.edge.protocol import (
     EVENT_TOPIC_PREFIX,
     HEARTBEAT_TOPIC,
@@ -94,7 +95,7 @@ def replay(answer: dict[str, Any], since: int) -> tuple[list[DetectionEvent], in
     events: list[DetectionEvent] = []
     for item in raw:
         try:
-            event = DetectionEvent.model_validate(item)
+            event = parse_event(item)  # a v1 frame event or a typed v2 object event (edge/events_v2.py)
         except (ValidationError, RecursionError) as exc:
             seq = item.get("seq") if isinstance(item, dict) else None
             raise bad_answer("replay", f"holds an invalid event (seq {seq!r:.20}): {_why(exc, 'event')}") from None
@@ -143,8 +144,10 @@ def published(frames: list[bytes], skipped: int) -> Published:
                 return Published(heartbeat=Heartbeat.model_validate_json(payload))
             if topic.startswith(EVENT_TOPIC_PREFIX):
                 return Published(event=DetectionEvent.model_validate_json(payload))
+            if topic.startswith(OBJECT_TOPIC_PREFIX):
+                return Published(event=parse_event(payload))  # type: ignore[arg-type]
             why = f"unknown topic {topic[:40]!r}"
-        except (ValidationError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # ValidationError, and JSON that is not JSON
             why = _why(exc, "message")
     if skipped < _LOG_FIRST or skipped % _LOG_EVERY == 0:
         log.warning(
@@ -158,7 +161,7 @@ def published(frames: list[bytes], skipped: int) -> Published:
 
 def _claimed_seq(frames: list[bytes]) -> int | None:
     """The seq a broken event names, if it names one: that event is then fetched from the store, not lost."""
-    if len(frames) != 2 or not frames[0].startswith(EVENT_TOPIC_PREFIX):
+    if len(frames) != 2 or not frames[0].startswith((EVENT_TOPIC_PREFIX, OBJECT_TOPIC_PREFIX)):
         return None
     data = json_or_none(frames[1])
     seq = data.get("seq") if isinstance(data, dict) else None

@@ -28,6 +28,8 @@ max_batch: 4              # frames batched across sources when the model takes a
 sources:
   - name: cam1
     uri: {video}          # a video file, a directory of images, rtsp://…, http://…, or a USB index (0)
+    # uri: /dev/video0                          # a USB camera (or its index: 0)
+    # uri: rtsp://user:pass@10.0.0.5:554/stream # an IP camera (reconnects on its own)
     loop: true            # files: start again at the end
     realtime: true        # files: read at the file's own fps, like a camera
     # fps: 10             # pace/limit to this rate
@@ -50,6 +52,22 @@ storage:
   # max_mb: 1024
   # snapshots: true                 # encrypted JPEG of each frame that produced an event
   # snapshot_key: keys/snapshot.key # bastion node snapshot-key --out keys/snapshot.key
+objects:                          # tracked objects and rules (docs/events.md); remove for v1 frame events only
+  tracker: bytetrack              # or none
+  track_buffer: 30                # frames a lost object keeps its id (an occlusion)
+  min_hits: 3                     # frames seen before object.new
+  update_s: 10                    # object.update at least this often while seen
+  frame_events: false             # true: also one event per frame with detections (topic det.<source>)
+  zones:                          # normalised polygons: x 0 (left) .. 1 (right), y 0 (top) .. 1 (bottom)
+    - name: table                 # the floor around the table in the sample video
+      points: [[0.45, 0.45], [0.85, 0.45], [0.85, 0.95], [0.45, 0.95]]
+      classes: [person]
+      loiter_s: 20                # a loiter event once per visit after 20 s inside
+  lines:                          # directed a→b: crossing left-to-right of a→b (as drawn) is "in"
+    - name: exit                  # right of the table: the sample's walkers leave across it, "out"
+      a: [0.7, 0.05]
+      b: [0.7, 0.95]
+      classes: [person]
 heartbeat_s: 1.0                  # 0.05 .. 3600
 health_log_s: 30                  # 1 .. 86400
 audit_checkpoint_s: 60            # sign the audit log's head this often (and at every clean stop)
@@ -160,6 +178,16 @@ def node_status(
         + (f" — STORAGE ERROR: {status['storage_error']}" if status["storage_error"] else "")
         + (f" — FAILED: {status['failure']}" if status.get("failure") else "")
     )
+    precision = m.get("precision")
+    if precision:
+        out.print("precision: " + ", ".join(f"{k} {v}" for k, v in precision.items()))
+    objects = status.get("objects")
+    if objects:
+        tracks = ", ".join(f"{k} {v}" for k, v in objects["active_tracks"].items()) or "none yet"
+        out.print(
+            f"objects: tracker {objects['tracker']}, active tracks {tracks}, ids allocated {objects['ids_allocated']}"
+            f", frame events {'on' if objects['frame_events'] else 'off'}"
+        )
     audit = status.get("audit")
     if audit:
         out.print(
@@ -177,6 +205,34 @@ def node_status(
             *(str(s[k]) for k in ("read", "inferred", "dropped", "errors", "queue")),
         )
     out.print(table)
+
+
+@node_app.command("tail")
+def node_tail(
+    control: Optional[str] = typer.Option(None, help="Control endpoint (default tcp://127.0.0.1:7701)."),
+    storage: Optional[Path] = typer.Option(None, help="Or: the node's storage dir (reads node.json)."),
+    server_key: Optional[str] = typer.Option(None, help="Node public key (z85 or .key file) for CurveZMQ."),
+    client_key: Optional[Path] = typer.Option(None, help="Your .key_secret certificate for CurveZMQ."),
+    timeout: float = typer.Option(3.0, help="Seconds to wait for each answer of the node."),
+    kinds: Optional[str] = typer.Option(None, help="Comma-separated kinds: det,object.new,line.cross … (all)."),
+    since: Optional[int] = typer.Option(None, help="Replay stored events after this seq first (0: all)."),
+    duration: Optional[float] = typer.Option(None, help="Stop after this many seconds (default: Ctrl-C)."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per line."),
+) -> None:
+    """Print a node's events live: a table on a terminal, plain lines in a pipe, JSON lines with --json.
+
+    Example: bastion node tail --storage node-data --kinds object.new,line.cross --since 0
+    """
+    from bastion.edge.tail_view import tail
+
+    wanted = [k.strip() for k in kinds.split(",") if k.strip()] if kinds else None
+    client = _client_for(control, storage, server_key, client_key, timeout)
+    try:
+        tail(client, wanted, since, duration, json_out)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.close()
 
 
 @node_app.command("keygen")

@@ -27,12 +27,13 @@ import zmq
 
 from bastion.edge import answers
 from bastion.edge.answers import NodeRequestError
+from bastion.edge.client_events import EventsMixin
 from bastion.edge.curve import apply_client, load_public
+from bastion.edge.events_v2 import OBJECT_TOPIC_PREFIX, NodeEvent
 from bastion.edge.protocol import (
     EVENT_TOPIC_PREFIX,
     HEARTBEAT_TOPIC,
     MAX_REQUEST_BYTES,
-    DetectionEvent,
     json_or_none,
 )
 from bastion.edge.seq_guard import NodeAuditWentBackwards, NodeSeqWentBackwards, SeqGuard
@@ -65,7 +66,7 @@ def _decode(raw: bytes) -> dict[str, Any]:
     return answer
 
 
-class Client:
+class Client(EventsMixin):
     def __init__(
         self,
         control: str = "tcp://127.0.0.1:7701",
@@ -183,9 +184,9 @@ class Client:
         """
         return self._seq.latest_audit(node or self._node or "")
 
-    def replay(self, since: int = 0, limit: int = 500) -> list[DetectionEvent]:
+    def replay(self, since: int = 0, limit: int = 500) -> list[NodeEvent]:
         """Up to ``limit`` stored events after ``since``, ascending; an invalid one raises NodeRequestError."""
-        events, last_seq = answers.replay(self.request("replay", since=since, limit=limit), since)
+        events, last_seq = answers.replay(self.request("replay", since=since, limit=limit, v=2), since)
         node = events[0].node if events else self._node
         if node is not None and last_seq is not None:
             self._seq.saw(node, last_seq, "replay last_seq")
@@ -233,7 +234,7 @@ class Client:
             self._events_endpoint = _reachable(bound, self.control_endpoint)
         return self._events_endpoint
 
-    def _replay_all(self, since: int) -> Iterator[DetectionEvent]:
+    def _replay_all(self, since: int) -> Iterator[NodeEvent]:
         while True:
             batch = self.replay(since)
             yield from batch
@@ -241,9 +242,9 @@ class Client:
                 return
             since = batch[-1].seq
 
-    def events(
+    def _follow_events(  # Client.events (edge/client_events.py) filters what this yields by kind
         self, since: int | None = None, idle_timeout_s: float | None = None, duration_s: float | None = None
-    ) -> Iterator[DetectionEvent]:
+    ) -> Iterator[NodeEvent]:
         """Events after ``since`` (None: only new ones), replayed then live, each exactly once, in seq order.
 
         Raises NodeUnavailable if the node stays unreachable for ``idle_timeout_s`` (default: forever).
@@ -266,6 +267,7 @@ class Client:
         while True:
             sub = self._socket(zmq.SUB, self.events_endpoint(), MAX_EVENT_BYTES, EVENT_QUEUE)
             sub.setsockopt(zmq.SUBSCRIBE, EVENT_TOPIC_PREFIX)
+            sub.setsockopt(zmq.SUBSCRIBE, OBJECT_TOPIC_PREFIX)
             sub.setsockopt(zmq.SUBSCRIBE, HEARTBEAT_TOPIC)
             try:
                 for event in self._replay_all(last):  # subscribed first, so nothing falls between

@@ -97,7 +97,7 @@ class NodeConfig(_Strict):
     endpoints: Endpoints = Endpoints()
     security: Security = Security()
     storage: Storage = Storage()
-    objects: ObjectsConfig = ObjectsConfig()  # tracker, object events, zones and lines (docs/events.md)
+    objects: ObjectsConfig | None = None  # tracker, object events, zones, lines (docs/events.md); None: v1 frames
     sinks: list[SinkConfig] = Field([], max_length=16)  # MQTT / NATS bridges fed from the store (docs/bridges.md)
     metrics: str | None = Field(None, max_length=300)  # Prometheus endpoint HOST:PORT, e.g. 127.0.0.1:9108
     metrics_allow_remote: bool = False  # serve metrics beyond loopback (unauthenticated: think first)
@@ -117,7 +117,8 @@ class NodeConfig(_Strict):
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"source names must be unique: {names}")
-        self.objects.check_sources(names)
+        if self.objects is not None:
+            self.objects.check_sources(names)
         check_sink_names(self.sinks)
         if self.metrics is not None:
             host, _ = metrics_address(self.metrics)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from bastion.edge.audit import AuditWriteError
 from bastion.edge.control_lanes import Deferred
+from bastion.edge.events_v2 import event_v, read_events
 from bastion.edge.protocol import (
     AskRequest,
     PingRequest,
@@ -77,14 +78,14 @@ def replay(node: Node, request: ReplayRequest, client: str) -> Reply:
     while len(kept) < request.limit:
         want = min(REPLAY_CHUNK, request.limit - len(kept))
         try:
-            events = node.store.since(since, want)
-        except StorageError as exc:  # a damaged store: one clear line, never an internal error
+            events = read_events(node.store, since, want, request.v)  # v1 and v2 events (edge/events_v2.py)
+        except StorageError as exc:  # a damaged store, or object events for a v1 reader: one clear line
             return {"ok": False, "error": str(exc)}
         for event in events:  # bounded in bytes too: many detections a frame make MBs of JSON an event
-            size += 160 + 100 * len(event.detections)  # about what one event takes as JSON
+            size += 160 + 100 * len(getattr(event, "detections", ()))  # about what one event takes as JSON
             if kept and size > MAX_REPLAY_BYTES:
                 return page(more=True)
-            kept.append(event.model_dump(mode="json"))
+            kept.append(event.model_dump(mode="json", exclude_none=event_v(event) > 1))
         if len(events) < want:
             return page(more=False)
         since = events[-1].seq
@@ -118,6 +119,8 @@ def _reload(node: Node, request: ReloadRequest, client: str) -> dict[str, Any]:
         return node._reload_refused(request.bundle, exc, client)
     try:  # an older version of the running model only when asked (#15 item 9)
         rollback = check_not_downgrade(node.detector.manifest, new.manifest, request.allow_downgrade)
+        if node.objects is not None:  # the zones' and lines' classes must exist in the new model
+            node.objects.check_classes(new.names)
     except BastionError as exc:
         new.close()
         return {**node._reload_refused(request.bundle, exc, client), "error": f"reload refused: {exc}"}

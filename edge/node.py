@@ -277,7 +277,10 @@ class Node(FramePipeline):
                 "version": det.manifest.version,
                 "sha256": det.bundle_sha256,
                 "signer": det.verified_by,
+                "precision": det.precision_status,
             },
+            "objects": self.tracker_status(),  # None without an objects: section
+            "events_by_kind": dict(self.events_by_kind),
             "sources": {r.spec.name: r.stats.as_dict(len(r.queue)) for r in self.readers},
             "last_seq": self.store.last_seq(),
             "published": self.published,

@@ -255,6 +255,10 @@ class ObjectLayer:
             state = self._sources[source] = _SourceObjects(source, self.config, make_tracker(self.config, self.ids))
         return state.process(frame, ts, det, shape)
 
+    def active_tracks(self) -> dict[str, int]:
+        """Per source, the objects followed now (announced or not yet): for the node's ``status``."""
+        return {name: len(state.objects) for name, state in list(self._sources.items())}
+
     def close_source(self, source: str, ts: float, frame: int) -> list[ObjectEvent]:
         """``object.end`` (reason ``stop``) for every announced object of ``source``; its tracker starts afresh."""
         state = self._sources.pop(source, None)

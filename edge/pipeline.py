@@ -6,6 +6,11 @@ the same overlap ``detect_stream`` gives ``bastion detect``.  Frames are dropped
 (the oldest of a live source, never one of an unpaced file), before any work is spent on them; between
 the two stages a small queue holds prepared batches and waits for room instead, so nothing prepared is lost.
 
+With an ``objects:`` section every inferred frame of a source also goes, in frame order, through the object
+layer (edge/object_layer.py: tracker + zones/lines): detections gain ``track`` and the layer's object events
+(protocol v2, edge/events_v2.py) are stored and committed, then published, exactly like frame events. Frame
+events are then kept only when ``objects.frame_events`` asks for them (or the tracker is ``none``).
+
 A batch is prepared for the detector that is current when it is prepared; if ``reload`` swapped the model in
 between, the inference thread prepares it again for the new one (input sizes may differ).  Both threads run
 under the node's ``Supervisor``: either one dying stops the node loudly (``status``, audit, exit code).
@@ -23,8 +28,12 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from bastion.edge.config import NodeConfig, SourceConfig
+from bastion.edge.events_v2 import FRAME_KIND, ObjectEventMessage
+from bastion.edge.object_events import ObjectEvent
+from bastion.edge.object_layer import ObjectLayer
 from bastion.edge.protocol import DetectionEvent, DetectionItem
 from bastion.edge.store import StorageError
+from bastion.edge.track_ids import StoreIdAllocator
 from bastion.runtime.detect import Detector
 from bastion.runtime.detections import Detections, class_ids
 from bastion.runtime.media import Frame
@@ -49,6 +58,19 @@ class PreparedBatch:
     frames: list[Frame]
     tensors: list[tuple[np.ndarray, Placement]]
     detector: Detector  # the one whose input spec prepared ``tensors``
+
+
+class CountingIds:
+    """The store's id allocator, counting what it handed out (``status``: ids allocated since start)."""
+
+    def __init__(self, ids: StoreIdAllocator) -> None:
+        self.ids = ids
+        self.allocated = 0
+
+    def next_id(self) -> int:
+        value = self.ids.next_id()
+        self.allocated += 1
+        return value
 
 
 def source_filter(cfg: SourceConfig, names: list[str]) -> Callable[[Detections, tuple[int, ...]], Detections]:
@@ -90,6 +112,16 @@ class FramePipeline:
         self._prepared: queue.Queue[PreparedBatch] = queue.Queue(maxsize=PREPARED_DEPTH)
         self.source_filters = {s.name: source_filter(s, self.detector.names) for s in self.config.sources}
         self._by_name = {r.spec.name: r for r in self.readers}
+        self.events_by_kind: dict[str, int] = {}
+        self.objects: ObjectLayer | None = None
+        self.track_ids: CountingIds | None = None
+        objects = self.config.objects
+        if objects is not None:  # ConfigError here (a rule's class the model lacks) refuses the start
+            self.track_ids = CountingIds(StoreIdAllocator(self.store))
+            self.objects = ObjectLayer(objects, self.track_ids, class_names=self.detector.names)
+        self.frame_events = objects is None or objects.tracker == "none" or objects.frame_events
+        self._closed_sources: set[str] = set()
+        self._last_frame: dict[str, tuple[int, float]] = {}
         self._preparer = self.supervisor.spawn(PREPARE, self._prepare_loop, running)
         self._worker = self.supervisor.spawn(INFER, self._infer_loop, running)
 
@@ -137,7 +169,11 @@ class FramePipeline:
                 batch = self._prepared.get(timeout=0.05)
             except queue.Empty:
                 if self.stop_event.is_set() and not self._preparer.is_alive():
+                    self._close_objects(list(self._last_frame))
                     return
+                self._close_objects(
+                    [r.spec.name for r in self.readers if r.stats.state == "finished" and not len(r.queue)]
+                )
                 continue
             with self._detector_lock:
                 detector = self.detector
@@ -149,8 +185,45 @@ class FramePipeline:
             for frame, det in zip(batch.frames, results):
                 self._by_name[frame.source].stats.mark_inferred(now)
                 det = self.source_filters[frame.source](det, frame.image.shape)
-                if len(det):
+                self._last_frame[frame.source] = (frame.index, frame.ts)
+                if self.objects is not None:
+                    det = self._track(frame, det, detector.bundle_sha256)
+                if len(det) and self.frame_events:
                     self._emit(frame, det, detector.bundle_sha256)
+
+    def _track(self, frame: Frame, det: Detections, model_sha: str) -> Detections:
+        """The object layer's step for this frame: its events stored then published; detections gain ``track``."""
+        assert self.objects is not None
+        try:
+            result = self.objects.process(frame.source, frame.index, frame.ts, det, frame.image.shape)
+        except StorageError as exc:  # no id block could be reserved: like a failed append, never the thread's end
+            self._storage_failed(exc)
+            return det
+        for event in result.events:
+            self._emit_object(event, model_sha, frame)
+        return result.detections
+
+    def _close_objects(self, sources: list[str]) -> None:
+        """object.end (reason stop) for what a finished source or a stopping node still follows; once a source."""
+        if self.objects is None:
+            return
+        for name in sources:
+            if name in self._closed_sources or name not in self._last_frame:
+                continue
+            self._closed_sources.add(name)
+            index, ts = self._last_frame[name]
+            for event in self.objects.close_source(name, ts, index):
+                self._emit_object(event, self.detector.bundle_sha256, None)
+
+    def _emit_object(self, event: ObjectEvent, model_sha: str, frame: Frame | None) -> None:
+        message = ObjectEventMessage(seq=0, node=self.config.id, model=model_sha, **event.to_dict())
+        self._commit_and_publish(message, event.kind, frame if event.kind == "object.new" else None)
+
+    def _storage_failed(self, exc: StorageError) -> None:
+        if self.storage_error is None:
+            log.error("event store failed; publishing paused until it recovers: %s", exc)
+            self.audit.append("storage_error", reason=str(exc))
+        self.storage_error = str(exc)
 
     def _emit(self, frame: Frame, det: Detections, model_sha: str) -> None:
         """Store the event (seq assigned, committed), keep its snapshot, then publish it."""
@@ -163,18 +236,20 @@ class FramePipeline:
             model=model_sha,
             detections=[DetectionItem(**d) for d in det.to_dict()],
         )
+        self._commit_and_publish(event, FRAME_KIND, frame)
+
+    def _commit_and_publish(self, event: DetectionEvent | ObjectEventMessage, kind: str, frame: Frame | None) -> None:
+        """Commit (seq assigned), keep the frame's snapshot if given, then publish: a subscriber never sees a
+        seq the store lacks."""
         try:
-            stored = self.store.append(event)
+            stored = self.store.append(event)  # type: ignore[arg-type]  # any event with seq/ts/source
         except StorageError as exc:
-            if self.storage_error is None:
-                log.error("event store failed; publishing paused until it recovers: %s", exc)
-                self.audit.append("storage_error", reason=str(exc))
-            self.storage_error = str(exc)
+            self._storage_failed(exc)
             return
         if self.storage_error is not None:
             log.warning("event store recovered; publishing resumed")
             self.storage_error = None
-        if self.vault is not None:
+        if self.vault is not None and frame is not None:
             try:
                 self.vault.save(stored.seq, frame.image)
                 # Retention may have run since the event was committed: it deletes rows before snapshots, so
@@ -184,8 +259,20 @@ class FramePipeline:
                     self.vault.delete_before(stored.seq + 1)
             except Exception as exc:  # the event is stored; a missing snapshot is logged, not fatal
                 log.warning("snapshot of event %d not saved: %s", stored.seq, exc)
-        self.server.publish(stored)
+        self.server.publish(stored)  # type: ignore[arg-type]
         self.published += 1
+        self.events_by_kind[kind] = self.events_by_kind.get(kind, 0) + 1
+
+    def tracker_status(self) -> dict[str, object] | None:
+        """Per source: objects followed now; and ids allocated since start (None: no object layer)."""
+        if self.objects is None or self.track_ids is None:
+            return None
+        return {
+            "tracker": self.objects.config.tracker,
+            "frame_events": self.frame_events,
+            "ids_allocated": self.track_ids.allocated,
+            "active_tracks": self.objects.active_tracks(),
+        }
 
     def _join_pipeline(self) -> None:
         """After the readers stopped: let both stages drain what was queued, then end."""

@@ -93,6 +93,7 @@ class ReplayRequest(_Request):
     op: Literal["replay"]
     since: int = Field(0, ge=0, le=MAX_SEQ)
     limit: int = Field(500, ge=1, le=5000)
+    v: int = Field(1, ge=1, le=2)  # the reader's protocol: a v1 reader is refused object events (docs/protocol.md)
 
 
 class ReloadRequest(_Request):

@@ -80,6 +80,7 @@ class ObjectsConfig(_Strict):
     update_min_s: float = Field(1.0, ge=0, le=86400)  # … and never more often than this
     conf_jump: float = Field(0.2, gt=0, le=1)  # a confidence change this large is worth an update
     anchor: Literal["bottom", "center"] = "bottom"  # the box point tested against zones and lines
+    frame_events: bool = False  # also store/publish one event per frame with detections (topic det.<source>)
     zones: list[ZoneConfig] = Field([], max_length=256)
     lines: list[LineConfig] = Field([], max_length=256)
 

@@ -1,0 +1,50 @@
+"""``Client.events(kinds=[...], since=seq)``: a node's events, typed per kind, filtered, without gaps or repeats.
+
+The follow itself (replay, then live, gaps filled from the store, seq checked) is ``Client._follow_events``
+(edge/client.py); it sees every event whatever ``kinds`` asks for, because the seq of an event the caller does
+not want still closes a gap. Filtering happens after it, here. A frame event is a ``DetectionEvent`` (kind
+``det``); an object event is the class of its kind (``ObjectNew``, ``LineCross`` …, edge/events_v2.py).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator
+
+from bastion.edge.events_v2 import EVENT_KINDS, NodeEvent, check_kinds, kind_of
+from bastion.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+
+class EventsMixin:
+    """``events()`` for ``Client``: kinds checked up front (a typo is an error, not a silent empty stream)."""
+
+    def _follow_events(
+        self, since: int | None, idle_timeout_s: float | None, duration_s: float | None
+    ) -> Iterator[NodeEvent]:
+        raise NotImplementedError  # Client's
+
+    def events(
+        self,
+        since: int | None = None,
+        idle_timeout_s: float | None = None,
+        duration_s: float | None = None,
+        kinds: Iterable[str] | None = None,
+    ) -> Iterator[NodeEvent]:
+        """Events after ``since`` (None: only new ones), replayed then live, each once, in seq order; only those
+        of ``kinds`` (``det``, ``object.new``, ``object.update``, ``object.end``, ``zone.enter``, ``zone.leave``,
+        ``loiter``, ``line.cross``; None: all). ConfigError for an unknown kind.
+
+        Example::
+
+            for event in client.events(kinds=["object.new", "line.cross"], since=0):
+                print(event.seq, event.kind, event.track)
+        """
+        try:
+            wanted = check_kinds(list(kinds) if kinds is not None else None)
+        except ValueError as exc:
+            raise ConfigError(str(exc), f"kinds are: {', '.join(EVENT_KINDS)}") from None
+        for event in self._follow_events(since, idle_timeout_s, duration_s):
+            if wanted is None or kind_of(event) in wanted:
+                yield event

@@ -1,0 +1,71 @@
+"""``bastion node tail``: a node's events as they come, for a person (a table, or plain lines in a pipe) or a
+program (``--json``: one object per line, flushed at once so a reader downstream sees each event live)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from bastion.console import out
+from bastion.edge.events_v2 import NodeEvent, kind_of
+
+if TYPE_CHECKING:
+    from bastion.edge.client import Client
+
+TABLE_ROWS = 25  # the table on a terminal shows the latest events; older ones scroll away
+COLUMNS = ("seq", "time", "kind", "source", "track", "class", "what")
+
+
+def describe(event: NodeEvent) -> tuple[str, ...]:
+    """One row: what an operator reads first (an object's class and id, the zone or line and its direction)."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(event.ts))
+    kind = kind_of(event)
+    if kind == "det":
+        items = event.detections  # type: ignore[union-attr]
+        names = ", ".join(f"{d.name}#{d.track}" if d.track is not None else d.name for d in items[:6])
+        return (str(event.seq), stamp, kind, event.source, "", "", f"{len(items)} detections: {names}")
+    what = ""
+    if event.line is not None:  # type: ignore[union-attr]
+        what = f"line {event.line} {event.direction} (in {event.count_in}, out {event.count_out})"  # type: ignore[union-attr]
+    elif event.zone is not None:  # type: ignore[union-attr]
+        dwell = f" after {event.dwell_s:.1f} s" if event.dwell_s is not None else ""  # type: ignore[union-attr]
+        what = f"zone {event.zone}{dwell}"  # type: ignore[union-attr]
+    elif event.reason:  # type: ignore[union-attr]
+        what = event.reason  # type: ignore[union-attr]
+    cls = f"{event.name} {event.conf:.2f}"  # type: ignore[union-attr]
+    return (str(event.seq), stamp, kind, event.source, str(event.track), cls, what)  # type: ignore[union-attr]
+
+
+def tail(client: Client, kinds: list[str] | None, since: int | None, duration: float | None, json_out: bool) -> None:
+    events = client.events(since=since, duration_s=duration, kinds=kinds)
+    if json_out:
+        for event in events:
+            sys.stdout.write(event.model_dump_json(exclude_none=kind_of(event) != "det") + "\n")
+            sys.stdout.flush()
+    elif not out.is_terminal:
+        for event in events:
+            out.print(" ".join(part for part in describe(event) if part), soft_wrap=True)
+    else:
+        _live_table(events)
+
+
+def _live_table(events) -> None:
+    from rich.live import Live
+    from rich.table import Table
+
+    rows: deque[tuple[str, ...]] = deque(maxlen=TABLE_ROWS)
+
+    def table() -> Table:
+        view = Table(show_edge=False, title="bastion node tail (Ctrl-C to stop)")
+        for col in COLUMNS:
+            view.add_column(col)
+        for row in rows:
+            view.add_row(*row)
+        return view
+
+    with Live(table(), console=out, refresh_per_second=8) as live:
+        for event in events:
+            rows.append(describe(event))
+            live.update(table())
