@@ -175,9 +175,29 @@ def test_frame_events_are_off_by_default_and_ids_continue_across_a_restart(tmp_p
             "node", "tail", "--control", node.server.control_endpoint, "--since", "0", "--json",
             "--kinds", "object.new,object.end", "--duration", "2",
         )  # fmt: skip
+        plain = run_cli(
+            "node", "tail", "--control", node.server.control_endpoint, "--since", "0", "--kinds", "line.cross",
+            "--duration", "1",
+        )  # fmt: skip
     assert tail.returncode == 0, tail.stderr
+    assert plain.returncode == 0, plain.stderr
+    assert [" ".join(line.split()[2:4]) for line in plain.stdout.splitlines()] == ["line.cross cam1"] * 2
+    assert all("line exit out" in line for line in plain.stdout.splitlines())
     lines = [json.loads(line) for line in tail.stdout.splitlines()]
     assert [line["kind"] for line in lines] == ["object.new", "object.end"] * 2
     second_ids = {e.track for e in stored(tmp_path)} - first_ids
     assert second_ids and min(second_ids) > max(first_ids)  # never reused across the restart
     assert [kind_of(e) for e in news] == ["object.new", "object.new"] and news[1].track in second_ids
+
+
+def test_node_init_writes_a_config_with_one_zone_and_one_line_over_the_sample(tmp_path):
+    proc = run_cli("node", "init", "--out", str(tmp_path / "node.yaml"))
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "node.yaml").read_text()
+    config = load_config(tmp_path / "node.yaml")
+    objects = config.objects
+    assert objects is not None and objects.tracker == "bytetrack" and not objects.frame_events
+    assert [z.name for z in objects.zones] == ["table"] and [ln.name for ln in objects.lines] == ["exit"]
+    assert objects.lines[0].a[0] == objects.lines[0].b[0] == MIDDLE["a"][0]  # the line the walker test sees crossed
+    assert config.sources[0].uri.endswith("one-by-one-person-detection.mp4")
+    assert "/dev/video0" in text and "rtsp://" in text
