@@ -356,20 +356,24 @@ def whole_words(text: str) -> str:
 
 
 def _ask(node, prompt: str, quiet: bool) -> str:
-    """One question to the node's language model, streamed back over the control socket."""
+    """One question to the node's language model, streamed back over the control socket; shown a whole word at a
+    time (a word the token budget cuts off is never printed), and returned ended as :func:`whole_words` ends it."""
     from bastion.edge.client import Client
 
     if not quiet:
-        out.print(f"\n[bold]ask[/] the node's language model: {prompt!r}\n  ", end="")
-    pieces = []
+        out.print(f"\n[bold]ask[/] the node's language model: {prompt!r}\n  ", end="", markup=True)
+    text = shown = ""
     with Client(node.server.control_endpoint, timeout_s=10) as client:
         for piece in client.ask_stream(prompt, 60):
-            pieces.append(piece)
-            if not quiet:
-                out.print(piece, end="")
+            text += piece
+            ready = text[: text.rfind(" ") + 1]  # up to the last space: whole words only
+            if not quiet and len(ready) > len(shown):
+                out.print(ready[len(shown) :], end="", markup=False, highlight=False)
+                shown = ready
+    answer = whole_words(prompt + text)
     if not quiet:
-        out.print()
-    return whole_words(prompt + "".join(pieces))
+        out.print(answer[len(prompt) + len(shown) :], markup=False, highlight=False)
+    return answer
 
 
 def _follow(node, seqs: list[int], counts: Counter, seconds: float, quiet: bool, latencies: list[float]) -> dict:
