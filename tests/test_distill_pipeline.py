@@ -324,3 +324,30 @@ def test_without_ground_truth_the_report_says_pseudo_labelled(tmp_path):
     truth = ground_truth(spec(tmp_path / "images", None, run.root), run, 2)
     assert truth["kind"] == "pseudo-labelled" and truth["labels_sha256"] is None and truth["images"] == 2
     assert "**pseudo-labelled** by the teachers" in ground_truth_line(truth)
+
+
+def test_a_shipped_int8_candidate_keeps_its_fp32_sibling(tmp_path):
+    """The INT8 gate's bundle carries its FP32 parent (role fp32-sibling) for units where the INT8 verdict does
+    not hold; shipping copies and re-signs the whole bundle, so RUN/bundle keeps it, hash-checked and signed."""
+    from types import SimpleNamespace
+
+    from bastion.distill.detect_bundles import ship_bundle
+    from bastion.models.keys import generate_keypair, load_private_key
+    from bastion.models.trust import TrustStore
+    from bastion.runtime.bundle_create import create_bundle
+
+    teacher = Bundle.open("yolov5n")
+    fp32 = tmp_path / "fp32.onnx"
+    fp32.write_bytes(teacher.model_path.read_bytes())
+    fields = {**teacher.manifest.model_dump(mode="json", exclude={"files", "evaluation"}), "precision": "int8"}
+    made = tmp_path / "baselines" / "sliced-int8-320"
+    create_bundle(teacher.model_path, made, fields, [], None, fp32_sibling=fp32)
+    pair = generate_keypair(tmp_path / "keys" / "team")
+    TrustStore().trust(pair.public_path)
+    chosen = Candidate("sliced-int8@320", "sliced, INT8", 320, 0.5, 0.3, {}, "baselines/sliced-int8-320", 2.0)
+    dataset = SimpleNamespace(root=tmp_path / "val", sha256=lambda: "0" * 64)
+    ship_bundle(made, tmp_path / "bundle", load_private_key(pair.private_path), chosen, dataset)
+    shipped = Bundle.open(tmp_path / "bundle")  # verified: signature and every file's hash
+    roles = {f.role: f.path for f in shipped.manifest.files}
+    assert roles.get("fp32-sibling") == "fp32.onnx" and (tmp_path / "bundle" / "fp32.onnx").is_file()
+    assert {e.metric for e in shipped.manifest.evaluation} == {"mAP50", "mAP50-95"}
