@@ -27,6 +27,7 @@ def load_detector(config: NodeConfig, audit: AuditLog, model: str, audit_refusal
             max_batch=c.max_batch,
             allow_unsigned=c.security.allow_unsigned,
             int8_policy=c.int8_policy,
+            nation=c.nation,  # None: BASTION_NATION, else no releasability check
         )
     except BastionError as exc:
         if audit_refusal:  # reload audits its refusals itself, coalesced per client

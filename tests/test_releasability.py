@@ -98,7 +98,7 @@ def test_the_node_audits_a_refusal_by_nation(tmp_path, team, monkeypatch):
     assert config.nation == "FRA"
     with pytest.raises(ValueError):
         NodeConfig(sources=[{"name": "cam", "uri": str(tmp_path)}], nation="france")
-    monkeypatch.setenv("BASTION_NATION", config.nation)  # edge/node_models.py does not pass config.nation yet
+    monkeypatch.delenv("BASTION_NATION", raising=False)  # the node's own config says its nation
     audit = AuditLog(tmp_path / "audit.jsonl")
     with pytest.raises(ReleasabilityError):
         load_detector(config, audit, str(root))
