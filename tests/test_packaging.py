@@ -176,6 +176,11 @@ def test_tests_pass_against_the_installed_wheel(tmp_path):
         check=True,
     ).stdout
     assert where.startswith(str(tmp_path / "venv")), where
+    # the demo's hand-labelled held-out frames ship with the wheel (else a wheel install falls back to pseudo-labels)
+    installed = Path(where.strip()).parents[1] / "samples" / "groundtruth"
+    for part in ("images", "labels"):
+        shipped = sorted(p.name for p in (installed / part).iterdir()) if (installed / part).is_dir() else []
+        assert shipped == sorted(p.name for p in (REPO / "bastion/samples/groundtruth" / part).iterdir()), part
     proc = subprocess.run(
         [str(tmp_path / "venv" / "bin" / "bastion"), "--help"], capture_output=True, text=True, cwd=tmp_path
     )
