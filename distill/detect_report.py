@@ -41,6 +41,12 @@ def ground_truth(spec: DistillSpec, run: DetectRunDir, held_out: int) -> dict[st
     }
 
 
+def per_class_series(candidates: list[Candidate], classes: list[str]) -> dict[str, list[float | None]]:
+    """AP50 per class for each scored candidate; None where the held-out set has no labels of that class (the
+    evaluator leaves it out), so the chart says "no labels" instead of drawing a 0.00 bar that claims a score."""
+    return {c.name: [c.per_class.get(k, {}).get("ap50") for k in classes] for c in candidates if c.per_class}
+
+
 def figures(
     stage: Path,
     spec: DistillSpec,
@@ -61,9 +67,7 @@ def figures(
             [c.to_dict() for c in candidates], stage / "scatter.png", "speed vs accuracy (held-out)"
         ).name
     }
-    series = {
-        c.name: [c.per_class.get(k, {}).get("ap50", 0.0) for k in spec.classes] for c in candidates if c.per_class
-    }
+    series = per_class_series(candidates, spec.classes)
     if series:
         figures["per_class"] = charts.bars(spec.classes, series, stage / "per_class.png", "AP50 per class").name
     results = run.student / "train" / "results.csv" if run.done("student") else None
@@ -120,6 +124,20 @@ def ap50_cell(candidate: dict[str, Any] | Candidate, name: str) -> str:
     return "—" if value is None or value != value or not row.get("instances", 1) else f"{value:.3f}"
 
 
+def int8_speed_note(label: str, candidates: list[Candidate], imgsz: int) -> str:
+    """The INT8 speed-up as the table shows it: both latencies from the same interleaved timing rounds. The gate's
+    reason carries its own figure, timed alone on its own images; a reader comparing it with the table would see
+    two numbers for one fact, so the table's is stated beside it and is the one to believe."""
+    by_name = {c.name: c for c in candidates}
+    int8, fp32 = by_name.get(f"{label}-int8@{imgsz}"), by_name.get(f"{label}@{imgsz}")
+    if int8 is None or fp32 is None or int8.latency_ms <= 0 or fp32.latency_ms <= 0:
+        return ""
+    return (
+        f" In the table's timing (same rounds): INT8 {int8.latency_ms:.1f} ms vs FP32 {fp32.latency_ms:.1f} ms, "
+        f"{fp32.latency_ms / int8.latency_ms:.2f}× (the gate's own figure was timed alone)."
+    )
+
+
 def report_md(spec: DistillSpec, result: dict[str, Any], candidates: list[Candidate]) -> str:
     """report.md: what was measured on what, every candidate in one table, what ships and by which rule."""
     labels, truth = result["labels"], result["ground_truth"]
@@ -161,7 +179,9 @@ def report_md(spec: DistillSpec, result: dict[str, Any], candidates: list[Candid
     lines += (
         [""]
         + [
-            f"INT8 gate ({k}): {g['reason']}" + (f" INT8 for {g['target']}: {g['note']}." if g.get("note") else "")
+            f"INT8 gate ({k}): {g['reason']}"
+            + (f" INT8 for {g['target']}: {g['note']}." if g.get("note") else "")
+            + int8_speed_note(k, candidates, spec.imgsz)
             for k, g in gates.items()
         ]
         + [

@@ -351,3 +351,27 @@ def test_a_shipped_int8_candidate_keeps_its_fp32_sibling(tmp_path):
     roles = {f.role: f.path for f in shipped.manifest.files}
     assert roles.get("fp32-sibling") == "fp32.onnx" and (tmp_path / "bundle" / "fp32.onnx").is_file()
     assert {e.metric for e in shipped.manifest.evaluation} == {"mAP50", "mAP50-95"}
+
+
+def test_a_class_without_labels_gets_no_ap_bar():
+    """The evaluator leaves out a class the held-out set has no labels of; the chart must get None there (drawn as
+    "no labels"), not 0.00, which would claim the model scored nothing on it."""
+    from types import SimpleNamespace
+
+    from bastion.distill.detect_report import per_class_series
+
+    scored = SimpleNamespace(name="student@320", per_class={"person": {"ap50": 0.71, "instances": 18}})
+    unscored = SimpleNamespace(name="sliced@320", per_class={})
+    assert per_class_series([scored, unscored], ["person", "vehicle"]) == {"student@320": [0.71, None]}
+
+
+def test_the_int8_speed_up_in_the_report_is_the_tables():
+    from types import SimpleNamespace
+
+    from bastion.distill.detect_report import int8_speed_note
+
+    fp32 = SimpleNamespace(name="student@320", latency_ms=59.8)
+    int8 = SimpleNamespace(name="student-int8@320", latency_ms=59.5)
+    note = int8_speed_note("student", [fp32, int8], 320)
+    assert "INT8 59.5 ms vs FP32 59.8 ms, 1.01×" in note  # not the gate's 1.32× timed alone
+    assert int8_speed_note("sliced", [fp32, int8], 320) == ""  # no such pair: nothing claimed
