@@ -138,16 +138,18 @@ def bench_node_command(
     imgsz: Optional[int] = typer.Option(320, help="Network input size."),
     threads: Optional[int] = typer.Option(None, help="Inference threads (default: all cores)."),
     subscribers: int = typer.Option(1, help="ZeroMQ subscribers on loopback (each must get every event)."),
+    objects: bool = typer.Option(False, "--objects", help="Track: events/min frame vs object level, tracker ms."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ) -> None:
     """A real node on a paced file: fps, drops and event latency (read → subscriber) vs the model's latency.
 
     Example: bastion bench node --fps 30 --imgsz 320 --subscribers 100 --json
+    (events per minute with tracking: bastion bench node --objects --fps 10 --seconds 120 --json)
     """
     from bastion.bench_node import bench_node
 
     err.print(f"measuring a node for {seconds:.0f} s …")
-    result = bench_node(model, video, fps, seconds, imgsz, threads, subscribers)
+    result = bench_node(model, video, fps, seconds, imgsz, threads, subscribers, objects)
     if json_out:
         print_json(result)
         return

@@ -55,8 +55,17 @@ def model_latency(
 
 
 def bench_node(
-    model: str, video: Path, fps: float, seconds: float, imgsz: int | None, threads: int | None, subscribers: int = 1
+    model: str,
+    video: Path,
+    fps: float,
+    seconds: float,
+    imgsz: int | None,
+    threads: int | None,
+    subscribers: int = 1,
+    objects: bool = False,
 ) -> dict[str, Any]:
+    """With ``objects`` the node tracks (default ``objects:``, frame events kept too) and the result adds events
+    per minute by kind, frame level against object level, and the tracker + rules cost per frame in the node."""
     from bastion.edge.config import NodeConfig
     from bastion.edge.node import Node
 
@@ -73,6 +82,7 @@ def bench_node(
                 "sources": [{"name": "cam", "uri": str(video), "loop": True, "realtime": True, "fps": fps}],
                 "endpoints": {"events": "tcp://127.0.0.1:*", "control": "tcp://127.0.0.1:*"},
                 "storage": {"dir": tmp},
+                **({"objects": {"frame_events": True}} if objects else {}),
             }
         )
         node = Node(config)
@@ -81,6 +91,7 @@ def bench_node(
         for _ in range(subscribers):
             sub = ctx.socket(zmq.SUB)
             sub.setsockopt(zmq.SUBSCRIBE, b"det.")
+            sub.setsockopt(zmq.SUBSCRIBE, b"obj.")
             sub.linger = 0
             sub.connect(node.server.events_endpoint)
             subs.append(sub)
@@ -119,6 +130,7 @@ def bench_node(
                     seq = json.loads(sock.recv_multipart()[1])["seq"]
                     if seq > seq0:
                         received[id(sock)].add(seq)
+        by_kind, tracker = dict(node.events_by_kind), node.tracker_status()
         node.close()
         for sub in subs:
             sub.close()
@@ -127,6 +139,19 @@ def bench_node(
     published = set(range(seq0 + 1, last_seq + 1))
     complete = sum(1 for got in received.values() if published <= got)
     e2e = _percentiles(latencies)
+    volume: dict[str, Any] = {}
+    if tracker is not None:  # counted from the node's start (warm-up included) over the video it played
+        minutes = (elapsed + 2.0) / 60
+        frame_level = by_kind.get("det", 0)
+        object_level = sum(n for kind, n in by_kind.items() if kind != "det")
+        volume = {
+            "events_per_min": {kind: round(n / minutes, 1) for kind, n in sorted(by_kind.items())},
+            "frame_events_per_min": round(frame_level / minutes, 1),
+            "object_events_per_min": round(object_level / minutes, 1),
+            "fewer": round(frame_level / object_level, 1) if object_level else None,
+            "tracker_ms_per_frame": tracker["ms_per_frame"],
+            "track_ids": tracker["ids_allocated"],
+        }
     return {
         "mode": "node",
         "model": model,
@@ -146,4 +171,5 @@ def bench_node(
         "p99_over_paced_model_p50": round(e2e["p99_ms"] / paced["p50_ms"], 2) if e2e["count"] else None,
         "subscribers": subscribers,
         "subscribers_with_every_event": complete,
+        **volume,
     }

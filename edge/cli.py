@@ -186,7 +186,7 @@ def node_status(
         tracks = ", ".join(f"{k} {v}" for k, v in objects["active_tracks"].items()) or "none yet"
         out.print(
             f"objects: tracker {objects['tracker']}, active tracks {tracks}, ids allocated {objects['ids_allocated']}"
-            f", frame events {'on' if objects['frame_events'] else 'off'}"
+            f", frame events {'on' if objects['frame_events'] else 'off'}, {objects['ms_per_frame']} ms a frame"
         )
     audit = status.get("audit")
     if audit:

@@ -121,6 +121,7 @@ class FramePipeline:
             self.objects = ObjectLayer(objects, self.track_ids, class_names=self.detector.names)
         self.frame_events = objects is None or objects.tracker == "none" or objects.frame_events
         self._closed_sources: set[str] = set()
+        self._track_cost = [0.0, 0]  # seconds in the object layer, frames it processed (status: ms_per_frame)
         self._last_frame: dict[str, tuple[int, float]] = {}
         self._preparer = self.supervisor.spawn(PREPARE, self._prepare_loop, running)
         self._worker = self.supervisor.spawn(INFER, self._infer_loop, running)
@@ -194,11 +195,14 @@ class FramePipeline:
     def _track(self, frame: Frame, det: Detections, model_sha: str) -> Detections:
         """The object layer's step for this frame: its events stored then published; detections gain ``track``."""
         assert self.objects is not None
+        started = time.perf_counter()
         try:
             result = self.objects.process(frame.source, frame.index, frame.ts, det, frame.image.shape)
         except StorageError as exc:  # no id block could be reserved: like a failed append, never the thread's end
             self._storage_failed(exc)
             return det
+        self._track_cost[0] += time.perf_counter() - started
+        self._track_cost[1] += 1
         for event in result.events:
             self._emit_object(event, model_sha, frame)
         return result.detections
@@ -272,6 +276,7 @@ class FramePipeline:
             "frame_events": self.frame_events,
             "ids_allocated": self.track_ids.allocated,
             "active_tracks": self.objects.active_tracks(),
+            "ms_per_frame": round(1000 * self._track_cost[0] / max(self._track_cost[1], 1), 3),  # tracker + rules
         }
 
     def _join_pipeline(self) -> None:

@@ -1,6 +1,7 @@
 """The wire protocol (docs/protocol.md): typed messages, JSON on the wire, versioned.
 
-events (PUB):   frames [topic, payload]; topic ``det.<source>`` (detections) or ``hb`` (heartbeat).
+events (PUB):   frames [topic, payload]; topic ``det.<source>`` (detections), ``obj.<source>`` (object events,
+                protocol v2: edge/events_v2.py) or ``hb`` (heartbeat).
 control (ROUTER/DEALER): one JSON request → one JSON reply ``{"id", "ok", ...}`` (or a stream for ``ask``).
 """
 

@@ -175,11 +175,15 @@ def test_frame_events_are_off_by_default_and_ids_continue_across_a_restart(tmp_p
             "node", "tail", "--control", node.server.control_endpoint, "--since", "0", "--json",
             "--kinds", "object.new,object.end", "--duration", "2",
         )  # fmt: skip
+        status = run_cli("node", "status", "--control", node.server.control_endpoint)
         plain = run_cli(
             "node", "tail", "--control", node.server.control_endpoint, "--since", "0", "--kinds", "line.cross",
             "--duration", "1",
         )  # fmt: skip
     assert tail.returncode == 0, tail.stderr
+    assert status.returncode == 0, status.stderr
+    said = " ".join(status.stdout.split())  # rich wraps at 80 columns in a pipe
+    assert "objects: tracker bytetrack" in said and "frame events off" in said and "precision: " in said
     assert plain.returncode == 0, plain.stderr
     assert [" ".join(line.split()[2:4]) for line in plain.stdout.splitlines()] == ["line.cross cam1"] * 2
     assert all("line exit out" in line for line in plain.stdout.splitlines())
