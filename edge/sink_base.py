@@ -99,6 +99,14 @@ class Sink:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+    @property
+    def thread_name(self) -> str:
+        return self._thread.name
+
     def status(self) -> dict[str, Any]:
         backlog = max(0, self.store.last_seq() - self.cursor)
         lag = 0.0
@@ -137,6 +145,8 @@ class Sink:
                     self._wake.clear()
                 backoff = self.config.backoff_s
             except Exception as exc:  # a broker or the store failed: a state, then a retry; never the thread's end
+                if self._stop.is_set():  # stopping cut a wait short: not a failure
+                    break
                 reason = _one_line(exc)
                 if self.error != reason:
                     log.warning("sink %s: %s; retrying", self.name, reason)
@@ -147,8 +157,7 @@ class Sink:
                 self._safe_disconnect(clean=False)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.config.backoff_max_s)
-        if connected:
-            self._safe_disconnect(clean=True)
+        self._safe_disconnect(clean=connected)  # also a half-made connection that stopping interrupted
         self.state = "stopped"
 
     def _forward_once(self) -> bool:

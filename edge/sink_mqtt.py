@@ -69,7 +69,8 @@ class MqttSink(Sink):
         client.loop_start()
         deadline = time.monotonic() + cfg.connect_timeout_s
         while not self._connack.wait(0.02) and not self._lost.is_set() and time.monotonic() < deadline:
-            pass
+            if self._stop.is_set():
+                raise SinkError("the sink is stopping")
         if self._lost.is_set() and not self._connack.is_set():
             tls = " (TLS: does it want a client certificate, or another CA?)" if cfg.tls is not None else ""
             raise SinkError(f"the MQTT broker {cfg.host}:{port} closed the connection before the login{tls}")

@@ -11,6 +11,7 @@ the store's cursor is the only replay there is).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from typing import Any
 
@@ -34,12 +35,24 @@ class NatsSink(Sink):
         self._last_error: str | None = None
 
     def _run_async(self, coro, timeout: float):
+        """Run ``coro`` on this sink's loop, given up after ``timeout`` or as soon as the sink is stopped."""
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
-        try:
-            return self._loop.run_until_complete(asyncio.wait_for(coro, timeout))
-        except asyncio.TimeoutError:
-            raise SinkError(f"the NATS server {self.config.url} did not answer in {timeout} s") from None
+        return self._loop.run_until_complete(self._bounded(coro, timeout))
+
+    async def _bounded(self, coro, timeout: float):
+        task = asyncio.ensure_future(coro)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not task.done():
+            if self._stop.is_set() or asyncio.get_running_loop().time() > deadline:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+                if self._stop.is_set():
+                    raise SinkError("the sink is stopping")
+                raise SinkError(f"the NATS server {self.config.url} did not answer in {timeout} s")
+            await asyncio.wait({task}, timeout=0.05)
+        return task.result()
 
     def subject(self, kind: str, source: str) -> str:
         return f"{self.config.subject_prefix}.{token(self.node)}.{token(kind)}.{token(source)}"
