@@ -195,6 +195,10 @@ def _resolve_relative_paths(config: NodeConfig, base: Path) -> None:
     config.security.server_secret_key = rel(config.security.server_secret_key)
     config.security.audit_key = rel(config.security.audit_key)
     config.security.allowed_clients = [rel(p) for p in config.security.allowed_clients]
+    for sink in config.sinks:  # secrets and certificates of the bridges (docs/bridges.md)
+        sink.password_file = rel(sink.password_file)
+        if sink.tls is not None:
+            sink.tls.ca, sink.tls.cert, sink.tls.key = rel(sink.tls.ca), rel(sink.tls.cert), rel(sink.tls.key)
     for source in config.sources:
         uri = source.uri
         if isinstance(uri, str) and not uri.isdigit() and "://" not in uri and not Path(uri).is_absolute():
