@@ -205,3 +205,23 @@ def test_node_init_writes_a_config_with_one_zone_and_one_line_over_the_sample(tm
     assert objects.lines[0].a[0] == objects.lines[0].b[0] == MIDDLE["a"][0]  # the line the walker test sees crossed
     assert config.sources[0].uri.endswith("one-by-one-person-detection.mp4")
     assert "/dev/video0" in text and "rtsp://" in text
+
+
+def test_a_reload_to_a_model_without_a_rules_class_is_refused_and_the_old_model_keeps_running(tmp_path, walker_clip):
+    from bastion.edge.client import NodeRequestError
+    from bastion.runtime.detect import Detector
+
+    zone = {"name": "table", "points": [[0.4, 0.4], [0.9, 0.4], [0.9, 1.0], [0.4, 1.0]], "classes": ["person"]}
+    path = objects_config(tmp_path, walker_clip, objects={"zones": [zone]})
+    with node_from(path) as node:
+        running = node.detector
+        other = Detector.load("yolov5n", imgsz=320, threads=1)
+        other.names = [f"class{i}" for i in range(len(other.names))]  # the same model, no class named person
+        node._load_detector = lambda bundle, audit_refusal=True: other
+        client = Client(node.server.control_endpoint, timeout_s=10)
+        try:
+            with pytest.raises(NodeRequestError, match="reload refused: .*'person'"):
+                client.reload("yolov5n")
+        finally:
+            client.close()
+        assert node.detector is running
