@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from bastion.console import out, print_json, progress, stage_bars, warn
-from bastion.distill.torch_device import DEVICE_HELP, training_device
+from bastion.distill.torch_device import DEVICE_HELP, data_parallel_devices, training_device
 from bastion.hardware.backend_names import DEVICE_HELP as BACKEND_DEVICE_HELP
 from bastion.models.cli import ALLOW_UNSIGNED_HELP
 from bastion.models.zoo import DEFAULT_DETECTOR
@@ -264,6 +264,7 @@ def distill_detect_command(
         help="Weight of Ultralytics' feature distillation when a teacher is an Ultralytics .pt (0: off).",
     ),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    nproc: str = typer.Option("1", "--nproc", help="Train on N GPUs with Ultralytics' own DDP (CUDA only)."),
     out_dir: Path = typer.Option(..., "--out", help="Run directory (stages are cached; re-run resumes)."),
     force: list[str] = typer.Option([], "--force", help="Redo this stage and the ones after it."),
     sign: Optional[Path] = typer.Option(None, "--sign", help="Sign the shipped bundle with this private key."),
@@ -277,12 +278,16 @@ def distill_detect_command(
     --out runs/distill/pv
     """
     from bastion.distill.classmap import parse_class_map
+    from bastion.distill.ddp import check_nproc, launched_world
     from bastion.distill.detect_pipeline import run_distill
     from bastion.distill.spec import DistillSpec, checked
     from bastion.distill.train import TrainSpec
     from bastion.distill.ultra import ultralytics_available
     from bastion.errors import ConfigError, MissingExtraError
 
+    workers = check_nproc(nproc)
+    if launched_world() is not None:  # Ultralytics starts its own workers; the pipeline runs once
+        raise ConfigError("bastion distill detect runs once, not under torchrun", "use --nproc N (one per GPU)")
     thresholds: dict[str, float] = {}
     try:
         for item in [] if conf == "auto" else conf.split(","):
@@ -313,7 +318,7 @@ def distill_detect_command(
             soft=soft,
             feature_weight=feature_kd,
             prune=prune,
-            device=training_device(device),
+            device=data_parallel_devices(training_device(device), workers),
         )
     spec = checked(
         DistillSpec,

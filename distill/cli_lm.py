@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from bastion.console import out, print_json, progress, stage_bars
+from bastion.distill.ddp import NPROC_HELP
 from bastion.distill.torch_device import DEVICE_HELP
 
 LM_TEACHER_OPTION = typer.Option(
@@ -138,6 +139,7 @@ def distill_lm_command(
     lr: float = typer.Option(3e-3, help="Peak learning rate (cosine schedule with warm-up)."),
     accumulate: int = typer.Option(1, min=1, help="Batches per optimizer step (gradient accumulation)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    nproc: str = typer.Option("1", "--nproc", help=NPROC_HELP),
     temperature: float = typer.Option(1.0, help="KD temperature (1 beat 2 on stories260K, docs/benchmarks.md)."),
     alpha: float = typer.Option(0.1, help="Weight of cross-entropy next to the KL term (0.1 beat 0, 0.3 and 0.5)."),
     out_dir: Path = typer.Option(..., "--out", help="Run directory (checkpoint resumes; bundle in RUN/bundle)."),
@@ -150,18 +152,29 @@ def distill_lm_command(
     Example: bastion distill lm --teacher stories260K.bin --tokenizer tokenizer.json --synthetic 4096 --depth 3
     --ffn-ratio 0.75 --steps 3000 --weights-license MIT --out runs/lm/s3   (or --teacher path/to/hf-model-dir;
     this one: 1.65x the teacher's tokens/s at +9.5 % perplexity, ~8 min on one CPU core)
+
+    Data-parallel: add --nproc 2 (two torchrun workers, the same --batch split between them), or start it under
+    torchrun --nnodes 2 --nproc-per-node 8 … -m bastion.cli distill lm … (docs/scale.md).
     """
+    from bastion.distill import ddp
     from bastion.distill.lm_pipeline import run_lm_distill
     from bastion.distill.spec import LMDistillSpec, LMRunSpec, checked
     from bastion.errors import ConfigError
 
+    workers = ddp.check_nproc(nproc)
+    world = ddp.launched_world()
+    if world is not None and workers > 1:
+        raise ConfigError(
+            f"already a torchrun worker (RANK={world.rank}, WORLD_SIZE={world.size})",
+            "leave out --nproc under torchrun",
+        )
     tokenizer = teacher_tokenizer(teacher, tokenizer)
     try:
         layers = [int(x) for x in keep_layers.split(",")] if keep_layers else None
     except ValueError:
         raise ConfigError(f"--keep-layers {keep_layers!r}: give layer numbers like 0,2,4") from None
     key = None
-    if sign is not None:
+    if sign is not None and workers == 1 and (world is None or world.is_main):  # rank 0 signs; asked once
         from bastion.models.keys import load_private_key, read_passphrase
 
         key = load_private_key(sign, read_passphrase(False))
@@ -192,8 +205,20 @@ def distill_lm_command(
             device=device,
         ),
     )
-    with progress(disable=json_out) as bar:
+    if workers > 1:  # checked once here; each worker checks again and rank 0 prints the report
+        if sign is not None and not sign.is_file():
+            raise ConfigError(f"--sign {sign}: no such key file")
+        if batch % workers:
+            raise ConfigError(
+                f"--batch {batch} does not split over {workers} processes", f"give a multiple of {workers}"
+            )
+        ddp.launch_local(workers, ddp.argv())
+        return
+    main = world is None or world.is_main
+    with progress(disable=json_out or not main) as bar:
         report = run_lm_distill(spec, key, stage_bars(bar))
+    if report is None:  # a worker other than rank 0: quiet
+        return
     if json_out:
         print_json(report)
         return

@@ -7,6 +7,7 @@ learning rate with warm-up, gradient accumulation, periodic evaluation, checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -212,13 +213,27 @@ def synthetic_corpus(
     return out
 
 
-def _batches(tokens: torch.Tensor, block: int, batch: int, gen: torch.Generator):
+def _batches(tokens: torch.Tensor, block: int, batch: int, gen: torch.Generator, rank: int = 0, world: int = 1):
+    """Windows of the whole batch, drawn by every rank from the same generator; each rank keeps its own share
+    (rank r: rows r·batch/world … (r+1)·batch/world), so N processes see the very batch one process would."""
+    share = batch // world
     while True:
-        starts = torch.randint(0, len(tokens) - block - 1, (batch,), generator=gen)
+        starts = torch.randint(0, len(tokens) - block - 1, (batch,), generator=gen)[rank * share : (rank + 1) * share]
         yield (
             torch.stack([tokens[s : s + block] for s in starts]),
             torch.stack([tokens[s + 1 : s + block + 1] for s in starts]),
         )
+
+
+class _BatchLogits(torch.nn.Module):
+    """``_logits`` as one forward: what DistributedDataParallel wraps (one forward per backward)."""
+
+    def __init__(self, model: Llama) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _logits(self.model, x)
 
 
 def _logits(model: Llama, x: torch.Tensor) -> torch.Tensor:
@@ -256,15 +271,32 @@ def distill(
 ) -> list[dict]:
     """Train ``student`` to match ``teacher``; resumes from ``checkpoint`` if it exists. Returns the history.
     ``tick`` is called once per step (and for the steps a resumed run had done); ``progress`` hears each step's
-    loss and each evaluation (plain lines in a log)."""
+    loss and each evaluation (plain lines in a log).
+
+    In a data-parallel world (``bastion.distill.ddp``) every rank draws the same whole batch of ``spec.batch``
+    windows and trains on its share under DistributedDataParallel, so the step equals one process's with the
+    whole batch; ``spec.accumulate`` such batches make one optimizer step whatever the world size. Rank 0 alone
+    evaluates, writes the checkpoint (atomically) and reports progress; the history is rank 0's."""
+    from bastion.distill.ddp import barrier, current_world, mean_across
+
+    world = current_world()
+    if spec.batch % world.size:
+        raise ConfigError(
+            f"--batch {spec.batch} does not split over {world.size} processes", f"give a multiple of {world.size}"
+        )
     torch.manual_seed(spec.seed)
     gen = torch.Generator().manual_seed(spec.seed)  # the batch order (CPU): saved with each checkpoint
     device = torch.device(spec.device)
     teacher.to(device).eval()
     student.to(device)
+    forward: torch.nn.Module = _BatchLogits(student)
+    if world.size > 1:  # gradients averaged over the ranks: the step of one process with the whole batch
+        forward = torch.nn.parallel.DistributedDataParallel(
+            forward, device_ids=[device.index] if device.type == "cuda" else None
+        )
     opt = torch.optim.AdamW(student.parameters(), lr=spec.lr, weight_decay=0.0)
     start, history = 0, []
-    if checkpoint.is_file():
+    if checkpoint.is_file():  # every rank reads it; written by rank 0 alone, any world size resumes it
         state = torch.load(checkpoint, weights_only=False, map_location=device)
         student.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -273,40 +305,46 @@ def distill(
             gen.set_state(state["batch_rng"].cpu())
         for _ in range(start if tick else 0):  # the progress bar resumes where the run stopped
             tick()
-    batches = _batches(train_tokens, spec.block, spec.batch, gen)
-    if progress is not None:
+    batches = _batches(train_tokens, spec.block, spec.batch, gen, world.rank, world.size)
+    if progress is not None and world.is_main:
         progress.start(None, spec.steps, done=start, unit="step")
     for step in range(start, spec.steps):
         lr = spec.lr * min(1.0, (step + 1) / max(spec.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / spec.steps))
         for group in opt.param_groups:
             group["lr"] = lr
         student.train()
-        for _ in range(spec.accumulate):
+        step_loss = 0.0
+        for micro in range(spec.accumulate):
             x, y = (t.to(device) for t in next(batches))
             with torch.no_grad():
                 t_logits = _logits(teacher, x)
-            s_logits = _logits(student, x)
-            kl = (
-                F.kl_div(
-                    F.log_softmax(s_logits / spec.temperature, -1),
-                    F.log_softmax(t_logits / spec.temperature, -1),
-                    log_target=True,
-                    reduction="batchmean",
+            last = micro + 1 == spec.accumulate
+            # gradients are all-reduced once per optimizer step, on its last micro-batch
+            with forward.no_sync() if world.size > 1 and not last else contextlib.nullcontext():
+                s_logits = forward(x)
+                kl = (
+                    F.kl_div(
+                        F.log_softmax(s_logits / spec.temperature, -1),
+                        F.log_softmax(t_logits / spec.temperature, -1),
+                        log_target=True,
+                        reduction="batchmean",
+                    )
+                    * spec.temperature**2
+                    / x.shape[1]
                 )
-                * spec.temperature**2
-                / x.shape[1]
-            )
-            ce = F.cross_entropy(s_logits.reshape(-1, s_logits.shape[-1]), y.reshape(-1))
-            loss = ((1 - spec.alpha) * kl + spec.alpha * ce) / spec.accumulate
-            loss.backward()
+                ce = F.cross_entropy(s_logits.reshape(-1, s_logits.shape[-1]), y.reshape(-1))
+                loss = ((1 - spec.alpha) * kl + spec.alpha * ce) / spec.accumulate
+                loss.backward()
+            step_loss += loss.item()
+        step_loss = mean_across(step_loss)  # the whole batch's loss, the same number on every rank
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps:
+        if ((step + 1) % spec.eval_every == 0 or step + 1 == spec.steps) and world.is_main:
             history.append(
                 {
                     "step": step + 1,
-                    "loss": round(loss.item() * spec.accumulate, 4),
+                    "loss": round(step_loss, 4),
                     "lr": lr,
                     **evaluate(student, teacher, val_tokens, spec.block, max_windows=4),
                 }
@@ -326,8 +364,9 @@ def distill(
                 progress.note(f"step {point['step']}/{spec.steps}: held-out perplexity {point['perplexity']}")
         if tick:
             tick()
-        if progress is not None:
-            progress.batch(None, step + 1, loss.item() * spec.accumulate)
+        if progress is not None and world.is_main:
+            progress.batch(None, step + 1, step_loss)
+    barrier()  # the last checkpoint is on disk before any rank goes on
     return history
 
 

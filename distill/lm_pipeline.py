@@ -26,22 +26,41 @@ def teacher_digest(path: Path) -> str:
 LM_STAGES = 7  # teacher, corpus, student, distil, measure, bundle, int8 + report
 
 
-def run_lm_distill(spec: LMRunSpec, sign_key=None, progress: Tick | None = None) -> dict:
-    """Teacher → corpus → pruned (or fresh) student → distillation → measured report → bundle (+ INT8, GGUF)."""
+def run_lm_distill(spec: LMRunSpec, sign_key=None, progress: Tick | None = None) -> dict | None:
+    """Teacher → corpus → pruned (or fresh) student → distillation → measured report → bundle (+ INT8, GGUF).
+
+    Under torchrun (``--nproc`` or an external launcher) every rank makes the same student and trains its share;
+    rank 0 alone writes the corpus, the checkpoints, the bundle and the report, and returns it (others: None)."""
     try:
-        import torch
-        from tokenizers import Tokenizer
+        import tokenizers  # noqa: F401  (only: is the extra installed?)
+        import torch  # noqa: F401
     except ImportError:
         raise MissingExtraError("bastion distill lm", "distill", "torch") from None
+    from bastion.distill import ddp
+
+    world, device = ddp.join(training_device(spec.train.device))  # refused before any work
+    try:
+        return _run(
+            spec, sign_key, RunProgress(progress) if world.is_main else RunProgress(None, plain=False), world, device
+        )
+    finally:
+        ddp.leave()
+
+
+def _run(spec: LMRunSpec, sign_key, shown: RunProgress, world, device: str) -> dict | None:
+    import torch
+    from tokenizers import Tokenizer
+
+    from bastion.distill import ddp
     from bastion.distill.llama import load_teacher
     from bastion.distill.lm_distill import distill, evaluate, read_corpus, synthetic_corpus, tokens_per_s
     from bastion.distill.lm_export import export_lm_bundle
     from bastion.runtime.lm import Generator
 
-    shown = RunProgress(progress)
-    train = spec.train.model_copy(update={"device": training_device(spec.train.device)})  # refused before any work
+    train = spec.train.model_copy(update={"device": device})
     run = LMRunDir(spec.out)
-    run.record("spec", spec.model_dump(mode="json"))
+    if world.is_main:
+        run.record("spec", spec.model_dump(mode="json"))
     teacher_path, tokenizer_path = spec.teacher, spec.tokenizer
     shown.stage(1, LM_STAGES, "teacher", f"loading {teacher_path.name} and exporting it to time against")
     teacher = load_teacher(teacher_path)
@@ -54,7 +73,7 @@ def run_lm_distill(spec: LMRunSpec, sign_key=None, progress: Tick | None = None)
     # the teacher as the node would serve it: it writes the synthetic corpus and is timed against the student
     scratch = tempfile.TemporaryDirectory(prefix="bastion-distill-lm-")  # removed at the end (or at exit)
     served_teacher = Path(scratch.name) / "teacher"
-    export_lm_bundle(
+    export_lm_bundle(  # (rank 0's alone would do; a few seconds on the others too keep this function one piece)
         teacher,
         tokenizer_path,
         served_teacher,
@@ -66,7 +85,7 @@ def run_lm_distill(spec: LMRunSpec, sign_key=None, progress: Tick | None = None)
     )
     text_file = run.corpus
     shown.stage(2, LM_STAGES, "corpus", "cached" if text_file.is_file() else str(spec.corpus or "the teacher writes"))
-    if not text_file.is_file():  # cached: a resumed run trains on the same text
+    if world.is_main and not text_file.is_file():  # cached: a resumed run trains on the same text
         if spec.corpus:
             text = read_corpus(spec.corpus)
         else:
@@ -77,6 +96,7 @@ def run_lm_distill(spec: LMRunSpec, sign_key=None, progress: Tick | None = None)
             text = "\n".join(synthetic_corpus(sampler, spec.synthetic, tick=write))
             sampler.close()
         atomic_write_bytes(text_file, text.encode())  # a run killed mid-write must not cache half a corpus
+    ddp.barrier()  # the other ranks read the corpus rank 0 wrote
     ids = torch.tensor(tok.encode(text_file.read_text()).ids)
     train.eval_every = max(1, min(train.eval_every, train.steps // 5))  # at least ~5 points on the curves
     if len(ids) < 4 * (train.block + 1):
@@ -88,8 +108,16 @@ def run_lm_distill(spec: LMRunSpec, sign_key=None, progress: Tick | None = None)
     pruned_eval = evaluate(student, teacher, val_ids, train.block)
     shown.stage(4, LM_STAGES, "distil", f"{how}: {train.steps} steps on {train.device}")
     history = distill(
-        teacher, student, train_ids, val_ids, train, run.checkpoint, progress=shown.training("distil student")
+        teacher,
+        student,
+        train_ids,
+        val_ids,
+        train,
+        run.checkpoint,
+        progress=shown.training("distil student") if world.is_main else None,
     )
+    if not world.is_main:
+        return None  # rank 0 measures, exports and reports
     shown.stage(5, LM_STAGES, "measure", "held-out perplexity, agreement and speed of teacher and student")
     for model in (teacher, student):  # measured, timed and exported on the CPU, as the field node holds them
         model.cpu()

@@ -29,5 +29,34 @@ def training_device(requested: str) -> str:
 
 
 def ultralytics_device(device: str) -> str:
-    """Ultralytics' spelling of a resolved device: ``cpu`` or the CUDA index (``cuda:1`` → ``1``)."""
+    """Ultralytics' spelling of a resolved device: ``cpu`` or the CUDA index (``cuda:1`` → ``1``, ``cuda:0,1`` →
+    ``0,1``: its DDP over those GPUs)."""
     return "cpu" if device == "cpu" else (device.partition(":")[2] or "0")
+
+
+def data_parallel_devices(device: str, nproc: int) -> str:
+    """The detector's devices for Ultralytics' own DDP: ``cuda:0`` with ``--nproc 3`` → ``cuda:0,1,2``.
+
+    Ultralytics counts a CPU run as world size 0 and never starts DDP there (engine/trainer.py), so more than one
+    process on the CPU is refused rather than silently run as one. Its multi-GPU launcher pickles the trainer with
+    cloudpickle and would try to *download* cloudpickle when missing: refused here, offline, before any work."""
+    import importlib.util
+
+    import torch
+
+    if nproc == 1:
+        return device
+    if device == "cpu":
+        raise ConfigError("Ultralytics runs DDP only on CUDA devices; on CPU use --nproc 1")
+    first = int(device.partition(":")[2] or 0)
+    if first + nproc > torch.cuda.device_count():
+        raise ConfigError(
+            f"--nproc {nproc} from {device}: torch sees {torch.cuda.device_count()} CUDA device(s)",
+            "give at most one process per GPU",
+        )
+    if importlib.util.find_spec("cloudpickle") is None:
+        raise ConfigError(
+            "Ultralytics' multi-GPU launch needs cloudpickle, which is not installed",
+            "pip install 'cloudpickle>=3.1.1' (Ultralytics would otherwise try to download it)",
+        )
+    return "cuda:" + ",".join(str(first + i) for i in range(nproc))

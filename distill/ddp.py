@@ -1,0 +1,193 @@
+"""Data-parallel distillation on PyTorch's own engine: torchrun (``torch.distributed.run``) and DDP.
+
+``--nproc N`` on one machine starts N copies of the very command the user typed through torchrun's own launcher,
+with a static rendezvous on a c10d TCPStore at 127.0.0.1 — no rendezvous service, nothing off the host. Launched
+by an external ``torchrun`` (several nodes, or a cluster's scheduler) the same code finds RANK / WORLD_SIZE /
+LOCAL_RANK in its environment and joins that world instead. Why torchrun and not ``torch.multiprocessing.spawn``:
+one code path for both cases (a worker is a worker however it was started), a worker that dies takes the others
+down with it instead of leaving them blocked in an all-reduce, and the rendezvous flags a cluster team already
+knows work unchanged (docs/scale.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+from bastion.errors import BastionError, ConfigError
+
+log = logging.getLogger(__name__)
+
+NPROC_HELP = (
+    "Data-parallel processes on this machine (torchrun + DDP; one per GPU, or gloo on CPU cores). The batch is "
+    "the whole step's batch whatever N. Under an external torchrun leave it out. See docs/scale.md."
+)
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process stands in a data-parallel run (a single process is rank 0 of a world of 1)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that logs, shows progress, writes checkpoints and the report."""
+        return self.rank == 0
+
+
+def check_nproc(value: str | int) -> int:
+    """``--nproc``: a whole number from 1 to four per CPU core (more only queue for the same cores)."""
+    limit = 4 * (os.cpu_count() or 1)
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"--nproc {value!r}: give a whole number of processes, e.g. --nproc 2") from None
+    if not 1 <= n <= limit:
+        raise ConfigError(f"--nproc {n}: give 1 to {limit} (four per CPU core of this machine)")
+    return n
+
+
+def launched_world() -> World | None:
+    """The world an external launcher (torchrun, or ``--nproc``'s own) put this process in, from its environment;
+    None when started plainly. A partial or garbled environment is refused rather than guessed at."""
+    present = [k for k in ENV_KEYS if k in os.environ]
+    if not present:
+        return None
+    try:
+        rank, size, local = (int(os.environ[k]) for k in ENV_KEYS)
+    except (KeyError, ValueError):
+        raise ConfigError(
+            f"torchrun environment incomplete or not numbers ({', '.join(f'{k}={os.environ.get(k)}' for k in ENV_KEYS)})",
+            "launch with torchrun, or unset RANK, WORLD_SIZE and LOCAL_RANK",
+        ) from None
+    if not (0 <= rank < size and 0 <= local <= rank):
+        raise ConfigError(f"torchrun environment out of range: RANK={rank} WORLD_SIZE={size} LOCAL_RANK={local}")
+    return World(rank, size, local)
+
+
+def current_world() -> World:
+    """The world of an initialised process group, else a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    return World()
+
+
+def join(device: str) -> tuple[World, str]:
+    """Join the launcher's world (a no-op when started plainly): gloo on CPU, nccl on CUDA, one GPU per local rank.
+    Returns the world and this rank's device; ranks other than 0 go quiet (warnings and errors only)."""
+    world = launched_world()
+    if world is None or world.size == 1:
+        return world or World(), device
+    import torch
+    import torch.distributed as dist
+
+    if device.startswith("cuda"):
+        device = f"cuda:{world.local_rank}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo", init_method="env://")
+    if not world.is_main:
+        logging.getLogger("bastion").setLevel(logging.WARNING)
+    log.info("joined a data-parallel world of %d on %s (rank %d)", world.size, device, world.rank)
+    return world, device
+
+
+def leave() -> None:
+    """Tear the process group down (a clean exit, so torchrun reports success)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def mean_across(value: float) -> float:
+    """The mean of ``value`` over all ranks (the loss a step had on the whole batch), or itself alone."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    backend = dist.get_backend()
+    t = torch.tensor([value], dtype=torch.float64, device="cuda" if backend == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """The command line minus ``--nproc N`` / ``--nproc=N``: what each worker runs."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_local(nproc: int, argv: list[str]) -> None:
+    """Run ``bastion ARGV`` as ``nproc`` workers through torchrun's launcher, in this process, on 127.0.0.1 only.
+
+    Workers inherit stdout/stderr: rank 0 prints the report, the others stay quiet. One thread pool per worker
+    (the cores shared out) unless OMP_NUM_THREADS says otherwise; gloo pinned to the loopback interface."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    env = os.environ
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    args = get_args_parser().parse_args(
+        [
+            "--nnodes=1",
+            f"--nproc-per-node={nproc}",
+            "--rdzv-backend=static",
+            "--master-addr=127.0.0.1",
+            f"--master-port={_free_loopback_port()}",
+            "--max-restarts=0",
+            "--monitor-interval=0.5",
+            "-m",
+            "bastion.cli",
+            *without_nproc(argv),
+        ]
+    )
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        raise WorkerFailedError(
+            f"data-parallel worker {rank} of {nproc} failed (exit {failure.exitcode})",
+            "its own error is printed above",
+        ) from None
+
+
+class WorkerFailedError(BastionError):
+    """A torchrun worker exited non-zero; its own one-line error is already on stderr."""
+
+
+def argv() -> list[str]:
+    """This command's arguments (after ``bastion`` / ``python -c …`` / ``python -m bastion.cli``)."""
+    return sys.argv[1:]

@@ -1,0 +1,251 @@
+"""Data-parallel distillation (#20): torchrun + DDP with gloo on this machine's CPU cores.
+
+Every child process here (torchrun's agent and its workers) runs under the zero-egress guard too: a
+``sitecustomize`` on their PYTHONPATH installs tests/egress_guard.py before anything else, so the c10d store and
+gloo may use 127.0.0.1 and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, SHARED, run_cli
+
+TESTS = REPO / "tests"
+
+
+def _guarded_env(tmp_path: Path) -> dict:
+    site = tmp_path / "guard"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text("import egress_guard\negress_guard.install()\n")
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(site), str(TESTS)]),
+        "OMP_NUM_THREADS": "1",
+        "GLOO_SOCKET_IFNAME": "lo",
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(tmp_path: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """The worker script under an external torchrun: 2 processes, static rendezvous on 127.0.0.1."""
+    out.mkdir()
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc-per-node=2",
+        "--rdzv-backend=static",
+        "--master-addr=127.0.0.1",
+        f"--master-port={_free_port()}",
+        "--max-restarts=0",
+        str(TESTS / "ddp_lm_worker.py"),
+        str(out),
+        *extra,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, env=_guarded_env(tmp_path), timeout=300, cwd=tmp_path)
+
+
+def test_the_children_guard_refuses_egress_and_allows_loopback(tmp_path):
+    """What makes the DDP tests below offline-proven: their child processes run under the guard."""
+    code = (
+        "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(1); "
+        "socket.create_connection(s.getsockname()).close(); print('loopback ok'); "
+        "socket.create_connection(('10.255.255.1', 80), timeout=1)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_guarded_env(tmp_path))
+    assert "loopback ok" in proc.stdout and proc.returncode == 97, proc.stderr
+    assert "ZERO-EGRESS VIOLATION" in proc.stderr
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_follow_the_single_process_curve_and_resume_on_one(tmp_path):
+    """2 DDP ranks with 2 windows each = 1 process with the whole batch of 4: same losses, same held-out curve,
+    same weights (float tolerance: the all-reduce sums in another order). Only rank 0 writes checkpoints; one
+    left by a 2-process run stopped at step 4 resumes in a single process and ends where the uninterrupted run
+    does."""
+    torch = pytest.importorskip("torch")
+    from ddp_lm_worker import SPEC, tiny
+
+    from bastion.distill.lm_distill import distill
+    from bastion.distill.spec import LMDistillSpec
+
+    torch.set_num_threads(1)
+    teacher, student, tokens = tiny()
+    single = distill(teacher, student, tokens[:1800], tokens[1800:], LMDistillSpec(**SPEC), tmp_path / "single.pt")
+    assert [h["step"] for h in single] == [2, 4, 6, 8]
+
+    proc = _torchrun(tmp_path, tmp_path / "ddp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    worlds = [json.loads((tmp_path / "ddp" / f"world-{r}.json").read_text()) for r in (0, 1)]
+    assert worlds == [{"rank": 0, "size": 2}, {"rank": 1, "size": 2}]  # really two ranks, found from the env
+    parallel = json.loads((tmp_path / "ddp" / "history.json").read_text())
+    assert [h["step"] for h in parallel] == [2, 4, 6, 8]
+    for one, two in zip(single, parallel):
+        assert two["loss"] == pytest.approx(one["loss"], abs=2e-4)  # (rounded to 4 places)
+        assert two["perplexity"] == pytest.approx(one["perplexity"], rel=1e-3)
+        assert two["lr"] == pytest.approx(one["lr"])
+    assert single[-1]["loss"] != single[0]["loss"]  # the curve moves: equal curves are not two flat lines
+    ddp_weights = torch.load(tmp_path / "ddp" / "ck.pt", weights_only=False)["model"]
+    for name, value in student.state_dict().items():
+        torch.testing.assert_close(ddp_weights[name], value, rtol=1e-3, atol=1e-4)
+    assert (tmp_path / "ddp" / "saves-rank0.txt").read_text().split() == ["2", "4", "6", "8"]
+    assert not (tmp_path / "ddp" / "saves-rank1.txt").exists()  # rank 1 never wrote a checkpoint
+    assert not list((tmp_path / "ddp").glob(".*.tmp"))  # temp + fsync + rename: nothing half-written left
+
+    # stopped after step 4 on two processes, resumed on one: the uninterrupted curve and weights
+    proc = _torchrun(tmp_path, tmp_path / "stopped", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.load(tmp_path / "stopped" / "ck.pt", weights_only=False)["step"] == 4
+    _, resumed, _ = tiny()
+    history = distill(
+        teacher, resumed, tokens[:1800], tokens[1800:], LMDistillSpec(**SPEC), tmp_path / "stopped" / "ck.pt"
+    )
+    assert [h["step"] for h in history] == [2, 4, 6, 8]
+    for one, again in zip(single, history):
+        assert again["loss"] == pytest.approx(one["loss"], rel=1e-3, abs=2e-4)
+    for name, value in student.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=1e-3, atol=1e-4)
+
+
+def test_a_batch_that_does_not_split_over_the_world_is_refused(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from ddp_lm_worker import SPEC, tiny
+
+    from bastion.distill import ddp
+    from bastion.distill.lm_distill import distill
+    from bastion.distill.spec import LMDistillSpec
+    from bastion.errors import ConfigError
+
+    monkeypatch.setattr(ddp, "current_world", lambda: ddp.World(0, 3, 0))
+    teacher, student, tokens = tiny()
+    with pytest.raises(ConfigError, match="--batch 4 does not split over 3 processes"):
+        distill(teacher, student, tokens[:1800], tokens[1800:], LMDistillSpec(**SPEC), Path("unused.pt"))
+    assert torch.equal(student.layers[0].wq.weight, tiny()[1].layers[0].wq.weight)  # nothing trained
+
+
+def test_the_world_comes_from_torchrun_env_and_a_garbled_one_is_refused(monkeypatch):
+    from bastion.distill import ddp
+    from bastion.errors import ConfigError
+
+    for key in ddp.ENV_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    assert ddp.launched_world() is None
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert ddp.launched_world() == ddp.World(3, 8, 1) and not ddp.launched_world().is_main
+    monkeypatch.setenv("RANK", "8")
+    with pytest.raises(ConfigError, match="out of range"):
+        ddp.launched_world()
+    monkeypatch.delenv("LOCAL_RANK")
+    with pytest.raises(ConfigError, match="incomplete"):
+        ddp.launched_world()
+    assert ddp.without_nproc(["lm", "--nproc", "2", "--steps", "3", "--nproc=4"]) == ["lm", "--steps", "3"]
+
+
+@pytest.mark.parametrize("value", ["0", str(4 * (os.cpu_count() or 1) + 1), "two", "1.5"])
+def test_a_bad_nproc_is_one_line_before_any_work(tmp_path, value):
+    for command in (["distill", "lm"], ["distill", "detect"]):
+        args = [*command, "--nproc", value, "--teacher", str(tmp_path / "missing.bin"), "--out", str(tmp_path / "r")]
+        args += ["--weights-license", "MIT"] if command[1] == "lm" else ["--images", str(tmp_path), "--classes", "a"]
+        proc = run_cli(*args)
+        assert proc.returncode == 1, proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "--nproc" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_detect_refuses_ddp_on_the_cpu_in_one_line(tmp_path):
+    """Ultralytics never starts DDP on a CPU (world size 0 there): more than one process is refused, not run as
+    one."""
+    from bastion.distill.ultra import ultralytics_available
+
+    if not ultralytics_available():  # (not importorskip: importing it bare checks connectivity)
+        pytest.skip("ultralytics is not installed")
+    proc = run_cli(
+        "distill",
+        "detect",
+        "--teacher",
+        "yolov5n",
+        "--images",
+        str(tmp_path),
+        "--classes",
+        "person",
+        "--device",
+        "cpu",
+        "--nproc",
+        "2",
+        "--out",
+        str(tmp_path / "r"),
+    )
+    assert proc.returncode == 1
+    assert "Ultralytics runs DDP only on CUDA devices; on CPU use --nproc 1" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "r").exists()
+
+
+def test_detect_on_several_gpus_names_them_for_ultralytics():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    from bastion.distill.torch_device import data_parallel_devices, ultralytics_device
+
+    pytest.importorskip("cloudpickle")
+    assert ultralytics_device(data_parallel_devices("cuda:0", 2)) == "0,1"
+
+
+@pytest.mark.slow
+def test_distill_lm_nproc_2_runs_the_whole_command_on_two_workers(tmp_path):
+    """``bastion distill lm --nproc 2``: torchrun's launcher in the CLI, two gloo workers, one report (rank 0's)."""
+    pytest.importorskip("torch")
+    src = SHARED / "weights" / "stories260K"
+    if not (src / "stories260K.bin").is_file():
+        pytest.skip("../shared is not present")
+    env = _guarded_env(tmp_path)
+    proc = run_cli(
+        "distill",
+        "lm",
+        "--teacher",
+        str(src / "stories260K.bin"),
+        "--tokenizer",
+        str(src / "hf" / "tokenizer.json"),
+        "--synthetic",
+        "8",
+        "--depth",
+        "3",
+        "--steps",
+        "4",
+        "--batch",
+        "2",
+        "--block",
+        "32",
+        "--gguf",
+        "none",
+        "--device",
+        "cpu",
+        "--nproc",
+        "2",
+        "--weights-license",
+        "MIT",
+        "--out",
+        str(tmp_path / "run"),
+        "--json",
+        env={"PYTHONPATH": env["PYTHONPATH"], "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)  # one JSON document: rank 1 printed nothing
+    assert [h["step"] for h in report["history"]][-1] == 4 and report["student"]["layers"] == [0, 2, 4]
+    assert (tmp_path / "run" / "bundle" / "manifest.json").is_file()
