@@ -37,12 +37,12 @@ def run_checks(lock: Path | None = None) -> list[Check]:
 
     home = bastion_home()
     if home.exists():
-        return _checks(_home(home), lock)
+        return _checks(_home(home), lock, _storage(home))
     with tempfile.TemporaryDirectory(prefix="bastion-doctor-") as empty:
         saved = os.environ.get("BASTION_HOME")
         os.environ["BASTION_HOME"] = empty
         try:
-            return _checks(_home(home), lock)
+            return _checks(_home(home), lock, _storage(home))
         finally:
             if saved is None:
                 os.environ.pop("BASTION_HOME", None)
@@ -50,9 +50,10 @@ def run_checks(lock: Path | None = None) -> list[Check]:
                 os.environ["BASTION_HOME"] = saved
 
 
-def _checks(home: Check, lock: Path | None) -> list[Check]:
+def _checks(home: Check, lock: Path | None, storage: Check | None = None) -> list[Check]:
     checks = [
         home,
+        storage,
         _trust(),
         _policy(),
         _registry(),
@@ -80,6 +81,19 @@ def _home(home: Path) -> Check:
         return Check("state directory", "ok", f"{home} is writable")
     except OSError as exc:
         return Check("state directory", "fail", f"{home} is not writable: {exc.strerror}")
+
+
+def _storage(home: Path) -> Check:
+    """A warning unless the state directory (unit key, trust, events, sealed bundles) is on dm-crypt/LUKS."""
+    from bastion.storage_crypt import storage_crypt
+
+    found = storage_crypt(home)
+    if found.state == "encrypted":
+        return Check("encrypted storage", "ok", found.detail)
+    hint = "; put BASTION_HOME on a LUKS volume (docs/security.md, 'Encrypted storage')"
+    if found.state == "unknown":
+        return Check("encrypted storage", "warn", f"unknown: {found.detail}{hint}")
+    return Check("encrypted storage", "warn", found.detail + hint)
 
 
 def _trust() -> Check:

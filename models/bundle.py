@@ -13,7 +13,7 @@ import hashlib
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -38,6 +38,7 @@ class Bundle:
     root: Path
     manifest: Manifest
     verification: Verification
+    _content_key: list = field(default_factory=list, compare=False, repr=False)  # a sealed bundle's, once unwrapped
 
     @property
     def model_path(self) -> Path:
@@ -49,8 +50,16 @@ class Bundle:
 
         ``open`` verified the files, but a path can be rewritten after that (an operator, an attacker, a bad
         copy): whatever is built — a session, a tokenizer, an engine — must be built from bytes hashed here,
-        never by opening the path again."""
-        return read_verified(self.root, self.manifest, entry)
+        never by opening the path again. A file of a sealed bundle is decrypted after that check, from exactly
+        those bytes, into memory only (``bastion.models.seal``)."""
+        data = read_verified(self.root, self.manifest, entry)
+        if self.manifest.sealed is None or entry.path not in self.manifest.sealed.files:
+            return data
+        from bastion.models.seal import open_sealed, unseal_key
+
+        if not self._content_key:  # unwrapped once per Bundle: a passphrase-protected unit key is asked once
+            self._content_key.append(unseal_key(self.manifest))
+        return open_sealed(self.manifest, entry, data, self._content_key[0])
 
     def model_bytes(self) -> bytes:
         """The model file's verified bytes (``read_verified`` of the manifest's model entry)."""

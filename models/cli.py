@@ -80,9 +80,11 @@ def bundle_inspect(
     Example: bastion bundle inspect yolov5n
     """
     from bastion.models.bundle import Bundle
+    from bastion.models.seal import describe
 
     report = Bundle.inspect(bundle)
     manifest, status, signer = report.manifest, report.status, report.signer_key_id
+    sealed = describe(manifest)  # recipients only: nothing is decrypted to inspect
     markings = manifest.markings
     runs = _int8_runs(manifest)  # an INT8 bundle: which precision runs where, and why
     if json_out:
@@ -97,6 +99,7 @@ def bundle_inspect(
                 "verified": report.verified,
                 "status": status,
                 "runs": runs,
+                "sealed": sealed,
             }
         )
         return
@@ -109,6 +112,7 @@ def bundle_inspect(
         ("verification", status),
         ("signers", _signer_lines(report.signers)),
         ("markings", markings.summary() if markings else "none (releasable to every unit)"),
+        ("sealed", _sealed_line(manifest, sealed)),
         ("task", manifest.task),
         ("precision", manifest.precision),
         ("decoder", manifest.decoder.type if manifest.decoder else "-"),
@@ -157,6 +161,14 @@ def bundle_inspect(
     for key, value in rows:
         table.add_row(key, value)
     out.print(table)
+
+
+def _sealed_line(manifest, sealed: dict | None) -> str:
+    if sealed is None:
+        return "no (model files in clear)"
+    this = sealed["this_unit"]
+    mine = "this unit is one" if sealed["this_unit_is_recipient"] else f"this unit ({this or 'no unit key'}) is not"
+    return f"to units {manifest.sealed.labels()} ({mine})"
 
 
 def _signer_lines(signers: list[dict]) -> str:
@@ -312,3 +324,12 @@ def bundle_mark(
     out.print(
         f"marked {manifest.name}:{manifest.version} {markings.summary()}" + ("; signatures removed" if signed else "")
     )
+
+
+def _mount_seal() -> None:
+    from bastion.models.cli_seal import bundle_seal
+
+    bundle_app.command("seal")(bundle_seal)
+
+
+_mount_seal()

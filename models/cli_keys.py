@@ -150,3 +150,58 @@ def keys_list(json_out: bool = typer.Option(False, "--json", help="Print as JSON
     for r in rows:
         table.add_row(r["key_id"], r["source"], "[red]revoked[/]" if r["revoked"] else "trusted", r["path"])
     out.print(table)
+
+
+# -- this unit's key (bundles sealed to it) -----------------------------------------------------------
+@keys_app.command("unit-init")
+def keys_unit_init(
+    passphrase: bool = typer.Option(False, "--passphrase", help="Encrypt the unit key (prompted)."),
+    passphrase_file: Path = typer.Option(None, "--passphrase-file", help="Encrypt it with the passphrase in FILE."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Create this unit's X25519 key (BASTION_HOME/unit/unit.key, mode 0600): what opens bundles sealed to it.
+
+    Example: bastion keys unit-init --passphrase-file /run/keys/unit-pass && bastion keys unit-export --out unit.pub
+    """
+    from bastion.models.safe_read import read_bounded
+    from bastion.models.unit_key import init_unit_key
+
+    if passphrase_file is not None:
+        try:
+            secret = read_bounded(passphrase_file, 1024).rstrip(b"\r\n") or None
+        except OSError as exc:
+            from bastion.errors import KeyFileError
+
+            raise KeyFileError(f"cannot read the passphrase file {passphrase_file}: {exc}") from None
+    else:
+        secret = read_passphrase(passphrase, confirm=True) if passphrase else None
+    unit = init_unit_key(secret)
+    if json_out:
+        print_json({"key_id": unit.key_id, "path": str(unit.path), "encrypted": secret is not None})
+        return
+    out.print(f"unit key {unit.key_id}: {unit.path} (mode 0600{', passphrase-protected' if secret else ''})")
+    out.print("give the model team its public half: bastion keys unit-export --out unit.pub")
+
+
+@keys_app.command("unit-export")
+def keys_unit_export(
+    out_path: Path = typer.Option(Path("unit.pub"), "--out", help="Where to write the public key."),
+) -> None:
+    """Write this unit's public unit key, for the model team to seal bundles to (bastion bundle seal --to).
+
+    Example: bastion keys unit-export --out /media/usb/alpha.pub
+    """
+    from bastion.errors import KeyFileError
+    from bastion.models.atomic import atomic_write_bytes
+    from bastion.models.unit_key import home_key_path, load_unit_key, load_unit_public, unit_public_pem
+
+    public = home_key_path().with_suffix(".pub")
+    if public.is_file():
+        data = unit_public_pem(load_unit_public(public))
+    else:  # a credential-only unit: derive it from the private key
+        unit = load_unit_key()
+        if unit is None:
+            raise KeyFileError("this unit has no unit key", "make one: bastion keys unit-init")
+        data = unit_public_pem(unit.private.public_key())
+    atomic_write_bytes(out_path, data)
+    out.print(f"wrote {out_path}")

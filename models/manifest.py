@@ -182,7 +182,46 @@ class Markings(_Strict):
         return f"{self.classification}{rel}" + (f" ({self.marking})" if self.marking else "")
 
 
-_OMIT_WHEN_ABSENT = ("int8_verdict", "markings")
+SEALED_FORMAT = "bastion-sealed/1"
+SEALED_SUFFIX = ".sealed"  # a sealed payload file is its clear path + this (never the clear name on disk)
+_B64_32 = r"^[A-Za-z0-9+/]{43}=$"  # 32 raw bytes in base64: an X25519 public key
+_B64_12 = r"^[A-Za-z0-9+/]{16}$"  # 12 bytes: an AES-GCM nonce
+_B64_48 = r"^[A-Za-z0-9+/]{64}$"  # 48 bytes: a 32-byte content key and its 16-byte GCM tag
+
+
+class SealedRecipient(_Strict):
+    """One unit that may open the bundle: the content key wrapped for its X25519 key (``bastion.models.seal``)."""
+
+    key_id: str = Field(pattern=r"^[0-9a-f]{16}$")
+    name: str | None = Field(None, max_length=64)  # the unit.pub file's stem when sealed, for messages
+    ephemeral: str = Field(pattern=_B64_32)
+    nonce: str = Field(pattern=_B64_12)
+    wrapped_key: str = Field(pattern=_B64_48)
+
+    def label(self) -> str:
+        return f"{self.name} ({self.key_id})" if self.name else self.key_id
+
+
+class Sealed(_Strict):
+    """The payload files listed here are AES-256-GCM ciphertext; only the recipients' unit keys open them.
+
+    It is part of the signed manifest, so signatures cover the sealed bytes and the recipient list: a partner
+    verifies a sealed bundle without a unit key. ``clear_manifest_sha256`` is the bundle that was sealed; every
+    AAD binds it (and each wrap binds its recipient's key id), so ciphertext or a wrapped key moved between
+    bundles or recipients does not open."""
+
+    format: Literal["bastion-sealed/1"] = SEALED_FORMAT
+    cipher: Literal["aes-256-gcm"] = "aes-256-gcm"
+    key_wrap: Literal["x25519-hkdf-sha256-aes-256-gcm"] = "x25519-hkdf-sha256-aes-256-gcm"
+    clear_manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    files: list[str] = Field(min_length=1, max_length=8)
+    recipients: list[SealedRecipient] = Field(min_length=1, max_length=64)
+
+    def labels(self) -> str:
+        return ", ".join(r.label() for r in self.recipients)
+
+
+_OMIT_WHEN_ABSENT = ("int8_verdict", "markings", "sealed")
 
 
 class Manifest(_Strict):
@@ -203,6 +242,7 @@ class Manifest(_Strict):
     evaluation: list[EvalResult] = []
     int8_verdict: Int8Verdict | None = None  # INT8 bundles from the gate; absent (not null) otherwise
     markings: Markings | None = None  # classification and releasability; absent (not null) when unmarked
+    sealed: Sealed | None = None  # payload encrypted to named units; absent (not null) when in clear
 
     @model_serializer(mode="wrap")
     def _omit_absent_fields(self, handler):
@@ -246,6 +286,22 @@ class Manifest(_Strict):
             raise ValueError(
                 f"files: an fp32-sibling ({siblings[0]}) belongs to an int8 bundle, this one is {self.precision}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _sealed_files_listed(self) -> "Manifest":
+        """Every sealed path is a payload file named ``<clear path>.sealed``, each once, and recipients distinct."""
+        if self.sealed is None:
+            return self
+        listed = {f.path for f in self.files}
+        for path in self.sealed.files:
+            if path not in listed or not path.endswith(SEALED_SUFFIX):
+                raise ValueError(f"sealed: {path!r} is not a payload file ending {SEALED_SUFFIX}")
+        if len(set(self.sealed.files)) != len(self.sealed.files):
+            raise ValueError("sealed: a file is listed twice")
+        ids = [r.key_id for r in self.sealed.recipients]
+        if len(set(ids)) != len(ids):
+            raise ValueError("sealed: a unit is listed twice among the recipients")
         return self
 
     def model_file(self) -> FileEntry:
