@@ -27,7 +27,7 @@ import zmq
 
 from bastion.edge import answers
 from bastion.edge.answers import NodeRequestError
-from bastion.edge.client_events import EventsMixin
+from bastion.edge.client_events import EventsMixin, replay_answer
 from bastion.edge.curve import apply_client, load_public
 from bastion.edge.events_v2 import OBJECT_TOPIC_PREFIX, NodeEvent
 from bastion.edge.protocol import (
@@ -186,7 +186,7 @@ class Client(EventsMixin):
 
     def replay(self, since: int = 0, limit: int = 500) -> list[NodeEvent]:
         """Up to ``limit`` stored events after ``since``, ascending; an invalid one raises NodeRequestError."""
-        events, last_seq = answers.replay(self.request("replay", since=since, limit=limit, v=2), since)
+        events, last_seq = answers.replay(replay_answer(self, since, limit), since)  # v2, or v1 for an old node
         node = events[0].node if events else self._node
         if node is not None and last_seq is not None:
             self._seq.saw(node, last_seq, "replay last_seq")

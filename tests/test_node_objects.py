@@ -225,3 +225,36 @@ def test_a_reload_to_a_model_without_a_rules_class_is_refused_and_the_old_model_
         finally:
             client.close()
         assert node.detector is running
+
+
+def test_this_sdk_still_reads_a_v1_node_that_refuses_the_v_field():
+    """A node of the version before (replay without ``v``: extra fields refused) is asked again without it."""
+    from test_sdk_hostile_node import FakeNode, _event, _heartbeat
+
+    asked = []
+
+    class OldNode(FakeNode):
+        def _serve(self):
+            while not self.stop.is_set():
+                if not self.router.poll(50):
+                    continue
+                ident, raw = self.router.recv_multipart()
+                request = json.loads(raw)
+                asked.append(sorted(request))
+                if request["op"] == "status":
+                    answer = {"ok": True, "status": self.status}
+                elif "v" in request:  # what protocol v1's parse_request answers an unknown field
+                    answer = {"ok": False, "error": "replay: v: Extra inputs are not permitted"}
+                else:
+                    answer = {"ok": True, "events": [e for e in self.store if e["seq"] > request["since"]]}
+                self.router.send_multipart([ident, json.dumps({"id": request["id"], **answer}).encode()])
+
+    with OldNode([_event(1, 1), _event(2, 1)], [_heartbeat(2)]) as node:
+        client = Client(node.control, events=node.events, timeout_s=3, retries=0)
+        try:
+            got = take(client.events(since=0, kinds=["det"], duration_s=1), 2, timeout_s=15)
+        finally:
+            client.close()
+    assert [e.seq for e in got] == [1, 2] and all(isinstance(e, DetectionEvent) for e in got)
+    replays = [keys for keys in asked if "since" in keys]
+    assert "v" in replays[0] and "v" not in replays[-1]
