@@ -52,6 +52,21 @@ class DetectOptions:
     int8_policy: str = "warn"  # an INT8 bundle gated on another CPU class: "warn" once, or "strict": refuse
 
 
+def _device_for_sealed(bundle: Bundle, device: str) -> str:
+    """Native TensorRT caches the compiled engine on disk — the model in clear — so a sealed bundle never runs on
+    it: ``auto`` skips it, an explicit ``trt`` is refused (docs/security.md, "Bundles sealed to units")."""
+    if bundle.manifest.sealed is None or device not in ("auto", "trt"):
+        return device
+    if device == "trt":
+        raise ConfigError(
+            f"{bundle.manifest.name} is sealed: native TensorRT would cache its engine, the model in clear, on disk",
+            "run it with --device ort-trt, ort-cuda or ort-cpu",
+        )
+    from bastion.runtime.backends.select import auto_candidates
+
+    return next(spec.name for spec in auto_candidates() if spec.name != "trt")
+
+
 class Detector:
     """Run a detection bundle on images."""
 
@@ -126,7 +141,7 @@ class Detector:
     ) -> "Detector":
         """A detector on a bundle already opened (verified, or read back by the run that wrote it). The backend
         is built from the model's bytes as read and hashed now (``Bundle.model_bytes``), never from its path."""
-        device = device_name(device)
+        device = _device_for_sealed(bundle, device_name(device))
         opts = DetectOptions(**options)
         check_imgsz(opts.imgsz)
         size = (

@@ -48,6 +48,10 @@ def engine_build(
 
     bundle = Bundle.open(model, allow_unsigned=allow_unsigned)
     manifest = bundle.manifest
+    if manifest.sealed is not None:  # the engine cache would hold the model in clear on disk
+        from bastion.errors import ConfigError
+
+        raise ConfigError(f"{manifest.name} is sealed: no TensorRT engine is built for it", "run it on ort-* devices")
     chosen = precision or ("int8" if manifest.precision == "int8" else "fp16")
     size = (imgsz, imgsz) if imgsz else (tuple(manifest.input.size) if manifest.input else None)
     with progress(disable=json_out) as bar:

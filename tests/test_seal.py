@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bastion import Detector
-from bastion.errors import KeyFileError, ModelLoadError, SignatureError
+from bastion.errors import ConfigError, KeyFileError, ModelLoadError, SignatureError
 from bastion.models import Bundle
 from bastion.models.manifest import MANIFEST_NAME, FileEntry, read_manifest, sha256_file, write_manifest
 from bastion.models.unit_key import home_key_path
@@ -270,3 +270,13 @@ def test_storage_encryption_is_told_from_mounts_and_dm_uuids(tmp_path):
     assert state("/overlay/bastion") == "unknown"
     checks = {c["name"]: c for c in json.loads(ok(run_cli("doctor", "--json")).stdout)["checks"]}
     assert checks["encrypted storage"]["status"] in ("ok", "warn")
+
+
+def test_a_sealed_bundle_never_goes_to_the_tensorrt_engine_cache(tmp_path, team, bastion_home):
+    """Native TensorRT writes its compiled engine (the model, in clear) to disk: refused before anything is read."""
+    sealed = seal(CLEAR, tmp_path / "sealed", team, unit(bastion_home, "alpha"))
+    with pytest.raises(ConfigError, match="sealed: native TensorRT would cache its engine"):
+        Detector.load(sealed, device="trt")
+    assert "sealed: no TensorRT engine is built" in one_line(run_cli("engine", "build", str(sealed)))
+    auto = Detector.load(sealed, device="auto", threads=1, warmup=False)  # auto picks an ONNX Runtime backend
+    auto.close()
