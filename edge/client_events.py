@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterator
 
-from bastion.edge.events_v2 import EVENT_KINDS, NodeEvent, check_kinds, kind_of
+from bastion.edge.events_v2 import NodeEvent, check_kinds, kind_of
 from bastion.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ class EventsMixin:
         try:
             wanted = check_kinds(list(kinds) if kinds is not None else None)
         except ValueError as exc:
-            raise ConfigError(str(exc), f"kinds are: {', '.join(EVENT_KINDS)}") from None
+            raise ConfigError(str(exc), "e.g. kinds=['object.new', 'line.cross']") from None
         for event in self._follow_events(since, idle_timeout_s, duration_s):
             if wanted is None or kind_of(event) in wanted:
                 yield event
