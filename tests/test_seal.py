@@ -280,3 +280,28 @@ def test_a_sealed_bundle_never_goes_to_the_tensorrt_engine_cache(tmp_path, team,
     assert "sealed: no TensorRT engine is built" in one_line(run_cli("engine", "build", str(sealed)))
     auto = Detector.load(sealed, device="auto", threads=1, warmup=False)  # auto picks an ONNX Runtime backend
     auto.close()
+
+
+def test_the_node_loads_a_sealed_bundle_on_its_unit_and_audits_a_refusal_elsewhere(tmp_path, team, bastion_home):
+    from bastion.edge.audit import AuditLog
+    from bastion.edge.config import NodeConfig
+    from bastion.edge.node_models import load_detector
+
+    sealed = seal(CLEAR, tmp_path / "sealed", team, unit(tmp_path / "alpha-home", "alpha"))
+    config = NodeConfig(model=str(sealed), sources=[{"name": "cam", "uri": str(tmp_path)}], threads=1)
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    with pytest.raises(ModelLoadError, match="sealed to units alpha"):
+        load_detector(config, audit, str(sealed))  # this unit has no unit key
+    unit(bastion_home, "bravo")
+    with pytest.raises(ModelLoadError, match="this unit is"):
+        load_detector(config, audit, str(sealed))
+    refused = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert sum("bundle_refused" in json.dumps(r) and "sealed to units" in json.dumps(r) for r in refused) == 2
+    shutil.rmtree(bastion_home / "unit")
+    shutil.copytree(tmp_path / "alpha-home" / "unit", bastion_home / "unit")  # now this unit is alpha
+    detector = load_detector(config, audit, str(sealed))
+    try:
+        assert len(detector.detect(str(PERSON_IMAGE)).xyxy) > 0
+    finally:
+        detector.close()
+    assert "bundle_loaded" in (tmp_path / "audit.jsonl").read_text()
