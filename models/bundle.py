@@ -4,6 +4,8 @@ Loading is verification: ``Bundle.open`` checks every payload file's size and
 sha256 against the manifest, then the signature over the manifest against the
 trust store.  An unsigned or untrusted bundle is refused unless the caller
 passes ``allow_unsigned=True`` (development only; warned about every time).
+A sealed bundle (``bastion.models.seal``) is verified the same way, as ciphertext; its model files are
+decrypted by ``read_verified``, from the bytes just checked, into memory only.
 """
 
 from __future__ import annotations

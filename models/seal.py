@@ -33,6 +33,7 @@ from bastion.models.unit_key import UnitKey, load_unit_key, raw_unit_public, thi
 
 SEALED_ROLES = ("model", "fp32-sibling")
 NONCE_BYTES = 12
+MAX_RECIPIENTS = 64  # as the manifest's bound: a seal names units, not a fleet's worth of them
 MAX_SEALED_FILE = (1 << 31) - 1 - 16 - NONCE_BYTES  # one AES-GCM call; models on edge units are far smaller
 _FILE_AAD = b"bastion-sealed/1 file\0"
 _WRAP_AAD = b"bastion-sealed/1 key\0"
@@ -73,6 +74,8 @@ def seal_into(bundle, units: list[tuple[str | None, X25519PublicKey]], staging: 
         raise ConfigError(f"{manifest.name}:{manifest.version} is already sealed", "seal the clear bundle instead")
     if not units:
         raise ConfigError("no recipient given", "name each unit that may run it: --to unit.pub")
+    if len(units) > MAX_RECIPIENTS:
+        raise ConfigError(f"{len(units)} recipients; a bundle is sealed to at most {MAX_RECIPIENTS} units")
     ids = [unit_key_id(u) for _, u in units]
     if len(set(ids)) != len(ids):
         raise ConfigError("the same unit key is given twice with --to")
@@ -120,18 +123,18 @@ def unseal_key(manifest: Manifest, unit: UnitKey | None = None) -> bytes:
             "ask the model team for a bundle sealed to this unit (bastion keys unit-export --out unit.pub)",
         )
     eph_raw = base64.b64decode(mine.ephemeral)
-    kek = _kek(
-        unit.private.exchange(X25519PublicKey.from_public_bytes(eph_raw)),
-        eph_raw,
-        raw_unit_public(unit.private.public_key()),
-    )
-    try:
+    try:  # a low-order ephemeral point makes exchange() raise ValueError: the same refusal as a bad tag
+        kek = _kek(
+            unit.private.exchange(X25519PublicKey.from_public_bytes(eph_raw)),
+            eph_raw,
+            raw_unit_public(unit.private.public_key()),
+        )
         return AESGCM(kek).decrypt(
             base64.b64decode(mine.nonce),
             base64.b64decode(mine.wrapped_key),
             _wrap_aad(mine.key_id, sealed.clear_manifest_sha256),
         )
-    except InvalidTag:
+    except (InvalidTag, ValueError):
         raise ModelLoadError(
             f"bundle {name}: the content key wrapped for this unit ({unit.key_id}) does not open with its key",
             "the bundle was sealed to another key with this id, or damaged; ask the model team to seal it again",
