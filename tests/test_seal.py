@@ -90,6 +90,9 @@ def test_another_unit_or_no_unit_key_is_refused_in_one_line(tmp_path, team, bast
     # a partner verifies (and inspects) it without any unit key: signatures cover the sealed bytes
     report = json.loads(ok(run_cli("bundle", "inspect", str(sealed), "--json")).stdout)
     assert report["verified"] and not report["sealed"]["this_unit_is_recipient"]
+    partner = tmp_path / "keys" / "partner"
+    ok(run_cli("keys", "generate", "--out", str(partner)))
+    ok(run_cli("bundle", "countersign", str(sealed), "--sign", str(partner) + ".key"))  # no unit key needed
     ok(run_cli("models", "add", str(sealed)))  # a relay that is no recipient stores and passes it on, as it is
     again = one_line(run_cli("bundle", "seal", str(sealed), "--to", str(pub), "--out", str(tmp_path / "twice")))
     assert "already sealed" in again
@@ -169,6 +172,13 @@ def test_a_tampered_sealed_payload_or_wrapped_key_is_refused_at_verify(tmp_path,
     bundle = Bundle.open(sealed, allow_unsigned=True)
     with pytest.raises(ModelLoadError, match="does not open with its key"):
         bundle.model_bytes()
+    # the wrap is bound to the bundle that was sealed: the right key under another bundle's hash does not open
+    other = manifest.sealed.model_copy(update={"clear_manifest_sha256": "0" * 64})
+    write_manifest(manifest.model_copy(update={"sealed": other}), sealed / MANIFEST_NAME)
+    with pytest.raises(ModelLoadError, match="does not open with its key"):
+        Bundle.open(sealed, allow_unsigned=True).model_bytes()
+    write_manifest(manifest, sealed / MANIFEST_NAME)
+    assert Bundle.open(sealed).model_bytes() == clear_model_bytes()  # restored: verifies and opens again
 
 
 def test_an_int8_bundles_fp32_sibling_is_sealed_too(tmp_path, team, bastion_home):
