@@ -315,3 +315,17 @@ def test_the_node_loads_a_sealed_bundle_on_its_unit_and_audits_a_refusal_elsewhe
     finally:
         detector.close()
     assert "bundle_loaded" in (tmp_path / "audit.jsonl").read_text()
+
+
+def test_a_sealed_lm_bundle_generates_the_same_text_on_its_unit(tmp_path, team, bastion_home):
+    from bastion.runtime.lm import Generator
+
+    sealed = seal("stories260K", tmp_path / "sealed-lm", team, unit(bastion_home, "alpha"))
+    assert read_manifest(sealed / MANIFEST_NAME).model_file().path.endswith(".sealed")
+    clear, opened = Generator.load("stories260K"), Generator.load(str(sealed))
+    try:
+        text = "".join(opened.generate("Once upon a time", 20))
+        assert text and text == "".join(clear.generate("Once upon a time", 20))
+    finally:
+        clear.close()
+        opened.close()
