@@ -12,7 +12,7 @@ import typer
 
 from bastion.console import out, print_json, progress, stage_bars
 from bastion.distill.ddp import NPROC_HELP
-from bastion.distill.torch_device import DEVICE_HELP
+from bastion.distill.torch_device import DEVICE_HELP, training_device
 
 LM_TEACHER_OPTION = typer.Option(
     ...,
@@ -206,6 +206,14 @@ def distill_lm_command(
         ),
     )
     if workers > 1:  # checked once here; each worker checks again and rank 0 prints the report
+        if training_device(device).startswith("cuda"):
+            import torch
+
+            if workers > torch.cuda.device_count():
+                raise ConfigError(
+                    f"--nproc {workers}: torch sees {torch.cuda.device_count()} CUDA device(s)",
+                    "one process per GPU, or --device cpu",
+                )
         if sign is not None and not sign.is_file():
             raise ConfigError(f"--sign {sign}: no such key file")
         if batch % workers:

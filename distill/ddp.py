@@ -90,7 +90,12 @@ def join(device: str) -> tuple[World, str]:
     import torch
     import torch.distributed as dist
 
-    if device.startswith("cuda"):
+    if device.startswith("cuda"):  # one GPU per local rank (CUDA_VISIBLE_DEVICES chooses which)
+        if world.local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"local rank {world.local_rank} has no GPU: torch sees {torch.cuda.device_count()} CUDA device(s)",
+                "start at most one process per GPU on each node, or use --device cpu",
+            )
         device = f"cuda:{world.local_rank}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import tempfile
@@ -41,7 +42,11 @@ def run_lm_distill(spec: LMRunSpec, sign_key=None, progress: Tick | None = None)
     world, device = ddp.join(training_device(spec.train.device))  # refused before any work
     try:
         return _run(
-            spec, sign_key, RunProgress(progress) if world.is_main else RunProgress(None, plain=False), world, device
+            spec,
+            sign_key,
+            RunProgress(progress) if world.is_main else RunProgress(None, plain=False, stream=io.StringIO()),
+            world,
+            device,
         )
     finally:
         ddp.leave()

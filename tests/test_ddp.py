@@ -157,6 +157,7 @@ def test_the_world_comes_from_torchrun_env_and_a_garbled_one_is_refused(monkeypa
     assert ddp.without_nproc(["lm", "--nproc", "2", "--steps", "3", "--nproc=4"]) == ["lm", "--steps", "3"]
 
 
+@pytest.mark.slow  # CLI subprocesses: ~2 s each
 @pytest.mark.parametrize("value", ["0", str(4 * (os.cpu_count() or 1) + 1), "two", "1.5"])
 def test_a_bad_nproc_is_one_line_before_any_work(tmp_path, value):
     for command in (["distill", "lm"], ["distill", "detect"]):
@@ -169,6 +170,7 @@ def test_a_bad_nproc_is_one_line_before_any_work(tmp_path, value):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow  # CLI subprocesses: ~2 s each
 def test_detect_refuses_ddp_on_the_cpu_in_one_line(tmp_path):
     """Ultralytics never starts DDP on a CPU (world size 0 there): more than one process is refused, not run as
     one."""
@@ -249,3 +251,4 @@ def test_distill_lm_nproc_2_runs_the_whole_command_on_two_workers(tmp_path):
     report = json.loads(proc.stdout)  # one JSON document: rank 1 printed nothing
     assert [h["step"] for h in report["history"]][-1] == 4 and report["student"]["layers"] == [0, 2, 4]
     assert (tmp_path / "run" / "bundle" / "manifest.json").is_file()
+    assert proc.stderr.count("distill [4/7] distil") == 1  # progress from rank 0 only: rank 1 stays quiet
