@@ -15,6 +15,7 @@ import typer
 from rich.table import Table
 
 from bastion.bench_sinks import bench_sinks_command
+from bastion.bench_track import bench_track_command
 from bastion.console import err, out, print_json, progress
 from bastion.errors import ConfigError
 from bastion.models.cli import ALLOW_UNSIGNED_HELP
@@ -198,3 +199,4 @@ def bench_lm_command(
 
 
 bench_app.command("sinks")(bench_sinks_command)  # bastion/bench_sinks.py: MQTT and NATS JetStream on loopback
+bench_app.command("track")(bench_track_command)  # bastion/bench_track.py: MOT quality and cost
