@@ -41,6 +41,11 @@ def run_lm_distill(spec: LMRunSpec, sign_key=None, progress: Tick | None = None)
 
     world, device = ddp.join(training_device(spec.train.device))  # refused before any work
     try:
+        if spec.train.batch % world.size:
+            raise ConfigError(
+                f"--batch {spec.train.batch} does not split over {world.size} processes",
+                f"give a multiple of {world.size}",
+            )
         return _run(
             spec,
             sign_key,

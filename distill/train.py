@@ -41,7 +41,7 @@ class TrainSpec(BaseModel):
     feature_teacher: Path | None = None  # an Ultralytics .pt teacher: Ultralytics' feature distillation too
     feature_weight: float = Field(6.0, ge=0)  # Ultralytics' ``dis``: weight of the feature-distillation loss
     prune: float | None = None  # after the warm start, remove this share of channels (structured, by magnitude)
-    device: str = "cpu"  # resolved by bastion.distill.torch_device ("cuda:1" → Ultralytics' device=1)
+    device: str = "cpu"  # resolved by bastion.distill.torch_device ("cuda:1" → device=1; "cuda:0,1" → its DDP)
 
 
 def load_state(path: Path) -> dict[str, Any]:
