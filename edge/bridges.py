@@ -46,6 +46,7 @@ class Bridges:
             from bastion.edge.metrics import start_metrics
 
             self.metrics = start_metrics(self.config.metrics, self._status, self.storage)
+            supervisor.watch("node-metrics", self.metrics.thread, running)
 
     def status(self) -> dict[str, Any]:
         """For the node's ``status``: each sink's state, cursor, backlog and lag, and where metrics are served."""

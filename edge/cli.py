@@ -68,6 +68,12 @@ objects:                          # tracked objects and rules (docs/events.md); 
       a: [0.7, 0.05]
       b: [0.7, 0.95]
       classes: [person]
+# sinks:                         # bridges fed from the store: in order, at least once (docs/bridges.md)
+#   - type: mqtt                  # topics bastion/<node>/<kind>/<source>, QoS 1
+#     host: 127.0.0.1
+#   - type: nats                  # JetStream: subjects bastion.<node>.<kind>.<source>, stream BASTION
+#     url: nats://127.0.0.1:4222
+# metrics: 127.0.0.1:9108         # Prometheus endpoint (loopback; beyond it needs metrics_allow_remote: true)
 heartbeat_s: 1.0                  # 0.05 .. 3600
 health_log_s: 30                  # 1 .. 86400
 audit_checkpoint_s: 60            # sign the audit log's head this often (and at every clean stop)
@@ -205,6 +211,13 @@ def node_status(
             *(str(s[k]) for k in ("read", "inferred", "dropped", "errors", "queue")),
         )
     out.print(table)
+    for name, s in (status.get("sinks") or {}).items():  # docs/bridges.md
+        out.print(
+            f"sink {name} ({s['type']}) {s['state']} — cursor {s['cursor']}, backlog {s['backlog']}, lag {s['lag_s']} s"
+            + (f" — sink.error: {s['error']}" if s.get("error") else ""),
+            markup=False,
+            highlight=False,
+        )
 
 
 @node_app.command("tail")

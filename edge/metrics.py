@@ -9,6 +9,7 @@ model's sha256 and signer, source names and sink names are what an attacker woul
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -187,6 +188,10 @@ class MetricsServer:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
 
     def close(self) -> None:
         self._httpd.shutdown()

@@ -25,6 +25,7 @@ from typing import Any
 
 from bastion import __version__
 from bastion.edge.audit import AuditLog, open_node_key
+from bastion.edge.bridges import Bridges
 from bastion.edge.config import NodeConfig
 from bastion.edge.control_lanes import Deferred
 from bastion.edge.control_ops import dispatch
@@ -105,6 +106,7 @@ class Node(FramePipeline):
             self.vault = SnapshotVault(self.storage / "snapshots", load_key(config.storage.snapshot_key), config.id)
         self.readers = [SourceReader(s, config.queue_size, self.wake, self.stop_event) for s in config.sources]
         self.server = NodeServer(config, self.handle, self.audit, self.store.last_seq)
+        self.bridges = Bridges(config, self.store, self.status_dict, self.storage)  # sinks, metrics (docs/bridges.md)
         running = lambda: not self.stop_event.is_set()  # noqa: E731
         self._spawn_pipeline(running)
         self._maintenance = self.supervisor.spawn("node-maintenance", self._maintain, running)
@@ -131,6 +133,7 @@ class Node(FramePipeline):
         self._preparer.start()
         self._worker.start()
         self._maintenance.start()
+        self.bridges.start(self.supervisor, lambda: not self.stop_event.is_set())
         self.audit.checkpoint()
         try:
             self._write_runtime_file()
@@ -177,6 +180,7 @@ class Node(FramePipeline):
                 reader.join(timeout=5)
         self._join_pipeline()  # drains what the readers queued
         self.server.close()
+        self.bridges.close()  # the sinks read the store until they stop
         self.store.close()
         self.detector.close()
         if self.generator is not None:
@@ -230,7 +234,7 @@ class Node(FramePipeline):
                 log.info(
                     "health %s %s",
                     status["state"],
-                    json.dumps({k: status[k] for k in ("sources", "threads", "storage_error", "audit")}),
+                    json.dumps({k: status[k] for k in ("sources", "threads", "storage_error", "audit", "sinks")}),
                     extra={"node": self.config.id},
                 )
             if now - last_checkpoint >= self.config.audit_checkpoint_s:
@@ -281,6 +285,8 @@ class Node(FramePipeline):
             },
             "objects": self.tracker_status(),  # None without an objects: section
             "events_by_kind": dict(self.events_by_kind),
+            "inference": {"latency": self.inference_latency.as_dict()},
+            **self.bridges.status(),  # sinks (state, cursor, backlog, lag) and the metrics address
             "sources": {r.spec.name: r.stats.as_dict(len(r.queue)) for r in self.readers},
             "last_seq": self.store.last_seq(),
             "published": self.published,

@@ -29,6 +29,7 @@ import numpy as np
 
 from bastion.edge.config import NodeConfig, SourceConfig
 from bastion.edge.events_v2 import FRAME_KIND, ObjectEventMessage
+from bastion.edge.latency import LatencyHistogram
 from bastion.edge.object_events import ObjectEvent
 from bastion.edge.object_layer import ObjectLayer
 from bastion.edge.protocol import DetectionEvent, DetectionItem
@@ -113,6 +114,7 @@ class FramePipeline:
         self.source_filters = {s.name: source_filter(s, self.detector.names) for s in self.config.sources}
         self._by_name = {r.spec.name: r for r in self.readers}
         self.events_by_kind: dict[str, int] = {}
+        self.inference_latency = LatencyHistogram()  # status and metrics: time per batch in the model
         self.objects: ObjectLayer | None = None
         self.track_ids: CountingIds | None = None
         objects = self.config.objects
@@ -181,7 +183,9 @@ class FramePipeline:
                 tensors = batch.tensors
                 if batch.detector is not detector:  # reloaded since: its input may differ
                     tensors = [detector.prepare(f.image) for f in batch.frames]
+                started = time.perf_counter()
                 results = detector.detect_prepared(tensors)
+                self.inference_latency.observe(time.perf_counter() - started)
             now = time.time()
             for frame, det in zip(batch.frames, results):
                 self._by_name[frame.source].stats.mark_inferred(now)

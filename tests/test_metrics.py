@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 import urllib.request
 
 import pytest
@@ -165,3 +166,57 @@ def test_the_bridges_doc_example_is_a_valid_node_config(tmp_path):
     config = load_config(None, yaml.safe_load(block))
     assert [s.type for s in config.sinks] == ["mqtt", "nats"] and config.metrics == "127.0.0.1:9108"
     assert config.sinks[1].tls.cert is not None and config.sinks[0].password_file is not None
+
+
+def test_a_real_node_serves_its_own_numbers(tmp_path):
+    from bastion.edge.node import Node
+    from conftest import SAMPLES
+
+    config = load_config(
+        None,
+        {
+            "id": "n1",
+            "model": "yolov5n",
+            "imgsz": 320,
+            "threads": 1,
+            "sources": [{"name": "cam1", "uri": str(SAMPLES / "one-by-one-person-detection.mp4"), "loop": True}],
+            "endpoints": {"events": "tcp://127.0.0.1:*", "control": "tcp://127.0.0.1:*"},
+            "storage": {"dir": str(tmp_path / "data")},
+            "metrics": "127.0.0.1:0",
+        },
+    )
+    node = Node(config)
+    node.start()
+    try:
+        address = node.status_dict()["metrics"]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            samples = scrape(address)
+            if one(samples, "bastion_source_frames_inferred_total", source="cam1") >= 5:
+                break
+            time.sleep(0.2)
+        status = node.status_dict()
+        assert one(samples, "bastion_source_frames_inferred_total", source="cam1") >= 5
+        assert one(samples, "bastion_inference_latency_seconds_count") >= 1
+        assert one(samples, "bastion_thread_alive", thread="node-infer") == 1
+        assert one(samples, "bastion_thread_alive", thread="node-metrics") == 1
+        assert one(samples, "bastion_store_bytes") > 0
+        info = dict(next(k for k in samples if k[0] == "bastion_node_info")[1])
+        assert info["sha256"] == status["model"]["sha256"] == node.detector.bundle_sha256 and info["node"] == "n1"
+    finally:
+        node.close()
+    with pytest.raises(OSError):  # closed with the node
+        urllib.request.urlopen(f"http://{address}/metrics", timeout=2)
+
+
+def test_sink_secret_and_certificate_paths_are_read_next_to_node_yaml(tmp_path):
+    import yaml
+
+    path = tmp_path / "conf" / "node.yaml"
+    path.parent.mkdir()
+    sink = {"type": "mqtt", "password_file": "mqtt-password", "tls": {"ca": "ca.pem", "cert": "c.pem", "key": "c.key"}}
+    path.write_text(yaml.safe_dump({"sources": SOURCES, "sinks": [sink, {"type": "nats", "password_file": "/abs/pw"}]}))
+    config = load_config(path)
+    mqtt, nats = config.sinks
+    assert mqtt.password_file == path.parent / "mqtt-password" and mqtt.tls.key == path.parent / "c.key"
+    assert mqtt.tls.ca == path.parent / "ca.pem" and str(nats.password_file) == "/abs/pw"

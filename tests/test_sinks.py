@@ -13,6 +13,7 @@ import pwd
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -196,7 +197,13 @@ def in_order_without_gaps(seqs: list[int], expected: list[int]) -> None:
 
 
 @needs_mosquitto
-def test_mqtt_every_seq_arrives_in_order_across_a_broker_kill(mosquitto, store):
+def test_mqtt_after_a_broker_kill_everything_it_had_not_acknowledged_arrives_in_order(mosquitto, store):
+    """kill -9 mid-stream, events keep coming, restart: the sink re-sends from its cursor, in seq order.
+
+    What Mosquitto acknowledged but had not yet passed to the subscriber dies with it (it keeps subscriber
+    queues in memory): that is the broker's loss, so the subscriber is only owed everything after the cursor
+    (the link-cut test below, with the broker alive, owes it every seq).
+    """
     broker = mosquitto()
     listener = MqttListener(broker.port)
     wait_for(lambda: listener.client.is_connected(), what="the listener")
@@ -206,18 +213,95 @@ def test_mqtt_every_seq_arrives_in_order_across_a_broker_kill(mosquitto, store):
         wait_for(lambda: len(set(listener.seqs)) >= 100, what="the first events")
         broker.kill()  # mid-stream: the sink is forwarding, events keep arriving in the store meanwhile
         expected += append(store, 200)
-        wait_for(lambda: sinks_status(sinks)["mqtt"]["state"] == "retrying", what="the retrying state")
-        assert sinks_status(sinks)["mqtt"]["backlog"] > 0 and sinks_status(sinks)["mqtt"]["error"]
+        status = wait_for(lambda: (s := sinks_status(sinks)["mqtt"])["state"] == "retrying" and s, what="retrying")
+        assert status["backlog"] == expected[-1] - status["cursor"] > 0 and status["error"]
+        acked_before_kill = status["cursor"]
+        before = len(listener.seqs)
         broker.start()
         expected += append(store, 100)
-        wait_for(lambda: set(listener.seqs) >= set(expected), 60, "every seq after the restart")
-        in_order_without_gaps(listener.seqs, expected)
+        owed = [s for s in expected if s > acked_before_kill]
+        wait_for(lambda: set(listener.seqs[before:]) >= set(owed), 60, "every unacknowledged seq after the restart")
+        in_order_without_gaps(listener.seqs[before:], owed)
+        in_order_without_gaps(listener.seqs[:before], sorted(set(listener.seqs[:before])))
         assert listener.topics[expected[0]] == "bastion/n1/det/cam1"
         status = wait_for(lambda: (s := sinks_status(sinks)["mqtt"])["backlog"] == 0 and s, what="no backlog")
         assert status["state"] == "connected" and status["cursor"] == expected[-1] and status["reconnects"] >= 1
     finally:
         stop_sinks(sinks)
         listener.close()
+
+
+class LinkCutter:
+    """A TCP relay between a sink and its broker that can cut every connection (RST) and refuse new ones."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream, self.up = upstream, threading.Event()
+        self.up.set()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if not self.up.is_set():
+                self._reset(client)
+                continue
+            broker = socket.create_connection(("127.0.0.1", self.upstream))
+            self.conns += [client, broker]
+            for a, b in ((client, broker), (broker, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+
+    @staticmethod
+    def _reset(sock: socket.socket) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+
+    def cut(self) -> None:
+        self.up.clear()
+        conns, self.conns = self.conns, []
+        for sock in conns:
+            self._reset(sock)
+
+    def close(self) -> None:
+        self.cut()
+        self.server.close()
+
+
+@needs_mosquitto
+def test_mqtt_every_seq_arrives_in_order_across_a_cut_link(mosquitto, store):
+    broker = mosquitto()
+    listener = MqttListener(broker.port)
+    wait_for(lambda: listener.client.is_connected(), what="the listener")
+    link = LinkCutter(broker.port)
+    sinks = start_sinks(NodeStub({"type": "mqtt", "port": link.port, "batch": 50}), store)
+    try:
+        expected = append(store, 300)
+        wait_for(lambda: len(set(listener.seqs)) >= 100, what="the first events")
+        link.cut()  # mid-stream, both ways at once: some PUBLISHes and PUBACKs are lost in the wire
+        expected += append(store, 200)
+        wait_for(lambda: sinks_status(sinks)["mqtt"]["state"] == "retrying", what="the retrying state")
+        link.up.set()
+        expected += append(store, 100)
+        wait_for(lambda: set(listener.seqs) >= set(expected), 60, "every seq after the link came back")
+        in_order_without_gaps(listener.seqs, expected)
+        assert wait_for(lambda: sinks_status(sinks)["mqtt"]["cursor"] == expected[-1], what="the cursor")
+    finally:
+        stop_sinks(sinks)
+        listener.close()
+        link.close()
 
 
 @needs_mosquitto
@@ -495,3 +579,71 @@ def test_mqtt_over_tls_with_a_client_certificate(tmp_path, store):
     finally:
         stop_sinks(sinks)
         broker.kill()
+
+
+@needs_mosquitto
+def test_a_real_node_forwards_its_events_to_mqtt_and_reports_the_sink_in_status(mosquitto, tmp_path):
+    from bastion.edge.config import load_config
+    from bastion.edge.node import Node
+    from conftest import SAMPLES, run_cli
+
+    broker = mosquitto()
+    listener = MqttListener(broker.port)
+    wait_for(lambda: listener.client.is_connected(), what="the listener")
+    config = load_config(
+        None,
+        {
+            "id": "n1",
+            "model": "yolov5n",
+            "imgsz": 320,
+            "threads": 1,
+            "sources": [{"name": "cam1", "uri": str(SAMPLES / "one-by-one-person-detection.mp4"), "loop": True}],
+            "endpoints": {"events": "tcp://127.0.0.1:*", "control": "tcp://127.0.0.1:*"},
+            "storage": {"dir": str(tmp_path / "data")},
+            "sinks": [{"type": "mqtt", "port": broker.port, "poll_s": 0.05}],
+        },
+    )
+    node = Node(config)
+    node.start()
+    try:
+        wait_for(lambda: len(set(listener.seqs)) >= 10, 60, "the node's events over MQTT")
+        status = node.status_dict()["sinks"]["mqtt"]
+        assert (
+            status["state"] == "connected" and status["cursor"] >= 10 and "sink-mqtt" in node.status_dict()["threads"]
+        )
+        assert listener.topics[min(listener.seqs)].startswith("bastion/n1/")
+        shown = run_cli("node", "status", "--storage", str(tmp_path / "data"))
+        assert shown.returncode == 0 and "sink mqtt (mqtt) connected" in shown.stdout, shown.stdout + shown.stderr
+    finally:
+        node.close()
+        listener.close()
+    assert not node.bridges.sinks[0].alive  # stopped with the node, before its store closed
+    in_order_without_gaps(listener.seqs, list(range(1, max(listener.seqs) + 1)))
+
+
+@needs_nats
+def test_nats_over_tls_with_a_client_certificate(tmp_path, store):
+    pki = make_pki(tmp_path)
+    port = free_port()
+    argv = [NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path / "js")]
+    argv += ["--tlscert", str(pki["server.pem"]), "--tlskey", str(pki["server.key"])]
+    argv += ["--tlscacert", str(pki["ca.pem"]), "--tlsverify"]
+    server = Broker(argv, port, tmp_path / "nats-tls.log").start()
+    url = f"tls://127.0.0.1:{port}"
+    tls = {"ca": str(pki["ca.pem"]), "cert": str(pki["client.pem"]), "key": str(pki["client.key"])}
+    seqs = append(store, 5)
+    sinks = start_sinks(
+        NodeStub(
+            {"type": "nats", "url": url, "tls": tls, "name": "with-cert"},
+            {"type": "nats", "url": url, "tls": {"ca": str(pki["ca.pem"])}, "name": "without"},
+        ),
+        store,
+    )
+    try:
+        wait_for(lambda: sinks_status(sinks)["with-cert"]["cursor"] == seqs[-1], what="the events over TLS")
+        status = wait_for(lambda: (s := sinks_status(sinks)["without"])["error"] and s, what="the refused handshake")
+        assert status["state"] == "retrying" and "TLS" in status["error"]
+        assert status["cursor"] == 0 and status["backlog"] == len(seqs)
+    finally:
+        stop_sinks(sinks)
+        server.kill()
