@@ -41,7 +41,7 @@ def _free_port() -> int:
 
 def _torchrun(tmp_path: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     """The worker script under an external torchrun: 2 processes, static rendezvous on 127.0.0.1."""
-    out.mkdir()
+    out.mkdir(exist_ok=True)
     cmd = [
         sys.executable,
         "-m",
@@ -72,11 +72,11 @@ def test_the_children_guard_refuses_egress_and_allows_loopback(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_follow_the_single_process_curve_and_resume_on_one(tmp_path):
+def test_two_gloo_processes_follow_the_single_process_curve_and_resume_across_world_sizes(tmp_path):
     """2 DDP ranks with 2 windows each = 1 process with the whole batch of 4: same losses, same held-out curve,
     same weights (float tolerance: the all-reduce sums in another order). Only rank 0 writes checkpoints; one
     left by a 2-process run stopped at step 4 resumes in a single process and ends where the uninterrupted run
-    does."""
+    does, and one left by a single process resumes on two."""
     torch = pytest.importorskip("torch")
     from ddp_lm_worker import SPEC, tiny
 
@@ -119,6 +119,35 @@ def test_two_gloo_processes_follow_the_single_process_curve_and_resume_on_one(tm
         assert again["loss"] == pytest.approx(one["loss"], rel=1e-3, abs=2e-4)
     for name, value in student.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=1e-3, atol=1e-4)
+
+    # and the other way: stopped after step 4 on one process, resumed on two
+    ticks = []
+
+    def stop_at_4() -> None:
+        ticks.append(1)
+        if len(ticks) == 4:
+            raise KeyboardInterrupt
+
+    (tmp_path / "from-one").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        distill(
+            teacher,
+            tiny()[1],
+            tokens[:1800],
+            tokens[1800:],
+            LMDistillSpec(**SPEC),
+            tmp_path / "from-one" / "ck.pt",
+            stop_at_4,
+        )
+    proc = _torchrun(tmp_path, tmp_path / "from-one")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = json.loads((tmp_path / "from-one" / "history.json").read_text())
+    assert [h["step"] for h in history] == [2, 4, 6, 8]
+    for one, again in zip(single, history):
+        assert again["loss"] == pytest.approx(one["loss"], abs=2e-4)
+    weights = torch.load(tmp_path / "from-one" / "ck.pt", weights_only=False)["model"]
+    for name, value in student.state_dict().items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-3, atol=1e-4)
 
 
 def test_a_batch_that_does_not_split_over_the_world_is_refused(monkeypatch):
