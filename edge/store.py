@@ -252,18 +252,12 @@ class EventStore:
             return False
         return not busy
 
-    def since(self, seq: int, limit: int = 500) -> list[DetectionEvent]:
-        with self._lock:
-            self._check_usable()
-            try:
-                rows = self._db.execute(
-                    "SELECT payload FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
-                ).fetchall()
-                return [DetectionEvent.model_validate_json(r[0]) for r in rows]
-            except sqlite3.Error as exc:
-                raise self._failed(exc, "read events from") from None
-            except ValueError as exc:  # SQLite read the row, but it is not an event: damaged or edited by hand
-                raise self._failed(ValueError(f"a stored row is not an event: {exc}"), "read events from") from None
+    def since(self, seq: int, limit: int = 500) -> list:
+        """Stored events after ``seq``, frame (v1) and object (v2) events alike, parsed and typed; a row that is not
+        an event puts the store in its error state. One parser for every reader: ``edge/events_v2.read_events``."""
+        from bastion.edge.events_v2 import read_events  # events_v2 builds on the store: imported where used
+
+        return read_events(self, seq, limit)
 
     def last_seq(self) -> int:
         """The highest seq ever assigned. Never raises: heartbeats and ``status`` call it from other threads.

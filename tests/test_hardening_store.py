@@ -493,3 +493,19 @@ def test_a_grown_seq_live_is_trimmed_by_the_first_commit(tmp_path):
     assert store.append(_event()).seq == 1
     assert mark._read_live() == 1 and (tmp_path / seqmark.LIVE_FILE).stat().st_size == 21
     store.close()
+
+
+def test_reading_back_a_store_with_object_events_is_not_damage(tmp_path):
+    """Object events (protocol v2) share the log with frame events: every reader of the store parses both, so an
+    object row is never mistaken for a damaged one (EventStore.since once parsed frame events only)."""
+    from bastion.edge.events_v2 import ObjectNew
+
+    store = EventStore(tmp_path / "events.db")
+    store.append(_event())
+    new = dict(kind="object.new", source="cam1", ts=time.time(), frame=3, track=1, cls=0, name="person")
+    store.append(ObjectNew(seq=0, node="n", model="0" * 64, conf=0.8, box=[1, 2, 3, 4], **new))
+    store.append(_event())
+    events = store.since(0)
+    assert [e.seq for e in events] == [1, 2, 3] and isinstance(events[1], ObjectNew) and events[1].track == 1
+    assert store.error is None
+    store.close()
