@@ -178,7 +178,8 @@ def launch_local(nproc: int, argv: list[str]) -> None:
             *without_nproc(argv),
         ]
     )
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # a failure is said once, below, after the worker's own
     try:
         run(args)
     except ChildFailedError as exc:
@@ -191,6 +192,18 @@ def launch_local(nproc: int, argv: list[str]) -> None:
 
 class WorkerFailedError(BastionError):
     """A torchrun worker exited non-zero; its own one-line error is already on stderr."""
+
+
+class PeerStoppedError(BastionError):
+    """This worker's collective broke because another worker exited first (whose own error says why)."""
+
+
+def peer_stopped(world: World, exc: BaseException) -> PeerStoppedError | None:
+    """A one-line error for a collective that failed because a peer went away, else None (a real error)."""
+    text = str(exc)
+    if world.size > 1 and isinstance(exc, RuntimeError) and ("by peer" in text or "remote worker" in text):
+        return PeerStoppedError(f"worker {world.rank} of {world.size} stopped: another worker exited first")
+    return None
 
 
 def argv() -> list[str]:

@@ -53,6 +53,11 @@ def run_lm_distill(spec: LMRunSpec, sign_key=None, progress: Tick | None = None)
             world,
             device,
         )
+    except RuntimeError as exc:  # a collective broken by a worker that failed first: one line, not a bug report
+        stopped = ddp.peer_stopped(world, exc)
+        if stopped is None:
+            raise
+        raise stopped from None
     finally:
         ddp.leave()
 

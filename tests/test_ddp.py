@@ -281,3 +281,43 @@ def test_distill_lm_nproc_2_runs_the_whole_command_on_two_workers(tmp_path):
     assert [h["step"] for h in report["history"]][-1] == 4 and report["student"]["layers"] == [0, 2, 4]
     assert (tmp_path / "run" / "bundle" / "manifest.json").is_file()
     assert proc.stderr.count("distill [4/7] distil") == 1  # progress from rank 0 only: rank 1 stays quiet
+
+
+@pytest.mark.slow
+def test_a_worker_that_fails_stops_the_run_with_its_own_error_and_one_line_each(tmp_path):
+    """Rank 0 refuses a too-small corpus while rank 1 waits for it: rank 1 says it stopped because of a peer (no
+    'internal error'), the launcher names the failed worker, torchrun's own log lines stay out, exit 1."""
+    pytest.importorskip("torch")
+    src = SHARED / "weights" / "stories260K"
+    if not (src / "stories260K.bin").is_file():
+        pytest.skip("../shared is not present")
+    (tmp_path / "tiny.txt").write_text("too small a corpus")
+    proc = run_cli(
+        "distill",
+        "lm",
+        "--teacher",
+        str(src / "stories260K.bin"),
+        "--tokenizer",
+        str(src / "hf" / "tokenizer.json"),
+        "--corpus",
+        str(tmp_path / "tiny.txt"),
+        "--batch",
+        "2",
+        "--device",
+        "cpu",
+        "--nproc",
+        "2",
+        "--weights-license",
+        "MIT",
+        "--out",
+        str(tmp_path / "run"),
+        env={"PYTHONPATH": _guarded_env(tmp_path)["PYTHONPATH"], "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 1, proc.stderr
+    errors = sorted(line for line in proc.stderr.splitlines() if not line.startswith("distill ["))
+    expected = [
+        "error: data-parallel worker 0 of 2 failed (exit 1) — its own error is printed above",
+        "error: the corpus at " + str(tmp_path / "tiny.txt") + " is too small (18 characters)",
+    ]
+    # rank 1 says why it stopped, unless torchrun's SIGTERM reached it before the broken connection did
+    assert errors in (expected, [*expected, "error: worker 1 of 2 stopped: another worker exited first"]), proc.stderr
