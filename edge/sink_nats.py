@@ -82,7 +82,7 @@ class NatsSink(Sink):
             raise SinkError(f"the NATS server {cfg.url} did not answer in {cfg.connect_timeout_s} s") from None
         except Exception as exc:  # nats-py raises its own errors, OSError or asyncio's, by failure
             reason = self._last_error or _reason(exc)
-            if cfg.tls is not None and self._last_error is None:  # the server said nothing: it hung up in TLS
+            if cfg.tls is not None and "authoriz" not in reason.lower():  # a hang-up, not a refusal it said
                 reason += " (TLS: does it want a client certificate, or another CA?)"
             raise SinkError(f"cannot connect to the NATS server {cfg.url}: {reason}") from None
         self._js = self._nc.jetstream(timeout=cfg.ack_timeout_s)
