@@ -8,27 +8,33 @@ header at a time, so a 300k-member archive costs a thousand headers, not all of
 them), declared sizes checked against ``max_bundle_bytes()``, against what a
 compressed archive can plausibly expand to and against the free space where it
 is unpacked; then the bytes are counted again while they are copied, and the
-decompressed stream itself is capped.  Staging happens beside the destination
+decompressed stream itself is capped (``models/archive_stream.py``: the limits and the
+capped stream; this module walks the members).  Staging happens beside the destination
 (inside ``BASTION_HOME``), so the final rename never crosses a filesystem.
 """
 
 from __future__ import annotations
 
-import bz2
 import errno
-import gzip
 import hashlib
 import logging
-import lzma
 import os
 import shutil
 import tarfile
 import tempfile
-import zlib
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from bastion.errors import ArchiveError, ConfigError
+from bastion.errors import ArchiveError
+from bastion.models.archive_stream import (
+    DAMAGED,
+    HEADER_ALLOWANCE,
+    MAX_BYTES_ENV,
+    MAX_EXPANSION,
+    human_size,
+    max_bundle_bytes,
+    open_capped,
+)
 from bastion.models.atomic import short_of_space
 from bastion.models.manifest import MANIFEST_NAME, read_manifest
 
@@ -37,31 +43,7 @@ log = logging.getLogger(__name__)
 ARCHIVE_SUFFIX = ".bastion"
 MAX_MEMBERS = 1000  # a bundle is a manifest, a signature and a few model files
 MAX_DEPTH = 32  # folders inside a bundle; deeper is hostile (and pathlib's mkdir(parents=True) recurses per level)
-MAX_BYTES_ENV = "BASTION_MAX_BUNDLE_BYTES"
-DEFAULT_MAX_BYTES = 8 << 30  # the largest model a field unit is expected to carry, payload total
-MAX_EXPANSION = 100  # model weights compress ~1.1-2x; 100x is a decompression bomb, not a model
-EXPANSION_SLACK = 64 << 20  # ...except tiny bundles, whose JSON may compress better
-HEADER_ALLOWANCE = 16 << 20  # tar headers and padding on top of the payload
 _CHUNK = 1 << 20
-_MAX_READ = 16 << 20  # our copy reads 1 MiB at a time; tarfile reads a header whole
-_DAMAGED = (tarfile.TarError, EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile)
-_COMPRESSED = ((b"\x1f\x8b", gzip.GzipFile), (b"BZh", bz2.BZ2File), (b"\xfd7zXZ\x00", lzma.LZMAFile))
-
-
-def max_bundle_bytes() -> int:
-    """The payload limit for one archive: ``BASTION_MAX_BUNDLE_BYTES`` (bytes) or 8 GiB."""
-    raw = os.environ.get(MAX_BYTES_ENV, "").strip()
-    if not raw:
-        return DEFAULT_MAX_BYTES
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise ConfigError(
-            f"{MAX_BYTES_ENV}={raw!r} is not a positive number of bytes", f"e.g. {MAX_BYTES_ENV}={DEFAULT_MAX_BYTES}"
-        )
-    return value
 
 
 def pack(bundle_dir: Path, out: Path) -> Path:
@@ -98,94 +80,6 @@ def pack(bundle_dir: Path, out: Path) -> Path:
 
 
 # -- bounds ---------------------------------------------------------------------------------------------
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
-class _CappedReader:
-    """A decompressed stream that refuses to go past ``cap`` bytes, whoever asks (our copy, or tarfile
-    reading a header or skipping a member): a lying compressed archive stops here, in memory, not on disk."""
-
-    def __init__(self, raw: BinaryIO, cap: int, archive: Path) -> None:
-        self.raw, self.cap, self.archive = raw, cap, archive
-
-    def _check(self, end: int) -> None:
-        if end > self.cap:
-            raise ArchiveError(
-                f"{self.archive.name} expands to more than {_size(self.cap)}",
-                f"refusing this archive (limit: {MAX_BYTES_ENV}, or a compression ratio over {MAX_EXPANSION}:1)",
-            )
-
-    def read(self, n: int = -1) -> bytes:
-        if n is not None and n > _MAX_READ:  # only a header (pax, GNU long name) is read whole; 4 GiB is an attack
-            raise ArchiveError(f"{self.archive.name} holds a {_size(n)} header", "refusing this archive")
-        pos = self.raw.tell()
-        if n is None or n < 0:
-            n = self.cap - pos + 1  # "all of it" is never more than the cap
-        data = self.raw.read(min(n, self.cap - pos + 1))
-        self._check(pos + len(data))  # checked on what came, so a short stream near the cap is fine
-        return data
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        target = {0: pos, 1: self.raw.tell() + pos}.get(whence)
-        if target is None:
-            raise ArchiveError(f"{self.archive.name}: cannot seek from the end of a compressed archive")
-        self._check(target)
-        return self.raw.seek(target)
-
-    def tell(self) -> int:
-        return self.raw.tell()
-
-
-def _open(archive: Path, limit: int, fh: BinaryIO | None = None) -> tuple[tarfile.TarFile, BinaryIO, int]:
-    """The archive as a TarFile over a capped stream; the cap is its expansion allowance.
-
-    ``fh``: an already open file of the archive (read from its start), so that the caller unpacks exactly the
-    bytes it hashed; the returned handle is that one and is closed with the TarFile's ``with`` like our own."""
-    try:
-        if fh is None:
-            fh = open(archive, "rb")
-        size = os.fstat(fh.fileno()).st_size
-    except OSError as exc:
-        if fh is not None:
-            fh.close()
-        raise ArchiveError(f"cannot read {archive}: {exc.strerror or exc}") from None
-    try:
-        head = fh.read(tarfile.BLOCKSIZE)
-        fh.seek(0)
-        raw: BinaryIO = fh
-        cap = limit + HEADER_ALLOWANCE
-        for prefix, opener in () if _is_tar_header(head) else _COMPRESSED:  # a member may be called "BZh…"
-            if head.startswith(prefix):
-                raw = opener(fileobj=fh) if opener is gzip.GzipFile else opener(fh)
-                cap = min(cap, MAX_EXPANSION * size + EXPANSION_SLACK)
-                break
-        if raw is fh and size > cap:
-            raise ArchiveError(
-                f"{archive.name} is {_size(size)}, more than the {_size(limit)} a bundle may hold",
-                f"refusing this archive (raise {MAX_BYTES_ENV} if it is genuine)",
-            )
-        tar = tarfile.open(fileobj=_CappedReader(raw, cap, archive), mode="r:")
-    except (*_DAMAGED, OSError) as exc:
-        fh.close()
-        raise ArchiveError(f"{archive.name} is not a bastion archive ({exc})", "copy it again") from None
-    except BaseException:
-        fh.close()
-        raise
-    return tar, fh, cap
-
-
-def _is_tar_header(block: bytes) -> bool:
-    try:
-        tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
-    except tarfile.HeaderError:
-        return False
-    return True
-
-
 def _member_path(member: tarfile.TarInfo, archive: Path) -> str | None:
     """The member's path inside the bundle (``./`` prefixes dropped), None for the archive's own root ``.``."""
     name = member.name
@@ -235,14 +129,14 @@ def _scan(tar: tarfile.TarFile, archive: Path, limit: int, cap: int) -> tuple[li
             total += member.size
             if member.size > limit or total > limit:
                 raise ArchiveError(
-                    f"{archive.name}: {path} declares {_size(member.size)}, more than the "
-                    f"{_size(limit)} a bundle may hold",
+                    f"{archive.name}: {path} declares {human_size(member.size)}, more than the "
+                    f"{human_size(limit)} a bundle may hold",
                     f"refusing this archive (raise {MAX_BYTES_ENV} if it is genuine)",
                 )
             if total > cap:
                 raise ArchiveError(
-                    f"{archive.name}: {path} expands to {_size(member.size)} from a "
-                    f"{_size(archive.stat().st_size)} archive (over {MAX_EXPANSION}:1)",
+                    f"{archive.name}: {path} expands to {human_size(member.size)} from a "
+                    f"{human_size(archive.stat().st_size)} archive (over {MAX_EXPANSION}:1)",
                     "a decompression bomb, not a model; refusing this archive",
                 )
         members.append((member, path))
@@ -253,7 +147,7 @@ def _check_free_space(directory: Path, needed: int, archive: Path) -> None:
     free = short_of_space(directory, needed)
     if free is not None:
         raise ArchiveError(
-            f"{archive.name} needs {_size(needed)} but only {_size(free)} is free in {directory}",
+            f"{archive.name} needs {human_size(needed)} but only {human_size(free)} is free in {directory}",
             "free some space (or choose another BASTION_HOME); nothing was written",
         )
 
@@ -290,7 +184,7 @@ def unpack(archive: Path, dest: Path, fh: BinaryIO | None = None) -> Path:
         if fh is not None:
             fh.close()
         raise ArchiveError(f"cannot create {dest.parent}: {exc.strerror or exc}") from None
-    tar, fh, cap = _open(archive, limit, fh)
+    tar, fh, cap = open_capped(archive, limit, fh)
     staging: Path | None = None
     try:
         with fh, tar:
@@ -302,7 +196,7 @@ def unpack(archive: Path, dest: Path, fh: BinaryIO | None = None) -> Path:
         if not (staging / MANIFEST_NAME).is_file():
             raise ArchiveError(f"{archive.name} holds no manifest.json at its top level", "is it a bastion bundle?")
         _publish(staging, dest)
-    except _DAMAGED as exc:
+    except DAMAGED as exc:
         _discard(staging)
         raise ArchiveError(f"{archive.name} is truncated or damaged ({exc})", "copy it again") from None
     except OSError as exc:
@@ -380,7 +274,7 @@ def unpack_cached(archive: Path, cache_dir: Path) -> Path:
         size = before[2]
         if size > max_bundle_bytes() + HEADER_ALLOWANCE:
             raise ArchiveError(
-                f"{archive.name} is {_size(size)}, more than the {_size(max_bundle_bytes())} a bundle may hold",
+                f"{archive.name} is {human_size(size)}, more than the {human_size(max_bundle_bytes())} a bundle may hold",
                 f"refusing this archive (raise {MAX_BYTES_ENV} if it is genuine)",
             )
         target = Path(cache_dir) / _hash_stream(fh)
