@@ -114,6 +114,20 @@ def sign_manifest(root: Path, manifest: Manifest, private: Ed25519PrivateKey) ->
     return record
 
 
+# what a damaged, hostile or non-bastion signature file raises while read and parsed (TooLarge and NotRegular
+# are OSErrors): each becomes one SignatureError a soldier can act on, never a traceback
+_DAMAGED = (
+    ValueError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    binascii.Error,
+    UnicodeDecodeError,
+    RecursionError,
+    OSError,
+)
+
+
 def read_signature(root: Path, name: str) -> SignatureRecord | None:
     path = Path(root) / SIGNATURE_NAME
     if not path.is_file():
@@ -124,16 +138,7 @@ def read_signature(root: Path, name: str) -> SignatureRecord | None:
         if len(signature) != SIGNATURE_BYTES:
             raise _bad_length(name, len(signature))
         record = SignatureRecord.from_dict(data)
-    except (
-        ValueError,
-        KeyError,
-        TypeError,
-        AttributeError,
-        binascii.Error,
-        UnicodeDecodeError,
-        RecursionError,
-        OSError,
-    ):  # TooLarge and NotRegular are OSErrors
+    except _DAMAGED:
         raise SignatureError(
             f"bundle {name}: the signature file is damaged or not a bastion signature",
             "copy the bundle again from its maker",
@@ -146,18 +151,6 @@ def _bad_length(name: str, size: int) -> SignatureError:
         f"bundle {name}: signature is {size} bytes, an Ed25519 signature is {SIGNATURE_BYTES}",
         "the signature file is damaged; copy the bundle again",
     )
-
-
-_DAMAGED = (
-    ValueError,
-    KeyError,
-    TypeError,
-    AttributeError,
-    binascii.Error,
-    UnicodeDecodeError,
-    RecursionError,
-    OSError,
-)
 
 
 def read_countersignatures(root: Path, name: str) -> list[SignatureRecord]:
