@@ -185,17 +185,23 @@ class _SourceObjects:
         return events
 
     # -- event records -----------------------------------------------------------------------------------
+    def _identity(self, kind: str, obj: _Object, ts: float, frame: int, names: list[str]) -> dict:
+        """The fields every object event carries (lifecycle and rule hits alike): which object, where, when."""
+        return {
+            "kind": kind,
+            "source": self.name,
+            "ts": ts,
+            "frame": frame,
+            "track": obj.track,
+            "cls": obj.cls,
+            "name": _name(names, obj.cls),
+            "conf": round(obj.conf, 4),
+            "box": [round(float(v), 1) for v in obj.box],
+        }
+
     def _event(self, kind: str, obj: _Object, ts: float, frame: int, names: list[str], **extra) -> ObjectEvent:
         return ObjectEvent(
-            kind=kind,  # type: ignore[arg-type]
-            source=self.name,
-            ts=ts,
-            frame=frame,
-            track=obj.track,
-            cls=obj.cls,
-            name=_name(names, obj.cls),
-            conf=round(obj.conf, 4),
-            box=[round(float(v), 1) for v in obj.box],
+            **self._identity(kind, obj, ts, frame, names),
             first_seen=obj.first_seen,
             last_seen=obj.last_seen,
             best_conf=round(obj.best_conf, 4),
@@ -209,15 +215,7 @@ class _SourceObjects:
     ) -> ObjectEvent:
         obj = obj or self.objects[hit.track]
         return ObjectEvent(
-            kind=hit.kind,  # type: ignore[arg-type]
-            source=self.name,
-            ts=ts,
-            frame=frame,
-            track=obj.track,
-            cls=obj.cls,
-            name=_name(names, obj.cls),
-            conf=round(obj.conf, 4),
-            box=[round(float(v), 1) for v in obj.box],
+            **self._identity(hit.kind, obj, ts, frame, names),
             zone=hit.zone,
             dwell_s=hit.dwell_s,
             reason=hit.reason,
