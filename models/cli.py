@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from bastion.console import out, print_json
+from bastion.models.cli_options import JSON_OPTION, PASSPHRASE_OPTION
 from bastion.models.keys import read_passphrase
 
 bundle_app = typer.Typer(
@@ -23,7 +24,7 @@ ALLOW_UNSIGNED_HELP = "DEVELOPMENT ONLY: run a bundle that is unsigned or fails 
 def bundle_sign(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
     key: Path = typer.Option(..., "--key", help="Private key file (.key)."),
-    passphrase: bool = typer.Option(False, "--passphrase", help="Prompt for the key's passphrase."),
+    passphrase: bool = PASSPHRASE_OPTION,
 ) -> None:
     """Sign a bundle directory (its payload is checked first).
 
@@ -44,7 +45,7 @@ def bundle_sign(
 @bundle_app.command("verify")
 def bundle_verify(
     bundle: str = typer.Argument(..., help="Bundle directory, .bastion file, registry or zoo name."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    json_out: bool = JSON_OPTION,
 ) -> None:
     """Verify payload hashes and the signature against this unit's trust store (exit 1 if refused).
 
@@ -212,8 +213,8 @@ def bundle_pack(
 def bundle_countersign(
     bundle: Path = typer.Argument(..., help="Bundle directory (already signed)."),
     sign: Path = typer.Option(..., "--sign", help="Your private key file (.key)."),
-    passphrase: bool = typer.Option(False, "--passphrase", help="Prompt for the key's passphrase."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    passphrase: bool = PASSPHRASE_OPTION,
+    json_out: bool = JSON_OPTION,
 ) -> None:
     """Add your signature beside the bundle's others, over the same manifest (payload and manifest untouched).
 

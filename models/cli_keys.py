@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from bastion.console import out, print_json
+from bastion.models.cli_options import JSON_OPTION
 from bastion.models.keys import read_passphrase
 
 keys_app = typer.Typer(help="Signing keys and the trust store.", no_args_is_help=True)
@@ -26,7 +27,7 @@ def keys_generate(
         help="Trust the new key on this machine too, so the "
         "maker can verify, pack and run what it signs (recorded in trust/audit.jsonl).",
     ),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    json_out: bool = JSON_OPTION,
 ) -> None:
     """Generate an Ed25519 signing key pair (and trust it here: you made it).
 
@@ -157,7 +158,7 @@ def keys_list(json_out: bool = typer.Option(False, "--json", help="Print as JSON
 def keys_unit_init(
     passphrase: bool = typer.Option(False, "--passphrase", help="Encrypt the unit key (prompted)."),
     passphrase_file: Path = typer.Option(None, "--passphrase-file", help="Encrypt it with the passphrase in FILE."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    json_out: bool = JSON_OPTION,
 ) -> None:
     """Create this unit's X25519 key (BASTION_HOME/unit/unit.key, mode 0600): what opens bundles sealed to it.
 

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from bastion.console import out, print_json
+from bastion.models.cli_options import JSON_OPTION, PASSPHRASE_OPTION
 from bastion.models.keys import read_passphrase
 
 policy_app = typer.Typer(
@@ -75,7 +76,7 @@ def policy_init(
 def policy_sign(
     source: Path = typer.Argument(..., help="policy.yaml (first signature) or a .bastion-policy (one more)."),
     key: Path = typer.Option(..., "--key", help="A root key (.key) of this policy, or of the one in force."),
-    passphrase: bool = typer.Option(False, "--passphrase", help="Prompt for the key's passphrase."),
+    passphrase: bool = PASSPHRASE_OPTION,
     out_path: Path = typer.Option(
         None, "--out", help="Where to write (default: SOURCE as .bastion-policy; a .bastion-policy is updated)."
     ),
@@ -185,7 +186,7 @@ def policy_apply(
     first_root: str = typer.Option(
         None, "--first-root", help="This unit's first policy only: the root fingerprint you confirmed out of band."
     ),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    json_out: bool = JSON_OPTION,
 ) -> None:
     """Put a signed policy in force on this unit (newer version, signed by the old root's threshold; recorded).
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from bastion.console import out, print_json
+from bastion.models.cli_options import JSON_OPTION
 from bastion.models.keys import read_passphrase
 
 
@@ -17,7 +18,7 @@ def bundle_seal(
     sign: Path = typer.Option(None, "--sign", help="Sign the sealed bundle with this private key (.key)."),
     passphrase: bool = typer.Option(False, "--passphrase", help="Prompt for the signing key's passphrase."),
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Seal a clear bundle that is not signed."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    json_out: bool = JSON_OPTION,
 ) -> None:
     """Encrypt a bundle's model files so that only the named units can load them; sign the sealed bundle.
 

@@ -1,0 +1,8 @@
+"""Options that several key, bundle, policy and seal commands share, defined once so their flags and help agree."""
+
+from __future__ import annotations
+
+import typer
+
+JSON_OPTION = typer.Option(False, "--json", help="Print the result as JSON.")
+PASSPHRASE_OPTION = typer.Option(False, "--passphrase", help="Prompt for the key's passphrase.")
