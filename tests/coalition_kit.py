@@ -16,6 +16,14 @@ from bastion.models.signing import countersign, raw_public, sign_manifest
 UTC = dt.timezone.utc
 
 
+def one_line(proc) -> str:
+    """The single stderr line of a refused CLI command (exit 1, no traceback): what a soldier reads."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
 def keys(tmp_path: Path, *names: str) -> dict[str, KeyPair]:
     """Fresh Ed25519 key pairs on disk (not trusted anywhere)."""
     return {n: generate_keypair(tmp_path / "keys" / n) for n in names}

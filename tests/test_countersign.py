@@ -13,19 +13,12 @@ from bastion.models.archive import pack
 from bastion.models.manifest import MANIFEST_NAME, read_manifest
 from bastion.models.signing import COUNTERSIGNATURES_NAME, SIGNATURE_NAME, read_signatures
 from bastion.models.trust import TrustStore
-from coalition_kit import add_countersignature, keys, make_bundle
+from coalition_kit import add_countersignature, keys, make_bundle, one_line
 from conftest import run_cli
 
 
 def digests(root):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.iterdir() if p.is_file()}
-
-
-def one_line(proc):
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
 
 
 @pytest.fixture

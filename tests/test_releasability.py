@@ -15,15 +15,8 @@ from bastion.models.manifest import MANIFEST_NAME, Markings, read_manifest, writ
 from bastion.models.releasability import ReleasabilityError
 from bastion.models.signing import SIGNATURE_NAME, sign_manifest
 from bastion.models.trust import TrustStore
-from coalition_kit import keys, make_bundle
+from coalition_kit import keys, make_bundle, one_line
 from conftest import run_cli
-
-
-def one_line(proc):
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
 
 
 @pytest.fixture
