@@ -48,6 +48,14 @@ def spec(images, labels, out, **kw):
     return DistillSpec(**base)
 
 
+def distill_detect(images, out, *flags):
+    """`bastion distill detect` of yolov5n on ``images``' persons into ``out``, as a subprocess; ``flags`` added."""
+    return run_cli(
+        "distill", "detect", "--teacher", "yolov5n", "--images", str(images), "--classes", "person",
+        "--out", str(out), *flags,
+    )  # fmt: skip
+
+
 def test_tiny_distillation_artefacts_and_resume(small_set, tmp_path, monkeypatch):
     images, labels = small_set
     out = tmp_path / "run"
@@ -140,39 +148,14 @@ def test_distill_bad_input(small_set, tmp_path):
     (bad / first.name.replace(".jpg", ".txt")).write_text("0 0.5 0.5 1.7 0.2\n")
     with pytest.raises(ConfigError, match="coordinates must be 4 numbers in \\[0, 1\\]"):
         run_distill(spec(images, bad, tmp_path / "b"))
-    proc = run_cli(
-        "distill",
-        "detect",
-        "--teacher",
-        "yolov5n",
-        "--images",
-        str(tmp_path / "none"),
-        "--classes",
-        "person",
-        "--no-train",
-        "--out",
-        str(tmp_path / "c"),
-    )
+    proc = distill_detect(tmp_path / "none", tmp_path / "c", "--no-train")
     assert proc.returncode == 1 and "no images in" in proc.stderr and "Traceback" not in proc.stderr
     for flags, message in (
         (["--force", "nope"], "--force nope: unknown stage"),
         (["--imgsz", "8"], "--imgsz: Input should be greater than or equal to 32"),
         (["--val-images", str(images)], "--val-images and --val-labels go together"),
     ):  # the spec refuses a bad flag in one line, before any stage runs
-        proc = run_cli(
-            "distill",
-            "detect",
-            "--teacher",
-            "yolov5n",
-            "--images",
-            str(images),
-            "--classes",
-            "person",
-            "--no-train",
-            "--out",
-            str(tmp_path / "e"),
-            *flags,
-        )
+        proc = distill_detect(images, tmp_path / "e", "--no-train", *flags)
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert not (tmp_path / "e").exists()
     from bastion.distill.ultra import ultralytics_available
@@ -180,20 +163,7 @@ def test_distill_bad_input(small_set, tmp_path):
     if ultralytics_available():  # the training device is checked before any stage runs
         import torch
 
-        proc = run_cli(
-            "distill",
-            "detect",
-            "--teacher",
-            "yolov5n",
-            "--images",
-            str(images),
-            "--classes",
-            "person",
-            "--device",
-            f"cuda:{torch.cuda.device_count()}",
-            "--out",
-            str(tmp_path / "d"),
-        )
+        proc = distill_detect(images, tmp_path / "d", "--device", f"cuda:{torch.cuda.device_count()}")
         assert proc.returncode == 1 and "CUDA device" in proc.stderr and not (tmp_path / "d").exists()
 
 
