@@ -154,12 +154,19 @@ def _client_for(
     )
 
 
+# how `node status` and `node tail` reach a node: one definition, so the two commands cannot drift apart
+_CONTROL_OPTION = typer.Option(None, "--control", help="Control endpoint (default tcp://127.0.0.1:7701).")
+_STORAGE_OPTION = typer.Option(None, "--storage", help="Or: the node's storage dir (reads node.json).")
+_SERVER_KEY_OPTION = typer.Option(None, "--server-key", help="Node public key (z85 or .key file) for CurveZMQ.")
+_CLIENT_KEY_OPTION = typer.Option(None, "--client-key", help="Your .key_secret certificate for CurveZMQ.")
+
+
 @node_app.command("status")
 def node_status(
-    control: Optional[str] = typer.Option(None, help="Control endpoint (default tcp://127.0.0.1:7701)."),
-    storage: Optional[Path] = typer.Option(None, help="Or: the node's storage dir (reads node.json)."),
-    server_key: Optional[str] = typer.Option(None, help="Node public key (z85 or .key file) for CurveZMQ."),
-    client_key: Optional[Path] = typer.Option(None, help="Your .key_secret certificate for CurveZMQ."),
+    control: Optional[str] = _CONTROL_OPTION,
+    storage: Optional[Path] = _STORAGE_OPTION,
+    server_key: Optional[str] = _SERVER_KEY_OPTION,
+    client_key: Optional[Path] = _CLIENT_KEY_OPTION,
     timeout: float = typer.Option(3.0, help="Seconds to wait for the node."),
     json_out: bool = typer.Option(False, "--json", help="Print the status as JSON."),
 ) -> None:
@@ -222,10 +229,10 @@ def node_status(
 
 @node_app.command("tail")
 def node_tail(
-    control: Optional[str] = typer.Option(None, help="Control endpoint (default tcp://127.0.0.1:7701)."),
-    storage: Optional[Path] = typer.Option(None, help="Or: the node's storage dir (reads node.json)."),
-    server_key: Optional[str] = typer.Option(None, help="Node public key (z85 or .key file) for CurveZMQ."),
-    client_key: Optional[Path] = typer.Option(None, help="Your .key_secret certificate for CurveZMQ."),
+    control: Optional[str] = _CONTROL_OPTION,
+    storage: Optional[Path] = _STORAGE_OPTION,
+    server_key: Optional[str] = _SERVER_KEY_OPTION,
+    client_key: Optional[Path] = _CLIENT_KEY_OPTION,
     timeout: float = typer.Option(3.0, help="Seconds to wait for each answer of the node."),
     kinds: Optional[str] = typer.Option(None, help="Comma-separated kinds: det,object.new,line.cross … (all)."),
     since: Optional[int] = typer.Option(None, help="Replay stored events after this seq first (0: all)."),
