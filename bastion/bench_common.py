@@ -124,6 +124,25 @@ def ultralytics_for(
     return UltralyticsContestant(Path(model), imgsz, conf, iou)
 
 
+def versus_ultralytics(
+    summary: dict[str, Any],
+    contestants: dict[str, dict[str, float]],
+    rate: str,
+    ours: list[Detections],
+    theirs: list[Detections],
+    ultra: UltralyticsContestant | None,
+    notes: list[str],
+) -> None:
+    """The Ultralytics lines of a bench summary, the same in every mode: speed ratio on ``rate`` (each mode's
+    own throughput key), detection agreement and version — or, when it was skipped, why."""
+    if ultra is None:
+        summary["ultralytics"] = notes[-1]  # skipped, and why
+        return
+    summary["bastion_vs_ultralytics"] = round(contestants["bastion"][rate] / contestants["ultralytics"][rate], 3)
+    summary["agreement"] = compare_detections(ours, theirs)
+    summary["ultralytics_version"] = ultra.version
+
+
 def ticker(progress: Any, label: str, total: int) -> Callable[[], None]:
     if progress is None:
         return lambda: None

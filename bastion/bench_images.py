@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bastion.bench_common import compare_detections, environment, stats, ticker, ultralytics_for
+from bastion.bench_common import environment, stats, ticker, ultralytics_for, versus_ultralytics
 from bastion.errors import InputNotFoundError
 from bastion.runtime.detect import Detector
 from bastion.runtime.detections import Detections
@@ -149,17 +149,11 @@ def bench_images(
         ),
         "bastion_vs_floor": round(contestants["bastion"]["best_per_s"] / contestants["floor"]["best_per_s"], 3),
     }
+    versus_ultralytics(summary, contestants, "best_per_s", bastion_dets, theirs, ultra, notes)
     if ultra is not None:
-        summary["bastion_vs_ultralytics"] = round(
-            contestants["bastion"]["best_per_s"] / contestants["ultralytics"]["best_per_s"], 3
-        )
         summary["bastion_vs_ultralytics_p50"] = round(
             contestants["ultralytics"]["p50_ms"] / contestants["bastion"]["p50_ms"], 3
         )
-        summary["agreement"] = compare_detections(bastion_dets, theirs)
-        summary["ultralytics_version"] = ultra.version
-    else:
-        summary["ultralytics"] = notes[-1]  # skipped, and why
     env = environment(detector, threads)
     detector.close()
     return {

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bastion.bench_common import compare_detections, environment, stats, ticker, ultralytics_for
+from bastion.bench_common import compare_detections, environment, stats, ticker, ultralytics_for, versus_ultralytics
 from bastion.errors import InputNotFoundError
 from bastion.runtime.detect import Detector
 from bastion.runtime.detections import Detections
@@ -72,9 +72,9 @@ def bench_video(
         "pipeline_agreement": compare_detections(dets, dets_serial),
     }
     ultra = ultralytics_for(detector, model, with_ultralytics, notes, max(detector.size), conf, iou)
+    theirs: list[Detections] = []
     if ultra is not None:
         ultra.predict(frames[0])  # warm-up
-        theirs = []
         t0 = time.perf_counter()
         for res in ultra.predict(str(video), stream=True):
             theirs.append(ultra.to_detections(res, detector.names))
@@ -82,13 +82,7 @@ def bench_video(
             if len(theirs) >= len(frames):
                 break
         contestants["ultralytics"] = stats([], time.perf_counter() - t0, len(theirs))
-        summary["bastion_vs_ultralytics"] = round(
-            contestants["bastion"]["per_s"] / contestants["ultralytics"]["per_s"], 3
-        )
-        summary["agreement"] = compare_detections(dets, theirs)
-        summary["ultralytics_version"] = ultra.version
-    else:
-        summary["ultralytics"] = notes[-1]  # skipped, and why
+    versus_ultralytics(summary, contestants, "per_s", dets, theirs, ultra, notes)
     return {
         "mode": "video",
         "model": detector.manifest.name,
