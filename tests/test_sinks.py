@@ -607,10 +607,9 @@ def test_a_real_node_forwards_its_events_to_mqtt_and_reports_the_sink_in_status(
     node.start()
     try:
         wait_for(lambda: len(set(listener.seqs)) >= 10, 60, "the node's events over MQTT")
-        status = node.status_dict()["sinks"]["mqtt"]
-        assert (
-            status["state"] == "connected" and status["cursor"] >= 10 and "sink-mqtt" in node.status_dict()["threads"]
-        )
+        # the subscriber may see a batch before the sink has committed its cursor: wait for that too
+        status = wait_for(lambda: (s := node.status_dict()["sinks"]["mqtt"])["cursor"] >= 10 and s, what="cursor")
+        assert status["state"] == "connected" and "sink-mqtt" in node.status_dict()["threads"]
         assert listener.topics[min(listener.seqs)].startswith("bastion/n1/")
         shown = run_cli("node", "status", "--storage", str(tmp_path / "data"))
         assert shown.returncode == 0 and "sink mqtt (mqtt) connected" in shown.stdout, shown.stdout + shown.stderr
