@@ -8,15 +8,15 @@ convention) or paths.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence, Union
+from typing import Any, Iterable, Literal, Union
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bastion.errors import ConfigError, ShapeError, SignatureError
 from bastion.models.bundle import Bundle, warn_unsigned
-from bastion.models.manifest import MAX_INPUT_SIZE, Manifest
+from bastion.models.manifest import MAX_DET, MAX_INPUT_SIZE, Manifest
 from bastion.models.trust import TrustStore
 from bastion.models.zoo import DEFAULT_DETECTOR
 from bastion.hardware.backend_names import device_name
@@ -35,21 +35,40 @@ log = logging.getLogger(__name__)
 ImageLike = Union[np.ndarray, str, Path]
 
 
-@dataclass
-class DetectOptions:
-    """Per-detector settings; ``None`` means the manifest's recommendation."""
+MAX_BATCH = 256  # images per inference call: the batch tensor is sized by it
+MAX_CLASSES = 4096  # entries in a class filter: names or ids, no model has more
 
-    conf: float | None = None
-    iou: float | None = None
-    max_det: int | None = None
-    classes: Sequence[int | str] | None = None
-    imgsz: int | None = None
+
+class DetectOptions(BaseModel):
+    """Per-detector settings; ``None`` means the manifest's recommendation. Typed and bounded like the manifest
+    (an NMS output or an input buffer is sized by these before anything runs); an unknown or out-of-range
+    setting is one line (``DetectOptions.of``), never a TypeError deep inside."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    conf: float | None = Field(None, ge=0.0, le=1.0)
+    iou: float | None = Field(None, ge=0.0, le=1.0)
+    max_det: int | None = Field(None, ge=1, le=MAX_DET)
+    classes: tuple[int | str, ...] | None = Field(None, max_length=MAX_CLASSES)
+    imgsz: int | None = Field(None, ge=1, le=MAX_INPUT_SIZE)
     rect: bool = True  # smallest stride-multiple input for dynamic-shape models
     multi_label: bool = False
     scaleup: bool = True
-    max_batch: int = 8
-    extra: dict = field(default_factory=dict)
-    int8_policy: str = "warn"  # an INT8 bundle gated on another CPU class: "warn" once, or "strict": refuse
+    max_batch: int = Field(8, ge=1, le=MAX_BATCH)
+    int8_policy: Literal["warn", "strict"] = "warn"  # an INT8 bundle gated on another CPU class: warn, or refuse
+
+    @classmethod
+    def of(cls, **options: Any) -> "DetectOptions":
+        """Options from keyword arguments (the SDK's ``Detector.load(..., conf=0.4)``), refused in one line."""
+        try:
+            return cls(**options)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "options"
+            raise ConfigError(
+                f"detector option {where}: {first['msg']}",
+                "options: " + ", ".join(cls.model_fields),
+            ) from None
 
 
 def _device_for_sealed(bundle: Bundle, device: str) -> str:
@@ -113,7 +132,7 @@ class Detector:
         it there is refused (``bastion.models.releasability``).
         """
         device = device_name(device)  # a bad name is one line before anything is read
-        opts = DetectOptions(**options)
+        opts = DetectOptions.of(**options)
         path = Path(model)
         if path.suffix.lower() == ".onnx" and path.is_file():
             if not allow_unsigned:
@@ -142,7 +161,7 @@ class Detector:
         """A detector on a bundle already opened (verified, or read back by the run that wrote it). The backend
         is built from the model's bytes as read and hashed now (``Bundle.model_bytes``), never from its path."""
         device = _device_for_sealed(bundle, device_name(device))
-        opts = DetectOptions(**options)
+        opts = DetectOptions.of(**options)
         check_imgsz(opts.imgsz)
         size = (
             (opts.imgsz, opts.imgsz)

@@ -126,3 +126,21 @@ def test_a_repeated_input_shape_gets_a_pinned_session_with_the_same_outputs():
     other = backend.run({"images": x[:, :, :320]})[0]  # another shape: the general session, still right
     assert other.shape[1] < first.shape[1] and len(backend._specialized) == 1
     backend.close()
+
+
+@pytest.mark.parametrize(
+    "bad, where",
+    [
+        ({"conf": 1.5}, "conf"),
+        ({"max_det": 10**9}, "max_det"),
+        ({"max_batch": 0}, "max_batch"),
+        ({"cnof": 0.3}, "cnof"),
+    ],
+)
+def test_a_bad_detector_option_is_one_line_before_anything_opens(bad, where):
+    """DetectOptions is typed and bounded like the manifest (max_det sizes the NMS output, max_batch the batch
+    tensor): a typo or an out-of-range value is one ConfigError naming it, not a TypeError or a huge buffer."""
+
+    with pytest.raises(ConfigError, match=f"detector option {where}") as refused:
+        Detector.load("yolox_nano", warmup=False, **bad)
+    assert "\n" not in str(refused.value)
