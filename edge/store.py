@@ -23,10 +23,11 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from bastion.errors import BastionError
 from bastion.edge.protocol import DetectionEvent
+from bastion.edge.store_tables import SideTables
 
 if TYPE_CHECKING:
     from bastion.edge.audit import AuditLog
@@ -43,10 +44,6 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
 """
-# Named counters that only grow (tracker ids): the highest number ever reserved per name.
-COUNTERS_SCHEMA = "CREATE TABLE IF NOT EXISTS id_counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)"
-# Where each sink (edge/sink_base.py) has got to: the last seq its broker acknowledged, written after the ack.
-CURSORS_SCHEMA = "CREATE TABLE IF NOT EXISTS sink_cursors (name TEXT PRIMARY KEY, seq INTEGER NOT NULL)"
 # SQLite result codes that mean "the file is damaged", as opposed to full, locked or read-only.
 DAMAGE_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB (named in the sqlite3 module only from Python 3.11)
 FULL_CODES = {10, 13}  # SQLITE_IOERR, SQLITE_FULL: a write that found no space (tmpfs, SD card)
@@ -76,7 +73,7 @@ def is_damage(exc: BaseException) -> bool:
     return type(exc) is sqlite3.DatabaseError or any(w in str(exc) for w in ("malformed", "not a database"))
 
 
-class EventStore:
+class EventStore(SideTables):
     def __init__(
         self, path: Path, mark: "SeqMark | None" = None, accept_seq_gap: bool = False, audit: "AuditLog | None" = None
     ) -> None:
@@ -119,24 +116,31 @@ class EventStore:
         if self._next - 1 > last:  # an accepted or skipped gap: the store itself remembers where seq is
             self._raise_sequence(self._next - 1)
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE … COMMIT; on any SQLite error the transaction is rolled back and the error re-raised."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            yield
+            self._db.execute("COMMIT")
+        except sqlite3.Error:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise
+
     def _raise_sequence(self, seq: int) -> None:
         """Set AUTOINCREMENT's counter, so the store's own ``last_seq`` agrees with the mark from now on."""
         try:
-            self._db.execute("BEGIN IMMEDIATE")
-            if (
-                self._db.execute(
-                    "UPDATE sqlite_sequence SET seq = ? WHERE name = 'events' AND seq < ?", (seq, seq)
-                ).rowcount
-                == 0
-                and not self._db.execute("SELECT 1 FROM sqlite_sequence WHERE name = 'events'").fetchone()
-            ):
-                self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('events', ?)", (seq,))
-            self._db.execute("COMMIT")
+            with self._transaction():
+                if (
+                    self._db.execute(
+                        "UPDATE sqlite_sequence SET seq = ? WHERE name = 'events' AND seq < ?", (seq, seq)
+                    ).rowcount
+                    == 0
+                    and not self._db.execute("SELECT 1 FROM sqlite_sequence WHERE name = 'events'").fetchone()
+                ):
+                    self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('events', ?)", (seq,))
         except sqlite3.Error as exc:
-            try:
-                self._db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
             self._db.close()
             raise StorageError(
                 f"cannot record the new seq start in {self.path}: {exc}",
@@ -225,16 +229,8 @@ class EventStore:
             return stored
 
     def _insert(self, row: tuple[Any, ...]) -> None:
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._transaction():
             self._db.execute("INSERT INTO events (seq, ts, source, payload) VALUES (?, ?, ?, ?)", row)
-            self._db.execute("COMMIT")
-        except sqlite3.Error:
-            try:
-                self._db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            raise
 
     def _give_wal_space_back(self, exc: sqlite3.Error) -> bool:
         """On a write that found the disk full, checkpoint the WAL into events.db and truncate it.
@@ -327,80 +323,6 @@ class EventStore:
         return pages * size / 1e6
 
     # -- id counters (tracker ids, edge/track_ids.py) -------------------------------------------------------
-    def reserve_ids(self, counter: str, count: int) -> range:
-        """Durably reserve the next ``count`` numbers of ``counter``: committed before any is handed out, so
-        a restart (even after ``kill -9``) continues above every number ever reserved; unused ones are skipped.
-
-        The table is created on first use, so a store that never tracked is untouched.
-        """
-        if count < 1:
-            raise ValueError(f"reserve at least one id, not {count}")
-        with self._lock:
-            self._check_usable()
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute(COUNTERS_SCHEMA)
-                row = self._db.execute("SELECT value FROM id_counters WHERE name = ?", (counter,)).fetchone()
-                start = int(row[0]) + 1 if row else 1
-                self._db.execute(
-                    "INSERT INTO id_counters (name, value) VALUES (?, ?) "
-                    "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
-                    (counter, start + count - 1),
-                )
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                try:
-                    self._db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                raise self._failed(exc, f"reserve {counter} ids in") from None
-        return range(start, start + count)
-
-    # -- sink cursors (edge/sink_base.py) --------------------------------------------------------------------
-    def rows_since(self, seq: int, limit: int) -> list[tuple[int, float, str]]:
-        """``(seq, ts, payload)`` after ``seq``, oldest first, as stored: a sink forwards the bytes it committed."""
-        with self._lock:
-            self._check_usable()
-            try:
-                rows = self._db.execute(
-                    "SELECT seq, ts, payload FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
-                ).fetchall()
-            except sqlite3.Error as exc:
-                raise self._failed(exc, "read events from") from None
-        return [(int(r[0]), float(r[1]), str(r[2])) for r in rows]
-
-    def cursor(self, name: str) -> int:
-        """The last seq sink ``name`` has had acknowledged (0: none yet). The table appears on first write."""
-        with self._lock:
-            self._check_usable()
-            try:
-                row = self._db.execute("SELECT seq FROM sink_cursors WHERE name = ?", (name,)).fetchone()
-            except sqlite3.OperationalError as exc:
-                if "no such table" in str(exc):
-                    return 0
-                raise self._failed(exc, "read sink cursors from") from None
-            except sqlite3.Error as exc:
-                raise self._failed(exc, "read sink cursors from") from None
-        return int(row[0]) if row else 0
-
-    def set_cursor(self, name: str, seq: int) -> None:
-        """Commit sink ``name``'s cursor (it only moves forward): after a crash the sink resends from here."""
-        with self._lock:
-            self._check_usable()
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute(CURSORS_SCHEMA)
-                self._db.execute(
-                    "INSERT INTO sink_cursors (name, seq) VALUES (?, ?) "
-                    "ON CONFLICT(name) DO UPDATE SET seq = MAX(seq, excluded.seq)",
-                    (name, seq),
-                )
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    self._db.execute("ROLLBACK")
-                raise self._failed(exc, "write sink cursors in") from None
-
     def close(self) -> None:
         with self._lock:
             self._db.close()
