@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SHARED, run_cli
+from conftest import REPO, run_cli
+from lm_kit import distill_lm, stories_teacher
 
 TESTS = REPO / "tests"
 
@@ -241,18 +242,9 @@ def test_detect_on_several_gpus_names_them_for_ultralytics():
 @pytest.mark.slow
 def test_distill_lm_nproc_2_runs_the_whole_command_on_two_workers(tmp_path):
     """``bastion distill lm --nproc 2``: torchrun's launcher in the CLI, two gloo workers, one report (rank 0's)."""
-    pytest.importorskip("torch")
-    src = SHARED / "weights" / "stories260K"
-    if not (src / "stories260K.bin").is_file():
-        pytest.skip("../shared is not present")
+    stories_teacher()
     env = _guarded_env(tmp_path)
-    proc = run_cli(
-        "distill",
-        "lm",
-        "--teacher",
-        str(src / "stories260K.bin"),
-        "--tokenizer",
-        str(src / "hf" / "tokenizer.json"),
+    proc = distill_lm(
         "--synthetic",
         "8",
         "--depth",
@@ -269,8 +261,6 @@ def test_distill_lm_nproc_2_runs_the_whole_command_on_two_workers(tmp_path):
         "cpu",
         "--nproc",
         "2",
-        "--weights-license",
-        "MIT",
         "--out",
         str(tmp_path / "run"),
         "--json",
@@ -287,18 +277,9 @@ def test_distill_lm_nproc_2_runs_the_whole_command_on_two_workers(tmp_path):
 def test_a_worker_that_fails_stops_the_run_with_its_own_error_and_one_line_each(tmp_path):
     """Rank 0 refuses a too-small corpus while rank 1 waits for it: rank 1 says it stopped because of a peer (no
     'internal error'), the launcher names the failed worker, torchrun's own log lines stay out, exit 1."""
-    pytest.importorskip("torch")
-    src = SHARED / "weights" / "stories260K"
-    if not (src / "stories260K.bin").is_file():
-        pytest.skip("../shared is not present")
+    stories_teacher()
     (tmp_path / "tiny.txt").write_text("too small a corpus")
-    proc = run_cli(
-        "distill",
-        "lm",
-        "--teacher",
-        str(src / "stories260K.bin"),
-        "--tokenizer",
-        str(src / "hf" / "tokenizer.json"),
+    proc = distill_lm(
         "--corpus",
         str(tmp_path / "tiny.txt"),
         "--batch",
@@ -307,8 +288,6 @@ def test_a_worker_that_fails_stops_the_run_with_its_own_error_and_one_line_each(
         "cpu",
         "--nproc",
         "2",
-        "--weights-license",
-        "MIT",
         "--out",
         str(tmp_path / "run"),
         env={"PYTHONPATH": _guarded_env(tmp_path)["PYTHONPATH"], "OMP_NUM_THREADS": "1"},

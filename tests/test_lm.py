@@ -8,6 +8,7 @@ from bastion.errors import ConfigError
 from bastion.runtime.lm import PREFILL_CHUNK, Generator, KVCache
 from bastion.models.zoo import ZOO_DIR
 from conftest import SHARED, run_cli
+from lm_kit import distill_lm, stories_teacher
 
 # What karpathy/llama2.c's run.c prints for `-t 0 -i "Zoo"` with this checkpoint (../shared SOURCE.md).
 RUN_C_ZOO = "Zoo was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, red ball."
@@ -350,17 +351,8 @@ def test_layer_influence_ffn_narrowing_and_fresh_students(tmp_path):
 
 @pytest.mark.slow
 def test_distill_lm_cli_end_to_end(tmp_path):
-    pytest.importorskip("torch")
-    src = SHARED / "weights" / "stories260K"
-    if not (src / "stories260K.bin").is_file():
-        pytest.skip("../shared is not present")
-    proc = run_cli(
-        "distill",
-        "lm",
-        "--teacher",
-        str(src / "stories260K.bin"),
-        "--tokenizer",
-        str(src / "hf" / "tokenizer.json"),
+    src = stories_teacher()
+    proc = distill_lm(
         "--synthetic",
         "12",
         "--depth",
@@ -373,8 +365,6 @@ def test_distill_lm_cli_end_to_end(tmp_path):
         "2",
         "--block",
         "32",
-        "--weights-license",
-        "MIT",
         "--out",
         str(tmp_path / "run"),
         "--json",
@@ -389,15 +379,7 @@ def test_distill_lm_cli_end_to_end(tmp_path):
     g = Generator.load(tmp_path / "run" / "bundle", allow_unsigned=True)
     assert g.n_layers == 3 and len(list(g.generate_ids(g.encode("Once upon a time"), 20))) > 0
     assert (
-        run_cli(
-            "distill",
-            "lm",
-            "--teacher",
-            str(src / "stories260K.bin"),
-            "--tokenizer",
-            str(src / "hf" / "tokenizer.json"),
-            "--weights-license",
-            "MIT",
+        distill_lm(
             "--out",
             str(tmp_path / "x"),
         ).returncode
@@ -406,37 +388,18 @@ def test_distill_lm_cli_end_to_end(tmp_path):
     import torch
 
     for device in ("tpu", f"cuda:{torch.cuda.device_count()}"):  # no such kind; one GPU past the last (cuda:0 here)
-        bad = run_cli(
-            "distill",
-            "lm",
-            "--teacher",
-            str(src / "stories260K.bin"),
-            "--tokenizer",
-            str(src / "hf" / "tokenizer.json"),
+        bad = distill_lm(
             "--synthetic",
             "8",
             "--device",
             device,
-            "--weights-license",
-            "MIT",
             "--out",
             str(tmp_path / "y"),
         )
         assert bad.returncode == 1 and "--device" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     assert not (tmp_path / "y").exists()  # refused before any work
-    bad = run_cli(
-        "distill",
-        "lm",
-        "--teacher",
-        str(src / "stories260K.bin"),
-        "--tokenizer",
-        str(ZOO_DIR / "stories260K" / "manifest.json"),
-        "--synthetic",
-        "8",
-        "--weights-license",
-        "MIT",
-        "--out",
-        str(tmp_path / "z"),
+    bad = distill_lm(
+        "--synthetic", "8", "--out", str(tmp_path / "z"), tokenizer=ZOO_DIR / "stories260K" / "manifest.json"
     )
     assert bad.returncode == 1 and "is not a Hugging Face tokenizer.json" in bad.stderr, bad.stderr
 
