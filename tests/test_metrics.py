@@ -170,21 +170,9 @@ def test_the_bridges_doc_example_is_a_valid_node_config(tmp_path):
 
 def test_a_real_node_serves_its_own_numbers(tmp_path):
     from bastion.edge.node import Node
-    from conftest import SAMPLES
+    from node_kit import one_camera_node_config
 
-    config = load_config(
-        None,
-        {
-            "id": "n1",
-            "model": "yolov5n",
-            "imgsz": 320,
-            "threads": 1,
-            "sources": [{"name": "cam1", "uri": str(SAMPLES / "one-by-one-person-detection.mp4"), "loop": True}],
-            "endpoints": {"events": "tcp://127.0.0.1:*", "control": "tcp://127.0.0.1:*"},
-            "storage": {"dir": str(tmp_path / "data")},
-            "metrics": "127.0.0.1:0",
-        },
-    )
+    config = one_camera_node_config(tmp_path, metrics="127.0.0.1:0")
     node = Node(config)
     node.start()
     try:

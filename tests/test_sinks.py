@@ -85,9 +85,25 @@ class Broker:
             self.proc.wait(10)
 
 
+class Brokers:
+    """The brokers one test started: each fixture starts them here and kills them all when the test ends."""
+
+    def __init__(self, tmp_path: Path, kind: str) -> None:
+        self.tmp_path, self.kind, self.started = tmp_path, kind, []
+
+    def start(self, argv: list[str], port: int) -> Broker:
+        broker = Broker(argv, port, self.tmp_path / f"{self.kind}-{port}.log").start()
+        self.started.append(broker)
+        return broker
+
+    def kill_all(self) -> None:
+        for b in self.started:
+            b.kill()
+
+
 @pytest.fixture
 def mosquitto(tmp_path):
-    brokers: list[Broker] = []
+    brokers = Brokers(tmp_path, "mosquitto")
 
     def make(users: dict[str, str] | None = None) -> Broker:
         port = free_port()
@@ -104,31 +120,25 @@ def mosquitto(tmp_path):
         else:
             lines.append("allow_anonymous true")
         conf.write_text("\n".join(lines) + "\n")
-        broker = Broker([MOSQUITTO, "-c", str(conf)], port, tmp_path / f"mosquitto-{port}.log").start()
-        brokers.append(broker)
-        return broker
+        return brokers.start([MOSQUITTO, "-c", str(conf)], port)
 
     yield make
-    for b in brokers:
-        b.kill()
+    brokers.kill_all()
 
 
 @pytest.fixture
 def nats_server(tmp_path):
-    brokers: list[Broker] = []
+    brokers = Brokers(tmp_path, "nats")
 
     def make(user: str | None = None, password: str | None = None) -> Broker:
         port = free_port()
         argv = [NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path / f"js-{port}")]
         if user:
             argv += ["--user", user, "--pass", password]
-        broker = Broker(argv, port, tmp_path / f"nats-{port}.log").start()
-        brokers.append(broker)
-        return broker
+        return brokers.start(argv, port)
 
     yield make
-    for b in brokers:
-        b.kill()
+    brokers.kill_all()
 
 
 @pytest.fixture
@@ -583,26 +593,14 @@ def test_mqtt_over_tls_with_a_client_certificate(tmp_path, store):
 
 @needs_mosquitto
 def test_a_real_node_forwards_its_events_to_mqtt_and_reports_the_sink_in_status(mosquitto, tmp_path):
-    from bastion.edge.config import load_config
     from bastion.edge.node import Node
-    from conftest import SAMPLES, run_cli
+    from conftest import run_cli
+    from node_kit import one_camera_node_config
 
     broker = mosquitto()
     listener = MqttListener(broker.port)
     wait_for(lambda: listener.client.is_connected(), what="the listener")
-    config = load_config(
-        None,
-        {
-            "id": "n1",
-            "model": "yolov5n",
-            "imgsz": 320,
-            "threads": 1,
-            "sources": [{"name": "cam1", "uri": str(SAMPLES / "one-by-one-person-detection.mp4"), "loop": True}],
-            "endpoints": {"events": "tcp://127.0.0.1:*", "control": "tcp://127.0.0.1:*"},
-            "storage": {"dir": str(tmp_path / "data")},
-            "sinks": [{"type": "mqtt", "port": broker.port, "poll_s": 0.05}],
-        },
-    )
+    config = one_camera_node_config(tmp_path, sinks=[{"type": "mqtt", "port": broker.port, "poll_s": 0.05}])
     node = Node(config)
     node.start()
     try:
