@@ -239,12 +239,26 @@ def test_detect_on_several_gpus_names_them_for_ultralytics():
     assert ultralytics_device(data_parallel_devices("cuda:0", 2)) == "0,1"
 
 
+def _distill_lm_on_two_cpu_workers(tmp_path: Path, *args: str):
+    """``bastion distill lm ARGS --device cpu --nproc 2 --out tmp_path/run``, workers under the egress guard."""
+    return distill_lm(
+        *args,
+        "--device",
+        "cpu",
+        "--nproc",
+        "2",
+        "--out",
+        str(tmp_path / "run"),
+        env={"PYTHONPATH": _guarded_env(tmp_path)["PYTHONPATH"], "OMP_NUM_THREADS": "1"},
+    )
+
+
 @pytest.mark.slow
 def test_distill_lm_nproc_2_runs_the_whole_command_on_two_workers(tmp_path):
     """``bastion distill lm --nproc 2``: torchrun's launcher in the CLI, two gloo workers, one report (rank 0's)."""
     stories_teacher()
-    env = _guarded_env(tmp_path)
-    proc = distill_lm(
+    proc = _distill_lm_on_two_cpu_workers(
+        tmp_path,
         "--synthetic",
         "8",
         "--depth",
@@ -257,14 +271,7 @@ def test_distill_lm_nproc_2_runs_the_whole_command_on_two_workers(tmp_path):
         "32",
         "--gguf",
         "none",
-        "--device",
-        "cpu",
-        "--nproc",
-        "2",
-        "--out",
-        str(tmp_path / "run"),
         "--json",
-        env={"PYTHONPATH": env["PYTHONPATH"], "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)  # one JSON document: rank 1 printed nothing
@@ -279,19 +286,7 @@ def test_a_worker_that_fails_stops_the_run_with_its_own_error_and_one_line_each(
     'internal error'), the launcher names the failed worker, torchrun's own log lines stay out, exit 1."""
     stories_teacher()
     (tmp_path / "tiny.txt").write_text("too small a corpus")
-    proc = distill_lm(
-        "--corpus",
-        str(tmp_path / "tiny.txt"),
-        "--batch",
-        "2",
-        "--device",
-        "cpu",
-        "--nproc",
-        "2",
-        "--out",
-        str(tmp_path / "run"),
-        env={"PYTHONPATH": _guarded_env(tmp_path)["PYTHONPATH"], "OMP_NUM_THREADS": "1"},
-    )
+    proc = _distill_lm_on_two_cpu_workers(tmp_path, "--corpus", str(tmp_path / "tiny.txt"), "--batch", "2")
     assert proc.returncode == 1, proc.stderr
     errors = sorted(line for line in proc.stderr.splitlines() if not line.startswith("distill ["))
     expected = [

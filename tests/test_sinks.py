@@ -184,6 +184,13 @@ class MqttListener:
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
 
+    @classmethod
+    def connected(cls, port: int) -> "MqttListener":
+        """A listener already connected (and so subscribed before anything it must see is published)."""
+        listener = cls(port)
+        wait_for(lambda: listener.client.is_connected(), what="the listener")
+        return listener
+
     def _message(self, client, userdata, msg) -> None:
         data = json.loads(msg.payload)
         if msg.topic.endswith("/status"):
@@ -215,8 +222,7 @@ def test_mqtt_after_a_broker_kill_everything_it_had_not_acknowledged_arrives_in_
     (the link-cut test below, with the broker alive, owes it every seq).
     """
     broker = mosquitto()
-    listener = MqttListener(broker.port)
-    wait_for(lambda: listener.client.is_connected(), what="the listener")
+    listener = MqttListener.connected(broker.port)
     sinks = start_sinks(NodeStub({"type": "mqtt", "port": broker.port, "batch": 50}), store)
     try:
         expected = append(store, 300)
@@ -293,8 +299,7 @@ class LinkCutter:
 @needs_mosquitto
 def test_mqtt_every_seq_arrives_in_order_across_a_cut_link(mosquitto, store):
     broker = mosquitto()
-    listener = MqttListener(broker.port)
-    wait_for(lambda: listener.client.is_connected(), what="the listener")
+    listener = MqttListener.connected(broker.port)
     link = LinkCutter(broker.port)
     sinks = start_sinks(NodeStub({"type": "mqtt", "port": link.port, "batch": 50}), store)
     try:
@@ -333,8 +338,7 @@ def test_mqtt_node_status_is_retained_online_then_offline_at_a_clean_stop(mosqui
 @needs_mosquitto
 def test_the_cursor_survives_a_restart_and_nothing_acked_is_sent_again(mosquitto, tmp_path):
     broker = mosquitto()
-    listener = MqttListener(broker.port)
-    wait_for(lambda: listener.client.is_connected(), what="the listener")
+    listener = MqttListener.connected(broker.port)
     node = NodeStub({"type": "mqtt", "port": broker.port, "name": "c2"})
     store = EventStore(tmp_path / "events.db")
     sinks = start_sinks(node, store)
@@ -598,8 +602,7 @@ def test_a_real_node_forwards_its_events_to_mqtt_and_reports_the_sink_in_status(
     from node_kit import one_camera_node_config
 
     broker = mosquitto()
-    listener = MqttListener(broker.port)
-    wait_for(lambda: listener.client.is_connected(), what="the listener")
+    listener = MqttListener.connected(broker.port)
     config = one_camera_node_config(tmp_path, sinks=[{"type": "mqtt", "port": broker.port, "poll_s": 0.05}])
     node = Node(config)
     node.start()
