@@ -558,6 +558,21 @@ def make_pki(folder: Path) -> dict[str, Path]:
     return out
 
 
+def only_the_certified_sink_gets_through(store, broker: Broker, with_cert: dict, without: dict) -> None:
+    """Two sinks to one TLS broker: the one with a client certificate forwards all five events; the one without is
+    refused at the handshake, says so in its status and keeps its whole backlog. Kills the broker at the end."""
+    seqs = append(store, 5)
+    sinks = start_sinks(NodeStub({**with_cert, "name": "with-cert"}, {**without, "name": "without"}), store)
+    try:
+        wait_for(lambda: sinks_status(sinks)["with-cert"]["cursor"] == seqs[-1], what="the events over TLS")
+        status = wait_for(lambda: (s := sinks_status(sinks)["without"])["error"] and s, what="the refused handshake")
+        assert status["state"] == "retrying" and "TLS" in status["error"]
+        assert status["cursor"] == 0 and status["backlog"] == len(seqs)
+    finally:
+        stop_sinks(sinks)
+        broker.kill()
+
+
 @needs_mosquitto
 def test_mqtt_over_tls_with_a_client_certificate(tmp_path, store):
     pki = make_pki(tmp_path)
@@ -577,22 +592,9 @@ def test_mqtt_over_tls_with_a_client_certificate(tmp_path, store):
     broker = Broker([MOSQUITTO, "-c", str(conf)], port, tmp_path / "tls.log").start()
     tls = {"ca": str(pki["ca.pem"]), "cert": str(pki["client.pem"]), "key": str(pki["client.key"])}
     no_cert = {"ca": str(pki["ca.pem"])}
-    seqs = append(store, 5)
-    sinks = start_sinks(
-        NodeStub(
-            {"type": "mqtt", "port": port, "tls": tls, "name": "with-cert"},
-            {"type": "mqtt", "port": port, "tls": no_cert, "name": "without"},
-        ),
-        store,
+    only_the_certified_sink_gets_through(
+        store, broker, {"type": "mqtt", "port": port, "tls": tls}, {"type": "mqtt", "port": port, "tls": no_cert}
     )
-    try:
-        wait_for(lambda: sinks_status(sinks)["with-cert"]["cursor"] == seqs[-1], what="the events over TLS")
-        status = wait_for(lambda: (s := sinks_status(sinks)["without"])["error"] and s, what="the refused handshake")
-        assert status["state"] == "retrying" and "TLS" in status["error"]
-        assert status["cursor"] == 0 and status["backlog"] == len(seqs)
-    finally:
-        stop_sinks(sinks)
-        broker.kill()
 
 
 @needs_mosquitto
@@ -631,19 +633,9 @@ def test_nats_over_tls_with_a_client_certificate(tmp_path, store):
     server = Broker(argv, port, tmp_path / "nats-tls.log").start()
     url = f"tls://127.0.0.1:{port}"
     tls = {"ca": str(pki["ca.pem"]), "cert": str(pki["client.pem"]), "key": str(pki["client.key"])}
-    seqs = append(store, 5)
-    sinks = start_sinks(
-        NodeStub(
-            {"type": "nats", "url": url, "tls": tls, "name": "with-cert"},
-            {"type": "nats", "url": url, "tls": {"ca": str(pki["ca.pem"])}, "name": "without"},
-        ),
+    only_the_certified_sink_gets_through(
         store,
+        server,
+        {"type": "nats", "url": url, "tls": tls},
+        {"type": "nats", "url": url, "tls": {"ca": str(pki["ca.pem"])}},
     )
-    try:
-        wait_for(lambda: sinks_status(sinks)["with-cert"]["cursor"] == seqs[-1], what="the events over TLS")
-        status = wait_for(lambda: (s := sinks_status(sinks)["without"])["error"] and s, what="the refused handshake")
-        assert status["state"] == "retrying" and "TLS" in status["error"]
-        assert status["cursor"] == 0 and status["backlog"] == len(seqs)
-    finally:
-        stop_sinks(sinks)
-        server.kill()
