@@ -66,17 +66,11 @@ def generate_keypair(stem: Path, passphrase: bytes | None = None) -> KeyPair:
 def load_private_key(path: Path, passphrase: bytes | None = None) -> Ed25519PrivateKey:
     """Read a private key; refuse it if group/others can read it or the passphrase is wrong."""
     path = Path(path)
+    data = read_key_file(path, "private key", "give the .key file bastion keys generate wrote")
     try:
         mode = path.stat().st_mode
-        data = read_bounded(path, MAX_KEY_FILE_BYTES)  # never /dev/zero or a FIFO read forever
-    except FileNotFoundError:
-        raise KeyFileError(f"private key not found: {path}") from None
-    except (TooLarge, NotRegular):
-        raise KeyFileError(
-            f"{path} is not a private key file", "give the .key file bastion keys generate wrote"
-        ) from None
     except OSError as exc:
-        raise KeyFileError(f"cannot read private key {path}: {exc.strerror}") from None
+        raise KeyFileError(f"cannot read private key {path}: {exc.strerror or exc}") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyFileError(
             f"private key {path} is accessible by other users (mode {stat.S_IMODE(mode):04o})",
@@ -129,17 +123,22 @@ def _ask_for_passphrase(path: Path) -> bytes:
 def load_public_key(path: Path) -> Ed25519PublicKey:
     """A public key file: a regular file of at most ``MAX_KEY_FILE_BYTES`` (``/dev/zero`` or a FIFO given as
     ``--key`` would otherwise be read forever)."""
+    return parse_public_key(read_key_file(path, "public key", "give the .pub file"), str(path))
+
+
+def read_key_file(path: Path, what: str, hint: str) -> bytes:
+    """The bytes of a key file, read bounded: a regular file of at most ``MAX_KEY_FILE_BYTES`` (``/dev/zero`` or a
+    FIFO given as a key would otherwise be read forever); every refusal is one ``KeyFileError`` naming ``what``."""
     try:
-        data = read_bounded(path, MAX_KEY_FILE_BYTES)
+        return read_bounded(path, MAX_KEY_FILE_BYTES)
     except FileNotFoundError:
-        raise KeyFileError(f"public key not found: {path}") from None
+        raise KeyFileError(f"{what} not found: {path}") from None
     except (TooLarge, NotRegular):
         raise KeyFileError(
-            f"{path} is not a public key file (a PEM key is under {MAX_KEY_FILE_BYTES} bytes)", "give the .pub file"
+            f"{path} is not a {what} file (a PEM key is under {MAX_KEY_FILE_BYTES} bytes)", hint
         ) from None
     except OSError as exc:
-        raise KeyFileError(f"cannot read public key {path}: {exc.strerror or exc}") from None
-    return parse_public_key(data, str(path))
+        raise KeyFileError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
 def parse_public_key(data: bytes, where: str) -> Ed25519PublicKey:
