@@ -61,23 +61,25 @@ def bench_detect_command(
 
     Example: bastion bench detect --model yolov5n --images bastion/samples/images --json
     """
+    from bastion.bench_common import DetectBenchRequest
+
+    request = DetectBenchRequest(
+        model=model,
+        limit=limit,
+        repeat=repeat,
+        imgsz=imgsz,
+        conf=conf,
+        iou=iou,
+        threads=threads,
+        with_ultralytics=ultralytics,
+        allow_unsigned=allow_unsigned,
+    )
     if backends is not None:
         if images is None:
             raise ConfigError("--backends compares backends on --images DIR")
         from bastion.bench_backends import bench_backends
 
-        result = bench_backends(
-            images,
-            model,
-            [b.strip() for b in backends.split(",") if b.strip()],
-            limit,
-            repeat,
-            imgsz,
-            conf,
-            iou,
-            threads,
-            allow_unsigned,
-        )
+        result = bench_backends(images, [b.strip() for b in backends.split(",") if b.strip()], request)
         if json_out:
             print_json(result)
         else:
@@ -86,25 +88,15 @@ def bench_detect_command(
         return
     if (images is None) == (video is None):
         raise ConfigError("give exactly one of --images DIR or --video FILE")
-    kwargs = dict(
-        model=model,
-        limit=limit,
-        imgsz=imgsz,
-        conf=conf,
-        iou=iou,
-        threads=threads,
-        with_ultralytics=ultralytics,
-        allow_unsigned=allow_unsigned,
-    )
     with progress(disable=json_out) as bar:
         if images is not None:
             from bastion.bench_images import bench_images
 
-            result = bench_images(images, repeat=repeat, progress=bar, **kwargs)
+            result = bench_images(images, request, progress=bar)
         else:
             from bastion.bench_video import bench_video
 
-            result = bench_video(video, batch=batch, workers=workers, progress=bar, **kwargs)
+            result = bench_video(video, request, batch=batch, workers=workers, progress=bar)
     for note in result.get("notes", []):  # on stderr, so --json's stdout stays one JSON object
         err.print(f"note: {note}", markup=False, highlight=False)
     if json_out:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bastion.bench_common import compare_detections
+from bastion.bench_common import DetectBenchRequest, compare_detections
 from bastion.bench_images import round_stats, timed_rounds
 from bastion.errors import BastionError, InputNotFoundError
 from bastion.hardware.backend_names import backend_name
@@ -16,24 +16,13 @@ from bastion.runtime.detections import Detections
 from bastion.runtime.media import list_images, read_image
 
 
-def bench_backends(
-    images: Path,
-    model: str,
-    backends: list[str],
-    limit: int,
-    repeat: int,
-    imgsz: int | None,
-    conf: float,
-    iou: float,
-    threads: int | None,
-    allow_unsigned: bool = False,
-) -> dict[str, Any]:
+def bench_backends(images: Path, backends: list[str], request: DetectBenchRequest) -> dict[str, Any]:
     """The same bundle and images on each backend (names or aliases; an unknown one is one ConfigError line),
     timed like the images mode: best of ``repeat`` rounds per image, the backends taking turns."""
     from bastion.runtime.backends.registry import get_backend
 
     names = list(dict.fromkeys(backend_name(b) for b in backends))  # all checked before anything is timed
-    files = list_images(Path(images))[:limit]
+    files = list_images(Path(images))[: request.limit]
     if not files:
         raise InputNotFoundError(f"no images in {images}")
     arrays = [read_image(f) for f in files]
@@ -41,9 +30,7 @@ def bench_backends(
     detectors: dict[str, Detector] = {}
     for name in names:
         try:
-            detectors[name] = Detector.load(
-                model, device=name, threads=threads, conf=conf, iou=iou, imgsz=imgsz, allow_unsigned=allow_unsigned
-            )
+            detectors[name] = request.load(device=name)
         except BastionError as exc:
             results[name] = {"available": False, "reason": str(exc)}
     found: dict[str, list[Detections]] = {}
@@ -63,7 +50,7 @@ def bench_backends(
         passes = [timed_pass(name, det) for name, det in detectors.items()]
         for run_pass in passes:
             run_pass(False)
-        timings = timed_rounds(passes, max(1, repeat))
+        timings = timed_rounds(passes, max(1, request.repeat))
     finally:
         for det in detectors.values():
             det.close()
@@ -81,4 +68,10 @@ def bench_backends(
         else:
             results[name]["agreement_with_first"] = compare_detections(found[name], reference)
     ordered = {name: results[name] for name in names}  # in the order asked
-    return {"mode": "backends", "model": model, "count": len(files), "repeat": repeat, "backends": ordered}
+    return {
+        "mode": "backends",
+        "model": request.model,
+        "count": len(files),
+        "repeat": request.repeat,
+        "backends": ordered,
+    }

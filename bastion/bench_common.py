@@ -1,10 +1,12 @@
-"""What every ``bastion bench detect`` mode shares: timing statistics, the run's environment, detection agreement,
-the Ultralytics reference (and the plain reason when it is skipped), and a progress ticker."""
+"""What every ``bastion bench detect`` mode shares: the request (``DetectBenchRequest``), timing statistics, the
+run's environment, detection agreement, the Ultralytics reference (and the plain reason when it is skipped), and a
+progress ticker."""
 
 from __future__ import annotations
 
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,6 +15,36 @@ import numpy as np
 from bastion import __version__
 from bastion.runtime.detect import Detector
 from bastion.runtime.detections import Detections
+
+
+@dataclass(frozen=True)
+class DetectBenchRequest:
+    """What ``bastion bench detect`` was asked, built once from its options and read by every mode (images, video,
+    backends): one typed object, so a new threshold or flag is added in one place instead of in three copied
+    parameter lists that drift apart. The defaults are the command line's."""
+
+    model: str
+    limit: int = 64
+    repeat: int = 5
+    imgsz: int | None = None
+    conf: float = 0.25
+    iou: float = 0.45
+    threads: int | None = None
+    with_ultralytics: bool = True
+    allow_unsigned: bool = False
+
+    def load(self, device: str = "auto", threads: int | None = None) -> Detector:
+        """The asked bundle on ``device`` with the asked thresholds; ``threads`` overrides the asked count (the
+        video pipeline runs single-threaded sessions, one inference per core)."""
+        return Detector.load(
+            self.model,
+            device=device,
+            threads=self.threads if threads is None else threads,
+            conf=self.conf,
+            iou=self.iou,
+            imgsz=self.imgsz,
+            allow_unsigned=self.allow_unsigned,
+        )
 
 
 def stats(latencies_s: list[float], wall_s: float | None = None, count: int | None = None) -> dict[str, float]:
@@ -113,15 +145,14 @@ def why_no_ultralytics(detector: Detector, model: str, enabled: bool) -> str | N
     return None
 
 
-def ultralytics_for(
-    detector: Detector, model: str, enabled: bool, notes: list[str], imgsz: int, conf: float, iou: float
-) -> UltralyticsContestant | None:
-    """The Ultralytics contestant, or None with the reason appended to ``notes``."""
-    reason = why_no_ultralytics(detector, model, enabled)
+def ultralytics_for(detector: Detector, request: DetectBenchRequest, notes: list[str]) -> UltralyticsContestant | None:
+    """The Ultralytics contestant on the request's file and thresholds (at the detector's input size), or None with
+    the reason appended to ``notes``."""
+    reason = why_no_ultralytics(detector, request.model, request.with_ultralytics)
     if reason is not None:
         notes.append(reason)
         return None
-    return UltralyticsContestant(Path(model), imgsz, conf, iou)
+    return UltralyticsContestant(Path(request.model), max(detector.size), request.conf, request.iou)
 
 
 def versus_ultralytics(

@@ -24,9 +24,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bastion.bench_common import environment, stats, ticker, ultralytics_for, versus_ultralytics
+from bastion.bench_common import (
+    DetectBenchRequest,
+    environment,
+    stats,
+    ticker,
+    ultralytics_for,
+    versus_ultralytics,
+)
 from bastion.errors import InputNotFoundError
-from bastion.runtime.detect import Detector
 from bastion.runtime.detections import Detections
 from bastion.runtime.media import list_images, read_image
 from bastion.runtime.preprocess import batch_inputs
@@ -56,33 +62,21 @@ def round_stats(per_round: list[list[float]]) -> dict[str, Any]:
     return {**stats(flat), "best_per_s": len(per_round[0]) / best if best > 0 else 0.0, "rounds": len(per_round)}
 
 
-def bench_images(
-    images: Path,
-    model: str,
-    limit: int,
-    repeat: int,
-    imgsz: int | None,
-    conf: float,
-    iou: float,
-    threads: int | None,
-    with_ultralytics: bool,
-    progress: Any = None,
-    allow_unsigned: bool = False,
-) -> dict[str, Any]:
-    """Single-image latency/throughput of the contestants on the same files, best of ``repeat`` rounds."""
+def bench_images(images: Path, request: DetectBenchRequest, progress: Any = None) -> dict[str, Any]:
+    """Single-image latency/throughput of the contestants on the same files, best of ``request.repeat`` rounds."""
     if not Path(images).is_dir():
         raise InputNotFoundError(f"not a directory: {images}")
-    files = list_images(Path(images))[:limit]
+    files = list_images(Path(images))[: request.limit]
     if not files:
         raise InputNotFoundError(f"no images in {images}")
-    rounds = max(1, repeat)
-    detector = Detector.load(model, threads=threads, conf=conf, iou=iou, imgsz=imgsz, allow_unsigned=allow_unsigned)
+    rounds = max(1, request.repeat)
+    detector = request.load()
     notes: list[str] = []
     arrays = [read_image(f) for f in files]
     prepared = [detector.prepare(a) for a in arrays]
     blobs = [batch_inputs([p[0]]) for p in prepared]
     name = detector.backend.inputs[0].name
-    ultra = ultralytics_for(detector, model, with_ultralytics, notes, max(detector.size), conf, iou)
+    ultra = ultralytics_for(detector, request, notes)
     contestants_n = 3 if ultra is not None else 2
     tick = ticker(progress, "bench", len(files) * (rounds + WARMUP_PASSES) * contestants_n)
     pre, infer, post = [], [], []
@@ -154,7 +148,7 @@ def bench_images(
         summary["bastion_vs_ultralytics_p50"] = round(
             contestants["ultralytics"]["p50_ms"] / contestants["bastion"]["p50_ms"], 3
         )
-    env = environment(detector, threads)
+    env = environment(detector, request.threads)
     detector.close()
     return {
         "mode": "images",
@@ -162,10 +156,10 @@ def bench_images(
         "model_sha256": detector.bundle_sha256,
         "input_hw": list(prepared[0][1].input_hw),
         "count": len(files),
-        "repeat": repeat,
+        "repeat": request.repeat,
         "timing": f"each image best of {rounds} rounds after {WARMUP_PASSES} warm-up passes; contestants take turns",
-        "conf": conf,
-        "iou": iou,
+        "conf": request.conf,
+        "iou": request.iou,
         "contestants": contestants,
         "summary": summary,
         "notes": notes,

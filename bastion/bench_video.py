@@ -7,7 +7,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bastion.bench_common import compare_detections, environment, stats, ticker, ultralytics_for, versus_ultralytics
+from bastion.bench_common import (
+    DetectBenchRequest,
+    compare_detections,
+    environment,
+    stats,
+    ticker,
+    ultralytics_for,
+    versus_ultralytics,
+)
 from bastion.errors import InputNotFoundError
 from bastion.runtime.detect import Detector
 from bastion.runtime.detections import Detections
@@ -17,26 +25,15 @@ from bastion.runtime.stream import default_workers, detect_stream
 
 
 def bench_video(
-    video: Path,
-    model: str,
-    limit: int,
-    imgsz: int | None,
-    conf: float,
-    iou: float,
-    threads: int | None,
-    batch: int,
-    with_ultralytics: bool,
-    workers: int | None = None,
-    progress: Any = None,
-    allow_unsigned: bool = False,
+    video: Path, request: DetectBenchRequest, batch: int, workers: int | None = None, progress: Any = None
 ) -> dict[str, Any]:
     """Frames/s over a video file: floor vs bastion's overlapped pipeline vs Ultralytics' stream."""
     if not Path(video).is_file():
         raise InputNotFoundError(f"video not found: {video}")
     workers = workers or default_workers()
-    detector = Detector.load(model, threads=threads, conf=conf, iou=iou, imgsz=imgsz, allow_unsigned=allow_unsigned)
+    detector = request.load()
     notes: list[str] = []
-    frames = [f.image for f in iter_video(video, limit)]
+    frames = [f.image for f in iter_video(video, request.limit)]
     if not frames:
         raise InputNotFoundError(f"no frames decoded from {video}")
     tick = ticker(progress, "bench video", len(frames) * 4)
@@ -63,7 +60,7 @@ def bench_video(
     effective = batch if detector.dynamic_batch else 1
     contestants["bastion_serial"], dets_serial = run_stream(detector, 1, 1)
     detector.close()
-    streamer = Detector.load(model, threads=1, conf=conf, iou=iou, imgsz=imgsz, allow_unsigned=allow_unsigned)
+    streamer = request.load(threads=1)
     contestants["bastion"], dets = run_stream(streamer, effective, workers)
     summary: dict[str, Any] = {
         "batch": effective,
@@ -71,7 +68,7 @@ def bench_video(
         "bastion_vs_floor": round(contestants["bastion"]["per_s"] / contestants["floor"]["per_s"], 3),
         "pipeline_agreement": compare_detections(dets, dets_serial),
     }
-    ultra = ultralytics_for(detector, model, with_ultralytics, notes, max(detector.size), conf, iou)
+    ultra = ultralytics_for(detector, request, notes)
     theirs: list[Detections] = []
     if ultra is not None:
         ultra.predict(frames[0])  # warm-up
@@ -89,10 +86,10 @@ def bench_video(
         "model_sha256": detector.bundle_sha256,
         "video": str(video),
         "count": len(frames),
-        "conf": conf,
-        "iou": iou,
+        "conf": request.conf,
+        "iou": request.iou,
         "contestants": contestants,
         "summary": summary,
         "notes": notes,
-        "environment": environment(detector, threads),
+        "environment": environment(detector, request.threads),
     }

@@ -9,10 +9,10 @@ model's sha256 and signer, source names and sink names are what an attacker woul
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from bastion.edge.watched import WatchedThread
 from bastion.errors import BastionError
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class StatusCollector:
         return total
 
 
-class MetricsServer:
+class MetricsServer(WatchedThread):
     """The HTTP endpoint: prometheus_client's own server on its own thread, closed with the node."""
 
     def __init__(self, address: str, collector: StatusCollector) -> None:
@@ -184,14 +184,6 @@ class MetricsServer:
         bound = self._httpd.server_address
         self.address = f"{'[' + bound[0] + ']' if ':' in bound[0] else bound[0]}:{bound[1]}"
         log.info("metrics on http://%s/metrics", self.address)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    @property
-    def thread(self) -> threading.Thread:
-        return self._thread
 
     def close(self) -> None:
         self._httpd.shutdown()
