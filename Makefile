@@ -71,12 +71,16 @@ test-fast: install-dev lint
 # Debian's chromium, for the report's browser checks (tests/test_demo_report.py loads the demo report in headless
 # Chromium). Installed only when missing, only where apt-get can run (root, or password-less sudo); anywhere else
 # this says why and the browser tests skip with the same reason. Debian's mosquitto too, the MQTT broker
-# tests/test_sinks.py starts on loopback (those tests skip without it).
+# tests/test_sinks.py starts on loopback, and softhsm2, the PKCS#11 token the signing tests use (each skips without it).
 chromium:
 	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || { command -v apt-get >/dev/null 2>&1 && \
 		{ [ "$$(id -u)" = 0 ] && s="" || s="sudo -n"; } && echo "make: installing Debian's mosquitto for the sink tests" && \
 		$$s env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends mosquitto >/dev/null 2>&1 || \
 		echo "make: could not install mosquitto; the MQTT sink tests will skip"; }
+	@command -v softhsm2-util >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+		{ [ "$$(id -u)" = 0 ] && s="" || s="sudo -n"; } && echo "make: installing Debian's softhsm2 for the PKCS#11 signing tests" && \
+		$$s env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends softhsm2 >/dev/null 2>&1 || \
+		echo "make: could not install softhsm2; the PKCS#11 signing tests will skip"; }
 	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
 	elif ! command -v apt-get >/dev/null 2>&1; then \
 		echo "make: no apt-get here: not installing chromium; the report's browser tests will skip"; \
@@ -100,7 +104,7 @@ distill-deps: install-dev
 # by it, so the three agree on every version they share.
 lock: install-dev
 	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile $(LOCK_FLAGS) $(LOCK_ARGS) \
-		--extra dev --extra distill -o requirements/dev.txt pyproject.toml
+		--extra dev --extra distill --extra hsm --extra scale -o requirements/dev.txt pyproject.toml
 	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile $(LOCK_FLAGS) $(LOCK_ARGS) \
 		--extra quantize --extra distill -c requirements/dev.txt -o requirements/demo.txt pyproject.toml
 	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile $(LOCK_FLAGS) $(LOCK_ARGS) \
