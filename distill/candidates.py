@@ -49,7 +49,7 @@ def open_for_eval(bundle: Bundle, imgsz: int) -> Detector:
     options, no warm-up of its own; built from the model's bytes as hashed now (``Detector.from_bundle``)."""
     return Detector.from_bundle(
         bundle,
-        device="cpu",
+        device="ort-cpu",
         threads=1,
         warmup=False,
         conf=EVAL_CONF,

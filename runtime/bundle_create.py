@@ -55,7 +55,7 @@ def infer_fields(onnx: Path) -> dict[str, Any]:
     from bastion.runtime.backends import open_backend
     from bastion.runtime.onnx_manifest import manifest_from_onnx
 
-    backend = open_backend(onnx, device="cpu", threads=1)
+    backend = open_backend(onnx, device="ort-cpu", threads=1)
     try:
         m = manifest_from_onnx(onnx, backend).model_dump(mode="json")
         return {k: m[k] for k in ("input", "decoder", "classes")}
@@ -70,7 +70,7 @@ def infer_input(onnx: Path) -> dict[str, Any]:
     (what `bundle create --decoder …` needs from a plain YOLO export); {} when it is not an image batch."""
     from bastion.runtime.backends import open_backend
 
-    backend = open_backend(onnx, device="cpu", threads=1)
+    backend = open_backend(onnx, device="ort-cpu", threads=1)
     try:
         inp = backend.inputs[0]
     finally:
@@ -165,7 +165,7 @@ def _smoke_test(model: bytes, manifest: Manifest) -> None:
             "a detection bundle needs input and decoder metadata",
             "give --decoder and --imgsz, or an input:/decoder: section in --meta",
         )
-    detector = Detector(open_backend(model, device="cpu", threads=1), manifest)
+    detector = Detector(open_backend(model, device="ort-cpu", threads=1), manifest)
     try:
         h, w = manifest.input.size
         detector.detect(np.full((h, w, 3), 114, np.uint8))
