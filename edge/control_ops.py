@@ -16,10 +16,12 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from bastion.edge.audit import AuditWriteError
+from bastion.edge.clip_op import clip_answer
 from bastion.edge.control_lanes import Deferred
 from bastion.edge.events_v2 import event_v, read_events
 from bastion.edge.protocol import (
     AskRequest,
+    ClipRequest,
     PingRequest,
     ReloadRequest,
     ReplayRequest,
@@ -100,6 +102,12 @@ def snapshot(node: Node, request: SnapshotRequest, client: str) -> Reply:
         return {"seq": request.seq, "jpeg_b64": base64.b64encode(node.vault.load(request.seq)).decode()}
     except BastionError as exc:
         return {"ok": False, "error": str(exc)}
+
+
+@handles("clip")
+def clip(node: Node, request: ClipRequest, client: str) -> Reply:
+    """An evidence clip, decrypted, a chunk at a time (edge/clip_op.py; docs/events.md "Evidence clips")."""
+    return clip_answer(node, request.seq, request.offset)
 
 
 @handles("reload")

@@ -108,6 +108,12 @@ class SnapshotRequest(_Request):
     seq: int = Field(ge=0, le=MAX_SEQ)
 
 
+class ClipRequest(_Request):
+    op: Literal["clip"]
+    seq: int = Field(ge=0, le=MAX_SEQ)
+    offset: int = Field(0, ge=0, le=MAX_SEQ)  # video bytes already read: answers come in chunks (docs/protocol.md)
+
+
 class AskRequest(_Request):
     op: Literal["ask"]
     prompt: str = Field(min_length=1, max_length=8192)  # the node's lm_max_prompt_chars may allow less
@@ -115,7 +121,7 @@ class AskRequest(_Request):
 
 
 ControlRequest = Annotated[
-    PingRequest | StatusRequest | ReplayRequest | ReloadRequest | SnapshotRequest | AskRequest,
+    PingRequest | StatusRequest | ReplayRequest | ReloadRequest | SnapshotRequest | ClipRequest | AskRequest,
     Field(discriminator="op"),
 ]
 _CONTROL_REQUEST = TypeAdapter(ControlRequest)

@@ -50,50 +50,88 @@ def load_key(path: Path) -> bytes:
     return key
 
 
-class SnapshotVault:
-    def __init__(self, directory: Path, key: bytes, node_id: str, quality: int = 85) -> None:
+class SealedFiles:
+    """Files ``<seq><suffix>`` in one directory, each ``nonce (12 bytes) || AES-GCM(data)`` with
+    ``bastion-<label>:<node>:<seq>`` as associated data: the one way the node encrypts what it keeps at rest
+    (snapshots here, evidence clips in edge/clip_store.py), so a file moved to another seq, node or kind
+    fails to decrypt. Reads are bounded by ``limit()``: a file past it was not written here."""
+
+    label = "file"
+    suffix = ".enc"
+
+    def __init__(self, directory: Path, key: bytes, node_id: str) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.aead = AESGCM(key)
         self.node_id = node_id
-        self.quality = quality
+
+    def limit(self) -> int:
+        raise NotImplementedError
 
     def _aad(self, seq: int) -> bytes:
-        return f"bastion-snapshot:{self.node_id}:{seq}".encode()
+        return f"bastion-{self.label}:{self.node_id}:{seq}".encode()
 
     def path(self, seq: int) -> Path:
-        return self.dir / f"{seq:012d}{SUFFIX}"
+        return self.dir / f"{seq:012d}{self.suffix}"
+
+    def seal(self, seq: int, data: bytes) -> Path:
+        """Encrypt ``data`` for event ``seq`` and write it (temp file, fsync, rename)."""
+        nonce = os.urandom(12)
+        path = self.path(seq)
+        atomic_write_bytes(path, nonce + self.aead.encrypt(nonce, data, self._aad(seq)))
+        return path
+
+    def unseal(self, seq: int) -> bytes:
+        """The decrypted bytes kept for event ``seq``; BastionError (one line) when missing, unreadable, forged."""
+        path = self.path(seq)
+        try:
+            blob = read_bounded(path, self.limit())
+        except FileNotFoundError:
+            raise BastionError(f"no {self.label} for event {seq}") from None
+        except OSError as exc:  # too large, not a file, unreadable: never buffered whole
+            raise BastionError(f"{self.label} {path.name} cannot be read ({exc})") from None
+        try:
+            return self.aead.decrypt(blob[:12], blob[12:], self._aad(seq))
+        except InvalidTag:
+            raise BastionError(f"{self.label} {path.name} does not decrypt (wrong key, or modified)") from None
+
+    def seqs(self) -> list[int]:
+        """The seqs that have a file here, ascending (names that are not ``<seq><suffix>`` are ignored)."""
+        found = []
+        for path in self.dir.glob(f"*{self.suffix}"):
+            try:
+                found.append(int(path.name[: -len(self.suffix)]))
+            except ValueError:
+                continue
+        return sorted(found)
+
+    def delete_before(self, seq: int) -> int:
+        removed = 0
+        for found in self.seqs():
+            if found >= seq:
+                break
+            self.path(found).unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+
+class SnapshotVault(SealedFiles):
+    label = "snapshot"
+    suffix = SUFFIX
+
+    def __init__(self, directory: Path, key: bytes, node_id: str, quality: int = 85) -> None:
+        super().__init__(directory, key, node_id)
+        self.quality = quality
+
+    def limit(self) -> int:
+        return MAX_SNAPSHOT_BYTES
 
     def save(self, seq: int, image: np.ndarray) -> Path:
         ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.quality])
         if not ok:
             raise BastionError(f"cannot encode snapshot for event {seq}")
-        nonce = os.urandom(12)
-        path = self.path(seq)
-        atomic_write_bytes(path, nonce + self.aead.encrypt(nonce, jpeg.tobytes(), self._aad(seq)))
-        return path
+        return self.seal(seq, jpeg.tobytes())
 
     def load(self, seq: int) -> bytes:
         """The JPEG bytes of event ``seq``'s snapshot."""
-        path = self.path(seq)
-        try:
-            blob = read_bounded(path, MAX_SNAPSHOT_BYTES)
-        except FileNotFoundError:
-            raise BastionError(f"no snapshot for event {seq}") from None
-        except OSError as exc:  # too large, not a file, unreadable: never buffered whole
-            raise BastionError(f"snapshot {path.name} cannot be read ({exc})") from None
-        try:
-            return self.aead.decrypt(blob[:12], blob[12:], self._aad(seq))
-        except InvalidTag:
-            raise BastionError(f"snapshot {path.name} does not decrypt (wrong key, or modified)") from None
-
-    def delete_before(self, seq: int) -> int:
-        removed = 0
-        for path in self.dir.glob(f"*{SUFFIX}"):
-            try:
-                if int(path.name[: -len(SUFFIX)]) < seq:
-                    path.unlink()
-                    removed += 1
-            except ValueError:
-                continue
-        return removed
+        return self.unseal(seq)

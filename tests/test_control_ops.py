@@ -17,7 +17,7 @@ WAIT_MS = 10_000  # how long a test waits for an answer before it calls the node
 
 
 def test_every_op_the_protocol_accepts_has_one_handler_and_no_handler_is_unreachable():
-    assert set(HANDLERS) == set(OPS) == {"ping", "status", "replay", "reload", "snapshot", "ask"}
+    assert set(HANDLERS) == set(OPS) == {"ping", "status", "replay", "reload", "snapshot", "clip", "ask"}
 
 
 @pytest.mark.parametrize(
@@ -32,7 +32,10 @@ def test_every_op_the_protocol_accepts_has_one_handler_and_no_handler_is_unreach
         ({"op": "ask"}, "ask: prompt: Field required"),
         ({"op": "ask", "prompt": "x", "max_new_tokens": 0}, "ask: max_new_tokens: Input should be greater"),
         ({"op": "replay", "limit": 5001}, "replay: limit: Input should be less than or equal to 5000"),
-        ({"op": "nope", "id": 4}, 'request has an unknown op "nope"; ops: ask, ping, reload, replay, snapshot, status'),
+        (
+            {"op": "nope", "id": 4},
+            'request has an unknown op "nope"; ops: ask, clip, ping, reload, replay, snapshot, status',
+        ),
         ({"op": ["x"] * 10_000}, "request has an unknown op list; ops:"),
         ({"id": 5}, "request has no 'op'; ops:"),
     ],
