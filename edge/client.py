@@ -27,6 +27,7 @@ import zmq
 
 from bastion.edge import answers
 from bastion.edge.answers import NodeRequestError
+from bastion.edge.clip_client import Clip, fetch_clip
 from bastion.edge.client_events import EventsMixin, replay_answer
 from bastion.edge.curve import apply_client, load_public
 from bastion.edge.events_v2 import OBJECT_TOPIC_PREFIX, NodeEvent
@@ -220,6 +221,17 @@ class Client(EventsMixin):
     def snapshot(self, seq: int) -> bytes:
         """The JPEG the node kept for event ``seq`` (decrypted by the node; CurveZMQ protects it in transit)."""
         return answers.snapshot(self.request("snapshot", seq=seq))
+
+    def clip(self, seq: int, out: str | Path | None = None) -> Clip:
+        """The evidence clip the node kept for event ``seq`` (an object.end or zone/line event, with
+        ``storage.clips``): ``Clip.meta`` (codec, container, frames, size, fps, time span) and ``Clip.data`` (the
+        video, decrypted by the node, fetched in chunks and checked against its sha256); with ``out`` also written
+        there (a directory gets ``clip-<seq>.avi``). A clip still recording, dropped or pruned is
+        NodeRequestError with the node's one-line reason."""
+        clip = fetch_clip(self, seq)
+        if out is not None:
+            clip.save(Path(out))
+        return clip
 
     def reload(self, bundle: str, allow_downgrade: bool = False) -> dict[str, Any]:
         """Switch the node to ``bundle``; an older version of the model it runs needs ``allow_downgrade``."""

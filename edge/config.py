@@ -71,12 +71,25 @@ class Storage(_Strict):
     max_mb: float | None = Field(None, gt=0, le=1e9)
     snapshots: bool = False  # keep an encrypted JPEG of every frame that produced an event
     snapshot_key: Path | None = None  # 256-bit hex key file (bastion node snapshot-key)
+    # Evidence clips (docs/events.md "Evidence clips"): around each object.end and zone/line event, encrypted
+    # with snapshot_key. Memory: per source at most clip_pre_s seconds and clip_ring_mb of JPEG frames.
+    clips: bool = False
+    clip_pre_s: float = Field(3.0, ge=0, le=30)  # seconds kept before the event …
+    clip_post_s: float = Field(3.0, ge=0, le=30)  # … and recorded after it
+    clip_fps: float = Field(10.0, ge=1, le=30)  # frames a second kept (a faster source is thinned)
+    clip_max_width: int = Field(1280, ge=160, le=3840)  # wider frames are scaled down
+    clip_quality: int = Field(80, ge=30, le=95)  # JPEG quality of the kept frames
+    clip_codec: Literal["mjpeg", "mp4v", "h264"] = "mjpeg"  # mp4v / h264 fall back to mjpeg where unavailable
+    clip_ring_mb: float = Field(32.0, ge=1, le=1024)  # per source
+    clip_max_pending: int = Field(4, ge=1, le=32)  # clips recording or encoding at once; more are dropped
+    clip_max_mb: float = Field(2048.0, ge=1, le=1e7)  # disk budget for clips, oldest pruned first
 
     @model_validator(mode="after")
     def _encrypted(self) -> "Storage":
-        if self.snapshots and self.snapshot_key is None:
+        if (self.snapshots or self.clips) and self.snapshot_key is None:
+            what = "snapshots" if self.snapshots else "clips"
             raise ValueError(
-                "snapshots are stored encrypted: set storage.snapshot_key (bastion node snapshot-key --out FILE)"
+                f"{what} are stored encrypted: set storage.snapshot_key (bastion node snapshot-key --out FILE)"
             )
         return self
 
@@ -120,6 +133,11 @@ class NodeConfig(_Strict):
         if self.objects is not None:
             self.objects.check_sources(names)
         check_sink_names(self.sinks)
+        if self.storage.clips and (self.objects is None or self.objects.tracker == "none"):
+            raise ValueError(
+                "storage.clips needs tracked objects (an objects: section): clips are kept for "
+                "object.end and zone/line events"
+            )
         if self.metrics is not None:
             host, _ = metrics_address(self.metrics)
             if not self.metrics_allow_remote and not _is_loopback_endpoint(f"tcp://{host}:0"):

@@ -100,16 +100,34 @@ class Node(FramePipeline):
                 self.audit.checkpoint()
             raise
         self.vault = None
-        if config.storage.snapshots:
+        self.clips = None
+        if config.storage.snapshots or config.storage.clips:
             from bastion.edge.snapshots import SnapshotVault, load_key
 
-            self.vault = SnapshotVault(self.storage / "snapshots", load_key(config.storage.snapshot_key), config.id)
+            key = load_key(config.storage.snapshot_key)
+            if config.storage.snapshots:
+                self.vault = SnapshotVault(self.storage / "snapshots", key, config.id)
+            if config.storage.clips:  # evidence clips, sealed with the same key (edge/clips.py)
+                from bastion.edge.clip_store import ClipVault
+                from bastion.edge.clips import ClipRecorder
+
+                self.clips = ClipRecorder(
+                    ClipVault(self.storage / "clips", key, config.id), config.storage, self.store.first_seq
+                )
         self.readers = [SourceReader(s, config.queue_size, self.wake, self.stop_event) for s in config.sources]
         self.server = NodeServer(config, self.handle, self.audit, self.store.last_seq)
         self.bridges = Bridges(config, self.store, self.status_dict, self.storage)  # sinks, metrics (docs/bridges.md)
         running = lambda: not self.stop_event.is_set()  # noqa: E731
         self._spawn_pipeline(running)
         self._maintenance = self.supervisor.spawn("node-maintenance", self._maintain, running)
+        self._clip_threads = []
+        if self.clips is not None:
+            from bastion.edge.clips import ENCODE, FRAMES
+
+            self._clip_threads = [
+                self.supervisor.spawn(FRAMES, self.clips.frames_loop, running),
+                self.supervisor.spawn(ENCODE, self.clips.encode_loop, running),
+            ]
         for thread in self.server.threads:
             self.supervisor.watch(thread.name, thread, running)
         auth = self.server.auth  # CurveZMQ's ZAP handler: without it no client gets in
@@ -133,6 +151,8 @@ class Node(FramePipeline):
         self._preparer.start()
         self._worker.start()
         self._maintenance.start()
+        for thread in self._clip_threads:
+            thread.start()
         self.bridges.start(self.supervisor, lambda: not self.stop_event.is_set())
         self.audit.checkpoint()
         try:
@@ -179,6 +199,11 @@ class Node(FramePipeline):
             if reader.ident is not None:
                 reader.join(timeout=5)
         self._join_pipeline()  # drains what the readers queued
+        if self.clips is not None:  # the clips still recording finish with what they have
+            self.clips.stop()
+            for thread in self._clip_threads:
+                if thread.ident is not None:
+                    thread.join(timeout=30)
         self.server.close()
         self.bridges.close()  # the sinks read the store until they stop
         self.store.close()
@@ -252,9 +277,13 @@ class Node(FramePipeline):
         """Drop events (and their snapshots) beyond the configured age / size. Never raises."""
         try:
             deleted = self.store.enforce_retention(self.config.storage.retention_days, self.config.storage.max_mb)
-            if self.vault is not None:
+            if self.vault is not None or self.clips is not None:
                 first = self.store.first_seq()
-                self.vault.delete_before(first if first is not None else self.store.last_seq() + 1)
+                keep_from = first if first is not None else self.store.last_seq() + 1
+                if self.vault is not None:
+                    self.vault.delete_before(keep_from)
+                if self.clips is not None:  # a clip goes with its event; and the clips' own disk budget
+                    self.clips.apply_retention(keep_from)
             return deleted
         except Exception as exc:  # retention must never stop the node
             log.warning("retention failed: %s", exc)
@@ -265,7 +294,8 @@ class Node(FramePipeline):
         if self.failure:
             return "failed"
         storage = self.storage_error or self.store.error
-        return "degraded" if storage or self.audit.error or self.audit.pending else "running"
+        clips = self.clips is not None and self.clips.error is not None  # detection goes on; evidence does not
+        return "degraded" if storage or clips or self.audit.error or self.audit.pending else "running"
 
     def status_dict(self) -> dict[str, Any]:
         det = self.detector
@@ -285,6 +315,7 @@ class Node(FramePipeline):
             },
             "objects": self.tracker_status(),  # None without an objects: section
             "events_by_kind": dict(self.events_by_kind),
+            "clips": self.clips.status() if self.clips is not None else None,  # storage.clips off: None
             "inference": {"latency": self.inference_latency.as_dict()},
             **self.bridges.status(),  # sinks (state, cursor, backlog, lag) and the metrics address
             "sources": {r.spec.name: r.stats.as_dict(len(r.queue)) for r in self.readers},

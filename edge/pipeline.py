@@ -43,6 +43,7 @@ from bastion.runtime.reader import SourceReader
 
 if TYPE_CHECKING:
     from bastion.edge.audit import AuditLog
+    from bastion.edge.clips import ClipRecorder
     from bastion.edge.server import NodeServer
     from bastion.edge.snapshots import SnapshotVault
     from bastion.edge.store import EventStore
@@ -106,6 +107,7 @@ class FramePipeline:
     server: NodeServer
     audit: AuditLog
     vault: SnapshotVault | None
+    clips: ClipRecorder | None
     storage_error: str | None
     published: int
 
@@ -191,6 +193,8 @@ class FramePipeline:
                 self._by_name[frame.source].stats.mark_inferred(now)
                 det = self.source_filters[frame.source](det, frame.image.shape)
                 self._last_frame[frame.source] = (frame.index, frame.ts)
+                if self.clips is not None:  # the clips' ring buffer (edge/clips.py): a queue put, never a wait
+                    self.clips.offer(frame)
                 if self.objects is not None:
                     det = self._track(frame, det, detector.bundle_sha256)
                 if len(det) and self.frame_events:
@@ -222,6 +226,8 @@ class FramePipeline:
             index, ts = self._last_frame[name]
             for event in self.objects.close_source(name, ts, index):
                 self._emit_object(event, self.detector.bundle_sha256, None)
+            if self.clips is not None:
+                self.clips.source_closed(name)
 
     def _emit_object(self, event: ObjectEvent, model_sha: str, frame: Frame | None) -> None:
         message = ObjectEventMessage(seq=0, node=self.config.id, model=model_sha, **event.to_dict())
@@ -267,6 +273,8 @@ class FramePipeline:
                     self.vault.delete_before(stored.seq + 1)
             except Exception as exc:  # the event is stored; a missing snapshot is logged, not fatal
                 log.warning("snapshot of event %d not saved: %s", stored.seq, exc)
+        if self.clips is not None:  # before publishing: a reader asking at once hears "still recording"
+            self.clips.trigger(stored.seq, kind, stored.source, stored.ts)
         self.server.publish(stored)  # type: ignore[arg-type]
         self.published += 1
         self.events_by_kind[kind] = self.events_by_kind.get(kind, 0) + 1

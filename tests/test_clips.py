@@ -1,0 +1,235 @@
+"""Evidence clips (#18 item 6): a ring of JPEG frames per source, a clip around each object.end and rule event,
+encoded by OpenCV, sealed with the snapshot key, served by the ``clip`` op to ``Client.clip`` — a real node on the
+vendored person clip, real ZeroMQ on 127.0.0.1, real files; a write that fails is shown and detection goes on."""
+
+import shutil
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from bastion.edge.client import Client, NodeRequestError
+from bastion.edge.clip_codec import encode
+from bastion.edge.clip_meta import ClipMeta
+from bastion.edge.clip_ring import FrameRing, RingFrame, compress
+from bastion.edge.clip_store import ClipVault
+from bastion.edge.clips import ClipRecorder
+from bastion.edge.events_v2 import kind_of
+from bastion.edge.node import Node
+from bastion.edge.snapshots import generate_key_file, load_key
+from bastion.errors import BastionError, ConfigError
+from conftest import SAMPLES
+from node_kit import one_camera_node_config
+
+# The person clip's first walker crosses x = 0.7 (right of the table) on her way out and is lost soon after:
+# one line.cross and one object.end within the first ~230 frames (tests/test_node_objects.py looked at them).
+EXIT = {"name": "exit", "a": [0.7, 0.02], "b": [0.7, 0.98], "classes": ["person"]}
+CLIP_MAGIC = (b"RIFF", b"AVI ", b"ftyp", b"BCLIP1", b"object.end", b"line.cross")
+
+
+def frame(ts, size=1000, index=0):
+    return RingFrame(ts, index, bytes(size), 64, 48)
+
+
+# -- the ring ---------------------------------------------------------------------------------------------------
+def test_the_ring_keeps_at_most_its_seconds_and_its_bytes_oldest_out_first():
+    by_time = FrameRing(max_s=2.0, max_bytes=10**9)
+    by_bytes = FrameRing(max_s=100.0, max_bytes=10_000)
+    for i in range(30):  # 4 frames a second for 7.25 s, 1000 bytes each
+        by_time.push(frame(i * 0.25, index=i))
+        by_bytes.push(frame(i * 0.25, index=i))
+    assert [f.index for f in by_time.since(0)] == list(range(21, 30))  # 2 s back from the newest, no more
+    assert [f.index for f in by_bytes.since(0)] == list(range(20, 30)) and by_bytes.bytes == 10_000
+    assert by_bytes.as_dict()["evicted"] == 20 and by_time.as_dict()["span_s"] == 2.0
+    by_bytes.push(frame(8.0, size=20_000))  # larger than the whole bound: not kept, nothing else lost for it
+    assert len(by_bytes) == 10 and by_bytes.bytes == 10_000
+    assert [f.index for f in by_bytes.since(6.5)] == [26, 27, 28, 29]
+    with pytest.raises(ValueError):
+        FrameRing(max_s=1, max_bytes=0)
+
+
+def test_clips_beyond_max_pending_are_dropped_counted_and_remembered(tmp_path):
+    storage = one_camera_node_config(tmp_path).storage.model_copy(update={"clip_max_pending": 2})
+    vault = ClipVault(tmp_path / "clips", bytes(32), "n1")
+    recorder = ClipRecorder(vault, storage, lambda: 1)
+    for seq in (1, 2, 3, 4):
+        recorder.trigger(seq, "object.end", "cam1", 10.0)
+    recorder.trigger(5, "object.new", "cam1", 10.0)  # not a kind that keeps a clip
+    assert [recorder.recording(s) for s in (1, 2, 3, 5)] == [True, True, False, False]
+    assert recorder.status()["dropped"] == {"busy": 2} and recorder.status()["in_flight"] == 2
+    assert "2 clips were in flight (clip_max_pending)" in recorder.outcome(3)
+    assert recorder.outcome(5) is None
+
+
+def test_frames_are_kept_as_jpeg_and_scaled_down_to_the_width_bound():
+    image = np.random.default_rng(0).integers(0, 255, (720, 1280, 3), np.uint8)
+    kept = compress(5.0, 3, image, max_width=640, quality=80)
+    assert (kept.width, kept.height) == (640, 360) and kept.jpeg[:2] == b"\xff\xd8"
+    assert len(kept.jpeg) < image.nbytes / 4  # compressed, not an array
+    assert compress(5.0, 3, image[:100, :200], 640, 80).width == 200  # narrower frames are left as they are
+
+
+# -- codec and vault -------------------------------------------------------------------------------------------
+def _clip_of(frames, tmp_path, codec="mjpeg"):
+    encoded = encode(frames, 10.0, codec, 2**26)
+    path = tmp_path / f"plain.{encoded.container}"
+    path.write_bytes(encoded.data)
+    return encoded, decoded(path)
+
+
+def decoded(path):
+    cap = cv2.VideoCapture(str(path))
+    shapes = []
+    while True:
+        ok, image = cap.read()
+        if not ok:
+            break
+        shapes.append(image.shape)
+    cap.release()
+    return shapes
+
+
+@pytest.mark.parametrize("codec", ["mjpeg", "mp4v", "h264"])
+def test_a_clip_encodes_to_a_video_opencv_reads_back_and_names_the_codec_it_used(tmp_path, codec):
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 255, (240, 320, 3), np.uint8) for _ in range(6)]
+    frames = [compress(10 + i / 10, i, im, 1280, 80) for i, im in enumerate(images)]
+    encoded, shapes = _clip_of(frames, tmp_path, codec)
+    assert shapes == [(240, 320, 3)] * 6 and encoded.frames == 6
+    assert encoded.codec in (codec, "mjpeg")  # h264 where the OpenCV build has it, else said to be mjpeg
+    assert {"mjpeg": "avi", "mp4v": "mp4", "h264": "mp4"}[encoded.codec] == encoded.container
+
+
+def test_a_sealed_clip_is_not_a_video_on_disk_and_opens_only_as_its_own_event(tmp_path):
+    key = load_key(generate_key_file(tmp_path / "k"))
+    vault = ClipVault(tmp_path / "clips", key, "n1")
+    image = np.full((120, 160, 3), 90, np.uint8)
+    encoded, _ = _clip_of([compress(1 + i / 10, i, image, 1280, 80) for i in range(4)], tmp_path)
+    meta = ClipMeta(
+        seq=7, kind="object.end", source="cam1", codec=encoded.codec, container=encoded.container, frames=4,
+        width=160, height=120, fps=10.0, start_ts=1.0, end_ts=1.3, event_ts=1.2, size=len(encoded.data),
+        sha256=__import__("hashlib").sha256(encoded.data).hexdigest(),
+    )  # fmt: skip
+    path = vault.save(meta, encoded.data)
+    blob = path.read_bytes()
+    assert not any(magic in blob for magic in CLIP_MAGIC) and decoded(path) == []
+    assert vault.load(7) == (meta, encoded.data)
+    path.rename(vault.path(8))  # moved to another event: does not decrypt
+    with pytest.raises(BastionError, match="does not decrypt"):
+        vault.load(8)
+    with pytest.raises(BastionError, match="no clip for event 7"):
+        vault.load(7)
+    for seq in (20, 21, 22):
+        vault.seal(seq, bytes(1000))
+    assert vault.prune_to(2100) == [8, 20] and vault.seqs() == [21, 22]  # the disk budget, oldest first
+    assert vault.delete_before(22) == 1 and vault.seqs() == [22]  # retention: the clip goes with its event
+
+
+def test_clips_need_the_key_and_tracked_objects(tmp_path):
+    with pytest.raises(ConfigError, match="clips are stored encrypted"):
+        one_camera_node_config(tmp_path, storage={"dir": str(tmp_path), "clips": True}, objects={})
+    key = generate_key_file(tmp_path / "k")
+    with pytest.raises(ConfigError, match="storage.clips needs tracked objects"):
+        one_camera_node_config(tmp_path, storage={"dir": str(tmp_path), "clips": True, "snapshot_key": str(key)})
+    with pytest.raises(ConfigError, match="clip_pre_s"):
+        one_camera_node_config(
+            tmp_path, storage={"dir": str(tmp_path), "clips": True, "snapshot_key": str(key), "clip_pre_s": 1e9}
+        )
+
+
+# -- a real node -------------------------------------------------------------------------------------------------
+def clip_node_config(tmp_path):
+    key = generate_key_file(tmp_path / "snapshot.key")
+    source = {"name": "cam1", "uri": str(SAMPLES / "one-by-one-person-detection.mp4"), "loop": True}
+    return one_camera_node_config(
+        tmp_path,
+        sources=[{**source, "realtime": False, "classes": ["person"]}],  # as fast as the model goes
+        objects={"lines": [EXIT]},
+        storage={
+            "dir": str(tmp_path / "data"),
+            "clips": True,
+            "snapshot_key": str(key),
+            "clip_pre_s": 1.0,
+            "clip_post_s": 1.0,
+            "clip_max_width": 384,  # half the clip's 768: the size bound is applied
+        },
+    )
+
+
+def wait_for(what, check, timeout_s=120):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"no {what} in {timeout_s} s")
+
+
+def kinds_stored(client):
+    return {kind_of(e): e.seq for e in reversed(client.replay(0, 5000))}  # the first seq of each kind
+
+
+def clip_ready(node, client, kinds):
+    """The seqs of the first event of each of ``kinds`` once each has its clip kept (or given up on)."""
+    seqs = kinds_stored(client)
+    if not all(k in seqs for k in kinds):
+        return None
+    if any(node.clips.recording(seqs[k]) for k in kinds):
+        return None
+    return {k: seqs[k] for k in kinds}
+
+
+def test_clips_of_an_object_end_and_a_line_cross_are_kept_sealed_served_and_pruned(tmp_path):
+    node = Node(clip_node_config(tmp_path))
+    node.start()
+    client = Client(node.server.control_endpoint, timeout_s=10)
+    try:
+        seqs = wait_for("clips", lambda: clip_ready(node, client, ["line.cross", "object.end"]))
+        for kind, seq in seqs.items():
+            clip = client.clip(seq, out=tmp_path)
+            assert clip.meta.kind == kind and clip.meta.seq == seq and clip.meta.codec == "mjpeg"
+            assert clip.meta.start_ts <= clip.meta.event_ts <= clip.meta.end_ts + 1e-6  # before and after
+            shapes = decoded(tmp_path / f"clip-{seq}.avi")
+            assert len(shapes) == clip.meta.frames > 2 and set(shapes) == {(216, 384, 3)}
+            blob = node.clips.vault.path(seq).read_bytes()
+            assert not any(magic in blob for magic in CLIP_MAGIC)  # sealed: no container, no JPEG, no metadata
+        news = kinds_stored(client)["object.new"]
+        with pytest.raises(NodeRequestError, match=f"event {news} has no clip .clips are kept for object.end"):
+            client.clip(news)
+        last = client.status()["last_seq"]
+        with pytest.raises(NodeRequestError, match=f"no event {last + 100} on this node"):
+            client.clip(last + 100)
+        status = client.status()
+        assert status["clips"]["recorded"] >= 2 and status["clips"]["error"] is None
+        assert status["clips"]["rings"]["cam1"]["span_s"] <= 1.0 + 1e-6  # the ring holds clip_pre_s, no more
+        node.config.storage.retention_days = 1e-9  # every event is now past retention
+        node.enforce_retention()
+        assert not node.clips.vault.path(seqs["object.end"]).exists()
+        with pytest.raises(NodeRequestError, match="no longer stored .retention removed it and its clip"):
+            client.clip(seqs["object.end"])
+    finally:
+        client.close()
+        node.close()
+
+
+def test_a_clip_write_that_fails_is_shown_in_status_and_detection_goes_on(tmp_path):
+    node = Node(clip_node_config(tmp_path))
+    clips_dir = node.clips.vault.dir
+    shutil.rmtree(clips_dir)
+    clips_dir.write_text("a file where the clips directory was: every clip write fails")
+    node.start()
+    client = Client(node.server.control_endpoint, timeout_s=10)
+    try:
+        seq = wait_for("a failed clip", lambda: clip_ready(node, client, ["line.cross"]))["line.cross"]
+        with pytest.raises(NodeRequestError, match=f"event {seq} has no clip: it could not be kept: cannot write"):
+            client.clip(seq)
+        before = client.status()["published"]
+        status = wait_for("more events", lambda: (s := client.status())["published"] > before and s)
+        assert status["state"] == "degraded" and status["failure"] is None
+        assert "cannot write clips to" in status["clips"]["error"] and status["clips"]["failed"] >= 1
+        assert all(t["alive"] for name, t in status["threads"].items() if name.startswith("node-"))
+    finally:
+        client.close()
+        node.close()
