@@ -8,6 +8,9 @@ EventStore in a temp folder:
   broker has acknowledged the last one (its cursor), and events/s;
 * **live**: events committed one by one as fast as the store takes them, the sink forwarding meanwhile;
   events/s the sink sustains (cursor reaches the last seq) and the store's own append rate beside it;
+* **latency**: ``paced`` events committed one at a time, ``pace_ms`` apart (a node's own rhythm, not a flood);
+  for each, the time from its commit (``append`` returned) to its arrival at a plain subscriber on the other
+  side of the broker (paho on ``bastion/bench/#``; a core NATS subscription on ``bastion.>``), p50/p99/max;
 * **zero loss**: every seq committed reached the broker's other side (an MQTT subscriber; the JetStream
   stream's contents), counted after de-duplication by seq.
 """
@@ -23,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -85,13 +89,18 @@ class _MqttCounter:
         from paho.mqtt.enums import CallbackAPIVersion
 
         self.seqs: set[int] = set()
+        self.arrived: dict[int, float] = {}  # seq -> perf_counter at its first arrival
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{port}")
         self.client.on_connect = lambda c, *_: c.subscribe("bastion/bench/det/#", qos=1)
-        self.client.on_message = lambda c, u, m: self.seqs.add(json.loads(m.payload)["seq"])
+        self.client.on_message = lambda c, u, m: self._arrive(json.loads(m.payload)["seq"])
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
         _wait(self.client.is_connected, 10)
         time.sleep(0.2)  # the SUBACK
+
+    def _arrive(self, seq: int) -> None:
+        self.arrived.setdefault(seq, time.perf_counter())
+        self.seqs.add(seq)
 
     def received(self) -> set[int]:
         return self.seqs
@@ -99,6 +108,40 @@ class _MqttCounter:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+class _NatsWatcher:
+    """A core NATS subscription on ``bastion.>`` on its own thread and loop: when each seq first arrived."""
+
+    def __init__(self, port: int) -> None:
+        self.arrived: dict[int, float] = {}
+        self._ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._done: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._main(port),), daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise TimeoutError("the NATS watcher did not subscribe")
+
+    async def _main(self, port: int) -> None:
+        import nats
+
+        self._done = asyncio.Event()
+        nc = await nats.connect(f"nats://127.0.0.1:{port}")
+
+        async def on_msg(msg) -> None:
+            self.arrived.setdefault(json.loads(msg.data)["seq"], time.perf_counter())
+
+        await nc.subscribe("bastion.>", cb=on_msg)
+        await nc.flush()
+        self._ready.set()
+        await self._done.wait()
+        await nc.close()
+
+    def close(self) -> None:
+        if self._done is not None:
+            self._loop.call_soon_threadsafe(self._done.set)
+        self._thread.join(10)
 
 
 def _nats_received(port: int) -> set[int]:
@@ -120,7 +163,42 @@ def _nats_received(port: int) -> set[int]:
     return asyncio.run(read())
 
 
-def _one_broker(kind: str, binary: str, folder: Path, backlog: int, live: int, batch: int) -> dict[str, Any]:
+def _latency(store, sink, arrived: dict[int, float], paced: int, pace_ms: float) -> dict[str, Any]:
+    """Commit ``paced`` events ``pace_ms`` apart; commit-to-arrival times at the subscriber, in ms."""
+    from bastion.edge.protocol import DetectionEvent
+
+    committed: dict[int, float] = {}
+    for i in range(paced):
+        event = DetectionEvent(seq=0, node="bench", source="cam1", ts=time.time(), frame=i, model="m", detections=[])
+        seq = store.append(event).seq
+        committed[seq] = time.perf_counter()
+        time.sleep(pace_ms / 1000)
+    last = max(committed)
+    _wait(lambda: sink.cursor >= last, 60)
+    try:
+        _wait(lambda: all(s in arrived for s in committed), 30)
+    except TimeoutError:
+        pass
+    ms = sorted((arrived[s] - t) * 1000 for s, t in committed.items() if s in arrived)
+    if not ms:
+        return {"latency_events": paced, "latency_arrived": 0}
+
+    def pct(p: float) -> float:
+        return round(ms[min(len(ms) - 1, int(p / 100 * len(ms)))], 2)
+
+    return {
+        "latency_events": paced,
+        "latency_pace_ms": pace_ms,
+        "latency_arrived": len(ms),
+        "latency_p50_ms": pct(50),
+        "latency_p99_ms": pct(99),
+        "latency_max_ms": round(ms[-1], 2),
+    }
+
+
+def _one_broker(
+    kind: str, binary: str, folder: Path, backlog: int, live: int, batch: int, paced: int = 0, pace_ms: float = 20.0
+) -> dict[str, Any]:
     from bastion.edge.sink_base import SINKS
     from bastion.edge.sink_config import SinkConfig
     from bastion.edge.sinks import start_sinks  # noqa: F401  (registers both sink types)
@@ -142,6 +220,7 @@ def _one_broker(kind: str, binary: str, folder: Path, backlog: int, live: int, b
     proc = _start(argv, port, folder / f"{kind}.log")
     store = EventStore(folder / "events.db")
     counter = _MqttCounter(port) if kind == "mqtt" else None
+    watcher = _NatsWatcher(port) if kind == "nats" and paced else None
     config = TypeAdapter(SinkConfig).validate_python({"type": kind, "batch": batch, **where})
     sink = SINKS[kind](config, store, "bench")
     try:
@@ -155,6 +234,11 @@ def _one_broker(kind: str, binary: str, folder: Path, backlog: int, live: int, b
         _wait(lambda: sink.cursor >= more[-1], 600)
         live_s = time.perf_counter() - t0
         every = set(seqs + more)
+        latency: dict[str, Any] = {}
+        if paced:
+            arrived = counter.arrived if counter else watcher.arrived  # type: ignore[union-attr]
+            latency = _latency(store, sink, arrived, paced, pace_ms)
+            every |= set(range(more[-1] + 1, store.last_seq() + 1))
         if counter:
             try:  # a subscriber gets each message just after the broker acknowledged it to the sink
                 _wait(lambda: counter.received() >= every, 30)
@@ -168,19 +252,30 @@ def _one_broker(kind: str, binary: str, folder: Path, backlog: int, live: int, b
             "live_events": live,
             "live_events_per_s": round(live / live_s),
             "store_append_events_per_s": round((backlog + live) / (append_s + live_append_s)),
+            **latency,
             "lost": len(every - set(received)),
             "batch": batch,
+            "poll_s": config.poll_s,
         }
     finally:
         sink.stop()
         if counter:
             counter.close()
+        if watcher:
+            watcher.close()
         store.close()
         proc.kill()
         proc.wait(10)
 
 
-def bench_sinks(backlog: int, live: int, batch: int, on_broker: Callable[[str], None] = lambda _: None) -> dict:
+def bench_sinks(
+    backlog: int,
+    live: int,
+    batch: int,
+    on_broker: Callable[[str], None] = lambda _: None,
+    paced: int = 0,
+    pace_ms: float = 20.0,
+) -> dict:
     results: dict[str, Any] = {}
     for kind, binary in _binaries().items():
         if binary is None:
@@ -188,7 +283,7 @@ def bench_sinks(backlog: int, live: int, batch: int, on_broker: Callable[[str], 
             continue
         on_broker(kind)
         with tempfile.TemporaryDirectory(prefix=f"bastion-bench-{kind}-") as tmp:
-            results[kind] = _one_broker(kind, binary, Path(tmp), backlog, live, batch)
+            results[kind] = _one_broker(kind, binary, Path(tmp), backlog, live, batch, paced, pace_ms)
     return {"sinks": results, "cpu_count": os.cpu_count()}
 
 
@@ -196,14 +291,26 @@ def bench_sinks_command(
     backlog: int = typer.Option(10_000, min=1, max=10_000_000, help="Events waiting in the store at start."),
     live: int = typer.Option(5_000, min=1, max=10_000_000, help="Events committed while the sink forwards."),
     batch: int = typer.Option(200, min=1, max=10_000, help="The sinks' batch (events read per round)."),
+    paced: int = typer.Option(
+        250, min=0, max=100_000, help="Events committed one at a time for the latency (0: no latency run)."
+    ),
+    pace_ms: float = typer.Option(20.0, min=0.0, max=10_000.0, help="Milliseconds between the paced events."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ) -> None:
     """Events/s from the node's store to Mosquitto and NATS JetStream on loopback, the catch-up time of a
-    backlog, and that nothing was lost (brokers started here; a missing binary is skipped and said so).
+    backlog, commit-to-subscriber latency p50/p99 at a node's pace, and that nothing was lost (brokers started
+    here; a missing binary is skipped and said so).
 
     Example: bastion bench sinks --backlog 10000 --json
     """
-    result = bench_sinks(backlog, live, batch, on_broker=lambda kind: err.print(f"measuring the {kind} sink …"))
+    result = bench_sinks(
+        backlog,
+        live,
+        batch,
+        on_broker=lambda kind: err.print(f"measuring the {kind} sink …"),
+        paced=paced,
+        pace_ms=pace_ms,
+    )
     if json_out:
         print_json(result)
         return

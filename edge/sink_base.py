@@ -7,6 +7,11 @@ highest seq whose event *and every one before it* the broker acknowledged. A bro
 receives the whole backlog, in seq order, when it comes back; an event may arrive twice (published, then the
 connection died before the ack), never zero times — consumers de-duplicate by ``seq`` (at-least-once).
 
+A sink does not poll: the store calls ``notify`` after each commit (``EventStore.on_commit``), and the idle
+thread sleeps on that signal, so an event leaves for the broker as soon as it is on disk and an idle node's
+sinks do not wake at all. ``poll_s`` is only the backstop: the longest an idle sink sleeps before it looks
+anyway (a wake lost to a bug delays an event by that much; it never loses one).
+
 Failures are states, not exceptions: a refused login, a broker that never answers, a dropped connection or
 a store that cannot be read puts the sink into ``retrying`` with ``error`` saying why, and it tries again after
 a backoff that doubles up to ``backoff_max_s``. Nothing a broker does ends the thread.
@@ -82,13 +87,15 @@ class Sink:
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
+        self.store.on_commit(self.notify)
         self._thread.start()
 
     def notify(self) -> None:
-        """New events are in the store: look now instead of at the next poll."""
+        """New events are in the store (called by it after each commit): forward them now."""
         self._wake.set()
 
     def stop(self, timeout: float = 10.0) -> None:
+        self.store.off_commit(self.notify)
         self._stop.set()
         self._wake.set()
         if self._thread.ident is not None:
@@ -134,15 +141,17 @@ class Sink:
         backoff = self.config.backoff_s
         while not self._stop.is_set():
             try:
-                self.cursor = self.store.cursor(self.name)
                 if not connected:
+                    self.cursor = self.store.cursor(self.name)
                     self.connect()
                     connected = True
                     self.state, self.error = "connected", None
                     log.info("sink %s connected", self.name)
+                # cleared before the read, never after: a commit after this line sets it again, and one before
+                # it is already visible to the read, so no event waits for the backstop
+                self._wake.clear()
                 if not self._forward_once():
                     self._wake.wait(self.config.poll_s)
-                    self._wake.clear()
                 backoff = self.config.backoff_s
             except Exception as exc:  # a broker or the store failed: a state, then a retry; never the thread's end
                 if self._stop.is_set():  # stopping cut a wait short: not a failure

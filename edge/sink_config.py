@@ -43,7 +43,8 @@ class _SinkBase(BaseModel):
     ack_timeout_s: float = Field(10.0, ge=0.1, le=300)  # for a whole window of in-flight events
     backoff_s: float = Field(0.5, ge=0.05, le=60)  # first retry after a failure, doubling ...
     backoff_max_s: float = Field(30.0, ge=0.1, le=3600)  # ... up to this
-    poll_s: float = Field(0.2, ge=0.01, le=60)  # how often an idle sink looks for new events
+    # the store wakes a sink at each commit; an idle sink looks anyway after this long (a backstop, not a poll)
+    poll_s: float = Field(5.0, ge=0.01, le=60)
     username: str | None = Field(None, max_length=256)
     password_file: Path | None = None  # the password, alone in a file (trailing newline ignored)
     tls: SinkTLS | None = None

@@ -18,6 +18,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bastion.edge.sink_base import Sink, SinkError, read_secret, register_sink
 
+ACK_CHECK_S = 0.1  # how often a wait for acknowledgements looks at the connection and at stop
+
 
 @register_sink("mqtt")
 class MqttSink(Sink):
@@ -116,16 +118,26 @@ class MqttSink(Sink):
         return f"the MQTT broker did not acknowledge in {self.config.ack_timeout_s} s"
 
     def _wait(self, infos: list, timeout: float, partial: bool = False) -> list[bool]:
-        """Wait until each message is acknowledged, the connection drops, or ``timeout`` passes."""
+        """Wait until each message is acknowledged, the connection drops, or ``timeout`` passes.
+
+        Each wait ends at its PUBACK (paho notifies the message's own condition), not at a poll tick: the
+        round — and so the cursor's commit — follows the broker. A dropped link or a stop is noticed within
+        ``ACK_CHECK_S``."""
         deadline = time.monotonic() + timeout
-        while not all(_acked(i) for i in infos):
-            if self._lost.is_set() or time.monotonic() > deadline or self._stop.is_set():
+        for info in infos:
+            if not self._until_acked(info, deadline):
                 break
-            time.sleep(0.005)
         done = [_acked(i) for i in infos]
         if not partial and not all(done):
             raise SinkError(self._why_not_acked())
         return done
+
+    def _until_acked(self, info: mqtt.MQTTMessageInfo, deadline: float) -> bool:
+        while not _acked(info):
+            left = deadline - time.monotonic()
+            if self._lost.is_set() or self._stop.is_set() or left <= 0 or not _wait_ack(info, min(left, ACK_CHECK_S)):
+                return False
+        return True
 
     def disconnect(self, clean: bool) -> None:
         client, self._client = self._client, None
@@ -141,6 +153,15 @@ class MqttSink(Sink):
             sock = client.socket()
             if sock is not None:
                 sock.close()
+
+
+def _wait_ack(info: mqtt.MQTTMessageInfo, timeout: float) -> bool:
+    """Block until ``info`` is acknowledged or ``timeout`` passes; False when paho will never send it."""
+    try:
+        info.wait_for_publish(timeout)
+    except (ValueError, RuntimeError):
+        return False
+    return True
 
 
 def _acked(info: mqtt.MQTTMessageInfo) -> bool:

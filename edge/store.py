@@ -226,6 +226,7 @@ class EventStore(SideTables):
             self._next += 1
             if self.mark is not None:
                 self.mark.committed(stored.seq)
+            self._announce_commit()  # the sinks wake (edge/store_tables.py): committed first, then forwarded
             return stored
 
     def _insert(self, row: tuple[Any, ...]) -> None:

@@ -1,4 +1,5 @@
-"""The event store's side tables: track-id counters (edge/track_ids.py) and sink cursors (edge/sink_base.py).
+"""The event store's side tables: track-id counters (edge/track_ids.py) and sink cursors (edge/sink_base.py),
+and the commit signal the sinks wake on.
 
 Both live in ``events.db`` beside the events, so one commit covers what they guard and one file is backed up;
 each table is created on first use, so a store that never tracked or forwarded is untouched. A mixin of
@@ -7,10 +8,12 @@ each table is created on first use, so a store that never tracked or forwarded i
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Iterable
 
+log = logging.getLogger(__name__)
 COUNTERS_SCHEMA = "CREATE TABLE IF NOT EXISTS id_counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)"
 CURSORS_SCHEMA = "CREATE TABLE IF NOT EXISTS sink_cursors (name TEXT PRIMARY KEY, seq INTEGER NOT NULL)"
 
@@ -26,6 +29,27 @@ class SideTables:
     _transaction: Callable[[], ContextManager[None]]
     _check_usable: Callable[[], None]
     _failed: Callable[[BaseException, str], Exception]
+    # Called after every commit of an event (``append``), under the store's lock: each must only signal (set an
+    # ``Event``), never block or touch the store. A tuple replaced whole, so ``append`` reads it without a lock.
+    _commit_listeners: tuple[Callable[[], None], ...] = ()
+
+    def on_commit(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after each event is committed: a sink wakes on it instead of polling the log."""
+        with self._lock:
+            self._commit_listeners = (*self._commit_listeners, listener)
+
+    def off_commit(self, listener: Callable[[], None]) -> None:
+        with self._lock:
+            self._commit_listeners = tuple(f for f in self._commit_listeners if f != listener)
+
+    def _announce_commit(self) -> None:
+        """After the commit, never before: a sink woken here reads an event that is already on disk."""
+        listeners: Iterable[Callable[[], None]] = self._commit_listeners
+        for listener in listeners:
+            try:
+                listener()
+            except Exception:  # a listener's fault must not fail an append that is already committed
+                log.exception("a commit listener failed")
 
     def reserve_ids(self, counter: str, count: int) -> range:
         """Durably reserve the next ``count`` numbers of ``counter``: committed before any is handed out, so

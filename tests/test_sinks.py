@@ -319,6 +319,56 @@ def test_mqtt_every_seq_arrives_in_order_across_a_cut_link(mosquitto, store):
         link.close()
 
 
+# A backstop far longer than any wait below: an event that arrives came by the store's wake, not by the backstop.
+BACKSTOP_S = 60.0
+WOKEN_WITHIN_S = 15.0
+
+
+def test_an_idle_sink_wakes_on_each_commit_not_on_its_backstop(store):
+    """No poll: with a 60 s backstop, each event committed to an idle sink is still forwarded (woken by the store)."""
+    from bastion.edge.sink_base import Sink
+
+    class Recorder(Sink):
+        got: list[int] = []
+
+        def connect(self) -> None:
+            pass
+
+        def publish(self, rows):
+            self.got += [r[0] for r in rows]
+            return rows[-1][0]
+
+    sink = Recorder(NodeStub({"type": "mqtt", "poll_s": BACKSTOP_S}).sinks[0], store, "n1")
+    sink.start()
+    try:
+        wait_for(lambda: sink.state == "connected", what="connected")
+        for _ in range(5):  # one at a time: after the first, the sink is asleep on its backstop when each comes
+            seq = append(store, 1)[0]
+            wait_for(lambda seq=seq: sink.cursor == seq, WOKEN_WITHIN_S, f"seq {seq} forwarded by the wake")
+        assert sink.got == list(range(1, 6))
+    finally:
+        sink.stop()
+    append(store, 1)  # a stopped sink is no longer a listener: the store commits without it
+    assert sink.got == list(range(1, 6)) and not store._commit_listeners
+
+
+@needs_mosquitto
+def test_mqtt_events_reach_a_subscriber_on_the_wake_not_the_backstop(mosquitto, store):
+    broker = mosquitto()
+    listener = MqttListener.connected(broker.port)
+    sinks = start_sinks(NodeStub({"type": "mqtt", "port": broker.port, "poll_s": BACKSTOP_S}), store)
+    try:
+        wait_for(lambda: sinks_status(sinks)["mqtt"]["state"] == "connected", what="connected")
+        for _ in range(3):
+            seq = append(store, 1)[0]
+            wait_for(lambda seq=seq: seq in listener.seqs, WOKEN_WITHIN_S, f"seq {seq} at the subscriber")
+            wait_for(lambda seq=seq: sinks_status(sinks)["mqtt"]["cursor"] == seq, WOKEN_WITHIN_S, "the cursor")
+        in_order_without_gaps(listener.seqs, [1, 2, 3])
+    finally:
+        stop_sinks(sinks)
+        listener.close()
+
+
 @needs_mosquitto
 def test_mqtt_node_status_is_retained_online_then_offline_at_a_clean_stop(mosquitto, store):
     broker = mosquitto()
@@ -605,7 +655,7 @@ def test_a_real_node_forwards_its_events_to_mqtt_and_reports_the_sink_in_status(
 
     broker = mosquitto()
     listener = MqttListener.connected(broker.port)
-    config = one_camera_node_config(tmp_path, sinks=[{"type": "mqtt", "port": broker.port, "poll_s": 0.05}])
+    config = one_camera_node_config(tmp_path, sinks=[{"type": "mqtt", "port": broker.port}])
     node = Node(config)
     node.start()
     try:
