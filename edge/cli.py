@@ -52,6 +52,9 @@ storage:
   # max_mb: 1024
   # snapshots: true                 # encrypted JPEG of each frame that produced an event
   # snapshot_key: keys/snapshot.key # bastion node snapshot-key --out keys/snapshot.key
+  # clips: true                     # encrypted video around each object.end / zone / line event (needs
+  # clip_pre_s: 3                   #   snapshot_key and objects:); Client.clip(seq), docs/events.md
+  # clip_post_s: 3
 objects:                          # tracked objects and rules (docs/events.md); remove for v1 frame events only
   tracker: bytetrack              # or none
   track_buffer: 30                # frames a lost object keeps its id (an occlusion)

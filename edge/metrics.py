@@ -34,6 +34,13 @@ SINK_COUNTERS = {
     "reconnects": ("bastion_sink_reconnects", "connections lost and made again"),
 }
 
+CLIP_COUNTERS = {
+    "recorded": "clips encoded, sealed and kept since start",
+    "failed": "clips that could not be kept (a write or an encode failed)",
+    "frames_dropped": "frames the clip thread had no room for (its queue of raw frames was full)",
+    "pruned": "clips removed to keep clip_max_mb",
+}
+
 
 class MetricsError(BastionError):
     """The metrics endpoint cannot be served (port taken, address not on this host)."""
@@ -87,6 +94,7 @@ class StatusCollector:
         yield from self._sources(s.get("sources") or {}, CounterMetricFamily, GaugeMetricFamily)
         yield from self._sinks(s.get("sinks") or {}, CounterMetricFamily, GaugeMetricFamily)
         yield from self._latency(s.get("inference") or {})
+        yield from self._clips(s.get("clips"), CounterMetricFamily, GaugeMetricFamily)
         threads = GaugeMetricFamily("bastion_thread_alive", "1 while a supervised thread lives", labels=["thread"])
         for name, t in (s.get("threads") or {}).items():
             threads.add_metric([name], 1 if t.get("alive") else 0)
@@ -109,6 +117,21 @@ class StatusCollector:
         for kind, n in (s.get("events_by_kind") or {"det": s.get("published", 0)}).items():
             by_kind.add_metric([kind], n)
         yield by_kind
+
+    @staticmethod
+    def _clips(clips: dict[str, Any] | None, counter, gauge) -> Iterator[Any]:
+        """Evidence clips (docs/events.md): none without ``storage.clips``."""
+        if not clips:
+            return
+        yield gauge("bastion_clips_error", "1 while clip writes fail (clips paused)", value=1 if clips["error"] else 0)
+        yield gauge("bastion_clips_stored_bytes", "clips on disk, in bytes", value=clips.get("stored_bytes") or 0)
+        yield gauge("bastion_clips_in_flight", "clips recording or encoding", value=clips.get("in_flight") or 0)
+        for key, doc in CLIP_COUNTERS.items():
+            yield counter(f"bastion_clips_{key}", doc, value=clips.get(key) or 0)
+        dropped = counter("bastion_clips_dropped", "clips not recorded, by reason", labels=["reason"])
+        for reason, n in (clips.get("dropped") or {}).items():
+            dropped.add_metric([reason], n)
+        yield dropped
 
     @staticmethod
     def _sources(sources: dict[str, dict], counter, gauge) -> Iterator[Any]:

@@ -2,16 +2,23 @@
 encoded by OpenCV, sealed with the snapshot key, served by the ``clip`` op to ``Client.clip`` — a real node on the
 vendored person clip, real ZeroMQ on 127.0.0.1, real files; a write that fails is shown and detection goes on."""
 
+import base64
+import hashlib
 import shutil
 import time
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
 import pytest
+import yaml
 
+from bastion.edge import clip_op
 from bastion.edge.client import Client, NodeRequestError
+from bastion.edge.clip_client import fetch_clip
 from bastion.edge.clip_codec import encode
 from bastion.edge.clip_meta import ClipMeta
+from bastion.edge.clip_op import clip_answer
 from bastion.edge.clip_ring import FrameRing, RingFrame, compress
 from bastion.edge.clip_store import ClipVault
 from bastion.edge.clips import ClipRecorder
@@ -60,6 +67,87 @@ def test_clips_beyond_max_pending_are_dropped_counted_and_remembered(tmp_path):
     assert recorder.status()["dropped"] == {"busy": 2} and recorder.status()["in_flight"] == 2
     assert "2 clips were in flight (clip_max_pending)" in recorder.outcome(3)
     assert recorder.outcome(5) is None
+    node = SimpleNamespace(clips=recorder, store=SimpleNamespace(last_seq=lambda: 5, first_seq=lambda: 1))
+    said = {seq: clip_answer(node, seq, 0)["error"] for seq in (1, 3, 5, 6)}  # what the clip op answers
+    assert said == {
+        1: "the clip of event 1 is still recording: ask again in a few seconds",
+        3: "event 3 has no clip: not recorded: 2 clips were in flight (clip_max_pending)",
+        5: "event 5 has no clip (clips are kept for object.end and zone/line events)",
+        6: "no event 6 on this node (the last is 5)",
+    }
+    assert clip_answer(SimpleNamespace(clips=None), 1, 0)["error"] == "this node keeps no clips (storage.clips is off)"
+
+
+def test_clip_counters_are_metrics_and_a_node_without_clips_has_none():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from bastion.edge.metrics import StatusCollector
+
+    def scrape(status):
+        registry = CollectorRegistry()
+        registry.register(StatusCollector(lambda: status))
+        return generate_latest(registry).decode()
+
+    clips = {"state": "paused", "error": "cannot write clips to /x: No space left on device", "recorded": 3,
+             "failed": 2, "frames_dropped": 5, "pruned": 1, "dropped": {"busy": 4, "paused": 1}, "in_flight": 1,
+             "stored": 3, "stored_bytes": 4096}  # fmt: skip
+    text = scrape({"state": "degraded", "clips": clips})
+    for line in (
+        "bastion_clips_error 1.0",
+        "bastion_clips_recorded_total 3.0",
+        "bastion_clips_failed_total 2.0",
+        "bastion_clips_frames_dropped_total 5.0",
+        'bastion_clips_dropped_total{reason="busy"} 4.0',
+        "bastion_clips_stored_bytes 4096.0",
+    ):
+        assert line in text.splitlines(), line
+    assert "bastion_clips" not in scrape({"state": "running", "clips": None})
+
+
+class _Answers:
+    """A node that answers ``clip`` requests from a list (what a broken or hostile node might send)."""
+
+    def __init__(self, answers):
+        self.answers, self.asked = list(answers), []
+
+    def request(self, op, **fields):
+        self.asked.append(fields)
+        return self.answers.pop(0)
+
+
+def _chunks(video, step, **meta_over):
+    meta = {
+        "seq": 9, "kind": "line.cross", "source": "cam1", "codec": "mjpeg", "container": "avi", "frames": 3,
+        "width": 8, "height": 8, "fps": 10.0, "start_ts": 1.0, "end_ts": 1.2, "event_ts": 1.1, "size": len(video),
+        "sha256": hashlib.sha256(video).hexdigest(), **meta_over,
+    }  # fmt: skip
+    return [
+        {"clip": meta, "offset": at, "data_b64": base64.b64encode(video[at : at + step]).decode(),
+         "more": at + step < len(video)}
+        for at in range(0, len(video), step)
+    ]  # fmt: skip
+
+
+def test_client_clip_puts_chunks_together_and_holds_the_node_to_its_metadata(tmp_path):
+    video = bytes(range(256)) * 10
+    node = _Answers(_chunks(video, 1000))
+    clip = fetch_clip(node, 9)
+    assert clip.data == video and [a["offset"] for a in node.asked] == [0, 1000, 2000]
+    assert clip.save(tmp_path).name == "clip-9.avi" and (tmp_path / "clip-9.avi").read_bytes() == video
+    forged = _chunks(video, 1000)
+    forged[1]["data_b64"] = base64.b64encode(b"x" * 1000).decode()
+    cases = {
+        "does not match its metadata": forged,
+        "changed between two of its chunks": [_chunks(video, 1000)[0], _chunks(video, 1000, frames=4)[1]],
+        "starts at 1000, not at the 0": _chunks(video, 1000)[1:],
+        "is the clip of event 9, not 8": _chunks(video, 1000),
+        "holds no base64 video": [{**_chunks(video, 5000)[0], "data_b64": "%%%"}],
+        "has no valid clip metadata": [{**_chunks(video, 5000)[0], "clip": {"seq": 9}}],
+        "sent more than the 100 bytes": _chunks(video, 1000, size=100),
+    }
+    for says, answers in cases.items():
+        with pytest.raises(NodeRequestError, match=says):
+            fetch_clip(_Answers(answers), 8 if "not 8" in says else 9)
 
 
 def test_frames_are_kept_as_jpeg_and_scaled_down_to_the_width_bound():
@@ -138,6 +226,15 @@ def test_clips_need_the_key_and_tracked_objects(tmp_path):
         )
 
 
+def test_the_clips_example_in_docs_events_md_is_a_valid_storage_section(tmp_path):
+    from conftest import REPO
+
+    text = (REPO / "docs" / "events.md").read_text().split("## Evidence clips", 1)[1]
+    storage = yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0])["storage"]
+    config = one_camera_node_config(tmp_path, storage=storage, objects={})
+    assert config.storage.clips and config.storage.clip_codec == "mjpeg" and config.storage.clip_max_pending == 4
+
+
 # -- a real node -------------------------------------------------------------------------------------------------
 def clip_node_config(tmp_path):
     key = generate_key_file(tmp_path / "snapshot.key")
@@ -181,7 +278,8 @@ def clip_ready(node, client, kinds):
     return {k: seqs[k] for k in kinds}
 
 
-def test_clips_of_an_object_end_and_a_line_cross_are_kept_sealed_served_and_pruned(tmp_path):
+def test_clips_of_an_object_end_and_a_line_cross_are_kept_sealed_served_and_pruned(tmp_path, monkeypatch):
+    monkeypatch.setattr(clip_op, "CLIP_CHUNK_BYTES", 40_000)  # a clip of ~150 KB comes in several answers
     node = Node(clip_node_config(tmp_path))
     node.start()
     client = Client(node.server.control_endpoint, timeout_s=10)
@@ -190,6 +288,7 @@ def test_clips_of_an_object_end_and_a_line_cross_are_kept_sealed_served_and_prun
         for kind, seq in seqs.items():
             clip = client.clip(seq, out=tmp_path)
             assert clip.meta.kind == kind and clip.meta.seq == seq and clip.meta.codec == "mjpeg"
+            assert clip.meta.size > 2 * clip_op.CLIP_CHUNK_BYTES  # so it was put together from chunks
             assert clip.meta.start_ts <= clip.meta.event_ts <= clip.meta.end_ts + 1e-6  # before and after
             shapes = decoded(tmp_path / f"clip-{seq}.avi")
             assert len(shapes) == clip.meta.frames > 2 and set(shapes) == {(216, 384, 3)}

@@ -75,6 +75,7 @@ def test_what_the_sdk_sends_for_each_op_is_what_the_node_parses():
         "status": lambda c: c.status(),
         "replay": lambda c: c.replay(since=7, limit=9),
         "snapshot": lambda c: c.snapshot(3),
+        "clip": lambda c: c.clip(4),
         "reload": lambda c: c.reload("yolov5n"),
         "reload (downgrade)": lambda c: c.reload("yolov5n", allow_downgrade=True),
         "ask": lambda c: list(c.ask_stream("hello", max_new_tokens=5)),
@@ -90,7 +91,8 @@ def test_what_the_sdk_sends_for_each_op_is_what_the_node_parses():
         ctx.term()
     parsed = [parse_request(raw) for raw in sent]
     assert [r.op for r in parsed] == [name.split()[0] for name in calls]
-    assert parsed[2].since == 7 and parsed[5].allow_downgrade and parsed[6].prompt == "hello"
+    assert parsed[2].since == 7 and parsed[4].seq == 4 and parsed[4].offset == 0
+    assert parsed[6].allow_downgrade and parsed[7].prompt == "hello"
 
 
 class _HeldGenerator:
