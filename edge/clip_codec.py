@@ -37,6 +37,7 @@ CODECS: dict[str, list[tuple[str, str]]] = {
     "h264": [("avc1", "mp4"), ("MJPG", "avi")],
 }
 FOURCC_NAMES = {"MJPG": "mjpeg", "mp4v": "mp4v", "avc1": "h264"}
+_UNAVAILABLE: set[tuple[str, str]] = set()  # writers this process found missing (the build does not change)
 
 
 @dataclass(frozen=True)
@@ -66,11 +67,15 @@ def encode(frames: Sequence[RingFrame], fps: float, codec: str, max_bytes: int) 
         raise BastionError("a clip needs at least one frame")
     width, height = frames[0].width, frames[0].height
     for fourcc, container in CODECS[codec]:
+        if (fourcc, container) in _UNAVAILABLE:
+            continue
         with _scratch(container) as (path, read_back):
             writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*fourcc), fps, (width, height))
             if not writer.isOpened():
                 writer.release()
-                log.info("clip codec %s (%s) is not available here; trying the next", fourcc, container)
+                if fourcc != "MJPG":  # not in this OpenCV build: said once, not tried for every clip
+                    _UNAVAILABLE.add((fourcc, container))
+                log.warning("clip codec %s (%s) is not available here; trying the next", fourcc, container)
                 continue
             written = 0
             try:
@@ -101,7 +106,7 @@ def _scratch(container: str) -> Iterator[tuple[str, object]]:
     try:
         path = os.path.join(directory, f"clip.{container}")
         memfd = getattr(os, "memfd_create", None)
-        if memfd is not None:
+        if memfd is not None and os.path.isdir(f"/proc/{os.getpid()}/fd"):  # a file in memory, reached by a link
             fd = memfd("bastion-clip", getattr(os, "MFD_CLOEXEC", 0))
             os.symlink(f"/proc/{os.getpid()}/fd/{fd}", path)
 

@@ -87,7 +87,7 @@ class ClipRecorder:
     # -- the inference thread's side (never blocks) -------------------------------------------------------
     def offer(self, frame: Frame) -> None:
         last = self._offered.get(frame.source)
-        if last is not None and frame.ts - last < 0.999 / self.cfg.clip_fps:
+        if last is not None and 0 <= frame.ts - last < 0.999 / self.cfg.clip_fps:  # a clock set back: keep it
             return
         try:
             self._frames.put_nowait(frame)
