@@ -1,4 +1,4 @@
-"""CLI of the field node: ``bastion node init|run|status|keygen`` and ``bastion audit verify``."""
+"""CLI of the field node: ``bastion node init|run|status|tail|keygen|allow|clients|pin`` and ``bastion audit verify``."""
 
 from __future__ import annotations
 
@@ -9,9 +9,14 @@ from typing import Optional
 import typer
 
 from bastion.console import err, out, print_json
+from bastion.edge.cli_access import node_allow, node_clients, node_pin
+from bastion.edge.cli_options import CLIENT_KEY_OPTION, CONTROL_OPTION, SERVER_KEY_OPTION, STORAGE_OPTION
 
 node_app = typer.Typer(help="The field node daemon: sources → detector → SQLite → ZeroMQ.", no_args_is_help=True)
 audit_app = typer.Typer(help="The node's hash-chained audit log.", no_args_is_help=True)
+node_app.command("allow")(node_allow)  # who may use the control socket, in which role (edge/cli_access.py)
+node_app.command("clients")(node_clients)
+node_app.command("pin")(node_pin)
 
 EXAMPLE_CONFIG = """\
 # bastion field node — every key is optional except sources. Env overrides: BASTION_NODE_<FIELD>.
@@ -43,7 +48,8 @@ security:
   # CurveZMQ is switched on automatically for any endpoint beyond loopback.
   # curve: true
   # server_secret_key: keys/node.key_secret      # bastion node keygen --out keys --name node
-  # allowed_clients: [keys/clients/]             # public .key files of allowed clients
+  # allowed_clients: [keys/clients/]             # public .key files of allowed clients; their folder is their
+  #   role: keys/clients/{observer,operator,admin}/ (bastion node allow); any other folder: observer
   # audit_key: keys/node-audit.key               # signs audit checkpoints (default: STORAGE/node-audit.key)
   allow_unsigned: false           # DEVELOPMENT ONLY (audited)
 storage:
@@ -157,19 +163,12 @@ def _client_for(
     )
 
 
-# how `node status` and `node tail` reach a node: one definition, so the two commands cannot drift apart
-_CONTROL_OPTION = typer.Option(None, "--control", help="Control endpoint (default tcp://127.0.0.1:7701).")
-_STORAGE_OPTION = typer.Option(None, "--storage", help="Or: the node's storage dir (reads node.json).")
-_SERVER_KEY_OPTION = typer.Option(None, "--server-key", help="Node public key (z85 or .key file) for CurveZMQ.")
-_CLIENT_KEY_OPTION = typer.Option(None, "--client-key", help="Your .key_secret certificate for CurveZMQ.")
-
-
 @node_app.command("status")
 def node_status(
-    control: Optional[str] = _CONTROL_OPTION,
-    storage: Optional[Path] = _STORAGE_OPTION,
-    server_key: Optional[str] = _SERVER_KEY_OPTION,
-    client_key: Optional[Path] = _CLIENT_KEY_OPTION,
+    control: Optional[str] = CONTROL_OPTION,
+    storage: Optional[Path] = STORAGE_OPTION,
+    server_key: Optional[str] = SERVER_KEY_OPTION,
+    client_key: Optional[Path] = CLIENT_KEY_OPTION,
     timeout: float = typer.Option(3.0, help="Seconds to wait for the node."),
     json_out: bool = typer.Option(False, "--json", help="Print the status as JSON."),
 ) -> None:
@@ -194,6 +193,16 @@ def node_status(
         + (f" — STORAGE ERROR: {status['storage_error']}" if status["storage_error"] else "")
         + (f" — FAILED: {status['failure']}" if status.get("failure") else "")
     )
+    pin = status.get("pin")  # a model an admin pinned with a persisted reload (edge/pin.py)
+    if pin:
+        out.print(
+            f"pinned: {pin.get('name')} {pin.get('version')} from {pin.get('bundle')} by {pin.get('by')} — "
+            + {"running": "running", "after_restart": "runs again at the next start"}.get(
+                pin.get("state"), f"REFUSED at start: {pin.get('reason')}"
+            ),
+            markup=False,
+            highlight=False,
+        )
     precision = m.get("precision")
     if precision:
         out.print("precision: " + ", ".join(f"{k} {v}" for k, v in precision.items()))
@@ -232,10 +241,10 @@ def node_status(
 
 @node_app.command("tail")
 def node_tail(
-    control: Optional[str] = _CONTROL_OPTION,
-    storage: Optional[Path] = _STORAGE_OPTION,
-    server_key: Optional[str] = _SERVER_KEY_OPTION,
-    client_key: Optional[Path] = _CLIENT_KEY_OPTION,
+    control: Optional[str] = CONTROL_OPTION,
+    storage: Optional[Path] = STORAGE_OPTION,
+    server_key: Optional[str] = SERVER_KEY_OPTION,
+    client_key: Optional[Path] = CLIENT_KEY_OPTION,
     timeout: float = typer.Option(3.0, help="Seconds to wait for each answer of the node."),
     kinds: Optional[str] = typer.Option(None, help="Comma-separated kinds: det,object.new,line.cross … (all)."),
     since: Optional[int] = typer.Option(None, help="Replay stored events after this seq first (0: all)."),

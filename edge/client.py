@@ -233,11 +233,12 @@ class Client(EventsMixin):
             clip.save(Path(out))
         return clip
 
-    def reload(self, bundle: str, allow_downgrade: bool = False) -> dict[str, Any]:
-        """Switch the node to ``bundle``; an older version of the model it runs needs ``allow_downgrade``."""
-        if allow_downgrade:
-            return self.request("reload", bundle=bundle, allow_downgrade=True)
-        return self.request("reload", bundle=bundle)
+    def reload(self, bundle: str, allow_downgrade: bool = False, persist: bool = False) -> dict[str, Any]:
+        """Switch the node to ``bundle``; an older version of the model it runs needs ``allow_downgrade``;
+        ``persist`` pins it so the node runs it after a restart too (an admin key's right, docs/security.md).
+        Only the flags that are set are sent, so a node from before them still understands a plain reload."""
+        flags = {k: True for k, v in (("allow_downgrade", allow_downgrade), ("persist", persist)) if v}
+        return self.request("reload", bundle=bundle, **flags)
 
     # -- events ------------------------------------------------------------------------------------------
     def events_endpoint(self) -> str:

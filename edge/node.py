@@ -27,12 +27,13 @@ from bastion import __version__
 from bastion.edge.audit import AuditLog, open_node_key
 from bastion.edge.bridges import Bridges
 from bastion.edge.config import NodeConfig
-from bastion.edge.control_lanes import Deferred
-from bastion.edge.control_ops import dispatch
-from bastion.edge.limits import clip
+from bastion.edge.control_ops import Reply, dispatch
+from bastion.edge.curve_allow import client_roles
 from bastion.edge.node_models import load_detector, load_lm
+from bastion.edge.pin import load_start_model
 from bastion.edge.pipeline import INFER, PREPARE, FramePipeline
 from bastion.edge.protocol import ControlRequest
+from bastion.edge.roles import NO_CURVE_ROLE
 from bastion.edge.server import NodeServer
 from bastion.edge.seqmark import SeqMark
 from bastion.edge.store import EventStore, StorageError
@@ -52,9 +53,6 @@ class NodeFailed(BastionError):
     """A worker thread died: the node stopped rather than run on half-alive (exit 2, systemd restarts it)."""
 
     exit_code = 2
-
-
-RELOAD_REFUSED = "reload refused: not a bundle this node can verify and load (the node's audit log says why)"
 
 
 class Node(FramePipeline):
@@ -87,7 +85,10 @@ class Node(FramePipeline):
             "node_start", node=config.id, config_sha256=config.sha256(), bastion=__version__, pid=os.getpid()
         )
         try:
-            self.detector = self._load_detector(config.model)
+            # the allow list (keys and roles) is read before seconds go into loading a model: a typo stops at once
+            roles = client_roles(config.security.allowed_clients) if config.curve_enabled else None
+            # the model an admin pinned with a persisted reload, if it still verifies, else the config's (edge/pin.py)
+            self.detector, self.pin = load_start_model(self.storage, config.model, self.audit, self._load_detector)
             self.generator = self._load_lm(config.lm) if config.lm else None
             self.store = EventStore(
                 self.storage / "events.db",
@@ -115,7 +116,7 @@ class Node(FramePipeline):
                     ClipVault(self.storage / "clips", key, config.id), config.storage, self.store.first_seq
                 )
         self.readers = [SourceReader(s, config.queue_size, self.wake, self.stop_event) for s in config.sources]
-        self.server = NodeServer(config, self.handle, self.audit, self.store.last_seq)
+        self.server = NodeServer(config, self.handle, self.audit, self.store.last_seq, roles)
         self.bridges = Bridges(config, self.store, self.status_dict, self.storage)  # sinks, metrics (docs/bridges.md)
         running = lambda: not self.stop_event.is_set()  # noqa: E731
         self._spawn_pipeline(running)
@@ -313,6 +314,7 @@ class Node(FramePipeline):
                 "signer": det.verified_by,
                 "precision": det.precision_status,
             },
+            "pin": self.pin,  # None: the config's model; else the pinned bundle and its state (running, refused)
             "objects": self.tracker_status(),  # None without an objects: section
             "events_by_kind": dict(self.events_by_kind),
             "clips": self.clips.status() if self.clips is not None else None,  # storage.clips off: None
@@ -335,41 +337,7 @@ class Node(FramePipeline):
             },
         }
 
-    def _ask(self, request: ControlRequest) -> dict[str, Any]:
-        """The answer, as pieces for this client only; checked here, generated in the server's lm lane, bounded."""
-        if self.generator is None:
-            return {
-                "ok": False,
-                "error": "no language model loaded on this node — add `lm: stories260K` (or your "
-                "task: lm bundle) to its node.yaml and restart it",
-            }
-        prompt = request.prompt or ""
-        if not prompt or len(prompt) > self.config.lm_max_prompt_chars:
-            return {"ok": False, "error": f"prompt must be 1..{self.config.lm_max_prompt_chars} characters"}
-        limit = min(request.max_new_tokens, self.config.lm_max_new_tokens)
-        audit, generator = self.audit, self.generator
-
-        def pieces():
-            count = 0
-            try:
-                for piece in generator.generate(prompt, limit):
-                    count += 1
-                    yield piece
-            finally:  # the text is not audited, only that it happened and how much
-                audit.append("ask", prompt_chars=len(prompt), tokens_out=count)
-
-        return {"stream": pieces()}
-
-    def _reload_refused(self, bundle: str, exc: Exception, client: str) -> dict[str, Any]:
-        """One answer for every refusal, whatever the path names (a file, a directory, nothing at all), so a
-        client cannot map the host's files through ``reload``; the reason goes, clipped, to the audit log
-        (repeats coalesced per client and minute, edge/limits.py) and to one log line."""
-        reason = str(exc) if isinstance(exc, BastionError) else f"{type(exc).__name__}: {exc}"
-        if self.server.refusals.refuse("bundle_refused", client, model=bundle, reason=reason, op="reload"):
-            log.warning("reload refused for %s: %s", client, clip(reason))
-        return {"ok": False, "error": RELOAD_REFUSED}
-
-    def handle(self, request: ControlRequest, client: str = "local") -> dict[str, Any] | Deferred:
-        """One control request, answered by its op's handler (edge/control_ops.py); slow work comes back as a
-        ``Deferred`` the server runs off its control thread."""
-        return dispatch(self, request, client)
+    def handle(self, request: ControlRequest, client: str = "local", role: str | None = NO_CURVE_ROLE) -> Reply:
+        """One control request, answered by its op's handler once ``role`` may run it (edge/control_ops.py); slow
+        work comes back as a ``Deferred`` the server runs off its control thread."""
+        return dispatch(self, request, client, role)

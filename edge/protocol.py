@@ -101,6 +101,7 @@ class ReloadRequest(_Request):
     op: Literal["reload"]
     bundle: str = Field(min_length=1, max_length=4096)  # PATH_MAX
     allow_downgrade: bool = False  # an older version of the running model only when asked (#15 item 9)
+    persist: bool = False  # also after a restart: the node pins this bundle (edge/pin.py; admins only, as reload)
 
 
 class SnapshotRequest(_Request):

@@ -27,8 +27,8 @@ from zmq.auth.thread import ThreadAuthenticator
 from bastion.edge.audit import AuditLog
 from bastion.edge.config import NodeConfig
 from bastion.edge.control_lanes import Deferred, Job, Lane, Outbox
-from bastion.edge.curve import allowed_client_keys, key_id, load_secret
-from bastion.edge.curve_allow import AllowList
+from bastion.edge.curve import key_id, load_secret
+from bastion.edge.curve_allow import AllowList, client_roles
 from bastion.edge.limits import BUSY_BURST_S, BUSY_SHARE, RateLimiter, RefusalCoalescer, clip
 from bastion.edge.protocol import (
     HEARTBEAT_TOPIC,
@@ -42,10 +42,11 @@ from bastion.edge.protocol import (
     readable_id,
     reply,
 )
+from bastion.edge.roles import NO_CURVE_ROLE, Role
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[..., "dict | Deferred"]  # handler(request, client_label) -> reply fields, or work for a lane
+Handler = Callable[..., "dict | Deferred"]  # handler(request, client_label, role) -> reply fields, or work for a lane
 PEEK_ID_BYTES = 4096  # a rate-limited request this small is parsed for its id; a larger one is not
 STREAM_STALL_S = 10.0  # an ask stream whose reader takes no piece for this long is ended
 MAX_SUBSCRIPTION_BYTES = 1024  # a source name is at most 200 characters (config): every topic fits
@@ -77,8 +78,16 @@ class _Incoming:
 
 
 class NodeServer:
-    def __init__(self, config: NodeConfig, handler: Handler, audit: AuditLog, last_seq: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        handler: Handler,
+        audit: AuditLog,
+        last_seq: Callable[[], int],
+        roles: dict[bytes, Role] | None = None,  # the allow list's keys and roles; read from the config if None
+    ) -> None:
         self.config = config
+        self._roles = roles
         self.handler = handler
         self.audit = audit
         self.last_seq = last_seq
@@ -162,7 +171,8 @@ class NodeServer:
         self.server_public = public
         self.auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("bastion.edge.zap"))
         self.auth.start()
-        self._allow = AllowList(allowed_client_keys(self.config.security.allowed_clients), self.audit, self.refusals)
+        roles = self._roles if self._roles is not None else client_roles(self.config.security.allowed_clients)
+        self._allow = AllowList(roles, self.audit, self.refusals)
         self.auth.configure_curve_callback("*", credentials_provider=self._allow)
         for sock in (self.events, self.control):
             sock.curve_server = True
@@ -264,6 +274,12 @@ class NodeServer:
         """The client as the audit log names it: its key id with CurveZMQ, else its connection."""
         return key_id(client) if self.config.curve_enabled else f"conn-{client.hex()[:16]}"
 
+    def _role(self, client: bytes) -> Role | None:
+        """The client's role (edge/roles.py): from the allow list by its ZAP User-Id; every client without CurveZMQ."""
+        if not self.config.curve_enabled:
+            return NO_CURVE_ROLE
+        return self._allow.role(client) if self._allow is not None else None
+
     def _answer(self, message: _Incoming) -> _Answer | None:
         wait = self.limiter.allow(message.client) or self.busy.in_debt(message.client)
         if wait:
@@ -301,7 +317,7 @@ class NodeServer:
             return _Answer(reply(exc.request_id, ok=False, error=str(exc)))
         started = time.monotonic()
         try:
-            result = self.handler(request, self._label(message.client))
+            result = self.handler(request, self._label(message.client), self._role(message.client))
             if isinstance(result, Deferred):  # answered from its lane, off this thread
                 lane = self.lanes[result.lane]
                 ahead = lane.submit(Job(result, message.identity, request.id, message.client))

@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from bastion.console import out, print_counts, print_json, progress, split_csv, warn
+from bastion.edge.cli_options import CLIENT_KEY_OPTION, SERVER_KEY_OPTION  # as `node status` takes them
 from bastion.hardware.backend_names import DEVICE_HELP, device_name
 from bastion.models.cli import ALLOW_UNSIGNED_HELP
 from bastion.models.zoo import DEFAULT_DETECTOR
@@ -161,6 +162,8 @@ def ask_command(
     prompt: str = typer.Argument(..., help="The question or the beginning of the text."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="A task: lm bundle to run here."),
     node: Optional[str] = typer.Option(None, "--node", help="Or: a node's control endpoint (its `lm` answers)."),
+    server_key: Optional[str] = SERVER_KEY_OPTION,
+    client_key: Optional[Path] = CLIENT_KEY_OPTION,
     max_new_tokens: Optional[int] = typer.Option(
         None, help="Longest answer, in tokens [default: the bundle's, else 128]."
     ),
@@ -179,6 +182,8 @@ def ask_command(
     """Stream a language model's answer, from a local bundle or from a field node.
 
     Example: bastion ask "Once upon a time" --model stories260K-1.0.bastion
+
+    Example: bastion ask "Once upon a time" --node tcp://10.0.0.5:7701 --server-key node.key --client-key me.key_secret
     """
     import sys
 
@@ -193,7 +198,7 @@ def ask_command(
     if node is not None:
         from bastion.edge.client import Client
 
-        with Client(node, retries=0) as client:  # the node samples with its bundle's defaults
+        with Client(node, server_key=server_key, client_key=client_key, retries=0) as client:  # its bundle's defaults
             pieces = client.ask_stream(prompt, max_new_tokens or 128)
             for piece in pieces:
                 sys.stdout.write(piece)
