@@ -213,6 +213,16 @@ def node_status(
             f"objects: tracker {objects['tracker']}, active tracks {tracks}, ids allocated {objects['ids_allocated']}"
             f", frame events {'on' if objects['frame_events'] else 'off'}, {objects['ms_per_frame']} ms a frame"
         )
+    clips = status.get("clips")  # evidence clips (docs/events.md)
+    if clips:
+        out.print(
+            f"clips: {clips['state']}, {clips['recorded']} kept, {clips['stored']} stored "
+            f"({clips['stored_bytes'] / 1e6:.1f} MB), {clips['in_flight']} in flight, "
+            f"{sum((clips.get('dropped') or {}).values())} dropped, {clips['failed']} failed"
+            + (f" — {clips['error']}" if clips.get("error") else ""),
+            markup=False,
+            highlight=False,
+        )
     audit = status.get("audit")
     if audit:
         out.print(

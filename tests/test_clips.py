@@ -26,12 +26,13 @@ from bastion.edge.events_v2 import kind_of
 from bastion.edge.node import Node
 from bastion.edge.snapshots import generate_key_file, load_key
 from bastion.errors import BastionError, ConfigError
-from conftest import SAMPLES
+from conftest import SAMPLES, run_cli
 from node_kit import one_camera_node_config
 
 # The person clip's first walker crosses x = 0.7 (right of the table) on her way out and is lost soon after:
 # one line.cross and one object.end within the first ~230 frames (tests/test_node_objects.py looked at them).
 EXIT = {"name": "exit", "a": [0.7, 0.02], "b": [0.7, 0.98], "classes": ["person"]}
+WHOLE_VIEW = {"name": "view", "points": [[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]}
 CLIP_MAGIC = (b"RIFF", b"AVI ", b"ftyp", b"BCLIP1", b"object.end", b"line.cross")
 
 
@@ -249,13 +250,13 @@ def test_the_clips_example_in_docs_events_md_is_a_valid_storage_section(tmp_path
 
 
 # -- a real node -------------------------------------------------------------------------------------------------
-def clip_node_config(tmp_path):
+def clip_node_config(tmp_path, objects=None):
     key = generate_key_file(tmp_path / "snapshot.key")
     source = {"name": "cam1", "uri": str(SAMPLES / "one-by-one-person-detection.mp4"), "loop": True}
     return one_camera_node_config(
         tmp_path,
         sources=[{**source, "realtime": False, "classes": ["person"]}],  # as fast as the model goes
-        objects={"lines": [EXIT]},
+        objects=objects or {"lines": [EXIT]},
         storage={
             "dir": str(tmp_path / "data"),
             "clips": True,
@@ -327,14 +328,14 @@ def test_clips_of_an_object_end_and_a_line_cross_are_kept_sealed_served_and_prun
 
 
 def test_a_clip_write_that_fails_is_shown_in_status_and_detection_goes_on(tmp_path):
-    node = Node(clip_node_config(tmp_path))
+    node = Node(clip_node_config(tmp_path, {"zones": [WHOLE_VIEW]}))  # zone.enter as soon as she is announced
     clips_dir = node.clips.vault.dir
     shutil.rmtree(clips_dir)
     clips_dir.write_text("a file where the clips directory was: every clip write fails")
     node.start()
     client = Client(node.server.control_endpoint, timeout_s=10)
     try:
-        seq = wait_for("a failed clip", lambda: clip_ready(node, client, ["line.cross"]))["line.cross"]
+        seq = wait_for("a failed clip", lambda: clip_ready(node, client, ["zone.enter"]))["zone.enter"]
         with pytest.raises(NodeRequestError, match=f"event {seq} has no clip: it could not be kept: cannot write"):
             client.clip(seq)
         before = client.status()["published"]
@@ -342,6 +343,11 @@ def test_a_clip_write_that_fails_is_shown_in_status_and_detection_goes_on(tmp_pa
         assert status["state"] == "degraded" and status["failure"] is None
         assert "cannot write clips to" in status["clips"]["error"] and status["clips"]["failed"] >= 1
         assert all(t["alive"] for name, t in status["threads"].items() if name.startswith("node-"))
+        shown = run_cli("node", "status", "--control", node.server.control_endpoint)
+        assert shown.returncode == 0, shown.stderr
+        said = " ".join(shown.stdout.split())  # rich wraps at 80 columns in a pipe
+        assert "clips: paused" in said or "clips: recording" in said, said
+        assert "failed — cannot write clips to" in said, said
     finally:
         client.close()
         node.close()
