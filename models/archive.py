@@ -19,13 +19,13 @@ import errno
 import hashlib
 import logging
 import os
-import shutil
 import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from bastion.errors import ArchiveError
+from bastion.models import archive_cache
 from bastion.models.archive_stream import (
     DAMAGED,
     HEADER_ALLOWANCE,
@@ -36,6 +36,7 @@ from bastion.models.archive_stream import (
     open_capped,
 )
 from bastion.models.atomic import short_of_space
+from bastion.models.home import Staging, held_staging
 from bastion.models.manifest import MANIFEST_NAME, read_manifest
 
 log = logging.getLogger(__name__)
@@ -170,10 +171,19 @@ def copy_bounded(src: BinaryIO, dst: BinaryIO, size: int, archive: str, member: 
 
 
 # -- unpacking ------------------------------------------------------------------------------------------
-def unpack(archive: Path, dest: Path, fh: BinaryIO | None = None) -> Path:
+def unpack(
+    archive: Path,
+    dest: Path,
+    fh: BinaryIO | None = None,
+    lock_path: Path | None = None,
+    publish: Callable[[Staging, Path], None] | None = None,
+) -> Path:
     """Safely extract ``archive`` into the new directory ``dest`` (all or nothing), staging beside it.
 
-    ``fh``: read the archive from this open file (positioned at 0; closed here) instead of opening ``archive``."""
+    ``fh``: read the archive from this open file (positioned at 0; closed here) instead of opening ``archive``.
+    ``lock_path``: the lock a sweep of ``dest``'s folder holds (the staging directory is made under it and flocked
+    while in use, so a sweep removes it only once its process has died). ``publish``: moves the finished staging
+    directory to ``dest`` (default: a rename; a twin already there is as good as ours)."""
     archive, dest = Path(archive), Path(dest)
     if fh is None and not archive.is_file():
         raise ArchiveError(f"archive not found: {archive}")
@@ -185,30 +195,26 @@ def unpack(archive: Path, dest: Path, fh: BinaryIO | None = None) -> Path:
             fh.close()
         raise ArchiveError(f"cannot create {dest.parent}: {exc.strerror or exc}") from None
     tar, fh, cap = open_capped(archive, limit, fh)
-    staging: Path | None = None
     try:
         with fh, tar:
             members, total = _scan(tar, archive, limit, cap)
             _check_free_space(dest.parent, total, archive)
-            staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-            for member, path in members:
-                _extract(tar, member, path, staging, archive)
-        if not (staging / MANIFEST_NAME).is_file():
-            raise ArchiveError(f"{archive.name} holds no manifest.json at its top level", "is it a bastion bundle?")
-        _publish(staging, dest)
+            with held_staging(dest.parent, f".{dest.name}.", lock_path) as staging:  # removed on any failure
+                for member, path in members:
+                    _extract(tar, member, path, staging.path, archive)
+                if not (staging.path / MANIFEST_NAME).is_file():
+                    raise ArchiveError(
+                        f"{archive.name} holds no manifest.json at its top level", "is it a bastion bundle?"
+                    )
+                (publish or _publish)(staging, dest)
     except DAMAGED as exc:
-        _discard(staging)
         raise ArchiveError(f"{archive.name} is truncated or damaged ({exc})", "copy it again") from None
     except OSError as exc:
-        _discard(staging)
         if exc.errno == errno.ENOSPC:
             raise ArchiveError(
                 f"disk full while unpacking {archive.name}", "free some space; nothing was kept"
             ) from None
         raise ArchiveError(f"cannot unpack {archive.name}: {exc.strerror or exc}", "nothing was kept") from None
-    except BaseException:
-        _discard(staging)
-        raise
     return dest
 
 
@@ -225,21 +231,15 @@ def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, path: str, staging: 
         copy_bounded(src, out, member.size, archive.name, path)
 
 
-def _publish(staging: Path, dest: Path) -> None:
-    """Rename the finished staging directory into place; a twin that got there first (the same archive
-    unpacked at once by two processes into its content-addressed cache) is as good as ours."""
+def _publish(staging: Staging, dest: Path) -> None:
+    """Rename the finished staging directory into place; a twin that got there first is as good as ours (the
+    staging directory is then removed as it is left)."""
     try:
-        os.replace(staging, dest)
+        os.replace(staging.path, dest)
     except OSError as exc:
         if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) and (dest / MANIFEST_NAME).is_file():
-            shutil.rmtree(staging, ignore_errors=True)
             return
         raise
-
-
-def _discard(staging: Path | None) -> None:
-    if staging is not None:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _hash_stream(fh: BinaryIO) -> str:
@@ -257,14 +257,15 @@ def _identity(fh: BinaryIO) -> tuple[int, int, int, int]:
 
 
 def unpack_cached(archive: Path, cache_dir: Path) -> Path:
-    """``archive`` unpacked once into ``cache_dir/<its sha256>`` (hashed as a stream, after its size is checked).
+    """``archive`` unpacked once into ``cache_dir/<its sha256>`` (hashed as a stream, after its size is checked),
+    held by this process while it lives, in a cache kept under its budget (``models/archive_cache.py``).
 
     Hashed and unpacked through one open file descriptor: a file swapped in under the same name between the two
     (on a USB stick someone else can write) is not what we read, so the cache never holds other bytes than its
     name says.  A rewrite of the same file in place (same inode) shows in its size/mtime, checked after the
     unpack and before publishing under the hash: it is refused, and nothing is cached.
     """
-    archive = Path(archive)
+    archive, cache_dir = Path(archive), Path(cache_dir)
     try:
         fh = open(archive, "rb")
     except OSError as exc:
@@ -277,22 +278,25 @@ def unpack_cached(archive: Path, cache_dir: Path) -> Path:
                 f"{archive.name} is {human_size(size)}, more than the {human_size(max_bundle_bytes())} a bundle may hold",
                 f"refusing this archive (raise {MAX_BYTES_ENV} if it is genuine)",
             )
-        target = Path(cache_dir) / _hash_stream(fh)
-        if (target / MANIFEST_NAME).is_file():
-            return target
-        fh.seek(0)
-        staged = Path(cache_dir) / f".{target.name}.{os.getpid()}.unpacked"
-        shutil.rmtree(staged, ignore_errors=True)
-        unpack(archive, staged, fh=os.fdopen(os.dup(fh.fileno()), "rb"))
-        if _identity(fh) != before:
-            shutil.rmtree(staged, ignore_errors=True)
-            raise ArchiveError(
-                f"{archive.name} changed while it was being unpacked",
-                "copy it again from a source nobody else writes to; nothing was cached",
+        target = cache_dir / _hash_stream(fh)
+        if not archive_cache.hold(target):
+            fh.seek(0)
+
+            def publish(staging: Staging, dest: Path) -> None:
+                if _identity(fh) != before:
+                    raise ArchiveError(
+                        f"{archive.name} changed while it was being unpacked",
+                        "copy it again from a source nobody else writes to; nothing was cached",
+                    )
+                archive_cache.publish_held(staging, dest, cache_dir)
+
+            archive_cache.sweep(cache_dir)  # what a killed unpack left goes first: room for this one
+            unpack(
+                archive,
+                target,
+                fh=os.fdopen(os.dup(fh.fileno()), "rb"),
+                lock_path=archive_cache.lock_path(cache_dir),
+                publish=publish,
             )
-        try:
-            _publish(staged, target)
-        except OSError as exc:
-            shutil.rmtree(staged, ignore_errors=True)
-            raise ArchiveError(f"cannot cache {archive.name}: {exc.strerror or exc}", "nothing was kept") from None
+    archive_cache.housekeep(cache_dir)
     return target

@@ -5,7 +5,9 @@ which hashes every payload file) names it; ``index.json`` maps names and
 versions to those hashes.  Adding copies into a private staging directory,
 verifies the copy, then renames it into place and rewrites the index under an
 exclusive lock — so two writers at once, a killed process or a full disk leave
-the registry exactly as it was.
+the registry exactly as it was.  The staging directories (``add-…``, ``rm-…``)
+are flocked while in use; what a killed add left is swept by the next add or
+remove (``bastion.models.home``).
 
 A bare name resolves to the highest version (``1.10`` above ``1.9``), never to
 whichever was added last, and adding a version older than one already present
@@ -16,12 +18,12 @@ is how a rollback looks.  Allowed downgrades and removals are appended to
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,7 @@ from pathlib import Path
 from bastion.errors import RegistryError
 from bastion.models.archive import ARCHIVE_SUFFIX, unpack
 from bastion.models.atomic import append_record, atomic_write_bytes, file_lock, short_of_space
-from bastion.models.home import bastion_home
+from bastion.models.home import bastion_home, held_staging, sweep_staging
 from bastion.models.manifest import MANIFEST_NAME
 from bastion.models.safe_read import read_bounded
 from bastion.models.version import is_older, version_key
@@ -111,7 +113,9 @@ class Registry:
         ``open_bundle`` is ``Bundle.open`` (injected to avoid an import cycle). A version older than one already
         here is refused unless ``allow_downgrade`` (then recorded in ``audit.jsonl``)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix="add-", dir=self.root))
+        sweep_staging(self.root, _is_staging, self.lock_path)  # what a killed add or remove left
+        held = contextlib.ExitStack()
+        staging = held.enter_context(held_staging(self.root, "add-", self.lock_path)).path
         try:
             source = Path(source)
             if source.is_file() and source.suffix == ARCHIVE_SUFFIX:
@@ -165,20 +169,21 @@ class Registry:
                 ) from None
             raise RegistryError(f"cannot add {source}: {exc.strerror or exc}", "the registry is unchanged") from None
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            held.close()  # the staging directory is removed
 
     def remove(self, ref: str) -> Entry:
-        with file_lock(self.lock_path):
-            entry = self.resolve(ref)
-            if entry is None:
-                raise RegistryError(f"no bundle {ref!r} in the registry", "see: bastion models list")
-            index = self._index()
-            del index[entry.sha256]
-            self._write_index(index)
-            trash = Path(tempfile.mkdtemp(prefix="rm-", dir=self.root))
-            os.replace(entry.path, trash / "bundle")
-            self._record("removed", name=entry.name, version=entry.version, sha256=entry.sha256)
-        shutil.rmtree(trash, ignore_errors=True)
+        with contextlib.ExitStack() as held:  # the trash is emptied once the lock is released
+            with file_lock(self.lock_path):
+                sweep_staging(self.root, _is_staging)  # under the lock held here
+                entry = self.resolve(ref)
+                if entry is None:
+                    raise RegistryError(f"no bundle {ref!r} in the registry", "see: bastion models list")
+                index = self._index()
+                del index[entry.sha256]
+                self._write_index(index)
+                trash = held.enter_context(held_staging(self.root, "rm-")).path  # made under the lock held here
+                os.replace(entry.path, trash / "bundle")
+                self._record("removed", name=entry.name, version=entry.version, sha256=entry.sha256)
         return entry
 
     def _record_downgrade(self, bundle, newest: Entry, source: Path) -> None:
@@ -208,6 +213,11 @@ class Registry:
 
     def _write_index(self, index: dict[str, dict]) -> None:
         atomic_write_bytes(self.index_path, json.dumps({"bundles": index}, indent=2, sort_keys=True).encode())
+
+
+def _is_staging(name: str) -> bool:
+    """The registry's own staging directories: ``add-…`` (a bundle being added), ``rm-…`` (one being deleted)."""
+    return name.startswith(("add-", "rm-"))
 
 
 def _copy_synced(src: Path, dst: Path) -> None:
