@@ -24,6 +24,10 @@ def bench_track_command(
     ),
     imgsz: Optional[int] = typer.Option(None, help="Detector input size (with --detector or --volume)."),
     threads: Optional[int] = typer.Option(None, help="Inference threads (with --detector)."),
+    cost_only: bool = typer.Option(
+        False, "--cost-only", help="Only the per-frame cost of tracker + zones + lines (no quality set)."
+    ),
+    objects: int = typer.Option(20, min=1, max=1000, help="Objects in view for the per-frame cost."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ) -> None:
     """Tracking quality (MOTA, IDF1, ID switches per 100 tracks) on a synthetic set with known truth, and the
@@ -31,7 +35,8 @@ def bench_track_command(
 
     Example: bastion bench track --sequences 6 --json
     (with the real detector on the rendered frames: bastion bench track -m yolov5n --imgsz 640 --sequences 2;
-    events per minute on the sample clips: bastion bench track --volume yolov5n --imgsz 320)
+    events per minute on the sample clips: bastion bench track --volume yolov5n --imgsz 320;
+    the per-frame cost alone, wall and CPU time: bastion bench track --cost-only --json)
     """
     from bastion.bench_track_set import bench_track
 
@@ -46,9 +51,14 @@ def bench_track_command(
         threads,
         on_sequence=lambda i: err.print(f"sequence {i + 1}/{sequences} tracked"),
         volume_model=volume,
+        cost_only=cost_only,
+        objects=objects,
     )
     if json_out:
         print_json(result)
+        return
+    if cost_only:
+        out.print(f"cost per frame, {result['cost']['objects']} objects: {result['cost']}")
         return
     for key, value in result["quality"].items():
         out.print(f"{key}: {value}")

@@ -32,12 +32,22 @@ def xyah_to_xyxy(xyah: np.ndarray) -> np.ndarray:
     return np.concatenate([xyah[:, :2] - half, xyah[:, :2] + half], axis=1)
 
 
+_DIAG = np.arange(8)
+
+
 def _diag(std: np.ndarray) -> np.ndarray:
     """[N, k] standard deviations → [N, k, k] diagonal covariances."""
     n, k = std.shape
     out = np.zeros((n, k, k))
-    out[:, np.arange(k), np.arange(k)] = std**2
+    out[:, _DIAG[:k], _DIAG[:k]] = std**2
     return out
+
+
+def _add_diag(cov: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """``cov + _diag(std)`` in place, without building the [N, k, k] zeros (adding 0.0 changes no number)."""
+    k = std.shape[1]
+    cov[:, _DIAG[:k], _DIAG[:k]] += std**2
+    return cov
 
 
 def initiate(xyah: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -62,9 +72,15 @@ def predict(mean: np.ndarray, cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         + [_W_VEL * h, _W_VEL * h, np.full_like(h, 1e-5), _W_VEL * h],
         axis=1,
     )
-    mean = mean @ _F.T
-    cov = _F @ cov @ _F.T + _diag(std)
-    return mean, cov
+    # F x and F P Fᵀ written out (F = [[I, I], [0, I]]): each entry is the sum of the same two numbers the
+    # matrix products add (the rest are products with 0), so the result is the same, without four matmuls
+    moved = mean.copy()
+    moved[:, :4] += mean[:, 4:]
+    rows = cov.copy()  # F P
+    rows[:, :4, :] += cov[:, 4:, :]
+    out = rows.copy()  # (F P) Fᵀ
+    out[:, :, :4] += rows[:, :, 4:]
+    return moved, _add_diag(out, std)
 
 
 def update(mean: np.ndarray, cov: np.ndarray, xyah: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +90,7 @@ def update(mean: np.ndarray, cov: np.ndarray, xyah: np.ndarray) -> tuple[np.ndar
     h = mean[:, 3]
     std = np.stack([_W_POS * h, _W_POS * h, np.full_like(h, 1e-1), _W_POS * h], axis=1)
     projected_mean = mean[:, :4]
-    projected_cov = cov[:, :4, :4] + _diag(std)  # H P Hᵀ + R
+    projected_cov = _add_diag(cov[:, :4, :4].copy(), std)  # H P Hᵀ + R
     cross = cov[:, :, :4]  # P Hᵀ  [N, 8, 4]
     gain = np.linalg.solve(projected_cov, cross.transpose(0, 2, 1)).transpose(0, 2, 1)  # P Hᵀ S⁻¹ (S symmetric)
     innovation = xyah - projected_mean

@@ -62,8 +62,8 @@ class ZoneRule:
             return []
         inside = inside_polygon(np.asarray([s.anchor for s in seen], dtype=np.float64), self.polygon, self.following)
         hits = []
-        for obj, now_in in zip(seen, inside):
-            now_in = bool(now_in) and counts(self.cfg, obj)
+        for obj, now_in in zip(seen, inside.tolist()):  # Python bools: no numpy scalar per object
+            now_in = now_in and counts(self.cfg, obj)
             was_in = obj.track in self.entered
             if now_in and not was_in:
                 self.entered[obj.track] = ts
