@@ -31,7 +31,7 @@ from bastion.edge.control_ops import Reply, dispatch
 from bastion.edge.curve_allow import client_roles
 from bastion.edge.node_models import load_detector, load_lm
 from bastion.edge.pin import load_start_model
-from bastion.edge.pipeline import INFER, PREPARE, FramePipeline
+from bastion.edge.pipeline import INFER, PREPARE, FramePipeline, source_filter
 from bastion.edge.protocol import ControlRequest
 from bastion.edge.roles import NO_CURVE_ROLE
 from bastion.edge.server import NodeServer
@@ -42,6 +42,7 @@ from bastion.edge.systemd_notify import sd_notify, watchdog_interval_s
 from bastion.errors import BastionError
 from bastion.models.atomic import atomic_write_bytes
 from bastion.runtime.detect import Detector
+from bastion.runtime.detections import class_ids
 from bastion.runtime.reader import SourceReader
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,9 @@ class Node(FramePipeline):
             # the allow list (keys and roles) is read before seconds go into loading a model: a typo stops at once
             roles = client_roles(config.security.allowed_clients) if config.curve_enabled else None
             # the model an admin pinned with a persisted reload, if it still verifies, else the config's (edge/pin.py)
-            self.detector, self.pin = load_start_model(self.storage, config.model, self.audit, self._load_detector)
+            self.detector, self.pin = load_start_model(
+                self.storage, config.model, self.audit, self._load_detector, self._fits_config
+            )
             self.generator = self._load_lm(config.lm) if config.lm else None
             self.store = EventStore(
                 self.storage / "events.db",
@@ -143,6 +146,15 @@ class Node(FramePipeline):
 
     def _load_lm(self, model: str):
         return load_lm(self.config, self.audit, model)
+
+    def _fits_config(self, detector: Detector) -> None:
+        """ConfigError if a source filter or a zone/line rule names a class ``detector`` lacks: a pinned model can
+        meet a config edited after it was pinned (edge/pin.py then runs the config's model)."""
+        for source in self.config.sources:
+            source_filter(source, detector.names)
+        for rule in [*self.config.objects.zones, *self.config.objects.lines] if self.config.objects else []:
+            if rule.classes:
+                class_ids(rule.classes, detector.names)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> None:

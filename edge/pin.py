@@ -102,10 +102,15 @@ def new_pin(bundle: str, detector: Detector, by: str) -> Pin:
 
 
 def load_start_model(
-    storage: Path, config_model: str, audit: AuditLog, load: Callable[[str], Detector]
+    storage: Path,
+    config_model: str,
+    audit: AuditLog,
+    load: Callable[[str], Detector],
+    fits: Callable[[Detector], None] = lambda detector: None,
 ) -> tuple[Detector, dict[str, Any] | None]:
-    """The detector a starting node runs (the pinned bundle if it still verifies, else the config's) and the pin's
-    state for ``status`` (None without a pin)."""
+    """The detector a starting node runs (the pinned bundle if it still verifies and ``fits`` the node's config —
+    which may have changed since the pin: a zone naming a class the pinned model lacks — else the config's) and the
+    pin's state for ``status`` (None without a pin)."""
     try:
         pin = read_pin(storage)
     except ConfigError as exc:
@@ -121,6 +126,11 @@ def load_start_model(
         detector.close()
         reason = f"{pin.bundle} is now bundle {got[:12]}, not the {pin.sha256[:12]} pinned"
         return _fall_back(config_model, audit, load, pin, reason)
+    try:
+        fits(detector)
+    except BastionError as exc:
+        detector.close()
+        return _fall_back(config_model, audit, load, pin, f"it does not fit this node's config: {exc}")
     audit.append("pin_loaded", bundle=pin.bundle, sha256=pin.sha256, pinned_by=pin.by, pinned_at=pin.at)
     return detector, {**pin.model_dump(), "state": "running"}
 

@@ -218,3 +218,47 @@ def test_an_allow_list_from_before_roles_still_loads_every_key_as_observer_and_a
     assert client_roles([old])[a] == "admin" and not pairs["a"][0].exists()
     listed = run_cli("node", "clients", "--clients", str(old), "--json")
     assert sorted(row["role"] for row in json.loads(listed.stdout)) == ["admin", "observer"], listed.stderr
+
+
+def test_a_pin_that_no_longer_fits_the_config_or_is_damaged_runs_the_config_model_in_one_line(tmp_path, caplog):
+    """The two other ways a pin fails at start, on real bundle loads: the config changed since the pin (a rule names
+    a class the pinned model lacks — both zoo models know COCO, so ``fits`` stands in for that check), and a
+    pin.json that is not one."""
+    from bastion.edge.audit import AuditLog
+    from bastion.edge.pin import Pin, load_start_model, write_pin
+    from bastion.runtime.detect import Detector
+
+    audit = AuditLog(tmp_path / "audit.log")
+    loaded: list[str] = []
+
+    def load(model: str) -> Detector:
+        loaded.append(model)
+        return Detector.load(model)
+
+    pinned = Detector.load("yolox_nano")
+    write_pin(
+        tmp_path, Pin(bundle="yolox_nano", sha256=pinned.bundle_sha256, name="yolox_nano", version="1", by="k", at=1.0)
+    )
+    pinned.close()
+
+    def fits(detector: Detector) -> None:
+        if detector.manifest.name == "yolox_nano":
+            raise ConfigError("zone 'door' names class 'forklift', which yolox_nano does not know")
+
+    detector, state = load_start_model(tmp_path, "yolov5n", audit, load, fits)
+    assert detector.manifest.name == "yolov5n" and loaded == ["yolox_nano", "yolov5n"]
+    assert state["state"] == "refused" and "does not fit this node's config: zone 'door'" in state["reason"]
+    detector.close()
+    detector, state = load_start_model(tmp_path, "yolov5n", audit, load)  # the same pin, nothing against it
+    assert detector.manifest.name == "yolox_nano" and state["state"] == "running"
+    detector.close()
+
+    (tmp_path / PIN_FILE).write_text('{"bundle": "yolox_nano", "sha256": "x"}')  # damaged: not a pin the node wrote
+    caplog.clear()
+    detector, state = load_start_model(tmp_path, "yolov5n", audit, load)
+    assert detector.manifest.name == "yolov5n" and state["state"] == "refused" and "is damaged" in state["reason"]
+    detector.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "bastion.edge.pin"]
+    assert len(lines) == 1 and "running the config's model yolov5n" in lines[0]
+    kinds = [json.loads(line)["kind"] for line in (tmp_path / "audit.log").read_text().splitlines()]
+    assert kinds == ["pin_refused", "pin_loaded", "pin_refused"]
