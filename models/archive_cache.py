@@ -19,7 +19,7 @@ import re
 import threading
 from pathlib import Path
 
-from bastion.errors import ConfigError
+from bastion.models.archive_stream import bytes_from_env
 from bastion.models.atomic import file_lock
 from bastion.models.home import Staging, remove_unless_held, sweep_staging
 from bastion.models.manifest import MANIFEST_NAME
@@ -36,19 +36,8 @@ _held_lock = threading.Lock()
 
 
 def cache_budget() -> int:
-    """The cache's byte budget: ``BASTION_ARCHIVE_CACHE_BYTES`` (bytes) or 4 GiB."""
-    raw = os.environ.get(CACHE_BYTES_ENV, "").strip()
-    if not raw:
-        return DEFAULT_CACHE_BYTES
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ConfigError(
-            f"{CACHE_BYTES_ENV}={raw!r} is not a number of bytes", f"e.g. {CACHE_BYTES_ENV}={DEFAULT_CACHE_BYTES}"
-        )
-    return value
+    """The cache's byte budget: ``BASTION_ARCHIVE_CACHE_BYTES`` (bytes; 0 keeps only what is in use) or 4 GiB."""
+    return bytes_from_env(CACHE_BYTES_ENV, DEFAULT_CACHE_BYTES, minimum=0)
 
 
 def lock_path(cache_dir: Path) -> Path:

@@ -30,17 +30,22 @@ _COMPRESSED = ((b"\x1f\x8b", gzip.GzipFile), (b"BZh", bz2.BZ2File), (b"\xfd7zXZ\
 
 def max_bundle_bytes() -> int:
     """The payload limit for one archive: ``BASTION_MAX_BUNDLE_BYTES`` (bytes) or 8 GiB."""
-    raw = os.environ.get(MAX_BYTES_ENV, "").strip()
+    return bytes_from_env(MAX_BYTES_ENV, DEFAULT_MAX_BYTES)
+
+
+def bytes_from_env(name: str, default: int, minimum: int = 1) -> int:
+    """A byte count set in the environment variable ``name`` (``default`` when unset or empty); anything but a
+    whole number of at least ``minimum`` is one ConfigError line naming the variable."""
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return DEFAULT_MAX_BYTES
+        return default
     try:
         value = int(raw)
     except ValueError:
-        value = 0
-    if value <= 0:
-        raise ConfigError(
-            f"{MAX_BYTES_ENV}={raw!r} is not a positive number of bytes", f"e.g. {MAX_BYTES_ENV}={DEFAULT_MAX_BYTES}"
-        )
+        value = minimum - 1
+    if value < minimum:
+        what = "a positive number of bytes" if minimum > 0 else "a number of bytes"
+        raise ConfigError(f"{name}={raw!r} is not {what}", f"e.g. {name}={default}")
     return value
 
 
