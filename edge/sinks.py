@@ -34,11 +34,6 @@ def stop_sinks(sinks: list[Sink], timeout: float = 10.0) -> None:
         sink.stop(timeout)
 
 
-def notify_sinks(sinks: list[Sink]) -> None:
-    for sink in sinks:
-        sink.notify()
-
-
 def sinks_status(sinks: list[Sink]) -> dict[str, dict[str, Any]]:
     return {sink.name: sink.status() for sink in sinks}
 

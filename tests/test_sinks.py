@@ -346,6 +346,11 @@ def test_an_idle_sink_wakes_on_each_commit_not_on_its_backstop(store):
             seq = append(store, 1)[0]
             wait_for(lambda seq=seq: sink.cursor == seq, WOKEN_WITHIN_S, f"seq {seq} forwarded by the wake")
         assert sink.got == list(range(1, 6))
+        reads: list[int] = []
+        read = store.rows_since
+        store.rows_since = lambda seq, limit: reads.append(seq) or read(seq, limit)  # type: ignore[method-assign]
+        time.sleep(1.0)  # idle: a polling sink (0.2 s) would read the log about five times here
+        assert len(reads) <= 1, f"an idle sink read the store {len(reads)} times"  # its last look before sleeping
     finally:
         sink.stop()
     append(store, 1)  # a stopped sink is no longer a listener: the store commits without it
