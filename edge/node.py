@@ -115,9 +115,14 @@ class Node(FramePipeline):
                 from bastion.edge.clip_store import ClipVault
                 from bastion.edge.clips import ClipRecorder
 
-                self.clips = ClipRecorder(
-                    ClipVault(self.storage / "clips", key, config.id), config.storage, self.store.first_seq
-                )
+                try:
+                    clip_vault = ClipVault(self.storage / "clips", key, config.id)
+                except OSError as exc:  # one line at start, like the storage dir itself
+                    raise StorageError(
+                        f"cannot use the clips dir {self.storage / 'clips'}: {exc.strerror or exc}",
+                        "make it a writable directory, or set storage.clips: false",
+                    ) from None
+                self.clips = ClipRecorder(clip_vault, config.storage, self.store.first_seq)
         self.readers = [SourceReader(s, config.queue_size, self.wake, self.stop_event) for s in config.sources]
         self.server = NodeServer(config, self.handle, self.audit, self.store.last_seq, roles)
         self.bridges = Bridges(config, self.store, self.status_dict, self.storage)  # sinks, metrics (docs/bridges.md)

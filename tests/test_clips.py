@@ -24,6 +24,7 @@ from bastion.edge.clip_store import ClipVault
 from bastion.edge.clips import ClipRecorder
 from bastion.edge.events_v2 import kind_of
 from bastion.edge.node import Node
+from bastion.edge.store import StorageError
 from bastion.edge.snapshots import generate_key_file, load_key
 from bastion.errors import BastionError, ConfigError
 from conftest import SAMPLES, run_cli
@@ -325,6 +326,14 @@ def test_clips_of_an_object_end_and_a_line_cross_are_kept_sealed_served_and_prun
     finally:
         client.close()
         node.close()
+
+
+def test_a_clips_dir_that_cannot_be_made_refuses_the_start_in_one_line(tmp_path):
+    config = clip_node_config(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "clips").write_text("not a directory")
+    with pytest.raises(StorageError, match="cannot use the clips dir .*clips: File exists"):
+        Node(config)
 
 
 def test_a_clip_write_that_fails_is_shown_in_status_and_detection_goes_on(tmp_path):
