@@ -10,12 +10,15 @@ from rich.table import Table
 
 from bastion.console import out, print_json
 from bastion.models.cli_options import JSON_OPTION, PASSPHRASE_OPTION
-from bastion.models.keys import read_passphrase
 
 bundle_app = typer.Typer(
     help="Create, sign, countersign, mark, verify, inspect and pack model bundles.", no_args_is_help=True
 )
 
+KEY_HELP = (
+    "Private key file (.key), or a key on a PKCS#11 token: 'pkcs11:token=T;object=K' "
+    "(module: ?module-path= or BASTION_PKCS11_MODULE; PIN: ?pin-source=file:/path or BASTION_PKCS11_PIN)."
+)
 ALLOW_UNSIGNED_HELP = "DEVELOPMENT ONLY: run a bundle that is unsigned or fails verification (warned every time)."
 
 
@@ -23,22 +26,22 @@ ALLOW_UNSIGNED_HELP = "DEVELOPMENT ONLY: run a bundle that is unsigned or fails 
 @bundle_app.command("sign")
 def bundle_sign(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
-    key: Path = typer.Option(..., "--key", help="Private key file (.key)."),
+    key: str = typer.Option(..., "--key", help=KEY_HELP),
     passphrase: bool = PASSPHRASE_OPTION,
 ) -> None:
-    """Sign a bundle directory (its payload is checked first).
+    """Sign a bundle directory (its payload is checked first) with a key file or a key on a PKCS#11 token.
 
     Example: bastion bundle sign runs/distill/person-vehicle/bundle --key ~/keys/model-team.key
     """
     from bastion.models.bundle import resolve_bundle_dir, verify_files
-    from bastion.models.keys import load_private_key
     from bastion.models.manifest import MANIFEST_NAME, read_manifest
+    from bastion.models.signer import load_signer
     from bastion.models.signing import sign_manifest
 
     root = resolve_bundle_dir(bundle)
     manifest = read_manifest(root / MANIFEST_NAME)
     verify_files(root, manifest)
-    record = sign_manifest(root, manifest, load_private_key(key, read_passphrase(passphrase)))
+    record = sign_manifest(root, manifest, load_signer(key, passphrase))
     out.print(f"signed {manifest.name}:{manifest.version} ({manifest.sha256()[:16]}) with key {record.key_id}")
 
 
@@ -212,7 +215,7 @@ def bundle_pack(
 @bundle_app.command("countersign")
 def bundle_countersign(
     bundle: Path = typer.Argument(..., help="Bundle directory (already signed)."),
-    sign: Path = typer.Option(..., "--sign", help="Your private key file (.key)."),
+    sign: str = typer.Option(..., "--sign", help=KEY_HELP),
     passphrase: bool = PASSPHRASE_OPTION,
     json_out: bool = JSON_OPTION,
 ) -> None:
@@ -221,17 +224,17 @@ def bundle_countersign(
     Refused when the payload or any signature already there does not match the manifest, or when your key has
     already signed.  Which signatures are enough is the trust policy's rule (bastion policy show).
 
-    Example: bastion bundle countersign coalition-vehicles-1.0/ --sign ~/keys/can-release.key
+    Example: bastion bundle countersign coalition-vehicles-1.0/ --sign 'pkcs11:token=can;object=release'
     """
     from bastion.models.bundle import verify_files
-    from bastion.models.keys import load_private_key
     from bastion.models.manifest import MANIFEST_NAME, read_manifest
+    from bastion.models.signer import load_signer
     from bastion.models.signing import countersign, read_signatures
 
     root = _writable_bundle_dir(bundle)
     manifest = read_manifest(root / MANIFEST_NAME)
     verify_files(root, manifest)
-    record = countersign(root, manifest, load_private_key(sign, read_passphrase(passphrase)), _known_keys())
+    record = countersign(root, manifest, load_signer(sign, passphrase), _known_keys())
     count = len(read_signatures(root, manifest.name))
     if json_out:
         print_json({"name": manifest.name, "version": manifest.version, "key_id": record.key_id, "signatures": count})

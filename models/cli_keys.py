@@ -27,17 +27,29 @@ def keys_generate(
         help="Trust the new key on this machine too, so the "
         "maker can verify, pack and run what it signs (recorded in trust/audit.jsonl).",
     ),
+    pkcs11: str = typer.Option(
+        None,
+        "--pkcs11",
+        help="Generate the key ON this PKCS#11 token instead (pkcs11:token=T;object=NEW-LABEL…): the private key "
+        "never leaves it; only OUT.pub is written.",
+    ),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Generate an Ed25519 signing key pair (and trust it here: you made it).
 
     Example: bastion keys generate --out ~/keys/model-team --passphrase
+
+    On a token: BASTION_PKCS11_PIN=… bastion keys generate --out model-team --pkcs11
+    'pkcs11:token=bastion;object=model-team?module-path=/usr/lib/softhsm/libsofthsm2.so'
     """
     import logging
 
     from bastion.models.keys import generate_keypair
     from bastion.models.trust import TrustStore
 
+    if pkcs11 is not None:
+        _generate_on_token(out_stem, pkcs11, passphrase, trust, json_out)
+        return
     pair = generate_keypair(out_stem, read_passphrase(passphrase, confirm=True))
     if trust:
         TrustStore().trust(pair.public_path)
@@ -56,6 +68,76 @@ def keys_generate(
     if trust:
         out.print("trusted on this machine (bastion keys revoke to undo)")
     out.print(f"units that should run your bundles: bastion keys trust {pair.public_path}")
+
+
+def _generate_on_token(out_stem: Path, uri: str, passphrase: bool, trust: bool, json_out: bool) -> None:
+    """`keys generate --pkcs11`: the pair is made on the token; only its public half is written (OUT.pub)."""
+    from bastion.errors import KeyFileError
+    from bastion.models.atomic import atomic_write_bytes
+    from bastion.models.keys import PUBLIC_SUFFIX, key_id, public_pem
+    from bastion.models.pkcs11_key import generate_on_token
+    from bastion.models.pkcs11_uri import redact
+    from bastion.models.signer import scheme_of
+    from bastion.models.trust import TrustStore
+
+    if scheme_of(uri) != "pkcs11":
+        raise KeyFileError(f"--pkcs11 takes a pkcs11: URI, not {redact(uri)!r}", "e.g. pkcs11:token=T;object=LABEL")
+    if passphrase:
+        raise KeyFileError("--passphrase is for key files; a key on a token is protected by the token's PIN")
+    public_path = out_stem.with_name(out_stem.name + PUBLIC_SUFFIX)
+    if public_path.exists():
+        raise KeyFileError(f"{public_path} already exists", "choose another name; bastion never overwrites a key")
+    made = generate_on_token(uri)
+    atomic_write_bytes(public_path, public_pem(made.public))
+    kid = key_id(made.public)
+    if trust:
+        TrustStore().trust(public_path)
+    if json_out:
+        print_json(
+            {
+                "key_id": kid,
+                "token_label": made.label,
+                "token_id": made.object_id.hex(),
+                "public": str(public_path),
+                "trusted_here": trust,
+            }
+        )
+        return
+    out.print(
+        f"key {kid} generated on the token (object {made.label!r}, id {made.object_id.hex()}); public {public_path}"
+    )
+    if trust:
+        out.print("trusted on this machine (bastion keys revoke to undo)")
+    out.print(
+        f"sign with: --sign '{redact(uri)}'; units that should run your bundles: bastion keys trust {public_path}"
+    )
+
+
+@keys_app.command("export")
+def keys_export(
+    key: str = typer.Argument(..., help="A private key file (.key) or a pkcs11: URI of a key on a token."),
+    out_path: Path = typer.Option(..., "--out", help="Where to write the public key (.pub); never overwritten."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Write the public half of a signing key (PEM), for trust stores and policies: bastion keys trust OUT.
+
+    For a token key the public key is read from the token; its private key never leaves it.
+
+    Example: bastion keys export 'pkcs11:token=bastion;object=model-team' --out model-team.pub
+    """
+    from bastion.errors import KeyFileError
+    from bastion.models.atomic import atomic_write_bytes
+    from bastion.models.keys import key_id, public_pem
+    from bastion.models.signer import load_public
+
+    if out_path.exists():
+        raise KeyFileError(f"{out_path} already exists", "choose another name; bastion never overwrites a key")
+    public = load_public(key)
+    atomic_write_bytes(out_path, public_pem(public))
+    if json_out:
+        print_json({"key_id": key_id(public), "public": str(out_path)})
+        return
+    out.print(f"wrote {out_path} (key {key_id(public)})")
 
 
 @keys_app.command("trust")

@@ -10,7 +10,6 @@ from rich.table import Table
 
 from bastion.console import out, print_json
 from bastion.models.cli_options import JSON_OPTION, PASSPHRASE_OPTION
-from bastion.models.keys import read_passphrase
 
 policy_app = typer.Typer(
     help="The signed coalition trust policy: roles, scopes, expiry, k-of-n rules, root rotation.",
@@ -75,7 +74,9 @@ def policy_init(
 @policy_app.command("sign")
 def policy_sign(
     source: Path = typer.Argument(..., help="policy.yaml (first signature) or a .bastion-policy (one more)."),
-    key: Path = typer.Option(..., "--key", help="A root key (.key) of this policy, or of the one in force."),
+    key: str = typer.Option(
+        ..., "--key", help="A root key (.key, or a pkcs11: URI of one on a token) of this policy or the one in force."
+    ),
     passphrase: bool = PASSPHRASE_OPTION,
     out_path: Path = typer.Option(
         None, "--out", help="Where to write (default: SOURCE as .bastion-policy; a .bastion-policy is updated)."
@@ -84,12 +85,12 @@ def policy_sign(
     """Sign a policy with one root key; each root key holder runs this on the same .bastion-policy file.
 
     Example: bastion policy sign policy.yaml --key ca-root.key && bastion policy sign policy.bastion-policy
-    --key gb-root.key
+    --key 'pkcs11:token=gb-root;object=root?module-path=/usr/lib/softhsm/libsofthsm2.so'
     """
     from bastion.errors import ConfigError
     from bastion.models.atomic import atomic_write_bytes
-    from bastion.models.keys import load_private_key
     from bastion.models.policy import POLICY_SUFFIX, SignedPolicy, policy_from_yaml, read_signed
+    from bastion.models.signer import load_signer
 
     target = out_path or source.with_suffix(POLICY_SUFFIX)
     if source.suffix == POLICY_SUFFIX:
@@ -100,7 +101,7 @@ def policy_sign(
                 f"{target} already exists", f"add your signature to it: bastion policy sign {target} --key KEY"
             )
         signed = SignedPolicy(policy=policy_from_yaml(source))
-    signed = signed.sign(load_private_key(key, read_passphrase(passphrase)))
+    signed = signed.sign(load_signer(key, passphrase))
     atomic_write_bytes(target, signed.to_bytes())
     out.print(f"signed policy v{signed.policy.version} ({len(signed.signatures)} signature(s)) → {target}")
 

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from bastion.errors import KeyFileError
 from bastion.models.atomic import atomic_write_bytes
 from bastion.models.safe_read import NotRegular, TooLarge, read_bounded
+from bastion.models.signer import Signer, load_signer, scheme_of
 
 MAX_KEY_FILE_BYTES = 64 * 1024  # an Ed25519 PEM key is ~120 bytes
 
@@ -63,8 +64,13 @@ def generate_keypair(stem: Path, passphrase: bytes | None = None) -> KeyPair:
     return KeyPair(private_path, public_path, key_id(key.public_key()))
 
 
-def load_private_key(path: Path, passphrase: bytes | None = None) -> Ed25519PrivateKey:
-    """Read a private key; refuse it if group/others can read it or the passphrase is wrong."""
+def load_private_key(path: Path, passphrase: bytes | None = None) -> Ed25519PrivateKey | Signer:
+    """Read a private key; refuse it if group/others can read it or the passphrase is wrong.
+
+    A ``pkcs11:`` URI instead of a path gives a key on a token (models/signer.py), so every command that takes a
+    ``--sign`` key file signs with a token key too; ``passphrase`` does not apply to it (its PIN does)."""
+    if scheme_of(path) is not None:
+        return load_signer(str(path))
     path = Path(path)
     data = read_key_file(path, "private key", "give the .key file bastion keys generate wrote")
     try:

@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from bastion.errors import SignatureError
 from bastion.models.atomic import atomic_write_bytes
 from bastion.models.keys import SIGNATURE_BYTES, key_id, verify_signature
 from bastion.models.manifest import Manifest
 from bastion.models.safe_read import read_bounded
+from bastion.models.signer import Signer
 from bastion.models.trust import TrustStore
 
 SIGNATURE_NAME = "signature"
@@ -107,8 +108,9 @@ class Verification:
         return f"signature OK, key {self.key_id} ({self.key_source})"
 
 
-def sign_manifest(root: Path, manifest: Manifest, private: Ed25519PrivateKey) -> SignatureRecord:
-    """Write ``root/signature`` for ``manifest`` (whose payload the caller has already verified)."""
+def sign_manifest(root: Path, manifest: Manifest, private: Signer) -> SignatureRecord:
+    """Write ``root/signature`` for ``manifest`` (whose payload the caller has already verified); ``private`` is a
+    key file's key or a key on a token (models/signer.py)."""
     record = SignatureRecord(key_id(private.public_key()), manifest.sha256(), private.sign(manifest.canonical_bytes()))
     atomic_write_bytes(Path(root) / SIGNATURE_NAME, record.to_json())
     return record
@@ -214,7 +216,7 @@ def check_record(record: SignatureRecord, public: Ed25519PublicKey | None, manif
         )
 
 
-def countersign(root: Path, manifest: Manifest, private: Ed25519PrivateKey, known_keys: dict) -> SignatureRecord:
+def countersign(root: Path, manifest: Manifest, private: Signer, known_keys: dict) -> SignatureRecord:
     """Add a countersignature over the same canonical manifest bytes; the payload and manifest are untouched.
 
     Refused when the bundle is unsigned, when this key already signed it, when the list is full, or when any
