@@ -109,7 +109,7 @@ def open_token_signer(text: str) -> TokenSigner:
         raise KeyFileError(f"{uri.shown} names a {uri.type} object; signing needs its private key", "drop type=")
     _need_a_name(uri)
     token = _find_token(uri)
-    where = _describe(uri, token)
+    where = _describe(token)
     session = _open_session(token, uri, where, _read_pin(uri, ask=True), rw=False)
     try:
         private = _one_object(session, uri, "PRIVATE_KEY", where)
@@ -126,7 +126,7 @@ def token_public_key(text: str) -> Ed25519PublicKey:
     uri = parse_pkcs11_uri(text)
     _need_a_name(uri)
     token = _find_token(uri)
-    where = _describe(uri, token)
+    where = _describe(token)
     session = _open_session(token, uri, where, _read_pin(uri, ask=False), rw=False)
     try:  # the public object the URI names (visible without a PIN); else the one beside the private key
         if uri.type == "public" or (uri.type is None and _count(session, uri, "PUBLIC_KEY", where) == 1):
@@ -144,7 +144,7 @@ def generate_on_token(text: str) -> TokenKey:
     if not uri.object or uri.type not in (None, "private"):
         raise KeyFileError(f"{uri.shown} must name the new key: object=LABEL", "e.g. pkcs11:token=t;object=model-team")
     token = _find_token(uri)
-    where = _describe(uri, token)
+    where = _describe(token)
     object_id = uri.object_id or os.urandom(8)
     session = _open_session(token, uri, where, _read_pin(uri, ask=True), rw=True)
     attr = pkcs11.Attribute
@@ -377,7 +377,7 @@ def _name(uri: Pkcs11Uri) -> str:
     return " ".join(parts)
 
 
-def _describe(uri: Pkcs11Uri, token: Any) -> str:
+def _describe(token: Any) -> str:
     label = (token.label or "").strip()
     return f"token '{label}'" if label else f"the token in slot {token.slot.slot_id}"
 
