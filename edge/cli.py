@@ -49,7 +49,7 @@ security:
   # curve: true
   # server_secret_key: keys/node.key_secret      # bastion node keygen --out keys --name node
   # allowed_clients: [keys/clients/]             # public .key files of allowed clients; their folder is their
-  #   role: keys/clients/{observer,operator,admin}/ (bastion node allow); any other folder: observer
+  #   role: keys/clients/{{observer,operator,admin}}/ (bastion node allow); keys right in the listed folder: observer
   # audit_key: keys/node-audit.key               # signs audit checkpoints (default: STORAGE/node-audit.key)
   allow_unsigned: false           # DEVELOPMENT ONLY (audited)
 storage:
