@@ -1,4 +1,4 @@
-"""CLI of the field node: ``bastion node init|run|status|tail|keygen|allow|clients|pin`` and ``bastion audit verify``."""
+"""CLI of the field node: ``bastion node init|run|status|tail|clip|keygen|allow|clients|pin`` and ``bastion audit verify``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import typer
 
 from bastion.console import err, out, print_json
 from bastion.edge.cli_access import node_allow, node_clients, node_pin
+from bastion.edge.cli_clip import node_clip
 from bastion.edge.cli_options import CLIENT_KEY_OPTION, CONTROL_OPTION, SERVER_KEY_OPTION, STORAGE_OPTION
 
 node_app = typer.Typer(help="The field node daemon: sources → detector → SQLite → ZeroMQ.", no_args_is_help=True)
@@ -17,6 +18,7 @@ audit_app = typer.Typer(help="The node's hash-chained audit log.", no_args_is_he
 node_app.command("allow")(node_allow)  # who may use the control socket, in which role (edge/cli_access.py)
 node_app.command("clients")(node_clients)
 node_app.command("pin")(node_pin)
+node_app.command("clip")(node_clip)  # an evidence clip, fetched with Client.clip (edge/cli_clip.py)
 
 EXAMPLE_CONFIG = """\
 # bastion field node — every key is optional except sources. Env overrides: BASTION_NODE_<FIELD>.
@@ -43,7 +45,7 @@ sources:
     # roi: [0.0, 0.0, 1.0, 1.0]   # keep boxes centred in this normalised region
 endpoints:
   events: tcp://127.0.0.1:7700    # PUB
-  control: tcp://127.0.0.1:7701   # ROUTER (status, replay, reload, ask)
+  control: tcp://127.0.0.1:7701   # ROUTER (status, replay, snapshot, clip, ask, reload)
 security:
   # CurveZMQ is switched on automatically for any endpoint beyond loopback.
   # curve: true
@@ -59,7 +61,7 @@ storage:
   # snapshots: true                 # encrypted JPEG of each frame that produced an event
   # snapshot_key: keys/snapshot.key # bastion node snapshot-key --out keys/snapshot.key
   # clips: true                     # encrypted video around each object.end / zone / line event (needs
-  # clip_pre_s: 3                   #   snapshot_key and objects:); Client.clip(seq), docs/events.md
+  # clip_pre_s: 3                   #   snapshot_key and objects:); bastion node clip SEQ, docs/events.md
   # clip_post_s: 3
 objects:                          # tracked objects and rules (docs/events.md); remove for v1 frame events only
   tracker: bytetrack              # or none

@@ -163,8 +163,8 @@ class Client(EventsMixin):
         hint = "is the node running? with CurveZMQ: are the server key and your client key right?"
         tries = self.retries + 1
         raise NodeUnavailable(
-            f"no answer from {self.control_endpoint} to {op!r} in {tries * self.timeout_s:.0f} s "
-            f"({tries} tries of {self.timeout_s:.0f} s)",
+            f"no answer from {self.control_endpoint} to {op!r} in {tries * self.timeout_s:g} s "
+            f"({tries} tries of {self.timeout_s:g} s)",
             hint,
         )
 
