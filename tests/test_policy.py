@@ -59,7 +59,7 @@ def test_threshold_unmet_by_one_then_met_by_a_countersignature(tmp_path, kit):
     assert applied.returncode == 0, applied.stderr
     root = make_bundle(tmp_path, "coalition-vehicles", k["can"])
     line = one_line(run_cli("bundle", "verify", str(root)))
-    assert "rule 'coalition-*' unmet: needs 2 signature(s) by nation:* keys, has 1 (1 short)" in line
+    assert "rule 'coalition-*' unmet: needs 2 signature(s) by distinct nation:* holders, has 1 (1 short)" in line
     counter = run_cli("bundle", "countersign", str(root), "--sign", str(k["gbr"].private_path))
     assert counter.returncode == 0, counter.stderr
     ok = run_cli("bundle", "verify", str(root), "--json")
@@ -75,7 +75,7 @@ def test_one_model_team_and_one_release_authority(tmp_path, kit):
     people = [{"pair": k["team"], "role": "model-team"}, {"pair": k["release"], "role": "release-authority"}]
     first_apply(signed(policy(1, [k["root1"]], people, [TEAM_AND_RELEASE_RULE]), k["root1"]))
     root = make_bundle(tmp_path, "detector", k["team"])
-    with pytest.raises(SignatureError, match=r"needs 1 signature\(s\) by release-authority keys, has 0 \(1 short\)"):
+    with pytest.raises(SignatureError, match=r"needs 1 signature\(s\) by distinct release-authority holders, has 0 \(1 short\)"):
         Bundle.open(root)
     add_countersignature(root, k["release"])
     assert Bundle.open(root).verification.policy.startswith("trust policy v1, rule '*'")
