@@ -26,7 +26,7 @@ from bastion.models.manifest import MANIFEST_NAME, read_manifest
 from bastion.models.pkcs11_key import ed25519_from_ec_point, generate_on_token
 from bastion.models.pkcs11_uri import parse_pkcs11_uri, redact
 from bastion.models.policy import read_signed
-from bastion.models.signer import load_signer, scheme_of
+from bastion.models.signer import load_public, load_signer, scheme_of
 from bastion.models.signing import countersign
 from bastion.models.trust import TrustStore
 from coalition_kit import make_bundle, one_line, policy, write_signed
@@ -84,6 +84,8 @@ def test_a_key_reference_is_a_file_unless_its_scheme_is_registered(tmp_path):
     assert scheme_of(tmp_path / "team.key") is None and scheme_of("c:team.key") is None
     pair = generate_keypair(tmp_path / "odd:name")  # a file whose name holds a colon is still a file
     assert isinstance(load_signer(pair.private_path), Ed25519PrivateKey)
+    for reference in (pair.private_path, pair.public_path):  # keys export: the public half of a file key, too
+        assert key_id(load_public(reference)) == pair.key_id
     assert (
         redact("pkcs11:object=k?pin-value=abc&module-path=/m.so") == "pkcs11:object=k?pin-value=***&module-path=/m.so"
     )
