@@ -26,6 +26,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from bastion.edge.store import StorageError
+from bastion.edge.watched import WatchedThread
 from bastion.errors import BastionError
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ def event_kind(payload: dict[str, Any]) -> str:
     return kind if isinstance(kind, str) and kind else "det"
 
 
-class Sink:
+class Sink(WatchedThread):
     """One broker, one thread, one cursor. Subclasses implement ``connect``, ``publish`` and ``disconnect``."""
 
     def __init__(self, config: "SinkConfig", store: "EventStore", node: str) -> None:
@@ -101,14 +102,6 @@ class Sink:
         if self._thread.ident is not None:
             self._thread.join(timeout)
         self.state = "stopped"
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    @property
-    def thread(self) -> threading.Thread:
-        return self._thread
 
     @property
     def thread_name(self) -> str:
