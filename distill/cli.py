@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from bastion.console import out, print_json, progress, stage_bars, warn
+from bastion.distill.labellers import LABELLER_HELP
 from bastion.distill.torch_device import DEVICE_HELP, data_parallel_devices, training_device
 from bastion.hardware.backend_names import DEVICE_HELP as BACKEND_DEVICE_HELP
 from bastion.models.cli import ALLOW_UNSIGNED_HELP
@@ -265,6 +266,10 @@ def distill_detect_command(
     ),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     nproc: str = typer.Option("1", "--nproc", help="Train on N GPUs with Ultralytics' own DDP (CUDA only)."),
+    labeller: str = typer.Option("single", "--labeller", help=LABELLER_HELP),
+    labeller_workers: Optional[int] = typer.Option(
+        None, "--labeller-workers", help="Ray workers (default: one per CPU core, or per GPU, of the cluster)."
+    ),
     out_dir: Path = typer.Option(..., "--out", help="Run directory (stages are cached; re-run resumes)."),
     force: list[str] = typer.Option([], "--force", help="Redo this stage and the ones after it."),
     sign: Optional[Path] = typer.Option(None, "--sign", help="Sign the shipped bundle with this private key."),
@@ -275,7 +280,7 @@ def distill_detect_command(
 
     Example: bastion distill detect --teacher yolov5n --images imgs/ --labels labels/ --classes person,vehicle
     --class-map car=vehicle,truck=vehicle,bus=vehicle --imgsz 320 --warm-start yolov5n.safetensors --freeze 24
-    --out runs/distill/pv
+    --out runs/distill/pv   (add --labeller ray to pseudo-label on a local Ray cluster: docs/scale.md)
     """
     from bastion.distill.classmap import parse_class_map
     from bastion.distill.ddp import check_nproc, launched_world
@@ -342,7 +347,13 @@ def distill_detect_command(
         conf_auto=conf == "auto",
         allow_unsigned=allow_unsigned,
         force=set(force),
+        labeller=labeller,
+        labeller_workers=labeller_workers,
     )
+    if spec.labeller != "single":  # without the [scale] extra: one line now, not after the teachers stage
+        from bastion.distill.ray_labeller import require_ray
+
+        require_ray()
     key = None
     if sign is not None:
         from bastion.models.keys import load_private_key, read_passphrase

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from bastion.distill.classmap import ClassMap
 from bastion.distill.datasets import load_data_yaml
+from bastion.distill.labellers import TEACHER_CONF, open_labeller, parse_labeller
 from bastion.distill.progress import RunProgress
 from bastion.distill.pseudo import build_dataset
 from bastion.distill.run import DetectRunDir
@@ -111,35 +112,38 @@ def make_labels(
             raise InputNotFoundError(f"no images in {spec.val_images}")
         val_set = (val_list, spec.val_labels)
     total = len(images) + len(val_set[0] if val_set else [])
-    progress.stage(2, STAGE_COUNT, "labels", f"labelling {total} images with {len(teachers)} teacher(s)")
+    choice = parse_labeller(spec.labeller, spec.labeller_workers)
+    who = "" if choice.kind == "single" else f" on Ray ({choice.address or 'a local cluster'})"
+    progress.stage(2, STAGE_COUNT, "labels", f"labelling {total} images with {len(teachers)} teacher(s){who}")
     thresholds = [spec.conf.get(c, spec.conf.get("*", 0.25)) for c in spec.classes]
-    detectors = [Detector.from_bundle(b, conf=0.05) for b in teachers]  # verified above
-    try:
-        chosen = None
-        if spec.conf_auto:
+    chosen = None
+    if spec.conf_auto:  # at most 64 labelled images: in this process, whichever labeller labels the rest
+        detectors = [Detector.from_bundle(b, conf=TEACHER_CONF) for b in teachers]  # verified above
+        try:
             thresholds, chosen = auto_thresholds(spec, images, detectors, maps, thresholds)
-        with run.stage("labels") as (stage, result):
-            stats = build_dataset(
-                images,
-                spec.labels,
-                detectors,
-                maps,
-                spec.classes,
-                thresholds,
-                stage,
-                spec.val_fraction,
-                tick=progress.bar("pseudo-labels", total),
-                val_set=val_set,
-            )
-            result.update(
-                stats.__dict__,
-                thresholds=dict(zip(spec.classes, thresholds)),
-                threshold_choice={spec.classes[c]: v for c, v in chosen.items()} if chosen else "given",
-                val_is_ground_truth=spec.labels is not None or val_set is not None,
-            )
-    finally:
-        for d in detectors:
-            d.close()
+        finally:
+            for d in detectors:
+                d.close()
+    with open_labeller(choice, teachers, maps) as labeller, run.stage("labels") as (stage, result):
+        stats = build_dataset(
+            images,
+            spec.labels,
+            labeller,
+            maps,
+            spec.classes,
+            thresholds,
+            stage,
+            spec.val_fraction,
+            tick=progress.bar("pseudo-labels", total),
+            val_set=val_set,
+        )
+        result.update(
+            stats.__dict__,
+            thresholds=dict(zip(spec.classes, thresholds)),
+            threshold_choice={spec.classes[c]: v for c, v in chosen.items()} if chosen else "given",
+            val_is_ground_truth=spec.labels is not None or val_set is not None,
+            labeller=labeller.describe(),
+        )
 
 
 def auto_thresholds(

@@ -19,7 +19,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import yaml
@@ -30,6 +30,9 @@ from bastion.errors import ConfigError
 from bastion.models.manifest import sha256_file
 from bastion.runtime.detect import Detector
 from bastion.runtime.media import read_image
+
+if TYPE_CHECKING:
+    from bastion.distill.labellers import Labeller
 
 log = logging.getLogger(__name__)
 SOFT_FLOOR = 0.05
@@ -147,6 +150,15 @@ def choose_thresholds(
     return chosen, detail
 
 
+def _readable(path: Path) -> str | None:
+    """None when ``path`` reads as an image (a ground-truth image the teachers skip), else why not."""
+    try:
+        read_image(path)
+    except Exception as exc:
+        return str(exc)
+    return None
+
+
 def _link(src: Path, dst: Path) -> None:
     try:
         os.symlink(src.resolve(), dst)
@@ -157,18 +169,21 @@ def _link(src: Path, dst: Path) -> None:
 def build_dataset(
     images: list[Path],
     labels_dir: Path | None,
-    teachers: list[Detector],
+    labeller: Labeller,
     maps: list[ClassMap],
     student: list[str],
     thresholds: list[float],
     out: Path,
     val_fraction: float = 0.25,
-    weights: list[float] | None = None,
     tick: Callable[[], None] | None = None,
     val_set: tuple[list[Path], Path] | None = None,
 ) -> LabelStats:
     """Label ``images`` into ``out`` (YOLO layout + scores); ``val_set`` = (images, labels dir) held out instead
-    of a share of the labelled images."""
+    of a share of the labelled images.
+
+    ``labeller`` runs the teachers over the images without ground truth (in this process, or on Ray:
+    ``labellers.py``) and hands back their fused boxes in order; every file is written here, the same way
+    whoever ran the teachers."""
     stats = LabelStats(boxes_per_class={c: 0 for c in student})
     if val_set is not None:
         clash = {p.name for p in images} & {p.name for p in val_set[0]}
@@ -181,19 +196,21 @@ def build_dataset(
         for kind in ("images", "labels", "scores"):
             (out / kind / split).mkdir(parents=True, exist_ok=True)
     (out / "soft").mkdir(exist_ok=True)
-    work = [(p, None) for p in images] + [(p, "val") for p in (val_set[0] if val_set else [])]
-    for path, fixed_split in work:
-        if tick:
-            tick()
-        try:
-            image = read_image(path)
-        except Exception as exc:  # corrupt: skipped, counted, reported
-            stats.corrupt.append(f"{path.name}: {exc}")
-            continue
-        stats.images += 1
+    work = []  # (image, fixed split, its ground-truth file or None): known before any teacher runs
+    for path, fixed_split in [(p, None) for p in images] + [(p, "val") for p in (val_set[0] if val_set else [])]:
         gt_dir = val_set[1] if fixed_split else labels_dir
         gt_file = gt_dir / f"{path.stem}.txt" if gt_dir else None
-        has_gt = gt_file is not None and gt_file.is_file()
+        work.append((path, fixed_split, gt_file if gt_file is not None and gt_file.is_file() else None))
+    fused = labeller.fuse([p for p, fixed, gt in work if not fixed and gt is None])
+    for path, fixed_split, gt_file in work:
+        if tick:
+            tick()
+        has_gt = gt_file is not None
+        outcome = next(fused)[1] if not fixed_split and not has_gt else _readable(path)
+        if isinstance(outcome, str):  # corrupt: skipped, counted, reported
+            stats.corrupt.append(f"{path.name}: {outcome}")
+            continue
+        stats.images += 1
         # held out: ground-truth images when there are labels; otherwise pseudo-labelled ones (then scores
         # measure agreement with the teachers, and the report says so)
         split = fixed_split or (
@@ -208,7 +225,7 @@ def build_dataset(
             rows = read_gt(gt_file, maps[0])
             stats.ground_truth += 1
         else:
-            boxes, scores, labels = fused_boxes(image, teachers, maps, weights)
+            boxes, scores, labels = outcome.boxes, outcome.scores, outcome.labels
             soft = [
                 {"cls": int(c), "score": round(float(s), 4), "box": [round(float(v), 5) for v in b]}
                 for b, s, c in zip(boxes, scores, labels)

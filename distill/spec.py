@@ -45,6 +45,8 @@ class DistillSpec(BaseModel):
     allow_unsigned: bool = False
     force: set[str] = Field(default_factory=set)
     train: TrainSpec | None = None  # None: no student is trained (only the no-training candidates)
+    labeller: str = "single"  # who runs the teachers: single | ray | ray:auto | ray:HOST:PORT (labellers.py)
+    labeller_workers: int | None = None  # Ray actors (None: one per core or GPU of the cluster)
 
     @model_validator(mode="after")
     def _held_out_pair(self) -> "DistillSpec":
@@ -52,6 +54,9 @@ class DistillSpec(BaseModel):
             raise ValueError("--val-images and --val-labels go together: give both, or neither")
         if any(not 0 <= v <= 1 for v in self.conf.values()):
             raise ValueError("--conf: thresholds are between 0 and 1")
+        from bastion.distill.labellers import parse_labeller
+
+        parse_labeller(self.labeller, self.labeller_workers)  # a bad --labeller is refused before any stage runs
         unknown = sorted(self.force - set(DetectRunDir.STAGES))
         if unknown:
             raise ValueError(f"--force {unknown[0]}: unknown stage (stages: {', '.join(DetectRunDir.STAGES)})")

@@ -1,0 +1,313 @@
+"""Pseudo-labelling on Ray (#20 item 2): a local 2-worker cluster writes the single process's labels/ file by file,
+phones nowhere home, listens on loopback only and is gone when the labelling ends (or is interrupted); without Ray,
+or with a bad address, ``--labeller`` is one line.
+
+The equivalence runs on 12 COCO128 images (3 with ground truth, 9 pseudo-labelled by a 2-teacher ensemble, plus one
+corrupt file), not all 128: a local Ray cluster alone takes ~20 s to start on 2 shared cores, and 12 images already
+cover every path a file takes (ground truth, pseudo, corrupt, WBF of two teachers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from bastion.errors import ConfigError, ModelLoadError
+from conftest import REPO, SAMPLE_IMAGES, run_cli
+
+CLASSES = ["person", "vehicle"]
+CLASS_MAP = {"car": "vehicle", "truck": "vehicle", "bus": "vehicle"}
+GUARD_SITECUSTOMIZE = """\
+import os, sys
+_marks = os.environ.get("BASTION_TEST_GUARD_MARKS")
+if _marks:  # every Python process Ray starts for this test: under the zero-egress guard, and it says so
+    import egress_guard
+    egress_guard.install()
+    with open(os.path.join(_marks, str(os.getpid())), "w") as f:
+        f.write(" ".join(sys.argv)[:300])
+"""
+RAY_BLOCKED_SITECUSTOMIZE = "import sys\nsys.modules['ray'] = None  # as if the [scale] extra were not installed\n"
+
+
+@pytest.fixture
+def subset(coco128: Path, tmp_path: Path) -> tuple[Path, Path]:
+    src = coco128.parent
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    for i, jpg in enumerate(sorted((src / "images" / "train2017").glob("*.jpg"))[:12]):
+        shutil.copy(jpg, images / jpg.name)
+        label = src / "labels" / "train2017" / f"{jpg.stem}.txt"
+        if i % 4 == 0 and label.is_file():
+            shutil.copy(label, labels / label.name)
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 not an image")
+    return images, labels
+
+
+@pytest.fixture
+def teachers():
+    from bastion.models.bundle import Bundle
+
+    try:
+        return [Bundle.open("yolov5n"), Bundle.open("yolox_nano")]
+    except ModelLoadError as exc:
+        pytest.skip(f"teacher weights missing: {exc}")
+
+
+def _label(images: Path, labels: Path, teachers, choice, out: Path, tick=None):
+    from bastion.distill.classmap import ClassMap
+    from bastion.distill.labellers import open_labeller
+    from bastion.distill.pseudo import build_dataset
+    from bastion.runtime.media import list_images
+
+    maps = [ClassMap.build(b.manifest.classes, CLASSES, CLASS_MAP) for b in teachers]
+    with open_labeller(choice, teachers, maps) as labeller:
+        return build_dataset(list_images(images), labels, labeller, maps, CLASSES, [0.25, 0.3], out, tick=tick)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` by relative path: its bytes, or for a symlink where it points."""
+    return {
+        str(p.relative_to(root)): (b"-> " + os.readlink(p).encode()) if p.is_symlink() else p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_symlink() or p.is_file()
+    }
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            tree.setdefault(ppid, []).append(int(d.name))
+    return tree
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """Every live process below ``root`` (Ray's GCS, raylet, workers, dashboard): pid → command name."""
+    tree, found, todo = _children(), {}, [root]
+    while todo:
+        for pid in tree.get(todo.pop(), []):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            if stat.rsplit(")", 1)[1].split()[0] != "Z" and pid not in found:
+                found[pid] = stat[stat.index("(") + 1 : stat.rindex(")")]
+                todo.append(pid)
+    return found
+
+
+def _address(hex_addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    raw = bytes.fromhex(hex_addr)
+    if len(raw) == 4:
+        return ipaddress.IPv4Address(raw[::-1])
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))  # /proc writes each 32-bit word host-endian
+    v6 = ipaddress.IPv6Address(words)
+    return v6.ipv4_mapped or v6
+
+
+def _sockets_of(pids) -> list[tuple[str, str, str]]:
+    """(protocol, local address, remote address) of every TCP/UDP socket the processes hold (from /proc)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                link = os.readlink(fd)
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        except OSError:
+            continue
+    found = []
+    for proto in ("tcp", "tcp6", "udp", "udp6"):
+        for line in Path(f"/proc/net/{proto}").read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[9] in inodes:
+                local, remote = (_address(c.split(":")[0]) for c in cols[1:3])
+                found.append((proto, str(local), str(remote)))
+    return found
+
+
+@pytest.mark.slow
+def test_ray_labeller_on_two_local_workers_writes_the_single_process_labels_and_phones_nowhere(
+    subset, teachers, tmp_path, monkeypatch
+):
+    pytest.importorskip("ray")
+    from bastion.distill.labellers import LabellerChoice
+
+    images, labels = subset
+    single = _label(images, labels, teachers, LabellerChoice(), tmp_path / "single")
+
+    guard, marks = tmp_path / "guard", tmp_path / "marks"
+    guard.mkdir()
+    marks.mkdir()
+    (guard / "sitecustomize.py").write_text(GUARD_SITECUSTOMIZE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(guard), str(REPO / "tests")]))
+    monkeypatch.setenv("BASTION_TEST_GUARD_MARKS", str(marks))
+    session = Path(tempfile.mkdtemp(prefix="brt-", dir="/tmp"))  # short: Ray's unix sockets live under it
+    monkeypatch.setenv("BASTION_RAY_TMPDIR", str(session))
+    seen: dict[int, str] = {}
+    sockets: list[tuple[str, str, str]] = []
+    try:
+        ticks = []
+
+        def interrupted_mid_stream() -> None:
+            ticks.append(1)
+            if len(ticks) == 3:
+                raise KeyboardInterrupt  # Ctrl-C while the actors are labelling
+
+        from bastion.distill.classmap import ClassMap
+        from bastion.distill.labellers import open_labeller
+        from bastion.distill.pseudo import build_dataset
+        from bastion.runtime.media import list_images
+
+        maps = [ClassMap.build(b.manifest.classes, CLASSES, CLASS_MAP) for b in teachers]
+        with pytest.raises(KeyboardInterrupt):
+            with open_labeller(LabellerChoice("ray", None, 2), teachers, maps) as labeller:
+                on_ray = build_dataset(
+                    list_images(images), labels, labeller, maps, CLASSES, [0.25, 0.3], tmp_path / "ray"
+                )
+                assert labeller.describe() == {"kind": "ray", "address": "local", "workers": 2, "gpus_per_worker": 0}
+                seen = _descendants(os.getpid())
+                sockets = _sockets_of(seen)
+                build_dataset(
+                    list_images(images), labels, labeller, maps, CLASSES, [0.25, 0.3], tmp_path / "again",
+                    tick=interrupted_mid_stream,
+                )  # fmt: skip
+
+        # the same labels/ tree, file by file (links to the same images), and the same counts
+        a, b = _tree(tmp_path / "single"), _tree(tmp_path / "ray")
+        assert sorted(a) == sorted(b)
+        assert [k for k in a if a[k] != b[k]] == []
+        assert dataclasses.asdict(single) == dataclasses.asdict(on_ray)
+        assert single.pseudo == 9 and single.ground_truth == 3 and len(single.corrupt) == 1
+        assert sum(single.boxes_per_class.values()) > 9  # real detections were compared, not empty files
+
+        # Ray's own processes ran (C++ GCS and raylet, two labelling workers), on loopback only: every socket they
+        # held while the cluster was up is bound to, and talks to, 127.0.0.1
+        names = set(seen.values())
+        assert {"gcs_server", "raylet"} <= names, names
+        assert sum("TeacherActor" in n or n.startswith("ray::") for n in names) >= 2, names
+        assert len(sockets) >= 5, sockets
+        outward = [
+            s for s in sockets if not all(ipaddress.ip_address(a).is_loopback or a in ("0.0.0.0", "::") for a in s[1:])
+        ]
+        assert outward == [] and all(ipaddress.ip_address(s[1]).is_loopback for s in sockets), outward
+
+        # every Python process Ray started ran under the zero-egress guard (its mark), and none was refused;
+        # Ray's usage statistics were off in the cluster's own dashboard process
+        marked = {int(p.name) for p in marks.iterdir()}
+        assert len(marked & set(seen)) >= 3, (marked, seen)
+        logs = list(session.rglob("logs/*"))
+        assert logs
+        assert not [p for p in logs if p.is_file() and b"ZERO-EGRESS VIOLATION" in p.read_bytes()]
+        assert any(b"Usage reporting is disabled." in p.read_bytes() for p in logs if p.name == "dashboard.log")
+
+        # the interrupt shut the local cluster down: none of its processes is left
+        deadline = time.monotonic() + 20
+        while set(_descendants(os.getpid())) & set(seen) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not set(_descendants(os.getpid())) & set(seen)
+        assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ  # the driver's environment is given back
+    finally:
+        shutil.rmtree(session, ignore_errors=True)
+
+
+def test_a_ray_address_nobody_answers_is_one_line_and_leaves_nothing_set():
+    pytest.importorskip("ray")
+    from bastion.distill.labellers import LabellerChoice
+    from bastion.distill.ray_labeller import RayLabeller
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    before = dict(os.environ)
+    with pytest.raises(ConfigError, match=rf"ray:127.0.0.1:{port}: no Ray cluster answers there") as err:
+        RayLabeller(LabellerChoice("ray", f"127.0.0.1:{port}"), [], [])
+    assert "\n" not in str(err.value) and "ray start --head" in str(err.value)
+    assert dict(os.environ) == before
+
+
+@pytest.mark.parametrize(
+    ("text", "workers", "expected"),
+    [
+        ("single", None, ("single", None, None)),
+        ("ray", None, ("ray", None, None)),
+        ("ray", 3, ("ray", None, 3)),
+        ("ray:auto", None, ("ray", "auto", None)),
+        ("ray:10.0.0.1:6379", None, ("ray", "10.0.0.1:6379", None)),
+        ("ray:head-node.local:06379", 8, ("ray", "head-node.local:6379", 8)),
+    ],
+)
+def test_labeller_choices(text, workers, expected):
+    from bastion.distill.labellers import parse_labeller
+
+    choice = parse_labeller(text, workers)
+    assert (choice.kind, choice.address, choice.workers) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "workers", "says"),
+    [
+        ("spark", None, "unknown labeller"),
+        ("ray:", None, "not a Ray address"),
+        ("ray:10.0.0.1", None, "not a Ray address"),
+        ("ray:10.0.0.1:99999", None, "not a Ray address"),
+        ("ray:a b:1", None, "not a Ray address"),
+        ("ray://10.0.0.1:10001", None, "Ray Client"),
+        ("ray", 0, "1 to 4096"),
+        ("single", 2, "goes with --labeller ray"),
+    ],
+)
+def test_bad_labellers_are_refused(text, workers, says):
+    from bastion.distill.labellers import parse_labeller
+
+    with pytest.raises(ConfigError, match=says):
+        parse_labeller(text, workers)
+
+
+def _distill_detect(out: Path, *flags: str, env: dict | None = None):
+    return run_cli(
+        "distill", "detect", "--teacher", "yolov5n", "--images", str(SAMPLE_IMAGES), "--classes", "person",
+        "--no-train", "--out", str(out), *flags, env=env,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_cli_without_ray_or_with_a_bad_address_is_one_line_before_any_work(tmp_path):
+    blocked = tmp_path / "no-ray"
+    blocked.mkdir()
+    (blocked / "sitecustomize.py").write_text(RAY_BLOCKED_SITECUSTOMIZE)
+    proc = _distill_detect(tmp_path / "run", "--labeller", "ray", env={"PYTHONPATH": str(blocked)})
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "pip install 'bastion[scale]'" in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()
+
+    proc = _distill_detect(tmp_path / "run", "--labeller", "ray:10.0.0.1")
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "not a Ray address" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_field_node_packages_and_the_distill_cli_never_import_ray():
+    import subprocess
+    import sys
+
+    probe = (
+        "import bastion, bastion.runtime, bastion.runtime.detect, bastion.edge, bastion.models, bastion.hardware, "
+        "bastion.distill, bastion.distill.cli, bastion.distill.labellers, bastion.distill.pseudo, sys; "
+        "print(sorted({m.split('.')[0] for m in sys.modules}))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert "'bastion'" in out and "'ray'" not in out
