@@ -139,7 +139,7 @@ def build_engine(model: bytes, key: EngineKey, cache: EngineCache, label: str = 
     if not parser.parse(model):  # no path given: external data was refused before (models.onnx_refs)
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ModelLoadError(
-            f"TensorRT cannot parse {label}: {errors}", "use --device cuda (ONNX Runtime) for this model"
+            f"TensorRT cannot parse {label}: {errors}", "use --device ort-cuda (ONNX Runtime) for this model"
         )
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
@@ -159,7 +159,7 @@ def build_engine(model: bytes, key: EngineKey, cache: EngineCache, label: str = 
     if plan is None:
         raise ModelLoadError(
             f"TensorRT could not build an engine for {label} ({key.precision})",
-            "try --precision fp32, a smaller --max-batch, or --device cuda",
+            "try --precision fp32, a smaller --max-batch, or --device ort-cuda",
         )
     from bastion.models.atomic import atomic_write_bytes
 
