@@ -28,21 +28,39 @@ def bundle_sign(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
     key: str = typer.Option(..., "--key", help=KEY_HELP),
     passphrase: bool = PASSPHRASE_OPTION,
+    drop_countersignatures: bool = typer.Option(
+        False,
+        "--drop-countersignatures",
+        help="Remove the countersignatures that sign an earlier manifest (refused without it, naming how many).",
+    ),
+    json_out: bool = JSON_OPTION,
 ) -> None:
     """Sign a bundle directory (its payload is checked first) with a key file or a key on a PKCS#11 token.
+
+    On a countersigned bundle: your key's signature is replaced and the others kept; a new key is refused (use
+    bundle countersign); countersignatures over an earlier manifest need --drop-countersignatures.
 
     Example: bastion bundle sign runs/distill/person-vehicle/bundle --key ~/keys/model-team.key
     """
     from bastion.models.bundle import resolve_bundle_dir, verify_files
     from bastion.models.manifest import MANIFEST_NAME, read_manifest
+    from bastion.models.resign import sign_keeping_countersignatures
     from bastion.models.signer import load_signer
-    from bastion.models.signing import sign_manifest
 
     root = resolve_bundle_dir(bundle)
     manifest = read_manifest(root / MANIFEST_NAME)
     verify_files(root, manifest)
-    record = sign_manifest(root, manifest, load_signer(key, passphrase))
-    out.print(f"signed {manifest.name}:{manifest.version} ({manifest.sha256()[:16]}) with key {record.key_id}")
+    signer = load_signer(key, passphrase)
+    done = sign_keeping_countersignatures(root, manifest, signer, _known_keys(), drop_countersignatures)
+    if json_out:
+        print_json({"name": manifest.name, "version": manifest.version, "key_id": done.record.key_id,
+                    "signatures": done.signatures, "dropped": done.dropped})  # fmt: skip
+        return
+    dropped = f"; dropped {done.dropped} signature(s) over an earlier manifest" if done.dropped else ""
+    out.print(
+        f"signed {manifest.name}:{manifest.version} ({manifest.sha256()[:16]}) with key {done.record.key_id} "
+        f"({done.signatures} signature(s){dropped})"
+    )
 
 
 @bundle_app.command("verify")
