@@ -44,16 +44,6 @@ def load_secret(path: Path) -> tuple[bytes, bytes]:
     return public, secret
 
 
-def allowed_client_keys(paths: list[Path]) -> set[bytes]:
-    keys: set[bytes] = set()
-    for path in paths:
-        path = Path(path)
-        files = sorted(path.glob("*.key")) if path.is_dir() else [path]
-        for f in files:
-            keys.add(load_public(f))
-    return keys
-
-
 def key_id(z85_public: bytes) -> str:
     return z85_public.decode(errors="replace")[:12]
 
