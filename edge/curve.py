@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import zmq
@@ -23,15 +24,34 @@ def generate_certificate(directory: Path, name: str) -> tuple[Path, Path]:
 
 
 def load_public(path_or_key: str | Path) -> bytes:
-    """A z85 public key given directly (40 chars) or as a certificate file."""
+    """A z85 public key given directly (40 chars) or as a certificate file; refused unless it is a real key (an
+    allow-list entry that can never match a client must not pass as one: a typo would look like access granted)."""
     text = str(path_or_key)
     if len(text) == 40 and not Path(text).exists():
-        return text.encode()
+        return checked_key(text.encode(), "the key given")
     try:
         public, _ = zmq.auth.load_certificate(str(path_or_key))
     except (OSError, ValueError) as exc:
         raise KeyFileError(f"cannot read CurveZMQ certificate {path_or_key}: {exc}") from None
-    return public
+    return checked_key(public, f"CurveZMQ certificate {path_or_key}")
+
+
+def checked_key(z85_key: bytes, where: str) -> bytes:
+    """``z85_key`` if it is the z85 text of a 32-byte Curve25519 key, else one KeyFileError line naming ``where``."""
+    from zmq.utils import z85
+
+    try:
+        raw = z85.decode(z85_key)
+        canonical = len(raw) == 32 and z85.encode(raw) == z85_key
+    except (KeyError, ValueError, TypeError, struct.error):
+        canonical = False
+    if not canonical:
+        shown = z85_key[:40].decode("ascii", errors="replace")
+        raise KeyFileError(
+            f"{where}: {shown!r} is not a CurveZMQ public key (40 z85 characters)",
+            "copy the key again from the client's NAME.key (bastion node keygen writes one)",
+        )
+    return z85_key
 
 
 def load_secret(path: Path) -> tuple[bytes, bytes]:

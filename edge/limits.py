@@ -11,6 +11,7 @@ CPU-burning amplifier — yet every refusal is still counted in the trail.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import OrderedDict
@@ -88,11 +89,47 @@ class RateLimiter:
             self._refilled(client).tokens -= amount
 
 
+MAX_VARIANTS = 16  # distinct refusals (op, reason…) told apart in one coalesced record; beyond: counted together
+
+
 @dataclass
 class _Window:
+    """One (kind, client)'s repeats in a window.  The repeats may differ (an observer trying snapshot, clip, ask
+    and reload in turn): each distinct set of fields is counted, so the coalesced record says how many of each
+    instead of naming the last one for them all."""
+
     started: float
     repeats: int = 0
     fields: dict[str, Any] = field(default_factory=dict)
+    variants: dict[str, int] = field(default_factory=dict)  # a repeat's fields (canonical JSON) → how many
+    other: int = 0  # repeats beyond MAX_VARIANTS distinct ones ("other_variants")
+
+    def repeat(self, fields: dict[str, Any]) -> None:
+        self.repeats += 1
+        self.fields = fields
+        key = json.dumps(fields, sort_keys=True, default=str)
+        if key in self.variants or len(self.variants) < MAX_VARIANTS:
+            self.variants[key] = self.variants.get(key, 0) + 1
+        else:
+            self.other += 1
+
+    def record(self) -> dict[str, Any]:
+        """The coalesced record's fields: as before when every repeat was alike, else the fields they share, and
+        ``variants`` (what differed, with its count)."""
+        if len(self.variants) <= 1 and not self.other:
+            return {**self.fields, "count": self.repeats}
+        rows = [json.loads(k) for k in self.variants]
+        common = {k: v for k, v in rows[0].items() if all(k in r and r[k] == v for r in rows)}
+        variants = [
+            {**{k: v for k, v in r.items() if k not in common}, "count": n}
+            for r, n in zip(rows, self.variants.values())
+        ]
+        return {
+            **common,
+            "count": self.repeats,
+            "variants": variants,
+            **({"other_variants": self.other} if self.other else {}),
+        }
 
 
 class RefusalCoalescer:
@@ -127,8 +164,7 @@ class RefusalCoalescer:
             self.total += 1
             window = self._windows.get((kind, client))
             if window is not None:
-                window.repeats += 1
-                window.fields = clipped
+                window.repeat(clipped)
                 return False
             if sum(1 for k, _ in self._windows if k == kind) >= self.max_clients:
                 started, count, clients = self._overflow.get(kind, (self.clock(), 0, set()))
@@ -149,15 +185,7 @@ class RefusalCoalescer:
                     del self._windows[(kind, client)]
                     if window.repeats:
                         records.append(
-                            (
-                                kind,
-                                {
-                                    "client": client,
-                                    **window.fields,
-                                    "count": window.repeats,
-                                    "repeated_within_s": self.window_s,
-                                },
-                            )
+                            (kind, {"client": client, **window.record(), "repeated_within_s": self.window_s})
                         )
             for kind, (started, count, clients) in list(self._overflow.items()):
                 if force or now - started >= self.window_s:
