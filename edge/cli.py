@@ -134,7 +134,8 @@ def node_run(
         f"node {node.config.id} serving events on {node.server.events_endpoint}, control on "
         f"{node.server.control_endpoint}"
     )
-    node.run()
+    node.run()  # a node that failed raises NodeFailed: one line, exit 1
+    err.print(f"node {node.config.id} stopped cleanly: {node.published} events published since start")
 
 
 def _client_for(
@@ -249,6 +250,8 @@ def node_status(
             markup=False,
             highlight=False,
         )
+    if status.get("metrics"):  # where Prometheus scrapes (docs/bridges.md)
+        out.print(f"metrics: http://{status['metrics']}/metrics", markup=False, highlight=False)
 
 
 @node_app.command("tail")
@@ -299,13 +302,13 @@ def node_keygen(
 
 @node_app.command("snapshot-key")
 def node_snapshot_key(out_path: Path = typer.Option(..., "--out", help="Key file to create (mode 0600).")) -> None:
-    """Make the 256-bit key that encrypts a node's snapshots at rest.
+    """Make the 256-bit key that encrypts a node's snapshots and evidence clips at rest.
 
     Example: bastion node snapshot-key --out /etc/bastion/snapshot.key
     """
     from bastion.edge.snapshots import generate_key_file
 
-    out.print(f"wrote {generate_key_file(out_path)} (keep a copy: without it the snapshots are unreadable)")
+    out.print(f"wrote {generate_key_file(out_path)} (keep a copy: without it the snapshots and clips are unreadable)")
 
 
 @audit_app.command("verify")

@@ -20,8 +20,8 @@ from bastion.edge.cli_options import CLIENT_KEY_OPTION, CONTROL_OPTION, SERVER_K
 
 def node_clip(
     seq: int = typer.Argument(..., help="The event's seq (an object.end, zone or line event; see `node tail`)."),
-    out_path: Path = typer.Option(
-        Path("."), "--out", "-o", help="Video file to write, or a folder for clip-SEQ.avi/.mp4 (default: here)."
+    out_path: str = typer.Option(  # a str: a trailing / (a folder, made if missing) survives
+        "./", "--out", "-o", help="Video file to write, or a folder (DIR/) for clip-SEQ.avi/.mp4 (default: here)."
     ),
     control: Optional[str] = CONTROL_OPTION,
     storage: Optional[Path] = STORAGE_OPTION,
@@ -38,7 +38,8 @@ def node_clip(
     from bastion.edge.cli import _client_for  # the one way a command reaches a node (edge/cli.py)
     from bastion.errors import ConfigError
 
-    if out_path.exists() and not out_path.is_dir() and not out_path.is_file():
+    target = Path(out_path)
+    if target.exists() and not target.is_dir() and not target.is_file():
         raise ConfigError(f"--out {out_path} is neither a file nor a folder", "give a file name or a folder")
     client = _client_for(control, storage, server_key, client_key, timeout)
     try:

@@ -226,11 +226,11 @@ class Client(EventsMixin):
         """The evidence clip the node kept for event ``seq`` (an object.end or zone/line event, with
         ``storage.clips``): ``Clip.meta`` (codec, container, frames, size, fps, time span) and ``Clip.data`` (the
         video, decrypted by the node, fetched in chunks and checked against its sha256); with ``out`` also written
-        there (a directory gets ``clip-<seq>.avi``). A clip still recording, dropped or pruned is
+        there (a directory, or a name ending in ``/``, gets ``clip-<seq>.avi``). A clip still recording, dropped or pruned is
         NodeRequestError with the node's one-line reason."""
         clip = fetch_clip(self, seq)
         if out is not None:
-            clip.save(Path(out))
+            clip.save(out)  # a str keeps its trailing '/': a folder
         return clip
 
     def reload(self, bundle: str, allow_downgrade: bool = False, persist: bool = False) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterator
 
 from bastion.edge.events_v2 import NodeEvent, check_kinds, kind_of
+from bastion.edge.protocol import MAX_SEQ
 from bastion.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -34,6 +35,18 @@ def replay_answer(client, since: int, limit: int) -> dict:
             raise
     client._node_speaks_v1 = True
     return client.request("replay", since=since, limit=limit)
+
+
+def check_since(since: object) -> None:
+    """A ``since`` no node can hold is the caller's mistake, said as such before anything is sent: past 2**63-1 it
+    would otherwise read as a bookmark from before the node's store went back (NodeSeqWentBackwards, and a Client
+    that refuses everything after), below 0 as the node's refusal of a replay."""
+    if since is None or (isinstance(since, int) and not isinstance(since, bool) and 0 <= since <= MAX_SEQ):
+        return
+    raise ConfigError(
+        f"since={since!r:.40} is not a seq",
+        "give a seq from 0 (every stored event) to 2**63-1; leave it out (None) for new events only",
+    )
 
 
 class EventsMixin:
@@ -64,6 +77,7 @@ class EventsMixin:
             wanted = check_kinds(list(kinds) if kinds is not None else None)
         except ValueError as exc:
             raise ConfigError(str(exc), "e.g. kinds=['object.new', 'line.cross']") from None
+        check_since(since)
         for event in self._follow_events(since, idle_timeout_s, duration_s):
             if wanted is None or kind_of(event) in wanted:
                 yield event

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,10 +33,12 @@ class Clip:
     meta: ClipMeta
     data: bytes
 
-    def save(self, path: Path) -> Path:
-        """Write the video to ``path`` (temp file, fsync, rename); a directory gets ``clip-<seq>.<container>``."""
+    def save(self, path: str | Path) -> Path:
+        """Write the video to ``path`` (temp file, fsync, rename); a directory gets ``clip-<seq>.<container>``, and
+        so does a name ending in ``/`` (made if missing: ``clips/`` is a folder to an operator, not a file)."""
+        folder = isinstance(path, str) and path.endswith(("/", os.sep))
         path = Path(path)
-        if path.is_dir():
+        if folder or path.is_dir():
             path = path / f"clip-{self.meta.seq}.{self.meta.container}"
         atomic_write_bytes(path, self.data)
         return path

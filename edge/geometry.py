@@ -27,8 +27,16 @@ def segments_cross(p1: Point, p2: Point, q1: Point, q2: Point) -> bool:
 
 
 def polygon_problem(points: list[Point]) -> str | None:
-    """Why ``points`` is not a usable zone (self-intersecting, no area), or None."""
+    """Why ``points`` is not a usable zone (a corner twice in a row, self-intersecting, no area), or None.
+
+    A repeated corner is named as such: tools that write closed rings (GeoJSON) repeat the first corner at the
+    end, and "edge 1 crosses edge 3" would send the operator looking for a crossing that is not there."""
     n = len(points)
+    for i in range(n):
+        if tuple(points[i]) == tuple(points[(i + 1) % n]):
+            if (i + 1) % n == 0:
+                return f"point {n} repeats point 1 (a zone closes by itself: leave the last point out)"
+            return f"point {i + 2} repeats point {i + 1}"
     for i in range(n):
         for j in range(i + 1, n):
             if j == i + 1 or (i == 0 and j == n - 1):

@@ -34,6 +34,13 @@ class RuleConfig(_Strict):
     classes: list[str] | None = Field(None, max_length=1000)  # class names it counts; None: all
     min_area: float = Field(0.0, ge=0, le=1)  # smallest box counted, as a fraction of the frame's area
 
+    @field_validator("classes")
+    @classmethod
+    def _some(cls, classes: list[str] | None) -> list[str] | None:
+        if classes == []:  # would count nothing, silently: the operator meant "all" or forgot a name
+            raise ValueError("classes: [] counts no class at all: name some, or leave classes out to count every class")
+        return classes
+
 
 class ZoneConfig(RuleConfig):
     """A polygon: ``zone.enter``/``zone.leave`` with dwell time, ``loiter`` once per visit after ``loiter_s``."""

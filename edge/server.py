@@ -60,6 +60,9 @@ BUSY = {  # a request its lane has no room for gets this answer at once
 }
 
 
+NO_USER_ID = b""  # a CURVE message that carries no ZAP User-Id: no key, so no role (refused, fail closed)
+
+
 @dataclass
 class _Answer:
     data: bytes
@@ -256,7 +259,9 @@ class NodeServer:
         libzmq's buffer until it is released here, instead of copying it into Python.
         """
         identity = self.control.recv(zmq.NOBLOCK, copy=False).bytes  # libzmq caps routing ids at 255 bytes
-        client, last, frames, size = identity, None, 1, 0
+        # with CurveZMQ the client is its ZAP User-Id, never the routing id: that one the client chooses (an admin's
+        # public key is public), and without a ZAP handler (its thread gone) libzmq lets CURVE clients in unnamed
+        client, last, frames, size = (NO_USER_ID if self.config.curve_enabled else identity), None, 1, 0
         while self.control.getsockopt(zmq.RCVMORE):
             part = self.control.recv(zmq.NOBLOCK, copy=False)
             frames += 1
@@ -272,7 +277,9 @@ class NodeServer:
 
     def _label(self, client: bytes) -> str:
         """The client as the audit log names it: its key id with CurveZMQ, else its connection."""
-        return key_id(client) if self.config.curve_enabled else f"conn-{client.hex()[:16]}"
+        if not self.config.curve_enabled:
+            return f"conn-{client.hex()[:16]}"
+        return key_id(client) if client != NO_USER_ID else "no-user-id"
 
     def _role(self, client: bytes) -> Role | None:
         """The client's role (edge/roles.py): from the allow list by its ZAP User-Id; every client without CurveZMQ."""

@@ -205,11 +205,24 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())[:240]
 
 
+MAX_SECRET_BYTES = 4096  # a password, alone in its file
+
+
 def read_secret(path) -> str | None:
-    """A password file's content, without the trailing newline; None without a file."""
+    """A password file's content, without the trailing newline; None without a file.
+
+    Read bounded (``MAX_SECRET_BYTES``): a path that names /dev/zero or a log file by mistake is a sink.error
+    line, not a sink thread that reads forever."""
     if path is None:
         return None
     try:
-        return open(path, encoding="utf-8").read().rstrip("\r\n")
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_SECRET_BYTES + 1)
     except OSError as exc:
         raise SinkError(f"cannot read the password file {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_SECRET_BYTES:
+        raise SinkError(f"the password file {path} is over {MAX_SECRET_BYTES} bytes: not a password file")
+    try:
+        return raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise SinkError(f"the password file {path} is not UTF-8 text") from None

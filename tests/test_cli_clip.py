@@ -6,6 +6,7 @@ import hashlib
 import json
 
 import cv2
+import pytest
 
 from bastion.cli import main
 from bastion.edge.client import Client
@@ -25,6 +26,7 @@ def one_line_error(capsys, argv, *fragments):
         assert fragment in said, said
 
 
+@pytest.mark.slow
 def test_node_clip_writes_the_checked_video_and_says_why_when_there_is_none(tmp_path, capsys):
     node = Node(clip_node_config(tmp_path))
     node.start()
@@ -46,11 +48,13 @@ def test_node_clip_writes_the_checked_video_and_says_why_when_there_is_none(tmp_
         assert f"clip of event {seq} (line.cross, source cam1): {wanted.meta.frames} frames" in said, said
         assert str(target) in said.replace(" ", "") or "exit.avi" in said, said
 
-        code = main(["node", "clip", str(seq), "--out", str(tmp_path), "--json", "--storage", str(tmp_path / "data")])
+        made = f"{tmp_path / 'made'}/"  # a trailing / is a folder, made if missing (it once wrote a file 'made')
+        code = main(["node", "clip", str(seq), "--out", made, "--json", "--storage", str(tmp_path / "data")])
         meta = json.loads(capsys.readouterr().out)
         assert code == 0 and meta["seq"] == seq and meta["kind"] == "line.cross"
         assert meta["sha256"] == wanted.meta.sha256 and meta["size"] == len(wanted.data)
-        assert meta["file"] == str(tmp_path / f"clip-{seq}.avi") and (tmp_path / f"clip-{seq}.avi").is_file()
+        assert meta["file"] == str(tmp_path / "made" / f"clip-{seq}.avi") and (tmp_path / "made").is_dir()
+        assert client.clip(seq, out=tmp_path).meta == wanted.meta and (tmp_path / f"clip-{seq}.avi").is_file()
 
         news = kinds_stored(client)["object.new"]
         missing = tmp_path / "none.avi"

@@ -163,3 +163,30 @@ def test_an_allow_list_entry_that_is_not_a_curve_key_is_one_line_never_a_silent_
     with pytest.raises(KeyFileError, match=r"admin/eve.key: '~+' is not a CurveZMQ public key"):
         client_roles([clients])
     assert "is not a CurveZMQ public key" in one_line(run_cli("node", "clients", "--clients", str(clients)))
+
+
+def test_a_routing_id_set_to_an_admins_public_key_never_borrows_its_role(tmp_path):
+    """The role is looked up by the ZAP User-Id. Without a ZAP handler (its thread gone: libzmq then lets every
+    CURVE client in, with no User-Id), the server must not fall back to the routing id — which the client
+    chooses, and an admin's public key is public. An observer sets its routing id to the admin's key and
+    reloads while the handler is down."""
+    keys, secrets, security = _curve_node(tmp_path)
+    admin_public = load_public(tmp_path / "clients-own" / "boss.key")
+    with running_node(tmp_path, security=security) as node:
+        node.server.auth.stop()  # the window between a ZAP thread's death and the node's exit, held open
+        ctx = zmq.Context()
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.linger = 0
+        dealer.routing_id = admin_public
+        apply_client(dealer, load_public(keys / "node.key"), secrets["watcher"])
+        dealer.connect(node.server.control_endpoint)
+        try:
+            dealer.send(json.dumps({"op": "reload", "id": 1, "bundle": "yolox_nano"}).encode())
+            assert dealer.poll(20_000), "no answer"  # libzmq let it in unnamed: the node must refuse it by role
+            answer = json.loads(dealer.recv())
+        finally:
+            dealer.close(linger=0)
+            ctx.term()
+        assert answer["ok"] is False and answer.get("refused"), answer
+        assert "reload refused: this client key has no role" in answer["error"]
+        assert node.status_dict()["model"]["name"] == "yolov5n"
