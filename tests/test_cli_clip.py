@@ -9,7 +9,7 @@ import cv2
 import pytest
 
 from bastion.cli import main
-from bastion.edge.client import Client
+from bastion.edge.client import Client, NodeRequestError
 from bastion.edge.node import Node
 from conftest import run_cli
 from test_clips import clip_node_config, clip_ready, kinds_stored, wait_for
@@ -63,6 +63,12 @@ def test_node_clip_writes_the_checked_video_and_says_why_when_there_is_none(tmp_
         one_line_error(capsys, [*clip, str(2**62)], f"no event {2**62} on this node")
         one_line_error(capsys, [*clip, str(10**30)], "seq: Input should be less than or equal to 9223372036854775807")
         one_line_error(capsys, [*clip, "0"], "no event 0 on this node")
+        with pytest.raises(NodeRequestError, match=f"offset {2**63 - 1} is past the end of the clip of event {seq}"):
+            client.request("clip", seq=seq, offset=2**63 - 1)
+        with pytest.raises(NodeRequestError, match="clip: offset: Input should be less than or equal to"):
+            client.request("clip", seq=seq, offset=2**64)
+        with pytest.raises(NodeRequestError, match="clip: offset: Input should be greater than or equal to 0"):
+            client.request("clip", seq=seq, offset=-1)
         (tmp_path / "a-file").write_text("not a folder")
         bad_out = ["node", "clip", str(seq), "--out", str(tmp_path / "a-file" / "x.avi"), *control]
         one_line_error(capsys, bad_out, f"cannot write the clip of event {seq}")

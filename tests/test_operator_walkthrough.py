@@ -42,6 +42,28 @@ def test_a_rule_an_operator_gets_wrong_is_one_line_that_names_the_slip(objects, 
     assert says in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
 
 
+NODE_RUN_SLIPS = [  # the issue's bad input, met where an operator meets it: `bastion node run`, before anything runs
+    (
+        {"sinks": [{"type": "kafka"}]},
+        "'kafka' found using 'type' does not match any of the expected tags: 'mqtt', 'nats'",
+    ),
+    ({"objects": {"zones": [{"name": "z", "points": [[0, 0], [1, 1], [1, 0], [0, 1]]}]}}, "intersects itself"),
+    ({"objects": {"zones": [{"name": "z", "points": [[0, 0], [1.5, 0], [1, 1]]}]}}, "lies outside [0, 1]"),
+    ({"objects": {"lines": [{"name": "l", "a": [0.2, 0.2], "b": [0.2, 0.2]}]}}, "line 'l' has zero length"),
+    ({"metrics": "0.0.0.0:9108"}, "beyond loopback and metrics are not authenticated"),
+]
+
+
+@pytest.mark.parametrize(("extra", "says"), NODE_RUN_SLIPS, ids=[s for _, s in NODE_RUN_SLIPS])
+def test_node_run_with_the_issues_bad_input_exits_1_with_one_line(tmp_path, capsys, extra, says):
+    (tmp_path / "node.yaml").write_text(json.dumps({"sources": [{"name": "cam", "uri": str(tmp_path)}], **extra}))
+    assert main(["node", "run", "--config", str(tmp_path / "node.yaml")]) == 1
+    raw = capsys.readouterr().err
+    err = " ".join(raw.split())
+    assert err.startswith("error: node config") and says in err and len(raw.strip().splitlines()) == 1, raw
+    assert not (tmp_path / "node-data").exists()  # refused before anything was made
+
+
 def test_a_password_file_that_holds_no_password_is_one_line_not_a_sink_that_reads_forever(tmp_path):
     assert read_secret(None) is None
     (tmp_path / "pw").write_text("s3cret\n")
