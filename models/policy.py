@@ -183,11 +183,16 @@ class SignedPolicy(_Strict):
         return good
 
     def check_threshold(self, root: Root, whose: str) -> None:
-        have = len(self.signed_by(root))
+        """Root keys count by holder, as bundle signers do (models/policy_check.py): two root keys under one name
+        are one holder, so a threshold of 2 is never met by one person holding two keys."""
+        good = [k for k in root.keys if k.key_id in self.signed_by(root)]
+        have = len({k.name for k in good})
         if have < root.threshold:
+            twice = sorted({k.name for k in good if sum(g.name == k.name for g in good) > 1})
             raise SignatureError(
                 f"policy v{self.policy.version} is signed by {have} of {whose} root keys, "
-                f"needs {root.threshold} ({root.threshold - have} more)",
+                f"needs {root.threshold} ({root.threshold - have} more)"
+                + (f"; counted once per holder: {', '.join(twice)}" if twice else ""),
                 "have more root key holders sign it: bastion policy sign FILE --key ROOT.key",
             )
 

@@ -20,7 +20,7 @@ def apply(k, signers, rules):
 
 @pytest.fixture
 def k(tmp_path):
-    return keys(tmp_path, "root", "can1", "can2", "gbr", "fra", "team", "release")
+    return keys(tmp_path, "root", "root2", "can1", "can2", "gbr", "fra", "team", "release")
 
 
 def test_one_nation_with_two_keys_cannot_release_a_coalition_model_two_nations_can(tmp_path, k):
@@ -111,3 +111,21 @@ def test_keys_linked_by_a_name_or_a_nation_are_one_party(tmp_path, k):
     groups = parties(list(p.keys))
     assert sorted(g.label for g in groups) == ["alice = nation:CAN", "nation:GBR"]
     assert sorted(len(g.keys) for g in groups) == [1, 3]
+
+
+def test_a_root_threshold_counts_holders_too(tmp_path, k):
+    """Two root keys under one name are one holder: their two signatures do not meet a threshold of 2."""
+    from bastion.models.policy import Policy
+
+    data = policy(1, [k["root"], k["root2"]], [], [NATIONS_RULE], threshold=2).model_dump(mode="json")
+    for key in data["root"]["keys"]:
+        key["name"] = "alice"
+    s = signed(Policy.model_validate(data), k["root"], k["root2"])
+    with pytest.raises(
+        SignatureError, match=r"signed by 1 of its own root keys, needs 2 \(1 more\); counted once per holder: alice"
+    ):
+        PolicyStore().apply(s, first_root=s.policy.root.fingerprint()[:16])
+    data["root"]["keys"][1]["name"] = "bob"
+    s = signed(Policy.model_validate(data), k["root"], k["root2"])
+    PolicyStore().apply(s, first_root=s.policy.root.fingerprint()[:16])
+    assert PolicyStore().current().policy.version == 1
