@@ -275,6 +275,14 @@ def node_tail(
     wanted = [k.strip() for k in kinds.split(",") if k.strip()] if kinds else None
     client = _client_for(control, storage, server_key, client_key, timeout)
     try:
+        if since is not None and 0 <= since and since > (last := client.status()["last_seq"]):
+            from bastion.errors import ConfigError  # the SDK would call it the node's store going back: say both
+
+            raise ConfigError(
+                f"--since {since} is past the node's last event ({last}): there is nothing after it yet",
+                f"give --since {last} or less (0: every stored event); if {since} is a bookmark from this node, its "
+                "store went back: bastion node status, bastion audit verify",
+            )
         tail(client, wanted, since, duration, json_out)
     except KeyboardInterrupt:
         pass

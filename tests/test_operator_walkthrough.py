@@ -147,6 +147,9 @@ def test_an_operator_walks_issue_18_from_the_docs_and_every_seq_reaches_mqtt_acr
         assert main(["node", "tail", *control, "--since", "0", "--duration", "0.5", "--json"]) == 0
         kinds = {json.loads(line)["kind"] for line in capsys.readouterr().out.splitlines()}
         assert {"object.new", "zone.enter", "line.cross"} <= kinds, kinds
+        ahead = client.status()["last_seq"] + 10_000  # a typo, or a bookmark from before the store went back
+        assert main(["node", "tail", *control, "--since", str(ahead), "--duration", "0.5"]) == 1
+        assert f"--since {ahead} is past the node's last event" in " ".join(capsys.readouterr().err.split())
 
         assert main(["node", "clip", str(cross), "--out", f"{tmp_path / 'evidence'}/", "--json", *control]) == 0
         meta = json.loads(capsys.readouterr().out)
