@@ -7,7 +7,7 @@ one line says which rule is unmet, by how many signers, and why the others did n
 
 Rules count parties, not keys: a rule is "k distinct holders of these roles", so handing a partner a second key
 never gives it a second vote.  A nation's keys (role ``nation:CAN``) are one party, the nation; any other key's
-party is its holder, named by the key's ``name``; keys linked by a shared nation or name are one party.  And one
+party is its holder, named by the key's ``name`` (and a holder named like one nation's key is that nation's).  And one
 party fills one seat: "1 model-team AND 1 release-authority" needs two parties even when one holder has keys
 under both roles, "1 nation:CAN AND 2 nation:*" needs Canada and two other nations.
 """
@@ -71,8 +71,10 @@ class _Party:
 
 
 def parties(keys: list[PolicyKey]) -> list[_Party]:
-    """Counted keys grouped by who holds them: keys that share a nation or a name are one party (so a holder's
-    second key, or a nation's second key under another name, never counts as a second signer)."""
+    """Counted keys grouped by who holds them (so a holder's second key, or a nation's second key under another
+    name, never counts as a second signer): a nation's keys are the nation; other keys sharing a name are one
+    holder, and one holder with the name of one nation's key is that nation's.  Two nations are never merged:
+    their keys do not link by name (two nations may both call a key ``release``), nor through a name both use."""
     parent = list(range(len(keys)))
 
     def find(i: int) -> int:
@@ -81,9 +83,18 @@ def parties(keys: list[PolicyKey]) -> list[_Party]:
             i = parent[i]
         return i
 
+    nations_named: dict[str, set[str]] = {}
+    for key in keys:
+        if key.role.startswith("nation:"):
+            nations_named.setdefault(key.name, set()).add(key.role)
     seen: dict[str, int] = {}
     for i, key in enumerate(keys):
-        for tag in {f"holder:{holder_of(key)}", f"name:{key.name}"}:
+        if key.role.startswith("nation:"):
+            tags = [key.role]
+        else:
+            nations = nations_named.get(key.name, set())
+            tags = [f"name:{key.name}", *(nations if len(nations) == 1 else ())]
+        for tag in tags:
             if tag in seen:
                 parent[find(i)] = find(seen[tag])
             else:

@@ -113,6 +113,27 @@ def test_keys_linked_by_a_name_or_a_nation_are_one_party(tmp_path, k):
     assert sorted(len(g.keys) for g in groups) == [1, 3]
 
 
+def test_two_nations_calling_their_keys_alike_stay_two_nations(tmp_path, k):
+    """Names link a holder's keys, never two nations: Canada's and Britain's keys both named ``release`` are two
+    parties, and a model-team key of that name, which could be either's, joins neither."""
+    p = policy(
+        1,
+        [k["root"]],
+        [
+            {"pair": k["can1"], "role": "nation:CAN", "name": "release"},
+            {"pair": k["gbr"], "role": "nation:GBR", "name": "release"},
+            {"pair": k["team"], "role": "model-team", "name": "release"},
+        ],
+        [NATIONS_RULE],
+    )
+    assert sorted(g.label for g in parties(list(p.keys))) == ["nation:CAN", "nation:GBR", "release"]
+    apply(k, [{"pair": k["can1"], "role": "nation:CAN", "name": "release"},
+              {"pair": k["gbr"], "role": "nation:GBR", "name": "release"}], [NATIONS_RULE])  # fmt: skip
+    root = make_bundle(tmp_path, "coalition-vehicles", k["can1"])
+    add_countersignature(root, k["gbr"])
+    assert Bundle.open(root).verification.signed
+
+
 def test_a_root_threshold_counts_holders_too(tmp_path, k):
     """Two root keys under one name are one holder: their two signatures do not meet a threshold of 2."""
     from bastion.models.policy import Policy
