@@ -170,3 +170,15 @@ def test_an_operator_walks_issue_18_from_the_docs_and_every_seq_reaches_mqtt_acr
         client.close()
         node.close()
         listener.close()
+
+
+def test_docs_protocol_md_describes_every_op_and_names_the_role_each_needs():
+    from bastion.edge.roles import OP_ROLES
+
+    text = (REPO / "docs" / "protocol.md").read_text()
+    roles = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(observer|operator|admin)` \| ([^|]+)\|", text, re.M)}
+    assert set(roles) == {"observer", "operator", "admin"}, roles
+    for op, role in OP_ROLES.items():
+        assert re.search(rf"^\| `{op}` \| ", text, re.M), f"docs/protocol.md has no row for the {op} op"
+        assert f"`{op}`" in roles[role], f"docs/protocol.md's Roles table does not give {op} to {role}"
+    assert "`degraded`: storage, audit or clip writes failing" in text
