@@ -90,6 +90,7 @@ class RateLimiter:
 
 
 MAX_VARIANTS = 16  # distinct refusals (op, reason…) told apart in one coalesced record; beyond: counted together
+VARIANTS_BYTES = 1200  # … and at most this much of their text, so a coalesced record stays under ~2 KB
 
 
 @dataclass
@@ -102,13 +103,14 @@ class _Window:
     repeats: int = 0
     fields: dict[str, Any] = field(default_factory=dict)
     variants: dict[str, int] = field(default_factory=dict)  # a repeat's fields (canonical JSON) → how many
-    other: int = 0  # repeats beyond MAX_VARIANTS distinct ones ("other_variants")
+    other: int = 0  # repeats beyond MAX_VARIANTS distinct ones or VARIANTS_BYTES ("other_variants")
 
     def repeat(self, fields: dict[str, Any]) -> None:
         self.repeats += 1
         self.fields = fields
         key = json.dumps(fields, sort_keys=True, default=str)
-        if key in self.variants or len(self.variants) < MAX_VARIANTS:
+        room = len(self.variants) < MAX_VARIANTS and sum(map(len, self.variants)) + len(key) <= VARIANTS_BYTES
+        if key in self.variants or room:
             self.variants[key] = self.variants.get(key, 0) + 1
         else:
             self.other += 1

@@ -122,24 +122,29 @@ def test_a_pin_swapped_on_disk_never_runs_an_unverified_bundle(tmp_path, swap):
     assert kinds == ["bundle_refused", "pin_refused", "bundle_loaded"] and "allow_unsigned_used" not in kinds
 
 
-def test_a_coalesced_record_tells_at_most_16_kinds_of_repeat_apart_and_counts_the_rest():
-    """An admin's reloads of 40 made-up paths in a minute: one record at once, then one with 16 variants told
-    apart and the other 23 counted together — bounded whatever the client sends."""
+def test_a_coalesced_record_tells_repeats_apart_within_a_bound_and_counts_the_rest():
+    """An admin's reloads of 40 made-up long paths in a minute, then 30 short ops: one record at once, then one that
+    tells variants apart while they fit (16 at most, ~1.2 KB of them) and counts the others together — every
+    record under 2 KB whatever the client sends."""
     from bastion.edge.limits import MAX_VARIANTS, RefusalCoalescer
 
     written = []
     coalescer = RefusalCoalescer(lambda kind, **f: written.append((kind, f)), clock=lambda: 0.0)
     for i in range(40):
         coalescer.refuse("bundle_refused", "k1", model=f"/x/{i}" + "y" * 5000, op="reload")
+    for i in range(30):
+        coalescer.refuse("op_refused", "k2", op=f"op{i}", role="observer")
     for _ in range(3):
-        coalescer.refuse("bundle_refused", "k2", model="/same", op="reload")
+        coalescer.refuse("bundle_refused", "k3", model="/same", op="reload")
     coalescer.flush(force=True)
-    first, k1, k2 = written[0][1], written[2][1], written[3][1]
-    assert first["model"].startswith("/x/0") and len(written) == 4
-    assert k1["count"] == 39 and k1["op"] == "reload" and len(k1["variants"]) == MAX_VARIANTS
-    assert k1["other_variants"] == 39 - MAX_VARIANTS and all(v["count"] == 1 for v in k1["variants"])
-    assert all(len(v["model"]) < 300 for v in k1["variants"])  # each clipped as the first one
-    assert k2 == {"client": "k2", "model": "/same", "op": "reload", "count": 2, "repeated_within_s": 60.0}
+    coalesced = {f["client"]: f for _, f in written if "count" in f}
+    long, short = coalesced["k1"], coalesced["k2"]
+    assert long["count"] == 39 and long["op"] == "reload" and 1 <= len(long["variants"]) < MAX_VARIANTS
+    assert long["other_variants"] == 39 - len(long["variants"]) and all(v["count"] == 1 for v in long["variants"])
+    assert short["count"] == 29 and len(short["variants"]) == MAX_VARIANTS and short["other_variants"] == 13
+    assert short["role"] == "observer" and [v["op"] for v in short["variants"]] == [f"op{i}" for i in range(1, 17)]
+    assert max(len(json.dumps(f)) for _, f in written) < 2000
+    assert coalesced["k3"] == {"client": "k3", "model": "/same", "op": "reload", "count": 2, "repeated_within_s": 60.0}
 
 
 def test_an_allow_list_entry_that_is_not_a_curve_key_is_one_line_never_a_silent_grant(tmp_path):
