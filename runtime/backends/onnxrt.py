@@ -233,10 +233,11 @@ class OrtBackend(Backend):
         return self.session
 
     def _pin(self, shape: tuple[int, ...], loader: OrtSessionLoader | None) -> None:
-        names = self.session.get_inputs()[0].shape
-        dims = {n: v for n, v in zip(names, shape) if isinstance(n, str)}
-        if loader is None:
+        session = self.session  # None once closed: a close() that stopped waiting must not kill this thread
+        if loader is None or session is None:
             return
+        names = session.get_inputs()[0].shape
+        dims = {n: v for n, v in zip(names, shape) if isinstance(n, str)}
         try:  # the bytes the general session was built from: a file rewritten since never gets in
             pinned = loader(dims)
         except Exception:
@@ -251,9 +252,19 @@ class OrtBackend(Backend):
         for thread in list(self._pinning.values()):
             thread.join(timeout)
 
+    # close() waits this long for a pinned session still being built (~100 ms on a CPU; a TensorRT EP build can
+    # take minutes). Bounded, so a closing node never hangs on it; the thread is no daemon, so the interpreter's
+    # exit still waits for the build to end instead of killing it inside ONNX Runtime (which aborts the process).
+    PIN_CLOSE_WAIT_S = 30.0
+
     def close(self) -> None:
         super().close()
-        self.wait_pinned()  # a build in flight finishes (and is then dropped) before the sessions go
+        # a build in flight finishes (and is then dropped) before the sessions go
+        self.wait_pinned(self.PIN_CLOSE_WAIT_S)
+        if any(thread.is_alive() for thread in self._pinning.values()):
+            log.warning(
+                "a pinned session is still being built after %.0f s; the exit waits for it", self.PIN_CLOSE_WAIT_S
+            )
         self.session = None  # type: ignore[assignment]
         self._loader = None
         self._specialized.clear()
