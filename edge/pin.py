@@ -18,9 +18,8 @@ an admin reloads again or someone clears it (``bastion node pin --clear``).
 The file is not signed: a pin.json written by hand is held to the same checks
 (tests/test_roles_attack.py), so only a verified bundle runs and the load is
 audited — but it may name any bundle the unit verifies, an older one included.
-Under the shipped systemd unit the node's user can write the storage dir (not
-node.yaml); it can also write BASTION_HOME's trust store there, which is worse
-(docs/security.md, roles).
+Under the shipped systemd unit the node can write the storage dir but not
+node.yaml, nor the trust store and unit key (docs/security.md, roles).
 """
 
 from __future__ import annotations

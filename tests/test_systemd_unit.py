@@ -34,3 +34,21 @@ def test_a_dead_worker_thread_is_restarted():
     service = _service()
     assert str(NodeFailed.exit_code) not in service.get("RestartPreventExitStatus", "").split()
     assert int(service["WatchdogSec"]) > 0 and service["Type"] == "notify"
+
+
+def test_the_node_cannot_write_what_decides_which_models_run(monkeypatch):
+    """The node's state dir is writable, but its trust store, policy and unit key are not: code running as the
+    node must not be able to trust a key of its own (#19: found attacking pin.json)."""
+    from bastion.models.policy_store import PolicyStore
+    from bastion.models.trust import TrustStore
+    from bastion.models.unit_key import home_key_path
+
+    service = _service()
+    home = next(
+        line.split("=", 2)[2] for line in UNIT.read_text().splitlines() if line.startswith("Environment=BASTION_HOME=")
+    )
+    assert home in service["ReadWritePaths"].split()
+    read_only = [p.lstrip("-") for p in service["ReadOnlyPaths"].split()]
+    monkeypatch.setenv("BASTION_HOME", home)  # where the real code puts each file under the unit's BASTION_HOME
+    must = {TrustStore().root, PolicyStore().path.parent, home_key_path().parent}
+    assert all(any(str(path) == p or str(path).startswith(p + "/") for p in read_only) for path in must), must
