@@ -183,11 +183,21 @@ def launch_local(nproc: int, argv: list[str]) -> None:
     try:
         run(args)
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
+        rank, failure = _root_failure(exc)
         raise WorkerFailedError(
             f"data-parallel worker {rank} of {nproc} failed (exit {failure.exitcode})",
             "its own error is printed above",
         ) from None
+
+
+def _root_failure(exc) -> tuple[int, object]:
+    """The worker that failed for its own reason: torchrun names the first to exit, and under load that can be a
+    peer that only stopped because the real failure broke its collective (it exits PeerStoppedError.exit_code), or
+    one torchrun's teardown signalled (a negative exit code)."""
+    own = [
+        (r, f) for r, f in sorted(exc.failures.items()) if f.exitcode > 0 and f.exitcode != PeerStoppedError.exit_code
+    ]
+    return own[0] if own else exc.get_first_failure()
 
 
 class WorkerFailedError(BastionError):
@@ -195,7 +205,10 @@ class WorkerFailedError(BastionError):
 
 
 class PeerStoppedError(BastionError):
-    """This worker's collective broke because another worker exited first (whose own error says why)."""
+    """This worker's collective broke because another worker exited first (whose own error says why). Its own exit
+    status, so the launcher can tell the worker that failed first from those it stopped."""
+
+    exit_code = 3
 
 
 def peer_stopped(world: World, exc: BaseException) -> PeerStoppedError | None:

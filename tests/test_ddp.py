@@ -295,3 +295,26 @@ def test_a_worker_that_fails_stops_the_run_with_its_own_error_and_one_line_each(
     ]
     # rank 1 says why it stopped, unless torchrun's SIGTERM reached it before the broken connection did
     assert errors in (expected, [*expected, "error: worker 1 of 2 stopped: another worker exited first"]), proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("exits", "named"),
+    [
+        ({0: 1, 1: 3}, 0),  # rank 0 failed, rank 1 only stopped because of it
+        ({0: 3, 1: 1}, 1),  # under load the stopped peer can be the first torchrun names: still the real one
+        ({0: -15, 1: 1}, 1),  # torchrun's teardown signalled rank 0 after rank 1 failed
+        ({0: 3, 1: 3}, 0),  # nobody failed for its own reason: torchrun's first
+    ],
+)
+def test_the_launcher_names_the_worker_that_failed_for_its_own_reason(tmp_path, exits, named):
+    pytest.importorskip("torch")
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from bastion.distill.ddp import _root_failure
+
+    failures = {
+        rank: ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=code, error_file=str(tmp_path / "none"))
+        for rank, code in exits.items()
+    }
+    rank, failure = _root_failure(ChildFailedError("bastion.cli", failures))
+    assert rank == named and failure.exitcode == exits[named]
