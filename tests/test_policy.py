@@ -75,7 +75,9 @@ def test_one_model_team_and_one_release_authority(tmp_path, kit):
     people = [{"pair": k["team"], "role": "model-team"}, {"pair": k["release"], "role": "release-authority"}]
     first_apply(signed(policy(1, [k["root1"]], people, [TEAM_AND_RELEASE_RULE]), k["root1"]))
     root = make_bundle(tmp_path, "detector", k["team"])
-    with pytest.raises(SignatureError, match=r"needs 1 signature\(s\) by distinct release-authority holders, has 0 \(1 short\)"):
+    with pytest.raises(
+        SignatureError, match=r"needs 1 signature\(s\) by distinct release-authority holders, has 0 \(1 short\)"
+    ):
         Bundle.open(root)
     add_countersignature(root, k["release"])
     assert Bundle.open(root).verification.policy.startswith("trust policy v1, rule '*'")
