@@ -1,5 +1,9 @@
 """The ``clip`` control op's answer: an evidence clip, decrypted by the node, in chunks of ``CLIP_CHUNK_BYTES``.
 
+An answer decrypts only the sealed piece its ``offset`` falls in (clips are sealed in pieces of that size), so
+one request costs the control thread one chunk's decryption whatever the clip's size, and an operator asking
+chunk after chunk costs no more than reading the clip once.
+
 Every way of not having a clip is its own line, so an operator knows whether to wait, look elsewhere or give
 up: no clips on this node, no such event, the event aged out, the clip still recording, the clip dropped
 (too many in flight, clips paused by a disk error …), the event not one that keeps a clip.
@@ -32,13 +36,13 @@ def clip_answer(node: Node, seq: int, offset: int) -> dict[str, Any]:
         return _refuse(f"the clip of event {seq} is still recording: ask again in a few seconds")
     if not recorder.vault.exists(seq):
         return _refuse(_why_none(node, recorder, seq))
-    try:
-        meta, video = recorder.vault.load(seq)
+    try:  # the header and the one sealed piece holding ``offset``: never the whole clip (edge/clip_store.py)
+        meta, piece = recorder.vault.read_at(seq, offset)
     except BastionError as exc:  # unreadable, forged, another key: said, never a traceback
         return _refuse(str(exc))
     if offset > meta.size:
         return _refuse(f"offset {offset} is past the end of the clip of event {seq} ({meta.size} bytes)")
-    chunk = video[offset : offset + CLIP_CHUNK_BYTES]
+    chunk = piece[:CLIP_CHUNK_BYTES]
     return {
         "clip": meta.model_dump(mode="json"),
         "offset": offset,
