@@ -74,10 +74,13 @@ class _Request(BaseModel):
     """What every control request has: its op (the discriminator) and an optional id the reply echoes.
 
     Each op is its own model with only its own fields, each bounded, and no others
-    (``extra="forbid"``): a field of another op is refused like any unknown one.
+    (``extra="forbid"``): a field of another op is refused like any unknown one.  Strict types too: a number
+    field takes a JSON integer, never ``"5"``, ``5.0`` or ``true`` (pydantic's lax mode would coerce each to 5 or
+    1), a flag ``true``/``false`` only, a text field a string — a client that sends anything else has a bug this
+    reply names, instead of a request the node guessed at.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     id: RequestId | None = None
 
