@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from bastion.edge.store import StorageError
 from bastion.edge.watched import WatchedThread
 from bastion.errors import BastionError
+from bastion.models.safe_read import NotRegular, TooLarge, read_bounded
 
 if TYPE_CHECKING:
     from bastion.edge.sink_config import SinkConfig
@@ -211,17 +212,19 @@ MAX_SECRET_BYTES = 4096  # a password, alone in its file
 def read_secret(path) -> str | None:
     """A password file's content, without the trailing newline; None without a file.
 
-    Read bounded (``MAX_SECRET_BYTES``): a path that names /dev/zero or a log file by mistake is a sink.error
-    line, not a sink thread that reads forever."""
+    Read bounded and only when a regular file (models/safe_read.py): a path that names /dev/zero, a FIFO (whose
+    ``open`` alone blocks until a writer comes) or a log file by mistake is a sink.error line, not a sink thread
+    that reads, or waits, forever."""
     if path is None:
         return None
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_SECRET_BYTES + 1)
+        raw = read_bounded(path, MAX_SECRET_BYTES)
+    except TooLarge:
+        raise SinkError(f"the password file {path} is over {MAX_SECRET_BYTES} bytes: not a password file") from None
+    except NotRegular:
+        raise SinkError(f"the password file {path} is not a regular file (a FIFO, device or directory)") from None
     except OSError as exc:
         raise SinkError(f"cannot read the password file {path}: {exc.strerror or exc}") from None
-    if len(raw) > MAX_SECRET_BYTES:
-        raise SinkError(f"the password file {path} is over {MAX_SECRET_BYTES} bytes: not a password file")
     try:
         return raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError:

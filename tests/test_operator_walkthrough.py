@@ -69,8 +69,10 @@ def test_a_password_file_that_holds_no_password_is_one_line_not_a_sink_that_read
     (tmp_path / "pw").write_text("s3cret\n")
     assert read_secret(tmp_path / "pw") == "s3cret"
     (tmp_path / "binary").write_bytes(b"\xff\xfe\x00")
+    (tmp_path / "log").write_bytes(b"x" * (MAX_SECRET_BYTES + 1))
     for path, says in [
-        ("/dev/zero", f"is over {MAX_SECRET_BYTES} bytes"),  # once read whole: the sink thread never came back
+        ("/dev/zero", "is not a regular file"),  # once read whole: the sink thread never came back
+        (tmp_path / "log", f"is over {MAX_SECRET_BYTES} bytes"),
         (tmp_path / "binary", "is not UTF-8 text"),
         (tmp_path / "missing", "cannot read the password file"),
     ]:
