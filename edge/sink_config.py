@@ -2,7 +2,9 @@
 
 An unknown ``type`` or a field another type has is refused at config load in one line (pydantic's
 discriminated union), before anything connects. Secrets are files (``password_file``), not YAML values: the
-node's config is hashed into its audit log and printed by ``bastion node config``.
+node's config is hashed into its audit log (``node_start``'s ``config_sha256``, so a password in it would be
+guessable offline from the log) and node.yaml is a file operators read, copy and paste into reports; a password
+file can be ``0600`` and owned by the node's user alone.
 """
 
 from __future__ import annotations
