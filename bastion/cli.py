@@ -134,6 +134,15 @@ class _LazyGroup(TyperGroup):
             self.commands[cmd_name] = load_command(cmd_name)
         return self.commands[cmd_name]
 
+    def invoke(self, ctx: Any) -> Any:
+        """Ctrl-C in any command: one line, exit 130. Typer's own handling (core._main) would turn the
+        KeyboardInterrupt into a silent Exit(130) before main() could say anything."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
     def format_help(self, ctx: Any, formatter: Any) -> None:
         self._listing = True
         try:
@@ -156,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     except BastionError as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before a command runs (the imports); in one, _LazyGroup.invoke says it
         err.print("interrupted")
         return 130
     except Exception as exc:  # a bug: say so, keep the traceback for the logs

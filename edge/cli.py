@@ -128,13 +128,21 @@ def node_run(
     from bastion.edge.config import load_config
     from bastion.edge.node import Node
 
+    from bastion.runtime.stop_signals import StopSignals
+
     logging.getLogger("bastion").setLevel(log_level.upper())
-    node = Node(load_config(config), accept_seq_gap=accept_seq_gap)
-    err.print(
-        f"node {node.config.id} serving events on {node.server.events_endpoint}, control on "
-        f"{node.server.control_endpoint}"
-    )
-    node.run()  # a node that failed raises NodeFailed: one line, exit 1
+    built: list[Node] = []  # the watcher stops the node once there is one; before, run() sees `received` at once
+    # SIGTERM/SIGINT from here on, the model load included, is a clean stop (node_stop audited, seq mark exact)
+    with StopSignals(on_stop=lambda signum: [n.stop_requested(signum) for n in built]) as signals:
+        node = Node(load_config(config), accept_seq_gap=accept_seq_gap)
+        built.append(node)
+        if signals.received:  # came during the load, before there was a node to stop: start, then stop at once
+            node.stop()
+        err.print(
+            f"node {node.config.id} serving events on {node.server.events_endpoint}, control on "
+            f"{node.server.control_endpoint}"
+        )
+        node.run(take_signals=False)  # a node that failed raises NodeFailed: one line, exit 1
     err.print(f"node {node.config.id} stopped cleanly: {node.published} events published since start")
 
 

@@ -44,6 +44,7 @@ from bastion.models.atomic import atomic_write_bytes
 from bastion.runtime.detect import Detector
 from bastion.runtime.detections import class_ids
 from bastion.runtime.reader import SourceReader
+from bastion.runtime.stop_signals import STOP_SIGNALS, StopSignals
 
 log = logging.getLogger(__name__)
 RUNTIME_FILE = "node.json"
@@ -190,16 +191,21 @@ class Node(FramePipeline):
             },
         )
 
-    def run(self) -> None:
-        """Start, then block until SIGTERM/SIGINT (or ``stop()``), then shut down cleanly."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stop_event.set())
-        try:
-            self.start()  # inside: a start that fails half-way still closes what it started
-            while not self.stop_event.wait(0.5):
-                self.supervisor.check()  # also watches the maintenance thread, which watches the rest
-        finally:
-            self.close()
+    def run(self, take_signals: bool = True) -> None:
+        """Start, then block until SIGTERM/SIGINT (or ``stop()``), then shut down cleanly.
+
+        The signals are a stop request taken by a lock-free handler (runtime/stop_signals.py): a handler calling
+        ``stop_event.set()`` could wait for ever on the lock this thread holds inside ``stop_event.wait()``, and
+        systemd would SIGKILL the node, losing its clean stop. A second signal ends the process at once. Where the
+        caller took the signals already (``bastion node run``, from before the model load) it passes
+        ``take_signals=False``: after a first signal they are the kernel's, and must stay so."""
+        with StopSignals(on_stop=self.stop_requested, signals=STOP_SIGNALS if take_signals else ()):
+            try:
+                self.start()  # inside: a start that fails half-way still closes what it started
+                while not self.stop_event.wait(0.5):
+                    self.supervisor.check()  # also watches the maintenance thread, which watches the rest
+            finally:
+                self.close()
         if self.failure:
             raise NodeFailed(
                 f"node {self.config.id} stopped: {self.failure}",
@@ -208,6 +214,11 @@ class Node(FramePipeline):
 
     def stop(self) -> None:
         self.stop_event.set()
+
+    def stop_requested(self, signum: int) -> None:
+        """SIGTERM/SIGINT, from StopSignals' watcher thread (never from the handler itself)."""
+        log.info("%s: stopping cleanly (again to quit at once)", signal.Signals(signum).name)
+        self.stop()
 
     def close(self) -> None:
         sd_notify("STOPPING=1")

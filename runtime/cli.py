@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import threading
 import time
 from collections import Counter
 from contextlib import closing
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 
@@ -19,6 +17,7 @@ from bastion.edge.cli_options import CLIENT_KEY_OPTION, SERVER_KEY_OPTION  # as 
 from bastion.hardware.backend_names import DEVICE_HELP, device_name
 from bastion.models.cli import ALLOW_UNSIGNED_HELP
 from bastion.models.zoo import DEFAULT_DETECTOR
+from bastion.runtime.stop_signals import StopSignals, signal_name
 
 MODEL_HELP = "Bundle directory, zoo name (yolov5n, yolox_nano) or a YOLOv5/Ultralytics .onnx file."
 
@@ -50,8 +49,8 @@ def detect_command(
 
     Example: bastion detect bastion/samples/car-detection.mp4 --classes car,truck --save runs/detect
 
-    Also a USB camera (0 or /dev/video0) or a stream (rtsp://…): it runs until Ctrl-C (a clean stop with the
-    summary, exit 0; a second Ctrl-C quits at once) or --max-frames;
+    Also a USB camera (0 or /dev/video0) or a stream (rtsp://…): it runs until Ctrl-C or SIGTERM (a clean stop
+    with the summary, exit 0; a second one quits at once) or --max-frames;
     when the model falls behind it, the oldest frames are dropped (counted in the summary). A file's frames
     are never dropped.
     """
@@ -101,14 +100,14 @@ def detect_command(
     reader = source_reader(source)
     t0 = time.perf_counter()
     stopped = False
-    ctrl_c = CtrlC(on_stop=reader.stop_event.set)
+    stop = StopSignals(on_stop=lambda signum: _stopping(signum, reader.stop_event))
     try:
-        with ctrl_c, progress(disable=json_out) as bar:
+        with stop, progress(disable=json_out) as bar:
             task = bar.add_task(f"detect {_display_name(source, kind)}", total=total)
             results = detect_stream(detector, reader.frames(max_frames), batch=batch, workers=max(workers, 1))
             with closing(results):  # on a Ctrl-C, the pool finishes what it started and ends here, not at GC
                 for frame, det in results:
-                    if ctrl_c.pressed:
+                    if stop.received:
                         break
                     frames += 1
                     counts.update(det.counts())
@@ -131,7 +130,7 @@ def detect_command(
                             )
                         writer.write(det.draw(frame.image))
                     bar.advance(task)
-    except KeyboardInterrupt:  # only where CtrlC could not take SIGINT (see CtrlC.__enter__)
+    except KeyboardInterrupt:  # only where StopSignals could not take SIGINT (see StopSignals.__enter__)
         if kind not in ("stream", "usb"):
             raise
         stopped = True
@@ -139,9 +138,11 @@ def detect_command(
         reader.close()
         if writer is not None:
             writer.close(keep=frames > 0)
-    if ctrl_c.pressed and kind not in ("stream", "usb"):
-        raise KeyboardInterrupt  # a file stopped half-way: "interrupted", exit 130, as before
-    stopped = stopped or ctrl_c.pressed  # a camera runs until Ctrl-C: its normal end, and the summary follows
+    if stop.received and kind not in ("stream", "usb"):  # a file stopped half-way: "interrupted", 130 (143)
+        err.print("interrupted")
+        raise typer.Exit(128 + stop.received)
+    # a camera runs until Ctrl-C (or SIGTERM): its normal end, and the summary follows
+    stopped_by = signal_name(stop.received) if stop.received else "Ctrl-C" if stopped else None
     elapsed = time.perf_counter() - t0
     stats = reader.stats
     for path in reader.skipped:
@@ -156,76 +157,15 @@ def detect_command(
         + (f", {stats.dropped} dropped (the source ran ahead of the model)" if stats.dropped else "")
         + (f", {stats.reconnects} reconnects" if stats.reconnects else "")
         + (f"; annotated output in {save}" if save else "")
-        + ("; stopped by Ctrl-C" if stopped else "")
+        + (f"; stopped by {stopped_by}" if stopped_by else "")
     )
 
 
-class CtrlC:
-    """While the stream's threads run, Ctrl-C is a request to stop, never an exception.
-
-    Why: Python raises KeyboardInterrupt in the main thread at whichever bytecode it is running. In the stream that
-    can be the instant after ``threading.Condition.__enter__`` took its lock (a Future's in ``done()``/``result()``,
-    the pool's idle semaphore's, an Event's in ``Thread.start``) and before the ``with`` block that would release it
-    began: the main thread then holds that lock for ever, the inference worker that needs it blocks, and the pool's
-    shutdown (then the interpreter's exit, which joins every non-daemon thread) waits on that worker for ever:
-    ``bastion detect 0`` still running long after Ctrl-C. So the handler raises nothing and takes no lock (the main
-    thread may hold it): it notes the press and writes one byte to a pipe; a watcher thread says so and calls
-    ``on_stop`` (the reader stops, so even a wait for the next frame ends), and the loop ends at its next frame.
-    The first Ctrl-C also hands SIGINT back to the system: a second one ends the process at once (exit status 130),
-    whatever it is waiting on.
-    """
-
-    def __init__(self, on_stop: Callable[[], None]) -> None:
-        self.pressed = False
-        self._on_stop = on_stop
-        self._previous: object = None
-        self._pipe: tuple[int, int] | None = None
-        self._watcher: threading.Thread | None = None
-
-    def __enter__(self) -> "CtrlC":
-        if threading.current_thread() is not threading.main_thread():
-            return self  # signal handlers belong to the main thread: an embedding program's business
-        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-            return self  # a parent that made us ignore SIGINT, or a program with its own handler: left alone
-        self._pipe = os.pipe()
-        os.set_blocking(self._pipe[1], False)
-        self._watcher = threading.Thread(target=self._watch, args=(self._pipe[0],), name="bastion-ctrl-c", daemon=True)
-        self._watcher.start()  # before the handler: starting a thread takes locks a handler must not
-        self._previous = signal.signal(signal.SIGINT, self._pressed)
-        return self
-
-    def _pressed(self, signum: int, frame: object) -> None:
-        self.pressed = True
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # the next Ctrl-C is the kernel's: the process ends at once
-        try:
-            os.write(self._pipe[1], b"c")  # type: ignore[index]
-        except OSError:  # the watcher is gone: the loop still sees `pressed`
-            pass
-
-    def _watch(self, fd: int) -> None:
-        try:
-            while data := os.read(fd, 16):
-                if b"c" in data:
-                    err.print("stopping (Ctrl-C again to quit at once)")
-                    self._on_stop()
-                if b"q" in data:
-                    return
-        finally:
-            os.close(fd)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._pipe is None:
-            return
-        if not self.pressed:
-            signal.signal(signal.SIGINT, self._previous)  # type: ignore[arg-type]
-        try:
-            os.write(self._pipe[1], b"q")
-        except OSError:
-            pass
-        if self._watcher is not None:
-            self._watcher.join(5)  # bounded: it only prints a line and sets an event
-        os.close(self._pipe[1])
-        self._pipe = None
+def _stopping(signum: int, stop_event: threading.Event) -> None:
+    """The first SIGINT/SIGTERM, from StopSignals' watcher thread: say so once, and stop the reader (so even a wait
+    for the next frame ends); the loop breaks at its next frame and the pool finishes what it started."""
+    err.print(f"stopping ({signal_name(signum)} again to quit at once)")
+    stop_event.set()
 
 
 def _display_name(source: str, kind: str) -> str:
