@@ -265,7 +265,11 @@ def distill_detect_command(
         help="Weight of Ultralytics' feature distillation when a teacher is an Ultralytics .pt (0: off).",
     ),
     device: str = typer.Option("auto", help=DEVICE_HELP),
-    nproc: str = typer.Option("1", "--nproc", help="Train on N GPUs with Ultralytics' own DDP (CUDA only)."),
+    nproc: str = typer.Option(
+        "1",
+        "--nproc",
+        help="Train the student on N processes: N GPUs (Ultralytics' own DDP) or N gloo workers on CPU cores.",
+    ),
     labeller: str = typer.Option("single", "--labeller", help=LABELLER_HELP),
     labeller_workers: Optional[int] = typer.Option(
         None, "--labeller-workers", help="Ray workers (default: one per CPU core, or per GPU, of the cluster)."
@@ -291,8 +295,8 @@ def distill_detect_command(
     from bastion.errors import ConfigError, MissingExtraError
 
     workers = check_nproc(nproc)
-    if launched_world() is not None:  # Ultralytics starts its own workers; the pipeline runs once
-        raise ConfigError("bastion distill detect runs once, not under torchrun", "use --nproc N (one per GPU)")
+    if launched_world() is not None:  # the student's workers are started for it; the pipeline runs once
+        raise ConfigError("bastion distill detect runs once, not under torchrun", "use --nproc N")
     thresholds: dict[str, float] = {}
     try:
         for item in [] if conf == "auto" else conf.split(","):
@@ -311,6 +315,11 @@ def distill_detect_command(
             )
         if not (Path(student).suffix or Path(student).exists()):
             student += ".yaml"  # yolov8n → yolov8n.yaml: Ultralytics' built-in architecture
+        # GPUs: Ultralytics' own DDP over cuda:I,I+1,…; the CPU: `workers` gloo processes (distill/ultra_ddp.py)
+        trainer = training_device(device)
+        on_cpu = trainer == "cpu"
+        if on_cpu and batch % workers:
+            raise ConfigError(f"--batch {batch} does not split over {workers} processes", "give a multiple of --nproc")
         train = checked(
             TrainSpec,
             student=student,
@@ -323,7 +332,8 @@ def distill_detect_command(
             soft=soft,
             feature_weight=feature_kd,
             prune=prune,
-            device=data_parallel_devices(training_device(device), workers),
+            device=trainer if on_cpu else data_parallel_devices(trainer, workers),
+            nproc=workers if on_cpu else 1,
         )
     spec = checked(
         DistillSpec,

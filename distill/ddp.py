@@ -153,8 +153,9 @@ def _free_loopback_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_local(nproc: int, argv: list[str]) -> None:
-    """Run ``bastion ARGV`` as ``nproc`` workers through torchrun's launcher, in this process, on 127.0.0.1 only.
+def launch_local(nproc: int, argv: list[str], module: str = "bastion.cli") -> None:
+    """Run ``bastion ARGV`` (or ``python -m MODULE ARGV``) as ``nproc`` workers through torchrun's launcher, in this
+    process, on 127.0.0.1 only. The detector's CPU workers are ``bastion.distill.ultra_ddp`` (docs/scale.md).
 
     Workers inherit stdout/stderr: rank 0 prints the report, the others stay quiet. One thread pool per worker
     (the cores shared out) unless OMP_NUM_THREADS says otherwise; gloo pinned to the loopback interface."""
@@ -174,7 +175,7 @@ def launch_local(nproc: int, argv: list[str]) -> None:
             "--max-restarts=0",
             "--monitor-interval=0.5",
             "-m",
-            "bastion.cli",
+            module,
             *without_nproc(argv),
         ]
     )

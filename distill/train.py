@@ -42,6 +42,7 @@ class TrainSpec(BaseModel):
     feature_weight: float = Field(6.0, ge=0)  # Ultralytics' ``dis``: weight of the feature-distillation loss
     prune: float | None = None  # after the warm start, remove this share of channels (structured, by magnitude)
     device: str = "cpu"  # resolved by bastion.distill.torch_device ("cuda:1" → device=1; "cuda:0,1" → its DDP)
+    nproc: int = Field(1, ge=1, le=4096)  # CPU worker processes (gloo, ultra_ddp.py); GPUs are named in ``device``
 
 
 def load_state(path: Path) -> dict[str, Any]:
@@ -182,17 +183,25 @@ def train_student(
     data_yaml: Path, spec: TrainSpec, imgsz: int, out_dir: Path, progress: TrainingProgress | None = None
 ) -> dict[str, Any]:
     """Train, export ONNX; returns paths and the warm-start count. Writes only inside ``out_dir``. ``progress``
-    hears every batch and epoch end through Ultralytics' own callbacks (its tqdm bar is off in a log)."""
+    hears every batch and epoch end through Ultralytics' own callbacks (its tqdm bar is off in a log). With
+    ``spec.nproc`` > 1 on the CPU the training runs in that many gloo workers (``ultra_ddp``); the export here."""
     out_dir = Path(out_dir).resolve()  # Ultralytics puts a relative project under its own runs_dir
-    ultralytics = load_ultralytics()
-    from ultralytics.models.yolo.detect import DetectionTrainer
+    if spec.nproc > 1:
+        if spec.device != "cpu":
+            raise ConfigError("nproc names CPU worker processes; GPUs are named in device (cuda:0,1)")
+        from bastion.distill.ultra_ddp import train_on_cpu_workers
 
-    state = load_state(spec.warm_start) if spec.warm_start else None
-    record: dict[str, Any] = {}
+        record = train_on_cpu_workers(data_yaml, spec, imgsz, out_dir)
+    else:
+        record = fit(data_yaml, spec, imgsz, out_dir, progress)
+    return export_student(out_dir, imgsz, record)
 
-    class StudentTrainer(DetectionTrainer):
-        """Warm start in ``get_model``; soft scores into the train labels and the loss."""
 
+def student_trainer(base: tuple[type, ...], spec: TrainSpec, state: dict[str, Any] | None, record: dict[str, Any]):
+    """Ultralytics' trainer (``base``: its ``DetectionTrainer``, after any mixin) with the warm start in
+    ``get_model`` and the soft scores in the train labels and the loss; what it did goes into ``record``."""
+
+    class StudentTrainer(*base):
         def get_model(self, cfg=None, weights=None, verbose=True):
             model = super().get_model(cfg, weights, verbose)
             if state is not None:
@@ -213,10 +222,30 @@ def train_student(
 
         def _setup_train(self):
             super()._setup_train()
+            if getattr(self, "data_parallel", None):  # ultra_ddp.CpuDataParallel: each rank's share of the data
+                record["data_parallel"] = self.data_parallel
             if spec.soft:  # the student's criterion (inside Ultralytics' DistillationModel when distilling)
-                student = getattr(self.model, "student_model", self.model)
+                model = getattr(self.model, "module", self.model)  # under DDP, the model it wraps
+                student = getattr(model, "student_model", model)
                 student.criterion = soft_detection_loss(student)
 
+    return StudentTrainer
+
+
+def fit(
+    data_yaml: Path,
+    spec: TrainSpec,
+    imgsz: int,
+    out_dir: Path,
+    progress: TrainingProgress | None = None,
+    mixins: tuple[type, ...] = (),
+) -> dict[str, Any]:
+    """Ultralytics' training of the student into ``out_dir/train``; returns what it did (no export)."""
+    ultralytics = load_ultralytics()
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    state = load_state(spec.warm_start) if spec.warm_start else None
+    record: dict[str, Any] = {}
     model = ultralytics.YOLO(_student_cfg(spec, out_dir), task="detect")
     if progress is not None:
         for event, callback in progress_callbacks(progress).items():
@@ -226,7 +255,7 @@ def train_student(
         extra = dict(distill_model=str(spec.feature_teacher), dis=spec.feature_weight)
         record["feature_teacher"] = str(spec.feature_teacher)
     model.train(
-        trainer=StudentTrainer,
+        trainer=student_trainer((*mixins, DetectionTrainer), spec, state, record),
         data=str(data_yaml),
         imgsz=imgsz,
         epochs=spec.epochs,
@@ -249,6 +278,12 @@ def train_student(
         patience=0,
         **extra,
     )
+    return record
+
+
+def export_student(out_dir: Path, imgsz: int, record: dict[str, Any]) -> dict[str, Any]:
+    """The best checkpoint (else the last) exported to ``out_dir/student.onnx``; ``record`` plus its paths."""
+    ultralytics = load_ultralytics()
     weights = out_dir / "train" / "weights" / "best.pt"
     if not weights.is_file():
         weights = out_dir / "train" / "weights" / "last.pt"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -200,33 +201,87 @@ def test_a_bad_nproc_is_one_line_before_any_work(tmp_path, value):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.slow  # CLI subprocesses: ~2 s each
-def test_detect_refuses_ddp_on_the_cpu_in_one_line(tmp_path):
-    """Ultralytics never starts DDP on a CPU (world size 0 there): more than one process is refused, not run as
-    one."""
+def _needs_ultralytics() -> None:
     from bastion.distill.ultra import ultralytics_available
 
     if not ultralytics_available():  # (not importorskip: importing it bare checks connectivity)
         pytest.skip("ultralytics is not installed")
-    proc = run_cli(
-        "distill",
-        "detect",
-        "--teacher",
-        "yolov5n",
-        "--images",
-        str(tmp_path),
-        "--classes",
-        "person",
-        "--device",
-        "cpu",
-        "--nproc",
-        "2",
-        "--out",
-        str(tmp_path / "r"),
-    )
-    assert proc.returncode == 1
-    assert "Ultralytics runs DDP only on CUDA devices; on CPU use --nproc 1" in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr and not (tmp_path / "r").exists()
+
+
+def _detect(tmp_path: Path, images: Path, *flags: str, env: dict | None = None):
+    return run_cli(
+        "distill", "detect", "--teacher", "yolov5n", "--images", str(images), "--classes", "person",
+        "--device", "cpu", "--nproc", "2", "--out", str(tmp_path / "r"), *flags, env=env,
+    )  # fmt: skip
+
+
+@pytest.mark.slow  # CLI subprocesses: ~2 s each
+def test_detect_refuses_what_its_cpu_workers_cannot_do_in_one_line(tmp_path):
+    """A batch that does not split over the CPU workers, and distill detect itself under torchrun (its student's
+    workers are started for it; the pipeline runs once): one line each, before any work."""
+    _needs_ultralytics()
+    refused = {
+        "--batch 3 does not split over 2 processes": _detect(tmp_path, tmp_path, "--batch", "3"),
+        "runs once, not under torchrun": _detect(
+            tmp_path, tmp_path, env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+        ),
+    }
+    for message, proc in refused.items():
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 1 and len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_distill_detect_nproc_2_trains_the_student_in_two_gloo_workers_through_ultralytics(tmp_path, coco128):
+    """``distill detect --device cpu --nproc 2``: the pipeline once, the student's training in two torchrun workers
+    (gloo) running Ultralytics' own trainer, whose distributed sampler gave each rank half of the training images;
+    rank 0 alone wrote the weights and said how training went; the launcher exported the ONNX student, measured
+    it, and shipped a signed bundle; one JSON report. Workers run under the zero-egress guard."""
+    _needs_ultralytics()
+    from bastion.models import Bundle
+    from bastion.models.keys import generate_keypair
+    from bastion.models.trust import TrustStore
+
+    src = coco128.parent
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    for i, jpg in enumerate(sorted((src / "images" / "train2017").glob("*.jpg"))[:10]):
+        shutil.copy(jpg, images / jpg.name)
+        label = src / "labels" / "train2017" / (jpg.stem + ".txt")
+        if i % 2 and label.is_file():  # half with ground truth, half pseudo-labelled by the teacher
+            shutil.copy(label, labels / label.name)
+    pair = generate_keypair(tmp_path / "keys" / "team")
+    TrustStore().trust(pair.public_path)
+    proc = _detect(
+        tmp_path, images, "--labels", str(labels), "--imgsz", "64", "--student", "yolov5n", "--width", "0.125",
+        "--epochs", "1", "--batch", "4", "--no-int8", "--sign", str(pair.private_path), "--json",
+        env={"PYTHONPATH": _guarded_env(tmp_path)["PYTHONPATH"], "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)  # one JSON document: the workers printed nothing on stdout
+    trained = report["training"]
+    parallel = trained["data_parallel"]
+    assert parallel["backend"] == "gloo" and parallel["world_size"] == 2
+    ranks = parallel["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]  # both ranks took part, each found from torchrun's environment
+    assert [r["batch"] for r in ranks] == [2, 2]  # --batch 4 split over the two
+    train_images = report["labels"]["train"]
+    assert sum(r["images"] for r in ranks) >= train_images >= 2  # the sampler split the data (padded to even)
+    assert all(0 < r["images"] <= (train_images + 1) // 2 for r in ranks)
+    assert proc.stderr.count("train student: epoch 1/1 done loss") == 1  # rank 0's line; rank 1 said nothing
+    assert "distill [3/5] student: training yolov5n.yaml" in proc.stderr
+    student = tmp_path / "r" / "student"
+    assert sorted(p.name for p in (student / "train" / "weights").iterdir()) == ["best.pt", "last.pt"]
+    assert not list(student.rglob("*.tmp")) and not (student / "ddp-job.json").exists()
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(student / trained["onnx"]), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == [1, 3, 64, 64]  # the launcher exported what rank 0 trained
+    assert any(c["name"] == "student@64" for c in report["candidates"])  # measured like any student
+    shipped = Bundle.open(tmp_path / "r" / "bundle")  # verifies: signed by the trusted key, payload intact
+    assert shipped.verification.key_id == pair.key_id
 
 
 def test_detect_on_several_gpus_names_them_for_ultralytics():
