@@ -53,6 +53,11 @@ class CpuDataParallel:
         # broadcast (amp is off on every rank: fit passes amp=False). _build_train_pipeline puts it back and wraps.
         self.world_size = 1
         super()._setup_train()
+        if getattr(self, "data_parallel", None) is None:  # a release that no longer builds its loaders there
+            raise ConfigError(
+                "this Ultralytics release does not set up its trainer as bastion's CPU workers expect",
+                "train on one process (--nproc 1); tested with Ultralytics 8.4",
+            )
 
     def _build_train_pipeline(self):
         """Called by ``_setup_train`` after the freeze and the distillation wrap: wrap as Ultralytics does on a GPU
