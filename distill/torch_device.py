@@ -35,11 +35,12 @@ def ultralytics_device(device: str) -> str:
 
 
 def data_parallel_devices(device: str, nproc: int) -> str:
-    """The detector's devices for Ultralytics' own DDP: ``cuda:0`` with ``--nproc 3`` → ``cuda:0,1,2``.
+    """The detector's devices for Ultralytics' own multi-GPU DDP: ``cuda:0`` with ``--nproc 3`` → ``cuda:0,1,2``.
 
-    Ultralytics counts a CPU run as world size 0 and never starts DDP there (engine/trainer.py), so more than one
-    process on the CPU is refused rather than silently run as one. Its multi-GPU launcher pickles the trainer with
-    cloudpickle and would try to *download* cloudpickle when missing: refused here, offline, before any work."""
+    GPUs only: CPU workers are launched by bastion itself (``distill/ultra_ddp.py``, gloo under torchrun), since
+    Ultralytics counts a CPU run as world size 0 and never starts DDP there; a CPU device reaching this is a caller's
+    mistake. Ultralytics' multi-GPU launcher pickles the trainer with cloudpickle and would try to *download*
+    cloudpickle when missing: refused here, offline, before any work."""
     import importlib.util
 
     import torch
@@ -47,7 +48,7 @@ def data_parallel_devices(device: str, nproc: int) -> str:
     if nproc == 1:
         return device
     if device == "cpu":
-        raise ConfigError("Ultralytics runs DDP only on CUDA devices; on CPU use --nproc 1")
+        raise ConfigError("Ultralytics' own DDP runs only on CUDA devices; CPU workers go through bastion's launcher")
     first = int(device.partition(":")[2] or 0)
     if first + nproc > torch.cuda.device_count():
         raise ConfigError(
