@@ -75,6 +75,7 @@ def _config(directory):
     return path
 
 
+@pytest.mark.slow  # four real nodes, ~20 s
 def test_sigterm_or_ctrl_c_stops_bastion_node_run_cleanly_at_any_point(tmp_path):
     """A node stopped by SIGTERM (systemd) or Ctrl-C, during its model load, right after its first event or under
     steady state, ends within a bound with exit 0, "stopped cleanly", a ``node_stop`` audit record (the chain
