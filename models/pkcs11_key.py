@@ -13,10 +13,8 @@ field path never loads it.  Every refusal (module missing, no such token or key,
 
 from __future__ import annotations
 
-import getpass
 import logging
 import os
-import sys
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,14 +25,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from bastion.errors import KeyFileError, MissingExtraError
+from bastion.models.pkcs11_pin import PIN_ENV, read_pin
 from bastion.models.pkcs11_uri import Pkcs11Uri, parse_pkcs11_uri
-from bastion.models.safe_read import NotRegular, TooLarge, read_bounded
 
 log = logging.getLogger(__name__)
 
-PIN_ENV = "BASTION_PKCS11_PIN"
 MODULE_ENV = "BASTION_PKCS11_MODULE"
-MAX_PIN_BYTES = 256
 ED25519_PARAMS = bytes.fromhex("06032b6570")  # CKA_EC_PARAMS: DER of the OID 1.3.101.112 (id-Ed25519, RFC 8410)
 MODULE_HINT = (
     f"add ?module-path=/path/to/module.so to the URI or set {MODULE_ENV} (SoftHSM2: /usr/lib/softhsm/libsofthsm2.so)"
@@ -110,7 +106,7 @@ def open_token_signer(text: str) -> TokenSigner:
     _need_a_name(uri)
     token = _find_token(uri)
     where = _describe(token)
-    session = _open_session(token, uri, where, _read_pin(uri, ask=True), rw=False)
+    session = _open_session(token, uri, where, read_pin(uri, ask=True), rw=False)
     try:
         private = _one_object(session, uri, "PRIVATE_KEY", where)
         public = _public_beside(session, private, where)
@@ -127,7 +123,7 @@ def token_public_key(text: str) -> Ed25519PublicKey:
     _need_a_name(uri)
     token = _find_token(uri)
     where = _describe(token)
-    session = _open_session(token, uri, where, _read_pin(uri, ask=False), rw=False)
+    session = _open_session(token, uri, where, read_pin(uri, ask=False), rw=False)
     try:  # the public object the URI names (visible without a PIN); else the one beside the private key
         if uri.type == "public" or (uri.type is None and _count(session, uri, "PUBLIC_KEY", where) == 1):
             return _ed25519_from(_one_object(session, uri, "PUBLIC_KEY", where), where)
@@ -146,7 +142,7 @@ def generate_on_token(text: str) -> TokenKey:
     token = _find_token(uri)
     where = _describe(token)
     object_id = uri.object_id or os.urandom(8)
-    session = _open_session(token, uri, where, _read_pin(uri, ask=True), rw=True)
+    session = _open_session(token, uri, where, read_pin(uri, ask=True), rw=True)
     attr = pkcs11.Attribute
     try:
         with _token_errors(where):
@@ -317,54 +313,7 @@ def ed25519_from_ec_point(point: bytes, where: str) -> Ed25519PublicKey:
     return Ed25519PublicKey.from_public_bytes(point)
 
 
-# -- PIN, names, errors -----------------------------------------------------------------------------------------
-def _read_pin(uri: Pkcs11Uri, ask: bool) -> str | None:
-    """The user PIN: the URI's pin-value or pin-source file, else BASTION_PKCS11_PIN, else asked on a terminal."""
-    if uri.pin_value is not None:
-        return uri.pin_value
-    if uri.pin_source is not None:
-        return _pin_from_file(uri.pin_source)
-    if os.environ.get(PIN_ENV):
-        return os.environ[PIN_ENV]
-    if not ask:
-        return None
-    if not (sys.stdin.isatty() and sys.stderr.isatty()):
-        raise KeyFileError(
-            f"the token of {uri.shown} needs its user PIN and there is no terminal to ask on",
-            f"set {PIN_ENV} or add ?pin-source=file:/path/to/pin to the URI",
-        )
-    try:
-        pin = getpass.getpass(f"PIN for {uri.token or 'the token'}: ")
-    except (EOFError, KeyboardInterrupt):
-        pin = ""
-    if not pin:
-        raise KeyFileError("no PIN given", f"type it at the prompt or set {PIN_ENV}")
-    return pin
-
-
-def _pin_from_file(source: str) -> str:
-    """RFC 7512 pin-source: a file (``file:/path``, ``file:///path`` or a bare path); no other kind is run."""
-    path = source[len("file:") :] if source.lower().startswith("file:") else source
-    if path.startswith("//"):
-        path = path[2:]
-    if not path.startswith("/"):
-        raise KeyFileError(
-            f"pin-source {source!r} is not a file", "use pin-source=file:/absolute/path (bastion runs no commands)"
-        )
-    try:
-        data = read_bounded(Path(path), MAX_PIN_BYTES)
-    except FileNotFoundError:
-        raise KeyFileError(f"PIN file not found: {path}") from None
-    except (TooLarge, NotRegular):
-        raise KeyFileError(f"{path} is not a PIN file (a regular file under {MAX_PIN_BYTES} bytes)") from None
-    except OSError as exc:
-        raise KeyFileError(f"cannot read the PIN file {path}: {exc.strerror or exc}") from None
-    try:
-        return data.rstrip(b"\r\n").decode("utf-8")
-    except UnicodeDecodeError:
-        raise KeyFileError(f"the PIN file {path} is not UTF-8 text") from None
-
-
+# -- names, errors ---------------------------------------------------------------------------------------------
 def _need_a_name(uri: Pkcs11Uri) -> None:
     if uri.object is None and uri.object_id is None:
         raise KeyFileError(f"{uri.shown} names no key", "add object=LABEL or id=%01 to the URI")
