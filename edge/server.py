@@ -27,6 +27,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from bastion.edge.audit import AuditLog
 from bastion.edge.config import NodeConfig
 from bastion.edge.control_lanes import Deferred, Job, Lane, Outbox
+from bastion.edge.control_receive import NO_USER_ID, Incoming, receive_bounded
 from bastion.edge.curve import key_id, load_secret
 from bastion.edge.curve_allow import AllowList, client_roles
 from bastion.edge.limits import BUSY_BURST_S, BUSY_SHARE, RateLimiter, RefusalCoalescer, clip
@@ -60,24 +61,10 @@ BUSY = {  # a request its lane has no room for gets this answer at once
 }
 
 
-NO_USER_ID = b""  # a CURVE message that carries no ZAP User-Id: no key, so no role (refused, fail closed)
-
-
 @dataclass
 class _Answer:
     data: bytes
     served: bool = False  # an answer to a request that was served (waits for room), not a refusal (dropped)
-
-
-@dataclass
-class _Incoming:
-    """One control message as received: only the last frame is kept, and only when within the limits."""
-
-    identity: bytes
-    client: bytes  # whose bucket pays: the CurveZMQ key (User-Id) or, without CurveZMQ, the connection
-    payload: bytes | None  # None: the message broke a limit and was dropped frame by frame
-    frames: int
-    size: int
 
 
 class NodeServer:
@@ -227,7 +214,7 @@ class NodeServer:
                     self.outbox.deliver(self.control)  # what the lanes have to say goes out first
                 if self.control not in ready:
                     continue
-                message = self._receive()
+                message = receive_bounded(self.control, self.config.curve_enabled)
             except zmq.Again:
                 continue
             except zmq.ZMQError:
@@ -251,30 +238,6 @@ class NodeServer:
                 if job.deferred.streams:
                     self._send(job.identity, reply(job.request_id, done=False, queued=ahead))
 
-    def _receive(self) -> _Incoming:
-        """One message, frame by frame: past the size or frame limit every further frame is dropped unread.
-
-        libzmq hands over a multi-part message only once all of it has arrived, so the
-        NOBLOCK receives below never wait; copy=False keeps each dropped frame in
-        libzmq's buffer until it is released here, instead of copying it into Python.
-        """
-        identity = self.control.recv(zmq.NOBLOCK, copy=False).bytes  # libzmq caps routing ids at 255 bytes
-        # with CurveZMQ the client is its ZAP User-Id, never the routing id: that one the client chooses (an admin's
-        # public key is public), and without a ZAP handler (its thread gone) libzmq lets CURVE clients in unnamed
-        client, last, frames, size = (NO_USER_ID if self.config.curve_enabled else identity), None, 1, 0
-        while self.control.getsockopt(zmq.RCVMORE):
-            part = self.control.recv(zmq.NOBLOCK, copy=False)
-            frames += 1
-            size += len(part)
-            if frames == 2 and self.config.curve_enabled:
-                try:
-                    client = part.get("User-Id").encode()
-                except zmq.ZMQError:
-                    pass
-            last = part if frames <= MAX_REQUEST_FRAMES and size <= MAX_REQUEST_BYTES else None
-        within = frames <= MAX_REQUEST_FRAMES and size <= MAX_REQUEST_BYTES and last is not None
-        return _Incoming(identity, client, last.bytes if within else None, frames, size)
-
     def _label(self, client: bytes) -> str:
         """The client as the audit log names it: its key id with CurveZMQ, else its connection."""
         if not self.config.curve_enabled:
@@ -287,7 +250,7 @@ class NodeServer:
             return NO_CURVE_ROLE
         return self._allow.role(client) if self._allow is not None else None
 
-    def _answer(self, message: _Incoming) -> _Answer | None:
+    def _answer(self, message: Incoming) -> _Answer | None:
         wait = self.limiter.allow(message.client) or self.busy.in_debt(message.client)
         if wait:
             self.rate_limited += 1
