@@ -200,9 +200,14 @@ def policy_apply(
 
     signed = read_signed(source)
     store = PolicyStore()
+    recorded = store.journal_version()
     old = store.apply(signed, first_root=first_root)
-    before = f"v{old.policy.version}" if old else "none"
+    if old:
+        before = f"v{old.policy.version}"
+    else:  # a first policy, or one put back over a lost or replaced file (journal says v{recorded})
+        before = f"v{recorded}, whose file was lost or replaced: restored" if recorded else "none"
     if json_out:
-        print_json({"applied": signed.policy.version, "replaced": old.policy.version if old else None})
+        replaced = old.policy.version if old else (recorded or None)
+        print_json({"applied": signed.policy.version, "replaced": replaced, "restored": bool(recorded and not old)})
         return
     out.print(f"trust policy v{signed.policy.version} in force (was {before}); recorded in {store.trust.audit_path}")

@@ -32,28 +32,41 @@ class PolicyStore:
         self.trust = trust or TrustStore()
         self.path = self.trust.root / POLICY_FILE
 
-    def _journal_version(self) -> int:
-        """The highest policy version the journal says was applied here (0: never)."""
+    def _journal_last(self) -> dict:
+        """The journal's record of the highest policy version applied here ({} when never): version, sha256, root.
+
+        It is what a unit whose policy file was lost or replaced can still be held to, so that putting the current
+        policy back (or a newer one from the same root) is possible without ever letting an older one in."""
         try:
             lines = read_bounded(self.trust.audit_path, MAX_JOURNAL_BYTES).decode(errors="replace").splitlines()
         except FileNotFoundError:
-            return 0
+            return {}
         except (TooLarge, NotRegular) as exc:
             raise ConfigError(f"trust store journal {self.trust.audit_path} is damaged ({exc})") from None
-        highest = 0
+        last: dict = {}
         for line in lines:
             if '"policy_applied"' not in line:
                 continue
             try:
                 record = json.loads(line)
-                highest = max(highest, int(record.get("version", 0)))
+                version = int(record.get("version", 0))
             except (json.JSONDecodeError, RecursionError, ValueError, TypeError, AttributeError):
                 continue
-        return highest
+            if version >= last.get("version", 1):
+                last = {
+                    "version": version,
+                    "sha256": str(record.get("sha256", "")),
+                    "root": str(record.get("root", "")),
+                }
+        return last
+
+    def journal_version(self) -> int:
+        """The highest policy version the journal says was applied here (0: never)."""
+        return int(self._journal_last().get("version", 0))
 
     def current(self) -> SignedPolicy | None:
         """The policy on file, checked against its own root and the journal (not its expiry), or None."""
-        recorded = self._journal_version()
+        recorded = self.journal_version()
         try:
             data = read_bounded(self.path, MAX_POLICY_BYTES)
         except FileNotFoundError:
@@ -103,7 +116,15 @@ class PolicyStore:
             )
         self.trust.revoked()  # a store that has lost its revocation list refuses changes too
         with file_lock(self.trust.lock_path):
-            old = self.current()
+            restored = False
+            try:
+                old = self.current()
+            except SignatureError:  # the file in force is lost, damaged or an old copy: hold it to the journal
+                recorded = self._journal_last()
+                if not recorded:
+                    raise
+                self._check_restore(new, recorded)
+                old, restored = None, True
             if old is not None:
                 if policy.version <= old.policy.version:
                     raise SignatureError(
@@ -112,7 +133,7 @@ class PolicyStore:
                         "apply a newer version; a unit never goes back",
                     )
                 new.check_threshold(old.policy.root, f"v{old.policy.version}'s (the old)")
-            else:
+            elif not restored:
                 self._check_first_root(new, first_root)
             atomic_write_bytes(self.path, new.to_bytes())
             self.trust.record(
@@ -121,9 +142,32 @@ class PolicyStore:
                 sha256=policy.sha256(),
                 root=policy.root.fingerprint(),
                 expires=policy.expires.isoformat(),
+                **({"restored": "true"} if restored else {}),
             )
         log.info("trust policy applied", extra={"version": policy.version, "sha256": policy.sha256()})
         return old
+
+    def _check_restore(self, new: SignedPolicy, recorded: dict) -> None:
+        """Allow, over a lost or replaced policy file, only the version the journal records or a newer one that
+        the same root signed: the old root's threshold cannot be checked without the old policy's keys."""
+        policy, version = new.policy, int(recorded["version"])
+        if policy.version < version:
+            raise SignatureError(
+                f"policy v{policy.version} is older than v{version} applied here (a replayed old policy?)",
+                f"apply v{version} again (sha256 {recorded['sha256'][:16]}…) or a newer one; a unit never goes back",
+            )
+        if policy.version == version and policy.sha256() != recorded["sha256"]:
+            raise SignatureError(
+                f"policy v{version} has sha256 {policy.sha256()[:16]}…, but the v{version} applied here had "
+                f"{recorded['sha256'][:16]}… (another policy under the same version)",
+                f"apply the v{version} this unit had (sha256 {recorded['sha256'][:16]}…) or a newer one",
+            )
+        if policy.version > version and policy.root.fingerprint() != recorded["root"]:
+            raise SignatureError(
+                f"policy v{policy.version} has another root than v{version} applied here, and the old root's "
+                f"signatures cannot be checked while v{version}'s file is lost",
+                f"apply v{version} again first (sha256 {recorded['sha256'][:16]}…), then v{policy.version}",
+            )
 
     def _check_first_root(self, new: SignedPolicy, first_root: str | None) -> None:
         fingerprint = new.policy.root.fingerprint()

@@ -262,3 +262,35 @@ rules:
     bad.write_text((tmp_path / "policy.yaml").read_text().replace('"nation:CAN"', '"nation:canada"'))
     line = one_line(run_cli("policy", "sign", str(bad), "--key", str(k["root1"].private_path)))
     assert "keys.0.role" in line
+
+
+def test_a_lost_or_replaced_policy_file_is_put_back_by_applying_the_current_one(tmp_path, kit):
+    """The refusal's advice ("apply the current policy again") must work: apply used to fail on the same check."""
+    k, nations = kit
+    v1 = signed(policy(1, [k["root1"]], nations, [NATIONS_RULE]), k["root1"])
+    v2 = signed(policy(2, [k["root1"]], nations, [NATIONS_RULE]), k["root1"])
+    later = NOW + dt.timedelta(days=60)
+    other_v2 = signed(policy(2, [k["root1"]], nations, [NATIONS_RULE], expires=later), k["root1"])
+    first_apply(v1)
+    PolicyStore().apply(v2)
+    root = make_bundle(tmp_path, "coalition-vehicles", k["can"])
+    add_countersignature(root, k["gbr"])
+    PolicyStore().path.write_bytes(v1.to_bytes())  # an old copy put back
+    with pytest.raises(SignatureError, match="policy on file is v1 but v2 was applied here"):
+        Bundle.open(root)
+    v1_file = write_signed(tmp_path / "v1.bastion-policy", v1)
+    assert "policy v1 is older than v2 applied here" in one_line(run_cli("policy", "apply", str(v1_file)))
+    with pytest.raises(SignatureError, match="another policy under the same version"):
+        PolicyStore().apply(other_v2)
+    new_root = signed(policy(3, [k["root2"]], nations, [NATIONS_RULE]), k["root2"], k["root1"])
+    with pytest.raises(SignatureError, match="apply v2 again first"):  # the old root cannot be checked
+        PolicyStore().apply(new_root)
+    proc = run_cli("policy", "apply", str(write_signed(tmp_path / "v2.bastion-policy", v2)))
+    assert proc.returncode == 0, proc.stderr
+    assert "was v2, whose file was lost or replaced: restored" in proc.stdout
+    Bundle.open(root)  # every bundle was refused until the policy came back
+    PolicyStore().path.unlink()  # lost: a newer version from the same root is accepted too
+    PolicyStore().apply(signed(policy(3, [k["root1"]], nations, [NATIONS_RULE]), k["root1"]))
+    assert PolicyStore().current().policy.version == 3
+    journal = PolicyStore().trust.audit_path.read_text()
+    assert journal.count('"restored":"true"') == 2
