@@ -12,6 +12,7 @@ never includes it.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from collections.abc import Mapping
 from typing import NoReturn
@@ -167,9 +168,14 @@ def _percent_decode(value: str) -> bytes:
 
 def _text(text: str, name: str, value: bytes) -> str:
     try:
-        return value.decode("utf-8")
+        decoded = value.decode("utf-8")
     except UnicodeDecodeError:
         _refuse(text, f"the value of {name!r} is not UTF-8 once percent-decoded")
+    # a NUL, newline or terminal escape (%00, %0a, %1b) in a label would be echoed raw into every message and log
+    # line that names the key: refused, as no token label or file path a soldier types needs one
+    if any(unicodedata.category(ch) == "Cc" for ch in decoded):
+        _refuse(text, f"the value of {name!r} holds a control character once percent-decoded (%00-%1f, %7f)")
+    return decoded
 
 
 def _refuse(text: str, why: str) -> NoReturn:
