@@ -214,6 +214,13 @@ def node_status(
             markup=False,
             highlight=False,
         )
+    if m.get("markings") or m.get("sealed") or status.get("nation"):  # coalition: what runs, where it may
+        out.print(
+            f"markings: {m.get('markings') or 'none'}; sealed: {'yes' if m.get('sealed') else 'no'}; "
+            f"this unit's nation: {status.get('nation') or 'not set (no releasability check)'}",
+            markup=False,
+            highlight=False,
+        )
     precision = m.get("precision")
     if precision:
         out.print("precision: " + ", ".join(f"{k} {v}" for k, v in precision.items()))

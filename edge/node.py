@@ -41,6 +41,7 @@ from bastion.edge.supervisor import Supervisor
 from bastion.edge.systemd_notify import sd_notify, watchdog_interval_s
 from bastion.errors import BastionError
 from bastion.models.atomic import atomic_write_bytes
+from bastion.models.releasability import unit_nation
 from bastion.runtime.detect import Detector
 from bastion.runtime.detections import class_ids
 from bastion.runtime.reader import SourceReader
@@ -341,7 +342,12 @@ class Node(FramePipeline):
                 "sha256": det.bundle_sha256,
                 "signer": det.verified_by,
                 "precision": det.precision_status,
+                # signed markings (SECRET // REL TO: CAN, GBR) and whether it runs from ciphertext: what a
+                # coalition operator must see without a shell on the unit; None / false when unmarked / clear
+                "markings": det.manifest.markings.summary() if det.manifest.markings else None,
+                "sealed": det.manifest.sealed is not None,
             },
+            "nation": unit_nation(self.config.nation),  # the releasability this unit enforces (None: none)
             "pin": self.pin,  # None: the config's model; else the pinned bundle and its state (running, refused)
             "objects": self.tracker_status(),  # None without an objects: section
             "events_by_kind": dict(self.events_by_kind),

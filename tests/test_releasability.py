@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from bastion import Detector
+from bastion.edge.client import Client
 from bastion.edge.audit import AuditLog
 from bastion.edge.config import NodeConfig
 from bastion.models import Bundle, zoo_path
@@ -105,3 +106,24 @@ def test_unmarked_bundles_keep_their_signed_bytes():
         manifest = read_manifest(zoo_path(name) / MANIFEST_NAME)
         assert manifest.markings is None and "markings" not in manifest.canonical_bytes().decode()
         assert Bundle.open(name, nation="CAN").verification.signed
+
+
+def test_node_status_shows_the_markings_it_runs_under_and_its_nation(tmp_path, team, monkeypatch):
+    """Issue #19 item 3 asks for markings in ``status``: an operator must see SECRET // REL TO without a shell."""
+    from test_node import running_node
+
+    monkeypatch.delenv("BASTION_NATION", raising=False)
+    root = tmp_path / "coalition-vehicles-1.0"
+    shutil.copytree(zoo_path("yolov5n"), root)
+    (root / SIGNATURE_NAME).unlink()
+    mark = run_cli("bundle", "mark", str(root), "--classification", "SECRET", "--releasable-to", "CAN")
+    assert mark.returncode == 0, mark.stderr
+    assert run_cli("bundle", "sign", str(root), "--key", str(team.private_path)).returncode == 0
+    with running_node(tmp_path, model=str(root), nation="CAN") as node:
+        with Client(node.server.control_endpoint, timeout_s=10) as client:
+            status = client.status()
+        shown = run_cli("node", "status", "--storage", str(tmp_path / "data"))
+    assert shown.returncode == 0, shown.stderr
+    assert "markings: SECRET // REL TO: CAN; sealed: no; this unit's nation: CAN" in shown.stdout
+    assert status["model"]["markings"] == "SECRET // REL TO: CAN"
+    assert status["model"]["sealed"] is False and status["nation"] == "CAN"
