@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 TEACHER_CONF = 0.05  # teachers keep low-confidence boxes: the soft scores and the fusion need them
 LABELLER_HELP = (
     "Who runs the teachers over --images: single (this process), ray (a local Ray cluster, one worker per core), "
-    "ray:auto or ray:HOST:PORT (a running Ray cluster; the [scale] extra). Same labels either way. "
+    "ray:auto or ray:HOST:PORT (a running Ray cluster; needs the scale extra). Same labels either way. "
     "See docs/scale.md."
 )
 _HOST = re.compile(r"^[A-Za-z0-9.-]{1,253}$")

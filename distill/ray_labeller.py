@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -48,6 +49,7 @@ TMPDIR_ENV = "BASTION_RAY_TMPDIR"
 MAX_TMPDIR = 40  # + "/session_<date>_<pid>/sockets/plasma_store" stays under the unix socket path limit
 BATCH = 8  # images per actor call: large enough to amortise Ray's per-task cost, small enough to stream
 CONNECT_TIMEOUT_S = 3.0
+REMOVE_WAIT_S = 5.0  # a shut-down cluster's last processes may still write into its session dir this long
 OBJECT_STORE = 128 * 2**20  # a local cluster moves paths and small arrays only; Ray's default is 30 % of RAM
 
 
@@ -238,10 +240,20 @@ class RayLabeller:
         return {**self.choice.describe(), "workers": self.workers, "gpus_per_worker": 1 if self.gpus else 0}
 
     def close(self) -> None:
-        """Shut down a cluster this run started (disconnect from one it joined); remove its temp dir."""
+        """Shut down a cluster this run started (disconnect from one it joined); remove its temp dir.
+
+        A Ctrl-C that lands while Ray shuts down (it takes a second or two) would stop the shutdown half-way and
+        leave Ray's processes writing into the session dir while it is removed (seen: an empty session dir left in
+        /tmp): the shutdown is finished first, then the interrupt goes on.
+        """
+        interrupted: KeyboardInterrupt | None = None
         try:
             if self._owned and self.ray.is_initialized():
-                self.ray.shutdown()
+                try:
+                    self.ray.shutdown()
+                except KeyboardInterrupt as exc:
+                    interrupted = exc
+                    self.ray.shutdown()
         finally:
             self._owned = False
             self.ray._private.ray_constants.ENABLE_RAY_CLUSTER = self._cluster_switch
@@ -251,5 +263,20 @@ class RayLabeller:
                 else:
                     os.environ[k] = v
             if self._tmp is not None and self._remove_tmp:
-                shutil.rmtree(self._tmp, ignore_errors=True)
+                remove_tree(self._tmp)
             self._tmp = None
+        if interrupted is not None:
+            raise interrupted
+
+
+def remove_tree(path: Path, wait_s: float = REMOVE_WAIT_S) -> bool:
+    """Remove a session dir that a dying Ray process may still write into: retry until it is gone (or wait_s)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return True
+        if time.monotonic() > deadline:
+            log.warning("could not remove Ray's session dir %s: remove it by hand", path)
+            return False
+        time.sleep(0.05)

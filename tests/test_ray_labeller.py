@@ -311,3 +311,43 @@ def test_field_node_packages_and_the_distill_cli_never_import_ray():
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert "'bastion'" in out and "'ray'" not in out
+
+
+def test_a_ctrl_c_during_the_shutdown_finishes_it_then_removes_the_session_dir(tmp_path):
+    """Seen by hand: Ctrl-C just after the labels, while Ray shut down, left an empty session dir in /tmp (Ray's
+    dying processes still wrote into it as it was removed). The stand-in for Ray below keeps writing for 0.3 s."""
+    import threading
+    import types
+
+    from bastion.distill.ray_labeller import RayLabeller
+
+    session = tmp_path / "bastion-ray-x"
+    (session / "session_1").mkdir(parents=True)
+    calls: list[str] = []
+
+    def dying_processes_write() -> None:
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:
+            (session / "session_1" / "logs").mkdir(parents=True, exist_ok=True)
+            (session / "session_1" / "logs" / "raylet.out").write_text("bye")
+            time.sleep(0.01)
+
+    def shutdown() -> None:
+        calls.append("shutdown")
+        if len(calls) == 1:
+            threading.Thread(target=dying_processes_write, daemon=True).start()
+            raise KeyboardInterrupt
+
+    fake_ray = types.SimpleNamespace(
+        is_initialized=lambda: True,
+        shutdown=shutdown,
+        _private=types.SimpleNamespace(ray_constants=types.SimpleNamespace(ENABLE_RAY_CLUSTER=False)),
+    )
+    labeller = object.__new__(RayLabeller)
+    labeller.ray, labeller._owned, labeller._cluster_switch = fake_ray, True, True
+    labeller._saved_env, labeller._tmp, labeller._remove_tmp = {}, session, True
+    with pytest.raises(KeyboardInterrupt):
+        labeller.close()
+    assert calls == ["shutdown", "shutdown"]  # the interrupted shutdown is finished before the interrupt goes on
+    assert not session.exists()
+    assert fake_ray._private.ray_constants.ENABLE_RAY_CLUSTER is True
