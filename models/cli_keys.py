@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from bastion.console import out, print_json
+from bastion.console import out, print_json, warn
 from bastion.models.cli_options import JSON_OPTION
 from bastion.models.keys import read_passphrase
 
@@ -247,7 +248,13 @@ def keys_unit_init(
     Example: bastion keys unit-init --passphrase-file /run/keys/unit-pass && bastion keys unit-export --out unit.pub
     """
     from bastion.models.safe_read import read_bounded
-    from bastion.models.unit_key import init_unit_key
+    from bastion.models.unit_key import (
+        PASSPHRASE_ENV,
+        PASSPHRASE_FILE_ENV,
+        home_key_path,
+        init_unit_key,
+        unit_passphrase,
+    )
 
     if passphrase_file is not None:
         try:
@@ -256,9 +263,21 @@ def keys_unit_init(
             from bastion.errors import KeyFileError
 
             raise KeyFileError(f"cannot read the passphrase file {passphrase_file}: {exc}") from None
+    elif passphrase:
+        secret = read_passphrase(passphrase, confirm=True)
+    elif os.environ.get(PASSPHRASE_FILE_ENV) or os.environ.get(PASSPHRASE_ENV):
+        # the passphrase the unit will be opened with is already set: a key left in clear beside it would be the
+        # opposite of what the soldier who set it meant (it used to be, silently)
+        secret = unit_passphrase(home_key_path())
     else:
-        secret = read_passphrase(passphrase, confirm=True) if passphrase else None
+        secret = None
     unit = init_unit_key(secret)
+    if secret is None:
+        warn(
+            "the unit key is not passphrase-protected: whoever reads this disk opens every bundle sealed to it — "
+            "unless BASTION_HOME is on LUKS, delete unit/unit.key now (nothing is sealed to it yet) and run "
+            "bastion keys unit-init --passphrase-file FILE (docs/security.md)"
+        )
     if json_out:
         print_json({"key_id": unit.key_id, "path": str(unit.path), "encrypted": secret is not None})
         return

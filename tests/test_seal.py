@@ -329,3 +329,14 @@ def test_a_sealed_lm_bundle_generates_the_same_text_on_its_unit(tmp_path, team, 
     finally:
         clear.close()
         opened.close()
+
+
+def test_unit_init_encrypts_with_the_passphrase_the_unit_is_set_to_read_and_warns_when_in_clear(tmp_path):
+    """A soldier who set BASTION_UNIT_PASSPHRASE and ran ``unit-init`` got a key in clear, silently."""
+    home = tmp_path / "alpha"
+    made = ok(run_cli("keys", "unit-init", env={"BASTION_HOME": str(home), "BASTION_UNIT_PASSPHRASE": "pw"}))
+    assert "passphrase-protected" in made.stdout and "warning" not in made.stderr
+    assert b"ENCRYPTED" in (home / "unit" / "unit.key").read_bytes()
+    clear = ok(run_cli("keys", "unit-init", env={"BASTION_HOME": str(tmp_path / "bravo")}))
+    assert "not passphrase-protected" in clear.stderr
+    assert b"ENCRYPTED" not in (tmp_path / "bravo" / "unit" / "unit.key").read_bytes()
