@@ -214,6 +214,9 @@ def node_status(
             markup=False,
             highlight=False,
         )
+    if m.get("trust_policy") or len(m.get("signers") or ()) > 1:  # k-of-n: who released it, under which rule
+        under = f" under {m['trust_policy']}" if m.get("trust_policy") else ""
+        out.print(f"signed by {', '.join(m.get('signers') or ())}{under}", markup=False, highlight=False)
     if m.get("markings") or m.get("sealed") or status.get("nation"):  # coalition: what runs, where it may
         out.print(
             f"markings: {m.get('markings') or 'none'}; sealed: {'yes' if m.get('sealed') else 'no'}; "

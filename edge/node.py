@@ -341,6 +341,8 @@ class Node(FramePipeline):
                 "version": det.manifest.version,
                 "sha256": det.bundle_sha256,
                 "signer": det.verified_by,
+                "signers": list(det.verified_signers),  # every signature that counted (a k-of-n bundle: all k)
+                "trust_policy": det.verified_under or None,  # the policy version and rule that accepted it
                 "precision": det.precision_status,
                 # signed markings (SECRET // REL TO: CAN, GBR) and whether it runs from ciphertext: what a
                 # coalition operator must see without a shell on the unit; None / false when unmarked / clear

@@ -104,6 +104,8 @@ class Detector:
         self.names = list(manifest.classes)
         self.bundle_sha256 = bundle_sha256 or manifest.sha256()
         self.verified_by: str | None = None  # signer key id when loaded from a verified bundle
+        self.verified_signers: tuple[str, ...] = ()  # every key id whose signature counted (k-of-n bundles)
+        self.verified_under = ""  # "trust policy v3, rule 'coalition-*' …" when a signed policy decided
         self.int8_check = None  # an Int8Check when loaded from an INT8 bundle (runtime/int8_check.py)
         self.options = options or DetectOptions()
         self._decode = get_decoder(manifest.decoder)
@@ -182,7 +184,10 @@ class Detector:
 
         # the INT8 model, or under int8_policy strict its FP32 sibling where the INT8 verdict does not hold here
         backend, int8 = open_checked(bundle, open_model, opts.int8_policy)
-        return cls._ready(backend, bundle.manifest, opts, bundle.sha256, bundle.verification.key_id, warmup, int8)
+        detector = cls._ready(backend, bundle.manifest, opts, bundle.sha256, bundle.verification.key_id, warmup, int8)
+        detector.verified_signers = bundle.verification.signers
+        detector.verified_under = bundle.verification.policy
+        return detector
 
     @classmethod
     def _ready(

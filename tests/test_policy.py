@@ -294,3 +294,26 @@ def test_a_lost_or_replaced_policy_file_is_put_back_by_applying_the_current_one(
     assert PolicyStore().current().policy.version == 3
     journal = PolicyStore().trust.audit_path.read_text()
     assert journal.count('"restored":"true"') == 2
+
+
+def test_a_detector_says_every_signature_that_released_it_and_the_rule(tmp_path, kit):
+    """Node status read only the first signer: a k-of-n model showed one nation, not the two that released it."""
+    import shutil
+
+    from bastion import Detector
+    from bastion.models import zoo_path
+    from bastion.models.keys import load_private_key
+    from bastion.models.manifest import MANIFEST_NAME, read_manifest, write_manifest
+    from bastion.models.signing import sign_manifest
+
+    k, nations = kit
+    first_apply(signed(policy(1, [k["root1"]], nations, [NATIONS_RULE]), k["root1"]))
+    root = tmp_path / "coalition-vehicles-1.0"
+    shutil.copytree(zoo_path("yolov5n"), root)
+    manifest = read_manifest(root / MANIFEST_NAME).model_copy(update={"name": "coalition-vehicles"})
+    write_manifest(manifest, root / MANIFEST_NAME)
+    sign_manifest(root, manifest, load_private_key(k["can"].private_path))
+    add_countersignature(root, k["gbr"])
+    detector = Detector.load(root, warmup=False)
+    assert sorted(detector.verified_signers) == ["can (nation:CAN)", "gbr (nation:GBR)"]
+    assert detector.verified_under.startswith("trust policy v1, rule 'coalition-*'")

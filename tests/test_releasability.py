@@ -127,3 +127,4 @@ def test_node_status_shows_the_markings_it_runs_under_and_its_nation(tmp_path, t
     assert "markings: SECRET // REL TO: CAN; sealed: no; this unit's nation: CAN" in shown.stdout
     assert status["model"]["markings"] == "SECRET // REL TO: CAN"
     assert status["model"]["sealed"] is False and status["nation"] == "CAN"
+    assert len(status["model"]["signers"]) == 1 and status["model"]["trust_policy"] is None  # 1-of-1, no policy
