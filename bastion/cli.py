@@ -140,7 +140,8 @@ class _LazyGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
-            err.print("interrupted")
+            if not os.environ.get("BASTION_DDP_WORKER"):  # a --nproc worker: its launcher says it (distill/ddp.py)
+                err.print("interrupted")
             raise typer.Exit(130) from None
 
     def format_help(self, ctx: Any, formatter: Any) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ NPROC_HELP = (
     "the whole step's batch whatever N. Under an external torchrun leave it out. See docs/scale.md."
 )
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+QUIET_INTERRUPT_ENV = "BASTION_DDP_WORKER"  # set for --nproc workers: Ctrl-C is said by the launcher (bastion/cli.py)
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,7 @@ def launch_local(nproc: int, argv: list[str], module: str = "bastion.cli") -> No
 
     Workers inherit stdout/stderr: rank 0 prints the report, the others stay quiet. One thread pool per worker
     (the cores shared out) unless OMP_NUM_THREADS says otherwise; gloo pinned to the loopback interface."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -181,6 +184,8 @@ def launch_local(nproc: int, argv: list[str], module: str = "bastion.cli") -> No
     )
     for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
         logging.getLogger(name).setLevel(logging.CRITICAL)  # a failure is said once, below, after the worker's own
+    before = env.get(QUIET_INTERRUPT_ENV)
+    env[QUIET_INTERRUPT_ENV] = "1"  # the workers inherit it: a Ctrl-C is said once, by this launcher
     try:
         run(args)
     except ChildFailedError as exc:
@@ -189,6 +194,18 @@ def launch_local(nproc: int, argv: list[str], module: str = "bastion.cli") -> No
             f"data-parallel worker {rank} of {nproc} failed (exit {failure.exitcode})",
             "its own error is printed above",
         ) from None
+    except SignalException as exc:  # torchrun's handler turns Ctrl-C/SIGTERM into this, after stopping the workers
+        if exc.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from None  # the CLI's one line "interrupted", exit 130
+        raise WorkerFailedError(
+            f"data-parallel run stopped by {exc.sigval.name}",
+            "run the command again: the run directory resumes what was done",
+        ) from None
+    finally:
+        if before is None:
+            env.pop(QUIET_INTERRUPT_ENV, None)
+        else:
+            env[QUIET_INTERRUPT_ENV] = before
 
 
 def _root_failure(exc) -> tuple[int, object]:

@@ -373,3 +373,53 @@ def test_the_launcher_names_the_worker_that_failed_for_its_own_reason(tmp_path, 
     }
     rank, failure = _root_failure(ChildFailedError("bastion.cli", failures))
     assert rank == named and failure.exitcode == exits[named]
+
+
+@pytest.mark.slow  # ~10 s: the corpus, then a few steps on two workers
+def test_ctrl_c_on_nproc_2_is_one_line_exit_130_and_no_worker_left(tmp_path):
+    """Seen by hand: Ctrl-C on ``distill lm --nproc 2`` printed "interrupted" from each worker and then "internal
+    error: SignalException" from torchrun's launcher (exit 2). Now: one "interrupted", exit 130, workers gone."""
+    import signal
+    import time
+
+    teacher = stories_teacher()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([_guarded_env(tmp_path)["PYTHONPATH"], env.get("PYTHONPATH", "")]).strip(
+        os.pathsep
+    )
+    code = "import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; from bastion.cli import run; run()"
+    args = [
+        "distill", "lm", "--teacher", str(teacher / "stories260K.bin"), "--tokenizer",
+        str(teacher / "hf" / "tokenizer.json"), "--weights-license", "MIT", "--synthetic", "8", "--depth", "3",
+        "--steps", "100000", "--batch", "2", "--block", "32", "--gguf", "none", "--device", "cpu", "--nproc", "2",
+        "--out", str(tmp_path / "run"),
+    ]  # fmt: skip
+    err = tmp_path / "stderr.txt"
+    with err.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=tmp_path
+        )
+        try:
+            deadline = time.monotonic() + 240
+            while "distil student: step" not in err.read_text() and proc.poll() is None:
+                assert time.monotonic() < deadline, err.read_text()
+                time.sleep(0.2)
+            workers = [
+                int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == proc.pid
+            ]  # torchrun's workers: children of the launcher, in their own process groups
+            proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends the launcher
+            assert proc.wait(timeout=120) == 130, err.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = err.read_text()
+    assert text.count("interrupted") == 1 and text.strip().endswith("interrupted"), text
+    assert "internal error" not in text and "Traceback" not in text, text
+    assert workers and not [w for w in workers if Path(f"/proc/{w}").exists()], workers
+
+
+def _parent(proc_dir: Path) -> int:
+    try:
+        return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
