@@ -73,6 +73,7 @@ def load_private_key(path: Path, passphrase: bytes | None = None) -> Ed25519Priv
         return load_signer(str(path))
     path = Path(path)
     data = read_key_file(path, "private key", "give the .key file bastion keys generate wrote")
+    _refuse_a_public_file(path, data)  # before the mode check: chmod 600 on a .pub would fix nothing
     try:
         mode = path.stat().st_mode
     except OSError as exc:
@@ -97,6 +98,22 @@ def load_private_key(path: Path, passphrase: bytes | None = None) -> Ed25519Priv
     if not isinstance(key, Ed25519PrivateKey):
         raise KeyFileError(f"{path} is not an Ed25519 key", "generate one with: bastion keys generate")
     return key
+
+
+def _refuse_a_public_file(path: Path, data: bytes) -> None:
+    """A ``.pub`` or a CurveZMQ certificate given where a signing key belongs: say which file to give instead."""
+    head = data[:400]
+    if b"-----BEGIN PUBLIC KEY-----" in head and b"PRIVATE KEY-----" not in data:
+        raise KeyFileError(
+            f"{path} is a public key: it verifies, it cannot sign",
+            f"sign with its private half ({path.with_suffix('.key').name}, from bastion keys generate) "
+            "or a pkcs11: URI",
+        )
+    if b"public-key" in head and b"curve" in head:
+        raise KeyFileError(
+            f"{path} is a CurveZMQ certificate (bastion node keygen), not a signing key",
+            "sign with a key from bastion keys generate (NAME.key) or a pkcs11: URI",
+        )
 
 
 def is_encrypted_pem(data: bytes) -> bool:

@@ -65,6 +65,20 @@ def test_private_key_permissions_and_passphrase(tmp_path):
         load_private_key(pair.private_path, b"correct horse")
 
 
+def test_a_public_key_or_curve_certificate_given_to_sign_says_which_file_signs(tmp_path):
+    """``--sign can.pub`` said "accessible by other users — run: chmod 600 can.pub", which fixes nothing."""
+    from bastion.edge.curve import generate_certificate
+
+    pair = generate_keypair(tmp_path / "can")
+    with pytest.raises(KeyFileError, match=r"can.pub is a public key: it verifies, it cannot sign .* \(can.key"):
+        load_private_key(pair.public_path)
+    generate_certificate(tmp_path, "ops")
+    with pytest.raises(KeyFileError, match="is a CurveZMQ certificate"):
+        load_private_key(tmp_path / "ops.key")
+    proc = run_cli("bundle", "sign", str(copy_zoo(tmp_path)), "--key", str(pair.public_path))
+    assert proc.returncode == 1 and "chmod" not in proc.stderr and "cannot sign" in proc.stderr
+
+
 def test_locally_signed_bundle_verifies(tmp_path, team_key):
     root = copy_zoo(tmp_path)
     resign(root, team_key, version="2.0")
