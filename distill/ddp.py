@@ -100,12 +100,22 @@ def join(device: str) -> tuple[World, str]:
             )
         device = f"cuda:{world.local_rank}"
         torch.cuda.set_device(device)
+    quiet_on_interrupt()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo", init_method="env://")
     if not world.is_main:
         logging.getLogger("bastion").setLevel(logging.WARNING)
     log.info("joined a data-parallel world of %d on %s (rank %d)", world.size, device, world.rank)
     return world, device
+
+
+def quiet_on_interrupt() -> None:
+    """In a worker that ``launch_local`` started, the Ctrl-C torchrun forwards ends it at once, silently: the launcher
+    says "interrupted" once. A KeyboardInterrupt would land anywhere (seen: inside a weakref callback, "Exception
+    ignored … KeyboardInterrupt") and the peers would say "stopped: another worker exited first". Checkpoints are
+    written by rename, so none is left half-written (torchrun would SIGKILL a slow worker anyway)."""
+    if os.environ.get(QUIET_INTERRUPT_ENV):
+        signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
 
 def leave() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     setup_logging()
     world = ddp.launched_world() or ddp.World()
+    ddp.quiet_on_interrupt()
     try:
         if len(args) != 1:
             raise ConfigError("usage: python -m bastion.distill.ultra_ddp JOB.json (started by distill detect)")
@@ -157,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {stopped}", file=sys.stderr)
         return stopped.exit_code
+    except KeyboardInterrupt:  # Ctrl-C, forwarded by the launcher: it says "interrupted" once (ddp.launch_local)
+        if not os.environ.get(ddp.QUIET_INTERRUPT_ENV):
+            print("interrupted", file=sys.stderr)
+        return 130
     finally:
         ddp.leave()
 
