@@ -187,9 +187,14 @@ class RayLabeller:
                 ray.init(address=choice.address, log_to_driver=False, configure_logging=False)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                hint = "start one with 'ray start --head' (docs/scale.md), or give ray:HOST:PORT"
+                if choice.address != "auto" and os.environ.get("RAY_AUTH_MODE") != "token":  # Ray does not say it
+                    hint = (
+                        "a cluster from 'ray start' wants its token (Ray 2.60 turns token authentication on): "
+                        "export RAY_AUTH_MODE=token on this node (docs/scale.md); else " + hint
+                    )
                 raise ConfigError(
-                    f"--labeller ray:{choice.address}: could not join the Ray cluster: {first}",
-                    "start one with 'ray start --head' (docs/scale.md), or give ray:HOST:PORT",
+                    f"--labeller ray:{choice.address}: could not join the Ray cluster: {first}", hint
                 ) from None
         resources = ray.cluster_resources()
         self.gpus = int(resources.get("GPU", 0))

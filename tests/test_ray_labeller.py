@@ -351,3 +351,28 @@ def test_a_ctrl_c_during_the_shutdown_finishes_it_then_removes_the_session_dir(t
     assert calls == ["shutdown", "shutdown"]  # the interrupted shutdown is finished before the interrupt goes on
     assert not session.exists()
     assert fake_ray._private.ray_constants.ENABLE_RAY_CLUSTER is True
+
+
+def test_a_cluster_that_wants_its_token_is_one_line_that_says_so(monkeypatch):
+    """Seen by hand: a 'ray start --head' cluster (token authentication on by default in Ray 2.60) refused a driver
+    without RAY_AUTH_MODE=token, and the only line was Ray's "Failed to connect to Ray cluster at …"."""
+    ray = pytest.importorskip("ray")
+    from bastion.distill.labellers import LabellerChoice
+    from bastion.distill.ray_labeller import RayLabeller
+
+    def refused(*args, **kwargs):
+        raise ConnectionError("Failed to connect to Ray cluster at 192.0.2.2:6379")
+
+    monkeypatch.setattr(ray, "init", refused)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with socket.socket() as head:  # something answers on the port, as a GCS would
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        address = f"127.0.0.1:{head.getsockname()[1]}"
+        with pytest.raises(ConfigError, match="export RAY_AUTH_MODE=token") as err:
+            RayLabeller(LabellerChoice("ray", address), [], [])
+        assert "\n" not in str(err.value) and "Failed to connect" in str(err.value)
+        monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the token is given: the address is what to check
+        with pytest.raises(ConfigError) as err:
+            RayLabeller(LabellerChoice("ray", address), [], [])
+        assert "RAY_AUTH_MODE" not in str(err.value)
