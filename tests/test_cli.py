@@ -185,7 +185,9 @@ def test_demo_skip_distill_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_demo_distills_signs_and_serves(tmp_path):
-    proc = run_cli("demo", "--max-frames", "60", "--out", str(tmp_path), "--json", "--node-seconds", "10")
+    # ~90 s alone on 2 cores; beside the other xdist worker's heaviest tests it has taken 300 s: the timeout only
+    # catches a hang
+    proc = run_cli("demo", "--max-frames", "60", "--out", str(tmp_path), "--json", "--node-seconds", "10", timeout=900)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     distill = summary["distill"]

@@ -389,7 +389,8 @@ def test_sdk_detects_an_audit_log_cut_short(tmp_path):
 
 def test_a_replay_answer_is_bounded_in_size_and_the_sdk_still_gets_every_event(tmp_path):
     quiet = _stored_events_and_no_source(tmp_path, events=400, boxes=300)  # 120,000 detections: ~10 MB as one answer
-    with running_node(tmp_path, sources=quiet) as node, client_for(node) as client:
+    # pages of ~4 MB JSON: under a loaded CI a page took over the usual 3 s to build and parse
+    with running_node(tmp_path, sources=quiet) as node, client_for(node, timeout_s=30) as client:
         ctx = zmq.Context()
         sock = _dealer(ctx, node.server.control_endpoint)
         try:

@@ -58,7 +58,7 @@ def running_node(tmp_path, **over):
 
 
 def client_for(node, **kw):
-    return Client(node.server.control_endpoint, timeout_s=3, **kw)
+    return Client(node.server.control_endpoint, **{"timeout_s": 3, **kw})
 
 
 class _Deadline(Exception):
