@@ -8,7 +8,7 @@ AVX-512/VNNI through CPUID, so MLAS dispatches its AVX2 kernels.
 
 Usage (root of the repository, ``apt-get install qemu-user``):
     .venv/bin/python scripts/int8_under_qemu.py DATA.yaml CALIB_DIR OUT_DIR
-        [--recipes u8s8,u8s8-7bit,u8s8-7bit-symact-first-fp32,u8u8,s8s8] [--limit 32] [--calib-count 32]
+        [--recipes u8s8,u8s8-7bit,u8s8-7bit-symact-first-fp32,u8u8] [--limit 32] [--calib-count 32]
         [--imgsz 320] [--cpu Haswell]
 
 Natively it quantizes each recipe (calibration runs the FP32 model: kernel-independent up to float rounding),
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_RECIPES = "u8s8,u8s8-7bit,u8s8-7bit-symact-first-fp32,u8u8,s8s8"
+DEFAULT_RECIPES = "u8s8,u8s8-7bit,u8s8-7bit-symact-first-fp32"  # s8s8 took > 14 min emulated
 EVAL_OPTS = dict(conf=0.001, iou=0.6, multi_label=True, scaleup=False, rect=False)
 
 
