@@ -22,6 +22,7 @@ import yaml
 from bastion.edge.audit import verify_audit_log
 from bastion.edge.store import EventStore
 from conftest import REPO, SAMPLES
+from signal_kit import signal_at_markers
 
 # The child: SIGINT made Python's own (a pytest started as a background job passes it on ignored), and markers
 # the test waits for: the model load began, the first event was committed and published.
@@ -50,10 +51,10 @@ from bastion.cli import run; run()
 
 # When each signal is sent: (marker the node writes, seconds after it, which signals).
 _SIGNAL_AT = {
-    "SIGTERM during the model load": ("loading", 0.0, [signal.SIGTERM]),
-    "SIGTERM right after the first event": ("event", 0.0, [signal.SIGTERM]),
-    "SIGTERM under steady state": ("event", 1.5, [signal.SIGTERM]),
-    "Ctrl-C twice": ("event", 0.3, [signal.SIGINT, signal.SIGINT]),
+    "SIGTERM during the model load": ("loading", 0.0, (signal.SIGTERM,)),
+    "SIGTERM right after the first event": ("event", 0.0, (signal.SIGTERM,)),
+    "SIGTERM under steady state": ("event", 1.5, (signal.SIGTERM,)),
+    "Ctrl-C twice": ("event", 0.3, (signal.SIGINT, signal.SIGINT)),
 }
 
 
@@ -91,35 +92,12 @@ def test_sigterm_or_ctrl_c_stops_bastion_node_run_cleanly_at_any_point(tmp_path)
             directory,
             subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
         )
-    results = {}
-    try:
-        pending, reached_at = dict(_SIGNAL_AT), {}
-        deadline = time.monotonic() + 180
-        while pending and time.monotonic() < deadline:
-            for case, (marker, after, signums) in list(pending.items()):
-                directory, proc = procs[case]
-                if proc.poll() is not None:
-                    pending.pop(case)  # ended by itself: reported below
-                elif (directory / "markers" / marker).exists():
-                    if time.monotonic() - reached_at.setdefault(case, time.monotonic()) >= after:
-                        for signum in signums:
-                            proc.send_signal(signum)
-                            time.sleep(0.05)
-                        pending.pop(case)
-            time.sleep(0.02)
-        assert not pending, f"never reached: {pending}"
-        for case, (_, proc) in procs.items():
-            try:
-                out, err = proc.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out, err = proc.communicate()
-                pytest.fail(f"{case}: still running 60 s after its signal; stderr: {err[-2000:]}")
-            results[case] = proc.returncode, err
-    finally:
-        for _, proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
+    results = {
+        case: (rc, err)
+        for case, (rc, _, err) in signal_at_markers(
+            {case: (d / "markers", p) for case, (d, p) in procs.items()}, _SIGNAL_AT, reach_s=180, end_s=60
+        ).items()
+    }
     for case, (rc, err) in results.items():
         data = procs[case][0] / "data"
         assert "Traceback" not in err and "Exception ignored" not in err, (case, err)

@@ -16,6 +16,7 @@ from bastion.runtime import sources
 from bastion.runtime.reader import SourceReader, iter_source
 from bastion.runtime.sources import Capture, Opened, SourceSpec, SourceUnavailable, open_source, source_kind
 from conftest import PERSON_IMAGE, SAMPLE_IMAGES, SAMPLES, run_cli
+from signal_kit import signal_at_markers
 
 VIDEO = SAMPLES / "one-by-one-person-detection.mp4"
 
@@ -219,11 +220,11 @@ from bastion.cli import run; run()
 
 # When each signal is sent: (marker the CLI writes, seconds after it, how many, which signal).
 _CTRL_C_AT = {
-    "during the model load": ("loading", 0.0, 1, signal.SIGINT),
-    "right after the first frame": ("frame", 0.0, 1, signal.SIGINT),
-    "under steady state": ("frame", 1.5, 1, signal.SIGINT),  # the pinned session built or being built, frames in flight
-    "twice": ("frame", 0.3, 2, signal.SIGINT),
-    "SIGTERM under steady state": ("frame", 1.0, 1, signal.SIGTERM),  # `kill`, systemd, docker stop: the same stop
+    "during the model load": ("loading", 0.0, (signal.SIGINT,)),
+    "right after the first frame": ("frame", 0.0, (signal.SIGINT,)),
+    "under steady state": ("frame", 1.5, (signal.SIGINT,)),  # the pinned session built or being built, frames in flight
+    "twice": ("frame", 0.3, (signal.SIGINT, signal.SIGINT)),
+    "SIGTERM under steady state": ("frame", 1.0, (signal.SIGTERM,)),  # `kill`, systemd, docker stop: the same stop
 }
 
 
@@ -255,38 +256,13 @@ def test_ctrl_c_ends_bastion_detect_on_a_camera_at_any_point(tmp_path):
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
+                text=True,
             ),
         )
-    results = {}
-    try:
-        pending, reached_at = dict(_CTRL_C_AT), {}
-        deadline = time.monotonic() + 120
-        while pending and time.monotonic() < deadline:
-            for case, (marker, after, times, signum) in list(pending.items()):
-                markers, proc = procs[case]
-                if proc.poll() is not None:
-                    pending.pop(case)  # ended by itself: reported below
-                elif (markers / marker).exists():
-                    reached = reached_at.setdefault(case, time.monotonic())
-                    if time.monotonic() - reached >= after:
-                        for _ in range(times):
-                            proc.send_signal(signum)
-                            time.sleep(0.05)
-                        pending.pop(case)
-            time.sleep(0.02)
-        assert not pending, f"never reached: {pending}"
-        for case, (_, proc) in procs.items():
-            try:
-                out, err = proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out, err = proc.communicate()
-                pytest.fail(f"{case}: still running 30 s after its signal; stderr: {err.decode()[-2000:]}")
-            results[case] = proc.returncode, " ".join(out.decode().split()), err.decode()
-    finally:
-        for _, proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
+    results = {
+        case: (rc, " ".join(out.split()), err)
+        for case, (rc, out, err) in signal_at_markers(procs, _CTRL_C_AT, reach_s=120, end_s=30).items()
+    }
     for case, (rc, out, err) in results.items():
         assert "Traceback" not in err and "Exception ignored" not in err, (case, err)
         recording = procs[case][0] / "out" / "usb0.detections.mp4"
