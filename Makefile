@@ -7,8 +7,10 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 # PYTHONSAFEPATH: `python -m pytest` does not put the repo root on sys.path, so the checkout's bastion/ folder
 # never shadows the installed package (tests/conftest.py holds the same line for any other way pytest is started).
-# The suite runs on every core (pytest-xdist; PYTEST_JOBS=0 runs it in this process, e.g. to debug with pdb).
-PYTEST_JOBS ?= logical
+# The suite runs on every core and one more (pytest-xdist; PYTEST_JOBS=0 runs it in this process, e.g. to debug
+# with pdb): half of a worker's time is spent waiting on the processes, sockets and brokers its tests start, so two
+# workers on two cores left half the CPU idle.
+PYTEST_JOBS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 1 )))
 PYTEST := PYTHONSAFEPATH=1 $(PY) -m pytest -n $(PYTEST_JOBS)
 PYTEST_ARGS ?=
 WHEELHOUSE ?= wheelhouse

@@ -31,16 +31,29 @@ SHARED = Path(os.environ.get("BASTION_SHARED", REPO.parent / "shared"))
 # Left out of `make test-fast` (-m "not slow"; `make test` runs them all): the slowest tests of a measured whole-suite
 # run, one node id a line, written by scripts/slow_tests.py so that test-fast fits its two minutes.
 SLOW_LIST = Path(__file__).with_name("slow_tests.txt")
-SLOW_BY_MEASURE = frozenset(
-    line.split("#", 1)[0].strip() for line in SLOW_LIST.read_text().splitlines() if line.split("#", 1)[0].strip()
-)
+
+
+def _measured(line: str) -> tuple[str, float]:
+    """``node id  # 12.3 s`` -> (node id, 12.3); a line without a time counts as 0."""
+    node, _, comment = line.partition("#")
+    try:
+        return node.strip(), float(comment.split()[0])
+    except (IndexError, ValueError):
+        return node.strip(), 0.0
+
+
+SLOW_BY_MEASURE = dict(_measured(line) for line in SLOW_LIST.read_text().splitlines() if line.split("#", 1)[0].strip())
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the measured slow tests, and run them first, longest first: spread over xdist's workers from the start,
+    the few minute-long end-to-end tests no longer land last on one worker while the others idle. Every worker
+    sorts the same collection the same way (a stable sort), as xdist requires."""
     for item in items:
         if item.nodeid in SLOW_BY_MEASURE:
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: -SLOW_BY_MEASURE.get(item.nodeid, 0.0))
 
 
 def _contexts_close_without_waiting() -> None:
