@@ -16,6 +16,7 @@ import secrets
 import struct
 from pathlib import Path
 from types import TracebackType
+from typing import Callable, TypeVar
 
 import cv2
 import numpy as np
@@ -27,7 +28,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from bastion.errors import BastionError, KeyFileError
 from bastion.models.atomic import atomic_write_bytes
 from bastion.models.keys import MAX_KEY_FILE_BYTES
-from bastion.models.safe_read import NotRegular, TooLarge, _open_regular, read_bounded
+from bastion.models.safe_read import NotRegular, TooLarge, open_regular, read_bounded
+
+T = TypeVar("T")
 
 SUFFIX = ".jpg.enc"
 # One encrypted JPEG (a 4K frame at quality 95 is ~5 MB): a file past this was not written by the vault.
@@ -100,17 +103,13 @@ class SealedFiles:
 
     def unseal(self, seq: int) -> bytes:
         """The decrypted bytes kept for event ``seq``; BastionError (one line) when missing, unreadable, forged."""
-        path = self.path(seq)
-        try:
-            blob = read_bounded(path, self.limit())
-        except FileNotFoundError:
-            raise BastionError(f"no {self.label} for event {seq}") from None
-        except OSError as exc:  # too large, not a file, unreadable: never buffered whole
-            raise BastionError(f"{self.label} {path.name} cannot be read ({exc})") from None
+        blob = self._opened(seq, read_bounded)
         try:
             return self.aead.decrypt(blob[:12], blob[12:], self._aad(seq))
         except InvalidTag:
-            raise BastionError(f"{self.label} {path.name} does not decrypt (wrong key, or modified)") from None
+            raise BastionError(
+                f"{self.label} {self.path(seq).name} does not decrypt (wrong key, or modified)"
+            ) from None
 
     def seal_stream(self, seq: int, head: bytes, data: bytes, piece_bytes: int) -> Path:
         """Write ``head`` (small: what describes ``data``) and ``data`` as a sealed stream for event ``seq``
@@ -139,18 +138,23 @@ class SealedFiles:
     def open_stream(self, seq: int) -> SealedStream:
         """The sealed stream of event ``seq``, open for reading pieces one at a time (a context manager).
         BastionError (one line): missing, not a file, too large, not a stream this node writes."""
-        path = self.path(seq)
-        try:
-            fd = _open_regular(path, self.limit())
-        except FileNotFoundError:
-            raise BastionError(f"no {self.label} for event {seq}") from None
-        except OSError as exc:  # too large, not a file, unreadable: never buffered whole
-            raise BastionError(f"{self.label} {path.name} cannot be read ({exc})") from None
+        fd = self._opened(seq, open_regular)
         try:
             return SealedStream(self, seq, fd)
         except BaseException:
             os.close(fd)
             raise
+
+    def _opened(self, seq: int, opener: Callable[[Path, int], T]) -> T:
+        """``opener(path, limit)`` on event ``seq``'s file, its refusals as one BastionError line each: missing;
+        too large, not a regular file or unreadable (never buffered whole)."""
+        path = self.path(seq)
+        try:
+            return opener(path, self.limit())
+        except FileNotFoundError:
+            raise BastionError(f"no {self.label} for event {seq}") from None
+        except OSError as exc:
+            raise BastionError(f"{self.label} {path.name} cannot be read ({exc})") from None
 
     def _stream_aead(self, header: bytes) -> AESGCM:
         salt = header[1:17]

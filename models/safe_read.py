@@ -26,7 +26,7 @@ class NotRegular(OSError):
     """The path is a FIFO, a device, a socket or a directory."""
 
 
-def _open_regular(path: str | Path, limit: int) -> int:
+def open_regular(path: str | Path, limit: int) -> int:
     """A descriptor on ``path`` once it is known to be a regular file of at most ``limit`` bytes."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
@@ -43,7 +43,7 @@ def _open_regular(path: str | Path, limit: int) -> int:
 
 def read_bounded(path: str | Path, limit: int) -> bytes:
     """The bytes of ``path``; ``TooLarge``/``NotRegular``/``OSError`` otherwise (``FileNotFoundError`` included)."""
-    with os.fdopen(_open_regular(path, limit), "rb") as fh:
+    with os.fdopen(open_regular(path, limit), "rb") as fh:
         data = fh.read(limit + 1)
     if len(data) > limit:
         raise TooLarge(len(data), limit)
@@ -53,7 +53,7 @@ def read_bounded(path: str | Path, limit: int) -> bytes:
 def hash_bounded(path: str | Path, limit: int, chunk: int = 1 << 20) -> tuple[str, int]:
     """(sha256 hex, size) of ``path``, streamed from one descriptor; the same refusals as ``read_bounded``."""
     digest, size = hashlib.sha256(), 0
-    with os.fdopen(_open_regular(path, limit), "rb") as fh:
+    with os.fdopen(open_regular(path, limit), "rb") as fh:
         while block := fh.read(min(chunk, limit + 1 - size)):
             digest.update(block)
             size += len(block)
