@@ -136,6 +136,20 @@ def test_the_loader_builds_every_session_from_the_bytes_read_once(tmp_path):
         OrtBackend(path, device="ort-cpu")
 
 
+def test_bastion_threads_sizes_the_sessions_nothing_else_sized_and_a_bad_value_is_one_line(tmp_path, monkeypatch):
+    path = _model_file(tmp_path)
+    monkeypatch.setenv("BASTION_THREADS", "3")
+    loader = OrtSessionLoader.from_model(path, device="ort-cpu")
+    assert loader().get_session_options().intra_op_num_threads == 3
+    sized = OrtSessionLoader.from_model(path, device="ort-cpu", threads=2)  # a caller's own size wins
+    assert sized().get_session_options().intra_op_num_threads == 2
+    monkeypatch.setenv("BASTION_THREADS", "many")
+    with pytest.raises(ConfigError, match="BASTION_THREADS='many' is not a number of threads"):
+        loader()
+    proc = run_cli("detect", str(PERSON_IMAGE), "--json", env={"BASTION_THREADS": "0"})
+    one_line_user_error(proc, "BASTION_THREADS='0' is not a number of threads")
+
+
 def test_the_lm_decoding_loop_uses_the_backend_api_not_its_session():
     from bastion.runtime.lm import Generator
 

@@ -9,6 +9,7 @@ by its loader and never sees a path, so what runs is exactly what was verified.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,21 @@ def choose_providers(device: str) -> list[str]:
     return [p for p in DEVICE_PROVIDERS[name] if p in have]
 
 
+THREADS_ENV = "BASTION_THREADS"
+
+
+def default_threads() -> int | None:
+    """The CPU threads of a session that no command, config or caller sized: ``BASTION_THREADS``, else None
+    (ONNX Runtime's choice: one per physical core of the *host*, which oversubscribes a container held to fewer
+    cores by its CPU quota, and several processes sharing a few cores)."""
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or not 1 <= int(raw) <= 1024:
+        raise ConfigError(f"{THREADS_ENV}={raw!r} is not a number of threads", f"e.g. {THREADS_ENV}=2, or unset it")
+    return int(raw)
+
+
 @dataclass(frozen=True, repr=False)
 class OrtSessionLoader:
     """The loader: a model's bytes (read and hashed once) + how to open them → ``InferenceSession``s.
@@ -97,8 +113,9 @@ class OrtSessionLoader:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only: ORT warnings are not for soldiers
-        if self.threads:
-            options.intra_op_num_threads = int(self.threads)
+        threads = self.threads or default_threads()
+        if threads:
+            options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
         for name, value in (fixed_dims or {}).items():  # a dynamic model pinned to one shape plans better
             options.add_free_dimension_override_by_name(name, int(value))
