@@ -1,6 +1,5 @@
 """Every fenced ``bash``/``python`` block of README.md and docs/*.md, run as typed, in order, in a temp HOME and
-BASTION_HOME (README.md first, then docs/ by name, in one scratch folder: a docs/ block may use the node the README
-started or the bundle it made).
+BASTION_HOME: one test per document, each in its own scratch folder (so xdist spreads them over its workers).
 
 So the README cannot drift again: a newcomer types exactly these lines.  Instructions for this test sit in HTML
 comments right above a fence (invisible on GitHub), one per line:
@@ -9,10 +8,15 @@ comments right above a fence (invisible on GitHub), one per line:
     <!-- readme-test: substitute OLD => NEW -->    a placeholder the text names as one; NEW may use {tmp} {repo}
                                                    {shared} {best_onnx}
     <!-- readme-test: env NAME=VALUE -->           what a person would type at a prompt (no terminal here)
-    <!-- readme-test: background -->               keeps running (a node); stopped when every block has run
+    <!-- readme-test: background -->               keeps running (the README's node) until the last ``node`` block
+    <!-- readme-test: node -->                     talks to the README's node (see below)
     <!-- readme-test: retry SECONDS -->            run again until it passes (it waits for a background block)
     <!-- readme-test: stop-after SECONDS -->       runs until stopped: must print something, then is stopped
     <!-- readme-test: needs shared -->             skipped without ../shared (CI has it)
+
+The README's node runs inference on a looping video for as long as it lives, a core's worth of work, so it lives
+only as long as something talks to it: ``node`` blocks of other documents run in README.md's test, right after the
+README's own last ``node`` block, and then the node is stopped before the README's remaining blocks run.
 
 Blocks run in a scratch folder holding a link to the checkout's ``bastion/`` (so ``bastion/samples/…`` resolves as
 from the checkout root), with the zero-egress guard installed in every Python process they start.
@@ -90,6 +94,27 @@ def all_blocks() -> list[Block]:
     return [b for doc in DOCUMENTS for b in readme_blocks(doc.read_text(), str(doc.relative_to(REPO)))]
 
 
+def plan(doc: str) -> list[Block]:
+    """The blocks ``doc``'s test runs, in order (skipped ones included): README.md's take in the other documents'
+    ``node`` blocks right after its own last one; another document leaves its ``node`` blocks to README.md."""
+    blocks = all_blocks()
+    own = [b for b in blocks if b.doc == doc]
+    if doc != "README.md":
+        return [b for b in own if not b.marker("node")]
+    borrowed = [b for b in blocks if b.doc != doc and b.marker("node")]
+    last = max((i for i, b in enumerate(own) if b.marker("node")), default=len(own) - 1)
+    return own[: last + 1] + borrowed + own[last + 1 :]
+
+
+def runnable(block: Block) -> bool:
+    return block.skip_reason is None and not (block.marker("needs shared") and not (SHARED / "data").is_dir())
+
+
+RUN_DOCUMENTS = [
+    str(doc.relative_to(REPO)) for doc in DOCUMENTS if any(runnable(b) for b in plan(str(doc.relative_to(REPO))))
+]
+
+
 def test_every_block_is_run_or_skipped_for_a_stated_reason():
     blocks = all_blocks()
     assert len([b for b in blocks if b.doc == "README.md"]) >= 8, "the README's examples were not found"
@@ -98,13 +123,21 @@ def test_every_block_is_run_or_skipped_for_a_stated_reason():
         assert re.fullmatch(r"\(.{10,}\)", b.skip_reason), f"{b.doc}:{b.line}: a skip needs a (reason)"
     counted = [f"{b.doc}:{b.line}" for b in skipped if not HARDWARE_SKIP.match(b.skip_reason)]
     assert len(counted) <= MAX_SKIPS, counted
-    known = ("skip", "substitute", "env", "background", "retry", "stop-after", "needs shared")
+    known = ("skip", "substitute", "env", "background", "node", "retry", "stop-after", "needs shared")
     for b in blocks:
         for m in b.markers:
             assert m.startswith(known), f"{b.doc}:{b.line}: unknown readme-test marker {m!r}"
         for sub in b.marker("substitute"):
             old = sub.split(" => ")[0]
             assert old in b.code, f"{b.doc}:{b.line}: {old!r} is not in the block"
+    readme = [b for b in blocks if b.doc == "README.md"]
+    background = [i for i, b in enumerate(readme) if b.marker("background")]
+    assert len(background) == 1, "the README starts one node in the background"
+    for b in blocks:
+        if b.marker("background"):
+            assert b.doc == "README.md", f"{b.doc}:{b.line}: only the README starts a node (docs borrow it: node)"
+        if b.marker("node"):
+            assert b.doc != "README.md" or readme.index(b) > background[0], f"{b.doc}:{b.line}: before the node"
 
 
 def make_best_onnx(path: Path, metadata: bool = True, dynamic: bool = False) -> Path:
@@ -233,8 +266,10 @@ class Runner:
             time.sleep(1)
 
     def stop(self) -> list[str]:
+        """Stop the background blocks (each must still be running); what went wrong, if anything."""
         problems = []
-        for proc in self.background:
+        background, self.background = self.background, []
+        for proc in background:
             if proc.poll() is not None:
                 problems.append(f"a background block ended early (rc {proc.returncode}): see {self.tmp}")
                 continue
@@ -249,21 +284,21 @@ class Runner:
 
 
 @pytest.mark.slow
-def test_every_readme_and_docs_block_runs_as_typed(tmp_path):
-    blocks = all_blocks()
+@pytest.mark.parametrize("doc", RUN_DOCUMENTS)
+def test_every_readme_and_docs_block_runs_as_typed(doc, tmp_path):
+    blocks = [b for b in plan(doc) if runnable(b)]
     if any(b.marker("background") for b in blocks) and (_port_busy(7700) or _port_busy(7701)):
         pytest.skip("ports 7700/7701 are in use (the README's node uses them)")
+    last_node = max((i for i, b in enumerate(blocks) if b.marker("node") or b.marker("background")), default=-1)
     runner = Runner(tmp_path)
     failures: list[str] = []
     try:
-        for block in blocks:
-            if block.skip_reason is not None:
-                continue
-            if block.marker("needs shared") and not (SHARED / "data").is_dir():
-                continue
+        for i, block in enumerate(blocks):
             problem = runner.run(block)
             if problem:
                 failures.append(problem)
+            if i == last_node:  # nothing after this talks to the node: free its core for the rest
+                failures += runner.stop()
     finally:
         failures += runner.stop()
     assert not failures, "\n\n".join(failures)
