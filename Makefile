@@ -11,7 +11,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 # with pdb): half of a worker's time is spent waiting on the processes, sockets and brokers its tests start, so two
 # workers on two cores left half the CPU idle.
 PYTEST_JOBS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 1 )))
-PYTEST := PYTHONSAFEPATH=1 $(PY) -m pytest -n $(PYTEST_JOBS)
+PYTEST := PYTHONSAFEPATH=1 $(PY) -m pytest -n $(PYTEST_JOBS) --dist worksteal
 PYTEST_ARGS ?=
 WHEELHOUSE ?= wheelhouse
 # pip download's --platform/--python-version for another target (the lock itself was resolved for CPython 3.11 on

@@ -20,6 +20,13 @@ REPO = Path(__file__).resolve().parents[1]
 # test starts runs with PYTHONSAFEPATH (no cwd or script folder on its path either).
 sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != REPO]
 os.environ["PYTHONSAFEPATH"] = "1"
+# Under xdist the suite runs one worker per core and one more (Makefile): a worker's ONNX Runtime sessions and torch
+# each starting a thread per core (ORT's spin on idle) would oversubscribe the cores several times over, and the
+# whole suite slowed by a third. One thread each, in the worker and every process it starts; set either variable to
+# override.  Nothing in the suite measures speed (benchmarks are `bastion bench`).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _name in ("BASTION_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, "1")
 SAMPLES = REPO / "bastion" / "samples"
 SAMPLE_IMAGES = SAMPLES / "images"
 PERSON_IMAGE = SAMPLE_IMAGES / "one-by-one-person-detection-0100.jpg"
@@ -47,13 +54,22 @@ SLOW_BY_MEASURE = dict(_measured(line) for line in SLOW_LIST.read_text().splitli
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark the measured slow tests, and run them first, longest first: spread over xdist's workers from the start,
-    the few minute-long end-to-end tests no longer land last on one worker while the others idle. Every worker
-    sorts the same collection the same way (a stable sort), as xdist requires."""
+    """Mark the measured slow tests, and order the run so that xdist's workers finish together.
+
+    ``make test`` uses xdist's ``worksteal`` scheduler: it hands each worker one contiguous share of the collection,
+    and a worker that runs dry takes the back half of the longest queue. So the tests are sorted longest first and
+    dealt round-robin into one share per worker: each worker starts on its own minute-long end-to-end tests, and
+    what moves between workers at the end is the short ones. (Under ``load``, xdist's default, a worker is
+    pre-assigned every n-th test and keeps them queued behind its longest one while the others sit idle: the last
+    five minutes of a run went by on one worker.) Every worker orders the same collection the same way, as xdist
+    requires."""
     for item in items:
         if item.nodeid in SLOW_BY_MEASURE:
             item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: -SLOW_BY_MEASURE.get(item.nodeid, 0.0))
+    items.sort(key=lambda item: -SLOW_BY_MEASURE.get(item.nodeid, 0.0))  # stable: the rest keep file order
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if workers > 1 and config.getoption("dist", "no") == "worksteal":
+        items[:] = [item for share in range(workers) for item in items[share::workers]]
 
 
 def _contexts_close_without_waiting() -> None:
