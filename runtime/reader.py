@@ -226,6 +226,8 @@ class SourceReader(threading.Thread):
 
     def _failed(self, message: str, error: SourceUnavailable | None = None) -> bool:
         """Record a failure; True when the reader gives up (``retries`` spent), else it waits out the backoff."""
+        if self.stop_event.is_set():  # stopping: a read cut short by the stop is no fault to report
+            return True
         self.stats.errors += 1
         self.stats.last_error = message
         self._failures += 1
