@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_int8_target import _int8_bundle, _key_stem, int8_model  # noqa: F401  (int8_model is a fixture)
+from test_int8_target import _int8_bundle, _key_stem, int8_model, warns_afresh  # noqa: F401  (fixtures)
 
 from bastion import Detector
 from bastion.errors import ModelLoadError

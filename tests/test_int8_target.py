@@ -16,7 +16,16 @@ from bastion.models import Bundle
 from bastion.models.keys import generate_keypair, load_private_key
 from bastion.models.manifest import Int8Verdict
 from bastion.models.trust import TrustStore
+from bastion.runtime import int8_check
 from conftest import SAMPLE_IMAGES, run_cli
+
+
+@pytest.fixture(autouse=True)
+def warns_afresh(monkeypatch):
+    """The INT8 warning is said once per process and bundle; each test starts as a fresh process would (an xdist
+    worker runs many tests in one, in an order these tests must not depend on)."""
+    monkeypatch.setattr(int8_check, "_warned", set())
+
 
 EPYC_AVX2 = "flags\t\t: fpu sse sse2 ssse3 sse4_1 sse4_2 avx f16c fma avx2 bmi2 sha_ni\n"
 CASCADE_LAKE = "flags\t\t: fpu sse avx avx2 fma avx512f avx512dq avx512cd avx512bw avx512vl avx512_vnni\n"
