@@ -111,23 +111,29 @@ def test_a_cka_ec_point_gives_the_same_key_as_the_raw_bytes():
 # -- a real SoftHSM2 token -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def token(tmp_path_factory):
-    """A freshly initialised SoftHSM2 token in a temp dir (SOFTHSM2_CONF points at it for this module)."""
+    """A SoftHSM2 token in a temp dir, initialised once per test process (SOFTHSM2_CONF points at it while this
+    module's tests run). Once per process, not per module: the SoftHSM2 library loaded in this process reads its
+    config once, so a second token made after xdist ran another module's tests in between would be invisible to
+    it while the CLI's subprocesses saw it. Each test uses its own object labels."""
     pytest.importorskip("pkcs11", reason="python-pkcs11 (the [hsm] extra) is not installed")
     if shutil.which("softhsm2-util") is None or not Path(MODULE).is_file():
         pytest.skip("SoftHSM2 is not installed (Debian: apt install softhsm2; make installs it)")
-    root = tmp_path_factory.mktemp("softhsm")
-    (root / "tokens").mkdir()
+    root = tmp_path_factory.getbasetemp() / "softhsm"
     conf = root / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SOFTHSM2_CONF", str(conf))
         mp.delenv("BASTION_PKCS11_PIN", raising=False)
         mp.delenv("BASTION_PKCS11_MODULE", raising=False)
-        subprocess.run(
-            ["softhsm2-util", "--init-token", "--free", "--label", LABEL, "--pin", PIN, "--so-pin", "87654321"],
-            check=True,
-            capture_output=True,
-        )
+        if not conf.is_file():
+            (root / "tokens").mkdir(parents=True)
+            conf.write_text(
+                f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n"
+            )
+            subprocess.run(
+                ["softhsm2-util", "--init-token", "--free", "--label", LABEL, "--pin", PIN, "--so-pin", "87654321"],
+                check=True,
+                capture_output=True,
+            )
         yield conf
 
 
