@@ -28,7 +28,7 @@ import zmq
 from bastion.edge import answers
 from bastion.edge.answers import NodeRequestError
 from bastion.edge.clip_client import Clip, fetch_clip
-from bastion.edge.client_events import EventsMixin, replay_answer
+from bastion.edge.client_events import EventsMixin, check_event_seq, replay_answer
 from bastion.edge.curve import apply_client, load_public
 from bastion.edge.events_v2 import OBJECT_TOPIC_PREFIX, NodeEvent
 from bastion.edge.protocol import (
@@ -219,7 +219,9 @@ class Client(EventsMixin):
         return "".join(self.ask_stream(prompt, max_new_tokens))
 
     def snapshot(self, seq: int) -> bytes:
-        """The JPEG the node kept for event ``seq`` (decrypted by the node; CurveZMQ protects it in transit)."""
+        """The JPEG the node kept for event ``seq`` (decrypted by the node; CurveZMQ protects it in transit); a
+        ``seq`` that is no event seq is ConfigError before anything is sent."""
+        check_event_seq(seq, "snapshot")
         return answers.snapshot(self.request("snapshot", seq=seq))
 
     def clip(self, seq: int, out: str | Path | None = None) -> Clip:
@@ -227,7 +229,9 @@ class Client(EventsMixin):
         ``storage.clips``): ``Clip.meta`` (codec, container, frames, size, fps, time span) and ``Clip.data`` (the
         video, decrypted by the node, fetched in chunks and checked against its sha256); with ``out`` also written
         there (a directory, or a name ending in ``/``, gets ``clip-<seq>.avi``). A clip still recording, dropped or pruned is
-        NodeRequestError with the node's one-line reason."""
+        NodeRequestError with the node's one-line reason; a ``seq`` that is no event seq is ConfigError before
+        anything is sent."""
+        check_event_seq(seq, "clip")
         clip = fetch_clip(self, seq)
         if out is not None:
             clip.save(out)  # a str keeps its trailing '/': a folder

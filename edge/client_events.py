@@ -81,3 +81,14 @@ class EventsMixin:
         for event in self._follow_events(since, idle_timeout_s, duration_s):
             if wanted is None or kind_of(event) in wanted:
                 yield event
+
+
+def check_event_seq(seq: object, op: str) -> None:
+    """The seq of one stored event (1 to 2**63-1) for ``op`` (``snapshot``, ``clip``), checked before anything is
+    sent: another type or range is the caller's mistake (ConfigError), not a node refusal to decode."""
+    if isinstance(seq, int) and not isinstance(seq, bool) and 1 <= seq <= MAX_SEQ:
+        return
+    raise ConfigError(
+        f"seq={seq!r:.40} is not an event seq",
+        f"give {op} the seq of a stored event (a whole number from 1 to 2**63-1)",
+    )

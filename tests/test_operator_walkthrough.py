@@ -91,6 +91,17 @@ def test_events_since_no_node_can_hold_is_the_callers_mistake_and_leaves_the_cli
         client.close()
 
 
+@pytest.mark.parametrize("seq", [0, -3, 2**63, True, "7", 7.0, None])
+def test_a_snapshot_or_clip_of_no_event_seq_is_the_callers_mistake_before_anything_is_sent(seq):
+    client = Client("tcp://127.0.0.1:1", timeout_s=0.2, retries=0)  # nothing is asked: no node needed
+    try:
+        for fetch in (client.snapshot, client.clip):
+            with pytest.raises(ConfigError, match="is not an event seq"):
+                fetch(seq)
+    finally:
+        client.close()
+
+
 # -- the walk-through --------------------------------------------------------------------------------------------
 def operator_config(tmp_path, mqtt_port: int):
     """`node init`'s example with its commented clips, sinks and metrics lines turned on, as docs and comments say."""
