@@ -88,6 +88,7 @@ objects:                          # tracked objects and rules (docs/events.md); 
 heartbeat_s: 1.0                  # 0.05 .. 3600
 health_log_s: 30                  # 1 .. 86400
 audit_checkpoint_s: 60            # sign the audit log's head this often (and at every clean stop)
+trust_recheck_s: 10               # re-verify the running bundles' signatures: a revoked key stops the node
 # Relative paths (storage.dir, keys, source files, bundle dirs) are relative to this file.
 """
 

@@ -122,6 +122,7 @@ class NodeConfig(_Strict):
     heartbeat_s: float = Field(1.0, ge=0.05, le=3600)
     health_log_s: float = Field(30.0, ge=1, le=86400)
     audit_checkpoint_s: float = Field(60.0, ge=1, le=86400)  # sign the audit head this often (and at stop)
+    trust_recheck_s: float = Field(10.0, ge=1, le=86400)  # re-verify running bundles (edge/trust_recheck.py)
     control_rate_per_s: float = Field(50.0, gt=0, le=100_000)  # control requests per client, sustained
     control_burst: int = Field(100, ge=1, le=100_000)  # … and in one burst (docs/protocol.md "Limits")
 

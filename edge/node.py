@@ -39,6 +39,7 @@ from bastion.edge.seqmark import SeqMark
 from bastion.edge.store import EventStore, StorageError
 from bastion.edge.supervisor import Supervisor
 from bastion.edge.systemd_notify import sd_notify, watchdog_interval_s
+from bastion.edge.trust_recheck import RunningBundle, untrusted
 from bastion.errors import BastionError
 from bastion.models.atomic import atomic_write_bytes
 from bastion.models.releasability import unit_nation
@@ -273,7 +274,7 @@ class Node(FramePipeline):
         """Thread supervision, the systemd watchdog, the health line, audit flushes and checkpoints, retention."""
         watchdog = watchdog_interval_s()
         step = min(x for x in (watchdog, 1.0) if x)
-        last_health = last_retention = last_checkpoint = time.monotonic()
+        last_health = last_retention = last_checkpoint = last_trust = time.monotonic()
         while not self.stop_event.wait(step):
             now = time.monotonic()
             self.supervisor.check()
@@ -299,6 +300,38 @@ class Node(FramePipeline):
             if now - last_retention >= 60:
                 last_retention = now
                 self.enforce_retention()
+            if now - last_trust >= self.config.trust_recheck_s and not self.failure:
+                last_trust = now
+                self.recheck_trust()
+
+    def running_bundles(self) -> list[RunningBundle]:
+        """The verified bundles this node runs now (a reload swaps the detector; unsigned ones are left out)."""
+        running = []
+        det = self.detector
+        if det.verified_by is not None and det.bundle_root is not None:
+            label = f"{det.manifest.name}:{det.manifest.version}"
+            running.append(RunningBundle("model", label, det.bundle_root, det.manifest, det.bundle_sha256))
+        if self.generator is not None and self.generator.bundle.verification.signed:
+            b = self.generator.bundle
+            label = f"{b.manifest.name}:{b.manifest.version}"
+            running.append(RunningBundle("lm", label, b.root, b.manifest, b.sha256))
+        return running
+
+    def recheck_trust(self) -> str | None:
+        """Verify the running bundles against the trust in force now (edge/trust_recheck.py); one that no longer
+        verifies stops the node, audited. The failure, or None."""
+        for running in self.running_bundles():
+            why = untrusted(running)
+            if why is None:
+                continue
+            self.failure = f"{running.role} {running.label} is no longer trusted: {why}"
+            log.error("%s; stopping the node", self.failure, extra={"node": self.config.id})
+            self.audit.append("model_untrusted", role=running.role, sha256=running.sha256, reason=why)
+            sd_notify(f"STATUS=failed: {self.failure}")
+            self.stop_event.set()
+            self.wake.set()
+            return self.failure
+        return None
 
     def _pipeline_turning(self, max_age_s: float) -> bool:
         return self.supervisor.healthy(INFER, max_age_s) and self.supervisor.beat_age(PREPARE) <= max_age_s

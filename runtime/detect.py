@@ -106,6 +106,7 @@ class Detector:
         self.verified_by: str | None = None  # signer key id when loaded from a verified bundle
         self.verified_signers: tuple[str, ...] = ()  # every key id whose signature counted (k-of-n bundles)
         self.verified_under = ""  # "trust policy v3, rule 'coalition-*' …" when a signed policy decided
+        self.bundle_root: Path | None = None  # the verified bundle's folder; None for a bare ONNX file
         self.int8_check = None  # an Int8Check when loaded from an INT8 bundle (runtime/int8_check.py)
         self.options = options or DetectOptions()
         self._decode = get_decoder(manifest.decoder)
@@ -187,6 +188,7 @@ class Detector:
         detector = cls._ready(backend, bundle.manifest, opts, bundle.sha256, bundle.verification.key_id, warmup, int8)
         detector.verified_signers = bundle.verification.signers
         detector.verified_under = bundle.verification.policy
+        detector.bundle_root = bundle.root  # a running node re-verifies its signatures (edge/trust_recheck.py)
         return detector
 
     @classmethod
