@@ -157,10 +157,16 @@ def _client_for(
     from bastion.edge.client import Client
     from bastion.edge.node import RUNTIME_FILE
 
-    if control is None and storage is not None and (storage / RUNTIME_FILE).is_file():
+    if control is None and storage is not None:
         from bastion.errors import ConfigError
         from bastion.models.safe_read import read_bounded
 
+        if not (storage / RUNTIME_FILE).is_file():  # never the default address: another node may answer there
+            raise ConfigError(
+                f"no node is running with storage {storage} (no {RUNTIME_FILE}: a node writes it when it starts "
+                "and removes it when it stops)",
+                "start the node (bastion node run --config …), check the folder, or give --control",
+            )
         try:  # written by the node; damaged or hand-edited, it is named in one line
             info = json.loads(read_bounded(storage / RUNTIME_FILE, 64 * 1024))
             control = info["control"]

@@ -61,8 +61,8 @@ def test_node_clip_writes_the_checked_video_and_says_why_when_there_is_none(tmp_
         clip = ["node", "clip", "--out", str(missing), *control]
         one_line_error(capsys, [*clip, str(news)], f"event {news} has no clip (clips are kept for object.end")
         one_line_error(capsys, [*clip, str(2**62)], f"no event {2**62} on this node")
-        one_line_error(capsys, [*clip, str(10**30)], "seq: Input should be less than or equal to 9223372036854775807")
-        one_line_error(capsys, [*clip, "0"], "no event 0 on this node")
+        for no_seq in (str(10**30), "0"):  # refused before anything is sent (the node would refuse them too)
+            one_line_error(capsys, [*clip, no_seq], f"seq={no_seq} is not an event seq")
         with pytest.raises(NodeRequestError, match=f"offset {2**63 - 1} is past the end of the clip of event {seq}"):
             client.request("clip", seq=seq, offset=2**63 - 1)
         with pytest.raises(NodeRequestError, match="clip: offset: Input should be less than or equal to"):
