@@ -10,6 +10,7 @@ import zmq
 
 from bastion.edge.client import NodeRequestError
 from bastion.edge.snapshots import generate_key_file
+from bastion.errors import ConfigError
 from test_node import client_for, running_node
 
 # (op, the rest of a valid request, the field, a right value, what pydantic says of a wrong one, wrong values)
@@ -77,7 +78,9 @@ def test_the_sdk_sends_integers_and_a_caller_string_is_the_nodes_one_line(node):
         assert client.replay(0, 3) is not None
         with pytest.raises(NodeRequestError, match="this node keeps no clips"):
             client.clip(1)  # seq and offset went as ints: parsed, then refused for what the node has
+        with pytest.raises(ConfigError, match="seq='1' is not an event seq"):
+            client.snapshot("1")  # the caller's mistake, said before anything is sent
         with pytest.raises(NodeRequestError, match="snapshot: seq: Input should be a valid integer"):
-            client.snapshot("1")
+            client.request("snapshot", seq="1")  # sent anyway (another SDK): the node's one line
     finally:
         client.close()
