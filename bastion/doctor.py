@@ -56,6 +56,7 @@ def _checks(home: Check, lock: Path | None, storage: Check | None = None) -> lis
         storage,
         _trust(),
         _policy(),
+        _unit(),
         _registry(),
         _zoo(),
         _providers(),
@@ -132,6 +133,43 @@ def _policy() -> Check:
         f"v{p.version}, expires {p.expires.date()}, {len(p.keys)} key(s), {len(p.rules)} rule(s), "
         f"root {p.root.threshold} of {len(p.root.keys)} ({p.root.fingerprint()[:16]}…)",
     )
+
+
+def _unit() -> Check:
+    """What this unit is to a coalition: the nation markings are checked against (releasability) and the unit key
+    sealed bundles open with — the two settings a unit of one nation must get right before a model arrives."""
+    import stat
+
+    from bastion.errors import BastionError
+    from bastion.models.releasability import NATION_ENV, unit_nation
+    from bastion.models.safe_read import read_bounded
+    from bastion.models.unit_key import MAX_KEY_BYTES, this_unit_id, unit_key_path
+
+    try:
+        nation = unit_nation()
+    except BastionError as exc:
+        return Check("unit", "fail", f"{NATION_ENV}: {exc}")
+    said = [
+        f"nation {nation}: bundles not releasable to it are refused"
+        if nation
+        else f"no nation set: markings are shown, not enforced ({NATION_ENV}=CODE, or nation: in node.yaml)"
+    ]
+    path = unit_key_path()
+    if path is None:
+        said.append("no unit key: bundles sealed to units cannot open here (bastion keys unit-init)")
+        return Check("unit", "ok", "; ".join(said))
+    try:
+        mode = path.stat().st_mode
+        encrypted = b"ENCRYPTED" in read_bounded(path, MAX_KEY_BYTES)[:200]
+    except OSError as exc:
+        return Check("unit", "fail", "; ".join([*said, f"the unit key {path} cannot be read: {exc}"]))
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return Check("unit", "fail", "; ".join([*said, f"the unit key {path} is readable by others: chmod 600"]))
+    said.append(f"unit key {this_unit_id()} ({path})")
+    if not encrypted:
+        said.append("in clear: fine on a LUKS volume only (bastion keys unit-init --passphrase, docs/security.md)")
+        return Check("unit", "warn", "; ".join(said))
+    return Check("unit", "ok", "; ".join([*said[:-1], said[-1] + ", passphrase-protected"]))
 
 
 def _registry() -> Check:

@@ -1,0 +1,49 @@
+"""`bastion doctor` says what this unit is to a coalition: its nation (releasability) and its unit key (sealed
+bundles), and fails on the settings that would refuse or expose what arrives. Real unit keys under a per-test
+BASTION_HOME (conftest)."""
+
+from __future__ import annotations
+
+import json
+
+from bastion.doctor import run_checks
+from bastion.models.unit_key import home_key_path, init_unit_key
+from conftest import run_cli
+
+
+def unit_check():
+    return next(c for c in run_checks() if c.name == "unit")
+
+
+def test_a_fresh_unit_says_no_nation_and_no_unit_key_and_how_to_set_them(monkeypatch):
+    monkeypatch.delenv("BASTION_NATION", raising=False)
+    check = unit_check()
+    assert check.status == "ok" and "no nation set" in check.detail and "BASTION_NATION=CODE" in check.detail
+    assert "no unit key" in check.detail and "bastion keys unit-init" in check.detail
+
+
+def test_nation_and_a_passphrase_protected_key_are_shown_and_a_clear_key_warns(monkeypatch):
+    monkeypatch.setenv("BASTION_NATION", "can")
+    unit = init_unit_key(b"field passphrase")
+    check = unit_check()
+    assert check.status == "ok", check
+    assert "nation CAN: bundles not releasable to it are refused" in check.detail
+    assert f"unit key {unit.key_id}" in check.detail and "passphrase-protected" in check.detail
+    home_key_path().unlink()
+    home_key_path().with_suffix(".pub").unlink()
+    clear = init_unit_key(None)
+    check = unit_check()
+    assert check.status == "warn" and f"unit key {clear.key_id}" in check.detail and "in clear" in check.detail
+
+
+def test_a_bad_nation_or_an_exposed_unit_key_fails_doctor_in_one_line(monkeypatch):
+    monkeypatch.setenv("BASTION_NATION", "not a code")
+    check = unit_check()
+    assert check.status == "fail" and "BASTION_NATION" in check.detail and "not a country code" in check.detail
+    monkeypatch.setenv("BASTION_NATION", "GBR")
+    init_unit_key(b"pw")
+    home_key_path().chmod(0o644)
+    proc = run_cli("doctor", "--json")
+    assert proc.returncode == 1, proc.stdout
+    unit = next(c for c in json.loads(proc.stdout)["checks"] if c["name"] == "unit")
+    assert unit["status"] == "fail" and "readable by others: chmod 600" in unit["detail"]
