@@ -65,7 +65,7 @@ format-check: install-dev
 
 # The full suite CI runs. pytest exits 5 when no test was collected; that is not a failure of the code.
 test: install-dev lint chromium
-	@echo "make: the full suite (slow end-to-end tests included), nproc+1 workers — measured ~15 min on a 2-core VM"
+	@echo "make: the full suite (slow end-to-end tests included), nproc+1 workers — measured ~8 min on a 2-core VM"
 	@$(PYTEST) $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 # The edit loop: no end-to-end (`slow`: the tests tests/slow_tests.txt lists from a measured run, and those marked in
