@@ -62,7 +62,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     what moves between workers at the end is the short ones. (Under ``load``, xdist's default, a worker is
     pre-assigned every n-th test and keeps them queued behind its longest one while the others sit idle: the last
     five minutes of a run went by on one worker.) Every worker orders the same collection the same way, as xdist
-    requires."""
+    requires. So a test must not rely on running next to the other tests of its module: a module-scoped fixture
+    may be torn down and made again in one process, and process-wide state (a warn-once set, a PKCS#11 library
+    that read its config once) outlives it."""
     for item in items:
         if item.nodeid in SLOW_BY_MEASURE:
             item.add_marker(pytest.mark.slow)
