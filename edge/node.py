@@ -78,6 +78,8 @@ class Node(FramePipeline):
         if created:
             self.audit.append("audit_key_created", key_id=self.audit.key_id, path=str(created))
         self.failure: str | None = None
+        self.failure_hint = "see the node log for the traceback; systemd restarts it (Restart=on-failure)"
+        self._trust_lock = threading.Lock()
         self.supervisor = Supervisor(self._thread_died)
         self.stop_event = threading.Event()
         self.wake = threading.Event()
@@ -209,10 +211,7 @@ class Node(FramePipeline):
             finally:
                 self.close()
         if self.failure:
-            raise NodeFailed(
-                f"node {self.config.id} stopped: {self.failure}",
-                "see the node log for the traceback; systemd restarts it (Restart=on-failure)",
-            )
+            raise NodeFailed(f"node {self.config.id} stopped: {self.failure}", self.failure_hint)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -306,6 +305,8 @@ class Node(FramePipeline):
 
     def running_bundles(self) -> list[RunningBundle]:
         """The verified bundles this node runs now (a reload swaps the detector; unsigned ones are left out)."""
+        if self.config.security.allow_unsigned:  # its next start would load them anyway (edge/trust_recheck.py)
+            return []
         running = []
         det = self.detector
         if det.verified_by is not None and det.bundle_root is not None:
@@ -319,12 +320,22 @@ class Node(FramePipeline):
 
     def recheck_trust(self) -> str | None:
         """Verify the running bundles against the trust in force now (edge/trust_recheck.py); one that no longer
-        verifies stops the node, audited. The failure, or None."""
+        verifies stops the node, audited. The failure, or None (also when the node is failing already)."""
+        with self._trust_lock:  # the maintenance thread asks, and so may a caller: one verdict, audited once
+            if self.failure:
+                return None
+            return self._recheck_trust_locked()
+
+    def _recheck_trust_locked(self) -> str | None:
         for running in self.running_bundles():
             why = untrusted(running)
             if why is None:
                 continue
             self.failure = f"{running.role} {running.label} is no longer trusted: {why}"
+            self.failure_hint = (
+                "get the bundle re-signed by a key this unit trusts, or put back the trust it had "
+                "(bastion keys list, bastion policy show); its next start refuses it"
+            )
             log.error("%s; stopping the node", self.failure, extra={"node": self.config.id})
             self.audit.append("model_untrusted", role=running.role, sha256=running.sha256, reason=why)
             sd_notify(f"STATUS=failed: {self.failure}")

@@ -7,7 +7,8 @@ unit that runs for months keeps running what its coalition has withdrawn, until 
 kept in memory, whose hashes cover the payload that runs — against the trust store and policy as they are now
 (milliseconds: the payload is not hashed again). A bundle that no longer verifies stops the node: audited
 ``model_untrusted``, one line in the log and ``status``, a non-zero exit, and its next start refuses the bundle
-as any load would. A bundle run under ``allow_unsigned`` never verified and is not re-checked.
+as any load would. A node under ``allow_unsigned`` is not re-checked: it would load the same bundle again
+at its next start (with the warning that flag always prints), so stopping it would only restart it.
 """
 
 from __future__ import annotations
@@ -40,4 +41,6 @@ def untrusted(running: RunningBundle) -> str | None:
         verify_manifest(running.root, running.manifest, TrustStore())
     except BastionError as exc:
         return str(exc)
+    except Exception as exc:  # a trust store that cannot even be read (a file where a folder was): fail closed
+        return f"the trust store cannot be read ({type(exc).__name__}: {exc})"
     return None

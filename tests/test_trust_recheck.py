@@ -5,9 +5,11 @@ the revocation made by the CLI in another process, as an operator with a USB sti
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import stat
 import time
+from pathlib import Path
 
 import pytest
 from test_hardening_node import running_node
@@ -61,7 +63,27 @@ def test_a_key_revoked_while_the_node_runs_stops_it_audited_and_unchanged_trust_
 
 def test_the_language_model_is_held_to_the_same_trust(tmp_path):
     lm, kid = resigned_copy("stories260K", tmp_path, "lm-team")
-    with running_node(tmp_path, lm=lm, trust_recheck_s=1) as node:
+    with running_node(tmp_path, lm=lm, trust_recheck_s=3600) as node:  # asked here, not by its own thread
         TrustStore().revoke(kid, "withdrawn")
         assert node.recheck_trust() is not None  # at once, not only on the maintenance thread's next turn
         assert node.failure.startswith("lm stories260K:") and "no longer trusted" in node.failure
+
+
+def test_a_trust_store_that_cannot_be_read_stops_the_node_closed_not_its_maintenance_thread(tmp_path):
+    model, _ = resigned_copy("yolov5n", tmp_path, "team")
+    with running_node(tmp_path, model=model, trust_recheck_s=3600) as node:  # asked here, not by its own thread
+        trust = Path(os.environ["BASTION_HOME"]) / "trust"
+        trust.rename(trust.with_name("trust.bak"))
+        trust.write_text("a file where the trust store was\n")
+        why = node.recheck_trust()
+        assert why and "is no longer trusted" in why and node.stop_event.is_set()
+        assert "re-signed" in node.failure_hint and "traceback" not in node.failure_hint
+        assert node.supervisor.check() is None and not [r for r in audit_records(node) if r["kind"] == "thread_died"]
+        assert [r["kind"] for r in audit_records(node)].count("model_untrusted") == 1
+
+
+def test_a_node_under_allow_unsigned_is_not_rechecked_as_its_next_start_would_load_the_bundle_anyway(tmp_path):
+    model, kid = resigned_copy("yolov5n", tmp_path, "team")
+    with running_node(tmp_path, model=model, security={"allow_unsigned": True}, trust_recheck_s=1) as node:
+        TrustStore().revoke(kid, "withdrawn")
+        assert node.running_bundles() == [] and node.recheck_trust() is None and node.failure is None
