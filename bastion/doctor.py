@@ -138,12 +138,9 @@ def _policy() -> Check:
 def _unit() -> Check:
     """What this unit is to a coalition: the nation markings are checked against (releasability) and the unit key
     sealed bundles open with — the two settings a unit of one nation must get right before a model arrives."""
-    import stat
-
     from bastion.errors import BastionError
     from bastion.models.releasability import NATION_ENV, unit_nation
-    from bastion.models.safe_read import read_bounded
-    from bastion.models.unit_key import MAX_KEY_BYTES, this_unit_id, unit_key_path
+    from bastion.models.unit_key import home_key_path, unit_key_path
 
     try:
         nation = unit_nation()
@@ -156,20 +153,47 @@ def _unit() -> Check:
     ]
     path = unit_key_path()
     if path is None:
+        home = home_key_path()
+        if os.path.lexists(home):  # a FIFO, a folder, a dangling link: unit_key_path() does not take it for a key
+            return Check("unit", "fail", "; ".join([*said, f"{home} is not a unit key file (bastion keys unit-init)"]))
         said.append("no unit key: bundles sealed to units cannot open here (bastion keys unit-init)")
         return Check("unit", "ok", "; ".join(said))
+    status, about = _unit_key(path)
+    return Check("unit", status, "; ".join([*said, about]))
+
+
+def _unit_key(path: Path) -> tuple[str, str]:
+    """(status, what) of the unit key at ``path``, never asking a passphrase: a key in clear is opened and must be
+    the key its ``unit.pub`` names; an encrypted one is shown by its ``unit.pub``."""
+    import stat
+
+    from bastion.errors import BastionError
+    from bastion.models.safe_read import read_bounded
+    from bastion.models.unit_key import MAX_KEY_BYTES, load_unit_key, load_unit_public, unit_key_id
+
     try:
         mode = path.stat().st_mode
         encrypted = b"ENCRYPTED" in read_bounded(path, MAX_KEY_BYTES)[:200]
     except OSError as exc:
-        return Check("unit", "fail", "; ".join([*said, f"the unit key {path} cannot be read: {exc}"]))
+        return "fail", f"the unit key {path} cannot be read: {exc}"
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        return Check("unit", "fail", "; ".join([*said, f"the unit key {path} is readable by others: chmod 600"]))
-    said.append(f"unit key {this_unit_id()} ({path})")
-    if not encrypted:
-        said.append("in clear: fine on a LUKS volume only (bastion keys unit-init --passphrase, docs/security.md)")
-        return Check("unit", "warn", "; ".join(said))
-    return Check("unit", "ok", "; ".join([*said[:-1], said[-1] + ", passphrase-protected"]))
+        return "fail", f"the unit key {path} is accessible by other users (mode {stat.S_IMODE(mode):04o}): chmod 600"
+    public = path.with_suffix(".pub")
+    try:
+        named = unit_key_id(load_unit_public(public)) if public.is_file() else None
+    except (BastionError, OSError):
+        return "fail", f"{public} is not the public half of a unit key (bastion keys unit-export rewrites it)"
+    if encrypted:
+        if named is None:
+            return "warn", f"unit key {path}, passphrase-protected; no {public.name} beside it to show its id"
+        return "ok", f"unit key {named} ({path}), passphrase-protected"
+    try:
+        unit = load_unit_key()
+    except BastionError as exc:
+        return "fail", str(exc)
+    if unit is None or (named is not None and named != unit.key_id):
+        return "fail", f"{public.name} is not the public half of {path} (bastion keys unit-export rewrites it)"
+    return "warn", f"unit key {unit.key_id} ({path}) in clear: fine on a LUKS volume only (unit-init --passphrase)"
 
 
 def _registry() -> Check:

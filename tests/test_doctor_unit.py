@@ -5,6 +5,7 @@ BASTION_HOME (conftest)."""
 from __future__ import annotations
 
 import json
+import os
 
 from bastion.doctor import run_checks
 from bastion.models.unit_key import home_key_path, init_unit_key
@@ -46,4 +47,23 @@ def test_a_bad_nation_or_an_exposed_unit_key_fails_doctor_in_one_line(monkeypatc
     proc = run_cli("doctor", "--json")
     assert proc.returncode == 1, proc.stdout
     unit = next(c for c in json.loads(proc.stdout)["checks"] if c["name"] == "unit")
-    assert unit["status"] == "fail" and "readable by others: chmod 600" in unit["detail"]
+    assert unit["status"] == "fail" and "accessible by other users (mode 0644): chmod 600" in unit["detail"]
+
+
+def test_a_key_that_is_not_the_one_its_pub_names_or_not_a_file_fails(monkeypatch, tmp_path):
+    monkeypatch.delenv("BASTION_NATION", raising=False)
+    init_unit_key(None)
+    ours = os.environ["BASTION_HOME"]  # this test's own (conftest)
+    monkeypatch.setenv("BASTION_HOME", str(tmp_path / "other-home"))
+    init_unit_key(None)  # another unit's key, copied over this one
+    stranger = home_key_path().read_bytes()
+    monkeypatch.setenv("BASTION_HOME", ours)
+    home_key_path().write_bytes(stranger)
+    check = unit_check()
+    assert check.status == "fail" and "unit.pub is not the public half of" in check.detail, check
+    home_key_path().write_text("junk\n")
+    assert unit_check().status == "fail" and "does not open" in unit_check().detail
+    home_key_path().unlink()
+    os.mkfifo(home_key_path())  # never opened: a FIFO would block the reader
+    check = unit_check()
+    assert check.status == "fail" and "is not a unit key file" in check.detail, check
