@@ -221,8 +221,7 @@ class Client(EventsMixin):
     def snapshot(self, seq: int) -> bytes:
         """The JPEG the node kept for event ``seq`` (decrypted by the node; CurveZMQ protects it in transit); a
         ``seq`` that is no event seq is ConfigError before anything is sent."""
-        check_event_seq(seq, "snapshot")
-        return answers.snapshot(self.request("snapshot", seq=seq))
+        return answers.snapshot(self.request("snapshot", seq=check_event_seq(seq, "snapshot")))
 
     def clip(self, seq: int, out: str | Path | None = None) -> Clip:
         """The evidence clip the node kept for event ``seq`` (an object.end or zone/line event, with
@@ -231,8 +230,7 @@ class Client(EventsMixin):
         there (a directory, or a name ending in ``/``, gets ``clip-<seq>.avi``). A clip still recording, dropped or pruned is
         NodeRequestError with the node's one-line reason; a ``seq`` that is no event seq is ConfigError before
         anything is sent."""
-        check_event_seq(seq, "clip")
-        clip = fetch_clip(self, seq)
+        clip = fetch_clip(self, check_event_seq(seq, "clip"))
         if out is not None:
             clip.save(out)  # a str keeps its trailing '/': a folder
         return clip

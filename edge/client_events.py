@@ -8,6 +8,7 @@ not want still closes a gap. Filtering happens after it, here. A frame event is 
 
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING, Iterator
 
 from bastion.edge.events_v2 import NodeEvent, check_kinds, kind_of
@@ -44,7 +45,7 @@ def check_since(since: object) -> None:
     if since is None or (isinstance(since, int) and not isinstance(since, bool) and 0 <= since <= MAX_SEQ):
         return
     raise ConfigError(
-        f"since={since!r:.40} is not a seq",
+        f"since={shown(since)} is not a seq",
         "give a seq from 0 (every stored event) to 2**63-1; leave it out (None) for new events only",
     )
 
@@ -83,12 +84,24 @@ class EventsMixin:
                 yield event
 
 
-def check_event_seq(seq: object, op: str) -> None:
-    """The seq of one stored event (1 to 2**63-1) for ``op`` (``snapshot``, ``clip``), checked before anything is
-    sent: another type or range is the caller's mistake (ConfigError), not a node refusal to decode."""
-    if isinstance(seq, int) and not isinstance(seq, bool) and 1 <= seq <= MAX_SEQ:
-        return
+def check_event_seq(seq: object, op: str) -> int:
+    """The seq of one stored event (1 to 2**63-1) for ``op`` (``snapshot``, ``clip``) as a plain int, checked
+    before anything is sent: any integer type will do (a numpy one from a DataFrame), anything else or out of range
+    is the caller's mistake (ConfigError), not a node refusal to decode."""
+    try:
+        value = None if isinstance(seq, bool) else operator.index(seq)  # type: ignore[arg-type]
+    except TypeError:
+        value = None
+    if value is not None and 1 <= value <= MAX_SEQ:
+        return value
     raise ConfigError(
-        f"seq={seq!r:.40} is not an event seq",
+        f"seq={shown(seq)} is not an event seq",
         f"give {op} the seq of a stored event (a whole number from 1 to 2**63-1)",
     )
+
+
+def shown(value: object, width: int = 40) -> str:
+    """``repr(value)`` cut to ``width`` characters, with an ellipsis when cut (a caller's 10,000-character string
+    stays one readable line)."""
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -143,9 +143,10 @@ def test_bastion_threads_sizes_the_sessions_nothing_else_sized_and_a_bad_value_i
     assert loader().get_session_options().intra_op_num_threads == 3
     sized = OrtSessionLoader.from_model(path, device="ort-cpu", threads=2)  # a caller's own size wins
     assert sized().get_session_options().intra_op_num_threads == 2
-    monkeypatch.setenv("BASTION_THREADS", "many")
-    with pytest.raises(ConfigError, match="BASTION_THREADS='many' is not a number of threads"):
-        loader()
+    for bad in ("many", "\u00b2", "-1", "99999"):  # "²" is a digit to str.isdigit, not to int()
+        monkeypatch.setenv("BASTION_THREADS", bad)
+        with pytest.raises(ConfigError, match=f"BASTION_THREADS={bad!r} is not a number of threads"):
+            loader()
     proc = run_cli("detect", str(PERSON_IMAGE), "--json", env={"BASTION_THREADS": "0"})
     one_line_user_error(proc, "BASTION_THREADS='0' is not a number of threads")
 

@@ -102,6 +102,17 @@ def test_a_snapshot_or_clip_of_no_event_seq_is_the_callers_mistake_before_anythi
         client.close()
 
 
+def test_any_integer_type_is_an_event_seq_and_a_long_bad_one_is_shown_cut_in_one_line():
+    import numpy as np
+
+    from bastion.edge.client_events import check_event_seq
+
+    assert check_event_seq(np.int64(5), "snapshot") == 5 and type(check_event_seq(np.int64(5), "clip")) is int
+    with pytest.raises(ConfigError) as refused:
+        check_event_seq("x" * 10_000, "snapshot")
+    assert "seq='xxxxx" in str(refused.value) and "…" in str(refused.value) and len(str(refused.value)) < 200
+
+
 # -- the walk-through --------------------------------------------------------------------------------------------
 def operator_config(tmp_path, mqtt_port: int):
     """`node init`'s example with its commented clips, sinks and metrics lines turned on, as docs and comments say."""

@@ -84,7 +84,7 @@ def default_threads() -> int | None:
     raw = os.environ.get(THREADS_ENV, "").strip()
     if not raw:
         return None
-    if not raw.isdigit() or not 1 <= int(raw) <= 1024:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 1024:
         raise ConfigError(f"{THREADS_ENV}={raw!r} is not a number of threads", f"e.g. {THREADS_ENV}=2, or unset it")
     return int(raw)
 
