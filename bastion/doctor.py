@@ -168,12 +168,13 @@ def _unit_key(path: Path) -> tuple[str, str]:
     import stat
 
     from bastion.errors import BastionError
+    from bastion.models.keys import is_encrypted_pem
     from bastion.models.safe_read import read_bounded
     from bastion.models.unit_key import MAX_KEY_BYTES, load_unit_key, load_unit_public, unit_key_id
 
     try:
         mode = path.stat().st_mode
-        encrypted = b"ENCRYPTED" in read_bounded(path, MAX_KEY_BYTES)[:200]
+        encrypted = is_encrypted_pem(read_bounded(path, MAX_KEY_BYTES))  # as load_unit_key decides
     except OSError as exc:
         return "fail", f"the unit key {path} cannot be read: {exc}"
     if mode & (stat.S_IRWXG | stat.S_IRWXO):

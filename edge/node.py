@@ -299,7 +299,7 @@ class Node(FramePipeline):
             if now - last_retention >= 60:
                 last_retention = now
                 self.enforce_retention()
-            if now - last_trust >= self.config.trust_recheck_s and not self.failure:
+            if now - last_trust >= self.config.trust_recheck_s:  # a failing node is not asked (recheck_trust)
                 last_trust = now
                 self.recheck_trust()
 

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from bastion.errors import ConfigError, KeyFileError
 from bastion.models.atomic import atomic_write_bytes
 from bastion.models.home import bastion_home
+from bastion.models.keys import is_encrypted_pem
 from bastion.models.safe_read import NotRegular, TooLarge, read_bounded
 
 UNIT_KEY_NAME = "unit.key"
@@ -96,7 +97,7 @@ def load_unit_key() -> UnitKey | None:
         raise KeyFileError(
             f"the unit key {path} is accessible by other users (mode {stat.S_IMODE(mode):04o})", f"chmod 600 {path}"
         )
-    encrypted = b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data[:200]
+    encrypted = is_encrypted_pem(data)
     passphrase = unit_passphrase(path) if encrypted else None
     try:
         private = serialization.load_pem_private_key(data, password=passphrase)
