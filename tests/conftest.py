@@ -22,8 +22,9 @@ sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != REPO]
 os.environ["PYTHONSAFEPATH"] = "1"
 # Under xdist the suite runs one worker per core and one more (Makefile): a worker's ONNX Runtime sessions and torch
 # each starting a thread per core (ORT's spin on idle) would oversubscribe the cores several times over (measured:
-# a tiny LM distillation test took 65 s beside the README test, 12 s with one thread). One thread each, in the worker and every process it starts; set either variable to
-# override.  Nothing in the suite measures speed (benchmarks are `bastion bench`).
+# a tiny LM distillation test took 65 s beside the README test, 12 s with one thread). One thread each, in the
+# worker and every process it starts; set any of these variables to override. Nothing in the suite measures speed
+# (benchmarks are `bastion bench`).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     for _name in ("BASTION_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(_name, "1")

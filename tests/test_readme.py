@@ -24,6 +24,7 @@ from the checkout root), with the zero-egress guard installed in every Python pr
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -90,8 +91,9 @@ def readme_blocks(text: str, doc: str = "README.md") -> list[Block]:
     return blocks
 
 
-def all_blocks() -> list[Block]:
-    return [b for doc in DOCUMENTS for b in readme_blocks(doc.read_text(), str(doc.relative_to(REPO)))]
+@functools.cache  # read once: every document's test plans from all of them
+def all_blocks() -> tuple[Block, ...]:
+    return tuple(b for doc in DOCUMENTS for b in readme_blocks(doc.read_text(), str(doc.relative_to(REPO))))
 
 
 def plan(doc: str) -> list[Block]:
