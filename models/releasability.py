@@ -30,7 +30,10 @@ def unit_nation(explicit: str | None = None) -> str | None:
     if not value:
         return None
     if not NATION_PATTERN.match(value):
-        raise ConfigError(f"nation {raw!r} is not a country code", "use an ISO 3166 alpha-3 code, e.g. CAN or GBR")
+        raise ConfigError(
+            f"nation {raw!r} is not a country code",
+            "use an ISO 3166 alpha-3 code such as CAN or GBR, or a group code such as NATO (2-10 letters or digits)",
+        )
     return value
 
 

@@ -120,7 +120,7 @@ def this_unit_id() -> str | None:
     try:
         if path == home_key_path():
             return unit_key_id(load_unit_public(path.with_suffix(".pub")))
-        if b"ENCRYPTED" in read_bounded(path, MAX_KEY_BYTES)[:200]:
+        if is_encrypted_pem(read_bounded(path, MAX_KEY_BYTES)):
             return "locked credential"
         unit = load_unit_key()
         return unit.key_id if unit else None

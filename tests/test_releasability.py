@@ -128,3 +128,15 @@ def test_node_status_shows_the_markings_it_runs_under_and_its_nation(tmp_path, t
     assert status["model"]["markings"] == "SECRET // REL TO: CAN"
     assert status["model"]["sealed"] is False and status["nation"] == "CAN"
     assert len(status["model"]["signers"]) == 1 and status["model"]["trust_policy"] is None  # 1-of-1, no policy
+
+
+@pytest.mark.parametrize("raw", ["not a code", "C", "ABCDEFGHIJK", "ca-n"])
+def test_a_nation_that_is_no_code_is_refused_naming_both_kinds_of_code(raw):
+    """A nation is an alpha-3 code or a group code (NATO): the refusal says both, as the pattern allows both."""
+    from bastion.errors import ConfigError
+    from bastion.models.releasability import unit_nation
+
+    with pytest.raises(ConfigError) as err:
+        unit_nation(raw)
+    assert "not a country code" in str(err.value) and "NATO" in err.value.hint and "CAN" in err.value.hint
+    assert unit_nation(" can ") == "CAN" and unit_nation("NATO") == "NATO"
