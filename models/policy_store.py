@@ -18,6 +18,7 @@ import logging
 
 from bastion.errors import BastionError, ConfigError, SignatureError
 from bastion.models.atomic import atomic_write_bytes, file_lock
+from bastion.models.journal_fold import fold_journal
 from bastion.models.policy import MAX_POLICY_BYTES, POLICY_SUFFIX, SignedPolicy, parse_signed
 from bastion.models.safe_read import NotRegular, TooLarge, read_bounded
 from bastion.models.trust import MAX_JOURNAL_BYTES, TrustStore
@@ -38,27 +39,11 @@ class PolicyStore:
         It is what a unit whose policy file was lost or replaced can still be held to, so that putting the current
         policy back (or a newer one from the same root) is possible without ever letting an older one in."""
         try:
-            lines = read_bounded(self.trust.audit_path, MAX_JOURNAL_BYTES).decode(errors="replace").splitlines()
+            return fold_journal(self.trust.audit_path, MAX_JOURNAL_BYTES, last_policy_applied)
         except FileNotFoundError:
             return {}
         except (TooLarge, NotRegular) as exc:
             raise ConfigError(f"trust store journal {self.trust.audit_path} is damaged ({exc})") from None
-        last: dict = {}
-        for line in lines:
-            if '"policy_applied"' not in line:
-                continue
-            try:
-                record = json.loads(line)
-                version = int(record.get("version", 0))
-            except (json.JSONDecodeError, RecursionError, ValueError, TypeError, AttributeError):
-                continue
-            if version >= last.get("version", 1):
-                last = {
-                    "version": version,
-                    "sha256": str(record.get("sha256", "")),
-                    "root": str(record.get("root", "")),
-                }
-        return last
 
     def journal_version(self) -> int:
         """The highest policy version the journal says was applied here (0: never)."""
@@ -184,3 +169,19 @@ class PolicyStore:
                 f"(give at least {MIN_FINGERPRINT} hex digits)",
                 "do not apply a policy whose root you cannot confirm",
             )
+
+
+def last_policy_applied(lines: list[str]) -> dict:
+    """Fold the journal's ``policy_applied`` records into the highest version applied: version, sha256, root."""
+    last: dict = {}
+    for line in lines:
+        if '"policy_applied"' not in line:
+            continue
+        try:
+            record = json.loads(line)
+            version = int(record.get("version", 0))
+        except (json.JSONDecodeError, RecursionError, ValueError, TypeError, AttributeError):
+            continue
+        if version >= last.get("version", 1):
+            last = {"version": version, "sha256": str(record.get("sha256", "")), "root": str(record.get("root", ""))}
+    return last

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from bastion.errors import ConfigError, KeyFileError, SignatureError
 from bastion.models.atomic import append_record, atomic_write_bytes, file_lock
 from bastion.models.home import bastion_home
+from bastion.models.journal_fold import fold_journal
 from bastion.models.keys import PUBLIC_SUFFIX, key_id, load_public_key, public_pem
 from bastion.models.safe_read import NotRegular, TooLarge, read_bounded
 
@@ -129,7 +130,7 @@ class TrustStore:
     def _journal_revoked(self) -> dict[str, str]:
         """Key ids the journal says are revoked now (not since un-revoked or reset), with when."""
         try:
-            lines = read_bounded(self.audit_path, MAX_JOURNAL_BYTES).decode(errors="replace").splitlines()
+            return fold_journal(self.audit_path, MAX_JOURNAL_BYTES, revoked_by_journal)
         except FileNotFoundError:  # a store from before the journal: nothing to hold the list against
             return {}
         except (TooLarge, NotRegular) as exc:
@@ -140,20 +141,6 @@ class TrustStore:
         except OSError as exc:
             log.warning("cannot read the trust store journal", extra={"path": str(self.audit_path), "error": str(exc)})
             return {}
-        state: dict[str, str] = {}
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, RecursionError):
-                continue
-            event = record.get("event") if isinstance(record, dict) else None
-            if event == "revoked":
-                state[str(record.get("key_id"))] = str(record.get("when", "?"))
-            elif event == "unrevoked":
-                state.pop(str(record.get("key_id")), None)
-            elif event == "revocations_reset":
-                state.clear()
-        return state
 
     def _check_journal(self, revoked: dict[str, dict]) -> dict[str, dict]:
         lacking = {k: when for k, when in self._journal_revoked().items() if k not in revoked}
@@ -270,3 +257,21 @@ class TrustStore:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def revoked_by_journal(lines: list[str]) -> dict[str, str]:
+    """Fold the journal's revoke/unrevoke/reset records into the key ids revoked now, with when."""
+    state: dict[str, str] = {}
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            continue
+        event = record.get("event") if isinstance(record, dict) else None
+        if event == "revoked":
+            state[str(record.get("key_id"))] = str(record.get("when", "?"))
+        elif event == "unrevoked":
+            state.pop(str(record.get("key_id")), None)
+        elif event == "revocations_reset":
+            state.clear()
+    return state
