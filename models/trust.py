@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,11 +94,11 @@ class TrustStore:
         another process has its temp file in ``trust/`` before the rename, and seen unlocked that half
         made store looks exactly like one that lost its list.
         """
-        if self.revoked_path.is_file():
+        if os.path.lexists(self.revoked_path):  # a folder or FIFO there is damage, not "missing"
             return
         try:
             with file_lock(self.lock_path):
-                if self.revoked_path.is_file():
+                if os.path.lexists(self.revoked_path):
                     return
                 if not self._is_new():
                     log.error("revocation list missing: refusing every bundle", extra={"path": str(self.revoked_path)})

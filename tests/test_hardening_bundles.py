@@ -4,6 +4,7 @@ an older bundle never silently replaces a newer one, and a lost revocation list 
 import gzip
 import io
 import json
+import os
 import shutil
 import subprocess
 import tarfile
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from bastion.errors import ArchiveError, ModelLoadError, RegistryError, SignatureError
+from bastion.errors import ArchiveError, ConfigError, ModelLoadError, RegistryError, SignatureError
 from bastion.models import Bundle, zoo_path
 from bastion.models.archive import copy_bounded, pack, unpack
 from bastion.models.keys import generate_keypair, load_private_key
@@ -476,3 +477,18 @@ def test_store_files_read_whole_are_bounded_first(bastion_home, monkeypatch, whi
         path.write_bytes(b" " * 5000 + valid)  # still valid: only its size is wrong
     with pytest.raises(BastionError, match="damaged|missing"):  # a FIFO list is not a file: missing
         Bundle.open(zoo_path("yolox_nano")) if which != "index" else reg.entries()
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_a_folder_or_fifo_in_place_of_the_revocation_list_is_damage_not_missing(tmp_path, bastion_home, kind):
+    """Saying "missing" sends the soldier to reset-revocations, which would refuse anyway: say what is there instead."""
+    store = TrustStore()
+    store.keys()  # the store exists, with its list
+    store.revoked_path.unlink()
+    if kind == "folder":
+        store.revoked_path.mkdir()
+    else:
+        os.mkfifo(store.revoked_path)  # never opened blocking: read_bounded refuses it
+    with pytest.raises(ConfigError) as err:  # as a damaged list's contents are
+        Bundle.open("yolox_nano")
+    assert "is damaged" in str(err.value) and "missing" not in str(err.value)
