@@ -157,6 +157,7 @@ def _reload(node: Node, request: ReloadRequest, client: str) -> dict[str, Any]:
             "reload",
             strict=True,
             sha256=new.bundle_sha256,
+            client=client,  # who asked: a reload without persist leaves no pin to name them
             **({"downgrade_from": node.detector.manifest.version} if rollback else {}),
             **({"pinned": pin.bundle} if pin is not None else {}),
         )

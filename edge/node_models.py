@@ -53,7 +53,9 @@ def load_lm(config: NodeConfig, audit: AuditLog, model: str) -> Generator:
     from bastion.runtime.lm import Generator
 
     try:
-        generator = Generator.load(model, allow_unsigned=config.security.allow_unsigned)
+        generator = Generator.load(
+            model, allow_unsigned=config.security.allow_unsigned, nation=config.nation
+        )  # None: BASTION_NATION, else no releasability check
     except BastionError as exc:
         audit.append("bundle_refused", model=str(model), reason=str(exc))
         raise

@@ -154,8 +154,12 @@ class Generator:
         self.bundle = bundle
 
     @classmethod
-    def load(cls, model: str | Path, threads: int | None = 1, allow_unsigned: bool = False) -> "Generator":
-        return cls(Bundle.open(model, allow_unsigned=allow_unsigned), threads)
+    def load(
+        cls, model: str | Path, threads: int | None = 1, allow_unsigned: bool = False, nation: str | None = None
+    ) -> "Generator":
+        """Open, verify and load a ``task: lm`` bundle. ``nation``: this unit's nation (else ``BASTION_NATION``);
+        a bundle whose signed markings do not release it there is refused, as ``Detector.load`` does."""
+        return cls(Bundle.open(model, allow_unsigned=allow_unsigned, nation=nation), threads)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids

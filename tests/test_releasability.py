@@ -101,6 +101,23 @@ def test_the_node_audits_a_refusal_by_nation(tmp_path, team, monkeypatch):
     assert refused and "not releasable to FRA" in json.dumps(refused[-1])
 
 
+def test_the_node_holds_its_lm_to_the_nation_in_its_config(tmp_path, team, monkeypatch):
+    """The node's ``nation:`` applies to its ``ask`` model too, not only BASTION_NATION (status shows the nation,
+    so the operator is told the check is on)."""
+    from bastion.edge.node_models import load_lm
+
+    root = marked_bundle(tmp_path, team)  # an LM bundle, REL TO CAN, GBR
+    monkeypatch.delenv("BASTION_NATION", raising=False)
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    fra = NodeConfig(model=str(root), sources=[{"name": "cam", "uri": str(tmp_path)}], nation="FRA")
+    with pytest.raises(ReleasabilityError, match="not releasable to FRA"):
+        load_lm(fra, audit, str(root))
+    gbr = NodeConfig(model=str(root), sources=[{"name": "cam", "uri": str(tmp_path)}], nation="GBR")
+    assert load_lm(gbr, audit, str(root)).bundle.manifest.markings.releasable_to == ["CAN", "GBR"]
+    kinds = [json.loads(line)["kind"] for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert kinds[-2:] == ["bundle_refused", "bundle_loaded"]
+
+
 def test_unmarked_bundles_keep_their_signed_bytes():
     for name in ("yolov5n", "yolox_nano", "stories260K"):
         manifest = read_manifest(zoo_path(name) / MANIFEST_NAME)

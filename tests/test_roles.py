@@ -162,7 +162,9 @@ def test_an_admin_reload_with_persist_survives_a_restart_audited_and_a_pin_that_
         text = " ".join(shown.stdout.split())  # rich wraps lines at the terminal's width
         assert "pinned: yolox_nano" in text and "runs again at the next start" in text, shown.stderr
     kinds = [(r["kind"], r["fields"]) for r in _audit(tmp_path)]
-    assert any(k == "reload" and f.get("pinned") == "yolox_nano" for k, f in kinds)
+    boss = key_id(load_public(tmp_path / "clients-own" / "boss.key"))
+    reloads = [f for k, f in kinds if k == "reload"]  # every reload names the key that asked, pinned or not
+    assert [(f.get("pinned"), f["client"]) for f in reloads] == [("yolox_nano", boss), (None, boss)]
     assert any(k == "pin_loaded" and f["sha256"] == pinned_sha for k, f in kinds)
 
     pin["sha256"] = "0" * 64  # the pin now names a bundle the node cannot find: the config's model runs
