@@ -50,8 +50,13 @@ class PolicyStore:
         return int(self._journal_last().get("version", 0))
 
     def current(self) -> SignedPolicy | None:
-        """The policy on file, checked against its own root and the journal (not its expiry), or None."""
-        recorded = self.journal_version()
+        """The policy on file, checked against its own root and the journal (not its expiry), or None.
+
+        The file must be the very policy the journal records as applied last (its sha256): a validly signed policy
+        copied into ``trust/`` by hand — an older one, or a newer one from a root this unit never confirmed — was
+        never through ``apply``'s checks and is refused."""
+        last = self._journal_last()
+        recorded = int(last.get("version", 0))
         try:
             data = read_bounded(self.path, MAX_POLICY_BYTES)
         except FileNotFoundError:
@@ -77,6 +82,14 @@ class PolicyStore:
                 f"the trust policy on file is v{signed.policy.version} but v{recorded} was applied here "
                 "(an old copy put back); refusing every bundle",
                 "apply the current policy again: bastion policy apply FILE.bastion-policy",
+            )
+        if signed.policy.sha256() != last.get("sha256"):
+            applied = f"v{recorded} (sha256 {last['sha256'][:16]}…)" if recorded else "no policy"
+            raise SignatureError(
+                f"the trust policy on file (v{signed.policy.version}, sha256 {signed.policy.sha256()[:16]}…) is not "
+                f"the one applied here: {self.trust.audit_path} records {applied}; it was put there by hand, "
+                "refusing every bundle",
+                "apply the policy this unit should run: bastion policy apply FILE.bastion-policy",
             )
         return signed
 
@@ -104,12 +117,14 @@ class PolicyStore:
             restored = False
             try:
                 old = self.current()
-            except SignatureError:  # the file in force is lost, damaged or an old copy: hold it to the journal
+            except (
+                SignatureError
+            ):  # the file in force is lost, damaged, an old copy or dropped in: hold it to the journal
                 recorded = self._journal_last()
-                if not recorded:
-                    raise
-                self._check_restore(new, recorded)
-                old, restored = None, True
+                old, restored = None, bool(recorded)
+                if recorded:
+                    self._check_restore(new, recorded)
+                # else no policy was ever applied here: the new root is confirmed as a first one, below
             if old is not None:
                 if policy.version <= old.policy.version:
                     raise SignatureError(

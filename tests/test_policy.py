@@ -296,6 +296,34 @@ def test_a_lost_or_replaced_policy_file_is_put_back_by_applying_the_current_one(
     assert journal.count('"restored":"true"') == 2
 
 
+def test_a_policy_file_dropped_into_trust_by_hand_is_refused_until_one_is_applied(tmp_path, kit):
+    """A validly signed policy from a root this unit never confirmed, copied over the file in force with a higher
+    version, was accepted at load (only 'older than the journal' was checked): an attacker's v100 then released
+    the attacker's bundles. The file must be the one the journal records as applied."""
+    k, nations = kit
+    v1 = signed(policy(1, [k["root1"]], nations, [NATIONS_RULE]), k["root1"])
+    rogue_signers = [{"pair": k["fra"], "role": "nation:CAN"}, {"pair": k["team"], "role": "nation:GBR"}]
+    rogue = signed(policy(100, [k["root2"]], rogue_signers, [NATIONS_RULE]), k["root2"])
+    root = make_bundle(tmp_path, "coalition-vehicles", k["fra"])
+    add_countersignature(root, k["team"])
+    store = PolicyStore()
+    store.trust.keys()  # a unit with its trust store and journal, and no policy yet
+    store.path.write_bytes(rogue.to_bytes())
+    with pytest.raises(SignatureError, match=r"is not the one applied here: .* records no policy; it was put there"):
+        Bundle.open(root)
+    first_apply(v1)  # the operator applies the coalition's policy, confirming its root
+    assert PolicyStore().current().policy.version == 1
+    PolicyStore().path.write_bytes(rogue.to_bytes())
+    with pytest.raises(SignatureError, match=r"v100, sha256 .* records v1 \(sha256"):
+        Bundle.open(root)
+    assert "is not the one applied here" in one_line(run_cli("bundle", "verify", str(root)))
+    PolicyStore().apply(v1)  # putting the policy in force back is the way out, as the refusal says
+    with pytest.raises(
+        SignatureError, match="rule .coalition-.. unmet.*not in the policy"
+    ):  # rogue keys count for nothing
+        Bundle.open(root)
+
+
 def test_a_detector_says_every_signature_that_released_it_and_the_rule(tmp_path, kit):
     """Node status read only the first signer: a k-of-n model showed one nation, not the two that released it."""
     import shutil
