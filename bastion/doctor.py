@@ -28,21 +28,24 @@ class Check:
     detail: str
 
 
-def run_checks(lock: Path | None = None) -> list[Check]:
+def run_checks(lock: Path | None = None, node_storage: Path | None = None) -> list[Check]:
     """Doctor only looks: with no state directory yet, the state checks run against an empty throw-away one
-    (what this unit's first use will find), so that `bastion doctor` creates nothing under HOME."""
+    (what this unit's first use will find), so that `bastion doctor` creates nothing under HOME.
+    ``node_storage``: a node's storage directory (events, snapshots, clips, its audit log), checked for
+    encryption too — it need not be under BASTION_HOME."""
     import tempfile
 
     from bastion.models.home import bastion_home
 
     home = bastion_home()
+    storage = [_storage(home)] + ([_node_storage(node_storage)] if node_storage is not None else [])
     if home.exists():
-        return _checks(_home(home), lock, _storage(home))
+        return _checks(_home(home), lock, storage)
     with tempfile.TemporaryDirectory(prefix="bastion-doctor-") as empty:
         saved = os.environ.get("BASTION_HOME")
         os.environ["BASTION_HOME"] = empty
         try:
-            return _checks(_home(home), lock, _storage(home))
+            return _checks(_home(home), lock, storage)
         finally:
             if saved is None:
                 os.environ.pop("BASTION_HOME", None)
@@ -50,10 +53,10 @@ def run_checks(lock: Path | None = None) -> list[Check]:
                 os.environ["BASTION_HOME"] = saved
 
 
-def _checks(home: Check, lock: Path | None, storage: Check | None = None) -> list[Check]:
+def _checks(home: Check, lock: Path | None, storage: list[Check]) -> list[Check]:
     checks = [
         home,
-        storage,
+        *storage,
         _trust(),
         _policy(),
         _unit(),
@@ -95,6 +98,20 @@ def _storage(home: Path) -> Check:
     if found.state == "unknown":
         return Check("encrypted storage", "warn", f"unknown: {found.detail}{hint}")
     return Check("encrypted storage", "warn", found.detail + hint)
+
+
+def _node_storage(path: Path) -> Check:
+    """The same warning for a node's storage directory: its events, snapshots, clips and audit log."""
+    from bastion.storage_crypt import storage_crypt
+
+    name = "node storage"
+    if not path.is_dir():
+        return Check(name, "fail", f"{path} is not a directory (give the node's storage.dir)")
+    found = storage_crypt(path.resolve())
+    if found.state == "encrypted":
+        return Check(name, "ok", found.detail)
+    hint = "; put the node's storage.dir on a LUKS volume (docs/security.md, 'Encrypted storage')"
+    return Check(name, "warn", ("unknown: " if found.state == "unknown" else "") + found.detail + hint)
 
 
 def _trust() -> Check:
@@ -369,17 +386,23 @@ def doctor_command(
         help="Compare installed versions with this lock file "
         "(default: the checkout's requirements/*.txt, when run from one).",
     ),
+    storage: Optional[Path] = typer.Option(
+        None,
+        "--storage",
+        help="A node's storage directory (storage.dir in node.yaml): also warn unless it is on an encrypted "
+        "block device.",
+    ),
 ) -> None:
     """Check offline readiness: state directory, trust store, registry, vendored models, providers, egress,
-    installed versions against the lock.
+    installed versions against the lock; with --storage, whether a node's storage directory is encrypted.
 
-    Example: bastion doctor --json
+    Example: bastion doctor --json --storage /var/lib/bastion/node-data
     """
     if lock is not None and not lock.is_file():
         from bastion.errors import InputNotFoundError
 
         raise InputNotFoundError(f"lock file not found: {lock}")
-    checks = run_checks(lock)
+    checks = run_checks(lock, storage)
     failed = any(c.status == "fail" for c in checks)
     if json_out:
         print_json({"ok": not failed, "checks": [asdict(c) for c in checks]})

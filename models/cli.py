@@ -9,16 +9,12 @@ import typer
 from rich.table import Table
 
 from bastion.console import out, print_json
-from bastion.models.cli_options import JSON_OPTION, PASSPHRASE_OPTION
+from bastion.models.cli_options import JSON_OPTION, KEY_HELP, PASSPHRASE_OPTION
 
 bundle_app = typer.Typer(
     help="Create, sign, countersign, mark, verify, inspect and pack model bundles.", no_args_is_help=True
 )
 
-KEY_HELP = (
-    "Private key file (.key), or a key on a PKCS#11 token: 'pkcs11:token=T;object=K' "
-    "(module: ?module-path= or BASTION_PKCS11_MODULE; PIN: ?pin-source=file:/path or BASTION_PKCS11_PIN)."
-)
 ALLOW_UNSIGNED_HELP = "DEVELOPMENT ONLY: run a bundle that is unsigned or fails verification (warned every time)."
 
 

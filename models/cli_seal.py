@@ -7,15 +7,14 @@ from pathlib import Path
 import typer
 
 from bastion.console import out, print_json
-from bastion.models.cli_options import JSON_OPTION
-from bastion.models.keys import read_passphrase
+from bastion.models.cli_options import JSON_OPTION, KEY_HELP
 
 
 def bundle_seal(
     bundle: str = typer.Argument(..., help="The clear bundle: directory, .bastion file, registry or zoo name."),
     to: list[Path] = typer.Option(..., "--to", help="A unit's unit.pub (bastion keys unit-export); repeat per unit."),
     out_dir: Path = typer.Option(..., "--out", help="New directory for the sealed bundle (never overwritten)."),
-    sign: Path = typer.Option(None, "--sign", help="Sign the sealed bundle with this private key (.key)."),
+    sign: str = typer.Option(None, "--sign", help="Sign the sealed bundle with this key. " + KEY_HELP),
     passphrase: bool = typer.Option(False, "--passphrase", help="Prompt for the signing key's passphrase."),
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Seal a clear bundle that is not signed."),
     json_out: bool = JSON_OPTION,
@@ -28,11 +27,11 @@ def bundle_seal(
     Example: bastion bundle seal vehicles-1.0/ --to alpha.pub --to bravo.pub --out vehicles-1.0-sealed --sign team.key
     """
     from bastion.models.bundle import Bundle, seal_bundle, staged_bundle
-    from bastion.models.keys import load_private_key
+    from bastion.models.signer import load_signer
     from bastion.models.seal import seal_into
     from bastion.models.unit_key import load_unit_public, unit_key_id
 
-    key = load_private_key(sign, read_passphrase(passphrase)) if sign else None
+    key = load_signer(sign, passphrase) if sign else None
     units = [(path.stem[:64] or None, load_unit_public(path)) for path in to]
     source = Bundle.open(bundle, allow_unsigned=allow_unsigned)
     with staged_bundle(out_dir) as staging:

@@ -67,3 +67,24 @@ def test_a_key_that_is_not_the_one_its_pub_names_or_not_a_file_fails(monkeypatch
     os.mkfifo(home_key_path())  # never opened: a FIFO would block the reader
     check = unit_check()
     assert check.status == "fail" and "is not a unit key file" in check.detail, check
+
+
+def test_a_nodes_storage_directory_is_checked_for_encryption_too(tmp_path):
+    """The node's storage.dir (events, snapshots, clips, its audit log) need not be under BASTION_HOME: doctor
+    --storage checks it as it checks BASTION_HOME, and a path that is no directory fails in one row."""
+    from bastion.storage_crypt import storage_crypt
+
+    data = tmp_path / "node-data"
+    data.mkdir()
+    proc = run_cli("doctor", "--json", "--storage", str(data))
+    rows = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
+    found = storage_crypt(data.resolve())
+    row = rows["node storage"]
+    assert row["status"] == ("ok" if found.state == "encrypted" else "warn") and found.detail in row["detail"]
+    if found.state != "encrypted":
+        assert "storage.dir on a LUKS volume" in row["detail"]
+    proc = run_cli("doctor", "--json", "--storage", str(tmp_path / "no-such-dir"))
+    rows = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
+    assert proc.returncode == 1 and rows["node storage"]["status"] == "fail"
+    assert "not a directory" in rows["node storage"]["detail"]
+    assert "node storage" not in {c["name"] for c in json.loads(run_cli("doctor", "--json").stdout)["checks"]}
