@@ -50,31 +50,46 @@ class LabellerChoice:
         return {"kind": self.kind, "address": self.address or "local", "workers": self.workers}
 
 
-def parse_labeller(text: str, workers: int | None = None) -> LabellerChoice:
+@dataclass(frozen=True)
+class Flags:
+    """How a command that can run on Ray names it, for its one-line errors (``--labeller`` / ``eval --on``)."""
+
+    flag: str = "--labeller"  # "--labeller ray:…" / "--on ray:…"
+    workers: str = "--labeller-workers"
+    noun: str = "labeller"  # "unknown labeller"
+    what: str = "the Ray labeller"  # "the Ray labeller failed: …"
+
+
+LABELLER_FLAGS = Flags()
+EVAL_FLAGS = Flags(flag="--on", workers="--workers", noun="place to run", what="the evaluation on Ray")
+
+
+def parse_labeller(text: str, workers: int | None = None, flags: Flags = LABELLER_FLAGS) -> LabellerChoice:
     """``single`` | ``ray`` | ``ray:auto`` | ``ray:HOST:PORT``; anything else is one line naming the forms."""
     value = (text or "").strip()
+    flag = flags.flag
     forms = "give single, ray, ray:auto or ray:HOST:PORT (e.g. ray:10.0.0.1:6379)"
     if workers is not None and not 1 <= workers <= 4096:
-        raise ConfigError(f"--labeller-workers {workers}: give 1 to 4096 Ray workers")
+        raise ConfigError(f"{flags.workers} {workers}: give 1 to 4096 Ray workers")
     if value == "single":
         if workers is not None:
-            raise ConfigError("--labeller-workers goes with --labeller ray: the single labeller is one process")
+            raise ConfigError(f"{flags.workers} goes with {flag} ray: single is one process")
         return LabellerChoice()
     kind, has_address, address = value.partition(":")
     if kind != "ray":
-        raise ConfigError(f"--labeller {text!r}: unknown labeller", forms)
+        raise ConfigError(f"{flag} {text!r}: unknown {flags.noun}", forms)
     if not has_address:
         return LabellerChoice("ray", None, workers)
     if address == "auto":
         return LabellerChoice("ray", "auto", workers)
     if address.startswith("//"):
         raise ConfigError(
-            f"--labeller {text!r}: Ray Client (ray://) is not supported",
+            f"{flag} {text!r}: Ray Client (ray://) is not supported",
             "run bastion on a node of the cluster and give ray:auto or ray:HOST:PORT (the GCS port, 6379)",
         )
     host, sep, port = address.rpartition(":")
     if not sep or not _HOST.match(host) or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ConfigError(f"--labeller {text!r}: not a Ray address", forms)
+        raise ConfigError(f"{flag} {text!r}: not a Ray address", forms)
     return LabellerChoice("ray", f"{host}:{int(port)}", workers)
 
 

@@ -6,22 +6,13 @@ a cluster started with ``ray start``, and Ray schedules the actors, streams the 
 a lost worker. The driver writes every file (``pseudo.build_dataset``): the actors hand back the fused float32
 arrays as raw bytes, so the labels are byte for byte the single process's.
 
-Offline, as everything else. A local cluster (``--labeller ray``) starts with usage statistics off
-(``RAY_USAGE_STATS_ENABLED=0``, and the report address a closed loopback port, so not even Ray's "stats are
-disabled" ping could leave), no dashboard, and on the loopback interface only: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``
-is Ray's own switch that keeps a node on 127.0.0.1 rather than looking up its outward address, so every Ray port
-listens on 127.0.0.1. Its session directory is a short private temp dir (a unix socket path must stay under about
-107 characters), removed at the end unless ``BASTION_RAY_TMPDIR`` names one to keep.
+The cluster itself (a private local one, offline and on loopback only, or a running one joined) is
+``ray_session.RaySession``, shared with ``eval detect --on ray`` (``ray_eval.py``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import socket
-import tempfile
-import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -29,38 +20,11 @@ import numpy as np
 
 from bastion.distill.classmap import ClassMap
 from bastion.distill.labellers import TEACHER_CONF, Fused, LabellerChoice, Outcome, fuse_one
-from bastion.errors import BastionError, ConfigError, MissingExtraError
+from bastion.distill.ray_session import RaySession, require_ray  # noqa: F401  (require_ray: distill/cli.py)
+from bastion.errors import ConfigError
 from bastion.models.bundle import Bundle
 
 log = logging.getLogger(__name__)
-# every process of a Ray cluster this run starts or joins: no usage report, not even the "disabled" one
-NO_PHONE_HOME = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/"}
-DEAD_END = "http://127.0.0.1:9"  # the discard port, closed: a request sent there is refused on this host
-LOOPBACK_ONLY = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # a local cluster: node IP 127.0.0.1, every port on loopback
-    # Ray's dashboard process asks the cloud metadata services (169.254.169.254, metadata.google.internal) what
-    # cloud it runs on even with usage stats off (ray/_common/usage/usage_lib.py, 2.60; the zero-egress guard
-    # caught it): every HTTP request of the cluster's processes goes to a closed loopback proxy instead, and
-    # only the cluster's own loopback traffic bypasses it
-    **{k: DEAD_END for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")},
-    **{k: "127.0.0.1,localhost,::1" for k in ("no_proxy", "NO_PROXY")},
-}
-TMPDIR_ENV = "BASTION_RAY_TMPDIR"
-MAX_TMPDIR = 40  # + "/session_<date>_<pid>/sockets/plasma_store" stays under the unix socket path limit
-BATCH = 8  # images per actor call: large enough to amortise Ray's per-task cost, small enough to stream
-CONNECT_TIMEOUT_S = 3.0
-REMOVE_WAIT_S = 5.0  # a shut-down cluster's last processes may still write into its session dir this long
-OBJECT_STORE = 128 * 2**20  # a local cluster moves paths and small arrays only; Ray's default is 30 % of RAM
-
-
-def require_ray():
-    """``ray`` (with ``ray.data``), or the one line that says how to get it."""
-    try:
-        import ray
-        import ray.data
-    except ImportError:
-        raise MissingExtraError("--labeller ray", "scale", "ray[data]", "(or use --labeller single)") from None
-    return ray
 
 
 class TeacherActor:
@@ -105,37 +69,6 @@ def decode(row: dict) -> Outcome:
     )
 
 
-def session_dir() -> tuple[Path, bool]:
-    """Where a local cluster keeps its session (sockets, logs): (dir, whether this run made it and removes it)."""
-    kept = os.environ.get(TMPDIR_ENV)
-    if kept:
-        path = Path(kept).absolute()
-        if len(str(path)) > MAX_TMPDIR:
-            raise ConfigError(
-                f"{TMPDIR_ENV}={kept}: at most {MAX_TMPDIR} characters",
-                "Ray puts unix sockets under it and a socket path is limited to about 107 characters",
-            )
-        path.mkdir(parents=True, exist_ok=True)
-        return path, False
-    base = tempfile.gettempdir()
-    if len(base) > MAX_TMPDIR - 20:
-        base = "/tmp"
-    return Path(tempfile.mkdtemp(prefix="bastion-ray-", dir=base)), True
-
-
-def check_reachable(address: str) -> None:
-    """A HOST:PORT nobody answers on is one line now, not Ray's minute of retries and a traceback."""
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
-            pass
-    except OSError as exc:
-        raise ConfigError(
-            f"--labeller ray:{address}: no Ray cluster answers there ({exc.strerror or type(exc).__name__})",
-            f"start one with 'ray start --head --port {port}' (docs/scale.md), or check the address",
-        ) from None
-
-
 class RayLabeller:
     """The teacher ensemble as Ray Data actors; yields each image's fused boxes in the order it was given them."""
 
@@ -146,142 +79,20 @@ class RayLabeller:
                 f"teacher {sealed[0]} is sealed: its weights are opened only where its unit key is",
                 "label with --labeller single on the machine that holds the key",
             )
-        self.choice, self.teachers, self.maps = choice, teachers, maps
-        self._saved_env = {k: os.environ.get(k) for k in (*NO_PHONE_HOME, *LOOPBACK_ONLY)}
-        self._tmp: Path | None = None
-        self._remove_tmp = False
-        self._owned = False
-        self.ray = require_ray()
-        self._cluster_switch = self.ray._private.ray_constants.ENABLE_RAY_CLUSTER
-        try:
-            self._start()
-        except BaseException:  # a refused address or Ctrl-C while starting: nothing left running or set
-            self.close()
-            raise
-
-    def _start(self) -> None:
-        ray, choice = self.ray, self.choice
-        if ray.is_initialized():  # embedded in a program that already joined a cluster: use it, leave it up
-            log.info("using the Ray cluster this process already joined")
-        elif choice.address is None:
-            os.environ.update({**NO_PHONE_HOME, **LOOPBACK_ONLY})
-            ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # the same switch, if ray was imported before
-            tmp, self._remove_tmp = session_dir()
-            self._tmp = tmp
-            self._owned = True
-            ray.init(
-                address="local",
-                num_cpus=choice.workers or os.cpu_count() or 1,
-                include_dashboard=False,
-                _temp_dir=str(tmp),
-                object_store_memory=OBJECT_STORE,
-                log_to_driver=False,
-                configure_logging=False,
-            )
-        else:
-            os.environ.update(NO_PHONE_HOME)  # this driver's part; the cluster's nodes are started with it too
-            if choice.address != "auto":
-                check_reachable(choice.address)
-            self._owned = True  # ray.shutdown() disconnects this driver; the cluster stays up
-            try:
-                ray.init(address=choice.address, log_to_driver=False, configure_logging=False)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                hint = "start one with 'ray start --head' (docs/scale.md), or give ray:HOST:PORT"
-                if choice.address != "auto" and os.environ.get("RAY_AUTH_MODE") != "token":  # Ray does not say it
-                    hint = (
-                        "a cluster from 'ray start' wants its token (Ray 2.60 turns token authentication on): "
-                        "export RAY_AUTH_MODE=token on this node (docs/scale.md); else " + hint
-                    )
-                raise ConfigError(
-                    f"--labeller ray:{choice.address}: could not join the Ray cluster: {first}", hint
-                ) from None
-        resources = ray.cluster_resources()
-        self.gpus = int(resources.get("GPU", 0))
-        slots = self.gpus or int(resources.get("CPU", 1))
-        if choice.workers is not None and choice.workers > slots:  # Ray would wait for them forever
-            unit = "GPUs" if self.gpus else "CPUs"
-            raise ConfigError(
-                f"--labeller-workers {choice.workers}: the Ray cluster has {slots} {unit}",
-                f"give at most {slots} (one worker per {unit[:-1]}), or add nodes",
-            )
-        self.workers = choice.workers or max(1, slots)
-        log.info("Ray labeller: %d worker(s) on %s", self.workers, choice.address or "a local cluster")
+        self.teachers, self.maps = teachers, maps
+        self.session = RaySession(choice)
+        self.workers = self.session.workers
 
     def fuse(self, paths: Sequence[Path]) -> Iterator[tuple[Path, Outcome]]:
-        if not paths:
-            return
-        ray = self.ray
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # results come back in the order of `paths`
-        ctx.enable_progress_bars = False  # bastion shows its own progress; stdout stays the report's (--json)
-        ctx.print_on_execution_start = False
-        per_actor = {"num_gpus": 1} if self.gpus else {"num_cpus": 1}
-        ds = ray.data.from_items(
-            [{"path": str(p)} for p in paths], override_num_blocks=max(1, -(-len(paths) // BATCH))
-        ).map_batches(
-            TeacherActor,
-            fn_constructor_args=(self.teachers, self.maps, None if self.gpus else 1),
-            batch_size=BATCH,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=min(self.workers, len(paths))),
-            **per_actor,
+        threads = None if self.session.gpus else 1
+        rows = self.session.ordered_map(
+            [{"path": str(p)} for p in paths], TeacherActor, (self.teachers, self.maps, threads)
         )
-        logging.getLogger("ray.data").setLevel(logging.ERROR)  # its execution notes are not the operator's
-        rows = iter(ds.iter_rows())
-        for path in paths:
-            try:
-                row = next(rows)
-            except StopIteration:
-                raise BastionError(f"the Ray labeller returned no result for {path.name}") from None
-            except Exception as exc:  # a worker's error arrives wrapped by Ray: one line for the operator
-                first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-                raise BastionError(f"the Ray labeller failed: {first}", "rerun with --labeller single to see") from None
-            if row["path"] != str(path):
-                raise BastionError(f"the Ray labeller returned {row['path']} where {path} was due")
+        for path, row in zip(paths, rows):
             yield path, decode(row)
 
     def describe(self) -> dict:
-        return {**self.choice.describe(), "workers": self.workers, "gpus_per_worker": 1 if self.gpus else 0}
+        return self.session.describe()
 
     def close(self) -> None:
-        """Shut down a cluster this run started (disconnect from one it joined); remove its temp dir.
-
-        A Ctrl-C that lands while Ray shuts down (it takes a second or two) would stop the shutdown half-way and
-        leave Ray's processes writing into the session dir while it is removed (seen: an empty session dir left in
-        /tmp): the shutdown is finished first, then the interrupt goes on.
-        """
-        interrupted: KeyboardInterrupt | None = None
-        try:
-            if self._owned and self.ray.is_initialized():
-                try:
-                    self.ray.shutdown()
-                except KeyboardInterrupt as exc:
-                    interrupted = exc
-                    self.ray.shutdown()
-        finally:
-            self._owned = False
-            self.ray._private.ray_constants.ENABLE_RAY_CLUSTER = self._cluster_switch
-            for k, v in self._saved_env.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            if self._tmp is not None and self._remove_tmp:
-                remove_tree(self._tmp)
-            self._tmp = None
-        if interrupted is not None:
-            raise interrupted
-
-
-def remove_tree(path: Path, wait_s: float = REMOVE_WAIT_S) -> bool:
-    """Remove a session dir that a dying Ray process may still write into: retry until it is gone (or wait_s)."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        shutil.rmtree(path, ignore_errors=True)
-        if not path.exists():
-            return True
-        if time.monotonic() > deadline:
-            log.warning("could not remove Ray's session dir %s: remove it by hand", path)
-            return False
-        time.sleep(0.05)
+        self.session.close()

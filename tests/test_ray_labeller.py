@@ -319,7 +319,7 @@ def test_a_ctrl_c_during_the_shutdown_finishes_it_then_removes_the_session_dir(t
     import threading
     import types
 
-    from bastion.distill.ray_labeller import RayLabeller
+    from bastion.distill.ray_session import RaySession
 
     session = tmp_path / "bastion-ray-x"
     (session / "session_1").mkdir(parents=True)
@@ -343,11 +343,11 @@ def test_a_ctrl_c_during_the_shutdown_finishes_it_then_removes_the_session_dir(t
         shutdown=shutdown,
         _private=types.SimpleNamespace(ray_constants=types.SimpleNamespace(ENABLE_RAY_CLUSTER=False)),
     )
-    labeller = object.__new__(RayLabeller)
-    labeller.ray, labeller._owned, labeller._cluster_switch = fake_ray, True, True
-    labeller._saved_env, labeller._tmp, labeller._remove_tmp = {}, session, True
+    ray_session = object.__new__(RaySession)  # what RayLabeller.close and eval --on ray's close call
+    ray_session.ray, ray_session._owned, ray_session._cluster_switch = fake_ray, True, True
+    ray_session._saved_env, ray_session._tmp, ray_session._remove_tmp = {}, session, True
     with pytest.raises(KeyboardInterrupt):
-        labeller.close()
+        ray_session.close()
     assert calls == ["shutdown", "shutdown"]  # the interrupted shutdown is finished before the interrupt goes on
     assert not session.exists()
     assert fake_ray._private.ray_constants.ENABLE_RAY_CLUSTER is True
