@@ -18,7 +18,16 @@ from bastion.distill.datasets import YoloDataset
 from bastion.distill.evaluate import EvalSettings, evaluate_detector, latency_ms
 from bastion.distill.int8_recipe import Recipe, candidates
 from bastion.distill.quantize import quantize_int8
-from bastion.hardware.isa import Int8Target, IsaClass, classes_holding, probe_isa, resolve_target, same_integer_results
+from bastion.hardware.isa import (
+    CPU_EP,
+    Int8Target,
+    IsaClass,
+    classes_holding,
+    ep_class,
+    probe_isa,
+    resolve_target,
+    same_integer_results,
+)
 from bastion.models.bundle import Bundle
 from bastion.models.manifest import EvalResult, Int8Verdict, Manifest, files_sha256
 from bastion.models.provenance import stamp
@@ -41,12 +50,14 @@ class GateResult:
     bundle: str | None = None
     calibration_images: int = 0
     recipe: str | None = None  # the recipe kept (or, refused, the one that came closest)
-    isa: str | None = None  # CPU class this machine measured on
+    isa: str | None = None  # class the INT8 model was measured on: this CPU's, or the EP's (cuda-sm87)
+    execution_provider: str | None = None  # the provider the INT8 session ran on
     target: str | None = None
     target_isa: str | None = None
     measured_on_target: bool = True
     note: str = ""  # said plainly when the measurement does not hold on the target as is
     candidates: list[dict[str, Any]] = field(default_factory=list)
+    int8_verdict: dict[str, Any] | None = None  # the verdict signed into the bundle written (accepted, with --out)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,6 +80,9 @@ class _Trial:
     drop: float
     speedup: float
     verdict: str  # "accepted" | "drop" | "speed"
+    provider: str = CPU_EP  # the execution provider the INT8 session ran on
+    measured_on: str = ""  # its class: this CPU's (x86-avx2) or the provider's (cuda-sm87)
+    target_kernels: bool = True  # computed as the target's kernels compute it (same integers)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -79,6 +93,9 @@ class _Trial:
             "speedup": self.speedup,
             "latency_ms": round(self.latency_ms, 2),
             "verdict": self.verdict,
+            "execution_provider": self.provider,
+            "measured_on": self.measured_on,
+            "target_kernels": self.target_kernels,
         }
 
 
@@ -97,6 +114,7 @@ def quantize_and_gate(
     target: str | None = None,
     recipes: list[Recipe] | None = None,
     fp32_sibling: bool = True,
+    device: str = "ort-cpu",
 ) -> GateResult:
     """Quantize with each recipe the target allows (``int8_recipe.candidates``), best first, and keep the first
     whose measured mAP50 drop and speed-up pass.  ``target``: a device profile or CPU class (default: this CPU).
@@ -105,6 +123,11 @@ def quantize_and_gate(
     runs under ``int8_policy: strict`` where the INT8 verdict does not hold; False for size-constrained units.
 
     ``bootstrap`` > 0: the INT8 model's mAP50 also gets a resampled interval (for a distillation report).
+
+    ``device``: where both models run while measured; ONNX Runtime's CPU provider by default, because the target
+    is a CPU class and only CPU kernels compute what a CPU target computes (``device="auto"`` would take TensorRT
+    or CUDA on a GPU build machine).  The verdict records the provider the INT8 session actually ran on, and on
+    another provider its class (``cuda-sm87``), never this CPU's.
     """
     here = probe_isa()
     goal = resolve_target(target, here)
@@ -115,21 +138,43 @@ def quantize_and_gate(
     sample = [read_image(p) for p in dataset.images[:16]]
     trials: list[_Trial] = []
     with tempfile.TemporaryDirectory(prefix="bastion-quantize-") as tmp:
-        base = Detector(open_backend(bundle.model_path, threads=threads), bundle.manifest, DetectOptions(**eval_opts))
+        base = Detector(
+            open_backend(bundle.model_path, device=device, threads=threads), bundle.manifest, DetectOptions(**eval_opts)
+        )
         fp32_report = evaluate_detector(base, dataset, settings)
         if tick:
             tick()
         for recipe in tries:
             int8_path = Path(tmp) / recipe.name / f"{bundle.manifest.name}-int8-{imgsz}.onnx"
             quantize_int8(base, bundle.model_path, calibration, int8_path, size_hw=(imgsz, imgsz), recipe=recipe)
-            int8 = Detector(open_backend(int8_path, threads=threads), manifest, DetectOptions(**eval_opts))
+            int8 = Detector(
+                open_backend(int8_path, device=device, threads=threads), manifest, DetectOptions(**eval_opts)
+            )
+            provider = (int8.backend.providers or ["unknown"])[0]
+            on_cpu = provider == CPU_EP
+            measured_on = here.name if on_cpu else ep_class(provider)
+            target_kernels = on_cpu and same_integer_results(recipe.saturation_free, here.name, goal.isa.name)
             report = evaluate_detector(int8, dataset, replace(settings, bootstrap=bootstrap))
             latency = latency_ms({"fp32": base, "int8": int8}, sample)
             int8.close()
             drop = round((fp32_report.map50 - report.map50) * 100, 2)
             speedup = round(latency["fp32"] / latency["int8"], 3)
             verdict = "drop" if drop > max_drop_points else "speed" if speedup < min_speedup else "accepted"
-            trials.append(_Trial(recipe, int8_path, report, latency["int8"], latency["fp32"], drop, speedup, verdict))
+            trials.append(
+                _Trial(
+                    recipe,
+                    int8_path,
+                    report,
+                    latency["int8"],
+                    latency["fp32"],
+                    drop,
+                    speedup,
+                    verdict,
+                    provider,
+                    measured_on,
+                    target_kernels,
+                )
+            )
             log.info("INT8 candidate measured", extra=trials[-1].summary())
             if verdict == "accepted":
                 break
@@ -141,6 +186,7 @@ def quantize_and_gate(
         if result.accepted and out_dir is not None:
             result.bundle = str(out_dir)
             verdict = _verdict(chosen, result, fp32_report, dataset, calibration, here, goal)
+            result.int8_verdict = verdict.model_dump(mode="json")
             _write_bundle(
                 bundle,
                 manifest,
@@ -170,8 +216,8 @@ def _result(
     here: IsaClass,
     goal: Int8Target,
 ) -> GateResult:
-    on_target = same_integer_results(chosen.recipe.saturation_free, here.name, goal.isa.name)
-    note = _plain_note(chosen.recipe, here, goal, on_target)
+    on_target = chosen.target_kernels
+    note = _plain_note(chosen, here, goal)
     fp32 = {
         "map50": fp32_report.map50,
         "map50_95": fp32_report.map50_95,
@@ -188,11 +234,14 @@ def _result(
     drop, speedup, recipe = chosen.drop, chosen.speedup, chosen.recipe
     tried = f" ({recipe.name}: {recipe.describe()}; tried {', '.join(t.recipe.name for t in trials)})"
     if chosen.verdict == "drop":
-        reason = f"refused: mAP50 drops {drop:.2f} points at best (limit {max_drop}){tried}; the model stays FP32"
+        reason = (
+            f"refused: mAP50 drops {drop:.2f} points at best (limit {max_drop}){tried}; the model stays FP32"
+            + _not_target_kernels(trials, goal)
+        )
     elif chosen.verdict == "speed":
         reason = (
             f"refused: only {speedup:.2f}× faster than FP32 (need {min_speedup}×) for a {drop:.2f}-point "
-            f"mAP50 cost{tried}; the model stays FP32"
+            f"mAP50 cost{tried}; the model stays FP32" + _not_target_kernels(trials, goal)
         )
     else:
         reason = f"accepted: mAP50 drop {drop:.2f} points ≤ {max_drop}, {speedup:.2f}× faster{tried}"
@@ -206,7 +255,8 @@ def _result(
         speedup,
         calibration_images=len(calibration),
         recipe=recipe.name,
-        isa=here.name,
+        isa=chosen.measured_on,
+        execution_provider=chosen.provider,
         target=goal.name,
         target_isa=goal.isa.name,
         measured_on_target=on_target,
@@ -215,11 +265,31 @@ def _result(
     )
 
 
-def _plain_note(recipe: Recipe, here: IsaClass, goal: Int8Target, on_target: bool) -> str:
+def _not_target_kernels(trials: list[_Trial], goal: Int8Target) -> str:
+    """For a refusal: which refused candidates were not measured with the target's kernels (their drop there may
+    differ, either way), so 'refused' is not read as 'cannot hold on the target'."""
+    elsewhere = [t for t in trials if not t.target_kernels]
+    if not elsewhere:
+        return ""
+    return (
+        f"; NOT measured with the target's kernels ({goal.isa.name}): "
+        + ", ".join(f"{t.recipe.name} (on {t.measured_on}, {t.drop:.2f} points)" for t in elsewhere)
+        + f" — measure on a {goal.isa.name} machine before ruling INT8 out there"
+    )
+
+
+def _plain_note(chosen: _Trial, here: IsaClass, goal: Int8Target) -> str:
     """One sentence on whether the measurement holds on the target's CPU, for the report and the CLI."""
+    recipe = chosen.recipe
+    if chosen.provider != CPU_EP:
+        return (
+            f"NOT measured with the target's kernels: the INT8 model ran on {chosen.provider} "
+            f"({chosen.measured_on}), the target {goal.name} is {goal.isa.name} CPU kernels; the mAP and speed-up "
+            f"hold on {chosen.measured_on} only"
+        )
     if here.name == goal.isa.name:
         return f"measured on this CPU ({here.name}), the target's own class"
-    if on_target:
+    if chosen.target_kernels:
         return (
             f"measured on {here.name} for a {goal.isa.name} target: this recipe computes the same integers "
             f"there, so the mAP holds; the speed-up was not measured on {goal.isa.name}"
@@ -245,11 +315,16 @@ def _verdict(
     return Int8Verdict(
         recipe=chosen.recipe.name,
         recipe_params=chosen.recipe.to_dict(),
-        isa=here.name,
-        holds_on=classes_holding(chosen.recipe.saturation_free, here.name),
+        isa=chosen.measured_on,
+        holds_on=(
+            classes_holding(chosen.recipe.saturation_free, here.name)
+            if chosen.provider == CPU_EP
+            else [chosen.measured_on]  # a GPU provider's kernels: only that provider on that GPU generation
+        ),
         target=goal.name,
         target_isa=goal.isa.name,
         measured_on_target=result.measured_on_target,
+        execution_provider=chosen.provider,
         onnxruntime=onnxruntime.__version__,
         calibration_sha256=files_sha256(sorted(calibration)),
         calibration_images=len(calibration),

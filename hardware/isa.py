@@ -187,3 +187,28 @@ def resolve_target(target: str | None, here: IsaClass | None = None) -> Int8Targ
             f"add isa: one of {', '.join(CLASSES)} to it, or pass --target CLASS",
         )
     return Int8Target(profile.name, isa_class(isa))
+
+
+CPU_EP = "CPUExecutionProvider"
+_EP_SHORT = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "tensorrt"}
+
+
+def ep_class(provider: str, compute_capability: str | None = None) -> str:
+    """The class an INT8 verdict measured on ``provider`` is recorded under: this CPU's class for ONNX Runtime's CPU
+    provider, else the provider and GPU generation (``cuda-sm87``: CUDA on compute capability 8.7).
+
+    ``compute_capability`` ("8.7"): the first GPU's, probed through NVML when not given; without one the class is
+    the provider's short name (``cuda``).  Native TensorRT's provider line ("TensorRT 10.3 (int8, Orin)") is
+    ``tensorrt``.
+    """
+    if provider == CPU_EP:
+        return probe_isa().name
+    short = _EP_SHORT.get(provider) or (
+        "tensorrt" if provider.startswith("TensorRT") else provider.removesuffix("ExecutionProvider").lower()
+    )
+    if compute_capability is None:
+        from bastion.hardware.probe import nvidia_gpus
+
+        gpus = nvidia_gpus()
+        compute_capability = gpus[0].compute_capability if gpus else None
+    return f"{short}-sm{compute_capability.replace('.', '')}" if compute_capability else short

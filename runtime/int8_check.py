@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Literal, Protocol, TypeVar
 
 from bastion.errors import ModelLoadError
-from bastion.hardware.isa import IsaClass, probe_isa
+from bastion.hardware.isa import CPU_EP, IsaClass, ep_class, probe_isa
 from bastion.models.bundle import Bundle
 from bastion.models.manifest import Manifest
 
@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 Int8Policy = Literal["warn", "strict"]
 POLICIES = ("warn", "strict")
-CPU_EP = "CPUExecutionProvider"
 _warned: set[tuple[str, str, str]] = set()
 RUN_INT8 = "int8"
 RUN_FP32_SIBLING = "fp32-sibling"
@@ -84,11 +83,16 @@ def check_int8(
     policy: Int8Policy = "warn",
     running: IsaClass | None = None,
     has_fp32_sibling: bool = False,
+    running_ep: str | None = None,
 ) -> Int8Check | None:
     """None for a non-INT8 bundle; else the check, logged once per bundle and CPU class when it differs.
 
     Under ``strict``, when the verdict does not hold here, the check says to run the FP32 sibling
     (``runs == "fp32-sibling"``) if the bundle carries one, and raises ModelLoadError if it does not.
+
+    A verdict measured on a GPU provider (``execution_provider`` CUDA or TensorRT, ``isa`` like ``cuda-sm87``) holds
+    on that provider and GPU generation only; ``running_ep`` is this unit's (``hardware.isa.ep_class``, probed when
+    not given).
     """
     if manifest.precision != "int8":
         return None
@@ -117,6 +121,18 @@ def check_int8(
             f"{verdict.execution_provider} ({verdict.isa}) but runs on {provider}: its "
             f"{verdict.map50_drop_points:.2f}-point mAP50 drop was not measured with these kernels",
         )
+    elif provider != CPU_EP:  # measured on this same GPU provider: its GPU generation decides
+        here = running_ep or ep_class(provider)
+        if here == verdict.isa:
+            return Int8Check(True, True, verdict.isa, here, f"INT8 verdict measured on this provider and GPU ({here})")
+        check = Int8Check(
+            False,
+            False,
+            verdict.isa,
+            here,
+            f"INT8 bundle {manifest.name} was measured on {provider} {verdict.isa}, this unit runs it on {here}: "
+            f"its {verdict.map50_drop_points:.2f}-point mAP50 drop was not measured with these kernels",
+        )
     elif running.name == verdict.isa:
         return Int8Check(True, True, verdict.isa, here, f"INT8 verdict measured on this CPU class ({here})")
     elif running.name in verdict.holds_on:
@@ -143,10 +159,16 @@ def check_int8(
         )
     if not check.holds and policy == "strict":
         if not has_fp32_sibling:
+            instead = (
+                f"a bundle quantized for {here} (bastion quantize --target {here}, which ships the FP32 sibling)"
+                if provider == CPU_EP
+                else f"run this one on the CPU provider it was measured on ({verdict.isa}: --device ort-cpu)"
+                if verdict is not None and verdict.execution_provider == CPU_EP
+                else "quantize it again on this unit's provider and GPU"
+            )
             raise ModelLoadError(
                 f"refused: {check.message}",
-                "int8_policy is strict and this bundle carries no FP32 sibling: load the FP32 bundle, or a "
-                f"bundle quantized for {here} (bastion quantize --target {here}, which ships the FP32 sibling)",
+                f"int8_policy is strict and this bundle carries no FP32 sibling: load the FP32 bundle, or {instead}",
             )
         check = replace(check, runs=RUN_FP32_SIBLING)
     key = (sha256, here, check.runs)  # a fallback is told even after the same bundle warned under "warn"

@@ -1,0 +1,206 @@
+"""INT8 verdicts say where they were measured (issue #22, audit): the execution provider the INT8 session really ran
+on, whether each candidate was measured with the target's kernels, a unit on another provider, the verdict in the
+reports, entropy calibration that is not MinMax in disguise, and a bad or changed ``--target`` in ``distill
+detect``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bastion.errors import ConfigError, ModelLoadError
+from bastion.hardware.isa import CLASSES, ENV_OVERRIDE, classes_holding, ep_class, probe_isa
+from bastion.models import Bundle
+from bastion.models.manifest import Int8Verdict
+from bastion.runtime import int8_check
+from conftest import SAMPLE_IMAGES, run_cli
+
+CUDA_EP = "CUDAExecutionProvider"
+
+
+@pytest.fixture(autouse=True)
+def warns_afresh(monkeypatch):
+    monkeypatch.setattr(int8_check, "_warned", set())
+
+
+def _verdict(**over) -> Int8Verdict:
+    fields = dict(
+        recipe="u8s8-7bit",
+        isa="x86-avx2",
+        holds_on=classes_holding(True, "x86-avx2"),
+        target="x86-cpu",
+        target_isa="x86-avx2",
+        measured_on_target=True,
+        onnxruntime="1.32.0",
+        calibration_sha256="a" * 64,
+        calibration_images=32,
+        evaluation_sha256="b" * 64,
+        evaluation_images=32,
+        fp32_map50=0.553,
+        int8_map50=0.539,
+        map50_drop_points=1.39,
+        speedup=1.21,
+    )
+    return Int8Verdict(**{**fields, **over})
+
+
+def _int8_manifest(verdict: Int8Verdict):
+    manifest = Bundle.open("yolov5n").manifest
+    return manifest.model_copy(update={"precision": "int8", "int8_verdict": verdict})
+
+
+# ---- 1. the execution provider ------------------------------------------------------------------------------
+
+
+def test_ep_class_names_the_provider_and_gpu_generation():
+    assert ep_class(CUDA_EP, "8.7") == "cuda-sm87"
+    assert ep_class("TensorrtExecutionProvider", "8.9") == "tensorrt-sm89"
+    assert ep_class("TensorRT 10.3 (int8, Orin)", "8.7") == "tensorrt-sm87"
+    assert ep_class(CUDA_EP, "") == "cuda"  # no GPU found: the provider alone
+    assert ep_class("CPUExecutionProvider") == probe_isa().name
+
+
+def test_a_cpu_verdict_on_a_cuda_provider_warns_and_strict_falls_back_or_refuses():
+    manifest = _int8_manifest(_verdict())
+    providers = [CUDA_EP, "CPUExecutionProvider"]
+    check = int8_check.check_int8(manifest, "s1", providers, "warn", running=CLASSES["x86-avx2"])
+    assert not check.holds and check.runs == "int8" and check.running_on == CUDA_EP
+    assert "measured on CPUExecutionProvider (x86-avx2) but runs on CUDAExecutionProvider" in check.message
+    strict = int8_check.check_int8(
+        manifest, "s1", providers, "strict", running=CLASSES["x86-avx2"], has_fp32_sibling=True
+    )
+    assert strict.fell_back and strict.precision == "fp32"
+    with pytest.raises(ModelLoadError, match="runs on CUDAExecutionProvider") as refused:
+        int8_check.check_int8(manifest, "s1", providers, "strict", running=CLASSES["x86-avx2"])
+    hint = str(refused.value)
+    # the way out is the CPU provider it was measured on, not "--target CUDAExecutionProvider" (no such target)
+    assert "--device ort-cpu" in hint and "--target CUDA" not in hint, hint
+
+
+def test_a_cuda_verdict_holds_on_the_same_gpu_generation_only():
+    manifest = _int8_manifest(
+        _verdict(isa="cuda-sm87", holds_on=["cuda-sm87"], execution_provider=CUDA_EP, measured_on_target=False)
+    )
+    same = int8_check.check_int8(
+        manifest, "s2", [CUDA_EP], "strict", running=CLASSES["x86-avx2"], running_ep="cuda-sm87"
+    )
+    assert same.holds and same.same and same.running_on == "cuda-sm87"
+    other = int8_check.check_int8(
+        manifest, "s2", [CUDA_EP], "warn", running=CLASSES["x86-avx2"], running_ep="cuda-sm89"
+    )
+    assert not other.holds and other.measured_on == "cuda-sm87" and other.running_on == "cuda-sm89"
+    assert "measured on CUDAExecutionProvider cuda-sm87, this unit runs it on cuda-sm89" in other.message
+    with pytest.raises(ModelLoadError, match="quantize it again on this unit's provider"):
+        int8_check.check_int8(manifest, "s2", [CUDA_EP], "strict", running=CLASSES["x86-avx2"], running_ep="cuda-sm89")
+    on_cpu = int8_check.check_int8(manifest, "s2", ["CPUExecutionProvider"], "warn", running=CLASSES["x86-amx"])
+    assert not on_cpu.holds and "runs on CPUExecutionProvider" in on_cpu.message
+
+
+@pytest.fixture
+def tiny_gate(coco128):
+    """quantize_and_gate on 4 COCO128 images at 160 with one 7-bit recipe: seconds, the numbers do not matter."""
+    pytest.importorskip("onnx")
+    from bastion.distill.datasets import load_data_yaml
+
+    dataset = load_data_yaml(coco128, "val", 4)
+    calibration = sorted((coco128.parent / "images" / "train2017").glob("*.jpg"))[:2]
+    return dataset, calibration
+
+
+def _opened_on(monkeypatch, providers: list[str] | None = None) -> list[str]:
+    """Record the device every gate session is opened on; ``providers``: make the sessions report those (a GPU
+    build machine simulated on the CPU provider)."""
+    from bastion.distill import int8_gate
+    from bastion.runtime.backends import open_backend
+
+    asked: list[str] = []
+
+    def opened(model, device="auto", **kw):
+        asked.append(device)
+        backend = open_backend(model, device="ort-cpu", **kw)
+        if providers:
+            backend.providers = list(providers)
+        return backend
+
+    monkeypatch.setattr(int8_gate, "open_backend", opened)
+    return asked
+
+
+def test_the_gate_measures_on_the_cpu_provider_and_records_the_one_it_ran_on(tiny_gate, tmp_path, monkeypatch):
+    from bastion.distill.int8_gate import quantize_and_gate
+    from bastion.distill.int8_recipe import U8S8_7BIT
+
+    dataset, calibration = tiny_gate
+    asked = _opened_on(monkeypatch)
+    bundle = Bundle.open("yolov5n")
+    result = quantize_and_gate(
+        bundle, calibration, dataset, 160, 100, tmp_path / "int8", recipes=[U8S8_7BIT], min_speedup=0
+    )
+    # "auto" would take TensorRT or CUDA on a GPU build machine: the CPU target's verdict is measured on CPU kernels
+    assert asked and set(asked) == {"ort-cpu"}, asked
+    assert result.accepted and result.execution_provider == "CPUExecutionProvider"
+    here = probe_isa().name
+    assert result.candidates[0]["execution_provider"] == "CPUExecutionProvider"
+    assert result.candidates[0]["measured_on"] == here and result.candidates[0]["target_kernels"] is True
+    verdict = Bundle.open(tmp_path / "int8", allow_unsigned=True).manifest.int8_verdict
+    assert verdict.execution_provider == "CPUExecutionProvider" and verdict.isa == here
+    assert result.int8_verdict == verdict.model_dump(mode="json")  # what the reports show is what was signed
+
+
+def test_a_verdict_measured_on_cuda_records_cuda_and_its_gpu_not_the_cpu_class(tiny_gate, tmp_path, monkeypatch):
+    from bastion.distill.int8_gate import quantize_and_gate
+    from bastion.distill.int8_recipe import U8S8_7BIT
+    from bastion.hardware import probe
+
+    dataset, calibration = tiny_gate
+    asked = _opened_on(monkeypatch, [CUDA_EP, "CPUExecutionProvider"])
+    monkeypatch.setattr(probe, "nvidia_gpus", lambda: [probe.GpuInfo(0, "Orin", 8000, "8.7", "540", None)])
+    result = quantize_and_gate(
+        Bundle.open("yolov5n"),
+        calibration,
+        dataset,
+        160,
+        100,
+        tmp_path / "int8",
+        recipes=[U8S8_7BIT],
+        min_speedup=0,
+        device="ort-cuda",
+        target="x86-cpu",
+    )
+    assert set(asked) == {"ort-cuda"}
+    assert result.isa == "cuda-sm87" and result.execution_provider == CUDA_EP and not result.measured_on_target
+    assert result.candidates[0]["target_kernels"] is False and result.candidates[0]["measured_on"] == "cuda-sm87"
+    assert "NOT measured with the target's kernels" in result.note and CUDA_EP in result.note
+    verdict = Bundle.open(tmp_path / "int8", allow_unsigned=True).manifest.int8_verdict
+    assert verdict.execution_provider == CUDA_EP and verdict.isa == "cuda-sm87" and verdict.holds_on == ["cuda-sm87"]
+    assert not verdict.measured_on_target and verdict.target_isa == "x86-avx2"
+
+
+# ---- 3. per candidate: measured with the target's kernels? -------------------------------------------------
+
+
+def test_a_refusal_says_which_candidates_were_not_measured_with_the_targets_kernels(tiny_gate, monkeypatch):
+    from bastion.distill.int8_gate import quantize_and_gate
+    from bastion.distill.int8_recipe import U8S8, U8S8_7BIT
+
+    dataset, calibration = tiny_gate
+    monkeypatch.setenv(ENV_OVERRIDE, "x86-avx2")  # this CPU saturates full-range U8S8; the VNNI target does not
+    result = quantize_and_gate(
+        Bundle.open("yolov5n"),
+        calibration,
+        dataset,
+        160,
+        -100,  # nothing passes: a refusal
+        None,
+        recipes=[U8S8, U8S8_7BIT],
+        target="x86-avx512-vnni",
+    )
+    assert not result.accepted
+    flags = {c["recipe"]: c["target_kernels"] for c in result.candidates}
+    assert flags == {"u8s8": False, "u8s8-7bit": True}  # 7-bit weights compute the same integers on both
+    assert "NOT measured with the target's kernels (x86-avx512-vnni): u8s8 (on x86-avx2" in result.reason
+    assert "u8s8-7bit (on" not in result.reason, result.reason
