@@ -4,7 +4,10 @@ layout, named once.
 Each stage writes into ``RUN_DIR/<stage>/`` via a staging directory renamed into
 place when the stage succeeds, then records itself in ``run.json`` (atomically).
 Re-running skips finished stages; ``--force STAGE`` redoes one (and everything
-after it).  A stage killed half-way leaves no half-written artefacts.
+after it).  A stage killed half-way leaves no half-written artefacts.  A stage
+whose result depends on settings of the run (``STAGE_INPUTS``: the candidates on
+the INT8 target) records them, and a re-run with other values redoes it (and
+everything after it) instead of reusing what was measured for the old ones.
 
 ``DetectRunDir`` and ``LMRunDir`` name where each file of a detector or a language-model run lives, so no stage
 spells a path by hand and the report, the tests and the docs read the same places.
@@ -23,7 +26,13 @@ from bastion.models.atomic import atomic_write_bytes
 
 
 class RunDir:
-    """Stages over one run folder: ``done``/``result``/``stage``/``record``; subclasses add the folder's layout."""
+    """Stages over one run folder: ``done``/``result``/``stage``/``record``; subclasses add the folder's layout.
+
+    ``STAGE_INPUTS``: per stage, the keys of the recorded ``spec`` (``record("spec", …)``, before the stages run)
+    its result depends on; they are stored with the stage and a change makes it, and every later stage, not done.
+    """
+
+    STAGE_INPUTS: dict[str, tuple[str, ...]] = {}
 
     def __init__(self, root: Path, stages: list[str], force: set[str] | None = None) -> None:
         self.root = Path(root)
@@ -43,7 +52,31 @@ class RunDir:
         return self.stages[first:]
 
     def done(self, stage: str) -> bool:
-        return self.state["stages"].get(stage, {}).get("status") == "done" and (self.root / stage).is_dir()
+        return (
+            self.state["stages"].get(stage, {}).get("status") == "done"
+            and (self.root / stage).is_dir()
+            and not self.stale(stage)
+        )
+
+    def inputs(self, stage: str) -> dict[str, Any]:
+        """The settings ``stage`` depends on, as this run's spec gives them now."""
+        spec = self.state.get("spec") or {}
+        return {key: spec.get(key) for key in self.STAGE_INPUTS.get(stage, ())}
+
+    def stale(self, stage: str) -> str | None:
+        """Why ``stage``'s cached result no longer applies ('int8_target was None, now x86-cpu'), or None: a setting
+        it (or a stage before it) was measured with has changed since."""
+        for name in self.stages[: self.stages.index(stage) + 1] if stage in self.stages else [stage]:
+            entry = self.state["stages"].get(name, {})
+            if entry.get("status") != "done" or name not in self.STAGE_INPUTS:
+                continue
+            then, now = entry.get("inputs"), self.inputs(name)
+            if then is None:  # recorded before the stage stored its inputs: cannot tell, so measure again
+                return f"{name} was cached without its settings"
+            for key, value in now.items():
+                if then.get(key) != value:
+                    return f"{name} was measured with {key} {then.get(key)!r}, now {value!r}"
+        return None
 
     def result(self, stage: str) -> dict[str, Any]:
         return self.state["stages"].get(stage, {}).get("result", {})
@@ -76,6 +109,8 @@ class RunDir:
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
         self.state["stages"][name] = {"status": "done", "seconds": round(time.time() - started, 2), "result": result}
+        if name in self.STAGE_INPUTS:
+            self.state["stages"][name]["inputs"] = self.inputs(name)
         self._save()
 
     def record(self, key: str, value: Any) -> None:
@@ -90,6 +125,8 @@ class DetectRunDir(RunDir):
     """``bastion distill detect``'s folder: teachers/ labels/ student/ baselines/ (every candidate) report/ bundle/."""
 
     STAGES = ["teachers", "labels", "student", "baselines", "report"]
+    # the candidates include INT8 models gated for the target: another --target (or INT8 limit) measures them again
+    STAGE_INPUTS = {"baselines": ("int8", "int8_target", "max_int8_drop")}
 
     def __init__(self, root: Path, force: set[str] | None = None) -> None:
         super().__init__(root, self.STAGES, force)

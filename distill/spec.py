@@ -57,6 +57,10 @@ class DistillSpec(BaseModel):
         from bastion.distill.labellers import parse_labeller
 
         parse_labeller(self.labeller, self.labeller_workers)  # a bad --labeller is refused before any stage runs
+        if self.int8_target:  # a bad --target too, not at stage 4 after the teachers, the labels and the training
+            from bastion.hardware.isa import resolve_target
+
+            resolve_target(self.int8_target)
         unknown = sorted(self.force - set(DetectRunDir.STAGES))
         if unknown:
             raise ValueError(f"--force {unknown[0]}: unknown stage (stages: {', '.join(DetectRunDir.STAGES)})")

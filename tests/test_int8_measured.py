@@ -204,3 +204,88 @@ def test_a_refusal_says_which_candidates_were_not_measured_with_the_targets_kern
     assert flags == {"u8s8": False, "u8s8-7bit": True}  # 7-bit weights compute the same integers on both
     assert "NOT measured with the target's kernels (x86-avx512-vnni): u8s8 (on x86-avx2" in result.reason
     assert "u8s8-7bit (on" not in result.reason, result.reason
+
+
+# ---- 2. --target in distill detect ----------------------------------------------------------------------------
+
+
+def test_a_bad_target_is_refused_before_any_stage_runs(tmp_path):
+    from bastion.distill.spec import DistillSpec, checked
+
+    with pytest.raises(ConfigError, match="--target 'x86-avx3' is neither a device profile nor a CPU class"):
+        checked(
+            DistillSpec, teachers=["yolov5n"], images=tmp_path, classes=["person"], out=tmp_path / "r",
+            int8_target="x86-avx3",
+        )  # fmt: skip
+    assert checked(
+        DistillSpec, teachers=["yolov5n"], images=tmp_path, classes=["person"], out=tmp_path / "r",
+        int8_target="x86-cpu",
+    ).int8_target == "x86-cpu"  # fmt: skip
+    proc = run_cli(
+        "distill", "detect", "--teacher", "yolov5n", "--images", str(SAMPLE_IMAGES), "--classes", "person",
+        "--out", str(tmp_path / "run"), "--no-train", "--target", "x86-avx3",
+    )  # fmt: skip
+    assert proc.returncode == 1 and "x86-avx3" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "run" / "teachers").exists() and not (tmp_path / "run" / "labels").exists()
+
+
+def test_a_changed_int8_setting_redoes_the_cached_candidates(tmp_path):
+    from bastion.distill.run import DetectRunDir
+
+    def stage_done(target):
+        run = DetectRunDir(tmp_path / "run")
+        run.record("spec", {"int8": True, "int8_target": target, "max_int8_drop": 1.0})
+        return run
+
+    run = stage_done("x86-avx512-vnni")
+    assert not run.done("baselines")
+    for name in ("labels", "baselines", "report"):
+        with run.stage(name) as (_, result):
+            result["candidates"] = []
+    assert run.state["stages"]["baselines"]["inputs"]["int8_target"] == "x86-avx512-vnni"
+    assert "inputs" not in run.state["stages"]["labels"]  # the labels do not depend on the INT8 target
+    same = stage_done("x86-avx512-vnni")
+    assert same.done("baselines") and same.done("report")  # the same settings: cached
+    again = stage_done("x86-cpu")
+    assert again.done("labels") and not again.done("baselines") and not again.done("report")  # it and what follows
+    assert again.stale("baselines") == "baselines was measured with int8_target 'x86-avx512-vnni', now 'x86-cpu'"
+    old = json.loads((tmp_path / "run" / "run.json").read_text())
+    del old["stages"]["baselines"]["inputs"]  # a run cached before the inputs were stored: cannot tell, redo
+    (tmp_path / "run" / "run.json").write_text(json.dumps(old))
+    assert not stage_done("x86-avx512-vnni").done("baselines")
+
+
+def test_distill_detect_rerun_with_another_target_measures_and_reports_the_new_one(coco128, tmp_path, monkeypatch):
+    """No training, the gate replaced by one that only says what it was asked for: the stage caching is under test."""
+    pytest.importorskip("onnx")
+    from bastion.distill import int8_gate
+    from bastion.distill.detect_pipeline import DistillSpec, run_distill
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in sorted((coco128.parent / "images" / "train2017").glob("*.jpg"))[:8]:
+        shutil.copy(p, images / p.name)
+    asked: list[str | None] = []
+
+    def gate(source, calibration, dataset, imgsz, max_drop, out_dir, target=None, **kw):
+        asked.append(target)
+        return int8_gate.GateResult(
+            False, f"refused (gated for {target})", imgsz, {"map50": 0.5}, {"map50": 0.4}, 10.0, 1.0, target=target
+        )
+
+    monkeypatch.setattr(int8_gate, "quantize_and_gate", gate)
+
+    def run(target: str) -> str:
+        spec = DistillSpec(
+            teachers=["yolov5n"], images=images, classes=["person"], imgsz=160, out=tmp_path / "run",
+            int8_target=target,
+        )  # fmt: skip
+        run_distill(spec)
+        return (tmp_path / "run" / "report" / "report.md").read_text()
+
+    assert "gated for x86-avx512-vnni" in run("x86-avx512-vnni")
+    assert asked == ["x86-avx512-vnni"]
+    assert "gated for x86-avx512-vnni" in run("x86-avx512-vnni") and asked == ["x86-avx512-vnni"]  # cached
+    report = run("x86-cpu")
+    assert asked == ["x86-avx512-vnni", "x86-cpu"]  # measured again for the new target
+    assert "gated for x86-cpu" in report and "x86-avx512-vnni" not in report
