@@ -92,6 +92,11 @@ def int8_lines(report: dict) -> list[str]:
                 + (f", {g['speedup']:.2f}× FP32's speed in the gate's own timing" if g.get("speedup") else "")
                 + "; not a candidate, so not in the table"
             )
+        if g.get("int8_verdict"):  # what the kept INT8 bundle's signed manifest says of where it was measured
+            from bastion.models.manifest import Int8Verdict
+
+            summary = Int8Verdict.model_validate(g["int8_verdict"]).summary()
+            lines.append(f"INT8 verdict of {label}, signed in its bundle: " + "; ".join(summary.splitlines()))
     return lines
 
 

@@ -176,21 +176,20 @@ def report_md(spec: DistillSpec, result: dict[str, Any], candidates: list[Candid
             "directly above) needs some ground truth or a better teacher.",
         ]
     gates = result.get("int8_gate") or {}
-    lines += (
-        [""]
-        + [
+    lines += [""]
+    for k, g in gates.items():
+        lines.append(
             f"INT8 gate ({k}): {g['reason']}"
             + (f" INT8 for {g['target']}: {g['note']}." if g.get("note") else "")
             + int8_speed_note(k, candidates, spec.imgsz)
-            for k, g in gates.items()
-        ]
-        + [
-            "",
-            f"Student: {result['student']}.",
-            f"Chosen: {result['chosen'] or 'none meets the constraints'} ({result['choice_rule']}).",
-            "",
-        ]
-    )
+        )
+        lines += verdict_lines(k, g)
+    lines += [
+        "",
+        f"Student: {result['student']}.",
+        f"Chosen: {result['chosen'] or 'none meets the constraints'} ({result['choice_rule']}).",
+        "",
+    ]
     titles = {
         "scatter": "Speed vs accuracy",
         "per_class": "AP50 per class",
@@ -200,6 +199,18 @@ def report_md(spec: DistillSpec, result: dict[str, Any], candidates: list[Candid
     for key, name in result.get("figures", {}).items():
         lines += [f"![{titles.get(key, key)}]({name})", ""]
     return "\n".join(lines) + "\n"
+
+
+def verdict_lines(label: str, gate: dict[str, Any]) -> list[str]:
+    """The INT8 verdict signed into the gate's bundle (``Int8Verdict.summary``: recipe, where it was measured, the
+    target, where it holds, provider, ONNX Runtime, the sets' hashes, drop and speed-up) as a Markdown list; none
+    for a refused gate (no bundle, no verdict)."""
+    from bastion.models.manifest import Int8Verdict
+
+    if not gate.get("int8_verdict"):
+        return []
+    summary = Int8Verdict.model_validate(gate["int8_verdict"]).summary()
+    return ["", f"Signed INT8 verdict ({label}):", ""] + [f"- {line}" for line in summary.splitlines()] + [""]
 
 
 def ground_truth_line(truth: dict[str, Any]) -> str:

@@ -206,6 +206,63 @@ def test_a_refusal_says_which_candidates_were_not_measured_with_the_targets_kern
     assert "u8s8-7bit (on" not in result.reason, result.reason
 
 
+# ---- 4. the signed verdict in the reports ---------------------------------------------------------------------
+
+
+def _gate(verdict: Int8Verdict | None) -> dict:
+    return {
+        "accepted": verdict is not None,
+        "reason": "accepted: mAP50 drop 1.39 points ≤ 3" if verdict else "refused: mAP50 drops 9.55 points",
+        "imgsz": 320,
+        "fp32": {"map50": 0.553},
+        "int8": {"map50": 0.539},
+        "map50_drop_points": 1.39,
+        "speedup": 1.21,
+        "target": "x86-cpu",
+        "note": "",
+        "int8_verdict": verdict.model_dump(mode="json") if verdict else None,
+    }
+
+
+def test_the_distill_report_carries_the_signed_verdict(tmp_path):
+    from bastion.distill.detect_report import report_md
+    from bastion.distill.spec import DistillSpec
+
+    spec = DistillSpec(teachers=["yolov5n"], images=tmp_path, classes=["person"], out=tmp_path / "run", imgsz=320)
+    verdict = _verdict()
+    result = {
+        "labels": {"images": 4, "ground_truth": 4, "pseudo": 0, "corrupt": [], "boxes_per_class": {"person": 3}},
+        "ground_truth": {"kind": "pseudo-labelled", "images": 1},
+        "int8_gate": {"sliced": _gate(verdict), "student": _gate(None)},
+        "student": "not trained",
+        "chosen": None,
+        "choice_rule": "rule",
+    }
+    text = report_md(spec, result, [])
+    for line in verdict.summary().splitlines():
+        assert f"- {line}" in text, text
+    assert "Signed INT8 verdict (sliced)" in text and "Signed INT8 verdict (student)" not in text
+    for part in ("u8s8-7bit", "x86-avx2", "CPUExecutionProvider", "onnxruntime 1.32.0", "aaaaaaaaaaaa", "1.39"):
+        assert part in text
+
+
+def test_the_demo_report_int8_lines_carry_the_signed_verdict():
+    from bastion.demo_report import int8_lines
+
+    verdict = _verdict()
+    report = {
+        "candidates": [
+            {"name": "sliced@320", "latency_ms": 8.0},
+            {"name": "sliced-int8@320", "latency_ms": 6.5},
+        ],
+        "int8_gate": {"sliced": _gate(verdict), "student": _gate(None)},
+    }
+    lines = int8_lines(report)
+    signed = [line for line in lines if line.startswith("INT8 verdict of sliced")]
+    assert len(signed) == 1 and "; ".join(verdict.summary().splitlines()) in signed[0]
+    assert not any(line.startswith("INT8 verdict of student") for line in lines)  # refused: nothing signed
+
+
 # ---- 2. --target in distill detect ----------------------------------------------------------------------------
 
 
