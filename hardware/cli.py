@@ -6,6 +6,7 @@ import typer
 from rich.table import Table
 
 from bastion.console import out, print_json
+from bastion.models.cli import ALLOW_UNSIGNED_HELP
 
 hw_app = typer.Typer(help="Know the machine: probe (plans and engine caches build on it).", no_args_is_help=True)
 
@@ -51,6 +52,7 @@ def hw_plan(
     batch: int = typer.Option(0, help="Batch to plan for (0: the profile's maximum)."),
     imgsz: int = typer.Option(0, help="Input size to plan for (0: the bundle's, capped by the profile)."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
 ) -> None:
     """Does a bundle fit a device, with which backend/precision/batch/size, and how fast.
 
@@ -62,7 +64,9 @@ def hw_plan(
     from bastion.models.bundle import Bundle
     from bastion.hardware.planner import plan
 
-    result = plan(Bundle.open(bundle), load_profile(profile), batch or None, imgsz or None)
+    result = plan(
+        Bundle.open(bundle, allow_unsigned=allow_unsigned), load_profile(profile), batch or None, imgsz or None
+    )
     if json_out:
         print_json(result.to_dict())
         return

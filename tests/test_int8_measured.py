@@ -346,3 +346,17 @@ def test_distill_detect_rerun_with_another_target_measures_and_reports_the_new_o
     report = run("x86-cpu")
     assert asked == ["x86-avx512-vnni", "x86-cpu"]  # measured again for the new target
     assert "gated for x86-cpu" in report and "x86-avx512-vnni" not in report
+
+
+# ---- 6. hw plan on an unsigned bundle ----------------------------------------------------------------------------
+
+
+def test_hw_plan_accepts_the_allow_unsigned_its_refusal_suggests(tmp_path):
+    unsigned = tmp_path / "unsigned"
+    shutil.copytree(Bundle.open("yolov5n").root, unsigned)
+    (unsigned / "signature").unlink()
+    refused = run_cli("hw", "plan", str(unsigned), "--json")
+    assert refused.returncode != 0 and "--allow-unsigned" in refused.stderr, refused.stderr
+    proc = run_cli("hw", "plan", str(unsigned), "--json", "--allow-unsigned")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["profile"] == "x86-cpu"
