@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -10,7 +11,7 @@ from rich.table import Table
 
 from bastion.console import out, print_json, progress, stage_bars, warn
 from bastion.distill.labellers import LABELLER_HELP
-from bastion.distill.torch_device import DEVICE_HELP, data_parallel_devices, training_device
+from bastion.distill.torch_device import DEVICE_HELP, data_parallel_devices, launched_devices, training_device
 from bastion.hardware.backend_names import DEVICE_HELP as BACKEND_DEVICE_HELP
 from bastion.models.cli import ALLOW_UNSIGNED_HELP
 from bastion.models.zoo import DEFAULT_DETECTOR
@@ -286,95 +287,117 @@ def distill_detect_command(
     --class-map car=vehicle,truck=vehicle,bus=vehicle --imgsz 320 --warm-start yolov5n.safetensors --freeze 24
     --out runs/distill/pv   (add --labeller ray to pseudo-label on a local Ray cluster: docs/scale.md)
     """
+    from bastion.distill import ddp
     from bastion.distill.classmap import parse_class_map
-    from bastion.distill.ddp import check_nproc, launched_world
     from bastion.distill.detect_pipeline import run_distill
     from bastion.distill.spec import DistillSpec, checked
     from bastion.distill.train import TrainSpec
     from bastion.distill.ultra import ultralytics_available
+    from bastion.distill.ultra_ddp import follow, leading
     from bastion.errors import ConfigError, MissingExtraError
 
-    workers = check_nproc(nproc)
-    if launched_world() is not None:  # the student's workers are started for it; the pipeline runs once
-        raise ConfigError("bastion distill detect runs once, not under torchrun", "use --nproc N")
-    thresholds: dict[str, float] = {}
-    try:
-        for item in [] if conf == "auto" else conf.split(","):
-            name, sep, value = item.partition("=")
-            thresholds[name.strip() if sep else "*"] = float(value if sep else name)
-    except ValueError:
-        raise ConfigError(f"--conf {conf!r}: give a number or name=number pairs") from None
-    train = None
-    if not (no_train or student == "teacher-sliced"):
-        if not ultralytics_available():
-            raise MissingExtraError(
-                "student training",
-                "distill",
-                "ultralytics-opencv-headless",
-                "(or pass --no-train to measure only the no-training candidates)",
-            )
-        if not (Path(student).suffix or Path(student).exists()):
-            student += ".yaml"  # yolov8n → yolov8n.yaml: Ultralytics' built-in architecture
-        # GPUs: Ultralytics' own DDP over cuda:I,I+1,…; the CPU: `workers` gloo processes (distill/ultra_ddp.py)
-        trainer = training_device(device)
-        on_cpu = trainer == "cpu"
-        if on_cpu and batch % workers:
-            raise ConfigError(f"--batch {batch} does not split over {workers} processes", "give a multiple of --nproc")
-        train = checked(
-            TrainSpec,
-            student=student,
-            warm_start=warm_start,
-            epochs=epochs,
-            batch=batch,
-            freeze=freeze,
-            width=width,
-            depth=depth,
-            soft=soft,
-            feature_weight=feature_kd,
-            prune=prune,
-            device=trainer if on_cpu else data_parallel_devices(trainer, workers),
-            nproc=workers if on_cpu else 1,
+    workers = ddp.check_nproc(nproc)
+    world = ddp.launched_world()
+    if world is not None and workers > 1:
+        raise ConfigError(
+            f"already a torchrun worker (RANK={world.rank}, WORLD_SIZE={world.size})",
+            "leave out --nproc under torchrun",
         )
-    spec = checked(
-        DistillSpec,
-        teachers=list(teacher),
-        images=images,
-        labels=labels,
-        classes=[c.strip() for c in classes.split(",") if c.strip()],
-        train=train,
-        class_map=parse_class_map(class_map),
-        conf=thresholds,
-        imgsz=imgsz,
-        out=out_dir,
-        min_map50=min_map50,
-        max_latency_ms=max_latency,
-        max_map50_drop=max_map50_drop,
-        int8=int8,
-        max_int8_drop=max_int8_drop,
-        int8_target=target,
-        val_images=val_images,
-        val_labels=val_labels,
-        conf_auto=conf == "auto",
-        allow_unsigned=allow_unsigned,
-        force=set(force),
-        labeller=labeller,
-        labeller_workers=labeller_workers,
-    )
-    if spec.labeller != "single":  # without the [scale] extra: one line now, not after the teachers stage
-        from bastion.distill.ray_labeller import require_ray
-
-        require_ray()
-    key = None
-    if sign is not None:
-        from bastion.models.keys import load_private_key, read_passphrase
-
-        key = load_private_key(sign, read_passphrase(False))
-    with progress(disable=json_out) as bar:
-        report = run_distill(spec, key, stage_bars(bar))
-    if json_out:
-        print_json(report)
+    if world is not None and world.size > 1 and not world.is_main:  # under an external torchrun: rank 0 leads
+        ddp.meeting(world)  # the launcher's store, reached before any work
+        logging.getLogger("bastion").setLevel(logging.WARNING)
+        follow(world)  # no stage here: the student's training when rank 0 posts it, then quiet
         return
-    out.print((out_dir / "report" / "report.md").read_text())
+    with leading(world):  # rank 0 of an external torchrun tells the waiting ranks how its command ended
+        thresholds: dict[str, float] = {}
+        try:
+            for item in [] if conf == "auto" else conf.split(","):
+                name, sep, value = item.partition("=")
+                thresholds[name.strip() if sep else "*"] = float(value if sep else name)
+        except ValueError:
+            raise ConfigError(f"--conf {conf!r}: give a number or name=number pairs") from None
+        train = None
+        if not (no_train or student == "teacher-sliced"):
+            if not ultralytics_available():
+                raise MissingExtraError(
+                    "student training",
+                    "distill",
+                    "ultralytics-opencv-headless",
+                    "(or pass --no-train to measure only the no-training candidates)",
+                )
+            if not (Path(student).suffix or Path(student).exists()):
+                student += ".yaml"  # yolov8n → yolov8n.yaml: Ultralytics' built-in architecture
+            # GPUs: Ultralytics' own DDP over cuda:I,I+1,…; the CPU: `workers` gloo processes (distill/ultra_ddp.py);
+            # under an external torchrun: the world's ranks, each on the CPU or on its node's GPU LOCAL_RANK
+            trainer = training_device(device)
+            on_cpu = trainer == "cpu"
+            ranks = world.size if world is not None else workers
+            if (on_cpu or world is not None) and batch % ranks:
+                raise ConfigError(
+                    f"--batch {batch} does not split over {ranks} processes",
+                    f"give a multiple of {ranks}" if world is not None else "give a multiple of --nproc",
+                )
+            if on_cpu:
+                placed = trainer
+            elif world is not None and world.size > 1:
+                placed = launched_devices(trainer)
+            else:
+                placed = data_parallel_devices(trainer, workers)
+            train = checked(
+                TrainSpec,
+                student=student,
+                warm_start=warm_start,
+                epochs=epochs,
+                batch=batch,
+                freeze=freeze,
+                width=width,
+                depth=depth,
+                soft=soft,
+                feature_weight=feature_kd,
+                prune=prune,
+                device=placed,
+                nproc=workers if on_cpu else 1,
+            )
+        spec = checked(
+            DistillSpec,
+            teachers=list(teacher),
+            images=images,
+            labels=labels,
+            classes=[c.strip() for c in classes.split(",") if c.strip()],
+            train=train,
+            class_map=parse_class_map(class_map),
+            conf=thresholds,
+            imgsz=imgsz,
+            out=out_dir,
+            min_map50=min_map50,
+            max_latency_ms=max_latency,
+            max_map50_drop=max_map50_drop,
+            int8=int8,
+            max_int8_drop=max_int8_drop,
+            int8_target=target,
+            val_images=val_images,
+            val_labels=val_labels,
+            conf_auto=conf == "auto",
+            allow_unsigned=allow_unsigned,
+            force=set(force),
+            labeller=labeller,
+            labeller_workers=labeller_workers,
+        )
+        if spec.labeller != "single":  # without the [scale] extra: one line now, not after the teachers stage
+            from bastion.distill.ray_labeller import require_ray
+
+            require_ray()
+        key = None
+        if sign is not None:
+            from bastion.models.keys import load_private_key, read_passphrase
+
+            key = load_private_key(sign, read_passphrase(False))
+        with progress(disable=json_out) as bar:
+            report = run_distill(spec, key, stage_bars(bar))
+        if json_out:
+            print_json(report)
+            return
+        out.print((out_dir / "report" / "report.md").read_text())
 
 
 # the language-model commands live in their own module; they join the same `bastion distill` group

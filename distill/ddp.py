@@ -11,11 +11,13 @@ knows work unchanged (docs/scale.md).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
 
 from bastion.errors import BastionError, ConfigError
@@ -245,6 +247,73 @@ def peer_stopped(world: World, exc: BaseException) -> PeerStoppedError | None:
     if world.size > 1 and isinstance(exc, RuntimeError) and ("by peer" in text or "remote worker" in text):
         return PeerStoppedError(f"worker {world.rank} of {world.size} stopped: another worker exited first")
     return None
+
+
+class Meeting:
+    """A few keys on the launcher's own c10d store (the TCPStore torchrun's agent serves at MASTER_ADDR:MASTER_PORT,
+    or rank 0 does where the launcher does not): how ranks that must not run a pipeline's stages wait for rank 0,
+    outside any process group — no collective timeout to outlast, and no group that Ultralytics' own DDP setup
+    would then find already initialised. Nothing but the launcher's store is contacted.
+
+    Keys live under the attempt's prefix (``TORCHELASTIC_RESTART_COUNT``): a restarted group never reads a key
+    the failed attempt left. A store that goes away (rank 0's node gone, its agent with it) stops a waiting rank
+    in one line instead of leaving it waiting."""
+
+    POLL_S = 0.5
+
+    def __init__(self, world: World, store) -> None:
+        self.world = world
+        self.store = store
+
+    def post(self, key: str, value: dict) -> None:
+        self.store.set(key, json.dumps(value))
+
+    def wait(self, key: str, timeout_s: float, waiting_for: str) -> dict:
+        """The value rank 0 (or a peer) posted under ``key``; polls, so a lost store is noticed at once."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if self.store.check([key]):
+                    return json.loads(self.store.get(key))
+            except RuntimeError:  # torch.distributed.DistStoreError: the store's server is gone
+                raise PeerStoppedError(
+                    f"worker {self.world.rank} of {self.world.size} stopped: the launcher's store went away "
+                    f"while it waited for {waiting_for}"
+                ) from None
+            if time.monotonic() > deadline:
+                raise WorkerFailedError(
+                    f"worker {self.world.rank} of {self.world.size} waited {timeout_s / 3600:.3g} h for {waiting_for}",
+                    "see rank 0's output",
+                )
+            time.sleep(self.POLL_S)
+
+
+CONNECT_S = 600  # how long a rank waits for the launcher's store to answer (another node may start later)
+_meeting: Meeting | None = None
+
+
+def meeting(world: World) -> Meeting:
+    """This process's connection to the launcher's store (opened once; rank 0 may host it, see ``Meeting``)."""
+    global _meeting
+    if _meeting is None:
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        try:
+            store, _, _ = next(
+                dist.rendezvous("env://", rank=world.rank, world_size=world.size, timeout=timedelta(seconds=CONNECT_S))
+            )
+        except (ValueError, RuntimeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise ConfigError(
+                f"cannot reach the launcher's store (MASTER_ADDR={os.environ.get('MASTER_ADDR')} "
+                f"MASTER_PORT={os.environ.get('MASTER_PORT')}): {first}",
+                "launch with torchrun",
+            ) from None
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        _meeting = Meeting(world, dist.PrefixStore(f"bastion/attempt-{attempt}/", store))
+    return _meeting
 
 
 def argv() -> list[str]:

@@ -61,3 +61,21 @@ def data_parallel_devices(device: str, nproc: int) -> str:
             "pip install 'cloudpickle>=3.1.1' (Ultralytics would otherwise try to download it)",
         )
     return "cuda:" + ",".join(str(first + i) for i in range(nproc))
+
+
+def launched_devices(device: str) -> str:
+    """The detector's devices in a rank of an external torchrun on GPUs: this node's GPUs from ``device`` on, one
+    per local rank (``cuda:0`` on a node of 8 → ``cuda:0,…,7``; Ultralytics' DDP rank takes the LOCAL_RANK-th).
+    No cloudpickle: torchrun, not Ultralytics, started the processes."""
+    import os
+
+    import torch
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or 1)
+    first = int(device.partition(":")[2] or 0)
+    if first + local > torch.cuda.device_count():
+        raise ConfigError(
+            f"{local} ranks on this node from {device}: torch sees {torch.cuda.device_count()} CUDA device(s)",
+            "start at most one process per GPU on each node (--nproc-per-node), or use --device cpu",
+        )
+    return "cuda:" + ",".join(str(first + i) for i in range(local))

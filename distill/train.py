@@ -120,10 +120,37 @@ def prune_channels(model, ratio: float, imgsz: int) -> dict[str, Any]:  # a Dete
 
 
 def _student_cfg(spec: TrainSpec, out_dir: Path) -> str:
-    """The student's YAML; with a width/depth override, a copy written into the run (Ultralytics wants a file)."""
-    if spec.width is None and spec.depth is None:
+    """The student's YAML; with a width/depth override, a copy in the run (Ultralytics wants a file), written by
+    ``write_student_cfg`` where the run is led (the launcher, or rank 0): a data-parallel rank only reads it."""
+    from bastion.distill import ddp
+
+    path = _student_cfg_file(spec, out_dir)
+    if path is None:
         return spec.student
+    if not path.is_file():
+        world = ddp.launched_world()
+        if world is not None and not world.is_main:  # a rank never writes into the run: rank 0 wrote it
+            raise ConfigError(f"rank {world.rank} cannot see {path}, which the run's leader wrote")
+        write_student_cfg(spec, out_dir)  # a single process
+    return str(path)
+
+
+def _student_cfg_file(spec: TrainSpec, out_dir: Path) -> Path | None:
+    if spec.width is None and spec.depth is None:
+        return None
+    return out_dir / f"{Path(spec.student).stem}-d{spec.depth or 'x'}-w{spec.width or 'x'}.yaml"
+
+
+def write_student_cfg(spec: TrainSpec, out_dir: Path) -> None:
+    """Write the width/depth-overridden copy of the student's YAML into ``out_dir`` (temp file, rename)."""
+    path = _student_cfg_file(spec, out_dir)
+    if path is None:
+        return
     import yaml
+
+    from bastion.models.atomic import atomic_write_bytes
+
+    load_ultralytics()  # configured (quiet, offline) before its first import
     from ultralytics.nn.tasks import yaml_model_load
 
     cfg = yaml_model_load(spec.student)
@@ -136,9 +163,7 @@ def _student_cfg(spec: TrainSpec, out_dir: Path) -> str:
         cfg["width_multiple"] = spec.width or cfg.get("width_multiple", 1.0)
     cfg.pop("yaml_file", None)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{Path(spec.student).stem}-d{spec.depth or 'x'}-w{spec.width or 'x'}.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return str(path)
+    atomic_write_bytes(path, yaml.safe_dump(cfg, sort_keys=False).encode())
 
 
 def progress_callbacks(progress: TrainingProgress) -> dict[str, Callable[[Any], None]]:
@@ -184,9 +209,19 @@ def train_student(
 ) -> dict[str, Any]:
     """Train, export ONNX; returns paths and the warm-start count. Writes only inside ``out_dir``. ``progress``
     hears every batch and epoch end through Ultralytics' own callbacks (its tqdm bar is off in a log). With
-    ``spec.nproc`` > 1 on the CPU the training runs in that many gloo workers (``ultra_ddp``); the export here."""
+    ``spec.nproc`` > 1 on the CPU the training runs in that many gloo workers (``ultra_ddp``); the export here.
+    In rank 0 of an external torchrun the training is the whole world's (``ultra_ddp.lead``); the export here."""
+    from bastion.distill import ddp
+
     out_dir = Path(out_dir).resolve()  # Ultralytics puts a relative project under its own runs_dir
-    if spec.nproc > 1:
+    world = ddp.launched_world()
+    if world is not None and world.size > 1:
+        if spec.nproc > 1:
+            raise ConfigError("nproc names bastion's own CPU workers; under torchrun the world is torchrun's")
+        from bastion.distill.ultra_ddp import lead
+
+        record = lead(data_yaml, spec, imgsz, out_dir, progress)
+    elif spec.nproc > 1:
         if spec.device != "cpu":
             raise ConfigError("nproc names CPU worker processes; GPUs are named in device (cuda:0,1)")
         from bastion.distill.ultra_ddp import train_on_cpu_workers

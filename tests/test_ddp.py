@@ -26,7 +26,10 @@ TESTS = REPO / "tests"
 def _guarded_env(tmp_path: Path) -> dict:
     site = tmp_path / "guard"
     site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text("import egress_guard\negress_guard.install()\n")
+    # the write audit records nothing unless its variables are set (_torchrun_detect)
+    (site / "sitecustomize.py").write_text(
+        "import egress_guard\negress_guard.install()\nimport ddp_write_audit\nddp_write_audit.install()\n"
+    )
     return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(site), str(TESTS)]),
@@ -217,12 +220,12 @@ def _detect(tmp_path: Path, images: Path, *flags: str, env: dict | None = None):
 
 @pytest.mark.slow  # CLI subprocesses: ~2 s each
 def test_detect_refuses_what_its_cpu_workers_cannot_do_in_one_line(tmp_path):
-    """A batch that does not split over the CPU workers, and distill detect itself under torchrun (its student's
-    workers are started for it; the pipeline runs once): one line each, before any work."""
+    """A batch that does not split over the CPU workers, and --nproc in a process an external torchrun started
+    (its world is torchrun's): one line each, before any work."""
     _needs_ultralytics()
     refused = {
         "--batch 3 does not split over 2 processes": _detect(tmp_path, tmp_path, "--batch", "3"),
-        "runs once, not under torchrun": _detect(
+        "already a torchrun worker (RANK=0, WORLD_SIZE=2) — leave out --nproc under torchrun": _detect(
             tmp_path, tmp_path, env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
         ),
     }
@@ -243,20 +246,11 @@ def test_distill_detect_nproc_2_trains_the_student_in_two_gloo_workers_through_u
     from bastion.models.keys import generate_keypair
     from bastion.models.trust import TrustStore
 
-    src = coco128.parent
-    images, labels = tmp_path / "images", tmp_path / "labels"
-    images.mkdir()
-    labels.mkdir()
-    for i, jpg in enumerate(sorted((src / "images" / "train2017").glob("*.jpg"))[:10]):
-        shutil.copy(jpg, images / jpg.name)
-        label = src / "labels" / "train2017" / (jpg.stem + ".txt")
-        if i % 2 and label.is_file():  # half with ground truth, half pseudo-labelled by the teacher
-            shutil.copy(label, labels / label.name)
+    images, labels = _ten_coco_images(tmp_path, coco128)
     pair = generate_keypair(tmp_path / "keys" / "team")
     TrustStore().trust(pair.public_path)
     proc = _detect(
-        tmp_path, images, "--labels", str(labels), "--imgsz", "64", "--student", "yolov5n", "--width", "0.125",
-        "--epochs", "1", "--batch", "4", "--no-int8", "--sign", str(pair.private_path), "--json",
+        tmp_path, images, "--labels", str(labels), *TINY_STUDENT, "--sign", str(pair.private_path), "--json",
         env={"PYTHONPATH": _guarded_env(tmp_path)["PYTHONPATH"], "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -282,6 +276,165 @@ def test_distill_detect_nproc_2_trains_the_student_in_two_gloo_workers_through_u
     assert any(c["name"] == "student@64" for c in report["candidates"])  # measured like any student
     shipped = Bundle.open(tmp_path / "r" / "bundle")  # verifies: signed by the trusted key, payload intact
     assert shipped.verification.key_id == pair.key_id
+
+
+def _ten_coco_images(tmp_path: Path, coco128: Path) -> tuple[Path, Path]:
+    """10 COCO128 images, half of them with ground truth (the others pseudo-labelled by the teacher)."""
+    src = coco128.parent
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    for i, jpg in enumerate(sorted((src / "images" / "train2017").glob("*.jpg"))[:10]):
+        shutil.copy(jpg, images / jpg.name)
+        label = src / "labels" / "train2017" / (jpg.stem + ".txt")
+        if i % 2 and label.is_file():
+            shutil.copy(label, labels / label.name)
+    return images, labels
+
+
+# a width-0.125 yolov5n student at 64 px, one epoch: ~30 s on two shared cores
+TINY_STUDENT = ("--imgsz", "64", "--student", "yolov5n", "--width", "0.125", "--epochs", "1", "--batch", "4")
+TINY_STUDENT += ("--no-int8",)
+
+
+def _torchrun_detect(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 2 -m bastion.cli -- distill detect
+    ARGS --device cpu`` — an external torchrun, as a cluster starts it (the ``--`` keeps torchrun's own parser off
+    ``--sign``, which it would take for its ``--signals-to-handle``) — every process under the zero-egress guard and
+    the write audit (each rank's writes under tmp_path/r, in tmp_path/audit)."""
+    (tmp_path / "audit").mkdir()
+    env = {
+        **_guarded_env(tmp_path),
+        "BASTION_TEST_AUDIT_ROOT": str(tmp_path / "r"),
+        "BASTION_TEST_AUDIT_LOG": str(tmp_path / "audit"),
+    }
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
+        "--max-restarts", "0", "-m", "bastion.cli", "--", "distill", "detect", "--teacher", "yolov5n", "--classes", "person",
+        "--device", "cpu", "--out", str(tmp_path / "r"), *args,
+    ]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_distill_detect_under_an_external_torchrun_trains_on_every_rank_and_rank_0_alone_writes(tmp_path, coco128):
+    """``torchrun --standalone --nnodes 1 --nproc-per-node 2 -m bastion.cli distill detect … --device cpu``: every
+    rank runs the command; rank 0 alone runs the pipeline's stages, the other waits on the launcher's store until
+    rank 0 reaches the student's training, then both train (gloo, Ultralytics' trainer, each with its share of the
+    images); rank 0 exports, measures, ships one signed bundle and prints the one report. The write audit shows
+    rank 1 wrote nothing under the run folder; rank 0 wrote it all."""
+    _needs_ultralytics()
+    from bastion.models import Bundle
+    from bastion.models.keys import generate_keypair
+    from bastion.models.trust import TrustStore
+
+    images, labels = _ten_coco_images(tmp_path, coco128)
+    pair = generate_keypair(tmp_path / "keys" / "team")
+    TrustStore().trust(pair.public_path)
+    proc = _torchrun_detect(
+        tmp_path, "--images", str(images), "--labels", str(labels), *TINY_STUDENT, "--sign", str(pair.private_path),
+        "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)  # one JSON document: rank 1 printed nothing, nor did Ultralytics
+    parallel = report["training"]["data_parallel"]
+    assert parallel["backend"] == "gloo" and parallel["world_size"] == 2
+    ranks = parallel["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1] and [r["batch"] for r in ranks] == [2, 2]
+    assert all(0 < r["images"] <= (report["labels"]["train"] + 1) // 2 for r in ranks)  # each rank its share
+    for stage in ("[1/5] teachers", "[2/5] labels", "[3/5] student: training", "[4/5] candidates", "[5/5] report"):
+        assert proc.stderr.count(f"distill {stage}") == 1, proc.stderr  # the pipeline ran once: rank 0's
+    assert proc.stderr.count("train student: epoch 1/1 done loss") == 1
+    assert "error" not in proc.stderr.lower() and "Traceback" not in proc.stderr, proc.stderr
+    run = tmp_path / "r"
+    assert sorted(p.name for p in (run / "student" / "train" / "weights").iterdir()) == ["best.pt", "last.pt"]
+    assert not list(run.rglob("*.tmp")) and not list(run.glob(".*.partial"))
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(run / "student" / "student.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == [1, 3, 64, 64]
+    assert any(c["name"] == "student@64" for c in report["candidates"])
+    shipped = Bundle.open(run / "bundle")  # verifies: signed by the trusted key, payload intact
+    assert shipped.verification.key_id == pair.key_id
+    assert sorted(p.name for p in run.iterdir() if p.name == "bundle" or p.name.startswith("bundle")) == ["bundle"]
+    audit = tmp_path / "audit"
+    assert not (audit / "writes-rank1.txt").exists(), (audit / "writes-rank1.txt").read_text()[:2000]
+    rank0 = (audit / "writes-rank0.txt").read_text().splitlines()  # what rank 0 wrote: every stage, the weights
+    for stage in ("labels", "student", "baselines", "report", "bundle"):
+        assert f"os.rename {run / stage}" in rank0  # each stage renamed into place from its staging folder
+    assert f"open {run / '.student.partial' / 'train' / 'weights' / 'last.pt'}" in rank0
+
+
+def test_a_rank_that_cannot_see_rank_0s_dataset_stops_every_rank_in_one_line_each(tmp_path):
+    """Several nodes need --out on a shared file system: a rank that does not find the dataset rank 0 wrote (here:
+    the path rank 0 posts does not exist where rank 1 looks, as on a node without the share) says so in one line
+    naming the path; rank 0 stops with the same cause; nothing trains; torchrun ends, exit non-zero, no hang."""
+    pytest.importorskip("torch")
+    proc = _torchrun_worker(tmp_path, "ddp_detect_worker.py", "unseen", str(tmp_path))
+    assert proc.returncode != 0, proc.stderr
+    missing = tmp_path / "not-on-this-node" / "labels" / "data.yaml"
+    errors = sorted(line for line in proc.stderr.splitlines() if line.startswith("error:"))
+    hint = "put --out and --images on a file system every node mounts at the same path (docs/scale.md)"
+    assert errors == [
+        f"error: rank 1 cannot see the dataset rank 0 wrote: {missing} is not there — {hint}",
+        f"error: rank 1 cannot see the dataset rank 0 wrote: {missing} is not there — {hint}",
+    ], proc.stderr
+    assert not (tmp_path / "trained").exists()  # rank 0 did not go on to train alone
+
+
+def test_a_rank_sees_rank_0s_dataset_only_when_it_is_the_same_and_every_file_is_there(tmp_path):
+    """What each rank checks before training (ultra_ddp._missing_from): rank 0's digest of data.yaml + dataset.json,
+    and every image (a link to --images) and label the manifest lists; a stale copy at the same path is refused."""
+    from ddp_detect_worker import _dataset
+
+    from bastion.distill.ultra_ddp import _dataset_digest, _missing_from
+
+    data_yaml = _dataset(tmp_path)
+    digest = _dataset_digest(data_yaml)
+    assert _missing_from(data_yaml, digest) is None
+    assert (
+        _missing_from(tmp_path / "elsewhere" / "data.yaml", digest)
+        == f"{tmp_path / 'elsewhere' / 'data.yaml'} is not there"
+    )
+    (data_yaml.parent / "labels" / "val" / "a.txt").unlink()
+    assert _missing_from(data_yaml, digest) == f"{data_yaml.parent / 'labels' / 'val' / 'a.txt'} is not there"
+    image = data_yaml.parent / "images" / "train" / "a.jpg"
+    image.unlink()
+    image.symlink_to(tmp_path / "images-not-mounted-here" / "a.jpg")
+    assert str(image) in _missing_from(data_yaml, digest)
+    (data_yaml.parent / "dataset.json").write_text("{}")  # rank 0 wrote another one since
+    assert "a different dataset from rank 0's" in _missing_from(data_yaml, digest)
+
+
+@pytest.mark.slow  # torchrun and two processes importing torch: ~8 s
+def test_ranks_waiting_for_rank_0_end_quietly_when_it_needs_no_training(tmp_path):
+    """Rank 0's command ends without training (cached, or --no-train): the others were waiting for a job; they end
+    quietly, exit 0, instead of waiting for a store that goes away."""
+    pytest.importorskip("torch")
+    proc = _torchrun_worker(tmp_path, "ddp_detect_worker.py", "idle", str(tmp_path))
+    assert proc.returncode == 0 and "error" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow  # two CLI processes under torchrun: ~10 s
+def test_under_an_external_torchrun_rank_0_failing_before_training_stops_the_others_in_one_line(tmp_path):
+    """Rank 0 refuses the command (its images are not there) while rank 1 waits for the student's job: rank 0's own
+    one line, rank 1's "stopped: rank 0 failed before training", non-zero, nothing written."""
+    _needs_ultralytics()
+    proc = _torchrun_detect(tmp_path, "--images", str(tmp_path / "missing"), timeout=120)
+    assert proc.returncode != 0, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and str(tmp_path / "missing") in errors[0], proc.stderr
+    assert errors[1] == "error: worker 1 of 2 stopped: rank 0 failed before training", proc.stderr
+    assert "internal error" not in proc.stderr, proc.stderr  # (then torchrun's own report: a traceback of its own)
+
+
+def _torchrun_worker(tmp_path: Path, script: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run`` (2 processes, static rendezvous on 127.0.0.1) of tests/SCRIPT ARGS."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=static",
+        "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "--max-restarts=0", str(TESTS / script), *args,
+    ]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, env=_guarded_env(tmp_path), timeout=120, cwd=tmp_path)
 
 
 def test_detect_on_several_gpus_names_them_for_ultralytics():
