@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from bastion.errors import ConfigError
 
 DEVICE_HELP = (
@@ -60,7 +62,28 @@ def data_parallel_devices(device: str, nproc: int) -> str:
             "Ultralytics' multi-GPU launch needs cloudpickle, which is not installed",
             "pip install 'cloudpickle>=3.1.1' (Ultralytics would otherwise try to download it)",
         )
+    _check_cloudpickle()
     return "cuda:" + ",".join(str(first + i) for i in range(nproc))
+
+
+CLOUDPICKLE_MIN = (3, 1, 1)  # what Ultralytics' generate_ddp_file asks for (check_requirements: a pip install)
+
+
+def _check_cloudpickle() -> None:
+    """An older cloudpickle than Ultralytics' launcher asks for would make it try ``pip install`` (the network)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("cloudpickle")
+    except PackageNotFoundError:
+        installed = "0"
+    numbers = [int(n) for n in re.findall(r"\d+", installed)[:3]]
+    if tuple(numbers + [0] * (3 - len(numbers))) < CLOUDPICKLE_MIN:
+        want = ".".join(map(str, CLOUDPICKLE_MIN))
+        raise ConfigError(
+            f"Ultralytics' multi-GPU launch needs cloudpickle>={want}, this environment has {installed}",
+            f"pip install 'cloudpickle>={want}' (Ultralytics would otherwise try to download it)",
+        )
 
 
 def launched_devices(device: str) -> str:

@@ -437,6 +437,25 @@ def _torchrun_worker(tmp_path: Path, script: str, *args: str) -> subprocess.Comp
     return subprocess.run(cmd, capture_output=True, text=True, env=_guarded_env(tmp_path), timeout=120, cwd=tmp_path)
 
 
+def test_an_older_cloudpickle_than_ultralytics_asks_for_is_refused_before_its_gpu_launch(monkeypatch):
+    """Ultralytics' multi-GPU launcher calls check_requirements("cloudpickle>=3.1.1"), a pip install on 3.0.x: refused
+    in one line instead (the GPUs are faked; the check comes before any launch)."""
+    torch = pytest.importorskip("torch")
+    import importlib.metadata
+    import importlib.util
+
+    from bastion.distill.torch_device import data_parallel_devices
+    from bastion.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.0.0")
+    with pytest.raises(ConfigError, match=r"needs cloudpickle>=3\.1\.1, this environment has 3\.0\.0"):
+        data_parallel_devices("cuda:0", 2)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.1.3")
+    if importlib.util.find_spec("cloudpickle") is not None:
+        assert data_parallel_devices("cuda:0", 2) == "cuda:0,1"
+
+
 def test_detect_on_several_gpus_names_them_for_ultralytics():
     torch = pytest.importorskip("torch")
     if torch.cuda.device_count() < 2:
