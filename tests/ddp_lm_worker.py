@@ -1,6 +1,7 @@
 """One rank of tests/test_ddp.py's data-parallel runs, started by ``python -m torch.distributed.run`` (an external
 torchrun, as a cluster would start bastion): it joins the world from RANK/WORLD_SIZE/LOCAL_RANK and distils the
-tiny student below. Arguments: OUT_DIR STEPS [STOP_AFTER_STEP]."""
+tiny student below (SPEC's steps). Arguments: OUT_DIR [STOP_AFTER] — STOP_AFTER: every rank stops after that
+many steps, as a killed job would leave its checkpoint."""
 
 from __future__ import annotations
 
