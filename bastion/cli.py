@@ -71,7 +71,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
         "Check offline readiness: state directory, trust store, registry, vendored models, providers, egress, "
         "installed versions against the lock.",
     ),
-    "eval": ("bastion.distill.cli:eval_app", "Measure model accuracy on a labelled dataset."),
+    "eval": ("bastion.distill.cli_eval:eval_app", "Measure model accuracy on a labelled dataset."),
     "distill": ("bastion.distill.cli:distill_app", "Make a smaller model for a narrower mission."),
     "bench": ("bastion.bench:bench_app", "Measure speed against a reference measured in the same run (JSON output)."),
     "bundle": ("bastion.cli:_bundle_app", "Create, sign, countersign, mark, verify, inspect and pack model bundles."),

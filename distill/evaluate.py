@@ -17,7 +17,8 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import cv2
 import numpy as np
@@ -116,6 +117,40 @@ def _to_original(placement: Placement, resized_hw: tuple[int, int], orig_hw: tup
     )
 
 
+@dataclass(frozen=True)
+class Predicted:
+    """One image's boxes as the detector returned them: xyxy [N,4] in original pixels, conf [N], model class [N]."""
+
+    xyxy: np.ndarray
+    conf: np.ndarray
+    cls: np.ndarray
+
+
+# what inference hands back per image: its boxes, or why it could not be read
+PredictOutcome = Predicted | str
+
+
+class EvalRunner(Protocol):
+    """Where the per-image work of an evaluation runs (``ray_eval.RayEvalRunner``); in this process without one.
+
+    Both methods return one result per path, in the order given, as this process would have computed it."""
+
+    def sizes(self, paths: Sequence[Path]) -> list[tuple[int, int]]: ...
+
+    def predict(self, plan: Sequence[tuple[Path, tuple[int, int]]]) -> Iterator[PredictOutcome]: ...
+
+
+def predict_image(detector: Detector, path: Path, shape: tuple[int, int], imgsz: int) -> PredictOutcome:
+    """Read, resize, letterbox to ``shape`` and detect one image — the per-image step of every evaluation."""
+    try:
+        image, orig_hw = _load_resized(path, imgsz)
+    except Exception as exc:  # a corrupt image scores as "no predictions", and is reported
+        return str(exc)
+    placed, placement = detector.prepare(image, shape)
+    det = detector.postprocess(detector.infer([placed]), [_to_original(placement, image.shape[:2], orig_hw)])[0]
+    return Predicted(det.xyxy, det.conf, det.cls)
+
+
 def evaluate_detector(
     detector: Detector,
     dataset: YoloDataset,
@@ -123,19 +158,27 @@ def evaluate_detector(
     tick: Callable[[], None] | None = None,
     class_map: dict[int, int] | None = None,
     bootstrap_tick: Callable[[], None] | None = None,
+    runner: EvalRunner | None = None,
 ) -> EvalReport:
     """Score ``detector`` on ``dataset``; model classes match dataset names, or go through ``class_map``.
-    ``tick`` advances once per image, ``bootstrap_tick`` once per resample."""
+    ``tick`` advances once per image, ``bootstrap_tick`` once per resample. ``runner``: where the images are read
+    and ``detector``'s model is run (e.g. a Ray cluster); the metrics are computed here either way, the same."""
     model_to_data = class_map if class_map is not None else _class_map(detector.names, dataset.names)
-    hw = np.asarray([_image_hw(p) for p in dataset.images], dtype=np.float64)
+    sizes = runner.sizes(dataset.images) if runner else [_image_hw(p) for p in dataset.images]
+    hw = np.asarray(sizes, dtype=np.float64)
     if settings.rect and detector.spec.dynamic_hw:
         order, shapes = batch_shapes(hw, settings.imgsz, detector.spec.stride, settings.batch, settings.pad)
     else:
         order = np.arange(len(dataset.images))
         shapes = np.tile(np.asarray(detector.size), (len(order), 1))
+    plan = [(dataset.images[idx], (int(shape[0]), int(shape[1]))) for idx, shape in zip(order, shapes)]
+    if runner:
+        outcomes = runner.predict(plan)
+    else:
+        outcomes = (predict_image(detector, path, shape, settings.imgsz) for path, shape in plan)
     images, annotations, predictions = [], [], []
     skipped: list[str] = []
-    for image_id, (idx, shape) in enumerate(zip(order, shapes), start=1):
+    for image_id, (idx, outcome) in enumerate(zip(order, outcomes), start=1):
         path = dataset.images[idx]
         h0, w0 = int(hw[idx][0]), int(hw[idx][1])
         images.append({"id": image_id, "width": w0, "height": h0, "file_name": path.name})
@@ -151,14 +194,10 @@ def evaluate_detector(
                     "iscrowd": 0,
                 }
             )
-        try:
-            image, orig_hw = _load_resized(path, settings.imgsz)
-        except Exception as exc:  # a corrupt image scores as "no predictions", and is reported
-            skipped.append(f"{path}: {exc}")
+        if isinstance(outcome, str):
+            skipped.append(f"{path}: {outcome}")
             continue
-        placed, placement = detector.prepare(image, tuple(int(v) for v in shape))
-        det = detector.postprocess(detector.infer([placed]), [_to_original(placement, image.shape[:2], orig_hw)])[0]
-        for box, score, cls in zip(det.xyxy, det.conf, det.cls):
+        for box, score, cls in zip(outcome.xyxy, outcome.conf, outcome.cls):
             data_cls = model_to_data.get(int(cls))
             if data_cls is None:
                 continue

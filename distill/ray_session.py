@@ -37,6 +37,7 @@ LOOPBACK_ONLY = {
     **{k: DEAD_END for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")},
     **{k: "127.0.0.1,localhost,::1" for k in ("no_proxy", "NO_PROXY")},
 }
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")  # what parse_labeller lets through of a loopback address
 TMPDIR_ENV = "BASTION_RAY_TMPDIR"
 MAX_TMPDIR = 40  # + "/session_<date>_<pid>/sockets/plasma_store" stays under the unix socket path limit
 BATCH = 8  # images per actor call: large enough to amortise Ray's per-task cost, small enough to stream
@@ -128,6 +129,12 @@ class RaySession:
             )
         else:
             os.environ.update(NO_PHONE_HOME)  # this driver's part; the cluster's nodes are started with it too
+            if choice.address.rpartition(":")[0] in LOOPBACK_HOSTS:
+                # a cluster on this host's loopback (ray start --node-ip-address 127.0.0.1, another run's local
+                # cluster): this driver's node must be 127.0.0.1 too, or Ray swaps the address for the host's
+                # outward one, where nothing listens, and waits there for minutes
+                os.environ.update(LOOPBACK_ONLY)
+                ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
             if choice.address != "auto":
                 check_reachable(choice.address, self.flags)
             self._owned = True  # ray.shutdown() disconnects this driver; the cluster stays up

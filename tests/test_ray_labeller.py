@@ -306,7 +306,8 @@ def test_field_node_packages_and_the_distill_cli_never_import_ray():
 
     probe = (
         "import bastion, bastion.runtime, bastion.runtime.detect, bastion.edge, bastion.models, bastion.hardware, "
-        "bastion.distill, bastion.distill.cli, bastion.distill.labellers, bastion.distill.pseudo, sys; "
+        "bastion.distill, bastion.distill.cli, bastion.distill.cli_eval, bastion.distill.evaluate, "
+        "bastion.distill.labellers, bastion.distill.pseudo, sys; "
         "print(sorted({m.split('.')[0] for m in sys.modules}))"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
@@ -376,3 +377,223 @@ def test_a_cluster_that_wants_its_token_is_one_line_that_says_so(monkeypatch):
         with pytest.raises(ConfigError) as err:
             RayLabeller(LabellerChoice("ray", address), [], [])
         assert "RAY_AUTH_MODE" not in str(err.value)
+
+
+# --- one local 2-worker cluster shared by the CLI tests below (#20: evaluation on Ray, the labeller end to end) ----
+# It is held by a helper process (started with the labeller's own RaySession), not by this one: the test above must
+# start and own its cluster, and these tests run bastion as the operator does, in subprocesses that join it by
+# address (ray:127.0.0.1:PORT), a second or so each instead of a ~20 s cluster start per test.
+CLUSTER_HOLDER = """\
+import sys
+from bastion.distill.labellers import LabellerChoice
+from bastion.distill.ray_session import RaySession
+
+session = RaySession(LabellerChoice("ray", None, 2))
+print(session.ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()  # held until the test closes stdin
+session.close()
+"""
+
+
+JOIN = {"RAY_AUTH_MODE": "token"}  # a process joining a Ray 2.60 cluster uses its token only when told (docs/scale.md)
+
+
+@dataclasses.dataclass
+class Cluster:
+    address: str  # HOST:PORT of its GCS
+    holder: int  # pid of the process that started it: Ray's processes are its descendants
+    marks: Path  # one file per Python process of the cluster that ran under the zero-egress guard
+    session: Path  # Ray's session dir (logs)
+
+    def check_offline(self) -> None:
+        """Every Python process of the cluster ran under the zero-egress guard and none was refused; every socket
+        Ray's processes (the C++ GCS and raylet included) hold is bound to and talks to loopback."""
+        seen = _descendants(self.holder)
+        assert {"gcs_server", "raylet"} <= set(seen.values()), seen
+        sockets = _sockets_of(seen)
+        assert len(sockets) >= 5, sockets
+        outward = [
+            s for s in sockets if not all(ipaddress.ip_address(a).is_loopback or a in ("0.0.0.0", "::") for a in s[1:])
+        ]
+        assert outward == [] and all(ipaddress.ip_address(s[1]).is_loopback for s in sockets), outward
+        assert len({int(p.name) for p in self.marks.iterdir()} & set(seen)) >= 3
+        logs = [p for p in self.session.rglob("logs/*") if p.is_file()]
+        assert logs and not [p for p in logs if b"ZERO-EGRESS VIOLATION" in p.read_bytes()]
+
+    def ran(self, actor: str) -> bool:
+        """Whether an actor of this class ran on the cluster (Ray names its worker logs' processes after it)."""
+        return any(actor.encode() in p.read_bytes() for p in self.session.rglob("logs/*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    import subprocess
+    import sys
+
+    pytest.importorskip("ray")
+    root = tmp_path_factory.mktemp("cluster")
+    guard, marks = root / "guard", root / "marks"
+    guard.mkdir()
+    marks.mkdir()
+    (guard / "sitecustomize.py").write_text(GUARD_SITECUSTOMIZE)
+    session = Path(tempfile.mkdtemp(prefix="brt-", dir="/tmp"))  # short: Ray's unix sockets live under it
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(guard), str(REPO / "tests")]),
+        "PYTHONSAFEPATH": "1",
+        "BASTION_TEST_GUARD_MARKS": str(marks),
+        "BASTION_RAY_TMPDIR": str(session),
+    }
+    with open(root / "holder.err", "w") as err:
+        holder = subprocess.Popen(
+            [sys.executable, "-c", CLUSTER_HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+            text=True, env=env, cwd=REPO,
+        )  # fmt: skip
+    try:
+        address = holder.stdout.readline().strip()
+        assert address, (root / "holder.err").read_text()[-2000:]
+        yield Cluster(address, holder.pid, marks, session)
+    finally:
+        holder.stdin.close()
+        try:
+            holder.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            holder.wait()
+        shutil.rmtree(session, ignore_errors=True)
+
+
+@pytest.fixture
+def eval_set(coco128: Path, tmp_path: Path) -> Path:
+    """20 COCO128 images with their labels, in more than one rectangular batch shape, plus one corrupt file."""
+    import yaml
+
+    src = coco128.parent
+    root = tmp_path / "evalset"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for jpg in sorted((src / "images" / "train2017").glob("*.jpg"))[:20]:
+        shutil.copy(jpg, root / "images" / jpg.name)
+        label = src / "labels" / "train2017" / f"{jpg.stem}.txt"
+        if label.is_file():
+            shutil.copy(label, root / "labels" / label.name)
+    (root / "images" / "broken.jpg").write_bytes(b"\xff\xd8 not an image")
+    names = yaml.safe_load(coco128.read_text())["names"]
+    (root / "data.yaml").write_text(yaml.safe_dump({"val": "images", "names": names}))
+    return root / "data.yaml"
+
+
+@pytest.mark.slow
+def test_eval_detect_on_two_ray_workers_reports_the_single_process_metrics_and_phones_nowhere(cluster, eval_set):
+    """#20: the model's inference as Ray Data actors, the metrics on the driver: the same JSON, digit for digit
+    (mAP, per-class AP, the bootstrap interval, the skipped corrupt image), from a local 2-worker cluster."""
+    import json
+
+    common = ("eval", "detect", "--model", "yolov5n", "--data", str(eval_set), "--imgsz", "320", "--bootstrap", "20")
+    single = run_cli(*common, "--json", timeout=120)
+    assert single.returncode == 0, single.stderr
+    on_ray = run_cli(*common, "--json", "--on", f"ray:{cluster.address}", "--workers", "2", env=JOIN, timeout=120)
+    assert on_ray.returncode == 0, on_ray.stderr
+    assert on_ray.stdout == single.stdout
+    report = json.loads(single.stdout)
+    assert report["images"] == 21 and report["map50"] > 0.2 and len(report["skipped"]) == 1
+    warned = on_ray.stderr.replace("\n", "")  # the console wraps long lines
+    assert "skipped unreadable image" in warned and "broken.jpg (corrupt" in warned
+    assert cluster.ran("EvalActor")  # the Ray run's inference did run on the cluster's actors
+    cluster.check_offline()
+
+
+@pytest.mark.slow
+def test_distill_detect_cli_with_the_ray_labeller_writes_the_single_labellers_labels(cluster, subset, tmp_path):
+    """#20: ``bastion distill detect --labeller ray:…`` through every stage (no training, no INT8: the cheapest
+    run), file by file the ``labels/`` of the same command with ``--labeller single``; run.json says who labelled."""
+    import json
+
+    images, labels = subset
+    runs = {}
+    ray = ("--labeller", f"ray:{cluster.address}", "--labeller-workers", "2")
+    for kind, flags in (("single", ("--labeller", "single")), ("ray", ray)):
+        runs[kind] = tmp_path / kind
+        proc = run_cli(
+            "distill", "detect", "--teacher", "yolov5n", "--teacher", "yolox_nano", "--images", str(images),
+            "--labels", str(labels), "--classes", ",".join(CLASSES), "--class-map",
+            ",".join(f"{k}={v}" for k, v in CLASS_MAP.items()), "--no-train", "--no-int8", "--out", str(runs[kind]),
+            *flags, env=JOIN if kind == "ray" else None, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _tree(runs["single"] / "labels"), _tree(runs["ray"] / "labels")
+    assert sorted(a) == sorted(b) and len(a) > 20
+    assert [k for k in a if a[k] != b[k]] == []
+    recorded = {k: json.loads((runs[k] / "run.json").read_text())["stages"]["labels"]["result"] for k in runs}
+    assert recorded["single"]["labeller"] == {"kind": "single"}
+    assert recorded["ray"]["labeller"] == {
+        "kind": "ray", "address": cluster.address, "workers": 2, "gpus_per_worker": 0
+    }  # fmt: skip
+    assert {k: v for k, v in recorded["ray"].items() if k != "labeller"} == {
+        k: v for k, v in recorded["single"].items() if k != "labeller"
+    }
+    assert recorded["ray"]["pseudo"] > 0 and len(recorded["ray"]["corrupt"]) == 1
+    assert cluster.ran("TeacherActor")
+    cluster.check_offline()
+
+
+@pytest.mark.parametrize(
+    ("text", "workers", "says"),
+    [
+        ("spark", None, "--on 'spark': unknown place to run"),
+        ("ray:10.0.0.1", None, "--on 'ray:10.0.0.1': not a Ray address"),
+        ("ray://10.0.0.1:10001", None, "Ray Client"),
+        ("ray", 0, "--workers 0: give 1 to 4096"),
+        ("single", 2, "--workers goes with --on ray"),
+    ],
+)
+def test_bad_eval_on_choices_are_refused_in_the_evals_own_words(text, workers, says):
+    from bastion.distill.labellers import EVAL_FLAGS, parse_labeller
+
+    with pytest.raises(ConfigError, match=says) as err:
+        parse_labeller(text, workers, EVAL_FLAGS)
+    assert "labeller" not in str(err.value)
+    assert parse_labeller("ray:head:6379", 2, EVAL_FLAGS).address == "head:6379"
+
+
+def test_eval_on_ray_without_ray_or_with_a_bad_address_is_one_line_before_the_data_is_read(tmp_path):
+    """The --data below does not exist: the refusal comes first, so nothing was read or started before it."""
+    blocked = tmp_path / "no-ray"
+    blocked.mkdir()
+    (blocked / "sitecustomize.py").write_text(RAY_BLOCKED_SITECUSTOMIZE)
+    missing = str(tmp_path / "nowhere.yaml")
+    proc = run_cli("eval", "detect", "--data", missing, "--on", "ray", env={"PYTHONPATH": str(blocked)}, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "--on ray needs the 'ray[data]' package" in proc.stderr and "pip install 'bastion[scale]'" in proc.stderr
+    assert "--on single" in proc.stderr
+
+    proc = run_cli("eval", "detect", "--data", missing, "--on", "ray:10.0.0.1", timeout=60)
+    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "--on 'ray:10.0.0.1': not a Ray address" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_on_a_ray_address_nobody_answers_is_one_line_and_leaves_nothing_set():
+    ray = pytest.importorskip("ray")
+    from bastion.distill.labellers import LabellerChoice
+    from bastion.distill.ray_eval import open_session
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    before, switch = dict(os.environ), ray._private.ray_constants.ENABLE_RAY_CLUSTER
+    with pytest.raises(ConfigError, match=rf"--on ray:127.0.0.1:{port}: no Ray cluster answers there") as err:
+        open_session(LabellerChoice("ray", f"127.0.0.1:{port}"))
+    assert "\n" not in str(err.value)
+    assert dict(os.environ) == before and ray._private.ray_constants.ENABLE_RAY_CLUSTER == switch
+
+
+def test_a_sealed_model_is_not_spread_over_a_ray_cluster(monkeypatch):
+    import types
+
+    from bastion.distill import ray_eval
+
+    sealed = types.SimpleNamespace(manifest=types.SimpleNamespace(name="kestrel", sealed={"unit": "u1"}))
+    monkeypatch.setattr(ray_eval.Bundle, "open", lambda *a, **k: sealed)
+    with pytest.raises(ConfigError, match="kestrel is sealed.*--on single"):
+        ray_eval.open_source("kestrel", allow_unsigned=False)
