@@ -337,9 +337,12 @@ class Client(EventsMixin):
                 sub.close(linger=0)
 
     def close(self) -> None:
+        """Close every socket of this client, the SUB socket of an ``events()`` generator still held open included
+        (``Context.term`` waited for ever on it: ``with Client(...) as c: it = c.events(); next(it); raise``
+        hung), and end the context. A generator resumed after this raises ``zmq.ZMQError``."""
         if self._dealer is not None:
             self._dealer.close(linger=0)
-        self.ctx.term()
+        self.ctx.destroy(linger=0)
 
     def __enter__(self) -> "Client":
         return self

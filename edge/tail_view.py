@@ -3,6 +3,7 @@ program (``--json``: one object per line, flushed at once so a reader downstream
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import deque
@@ -39,16 +40,33 @@ def describe(event: NodeEvent) -> tuple[str, ...]:
 
 
 def tail(client: Client, kinds: list[str] | None, since: int | None, duration: float | None, json_out: bool) -> None:
+    """Print until ``duration`` is over, Ctrl-C, or the reader downstream goes away (``| head -1``: a quiet end,
+    not a BrokenPipeError traceback); the events generator is closed on every way out."""
     events = client.events(since=since, duration_s=duration, kinds=kinds)
-    if json_out:
-        for event in events:
-            sys.stdout.write(event.model_dump_json(exclude_none=kind_of(event) != "det") + "\n")
-            sys.stdout.flush()
-    elif not out.is_terminal:
-        for event in events:
-            out.print(" ".join(part for part in describe(event) if part), soft_wrap=True)
-    else:
-        _live_table(events)
+    try:
+        if json_out:
+            for event in events:
+                sys.stdout.write(event.model_dump_json(exclude_none=kind_of(event) != "det") + "\n")
+                sys.stdout.flush()
+        elif not out.is_terminal:  # plain text, flushed per line for a reader downstream (never rich markup)
+            for event in events:
+                sys.stdout.write(" ".join(part for part in describe(event) if part) + "\n")
+                sys.stdout.flush()
+        else:
+            _live_table(events)
+    except BrokenPipeError:
+        _quiet_stdout()
+    finally:
+        events.close()
+
+
+def _quiet_stdout() -> None:
+    """The pipe's reader is gone: point stdout at /dev/null so the interpreter's last flush cannot fail loudly."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 def _live_table(events) -> None:

@@ -114,6 +114,46 @@ def test_events_are_stored_then_published_in_seq_order(tmp_path):
             client.ask("status report?")
 
 
+def test_a_client_closes_with_an_events_generator_still_open_and_tail_into_head_ends_quietly(tmp_path):
+    """Context.term waited for ever on the SUB socket of a generator still held open (an exception in the loop
+    body, a saved iterator), and `bastion node tail | head -1` hung the same way in its finally."""
+    with running_node(tmp_path) as node:
+        client = client_for(node)
+        events = client.events(since=0)
+        assert next(events).seq == 1  # the generator now holds its SUB socket open
+        closer = threading.Thread(target=client.close, daemon=True)
+        closer.start()
+        closer.join(20)
+        assert not closer.is_alive(), "Client.close() hung on the open events generator"
+        with pytest.raises(zmq.ZMQError):  # a closed client's generator says so, it does not wait
+            next(events)
+
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")])),
+        }
+        code = "import egress_guard; egress_guard.install(); from bastion.cli import run; run()"
+        args = ["node", "tail", "--control", node.server.control_endpoint, "--since", "0", "--json", "--duration", "60"]
+        for mode in (["--json"], []):  # JSON lines, and plain lines (not a terminal)
+            argv = [a for a in args if a != "--json"] + mode
+            tail = subprocess.Popen(
+                [sys.executable, "-c", code, *argv],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                cwd=tmp_path,
+            )
+            first = tail.stdout.readline()  # what `head -1` reads, then it goes away
+            tail.stdout.close()
+            try:
+                err = tail.communicate(timeout=30)[1].decode()
+            except subprocess.TimeoutExpired:
+                tail.kill()
+                pytest.fail(f"node tail {' '.join(mode)} kept running after its reader went away")
+            assert first.split()[0].strip(b'{"seq:,') == b"1" or json.loads(first)["seq"] == 1
+            assert tail.returncode == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_control_survives_10000_malformed_messages(tmp_path):
     rng = random.Random(7)
     samples = [
