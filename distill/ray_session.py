@@ -183,7 +183,8 @@ class RaySession:
         ctx.execution_options.preserve_order = True  # results come back in the order of `items`
         ctx.enable_progress_bars = False  # bastion shows its own progress; stdout stays the report's (--json)
         ctx.print_on_execution_start = False
-        ds = ray.data.from_items(list(items), override_num_blocks=max(1, -(-len(items) // BATCH)))
+        blocks = max(1, -(-len(items) // BATCH))
+        ds = ray.data.from_items(list(items), override_num_blocks=blocks)
         if isinstance(fn, type):
             per_actor = {"num_gpus": 1} if self.gpus and use_gpus else {"num_cpus": 1}
             ds = ds.map_batches(
@@ -191,7 +192,8 @@ class RaySession:
                 fn_constructor_args=fn_args,
                 batch_size=BATCH,
                 batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=min(self.workers, len(items))),
+                # no more actors than blocks: Ray Data warns on stderr of a pool it cannot keep busy
+                compute=ray.data.ActorPoolStrategy(size=min(self.workers, blocks)),
                 **per_actor,
             )
         else:

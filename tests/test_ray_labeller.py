@@ -597,3 +597,36 @@ def test_a_sealed_model_is_not_spread_over_a_ray_cluster(monkeypatch):
     monkeypatch.setattr(ray_eval.Bundle, "open", lambda *a, **k: sealed)
     with pytest.raises(ConfigError, match="kestrel is sealed.*--on single"):
         ray_eval.open_source("kestrel", allow_unsigned=False)
+
+
+def test_no_more_actors_than_blocks_so_ray_data_has_nothing_to_warn_about():
+    """Seen by hand: eval --on ray --workers 2 on 8 images (one block of 8) printed Ray Data's UserWarning that the
+    pool of 2 actors 'won't fully utilize the available concurrency' on the operator's terminal."""
+    import types
+
+    from bastion.distill.labellers import EVAL_FLAGS
+    from bastion.distill.ray_session import BATCH, RaySession
+
+    pools: list[int] = []
+
+    class Dataset:
+        def map_batches(self, fn, **kwargs):
+            pools.append(kwargs["compute"].size)
+            return self
+
+        def iter_rows(self):
+            return iter([])
+
+    ctx = types.SimpleNamespace(execution_options=types.SimpleNamespace())
+    data = types.SimpleNamespace(
+        DataContext=types.SimpleNamespace(get_current=lambda: ctx),
+        from_items=lambda items, override_num_blocks: Dataset(),
+        ActorPoolStrategy=lambda size: types.SimpleNamespace(size=size),
+    )
+    ray_session = object.__new__(RaySession)
+    ray_session.ray, ray_session.workers, ray_session.gpus = types.SimpleNamespace(data=data), 4, 0
+    ray_session.flags = EVAL_FLAGS
+    for n in (1, BATCH, BATCH + 1, 10 * BATCH):
+        with pytest.raises(Exception, match="returned no result"):
+            list(ray_session.ordered_map([{"path": f"/x/{i}.jpg"} for i in range(n)], Dataset))
+    assert pools == [1, 1, 2, 4]
