@@ -5,6 +5,10 @@ or with a bad address, ``--labeller`` is one line.
 The equivalence runs on 12 COCO128 images (3 with ground truth, 9 pseudo-labelled by a 2-teacher ensemble, plus one
 corrupt file), not all 128: a local Ray cluster alone takes ~20 s to start on 2 shared cores, and 12 images already
 cover every path a file takes (ground truth, pseudo, corrupt, WBF of two teachers).
+
+Evaluation on Ray (``eval detect --on ray``) and the labeller through the whole ``distill detect`` CLI share one more
+local 2-worker cluster (the ``cluster`` fixture, held by a helper process; the CLIs join it by address): one start
+for both, not one per test.
 """
 
 from __future__ import annotations
