@@ -1,4 +1,4 @@
-"""CLI commands of the model team: ``bastion eval detect`` (distillation commands join here)."""
+"""CLI commands of the model team: ``bastion quantize`` and ``bastion distill`` (``bastion eval``: cli_eval.py)."""
 
 from __future__ import annotations
 
@@ -7,89 +7,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
-from bastion.console import out, print_json, progress, stage_bars, warn
+from bastion.console import out, print_json, progress, stage_bars
 from bastion.distill.labellers import LABELLER_HELP
 from bastion.distill.torch_device import DEVICE_HELP, data_parallel_devices, launched_devices, training_device
-from bastion.hardware.backend_names import DEVICE_HELP as BACKEND_DEVICE_HELP
 from bastion.models.cli import ALLOW_UNSIGNED_HELP
-from bastion.models.zoo import DEFAULT_DETECTOR
-
-eval_app = typer.Typer(help="Measure model accuracy on a labelled dataset.", no_args_is_help=True)
-
-
-@eval_app.command("detect")
-def eval_detect_command(
-    data: Path = typer.Option(..., "--data", help="Ultralytics-style data.yaml (YOLO labels)."),
-    model: str = typer.Option(DEFAULT_DETECTOR, "--model", "-m", help="Bundle directory, zoo name or .onnx file."),
-    split: str = typer.Option("val", help="Which split of data.yaml to score."),
-    imgsz: int = typer.Option(640, help="Input size (long side)."),
-    conf: float = typer.Option(0.001, help="Confidence threshold (keep low for mAP)."),
-    iou: float = typer.Option(0.6, help="NMS IoU threshold."),
-    max_det: int = typer.Option(300, help="Max detections per image."),
-    rect: bool = typer.Option(True, help="YOLOv5-style rectangular batches (dynamic-shape models)."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N images (sorted by name)."),
-    bootstrap: int = typer.Option(
-        0,
-        min=0,
-        help="Resample the images N times for a 90 % interval on mAP50 "
-        "(e.g. 200; tells whether a few points between two models are real).",
-    ),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for inference."),
-    device: str = typer.Option("auto", help=BACKEND_DEVICE_HELP),
-    json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
-    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
-) -> None:
-    """COCO mAP50-95, mAP50 and per-class AP of a detector on YOLO-format labels.
-
-    Example: bastion eval detect --model yolov5n --data ../shared/data/coco128/coco128.yaml --bootstrap 200 --json
-    """
-    from bastion.distill.datasets import load_data_yaml
-    from bastion.distill.evaluate import EvalSettings, evaluate_detector
-    from bastion.runtime.detect import Detector
-
-    dataset = load_data_yaml(data, split, limit)
-    settings = EvalSettings(imgsz=imgsz, conf=conf, iou=iou, max_det=max_det, rect=rect, bootstrap=bootstrap)
-    detector = Detector.load(
-        model,
-        device=device,
-        threads=threads,
-        conf=conf,
-        iou=iou,
-        max_det=max_det,
-        imgsz=imgsz,
-        multi_label=True,
-        scaleup=False,
-        allow_unsigned=allow_unsigned,
-    )
-    with progress(disable=json_out) as bar:
-        task = bar.add_task(f"eval {detector.manifest.name}", total=len(dataset.images))
-        resamples = bar.add_task("bootstrap", total=bootstrap, visible=bootstrap > 0)
-        report = evaluate_detector(
-            detector, dataset, settings, tick=lambda: bar.advance(task), bootstrap_tick=lambda: bar.advance(resamples)
-        )
-    for line in report.skipped:
-        warn(f"skipped unreadable image {line}")
-    if json_out:
-        print_json(report.to_dict())
-        return
-    out.print(f"{report.model} on {data} ({report.images} images, {report.instances} boxes)", style="bold")
-    table = Table(show_edge=False)
-    for col in ("class", "instances", "AP50", "AP50-95"):
-        table.add_column(col, justify="left" if col == "class" else "right")
-    ci = report.map50_interval
-    table.add_row(
-        "all",
-        str(report.instances),
-        f"{report.map50:.3f}" + (f" ({ci.low:.3f}–{ci.high:.3f})" if ci else ""),
-        f"{report.map50_95:.3f}",
-        style="bold",
-    )
-    for name, row in report.per_class.items():
-        table.add_row(name, str(row["instances"]), f"{row['ap50']:.3f}", f"{row['ap50_95']:.3f}")
-    out.print(table)
-
 
 TARGET_HELP = (
     "Where the INT8 model will run: a device profile (hardware/profiles: x86-cpu, jetson-orin-nano-8gb, "
