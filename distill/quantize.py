@@ -12,6 +12,8 @@ mAP drop, never assumed (``distill/int8_gate.py``).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import tempfile
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
-from bastion.distill.int8_recipe import U8S8, Recipe
+from bastion.distill.int8_recipe import ENTROPY_BINS, ENTROPY_QUANTIZED_BINS, U8S8, Recipe
 from bastion.errors import MissingExtraError, ModelLoadError
 from bastion.runtime.detect import Detector
 from bastion.runtime.media import iter_image_files
@@ -117,10 +119,106 @@ def head_convolutions(model_path: Path) -> list[str]:
     ]
 
 
+def neck_concats(model_path: Path, levels: int = 2) -> list[str]:
+    """The Concat nodes that feed the detection head: walking back from each head convolution, the first ``levels``
+    Concats on every path (YOLOv5: the C3 blocks' own Concats and the PAN Concats before them)."""
+    graph = _onnx().load(str(model_path)).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    heads = set(head_convolutions(model_path))
+    found: list[str] = []
+    seen: set[tuple[str, int]] = set()
+    todo = [(name, 0) for n in graph.node if n.name in heads for name in n.input]
+    while todo:
+        tensor, level = todo.pop()
+        node = producer.get(tensor)
+        if node is None or (node.name, level) in seen:
+            continue
+        seen.add((node.name, level))
+        if node.op_type == "Concat":
+            if node.name not in found:
+                found.append(node.name)
+            if level + 1 >= levels:
+                continue
+            todo += [(name, level + 1) for name in node.input]
+        else:
+            todo += [(name, level) for name in node.input]
+    return found
+
+
 def first_convolution(model_path: Path) -> list[str]:
     """The name of the first convolution in graph order (it sees raw pixels: the widest activation range)."""
     graph = _onnx().load(str(model_path)).graph
     return [n.name for n in graph.node if n.op_type == "Conv" and n.name][:1]
+
+
+def entropy_threshold(histogram, num_quantized_bins: int):
+    """ONNX Runtime's ``HistogramCollector.get_entropy_threshold`` (onnxruntime 1.32, the KL search of TensorRT's
+    entropy calibration), with its per-bin Python loops as numpy reshapes: the same thresholds, bit for bit
+    (``tests/test_int8_measured.py`` compares them), ~6× faster: ~30 s instead of ~3 minutes for yolov5n's 200
+    tensors at 2048 bins. ``histogram``: (counts, edges, min, max) as the collector keeps it."""
+    from onnxruntime.quantization.calibrate import entropy
+    from onnxruntime.quantization.quant_utils import smooth_distribution
+
+    hist, hist_edges = histogram[0], histogram[1]
+    dtype = hist_edges.dtype
+    num_bins = hist.size
+    zero = num_bins // 2
+    half = num_quantized_bins // 2
+    best, best_div = None, None
+    for i in range(half, zero + 1):
+        start, end = zero - i, min(zero + i + 1, num_bins)
+        sliced = hist[start:end]
+        p = sliced.copy()
+        p[0] += hist[:start].sum()
+        p[-1] += hist[end:].sum()
+        merged = sliced.size // num_quantized_bins
+        whole = num_quantized_bins * merged
+        quantized = sliced[:whole].reshape(num_quantized_bins, merged).sum(axis=1)
+        quantized[-1] += sliced[whole:].sum()
+        norm = (p[:whole] != 0).reshape(num_quantized_bins, merged).sum(axis=1)
+        q = np.zeros(p.size, dtype=np.int64)  # ORT assigns count/norm into int64: truncated, and 0 where norm is 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q[:whole] = np.repeat(np.where(norm != 0, quantized / np.maximum(norm, 1), 0), merged).astype(np.int64)
+        ps, qs = smooth_distribution(p), smooth_distribution(q)
+        div = np.array(np.inf if ps is None or qs is None else entropy(ps, qs), dtype=dtype)
+        if best_div is None or div < best_div:  # np.argmin: the first of equal minima
+            best, best_div = (hist_edges[start], hist_edges[end]), div
+    low, high = best
+    if low < histogram[2]:
+        low = histogram[2]
+    if high > histogram[3]:
+        high = histogram[3]
+    return low, high
+
+
+def entropy_ranges(model: Path, reader, tmp: Path) -> Path:
+    """Entropy (KL) calibration with a histogram fine enough to choose from: a calibration cache file for
+    ``quantize_static``.
+
+    ONNX Runtime's EntropyCalibrater histograms each tensor into ``num_bins`` and tries every threshold from
+    ``num_quantized_bins`` wide up to the whole histogram; ``quantize_static`` cannot pass either and both default
+    to 128, so the only threshold it tried was the full range: MinMax's scales exactly (measured, onnxruntime
+    1.32).  Here: 2048 bins and 128 quantized bins (TensorRT's entropy calibration, which ORT's follows).
+    """
+    from onnxruntime.quantization import CalibrationMethod, create_calibrator, save_tensors_data
+
+    calibrator = create_calibrator(
+        model,
+        augmented_model_path=str(tmp / "entropy-augmented.onnx"),
+        calibrate_method=CalibrationMethod.Entropy,
+        extra_options={"num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_QUANTIZED_BINS},
+    )
+    chatter = io.StringIO()  # ORT print()s its progress: never onto a --json stdout
+    with contextlib.redirect_stdout(chatter):
+        calibrator.collect_data(reader)
+        collector = getattr(calibrator, "collector", None)
+        if collector is not None and hasattr(collector, "get_entropy_threshold"):
+            collector.get_entropy_threshold = entropy_threshold  # the same search, its loops in numpy
+        ranges = calibrator.compute_data()
+    log.debug("entropy calibration: %s", " / ".join(chatter.getvalue().split("\n")[:4]))
+    cache = tmp / "entropy-ranges.json"
+    save_tensors_data(ranges, cache)
+    return cache
 
 
 def quantize_int8(
@@ -149,6 +247,8 @@ def quantize_int8(
         exclude += first_convolution(fp32_path)
     if recipe.exclude_head_convs:
         exclude += head_convolutions(fp32_path)
+    if recipe.exclude_neck_concats:
+        exclude += neck_concats(fp32_path)
     log.info(
         "quantizing",
         extra={"recipe": recipe.name, "calibration_images": len(calibration_images), "fp32_nodes_kept": len(exclude)},
@@ -169,10 +269,15 @@ def quantize_int8(
             log.warning("quantization pre-processing skipped: %s", exc)
             prepped = fixed
         staged = Path(tmp) / "int8.onnx"
+        reader = _Calibration(detector, calibration_images, size_hw)
+        cache = None
+        if recipe.calibration == "entropy":  # quantize_static cannot pass the histogram sizes: ranges made here
+            cache = entropy_ranges(prepped, reader, Path(tmp))
+            reader = None
         quantize_static(
             str(prepped),
             str(staged),
-            _Calibration(detector, calibration_images, size_hw),
+            reader,
             quant_format=QuantFormat.QDQ,
             per_channel=recipe.per_channel,
             reduce_range=recipe.reduce_range,
@@ -181,6 +286,7 @@ def quantize_int8(
             calibrate_method=methods[recipe.calibration],
             nodes_to_exclude=exclude,
             extra_options={"ActivationSymmetric": recipe.activation_symmetric, "WeightSymmetric": True},
+            calibration_cache_path=cache,
         )
         out_path.parent.mkdir(parents=True, exist_ok=True)
         staged.replace(out_path)

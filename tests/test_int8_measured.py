@@ -263,6 +263,112 @@ def test_the_demo_report_int8_lines_carry_the_signed_verdict():
     assert not any(line.startswith("INT8 verdict of student") for line in lines)  # refused: nothing signed
 
 
+# ---- 5. entropy calibration and the neck concats ---------------------------------------------------------------
+
+
+class _Stub:
+    """What quantize_int8 reads of a Detector: the input's name and size, and how a frame becomes a tensor. Frames
+    become heavy-tailed noise (Student's t), where KL calibration clips the tails and MinMax cannot."""
+
+    def __init__(self, name: str) -> None:
+        from types import SimpleNamespace
+
+        self.backend = SimpleNamespace(inputs=[SimpleNamespace(name=name)])
+        self.size = (16, 16)
+        self.rng = np.random.default_rng(0)
+
+    def prepare(self, image, size_hw):
+        return self.rng.standard_t(2, size=(3, *size_hw)).astype(np.float32), None
+
+
+def _tiny_conv(path: Path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(1).normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, "h", "w"])],
+        [weight],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _input_scale(path: Path) -> float:
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    q = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x")
+    return float(consts[q.input[1]])
+
+
+def test_entropy_calibration_chooses_a_range_not_minmax(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    from dataclasses import replace
+
+    from bastion.distill.int8_recipe import U8S8_7BIT
+    from bastion.distill.quantize import quantize_int8
+
+    model = _tiny_conv(tmp_path / "tiny.onnx")
+    images = sorted(SAMPLE_IMAGES.glob("*.jpg"))[:3]
+    scales = {}
+    for method in ("minmax", "entropy"):
+        out = quantize_int8(
+            _Stub("x"), model, images, tmp_path / f"{method}.onnx", (16, 16), replace(U8S8_7BIT, calibration=method)
+        )
+        scales[method] = _input_scale(out)
+    # ONNX Runtime's defaults (128 bins, 128 quantized bins) leave one threshold to try: the full range, MinMax's
+    assert scales["entropy"] < 0.5 * scales["minmax"], scales
+    assert capsys.readouterr().out == ""  # ORT's progress print()s stay off stdout (bastion quantize --json)
+
+
+def test_the_fast_entropy_search_finds_onnx_runtimes_thresholds_exactly():
+    """quantize.entropy_threshold replaces ORT's per-bin Python loops with numpy; the thresholds must not move."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    from bastion.distill.quantize import entropy_threshold
+
+    ort = HistogramCollector("entropy", False, 512, 128, None, None)
+    rng = np.random.default_rng(0)
+    for k, data in enumerate(
+        [
+            rng.standard_t(2, 5000),  # heavy tails both sides
+            np.abs(rng.standard_t(3, 5000)),  # one-sided, as after a SiLU
+            np.r_[rng.normal(0, 1, 5000), rng.normal(6, 0.1, 50)],  # a far cluster
+            np.r_[np.zeros(5000), np.ones(7)],  # nearly every bin empty
+        ]
+    ):
+        data = data.astype(np.float32)
+        top = np.array(np.abs(data).max(), dtype=np.float32)
+        counts, edges = np.histogram(data, 512 if k % 2 else 640, range=(-top, top))
+        histogram = (counts, edges, data.min(), data.max())
+        assert entropy_threshold(histogram, 128) == ort.get_entropy_threshold(histogram, 128), k
+
+
+def test_targets_that_saturate_try_entropy_calibrated_7bit_weights_first():
+    from bastion.distill.int8_recipe import candidates
+
+    names = [r.name for r in candidates(CLASSES["x86-avx2"])]
+    assert names[:2] == ["u8s8-7bit-entropy", "u8s8-7bit-symact-first-fp32"], names
+    assert [r.name for r in candidates(CLASSES["x86-amx"])][0] == "u8s8"  # exact there: full range first
+
+
+def test_the_neck_concats_are_the_ones_on_the_paths_into_the_head():
+    pytest.importorskip("onnx")
+    from bastion.distill.int8_recipe import RECIPES
+    from bastion.distill.quantize import neck_concats
+    from bastion.models import zoo_path
+
+    found = neck_concats(zoo_path("yolov5n") / "yolov5n-dynamic.onnx")
+    assert sorted(found) == sorted(f"/model.{i}/Concat" for i in (16, 17, 19, 20, 22, 23))
+    assert "neck concats FP32" in RECIPES["u8s8-7bit-symact-first-neck-fp32"].describe()
+
+
 # ---- 2. --target in distill detect ----------------------------------------------------------------------------
 
 
