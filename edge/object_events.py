@@ -32,7 +32,10 @@ class ObjectEvent(BaseModel):
     first_seen: float | None = None
     last_seen: float | None = None
     best_conf: float | None = None
-    best_frame: int | None = None  # the frame of the best sighting (its snapshot, where snapshots are kept)
+    best_frame: int | None = None  # the frame of the best sighting (held to best_conf; not always snapshotted)
+    # with storage.snapshots: the seq whose snapshot is the best frame stored of this object — object.new's, or
+    # an object.update's that stored a higher-confidence sighting (its own seq then); null without snapshots
+    best_snapshot_seq: int | None = None
     zones: list[str] | None = None  # the zones the object is in now
     reason: str | None = None  # object.update: class|zone|conf|periodic; object.end/zone.leave: lost|stop|left
     # zone.enter / zone.leave / loiter

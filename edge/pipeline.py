@@ -127,6 +127,7 @@ class FramePipeline:
         self._closed_sources: set[str] = set()
         self._track_cost = [0.0, 0]  # seconds in the object layer, frames it processed (status: ms_per_frame)
         self._last_frame: dict[str, tuple[int, float]] = {}
+        self._best_snapshot: dict[tuple[str, int], tuple[float, int]] = {}  # live object -> (conf, seq) stored
         self._preparer = self.supervisor.spawn(PREPARE, self._prepare_loop, running)
         self._worker = self.supervisor.spawn(INFER, self._infer_loop, running)
 
@@ -230,8 +231,31 @@ class FramePipeline:
                 self.clips.source_closed(name)
 
     def _emit_object(self, event: ObjectEvent, model_sha: str, frame: Frame | None) -> None:
-        message = ObjectEventMessage(seq=0, node=self.config.id, model=model_sha, **event.to_dict())
-        self._commit_and_publish(message, event.kind, frame if event.kind == "object.new" else None)
+        """Commit and publish ``event``; with snapshots on, keep the object's best stored frame and name its seq.
+
+        object.new stores its frame; an object.update stores its frame only when the sighting beats the best one
+        stored so far (a confidence rise of at least ``conf_jump`` makes such an update). Lifecycle events carry
+        ``best_snapshot_seq``: the event itself when it stored a better frame, else the earlier one that did.
+        No frame is held in memory beyond its own event; the map holds one (conf, seq) per live object."""
+        key = (event.source, event.track)
+        best = self._best_snapshot.get(key)
+        lifecycle = event.kind in ("object.new", "object.update", "object.end")
+        better = (
+            self.vault is not None
+            and frame is not None
+            and event.kind in ("object.new", "object.update")
+            and (best is None or event.conf > best[0])
+        )
+        fields = event.to_dict()
+        if lifecycle and not better and best is not None:
+            fields["best_snapshot_seq"] = best[1]
+        message = ObjectEventMessage(seq=0, node=self.config.id, model=model_sha, **fields)
+        own = ("best_snapshot_seq",) if better else ()
+        stored, saved = self._commit_and_publish(message, event.kind, frame if better else None, own_seq=own)
+        if event.kind == "object.end":
+            self._best_snapshot.pop(key, None)
+        elif saved and stored is not None:  # a frame that failed to save is no best: the next better one tries again
+            self._best_snapshot[key] = (event.conf, stored.seq)
 
     def _storage_failed(self, exc: StorageError) -> None:
         if self.storage_error is None:
@@ -252,20 +276,28 @@ class FramePipeline:
         )
         self._commit_and_publish(event, FRAME_KIND, frame)
 
-    def _commit_and_publish(self, event: DetectionEvent | ObjectEventMessage, kind: str, frame: Frame | None) -> None:
+    def _commit_and_publish(
+        self,
+        event: DetectionEvent | ObjectEventMessage,
+        kind: str,
+        frame: Frame | None,
+        own_seq: tuple[str, ...] = (),
+    ) -> tuple[DetectionEvent | ObjectEventMessage | None, bool]:
         """Commit (seq assigned), keep the frame's snapshot if given, then publish: a subscriber never sees a
-        seq the store lacks."""
+        seq the store lacks. Returns the stored event (None: the store failed) and whether a snapshot was saved."""
+        saved = False
         try:
-            stored = self.store.append(event)  # type: ignore[arg-type]  # any event with seq/ts/source
+            stored = self.store.append(event, own_seq)  # type: ignore[arg-type]  # any event with seq/ts/source
         except StorageError as exc:
             self._storage_failed(exc)
-            return
+            return None, False
         if self.storage_error is not None:
             log.warning("event store recovered; publishing resumed")
             self.storage_error = None
         if self.vault is not None and frame is not None:
             try:
                 self.vault.save(stored.seq, frame.image)
+                saved = True
                 # Retention may have run since the event was committed: it deletes rows before snapshots, so
                 # either it saw this file, or the row is already gone here and the snapshot goes with it.
                 first = self.store.first_seq()
@@ -278,6 +310,7 @@ class FramePipeline:
         self.server.publish(stored)  # type: ignore[arg-type]
         self.published += 1
         self.events_by_kind[kind] = self.events_by_kind.get(kind, 0) + 1
+        return stored, saved
 
     def tracker_status(self) -> dict[str, object] | None:
         """Per source: objects followed now; and ids allocated since start (None: no object layer)."""

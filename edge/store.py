@@ -200,8 +200,9 @@ class EventStore(SideTables):
         return info
 
     # -- events ------------------------------------------------------------------------------------------
-    def append(self, event: DetectionEvent) -> DetectionEvent:
-        """Assign the next ``seq``, commit, and return the stored event (seq filled in)."""
+    def append(self, event: DetectionEvent, own_seq: tuple[str, ...] = ()) -> DetectionEvent:
+        """Assign the next ``seq``, commit, and return the stored event (seq filled in). ``own_seq``: more fields
+        that name this event's own seq (an object event whose snapshot is its object's best), filled with it."""
         with self._lock:
             self._check_usable()
             if self.mark is not None:
@@ -212,7 +213,7 @@ class EventStore(SideTables):
                         f"cannot reserve seq numbers beside {self.path}: {exc}",
                         "free disk space or fix permissions; publishing is paused",
                     ) from None
-            stored = event.model_copy(update={"seq": self._next})
+            stored = event.model_copy(update={"seq": self._next, **dict.fromkeys(own_seq, self._next)})
             row = (stored.seq, stored.ts, stored.source, stored.model_dump_json())
             try:
                 self._insert(row)

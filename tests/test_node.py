@@ -398,7 +398,7 @@ def test_storage_failure_pauses_publishing(tmp_path, monkeypatch):
     with running_node(tmp_path) as node, client_for(node) as client:
         take(client.events(since=0), 3)
 
-        def full(event):
+        def full(event, own_seq=()):
             raise StorageError("database or disk is full")
 
         real = node.store.append

@@ -9,6 +9,7 @@ import threading
 import time
 
 import cv2
+import numpy as np
 import pytest
 import zmq
 
@@ -143,6 +144,41 @@ def test_one_walker_is_one_object_with_one_id_that_crosses_the_line_out(tmp_path
     assert status["objects"]["ids_allocated"] >= 1 and status["objects"]["active_tracks"] == {}  # all ended
     assert status["events_by_kind"]["object.new"] == 1 and status["events_by_kind"]["det"] == len(frames)
     assert "precision" in status["model"]
+
+
+def test_lifecycle_events_name_the_seq_of_the_objects_best_stored_snapshot(tmp_path, walker_clip):
+    """object.new stores its frame; an update that beats the best stored sighting stores its own; every lifecycle
+    event names the seq of the best one so far (best_snapshot_seq), and that snapshot is served."""
+    from bastion.edge.snapshots import generate_key_file
+
+    key = generate_key_file(tmp_path / "snap.key")
+    storage = {"dir": str(tmp_path / "data"), "snapshots": True, "snapshot_key": str(key)}
+    objects = {"lines": [MIDDLE], "update_min_s": 0.0, "conf_jump": 0.02}  # many updates: some beat the best
+    with node_from(objects_config(tmp_path, walker_clip, objects=objects, storage=storage)) as node:
+        wait_for_end(node)
+        events = [e for e in stored(tmp_path) if e.kind in ("object.new", "object.update", "object.end")]
+        kept = sorted(int(p.name.split(".")[0]) for p in node.vault.dir.iterdir() if p.name[0].isdigit())
+        with Client(node.server.control_endpoint, timeout_s=10) as client:
+            end = events[-1]
+            jpeg = client.snapshot(end.best_snapshot_seq)
+    assert end.kind == "object.end" and events[0].kind == "object.new"
+    assert events[0].best_snapshot_seq == events[0].seq  # object.new stored its own frame
+    storing = [e for e in events if e.best_snapshot_seq == e.seq]  # the events that stored a frame
+    assert len(storing) >= 2, "no update ever beat object.new's sighting: the test shows nothing"
+    assert [e.seq for e in storing] == kept  # a snapshot on disk for each of them, none for any other event
+    assert all(a.conf < b.conf for a, b in zip(storing, storing[1:]))  # each beat the one before
+    best = storing[-1]
+    assert end.best_snapshot_seq == best.seq and best.conf == max(e.conf for e in storing)
+    for event in events:  # each names the best stored up to it
+        assert event.best_snapshot_seq == max((e.seq for e in storing if e.seq <= event.seq), default=None)
+    assert jpeg[:2] == b"\xff\xd8" and cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR).ndim == 3
+
+
+def test_without_snapshots_no_event_names_a_snapshot(tmp_path, walker_clip):
+    with node_from(objects_config(tmp_path, walker_clip)) as node:
+        wait_for_end(node)
+    events = stored(tmp_path)
+    assert events and all(getattr(e, "best_snapshot_seq", None) is None for e in events)
 
 
 def test_frame_events_are_off_by_default_and_ids_continue_across_a_restart(tmp_path, walker_clip):
