@@ -394,7 +394,9 @@ def doctor_command(
     ),
 ) -> None:
     """Check offline readiness: state directory, trust store, registry, vendored models, providers, egress,
-    installed versions against the lock; with --storage, whether a node's storage directory is encrypted.
+    installed versions against the lock.
+
+    With --storage, also whether a node's storage directory is on an encrypted block device.
 
     Example: bastion doctor --json --storage /var/lib/bastion/node-data
     """
