@@ -133,12 +133,12 @@ class Int8Verdict(_Strict):
 
     recipe: str
     recipe_params: dict[str, Any] = {}
-    isa: str  # CPU instruction-set class the mAP and speed were measured on
+    isa: str  # CPU instruction-set class the mAP and speed were measured on; on a GPU provider its class (cuda-sm87)
     holds_on: list[str]
     target: str  # device profile (or CPU class) the recipe was chosen for
     target_isa: str
     measured_on_target: bool
-    execution_provider: str = "CPUExecutionProvider"
+    execution_provider: str = "CPUExecutionProvider"  # the one the INT8 session ran on (the gate measures on CPU)
     onnxruntime: str
     calibration_sha256: str
     calibration_images: int = Field(ge=0)
