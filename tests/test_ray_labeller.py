@@ -333,8 +333,11 @@ def test_a_ctrl_c_during_the_shutdown_finishes_it_then_removes_the_session_dir(t
     def dying_processes_write() -> None:
         end = time.monotonic() + 0.3
         while time.monotonic() < end:
-            (session / "session_1" / "logs").mkdir(parents=True, exist_ok=True)
-            (session / "session_1" / "logs" / "raylet.out").write_text("bye")
+            try:  # into the session dir, as Ray's processes do: never making the session dir itself again
+                (session / "session_1" / "logs").mkdir(exist_ok=True)
+                (session / "session_1" / "logs" / "raylet.out").write_text("bye")
+            except FileNotFoundError:  # removed under it: so is every later write of a dying process
+                return
             time.sleep(0.01)
 
     def shutdown() -> None:
