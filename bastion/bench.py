@@ -132,17 +132,21 @@ def bench_node_command(
     threads: Optional[int] = typer.Option(None, help="Inference threads (default: all cores)."),
     subscribers: int = typer.Option(1, help="ZeroMQ subscribers on loopback (each must get every event)."),
     objects: bool = typer.Option(False, "--objects", help="Track: events/min frame vs object level, tracker ms."),
+    ask: bool = typer.Option(
+        False, "--ask", help="Also serve stories260K: status/replay round trips idle vs while answers stream."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ) -> None:
     """A real node on a paced file: fps, drops and event latency (read → subscriber) vs the model's latency.
 
     Example: bastion bench node --fps 30 --imgsz 320 --subscribers 100 --json
-    (events per minute with tracking: bastion bench node --objects --fps 10 --seconds 120 --json)
+    (events per minute with tracking: bastion bench node --objects --fps 10 --seconds 120 --json;
+    control answers while an LM streams: bastion bench node --ask --fps 10 --seconds 20 --json)
     """
     from bastion.bench_node import bench_node
 
-    err.print(f"measuring a node for {seconds:.0f} s …")
-    result = bench_node(model, video, fps, seconds, imgsz, threads, subscribers, objects)
+    err.print(f"measuring a node for {seconds:.0f} s{' (then its control socket for as long)' if ask else ''} …")
+    result = bench_node(model, video, fps, seconds, imgsz, threads, subscribers, objects, ask)
     if json_out:
         print_json(result)
         return

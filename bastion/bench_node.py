@@ -63,9 +63,12 @@ def bench_node(
     threads: int | None,
     subscribers: int = 1,
     objects: bool = False,
+    ask: bool = False,
 ) -> dict[str, Any]:
     """With ``objects`` the node tracks (default ``objects:``, frame events kept too) and the result adds events
-    per minute by kind, frame level against object level, and the tracker + rules cost per frame in the node."""
+    per minute by kind, frame level against object level, and the tracker + rules cost per frame in the node.
+    With ``ask`` the node also serves stories260K, and ``control`` adds status/replay round trips idle and while
+    answers stream (``bastion.bench_control``), measured after the event window on the same running node."""
     from bastion.edge.config import NodeConfig
     from bastion.edge.node import Node
 
@@ -83,6 +86,7 @@ def bench_node(
                 "endpoints": {"events": "tcp://127.0.0.1:*", "control": "tcp://127.0.0.1:*"},
                 "storage": {"dir": tmp},
                 **({"objects": {"frame_events": True}} if objects else {}),
+                **({"lm": "stories260K"} if ask else {}),
             }
         )
         node = Node(config)
@@ -118,6 +122,7 @@ def bench_node(
                         if sock is subs[0]:
                             latencies.append(now - event["ts"])
         s = node.readers[0].stats
+        counted = (s.read, s.inferred, s.dropped)  # the window's end: the --ask phase below is not in it
         t0, read0, inferred0, dropped0, seq0 = start_stats
         elapsed = time.time() - t0
         last_seq = node.store.last_seq()
@@ -131,11 +136,17 @@ def bench_node(
                     if seq > seq0:
                         received[id(sock)].add(seq)
         by_kind, tracker = dict(node.events_by_kind), node.tracker_status()
+        control = None
+        if ask:
+            from bastion.bench_control import control_latency
+
+            control = control_latency(node.server.control_endpoint, seconds)
+            control["frames_inferred"], control["frames_dropped"] = s.inferred - counted[1], s.dropped - counted[2]
         node.close()
         for sub in subs:
             sub.close()
         ctx.term()
-    read, inferred, dropped = s.read - read0, s.inferred - inferred0, s.dropped - dropped0
+    read, inferred, dropped = counted[0] - read0, counted[1] - inferred0, counted[2] - dropped0
     published = set(range(seq0 + 1, last_seq + 1))
     complete = sum(1 for got in received.values() if published <= got)
     e2e = _percentiles(latencies)
@@ -172,4 +183,5 @@ def bench_node(
         "subscribers": subscribers,
         "subscribers_with_every_event": complete,
         **volume,
+        **({"control": control} if control is not None else {}),
     }
