@@ -78,29 +78,10 @@ test-fast: install-dev lint
 # this says why and the browser tests skip with the same reason. Debian's mosquitto too, the MQTT broker
 # tests/test_sinks.py starts on loopback, and softhsm2, the PKCS#11 token the signing tests use (each skips without it).
 chromium:
-	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || { command -v apt-get >/dev/null 2>&1 && \
-		{ [ "$$(id -u)" = 0 ] && s="" || s="sudo -n"; } && echo "make: installing Debian's mosquitto for the sink tests" && \
-		$$s env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends mosquitto >/dev/null 2>&1 || \
-		echo "make: could not install mosquitto; the MQTT sink tests will skip"; }
-	@command -v softhsm2-util >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
-		{ [ "$$(id -u)" = 0 ] && s="" || s="sudo -n"; } && echo "make: installing Debian's softhsm2 for the PKCS#11 signing tests" && \
-		$$s env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends softhsm2 >/dev/null 2>&1 || \
-		echo "make: could not install softhsm2; the PKCS#11 signing tests will skip"; }
-	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
-	elif ! command -v apt-get >/dev/null 2>&1; then \
-		echo "make: no apt-get here: not installing chromium; the report's browser tests will skip"; \
-	else \
-		if [ "$$(id -u)" = 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; else sudo=none; fi; \
-		if [ "$$sudo" = none ]; then \
-			echo "make: not root and no password-less sudo: not installing chromium; the browser tests will skip"; \
-		else \
-			echo "make: installing Debian's chromium with apt-get for the report's browser tests (~300 MB, 1-3 min)"; \
-			$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium \
-				>/dev/null 2>&1 || { $$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null 2>&1 && \
-				$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium \
-				>/dev/null 2>&1; } || echo "make: apt-get could not install chromium; the browser tests will skip"; \
-		fi; \
-	fi
+	@sh scripts/apt_install.sh mosquitto mosquitto "the MQTT sink tests"
+	@sh scripts/apt_install.sh softhsm2 softhsm2-util "the PKCS#11 signing tests"
+	@command -v chromium-browser >/dev/null 2>&1 || \
+		sh scripts/apt_install.sh chromium chromium "the report's browser tests (~300 MB, 1-3 min)"
 
 # The model-team extra alone (make test already installs it with the dev tools).
 distill-deps: install-dev
