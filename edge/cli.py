@@ -257,6 +257,16 @@ def node_status(
             f"audit log: {audit['count']} records, head {audit['head']} (key {audit['key_id']})"
             + (f" — {audit['pending']} waiting to be written: {audit['error']}" if audit["pending"] else "")
         )
+    latency = (status.get("inference") or {}).get("latency") or {}
+    kinds = ", ".join(f"{k} {n}" for k, n in sorted((status.get("events_by_kind") or {}).items())) or "none yet"
+    mean = f"mean {1000 * latency['sum_s'] / latency['count']:.1f} ms" if latency.get("count") else "none yet"
+    stored = (status.get("store") or {}).get("bytes")
+    out.print(  # the numbers the metrics endpoint serves too (its histogram in full: --json)
+        f"inference: {latency.get('count', 0)} batches, {mean}; events published by kind: {kinds}"
+        + (f"; event store {stored / 1e6:.1f} MB" if stored is not None else ""),
+        markup=False,
+        highlight=False,
+    )
     table = Table(show_edge=False)
     for col in ("source", "state", "fps", "read", "inferred", "dropped", "errors", "queue"):
         table.add_column(col)

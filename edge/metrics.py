@@ -177,13 +177,9 @@ class StatusCollector:
         )
 
     def _store_bytes(self) -> int:
-        total = 0
-        for name in ("events.db", "events.db-wal"):
-            try:
-                total += (self.storage_dir / name).stat().st_size
-            except OSError:
-                pass
-        return total
+        from bastion.edge.store import store_bytes
+
+        return store_bytes(self.storage_dir / "events.db")  # type: ignore[operator]
 
 
 class MetricsServer(WatchedThread):

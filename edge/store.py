@@ -193,8 +193,12 @@ class EventStore(SideTables):
             raise StorageError(self.error, RECOVER_HINT)
 
     def health(self) -> dict[str, Any]:
-        """For ``status``: the start-up check's time, the error state, the seq reservation."""
-        info: dict[str, Any] = {"quick_check_s": self.quick_check_s, "error": self.error}
+        """For ``status``: the start-up check's time, the error state, its size on disk, the seq reservation."""
+        info: dict[str, Any] = {
+            "quick_check_s": self.quick_check_s,
+            "error": self.error,
+            "bytes": store_bytes(self.path),
+        }
         if self.mark is not None:
             info.update(self.mark.as_dict())
         return info
@@ -333,3 +337,14 @@ class EventStore(SideTables):
                     self.mark.close(self._next - 1)
                 except OSError as exc:  # the reservation and seq.live still bound seq; the next start copes
                     log.warning("cannot record the clean stop's seq mark: %s", exc)
+
+
+def store_bytes(db: Path) -> int:
+    """``events.db`` with its WAL, in bytes (``status`` and the metrics): what the event log holds on disk now."""
+    total = 0
+    for path in (db, db.with_name(db.name + "-wal")):
+        try:
+            total += path.stat().st_size
+        except OSError:
+            pass
+    return total

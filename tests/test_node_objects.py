@@ -4,6 +4,7 @@ cut of the vendored person clip."""
 
 import contextlib
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -220,6 +221,8 @@ def test_frame_events_are_off_by_default_and_ids_continue_across_a_restart(tmp_p
     assert status.returncode == 0, status.stderr
     said = " ".join(status.stdout.split())  # rich wraps at 80 columns in a pipe
     assert "objects: tracker bytetrack" in said and "frame events off" in said and "precision: " in said
+    assert re.search(r"inference: [1-9]\d* batches, mean [\d.]+ ms; events published by kind: .*object\.new \d", said)
+    assert re.search(r"event store \d+\.\d MB", said), said  # the metrics' numbers, in the text view too
     assert plain.returncode == 0, plain.stderr
     assert [" ".join(line.split()[2:4]) for line in plain.stdout.splitlines()] == ["line.cross cam1"] * 2
     assert all("line exit out" in line for line in plain.stdout.splitlines())
