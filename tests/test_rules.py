@@ -68,6 +68,17 @@ def test_a_line_counts_only_its_classes_and_boxes_of_its_minimum_size():
     assert kinds(play(ObjectsConfig(min_hits=1, lines=[{**line, "min_area": 0.01}]), walk), "line.cross") == []
 
 
+def test_a_zone_sees_only_its_classes_and_boxes_of_its_minimum_size():
+    zone = {"name": "gate", "points": [[0.405, 0.2], [0.595, 0.2], [0.595, 0.8], [0.405, 0.8]]}
+    walk = [det_at([(x, 0.5)], cls=1) for x in np.linspace(0.2, 0.8, 61)]  # a car, 40×80 px = 0.64 % of the frame
+    assert len(kinds(play(ObjectsConfig(min_hits=1, zones=[zone]), walk), "zone.enter", "zone.leave")) == 2
+    for narrower in ({"classes": ["person"]}, {"min_area": 0.01}):
+        config = ObjectsConfig(min_hits=1, zones=[{**zone, **narrower}])
+        events = play(config, walk)
+        assert kinds(events, "zone.enter", "zone.leave", "loiter") == [], narrower
+        assert all(e.zones == [] for e in kinds(events, "object.new", "object.update", "object.end"))
+
+
 def test_zone_enter_loiter_and_leave_with_dwell_time():
     zone = {"name": "gate", "points": [[0.405, 0.2], [0.595, 0.2], [0.595, 0.8], [0.405, 0.8]], "loiter_s": 2.0}
     # Walk in at 10 px a frame, stand 4 s (at 10 fps), walk out.
