@@ -12,6 +12,7 @@ from bastion.console import out, print_json, progress, stage_bars
 from bastion.distill.labellers import LABELLER_HELP
 from bastion.distill.torch_device import DEVICE_HELP, data_parallel_devices, launched_devices, training_device
 from bastion.models.cli import ALLOW_UNSIGNED_HELP
+from bastion.models.cli_options import CLASSIFICATION_HELP, MARKING_HELP, RELEASABLE_TO_HELP, markings_from
 
 TARGET_HELP = (
     "Where the INT8 model will run: a device profile (hardware/profiles: x86-cpu, jetson-orin-nano-8gb, "
@@ -200,6 +201,9 @@ def distill_detect_command(
     out_dir: Path = typer.Option(..., "--out", help="Run directory (stages are cached; re-run resumes)."),
     force: list[str] = typer.Option([], "--force", help="Redo this stage and the ones after it."),
     sign: Optional[Path] = typer.Option(None, "--sign", help="Sign the shipped bundle with this private key."),
+    classification: Optional[str] = typer.Option(None, "--classification", help=CLASSIFICATION_HELP),
+    releasable_to: list[str] = typer.Option([], "--releasable-to", help=RELEASABLE_TO_HELP),
+    marking: Optional[str] = typer.Option(None, "--marking", help=MARKING_HELP),
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
@@ -304,6 +308,7 @@ def distill_detect_command(
             force=set(force),
             labeller=labeller,
             labeller_workers=labeller_workers,
+            markings=markings_from(classification, releasable_to, marking),
         )
         if spec.labeller != "single":  # without the [scale] extra: one line now, not after the teachers stage
             from bastion.distill.ray_labeller import require_ray

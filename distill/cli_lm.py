@@ -13,6 +13,7 @@ import typer
 from bastion.console import out, print_json, progress, stage_bars
 from bastion.distill.ddp import NPROC_HELP
 from bastion.distill.torch_device import DEVICE_HELP, training_device
+from bastion.models.cli_options import CLASSIFICATION_HELP, MARKING_HELP, RELEASABLE_TO_HELP, markings_from
 
 LM_TEACHER_OPTION = typer.Option(
     ...,
@@ -145,6 +146,9 @@ def distill_lm_command(
     out_dir: Path = typer.Option(..., "--out", help="Run directory (checkpoint resumes; bundle in RUN/bundle)."),
     weights_license: str = typer.Option(..., help="License of the teacher's weights (the student inherits it)."),
     sign: Optional[Path] = typer.Option(None, "--sign", help="Sign the student bundle with this private key."),
+    classification: Optional[str] = typer.Option(None, "--classification", help=CLASSIFICATION_HELP),
+    releasable_to: list[str] = typer.Option([], "--releasable-to", help=RELEASABLE_TO_HELP),
+    marking: Optional[str] = typer.Option(None, "--marking", help=MARKING_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """A smaller language model: drop teacher layers, then distil (KL to the teacher's logits + cross-entropy).
@@ -193,6 +197,7 @@ def distill_lm_command(
         student_config=student_config,
         gguf_type=None if gguf_type == "none" else gguf_type,
         max_int8_ppl_rise=max_int8_ppl_rise,
+        markings=markings_from(classification, releasable_to, marking),
         train=checked(
             LMDistillSpec,
             steps=steps,

@@ -104,9 +104,12 @@ def sliced_bundle(teacher: Bundle, class_map: ClassMap, spec: DistillSpec, out: 
     return Bundle(out, manifest, Verification(False, note="made by this run; unsigned until signed"))
 
 
-def ship_bundle(src: Path, dst: Path, sign_key, chosen: Candidate, dataset, dataset_json: Path | None = None) -> None:
+def ship_bundle(
+    src: Path, dst: Path, sign_key, chosen: Candidate, dataset, dataset_json: Path | None = None, markings=None
+) -> None:
     """Copy the chosen candidate's bundle to RUN/bundle (atomically), with the held-out metrics measured in this
-    run in its manifest (an INT8 bundle already carries FP32 and INT8 ones), signed when a key is given."""
+    run in its manifest (an INT8 bundle already carries FP32 and INT8 ones) and the run's ``markings``, signed
+    when a key is given."""
     import shutil
 
     from bastion.models.bundle import seal_bundle
@@ -153,5 +156,7 @@ def ship_bundle(src: Path, dst: Path, sign_key, chosen: Candidate, dataset, data
                 ),
             }
         )
+    if markings is not None:  # in the canonical manifest bytes: the signature below covers them
+        manifest = manifest.model_copy(update={"markings": markings})
     shutil.rmtree(dst, ignore_errors=True)
     seal_bundle(staging, manifest, dst, sign_key)

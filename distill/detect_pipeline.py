@@ -56,7 +56,7 @@ def run_distill(spec: DistillSpec, sign_key=None, progress: Tick | None = None) 
     measure_candidates(spec, run, teachers, maps, dataset, shown)
     chosen = write_report(spec, run, maps, dataset, shown)
     if chosen is not None and not chosen.is_teacher:
-        ship_bundle(run.root / chosen.bundle, run.bundle, sign_key, chosen, dataset, run.dataset_json)
+        ship_bundle(run.root / chosen.bundle, run.bundle, sign_key, chosen, dataset, run.dataset_json, spec.markings)
         run.state["stages"]["report"]["result"]["shipped_bundle"] = str(run.bundle)
         run.record("stages", run.state["stages"])
         shown.line(f"distill: shipped {chosen.name} → {run.bundle}" + ("" if sign_key else " (unsigned)"))

@@ -140,6 +140,8 @@ def int8_speed_note(label: str, candidates: list[Candidate], imgsz: int) -> str:
 
 def report_md(spec: DistillSpec, result: dict[str, Any], candidates: list[Candidate]) -> str:
     """report.md: what was measured on what, every candidate in one table, what ships and by which rule."""
+    from bastion.models.manifest import report_line
+
     labels, truth = result["labels"], result["ground_truth"]
     lines = [
         f"# Distillation report: {', '.join(spec.classes)}",
@@ -188,6 +190,8 @@ def report_md(spec: DistillSpec, result: dict[str, Any], candidates: list[Candid
         "",
         f"Student: {result['student']}.",
         f"Chosen: {result['chosen'] or 'none meets the constraints'} ({result['choice_rule']}).",
+        "",
+        report_line(spec.markings),
         "",
     ]
     titles = {

@@ -7,7 +7,15 @@ from pathlib import Path
 
 from bastion import __version__
 from bastion.models.bundle import seal_bundle, staged_bundle
-from bastion.models.manifest import FileEntry, LlamaKvDecoderSpec, LicenseInfo, Manifest, Provenance, sha256_file
+from bastion.models.manifest import (
+    FileEntry,
+    LicenseInfo,
+    LlamaKvDecoderSpec,
+    Manifest,
+    Markings,
+    Provenance,
+    sha256_file,
+)
 from bastion.models.provenance import stamp
 
 
@@ -25,6 +33,7 @@ def export_lm_bundle(
     datasets: list[dict] | None = None,
     evaluation: list[dict] | None = None,
     generation: dict | None = None,
+    markings: Markings | None = None,
 ) -> Manifest:
     """``checkpoint``: a llama2.c file path, or a ``Llama`` module (e.g. a freshly distilled student).
     ``generation``: the sampling defaults the bundle carries (``max_new_tokens``, ``temperature``, ``top_k``,
@@ -66,6 +75,7 @@ def export_lm_bundle(
             ),
             evaluation=evaluation or [],
             license=LicenseInfo(weights=weights_license, files=[p.name for p in license_files]),
+            markings=markings,
         )
         seal_bundle(staging, manifest, out_dir, sign_key)
         return manifest

@@ -14,7 +14,7 @@ from bastion.distill.torch_device import training_device
 from bastion.errors import ConfigError, MissingExtraError
 from bastion.models.atomic import atomic_write_bytes
 from bastion.models.bundle import Bundle
-from bastion.models.manifest import files_sha256, sha256_file
+from bastion.models.manifest import files_sha256, report_line, sha256_file
 
 
 def teacher_digest(path: Path) -> str:
@@ -196,8 +196,10 @@ def _run(spec: LMRunSpec, sign_key, shown: RunProgress, world, device: str) -> d
                 "dataset_sha256": report["corpus_sha256"],
             },
         ],
+        markings=spec.markings,
     )
     report["bundle"] = str(bundle)
+    report["markings"] = spec.markings.summary() if spec.markings is not None else None
     # what the field node will run: both as ONNX bundles through bastion's generator, 1 thread, taking turns
     speeds = _served_tokens_per_s({"teacher": served_teacher, "student": bundle}, prompt)
     scratch.cleanup()
@@ -216,7 +218,11 @@ def _run(spec: LMRunSpec, sign_key, shown: RunProgress, world, device: str) -> d
     report["gguf"] = _gguf(student, tokenizer_path, run.gguf, name, spec.gguf_type)
     report["curves"] = _curves(history, run.root)
     run.report_json.write_text(json.dumps(report, indent=2))
-    run.report_md.write_text(_report_md(report, teacher_path, how, bundle, sign_key is not None, influence))
+    run.report_md.write_text(
+        _report_md(report, teacher_path, how, bundle, sign_key is not None, influence)
+        + report_line(spec.markings)
+        + "\n"
+    )
     return report
 
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from bastion.distill.run import DetectRunDir
 from bastion.distill.train import TrainSpec
 from bastion.errors import ConfigError
+from bastion.models.manifest import Markings
 
 Spec = TypeVar("Spec", bound=BaseModel)
 
@@ -47,6 +48,7 @@ class DistillSpec(BaseModel):
     train: TrainSpec | None = None  # None: no student is trained (only the no-training candidates)
     labeller: str = "single"  # who runs the teachers: single | ray | ray:auto | ray:HOST:PORT (labellers.py)
     labeller_workers: int | None = None  # Ray actors (None: one per core or GPU of the cluster)
+    markings: Markings | None = None  # signed into the shipped bundle's manifest (classification, releasability)
 
     @model_validator(mode="after")
     def _held_out_pair(self) -> "DistillSpec":
@@ -106,6 +108,7 @@ class LMRunSpec(BaseModel):
     gguf_type: Literal["f32", "f16", "q8_0"] | None = "f16"
     max_int8_ppl_rise: float = Field(0.05, ge=0)
     train: LMDistillSpec = Field(default_factory=LMDistillSpec)
+    markings: Markings | None = None  # signed into the student bundle's manifest (and its INT8 copy's)
 
     @model_validator(mode="after")
     def _consistent(self) -> "LMRunSpec":

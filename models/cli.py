@@ -9,7 +9,14 @@ import typer
 from rich.table import Table
 
 from bastion.console import out, print_json
-from bastion.models.cli_options import JSON_OPTION, KEY_HELP, PASSPHRASE_OPTION
+from bastion.models.cli_options import (
+    JSON_OPTION,
+    KEY_HELP,
+    MARKING_HELP,
+    PASSPHRASE_OPTION,
+    RELEASABLE_TO_HELP,
+    markings_from,
+)
 
 bundle_app = typer.Typer(
     help="Create, sign, countersign, mark, verify, inspect and pack model bundles.", no_args_is_help=True
@@ -293,10 +300,8 @@ def _known_keys() -> dict:
 def bundle_mark(
     bundle: Path = typer.Argument(..., help="Bundle directory (unsigned, or give --drop-signatures)."),
     classification: str = typer.Option(..., "--classification", help="Classification label, e.g. SECRET."),
-    releasable_to: list[str] = typer.Option(
-        [], "--releasable-to", help="Nation (ISO 3166 alpha-3) it may run on; repeat for each. None: every unit."
-    ),
-    marking: str = typer.Option(None, "--marking", help="Free text in your marking system (caveats)."),
+    releasable_to: list[str] = typer.Option([], "--releasable-to", help=RELEASABLE_TO_HELP),
+    marking: str = typer.Option(None, "--marking", help=MARKING_HELP),
     drop_signatures: bool = typer.Option(
         False,
         "--drop-signatures",
@@ -311,9 +316,9 @@ def bundle_mark(
 
     Example: bastion bundle mark coalition-vehicles-1.0/ --classification SECRET --releasable-to CAN --releasable-to GBR
     """
-    from bastion.errors import ConfigError, ManifestError
+    from bastion.errors import ConfigError
     from bastion.models.bundle import verify_files
-    from bastion.models.manifest import MANIFEST_NAME, Markings, read_manifest, write_manifest
+    from bastion.models.manifest import MANIFEST_NAME, read_manifest, write_manifest
     from bastion.models.signing import COUNTERSIGNATURES_NAME, SIGNATURE_NAME
 
     root = _writable_bundle_dir(bundle)
@@ -325,17 +330,7 @@ def bundle_mark(
             f"{manifest.name}:{manifest.version} is signed; new markings would void its signatures",
             "mark before signing, or pass --drop-signatures and sign again",
         )
-    try:
-        markings = Markings(
-            classification=classification, releasable_to=[c.strip().upper() for c in releasable_to], marking=marking
-        )
-    except ValueError as exc:
-        from pydantic import ValidationError
-
-        from bastion.models.textfiles import first_error
-
-        detail = first_error(exc, "markings") if isinstance(exc, ValidationError) else str(exc)
-        raise ManifestError(f"bad markings: {detail}", "codes are like CAN, GBR, NATO") from None
+    markings = markings_from(classification, releasable_to, marking)
     for path in signed:
         path.unlink()
     write_manifest(manifest.model_copy(update={"markings": markings}), root / MANIFEST_NAME)

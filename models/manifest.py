@@ -182,6 +182,14 @@ class Markings(_Strict):
         return f"{self.classification}{rel}" + (f" ({self.marking})" if self.marking else "")
 
 
+def report_line(markings: Markings | None) -> str:
+    """A run report's line on what its bundle is marked: the markings are signed with it, so a model team's report
+    says what a unit will enforce (``distill detect|lm --classification/--releasable-to/--marking``)."""
+    if markings is None:
+        return "Markings: none (every unit may run it; mark with --classification and --releasable-to)."
+    return f"Markings (signed into the bundle): {markings.summary()}."
+
+
 SEALED_FORMAT = "bastion-sealed/1"
 SEALED_SUFFIX = ".sealed"  # a sealed payload file is its clear path + this (never the clear name on disk)
 _B64_32 = r"^[A-Za-z0-9+/]{43}=$"  # 32 raw bytes in base64: an X25519 public key

@@ -1,0 +1,73 @@
+"""A model team marks what it distils: --classification/--releasable-to/--marking go into the shipped bundle's
+signed manifest and into the run's report, so a unit of another nation refuses the bundle (#19 item 3)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from bastion.models import Bundle
+from bastion.models.cli_options import markings_from
+from bastion.models.manifest import Markings, report_line
+from bastion.models.releasability import ReleasabilityError
+from conftest import SHARED, run_cli
+
+MARKED = Markings(classification="SECRET", releasable_to=["CAN", "GBR"], marking="REL TO CAN, GBR")
+
+
+def test_a_shipped_detector_carries_the_runs_markings_under_its_signature(tmp_path):
+    from bastion.distill.detect_pipeline import Candidate
+    from bastion.distill.detect_bundles import ship_bundle
+    from bastion.models.keys import generate_keypair, load_private_key
+    from bastion.models.trust import TrustStore
+
+    pair = generate_keypair(tmp_path / "keys" / "team")
+    TrustStore().trust(pair.public_path)
+    chosen = Candidate("sliced@320", "sliced", 320, 0.5, 0.3, {}, "baselines/sliced-320", 2.0)
+    dataset = SimpleNamespace(root=tmp_path / "val", sha256=lambda: "0" * 64)
+    source = Bundle.open("yolov5n").root
+    ship_bundle(source, tmp_path / "bundle", load_private_key(pair.private_path), chosen, dataset, markings=MARKED)
+    shipped = Bundle.open(tmp_path / "bundle", nation="GBR")  # verified: the signature covers the markings
+    assert shipped.manifest.markings == MARKED and shipped.verification.signed
+    with pytest.raises(ReleasabilityError, match="not releasable to FRA"):
+        Bundle.open(tmp_path / "bundle", nation="FRA")
+    ship_bundle(source, tmp_path / "plain", None, chosen, dataset)
+    assert Bundle.open_fresh(tmp_path / "plain").manifest.markings is None  # none asked: none given
+
+
+def test_the_report_says_what_the_bundle_is_marked():
+    assert report_line(MARKED) == "Markings (signed into the bundle): SECRET // REL TO: CAN, GBR (REL TO CAN, GBR)."
+    assert report_line(None).startswith("Markings: none (every unit may run it")
+
+
+def test_markings_options_are_checked_before_any_work(tmp_path):
+    assert markings_from(None, [], None) is None
+    assert markings_from("SECRET", ["can", " gbr"], None).releasable_to == ["CAN", "GBR"]
+    for argv, said in (
+        (["--releasable-to", "CAN"], "--releasable-to and --marking go with a classification"),
+        (["--classification", "SECRET", "--releasable-to", "not a code"], "bad markings"),
+    ):
+        proc = run_cli(
+            "distill", "detect", "--teacher", "yolov5n", "--images", str(tmp_path), "--classes", "person",
+            "--out", str(tmp_path / "run"), "--no-train", *argv,
+        )  # fmt: skip
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 1 and len(lines) == 1 and said in lines[0], proc.stderr
+        assert not (tmp_path / "run").exists()  # refused before any stage ran
+
+
+def test_a_distilled_lm_bundle_carries_its_markings(tmp_path):
+    pytest.importorskip("torch")
+    from bastion.distill.lm_export import export_lm_bundle
+
+    src = SHARED / "weights" / "stories260K"
+    if not (src / "stories260K.bin").is_file():
+        pytest.skip("../shared is not present")
+    manifest = export_lm_bundle(
+        src / "stories260K.bin", src / "hf" / "tokenizer.json", tmp_path / "b", "s", "1", "MIT", "test", [],
+        markings=MARKED,
+    )  # fmt: skip
+    assert manifest.markings == MARKED
+    with pytest.raises(ReleasabilityError):
+        Bundle.open(tmp_path / "b", allow_unsigned=True, nation="FRA")
