@@ -48,12 +48,16 @@ def _fsync_dir(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (flock) held for the ``with`` block; serialises writers across processes."""
+def file_lock(path: Path, shared: bool = False) -> Iterator[None]:
+    """An advisory lock (flock) held for the ``with`` block: exclusive, it serialises writers across processes;
+    ``shared``, it lets a reader wait out a writer's change of two files (a journal line and the file it names)
+    and needs only read access to an existing lock file (a node whose trust/ is read-only to it). A shared lock
+    on a lock file that does not exist yet raises FileNotFoundError: no writer has ever run."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    if not shared:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "rb" if shared else "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
         finally:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 from bastion.errors import BastionError, ConfigError, SignatureError
 from bastion.models.atomic import atomic_write_bytes, file_lock
@@ -49,12 +50,27 @@ class PolicyStore:
         """The highest policy version the journal says was applied here (0: never)."""
         return int(self._journal_last().get("version", 0))
 
-    def current(self) -> SignedPolicy | None:
+    def current(self, locked: bool = False) -> SignedPolicy | None:
         """The policy on file, checked against its own root and the journal (not its expiry), or None.
 
         The file must be the very policy the journal records as applied last (its sha256): a validly signed policy
         copied into ``trust/`` by hand — an older one, or a newer one from a root this unit never confirmed — was
-        never through ``apply``'s checks and is refused."""
+        never through ``apply``'s checks and is refused. A refusal is read again once under the store's shared lock
+        (``locked``: the caller holds the lock already): an apply writes its journal line, then the file, under
+        that lock, and a reader between the two must wait it out rather than refuse every bundle."""
+        try:
+            return self._read_current()
+        except SignatureError:
+            if locked or not self.trust.lock_path.exists():  # no lock file: no apply ever ran here
+                raise
+        try:
+            with file_lock(self.trust.lock_path, shared=True):
+                return self._read_current()
+        except OSError as exc:  # the lock cannot be taken (unreadable): read once more without it
+            log.warning("cannot take the trust store's lock: %s", exc)
+            return self._read_current()
+
+    def _read_current(self) -> SignedPolicy | None:
         last = self._journal_last()
         recorded = int(last.get("version", 0))
         try:
@@ -80,15 +96,15 @@ class PolicyStore:
         if signed.policy.version < recorded:
             raise SignatureError(
                 f"the trust policy on file is v{signed.policy.version} but v{recorded} was applied here "
-                "(an old copy put back); refusing every bundle",
+                "(an old copy put back, or an apply that did not finish); refusing every bundle",
                 "apply the current policy again: bastion policy apply FILE.bastion-policy",
             )
         if signed.policy.sha256() != last.get("sha256"):
             applied = f"v{recorded} (sha256 {last['sha256'][:16]}…)" if recorded else "no policy"
             raise SignatureError(
                 f"the trust policy on file (v{signed.policy.version}, sha256 {signed.policy.sha256()[:16]}…) is not "
-                f"the one applied here: {self.trust.audit_path} records {applied}; it was put there by hand, "
-                "refusing every bundle",
+                f"the one applied here: {self.trust.audit_path} records {applied} (put there by hand, or an "
+                "apply that did not finish); refusing every bundle",
                 "apply the policy this unit should run: bastion policy apply FILE.bastion-policy",
             )
         return signed
@@ -116,10 +132,8 @@ class PolicyStore:
         with file_lock(self.trust.lock_path):
             restored = False
             try:
-                old = self.current()
-            except (
-                SignatureError
-            ):  # the file in force is lost, damaged, an old copy or dropped in: hold it to the journal
+                old = self.current(locked=True)
+            except SignatureError:  # the file in force is lost, damaged, old or dropped in: hold it to the journal
                 recorded = self._journal_last()
                 old, restored = None, bool(recorded)
                 if recorded:
@@ -135,17 +149,48 @@ class PolicyStore:
                 new.check_threshold(old.policy.root, f"v{old.policy.version}'s (the old)")
             elif not restored:
                 self._check_first_root(new, first_root)
-            atomic_write_bytes(self.path, new.to_bytes())
-            self.trust.record(
-                "policy_applied",
-                version=str(policy.version),
-                sha256=policy.sha256(),
-                root=policy.root.fingerprint(),
-                expires=policy.expires.isoformat(),
-                **({"restored": "true"} if restored else {}),
-            )
+            # The file, then its journal line, both under the lock; a reader between the two waits on the lock
+            # (current). A journal line that cannot be written (full disk) puts the old file back by rename — kept
+            # as a hard link, which needs no free space — so a failed apply changes nothing. A crash between the
+            # two leaves a file the journal does not name: refused until applied again (the restore path).
+            try:
+                self._install(new, policy, restored)
+            except OSError as exc:
+                raise SignatureError(
+                    f"cannot apply policy v{policy.version} to {self.trust.root}: {exc.strerror or exc}; "
+                    "the policy in force is unchanged",
+                    "free disk space or fix permissions, then apply the same file again",
+                ) from None
         log.info("trust policy applied", extra={"version": policy.version, "sha256": policy.sha256()})
         return old
+
+    def _install(self, new: SignedPolicy, policy, restored: bool) -> None:
+        """Write ``new`` over the policy file and record it in the journal, or leave both as they were."""
+        previous = self.path.with_name(f".{self.path.name}.previous")
+        previous.unlink(missing_ok=True)
+        had = self.path.exists()
+        if had:
+            os.link(self.path, previous)
+        try:
+            atomic_write_bytes(self.path, new.to_bytes())
+            try:
+                self.trust.record(
+                    "policy_applied",
+                    strict=True,
+                    version=str(policy.version),
+                    sha256=policy.sha256(),
+                    root=policy.root.fingerprint(),
+                    expires=policy.expires.isoformat(),
+                    **({"restored": "true"} if restored else {}),
+                )
+            except OSError:
+                if had:
+                    os.replace(previous, self.path)
+                else:
+                    self.path.unlink(missing_ok=True)
+                raise
+        finally:
+            previous.unlink(missing_ok=True)
 
     def _check_restore(self, new: SignedPolicy, recorded: dict) -> None:
         """Allow, over a lost or replaced policy file, only the version the journal records or a newer one that
@@ -190,10 +235,12 @@ def last_policy_applied(lines: list[str]) -> dict:
     """Fold the journal's ``policy_applied`` records into the highest version applied: version, sha256, root."""
     last: dict = {}
     for line in lines:
-        if '"policy_applied"' not in line:
+        if '"policy_applied"' not in line:  # a cheap filter before parsing; the event itself is checked below
             continue
         try:
             record = json.loads(line)
+            if record.get("event") != "policy_applied":
+                continue
             version = int(record.get("version", 0))
         except (json.JSONDecodeError, RecursionError, ValueError, TypeError, AttributeError):
             continue

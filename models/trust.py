@@ -118,9 +118,14 @@ class TrustStore:
     def _write_revoked(self, revoked: dict[str, dict]) -> None:
         atomic_write_bytes(self.revoked_path, json.dumps({"revoked": revoked}, indent=2).encode())
 
-    def record(self, event: str, **fields: str) -> None:
-        """Append a change to ``trust/audit.jsonl`` (the policy store records its applies here too)."""
-        self._record(event, **fields)
+    def record(self, event: str, strict: bool = False, **fields: str) -> None:
+        """Append a change to ``trust/audit.jsonl`` (the policy store records its applies here too). ``strict``: a
+        record that cannot be written raises (OSError) instead of being logged — for a change the journal must
+        hold before it is made."""
+        if strict:
+            append_record(self.audit_path, {"when": _now(), "event": event, **fields})
+        else:
+            self._record(event, **fields)
 
     def _record(self, event: str, **fields: str) -> None:
         try:

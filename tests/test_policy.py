@@ -3,6 +3,7 @@ rotation and anti-rollback — held against real keys, real bundles and the real
 
 import datetime as dt
 import json
+import os
 
 import pytest
 
@@ -309,7 +310,7 @@ def test_a_policy_file_dropped_into_trust_by_hand_is_refused_until_one_is_applie
     store = PolicyStore()
     store.trust.keys()  # a unit with its trust store and journal, and no policy yet
     store.path.write_bytes(rogue.to_bytes())
-    with pytest.raises(SignatureError, match=r"is not the one applied here: .* records no policy; it was put there"):
+    with pytest.raises(SignatureError, match=r"is not the one applied here: .* records no policy \(put there by hand"):
         Bundle.open(root)
     first_apply(v1)  # the operator applies the coalition's policy, confirming its root
     assert PolicyStore().current().policy.version == 1
@@ -322,6 +323,95 @@ def test_a_policy_file_dropped_into_trust_by_hand_is_refused_until_one_is_applie
         SignatureError, match="rule .coalition-.. unmet.*not in the policy"
     ):  # rogue keys count for nothing
         Bundle.open(root)
+
+
+def test_a_reader_waits_out_an_apply_between_its_journal_line_and_its_file(tmp_path, kit):
+    """apply writes the file, then its journal line, under the store's lock. A node re-checking its trust in that
+    window would see a file the journal does not name and stop: it waits on the lock and reads again."""
+    import threading
+
+    from bastion.models.atomic import atomic_write_bytes, file_lock
+
+    k, nations = kit
+    first_apply(signed(policy(1, [k["root1"]], nations, [NATIONS_RULE]), k["root1"]))
+    v2 = signed(policy(2, [k["root1"]], nations, [NATIONS_RULE]), k["root1"])
+    store = PolicyStore()
+    written, reader_asked = threading.Event(), threading.Event()
+
+    def apply_slowly():  # what apply does, with a pause between its file and its journal line
+        with file_lock(store.trust.lock_path):
+            atomic_write_bytes(store.path, v2.to_bytes())
+            written.set()
+            reader_asked.wait(10)
+            store.trust.record("policy_applied", strict=True, version="2", sha256=v2.policy.sha256(),
+                               root=v2.policy.root.fingerprint(), expires=v2.policy.expires.isoformat())  # fmt: skip
+
+    writer = threading.Thread(target=apply_slowly)
+    writer.start()
+    written.wait(10)
+    threading.Timer(0.3, reader_asked.set).start()  # the reader is already waiting on the lock by then
+    assert PolicyStore().current().policy.version == 2
+    writer.join(10)
+
+
+def test_a_full_disk_refuses_the_apply_in_one_line_and_the_policy_in_force_stays(tmp_path, kit, monkeypatch):
+    """A disk too full for the new file or its journal line refuses the apply in one line and changes nothing (a
+    journal line that failed had been logged and ignored, leaving a file the journal does not name). A real small
+    tmpfs."""
+    import subprocess
+
+    k, nations = kit
+    home = tmp_path / "home"
+    home.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(home)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        monkeypatch.setenv("BASTION_HOME", str(home))
+        first_apply(signed(policy(1, [k["root1"]], nations, [NATIONS_RULE]), k["root1"]))
+        v2 = write_signed(
+            tmp_path / "v2.bastion-policy", signed(policy(2, [k["root1"]], nations, [NATIONS_RULE]), k["root1"])
+        )
+        filler = home / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:  # every free block, then nothing more fits
+            while True:
+                os.write(fd, b"\0" * 4096)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        line = one_line(run_cli("policy", "apply", str(v2)))
+        assert "cannot apply policy v2" in line and "free disk space" in line
+        assert PolicyStore().current().policy.version == 1  # the policy in force, and its journal, as they were
+        filler.unlink()
+        assert run_cli("policy", "apply", str(v2)).returncode == 0
+        assert PolicyStore().current().policy.version == 2
+    finally:
+        subprocess.run(["umount", "-l", str(home)], check=False)
+
+
+def test_a_journal_line_that_cannot_be_written_puts_the_old_policy_file_back(tmp_path, kit, monkeypatch):
+    """The new file fits but its journal line does not (the disk filled in between): the old file comes back by
+    rename from a hard link, so the unit never holds a policy its journal does not name."""
+    import errno
+
+    from bastion.models.trust import TrustStore
+
+    k, nations = kit
+    v1 = signed(policy(1, [k["root1"]], nations, [NATIONS_RULE]), k["root1"])
+    first_apply(v1)
+    before = PolicyStore().path.read_bytes()
+
+    def full(self, event, strict=False, **fields):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(TrustStore, "record", full)
+        with pytest.raises(SignatureError, match="cannot apply policy v2 .*No space left on device; the policy in"):
+            PolicyStore().apply(signed(policy(2, [k["root1"]], nations, [NATIONS_RULE]), k["root1"]))
+    assert PolicyStore().path.read_bytes() == before and PolicyStore().current().policy.version == 1
+    assert [p.name for p in PolicyStore().path.parent.iterdir() if "previous" in p.name] == []
 
 
 def test_a_detector_says_every_signature_that_released_it_and_the_rule(tmp_path, kit):
