@@ -193,13 +193,17 @@ CPU_EP = "CPUExecutionProvider"
 _EP_SHORT = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "tensorrt"}
 
 
+UNKNOWN_GPU = "-sm?"  # the suffix of a GPU class whose generation could not be probed
+
+
 def ep_class(provider: str, compute_capability: str | None = None) -> str:
     """The class an INT8 verdict measured on ``provider`` is recorded under: this CPU's class for ONNX Runtime's CPU
     provider, else the provider and GPU generation (``cuda-sm87``: CUDA on compute capability 8.7).
 
-    ``compute_capability`` ("8.7"): the first GPU's, probed through NVML when not given; without one the class is
-    the provider's short name (``cuda``).  Native TensorRT's provider line ("TensorRT 10.3 (int8, Orin)") is
-    ``tensorrt``.
+    ``compute_capability`` ("8.7"): the first GPU's, probed through NVML when not given; without one (no NVML, as
+    on a Jetson) the generation is unknown: ``cuda-sm?``, a class no verdict holds on (``UNKNOWN_GPU``), so an INT8
+    verdict measured on one unknown GPU is never taken to hold on another.  Native TensorRT's provider line
+    ("TensorRT 10.3 (int8, Orin)") is ``tensorrt``.
     """
     if provider == CPU_EP:
         return probe_isa().name
@@ -211,4 +215,4 @@ def ep_class(provider: str, compute_capability: str | None = None) -> str:
 
         gpus = nvidia_gpus()
         compute_capability = gpus[0].compute_capability if gpus else None
-    return f"{short}-sm{compute_capability.replace('.', '')}" if compute_capability else short
+    return f"{short}-sm{compute_capability.replace('.', '')}" if compute_capability else f"{short}{UNKNOWN_GPU}"

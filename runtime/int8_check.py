@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Literal, Protocol, TypeVar
 
 from bastion.errors import ModelLoadError
-from bastion.hardware.isa import CPU_EP, IsaClass, ep_class, probe_isa
+from bastion.hardware.isa import CPU_EP, UNKNOWN_GPU, IsaClass, ep_class, probe_isa
 from bastion.models.bundle import Bundle
 from bastion.models.manifest import Manifest
 
@@ -123,7 +123,7 @@ def check_int8(
         )
     elif provider != CPU_EP:  # measured on this same GPU provider: its GPU generation decides
         here = running_ep or ep_class(provider)
-        if here == verdict.isa:
+        if here == verdict.isa and not here.endswith(UNKNOWN_GPU):  # an unknown generation matches nothing
             return Int8Check(True, True, verdict.isa, here, f"INT8 verdict measured on this provider and GPU ({here})")
         check = Int8Check(
             False,

@@ -60,7 +60,7 @@ def test_ep_class_names_the_provider_and_gpu_generation():
     assert ep_class(CUDA_EP, "8.7") == "cuda-sm87"
     assert ep_class("TensorrtExecutionProvider", "8.9") == "tensorrt-sm89"
     assert ep_class("TensorRT 10.3 (int8, Orin)", "8.7") == "tensorrt-sm87"
-    assert ep_class(CUDA_EP, "") == "cuda"  # no GPU found: the provider alone
+    assert ep_class(CUDA_EP, "") == "cuda-sm?"  # no generation found (no NVML, a Jetson): unknown, matches nothing
     assert ep_class("CPUExecutionProvider") == probe_isa().name
 
 
@@ -98,6 +98,11 @@ def test_a_cuda_verdict_holds_on_the_same_gpu_generation_only():
         int8_check.check_int8(manifest, "s2", [CUDA_EP], "strict", running=CLASSES["x86-avx2"], running_ep="cuda-sm89")
     on_cpu = int8_check.check_int8(manifest, "s2", ["CPUExecutionProvider"], "warn", running=CLASSES["x86-amx"])
     assert not on_cpu.holds and "runs on CPUExecutionProvider" in on_cpu.message
+    unknown = _int8_manifest(  # gated on a GPU whose generation no probe could read (no NVML: a Jetson)
+        _verdict(isa="cuda-sm?", holds_on=["cuda-sm?"], execution_provider=CUDA_EP, measured_on_target=False)
+    )
+    blind = int8_check.check_int8(unknown, "s3", [CUDA_EP], "warn", running=CLASSES["x86-avx2"], running_ep="cuda-sm?")
+    assert not blind.holds  # two unknown GPUs are never taken to be the same one
 
 
 @pytest.fixture
