@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -91,6 +92,7 @@ class Client(EventsMixin):
         self._seq = SeqGuard()
         self._node: str | None = None  # the node id last heard at this endpoint
         self.skipped_messages = 0  # malformed messages from the events socket, skipped (see events())
+        self._subs: dict[zmq.Socket, threading.Lock] = {}  # events() generators' sockets, each held while in use
 
     # -- request / reply ---------------------------------------------------------------------------------
     def _socket(
@@ -284,6 +286,7 @@ class Client(EventsMixin):
             sub.setsockopt(zmq.SUBSCRIBE, EVENT_TOPIC_PREFIX)
             sub.setsockopt(zmq.SUBSCRIBE, OBJECT_TOPIC_PREFIX)
             sub.setsockopt(zmq.SUBSCRIBE, HEARTBEAT_TOPIC)
+            in_use = self._subs[sub] = threading.Lock()  # held while this generator polls; close() skips it then
             try:
                 for event in self._replay_all(last):  # subscribed first, so nothing falls between
                     last = event.seq
@@ -292,11 +295,15 @@ class Client(EventsMixin):
                 gone_since = None
                 heard = time.monotonic()
                 while end is None or time.monotonic() < end:
-                    if not sub.poll(200):
+                    with in_use:
+                        if sub.closed:  # this client was closed while the generator was suspended
+                            raise zmq.ZMQError(zmq.ETERM)
+                        frames = sub.recv_multipart() if sub.poll(200) else None
+                    if frames is None:
                         if time.monotonic() - heard > self.dead_after_s:
                             raise NodeUnavailable("no heartbeat from the node")
                         continue
-                    message = answers.published(sub.recv_multipart(), self.skipped_messages)
+                    message = answers.published(frames, self.skipped_messages)
                     event, beat = message.event, message.heartbeat
                     if beat is not None:
                         heard = time.monotonic()
@@ -334,15 +341,27 @@ class Client(EventsMixin):
                 log.warning("node unreachable; reconnecting and resuming after seq %d", last)
                 time.sleep(0.5)
             finally:
-                sub.close(linger=0)
+                with in_use:
+                    sub.close(linger=0)
+                self._subs.pop(sub, None)
 
     def close(self) -> None:
-        """Close every socket of this client, the SUB socket of an ``events()`` generator still held open included
-        (``Context.term`` waited for ever on it: ``with Client(...) as c: it = c.events(); next(it); raise``
-        hung), and end the context. A generator resumed after this raises ``zmq.ZMQError``."""
+        """Close this client's sockets and end its context.
+
+        The SUB socket of an ``events()`` generator still held open but suspended (an exception in the loop body,
+        a saved iterator) is closed here — ``Context.term`` had waited for ever on it. One that another thread is
+        polling right now is left to ``term``, which interrupts its poll (ETERM) so that thread closes it itself:
+        a ZeroMQ socket is never closed under a thread using it. A generator resumed after this raises
+        ``zmq.ZMQError``."""
         if self._dealer is not None:
             self._dealer.close(linger=0)
-        self.ctx.destroy(linger=0)
+        for sub, in_use in list(self._subs.items()):
+            if in_use.acquire(blocking=False):
+                try:
+                    sub.close(linger=0)
+                finally:
+                    in_use.release()
+        self.ctx.term()
 
     def __enter__(self) -> "Client":
         return self

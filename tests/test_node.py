@@ -154,6 +154,32 @@ def test_a_client_closes_with_an_events_generator_still_open_and_tail_into_head_
             assert tail.returncode == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
 
 
+def test_closing_a_client_while_another_thread_follows_its_events_ends_that_thread(tmp_path):
+    """The common SDK shape: events() in a worker thread, close() from the main one. The socket the worker is
+    polling is not closed under it (ZeroMQ sockets are not thread-safe): term() interrupts its poll instead."""
+    sources = [{"name": "cam1", "uri": str(VIDEO), "loop": True, "fps": 40, "roi": [0.0, 0.0, 0.01, 0.01]}]
+    with running_node(tmp_path, sources=sources) as node:  # nothing in that corner: the worker waits in poll
+        client = client_for(node)
+        ended: list[BaseException] = []
+
+        def follow():
+            try:
+                for _ in client.events():
+                    pass
+            except BaseException as exc:  # what ended it is the test's result
+                ended.append(exc)
+
+        worker = threading.Thread(target=follow, daemon=True)
+        worker.start()
+        time.sleep(1.0)  # in its poll loop by now
+        closer = threading.Thread(target=client.close, daemon=True)
+        closer.start()
+        closer.join(20)
+        worker.join(20)
+        assert not closer.is_alive() and not worker.is_alive()
+        assert len(ended) == 1 and isinstance(ended[0], zmq.ZMQError) and ended[0].errno == zmq.ETERM, ended
+
+
 def test_control_survives_10000_malformed_messages(tmp_path):
     rng = random.Random(7)
     samples = [
