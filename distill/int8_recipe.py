@@ -85,7 +85,8 @@ U8S8_7BIT_TUNED = replace(
     U8S8_7BIT, name="u8s8-7bit-symact-first-fp32", activation_symmetric=True, exclude_first_conv=True
 )
 # entropy calibration with a real histogram (2048 bins) won all 3.89 back (−1.18: within the noise of 32 images),
-# every convolution INT8; its calibration takes ~30 s for yolov5n instead of MinMax's ~3 s
+# every convolution INT8; its calibration takes ~1 min for yolov5n on the 2 shared cores (~30 s of it the threshold
+# search, distill/quantize.entropy_threshold) where MinMax's takes a few seconds
 U8S8_7BIT_ENTROPY = replace(U8S8_7BIT, name="u8s8-7bit-entropy", calibration="entropy")
 
 # Variants the benchmark sweep measures (scripts/int8_sweep.py); the gate's candidates are below.
@@ -119,8 +120,22 @@ def candidates(target: IsaClass) -> list[Recipe]:
     most accurate here, but slower); S8S8 has no fast x86 kernel without AVX-VNNI-INT8 (docs/benchmarks.md).
     """
     if target.u8s8_saturates:
-        return [U8S8_7BIT_ENTROPY, U8S8_7BIT_TUNED, U8U8, S8S8]
+        first = [U8S8_7BIT_ENTROPY] if entropy_ranges_supported() else []
+        return [*first, U8S8_7BIT_TUNED, U8U8, S8S8]
     return [U8S8, U8U8, S8S8]
+
+
+def entropy_ranges_supported() -> bool:
+    """Whether this ONNX Runtime takes ranges made outside ``quantize_static`` (``save_tensors_data`` and its
+    ``calibration_cache_path``, which the entropy recipe needs; onnxruntime 1.32 has both, and the pyproject floor
+    is older). Without them the entropy recipe is not offered — it would fail, not fall back to MinMax."""
+    import inspect
+
+    try:
+        from onnxruntime.quantization import quantize_static, save_tensors_data  # noqa: F401
+    except ImportError:
+        return False
+    return "calibration_cache_path" in inspect.signature(quantize_static).parameters
 
 
 def recipe_by_name(name: str) -> Recipe:

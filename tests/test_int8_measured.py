@@ -471,3 +471,18 @@ def test_hw_plan_accepts_the_allow_unsigned_its_refusal_suggests(tmp_path):
     proc = run_cli("hw", "plan", str(unsigned), "--json", "--allow-unsigned")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["profile"] == "x86-cpu"
+
+
+def test_the_entropy_recipe_is_offered_only_where_onnx_runtime_takes_outside_ranges(monkeypatch):
+    """pyproject allows onnxruntime older than the one with save_tensors_data/calibration_cache_path: there the
+    entropy recipe would fail at quantization, so the targets that saturate start at the tuned MinMax one."""
+    import onnxruntime.quantization as quantization
+
+    from bastion.distill import int8_recipe
+
+    saturating = CLASSES["x86-avx2"]
+    assert int8_recipe.entropy_ranges_supported()  # the locked onnxruntime has them
+    assert int8_recipe.candidates(saturating)[0] is int8_recipe.U8S8_7BIT_ENTROPY
+    monkeypatch.delattr(quantization, "save_tensors_data")
+    assert not int8_recipe.entropy_ranges_supported()
+    assert int8_recipe.candidates(saturating)[0] is int8_recipe.U8S8_7BIT_TUNED
