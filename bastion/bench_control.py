@@ -20,10 +20,13 @@ PAUSE_S = 0.1  # between round trips: a dashboard polling hard, within the per-c
 BOUND_MS = 100.0
 
 
+MIN_ROUND_TRIPS = 5  # per phase, however slow the machine: a summary is never of nothing
+
+
 def _round_trips(client: Client, seconds: float) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {"status": [], "replay": []}
     end = time.monotonic() + seconds
-    while time.monotonic() < end:
+    while time.monotonic() < end or len(times["status"]) < MIN_ROUND_TRIPS:
         started = time.perf_counter()
         last = client.status()["last_seq"]
         times["status"].append(time.perf_counter() - started)

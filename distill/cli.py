@@ -223,12 +223,7 @@ def distill_detect_command(
     from bastion.errors import ConfigError, MissingExtraError
 
     workers = ddp.check_nproc(nproc)
-    world = ddp.launched_world()
-    if world is not None and workers > 1:
-        raise ConfigError(
-            f"already a torchrun worker (RANK={world.rank}, WORLD_SIZE={world.size})",
-            "leave out --nproc under torchrun",
-        )
+    world = ddp.launched_world_for(workers)
     if world is not None and world.size > 1 and not world.is_main:  # under an external torchrun: rank 0 leads
         ddp.meeting(world)  # the launcher's store, reached before any work
         logging.getLogger("bastion").setLevel(logging.WARNING)

@@ -166,12 +166,7 @@ def distill_lm_command(
     from bastion.errors import ConfigError
 
     workers = ddp.check_nproc(nproc)
-    world = ddp.launched_world()
-    if world is not None and workers > 1:
-        raise ConfigError(
-            f"already a torchrun worker (RANK={world.rank}, WORLD_SIZE={world.size})",
-            "leave out --nproc under torchrun",
-        )
+    world = ddp.launched_world_for(workers)
     tokenizer = teacher_tokenizer(teacher, tokenizer)
     try:
         layers = [int(x) for x in keep_layers.split(",")] if keep_layers else None

@@ -11,6 +11,7 @@ knows work unchanged (docs/scale.md).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from bastion.errors import BastionError, ConfigError
@@ -74,6 +76,33 @@ def launched_world() -> World | None:
     if not (0 <= rank < size and 0 <= local <= rank):
         raise ConfigError(f"torchrun environment out of range: RANK={rank} WORLD_SIZE={size} LOCAL_RANK={local}")
     return World(rank, size, local)
+
+
+def launched_world_for(workers: int) -> World | None:
+    """``launched_world()`` for a command given ``--nproc workers``: the two ways of starting several processes do
+    not mix (its own launcher under an external torchrun would start workers per worker)."""
+    world = launched_world()
+    if world is not None and workers > 1:
+        raise ConfigError(
+            f"already a torchrun worker (RANK={world.rank}, WORLD_SIZE={world.size})",
+            "leave out --nproc under torchrun",
+        )
+    return world
+
+
+@contextlib.contextmanager
+def in_world(world: World) -> Iterator[None]:
+    """The body runs in ``world``'s process group, which is left at the end however it ends; a collective broken
+    by a worker that failed first is one line (PeerStoppedError), not a bug report."""
+    try:
+        yield
+    except RuntimeError as exc:
+        stopped = peer_stopped(world, exc)
+        if stopped is None:
+            raise
+        raise stopped from None
+    finally:
+        leave()
 
 
 def current_world() -> World:

@@ -157,6 +157,7 @@ def report_md(spec: DistillSpec, result: dict[str, Any], candidates: list[Candid
         "|---|---|---|---|---|---|---|" + "---|" * len(spec.classes),
     ]
     full = max((c for c in candidates if c.is_teacher), key=lambda c: c.imgsz, default=None)
+    ships = any(c.name == result["chosen"] and not c.is_teacher for c in candidates)  # what run_distill ships
     for c in sorted(candidates, key=lambda c: c.latency_ms):
         mark = " **← ships**" if c.name == result["chosen"] else ""
         per_class = " | ".join(ap50_cell(c, k) for k in spec.classes)
@@ -191,7 +192,7 @@ def report_md(spec: DistillSpec, result: dict[str, Any], candidates: list[Candid
         f"Student: {result['student']}.",
         f"Chosen: {result['chosen'] or 'none meets the constraints'} ({result['choice_rule']}).",
         "",
-        report_line(spec.markings),
+        report_line(spec.markings) if ships else "Markings: nothing ships from this run (no student beat the rule).",
         "",
     ]
     titles = {

@@ -40,7 +40,7 @@ def run_lm_distill(spec: LMRunSpec, sign_key=None, progress: Tick | None = None)
     from bastion.distill import ddp
 
     world, device = ddp.join(training_device(spec.train.device))  # refused before any work
-    try:
+    with ddp.in_world(world):
         if spec.train.batch % world.size:
             raise ConfigError(
                 f"--batch {spec.train.batch} does not split over {world.size} processes",
@@ -53,13 +53,6 @@ def run_lm_distill(spec: LMRunSpec, sign_key=None, progress: Tick | None = None)
             world,
             device,
         )
-    except RuntimeError as exc:  # a collective broken by a worker that failed first: one line, not a bug report
-        stopped = ddp.peer_stopped(world, exc)
-        if stopped is None:
-            raise
-        raise stopped from None
-    finally:
-        ddp.leave()
 
 
 def _run(spec: LMRunSpec, sign_key, shown: RunProgress, world, device: str) -> dict | None:

@@ -260,6 +260,16 @@ def _release(world, failed: bool) -> None:
         pass
 
 
+def _other_node_shape(spec) -> str | None:
+    """On GPUs the device list rank 0 posts is one per local rank of *its* node: a node running another number of
+    ranks would index past it. Every node must run the same ``--nproc-per-node``."""
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    devices = [d for d in str(spec.device).split(",") if d.strip().isdigit()]
+    if local and devices and len(devices) != int(local):
+        return f"{local} ranks on this node, {len(devices)} on rank 0's: give every node the same --nproc-per-node"
+    return None
+
+
 def follow(world) -> None:
     """A rank other than 0 under an external torchrun: no stage of the pipeline, only the student's training, when
     rank 0 posts it; then quiet."""
@@ -273,7 +283,7 @@ def follow(world) -> None:
         return  # nothing to train (cached, or not asked for): rank 0 goes on alone
     data_yaml, out_dir = Path(job["data_yaml"]), Path(job["out_dir"])
     spec = TrainSpec.model_validate(job["spec"])
-    missing = _missing_from(data_yaml, job["dataset"]) or _inputs_missing(spec, out_dir)
+    missing = _missing_from(data_yaml, job["dataset"]) or _inputs_missing(spec, out_dir) or _other_node_shape(spec)
     meeting.post(f"seen/{world.rank}", {"error": missing} if missing else {})
     if missing:
         raise ConfigError(f"rank {world.rank} cannot see the dataset rank 0 wrote: {missing}", SHARED_FS_HINT)
@@ -286,17 +296,10 @@ def follow(world) -> None:
 def _train_as_rank(world, train):
     """Train in the world (the trainer joins the process group), then leave it; a collective broken by a rank
     that failed first is one line."""
-    try:
+    with ddp.in_world(world):
         record = train()
         ddp.barrier()  # every rank done before rank 0 goes on alone
         return record
-    except RuntimeError as exc:
-        stopped = ddp.peer_stopped(world, exc)
-        if stopped is None:
-            raise
-        raise stopped from None
-    finally:
-        ddp.leave()
 
 
 def train_on_cpu_workers(data_yaml: Path, spec, imgsz: int, out_dir: Path) -> dict[str, Any]:

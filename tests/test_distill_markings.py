@@ -71,3 +71,21 @@ def test_a_distilled_lm_bundle_carries_its_markings(tmp_path):
     assert manifest.markings == MARKED
     with pytest.raises(ReleasabilityError):
         Bundle.open(tmp_path / "b", allow_unsigned=True, nation="FRA")
+
+
+@pytest.mark.parametrize(("chosen", "said"), [("sliced@320", "SECRET // REL TO: CAN, GBR"), (None, "nothing ships")])
+def test_report_md_states_the_markings_of_what_ships_and_only_then(tmp_path, chosen, said):
+    from bastion.distill.candidates import Candidate
+    from bastion.distill.detect_report import report_md
+    from bastion.distill.spec import DistillSpec
+
+    spec = DistillSpec(teachers=["yolov5n"], images=tmp_path, classes=["person"], out=tmp_path / "run", markings=MARKED)
+    candidates = [
+        Candidate("yolov5n@320", "teacher", 320, 0.6, 0.4, {}, "yolov5n", 7.5, latency_ms=10.0),
+        Candidate("sliced@320", "sliced teacher (no training)", 320, 0.5, 0.3, {}, "baselines/s", 2.0, latency_ms=5.0),
+    ]
+    labels = {"images": 2, "ground_truth": 0, "pseudo": 2, "corrupt": [], "boxes_per_class": {"person": 3}}
+    truth = {"kind": "pseudo-labelled", "images": 2, "labels_sha256": None}
+    result = {"labels": labels, "ground_truth": truth, "chosen": chosen, "choice_rule": "rule", "student": "none"}
+    markings = [line for line in report_md(spec, result, candidates).splitlines() if line.startswith("Markings")]
+    assert len(markings) == 1 and said in markings[0]

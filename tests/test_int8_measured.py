@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 
 from bastion.errors import ConfigError, ModelLoadError
-from bastion.hardware.isa import CLASSES, ENV_OVERRIDE, classes_holding, ep_class, probe_isa
+from bastion.hardware.isa import CLASSES, ENV_OVERRIDE, ep_class, probe_isa
 from bastion.models import Bundle
 from bastion.models.manifest import Int8Verdict
 from bastion.runtime import int8_check
 from conftest import SAMPLE_IMAGES, run_cli
+from int8_kit import int8_verdict
 
 CUDA_EP = "CUDAExecutionProvider"
 
@@ -28,24 +29,7 @@ def warns_afresh(monkeypatch):
 
 
 def _verdict(**over) -> Int8Verdict:
-    fields = dict(
-        recipe="u8s8-7bit",
-        isa="x86-avx2",
-        holds_on=classes_holding(True, "x86-avx2"),
-        target="x86-cpu",
-        target_isa="x86-avx2",
-        measured_on_target=True,
-        onnxruntime="1.32.0",
-        calibration_sha256="a" * 64,
-        calibration_images=32,
-        evaluation_sha256="b" * 64,
-        evaluation_images=32,
-        fp32_map50=0.553,
-        int8_map50=0.539,
-        map50_drop_points=1.39,
-        speedup=1.21,
-    )
-    return Int8Verdict(**{**fields, **over})
+    return int8_verdict(**{"target": "x86-cpu", **over})
 
 
 def _int8_manifest(verdict: Int8Verdict):

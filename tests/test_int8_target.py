@@ -14,10 +14,10 @@ from bastion.errors import ConfigError, ModelLoadError
 from bastion.hardware.isa import CLASSES, ENV_OVERRIDE, classes_holding, classify, cpu_flags, probe_isa, resolve_target
 from bastion.models import Bundle
 from bastion.models.keys import generate_keypair, load_private_key
-from bastion.models.manifest import Int8Verdict
 from bastion.models.trust import TrustStore
 from bastion.runtime import int8_check
 from conftest import SAMPLE_IMAGES, run_cli
+from int8_kit import int8_verdict
 
 
 @pytest.fixture(autouse=True)
@@ -114,19 +114,13 @@ def _int8_bundle(
     from bastion.runtime.bundle_create import create_bundle
 
     source = Bundle.open("yolov5n")
-    verdict = Int8Verdict(
-        recipe="u8s8-7bit" if saturation_free else "u8s8",
-        isa=isa,
-        holds_on=classes_holding(saturation_free, isa),
-        target=isa,
-        target_isa=isa,
-        measured_on_target=True,
+    verdict = int8_verdict(
+        isa,
+        saturation_free,
         onnxruntime="test",
         calibration_sha256="0" * 64,
         calibration_images=2,
         evaluation_sha256="1" * 64,
-        evaluation_images=32,
-        fp32_map50=0.553,
         int8_map50=0.550,
         map50_drop_points=0.35,
         speedup=1.5,
