@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import stat
+import time
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -47,8 +50,12 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class LockTimeout(OSError):
+    """``file_lock`` waited ``timeout_s`` and the lock was still held by another process."""
+
+
 @contextlib.contextmanager
-def file_lock(path: Path, shared: bool = False) -> Iterator[None]:
+def file_lock(path: Path, shared: bool = False, timeout_s: float | None = None) -> Iterator[None]:
     """An advisory lock (flock) held for the ``with`` block: exclusive, it serialises writers across processes;
     ``shared``, it lets a reader wait out a writer's change of two files (a journal line and the file it names)
     and needs only read access to an existing lock file (a node whose trust/ is read-only to it). A shared lock
@@ -56,27 +63,56 @@ def file_lock(path: Path, shared: bool = False) -> Iterator[None]:
     path = Path(path)
     if not shared:
         path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "rb" if shared else "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+    flags = (os.O_RDONLY if shared else os.O_RDWR | os.O_CREAT) | getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, flags, 0o644)  # non-blocking: a FIFO put there never hangs the open
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "the lock is not a regular file", str(path))
+    with os.fdopen(fd, "rb" if shared else "r+b") as fh:
+        _flock(fh.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX, timeout_s, path)
         try:
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def append_record(path: Path, record: dict) -> None:
+def _flock(fd: int, mode: int, timeout_s: float | None, path: Path) -> None:
+    """flock, waiting at most ``timeout_s`` (None: for ever) — a reader must not hang behind a stalled writer."""
+    if timeout_s is None:
+        fcntl.flock(fd, mode)
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise LockTimeout(errno.EWOULDBLOCK, f"still locked after {timeout_s:.0f} s", str(path)) from None
+            time.sleep(0.05)
+
+
+def append_record(path: Path, record: dict, limit: int | None = None) -> None:
     """Append one JSON line and fsync it: the small, local record of who changed a store and how.
 
     One ``write`` of the whole line to an ``O_APPEND`` file, so concurrent writers never interleave
-    within a line; a short write (full disk) is cut back off so the file never ends in half a record."""
+    within a line; a short write (full disk) is cut back off so the file never ends in half a record. A file
+    that already ends in half a record (power lost mid-write, by another writer) gets a newline first, so the
+    new record is a line of its own and not glued onto the torn one. ``limit``: the size the file may not
+    grow past (a reader refuses a larger one) — refused before anything is written."""
+    import errno
     import json
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NONBLOCK", 0), 0o644)
     try:
         start = os.fstat(fd).st_size
+        if start and os.pread(fd, 1, start - 1) != b"\n":
+            line = b"\n" + line
+        if limit is not None and start + len(line) > limit:
+            raise OSError(errno.EFBIG, f"{path} would grow past its {limit}-byte limit", str(path))
         try:
             written = os.write(fd, line)
             if written != len(line):

@@ -13,18 +13,21 @@ one, is refused rather than silently falling back — the same rule as the revoc
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 
 from bastion.errors import BastionError, ConfigError, SignatureError
-from bastion.models.atomic import atomic_write_bytes, file_lock
+from bastion.models.atomic import LockTimeout, atomic_write_bytes, file_lock
 from bastion.models.journal_fold import fold_journal
 from bastion.models.policy import MAX_POLICY_BYTES, POLICY_SUFFIX, SignedPolicy, parse_signed
 from bastion.models.safe_read import NotRegular, TooLarge, read_bounded
 from bastion.models.trust import MAX_JOURNAL_BYTES, TrustStore
 
 POLICY_FILE = "policy" + POLICY_SUFFIX
+LOCK_WAIT_S = 10.0  # how long a reader waits out an apply holding the store's lock before refusing
 MIN_FINGERPRINT = 16  # hex digits of the root fingerprint an operator must confirm
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,11 @@ class PolicyStore:
             return {}
         except (TooLarge, NotRegular) as exc:
             raise ConfigError(f"trust store journal {self.trust.audit_path} is damaged ({exc})") from None
+        except OSError as exc:  # unreadable to this user: the policy in force cannot be held to it, so none is
+            raise SignatureError(
+                f"cannot read the trust store journal {self.trust.audit_path}: {exc.strerror or exc}",
+                "run as the unit's user (the one that owns BASTION_HOME), or fix the file's permissions",
+            ) from None
 
     def journal_version(self) -> int:
         """The highest policy version the journal says was applied here (0: never)."""
@@ -56,17 +64,24 @@ class PolicyStore:
         The file must be the very policy the journal records as applied last (its sha256): a validly signed policy
         copied into ``trust/`` by hand — an older one, or a newer one from a root this unit never confirmed — was
         never through ``apply``'s checks and is refused. A refusal is read again once under the store's shared lock
-        (``locked``: the caller holds the lock already): an apply writes its journal line, then the file, under
-        that lock, and a reader between the two must wait it out rather than refuse every bundle."""
+        (``locked``: the caller holds the lock already): an apply writes the file, then its journal line, under
+        that lock, and a reader between the two waits it out (at most ``LOCK_WAIT_S``) rather than refuse every
+        bundle."""
         try:
             return self._read_current()
         except SignatureError:
             if locked or not self.trust.lock_path.exists():  # no lock file: no apply ever ran here
                 raise
         try:
-            with file_lock(self.trust.lock_path, shared=True):
+            with file_lock(self.trust.lock_path, shared=True, timeout_s=LOCK_WAIT_S):
                 return self._read_current()
-        except OSError as exc:  # the lock cannot be taken (unreadable): read once more without it
+        except LockTimeout:
+            raise SignatureError(
+                f"the trust policy on file and {self.trust.audit_path} disagree and a policy apply has held the "
+                f"trust store's lock for over {LOCK_WAIT_S:.0f} s; refusing every bundle",
+                "let the apply finish, or stop it and apply the policy again: bastion policy apply FILE",
+            ) from None
+        except OSError as exc:  # the lock cannot be taken (unreadable, not a file): read once more without it
             log.warning("cannot take the trust store's lock: %s", exc)
             return self._read_current()
 
@@ -129,38 +144,50 @@ class PolicyStore:
                 f"policy v{policy.version} expired {policy.expires.isoformat()}", "ask for a current policy"
             )
         self.trust.revoked()  # a store that has lost its revocation list refuses changes too
-        with file_lock(self.trust.lock_path):
-            restored = False
+        with contextlib.ExitStack() as held:
             try:
-                old = self.current(locked=True)
-            except SignatureError:  # the file in force is lost, damaged, old or dropped in: hold it to the journal
-                recorded = self._journal_last()
-                old, restored = None, bool(recorded)
-                if recorded:
-                    self._check_restore(new, recorded)
-                # else no policy was ever applied here: the new root is confirmed as a first one, below
-            if old is not None:
-                if policy.version <= old.policy.version:
-                    raise SignatureError(
-                        f"policy v{policy.version} is not newer than v{old.policy.version} in force here "
-                        "(a replayed old policy?)",
-                        "apply a newer version; a unit never goes back",
-                    )
-                new.check_threshold(old.policy.root, f"v{old.policy.version}'s (the old)")
-            elif not restored:
-                self._check_first_root(new, first_root)
-            # The file, then its journal line, both under the lock; a reader between the two waits on the lock
-            # (current). A journal line that cannot be written (full disk) puts the old file back by rename — kept
-            # as a hard link, which needs no free space — so a failed apply changes nothing. A crash between the
-            # two leaves a file the journal does not name: refused until applied again (the restore path).
-            try:
-                self._install(new, policy, restored)
+                held.enter_context(file_lock(self.trust.lock_path))
             except OSError as exc:
                 raise SignatureError(
-                    f"cannot apply policy v{policy.version} to {self.trust.root}: {exc.strerror or exc}; "
-                    "the policy in force is unchanged",
-                    "free disk space or fix permissions, then apply the same file again",
+                    f"cannot lock the trust store ({exc.filename or self.trust.lock_path}: {exc.strerror or exc})",
+                    "it must be a regular file this user can write; fix or remove it",
                 ) from None
+            return self._apply_locked(new, policy, first_root)
+        raise AssertionError("unreachable")  # the with block returns or raises
+
+    def _apply_locked(self, new: SignedPolicy, policy, first_root: str | None) -> SignedPolicy | None:
+        """``apply``'s checks and install, with the store's lock held."""
+        restored = False
+        try:
+            old = self.current(locked=True)
+        except SignatureError:  # the file in force is lost, damaged, old or dropped in: hold it to the journal
+            recorded = self._journal_last()
+            old, restored = None, bool(recorded)
+            if recorded:
+                self._check_restore(new, recorded)
+            # else no policy was ever applied here: the new root is confirmed as a first one, below
+        if old is not None:
+            if policy.version <= old.policy.version:
+                raise SignatureError(
+                    f"policy v{policy.version} is not newer than v{old.policy.version} in force here "
+                    "(a replayed old policy?)",
+                    "apply a newer version; a unit never goes back",
+                )
+            new.check_threshold(old.policy.root, f"v{old.policy.version}'s (the old)")
+        elif not restored:
+            self._check_first_root(new, first_root)
+        # The file, then its journal line, both under the lock; a reader between the two waits on the lock
+        # (current). A journal line that cannot be written (full disk) puts the old file back by rename — kept
+        # as a hard link, which needs no free space — so a failed apply changes nothing. A crash between the
+        # two leaves a file the journal does not name: refused until applied again (the restore path).
+        try:
+            self._install(new, policy, restored)
+        except OSError as exc:
+            raise SignatureError(
+                f"cannot apply policy v{policy.version}: {exc.filename or self.trust.root}: {exc.strerror or exc}; "
+                "the policy in force is unchanged",
+                "free disk space or fix permissions, then apply the same file again",
+            ) from None
         log.info("trust policy applied", extra={"version": policy.version, "sha256": policy.sha256()})
         return old
 
@@ -183,6 +210,10 @@ class PolicyStore:
                     expires=policy.expires.isoformat(),
                     **({"restored": "true"} if restored else {}),
                 )
+                if self._journal_last().get("sha256") != policy.sha256():  # read back: the journal must name it
+                    raise OSError(
+                        errno.EIO, "the journal does not read back the line just written", str(self.trust.audit_path)
+                    )
             except OSError:
                 if had:
                     os.replace(previous, self.path)

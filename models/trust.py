@@ -121,15 +121,15 @@ class TrustStore:
     def record(self, event: str, strict: bool = False, **fields: str) -> None:
         """Append a change to ``trust/audit.jsonl`` (the policy store records its applies here too). ``strict``: a
         record that cannot be written raises (OSError) instead of being logged — for a change the journal must
-        hold before it is made."""
+        hold before it is made. The journal never grows past what its readers accept (``MAX_JOURNAL_BYTES``)."""
         if strict:
-            append_record(self.audit_path, {"when": _now(), "event": event, **fields})
+            append_record(self.audit_path, {"when": _now(), "event": event, **fields}, MAX_JOURNAL_BYTES)
         else:
             self._record(event, **fields)
 
     def _record(self, event: str, **fields: str) -> None:
         try:
-            append_record(self.audit_path, {"when": _now(), "event": event, **fields})
+            append_record(self.audit_path, {"when": _now(), "event": event, **fields}, MAX_JOURNAL_BYTES)
         except OSError as exc:
             log.error("cannot record a trust store change", extra={"event": event, "error": str(exc)})
 

@@ -408,10 +408,87 @@ def test_a_journal_line_that_cannot_be_written_puts_the_old_policy_file_back(tmp
 
     with monkeypatch.context() as patched:
         patched.setattr(TrustStore, "record", full)
-        with pytest.raises(SignatureError, match="cannot apply policy v2 .*No space left on device; the policy in"):
+        with pytest.raises(SignatureError, match="cannot apply policy v2: .*No space left on device; the policy in"):
             PolicyStore().apply(signed(policy(2, [k["root1"]], nations, [NATIONS_RULE]), k["root1"]))
     assert PolicyStore().path.read_bytes() == before and PolicyStore().current().policy.version == 1
     assert [p.name for p in PolicyStore().path.parent.iterdir() if "previous" in p.name] == []
+
+
+def test_an_apply_after_a_torn_journal_line_is_recorded_on_a_line_of_its_own(tmp_path, kit):
+    """Power lost mid-write leaves the journal ending in half a record: the next apply's line was glued onto it,
+    skipped by every reader, and the apply said "in force" while every bundle was then refused."""
+    k, nations = kit
+    first_apply(signed(policy(1, [k["root1"]], nations, [NATIONS_RULE]), k["root1"]))
+    journal = PolicyStore().trust.audit_path
+    with journal.open("a") as fh:
+        fh.write('{"event":"revoked","key_id":"abc')  # no newline: torn
+    v2 = write_signed(
+        tmp_path / "v2.bastion-policy", signed(policy(2, [k["root1"]], nations, [NATIONS_RULE]), k["root1"])
+    )
+    assert run_cli("policy", "apply", str(v2)).returncode == 0
+    assert PolicyStore().current().policy.version == 2
+    assert journal.read_text().splitlines()[-1].startswith('{"event":"policy_applied"')
+
+
+def test_a_stalled_apply_is_a_refusal_after_a_bounded_wait_not_a_hang(tmp_path, kit, monkeypatch):
+    """An apply stopped (SIGSTOP, a hung disk) between its file and its journal line holds the lock: a reader
+    that finds the two disagreeing waits LOCK_WAIT_S, then refuses in one line instead of hanging."""
+    import threading
+
+    from bastion.models import policy_store
+    from bastion.models.atomic import atomic_write_bytes, file_lock
+
+    k, nations = kit
+    first_apply(signed(policy(1, [k["root1"]], nations, [NATIONS_RULE]), k["root1"]))
+    store = PolicyStore()
+    monkeypatch.setattr(policy_store, "LOCK_WAIT_S", 0.5)
+    written, release = threading.Event(), threading.Event()
+
+    def stalled():
+        with file_lock(store.trust.lock_path):
+            atomic_write_bytes(
+                store.path, signed(policy(2, [k["root1"]], nations, [NATIONS_RULE]), k["root1"]).to_bytes()
+            )
+            written.set()
+            release.wait(20)
+
+    holder = threading.Thread(target=stalled)
+    holder.start()
+    try:
+        written.wait(10)
+        with pytest.raises(SignatureError, match="a policy apply has held the trust store's lock for over"):
+            PolicyStore().current()
+    finally:
+        release.set()
+        holder.join(10)
+
+
+def test_the_journal_never_grows_past_what_its_readers_accept(tmp_path, kit, monkeypatch):
+    """An apply that would push trust/audit.jsonl past MAX_JOURNAL_BYTES is refused before writing: past it every
+    reader calls the journal damaged and the unit is stuck."""
+    from bastion.models import trust
+
+    k, nations = kit
+    first_apply(signed(policy(1, [k["root1"]], nations, [NATIONS_RULE]), k["root1"]))
+    size = PolicyStore().trust.audit_path.stat().st_size
+    monkeypatch.setattr(trust, "MAX_JOURNAL_BYTES", size + 100)  # room for less than one policy_applied line
+    with pytest.raises(SignatureError, match="would grow past its .*-byte limit; the policy in force is unchanged"):
+        PolicyStore().apply(signed(policy(2, [k["root1"]], nations, [NATIONS_RULE]), k["root1"]))
+    assert PolicyStore().trust.audit_path.stat().st_size == size and PolicyStore().current().policy.version == 1
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_lock_that_is_no_regular_file_is_one_line_never_a_hang(tmp_path, kit, kind):
+    k, nations = kit
+    first_apply(signed(policy(1, [k["root1"]], nations, [NATIONS_RULE]), k["root1"]))
+    lock = PolicyStore().trust.lock_path
+    lock.unlink()
+    os.mkfifo(lock) if kind == "fifo" else lock.mkdir()
+    v2 = write_signed(
+        tmp_path / "v2.bastion-policy", signed(policy(2, [k["root1"]], nations, [NATIONS_RULE]), k["root1"])
+    )
+    line = one_line(run_cli("policy", "apply", str(v2), timeout=60))
+    assert "cannot lock the trust store" in line and str(lock) in line
 
 
 def test_a_detector_says_every_signature_that_released_it_and_the_rule(tmp_path, kit):
