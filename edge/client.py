@@ -15,6 +15,7 @@ holds what this client saw and raises ``NodeSeqWentBackwards`` /
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -93,6 +94,7 @@ class Client(EventsMixin):
         self._node: str | None = None  # the node id last heard at this endpoint
         self.skipped_messages = 0  # malformed messages from the events socket, skipped (see events())
         self._subs: dict[zmq.Socket, threading.Lock] = {}  # events() generators' sockets, each held while in use
+        self._dealer_use = threading.RLock()  # held while a request sends or polls on the control socket
 
     # -- request / reply ---------------------------------------------------------------------------------
     def _socket(
@@ -132,6 +134,23 @@ class Client(EventsMixin):
                 f"{op} request of {len(payload)} bytes exceeds the node's {MAX_REQUEST_BYTES}-byte limit",
                 "send less (a shorter prompt or bundle path)",
             )
+        with self._dealer_turn():
+            return self._request(op, payload, request_id)
+
+    @contextlib.contextmanager
+    def _dealer_turn(self) -> Iterator[None]:
+        """The control socket is this thread's while the block runs; close() from another thread then leaves it to
+        Context.term, whose ETERM lands here and closes it in the thread that was using it."""
+        with self._dealer_use:
+            try:
+                yield
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.ETERM and self._dealer is not None:
+                    self._dealer.close(linger=0)
+                    self._dealer = None
+                raise
+
+    def _request(self, op: str, payload: bytes, request_id: int) -> dict[str, Any]:
         for attempt in range(self.retries + 1):
             if self._dealer is None:
                 self._dealer = self._socket(zmq.DEALER, self.control_endpoint)
@@ -209,9 +228,12 @@ class Client(EventsMixin):
                 return
             if text := answers.text_piece(answer):
                 yield text
-            if not self._dealer.poll(int(self.timeout_s * 1000)):
-                raise NodeUnavailable(f"the node stopped answering mid-stream ({self.control_endpoint})")
-            answer = _decode(self._dealer.recv())
+            with self._dealer_turn():
+                if self._dealer is None:  # closed while this answer was suspended
+                    raise zmq.ZMQError(zmq.ETERM)
+                if not self._dealer.poll(int(self.timeout_s * 1000)):
+                    raise NodeUnavailable(f"the node stopped answering mid-stream ({self.control_endpoint})")
+                answer = _decode(self._dealer.recv())
             if answer.get("id") != request_id:
                 continue
             if not answer.get("ok", False):
@@ -349,12 +371,20 @@ class Client(EventsMixin):
         """Close this client's sockets and end its context.
 
         The SUB socket of an ``events()`` generator still held open but suspended (an exception in the loop body,
-        a saved iterator) is closed here — ``Context.term`` had waited for ever on it. One that another thread is
-        polling right now is left to ``term``, which interrupts its poll (ETERM) so that thread closes it itself:
-        a ZeroMQ socket is never closed under a thread using it. A generator resumed after this raises
-        ``zmq.ZMQError``."""
-        if self._dealer is not None:
-            self._dealer.close(linger=0)
+        a saved iterator) is closed here — ``Context.term`` had waited for ever on it. A socket another thread is
+        polling right now (an events() loop, a request) is left to ``term``, which interrupts the poll (ETERM) so
+        that thread closes it itself: a ZeroMQ socket is never closed under a thread using it. A generator resumed
+        after this raises ``zmq.ZMQError`` once it needs the node again (events it had already fetched may still
+        come first).
+
+        One Client serves one thread at a time; ``close()`` is the one call that may come from another."""
+        if self._dealer is not None and self._dealer_use.acquire(blocking=False):
+            try:
+                if self._dealer is not None:
+                    self._dealer.close(linger=0)
+                    self._dealer = None
+            finally:
+                self._dealer_use.release()
         for sub, in_use in list(self._subs.items()):
             if in_use.acquire(blocking=False):
                 try:
