@@ -95,6 +95,7 @@ class Client(EventsMixin):
         self.skipped_messages = 0  # malformed messages from the events socket, skipped (see events())
         self._subs: dict[zmq.Socket, threading.Lock] = {}  # events() generators' sockets, each held while in use
         self._dealer_use = threading.RLock()  # held while a request sends or polls on the control socket
+        self._closing = threading.Lock()  # one close() at a time: two threads in Context.term abort libzmq
 
     # -- request / reply ---------------------------------------------------------------------------------
     def _socket(
@@ -377,7 +378,13 @@ class Client(EventsMixin):
         after this raises ``zmq.ZMQError`` once it needs the node again (events it had already fetched may still
         come first).
 
-        One Client serves one thread at a time; ``close()`` is the one call that may come from another."""
+        One Client serves one thread at a time; ``close()`` is the one call that may come from another (twice is
+        harmless)."""
+        with self._closing:
+            if not self.ctx.closed:
+                self._close()
+
+    def _close(self) -> None:
         if self._dealer is not None and self._dealer_use.acquire(blocking=False):
             try:
                 if self._dealer is not None:

@@ -4,10 +4,15 @@ program (``--json``: one object per line, flushed at once so a reader downstream
 from __future__ import annotations
 
 import os
+import select
+import stat
 import sys
+import threading
 import time
 from collections import deque
 from typing import TYPE_CHECKING
+
+import zmq
 
 from bastion.console import out
 from bastion.edge.events_v2 import NodeEvent, kind_of
@@ -43,6 +48,7 @@ def tail(client: Client, kinds: list[str] | None, since: int | None, duration: f
     """Print until ``duration`` is over, Ctrl-C, or the reader downstream goes away (``| head -1``: a quiet end,
     not a BrokenPipeError traceback); the events generator is closed on every way out."""
     events = client.events(since=since, duration_s=duration, kinds=kinds)
+    reader_gone = _watch_reader(client)
     try:
         if json_out:
             for event in events:
@@ -56,8 +62,37 @@ def tail(client: Client, kinds: list[str] | None, since: int | None, duration: f
             _live_table(events)
     except BrokenPipeError:
         _quiet_stdout()
+    except zmq.ZMQError:
+        if not reader_gone.is_set():  # not our doing: the client was closed under us
+            raise
+        _quiet_stdout()
     finally:
         events.close()
+
+
+def _watch_reader(client: Client) -> threading.Event:
+    """On a pipe, notice the reader going away even while no event comes (``| head -1`` on a quiet node waited
+    for ever for the next write to fail): the write end of a pipe reports POLLERR once its read end is closed.
+    Then the client is closed from here, which ends the events loop with ETERM (``Client.close``)."""
+    gone = threading.Event()
+    try:
+        is_pipe = stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):  # no real stdout (captured): nothing to watch
+        is_pipe = False
+    if not is_pipe:
+        return gone
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLERR)
+        while not client.ctx.closed:
+            if any(mask & (select.POLLERR | select.POLLHUP) for _, mask in poller.poll(200)):
+                gone.set()
+                client.close()
+                return
+
+    threading.Thread(target=watch, name="tail-reader-watch", daemon=True).start()
+    return gone
 
 
 def _quiet_stdout() -> None:

@@ -154,6 +154,30 @@ def test_a_client_closes_with_an_events_generator_still_open_and_tail_into_head_
             assert tail.returncode == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
 
 
+def test_tail_on_a_quiet_node_ends_when_its_reader_goes_away(tmp_path):
+    """`bastion node tail | head -1` on a node with nothing to say: no write ever fails, so tail must notice the
+    pipe's reader is gone (POLLERR on the write end) and end quietly, not wait for the next event."""
+    sources = [{"name": "cam1", "uri": str(VIDEO), "loop": True, "fps": 40, "roi": [0.0, 0.0, 0.01, 0.01]}]
+    with running_node(tmp_path, sources=sources) as node:  # nothing in that corner: no event
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")])),
+        }
+        code = "import egress_guard; egress_guard.install(); from bastion.cli import run; run()"
+        args = ["node", "tail", "--control", node.server.control_endpoint, "--json", "--duration", "120"]
+        tail = subprocess.Popen(
+            [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path
+        )
+        time.sleep(3)  # following by now
+        tail.stdout.close()  # the reader goes away having read nothing
+        try:
+            err = tail.communicate(timeout=30)[1].decode()
+        except subprocess.TimeoutExpired:
+            tail.kill()
+            pytest.fail("node tail kept following a quiet node after its reader went away")
+        assert tail.returncode == 0 and "Traceback" not in err and "error" not in err.lower(), err
+
+
 def test_closing_a_client_while_another_thread_follows_its_events_ends_that_thread(tmp_path):
     """The common SDK shape: events() in a worker thread, close() from the main one. The socket the worker is
     polling is not closed under it (ZeroMQ sockets are not thread-safe): term() interrupts its poll instead."""
