@@ -105,9 +105,12 @@ def _node_storage(path: Path) -> Check:
     from bastion.storage_crypt import storage_crypt
 
     name = "node storage"
-    if not path.is_dir():
-        return Check(name, "fail", f"{path} is not a directory (give the node's storage.dir)")
-    found = storage_crypt(path.resolve())
+    try:
+        if not str(path).strip() or not path.is_dir():
+            return Check(name, "fail", f"{str(path)!r} is not a directory (give the node's storage.dir)")
+        found = storage_crypt(path.resolve())
+    except OSError as exc:  # not searchable by this user, a name too long: say so in the row
+        return Check(name, "fail", f"{str(path)[:200]!r} cannot be read: {exc.strerror or exc}")
     if found.state == "encrypted":
         return Check(name, "ok", found.detail)
     hint = "; put the node's storage.dir on a LUKS volume (docs/security.md, 'Encrypted storage')"
@@ -386,7 +389,7 @@ def doctor_command(
         help="Compare installed versions with this lock file "
         "(default: the checkout's requirements/*.txt, when run from one).",
     ),
-    storage: Optional[Path] = typer.Option(
+    storage: Optional[str] = typer.Option(
         None,
         "--storage",
         help="A node's storage directory (storage.dir in node.yaml): also warn unless it is on an encrypted "
@@ -404,7 +407,7 @@ def doctor_command(
         from bastion.errors import InputNotFoundError
 
         raise InputNotFoundError(f"lock file not found: {lock}")
-    checks = run_checks(lock, storage)
+    checks = run_checks(lock, None if storage is None else Path(storage) if storage.strip() else Path(" "))
     failed = any(c.status == "fail" for c in checks)
     if json_out:
         print_json({"ok": not failed, "checks": [asdict(c) for c in checks]})

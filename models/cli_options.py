@@ -44,4 +44,8 @@ def markings_from(classification: str | None, releasable_to: list[str], marking:
             classification=classification, releasable_to=[c.strip().upper() for c in releasable_to], marking=marking
         )
     except ValidationError as exc:
-        raise ManifestError(f"bad markings: {first_error(exc, 'markings')}", "codes are like CAN, GBR, NATO") from None
+        raise ManifestError(
+            f"bad markings: {first_error(exc, 'markings').replace('Value error, ', '')}",
+            "a classification of up to 64 printable characters (e.g. SECRET), codes like CAN, GBR or NATO, a marking "
+            "of up to 256 printable characters",
+        ) from None

@@ -176,6 +176,19 @@ class Markings(_Strict):
     releasable_to: list[Annotated[str, Field(pattern=r"^[A-Z][A-Z0-9]{1,9}$")]] = Field([], max_length=64)
     marking: str | None = Field(None, max_length=256)  # free text in the nation's own marking system
 
+    @field_validator("classification", "marking")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        """Text that says something, on one line: a blank label, or one with a line break or other control
+        character, could fake a line of the report, ``bundle inspect`` or ``status`` it is printed into."""
+        if value is None:
+            return None
+        if not value.strip():
+            raise ValueError("is blank")
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ValueError("has a control character (a line break, a tab…): give one line of printable text")
+        return value
+
     def summary(self) -> str:
         """``SECRET // REL TO: CAN, GBR (caveat)`` for ``bundle inspect`` and ``status``."""
         rel = f" // REL TO: {', '.join(self.releasable_to)}" if self.releasable_to else ""

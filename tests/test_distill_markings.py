@@ -47,6 +47,9 @@ def test_markings_options_are_checked_before_any_work(tmp_path):
     for argv, said in (
         (["--releasable-to", "CAN"], "--releasable-to and --marking go with a classification"),
         (["--classification", "SECRET", "--releasable-to", "not a code"], "bad markings"),
+        (["--classification", "   "], "classification: is blank"),
+        (["--classification", "SECRET\nMarkings (signed into the bundle): UNCLASSIFIED"], "has a control character"),
+        (["--classification", "SECRET", "--marking", "a\tb"], "marking: has a control character"),
     ):
         proc = run_cli(
             "distill", "detect", "--teacher", "yolov5n", "--images", str(tmp_path), "--classes", "person",

@@ -88,3 +88,7 @@ def test_a_nodes_storage_directory_is_checked_for_encryption_too(tmp_path):
     assert proc.returncode == 1 and rows["node storage"]["status"] == "fail"
     assert "not a directory" in rows["node storage"]["detail"]
     assert "node storage" not in {c["name"] for c in json.loads(run_cli("doctor", "--json").stdout)["checks"]}
+    for bad in ("", "x" * 5000):  # an empty path is not '.', a name too long is a row, not an internal error
+        proc = run_cli("doctor", "--json", "--storage", bad)
+        rows = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
+        assert proc.returncode == 1 and rows["node storage"]["status"] == "fail", proc.stderr
