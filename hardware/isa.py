@@ -126,7 +126,12 @@ def probe_isa(root: Path = Path("/"), machine: str | None = None, env: dict[str,
     """This CPU's class: ``BASTION_CPU_CLASS`` if set, else from ``root``/proc/cpuinfo and the machine name."""
     override = (os.environ if env is None else env).get(ENV_OVERRIDE, "").strip()
     if override:
-        return isa_class(override)
+        from bastion.errors import ConfigError
+
+        try:
+            return isa_class(override)
+        except ConfigError as exc:  # say which setting holds the bad name
+            raise ConfigError(f"{ENV_OVERRIDE}: {exc.message}", exc.hint) from None
     try:
         text = (root / "proc" / "cpuinfo").read_text(errors="replace")
     except OSError:

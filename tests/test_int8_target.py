@@ -58,7 +58,7 @@ def test_cpu_class_from_cpuinfo(tmp_path, cpuinfo, machine, expected):
 
 
 def test_unknown_cpu_class_and_profile_without_class_are_one_line_errors(tmp_path):
-    with pytest.raises(ConfigError, match="unknown CPU instruction-set class 'x86-avx3'"):
+    with pytest.raises(ConfigError, match="BASTION_CPU_CLASS: unknown CPU instruction-set class 'x86-avx3'"):
         probe_isa(env={ENV_OVERRIDE: "x86-avx3"})
     with pytest.raises(ConfigError, match="neither a device profile nor a CPU class"):
         resolve_target("no-such-profile")
