@@ -145,6 +145,11 @@ def bench_node_command(
     """
     from bastion.bench_node import bench_node
 
+    for flag, value, low, high in (("--seconds", seconds, 1, 86400), ("--fps", fps, 0.1, 1000)):
+        if not low <= value <= high:  # NaN too: every comparison with it is false
+            raise ConfigError(f"{flag} {value}: give {low} to {high}")
+    if subscribers < 1 or subscribers > 1000:
+        raise ConfigError(f"--subscribers {subscribers}: give 1 to 1000")
     err.print(f"measuring a node for {seconds:.0f} s{' (then its control socket for as long)' if ask else ''} …")
     result = bench_node(model, video, fps, seconds, imgsz, threads, subscribers, objects, ask)
     if json_out:

@@ -24,7 +24,7 @@ from bastion.runtime.media import iter_video
 def _percentiles(values_s: list[float]) -> dict[str, float]:
     ms = np.asarray(values_s) * 1000
     if not len(ms):
-        return {"p50_ms": float("nan"), "p99_ms": float("nan"), "count": 0}
+        return {"p50_ms": None, "p99_ms": None, "count": 0}  # JSON null: NaN is not JSON
     return {
         "p50_ms": round(float(np.percentile(ms, 50)), 2),
         "p99_ms": round(float(np.percentile(ms, 99)), 2),
