@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -94,7 +95,11 @@ trust_recheck_s: 10               # re-verify the running bundles' signatures: a
 
 
 @node_app.command("init")
-def node_init(out_path: Path = typer.Option(Path("node.yaml"), "--out", help="Where to write the example.")) -> None:
+def node_init(
+    out_arg: str = typer.Option(
+        "node.yaml", "--out", help="Where to write the example: a file, or a folder (ending in /) for node.yaml in it."
+    ),
+) -> None:
     """Write a commented example node config.
 
     Example: bastion node init --out /etc/bastion/node.yaml
@@ -103,6 +108,10 @@ def node_init(out_path: Path = typer.Option(Path("node.yaml"), "--out", help="Wh
     from bastion.errors import ConfigError
     from bastion.models.atomic import atomic_write_bytes
 
+    out_path = Path(out_arg)  # Path drops a trailing "/": "DIR/" asks for a folder, so it is read before that
+    if out_arg.endswith(("/", os.sep)) or out_path.is_dir():
+        out_path.mkdir(parents=True, exist_ok=True)
+        out_path = out_path / "node.yaml"
     if out_path.exists():
         raise ConfigError(f"{out_path} already exists", "choose another --out")
     atomic_write_bytes(out_path, EXAMPLE_CONFIG.format(video=DEFAULT_VIDEO).encode())

@@ -244,6 +244,11 @@ def test_node_init_writes_a_config_with_one_zone_and_one_line_over_the_sample(tm
     assert objects.lines[0].a[0] == objects.lines[0].b[0] == MIDDLE["a"][0]  # the line the walker test sees crossed
     assert config.sources[0].uri.endswith("one-by-one-person-detection.mp4")
     assert "/dev/video0" in text and "rtsp://" in text
+    for folder in (tmp_path / "new-dir", tmp_path):  # "DIR/" (made), or an existing folder: node.yaml in it
+        target = folder / "node.yaml"
+        target.unlink(missing_ok=True)
+        proc = run_cli("node", "init", "--out", f"{folder}/")
+        assert proc.returncode == 0 and target.is_file() and target.read_text() == text, proc.stderr
 
 
 def test_a_reload_to_a_model_without_a_rules_class_is_refused_and_the_old_model_keeps_running(tmp_path, walker_clip):
