@@ -100,7 +100,6 @@ def append_record(path: Path, record: dict, limit: int | None = None) -> None:
     that already ends in half a record (power lost mid-write, by another writer) gets a newline first, so the
     new record is a line of its own and not glued onto the torn one. ``limit``: the size the file may not
     grow past (a reader refuses a larger one) — refused before anything is written."""
-    import errno
     import json
 
     path = Path(path)

@@ -152,12 +152,12 @@ class PolicyStore:
                     f"cannot lock the trust store ({exc.filename or self.trust.lock_path}: {exc.strerror or exc})",
                     "it must be a regular file this user can write; fix or remove it",
                 ) from None
-            return self._apply_locked(new, policy, first_root)
+            return self._apply_locked(new, first_root)
         raise AssertionError("unreachable")  # the with block returns or raises
 
-    def _apply_locked(self, new: SignedPolicy, policy, first_root: str | None) -> SignedPolicy | None:
+    def _apply_locked(self, new: SignedPolicy, first_root: str | None) -> SignedPolicy | None:
         """``apply``'s checks and install, with the store's lock held."""
-        restored = False
+        policy, restored = new.policy, False
         try:
             old = self.current(locked=True)
         except SignatureError:  # the file in force is lost, damaged, old or dropped in: hold it to the journal
@@ -181,7 +181,7 @@ class PolicyStore:
         # as a hard link, which needs no free space — so a failed apply changes nothing. A crash between the
         # two leaves a file the journal does not name: refused until applied again (the restore path).
         try:
-            self._install(new, policy, restored)
+            self._install(new, restored)
         except OSError as exc:
             raise SignatureError(
                 f"cannot apply policy v{policy.version}: {exc.filename or self.trust.root}: {exc.strerror or exc}; "
@@ -191,8 +191,9 @@ class PolicyStore:
         log.info("trust policy applied", extra={"version": policy.version, "sha256": policy.sha256()})
         return old
 
-    def _install(self, new: SignedPolicy, policy, restored: bool) -> None:
+    def _install(self, new: SignedPolicy, restored: bool) -> None:
         """Write ``new`` over the policy file and record it in the journal, or leave both as they were."""
+        policy = new.policy
         previous = self.path.with_name(f".{self.path.name}.previous")
         previous.unlink(missing_ok=True)
         had = self.path.exists()
